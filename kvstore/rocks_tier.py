@@ -1,0 +1,161 @@
+"""The RocksDB tier: the source of truth, one column family per table.
+
+rocksdict raises a bare `Exception` for RocksDB errors; every call here goes
+through `_guard`, which turns them into `StorageError`, so nothing above this
+module ever sees rocksdict's exceptions. Always raw mode: bytes in, bytes out.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
+
+import rocksdict as rd
+
+from .config import RocksConfig
+from .errors import KVStoreError, StorageError
+
+META_FAMILY = "default"      # table configs live in the default column family
+_TABLE_PREFIX = b"table/"
+PARALLEL_GET_MIN = 8192      # batches at least this large are split across read threads
+
+
+@contextlib.contextmanager
+def _guard(what: str) -> Iterator[None]:
+    try:
+        yield
+    except KVStoreError:
+        raise
+    except Exception as exc:  # rocksdict's only error type
+        raise StorageError(f"rocksdb {what} failed: {exc}") from exc
+
+
+class RocksTier:
+    """Multi-get, write batches and column families over one RocksDB database."""
+
+    def __init__(self, path: str, config: RocksConfig | None = None):
+        self.path = path
+        self.config = config or RocksConfig()
+        os.makedirs(path, exist_ok=True)
+        self._block_cache = rd.Cache(self.config.block_cache_bytes)
+        self._lock = threading.Lock()          # guards column-family creation and drop
+        self._readers = ThreadPoolExecutor(self.config.read_threads, thread_name_prefix="rocks-read")
+        self._write_opts = rd.WriteOptions()
+        self._write_opts.disable_wal = self.config.durability == "none"
+        self._write_opts.sync = self.config.durability == "sync"
+        with _guard("open"):
+            existing = rd.Rdict.list_cf(path, self._options()) if os.path.exists(
+                os.path.join(path, "CURRENT")
+            ) else [META_FAMILY]
+            # Column-family options must be passed on reopen too, or RocksDB
+            # silently falls back to a small default block cache.
+            families = {name: self._options() for name in existing if name != META_FAMILY}
+            self._db = rd.Rdict(path, self._options(), column_families=families)
+            self._db.set_write_options(self._write_opts)
+        self._families = {name: self._db.get_column_family(name) for name in families}
+        self._handles = {name: self._db.get_column_family_handle(name) for name in families}
+        self.closed = False
+
+    def _options(self) -> rd.Options:
+        opts = rd.Options(raw_mode=True)
+        opts.create_if_missing(True)
+        opts.create_missing_column_families(True)
+        opts.set_max_background_jobs(self.config.max_background_jobs)
+        opts.set_write_buffer_size(self.config.write_buffer_bytes)
+        table = rd.BlockBasedOptions()
+        table.set_block_cache(self._block_cache)
+        table.set_bloom_filter(self.config.bloom_bits_per_key, False)
+        table.set_cache_index_and_filter_blocks(True)
+        opts.set_block_based_table_factory(table)
+        return opts
+
+    # --- column families -------------------------------------------------
+
+    def families(self) -> list[str]:
+        return sorted(self._families)
+
+    def create_family(self, name: str) -> None:
+        with self._lock, _guard(f"create column family {name!r}"):
+            if name not in self._families:
+                self._families[name] = self._db.create_column_family(name, self._options())
+                self._handles[name] = self._db.get_column_family_handle(name)
+
+    def drop_family(self, name: str) -> None:
+        with self._lock, _guard(f"drop column family {name!r}"):
+            if name in self._families:
+                del self._families[name], self._handles[name]
+                self._db.drop_column_family(name)
+
+    # --- rows --------------------------------------------------------------
+
+    def get(self, family: str, keys: list[bytes]) -> list[bytes | None]:
+        """Multi-get in key order of `keys`; None for absent keys. Large batches use several threads."""
+        cf = self._families[family]
+        with _guard(f"multi-get on {family!r}"):
+            if len(keys) < PARALLEL_GET_MIN or self.config.read_threads == 1:
+                return cf.get(keys)
+            step = -(-len(keys) // self.config.read_threads)
+            parts = [keys[i:i + step] for i in range(0, len(keys), step)]
+            out: list[bytes | None] = []
+            for part in self._readers.map(cf.get, parts):
+                out.extend(part)
+            return out
+
+    def write(self, family: str, keys: list[bytes], values: list[bytes] | None = None,
+              delete: list[bytes] = ()) -> None:
+        """One atomic write batch: puts of keys/values, then deletes."""
+        if not keys and not delete:
+            return
+        handle = self._handles[family]
+        with _guard(f"write batch on {family!r}"):
+            batch = rd.WriteBatch(raw_mode=True)
+            batch.set_default_column_family(handle)
+            for key, value in zip(keys, values or ()):
+                batch.put(key, value)
+            for key in delete:
+                batch.delete(key)
+            self._db.write(batch)
+
+    def iter_items(self, family: str) -> Iterator[tuple[bytes, bytes]]:
+        with _guard(f"iterate {family!r}"):
+            yield from self._families[family].items()
+
+    def estimate_rows(self, family: str) -> int:
+        with _guard("read property"):
+            return int(self._families[family].property_int_value("rocksdb.estimate-num-keys") or 0)
+
+    # --- table configs -----------------------------------------------------
+
+    def load_configs(self) -> dict[str, bytes]:
+        with _guard("read table configs"):
+            return {
+                key[len(_TABLE_PREFIX):].decode(): value
+                for key, value in self._db.items(from_key=_TABLE_PREFIX)
+                if key.startswith(_TABLE_PREFIX)
+            }
+
+    def save_config(self, name: str, blob: bytes | None) -> None:
+        with _guard("write table config"):
+            key = _TABLE_PREFIX + name.encode()
+            if blob is None:
+                self._db.delete(key)
+            else:
+                self._db.put(key, blob)
+
+    # --- lifecycle ---------------------------------------------------------
+
+    def flush(self) -> None:
+        with _guard("flush"):
+            self._db.flush()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._readers.shutdown(wait=True)
+        with _guard("close"):
+            self._families.clear()
+            self._handles.clear()
+            self._db.close()

@@ -1,0 +1,104 @@
+"""Byte layout of a stored row, identical in the cache slab and in RocksDB.
+
+    header (16 B) | weights (dim x dtype, padded to 16 B) | state (state_dim x float32, padded)
+
+Because the cache slab holds rows in this exact layout, writing back a dirty
+row or loading a missed one is a plain copy of bytes, with no re-encoding.
+Keys are 8-byte big-endian with the sign bit flipped, so RocksDB's byte order
+is numeric order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import TableConfig
+from .dtypes import weight_dtype
+
+FORMAT_VERSION = 1
+HEADER = np.dtype(
+    [
+        ("version", "<u1"),
+        ("flags", "<u1"),
+        ("reserved", "<u2"),
+        ("count", "<u4"),        # accesses since the row was created (for LFU / decay)
+        ("last_access", "<u4"),  # unix seconds of the last access (for TTL)
+        ("step", "<u4"),         # optimizer steps applied to the row (Adam bias correction)
+    ]
+)
+HEADER_BYTES = HEADER.itemsize
+_SIGN = np.uint64(1 << 63)
+
+
+def _pad16(n: int) -> int:
+    return (n + 15) // 16 * 16
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    dim: int
+    dtype: np.dtype
+    state_dim: int
+
+    @classmethod
+    def of(cls, config: TableConfig) -> RowLayout:
+        return cls(config.dim, weight_dtype(config.dtype), config.state_dim)
+
+    @property
+    def weight_offset(self) -> int:
+        return HEADER_BYTES
+
+    @property
+    def state_offset(self) -> int:
+        return HEADER_BYTES + _pad16(self.dim * self.dtype.itemsize)
+
+    @property
+    def row_bytes(self) -> int:
+        return self.state_offset + _pad16(self.state_dim * 4)
+
+    def header(self, rows: np.ndarray) -> np.ndarray:
+        """[n] structured view of the headers of a [n, row_bytes] uint8 array."""
+        return rows[:, :HEADER_BYTES].view(HEADER)[:, 0]
+
+    def weights(self, rows: np.ndarray) -> np.ndarray:
+        """[n, dim] view of the weights of a [n, row_bytes] uint8 array."""
+        end = self.weight_offset + self.dim * self.dtype.itemsize
+        return rows[:, self.weight_offset:end].view(self.dtype)
+
+    def state(self, rows: np.ndarray) -> np.ndarray:
+        """[n, state_dim] float32 view of the optimizer state."""
+        end = self.state_offset + self.state_dim * 4
+        return rows[:, self.state_offset:end].view(np.float32)
+
+    def empty(self, n: int) -> np.ndarray:
+        rows = np.zeros((n, self.row_bytes), dtype=np.uint8)
+        self.header(rows)["version"] = FORMAT_VERSION
+        return rows
+
+    def from_values(self, values: list[bytes]) -> np.ndarray:
+        """Rows read from RocksDB (all present) into one [n, row_bytes] array."""
+        flat = np.frombuffer(b"".join(values), dtype=np.uint8)
+        if flat.size != len(values) * self.row_bytes:
+            from .errors import StorageError
+
+            raise StorageError(
+                f"stored rows have an unexpected size (expected {self.row_bytes} bytes each)"
+            )
+        return flat.reshape(len(values), self.row_bytes).copy()
+
+    def to_values(self, rows: np.ndarray) -> list[bytes]:
+        blob = np.ascontiguousarray(rows).tobytes()
+        n = self.row_bytes
+        return [blob[i:i + n] for i in range(0, len(blob), n)]
+
+
+def encode_keys(ids: np.ndarray) -> list[bytes]:
+    """int64 ids -> 8-byte big-endian keys with the sign bit flipped (numeric order)."""
+    blob = (ids.astype(np.int64, copy=False).view(np.uint64) ^ _SIGN).astype(">u8").tobytes()
+    return [blob[i:i + 8] for i in range(0, len(blob), 8)]
+
+
+def decode_keys(keys: list[bytes]) -> np.ndarray:
+    flat = np.frombuffer(b"".join(keys), dtype=">u8").astype(np.uint64)
+    return (flat ^ _SIGN).view(np.int64)

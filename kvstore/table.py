@@ -1,0 +1,213 @@
+"""A table: one cache tier over one RocksDB column family.
+
+The cache holds rows in their stored byte layout; RocksDB is the source of
+truth. `write_back` tables keep written rows dirty in the cache until eviction,
+flush or close; `write_through` tables put every acknowledged write into
+RocksDB before returning. Every public method holds the table's lock, so each
+batch is atomic with respect to other batches of the same table.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .cache import SetAssociativeCache
+from .config import TableConfig
+from .errors import InvalidArgument, RowNotFound
+from .initializer import initial_weights
+from .rocks_tier import RocksTier
+from .rows import RowLayout, encode_keys
+
+ON_MISS = ("init_insert", "init", "zeros", "error")
+
+
+@dataclass
+class LookupResult:
+    weights: np.ndarray              # [n, dim] in the table dtype, request order
+    state: np.ndarray | None = None  # [n, state_dim] float32 when asked for
+
+
+class Table:
+    def __init__(self, config: TableConfig, rocks: RocksTier, clock: Callable[[], float] = time.time):
+        self.config = config
+        self.name = config.name
+        self.layout = RowLayout.of(config)
+        self.rocks = rocks
+        self.clock = clock
+        self.cache = SetAssociativeCache(config.cache, self.layout.row_bytes)
+        self.write_through = config.cache.write == "write_through"
+        self.counters: Counter[str] = Counter()
+        self._lock = threading.RLock()
+
+    # --- validation ----------------------------------------------------------
+
+    def _ids(self, ids) -> np.ndarray:
+        ids = np.asarray(ids)
+        if ids.ndim != 1:
+            raise InvalidArgument(f"ids: must be one-dimensional, got shape {ids.shape}")
+        if ids.size and ids.dtype.kind not in "iu":
+            raise InvalidArgument(f"ids: must be integers, got {ids.dtype}")
+        if ids.dtype == np.uint64 and ids.size and ids.max() > np.iinfo(np.int64).max:
+            raise InvalidArgument("ids: values must fit in int64")
+        return ids.astype(np.int64, copy=False)
+
+    def _matrix(self, values, n: int, width: int, dtype: np.dtype, field: str) -> np.ndarray:
+        values = np.asarray(values)
+        if values.shape != (n, width):
+            raise InvalidArgument(f"{field}: expected shape ({n}, {width}) for {n} ids, got {values.shape}")
+        if values.dtype.kind not in "fiu" and values.dtype != dtype:
+            raise InvalidArgument(f"{field}: must be floating point, got {values.dtype}")
+        values = values.astype(dtype, copy=False)
+        if not self.config.allow_nonfinite and not np.isfinite(values.astype(np.float32, copy=False)).all():
+            raise InvalidArgument(f"{field}: contains NaN or Inf (table {self.name!r} does not allow them)")
+        return values
+
+    # --- reads -----------------------------------------------------------------
+
+    def lookup(self, ids, on_miss: str = "init_insert", with_state: bool = False) -> LookupResult:
+        """Rows in request order, duplicates included; misses follow `on_miss`."""
+        if on_miss not in ON_MISS:
+            raise InvalidArgument(f"on_miss: unknown mode {on_miss!r}; expected one of {list(ON_MISS)}")
+        ids = self._ids(ids)
+        with self._lock:
+            self.cache.begin_batch()
+            slots = self.cache.probe(ids)
+            hit = slots >= 0
+            self.cache.touch(slots[hit])                 # protects them from this batch's evictions
+            self.counters["cache_hits"] += int(hit.sum())
+            if hit.all():                                # every id cached: gather straight from the slab
+                return self._result(self.cache.slab, slots, with_state)
+            self.counters["cache_misses"] += int((~hit).sum())
+            rows = np.empty((len(ids), self.layout.row_bytes), dtype=np.uint8)
+            rows[hit] = self.cache.slab[slots[hit]]
+            miss_ids, inverse = np.unique(ids[~hit], return_inverse=True)
+            rows[~hit] = self._load(miss_ids, on_miss)[inverse]
+            return self._result(rows, None, with_state)
+
+    def _result(self, rows: np.ndarray, index, with_state: bool) -> LookupResult:
+        weights = self.layout.weights(rows)
+        state = self.layout.state(rows) if with_state else None
+        if index is not None:
+            weights = weights[index]
+            state = state[index] if state is not None else None
+        return LookupResult(np.ascontiguousarray(weights),
+                            None if state is None else np.ascontiguousarray(state))
+
+    def _load(self, ids: np.ndarray, on_miss: str) -> np.ndarray:
+        """Rows of unique uncached ids from RocksDB or the initializer; caches what is stored."""
+        values = self.rocks.get(self.name, encode_keys(ids))
+        present = np.fromiter((v is not None for v in values), dtype=bool, count=len(values))
+        absent = ~present
+        if on_miss == "error" and absent.any():
+            missing = ids[absent]
+            raise RowNotFound(f"ids: {len(missing)} ids not found in table {self.name!r} (first: {missing[0]})")
+        rows = self.layout.empty(len(ids))
+        if present.any():
+            rows[present] = self.layout.from_values([v for v in values if v is not None])
+        self.counters["rows_read"] += int(present.sum())
+        if absent.any() and on_miss != "zeros":
+            self._initialize(rows, ids, absent)
+        stored = present | (absent & (on_miss == "init_insert"))
+        new = absent if on_miss == "init_insert" else np.zeros_like(absent)
+        self._admit(ids[stored], rows[stored], new[stored])
+        return rows
+
+    def _initialize(self, rows: np.ndarray, ids: np.ndarray, which: np.ndarray) -> None:
+        fresh = initial_weights(self.config.initializer, ids[which], self.config.dim)
+        sub = rows[which]
+        self.layout.weights(sub)[:] = fresh.astype(self.layout.dtype)
+        self.layout.header(sub)["last_access"] = int(self.clock())
+        rows[which] = sub
+        self.counters["rows_initialized"] += int(which.sum())
+
+    def _admit(self, ids: np.ndarray, rows: np.ndarray, new: np.ndarray) -> None:
+        """Put rows into the cache. New rows must reach RocksDB: now (write-through,
+        or no free way in their set) or when their dirty slot is written back."""
+        choice = self.cache.choose_slots(ids)
+        cached = choice.slots >= 0
+        persist_now = new & (~cached | self.write_through)
+        self._write_back(choice.dirty_ids, choice.dirty_rows, ids[persist_now], rows[persist_now])
+        self.cache.fill(choice.slots, ids, rows, new & ~self.write_through)
+
+    def _write_back(self, *id_row_pairs) -> None:
+        ids = np.concatenate(id_row_pairs[0::2])
+        rows = np.concatenate(id_row_pairs[1::2])
+        if len(ids):
+            self.rocks.write(self.name, encode_keys(ids), self.layout.to_values(rows))
+            self.counters["rows_written"] += len(ids)
+
+    # --- writes ----------------------------------------------------------------
+
+    def update(self, ids, weights, state=None) -> int:
+        """Overwrite weights (and optimizer state when given); last write wins within the batch."""
+        ids = self._ids(ids)
+        weights = self._matrix(weights, len(ids), self.config.dim, self.layout.dtype, "weights")
+        if state is not None:
+            state = self._matrix(state, len(ids), self.config.state_dim, np.dtype(np.float32), "state")
+        last = len(ids) - 1 - np.unique(ids[::-1], return_index=True)[1]
+        ids, weights = ids[last], weights[last]
+        state = state[last] if state is not None else None
+        with self._lock:
+            self.cache.begin_batch()
+            slots = self.cache.probe(ids)
+            hit = slots >= 0
+            rows = np.empty((len(ids), self.layout.row_bytes), dtype=np.uint8)
+            rows[hit] = self.cache.slab[slots[hit]]
+            if (~hit).any():
+                rows[~hit] = self._existing_or_blank(ids[~hit])
+            self.layout.weights(rows)[:] = weights
+            if state is not None:
+                self.layout.state(rows)[:] = state
+            header = self.layout.header(rows)
+            header["last_access"] = int(self.clock())
+            header["count"] += 1
+            if self.write_through:
+                self._write_back(ids, rows)
+            self.cache.slab[slots[hit]] = rows[hit]
+            self.cache.dirty[slots[hit]] |= not self.write_through
+            self.cache.touch(slots[hit])
+            self._admit(ids[~hit], rows[~hit], np.full(int((~hit).sum()), not self.write_through))
+            self.counters["rows_updated"] += len(ids)
+        return len(ids)
+
+    def _existing_or_blank(self, ids: np.ndarray) -> np.ndarray:
+        """Stored rows of uncached ids (keeping their state and header), blank rows for new ids."""
+        values = self.rocks.get(self.name, encode_keys(ids))
+        present = np.fromiter((v is not None for v in values), dtype=bool, count=len(values))
+        rows = self.layout.empty(len(ids))
+        if present.any():
+            rows[present] = self.layout.from_values([v for v in values if v is not None])
+        return rows
+
+    def delete(self, ids) -> int:
+        """Remove rows from every tier; absent ids are ignored. Returns unique ids processed."""
+        ids = np.unique(self._ids(ids))
+        with self._lock:
+            self.rocks.write(self.name, [], delete=encode_keys(ids))
+            self.cache.invalidate(ids)
+            self.counters["rows_deleted"] += len(ids)
+        return len(ids)
+
+    # --- maintenance -----------------------------------------------------------
+
+    def flush(self) -> int:
+        """Write every dirty cached row to RocksDB; returns rows written."""
+        with self._lock:
+            slots = self.cache.dirty_slots()
+            self._write_back(self.cache.keys[slots], self.cache.slab[slots])
+            self.cache.dirty[slots] = False
+            return len(slots)
+
+    def stats(self) -> dict[str, float]:
+        with self._lock:
+            counters = {k: float(v) for k, v in self.counters.items()}
+            counters["cache_rows"] = float(self.cache.occupancy())
+            counters["cache_capacity"] = float(self.cache.capacity)
+            counters["cache_dirty_rows"] = float(len(self.cache.dirty_slots()))
+            counters["estimated_rows"] = float(self.rocks.estimate_rows(self.name))
+            return counters

@@ -1,0 +1,1 @@
+"""The kvstore wire contract: generated protobuf/gRPC code and the tensor codec."""
