@@ -113,7 +113,7 @@ class RocksTier:
         with _guard(f"write batch on {family!r}"):
             batch = rd.WriteBatch(raw_mode=True)
             batch.set_default_column_family(handle)
-            for key, value in zip(keys, values or ()):
+            for key, value in zip(keys, values or (), strict=True):
                 batch.put(key, value)
             for key in delete:
                 batch.delete(key)

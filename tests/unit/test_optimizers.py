@@ -72,7 +72,7 @@ def _rowwise_reference(initial, name: str, seed: int):
     steps = np.zeros(ROWS)
     for ids, grads in _batches(seed):
         summed = {}
-        for i, g in zip(ids, grads.astype(np.float64)):
+        for i, g in zip(ids, grads.astype(np.float64), strict=True):
             summed[i] = summed.get(i, 0) + g
         for i, g in summed.items():
             g = g + c.weight_decay * w[i]
