@@ -113,13 +113,16 @@ class KVStoreClient:
         try:
             with _rpc():
                 responses = self._stub.Lookup(requests, timeout=self.timeout)
-                for index, response in enumerate(responses):
-                    start, stop = _range(ranges, index)
-                    weights = _decode(response.weights, "weights", stop - start)
-                    weights_out = _place(weights_out, weights, len(id_array), start)
-                    if with_state:
-                        state = _decode(response.state, "state", stop - start)
-                        state_out = _place(state_out, state, len(id_array), start)
+                try:
+                    for index, response in enumerate(responses):
+                        start, stop = _range(ranges, index)
+                        weights = _decode(response.weights, "weights", stop - start)
+                        weights_out = _place(weights_out, weights, len(id_array), start)
+                        if with_state:
+                            state = _decode(response.state, "state", stop - start)
+                            state_out = _place(state_out, state, len(id_array), start)
+                finally:
+                    responses.cancel()           # a no-op once the call is done; ends it on our own errors
         except KVStoreError:
             self._row_shapes.pop(table, None)   # the table may have changed under us
             raise

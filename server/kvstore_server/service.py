@@ -76,12 +76,12 @@ class EmbeddingStoreService(pb_grpc.EmbeddingStoreServicer):
         for index, request in enumerate(request_iterator):
             check_active(context)
             table = self._stream_table(table, request.table, index)
+            if index == 0:                              # unknown table: NOT_FOUND before buffering
+                dim = self.store.describe_table(table).dim
+                with_state = request.HasField("state")
             ids = decode_ids(request.ids, "ids")
             rows = self._count_rows(rows, len(ids))
             weights = decode_tensor(request.weights, "weights")
-            if index == 0:
-                dim = self.store.describe_table(table).dim
-                with_state = request.HasField("state")
             _check_matrix(weights, len(ids), dim, "weights", weight_parts)
             if request.HasField("state") != with_state:
                 raise InvalidArgument(f"state: chunk {index} {'lacks' if with_state else 'has'} state; "
@@ -106,10 +106,10 @@ class EmbeddingStoreService(pb_grpc.EmbeddingStoreServicer):
         for index, request in enumerate(request_iterator):
             check_active(context)
             table = self._stream_table(table, request.table, index)
-            ids = decode_ids(request.ids, "ids")
-            rows = self._count_rows(rows, len(ids))
             if index == 0:
                 self.store.describe_table(table)        # unknown table: NOT_FOUND before buffering
+            ids = decode_ids(request.ids, "ids")
+            rows = self._count_rows(rows, len(ids))
             ids_parts.append(ids)
         if table is None:
             return pb.DeleteResponse(rows=0)
