@@ -66,7 +66,10 @@ class KVStoreClient:
                      initializer: dict | None = None, cache: dict | None = None,
                      allow_nonfinite: bool = False) -> dict:
         """Create a table; returns its full config (defaults filled in by the server)."""
-        config = pb.TableConfig(name=name, dim=dim, dtype=dtype, allow_nonfinite=allow_nonfinite)
+        if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or not -2**31 <= dim < 2**31:
+            raise InvalidArgumentError(message=f"dim: must be an int32 integer, got {dim!r}")
+        config = _message(pb.TableConfig, {"name": name, "dim": int(dim), "dtype": dtype,
+                                           "allow_nonfinite": allow_nonfinite}, "config")
         for field, kind, value in (("optimizer", pb.OptimizerConfig, optimizer),
                                    ("initializer", pb.InitializerConfig, initializer),
                                    ("cache", pb.CacheConfig, cache)):
