@@ -147,3 +147,18 @@ def test_torch_in_torch_out(client):
     back = client.lookup("torchy", torch.tensor([3, 1]), on_miss="error")
     assert isinstance(back, torch.Tensor) and back.dtype == torch.bfloat16
     assert torch.equal(back, weights[[2, 0]])
+
+
+def test_concurrent_clients_each_read_their_own_writes(server, client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def worker(index: int) -> bool:
+        name = f"par_{index}"
+        rows = random_rows(500, 16, seed=index)
+        with KVStoreClient(server.address, chunk_bytes=4096) as own:
+            small_table(own, name, dim=16)
+            own.update(name, np.arange(500), rows)
+            return np.array_equal(own.lookup(name, np.arange(500)[::-1], on_miss="error"), rows[::-1])
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(worker, range(4)))
