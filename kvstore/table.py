@@ -40,12 +40,15 @@ class Table:
         self.layout = RowLayout.of(config)
         self.rocks = rocks
         self.clock = clock
-        self.cache = SetAssociativeCache(config.cache, self.layout.row_bytes)
+        self.cache = self._make_cache()
         self.write_through = config.cache.write == "write_through"
         self.optimizer = make_optimizer(config.optimizer, config.dim)
         self.counters: Counter[str] = Counter()
         self._leases: dict[str, np.ndarray] = {}   # owner -> ids it holds prefetch locks on
         self._lock = threading.RLock()
+
+    def _make_cache(self) -> SetAssociativeCache:
+        return SetAssociativeCache(self.config.cache, self.layout.row_bytes)
 
     # --- validation ----------------------------------------------------------
 
@@ -230,10 +233,11 @@ class Table:
                 slots = self.cache.probe(ids)
             cached = slots >= 0
             self.cache.touch(slots[cached])
-            if lock:
-                self.cache.locks[slots[cached]] += 1
+            if lock:                                     # an owner pins a row at most once
                 held = self._leases.get(owner)
-                self._leases[owner] = ids[cached] if held is None else np.union1d(held, ids[cached])
+                fresh = cached if held is None else cached & ~np.isin(ids, held, assume_unique=True)
+                self.cache.locks[slots[fresh]] += 1
+                self._leases[owner] = ids[fresh] if held is None else np.union1d(held, ids[fresh])
             return int(cached.sum())
 
     def release(self, ids, owner: str = "") -> int:
@@ -287,5 +291,15 @@ class Table:
             counters["cache_rows"] = float(self.cache.occupancy())
             counters["cache_capacity"] = float(self.cache.capacity)
             counters["cache_dirty_rows"] = float(len(self.cache.dirty_slots()))
+            counters["cache_locked_rows"] = float((self.cache.locks > 0).sum())
             counters["estimated_rows"] = float(self.rocks.estimate_rows(self.name))
             return counters
+
+
+def open_table(config: TableConfig, rocks: RocksTier, clock: Callable[[], float] = time.time) -> Table:
+    """A table whose cache tier is where `config.cache.device` says (host memory or a GPU)."""
+    if config.cache.device == "cpu":
+        return Table(config, rocks, clock)
+    from .gpu_table import GpuTable
+
+    return GpuTable(config, rocks, clock)
