@@ -15,10 +15,9 @@ import time
 
 import numpy as np
 import torch
-from torch import nn
-
 from kvstore_client import KVStoreClient
 from kvstore_client.torch_modules import RemoteEmbeddingBag
+from torch import nn
 
 
 def synthetic_clicks(n: int, users: int, items: int, factors: int, seed: int):
@@ -26,9 +25,10 @@ def synthetic_clicks(n: int, users: int, items: int, factors: int, seed: int):
     rng = np.random.default_rng(seed)
     user_f = rng.standard_normal((users, factors))
     item_f = rng.standard_normal((items, factors))
+    item_bias = rng.standard_normal(items)
     u = rng.integers(0, users, n)
     i = rng.zipf(1.2, n) % items
-    logits = (user_f[u] * item_f[i]).sum(1) / np.sqrt(factors) * 2.0 - 0.5
+    logits = (user_f[u] * item_f[i]).sum(1) / np.sqrt(factors) * 1.5 + item_bias[i] - 0.5
     labels = (rng.random(n) < 1 / (1 + np.exp(-logits))).astype(np.float32)
     item_bag = np.stack([i, items + i % 50], axis=1)        # item id and a category id share a table
     return u.astype(np.int64), item_bag.astype(np.int64), labels
@@ -57,15 +57,15 @@ class Recommender(nn.Module):
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         u = self.users(users[:, None])
         i = self.items(items)
-        return self.mlp(torch.cat([u, i, ], dim=1)).squeeze(1) + (u * i).sum(1)
+        return self.mlp(torch.cat([u, i], dim=1)).squeeze(1) + (u * i).sum(1)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--address", default="127.0.0.1:50051")
     parser.add_argument("--dim", type=int, default=16)
-    parser.add_argument("--users", type=int, default=20000)
-    parser.add_argument("--items", type=int, default=5000)
+    parser.add_argument("--users", type=int, default=5000)
+    parser.add_argument("--items", type=int, default=2000)
     parser.add_argument("--samples", type=int, default=200000)
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--epochs", type=int, default=2)
@@ -105,7 +105,9 @@ def main() -> None:
                 steps += 1
             with torch.no_grad():
                 test = slice(split, None)
+                model.users.on_miss = model.items.on_miss = "init"     # evaluation stores nothing
                 scores = model(torch.from_numpy(users[test]), torch.from_numpy(items[test])).numpy()
+                model.users.on_miss = model.items.on_miss = "init_insert"
             print(f"epoch {epoch}: train loss {total / len(batches):.4f}  held-out AUC {auc(scores, labels[test]):.4f}")
         elapsed = time.perf_counter() - start
         print(f"{steps} steps in {elapsed:.1f}s: {steps / elapsed:.1f} steps/s, "
