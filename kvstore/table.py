@@ -88,21 +88,25 @@ class Table:
             self.counters["cache_hits"] += int(hit.sum())
             if hit.all():                                # every id cached: gather straight from the slab
                 return self._result(self.cache.slab, slots, with_state)
-            self.counters["cache_misses"] += int((~hit).sum())
-            rows = np.empty((len(ids), self.layout.row_bytes), dtype=np.uint8)
-            rows[hit] = self.cache.slab[slots[hit]]
-            miss_ids, inverse = np.unique(ids[~hit], return_inverse=True)
-            rows[~hit] = self._load(miss_ids, on_miss)[inverse]
-            return self._result(rows, None, with_state)
+            hit_at, miss_at = np.flatnonzero(hit), np.flatnonzero(~hit)
+            self.counters["cache_misses"] += len(miss_at)
+            miss_ids, inverse = np.unique(ids[miss_at], return_inverse=True)
+            miss_rows = self._load(miss_ids, on_miss)   # hits were touched: no eviction moves them
+            weights = np.empty((len(ids), self.config.dim), dtype=self.layout.dtype)
+            weights[hit_at] = self.layout.weights(self.cache.slab)[slots[hit_at]]
+            weights[miss_at] = self.layout.weights(miss_rows)[inverse]
+            state = None
+            if with_state:
+                state = np.empty((len(ids), self.config.state_dim), dtype=np.float32)
+                state[hit_at] = self.layout.state(self.cache.slab)[slots[hit_at]]
+                state[miss_at] = self.layout.state(miss_rows)[inverse]
+            return LookupResult(weights, state)
 
-    def _result(self, rows: np.ndarray, index, with_state: bool) -> LookupResult:
-        weights = self.layout.weights(rows)
-        state = self.layout.state(rows) if with_state else None
-        if index is not None:
-            weights = weights[index]
-            state = state[index] if state is not None else None
-        return LookupResult(np.ascontiguousarray(weights),
-                            None if state is None else np.ascontiguousarray(state))
+    def _result(self, rows: np.ndarray, slots, with_state: bool) -> LookupResult:
+        """Weights (and state) of the given slab slots, as new contiguous arrays."""
+        weights = self.layout.weights(rows)[slots]
+        state = self.layout.state(rows)[slots] if with_state else None
+        return LookupResult(weights, state)
 
     def _load(self, ids: np.ndarray, on_miss: str) -> np.ndarray:
         """Rows of unique uncached ids from RocksDB or the initializer; caches what is stored."""
