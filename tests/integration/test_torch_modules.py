@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-from torch import nn  # noqa: E402
-
 from kvstore_client.torch_modules import RemoteEmbedding, RemoteEmbeddingBag  # noqa: E402
+from torch import nn  # noqa: E402
 
 from .conftest import small_table  # noqa: E402
 
@@ -18,7 +17,7 @@ def _batches(seed: int, overlap: bool = False):
     """Bags of ids (with offsets and per-sample weights) and targets; `overlap` makes each batch
     share ids with the next, so a prefetch of batch i+1 reads rows batch i is about to change."""
     rng = np.random.default_rng(seed)
-    for step in range(STEPS):
+    for _ in range(STEPS):
         lengths = rng.integers(1, 5, 16)
         ids = rng.integers(0, 40 if overlap else ROWS, lengths.sum())
         offsets = np.r_[0, np.cumsum(lengths)[:-1]]
