@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import cupy
 import numpy as np
 
-from .errors import InvalidArgument
+from .errors import FailedPrecondition, InvalidArgument
 from .gpu_arrays import BF16, PinnedBuffer, device_dtype, from_device, kind_of, to_device
 from .gpu_cache import GpuCache
 from .table import ON_MISS, LookupResult, Table
@@ -68,7 +68,15 @@ class GpuTable(Table):
         self._weight_bytes = config.dim * self.layout.dtype.itemsize
 
     def _make_cache(self) -> GpuCache:
-        return GpuCache(self.config.cache, self.layout.row_bytes, device_index(self.config.cache.device))
+        index = device_index(self.config.cache.device)
+        try:
+            count = cupy.cuda.runtime.getDeviceCount()
+        except cupy.cuda.runtime.CUDARuntimeError:
+            count = 0
+        if index >= count:
+            raise FailedPrecondition(f"cache.device: {self.config.cache.device!r} is not available "
+                                     f"({count} CUDA devices)")
+        return GpuCache(self.config.cache, self.layout.row_bytes, index)
 
     @contextlib.contextmanager
     def _phase(self, name: str) -> Iterator[None]:
