@@ -144,6 +144,45 @@ class RocksTier:
             else:
                 self._db.put(key, blob)
 
+    # --- snapshots and bulk loads -------------------------------------------
+
+    def checkpoint(self, path: str) -> None:
+        """A consistent copy of the whole database at `path` (hard links to SST files)."""
+        with _guard(f"checkpoint to {path!r}"):
+            rd.Checkpoint(self._db).create_checkpoint(path)
+
+    def read_snapshot(self, family: str) -> rd.Snapshot:
+        """A consistent view of one table: later writes and ingests do not show in it."""
+        with _guard(f"snapshot of {family!r}"):
+            return self._families[family].snapshot()
+
+    def iter_snapshot(self, snapshot: rd.Snapshot) -> Iterator[tuple[bytes, bytes]]:
+        """(key, value) pairs of a snapshot in key order, without filling the block cache."""
+        opts = rd.ReadOptions()
+        opts.fill_cache(False)
+        opts.set_readahead_size(2 << 20)
+        with _guard("iterate snapshot"):
+            yield from snapshot.items(read_opt=opts)
+
+    def sst_writer(self, path: str) -> rd.SstFileWriter:
+        """An SST file writer for `ingest`; keys must be added in increasing order."""
+        with _guard(f"open SST file {path!r}"):
+            writer = rd.SstFileWriter(self._options())
+            writer.open(path)
+            return writer
+
+    def ingest(self, family: str, paths: list[str]) -> None:
+        """Atomically add SST files to a table (moved, not copied); later files win on overlap."""
+        opts = rd.IngestExternalFileOptions()
+        opts.set_move_files(True)
+        with _guard(f"ingest into {family!r}"):
+            self._families[family].ingest_external_file(paths, opts)
+
+    def delete_all(self, family: str) -> None:
+        """Remove every row of a table (one range tombstone)."""
+        with _guard(f"delete range in {family!r}"):
+            self._families[family].delete_range(b"", b"\xff" * 9)
+
     # --- lifecycle ---------------------------------------------------------
 
     def flush(self) -> None:
