@@ -151,18 +151,21 @@ class RocksTier:
         with _guard(f"checkpoint to {path!r}"):
             rd.Checkpoint(self._db).create_checkpoint(path)
 
-    def read_snapshot(self, family: str) -> rd.Snapshot:
-        """A consistent view of one table: later writes and ingests do not show in it."""
-        with _guard(f"snapshot of {family!r}"):
-            return self._families[family].snapshot()
-
-    def iter_snapshot(self, snapshot: rd.Snapshot) -> Iterator[tuple[bytes, bytes]]:
-        """(key, value) pairs of a snapshot in key order, without filling the block cache."""
+    def consistent_items(self, family: str) -> Iterator[tuple[bytes, bytes]]:
+        """(key, value) pairs of one table in key order, as they are now: later writes and
+        ingests do not show. The RocksDB iterator is created here and pins its own implicit
+        snapshot (rocksdict's `Snapshot.items` does not honour the snapshot, so it is not used)."""
         opts = rd.ReadOptions()
-        opts.fill_cache(False)
+        opts.fill_cache(False)                 # a full scan must not evict the hot blocks
         opts.set_readahead_size(2 << 20)
-        with _guard("iterate snapshot"):
-            yield from snapshot.items(read_opt=opts)
+        with _guard(f"iterate {family!r}"):
+            items = self._families[family].items(read_opt=opts)
+        return self._guarded(items, family)
+
+    @staticmethod
+    def _guarded(items, family: str) -> Iterator[tuple[bytes, bytes]]:
+        with _guard(f"iterate {family!r}"):
+            yield from items
 
     def sst_writer(self, path: str) -> rd.SstFileWriter:
         """An SST file writer for `ingest`; keys must be added in increasing order."""

@@ -1,6 +1,6 @@
 """Export and import of whole tables as chunks of rows, in key order.
 
-An export reads from a RocksDB snapshot taken right after the table's dirty
+An export reads from a RocksDB iterator (an implicit snapshot) made right after the table's dirty
 cache rows were flushed (both under the table lock), so writes made while the
 export streams do not tear it. An import stages every chunk into SST files,
 validating each as it arrives, and changes the table only at `commit`: one
@@ -64,7 +64,7 @@ class TableExport:
         self._on_close = on_close
         with table._lock:                       # no write lands between the flush and the snapshot
             table.flush()
-            self._snapshot = table.rocks.read_snapshot(table.name)
+            self._items = table.rocks.consistent_items(table.name)
         self.estimated_rows = table.rocks.estimate_rows(table.name)
         self.rows = 0
 
@@ -72,7 +72,7 @@ class TableExport:
         keys: list[bytes] = []
         values: list[bytes] = []
         try:
-            for key, value in self.table.rocks.iter_snapshot(self._snapshot):
+            for key, value in self._items:
                 keys.append(key)
                 values.append(value)
                 if len(keys) == self.chunk_rows:
@@ -89,7 +89,7 @@ class TableExport:
         return rows_to_chunk(self.layout, decode_keys(keys), self.layout.from_values(values))
 
     def close(self) -> None:
-        self._snapshot = None
+        self._items = None
         on_close, self._on_close = self._on_close, None
         if on_close is not None:
             on_close()
