@@ -11,7 +11,6 @@ from kvstore_proto.export_format import ExportFormatError, ExportReader, ExportW
 
 from kvstore import CacheConfig, OptimizerConfig, Store, TableConfig
 
-
 WEIGHT_DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64, "bfloat16": ml_dtypes.bfloat16}
 
 
