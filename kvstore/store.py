@@ -126,6 +126,23 @@ class Store:
         with self.gate.writing(), self._gens.pin() as gen:
             return self._table(gen, table).delete(ids)
 
+    def apply_gradients(self, table: str, ids, grads, owner: str | None = None) -> int:
+        with self.gate.writing(), self._gens.pin() as gen:
+            return self._table(gen, table).apply_gradients(ids, grads, owner)
+
+    def prefetch(self, table: str, ids, lock: bool = False, owner: str = "") -> int:
+        with self._gens.pin() as gen:
+            return self._table(gen, table).prefetch(ids, lock, owner)
+
+    def release(self, table: str, ids, owner: str = "") -> int:
+        with self._gens.pin() as gen:
+            return self._table(gen, table).release(ids, owner)
+
+    def release_owner(self, owner: str) -> int:
+        """Unpin every row `owner` holds in any table (its client disconnected)."""
+        with self._gens.pin() as gen:
+            return sum(t.release_all(owner) for t in list(gen.tables.values()))
+
     def stats(self, table: str) -> dict[str, float]:
         with self._gens.pin() as gen:
             return self._table(gen, table).stats()
