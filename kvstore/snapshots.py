@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import validate_name
-from .errors import AlreadyExists, InvalidArgument, NotFound, StorageError
+from .errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, StorageError
 
 SNAPSHOT_FORMAT = 1
 LIVE_FILE = "LIVE"
@@ -58,8 +58,9 @@ class SnapshotInfo:
                    extra={k: v for k, v in raw.items() if k not in known})
 
 
-def _storage_error(what: str, exc: OSError) -> StorageError:
-    return StorageError(f"{what}: {exc.strerror or exc} ({exc.filename or ''})")
+def _storage_error(what: str, exc: OSError) -> FailedPrecondition:
+    """A file-system failure around snapshots (unwritable or full disk): the operator must act."""
+    return FailedPrecondition(f"{what}: {exc.strerror or exc} ({exc.filename or ''})")
 
 
 def write_atomically(path: str, text: str) -> None:

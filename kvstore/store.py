@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 
 from .config import RocksConfig, TableConfig, validate_name
-from .errors import InvalidArgument, StorageError, TableExists
+from .errors import FailedPrecondition, InvalidArgument, StorageError, TableExists, TableNotFound
 from .generation import Generation, Generations
 from .rocks_tier import RocksTier
 from .snapshots import SnapshotDir, SnapshotInfo
@@ -167,7 +167,7 @@ class Store:
                     for table in list(gen.tables.values()):
                         table.flush()
                     configs = {n: t.config.to_dict() for n, t in gen.tables.items()}
-                    gen.rocks.checkpoint(os.path.join(tmp, "db"))
+                    _checkpoint(gen.rocks, os.path.join(tmp, "db"), name)
                     pause = time.perf_counter() - paused_at
                 rows = {n: gen.rocks.estimate_rows(n) for n in configs}
             except BaseException:
@@ -235,11 +235,12 @@ class Store:
             self._gens.release(gen)
             raise
 
-    def import_table(self, table: str, chunks: Iterable[RowChunk | tuple], mode: str = "merge") -> int:
+    def import_table(self, table: str, chunks: Iterable[RowChunk | tuple], mode: str = "merge",
+                     config: TableConfig | None = None) -> int:
         """Load rows (chunks of ids, weights, state?, meta?) into `table`. Every chunk is
         validated and staged before the table changes; then one atomic ingest applies them.
         `replace` drops every existing row first; `merge` keeps rows not imported."""
-        stager = self.stage_import(table, mode)
+        stager = self.stage_import(table, mode, config)
         try:
             for chunk in chunks:
                 if isinstance(chunk, RowChunk):
@@ -247,18 +248,43 @@ class Store:
                 else:
                     stager.add(*chunk)
         except BaseException:
-            stager.abort()
+            self.abort_import(stager)
             raise
         return self.commit_import(stager)
 
-    def stage_import(self, table: str, mode: str = "merge") -> ImportStager:
-        """The streaming form of `import_table`: `add` chunks, then `commit_import` (or `abort`)."""
+    def stage_import(self, table: str, mode: str = "merge", config: TableConfig | None = None) -> ImportStager:
+        """The streaming form of `import_table`: `add` chunks, then `commit_import` (or `abort_import`).
+        With `config`, a missing table is created from it (and dropped again if the import is aborted);
+        an existing table must match its dim, dtype and optimizer state."""
+        created = False
+        if config is not None:
+            config = TableConfig.from_dict({**config.to_dict(), "name": table})
+            try:
+                self.create_table(config)
+                created = True
+            except TableExists:
+                _check_compatible(self.describe_table(table), config)
         target = self.table(table)
         staging = os.path.join(self.data_dir, STAGING_DIR, uuid.uuid4().hex)
         try:
-            return ImportStager(target, staging, mode, self.clock)
-        except OSError as exc:
+            stager = ImportStager(target, staging, mode, self.clock)
+        except (OSError, InvalidArgument) as exc:
+            if created:
+                self.drop_table(table)
+            if isinstance(exc, InvalidArgument):
+                raise
             raise StorageError(f"table: cannot stage import into {table!r}: {exc}") from None
+        stager.created = created
+        return stager
+
+    def abort_import(self, stager: ImportStager) -> None:
+        """Drop what was staged; a table the import created is dropped too, so nothing changed."""
+        stager.abort()
+        if stager.created:
+            try:
+                self.drop_table(stager.table.name)
+            except TableNotFound:
+                pass
 
     def commit_import(self, stager: ImportStager) -> int:
         with self.gate.writing(), self._gens.pin() as gen:
@@ -294,3 +320,18 @@ class Store:
                     self._flush(gen)
                 finally:
                     gen.close()
+
+
+def _check_compatible(existing: TableConfig, imported: TableConfig) -> None:
+    """Rows of `imported`'s shape fit `existing` (the import goes into a table that already exists)."""
+    for field in ("dim", "dtype", "state_dim"):
+        have, want = getattr(existing, field), getattr(imported, field)
+        if have != want:
+            raise InvalidArgument(f"config.{field}: table {existing.name!r} has {have!r}, the import has {want!r}")
+
+
+def _checkpoint(rocks: RocksTier, path: str, name: str) -> None:
+    try:
+        rocks.checkpoint(path)
+    except StorageError as exc:      # a full or failing disk: say so, the live data is untouched
+        raise FailedPrecondition(f"name: cannot write snapshot {name!r}: {exc}") from None

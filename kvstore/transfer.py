@@ -114,6 +114,7 @@ class ImportStager:
         self._writer_rows = 0
         self._last_id: int | None = None
         self.rows = 0
+        self.created = False        # the import created the table (dropped again on abort)
 
     def add(self, ids, weights, state=None, meta=None) -> int:
         """Validate one chunk and stage it; nothing in the table changes until `commit`."""
@@ -126,7 +127,7 @@ class ImportStager:
                 or self._writer_rows + len(ids) > SST_ROWS:
             self._next_file()                 # SST keys must increase; overlapping chunks get a new file
         writer = self._writer
-        for key, value in zip(encode_keys(ids), self.layout.to_values(rows)):
+        for key, value in zip(encode_keys(ids), self.layout.to_values(rows), strict=True):
             writer[key] = value
         self._writer_rows += len(ids)
         self._last_id = int(ids[-1])

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from kvstore import AlreadyExists, CacheConfig, InvalidArgument, NotFound, StorageError, Store, TableConfig
+from kvstore import AlreadyExists, CacheConfig, FailedPrecondition, InvalidArgument, NotFound, Store, TableConfig
 
 
 def small_table(name: str = "t", dim: int = 4, rows: int = 64, ways: int = 4, **kw) -> TableConfig:
@@ -182,12 +182,12 @@ def test_existing_name_is_already_exists(store):
         store.create_snapshot("s")
 
 
-def test_unwritable_snapshot_dir_is_storage_error_and_live_data_intact(store):
+def test_unwritable_snapshot_dir_is_failed_precondition_and_live_data_intact(store):
     store.create_table(small_table())
     store.update("t", [1], np.ones((1, 4)))
     with open(os.path.join(store.data_dir, "snapshots"), "w") as blocker:   # a file where the dir goes
         blocker.write("not a directory")
-    with pytest.raises(StorageError, match="snapshot"):
+    with pytest.raises(FailedPrecondition, match="snapshot 's'.*Not a directory"):
         store.create_snapshot("s")
     assert (rows_of(store, "t", [1]) == 1.0).all()
     store.update("t", [1], np.full((1, 4), 5.0))            # writes were not left paused
