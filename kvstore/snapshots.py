@@ -96,6 +96,8 @@ class SnapshotDir:
         if os.path.lexists(target):
             raise AlreadyExists(f"name: snapshot {name!r} already exists")
         tmp = os.path.join(self.root, f".tmp-{name}-{os.getpid()}")
+        if os.path.lexists(self.root) and not os.path.isdir(self.root):
+            raise FailedPrecondition(f"name: cannot create snapshot {name!r}: {self.root} is not a directory")
         try:
             os.makedirs(self.root, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
