@@ -6,7 +6,9 @@ module ever sees rocksdict's exceptions. Always raw mode: bytes in, bytes out.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import itertools
 import os
 import threading
 from collections.abc import Iterator
@@ -152,21 +154,31 @@ class RocksTier:
         with _guard(f"checkpoint to {path!r}"):
             rd.Checkpoint(self._db).create_checkpoint(path)
 
-    def consistent_items(self, family: str) -> Iterator[tuple[bytes, bytes]]:
-        """(key, value) pairs of one table in key order, as they are now: later writes and
-        ingests do not show. The RocksDB iterator is created here and pins its own implicit
-        snapshot (rocksdict's `Snapshot.items` does not honour the snapshot, so it is not used)."""
+    def consistent_items(self, family: str):
+        """An iterator over one table's (key, value) pairs in key order, as they are now: later
+        writes and ingests do not show. The RocksDB iterator is created here and pins its own
+        implicit snapshot (rocksdict's `Snapshot.items` does not honour the snapshot)."""
         opts = rd.ReadOptions()
         opts.fill_cache(False)                 # a full scan must not evict the hot blocks
         opts.set_readahead_size(2 << 20)
         with _guard(f"iterate {family!r}"):
-            items = self._families[family].items(read_opt=opts)
-        return self._guarded(items, family)
+            return self._families[family].items(read_opt=opts)
 
     @staticmethod
-    def _guarded(items, family: str) -> Iterator[tuple[bytes, bytes]]:
-        with _guard(f"iterate {family!r}"):
-            yield from items
+    def batches(items, rows: int) -> Iterator[tuple[tuple[bytes, ...], tuple[bytes, ...]]]:
+        """(keys, values) of up to `rows` pairs at a time from `consistent_items` (no Python loop per row)."""
+        while True:
+            with _guard("iterate"):
+                batch = list(itertools.islice(items, rows))
+            if not batch:
+                return
+            keys, values = zip(*batch, strict=True)
+            yield keys, values
+
+    def put_sst(self, writer: rd.SstFileWriter, keys: list[bytes], values: list[bytes]) -> None:
+        """Add sorted pairs to an SST file writer."""
+        with _guard("write SST file"):
+            collections.deque(map(writer.__setitem__, keys, values), maxlen=0)
 
     def sst_writer(self, path: str) -> rd.SstFileWriter:
         """An SST file writer for `ingest`; keys must be added in increasing order."""
@@ -190,8 +202,11 @@ class RocksTier:
     # --- lifecycle ---------------------------------------------------------
 
     def flush(self) -> None:
+        """Flush the memtables of every column family (rocksdict's `flush` covers only one)."""
         with _guard("flush"):
             self._db.flush()
+            for family in list(self._families.values()):
+                family.flush()
 
     def close(self) -> None:
         if self.closed:

@@ -28,7 +28,7 @@ from .generation import Generation, Generations
 from .rocks_tier import RocksTier
 from .snapshots import SnapshotDir, SnapshotInfo
 from .table import LookupResult, Table
-from .transfer import ImportStager, RowChunk, TableExport
+from .transfer import ImportStager, RowChunk, TableExport, flush_in_slices
 from .write_gate import WriteGate
 
 STAGING_DIR = "staging"
@@ -161,7 +161,9 @@ class Store:
             start = time.perf_counter()
             tmp = self.snapshots.prepare(name)
             try:
-                self._flush(gen)                          # the bulk of the work, writes still flowing
+                for table in list(gen.tables.values()):    # the bulk of the work, writes still flowing
+                    flush_in_slices(table)
+                gen.rocks.flush()
                 with self.gate.paused():
                     paused_at = time.perf_counter()
                     for table in list(gen.tables.values()):

@@ -49,6 +49,22 @@ def default_chunk_rows(layout: RowLayout, target_bytes: int = 2 << 20) -> int:
     return max(1, target_bytes // layout.row_bytes)
 
 
+def flush_in_slices(table: Table, slice_rows: int = 4096) -> int:
+    """Write a table's dirty cached rows back a slice at a time, releasing the table lock between
+    slices so writers are not held up for the whole flush. Rows dirtied meanwhile may remain."""
+    written = 0
+    rounds = len(table.cache.dirty_slots()) // slice_rows + 1
+    for _ in range(rounds):
+        with table._lock:
+            slots = table.cache.dirty_slots()[:slice_rows]
+            if not len(slots):
+                break
+            table._write_back(table.cache.keys[slots], table.cache.slab[slots])
+            table.cache.dirty[slots] = False
+            written += len(slots)
+    return written
+
+
 class TableExport:
     """Rows of one table at one instant, as an iterable of chunks. Call `close` when done."""
 
@@ -69,21 +85,13 @@ class TableExport:
         self.rows = 0
 
     def __iter__(self) -> Iterator[RowChunk]:
-        keys: list[bytes] = []
-        values: list[bytes] = []
         try:
-            for key, value in self._items:
-                keys.append(key)
-                values.append(value)
-                if len(keys) == self.chunk_rows:
-                    yield self._chunk(keys, values)
-                    keys, values = [], []
-            if keys:
+            for keys, values in self.table.rocks.batches(self._items, self.chunk_rows):
                 yield self._chunk(keys, values)
         finally:
             self.close()
 
-    def _chunk(self, keys: list[bytes], values: list[bytes]) -> RowChunk:
+    def _chunk(self, keys, values) -> RowChunk:
         self.rows += len(keys)
         self.table.counters["rows_exported"] += len(keys)
         return rows_to_chunk(self.layout, decode_keys(keys), self.layout.from_values(values))
@@ -126,9 +134,7 @@ class ImportStager:
         if self._writer is None or self._last_id is None or ids[0] <= self._last_id \
                 or self._writer_rows + len(ids) > SST_ROWS:
             self._next_file()                 # SST keys must increase; overlapping chunks get a new file
-        writer = self._writer
-        for key, value in zip(encode_keys(ids), self.layout.to_values(rows), strict=True):
-            writer[key] = value
+        self.table.rocks.put_sst(self._writer, encode_keys(ids), self.layout.to_values(rows))
         self._writer_rows += len(ids)
         self._last_id = int(ids[-1])
         self._ids.append(ids)
