@@ -7,7 +7,8 @@ one ingest), dirty 64K cached rows, take three snapshots while a writer thread
 keeps updating, and export the whole table. Peers, measured in the same run on
 the same data: rocksdict's own iteration over the table's column family (the
 ceiling for export) and rocksdict write batches of 10K rows (the usual way to
-write rows, the floor import must beat). Prints rows/s and the ratios, and the
+write rows) and SstFileWriter + ingest of pre-encoded rows (the ceiling of
+the import path, which validates, encodes and stages as SST files). Prints rows/s and the ratios, and the
 large/small ratio of the write pause (it must stay below 2: the pause must
 not grow with the table).
 """
@@ -101,6 +102,27 @@ def raw_write_batches(store: Store, dim: int, block: np.ndarray) -> float:
     return rate
 
 
+def raw_sst_ingest(store: Store, block: np.ndarray) -> float:
+    """rocksdict SstFileWriter + ingest of pre-encoded rows: the ceiling of the import path."""
+    layout = RowLayout.of(store.describe_table("t"))
+    rows = layout.empty(CHUNK)
+    layout.weights(rows)[:] = block
+    values = layout.to_values(rows)
+    store.rocks.create_family("scratch")
+    path = f"{store.data_dir}/raw.sst"
+    start = time.perf_counter()
+    writer = rd.SstFileWriter(store.rocks._options())
+    writer.open(path)
+    for base in range(0, RAW_WRITE_ROWS, CHUNK):
+        for key, value in zip(encode_keys(np.arange(base, base + CHUNK)), values, strict=True):
+            writer[key] = value
+    writer.finish()
+    store.rocks.ingest("scratch", [path])
+    rate = RAW_WRITE_ROWS / (time.perf_counter() - start)
+    store.rocks.drop_family("scratch")
+    return rate
+
+
 def run_size(n: int, dim: int, root: str) -> dict:
     path = tempfile.mkdtemp(prefix=f"snap-{n}-", dir=root)
     rng = np.random.default_rng(0)
@@ -113,8 +135,9 @@ def run_size(n: int, dim: int, root: str) -> dict:
             export_rows, export_s = timed(lambda: sum(len(c) for c in store.export_table("t")))
             raw_iter = raw_iteration(store)
             raw_write = raw_write_batches(store, dim, block)
+            raw_sst = raw_sst_ingest(store, block)
         return {
-            "rows": n, "import": n / load_s, "raw_write": raw_write,
+            "rows": n, "import": n / load_s, "raw_write": raw_write, "raw_sst": raw_sst,
             "export": export_rows / export_s, "raw_iter": raw_iter,
             "pause": statistics.median(s["pause"] for s in snaps),
             "duration": statistics.median(s["duration"] for s in snaps),
@@ -139,7 +162,8 @@ def main() -> None:
         print(f"{'':>11}  export {r['export']:>10,.0f} rows/s vs raw iteration {r['raw_iter']:>10,.0f} rows/s "
               f"(ratio {r['export'] / r['raw_iter']:.2f})")
         print(f"{'':>11}  import {r['import']:>10,.0f} rows/s vs raw write batches {r['raw_write']:>10,.0f} rows/s "
-              f"(ratio {r['import'] / r['raw_write']:.2f})", flush=True)
+              f"(ratio {r['import'] / r['raw_write']:.2f}), vs raw SST write + ingest {r['raw_sst']:>10,.0f} "
+              f"rows/s (ratio {r['import'] / r['raw_sst']:.2f})", flush=True)
     if len(results) > 1:
         small, large = results[0], results[-1]
         print(f"pause ratio {large['rows']:,}/{small['rows']:,} rows: {large['pause'] / small['pause']:.2f} "

@@ -165,15 +165,14 @@ class RocksTier:
             return self._families[family].items(read_opt=opts)
 
     @staticmethod
-    def batches(items, rows: int) -> Iterator[tuple[tuple[bytes, ...], tuple[bytes, ...]]]:
-        """(keys, values) of up to `rows` pairs at a time from `consistent_items` (no Python loop per row)."""
+    def batches(items, rows: int) -> Iterator[list[tuple[bytes, bytes]]]:
+        """Lists of up to `rows` (key, value) pairs from `consistent_items` (no Python loop per row)."""
         while True:
             with _guard("iterate"):
                 batch = list(itertools.islice(items, rows))
             if not batch:
                 return
-            keys, values = zip(*batch, strict=True)
-            yield keys, values
+            yield batch
 
     def put_sst(self, writer: rd.SstFileWriter, keys: list[bytes], values: list[bytes]) -> None:
         """Add sorted pairs to an SST file writer."""

@@ -9,6 +9,7 @@ anywhere in the stream changes nothing.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import time
@@ -17,12 +18,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InvalidArgument
-from .rows import RowLayout, decode_keys, encode_keys
+from .errors import InvalidArgument, StorageError
+from .rows import RowLayout, encode_keys
 from .table import Table
 
 IMPORT_MODES = ("replace", "merge")
 META_FIELDS = ("count", "last_access", "step")    # row header fields carried by export/import
+KEY_BYTES = 8
+_SIGN = np.uint64(1 << 63)                         # keys are big-endian with the sign bit flipped
 SST_ROWS = 1 << 20                                 # rows per staged SST file at most
 
 
@@ -62,6 +65,7 @@ def flush_in_slices(table: Table, slice_rows: int = 4096) -> int:
             table._write_back(table.cache.keys[slots], table.cache.slab[slots])
             table.cache.dirty[slots] = False
             written += len(slots)
+        time.sleep(0)          # hand the GIL over so a waiting writer gets the lock between slices
     return written
 
 
@@ -86,15 +90,24 @@ class TableExport:
 
     def __iter__(self) -> Iterator[RowChunk]:
         try:
-            for keys, values in self.table.rocks.batches(self._items, self.chunk_rows):
-                yield self._chunk(keys, values)
+            for batch in self.table.rocks.batches(self._items, self.chunk_rows):
+                yield self._chunk(batch)
         finally:
             self.close()
 
-    def _chunk(self, keys, values) -> RowChunk:
-        self.rows += len(keys)
-        self.table.counters["rows_exported"] += len(keys)
-        return rows_to_chunk(self.layout, decode_keys(keys), self.layout.from_values(values))
+    def _chunk(self, batch: list[tuple[bytes, bytes]]) -> RowChunk:
+        # Keys (8 bytes) and values (row_bytes) have fixed sizes: one join gives [n, 8 + row_bytes].
+        width = KEY_BYTES + self.layout.row_bytes
+        flat = np.frombuffer(b"".join(itertools.chain.from_iterable(batch)), dtype=np.uint8)
+        if flat.size != len(batch) * width:
+            raise StorageError(f"table: stored rows of {self.table.name!r} have an unexpected size "
+                               f"(expected {self.layout.row_bytes} bytes each)")
+        records = flat.reshape(len(batch), width)
+        keys = np.ascontiguousarray(records[:, :KEY_BYTES]).view(">u8")[:, 0].astype(np.uint64)
+        ids = (keys ^ _SIGN).view(np.int64)
+        self.rows += len(batch)
+        self.table.counters["rows_exported"] += len(batch)
+        return rows_to_chunk(self.layout, ids, records[:, KEY_BYTES:])
 
     def close(self) -> None:
         self._items = None
