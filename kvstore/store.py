@@ -27,7 +27,7 @@ from .errors import FailedPrecondition, InvalidArgument, StorageError, TableExis
 from .generation import Generation, Generations
 from .rocks_tier import RocksTier
 from .snapshots import SnapshotDir, SnapshotInfo
-from .table import LookupResult, Table
+from .table import LookupResult, Table, open_table
 from .transfer import ImportStager, RowChunk, TableExport, flush_in_slices
 from .write_gate import WriteGate
 
@@ -58,7 +58,7 @@ class Store:
             tables = {}
             for name, blob in rocks.load_configs().items():
                 config = TableConfig.from_dict(json.loads(blob))
-                tables[name] = Table(config, rocks, self.clock)
+                tables[name] = open_table(config, rocks, self.clock)
         except BaseException:
             rocks.close()
             raise
@@ -87,7 +87,7 @@ class Store:
                 raise TableExists(f"name: table {config.name!r} already exists")
             gen.rocks.create_family(config.name)
             gen.rocks.save_config(config.name, json.dumps(config.to_dict()).encode())
-            gen.tables[config.name] = Table(config, gen.rocks, self.clock)
+            gen.tables[config.name] = open_table(config, gen.rocks, self.clock)
             return config
 
     def drop_table(self, name: str) -> None:

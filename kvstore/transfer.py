@@ -25,6 +25,7 @@ from .table import Table
 IMPORT_MODES = ("replace", "merge")
 META_FIELDS = ("count", "last_access", "step")    # row header fields carried by export/import
 KEY_BYTES = 8
+INVALIDATE_SLICE = 1 << 16
 _SIGN = np.uint64(1 << 63)                         # keys are big-endian with the sign bit flipped
 SST_ROWS = 1 << 20                                 # rows per staged SST file at most
 
@@ -54,7 +55,10 @@ def default_chunk_rows(layout: RowLayout, target_bytes: int = 2 << 20) -> int:
 
 def flush_in_slices(table: Table, slice_rows: int = 4096) -> int:
     """Write a table's dirty cached rows back a slice at a time, releasing the table lock between
-    slices so writers are not held up for the whole flush. Rows dirtied meanwhile may remain."""
+    slices so writers are not held up for the whole flush. Rows dirtied meanwhile may remain.
+    Tables with another cache tier (the GPU one) flush in one go."""
+    if type(table).flush is not Table.flush:
+        return table.flush()
     written = 0
     rounds = len(table.cache.dirty_slots()) // slice_rows + 1
     for _ in range(rounds):
@@ -203,7 +207,8 @@ class ImportStager:
                     table.rocks.delete_all(table.name)
                     table.cache.clear()
                 else:
-                    table.cache.invalidate(ids)
+                    for start in range(0, len(ids), INVALIDATE_SLICE):   # bounded temporaries
+                        table.cache.invalidate(ids[start:start + INVALIDATE_SLICE])
                 if self.files:
                     table.rocks.ingest(table.name, self.files)
                 table.counters["rows_imported"] += self.rows
