@@ -20,6 +20,7 @@ MONOTONIC = frozenset({
     "cache_hits", "cache_misses", "rows_read", "rows_written", "rows_updated",
     "rows_deleted", "rows_initialized",
 })
+STORE_MONOTONIC = frozenset({"snapshots", "restores", "snapshots_deleted", "rows_imported"})
 _INVALID = re.compile(r"[^a-zA-Z0-9_]")
 
 
@@ -67,3 +68,18 @@ class StoreCollector:
                     family = families[stat] = kind(name, f"Store stat {stat!r} per table.", labels=["table"])
                 family.add_metric([table], value)
         yield from families.values()
+        yield from _store_families(self.store)
+
+
+def _store_families(store: Store):
+    """Store-wide stats (snapshot pause and duration, restores, imports): counters end in _total."""
+    try:
+        stats = store.store_stats()
+    except KVStoreError:
+        return
+    for stat, value in sorted(stats.items()):
+        name = "kvstore_store_" + _INVALID.sub("_", stat)
+        if stat.endswith("_total") or stat in STORE_MONOTONIC:
+            yield CounterMetricFamily(name, f"Store-wide count {stat!r}.", value=value)
+        else:
+            yield GaugeMetricFamily(name, f"Store-wide stat {stat!r}.", value=value)
