@@ -7,10 +7,11 @@ module ever sees rocksdict's exceptions. Always raw mode: bytes in, bytes out.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator
 
 import rocksdict as rd
 
@@ -121,6 +122,26 @@ class RocksTier:
     def iter_items(self, family: str) -> Iterator[tuple[bytes, bytes]]:
         with _guard(f"iterate {family!r}"):
             yield from self._families[family].items()
+
+    def scan(self, family: str, start: bytes | None, limit: int) -> tuple[list[bytes], list[bytes]]:
+        """Up to `limit` items in key order from `start` (inclusive; None: the first key).
+        Each call opens a fresh iterator, so a slow scan never pins old data."""
+        cf = self._families[family]
+        with _guard(f"scan {family!r}"):
+            items = cf.items() if start is None else cf.items(from_key=start)
+            chunk = list(itertools.islice(items, limit))
+        if not chunk:
+            return [], []
+        keys, values = zip(*chunk)
+        return list(keys), list(values)
+
+    def count_keys(self, family: str) -> int:
+        with _guard(f"count keys of {family!r}"):
+            return sum(1 for _ in self._families[family].keys())
+
+    def live_bytes(self, family: str) -> int:
+        with _guard("read property"):
+            return int(self._families[family].property_int_value("rocksdb.live-sst-files-size") or 0)
 
     def estimate_rows(self, family: str) -> int:
         with _guard("read property"):

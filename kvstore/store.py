@@ -10,12 +10,12 @@ import json
 import os
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
-import numpy as np
-
-from .config import RocksConfig, TableConfig, validate_name
-from .errors import StoreClosed, TableExists, TableNotFound
+from .config import RocksConfig, SweeperConfig, TableConfig, validate_name
+from .errors import FailedPrecondition, StoreClosed, TableExists, TableNotFound
+from .eviction import archive
+from .eviction.sweeper import Sweeper
 from .rocks_tier import RocksTier
 from .table import LookupResult, Table
 
@@ -24,7 +24,7 @@ DB_DIR = "db"
 
 class Store:
     def __init__(self, data_dir: str, rocks: RocksConfig | None = None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, sweeper: SweeperConfig | None = None):
         self.data_dir = os.path.abspath(data_dir)
         self.clock = clock
         self.rocks = RocksTier(os.path.join(self.data_dir, DB_DIR), rocks)
@@ -34,6 +34,7 @@ class Store:
         for name, blob in self.rocks.load_configs().items():
             config = TableConfig.from_dict(json.loads(blob))
             self._tables[name] = Table(config, self.rocks, clock)
+        self.sweeper = Sweeper(lambda: list(self._tables.values()), sweeper, clock)
 
     def __enter__(self) -> Store:
         return self
@@ -56,9 +57,11 @@ class Store:
     def drop_table(self, name: str) -> None:
         with self._lock:
             table = self.table(name)
-            with table._lock:
+            table.eviction.cancelled.set()          # a sweep in progress stops at its next chunk
+            with table.eviction.sweep_lock, table._lock:
                 self.rocks.save_config(name, None)
                 self.rocks.drop_family(name)
+                self.rocks.drop_family(archive.archive_family(name))
                 del self._tables[name]
 
     def list_tables(self) -> list[str]:
@@ -90,6 +93,19 @@ class Store:
     def stats(self, table: str) -> dict[str, float]:
         return self.table(table).stats()
 
+    # --- eviction ----------------------------------------------------------------
+
+    def evict(self, table: str) -> dict[str, int]:
+        """Run one eviction sweep of `table` now (at the sweeper's rate); rows evicted by reason."""
+        return self.sweeper.sweep(self.table(table)).counts()
+
+    def restore_rows(self, table: str, ids) -> int:
+        """Bring archived rows of `ids` back (ids that have a row again are left alone); rows restored."""
+        handle = self.table(table)
+        if not handle.config.eviction.archive_seconds:
+            raise FailedPrecondition(f"table: {table!r} keeps no archive (eviction.archive_seconds is 0)")
+        return archive.restore(handle, handle._ids(ids), self.clock())
+
     # --- lifecycle ---------------------------------------------------------------
 
     def flush(self) -> int:
@@ -105,6 +121,7 @@ class Store:
         with self._lock:
             if self._closed:
                 return
+            self.sweeper.close()
             self.flush()
             self._closed = True
             self.rocks.close()

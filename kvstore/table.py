@@ -11,17 +11,19 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
 from .cache import SetAssociativeCache
 from .config import TableConfig
 from .errors import InvalidArgument, RowNotFound
+from .eviction.archive import archive_family
+from .eviction.tracker import EvictionTracker
 from .initializer import initial_weights
 from .rocks_tier import RocksTier
-from .rows import RowLayout, encode_keys
+from .rows import RowLayout, encode_keys, encode_scores
 
 ON_MISS = ("init_insert", "init", "zeros", "error")
 
@@ -43,6 +45,11 @@ class Table:
         self.write_through = config.cache.write == "write_through"
         self.counters: Counter[str] = Counter()
         self._lock = threading.RLock()
+        self.eviction = EvictionTracker(config.eviction, self.layout, self.cache.capacity)
+        if self.eviction.counts_rows:
+            self.eviction.rows = rocks.count_keys(self.name)
+        if config.eviction.archive_seconds:
+            rocks.create_family(archive_family(self.name))
 
     # --- validation ----------------------------------------------------------
 
@@ -79,6 +86,7 @@ class Table:
             slots = self.cache.probe(ids)
             hit = slots >= 0
             self.cache.touch(slots[hit])                 # protects them from this batch's evictions
+            self.eviction.touch(self.cache.slab, slots[hit], self.clock())
             self.counters["cache_hits"] += int(hit.sum())
             if hit.all():                                # every id cached: gather straight from the slab
                 return self._result(self.cache.slab, slots, with_state)
@@ -112,9 +120,15 @@ class Table:
         self.counters["rows_read"] += int(present.sum())
         if absent.any() and on_miss != "zeros":
             self._initialize(rows, ids, absent)
-        stored = present | (absent & (on_miss == "init_insert"))
-        new = absent if on_miss == "init_insert" else np.zeros_like(absent)
-        self._admit(ids[stored], rows[stored], new[stored])
+        new = absent.copy() if on_miss == "init_insert" else np.zeros_like(absent)
+        if new.any():                                # admission: unseen ids are stored after min_count sightings
+            admitted = self.eviction.admission.admit(ids[new])
+            self.counters["admission_rejected"] += int((~admitted).sum())
+            new[new] = admitted
+            self.eviction.created(int(new.sum()))
+        stored = present | new
+        slots = self._admit(ids[stored], rows[stored], new[stored])
+        self.eviction.touch(self.cache.slab, slots[slots >= 0], self.clock())
         return rows
 
     def _initialize(self, rows: np.ndarray, ids: np.ndarray, which: np.ndarray) -> None:
@@ -125,14 +139,25 @@ class Table:
         rows[which] = sub
         self.counters["rows_initialized"] += int(which.sum())
 
-    def _admit(self, ids: np.ndarray, rows: np.ndarray, new: np.ndarray) -> None:
-        """Put rows into the cache. New rows must reach RocksDB: now (write-through,
-        or no free way in their set) or when their dirty slot is written back."""
+    def _admit(self, ids: np.ndarray, rows: np.ndarray, new: np.ndarray) -> np.ndarray:
+        """Put rows into the cache; returns the slot of each (-1: not cached). New rows must
+        reach RocksDB: now (write-through, or no free way in their set) or when their dirty
+        slot is written back. Clean victims with stale access metadata are written back too."""
         choice = self.cache.choose_slots(ids)
         cached = choice.slots >= 0
         persist_now = new & (~cached | self.write_through)
-        self._write_back(choice.dirty_ids, choice.dirty_rows, ids[persist_now], rows[persist_now])
+        stale_ids, stale_rows = self._stale_rows(choice.slots[cached])
+        self._write_back(choice.dirty_ids, choice.dirty_rows, stale_ids, stale_rows,
+                         ids[persist_now], rows[persist_now])
         self.cache.fill(choice.slots, ids, rows, new & ~self.write_through)
+        self.eviction.synced(self.cache.slab, choice.slots[cached])
+        return choice.slots
+
+    def _stale_rows(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Ids and rows of the clean occupied `slots` whose access metadata RocksDB lacks."""
+        slots = slots[self.cache.occupied[slots] & ~self.cache.dirty[slots]]
+        slots = slots[self.eviction.stale(self.cache.slab, slots)]
+        return self.cache.keys[slots], self.cache.slab[slots]
 
     def _write_back(self, *id_row_pairs) -> None:
         ids = np.concatenate(id_row_pairs[0::2])
@@ -143,15 +168,18 @@ class Table:
 
     # --- writes ----------------------------------------------------------------
 
-    def update(self, ids, weights, state=None) -> int:
-        """Overwrite weights (and optimizer state when given); last write wins within the batch."""
+    def update(self, ids, weights, state=None, scores=None) -> int:
+        """Overwrite weights (and optimizer state, and feature scores, when given); last write
+        wins within the batch."""
         ids = self._ids(ids)
         weights = self._matrix(weights, len(ids), self.config.dim, self.layout.dtype, "weights")
         if state is not None:
             state = self._matrix(state, len(ids), self.config.state_dim, np.dtype(np.float32), "state")
+        scores = self._scores(scores, len(ids))
         last = len(ids) - 1 - np.unique(ids[::-1], return_index=True)[1]
         ids, weights = ids[last], weights[last]
         state = state[last] if state is not None else None
+        scores = scores[last] if scores is not None else None
         with self._lock:
             self.cache.begin_batch()
             slots = self.cache.probe(ids)
@@ -166,11 +194,15 @@ class Table:
             header = self.layout.header(rows)
             header["last_access"] = int(self.clock())
             header["count"] += 1
+            if scores is not None:
+                header["score"] = encode_scores(scores)
             if self.write_through:
                 self._write_back(ids, rows)
             self.cache.slab[slots[hit]] = rows[hit]
             self.cache.dirty[slots[hit]] |= not self.write_through
             self.cache.touch(slots[hit])
+            if self.write_through:
+                self.eviction.synced(self.cache.slab, slots[hit])
             self._admit(ids[~hit], rows[~hit], np.full(int((~hit).sum()), not self.write_through))
             self.counters["rows_updated"] += len(ids)
         return len(ids)
@@ -182,25 +214,52 @@ class Table:
         rows = self.layout.empty(len(ids))
         if present.any():
             rows[present] = self.layout.from_values([v for v in values if v is not None])
+        self.eviction.created(int((~present).sum()))
         return rows
+
+    def _scores(self, scores, n: int) -> np.ndarray | None:
+        if scores is None:
+            return None
+        scores = np.asarray(scores)
+        if scores.shape != (n,) or scores.dtype.kind not in "fiu":
+            raise InvalidArgument(f"scores: expected {n} numbers (one per id), got shape {scores.shape}")
+        scores = scores.astype(np.float32)
+        if not np.isfinite(scores).all():
+            raise InvalidArgument("scores: contains NaN or Inf")
+        return scores
 
     def delete(self, ids) -> int:
         """Remove rows from every tier; absent ids are ignored. Returns unique ids processed."""
         ids = np.unique(self._ids(ids))
         with self._lock:
+            if self.eviction.counts_rows:
+                self.eviction.removed(int(self._existing(ids).sum()))
             self.rocks.write(self.name, [], delete=encode_keys(ids))
             self.cache.invalidate(ids)
             self.counters["rows_deleted"] += len(ids)
         return len(ids)
 
+    def _existing(self, ids: np.ndarray) -> np.ndarray:
+        """Which unique ids have a row (cached or stored). Call under the lock."""
+        exists = self.cache.probe(ids) >= 0
+        if (~exists).any():
+            values = self.rocks.get(self.name, encode_keys(ids[~exists]))
+            exists[~exists] = np.fromiter((v is not None for v in values), dtype=bool, count=len(values))
+        return exists
+
     # --- maintenance -----------------------------------------------------------
 
     def flush(self) -> int:
-        """Write every dirty cached row to RocksDB; returns rows written."""
+        """Write every dirty cached row (and clean rows with stale access metadata) to RocksDB;
+        returns dirty rows written."""
         with self._lock:
             slots = self.cache.dirty_slots()
-            self._write_back(self.cache.keys[slots], self.cache.slab[slots])
+            clean = np.flatnonzero(self.cache.occupied & ~self.cache.dirty)
+            stale = clean[self.eviction.stale(self.cache.slab, clean)]
+            both = np.concatenate([slots, stale])
+            self._write_back(self.cache.keys[both], self.cache.slab[both])
             self.cache.dirty[slots] = False
+            self.eviction.synced(self.cache.slab, both)
             return len(slots)
 
     def stats(self) -> dict[str, float]:
