@@ -152,7 +152,9 @@ class EvictionConfig:
             raise InvalidArgument(f"eviction.samples: must be an integer in [1, 1024], got {self.samples!r}")
         if isinstance(self.sketch_width, bool) or not isinstance(self.sketch_width, int) \
                 or not 64 <= self.sketch_width <= 1 << 26:
-            raise InvalidArgument(f"eviction.sketch_width: must be an integer in [64, 2**26], got {self.sketch_width!r}")
+            raise InvalidArgument(
+                f"eviction.sketch_width: must be an integer in [64, 2**26], got {self.sketch_width!r}"
+            )
 
     @property
     def target_rows(self) -> int:

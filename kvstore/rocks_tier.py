@@ -39,7 +39,8 @@ class RocksTier:
     def __init__(self, path: str, config: RocksConfig | None = None):
         self.path = path
         self.config = config or RocksConfig()
-        os.makedirs(path, exist_ok=True)
+        with _guard("open"):
+            os.makedirs(path, exist_ok=True)   # a regular file here is a StorageError too
         self._block_cache = rd.Cache(self.config.block_cache_bytes)
         self._lock = threading.Lock()          # guards column-family creation and drop
         self._readers = ThreadPoolExecutor(self.config.read_threads, thread_name_prefix="rocks-read")
@@ -113,7 +114,7 @@ class RocksTier:
         with _guard(f"write batch on {family!r}"):
             batch = rd.WriteBatch(raw_mode=True)
             batch.set_default_column_family(handle)
-            for key, value in zip(keys, values or ()):
+            for key, value in zip(keys, values or (), strict=True):
                 batch.put(key, value)
             for key in delete:
                 batch.delete(key)
@@ -132,7 +133,7 @@ class RocksTier:
             chunk = list(itertools.islice(items, limit))
         if not chunk:
             return [], []
-        keys, values = zip(*chunk)
+        keys, values = zip(*chunk, strict=True)
         return list(keys), list(values)
 
     def count_keys(self, family: str) -> int:

@@ -90,6 +90,21 @@ class Store:
     def delete(self, table: str, ids) -> int:
         return self.table(table).delete(ids)
 
+    def apply_gradients(self, table: str, ids, grads, owner: str | None = None) -> int:
+        return self.table(table).apply_gradients(ids, grads, owner)
+
+    def prefetch(self, table: str, ids, lock: bool = False, owner: str = "") -> int:
+        return self.table(table).prefetch(ids, lock, owner)
+
+    def release(self, table: str, ids, owner: str = "") -> int:
+        return self.table(table).release(ids, owner)
+
+    def release_owner(self, owner: str) -> int:
+        """Unpin every row `owner` holds in any table (its client disconnected)."""
+        with self._lock:
+            tables = list(self._tables.values())
+        return sum(t.release_all(owner) for t in tables)
+
     def stats(self, table: str) -> dict[str, float]:
         return self.table(table).stats()
 

@@ -22,6 +22,7 @@ from .errors import InvalidArgument, RowNotFound
 from .eviction.archive import archive_family
 from .eviction.tracker import EvictionTracker
 from .initializer import initial_weights
+from .optimizers import make_optimizer, sum_duplicates
 from .rocks_tier import RocksTier
 from .rows import RowLayout, encode_keys, encode_scores
 
@@ -43,7 +44,9 @@ class Table:
         self.clock = clock
         self.cache = SetAssociativeCache(config.cache, self.layout.row_bytes)
         self.write_through = config.cache.write == "write_through"
+        self.optimizer = make_optimizer(config.optimizer, config.dim)
         self.counters: Counter[str] = Counter()
+        self._leases: dict[str, np.ndarray] = {}   # owner -> ids it holds prefetch locks on
         self._lock = threading.RLock()
         self.eviction = EvictionTracker(config.eviction, self.layout, self.cache.capacity)
         if self.eviction.counts_rows:
@@ -70,7 +73,7 @@ class Table:
         if values.dtype.kind not in "fiu" and values.dtype != dtype:
             raise InvalidArgument(f"{field}: must be floating point, got {values.dtype}")
         values = values.astype(dtype, copy=False)
-        if not self.config.allow_nonfinite and not np.isfinite(values.astype(np.float32, copy=False)).all():
+        if not self.config.allow_nonfinite and not np.isfinite(values).all():
             raise InvalidArgument(f"{field}: contains NaN or Inf (table {self.name!r} does not allow them)")
         return values
 
@@ -108,18 +111,11 @@ class Table:
 
     def _load(self, ids: np.ndarray, on_miss: str) -> np.ndarray:
         """Rows of unique uncached ids from RocksDB or the initializer; caches what is stored."""
-        values = self.rocks.get(self.name, encode_keys(ids))
-        present = np.fromiter((v is not None for v in values), dtype=bool, count=len(values))
+        rows, present = self._fetch(ids, initialize=on_miss != "zeros")
         absent = ~present
         if on_miss == "error" and absent.any():
             missing = ids[absent]
             raise RowNotFound(f"ids: {len(missing)} ids not found in table {self.name!r} (first: {missing[0]})")
-        rows = self.layout.empty(len(ids))
-        if present.any():
-            rows[present] = self.layout.from_values([v for v in values if v is not None])
-        self.counters["rows_read"] += int(present.sum())
-        if absent.any() and on_miss != "zeros":
-            self._initialize(rows, ids, absent)
         new = absent.copy() if on_miss == "init_insert" else np.zeros_like(absent)
         if new.any():                                # admission: unseen ids are stored after min_count sightings
             admitted = self.eviction.admission.admit(ids[new])
@@ -131,13 +127,24 @@ class Table:
         self.eviction.touch(self.cache.slab, slots[slots >= 0], self.clock())
         return rows
 
-    def _initialize(self, rows: np.ndarray, ids: np.ndarray, which: np.ndarray) -> None:
-        fresh = initial_weights(self.config.initializer, ids[which], self.config.dim)
-        sub = rows[which]
-        self.layout.weights(sub)[:] = fresh.astype(self.layout.dtype)
-        self.layout.header(sub)["last_access"] = int(self.clock())
-        rows[which] = sub
-        self.counters["rows_initialized"] += int(which.sum())
+    def _fetch(self, ids: np.ndarray, initialize: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Stored rows of unique uncached ids, and a mask of those present. Absent ids get
+        the initializer's row (or zeros); nothing is cached or stored here."""
+        values = self.rocks.get(self.name, encode_keys(ids))
+        present = np.fromiter((v is not None for v in values), dtype=bool, count=len(values))
+        rows = self.layout.empty(len(ids))
+        if present.any():
+            rows[present] = self.layout.from_values([v for v in values if v is not None])
+        self.counters["rows_read"] += int(present.sum())
+        absent = ~present
+        if initialize and absent.any():
+            fresh = initial_weights(self.config.initializer, ids[absent], self.config.dim)
+            sub = rows[absent]
+            self.layout.weights(sub)[:] = fresh.astype(self.layout.dtype)
+            self.layout.header(sub)["last_access"] = int(self.clock())
+            rows[absent] = sub
+            self.counters["rows_initialized"] += int(absent.sum())
+        return rows, present
 
     def _admit(self, ids: np.ndarray, rows: np.ndarray, new: np.ndarray) -> np.ndarray:
         """Put rows into the cache; returns the slot of each (-1: not cached). New rows must
@@ -168,9 +175,37 @@ class Table:
 
     # --- writes ----------------------------------------------------------------
 
+    def _current_rows(self, ids: np.ndarray, initialize: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """[n, row_bytes] current rows of unique ids (cache, else RocksDB, else new), their
+        slots, and which ids have no row yet."""
+        slots = self.cache.probe(ids)
+        hit = slots >= 0
+        self.cache.touch(slots[hit])
+        rows = np.empty((len(ids), self.layout.row_bytes), dtype=np.uint8)
+        rows[hit] = self.cache.slab[slots[hit]]
+        new = np.zeros(len(ids), dtype=bool)
+        if (~hit).any():
+            rows[~hit], present = self._fetch(ids[~hit], initialize)
+            new[~hit] = ~present
+        return rows, slots, new
+
+    def _store_rows(self, ids: np.ndarray, rows: np.ndarray, slots: np.ndarray) -> None:
+        """Make `rows` the value of unique `ids` in every tier, as the write policy says."""
+        header = self.layout.header(rows)
+        header["last_access"] = int(self.clock())
+        header["count"] += 1
+        hit = slots >= 0
+        if self.write_through:
+            self._write_back(ids, rows)        # in RocksDB (and its WAL) before the cache changes
+        self.cache.slab[slots[hit]] = rows[hit]
+        self.cache.dirty[slots[hit]] |= not self.write_through
+        if self.write_through:
+            self.eviction.synced(self.cache.slab, slots[hit])
+        self._admit(ids[~hit], rows[~hit], np.full(int((~hit).sum()), not self.write_through))
+
     def update(self, ids, weights, state=None, scores=None) -> int:
         """Overwrite weights (and optimizer state, and feature scores, when given); last write
-        wins within the batch."""
+        wins within the batch. An explicit write always stores the row (admission does not apply)."""
         ids = self._ids(ids)
         weights = self._matrix(weights, len(ids), self.config.dim, self.layout.dtype, "weights")
         if state is not None:
@@ -182,40 +217,104 @@ class Table:
         scores = scores[last] if scores is not None else None
         with self._lock:
             self.cache.begin_batch()
-            slots = self.cache.probe(ids)
-            hit = slots >= 0
-            rows = np.empty((len(ids), self.layout.row_bytes), dtype=np.uint8)
-            rows[hit] = self.cache.slab[slots[hit]]
-            if (~hit).any():
-                rows[~hit] = self._existing_or_blank(ids[~hit])
+            rows, slots, new = self._current_rows(ids, initialize=False)
             self.layout.weights(rows)[:] = weights
             if state is not None:
                 self.layout.state(rows)[:] = state
-            header = self.layout.header(rows)
-            header["last_access"] = int(self.clock())
-            header["count"] += 1
             if scores is not None:
-                header["score"] = encode_scores(scores)
-            if self.write_through:
-                self._write_back(ids, rows)
-            self.cache.slab[slots[hit]] = rows[hit]
-            self.cache.dirty[slots[hit]] |= not self.write_through
-            self.cache.touch(slots[hit])
-            if self.write_through:
-                self.eviction.synced(self.cache.slab, slots[hit])
-            self._admit(ids[~hit], rows[~hit], np.full(int((~hit).sum()), not self.write_through))
+                self.layout.header(rows)["score"] = encode_scores(scores)
+            self._store_rows(ids, rows, slots)
+            self.eviction.created(int(new.sum()))
             self.counters["rows_updated"] += len(ids)
         return len(ids)
 
-    def _existing_or_blank(self, ids: np.ndarray) -> np.ndarray:
-        """Stored rows of uncached ids (keeping their state and header), blank rows for new ids."""
-        values = self.rocks.get(self.name, encode_keys(ids))
-        present = np.fromiter((v is not None for v in values), dtype=bool, count=len(values))
-        rows = self.layout.empty(len(ids))
-        if present.any():
-            rows[present] = self.layout.from_values([v for v in values if v is not None])
-        self.eviction.created(int((~present).sum()))
-        return rows
+    def apply_gradients(self, ids, grads, owner: str | None = None, scores=None) -> int:
+        """Sum duplicate ids' gradients, then one optimizer step per unique row, atomically
+        per batch. Missing rows are initialized first (as `init_insert`), unless admission
+        has not admitted them yet: their gradients are dropped. `scores` (one per id; the
+        highest wins for duplicates) become the rows' feature scores. Releases the prefetch
+        locks `owner` holds on these ids. Returns the number of unique rows."""
+        ids = self._ids(ids)
+        grads = self._matrix(grads, len(ids), self.config.dim, np.dtype(np.float32), "grads")
+        scores = self._scores(scores, len(ids))
+        if scores is not None:
+            unique, inverse = np.unique(ids, return_inverse=True)
+            best = np.full(len(unique), -np.inf, dtype=np.float32)
+            np.maximum.at(best, inverse, scores)
+        ids, grads = sum_duplicates(ids, grads)
+        if scores is not None:
+            scores = best[np.searchsorted(unique, ids)]
+        with self._lock:
+            self.cache.begin_batch()
+            rows, slots, new = self._current_rows(ids, initialize=True)
+            if new.any() and self.eviction.admission.sketch is not None:
+                keep = ~new
+                keep[new] = self.eviction.admission.admitted(ids[new])
+                self.counters["admission_rejected"] += int((~keep).sum())
+                ids, grads, rows, slots, new = ids[keep], grads[keep], rows[keep], slots[keep], new[keep]
+                scores = scores[keep] if scores is not None else None
+            if scores is not None:
+                self.layout.header(rows)["score"] = encode_scores(scores)
+            weights = self.layout.weights(rows).astype(np.float32)
+            state = self.layout.state(rows)
+            header = self.layout.header(rows)
+            header["step"] += 1
+            self.optimizer.step(weights, state, grads, header["step"])
+            self.layout.weights(rows)[:] = weights.astype(self.layout.dtype)
+            self._store_rows(ids, rows, slots)
+            self.eviction.created(int(new.sum()))
+            if owner is not None:
+                self._release(ids, owner)
+            self.counters["rows_stepped"] += len(ids)
+        return len(ids)
+
+    # --- prefetch and locks ------------------------------------------------------
+
+    def prefetch(self, ids, lock: bool = False, owner: str = "") -> int:
+        """Load rows into the cache ahead of use (initializing missing ones, as `init_insert`).
+        With `lock`, pin them until `owner` releases them or steps them with apply_gradients.
+        Returns how many of the unique ids are cached (a set full of pinned rows can refuse some)."""
+        ids = np.unique(self._ids(ids))
+        with self._lock:
+            self.cache.begin_batch()
+            slots = self.cache.probe(ids)
+            miss = slots < 0
+            if miss.any():
+                self._load(ids[miss], "init_insert")
+                slots = self.cache.probe(ids)
+            cached = slots >= 0
+            self.cache.touch(slots[cached])
+            if lock:
+                self.cache.locks[slots[cached]] += 1
+                held = self._leases.get(owner)
+                self._leases[owner] = ids[cached] if held is None else np.union1d(held, ids[cached])
+            return int(cached.sum())
+
+    def release(self, ids, owner: str = "") -> int:
+        """Unpin rows `owner` locked with prefetch; returns how many were released."""
+        with self._lock:
+            return self._release(np.unique(self._ids(ids)), owner)
+
+    def release_all(self, owner: str) -> int:
+        """Unpin everything `owner` holds (its client went away)."""
+        with self._lock:
+            held = self._leases.get(owner)
+            return 0 if held is None else self._release(held, owner)
+
+    def _release(self, ids: np.ndarray, owner: str) -> int:
+        held = self._leases.get(owner)
+        if held is None:
+            return 0
+        mine = np.intersect1d(ids, held, assume_unique=True)
+        slots = self.cache.probe(mine)
+        slots = slots[slots >= 0]
+        self.cache.locks[slots] = np.maximum(self.cache.locks[slots] - 1, 0)
+        rest = np.setdiff1d(held, mine, assume_unique=True)
+        if len(rest):
+            self._leases[owner] = rest
+        else:
+            del self._leases[owner]
+        return len(mine)
 
     def _scores(self, scores, n: int) -> np.ndarray | None:
         if scores is None:

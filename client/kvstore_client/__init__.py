@@ -1,1 +1,20 @@
-"""kvstore thin client."""
+"""kvstore thin client: grpc + protobuf + NumPy; torch only when the caller passes torch tensors."""
+from .client import KVStoreClient
+from .errors import (
+    AlreadyExistsError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InternalError,
+    InvalidArgumentError,
+    KVStoreError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+    UnavailableError,
+)
+
+__all__ = [
+    "AlreadyExistsError", "DeadlineExceededError", "FailedPreconditionError", "InternalError",
+    "InvalidArgumentError", "KVStoreError", "KVStoreClient", "NotFoundError", "ResourceExhaustedError",
+    "UnauthenticatedError", "UnavailableError",
+]

@@ -62,3 +62,9 @@ class Admission:
         if self.sketch is None or len(ids) == 0:
             return np.ones(len(ids), dtype=bool)
         return self.sketch.add(ids) >= self.min_count
+
+    def admitted(self, ids: np.ndarray) -> np.ndarray:
+        """Whether ids have been seen often enough, without counting a sighting."""
+        if self.sketch is None or len(ids) == 0:
+            return np.ones(len(ids), dtype=bool)
+        return self.sketch.estimate(ids) >= self.min_count

@@ -41,7 +41,7 @@ def purge(table, limiter, now: float, chunk_rows: int, stopped) -> int:
         start = keys[-1] + b"\0"
         limiter.acquire(len(keys))
         times, _ = decode(values, table.layout.row_bytes)
-        expired = [k for k, t in zip(keys, times) if t < now - retention]
+        expired = [k for k, t in zip(keys, times, strict=True) if t < now - retention]
         table.rocks.write(family, [], delete=expired)
         purged += len(expired)
     return purged

@@ -147,7 +147,7 @@ def _apply(table, ids, prints, reason, changed, counts, now, result) -> np.ndarr
             table.cache.invalidate(victims)
             table.rocks.write(table.name, [], delete=encode_keys(victims))
             table.eviction.removed(len(victims))
-            for code, n in zip(*np.unique(reason[touched][gone], return_counts=True)):
+            for code, n in zip(*np.unique(reason[touched][gone], return_counts=True), strict=True):
                 result.evicted[REASONS[code]] += int(n)
     removed = np.zeros(len(ids), dtype=bool)
     removed[np.flatnonzero(touched)[gone]] = True

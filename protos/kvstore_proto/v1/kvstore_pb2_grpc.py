@@ -69,6 +69,26 @@ class EmbeddingStoreStub:
                 request_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.DeleteRequest.SerializeToString,
                 response_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.DeleteResponse.FromString,
                 _registered_method=True)
+        self.ApplyGradients = channel.stream_unary(
+                '/kvstore.v1.EmbeddingStore/ApplyGradients',
+                request_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.ApplyGradientsRequest.SerializeToString,
+                response_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.ApplyGradientsResponse.FromString,
+                _registered_method=True)
+        self.Prefetch = channel.stream_unary(
+                '/kvstore.v1.EmbeddingStore/Prefetch',
+                request_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.PrefetchRequest.SerializeToString,
+                response_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.PrefetchResponse.FromString,
+                _registered_method=True)
+        self.Release = channel.unary_unary(
+                '/kvstore.v1.EmbeddingStore/Release',
+                request_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.ReleaseRequest.SerializeToString,
+                response_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.ReleaseResponse.FromString,
+                _registered_method=True)
+        self.OpenSession = channel.stream_stream(
+                '/kvstore.v1.EmbeddingStore/OpenSession',
+                request_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.SessionRequest.SerializeToString,
+                response_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.SessionEvent.FromString,
+                _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/kvstore.v1.EmbeddingStore/Stats',
                 request_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.StatsRequest.SerializeToString,
@@ -121,6 +141,30 @@ class EmbeddingStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApplyGradients(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Prefetch(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Release(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OpenSession(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Stats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -164,6 +208,26 @@ def add_EmbeddingStoreServicer_to_server(servicer, server):
                     servicer.Delete,
                     request_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.DeleteRequest.FromString,
                     response_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.DeleteResponse.SerializeToString,
+            ),
+            'ApplyGradients': grpc.stream_unary_rpc_method_handler(
+                    servicer.ApplyGradients,
+                    request_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.ApplyGradientsRequest.FromString,
+                    response_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.ApplyGradientsResponse.SerializeToString,
+            ),
+            'Prefetch': grpc.stream_unary_rpc_method_handler(
+                    servicer.Prefetch,
+                    request_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.PrefetchRequest.FromString,
+                    response_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.PrefetchResponse.SerializeToString,
+            ),
+            'Release': grpc.unary_unary_rpc_method_handler(
+                    servicer.Release,
+                    request_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.ReleaseRequest.FromString,
+                    response_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'OpenSession': grpc.stream_stream_rpc_method_handler(
+                    servicer.OpenSession,
+                    request_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.SessionRequest.FromString,
+                    response_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.SessionEvent.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
@@ -360,6 +424,114 @@ class EmbeddingStore:
             '/kvstore.v1.EmbeddingStore/Delete',
             kvstore__proto_dot_v1_dot_kvstore__pb2.DeleteRequest.SerializeToString,
             kvstore__proto_dot_v1_dot_kvstore__pb2.DeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyGradients(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/kvstore.v1.EmbeddingStore/ApplyGradients',
+            kvstore__proto_dot_v1_dot_kvstore__pb2.ApplyGradientsRequest.SerializeToString,
+            kvstore__proto_dot_v1_dot_kvstore__pb2.ApplyGradientsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prefetch(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/kvstore.v1.EmbeddingStore/Prefetch',
+            kvstore__proto_dot_v1_dot_kvstore__pb2.PrefetchRequest.SerializeToString,
+            kvstore__proto_dot_v1_dot_kvstore__pb2.PrefetchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Release(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.EmbeddingStore/Release',
+            kvstore__proto_dot_v1_dot_kvstore__pb2.ReleaseRequest.SerializeToString,
+            kvstore__proto_dot_v1_dot_kvstore__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenSession(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/kvstore.v1.EmbeddingStore/OpenSession',
+            kvstore__proto_dot_v1_dot_kvstore__pb2.SessionRequest.SerializeToString,
+            kvstore__proto_dot_v1_dot_kvstore__pb2.SessionEvent.FromString,
             options,
             channel_credentials,
             insecure,

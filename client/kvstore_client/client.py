@@ -1,0 +1,218 @@
+"""KVStoreClient: the service's RPCs one to one, with NumPy (or torch) batches.
+
+Large batches are split into messages of about `chunk_bytes` and streamed;
+results come back reassembled in request order. Every call has a deadline.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import grpc
+import numpy as np
+from kvstore_proto.tensors import WIRE_DTYPES, WireError, decode_tensor, encode_ids, encode_tensor
+from kvstore_proto.v1 import kvstore_pb2 as pb
+from kvstore_proto.v1 import kvstore_pb2_grpc as pb_grpc
+
+from .arrays import as_ids, as_rows, chunks, like
+from .errors import InternalError, InvalidArgumentError, KVStoreError, from_rpc_error
+
+ON_MISS = {
+    "init_insert": pb.ON_MISS_INIT_INSERT,
+    "init": pb.ON_MISS_INIT,
+    "zeros": pb.ON_MISS_ZEROS,
+    "error": pb.ON_MISS_ERROR,
+}
+ID_BYTES = 8
+
+
+@contextmanager
+def _rpc() -> Iterator[None]:
+    """grpc.RpcError -> the matching KVStoreError subclass."""
+    try:
+        yield
+    except grpc.RpcError as error:
+        raise from_rpc_error(error) from None
+
+
+class KVStoreClient:
+    def __init__(self, address: str, timeout: float = 30.0, max_message_bytes: int = 16 << 20,
+                 chunk_bytes: int = 2 << 20):
+        if chunk_bytes < 1 or chunk_bytes > max_message_bytes:
+            raise InvalidArgumentError(message="chunk_bytes: must be in [1, max_message_bytes]")
+        self.address = address
+        self.timeout = timeout
+        self.chunk_bytes = chunk_bytes
+        self._channel = grpc.insecure_channel(address, options=[
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ])
+        self._stub = pb_grpc.EmbeddingStoreStub(self._channel)
+        self._row_shapes: dict[str, tuple[int, int]] = {}   # table -> (dim, weight itemsize)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> KVStoreClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- tables ----------------------------------------------------------------
+
+    def create_table(self, name: str, dim: int, dtype: str = "float32", optimizer: dict | None = None,
+                     initializer: dict | None = None, cache: dict | None = None,
+                     allow_nonfinite: bool = False) -> dict:
+        """Create a table; returns its full config (defaults filled in by the server)."""
+        config = pb.TableConfig(name=name, dim=dim, dtype=dtype, allow_nonfinite=allow_nonfinite)
+        for field, kind, value in (("optimizer", pb.OptimizerConfig, optimizer),
+                                   ("initializer", pb.InitializerConfig, initializer),
+                                   ("cache", pb.CacheConfig, cache)):
+            if value is not None:
+                getattr(config, field).CopyFrom(_message(kind, value, field))
+        self._row_shapes.pop(name, None)
+        with _rpc():
+            response = self._stub.CreateTable(pb.CreateTableRequest(config=config), timeout=self.timeout)
+        return _to_dict(response.config)
+
+    def drop_table(self, name: str) -> None:
+        self._row_shapes.pop(name, None)
+        with _rpc():
+            self._stub.DropTable(pb.DropTableRequest(table=name), timeout=self.timeout)
+
+    def list_tables(self) -> list[str]:
+        with _rpc():
+            return list(self._stub.ListTables(pb.ListTablesRequest(), timeout=self.timeout).tables)
+
+    def describe_table(self, name: str) -> dict:
+        with _rpc():
+            response = self._stub.DescribeTable(pb.DescribeTableRequest(table=name), timeout=self.timeout)
+        return _to_dict(response.config)
+
+    def stats(self, table: str) -> dict[str, float]:
+        with _rpc():
+            return dict(self._stub.Stats(pb.StatsRequest(table=table), timeout=self.timeout).counters)
+
+    # --- rows --------------------------------------------------------------------
+
+    def lookup(self, table: str, ids: Any, on_miss: str = "init_insert", with_state: bool = False):
+        """Rows of `ids` in request order: weights [n, dim], or (weights, state) when with_state."""
+        if on_miss not in ON_MISS:
+            raise InvalidArgumentError(message=f"on_miss: unknown mode {on_miss!r}; expected one of {list(ON_MISS)}")
+        id_array = as_ids(ids)
+        ranges = chunks(len(id_array), self._response_row_bytes(table, with_state), self.chunk_bytes)
+        requests = (
+            pb.LookupRequest(table=table, ids=encode_ids(id_array[start:stop]), on_miss=ON_MISS[on_miss],
+                             with_state=with_state)
+            for start, stop in ranges
+        )
+        weights_out = state_out = None
+        index = -1
+        try:
+            with _rpc():
+                responses = self._stub.Lookup(requests, timeout=self.timeout)
+                for index, response in enumerate(responses):
+                    start, stop = _range(ranges, index)
+                    weights = _decode(response.weights, "weights", stop - start)
+                    weights_out = _place(weights_out, weights, len(id_array), start)
+                    if with_state:
+                        state = _decode(response.state, "state", stop - start)
+                        state_out = _place(state_out, state, len(id_array), start)
+        except KVStoreError:
+            self._row_shapes.pop(table, None)   # the table may have changed under us
+            raise
+        if weights_out is None or (with_state and state_out is None) or index != len(ranges) - 1:
+            raise InternalError(message=f"lookup: the server answered {index + 1} of {len(ranges)} chunks")
+        if with_state:
+            return like(weights_out, ids), like(state_out, ids)
+        return like(weights_out, ids)
+
+    def update(self, table: str, ids: Any, weights: Any, state: Any = None) -> int:
+        """Overwrite rows (and optimizer state when given); returns the unique rows written."""
+        id_array = as_ids(ids)
+        weight_array = as_rows(weights, len(id_array), "weights")
+        state_array = None if state is None else as_rows(state, len(id_array), "state")
+        row_bytes = ID_BYTES + weight_array[:1].nbytes + (0 if state_array is None else state_array[:1].nbytes)
+        ranges = chunks(len(id_array), row_bytes, self.chunk_bytes)
+
+        def requests() -> Iterator[pb.UpdateRequest]:
+            for start, stop in ranges:
+                request = pb.UpdateRequest(table=table, ids=encode_ids(id_array[start:stop]),
+                                           weights=_encode(weight_array[start:stop], "weights"))
+                if state_array is not None:
+                    request.state.CopyFrom(_encode(state_array[start:stop], "state"))
+                yield request
+
+        with _rpc():
+            return self._stub.Update(requests(), timeout=self.timeout).rows
+
+    def delete(self, table: str, ids: Any) -> int:
+        """Remove rows from every tier; returns the unique ids processed (absent ones included)."""
+        id_array = as_ids(ids)
+        requests = (
+            pb.DeleteRequest(table=table, ids=encode_ids(id_array[start:stop]))
+            for start, stop in chunks(len(id_array), ID_BYTES, self.chunk_bytes)
+        )
+        with _rpc():
+            return self._stub.Delete(requests, timeout=self.timeout).rows
+
+    def _response_row_bytes(self, table: str, with_state: bool) -> int:
+        """Upper bound on the bytes of one looked-up row, to size request chunks."""
+        if table not in self._row_shapes:
+            config = self.describe_table(table)
+            dtype = WIRE_DTYPES.get(config["dtype"] or "float32", WIRE_DTYPES["float64"])
+            self._row_shapes[table] = (config["dim"], dtype.itemsize)
+        dim, itemsize = self._row_shapes[table]
+        # state_dim is at most 2 * dim + 1 (Adam: 2 * dim float32 values)
+        return ID_BYTES + dim * itemsize + (4 * (2 * dim + 1) if with_state else 0)
+
+
+def _message(kind: type, value: dict, field: str):
+    if not isinstance(value, dict):
+        raise InvalidArgumentError(message=f"{field}: must be a dict, got {type(value).__name__}")
+    try:
+        return kind(**value)
+    except (ValueError, TypeError) as exc:
+        raise InvalidArgumentError(message=f"{field}: {exc}") from None
+
+
+def _to_dict(message) -> dict:
+    """Every field of a message, zero values included, nested messages as dicts."""
+    out = {}
+    for field in message.DESCRIPTOR.fields:
+        value = getattr(message, field.name)
+        out[field.name] = _to_dict(value) if field.message_type is not None else value
+    return out
+
+
+def _encode(array: np.ndarray, field: str) -> pb.Tensor:
+    try:
+        return encode_tensor(array)
+    except WireError as exc:
+        raise InvalidArgumentError(message=f"{field}: {exc}") from None
+
+
+def _decode(tensor: pb.Tensor, field: str, rows: int) -> np.ndarray:
+    try:
+        array = decode_tensor(tensor, field)
+    except WireError as exc:
+        raise InternalError(message=f"lookup: malformed response: {exc}") from None
+    if array.ndim != 2 or array.shape[0] != rows:
+        raise InternalError(message=f"lookup: response {field} has shape {array.shape}, expected {rows} rows")
+    return array
+
+
+def _place(out: np.ndarray | None, part: np.ndarray, n: int, start: int) -> np.ndarray:
+    """Copy one response chunk into the (lazily allocated, writable) result."""
+    if out is None:
+        out = np.empty((n, part.shape[1]), dtype=part.dtype)
+    out[start:start + len(part)] = part
+    return out
+
+
+def _range(ranges: list[tuple[int, int]], index: int) -> tuple[int, int]:
+    if index >= len(ranges):
+        raise InternalError(message=f"lookup: the server sent more than {len(ranges)} response chunks")
+    return ranges[index]

@@ -1,0 +1,88 @@
+"""One running server: the Store, the gRPC server with health and reflection, metrics.
+
+Shutdown order matters: health goes NOT_SERVING, gRPC stops accepting and
+drains in-flight calls within the grace period, the handler threads finish,
+and only then is the Store closed (which flushes dirty write-back rows).
+"""
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from kvstore_proto.v1 import kvstore_pb2 as pb
+from kvstore_proto.v1 import kvstore_pb2_grpc as pb_grpc
+
+from kvstore import Store
+from kvstore.errors import FailedPrecondition
+
+from .config import ServerConfig
+from .metrics import Metrics
+from .service import EmbeddingStoreService
+
+log = logging.getLogger("kvstore_server")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingStore"].full_name
+
+
+def grpc_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+class KVStoreServer:
+    def __init__(self, config: ServerConfig, metrics: Metrics | None = None):
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.store: Store | None = None
+        self.port = 0
+        self._executor = ThreadPoolExecutor(config.max_workers, thread_name_prefix="kvstore-rpc")
+        self._grpc: grpc.Server | None = None
+        self._health = health.HealthServicer()
+        self._metrics_http = None
+
+    def start(self) -> int:
+        """Open the store, bind and start serving; returns the bound port."""
+        config = self.config
+        self.store = Store(config.data_dir, rocks=config.rocksdb)
+        self._grpc = grpc.server(
+            self._executor,
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_send_message_length", config.max_message_bytes),
+                ("grpc.max_receive_message_length", config.max_message_bytes),
+            ],
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        )
+        pb_grpc.add_EmbeddingStoreServicer_to_server(
+            EmbeddingStoreService(self.store, config, self.metrics), self._grpc
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
+        )
+        try:
+            self.port = self._grpc.add_insecure_port(grpc_address(config.host, config.port))
+        except RuntimeError as exc:
+            self.store.close()
+            raise FailedPrecondition(f"port: cannot bind {grpc_address(config.host, config.port)}: {exc}") from None
+        if config.metrics_port:
+            self.metrics.watch(self.store)
+            self._metrics_http = self.metrics.serve(config.host, config.metrics_port)
+        self._grpc.start()
+        for service in ("", SERVICE_NAME):
+            self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        return self.port
+
+    def stop(self) -> None:
+        """Drain and close; safe to call once after start."""
+        self._health.enter_graceful_shutdown()
+        if self._grpc is not None:
+            self._grpc.stop(self.config.grace_seconds).wait()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        if self.store is not None:
+            self.store.close()
+        if self._metrics_http is not None:
+            http_server, _thread = self._metrics_http
+            http_server.shutdown()
+        log.info("kvstore-server stopped")

@@ -1,0 +1,198 @@
+"""The set-associative cache tier: hits, victim order, set conflicts, locks, write-back."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvstore import CacheConfig, Store
+from kvstore.cache import SetAssociativeCache
+from kvstore.initializer import initial_weights
+
+from .conftest import ids_in_one_set, stored_weights, table_config
+
+ROW_BYTES = 16
+
+
+def make_cache(rows: int = 8, ways: int = 4, policy: str = "lru") -> SetAssociativeCache:
+    return SetAssociativeCache(CacheConfig(rows=rows, ways=ways, policy=policy), ROW_BYTES)
+
+
+def rows_for(ids: np.ndarray) -> np.ndarray:
+    """A recognizable row per id: every byte is the id's low byte."""
+    return np.repeat((ids % 251).astype(np.uint8)[:, None], ROW_BYTES, axis=1)
+
+
+def insert(cache: SetAssociativeCache, ids, dirty: bool = False) -> np.ndarray:
+    """One batch that inserts `ids` (unique, uncached); returns their slots."""
+    ids = np.asarray(ids, dtype=np.int64)
+    cache.begin_batch()
+    choice = cache.choose_slots(ids)
+    cache.fill(choice.slots, ids, rows_for(ids), np.full(len(ids), dirty))
+    return choice.slots
+
+
+def use(cache: SetAssociativeCache, ids) -> None:
+    """One batch that reads `ids` (all cached)."""
+    cache.begin_batch()
+    slots = cache.probe(np.asarray(ids, dtype=np.int64))
+    assert (slots >= 0).all()
+    cache.touch(slots)
+
+
+def cached(cache: SetAssociativeCache, ids) -> np.ndarray:
+    return cache.probe(np.asarray(ids, dtype=np.int64)) >= 0
+
+
+# --- hits and misses -----------------------------------------------------------
+
+
+def test_probe_finds_inserted_ids_with_their_rows_and_misses_others():
+    cache = make_cache(rows=64, ways=4)
+    ids = np.array([3, -7, 1 << 40, 0], dtype=np.int64)
+    insert(cache, ids)
+    slots = cache.probe(ids)
+    assert (slots >= 0).all() and len(set(slots.tolist())) == len(ids)
+    np.testing.assert_array_equal(cache.slab[slots], rows_for(ids))
+    np.testing.assert_array_equal(cache.probe(np.array([4, 7, -3], dtype=np.int64)), [-1, -1, -1])
+
+
+def test_probe_of_empty_batch_is_empty():
+    assert len(make_cache().probe(np.zeros(0, dtype=np.int64))) == 0
+
+
+# --- victim order ------------------------------------------------------------------
+
+
+def test_lru_least_recently_used_leave_first():
+    cache = make_cache(policy="lru")
+    a, b, c, d, e, f = ids_in_one_set(cache, 6)
+    for key in (a, b, c, d):            # one batch each: a oldest, d newest
+        insert(cache, [key])
+    use(cache, [a])
+    use(cache, [c])                     # recency now: b < d < a < c
+    insert(cache, [e, f])               # two victims: b and d
+    np.testing.assert_array_equal(cached(cache, [a, b, c, d, e, f]), [True, False, True, False, True, True])
+    insert(cache, ids_in_one_set(cache, 1, start=int(f) + 1))   # next victim: a
+    np.testing.assert_array_equal(cached(cache, [a, c, e, f]), [False, True, True, True])
+
+
+def test_lfu_least_frequently_used_leave_first():
+    cache = make_cache(policy="lfu")
+    a, b, c, d, e, f = ids_in_one_set(cache, 6)
+    insert(cache, [a, b, c, d])
+    use(cache, [c, c, c])                    # duplicates within one batch count once: c=2
+    for batch in ([a], [a, b], [a, b, d]):   # a=4, b=3, d=2
+        use(cache, batch)
+    insert(cache, [e])                       # c and d tie on count; c was used longer ago -> c leaves
+    np.testing.assert_array_equal(cached(cache, [a, b, c, d, e]), [True, True, False, True, True])
+    use(cache, [e, e])                       # e=2 (newer than d)
+    insert(cache, [f])                       # d=2 is the least used and oldest of the ties
+    np.testing.assert_array_equal(cached(cache, [a, b, d, e, f]), [True, True, False, True, True])
+
+
+# --- many misses to one set ----------------------------------------------------------
+
+
+def test_misses_to_one_set_in_one_batch_never_share_a_slot():
+    cache = make_cache(rows=8, ways=4)
+    ids = ids_in_one_set(cache, 10)
+    cache.begin_batch()
+    slots = cache.choose_slots(ids).slots
+    taken = slots[slots >= 0]
+    assert len(taken) == cache.ways
+    assert len(np.unique(taken)) == len(taken)
+    assert (taken // cache.ways == 0).all()            # all in the ids' own set
+    np.testing.assert_array_equal(slots[cache.ways:], -1)
+
+
+def test_ways_used_by_the_current_batch_are_not_victims():
+    cache = make_cache(rows=8, ways=4)
+    old = ids_in_one_set(cache, 4)
+    insert(cache, old)
+    new = ids_in_one_set(cache, 4, start=int(old[-1]) + 1)
+    cache.begin_batch()
+    cache.touch(cache.probe(old[:3]))                 # this batch reads three of them
+    slots = cache.choose_slots(new).slots
+    assert (slots >= 0).sum() == 1                    # only the untouched way is free
+    assert slots[0] == cache.probe(old[3:])[0]
+
+
+def test_table_stays_correct_when_a_batch_overflows_one_set(data_dir):
+    with Store(data_dir) as store:
+        store.create_table(table_config(rows=8, ways=4))
+        cache = store.table("t").cache
+        ids = ids_in_one_set(cache, 10)
+        config = store.describe_table("t")
+        expected = initial_weights(config.initializer, ids, config.dim).astype(np.float32)
+        np.testing.assert_array_equal(store.lookup("t", ids).weights, expected)
+        np.testing.assert_array_equal(store.lookup("t", ids[::-1]).weights, expected[::-1])
+        updated = np.arange(10 * 8, dtype=np.float32).reshape(10, 8)
+        store.update("t", ids[::-1], updated[::-1])   # every update id in one set again
+        np.testing.assert_array_equal(store.lookup("t", ids).weights, updated)
+        assert cache.occupancy() <= cache.ways
+    with Store(data_dir) as store:                    # every row reached RocksDB
+        np.testing.assert_array_equal(store.lookup("t", ids, on_miss="error").weights, updated)
+
+
+# --- locks ---------------------------------------------------------------------------
+
+
+def test_locked_slots_are_never_victims():
+    cache = make_cache(rows=8, ways=4)
+    a, b, c, d, *new = ids_in_one_set(cache, 8)
+    for key in (a, b, c, d):
+        insert(cache, [key])
+    cache.locks[cache.probe(np.array([a, b]))] = 1    # the two oldest are locked
+    slots = insert(cache, new)
+    assert (slots >= 0).sum() == 2
+    np.testing.assert_array_equal(cached(cache, [a, b, c, d]), [True, True, False, False])
+    slots = insert(cache, ids_in_one_set(cache, 4, start=int(new[-1]) + 1))
+    assert (slots >= 0).sum() == 2                    # still only the two unlocked ways
+    assert cached(cache, [a, b]).all()
+
+
+# --- write-back ------------------------------------------------------------------------
+
+
+def test_eviction_reports_dirty_victims_only():
+    cache = make_cache(rows=8, ways=4)
+    clean, dirty = ids_in_one_set(cache, 2)
+    insert(cache, [clean])
+    insert(cache, [dirty], dirty=True)
+    choice = (cache.begin_batch(), cache.choose_slots(ids_in_one_set(cache, 4, start=int(dirty) + 1)))[1]
+    np.testing.assert_array_equal(choice.dirty_ids, [dirty])
+    np.testing.assert_array_equal(choice.dirty_rows, rows_for(np.array([dirty])))
+
+
+def test_dirty_row_evicted_from_tiny_cache_is_in_rocksdb(store):
+    store.create_table(table_config(rows=4, ways=4))
+    ids = np.arange(4)
+    weights = np.arange(32, dtype=np.float32).reshape(4, 8) + 0.5
+    store.update("t", ids, weights)
+    assert stored_weights(store, "t", ids) == [None] * 4      # write-back: only dirty in the cache
+    store.lookup("t", np.arange(100, 104))                    # evicts all four
+    on_disk = stored_weights(store, "t", ids)
+    np.testing.assert_array_equal(np.stack(on_disk), weights)
+    np.testing.assert_array_equal(store.lookup("t", ids, on_miss="error").weights, weights)
+
+
+@pytest.mark.parametrize("how", ["flush", "close"])
+def test_dirty_rows_reach_rocksdb_on_flush_and_close(data_dir, how):
+    weights = np.full((3, 8), 2.25, dtype=np.float32)
+    store = Store(data_dir)
+    store.create_table(table_config())
+    store.update("t", [1, 2, 3], weights)
+    if how == "flush":
+        assert store.flush() == 3
+        np.testing.assert_array_equal(np.stack(stored_weights(store, "t", [1, 2, 3])), weights)
+    store.close()
+    with Store(data_dir) as reopened:
+        np.testing.assert_array_equal(reopened.lookup("t", [1, 2, 3], on_miss="error").weights, weights)
+
+
+def test_invalidate_drops_ids_without_writing_them_back():
+    cache = make_cache(rows=64, ways=4)
+    insert(cache, [1, 2, 3], dirty=True)
+    cache.invalidate(np.array([2, 99], dtype=np.int64))
+    np.testing.assert_array_equal(cached(cache, [1, 2, 3]), [True, False, True])
+    np.testing.assert_array_equal(np.sort(cache.keys[cache.dirty_slots()]), [1, 3])

@@ -1,0 +1,144 @@
+"""Server-side optimizers against references: torch.optim on a dense nn.Embedding
+for SGD, Adagrad and Adam; an independent float64 NumPy loop of the documented
+formula for the rowwise variants."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvstore import CacheConfig, OptimizerConfig, Store, TableConfig
+
+DIM, ROWS, STEPS = 8, 50, 20
+HYPER = dict(lr=0.05, weight_decay=0.01, eps=1e-8)
+
+
+def _batches(seed: int):
+    """20 batches that touch every row (dense torch steps every row) plus duplicates."""
+    rng = np.random.default_rng(seed)
+    for _ in range(STEPS):
+        ids = np.concatenate([rng.permutation(ROWS), rng.integers(0, ROWS, 30)])
+        yield ids, rng.standard_normal((len(ids), DIM)).astype(np.float32)
+
+
+def _store_run(tmp_path, name: str, seed: int):
+    store = Store(str(tmp_path / name))
+    # a cache smaller than the table, so steps also run on rows read back from RocksDB
+    store.create_table(TableConfig("t", DIM, optimizer=OptimizerConfig(name, **HYPER),
+                                   cache=CacheConfig(rows=16, ways=8)))
+    initial = store.lookup("t", np.arange(ROWS)).weights.copy()
+    for ids, grads in _batches(seed):
+        store.apply_gradients("t", ids, grads)
+    result = store.lookup("t", np.arange(ROWS), with_state=True)
+    store.close()
+    return initial, result
+
+
+def _close(got, ref):
+    """Within 1e-6 relative to the scale of the reference (float32 rounding differs in order)."""
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6 * float(np.abs(ref).max()))
+
+
+@pytest.mark.parametrize("name", ["sgd", "adagrad", "adam"])
+def test_optimizer_matches_torch_optim_on_dense_embedding(tmp_path, name):
+    torch = pytest.importorskip("torch")
+    initial, result = _store_run(tmp_path, name, seed=1)
+    emb = torch.nn.Embedding(ROWS, DIM)
+    emb.weight.data = torch.tensor(initial)
+    kw = dict(lr=HYPER["lr"], weight_decay=HYPER["weight_decay"])
+    opt = {
+        "sgd": lambda p: torch.optim.SGD(p, **kw),
+        "adagrad": lambda p: torch.optim.Adagrad(p, eps=HYPER["eps"], **kw),
+        "adam": lambda p: torch.optim.Adam(p, eps=HYPER["eps"], **kw),
+    }[name](emb.parameters())
+    for ids, grads in _batches(seed=1):
+        opt.zero_grad()
+        emb(torch.tensor(ids)).backward(torch.tensor(grads))
+        opt.step()
+    _close(result.weights, emb.weight.detach().numpy())
+    if name == "adagrad":
+        _close(result.state, opt.state[emb.weight]["sum"].numpy())
+    if name == "adam":
+        state = opt.state[emb.weight]
+        _close(result.state[:, :DIM], state["exp_avg"].numpy())
+        _close(result.state[:, DIM:], state["exp_avg_sq"].numpy())
+
+
+def _rowwise_reference(initial, name: str, seed: int):
+    """The documented formulas, one row at a time in float64."""
+    c = OptimizerConfig(name, **HYPER)
+    w = initial.astype(np.float64)
+    acc = np.zeros(ROWS)                  # rowwise Adagrad G / partial rowwise Adam v
+    m = np.zeros((ROWS, DIM))
+    steps = np.zeros(ROWS)
+    for ids, grads in _batches(seed):
+        summed = {}
+        for i, g in zip(ids, grads.astype(np.float64), strict=True):
+            summed[i] = summed.get(i, 0) + g
+        for i, g in summed.items():
+            g = g + c.weight_decay * w[i]
+            if name == "rowwise_adagrad":
+                acc[i] += np.mean(g * g)
+                w[i] -= c.lr * g / (np.sqrt(acc[i]) + c.eps)
+            else:
+                steps[i] += 1
+                m[i] = c.beta1 * m[i] + (1 - c.beta1) * g
+                acc[i] = c.beta2 * acc[i] + (1 - c.beta2) * np.mean(g * g)
+                m_hat = m[i] / (1 - c.beta1 ** steps[i])
+                v_hat = acc[i] / (1 - c.beta2 ** steps[i])
+                w[i] -= c.lr * m_hat / (np.sqrt(v_hat) + c.eps)
+    return w, acc, m
+
+
+@pytest.mark.parametrize("name", ["rowwise_adagrad", "partial_rowwise_adam"])
+def test_rowwise_optimizer_matches_numpy_reference(tmp_path, name):
+    initial, result = _store_run(tmp_path, name, seed=2)
+    w, acc, m = _rowwise_reference(initial, name, seed=2)
+    _close(result.weights, w)
+    _close(result.state[:, -1], acc)
+    if name == "partial_rowwise_adam":
+        _close(result.state[:, :DIM], m)
+
+
+def test_state_dims_follow_the_design():
+    dims = {n: OptimizerConfig(n).state_dim(DIM) for n in
+            ["sgd", "adagrad", "rowwise_adagrad", "adam", "partial_rowwise_adam"]}
+    assert dims == {"sgd": 0, "adagrad": DIM, "rowwise_adagrad": 1, "adam": 2 * DIM,
+                    "partial_rowwise_adam": DIM + 1}
+
+
+def test_apply_gradients_initializes_missing_rows_like_init_insert(tmp_path):
+    store = Store(str(tmp_path / "db"))
+    store.create_table(TableConfig("t", DIM, optimizer=OptimizerConfig("sgd", lr=1.0)))
+    fresh = store.lookup("t", [7], on_miss="init").weights
+    store.apply_gradients("t", [7, 7], np.ones((2, DIM), np.float32))
+    np.testing.assert_allclose(store.lookup("t", [7], on_miss="error").weights, fresh - 2.0, rtol=1e-6)
+    store.close()
+
+
+def test_prefetch_lock_pins_rows_until_apply_gradients_releases_them(tmp_path):
+    store = Store(str(tmp_path / "db"))
+    store.create_table(TableConfig("t", DIM, cache=CacheConfig(rows=4, ways=4)))   # one set of 4 ways
+    table = store.table("t")
+    assert store.prefetch("t", [1, 2, 3, 4], lock=True, owner="w") == 4
+    store.lookup("t", np.arange(100, 120))            # a flood of misses cannot evict pinned rows
+    assert (table.cache.probe(np.array([1, 2, 3, 4])) >= 0).all()
+    store.apply_gradients("t", [1, 2], np.zeros((2, DIM), np.float32), owner="w")
+    assert store.release_owner("w") == 2              # 3 and 4 were still held
+    assert (table.cache.locks == 0).all()
+    store.close()
+
+
+def test_invalid_gradients_change_nothing(tmp_path):
+    from kvstore import InvalidArgument
+
+    store = Store(str(tmp_path / "db"))
+    store.create_table(TableConfig("t", DIM))
+    before = store.lookup("t", [1, 2]).weights.copy()
+    bad = np.ones((2, DIM), np.float32)
+    bad[1, 3] = np.nan
+    with pytest.raises(InvalidArgument, match="grads"):
+        store.apply_gradients("t", [1, 2], bad)
+    with pytest.raises(InvalidArgument, match="grads"):
+        store.apply_gradients("t", [1, 2], np.ones((2, DIM + 1), np.float32))
+    np.testing.assert_array_equal(store.lookup("t", [1, 2]).weights, before)
+    store.close()

@@ -1,0 +1,115 @@
+"""The RocksDB tier: multi-get, write batches, column families, key order, errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvstore import RocksConfig, StorageError
+from kvstore.rocks_tier import PARALLEL_GET_MIN, RocksTier
+from kvstore.rows import decode_keys, encode_keys
+
+
+@pytest.fixture
+def tier(tmp_path):
+    opened = RocksTier(str(tmp_path / "db"))
+    opened.create_family("rows")
+    yield opened
+    opened.close()
+
+
+def test_multi_get_returns_none_for_absent_keys_in_request_order(tier):
+    tier.write("rows", [b"a", b"c"], [b"1", b"3"])
+    assert tier.get("rows", [b"c", b"b", b"a", b"zz", b"c"]) == [b"3", None, b"1", None, b"3"]
+
+
+def test_write_batch_applies_puts_and_deletes_together(tier):
+    tier.write("rows", [b"a", b"b", b"c"], [b"1", b"2", b"3"])
+    tier.write("rows", [b"d", b"e"], [b"4", b"5"], delete=[b"a", b"e"])   # deletes follow puts
+    assert tier.get("rows", [b"a", b"b", b"c", b"d", b"e"]) == [None, b"2", b"3", b"4", None]
+
+
+def test_failed_write_batch_changes_nothing(tier):
+    tier.write("rows", [b"a"], [b"1"])
+    with pytest.raises(StorageError):
+        tier.write("rows", [b"b", b"c"], [b"2", "not bytes"], delete=[b"a"])
+    assert tier.get("rows", [b"a", b"b", b"c"]) == [b"1", None, None]
+
+
+def test_column_families_and_their_rows_survive_reopen(tmp_path):
+    path = str(tmp_path / "db")
+    tier = RocksTier(path)
+    for name in ("alpha", "beta"):
+        tier.create_family(name)
+        tier.write(name, [b"k"], [name.encode()])
+    tier.save_config("alpha", b"{}")
+    tier.close()
+    tier = RocksTier(path)
+    try:
+        assert tier.families() == ["alpha", "beta"]
+        assert tier.get("alpha", [b"k"]) == [b"alpha"]
+        assert tier.get("beta", [b"k"]) == [b"beta"]
+        assert tier.load_configs() == {"alpha": b"{}"}
+    finally:
+        tier.close()
+
+
+def test_dropped_family_is_gone_after_reopen(tmp_path):
+    path = str(tmp_path / "db")
+    tier = RocksTier(path)
+    tier.create_family("gone")
+    tier.write("gone", [b"k"], [b"v"])
+    tier.drop_family("gone")
+    tier.close()
+    tier = RocksTier(path)
+    try:
+        assert tier.families() == []
+    finally:
+        tier.close()
+
+
+def test_parallel_multi_get_matches_serial(tmp_path):
+    tier = RocksTier(str(tmp_path / "db"), RocksConfig(read_threads=4))
+    try:
+        tier.create_family("rows")
+        ids = np.arange(PARALLEL_GET_MIN * 2, dtype=np.int64)
+        stored = ids[ids % 3 != 0]                     # every third key absent
+        keys = encode_keys(stored)
+        tier.write("rows", keys, [k * 4 for k in keys])
+        request = encode_keys(np.random.default_rng(0).permutation(ids))
+        assert len(request) > PARALLEL_GET_MIN
+        parallel = tier.get("rows", request)
+        serial = []
+        for i in range(0, len(request), 1000):         # below the parallel threshold
+            serial.extend(tier.get("rows", request[i:i + 1000]))
+        assert parallel == serial
+        assert sum(v is None for v in parallel) == len(ids) - len(stored)
+        assert all(v is None or v == k * 4 for k, v in zip(request, parallel))
+    finally:
+        tier.close()
+
+
+def test_key_encoding_preserves_numeric_order_including_negative_ids(tier):
+    info = np.iinfo(np.int64)
+    ids = np.array([info.min, -(1 << 40), -256, -1, 0, 1, 255, 256, 1 << 40, info.max], dtype=np.int64)
+    keys = encode_keys(ids)
+    assert all(len(k) == 8 for k in keys)
+    assert sorted(keys) == keys
+    np.testing.assert_array_equal(decode_keys(keys), ids)
+    shuffled = np.random.default_rng(1).permutation(ids)
+    tier.write("rows", encode_keys(shuffled), [b"v"] * len(ids))
+    np.testing.assert_array_equal(decode_keys([k for k, _ in tier.iter_items("rows")]), ids)
+
+
+def test_open_on_a_regular_file_raises_storage_error(tmp_path):
+    path = tmp_path / "not-a-dir"
+    path.write_bytes(b"x")
+    with pytest.raises(StorageError):
+        RocksTier(str(path))
+
+
+def test_open_on_a_corrupt_database_raises_storage_error(tmp_path):
+    path = tmp_path / "db"
+    path.mkdir()
+    (path / "CURRENT").write_bytes(b"garbage")
+    with pytest.raises(StorageError):
+        RocksTier(str(path))
