@@ -169,8 +169,11 @@ class RocksTier:
     # --- lifecycle ---------------------------------------------------------
 
     def flush(self) -> None:
+        """Flush the memtables of every column family (`Rdict.flush` alone flushes only the default one)."""
         with _guard("flush"):
             self._db.flush()
+            for family in list(self._families.values()):
+                family.flush()
 
     def close(self) -> None:
         if self.closed:

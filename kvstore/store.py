@@ -84,14 +84,14 @@ class Store:
     def lookup(self, table: str, ids, on_miss: str = "init_insert", with_state: bool = False) -> LookupResult:
         return self.table(table).lookup(ids, on_miss, with_state)
 
-    def update(self, table: str, ids, weights, state=None) -> int:
-        return self.table(table).update(ids, weights, state)
+    def update(self, table: str, ids, weights, state=None, scores=None) -> int:
+        return self.table(table).update(ids, weights, state, scores)
 
     def delete(self, table: str, ids) -> int:
         return self.table(table).delete(ids)
 
-    def apply_gradients(self, table: str, ids, grads, owner: str | None = None) -> int:
-        return self.table(table).apply_gradients(ids, grads, owner)
+    def apply_gradients(self, table: str, ids, grads, owner: str | None = None, scores=None) -> int:
+        return self.table(table).apply_gradients(ids, grads, owner, scores)
 
     def prefetch(self, table: str, ids, lock: bool = False, owner: str = "") -> int:
         return self.table(table).prefetch(ids, lock, owner)

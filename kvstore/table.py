@@ -125,6 +125,11 @@ class Table:
         stored = present | new
         slots = self._admit(ids[stored], rows[stored], new[stored])
         self.eviction.touch(self.cache.slab, slots[slots >= 0], self.clock())
+        homeless = np.flatnonzero(stored)[(slots < 0) & present[stored]]   # stored rows no set had room for
+        if len(homeless):
+            touched = rows[homeless]
+            moved = self.eviction.touch_uncached(touched, self.clock())
+            self._write_back(ids[homeless[moved]], touched[moved])
         return rows
 
     def _fetch(self, ids: np.ndarray, initialize: bool) -> tuple[np.ndarray, np.ndarray]:

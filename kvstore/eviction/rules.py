@@ -118,8 +118,10 @@ class Frequency(EvictionRule):
 
 
 class Capacity(EvictionRule):
-    """Above `max_rows`, the worst of `samples` random rows leaves, pick after pick, until
-    `target` rows remain (approximate LRU, LFU or lowest score, as Redis samples keys)."""
+    """The worst of `samples` random rows leaves, pick after pick, until at most `target` rows
+    remain (approximate LRU, LFU or lowest score, as Redis samples keys). `target` is the low
+    watermark under `max_rows`, so writes between sweeps have room; the sweeper runs the rule
+    before a table reaches `max_rows`."""
 
     scope = "table"
 
@@ -142,7 +144,7 @@ class Capacity(EvictionRule):
     def select(self, meta: RowMeta, now: float) -> np.ndarray:
         total = len(meta) if meta.total is None else meta.total
         mask = np.zeros(len(meta), dtype=bool)
-        if total > self.max_rows:
+        if total > self.target:
             mask[sample_worst(self.badness_key(meta), total - self.target, self.samples, self.rng)] = True
         return mask
 

@@ -63,9 +63,22 @@ class EvictionTracker:
         if not self.persist_touches or len(slots) == 0:
             return np.zeros(len(slots), dtype=bool)
         header = self.layout.header(slab)
-        moved = header["last_access"][slots].astype(np.int64) - self.synced_access[slots] >= self.config.touch_seconds
-        counted = header["count"][slots].astype(np.int64) > 2 * self.synced_count[slots].astype(np.int64) + 1
-        return moved | counted
+        return self._moved(header["last_access"][slots], header["count"][slots],
+                           self.synced_access[slots], self.synced_count[slots])
+
+    def touch_uncached(self, rows: np.ndarray, now: float) -> np.ndarray:
+        """Record an access in rows read from RocksDB that found no cache slot; returns
+        which of them RocksDB should get back (their metadata moved far enough)."""
+        header = self.layout.header(rows)
+        before_access, before_count = header["last_access"].copy(), header["count"].copy()
+        touch_headers(header, np.arange(len(rows)), int(now))
+        if not self.persist_touches:
+            return np.zeros(len(rows), dtype=bool)
+        return self._moved(header["last_access"], header["count"], before_access, before_count)
+
+    def _moved(self, access, count, synced_access, synced_count) -> np.ndarray:
+        moved = access.astype(np.int64) - synced_access >= self.config.touch_seconds
+        return moved | (count.astype(np.int64) > 2 * synced_count.astype(np.int64) + 1)
 
     # --- row count ---------------------------------------------------------------
 
