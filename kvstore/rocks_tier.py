@@ -129,7 +129,9 @@ class RocksTier:
         Each call opens a fresh iterator, so a slow scan never pins old data."""
         cf = self._families[family]
         with _guard(f"scan {family!r}"):
-            items = cf.items() if start is None else cf.items(from_key=start)
+            options = rd.ReadOptions()
+            options.fill_cache(False)          # a scan must not push hot blocks out of the block cache
+            items = cf.items(read_opt=options) if start is None else cf.items(from_key=start, read_opt=options)
             chunk = list(itertools.islice(items, limit))
         if not chunk:
             return [], []
