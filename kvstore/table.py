@@ -20,7 +20,7 @@ from .cache import SetAssociativeCache
 from .config import TableConfig
 from .errors import InvalidArgument, RowNotFound
 from .eviction.archive import archive_family
-from .eviction.tracker import EvictionTracker
+from .eviction.tracker import EvictionTracker, check_scores
 from .initializer import initial_weights
 from .optimizers import make_optimizer, sum_duplicates
 from .rocks_tier import RocksTier
@@ -222,7 +222,7 @@ class Table:
         weights = self._matrix(weights, len(ids), self.config.dim, self.layout.dtype, "weights")
         if state is not None:
             state = self._matrix(state, len(ids), self.config.state_dim, np.dtype(np.float32), "state")
-        scores = self._scores(scores, len(ids))
+        scores = check_scores(scores, len(ids))
         last = len(ids) - 1 - np.unique(ids[::-1], return_index=True)[1]
         ids, weights = ids[last], weights[last]
         state = state[last] if state is not None else None
@@ -248,7 +248,7 @@ class Table:
         locks `owner` holds on these ids. Returns the number of unique rows."""
         ids = self._ids(ids)
         grads = self._matrix(grads, len(ids), self.config.dim, np.dtype(np.float32), "grads")
-        scores = self._scores(scores, len(ids))
+        scores = check_scores(scores, len(ids))
         if scores is not None:
             unique, inverse = np.unique(ids, return_inverse=True)
             best = np.full(len(unique), -np.inf, dtype=np.float32)
@@ -329,17 +329,6 @@ class Table:
             del self._leases[owner]
         return len(mine)
 
-    def _scores(self, scores, n: int) -> np.ndarray | None:
-        if scores is None:
-            return None
-        scores = np.asarray(scores)
-        if scores.shape != (n,) or scores.dtype.kind not in "fiu":
-            raise InvalidArgument(f"scores: expected {n} numbers (one per id), got shape {scores.shape}")
-        scores = scores.astype(np.float32)
-        if not np.isfinite(scores).all():
-            raise InvalidArgument("scores: contains NaN or Inf")
-        return scores
-
     def delete(self, ids) -> int:
         """Remove rows from every tier; absent ids are ignored. Returns unique ids processed."""
         ids = np.unique(self._ids(ids))
@@ -382,6 +371,8 @@ class Table:
             counters["cache_dirty_rows"] = float(len(self.cache.dirty_slots()))
             counters["cache_locked_rows"] = float((self.cache.locks > 0).sum())
             counters["estimated_rows"] = float(self.rocks.estimate_rows(self.name))
+            if self.eviction.rows is not None:
+                counters["rows"] = float(self.eviction.rows)    # exact, for tables with a row limit
             return counters
 
 

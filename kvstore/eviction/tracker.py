@@ -22,6 +22,7 @@ import threading
 import numpy as np
 
 from ..config import EvictionConfig
+from ..errors import InvalidArgument
 from ..rows import RowLayout
 from .admission import Admission
 from .rules import build_rules, touch_headers
@@ -89,3 +90,16 @@ class EvictionTracker:
     def removed(self, n: int) -> None:
         if self.rows is not None:
             self.rows = max(0, self.rows - int(n))
+
+
+def check_scores(scores, n: int) -> np.ndarray | None:
+    """Client feature scores of a batch: n finite numbers, or None."""
+    if scores is None:
+        return None
+    scores = np.asarray(scores)
+    if scores.shape != (n,) or scores.dtype.kind not in "fiu":
+        raise InvalidArgument(f"scores: expected {n} numbers (one per id), got shape {scores.shape}")
+    scores = scores.astype(np.float32)
+    if not np.isfinite(scores).all():
+        raise InvalidArgument("scores: contains NaN or Inf")
+    return scores

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvstore import EvictionConfig, RowNotFound, Store, SweeperConfig
+from kvstore import EvictionConfig, InvalidArgument, RowNotFound, Store, SweeperConfig
 from kvstore.initializer import initial_weights
 from kvstore.rows import RowLayout, decode_scores, encode_keys
 
@@ -174,3 +174,13 @@ def test_gradients_of_ids_not_yet_admitted_are_dropped_but_updates_always_store(
     assert store.table("t").apply_gradients(IDS[:3], np.ones((3, 8))) == 3
     store.flush()
     assert all(w is not None for w in stored_weights(store, "t", IDS[:3]))
+
+
+@pytest.mark.parametrize("scores", [[1.0, float("nan")], [1.0], [[1.0, 2.0]], ["a", "b"]])
+def test_bad_scores_are_invalid_argument_and_change_nothing(store, scores):
+    store.create_table(table_config(eviction=EvictionConfig(max_rows=100)))
+    with pytest.raises(InvalidArgument, match="scores"):
+        store.update("t", [1, 2], np.ones((2, 8)), scores=scores)
+    assert store.stats("t")["rows"] == 0
+    store.flush()
+    assert stored_weights(store, "t", [1, 2]) == [None, None]
