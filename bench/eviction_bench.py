@@ -110,7 +110,7 @@ def main() -> None:
         stats = store.stats("t")
         print(f"lookup without sweep: {a:,.0f} rows/s (median of {args.slices} slices of {args.slice_seconds} s)")
         print(f"lookup with sweep:    {b:,.0f} rows/s; sweep scanned {np.median(scanned):,.0f} rows/s meanwhile")
-        print(f"sweeps completed {stats.get('sweeps', 0):.0f}, rows evicted {stats.get('evicted_rows', 0):.0f}")
+        print(f"sweeps run {stats.get('sweeps', 0):.0f}, rows evicted {stats.get('evicted_rows', 0):.0f}")
         print(f"ratio of medians: {b / a:.3f}; paired slices: median {np.median(pairs):.3f}, "
               f"quartiles {np.percentile(pairs, 25):.3f}-{np.percentile(pairs, 75):.3f}")
         print(f"ratio with/without: {np.median(pairs):.3f}")

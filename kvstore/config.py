@@ -87,8 +87,11 @@ class CacheConfig:
     ways: int = 32                # associativity: one warp probes one set
     policy: Literal["lru", "lfu"] = "lru"
     write: Literal["write_back", "write_through"] = "write_back"
+    device: str = "cpu"           # where the cache lives: "cpu" (host memory) or "cuda:N" (GPU memory)
 
     def __post_init__(self):
+        if not isinstance(self.device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise InvalidArgument(f"cache.device: expected 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if not isinstance(self.ways, int) or not 1 <= self.ways <= 64:
             raise InvalidArgument(f"cache.ways: must be in [1, 64], got {self.ways!r}")
         if not isinstance(self.rows, int) or self.rows < self.ways or self.rows > 1 << 34:
@@ -210,6 +213,9 @@ class TableConfig:
         if isinstance(self.dim, bool) or not isinstance(self.dim, int) or not 1 <= self.dim <= MAX_DIM:
             raise InvalidArgument(f"dim: must be an integer in [1, {MAX_DIM}], got {self.dim!r}")
         weight_dtype(self.dtype, "dtype")
+        if self.cache.device != "cpu" and (self.eviction.sweeps or self.eviction.min_count > 1):
+            raise InvalidArgument("eviction: store eviction and admission need cache.device 'cpu' "
+                                  "(the GPU cache tier does not keep eviction metadata yet)")
 
     @property
     def state_dim(self) -> int:

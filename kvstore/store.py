@@ -17,7 +17,7 @@ from .errors import FailedPrecondition, StoreClosed, TableExists, TableNotFound
 from .eviction import archive
 from .eviction.sweeper import Sweeper
 from .rocks_tier import RocksTier
-from .table import LookupResult, Table
+from .table import LookupResult, Table, open_table
 
 DB_DIR = "db"
 
@@ -33,7 +33,7 @@ class Store:
         self._closed = False
         for name, blob in self.rocks.load_configs().items():
             config = TableConfig.from_dict(json.loads(blob))
-            self._tables[name] = Table(config, self.rocks, clock)
+            self._tables[name] = open_table(config, self.rocks, clock)
         self.sweeper = Sweeper(lambda: list(self._tables.values()), sweeper, clock)
 
     def __enter__(self) -> Store:
@@ -51,7 +51,7 @@ class Store:
                 raise TableExists(f"name: table {config.name!r} already exists")
             self.rocks.create_family(config.name)
             self.rocks.save_config(config.name, json.dumps(config.to_dict()).encode())
-            self._tables[config.name] = Table(config, self.rocks, self.clock)
+            self._tables[config.name] = open_table(config, self.rocks, self.clock)
             return config
 
     def drop_table(self, name: str) -> None:

@@ -24,8 +24,9 @@ from .client import KVStoreClient
 
 
 class _Prefetched:
-    def __init__(self, ids: np.ndarray, future: Future):
-        self.ids = ids
+    def __init__(self, ids: np.ndarray, early: np.ndarray, future: Future):
+        self.ids = ids                       # unique ids of the future batch
+        self.early = early                   # the part fetched in the background
         self.future = future
         self.stale: list[np.ndarray] = []    # ids stepped after this read was issued
 
@@ -41,13 +42,17 @@ class _RemoteRows(nn.Module):
         self.pin = pin                       # also lock prefetched rows in the server's cache
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvstore-prefetch")
         self._pending: _Prefetched | None = None
+        self._in_flight = np.zeros(0, np.int64)        # ids whose gradients have not been pushed yet
         self._lock = threading.Lock()
 
     def prefetch(self, input: torch.Tensor) -> None:
-        """Start fetching the rows of a future batch (call right after this batch's forward)."""
+        """Start fetching the rows of a future batch (call right after this batch's forward).
+        Rows of the current batch are left out: its gradients will change them, so they are
+        read when the future batch runs."""
         ids = np.unique(input.detach().cpu().numpy().astype(np.int64, copy=False).ravel())
         with self._lock:
-            self._pending = _Prefetched(ids, self._pool.submit(self._fetch, ids))
+            early = np.setdiff1d(ids, self._in_flight, assume_unique=True)
+            self._pending = _Prefetched(ids, early, self._pool.submit(self._fetch, early))
 
     def _fetch(self, ids: np.ndarray) -> np.ndarray:
         if self.pin:
@@ -60,17 +65,21 @@ class _RemoteRows(nn.Module):
         with self._lock:
             pending, self._pending = self._pending, None
         if pending is not None and np.array_equal(pending.ids, uniq):
-            rows = pending.future.result()
-            stale = np.unique(np.concatenate(pending.stale)) if pending.stale else np.zeros(0, np.int64)
-            refresh = np.isin(uniq, stale, assume_unique=True)
-            if refresh.any():
-                rows = rows.copy()
-                rows[refresh] = self.client.lookup(self.table, uniq[refresh], on_miss=self.on_miss)
+            early_rows = pending.future.result()
+            stale = np.concatenate(pending.stale) if pending.stale else np.zeros(0, np.int64)
+            ready = np.isin(uniq, pending.early, assume_unique=True) & ~np.isin(uniq, stale)
+            rows = np.empty((len(uniq), early_rows.shape[1]), np.float32)
+            rows[ready] = early_rows[np.searchsorted(pending.early, uniq[ready])]
+            if not ready.all():
+                rows[~ready] = self.client.lookup(self.table, uniq[~ready], on_miss=self.on_miss)
         else:
             if pending is not None:
                 pending.future.result()     # let a mismatched prefetch finish before reading
-            rows = self.client.lookup(self.table, uniq, on_miss=self.on_miss)
-        weight = torch.from_numpy(np.array(rows, dtype=np.float32)).requires_grad_(True)
+            rows = np.asarray(self.client.lookup(self.table, uniq, on_miss=self.on_miss), dtype=np.float32)
+        if torch.is_grad_enabled():
+            with self._lock:
+                self._in_flight = uniq      # their gradients are on the way
+        weight = torch.from_numpy(rows).requires_grad_(True)
         weight.register_hook(lambda grad, ids=uniq: self._push(ids, grad))
         return weight, uniq, inverse
 
@@ -78,6 +87,7 @@ class _RemoteRows(nn.Module):
         with self._lock:
             if self._pending is not None:
                 self._pending.stale.append(ids)
+            self._in_flight = np.zeros(0, np.int64)
         self.client.apply_gradients(self.table, ids, grad.detach().cpu().numpy().astype(np.float32, copy=False),
                                     release=self.pin)
 

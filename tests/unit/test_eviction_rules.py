@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from kvstore import EvictionConfig, InvalidArgument, SweeperConfig, TableConfig
+from kvstore import CacheConfig, EvictionConfig, InvalidArgument, SweeperConfig, TableConfig
 from kvstore.eviction.admission import Admission, CountMinSketch
 from kvstore.eviction.rules import TTL, Capacity, Frequency, NormBelow, RowMeta, build_rules, sample_worst
 from kvstore.rows import decode_scores, encode_scores
@@ -197,3 +197,9 @@ def test_row_trigger_sits_between_the_limit_and_the_target():
     assert config.target_rows == 900 and config.row_trigger == 950
     assert EvictionConfig(max_rows=1000, trigger_rows=1200).row_trigger == 1200
     assert EvictionConfig().row_trigger == 0
+
+
+def test_eviction_on_a_gpu_cache_is_refused_until_that_tier_keeps_the_metadata():
+    with pytest.raises(InvalidArgument, match="eviction"):
+        TableConfig("t", 4, cache=CacheConfig(device="cuda"), eviction=EvictionConfig(ttl_seconds=5))
+    TableConfig("t", 4, cache=CacheConfig(device="cuda"))    # without eviction: fine
