@@ -23,7 +23,8 @@ __device__ __forceinline__ i64 set_of(i64 id, i64 num_sets) {
     h ^= h >> 32;
     h *= MIX;
     h ^= h >> 32;
-    return (i64)(h % (u64)num_sets);
+    const u64 sets = (u64)num_sets;
+    return (i64)((sets & (sets - 1)) == 0 ? h & (sets - 1) : h % sets);   // a power of two: mask
 }
 
 // The set of each id (the host cache's set_of; a test keeps the two equal).
