@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import EvictionConfig
-from ..rows import MAX_COUNT, RowLayout, decode_scores
+from ..rows import HEADER, MAX_COUNT, RowLayout, decode_scores
 
 
 @dataclass
@@ -187,3 +187,14 @@ def touch_headers(header: np.ndarray, slots: np.ndarray, now: int) -> None:
     count = header["count"]
     count[slots] = np.minimum(count[slots], MAX_COUNT) + 1
     header["last_access"][slots] = now
+
+
+_COUNT_WORD = HEADER.fields["count"][1] // 4
+_ACCESS_WORD = HEADER.fields["last_access"][1] // 4
+
+
+def touch_words(words: np.ndarray, slots: np.ndarray, now: int) -> None:
+    """`touch_headers` over rows viewed as [n, row_bytes / 4] uint32 words: the same effect,
+    cheaper on the lookup path than going through the structured header view."""
+    words[slots, _COUNT_WORD] = np.minimum(words[slots, _COUNT_WORD], MAX_COUNT) + 1
+    words[slots, _ACCESS_WORD] = now

@@ -25,7 +25,7 @@ from ..config import EvictionConfig
 from ..errors import InvalidArgument
 from ..rows import RowLayout
 from .admission import Admission
-from .rules import build_rules, touch_headers
+from .rules import build_rules, touch_headers, touch_words
 
 
 class EvictionTracker:
@@ -38,6 +38,7 @@ class EvictionTracker:
         self.synced_access = np.zeros(cache_slots, dtype=np.uint32)
         self.synced_count = np.zeros(cache_slots, dtype=np.uint32)
         self.rows: int | None = None          # exact row count where counts_rows
+        self._slab = self._words = None
         self.sweep_lock = threading.Lock()    # one sweep of a table at a time
         self.cancelled = threading.Event()    # set when the table is dropped: sweeps stop
         self.last_sweep: float | None = None  # clock time the last sweep started
@@ -51,7 +52,9 @@ class EvictionTracker:
     def touch(self, slab: np.ndarray, slots: np.ndarray, now: float) -> None:
         """Record an access of cached slots (duplicates count once)."""
         if len(slots):
-            touch_headers(self.layout.header(slab), slots, int(now))
+            if slab is not self._slab:               # the slab lives as long as the cache: view it once
+                self._slab, self._words = slab, slab.view(np.uint32)
+            touch_words(self._words, slots, int(now))
 
     def synced(self, slab: np.ndarray, slots: np.ndarray) -> None:
         """The rows in `slots` now match RocksDB (just loaded or written back)."""
