@@ -193,8 +193,9 @@ _COUNT_WORD = HEADER.fields["count"][1] // 4
 _ACCESS_WORD = HEADER.fields["last_access"][1] // 4
 
 
-def touch_words(words: np.ndarray, slots: np.ndarray, now: int) -> None:
-    """`touch_headers` over rows viewed as [n, row_bytes / 4] uint32 words: the same effect,
-    cheaper on the lookup path than going through the structured header view."""
-    words[slots, _COUNT_WORD] = np.minimum(words[slots, _COUNT_WORD], MAX_COUNT) + 1
-    words[slots, _ACCESS_WORD] = now
+def touch_words(words: np.ndarray, slots: np.ndarray, hits: np.ndarray, when: np.ndarray) -> None:
+    """Add `hits` accesses, the latest at `when`, to the headers of `slots` of rows viewed as
+    [n, row_bytes / 4] uint32 words (the same effect as `touch_headers`, for many accesses)."""
+    count = words[slots, _COUNT_WORD].astype(np.uint64) + hits
+    words[slots, _COUNT_WORD] = np.minimum(count, np.uint64(MAX_COUNT) + 1).astype(np.uint32)
+    words[slots, _ACCESS_WORD] = np.maximum(words[slots, _ACCESS_WORD], when)
