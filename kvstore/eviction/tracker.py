@@ -21,6 +21,7 @@ exactly (one key scan when the table is opened, then +created, -deleted,
 from __future__ import annotations
 
 import threading
+from functools import cached_property
 
 import numpy as np
 
@@ -38,15 +39,30 @@ class EvictionTracker:
         self.rules = build_rules(config)
         self.admission = Admission(config.min_count, config.sketch_width)
         self.persist_touches = config.sweeps
-        self.synced_access = np.zeros(cache_slots, dtype=np.uint32)
-        self.synced_count = np.zeros(cache_slots, dtype=np.uint32)
+        self.cache_slots = cache_slots
         self.rows: int | None = None          # exact row count where counts_rows
         self._slab = self._words = None
-        self.pending_hits = np.zeros(cache_slots, dtype=np.uint64)   # accesses not yet in the header
-        self.pending_time = np.zeros(cache_slots, dtype=np.uint32)   # time of the latest of them
         self.sweep_lock = threading.Lock()    # one sweep of a table at a time
         self.cancelled = threading.Event()    # set when the table is dropped: sweeps stop
         self.last_sweep: float | None = None  # clock time the last sweep started
+
+    # Per-slot arrays, allocated on first use (a table whose cache is on a GPU never uses them).
+
+    @cached_property
+    def synced_access(self) -> np.ndarray:     # last_access RocksDB holds for the cached row
+        return np.zeros(self.cache_slots, dtype=np.uint32)
+
+    @cached_property
+    def synced_count(self) -> np.ndarray:      # count RocksDB holds for the cached row
+        return np.zeros(self.cache_slots, dtype=np.uint32)
+
+    @cached_property
+    def pending_hits(self) -> np.ndarray:      # accesses not yet folded into the header
+        return np.zeros(self.cache_slots, dtype=np.uint64)
+
+    @cached_property
+    def pending_time(self) -> np.ndarray:      # time of the latest of them
+        return np.zeros(self.cache_slots, dtype=np.uint32)
 
     @property
     def counts_rows(self) -> bool:
