@@ -18,6 +18,7 @@ from kvstore_proto.v1 import kvstore_pb2_grpc as pb_grpc
 
 from .arrays import as_ids, as_rows, chunks, like, to_numpy
 from .errors import InternalError, InvalidArgumentError, KVStoreError, from_rpc_error
+from .snapshots import SnapshotMethods
 
 ON_MISS = {
     "init_insert": pb.ON_MISS_INIT_INSERT,
@@ -37,7 +38,7 @@ def _rpc() -> Iterator[None]:
         raise from_rpc_error(error) from None
 
 
-class KVStoreClient:
+class KVStoreClient(SnapshotMethods):
     def __init__(self, address: str, timeout: float = 30.0, max_message_bytes: int = 16 << 20,
                  chunk_bytes: int = 2 << 20):
         if chunk_bytes < 1 or chunk_bytes > max_message_bytes:

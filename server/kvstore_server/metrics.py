@@ -23,6 +23,7 @@ MONOTONIC = frozenset({
     "sweeps", "sweep_rows_scanned", "sweep_seconds_total", "archived_rows", "archive_purged", "rows_restored",
     "admission_rejected",
 })
+STORE_MONOTONIC = frozenset({"snapshots", "restores", "snapshots_deleted", "rows_imported"})
 _INVALID = re.compile(r"[^a-zA-Z0-9_]")
 
 
@@ -70,3 +71,18 @@ class StoreCollector:
                     family = families[stat] = kind(name, f"Store stat {stat!r} per table.", labels=["table"])
                 family.add_metric([table], value)
         yield from families.values()
+        yield from _store_families(self.store)
+
+
+def _store_families(store: Store):
+    """Store-wide stats (snapshot pause and duration, restores, imports): counters end in _total."""
+    try:
+        stats = store.store_stats()
+    except KVStoreError:
+        return
+    for stat, value in sorted(stats.items()):
+        name = "kvstore_store_" + _INVALID.sub("_", stat)
+        if stat.endswith("_total") or stat in STORE_MONOTONIC:
+            yield CounterMetricFamily(name, f"Store-wide count {stat!r}.", value=value)
+        else:
+            yield GaugeMetricFamily(name, f"Store-wide stat {stat!r}.", value=value)
