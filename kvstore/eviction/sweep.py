@@ -59,10 +59,12 @@ def sweep_table(table, limiter, chunk_rows: int = 2048, stopped=lambda: False) -
         def halted() -> bool:
             return stopped() or tracker.cancelled.is_set()
 
-        table.flush()
         row_rules = [r for r in tracker.rules if r.scope == "row"]
         table_rules = [r for r in tracker.rules if r.scope == "table"]
-        gathered = _scan(table, limiter, chunk_rows, row_rules, bool(table_rules), now, result, halted)
+        gathered = []
+        if tracker.rules:                      # a table without rules has nothing to scan for
+            table.flush()
+            gathered = _scan(table, limiter, chunk_rows, row_rules, bool(table_rules), now, result, halted)
         if table_rules and not halted():
             _table_pass(table, table_rules, gathered, now, result)
         if table.config.eviction.archive_seconds and not halted():
