@@ -40,12 +40,15 @@ class Table:
         self.layout = RowLayout.of(config)
         self.rocks = rocks
         self.clock = clock
-        self.cache = SetAssociativeCache(config.cache, self.layout.row_bytes)
+        self.cache = self._make_cache()
         self.write_through = config.cache.write == "write_through"
         self.optimizer = make_optimizer(config.optimizer, config.dim)
         self.counters: Counter[str] = Counter()
         self._leases: dict[str, np.ndarray] = {}   # owner -> ids it holds prefetch locks on
         self._lock = threading.RLock()
+
+    def _make_cache(self) -> SetAssociativeCache:
+        return SetAssociativeCache(self.config.cache, self.layout.row_bytes)
 
     # --- validation ----------------------------------------------------------
 
@@ -85,21 +88,25 @@ class Table:
             self.counters["cache_hits"] += int(hit.sum())
             if hit.all():                                # every id cached: gather straight from the slab
                 return self._result(self.cache.slab, slots, with_state)
-            self.counters["cache_misses"] += int((~hit).sum())
-            rows = np.empty((len(ids), self.layout.row_bytes), dtype=np.uint8)
-            rows[hit] = self.cache.slab[slots[hit]]
-            miss_ids, inverse = np.unique(ids[~hit], return_inverse=True)
-            rows[~hit] = self._load(miss_ids, on_miss)[inverse]
-            return self._result(rows, None, with_state)
+            hit_at, miss_at = np.flatnonzero(hit), np.flatnonzero(~hit)
+            self.counters["cache_misses"] += len(miss_at)
+            miss_ids, inverse = np.unique(ids[miss_at], return_inverse=True)
+            miss_rows = self._load(miss_ids, on_miss)   # hits were touched: no eviction moves them
+            weights = np.empty((len(ids), self.config.dim), dtype=self.layout.dtype)
+            weights[hit_at] = self.layout.weights(self.cache.slab)[slots[hit_at]]
+            weights[miss_at] = self.layout.weights(miss_rows)[inverse]
+            state = None
+            if with_state:
+                state = np.empty((len(ids), self.config.state_dim), dtype=np.float32)
+                state[hit_at] = self.layout.state(self.cache.slab)[slots[hit_at]]
+                state[miss_at] = self.layout.state(miss_rows)[inverse]
+            return LookupResult(weights, state)
 
-    def _result(self, rows: np.ndarray, index, with_state: bool) -> LookupResult:
-        weights = self.layout.weights(rows)
-        state = self.layout.state(rows) if with_state else None
-        if index is not None:
-            weights = weights[index]
-            state = state[index] if state is not None else None
-        return LookupResult(np.ascontiguousarray(weights),
-                            None if state is None else np.ascontiguousarray(state))
+    def _result(self, rows: np.ndarray, slots, with_state: bool) -> LookupResult:
+        """Weights (and state) of the given slab slots, as new contiguous arrays."""
+        weights = self.layout.weights(rows)[slots]
+        state = self.layout.state(rows)[slots] if with_state else None
+        return LookupResult(weights, state)
 
     def _load(self, ids: np.ndarray, on_miss: str) -> np.ndarray:
         """Rows of unique uncached ids from RocksDB or the initializer; caches what is stored."""
@@ -230,10 +237,11 @@ class Table:
                 slots = self.cache.probe(ids)
             cached = slots >= 0
             self.cache.touch(slots[cached])
-            if lock:
-                self.cache.locks[slots[cached]] += 1
+            if lock:                                     # an owner pins a row at most once
                 held = self._leases.get(owner)
-                self._leases[owner] = ids[cached] if held is None else np.union1d(held, ids[cached])
+                fresh = cached if held is None else cached & ~np.isin(ids, held, assume_unique=True)
+                self.cache.locks[slots[fresh]] += 1
+                self._leases[owner] = ids[fresh] if held is None else np.union1d(held, ids[fresh])
             return int(cached.sum())
 
     def release(self, ids, owner: str = "") -> int:
@@ -287,5 +295,15 @@ class Table:
             counters["cache_rows"] = float(self.cache.occupancy())
             counters["cache_capacity"] = float(self.cache.capacity)
             counters["cache_dirty_rows"] = float(len(self.cache.dirty_slots()))
+            counters["cache_locked_rows"] = float((self.cache.locks > 0).sum())
             counters["estimated_rows"] = float(self.rocks.estimate_rows(self.name))
             return counters
+
+
+def open_table(config: TableConfig, rocks: RocksTier, clock: Callable[[], float] = time.time) -> Table:
+    """A table whose cache tier is where `config.cache.device` says (host memory or a GPU)."""
+    if config.cache.device == "cpu":
+        return Table(config, rocks, clock)
+    from .gpu_table import GpuTable
+
+    return GpuTable(config, rocks, clock)

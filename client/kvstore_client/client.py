@@ -5,6 +5,7 @@ results come back reassembled in request order. Every call has a deadline.
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -57,8 +58,15 @@ class KVStoreClient:
             private_key=private_key, tls=tls)
         self._stub = pb_grpc.EmbeddingStoreStub(self._channel)
         self._row_shapes: dict[str, tuple[int, int]] = {}   # table -> (dim, weight itemsize)
+        self._session_lock = threading.Lock()
+        self._owner: str | None = None                       # session holding this client's prefetch locks
 
     def close(self) -> None:
+        with self._session_lock:
+            if self._owner is not None:
+                self._session_end.set()          # ends the session: the server releases its locks
+                self._session_call.cancel()
+                self._owner = None
         self._channel.close()
 
     def __enter__(self) -> KVStoreClient:
@@ -73,7 +81,10 @@ class KVStoreClient:
                      initializer: dict | None = None, cache: dict | None = None,
                      allow_nonfinite: bool = False) -> dict:
         """Create a table; returns its full config (defaults filled in by the server)."""
-        config = pb.TableConfig(name=name, dim=dim, dtype=dtype, allow_nonfinite=allow_nonfinite)
+        if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or not -2**31 <= dim < 2**31:
+            raise InvalidArgumentError(message=f"dim: must be an int32 integer, got {dim!r}")
+        config = _message(pb.TableConfig, {"name": name, "dim": int(dim), "dtype": dtype,
+                                           "allow_nonfinite": allow_nonfinite}, "config")
         for field, kind, value in (("optimizer", pb.OptimizerConfig, optimizer),
                                    ("initializer", pb.InitializerConfig, initializer),
                                    ("cache", pb.CacheConfig, cache)):
@@ -130,13 +141,16 @@ class KVStoreClient:
         try:
             with _rpc():
                 responses = self._stub.Lookup(requests, timeout=self.timeout)
-                for index, response in enumerate(responses):
-                    start, stop = _range(ranges, index)
-                    weights = _decode(response.weights, "weights", stop - start)
-                    weights_out = _place(weights_out, weights, len(id_array), start)
-                    if with_state:
-                        state = _decode(response.state, "state", stop - start)
-                        state_out = _place(state_out, state, len(id_array), start)
+                try:
+                    for index, response in enumerate(responses):
+                        start, stop = _range(ranges, index)
+                        weights = _decode(response.weights, "weights", stop - start)
+                        weights_out = _place(weights_out, weights, len(id_array), start)
+                        if with_state:
+                            state = _decode(response.state, "state", stop - start)
+                            state_out = _place(state_out, state, len(id_array), start)
+                finally:
+                    responses.cancel()           # a no-op once the call is done; ends it on our own errors
         except KVStoreError:
             self._row_shapes.pop(table, None)   # the table may have changed under us
             raise
@@ -174,6 +188,60 @@ class KVStoreClient:
         )
         with _rpc():
             return self._stub.Delete(requests, timeout=self.timeout).rows
+
+    # --- training --------------------------------------------------------------------
+
+    def apply_gradients(self, table: str, ids: Any, grads: Any, release: bool = False) -> int:
+        """Push gradients: duplicates are summed, then one optimizer step per unique row runs on the
+        server. With `release`, this client's prefetch locks on these ids are released too.
+        Returns the unique rows stepped."""
+        id_array = as_ids(ids)
+        grad_array = as_rows(grads, len(id_array), "grads").astype(np.float32, copy=False)
+        owner = self._session() if release else ""
+        ranges = chunks(len(id_array), ID_BYTES + grad_array[:1].nbytes, self.chunk_bytes)
+        requests = (
+            pb.ApplyGradientsRequest(table=table, ids=encode_ids(id_array[start:stop]),
+                                     grads=_encode(grad_array[start:stop], "grads"), owner=owner)
+            for start, stop in ranges
+        )
+        with _rpc():
+            return self._stub.ApplyGradients(requests, timeout=self.timeout).rows
+
+    def prefetch(self, table: str, ids: Any, lock: bool = False) -> int:
+        """Warm the server's cache with these rows (initializing missing ones). With `lock`, pin them
+        until `apply_gradients(..., release=True)`, `release`, or this client closes or goes away.
+        Returns how many rows are cached."""
+        id_array = as_ids(ids)
+        owner = self._session() if lock else ""
+        requests = (
+            pb.PrefetchRequest(table=table, ids=encode_ids(id_array[start:stop]), lock=lock, owner=owner)
+            for start, stop in chunks(len(id_array), ID_BYTES, self.chunk_bytes)
+        )
+        with _rpc():
+            return self._stub.Prefetch(requests, timeout=self.timeout).cached
+
+    def release(self, table: str, ids: Any) -> int:
+        """Unpin rows this client locked with prefetch; returns how many were released."""
+        request = pb.ReleaseRequest(table=table, ids=encode_ids(as_ids(ids)), owner=self._session())
+        with _rpc():
+            return self._stub.Release(request, timeout=self.timeout).released
+
+    def _session(self) -> str:
+        """This client's session owner id, opening the session stream on first use."""
+        with self._session_lock:
+            if self._owner is None:
+                self._session_end = threading.Event()
+                end = self._session_end
+
+                def idle() -> Iterator[pb.SessionRequest]:
+                    end.wait()
+                    return
+                    yield  # a generator that sends nothing and ends when the client closes
+
+                with _rpc():
+                    self._session_call = self._stub.OpenSession(idle())
+                    self._owner = next(self._session_call).owner
+            return self._owner
 
     def _response_row_bytes(self, table: str, with_state: bool) -> int:
         """Upper bound on the bytes of one looked-up row, to size request chunks."""

@@ -7,6 +7,7 @@ default" (dtype "" -> float32, cache.rows 0 -> default, no optimizer -> sgd);
 from __future__ import annotations
 
 import numpy as np
+from google.protobuf.message_factory import GetMessageClass
 from kvstore_proto.v1 import kvstore_pb2 as pb
 
 from kvstore import TableConfig
@@ -33,16 +34,19 @@ def table_config_from_proto(message: pb.TableConfig) -> TableConfig:
 
 
 def table_config_to_proto(config: TableConfig) -> pb.TableConfig:
-    raw = config.to_dict()
-    return pb.TableConfig(
-        name=raw["name"],
-        dim=raw["dim"],
-        dtype=raw["dtype"],
-        optimizer=pb.OptimizerConfig(**raw["optimizer"]),
-        initializer=pb.InitializerConfig(**raw["initializer"]),
-        cache=pb.CacheConfig(**raw["cache"]),
-        allow_nonfinite=raw["allow_nonfinite"],
-    )
+    """The wire form of a config; store-side settings the contract lacks (e.g. a cache device) stay behind."""
+    return _to_message(pb.TableConfig, config.to_dict())
+
+
+def _to_message(kind: type, raw: dict):
+    fields = kind.DESCRIPTOR.fields_by_name
+    values = {}
+    for key, value in raw.items():
+        field = fields.get(key)
+        if field is None or value is None:
+            continue
+        values[key] = _to_message(GetMessageClass(field.message_type), value) if field.message_type else value
+    return kind(**values)
 
 
 def on_miss_name(value: int) -> str:

@@ -18,6 +18,7 @@ from .config import ServerConfig
 from .messages import concat, on_miss_name, table_config_from_proto, table_config_to_proto
 from .metrics import Metrics
 from .rpc import check_active, streaming, unary
+from .sessions import Sessions
 
 MESSAGE_OVERHEAD = 4096   # room for framing and the non-tensor fields of a response
 
@@ -27,6 +28,7 @@ class EmbeddingStoreService(pb_grpc.EmbeddingStoreServicer):
         self.store = store
         self.config = config
         self.metrics = metrics
+        self.sessions = Sessions(store)
 
     # --- tables ----------------------------------------------------------------
 
@@ -76,12 +78,12 @@ class EmbeddingStoreService(pb_grpc.EmbeddingStoreServicer):
         for index, request in enumerate(request_iterator):
             check_active(context)
             table = self._stream_table(table, request.table, index)
+            if index == 0:                              # unknown table: NOT_FOUND before buffering
+                dim = self.store.describe_table(table).dim
+                with_state = request.HasField("state")
             ids = decode_ids(request.ids, "ids")
             rows = self._count_rows(rows, len(ids))
             weights = decode_tensor(request.weights, "weights")
-            if index == 0:
-                dim = self.store.describe_table(table).dim
-                with_state = request.HasField("state")
             _check_matrix(weights, len(ids), dim, "weights", weight_parts)
             if request.HasField("state") != with_state:
                 raise InvalidArgument(f"state: chunk {index} {'lacks' if with_state else 'has'} state; "
@@ -106,15 +108,74 @@ class EmbeddingStoreService(pb_grpc.EmbeddingStoreServicer):
         for index, request in enumerate(request_iterator):
             check_active(context)
             table = self._stream_table(table, request.table, index)
-            ids = decode_ids(request.ids, "ids")
-            rows = self._count_rows(rows, len(ids))
             if index == 0:
                 self.store.describe_table(table)        # unknown table: NOT_FOUND before buffering
+            ids = decode_ids(request.ids, "ids")
+            rows = self._count_rows(rows, len(ids))
             ids_parts.append(ids)
         if table is None:
             return pb.DeleteResponse(rows=0)
         check_active(context)
         return pb.DeleteResponse(rows=self.store.delete(table, concat(ids_parts)))
+
+    # --- training --------------------------------------------------------------------
+
+    @unary
+    def ApplyGradients(self, request_iterator, context):
+        table, dim, owner = None, 0, ""
+        ids_parts, grad_parts, rows = [], [], 0
+        for index, request in enumerate(request_iterator):
+            check_active(context)
+            table = self._stream_table(table, request.table, index)
+            ids = decode_ids(request.ids, "ids")
+            rows = self._count_rows(rows, len(ids))
+            grads = decode_tensor(request.grads, "grads")
+            if index == 0:
+                dim = self.store.describe_table(table).dim
+                owner = request.owner
+            _check_matrix(grads, len(ids), dim, "grads", grad_parts)
+            ids_parts.append(ids)
+            grad_parts.append(grads)
+        if table is None:
+            return pb.ApplyGradientsResponse(rows=0)
+        check_active(context)
+        stepped = self.store.apply_gradients(table, concat(ids_parts), concat(grad_parts), owner or None)
+        return pb.ApplyGradientsResponse(rows=stepped)
+
+    @unary
+    def Prefetch(self, request_iterator, context):
+        table, lock, owner, ids_parts, rows = None, False, "", [], 0
+        for index, request in enumerate(request_iterator):
+            check_active(context)
+            table = self._stream_table(table, request.table, index)
+            ids_parts.append(decode_ids(request.ids, "ids"))
+            rows = self._count_rows(rows, len(ids_parts[-1]))
+            if index == 0:
+                self.store.describe_table(table)
+                lock, owner = request.lock, request.owner
+                if lock:
+                    self.sessions.check(owner)
+        if table is None:
+            return pb.PrefetchResponse(cached=0)
+        cached = self.store.prefetch(table, concat(ids_parts), lock, owner)
+        if lock:
+            self.sessions.settle(owner)
+        return pb.PrefetchResponse(cached=cached)
+
+    @unary
+    def Release(self, request, context):
+        ids = decode_ids(request.ids, "ids")
+        self._count_rows(0, len(ids))
+        return pb.ReleaseResponse(released=self.store.release(request.table, ids, request.owner))
+
+    @streaming
+    def OpenSession(self, request_iterator, context):
+        """Hands out an owner id; when the stream ends, for whatever reason, its locks are released."""
+        owner = self.sessions.open()
+        context.add_callback(lambda: self.sessions.close(owner))
+        yield pb.SessionEvent(owner=owner)
+        for _ in request_iterator:          # the client sends nothing; this returns when it goes away
+            pass
 
     # --- limits --------------------------------------------------------------------
 

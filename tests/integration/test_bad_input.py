@@ -91,6 +91,13 @@ def test_bad_dim_is_invalid_argument(client, dim):
     assert f"dim_{abs(dim)}" not in client.list_tables()
 
 
+@pytest.mark.parametrize("dim", [10**10, 2.5, "8"])
+def test_dim_the_wire_cannot_carry_is_rejected_by_the_client(client, dim):
+    with pytest.raises(InvalidArgumentError) as caught:
+        client.create_table("dim_local", dim)
+    assert caught.value.message.startswith("dim")
+
+
 def test_unsupported_dtype_is_invalid_argument(client):
     with pytest.raises(InvalidArgumentError) as caught:
         client.create_table("int_table", 8, dtype="int8")

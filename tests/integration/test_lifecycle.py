@@ -8,6 +8,7 @@ import sys
 
 import grpc
 import numpy as np
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kvstore_proto.tensors import decode_tensor, encode_ids
 from kvstore_proto.v1 import kvstore_pb2 as pb
@@ -61,3 +62,22 @@ def test_a_taken_port_fails_to_start_naming_the_port(start_server, tmp_path):
                              "--port", port], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "port" in result.stderr
     assert server.alive()
+
+
+def test_a_stream_held_open_past_the_grace_period_is_cancelled_and_the_server_exits(start_server, tmp_path):
+    config = tmp_path / "server.yaml"
+    config.write_text("grace_seconds: 0.5\n")
+    server = start_server("--config", str(config))
+    chunks: queue.Queue = queue.Queue()
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.EmbeddingStoreStub(channel)
+        stub.CreateTable(pb.CreateTableRequest(config=pb.TableConfig(name="held", dim=2)), timeout=10)
+        responses = stub.Lookup(iter(chunks.get, None), timeout=60)
+        chunks.put(pb.LookupRequest(table="held", ids=encode_ids(np.array([1]))))
+        next(responses)
+        server.process.send_signal(signal.SIGTERM)          # the client never ends its stream
+        assert server.process.wait(20) == 0
+        chunks.put(None)
+        with pytest.raises(grpc.RpcError) as caught:
+            next(responses)
+        assert caught.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)

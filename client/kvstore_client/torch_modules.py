@@ -1,0 +1,123 @@
+"""PyTorch modules whose embedding rows live in kvstore.
+
+`RemoteEmbedding` and `RemoteEmbeddingBag` behave like `nn.Embedding` and
+`nn.EmbeddingBag` in forward; backward sends the rows' gradients to the server,
+which applies the table's optimizer where the rows live. Dense parameters keep
+their ordinary `torch.optim` optimizer.
+
+Forward fetches each unique id once. With `prefetch(next_input)`, batch i+1's
+rows are fetched in the background while batch i trains; rows that batch i's
+gradients changed after that early read are fetched again before use, so the
+result equals the unpipelined one.
+"""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .client import KVStoreClient
+
+
+class _Prefetched:
+    def __init__(self, ids: np.ndarray, early: np.ndarray, future: Future):
+        self.ids = ids                       # unique ids of the future batch
+        self.early = early                   # the part fetched in the background
+        self.future = future
+        self.stale: list[np.ndarray] = []    # ids stepped after this read was issued
+
+
+class _RemoteRows(nn.Module):
+    """Shared machinery: unique-id fetch, gradient push, prefetch pipeline."""
+
+    def __init__(self, client: KVStoreClient, table: str, on_miss: str = "init_insert", pin: bool = False):
+        super().__init__()
+        self.client = client
+        self.table = table
+        self.on_miss = on_miss
+        self.pin = pin                       # also lock prefetched rows in the server's cache
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvstore-prefetch")
+        self._pending: _Prefetched | None = None
+        self._in_flight = np.zeros(0, np.int64)        # ids whose gradients have not been pushed yet
+        self._lock = threading.Lock()
+
+    def prefetch(self, input: torch.Tensor) -> None:
+        """Start fetching the rows of a future batch (call right after this batch's forward).
+        Rows of the current batch are left out: its gradients will change them, so they are
+        read when the future batch runs."""
+        ids = np.unique(input.detach().cpu().numpy().astype(np.int64, copy=False).ravel())
+        with self._lock:
+            early = np.setdiff1d(ids, self._in_flight, assume_unique=True)
+            self._pending = _Prefetched(ids, early, self._pool.submit(self._fetch, early))
+
+    def _fetch(self, ids: np.ndarray) -> np.ndarray:
+        if self.pin:
+            self.client.prefetch(self.table, ids, lock=True)
+        return self.client.lookup(self.table, ids, on_miss=self.on_miss)
+
+    def _rows(self, flat_ids: np.ndarray) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """A leaf tensor of the unique rows, the unique ids, and each input id's index into them."""
+        uniq, inverse = np.unique(flat_ids, return_inverse=True)
+        with self._lock:
+            pending, self._pending = self._pending, None
+        if pending is not None and np.array_equal(pending.ids, uniq):
+            early_rows = pending.future.result()
+            stale = np.concatenate(pending.stale) if pending.stale else np.zeros(0, np.int64)
+            ready = np.isin(uniq, pending.early, assume_unique=True) & ~np.isin(uniq, stale)
+            rows = np.empty((len(uniq), early_rows.shape[1]), np.float32)
+            rows[ready] = early_rows[np.searchsorted(pending.early, uniq[ready])]
+            if not ready.all():
+                rows[~ready] = self.client.lookup(self.table, uniq[~ready], on_miss=self.on_miss)
+        else:
+            if pending is not None:
+                pending.future.result()     # let a mismatched prefetch finish before reading
+            rows = np.asarray(self.client.lookup(self.table, uniq, on_miss=self.on_miss), dtype=np.float32)
+        if torch.is_grad_enabled():
+            with self._lock:
+                self._in_flight = uniq      # their gradients are on the way
+        weight = torch.from_numpy(rows).requires_grad_(True)
+        weight.register_hook(lambda grad, ids=uniq: self._push(ids, grad))
+        return weight, uniq, inverse
+
+    def _push(self, ids: np.ndarray, grad: torch.Tensor) -> None:
+        with self._lock:
+            if self._pending is not None:
+                self._pending.stale.append(ids)
+            self._in_flight = np.zeros(0, np.int64)
+        self.client.apply_gradients(self.table, ids, grad.detach().cpu().numpy().astype(np.float32, copy=False),
+                                    release=self.pin)
+
+
+class RemoteEmbedding(_RemoteRows):
+    """`nn.Embedding` over a kvstore table: output[..., :] = row of input[...]."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        flat = input.detach().cpu().numpy().astype(np.int64, copy=False).ravel()
+        weight, _, inverse = self._rows(flat)
+        index = torch.from_numpy(inverse.astype(np.int64)).reshape(input.shape)
+        return F.embedding(index, weight).to(input.device)
+
+
+class RemoteEmbeddingBag(_RemoteRows):
+    """`nn.EmbeddingBag` over a kvstore table: sum or mean pooling, `offsets` and
+    `per_sample_weights` as in torch."""
+
+    def __init__(self, client: KVStoreClient, table: str, mode: str = "mean", **kwargs):
+        if mode not in ("sum", "mean"):
+            raise ValueError(f"mode: expected 'sum' or 'mean', got {mode!r}")
+        super().__init__(client, table, **kwargs)
+        self.mode = mode
+
+    def forward(self, input: torch.Tensor, offsets: torch.Tensor | None = None,
+                per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
+        flat = input.detach().cpu().numpy().astype(np.int64, copy=False).ravel()
+        weight, _, inverse = self._rows(flat)
+        index = torch.from_numpy(inverse.astype(np.int64)).reshape(input.shape)
+        out = F.embedding_bag(index, weight, offsets.cpu() if offsets is not None else None, mode=self.mode,
+                              per_sample_weights=per_sample_weights.cpu() if per_sample_weights is not None
+                              else None)
+        return out.to(input.device)

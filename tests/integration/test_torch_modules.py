@@ -1,0 +1,105 @@
+"""RemoteEmbedding(Bag) trains like nn.Embedding(Bag), with the optimizer on the server."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from kvstore_client.torch_modules import RemoteEmbedding, RemoteEmbeddingBag  # noqa: E402
+from torch import nn  # noqa: E402
+
+from .conftest import small_table  # noqa: E402
+
+ROWS, DIM, STEPS, LR = 200, 8, 50, 0.1
+
+
+def _batches(seed: int, overlap: bool = False):
+    """Bags of ids (with offsets and per-sample weights) and targets; `overlap` makes each batch
+    share ids with the next, so a prefetch of batch i+1 reads rows batch i is about to change."""
+    rng = np.random.default_rng(seed)
+    for _ in range(STEPS):
+        lengths = rng.integers(1, 5, 16)
+        ids = rng.integers(0, 40 if overlap else ROWS, lengths.sum())
+        offsets = np.r_[0, np.cumsum(lengths)[:-1]]
+        yield (torch.from_numpy(ids), torch.from_numpy(offsets), torch.from_numpy(rng.random(len(ids),
+               dtype=np.float32)), torch.from_numpy(rng.standard_normal((16, 1), dtype=np.float32)))
+
+
+class Model(nn.Module):
+    def __init__(self, bag: nn.Module):
+        super().__init__()
+        torch.manual_seed(0)
+        self.bag = bag
+        self.head = nn.Linear(DIM, 1)
+
+    def forward(self, ids, offsets, weights):
+        kwargs = {"per_sample_weights": weights} if self.bag.mode == "sum" else {}
+        return self.head(self.bag(ids, offsets, **kwargs))
+
+
+def _train(model: Model, batches, prefetch: bool = False) -> list[float]:
+    dense = torch.optim.SGD(model.head.parameters(), lr=LR)
+    losses = []
+    batches = list(batches)
+    for i, (ids, offsets, weights, target) in enumerate(batches):
+        out = model(ids, offsets, weights)
+        if prefetch and i + 1 < len(batches):
+            model.bag.prefetch(batches[i + 1][0])
+        loss = ((out - target) ** 2).mean()
+        dense.zero_grad()
+        if hasattr(model.bag, "weight"):
+            model.bag.weight.grad = None
+        loss.backward()
+        dense.step()
+        if hasattr(model.bag, "weight"):
+            with torch.no_grad():
+                model.bag.weight -= LR * model.bag.weight.grad   # plain SGD, as the server applies it
+        losses.append(loss.item())
+    return losses
+
+
+def _local_bag(client, table: str, mode: str) -> nn.EmbeddingBag:
+    local = nn.EmbeddingBag(ROWS, DIM, mode=mode)
+    local.weight.data = torch.from_numpy(client.lookup(table, np.arange(ROWS), on_miss="init"))
+    return local
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+def test_remote_embedding_bag_loss_curve_equals_nn_embedding_bag(client, mode):
+    table = f"bag_{mode}"
+    small_table(client, table, DIM, optimizer={"name": "sgd", "lr": LR})
+    local = _train(Model(_local_bag(client, table, mode)), _batches(1))
+    remote = _train(Model(RemoteEmbeddingBag(client, table, mode=mode)), _batches(1))
+    np.testing.assert_allclose(remote, local, rtol=1e-4, atol=1e-6)
+    assert remote[-1] != remote[0]
+
+
+def test_prefetch_pipeline_gives_the_unpipelined_result_when_batches_overlap(client):
+    for name in ("plain", "piped"):
+        small_table(client, f"pipe_{name}", DIM, optimizer={"name": "sgd", "lr": LR})
+    plain = _train(Model(RemoteEmbeddingBag(client, "pipe_plain", mode="sum")), _batches(2, overlap=True))
+    piped = _train(Model(RemoteEmbeddingBag(client, "pipe_piped", mode="sum")), _batches(2, overlap=True),
+                   prefetch=True)
+    np.testing.assert_allclose(piped, plain, rtol=1e-6)
+    np.testing.assert_array_equal(client.lookup("pipe_piped", np.arange(40)), client.lookup("pipe_plain",
+                                                                                             np.arange(40)))
+
+
+def test_pinned_prefetch_releases_its_locks_with_the_gradients(client):
+    small_table(client, "pipe_pinned", DIM, optimizer={"name": "sgd", "lr": LR})
+    bag = RemoteEmbeddingBag(client, "pipe_pinned", mode="sum", pin=True)
+    _train(Model(bag), _batches(3, overlap=True), prefetch=True)
+    assert client.stats("pipe_pinned")["cache_locked_rows"] == 0
+
+
+def test_remote_embedding_matches_nn_embedding_forward_and_step(client):
+    small_table(client, "emb", DIM, optimizer={"name": "sgd", "lr": 1.0})
+    ids = torch.tensor([[3, 1], [3, 7]])
+    remote = RemoteEmbedding(client, "emb")
+    local = nn.Embedding(ROWS, DIM)
+    local.weight.data = torch.from_numpy(client.lookup("emb", np.arange(ROWS), on_miss="init"))
+    out = remote(ids)
+    np.testing.assert_array_equal(out.detach().numpy(), local(ids).detach().numpy())
+    out.sum().backward()
+    expected = local.weight.detach().numpy()[[1, 3, 7]] - np.array([[1.0], [2.0], [1.0]], np.float32)
+    np.testing.assert_allclose(client.lookup("emb", [1, 3, 7], on_miss="error"), expected, rtol=1e-6)

@@ -1,0 +1,147 @@
+"""Training through the real server: gradients, optimizer state on the wire, prefetch locks."""
+from __future__ import annotations
+
+import multiprocessing
+import subprocess
+import sys
+
+import grpc
+import numpy as np
+import pytest
+from kvstore_client import FailedPreconditionError, InvalidArgumentError, KVStoreClient
+from kvstore_proto.tensors import encode_ids
+from kvstore_proto.v1 import kvstore_pb2 as pb
+from kvstore_proto.v1 import kvstore_pb2_grpc as pb_grpc
+
+from .conftest import small_table, wait_until
+
+DIM = 8
+
+
+def test_apply_gradients_sums_duplicates_then_steps_once(client):
+    small_table(client, "sgd_sum", DIM, optimizer={"name": "sgd", "lr": 0.5})
+    before = client.lookup("sgd_sum", [1, 2])
+    assert client.apply_gradients("sgd_sum", [1, 2, 1], np.ones((3, DIM), np.float32)) == 2
+    after = client.lookup("sgd_sum", [1, 2], on_miss="error")
+    np.testing.assert_allclose(after - before, [[-1.0] * DIM, [-0.5] * DIM], rtol=1e-6)
+
+
+def test_optimizer_state_travels_with_lookup_and_update(client):
+    small_table(client, "adam_state", DIM, optimizer={"name": "adam", "lr": 0.01})
+    ids = np.arange(5)
+    client.apply_gradients("adam_state", ids, np.ones((5, DIM), np.float32))
+    weights, state = client.lookup("adam_state", ids, with_state=True)
+    assert state.shape == (5, 2 * DIM) and state.dtype == np.float32
+    np.testing.assert_allclose(state[:, :DIM], 0.1, rtol=1e-6)        # m = (1 - beta1) * g
+    client.update("adam_state", [9], weights[:1], state=state[:1])
+    w9, s9 = client.lookup("adam_state", [9], on_miss="error", with_state=True)
+    np.testing.assert_array_equal(w9, weights[:1])
+    np.testing.assert_array_equal(s9, state[:1])
+
+
+def test_large_gradient_batch_streams_in_chunks(client):
+    small_table(client, "big_grads", 128, optimizer={"name": "sgd", "lr": 1.0})
+    ids = np.arange(20000)
+    before = client.lookup("big_grads", ids)
+    grads = np.random.default_rng(0).standard_normal((len(ids), 128)).astype(np.float32)   # 10 MiB
+    assert client.apply_gradients("big_grads", ids, grads) == len(ids)
+    np.testing.assert_allclose(client.lookup("big_grads", ids), before - grads, rtol=1e-5, atol=1e-6)
+
+
+def test_wrong_gradient_width_is_invalid_argument_and_changes_nothing(client):
+    small_table(client, "bad_grads", DIM)
+    before = client.lookup("bad_grads", [1])
+    with pytest.raises(InvalidArgumentError, match="grads"):
+        client.apply_gradients("bad_grads", [1], np.ones((1, DIM + 1), np.float32))
+    stub = pb_grpc.EmbeddingStoreStub(client._channel)
+    from kvstore_proto.tensors import encode_tensor
+    bad = pb.ApplyGradientsRequest(table="bad_grads", ids=encode_ids(np.array([1])),
+                                   grads=encode_tensor(np.full((1, DIM), np.inf, np.float32)))
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.ApplyGradients(iter([bad]), timeout=10)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "grads" in raised.value.details()
+    np.testing.assert_array_equal(client.lookup("bad_grads", [1], on_miss="error"), before)
+
+
+def test_lock_without_a_session_is_refused(client):
+    small_table(client, "no_session", DIM)
+    stub = pb_grpc.EmbeddingStoreStub(client._channel)
+    request = pb.PrefetchRequest(table="no_session", ids=encode_ids(np.array([1])), lock=True)
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.Prefetch(iter([request]), timeout=10)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "owner" in raised.value.details()
+    with pytest.raises(FailedPreconditionError, match="owner"):
+        try:
+            stub.Prefetch(iter([pb.PrefetchRequest(table="no_session", ids=encode_ids(np.array([1])), lock=True,
+                                                   owner="not-a-session")]), timeout=10)
+        except grpc.RpcError as error:
+            from kvstore_client.errors import from_rpc_error
+            raise from_rpc_error(error) from None
+
+
+def test_locked_rows_survive_a_flood_and_are_released_by_apply_gradients(server):
+    with KVStoreClient(server.address) as kv:
+        kv.create_table("pinned", DIM, cache={"rows": 8, "ways": 8})     # one set of 8 ways
+        assert kv.prefetch("pinned", np.arange(6), lock=True) == 6
+        kv.lookup("pinned", np.arange(100, 200))                          # misses cannot evict pinned rows
+        assert kv.stats("pinned")["cache_locked_rows"] == 6
+        kv.apply_gradients("pinned", np.arange(4), np.zeros((4, DIM), np.float32), release=True)
+        assert kv.stats("pinned")["cache_locked_rows"] == 2
+        assert kv.release("pinned", [4, 5]) == 2
+        assert kv.stats("pinned")["cache_locked_rows"] == 0
+
+
+HOLD_LOCKS = """
+import sys, time, numpy as np
+from kvstore_client import KVStoreClient
+kv = KVStoreClient(sys.argv[1])
+kv.prefetch("orphaned", np.arange(5), lock=True)
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_locks_of_a_client_that_dies_are_released(server, client):
+    small_table(client, "orphaned", DIM)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCKS, server.address], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert client.stats("orphaned")["cache_locked_rows"] == 5
+    finally:
+        holder.kill()
+        holder.wait()
+    assert wait_until(lambda: client.stats("orphaned")["cache_locked_rows"] == 0)
+
+
+def _push(address: str, worker: int, rounds: int) -> None:
+    rng = np.random.default_rng(worker)
+    with KVStoreClient(address) as kv:
+        for _ in range(rounds):
+            ids = rng.integers(0, 50, 64)
+            kv.apply_gradients("concurrent", ids, _grads(ids))
+
+
+def _grads(ids: np.ndarray) -> np.ndarray:
+    """A gradient that depends only on the id, so the sequential result is known exactly."""
+    return (ids[:, None] % 7 + np.arange(DIM)[None, :] * 0.25).astype(np.float32)
+
+
+def test_concurrent_gradients_from_four_processes_equal_the_sequential_result(server, client):
+    small_table(client, "concurrent", DIM, optimizer={"name": "sgd", "lr": 0.001})
+    ids = np.arange(50)
+    initial = client.lookup("concurrent", ids)
+    rounds = 20
+    ctx = multiprocessing.get_context("spawn")
+    workers = [ctx.Process(target=_push, args=(server.address, w, rounds)) for w in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+        assert w.exitcode == 0
+    expected = initial.astype(np.float64)
+    for worker in range(4):
+        rng = np.random.default_rng(worker)
+        for _ in range(rounds):
+            pushed = rng.integers(0, 50, 64)
+            np.subtract.at(expected, pushed, 0.001 * _grads(pushed).astype(np.float64))
+    np.testing.assert_allclose(client.lookup("concurrent", ids, on_miss="error"), expected, rtol=1e-5, atol=1e-5)
