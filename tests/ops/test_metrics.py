@@ -120,14 +120,20 @@ def _exposition(store: Store, data_dir=None) -> dict:
     return samples(generate_latest(metrics.registry).decode())
 
 
-def test_evictions_are_counted_by_reason_and_the_total_is_not_exported_twice(tmp_path):
+def test_eviction_counters_are_exported_by_reason_and_the_total_is_not_exported_twice(tmp_path):
     with Store(str(tmp_path / "store")) as store:
         store.create_table(TableConfig("swept", 4, cache=CacheConfig(rows=32, ways=8)))
         counters = store.table("swept").counters
         counters["evicted_ttl"] += 3
         counters["evicted_max_rows"] += 2
         counters["evicted_rows"] += 5
+        counters["sweeps"] += 4
+        counters["admission_rejected"] += 6
+        counters["archived_rows"] += 2
         exposed = _exposition(store)
+    assert value(exposed, "kvstore_eviction_sweeps_total", table="swept") == 4
+    assert value(exposed, "kvstore_admission_rejected_total", table="swept") == 6
+    assert value(exposed, "kvstore_rows_archived_total", table="swept") == 2
     assert value(exposed, "kvstore_evictions_total", table="swept", reason="ttl") == 3
     assert value(exposed, "kvstore_evictions_total", table="swept", reason="max_rows") == 2
     assert value(exposed, "kvstore_evictions_total", table="swept", reason="rows") == 0
