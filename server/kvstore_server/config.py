@@ -72,8 +72,9 @@ class ServerConfig:
             raise InvalidArgument(f"log_format: expected one of {list(LOG_FORMATS)}, got {self.log_format!r}")
         if self.log_level not in LOG_LEVELS:
             raise InvalidArgument(f"log_level: expected one of {list(LOG_LEVELS)}, got {self.log_level!r}")
-        if not isinstance(self.rocksdb, RocksConfig):
-            raise InvalidArgument("rocksdb: must be a mapping of RocksDB settings")
+        for key, kind in NESTED.items():
+            if not isinstance(getattr(self, key), kind):
+                raise InvalidArgument(f"{key}: must be a mapping of settings")
 
     @property
     def tls(self) -> bool:
