@@ -5,10 +5,13 @@ the health service's, which probes (Kubernetes, load balancers) call without
 credentials. A refused call gets UNAUTHENTICATED before any handler runs, so it
 changes nothing. TLS needs `tls_cert` and `tls_key`; `tls_client_ca` makes it
 mutual: the handshake fails for clients without a certificate signed by that CA.
+Certificate files are re-read when they change (renewals need no restart).
 """
 from __future__ import annotations
 
 import hmac
+import logging
+import os
 from collections.abc import Callable
 
 import grpc
@@ -20,6 +23,7 @@ from .config import ServerConfig
 AUTH_METADATA = "authorization"
 BEARER = "Bearer "
 OPEN_METHODS = ("/grpc.health.v1.Health/",)     # callable without a token
+log = logging.getLogger("kvstore_server")
 
 
 def read_secret(path: str, key: str) -> bytes:
@@ -42,16 +46,48 @@ def read_token(path: str) -> str:
 
 
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
-    """TLS (or mutual TLS) credentials from the config's PEM files; None without TLS."""
+    """TLS (or mutual TLS) credentials from the config's PEM files; None without TLS.
+    Renewed files are picked up by the next handshake, without a restart."""
     if not config.tls:
         return None
-    pair = (read_secret(config.tls_key, "tls_key"), read_secret(config.tls_cert, "tls_cert"))
-    client_ca = read_secret(config.tls_client_ca, "tls_client_ca") if config.tls_client_ca else None
+    reloader = _CertificateReloader(config)
     try:
-        return grpc.ssl_server_credentials([pair], root_certificates=client_ca,
-                                           require_client_auth=client_ca is not None)
+        return grpc.dynamic_ssl_server_credentials(reloader.load(), reloader,
+                                                   require_client_authentication=bool(config.tls_client_ca))
     except (ValueError, RuntimeError) as exc:
         raise InvalidArgument(f"tls_cert: unusable certificate or key: {exc}") from None
+
+
+class _CertificateReloader:
+    """Called by gRPC before each handshake: a new certificate configuration when a file changed."""
+
+    def __init__(self, config: ServerConfig):
+        self._files = {key: getattr(config, key) for key in ("tls_cert", "tls_key", "tls_client_ca")
+                       if getattr(config, key)}
+        self._seen = self._stamps()
+
+    def _stamps(self) -> tuple:
+        try:
+            return tuple((os.stat(path).st_mtime_ns, os.stat(path).st_size) for path in self._files.values())
+        except OSError:
+            return ()
+
+    def load(self):
+        pem = {key: read_secret(path, key) for key, path in self._files.items()}
+        return grpc.ssl_server_certificate_configuration([(pem["tls_key"], pem["tls_cert"])],
+                                                         root_certificates=pem.get("tls_client_ca"))
+
+    def __call__(self):
+        stamps = self._stamps()
+        if not stamps or stamps == self._seen:
+            return None                       # unchanged, or mid-rotation: keep serving the current one
+        try:
+            fresh = self.load()
+        except InvalidArgument:
+            return None
+        self._seen = stamps
+        log.info("TLS certificate files changed: reloaded for new connections")
+        return fresh
 
 
 class TokenAuthInterceptor(grpc.ServerInterceptor):

@@ -153,3 +153,19 @@ def test_incomplete_tls_settings_are_errors_naming_the_key(pki, tmp_path, flags,
     result = run_cli("kvstore_server", "--data-dir", str(tmp_path / "data"), "--port", "0", *args)
     assert result.returncode == 2 and key in result.stderr, result.stderr
     assert not (tmp_path / "data").exists()
+
+
+def test_renewed_server_certificate_is_served_without_a_restart(start_server, tmp_path):
+    old_ca, new_ca = Authority(tmp_path, "old-ca"), Authority(tmp_path, "new-ca")
+    cert, key = old_ca.issue("server", server=True)
+    server = start_server("--tls-cert", str(cert), "--tls-key", str(key))
+    with KVStoreClient(server.address, timeout=TIMEOUT, root_certificates=old_ca.pem.read_bytes()) as client:
+        assert client.health() == "SERVING"
+    renewed_cert, renewed_key = new_ca.issue("renewed", server=True)
+    key.write_bytes(renewed_key.read_bytes())
+    cert.write_bytes(renewed_cert.read_bytes())
+    with KVStoreClient(server.address, timeout=TIMEOUT, root_certificates=new_ca.pem.read_bytes()) as client:
+        assert client.health() == "SERVING"
+    with KVStoreClient(server.address, timeout=TIMEOUT, root_certificates=old_ca.pem.read_bytes()) as client, \
+            pytest.raises(UnavailableError):
+        client.health()
