@@ -20,6 +20,8 @@ import numpy as np
 from .config import CacheConfig
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX = np.uint64(0xD6E8FEB86659FD93)
+_SHIFT = np.uint64(32)
 _NEVER = np.iinfo(np.int64).max      # sort key of a slot that may not be a victim
 _EMPTY = np.int64(-1)                # sort key of an empty slot: taken first
 
@@ -33,20 +35,24 @@ class VictimOrder:
     def on_hit(self, cache: SetAssociativeCache, slots) -> None:
         cache.uses[slots] += 1
 
-    def key(self, cache: SetAssociativeCache, slots):
+    def key(self, cache: SetAssociativeCache, sets, last_used):
+        """[len(sets), ways] eviction keys of the ways of `sets`; `last_used` is theirs, gathered."""
         raise NotImplementedError
 
 
 class LRU(VictimOrder):
-    def key(self, cache, slots):
-        return cache.last_used[slots]
+    def on_hit(self, cache, slots) -> None:
+        pass                     # the age stamp `touch` writes is all LRU reads
+
+    def key(self, cache, sets, last_used):
+        return last_used
 
 
 class LFU(VictimOrder):
-    def key(self, cache, slots):
+    def key(self, cache, sets, last_used):
         # fewest uses first, ties broken by age; counts saturate at 2**30
-        uses = cache.xp.minimum(cache.uses[slots], (1 << 30) - 1)
-        return (uses << 32) | (cache.last_used[slots] & 0xFFFFFFFF)
+        uses = cache.xp.minimum(cache.set_rows(cache.uses, sets), (1 << 30) - 1)
+        return (uses << 32) | (last_used & 0xFFFFFFFF)
 
 
 POLICIES = {"lru": LRU, "lfu": LFU}
@@ -86,20 +92,30 @@ class SetAssociativeCache:
         self.tick += 1
 
     def set_of(self, ids):
+        """Set of each id. Every bit of the id is mixed in (two multiply-xorshift rounds):
+        sequential or strided ids must spread over all sets, not crowd a few."""
         xp = self.xp
         mixed = ids.astype(xp.int64, copy=False).view(xp.uint64) * _GOLDEN
-        return ((mixed >> np.uint64(32)) % np.uint64(self.num_sets)).astype(xp.int64)
+        mixed ^= mixed >> _SHIFT
+        mixed *= _MIX
+        mixed ^= mixed >> _SHIFT
+        return (mixed % np.uint64(self.num_sets)).astype(xp.int64)
+
+    def set_rows(self, per_slot, sets):
+        """[len(sets), ways] values of a per-slot array for whole sets. `take` of rows of
+        an [S, W] view copies each set contiguously: several times cheaper than
+        indexing with a [B, W] array of slot numbers."""
+        return self.xp.take(per_slot.reshape(self.num_sets, self.ways), sets, axis=0)
 
     def probe(self, ids):
         """Slot of each id, -1 where it is not cached. Pure: changes no stamp."""
         xp = self.xp
         sets = self.set_of(ids)
-        first = sets * self.ways
-        window = first[:, None] + xp.arange(self.ways, dtype=xp.int64)[None, :]
-        match = (self.keys[window] == ids[:, None]) & self.occupied[window]
+        match = self.set_rows(self.keys, sets) == ids[:, None]
+        match &= self.set_rows(self.occupied, sets)
         way = match.argmax(axis=1)
         found = match[xp.arange(len(ids)), way]
-        return xp.where(found, first + way, -1)
+        return xp.where(found, sets * self.ways + way, -1)
 
     def touch(self, slots) -> None:
         """Record a use of cached slots (duplicates allowed)."""
@@ -117,25 +133,32 @@ class SetAssociativeCache:
             return Eviction(xp.zeros(0, xp.int64), xp.zeros(0, xp.int64),
                             xp.zeros((0, self.row_bytes), xp.uint8))
         sets = self.set_of(ids)
+        # Group the ids by set; rank = position of an id among its set's new ids.
         order = xp.argsort(sets, kind="stable")
         sorted_sets = sets[order]
-        uniq_sets, first, counts = xp.unique(sorted_sets, return_index=True, return_counts=True)
-        rank_sorted = xp.arange(n) - xp.repeat(first, counts)
+        starts = xp.flatnonzero(xp.concatenate((xp.ones(1, bool), sorted_sets[1:] != sorted_sets[:-1])))
+        counts = xp.diff(xp.append(starts, n))
+        uniq_sets = sorted_sets[starts]
+        set_pos = xp.empty(n, dtype=xp.int64)
+        set_pos[order] = xp.repeat(xp.arange(len(starts)), counts)
         rank = xp.empty(n, dtype=xp.int64)
-        rank[order] = rank_sorted
+        rank[order] = xp.arange(n) - xp.repeat(starts, counts)
         # Rank the ways of each involved set: empty, then by policy; never locked
         # slots or slots the current batch has used.
-        window = uniq_sets[:, None] * self.ways + xp.arange(self.ways, dtype=xp.int64)[None, :]
-        key = self.order.key(self, window)
-        key = xp.where(self.occupied[window], key, _EMPTY)
-        blocked = (self.locks[window] > 0) | (self.occupied[window] & (self.last_used[window] == self.tick))
-        key = xp.where(blocked, _NEVER, key)
-        ranked = xp.argsort(key, axis=1, kind="stable")
-        set_pos = xp.searchsorted(uniq_sets, sets)
-        usable = rank < self.ways
-        way = ranked[set_pos, xp.minimum(rank, self.ways - 1)]
+        occupied = self.set_rows(self.occupied, uniq_sets)
+        last_used = self.set_rows(self.last_used, uniq_sets)
+        key = xp.where(occupied, self.order.key(self, uniq_sets, last_used), _EMPTY)
+        blocked = (self.set_rows(self.locks, uniq_sets) > 0) | (occupied & (last_used == self.tick))
+        key[blocked] = _NEVER
+        if len(starts) == n:           # one new id per set (the usual case): its way is the argmin
+            way = key.argmin(axis=1)[set_pos]
+            usable = xp.ones(n, dtype=bool)
+        else:
+            ranked = xp.argsort(key, axis=1, kind="stable")
+            usable = rank < self.ways
+            way = ranked[set_pos, xp.minimum(rank, self.ways - 1)]
         usable &= key[set_pos, way] != _NEVER
-        slots = xp.where(usable, window[set_pos, way], -1)
+        slots = xp.where(usable, uniq_sets[set_pos] * self.ways + way, -1)
         taken = slots[usable]
         displaced = taken[self.occupied[taken] & self.dirty[taken]]
         return Eviction(slots, self.keys[displaced].copy(), self.slab[displaced].copy())
@@ -143,11 +166,13 @@ class SetAssociativeCache:
     def fill(self, slots, ids, rows, dirty) -> None:
         """Place rows in the slots `choose_slots` gave (entries of -1 are skipped)."""
         keep = slots >= 0
-        slots = slots[keep]
-        self.keys[slots] = ids[keep]
+        if not keep.all():             # skip the copies when every id got a slot
+            slots, ids, rows = slots[keep], ids[keep], rows[keep]
+            dirty = dirty[keep] if getattr(dirty, "ndim", 0) else dirty
+        self.keys[slots] = ids
         self.occupied[slots] = True
-        self.slab[slots] = rows[keep]
-        self.dirty[slots] = dirty[keep] if getattr(dirty, "ndim", 0) else bool(dirty)
+        self.slab[slots] = rows
+        self.dirty[slots] = dirty if getattr(dirty, "ndim", 0) else bool(dirty)
         self.last_used[slots] = self.tick
         self.order.on_insert(self, slots)
 

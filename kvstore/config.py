@@ -87,8 +87,11 @@ class CacheConfig:
     ways: int = 32                # associativity: one warp probes one set
     policy: Literal["lru", "lfu"] = "lru"
     write: Literal["write_back", "write_through"] = "write_back"
+    device: str = "cpu"           # where the cache lives: "cpu" (host memory) or "cuda:N" (GPU memory)
 
     def __post_init__(self):
+        if not isinstance(self.device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise InvalidArgument(f"cache.device: expected 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if not isinstance(self.ways, int) or not 1 <= self.ways <= 64:
             raise InvalidArgument(f"cache.ways: must be in [1, 64], got {self.ways!r}")
         if not isinstance(self.rows, int) or self.rows < self.ways or self.rows > 1 << 34:

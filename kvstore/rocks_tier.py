@@ -6,7 +6,9 @@ module ever sees rocksdict's exceptions. Always raw mode: bytes in, bytes out.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import itertools
 import os
 import threading
 from collections.abc import Iterator
@@ -166,11 +168,65 @@ class RocksTier:
             else:
                 self._db.put(key, blob)
 
+    # --- snapshots and bulk loads -------------------------------------------
+
+    def checkpoint(self, path: str) -> None:
+        """A consistent copy of the whole database at `path` (hard links to SST files)."""
+        with _guard(f"checkpoint to {path!r}"):
+            rd.Checkpoint(self._db).create_checkpoint(path)
+
+    def consistent_items(self, family: str):
+        """An iterator over one table's (key, value) pairs in key order, as they are now: later
+        writes and ingests do not show. The RocksDB iterator is created here and pins its own
+        implicit snapshot (rocksdict's `Snapshot.items` does not honour the snapshot)."""
+        opts = rd.ReadOptions()
+        opts.fill_cache(False)                 # a full scan must not evict the hot blocks
+        opts.set_readahead_size(2 << 20)
+        with _guard(f"iterate {family!r}"):
+            return self._families[family].items(read_opt=opts)
+
+    @staticmethod
+    def batches(items, rows: int) -> Iterator[list[tuple[bytes, bytes]]]:
+        """Lists of up to `rows` (key, value) pairs from `consistent_items` (no Python loop per row)."""
+        while True:
+            with _guard("iterate"):
+                batch = list(itertools.islice(items, rows))
+            if not batch:
+                return
+            yield batch
+
+    def put_sst(self, writer: rd.SstFileWriter, keys: list[bytes], values: list[bytes]) -> None:
+        """Add sorted pairs to an SST file writer."""
+        with _guard("write SST file"):
+            collections.deque(map(writer.__setitem__, keys, values), maxlen=0)
+
+    def sst_writer(self, path: str) -> rd.SstFileWriter:
+        """An SST file writer for `ingest`; keys must be added in increasing order."""
+        with _guard(f"open SST file {path!r}"):
+            writer = rd.SstFileWriter(self._options())
+            writer.open(path)
+            return writer
+
+    def ingest(self, family: str, paths: list[str]) -> None:
+        """Atomically add SST files to a table (moved, not copied); later files win on overlap."""
+        opts = rd.IngestExternalFileOptions()
+        opts.set_move_files(True)
+        with _guard(f"ingest into {family!r}"):
+            self._families[family].ingest_external_file(paths, opts)
+
+    def delete_all(self, family: str) -> None:
+        """Remove every row of a table (one range tombstone)."""
+        with _guard(f"delete range in {family!r}"):
+            self._families[family].delete_range(b"", b"\xff" * 9)
+
     # --- lifecycle ---------------------------------------------------------
 
     def flush(self) -> None:
+        """Flush the memtables of every column family (rocksdict's `flush` covers only one)."""
         with _guard("flush"):
             self._db.flush()
+            for family in list(self._families.values()):
+                family.flush()
 
     def close(self) -> None:
         if self.closed:

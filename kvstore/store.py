@@ -3,21 +3,35 @@
 `Store` is the in-process API (library users call it directly) and the one
 thing the gRPC server wraps. Table configs persist in the database beside the
 rows, so reopening a data directory brings every table back as it was.
+
+Every call pins the live `Generation` (database + tables) it runs on, so a
+snapshot restore can swap in another database while calls keep coming: calls
+in flight finish on the old one. Writes also pass a store-wide `WriteGate`,
+which a snapshot closes for the short moment of its checkpoint; reads never wait
+on it. `Table` objects from `table()` belong to one generation: hold them only
+for the duration of a call.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable
 
 from .config import RocksConfig, TableConfig, validate_name
-from .errors import StoreClosed, TableExists, TableNotFound
+from .errors import FailedPrecondition, InvalidArgument, StorageError, TableExists, TableNotFound
+from .generation import Generation, Generations
 from .rocks_tier import RocksTier
-from .table import LookupResult, Table
+from .snapshots import SnapshotDir, SnapshotInfo
+from .table import LookupResult, Table, open_table
+from .transfer import ImportStager, RowChunk, TableExport, flush_in_slices
+from .write_gate import WriteGate
 
-DB_DIR = "db"
+STAGING_DIR = "staging"
 
 
 class Store:
@@ -25,13 +39,30 @@ class Store:
                  clock: Callable[[], float] = time.time):
         self.data_dir = os.path.abspath(data_dir)
         self.clock = clock
-        self.rocks = RocksTier(os.path.join(self.data_dir, DB_DIR), rocks)
+        self.rocks_config = rocks
+        self.snapshots = SnapshotDir(self.data_dir)
+        self.gate = WriteGate()
+        self.counters: Counter[str] = Counter()     # store-wide: snapshots, restores, imports
         self._lock = threading.RLock()   # guards the table map
-        self._tables: dict[str, Table] = {}
+        self._admin = threading.Lock()   # one snapshot or restore at a time
         self._closed = False
-        for name, blob in self.rocks.load_configs().items():
-            config = TableConfig.from_dict(json.loads(blob))
-            self._tables[name] = Table(config, self.rocks, clock)
+        os.makedirs(self.data_dir, exist_ok=True)
+        live = self.snapshots.live_db()
+        self.snapshots.remove_stale(live)
+        shutil.rmtree(os.path.join(self.data_dir, STAGING_DIR), ignore_errors=True)
+        self._gens = Generations(self._open_generation(live))
+
+    def _open_generation(self, db_name: str) -> Generation:
+        rocks = RocksTier(os.path.join(self.data_dir, db_name), self.rocks_config)
+        try:
+            tables = {}
+            for name, blob in rocks.load_configs().items():
+                config = TableConfig.from_dict(json.loads(blob))
+                tables[name] = open_table(config, rocks, self.clock)
+        except BaseException:
+            rocks.close()
+            raise
+        return Generation(rocks, tables)
 
     def __enter__(self) -> Store:
         return self
@@ -39,89 +70,270 @@ class Store:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @property
+    def rocks(self) -> RocksTier:
+        """The RocksDB tier of the live database (changes on restore)."""
+        return self._gens.live.rocks
+
+    @property
+    def _tables(self) -> dict[str, Table]:
+        return self._gens.live.tables
+
     # --- tables ----------------------------------------------------------------
 
     def create_table(self, config: TableConfig) -> TableConfig:
-        with self._lock:
-            self._check_open()
-            if config.name in self._tables:
+        with self._lock, self.gate.writing(), self._gens.pin() as gen:
+            if config.name in gen.tables:
                 raise TableExists(f"name: table {config.name!r} already exists")
-            self.rocks.create_family(config.name)
-            self.rocks.save_config(config.name, json.dumps(config.to_dict()).encode())
-            self._tables[config.name] = Table(config, self.rocks, self.clock)
+            gen.rocks.create_family(config.name)
+            gen.rocks.save_config(config.name, json.dumps(config.to_dict()).encode())
+            gen.tables[config.name] = open_table(config, gen.rocks, self.clock)
             return config
 
     def drop_table(self, name: str) -> None:
-        with self._lock:
-            table = self.table(name)
+        with self._lock, self.gate.writing(), self._gens.pin() as gen:
+            table = self._table(gen, name)
             with table._lock:
-                self.rocks.save_config(name, None)
-                self.rocks.drop_family(name)
-                del self._tables[name]
+                gen.rocks.save_config(name, None)
+                gen.rocks.drop_family(name)
+                del gen.tables[name]
 
     def list_tables(self) -> list[str]:
-        with self._lock:
-            return sorted(self._tables)
+        return sorted(self._tables)
 
     def describe_table(self, name: str) -> TableConfig:
         return self.table(name).config
 
     def table(self, name: str) -> Table:
-        self._check_open()
+        return self._table(self._gens.live, name)
+
+    @staticmethod
+    def _table(gen: Generation, name: str) -> Table:
         validate_name(name, "table")
-        try:
-            return self._tables[name]
-        except KeyError:
-            raise TableNotFound(f"table: no table named {name!r}") from None
+        return gen.table(name)
 
     # --- rows --------------------------------------------------------------------
 
     def lookup(self, table: str, ids, on_miss: str = "init_insert", with_state: bool = False) -> LookupResult:
-        return self.table(table).lookup(ids, on_miss, with_state)
+        with self._gens.pin() as gen:
+            return self._table(gen, table).lookup(ids, on_miss, with_state)
 
     def update(self, table: str, ids, weights, state=None) -> int:
-        return self.table(table).update(ids, weights, state)
+        with self.gate.writing(), self._gens.pin() as gen:
+            return self._table(gen, table).update(ids, weights, state)
 
     def delete(self, table: str, ids) -> int:
-        return self.table(table).delete(ids)
+        with self.gate.writing(), self._gens.pin() as gen:
+            return self._table(gen, table).delete(ids)
 
     def apply_gradients(self, table: str, ids, grads, owner: str | None = None) -> int:
-        return self.table(table).apply_gradients(ids, grads, owner)
+        with self.gate.writing(), self._gens.pin() as gen:
+            return self._table(gen, table).apply_gradients(ids, grads, owner)
 
     def prefetch(self, table: str, ids, lock: bool = False, owner: str = "") -> int:
-        return self.table(table).prefetch(ids, lock, owner)
+        with self._gens.pin() as gen:
+            return self._table(gen, table).prefetch(ids, lock, owner)
 
     def release(self, table: str, ids, owner: str = "") -> int:
-        return self.table(table).release(ids, owner)
+        with self._gens.pin() as gen:
+            return self._table(gen, table).release(ids, owner)
 
     def release_owner(self, owner: str) -> int:
         """Unpin every row `owner` holds in any table (its client disconnected)."""
-        with self._lock:
-            tables = list(self._tables.values())
-        return sum(t.release_all(owner) for t in tables)
+        with self._gens.pin() as gen:
+            return sum(t.release_all(owner) for t in list(gen.tables.values()))
 
     def stats(self, table: str) -> dict[str, float]:
-        return self.table(table).stats()
+        with self._gens.pin() as gen:
+            return self._table(gen, table).stats()
+
+    def store_stats(self) -> dict[str, float]:
+        """Store-wide counters: snapshots (count, last and total pause and duration), restores, imports."""
+        return {k: float(v) for k, v in self.counters.items()}
+
+    # --- snapshots -----------------------------------------------------------
+
+    def create_snapshot(self, name: str) -> SnapshotInfo:
+        """A point-in-time copy of every table. Writes wait only for the checkpoint itself:
+        dirty rows and memtables are flushed once before the pause, then again (few) inside it."""
+        validate_name(name, "name")
+        with self._admin, self._gens.pin() as gen:
+            start = time.perf_counter()
+            tmp = self.snapshots.prepare(name)
+            try:
+                for table in list(gen.tables.values()):    # the bulk of the work, writes still flowing
+                    flush_in_slices(table)
+                gen.rocks.flush()
+                with self.gate.paused():
+                    paused_at = time.perf_counter()
+                    for table in list(gen.tables.values()):
+                        table.flush()
+                    configs = {n: t.config.to_dict() for n, t in gen.tables.items()}
+                    _checkpoint(gen.rocks, os.path.join(tmp, "db"), name)
+                    pause = time.perf_counter() - paused_at
+                rows = {n: gen.rocks.estimate_rows(n) for n in configs}
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            info = SnapshotInfo(name=name, created_at=self.clock(), tables=configs, rows=rows,
+                                pause_seconds=pause, duration_seconds=time.perf_counter() - start)
+            self.snapshots.publish(tmp, info)
+            self._count("snapshot", info.pause_seconds, info.duration_seconds)
+            return info
+
+    def list_snapshots(self) -> list[SnapshotInfo]:
+        return self.snapshots.list()
+
+    def delete_snapshot(self, name: str) -> None:
+        validate_name(name, "name")
+        with self._admin:
+            self.snapshots.delete(name)
+            self.counters["snapshots_deleted"] += 1
+
+    def restore_snapshot(self, name: str) -> SnapshotInfo:
+        """Make a copy of snapshot `name` the live database, without stopping service.
+        Calls in flight finish on the old database, which is closed and removed after;
+        every cache starts empty. The snapshot itself stays as it was."""
+        validate_name(name, "name")
+        with self._admin:
+            start = time.perf_counter()
+            info = self.snapshots.info(name)
+            db_name = self.snapshots.copy_to_db(name)
+            try:
+                gen = self._open_generation(db_name)
+            except BaseException:
+                shutil.rmtree(os.path.join(self.data_dir, db_name), ignore_errors=True)
+                raise
+            with self._lock:
+                try:
+                    self.snapshots.set_live(db_name)
+                except StorageError:
+                    gen.remove_dir = True
+                    gen.close()
+                    raise
+                self._gens.swap(gen)
+            self._count("restore", 0.0, time.perf_counter() - start)
+            return info
+
+    def _count(self, kind: str, pause: float, duration: float) -> None:
+        counters = self.counters
+        counters[f"{kind}s"] += 1
+        counters[f"{kind}_seconds_last"] = duration
+        counters[f"{kind}_seconds_total"] += duration
+        if kind == "snapshot":
+            counters["snapshot_pause_seconds_last"] = pause
+            counters["snapshot_pause_seconds_total"] += pause
+            counters["snapshot_pause_seconds_max"] = max(counters["snapshot_pause_seconds_max"], pause)
+
+    # --- export and import ---------------------------------------------------
+
+    def export_table(self, table: str, chunk_rows: int | None = None) -> TableExport:
+        """Every row of `table` at this instant, in key order, as an iterable of `RowChunk`.
+        Iterate it to the end or call `close()`: it pins the database until then."""
+        gen = self._gens.acquire()
+        try:
+            return TableExport(self._table(gen, table), chunk_rows, on_close=lambda: self._gens.release(gen))
+        except BaseException:
+            self._gens.release(gen)
+            raise
+
+    def import_table(self, table: str, chunks: Iterable[RowChunk | tuple], mode: str = "merge",
+                     config: TableConfig | None = None) -> int:
+        """Load rows (chunks of ids, weights, state?, meta?) into `table`. Every chunk is
+        validated and staged before the table changes; then one atomic ingest applies them.
+        `replace` drops every existing row first; `merge` keeps rows not imported."""
+        stager = self.stage_import(table, mode, config)
+        try:
+            for chunk in chunks:
+                if isinstance(chunk, RowChunk):
+                    stager.add(chunk.ids, chunk.weights, chunk.state, chunk.meta)
+                else:
+                    stager.add(*chunk)
+        except BaseException:
+            self.abort_import(stager)
+            raise
+        return self.commit_import(stager)
+
+    def stage_import(self, table: str, mode: str = "merge", config: TableConfig | None = None) -> ImportStager:
+        """The streaming form of `import_table`: `add` chunks, then `commit_import` (or `abort_import`).
+        With `config`, a missing table is created from it (and dropped again if the import is aborted);
+        an existing table must match its dim, dtype and optimizer state."""
+        created = False
+        if config is not None:
+            config = TableConfig.from_dict({**config.to_dict(), "name": table})
+            try:
+                self.create_table(config)
+                created = True
+            except TableExists:
+                _check_compatible(self.describe_table(table), config)
+        target = self.table(table)
+        staging = os.path.join(self.data_dir, STAGING_DIR, uuid.uuid4().hex)
+        try:
+            stager = ImportStager(target, staging, mode, self.clock)
+        except (OSError, InvalidArgument) as exc:
+            if created:
+                self.drop_table(table)
+            if isinstance(exc, InvalidArgument):
+                raise
+            raise StorageError(f"table: cannot stage import into {table!r}: {exc}") from None
+        stager.created = created
+        return stager
+
+    def abort_import(self, stager: ImportStager) -> None:
+        """Drop what was staged; a table the import created is dropped too, so nothing changed."""
+        stager.abort()
+        if stager.created:
+            try:
+                self.drop_table(stager.table.name)
+            except TableNotFound:
+                pass
+
+    def commit_import(self, stager: ImportStager) -> int:
+        with self.gate.writing(), self._gens.pin() as gen:
+            if gen.tables.get(stager.table.name) is not stager.table:
+                stager.abort()
+                raise InvalidArgument(f"table: {stager.table.name!r} was dropped or restored during the import")
+            rows = stager.commit()
+        self.counters["rows_imported"] += rows
+        return rows
 
     # --- lifecycle ---------------------------------------------------------------
 
     def flush(self) -> int:
         """Write every dirty cached row to RocksDB and flush memtables."""
-        with self._lock:
-            self._check_open()
-            written = sum(t.flush() for t in self._tables.values())
-            self.rocks.flush()
-            return written
+        with self._gens.pin() as gen:
+            return self._flush(gen)
+
+    @staticmethod
+    def _flush(gen: Generation) -> int:
+        written = sum(t.flush() for t in list(gen.tables.values()))
+        gen.rocks.flush()
+        return written
 
     def close(self) -> None:
         """Flush dirty rows and close the database; later calls fail with StoreClosed."""
         with self._lock:
             if self._closed:
                 return
-            self.flush()
             self._closed = True
-            self.rocks.close()
+            gen = self._gens.shut()
+            if gen is not None:
+                try:
+                    self._flush(gen)
+                finally:
+                    gen.close()
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise StoreClosed("store: closed")
+
+def _check_compatible(existing: TableConfig, imported: TableConfig) -> None:
+    """Rows of `imported`'s shape fit `existing` (the import goes into a table that already exists)."""
+    for field in ("dim", "dtype", "state_dim"):
+        have, want = getattr(existing, field), getattr(imported, field)
+        if have != want:
+            raise InvalidArgument(f"config.{field}: table {existing.name!r} has {have!r}, the import has {want!r}")
+
+
+def _checkpoint(rocks: RocksTier, path: str, name: str) -> None:
+    try:
+        rocks.checkpoint(path)
+    except StorageError as exc:      # a full or failing disk: say so, the live data is untouched
+        raise FailedPrecondition(f"name: cannot write snapshot {name!r}: {exc}") from None

@@ -18,7 +18,7 @@ import numpy as np
 
 from .cache import SetAssociativeCache
 from .config import TableConfig
-from .errors import InvalidArgument, RowNotFound
+from .errors import FailedPrecondition, InvalidArgument, RowNotFound
 from .initializer import initial_weights
 from .optimizers import make_optimizer, sum_duplicates
 from .rocks_tier import RocksTier
@@ -304,6 +304,8 @@ def open_table(config: TableConfig, rocks: RocksTier, clock: Callable[[], float]
     """A table whose cache tier is where `config.cache.device` says (host memory or a GPU)."""
     if config.cache.device == "cpu":
         return Table(config, rocks, clock)
-    from .gpu_table import GpuTable
-
+    try:
+        from .gpu_table import GpuTable
+    except ImportError as exc:
+        raise FailedPrecondition(f"cache.device: {config.cache.device!r} needs CuPy ({exc})") from None
     return GpuTable(config, rocks, clock)

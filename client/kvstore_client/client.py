@@ -19,6 +19,7 @@ from kvstore_proto.v1 import kvstore_pb2_grpc as pb_grpc
 from .arrays import as_ids, as_rows, chunks, like
 from .credentials import open_channel
 from .errors import InternalError, InvalidArgumentError, KVStoreError, from_rpc_error
+from .snapshots import SnapshotMethods
 
 ON_MISS = {
     "init_insert": pb.ON_MISS_INIT_INSERT,
@@ -38,7 +39,7 @@ def _rpc() -> Iterator[None]:
         raise from_rpc_error(error) from None
 
 
-class KVStoreClient:
+class KVStoreClient(SnapshotMethods):
     def __init__(self, address: str, timeout: float = 30.0, max_message_bytes: int = 16 << 20,
                  chunk_bytes: int = 2 << 20, *, token: str | None = None, root_certificates: bytes | None = None,
                  certificate_chain: bytes | None = None, private_key: bytes | None = None,

@@ -71,6 +71,7 @@ FAMILIES = _families(
     Family("kvstore_snapshot_last_pause_seconds", "gauge", "Write pause of the latest snapshot."),
     Family("kvstore_snapshot_max_pause_seconds", "gauge", "Longest write pause of any snapshot since start."),
     Family("kvstore_restore_duration_seconds", "summary", "Time to restore a snapshot."),
+    Family("kvstore_snapshots_deleted", "counter", "Snapshots deleted."),
     Family("kvstore_subscribers", "gauge", "Replicas subscribed to update streams."),
     Family("kvstore_replication_lag_seconds", "gauge", "Age of the oldest update not yet sent to a subscriber."),
     Family("kvstore_disk_free_bytes", "gauge", "Free bytes on the file system of the data directory."),
@@ -105,12 +106,13 @@ ROCKS_PROPERTIES = {key: f"kvstore_rocksdb_{key}" for key in (
     "block_cache_usage_bytes", "block_cache_capacity_bytes", "estimated_keys", "live_sst_bytes",
     "pending_compaction_bytes", "memtable_bytes",
 )}
-# Store-wide stats -> gauge families; summaries are built from (count, sum) pairs below.
-STORE_GAUGES = {
+# Store-wide stats -> families of one sample; summaries are built from (count, sum) pairs below.
+STORE_VALUES = {
     "snapshot_pause_seconds_last": "kvstore_snapshot_last_pause_seconds",
     "snapshot_pause_seconds_max": "kvstore_snapshot_max_pause_seconds",
     "subscribers": "kvstore_subscribers",
     "replication_lag_seconds": "kvstore_replication_lag_seconds",
+    "snapshots_deleted": "kvstore_snapshots_deleted",
 }
 STORE_SUMMARIES = {
     "kvstore_snapshot_duration_seconds": ("snapshots", "snapshot_seconds_total"),
@@ -186,14 +188,11 @@ class StoreCollector:
                 out.add("kvstore_evictions", (table, stat[len(EVICTED_PREFIX):]), value)
 
     def _store_wide(self, out: _Families) -> None:
-        store_stats = getattr(self.store, "store_stats", None)   # store-wide counters, where the store has them
-        if store_stats is None:
-            return
         try:
-            stats = store_stats()
+            stats = self.store.store_stats()
         except KVStoreError:
             return
-        for stat, name in STORE_GAUGES.items():
+        for stat, name in STORE_VALUES.items():
             if stat in stats:
                 out.add(name, (), stats[stat])
         for name, (count, total) in STORE_SUMMARIES.items():
@@ -203,7 +202,7 @@ class StoreCollector:
     def _rocksdb(self, out: _Families) -> None:
         try:
             properties = self.store.rocks.properties()
-        except (KVStoreError, AttributeError):   # closed, or swapped by a restore mid-scrape
+        except KVStoreError:                     # closed, or swapped by a restore mid-scrape
             return
         for family, values in properties.items():
             labels = (family,) if family else ()

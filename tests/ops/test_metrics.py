@@ -92,6 +92,25 @@ def test_dropped_table_leaves_the_exposition(server, client):
     assert 'table="brief"' not in scrape(server)
 
 
+def test_snapshots_and_restores_show_pause_duration_and_counts(server, client):
+    client.create_table("snapped", 4)
+    client.update("snapped", [1, 2], np.ones((2, 4), np.float32))
+    before = samples(scrape(server))
+    info = client.create_snapshot("metered")
+    client.restore_snapshot("metered")
+    client.delete_snapshot("metered")
+    after = samples(scrape(server))
+    for name in ("kvstore_snapshot_duration_seconds_count", "kvstore_snapshot_pause_seconds_count",
+                 "kvstore_restore_duration_seconds_count", "kvstore_snapshots_deleted_total"):
+        assert value(after, name) - value(before, name) == 1, name
+    assert value(after, "kvstore_snapshot_last_pause_seconds") == pytest.approx(info["pause_seconds"])
+    assert value(after, "kvstore_snapshot_duration_seconds_sum") - value(before, "kvstore_snapshot_duration_seconds_sum") \
+        == pytest.approx(info["duration_seconds"])
+    assert value(after, "kvstore_snapshot_max_pause_seconds") >= info["pause_seconds"]
+    assert value(after, "kvstore_cache_capacity_rows", table="snapped") > 0     # the table came back
+    assert value(after, "kvstore_rocksdb_block_cache_capacity_bytes") == BLOCK_CACHE   # the restored database
+
+
 @needs_promtool
 def test_exposition_passes_promtool_check_metrics(server, client):
     client.create_table("linted", 4)

@@ -56,6 +56,17 @@ def test_probe_finds_inserted_ids_with_their_rows_and_misses_others():
     np.testing.assert_array_equal(cache.probe(np.array([4, 7, -3], dtype=np.int64)), [-1, -1, -1])
 
 
+@pytest.mark.parametrize("stride", [1, 1024, -7])
+def test_sequential_and_strided_ids_spread_over_all_sets(stride):
+    cache = make_cache(rows=1 << 20, ways=32)               # 32768 sets
+    ids = np.arange(1 << 18, dtype=np.int64) * stride      # a quarter of the capacity
+    load = np.bincount(cache.set_of(ids), minlength=cache.num_sets)
+    assert (load == 0).sum() < 100 and load.max() < cache.ways   # random: ~11 empty sets, max ~22
+    for lo in range(0, len(ids), 1 << 16):
+        insert(cache, ids[lo:lo + (1 << 16)])
+    assert cache.occupancy() == len(ids)
+
+
 def test_probe_of_empty_batch_is_empty():
     assert len(make_cache().probe(np.zeros(0, dtype=np.int64))) == 0
 
@@ -105,16 +116,18 @@ def test_misses_to_one_set_in_one_batch_never_share_a_slot():
     np.testing.assert_array_equal(slots[cache.ways:], -1)
 
 
-def test_ways_used_by_the_current_batch_are_not_victims():
+@pytest.mark.parametrize("new_ids", [1, 4])
+def test_ways_used_by_the_current_batch_are_not_victims(new_ids):
     cache = make_cache(rows=8, ways=4)
     old = ids_in_one_set(cache, 4)
-    insert(cache, old)
-    new = ids_in_one_set(cache, 4, start=int(old[-1]) + 1)
+    insert(cache, old[3:])                            # old[3] is the least recently used
+    insert(cache, old[:3])
+    new = ids_in_one_set(cache, new_ids, start=int(old[-1]) + 1)
     cache.begin_batch()
-    cache.touch(cache.probe(old[:3]))                 # this batch reads three of them
+    cache.touch(cache.probe(old[3:]))                 # this batch reads the oldest one
     slots = cache.choose_slots(new).slots
-    assert (slots >= 0).sum() == 1                    # only the untouched way is free
-    assert slots[0] == cache.probe(old[3:])[0]
+    assert (slots >= 0).sum() == min(new_ids, 3)
+    assert cache.probe(old[3:])[0] not in slots
 
 
 def test_table_stays_correct_when_a_batch_overflows_one_set(data_dir):
@@ -143,9 +156,11 @@ def test_locked_slots_are_never_victims():
     for key in (a, b, c, d):
         insert(cache, [key])
     cache.locks[cache.probe(np.array([a, b]))] = 1    # the two oldest are locked
-    slots = insert(cache, new)
+    insert(cache, new[:1])                            # one new id: the oldest unlocked way, c
+    np.testing.assert_array_equal(cached(cache, [a, b, c, d]), [True, True, False, True])
+    slots = insert(cache, new[1:])                    # three more: two unlocked ways for them
     assert (slots >= 0).sum() == 2
-    np.testing.assert_array_equal(cached(cache, [a, b, c, d]), [True, True, False, False])
+    np.testing.assert_array_equal(cached(cache, [a, b, c, d, new[0]]), [True, True, False, False, False])
     slots = insert(cache, ids_in_one_set(cache, 4, start=int(new[-1]) + 1))
     assert (slots >= 0).sum() == 2                    # still only the two unlocked ways
     assert cached(cache, [a, b]).all()

@@ -83,7 +83,7 @@ def test_parallel_multi_get_matches_serial(tmp_path):
             serial.extend(tier.get("rows", request[i:i + 1000]))
         assert parallel == serial
         assert sum(v is None for v in parallel) == len(ids) - len(stored)
-        assert all(v is None or v == k * 4 for k, v in zip(request, parallel))
+        assert all(v is None or v == k * 4 for k, v in zip(request, parallel, strict=True))
     finally:
         tier.close()
 

@@ -14,11 +14,20 @@ class OnMiss(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ON_MISS_INIT: _ClassVar[OnMiss]
     ON_MISS_ZEROS: _ClassVar[OnMiss]
     ON_MISS_ERROR: _ClassVar[OnMiss]
+
+class ImportMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    IMPORT_MODE_UNSPECIFIED: _ClassVar[ImportMode]
+    IMPORT_MODE_MERGE: _ClassVar[ImportMode]
+    IMPORT_MODE_REPLACE: _ClassVar[ImportMode]
 ON_MISS_UNSPECIFIED: OnMiss
 ON_MISS_INIT_INSERT: OnMiss
 ON_MISS_INIT: OnMiss
 ON_MISS_ZEROS: OnMiss
 ON_MISS_ERROR: OnMiss
+IMPORT_MODE_UNSPECIFIED: ImportMode
+IMPORT_MODE_MERGE: ImportMode
+IMPORT_MODE_REPLACE: ImportMode
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
@@ -264,3 +273,124 @@ class StatsResponse(_message.Message):
     table: str
     counters: _containers.ScalarMap[str, float]
     def __init__(self, table: _Optional[str] = ..., counters: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class SnapshotInfo(_message.Message):
+    __slots__ = ("name", "created_at", "tables", "rows", "format_version", "pause_seconds", "duration_seconds")
+    class RowsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PAUSE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    created_at: float
+    tables: _containers.RepeatedCompositeFieldContainer[TableConfig]
+    rows: _containers.ScalarMap[str, int]
+    format_version: int
+    pause_seconds: float
+    duration_seconds: float
+    def __init__(self, name: _Optional[str] = ..., created_at: _Optional[float] = ..., tables: _Optional[_Iterable[_Union[TableConfig, _Mapping]]] = ..., rows: _Optional[_Mapping[str, int]] = ..., format_version: _Optional[int] = ..., pause_seconds: _Optional[float] = ..., duration_seconds: _Optional[float] = ...) -> None: ...
+
+class CreateSnapshotRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class CreateSnapshotResponse(_message.Message):
+    __slots__ = ("snapshot",)
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    snapshot: SnapshotInfo
+    def __init__(self, snapshot: _Optional[_Union[SnapshotInfo, _Mapping]] = ...) -> None: ...
+
+class ListSnapshotsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListSnapshotsResponse(_message.Message):
+    __slots__ = ("snapshots",)
+    SNAPSHOTS_FIELD_NUMBER: _ClassVar[int]
+    snapshots: _containers.RepeatedCompositeFieldContainer[SnapshotInfo]
+    def __init__(self, snapshots: _Optional[_Iterable[_Union[SnapshotInfo, _Mapping]]] = ...) -> None: ...
+
+class DeleteSnapshotRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DeleteSnapshotResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RestoreSnapshotRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class RestoreSnapshotResponse(_message.Message):
+    __slots__ = ("snapshot", "duration_seconds")
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    snapshot: SnapshotInfo
+    duration_seconds: float
+    def __init__(self, snapshot: _Optional[_Union[SnapshotInfo, _Mapping]] = ..., duration_seconds: _Optional[float] = ...) -> None: ...
+
+class ExportRequest(_message.Message):
+    __slots__ = ("table", "chunk_rows")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_ROWS_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    chunk_rows: int
+    def __init__(self, table: _Optional[str] = ..., chunk_rows: _Optional[int] = ...) -> None: ...
+
+class ExportChunk(_message.Message):
+    __slots__ = ("config", "estimated_rows", "ids", "weights", "state", "meta")
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_ROWS_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    META_FIELD_NUMBER: _ClassVar[int]
+    config: TableConfig
+    estimated_rows: int
+    ids: bytes
+    weights: Tensor
+    state: Tensor
+    meta: Tensor
+    def __init__(self, config: _Optional[_Union[TableConfig, _Mapping]] = ..., estimated_rows: _Optional[int] = ..., ids: _Optional[bytes] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., state: _Optional[_Union[Tensor, _Mapping]] = ..., meta: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class ImportRequest(_message.Message):
+    __slots__ = ("table", "mode", "config", "ids", "weights", "state", "meta")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    META_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    mode: ImportMode
+    config: TableConfig
+    ids: bytes
+    weights: Tensor
+    state: Tensor
+    meta: Tensor
+    def __init__(self, table: _Optional[str] = ..., mode: _Optional[_Union[ImportMode, str]] = ..., config: _Optional[_Union[TableConfig, _Mapping]] = ..., ids: _Optional[bytes] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., state: _Optional[_Union[Tensor, _Mapping]] = ..., meta: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class ImportResponse(_message.Message):
+    __slots__ = ("rows", "created")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    rows: int
+    created: bool
+    def __init__(self, rows: _Optional[int] = ..., created: _Optional[bool] = ...) -> None: ...

@@ -94,6 +94,36 @@ class EmbeddingStoreStub:
                 request_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.StatsRequest.SerializeToString,
                 response_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.CreateSnapshot = channel.unary_unary(
+                '/kvstore.v1.EmbeddingStore/CreateSnapshot',
+                request_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.CreateSnapshotRequest.SerializeToString,
+                response_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.CreateSnapshotResponse.FromString,
+                _registered_method=True)
+        self.ListSnapshots = channel.unary_unary(
+                '/kvstore.v1.EmbeddingStore/ListSnapshots',
+                request_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.ListSnapshotsRequest.SerializeToString,
+                response_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.ListSnapshotsResponse.FromString,
+                _registered_method=True)
+        self.DeleteSnapshot = channel.unary_unary(
+                '/kvstore.v1.EmbeddingStore/DeleteSnapshot',
+                request_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.DeleteSnapshotRequest.SerializeToString,
+                response_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.DeleteSnapshotResponse.FromString,
+                _registered_method=True)
+        self.RestoreSnapshot = channel.unary_unary(
+                '/kvstore.v1.EmbeddingStore/RestoreSnapshot',
+                request_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.RestoreSnapshotRequest.SerializeToString,
+                response_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.RestoreSnapshotResponse.FromString,
+                _registered_method=True)
+        self.Export = channel.unary_stream(
+                '/kvstore.v1.EmbeddingStore/Export',
+                request_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.ExportRequest.SerializeToString,
+                response_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.ExportChunk.FromString,
+                _registered_method=True)
+        self.Import = channel.stream_unary(
+                '/kvstore.v1.EmbeddingStore/Import',
+                request_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.ImportRequest.SerializeToString,
+                response_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.ImportResponse.FromString,
+                _registered_method=True)
 
 
 class EmbeddingStoreServicer:
@@ -171,6 +201,42 @@ class EmbeddingStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateSnapshot(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSnapshots(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSnapshot(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestoreSnapshot(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Export(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Import(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EmbeddingStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -233,6 +299,36 @@ def add_EmbeddingStoreServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.StatsRequest.FromString,
                     response_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.StatsResponse.SerializeToString,
+            ),
+            'CreateSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSnapshot,
+                    request_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.CreateSnapshotRequest.FromString,
+                    response_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.CreateSnapshotResponse.SerializeToString,
+            ),
+            'ListSnapshots': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSnapshots,
+                    request_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.ListSnapshotsRequest.FromString,
+                    response_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.ListSnapshotsResponse.SerializeToString,
+            ),
+            'DeleteSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSnapshot,
+                    request_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.DeleteSnapshotRequest.FromString,
+                    response_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.DeleteSnapshotResponse.SerializeToString,
+            ),
+            'RestoreSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreSnapshot,
+                    request_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.RestoreSnapshotRequest.FromString,
+                    response_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.RestoreSnapshotResponse.SerializeToString,
+            ),
+            'Export': grpc.unary_stream_rpc_method_handler(
+                    servicer.Export,
+                    request_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.ExportRequest.FromString,
+                    response_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.ExportChunk.SerializeToString,
+            ),
+            'Import': grpc.stream_unary_rpc_method_handler(
+                    servicer.Import,
+                    request_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.ImportRequest.FromString,
+                    response_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.ImportResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -559,6 +655,168 @@ class EmbeddingStore:
             '/kvstore.v1.EmbeddingStore/Stats',
             kvstore__proto_dot_v1_dot_kvstore__pb2.StatsRequest.SerializeToString,
             kvstore__proto_dot_v1_dot_kvstore__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.EmbeddingStore/CreateSnapshot',
+            kvstore__proto_dot_v1_dot_kvstore__pb2.CreateSnapshotRequest.SerializeToString,
+            kvstore__proto_dot_v1_dot_kvstore__pb2.CreateSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSnapshots(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.EmbeddingStore/ListSnapshots',
+            kvstore__proto_dot_v1_dot_kvstore__pb2.ListSnapshotsRequest.SerializeToString,
+            kvstore__proto_dot_v1_dot_kvstore__pb2.ListSnapshotsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.EmbeddingStore/DeleteSnapshot',
+            kvstore__proto_dot_v1_dot_kvstore__pb2.DeleteSnapshotRequest.SerializeToString,
+            kvstore__proto_dot_v1_dot_kvstore__pb2.DeleteSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.EmbeddingStore/RestoreSnapshot',
+            kvstore__proto_dot_v1_dot_kvstore__pb2.RestoreSnapshotRequest.SerializeToString,
+            kvstore__proto_dot_v1_dot_kvstore__pb2.RestoreSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Export(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kvstore.v1.EmbeddingStore/Export',
+            kvstore__proto_dot_v1_dot_kvstore__pb2.ExportRequest.SerializeToString,
+            kvstore__proto_dot_v1_dot_kvstore__pb2.ExportChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Import(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/kvstore.v1.EmbeddingStore/Import',
+            kvstore__proto_dot_v1_dot_kvstore__pb2.ImportRequest.SerializeToString,
+            kvstore__proto_dot_v1_dot_kvstore__pb2.ImportResponse.FromString,
             options,
             channel_credentials,
             insecure,

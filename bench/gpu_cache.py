@@ -1,0 +1,272 @@
+"""GPU cache tier: each figure beside its ceiling, measured in the same run on the same GPU.
+
+    python bench/gpu_cache.py [--slots 10000000] [--batch 1048576] [--reps 30]
+
+Ceilings: a large device-to-device copy (bytes read + written) for the memory-
+bound kernels; torch.index_select on the same slab for the gather; RocksDB
+multi-get and the all-hit device path for the end-to-end lookup. Kernels are
+timed with CUDA events after a warm-up, median of many reps, rotating among
+several input sets so L2 does not flatter.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import cupy
+import numpy as np
+
+from kvstore import CacheConfig, OptimizerConfig, Store, TableConfig
+from kvstore.gpu_cache import GpuCache
+from kvstore.rows import RowLayout, encode_keys
+
+ROTATE = 4
+DIM = 128
+
+
+def median_ms(fn, inputs, reps: int, warmup: int = 3, before=None) -> float:
+    """Median time of fn(inputs[i % len(inputs)]) with CUDA events; `before` runs untimed."""
+    for i in range(warmup):
+        if before:
+            before(i)
+        fn(inputs[i % len(inputs)])
+    times = []
+    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+    for i in range(reps):
+        if before:
+            before(i)
+        start.record()
+        fn(inputs[i % len(inputs)])
+        stop.record()
+        stop.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, stop))
+    return float(np.median(times))
+
+
+class Marked:
+    """Wraps a cache's kernel launchers: CUDA events around each launch, for a breakdown."""
+
+    def __init__(self, kernels):
+        self.kernels = kernels
+        self.marks: list = []
+
+    def __getattr__(self, name):
+        fn = getattr(self.kernels, name)
+
+        def launch(*args, **kwargs):
+            start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+            start.record()
+            fn(*args, **kwargs)
+            stop.record()
+            self.marks.append((name, start, stop))
+        return launch
+
+
+def breakdown(cache: GpuCache, call, inputs, prepare, reps: int = 5) -> str:
+    """Per-kernel device time, host time of the call, and its device span (medians)."""
+    original, marked = cache.kernels, Marked(cache.kernels)
+    cache.kernels = marked
+    host, span = [], []
+    for i in range(reps):
+        prepare(i)
+        cupy.cuda.get_current_stream().synchronize()
+        first, last = cupy.cuda.Event(), cupy.cuda.Event()
+        t0 = time.perf_counter()
+        first.record()
+        call(inputs[i % len(inputs)])
+        last.record()
+        host.append((time.perf_counter() - t0) * 1e3)
+        last.synchronize()
+        span.append(cupy.cuda.get_elapsed_time(first, last))
+    cache.kernels = original
+    per: dict = {}
+    for name, start, stop in marked.marks:
+        per.setdefault(name, []).append(cupy.cuda.get_elapsed_time(start, stop))
+    kernels = ", ".join(f"{k} {np.median(v) * len(v) / reps:.3f}" for k, v in per.items())
+    return f"kernels {kernels}; host {np.median(host):.3f}, span {np.median(span):.3f} ms"
+
+
+def copy_ceiling(reps: int) -> float:
+    """Device-to-device copy bandwidth, GB/s, counting bytes read + written."""
+    n = 1 << 30
+    src = [cupy.random.randint(0, 255, n, dtype=cupy.uint8) for _ in range(2)]
+    dst = cupy.empty(n, dtype=cupy.uint8)
+    ms = median_ms(lambda s: dst.__setitem__(Ellipsis, s), src, reps)
+    return 2 * n / ms / 1e6
+
+
+def fill_cache(cache: GpuCache, load: float, batch: int, rng) -> np.ndarray:
+    """Insert ids until about `load` of the slots are used; returns the resident ids."""
+    target = int(cache.capacity * load)
+    next_id = 0
+    while int(cache.occupancy()) < target:
+        n = min(batch, target - int(cache.occupancy()) + 1)
+        ids = cupy.arange(next_id, next_id + n, dtype=cupy.int64) * 2654435761 + 12345
+        next_id += n
+        cache.begin_batch()
+        cache.find_or_insert(ids)
+    return cache.keys[cache.occupied]
+
+
+def bench_kernels(args, copy_gbs: float, rows: list) -> None:
+    rng = np.random.default_rng(0)
+    layout = RowLayout.of(TableConfig(name="b", dim=DIM, optimizer=OptimizerConfig(name="rowwise_adagrad")))
+    cache = GpuCache(CacheConfig(rows=args.slots // 32 * 32, ways=32), layout.row_bytes)
+    slab = cache.slab.view(cupy.float32)
+    for start in range(0, len(slab), 1 << 20):
+        part = slab[start:start + (1 << 20)]
+        part[:] = cupy.random.standard_normal(part.shape, dtype=cupy.float32)
+    cache.slab.view(cupy.float32)[:, -4:] = 1.0          # rowwise G > 0
+    n = args.batch
+
+    # gather of weights by slot
+    slot_sets = [cupy.asarray(rng.integers(0, cache.capacity, n)) for _ in range(ROTATE)]
+    out = cupy.empty((n, DIM), dtype=cupy.float32)
+    ms = median_ms(lambda s: cache.gather(s, 16, DIM * 4, out.view(cupy.uint8)), slot_sets, args.reps)
+    print("gather breakdown:", breakdown(
+        cache, lambda s: cache.gather(s, 16, DIM * 4, out.view(cupy.uint8)), slot_sets, lambda i: None))
+    gbs = 2 * n * DIM * 4 / ms / 1e6
+    import torch
+
+    slab_t = torch.from_dlpack(cache.slab).view(torch.float32)[:, 4:4 + DIM]
+    idx_t = [torch.from_dlpack(s) for s in slot_sets]
+    ms_t = median_ms(lambda i: torch.index_select(slab_t, 0, i), idx_t, args.reps)
+    rows.append(("gather 1M x 128 f32 (GB/s)", gbs, copy_gbs, f"{gbs / copy_gbs:.2f} of copy; "
+                 f"torch.index_select {2 * n * DIM * 4 / ms_t / 1e6:.0f} GB/s ({ms:.3f} vs {ms_t:.3f} ms)"))
+
+    # probe at ~90% load
+    t0 = time.perf_counter()
+    resident = fill_cache(cache, 0.9, n, rng)
+    load = int(cache.occupancy()) / cache.capacity
+    fill_s = time.perf_counter() - t0
+    queries = [resident[cupy.asarray(rng.integers(0, len(resident), n))] for _ in range(ROTATE)]
+    ms = median_ms(cache.probe, queries, args.reps)
+    rows.append((f"probe 1M ids, load {load:.2f} (ids/s)", n / ms * 1e3, 4e9,
+                 f"target 4e9; all hits; fill of {len(resident)} ids took {fill_s:.1f} s"))
+
+    # find-or-insert at 60% hits, LRU victims (the cache is full after the first few calls)
+    fresh = [1 << 40]
+    batches: list = [None] * ROTATE
+
+    def prepare(i):
+        now_resident = cache.keys[cache.occupied]
+        hits = now_resident[cupy.random.permutation(len(now_resident))[:int(n * 0.6)]]
+        new = cupy.arange(fresh[0], fresh[0] + n - len(hits), dtype=cupy.int64)
+        fresh[0] += n
+        batches[i % ROTATE] = cupy.concatenate([hits, new])[cupy.asarray(rng.permutation(n))]
+        cache.begin_batch()
+
+    claims = []
+    ms = median_ms(lambda ids: claims.append(cache.find_or_insert(ids)), batches, args.reps, before=prepare)
+    print("find_or_insert breakdown:", breakdown(cache, cache.find_or_insert, batches, prepare))
+    hit_rate = float(claims[-1].hit.mean())
+    probe_ms = median_ms(cache.probe, batches, args.reps)
+    choose_ms = median_ms(lambda ids: cache._link(ids, 0), batches, args.reps)   # probe + victim choice
+    start = time.perf_counter()
+    for claim in claims[-5:]:
+        cache.displaced_rows(claim)
+    cupy.cuda.get_current_stream().synchronize()
+    extract_ms = (time.perf_counter() - start) / 5 * 1e3
+    rows.append((f"find_or_insert, {hit_rate:.0%} hits (ids/s)", n / ms * 1e3, 1e9,
+                 f"target 1e9; {ms:.3f} ms: pure probe {probe_ms:.3f}, probe + victim choice {choose_ms:.3f}; "
+                 f"dirty-victim extraction +{extract_ms:.2f} ms"))
+
+    # fused rowwise Adagrad on 1M unique rows
+    unique_sets = [cupy.asarray(rng.permutation(cache.capacity)[:n]) for _ in range(ROTATE)]
+    grads = [cupy.random.standard_normal((n, DIM), dtype=cupy.float32) for _ in range(ROTATE)]
+    opt = OptimizerConfig(name="rowwise_adagrad", lr=0.01)
+    pairs = list(zip(unique_sets, grads, strict=True))
+    ms = median_ms(lambda p: cache.optimizer_step(p[0], p[1], opt, layout, now=1), pairs, args.reps)
+    print("rowwise adagrad breakdown:", breakdown(
+        cache, lambda p: cache.optimizer_step(p[0], p[1], opt, layout, now=1), pairs, lambda i: None))
+    moved = n * (DIM * 4 * 3 + 4 * 2 + 16 * 2 + 1 + 8)   # grads + weights r/w + G r/w + header r/w + dirty + slot
+    gbs = moved / ms / 1e6
+    # the same rows read and written in place, nothing else: the access pattern's own ceiling
+    rb = layout.row_bytes
+    rmw_ms = median_ms(lambda s: cache.kernels.copy_rows(cache.slab, s, rb, 0, cache.slab, s, rb, 0, rb, n),
+                       unique_sets, args.reps)
+    rmw_gbs = 2 * n * rb / rmw_ms / 1e6
+    rows.append(("rowwise adagrad 1M rows (GB/s)", gbs, copy_gbs, f"{gbs / copy_gbs:.2f} of copy; {ms:.3f} ms; "
+                 f"random-row in-place copy of the same rows {rmw_gbs:.0f} GB/s ({rmw_ms:.3f} ms)"))
+
+
+def bench_end_to_end(args, rows: list) -> None:
+    rng = np.random.default_rng(1)
+    batch, hot_n, cold_n = 65536, 1 << 20, 200_000
+    cfg = TableConfig(name="e2e", dim=DIM, optimizer=OptimizerConfig(name="rowwise_adagrad"),
+                      cache=CacheConfig(rows=1 << 21, ways=32, device="cuda:0"))
+    with tempfile.TemporaryDirectory() as path, Store(path) as store:
+        store.create_table(cfg)
+        table = store.table("e2e")
+        layout = table.layout
+        hot = cupy.arange(hot_n, dtype=cupy.int64)                    # resident, clean
+        table.cache.begin_batch()
+        claim = table.cache.find_or_insert(hot)
+        hot_rows = cupy.zeros((hot_n, layout.row_bytes), dtype=cupy.uint8)
+        hot_rows.view(cupy.float32)[:, 4:4 + DIM] = cupy.random.standard_normal((hot_n, DIM), dtype=cupy.float32)
+        table.cache.scatter_rows(claim.slots, hot_rows)
+        cold = np.arange(1 << 32, (1 << 32) + cold_n, dtype=np.int64)  # in RocksDB only
+        cold_rows = layout.empty(cold_n)
+        layout.weights(cold_rows)[:] = rng.standard_normal((cold_n, DIM)).astype(np.float32)
+        t0 = time.perf_counter()
+        for i in range(0, cold_n, 50_000):
+            store.rocks.write("e2e", encode_keys(cold[i:i + 50_000]), layout.to_values(cold_rows[i:i + 50_000]))
+        store.rocks.flush()
+        load_s = time.perf_counter() - t0
+        n_cold = int(batch * 0.05)
+        batches = []
+        for b in range(cold_n // n_cold):
+            ids = np.concatenate([rng.integers(0, hot_n, batch - n_cold), cold[b * n_cold:(b + 1) * n_cold]])
+            batches.append(cupy.asarray(rng.permutation(ids)))
+        for ids in batches[:3]:
+            store.lookup("e2e", ids)
+        cupy.cuda.get_current_stream().synchronize()
+        timed, profiled = batches[3:33], batches[33:]
+        start = time.perf_counter()
+        for ids in timed:
+            store.lookup("e2e", ids)
+        cupy.cuda.get_current_stream().synchronize()
+        seconds = time.perf_counter() - start
+        rate = len(timed) * batch / seconds
+        table.profile = True
+        for ids in profiled:
+            store.lookup("e2e", ids)
+        table.profile = False
+        # ceilings: the same batches all hits (device path only), and RocksDB multi-get of the misses
+        hit_only = [cupy.asarray(rng.integers(0, hot_n, batch)) for _ in range(ROTATE)]
+        ms = median_ms(lambda ids: store.lookup("e2e", ids), hit_only, args.reps)
+        probe_keys = encode_keys(cold[:n_cold])
+        t0 = time.perf_counter()
+        for _ in range(5):
+            store.rocks.get("e2e", probe_keys)
+        get_rate = 5 * n_cold / (time.perf_counter() - t0)
+        phases = ", ".join(f"{k} {v / len(profiled) * 1e3:.2f}" for k, v in sorted(table.phases.items()))
+        rows.append(("e2e lookup 95% hits (rows/s)", rate, batch / ms * 1e3,
+                     f"ceiling = all-hit lookup; RocksDB get {get_rate / 1e6:.2f} M rows/s alone; "
+                     f"ms per batch of {batch}: {phases}; cold load {load_s:.1f} s"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--slots", type=int, default=10_000_000)
+    parser.add_argument("--batch", type=int, default=1 << 20)
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--skip-e2e", action="store_true")
+    args = parser.parse_args()
+    props = cupy.cuda.runtime.getDeviceProperties(0)
+    print(f"device: {props['name'].decode()}, {props['multiProcessorCount']} SMs, CuPy {cupy.__version__}")
+    rows: list = []
+    copy_gbs = copy_ceiling(args.reps)
+    rows.append(("device-to-device copy (GB/s)", copy_gbs, copy_gbs, "ceiling: bytes read + written"))
+    bench_kernels(args, copy_gbs, rows)
+    cupy.get_default_memory_pool().free_all_blocks()
+    if not args.skip_e2e:
+        bench_end_to_end(args, rows)
+    print(f"{'figure':<40} {'measured':>12} {'ceiling':>12}  notes")
+    for name, value, ceiling, note in rows:
+        print(f"{name:<40} {value:>12.4g} {ceiling:>12.4g}  {note}")
+
+
+if __name__ == "__main__":
+    main()

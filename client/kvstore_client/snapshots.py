@@ -1,0 +1,190 @@
+"""Client methods for snapshots, export and import (mixed into KVStoreClient).
+
+`export`/`import_chunks` are the streaming forms of the Export and Import RPCs;
+`export_table`/`import_table` move a whole table as arrays in memory (what a
+module's state_dict needs). Transfers get their own, long deadline.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import grpc
+import numpy as np
+from kvstore_proto.export_format import ExportChunk
+from kvstore_proto.tensors import WireError, decode_ids, decode_tensor, encode_ids, encode_tensor
+from kvstore_proto.v1 import kvstore_pb2 as pb
+
+from .arrays import as_ids, as_rows, chunks, to_numpy
+from .errors import InternalError, InvalidArgumentError, from_rpc_error
+
+IMPORT_MODES = {"merge": pb.IMPORT_MODE_MERGE, "replace": pb.IMPORT_MODE_REPLACE}
+TRANSFER_TIMEOUT = 24 * 3600.0
+
+
+@contextmanager
+def _rpc() -> Iterator[None]:
+    try:
+        yield
+    except grpc.RpcError as error:
+        raise from_rpc_error(error) from None
+
+
+def _snapshot_dict(info: pb.SnapshotInfo) -> dict:
+    from .client import _to_dict
+
+    return {
+        "name": info.name, "created_at": info.created_at, "format_version": info.format_version,
+        "tables": [_to_dict(t) for t in info.tables], "rows": dict(info.rows),
+        "pause_seconds": info.pause_seconds, "duration_seconds": info.duration_seconds,
+    }
+
+
+class ExportStream:
+    """Chunks of one table in key order; `config` and `estimated_rows` are known before the first."""
+
+    def __init__(self, responses: Iterator[pb.ExportChunk]):
+        self._responses = responses
+        with _rpc():
+            first = next(responses, None)
+        if first is None or not first.HasField("config"):
+            raise InternalError(message="export: the server sent no header chunk")
+        from .client import _to_dict
+
+        self.config = _to_dict(first.config)
+        self.estimated_rows = first.estimated_rows
+        self._first = _chunk(first)
+        self.state_dim = self._first.state.shape[1]
+
+    def __iter__(self) -> Iterator[ExportChunk]:
+        if len(self._first.ids):
+            yield self._first
+        with _rpc():
+            for response in self._responses:
+                yield _chunk(response)
+
+    def cancel(self) -> None:
+        self._responses.cancel()
+
+
+def _chunk(response: pb.ExportChunk) -> ExportChunk:
+    try:
+        ids = decode_ids(response.ids, "ids")
+        weights, state = decode_tensor(response.weights, "weights"), decode_tensor(response.state, "state")
+        meta = decode_tensor(response.meta, "meta")
+    except WireError as exc:
+        raise InternalError(message=f"export: malformed chunk: {exc}") from None
+    if weights.shape[0] != len(ids) or state.shape[0] != len(ids) or meta.shape != (len(ids), 3):
+        raise InternalError(message="export: a chunk's tensors disagree with its ids")
+    return ExportChunk(ids, weights, state, meta.astype(np.uint32))
+
+
+class SnapshotMethods:
+    def create_snapshot(self, name: str) -> dict:
+        """A point-in-time copy of every table on the server; includes `pause_seconds`."""
+        with _rpc():
+            response = self._stub.CreateSnapshot(pb.CreateSnapshotRequest(name=name), timeout=TRANSFER_TIMEOUT)
+        return _snapshot_dict(response.snapshot)
+
+    def list_snapshots(self) -> list[dict]:
+        with _rpc():
+            response = self._stub.ListSnapshots(pb.ListSnapshotsRequest(), timeout=self.timeout)
+        return [_snapshot_dict(s) for s in response.snapshots]
+
+    def delete_snapshot(self, name: str) -> None:
+        with _rpc():
+            self._stub.DeleteSnapshot(pb.DeleteSnapshotRequest(name=name), timeout=self.timeout)
+
+    def restore_snapshot(self, name: str) -> dict:
+        """Make the snapshot the server's live data; the server keeps serving throughout."""
+        with _rpc():
+            response = self._stub.RestoreSnapshot(pb.RestoreSnapshotRequest(name=name), timeout=TRANSFER_TIMEOUT)
+        self._row_shapes.clear()
+        out = _snapshot_dict(response.snapshot)
+        out["restore_seconds"] = response.duration_seconds
+        return out
+
+    # --- export and import ---------------------------------------------------
+
+    def export(self, table: str, chunk_rows: int = 0, timeout: float = TRANSFER_TIMEOUT) -> ExportStream:
+        """Stream every row of `table` as it was at this call, in increasing id order."""
+        responses = self._stub.Export(pb.ExportRequest(table=table, chunk_rows=chunk_rows), timeout=timeout)
+        return ExportStream(responses)
+
+    def export_table(self, table: str) -> ExportChunk:
+        """The whole table in memory: ids [n], weights [n, dim], state [n, state_dim], meta [n, 3]."""
+        stream = self.export(table)
+        parts = list(stream)
+        if not parts:
+            return stream._first
+        return ExportChunk(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("ids", "weights", "state",
+                                                                                       "meta")))
+
+    def import_chunks(self, table: str, parts: Iterable[ExportChunk | tuple], mode: str = "merge",
+                      config: dict | None = None, timeout: float = TRANSFER_TIMEOUT) -> int:
+        """Stream chunks (ids, weights, state?, meta?) into `table`; applied only once all arrived valid.
+        With `config` (a table config dict), a missing table is created from it."""
+        if mode not in IMPORT_MODES:
+            raise InvalidArgumentError(message=f"mode: unknown import mode {mode!r}; expected one of "
+                                               f"{list(IMPORT_MODES)}")
+        header = pb.ImportRequest(table=table, mode=IMPORT_MODES[mode])
+        if config is not None:
+            header.config.CopyFrom(_config_message(config))
+
+        def requests() -> Iterator[pb.ImportRequest]:
+            first = header
+            for part in parts:
+                for request in self._import_requests(part):
+                    if first is not None:
+                        request.MergeFrom(first)
+                        first = None
+                    yield request
+            if first is not None:
+                yield first
+
+        with _rpc():
+            return self._stub.Import(requests(), timeout=timeout).rows
+
+    def _import_requests(self, part) -> Iterator[pb.ImportRequest]:
+        if isinstance(part, ExportChunk):
+            part = (part.ids, part.weights, part.state, part.meta)
+        ids = as_ids(part[0])
+        weights = as_rows(part[1], len(ids), "weights")
+        state = None if len(part) < 3 or part[2] is None else as_rows(part[2], len(ids), "state")
+        meta = None if len(part) < 4 or part[3] is None else as_rows(part[3], len(ids), "meta").astype(np.int64)
+        row_bytes = 8 + weights[:1].nbytes + (0 if state is None else state[:1].nbytes) + 24
+        for start, stop in chunks(len(ids), row_bytes, self.chunk_bytes):
+            request = pb.ImportRequest(ids=encode_ids(ids[start:stop]), weights=_tensor(weights[start:stop], "weights"))
+            if state is not None:
+                request.state.CopyFrom(_tensor(state[start:stop], "state"))
+            if meta is not None:
+                request.meta.CopyFrom(_tensor(meta[start:stop], "meta"))
+            yield request
+
+    def import_table(self, table: str, ids: Any, weights: Any, state: Any = None, mode: str = "merge",
+                     meta: Any = None, config: dict | None = None) -> int:
+        """Load whole arrays into `table` (sorted by id first, so the server ingests few files).
+        Duplicate ids: the last one wins. Returns the rows imported."""
+        id_array = as_ids(ids)
+        order = np.argsort(id_array, kind="stable")
+        arrays = [id_array, to_numpy(weights, "weights")]
+        arrays += [None if a is None else to_numpy(a, name) for a, name in ((state, "state"), (meta, "meta"))]
+        if any(a is not None and (a.ndim < 1 or len(a) != len(id_array)) for a in arrays[1:]):
+            raise InvalidArgumentError(message=f"weights: every array needs one row per id ({len(id_array)})")
+        ordered = tuple(None if a is None else a[order] for a in arrays)
+        return self.import_chunks(table, [ordered], mode=mode, config=config)
+
+
+def _tensor(array: np.ndarray, field: str) -> pb.Tensor:
+    try:
+        return encode_tensor(array)
+    except WireError as exc:
+        raise InvalidArgumentError(message=f"{field}: {exc}") from None
+
+
+def _config_message(config: dict) -> pb.TableConfig:
+    try:
+        return pb.TableConfig(**config)
+    except (ValueError, TypeError) as exc:
+        raise InvalidArgumentError(message=f"config: {exc}") from None

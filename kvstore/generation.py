@@ -1,0 +1,94 @@
+"""The live database and its tables, pinned by the calls that use them.
+
+A restore opens another database and swaps in a new `Generation`; calls in
+flight keep the one they pinned and finish on it. The retired generation is
+closed (and its directory removed) by whoever releases the last pin, so a
+restore never waits for a long export to finish.
+"""
+from __future__ import annotations
+
+import contextlib
+import shutil
+import threading
+from collections.abc import Iterator
+
+from .errors import StoreClosed, TableNotFound
+from .rocks_tier import RocksTier
+from .table import Table
+
+
+class Generation:
+    def __init__(self, rocks: RocksTier, tables: dict[str, Table]):
+        self.rocks = rocks
+        self.tables = tables
+        self.users = 0
+        self.retired = False
+        self.remove_dir = False    # delete the database directory once closed
+
+    def table(self, name: str) -> Table:
+        try:
+            return self.tables[name]
+        except KeyError:
+            raise TableNotFound(f"table: no table named {name!r}") from None
+
+    def close(self) -> None:
+        self.rocks.close()
+        if self.remove_dir:
+            shutil.rmtree(self.rocks.path, ignore_errors=True)
+
+
+class Generations:
+    """Holds the live generation; `pin` lends it to one call, `swap` replaces it."""
+
+    def __init__(self, live: Generation):
+        self._cond = threading.Condition()
+        self._live: Generation | None = live
+
+    @property
+    def live(self) -> Generation:
+        live = self._live
+        if live is None:
+            raise StoreClosed("store: closed")
+        return live
+
+    @contextlib.contextmanager
+    def pin(self) -> Iterator[Generation]:
+        with self._cond:
+            gen = self.live
+            gen.users += 1
+        try:
+            yield gen
+        finally:
+            self.release(gen)
+
+    def acquire(self) -> Generation:
+        """Pin without a context manager (for iterators); pair with `release`."""
+        with self._cond:
+            gen = self.live
+            gen.users += 1
+            return gen
+
+    def release(self, gen: Generation) -> None:
+        with self._cond:
+            gen.users -= 1
+            last = gen.retired and gen.users == 0
+            self._cond.notify_all()
+        if last:
+            gen.close()
+
+    def swap(self, new: Generation, remove_old_dir: bool = True) -> None:
+        """Make `new` live; the old one closes when its last pin is released."""
+        with self._cond:
+            old = self.live
+            self._live = new
+            old.retired = True
+            old.remove_dir = remove_old_dir
+            idle = old.users == 0
+        if idle:
+            old.close()
+
+    def shut(self) -> Generation | None:
+        """Stop lending; returns the generation that was live (the caller closes it)."""
+        with self._cond:
+            live, self._live = self._live, None
+            return live

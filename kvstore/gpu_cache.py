@@ -1,0 +1,201 @@
+"""The cache tier in GPU memory: the host cache's design, with CUDA kernels on the hot paths.
+
+`GpuCache` is a `SetAssociativeCache` over CuPy arrays in HBM. It gives the same
+hits, misses, victims and rows as the host cache for the same config and the
+same batches: the probe returns the lowest matching way, and new ids of one
+set are ranked in batch order and take that set's ways in (policy key, way)
+order, skipping locked slots and slots the batch used, so no slot goes to two
+ids. Kernels cover probe (+touch), victim choice, slot claims, row copies
+(gather/scatter/write-back extraction) and one fused step per optimizer.
+
+Arguments may be NumPy or CuPy arrays; results are CuPy arrays on the cache's
+device. Ways are limited to 32: one warp covers one set.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cupy
+import numpy as np
+
+from .cache import Eviction, SetAssociativeCache
+from .config import CacheConfig, OptimizerConfig
+from .errors import InvalidArgument
+from .gpu_kernels import ALL_NEW, COUNT_USES, LINK, TOUCH, kernels_for
+from .rows import RowLayout
+
+
+@dataclass
+class Claim:
+    """What `find_or_insert` did to a batch of unique ids."""
+
+    slots: cupy.ndarray          # [n] slot per id; -1 where a new id's set had no usable way
+    hit: cupy.ndarray            # [n] bool: the id was cached before the call
+    victim_keys: cupy.ndarray    # [n] per new id: the key its slot held before (where victim_dirty)
+    victim_dirty: cupy.ndarray   # [n] bool: its slot held a dirty row, which must be written back
+
+
+class GpuCache(SetAssociativeCache):
+    def __init__(self, config: CacheConfig, row_bytes: int, device: int = 0):
+        if config.ways > 32:
+            raise InvalidArgument(f"cache.ways: the GPU cache supports at most 32 ways, got {config.ways}")
+        if row_bytes % 16:
+            raise InvalidArgument(f"row_bytes: must be a multiple of 16, got {row_bytes}")
+        self.device = cupy.cuda.Device(device)
+        with self.device:
+            super().__init__(config, row_bytes, xp=cupy)
+            self.kernels = kernels_for(self.device.id)
+            self._heads = cupy.zeros(self.num_sets, dtype=cupy.uint64)   # per-set lists of a batch's new ids
+            self._epoch = 0
+        self.lfu = config.policy == "lfu"
+        self._touch = COUNT_USES if self.lfu else TOUCH   # LRU reads only the age stamp
+
+    def _ids(self, ids) -> cupy.ndarray:
+        return cupy.ascontiguousarray(cupy.asarray(ids), dtype=cupy.int64)
+
+    def set_of(self, ids):
+        """The host cache's set function, computed by the kernels' own copy of it."""
+        with self.device:
+            ids = self._ids(ids)
+            out = cupy.empty(len(ids), dtype=cupy.int64)
+            self.kernels.sets_of(ids, self.num_sets, out)
+            return out
+
+    # --- lookup ------------------------------------------------------------
+
+    def probe(self, ids):
+        """Slot of each id, -1 where it is not cached. Pure: changes no stamp."""
+        with self.device:
+            ids = self._ids(ids)
+            slots = cupy.empty(len(ids), dtype=cupy.int64)
+            self.kernels.probe(self.keys, self.occupied, ids, self.num_sets, self.ways, slots)
+            return slots
+
+    def probe_and_touch(self, ids):
+        """`probe`, then `touch` of the hits, in one kernel (duplicates allowed)."""
+        with self.device:
+            ids = self._ids(ids)
+            slots = cupy.empty(len(ids), dtype=cupy.int64)
+            self.kernels.probe(self.keys, self.occupied, ids, self.num_sets, self.ways, slots,
+                               last_used=self.last_used, uses=self.uses, tick=self.tick, flags=self._touch)
+            return slots
+
+    # --- insert --------------------------------------------------------------
+
+    def _link(self, ids, flags: int):
+        """Probe with new ids linked into per-set lists, then choose their victims;
+        returns (slots, hit). Reads the victims' metadata only: nothing is claimed."""
+        n = len(ids)
+        self._epoch += 1
+        slots = cupy.empty(n, dtype=cupy.int64)
+        hit = cupy.empty(n, dtype=cupy.bool_)
+        next_ = cupy.empty(n, dtype=cupy.int32)
+        self.kernels.probe(self.keys, self.occupied, ids, self.num_sets, self.ways, slots, hit_out=hit,
+                           last_used=self.last_used, uses=self.uses, tick=self.tick, flags=flags | LINK,
+                           heads=self._heads, next_=next_, epoch=self._epoch)
+        self.kernels.choose_victims(ids, self.keys, self.occupied, self.locks, self.last_used, self.uses,
+                                    self.num_sets, self.ways, self.lfu, self.tick, self._heads, next_, hit,
+                                    self._epoch, slots)
+        return slots, hit
+
+    def choose_slots(self, ids) -> Eviction:
+        """Pick a slot for each new (unique, uncached) id. Changes nothing yet:
+        the caller writes the dirty victims back, then calls `fill`."""
+        with self.device:
+            ids = self._ids(ids)
+            if len(ids) == 0:
+                return Eviction(cupy.zeros(0, cupy.int64), cupy.zeros(0, cupy.int64),
+                                cupy.zeros((0, self.row_bytes), cupy.uint8))
+            slots = self._link(ids, ALL_NEW)[0]
+            taken = slots[slots >= 0]
+            displaced = taken[self.occupied[taken] & self.dirty[taken]]
+            return Eviction(slots, self.keys[displaced], self.gather_rows(displaced))
+
+    def find_or_insert(self, ids, dirty: bool = False) -> Claim:
+        """Probe unique ids, touch the hits and give each new id a slot (its key and
+        stamps set; its row bytes untouched). Before writing new rows, take the
+        displaced dirty rows with `displaced_rows` and write them back."""
+        with self.device:
+            ids = self._ids(ids)
+            n = len(ids)
+            slots, hit = self._link(ids, self._touch)
+            victim_keys = cupy.empty(n, dtype=cupy.int64)
+            victim_dirty = cupy.zeros(n, dtype=cupy.bool_)
+            self.kernels.claim_slots(ids, hit, slots, self.keys, self.occupied, self.dirty, self.last_used,
+                                     self.uses, self.tick, dirty, victim_keys, victim_dirty)
+            return Claim(slots, hit, victim_keys, victim_dirty)
+
+    def displaced_rows(self, claim: Claim) -> tuple[cupy.ndarray, cupy.ndarray]:
+        """(ids, rows) of the dirty rows a claim displaced, in batch order."""
+        with self.device:
+            where = cupy.nonzero(claim.victim_dirty)[0]
+            return claim.victim_keys[where], self.gather_rows(claim.slots[where])
+
+    def fill(self, slots, ids, rows, dirty) -> None:
+        """Place rows in the slots `choose_slots` gave (entries of -1 are skipped)."""
+        with self.device:
+            slots, ids = self._ids(slots), self._ids(ids)
+            rows = cupy.asarray(rows)
+            if not rows.flags.c_contiguous:
+                rows = cupy.ascontiguousarray(rows)
+            self.scatter_rows(slots, rows)
+            flags = dirty if getattr(dirty, "ndim", 0) else None
+            self.kernels.fill_meta(slots, ids, self.keys, self.occupied, self.dirty,
+                                   None if flags is None else cupy.asarray(flags, dtype=cupy.bool_),
+                                   bool(dirty) if flags is None else False, self.last_used, self.uses, self.tick)
+
+    # --- rows ------------------------------------------------------------------
+
+    def gather(self, slots, offset: int, nbytes: int, out: cupy.ndarray) -> cupy.ndarray:
+        """Bytes [offset, offset + nbytes) of each slot's row into the rows of `out`
+        (C-contiguous, nbytes per row); rows whose slot is -1 are left as they are."""
+        with self.device:
+            slots = self._ids(slots)
+            self.kernels.copy_rows(self.slab, slots, self.row_bytes, offset, out, None, nbytes, 0, nbytes,
+                                   len(slots))
+            return out
+
+    def gather_rows(self, slots) -> cupy.ndarray:
+        out = cupy.empty((len(slots), self.row_bytes), dtype=cupy.uint8)
+        return self.gather(slots, 0, self.row_bytes, out)
+
+    def scatter(self, slots, src: cupy.ndarray, offset: int, nbytes: int) -> None:
+        """Rows of `src` (C-contiguous, nbytes each) into bytes [offset, offset + nbytes)
+        of each slot's row; slots of -1 are skipped."""
+        with self.device:
+            slots = self._ids(slots)
+            self.kernels.copy_rows(src, None, nbytes, 0, self.slab, slots, self.row_bytes, offset, nbytes,
+                                   len(slots))
+
+    def scatter_rows(self, slots, rows: cupy.ndarray) -> None:
+        self.scatter(slots, rows, 0, self.row_bytes)
+
+    # --- optimizer ---------------------------------------------------------------
+
+    def optimizer_step(self, slots, grads, optimizer: OptimizerConfig, layout: RowLayout, now: int | None = None,
+                       mark_dirty: bool = True, rows: cupy.ndarray | None = None) -> None:
+        """One fused optimizer step per row: row `slots[i]` takes gradient row `grads[i]`
+        (float32, [n, dim], slots unique; -1 skipped). Updates weights and state in place,
+        bumps the header's step (and, given `now`, its count and last_access) and marks
+        the slots dirty. With `rows`, steps those rows instead of the slab; `slots` None
+        then means rows 0..n-1."""
+        with self.device:
+            grads = cupy.ascontiguousarray(cupy.asarray(grads), dtype=cupy.float32)
+            n = len(grads)
+            slots = None if slots is None else self._ids(slots)
+            if grads.shape != (n, layout.dim) or (slots is not None and len(slots) != n):
+                raise InvalidArgument(f"grads: expected shape ({n}, {layout.dim}), got {grads.shape}")
+            target = self.slab if rows is None else rows
+            dirty = self.dirty if (mark_dirty and rows is None) else None
+            self.kernels.optimizer_step(optimizer, dtype_name(layout.dtype), target, layout.row_bytes, slots,
+                                        grads, n, layout.dim, layout.state_offset, dirty, now or 0,
+                                        now is not None)
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    from .dtypes import WEIGHT_DTYPES
+
+    for name, known in WEIGHT_DTYPES.items():
+        if known == dtype:
+            return name
+    raise InvalidArgument(f"dtype: unsupported {dtype}")

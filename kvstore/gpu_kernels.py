@@ -1,0 +1,153 @@
+"""The CUDA kernels of the GPU cache tier (native/*.cu) and their launches.
+
+The source is compiled once per process and device through `cupy.RawModule`
+(NVRTC; CuPy also keeps compiled modules on disk). Launch helpers here take
+CuPy arrays and plain Python numbers and pass every scalar with its exact C
+type, so a kernel never reads a wrongly sized argument.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import cupy
+import numpy as np
+
+NATIVE = Path(__file__).resolve().parent.parent / "native"
+SOURCES = ("cache_kernels.cu", "optimizer_kernels.cu")   # one compilation unit, in this order
+THREADS = 256
+OPTIMIZER_CODES = {"sgd": 0, "adagrad": 1, "rowwise_adagrad": 2, "adam": 3, "partial_rowwise_adam": 4}
+WEIGHT_TYPES = {"float32": "float", "float64": "double", "float16": "half_t", "bfloat16": "bf16_t"}
+COPY_TYPES = {16: "uint4", 8: "unsigned long long", 4: "unsigned int", 2: "unsigned short", 1: "unsigned char"}
+PROBE_TYPES = {"generic": "probe<32, 1>", "ways32": "probe<8, 4>"}
+NULL = np.uint64(0)                  # a null pointer argument
+
+# probe flags (see the kernel)
+TOUCH, LINK, ALL_NEW, COUNT_USES = 1, 2, 4, 8
+
+
+def _names() -> list[str]:
+    names = list(PROBE_TYPES.values())
+    names += [f"copy_rows<{t}>" for t in COPY_TYPES.values()]
+    names += [f"optimizer_step<{w}, {code}>" for w in WEIGHT_TYPES.values() for code in OPTIMIZER_CODES.values()]
+    return names
+
+
+@functools.cache
+def _module(device_id: int) -> cupy.RawModule:
+    with cupy.cuda.Device(device_id):
+        code = "\n".join((NATIVE / name).read_text() for name in SOURCES)
+        module = cupy.RawModule(code=code, options=("-std=c++17",), name_expressions=_names())
+        module.compile()
+        return module
+
+
+@functools.cache
+def _sm_count(device_id: int) -> int:
+    return cupy.cuda.runtime.getDeviceProperties(device_id)["multiProcessorCount"]
+
+
+def _ptr(array) -> np.uint64 | cupy.ndarray:
+    return NULL if array is None else array
+
+
+class Kernels:
+    """Launchers for one device."""
+
+    def __init__(self, device_id: int):
+        self.device_id = device_id
+        self.module = _module(device_id)
+        self.max_blocks = _sm_count(device_id) * (2048 // THREADS) * 4
+
+    def _fn(self, name: str):
+        return self.module.get_function(name)
+
+    def _grid(self, threads_needed: int) -> tuple[int]:
+        return (max(1, min(self.max_blocks, -(-threads_needed // THREADS))),)
+
+    def probe(self, keys, occupied, ids, num_sets: int, ways: int, slots_out, hit_out=None,
+              last_used=None, uses=None, tick: int = 0, flags: int = 0, heads=None, next_=None,
+              epoch: int = 0) -> None:
+        n = len(ids)
+        if n == 0:
+            return
+        fast = ways == 32 and not flags & ALL_NEW
+        name = PROBE_TYPES["ways32" if fast else "generic"]
+        per_warp = 4 if fast else 1
+        self._fn(name)(self._grid(-(-n // per_warp) * 32), (THREADS,), (
+            keys, occupied, ids, np.int64(n), np.int64(num_sets), np.int32(ways), slots_out, _ptr(hit_out),
+            _ptr(last_used), _ptr(uses), np.int64(tick), np.int32(flags), _ptr(heads), _ptr(next_),
+            np.uint64(epoch)))
+
+    def choose_victims(self, ids, keys, occupied, locks, last_used, uses, num_sets: int, ways: int,
+                       lfu: bool, tick: int, heads, next_, hit, epoch: int, slots_out) -> None:
+        n = len(ids)
+        if n == 0:
+            return
+        self._fn("choose_victims")(self._grid(n * 32), (THREADS,), (
+            ids, keys, occupied, locks, last_used, uses, np.int64(num_sets), np.int32(ways), np.int32(lfu),
+            np.int64(tick), heads, next_, hit, np.int64(n), np.uint64(epoch), slots_out))
+
+    def claim_slots(self, ids, hit, slots, keys, occupied, dirty, last_used, uses, tick: int, mark_dirty: bool,
+                    victim_keys, victim_dirty) -> None:
+        n = len(ids)
+        if n == 0:
+            return
+        self._fn("claim_slots")(self._grid(n), (THREADS,), (
+            ids, hit, np.int64(n), slots, keys, occupied, dirty, last_used, uses, np.int64(tick),
+            np.bool_(mark_dirty), victim_keys, victim_dirty))
+
+    def fill_meta(self, slots, ids, keys, occupied, dirty, dirty_src, dirty_value: bool, last_used, uses,
+                  tick: int) -> None:
+        n = len(slots)
+        if n == 0:
+            return
+        self._fn("fill_meta")(self._grid(n), (THREADS,), (
+            slots, ids, np.int64(n), keys, occupied, dirty, _ptr(dirty_src), np.bool_(dirty_value),
+            last_used, uses, np.int64(tick)))
+
+    def touch_headers(self, rows, row_bytes: int, idx, n: int, now: int) -> None:
+        if n == 0:
+            return
+        self._fn("touch_headers")(self._grid(n), (THREADS,), (
+            rows, np.int64(row_bytes), _ptr(idx), np.int64(n), np.uint32(now)))
+
+    def copy_rows(self, src, src_idx, src_stride: int, src_off: int, dst, dst_idx, dst_stride: int,
+                  dst_off: int, nbytes: int, n: int) -> None:
+        """Bytes [off, off + nbytes) of row src_idx[r] of src into row dst_idx[r] of dst, r < n.
+        A missing index means r; a negative index skips the row. The widest unit (up
+        to 16 bytes) that divides every stride, offset, size and base address is used."""
+        if n == 0 or nbytes == 0:
+            return
+        unit = 16
+        for value in (src_stride, src_off, dst_stride, dst_off, nbytes, src.data.ptr, dst.data.ptr):
+            while value % unit:
+                unit //= 2
+        units = nbytes // unit
+        lg = min(5, max(0, (units - 1).bit_length()))
+        self._fn(f"copy_rows<{COPY_TYPES[unit]}>")(self._grid(-(-n // 2) << lg), (THREADS,), (
+            src, _ptr(src_idx), np.int64(src_stride), np.int64(src_off), dst, _ptr(dst_idx),
+            np.int64(dst_stride), np.int64(dst_off), np.int32(units), np.int64(n), np.int32(lg)))
+
+    def optimizer_step(self, optimizer, dtype: str, rows, row_bytes: int, idx, grads, n: int, dim: int,
+                       state_off: int, dirty, now: int, touch: bool) -> None:
+        """One fused step of `optimizer` (an OptimizerConfig) on rows idx[r] of `rows`.
+        Coefficients are rounded as the host optimizers round them."""
+        if n == 0:
+            return
+        c = optimizer
+        name = f"optimizer_step<{WEIGHT_TYPES[dtype]}, {OPTIMIZER_CODES[c.name]}>"
+        self._fn(name)(self._grid(n * 32), (THREADS,), (
+            rows, np.int64(row_bytes), _ptr(idx), grads, np.int64(n), np.int32(dim), np.int64(state_off),
+            np.float32(c.lr), np.float32(c.eps), np.float32(c.beta1), np.float32(c.beta2),
+            np.float32(1 - c.beta1), np.float32(1 - c.beta2), np.float64(c.lr), np.float64(c.beta1),
+            np.float64(c.beta2), np.float32(c.weight_decay), _ptr(dirty), np.uint32(now), np.int32(touch)))
+
+    def sets_of(self, ids, num_sets: int, out) -> None:
+        if len(ids):
+            self._fn("sets_of")(self._grid(len(ids)), (THREADS,), (ids, np.int64(len(ids)), np.int64(num_sets), out))
+
+
+@functools.cache
+def kernels_for(device_id: int) -> Kernels:
+    return Kernels(device_id)

@@ -1,0 +1,313 @@
+"""A table whose cache tier lives in GPU memory.
+
+Same promises as `Table` (request order, `on_miss`, last write wins, summed
+duplicate gradients, write policies, locks); the batch paths run on the device:
+probe and touch, gathers of weights and state, and one fused optimizer kernel
+per step. Misses travel to and from RocksDB through a pinned host buffer.
+
+Callers on the GPU pass torch CUDA tensors or CuPy arrays and get results of
+the same kind back without copies (DLPack); NumPy callers get NumPy arrays.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import cupy
+import numpy as np
+
+from .errors import FailedPrecondition, InvalidArgument
+from .gpu_arrays import BF16, PinnedBuffer, device_dtype, from_device, kind_of, to_device
+from .gpu_cache import GpuCache
+from .table import ON_MISS, LookupResult, Table
+
+
+def device_index(device: str) -> int:
+    """'cuda' or 'cuda:N' -> N."""
+    if device == "cuda":
+        return 0
+    prefix, _, index = device.partition(":")
+    if prefix != "cuda" or not index.isdigit():
+        raise InvalidArgument(f"cache.device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    return int(index)
+
+
+def sum_duplicates(ids: cupy.ndarray, grads: cupy.ndarray) -> tuple[cupy.ndarray, cupy.ndarray]:
+    """Unique ids (sorted) and the float32 sum of each id's gradient rows, on the device."""
+    uniq, inverse = cupy.unique(ids, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    if len(uniq) == len(ids):
+        out = cupy.empty_like(grads)
+        out[inverse] = grads
+        return uniq, out
+    out = cupy.zeros((len(uniq), grads.shape[1]), dtype=cupy.float32)
+    cupy.add.at(out, inverse, grads)
+    return uniq, out
+
+
+def last_occurrences(ids: cupy.ndarray) -> cupy.ndarray:
+    """Position of the last occurrence of each distinct id, in increasing id order."""
+    order = cupy.lexsort(cupy.stack([cupy.arange(len(ids)), ids]))
+    ordered = ids[order]
+    last = cupy.ones(len(ids), dtype=cupy.bool_)
+    last[:-1] = ordered[1:] != ordered[:-1]
+    return order[last]
+
+
+class GpuTable(Table):
+    profile = False          # when True, `phases` accumulates seconds per stage (with syncs)
+
+    def __init__(self, config, rocks, clock=time.time):
+        super().__init__(config, rocks, clock)
+        self.device = self.cache.device
+        self.kernels = self.cache.kernels
+        self.pinned = PinnedBuffer()
+        self.phases: Counter[str] = Counter()
+        self._weight_bytes = config.dim * self.layout.dtype.itemsize
+
+    def _make_cache(self) -> GpuCache:
+        index = device_index(self.config.cache.device)
+        try:
+            count = cupy.cuda.runtime.getDeviceCount()
+        except cupy.cuda.runtime.CUDARuntimeError:
+            count = 0
+        if index >= count:
+            raise FailedPrecondition(f"cache.device: {self.config.cache.device!r} is not available "
+                                     f"({count} CUDA devices)")
+        return GpuCache(self.config.cache, self.layout.row_bytes, index)
+
+    @contextlib.contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        if not self.profile:
+            yield
+            return
+        cupy.cuda.get_current_stream().synchronize()
+        start = time.perf_counter()
+        yield
+        cupy.cuda.get_current_stream().synchronize()
+        self.phases[name] += time.perf_counter() - start
+
+    # --- arguments -------------------------------------------------------------
+
+    def _ids(self, ids) -> np.ndarray:
+        """Host ids (for the paths that run on the host), from any kind of array."""
+        array, on_device = to_device(ids, self.device)
+        return super()._ids(cupy.asnumpy(array) if on_device else array)
+
+    def _device_ids(self, ids) -> cupy.ndarray:
+        array, on_device = to_device(ids, self.device)
+        if not on_device:
+            return cupy.asarray(super()._ids(array))
+        if array.ndim != 1:
+            raise InvalidArgument(f"ids: must be one-dimensional, got shape {array.shape}")
+        if array.size and array.dtype.kind not in "iu":
+            raise InvalidArgument(f"ids: must be integers, got {array.dtype}")
+        if array.dtype == cupy.uint64 and array.size and int(array.max()) > np.iinfo(np.int64).max:
+            raise InvalidArgument("ids: values must fit in int64")
+        return cupy.ascontiguousarray(array, dtype=cupy.int64)
+
+    def _device_matrix(self, values, n: int, width: int, dtype: np.dtype, field: str) -> cupy.ndarray:
+        array, on_device = to_device(values, self.device)
+        if not on_device:
+            return self.pinned.upload(self._matrix(array, n, width, dtype, field))
+        if array.shape != (n, width):
+            raise InvalidArgument(f"{field}: expected shape ({n}, {width}) for {n} ids, got {array.shape}")
+        if array.dtype.kind not in "fiu":
+            raise InvalidArgument(f"{field}: must be floating point, got {array.dtype}")
+        if dtype == BF16 and array.dtype != cupy.uint16:   # round float values to bfloat16 bits (nearest even)
+            bits = array.astype(cupy.float32).view(cupy.uint32)
+            array = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(cupy.uint16)
+        array = cupy.ascontiguousarray(array, dtype=device_dtype(dtype))
+        if not self.config.allow_nonfinite:
+            bad = ((array & 0x7F80) == 0x7F80).any() if dtype == BF16 else ~cupy.isfinite(array).all()
+            if bool(bad):
+                raise InvalidArgument(f"{field}: contains NaN or Inf (table {self.name!r} does not allow them)")
+        return array
+
+    # --- reads -------------------------------------------------------------------
+
+    def lookup(self, ids, on_miss: str = "init_insert", with_state: bool = False) -> LookupResult:
+        """Rows in request order, duplicates included; misses follow `on_miss`."""
+        if on_miss not in ON_MISS:
+            raise InvalidArgument(f"on_miss: unknown mode {on_miss!r}; expected one of {list(ON_MISS)}")
+        kind = kind_of(ids)
+        with self.device:
+            ids = self._device_ids(ids)
+            n = len(ids)
+            weights = cupy.empty((n, self.config.dim), dtype=device_dtype(self.layout.dtype))
+            state = cupy.empty((n, self.config.state_dim), dtype=cupy.float32) if with_state else None
+            with self._lock:
+                self.cache.begin_batch()
+                with self._phase("probe_and_gather"):
+                    slots = self.cache.probe_and_touch(ids)
+                    self._gather(self.cache.slab, slots, weights, state)
+                    hit = slots >= 0
+                    hits = int(cupy.count_nonzero(hit))
+                self.counters["cache_hits"] += hits
+                if hits < n:
+                    self.counters["cache_misses"] += n - hits
+                    with self._phase("misses_to_host"):     # few ids: unique on the host
+                        where = cupy.nonzero(~hit)[0]
+                        miss_ids, inverse = np.unique(cupy.asnumpy(ids[where]), return_inverse=True)
+                    loaded = self._load(miss_ids, on_miss)
+                    with self._phase("upload"):
+                        rows = self.pinned.upload(loaded)
+                    with self._phase("gather_misses"):
+                        source = cupy.full(n, -1, dtype=cupy.int64)
+                        source[where] = cupy.asarray(inverse.reshape(-1))
+                        self._gather(rows, source, weights, state)
+        state = None if state is None else from_device(state, kind, np.dtype(np.float32))
+        return LookupResult(from_device(weights, kind, self.layout.dtype), state)
+
+    def _gather(self, rows: cupy.ndarray, index: cupy.ndarray, weights: cupy.ndarray, state) -> None:
+        """Weights (and state) of rows[index[i]] into row i of the outputs; index -1 skips."""
+        self.kernels.copy_rows(rows, index, self.layout.row_bytes, self.layout.weight_offset, weights, None,
+                               self._weight_bytes, 0, self._weight_bytes, len(index))
+        if state is not None:
+            nbytes = self.config.state_dim * 4
+            self.kernels.copy_rows(rows, index, self.layout.row_bytes, self.layout.state_offset, state, None,
+                                   nbytes, 0, nbytes, len(index))
+
+    def _fetch(self, ids: np.ndarray, initialize: bool):
+        with self._phase("rocksdb_fetch"):
+            return super()._fetch(ids, initialize)
+
+    def _admit(self, ids, rows, new) -> None:
+        """Put rows (host or device) into the cache; dirty victims and rows that must
+        persist now (write-through, or no usable way) go to RocksDB first."""
+        if len(ids) == 0:
+            return
+        with self.device, self._phase("admit"):
+            ids_d = cupy.asarray(ids)
+            choice = self.cache.choose_slots(ids_d)
+            cached = cupy.asnumpy(choice.slots) >= 0
+            new = np.asarray(new, dtype=bool)
+            persist_now = new & (~cached | self.write_through)
+            host_ids = cupy.asnumpy(ids)
+            if len(choice.dirty_ids) or persist_now.any():
+                host_rows = self.pinned.download(rows) if isinstance(rows, cupy.ndarray) else rows
+                self._write_back(cupy.asnumpy(choice.dirty_ids), self.pinned.download(choice.dirty_rows),
+                                 host_ids[persist_now], host_rows[persist_now])
+            rows_d = rows if isinstance(rows, cupy.ndarray) else self.pinned.upload(rows)
+            self.cache.fill(choice.slots, ids_d, rows_d, cupy.asarray(new & (not self.write_through)))
+
+    # --- writes --------------------------------------------------------------------
+
+    def _current_rows(self, ids: cupy.ndarray, initialize: bool, slots=None):
+        """[n, row_bytes] device rows of unique ids (cache, else RocksDB, else new) and their slots."""
+        if slots is None:
+            slots = self.cache.probe_and_touch(ids)
+        rows = self.cache.gather_rows(slots)
+        where = cupy.nonzero(slots < 0)[0]
+        if len(where):
+            fetched = self.pinned.upload(self._fetch(cupy.asnumpy(ids[where]), initialize)[0])
+            self.kernels.copy_rows(fetched, None, self.layout.row_bytes, 0, rows, where, self.layout.row_bytes,
+                                   0, self.layout.row_bytes, len(where))
+        return rows, slots
+
+    def _store_rows(self, ids: cupy.ndarray, rows: cupy.ndarray, slots: cupy.ndarray) -> None:
+        """Make `rows` the value of unique `ids` in every tier, as the write policy says."""
+        self.kernels.touch_headers(rows, self.layout.row_bytes, None, len(rows), int(self.clock()))
+        if self.write_through:
+            self._write_back(cupy.asnumpy(ids), self.pinned.download(rows))
+        self.cache.scatter_rows(slots, rows)
+        hit = slots >= 0
+        if not self.write_through:
+            self.cache.dirty[slots[hit]] = True
+        where = cupy.nonzero(~hit)[0]
+        self._admit(ids[where], rows[where], np.full(len(where), not self.write_through))
+
+    def update(self, ids, weights, state=None) -> int:
+        """Overwrite weights (and optimizer state when given); last write wins within the batch."""
+        with self.device:
+            ids = self._device_ids(ids)
+            n = len(ids)
+            weights = self._device_matrix(weights, n, self.config.dim, self.layout.dtype, "weights")
+            if state is not None:
+                state = self._device_matrix(state, n, self.config.state_dim, np.dtype(np.float32), "state")
+            last = last_occurrences(ids)
+            ids, weights = ids[last], cupy.ascontiguousarray(weights[last])
+            state = None if state is None else cupy.ascontiguousarray(state[last])
+            with self._lock:
+                self.cache.begin_batch()
+                rows, slots = self._current_rows(ids, initialize=False)
+                size = self.layout.row_bytes
+                self.kernels.copy_rows(weights, None, self._weight_bytes, 0, rows, None, size,
+                                       self.layout.weight_offset, self._weight_bytes, len(ids))
+                if state is not None:
+                    nbytes = self.config.state_dim * 4
+                    self.kernels.copy_rows(state, None, nbytes, 0, rows, None, size, self.layout.state_offset,
+                                           nbytes, len(ids))
+                self._store_rows(ids, rows, slots)
+                self.counters["rows_updated"] += len(ids)
+            return len(ids)
+
+    def apply_gradients(self, ids, grads, owner: str | None = None) -> int:
+        """Sum duplicate ids' gradients, then one fused optimizer step per unique row.
+        Rows all cached (write-back): stepped in place in the slab, nothing moves."""
+        with self.device:
+            ids = self._device_ids(ids)
+            grads = self._device_matrix(grads, len(ids), self.config.dim, np.dtype(np.float32), "grads")
+            ids, grads = sum_duplicates(ids, grads)
+            with self._lock:
+                self.cache.begin_batch()
+                slots = self.cache.probe_and_touch(ids)
+                if not self.write_through and bool((slots >= 0).all()):
+                    self.cache.optimizer_step(slots, grads, self.config.optimizer, self.layout,
+                                              now=int(self.clock()))
+                else:
+                    rows, slots = self._current_rows(ids, initialize=True, slots=slots)
+                    self.cache.optimizer_step(None, grads, self.config.optimizer, self.layout, rows=rows)
+                    self._store_rows(ids, rows, slots)
+                if owner is not None:
+                    self._release(cupy.asnumpy(ids), owner)
+                self.counters["rows_stepped"] += len(ids)
+            return len(ids)
+
+    # --- prefetch, locks, maintenance ----------------------------------------------
+
+    def prefetch(self, ids, lock: bool = False, owner: str = "") -> int:
+        ids = np.unique(self._ids(ids))
+        with self._lock, self.device:
+            self.cache.begin_batch()
+            slots = cupy.asnumpy(self.cache.probe(ids))
+            if (slots < 0).any():
+                self._load(ids[slots < 0], "init_insert")
+                slots = cupy.asnumpy(self.cache.probe(ids))
+            cached = slots >= 0
+            slots_d = cupy.asarray(slots[cached])
+            self.cache.touch(slots_d)
+            if lock:                                     # an owner pins a row at most once
+                held = self._leases.get(owner)
+                fresh = cached if held is None else cached & ~np.isin(ids, held, assume_unique=True)
+                self.cache.locks[cupy.asarray(slots[fresh])] += 1
+                self._leases[owner] = ids[fresh] if held is None else np.union1d(held, ids[fresh])
+            return int(cached.sum())
+
+    def _release(self, ids: np.ndarray, owner: str) -> int:
+        held = self._leases.get(owner)
+        if held is None:
+            return 0
+        mine = np.intersect1d(ids, held, assume_unique=True)
+        with self.device:
+            slots = self.cache.probe(mine)
+            slots = slots[slots >= 0]
+            self.cache.locks[slots] = cupy.maximum(self.cache.locks[slots] - 1, 0)
+        rest = np.setdiff1d(held, mine, assume_unique=True)
+        if len(rest):
+            self._leases[owner] = rest
+        else:
+            del self._leases[owner]
+        return len(mine)
+
+    def flush(self) -> int:
+        """Write every dirty cached row to RocksDB; returns rows written."""
+        with self._lock, self.device:
+            slots = self.cache.dirty_slots()
+            if len(slots):
+                rows = self.pinned.download(self.cache.gather_rows(slots))
+                self._write_back(cupy.asnumpy(self.cache.keys[slots]), rows)
+                self.cache.dirty[slots] = False
+            return len(slots)

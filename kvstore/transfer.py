@@ -1,0 +1,223 @@
+"""Export and import of whole tables as chunks of rows, in key order.
+
+An export reads from a RocksDB iterator (an implicit snapshot) made right after the table's dirty
+cache rows were flushed (both under the table lock), so writes made while the
+export streams do not tear it. An import stages every chunk into SST files,
+validating each as it arrives, and changes the table only at `commit`: one
+atomic ingest (after dropping every row, in `replace` mode), so a bad chunk
+anywhere in the stream changes nothing.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InvalidArgument, StorageError
+from .rows import RowLayout, encode_keys
+from .table import Table
+
+IMPORT_MODES = ("replace", "merge")
+META_FIELDS = ("count", "last_access", "step")    # row header fields carried by export/import
+KEY_BYTES = 8
+INVALIDATE_SLICE = 1 << 16
+_SIGN = np.uint64(1 << 63)                         # keys are big-endian with the sign bit flipped
+SST_ROWS = 1 << 20                                 # rows per staged SST file at most
+
+
+@dataclass
+class RowChunk:
+    ids: np.ndarray                  # [n] int64, increasing within an export chunk
+    weights: np.ndarray              # [n, dim] in the table dtype
+    state: np.ndarray                # [n, state_dim] float32
+    meta: np.ndarray                 # [n, 3] uint32: count, last_access, step
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def rows_to_chunk(layout: RowLayout, ids: np.ndarray, rows: np.ndarray) -> RowChunk:
+    header = layout.header(rows)
+    meta = np.stack([header[f] for f in META_FIELDS], axis=1).astype(np.uint32)
+    return RowChunk(ids, np.ascontiguousarray(layout.weights(rows)),
+                    np.ascontiguousarray(layout.state(rows)), meta)
+
+
+def default_chunk_rows(layout: RowLayout, target_bytes: int = 2 << 20) -> int:
+    """Rows per chunk so that one chunk is about `target_bytes` (gRPC streams best at 1-4 MiB)."""
+    return max(1, target_bytes // layout.row_bytes)
+
+
+def flush_in_slices(table: Table, slice_rows: int = 4096) -> int:
+    """Write a table's dirty cached rows back a slice at a time, releasing the table lock between
+    slices so writers are not held up for the whole flush. Rows dirtied meanwhile may remain.
+    Tables with another cache tier (the GPU one) flush in one go."""
+    if type(table).flush is not Table.flush:
+        return table.flush()
+    written = 0
+    rounds = len(table.cache.dirty_slots()) // slice_rows + 1
+    for _ in range(rounds):
+        with table._lock:
+            slots = table.cache.dirty_slots()[:slice_rows]
+            if not len(slots):
+                break
+            table._write_back(table.cache.keys[slots], table.cache.slab[slots])
+            table.cache.dirty[slots] = False
+            written += len(slots)
+        time.sleep(0)          # hand the GIL over so a waiting writer gets the lock between slices
+    return written
+
+
+class TableExport:
+    """Rows of one table at one instant, as an iterable of chunks. Call `close` when done."""
+
+    def __init__(self, table: Table, chunk_rows: int | None = None,
+                 on_close: Callable[[], None] | None = None):
+        if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int)
+                                       or chunk_rows < 1):
+            raise InvalidArgument(f"chunk_rows: must be a positive integer, got {chunk_rows!r}")
+        self.table = table
+        self.config = table.config
+        self.layout = table.layout
+        self.chunk_rows = chunk_rows or default_chunk_rows(table.layout)
+        self._on_close = on_close
+        with table._lock:                       # no write lands between the flush and the snapshot
+            table.flush()
+            self._items = table.rocks.consistent_items(table.name)
+        self.estimated_rows = table.rocks.estimate_rows(table.name)
+        self.rows = 0
+
+    def __iter__(self) -> Iterator[RowChunk]:
+        try:
+            for batch in self.table.rocks.batches(self._items, self.chunk_rows):
+                yield self._chunk(batch)
+        finally:
+            self.close()
+
+    def _chunk(self, batch: list[tuple[bytes, bytes]]) -> RowChunk:
+        # Keys (8 bytes) and values (row_bytes) have fixed sizes: one join gives [n, 8 + row_bytes].
+        width = KEY_BYTES + self.layout.row_bytes
+        flat = np.frombuffer(b"".join(itertools.chain.from_iterable(batch)), dtype=np.uint8)
+        if flat.size != len(batch) * width:
+            raise StorageError(f"table: stored rows of {self.table.name!r} have an unexpected size "
+                               f"(expected {self.layout.row_bytes} bytes each)")
+        records = flat.reshape(len(batch), width)
+        keys = np.ascontiguousarray(records[:, :KEY_BYTES]).view(">u8")[:, 0].astype(np.uint64)
+        ids = (keys ^ _SIGN).view(np.int64)
+        self.rows += len(batch)
+        self.table.counters["rows_exported"] += len(batch)
+        return rows_to_chunk(self.layout, ids, records[:, KEY_BYTES:])
+
+    def close(self) -> None:
+        self._items = None
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
+
+
+class ImportStager:
+    """Validates chunks and stages them as SST files; `commit` applies them in one ingest."""
+
+    def __init__(self, table: Table, staging_dir: str, mode: str = "merge",
+                 clock: Callable[[], float] = time.time):
+        if mode not in IMPORT_MODES:
+            raise InvalidArgument(f"mode: unknown import mode {mode!r}; expected one of {list(IMPORT_MODES)}")
+        self.table = table
+        self.layout = table.layout
+        self.mode = mode
+        self.clock = clock
+        self.dir = staging_dir
+        os.makedirs(staging_dir, exist_ok=True)
+        self.files: list[str] = []
+        self._ids: list[np.ndarray] = []
+        self._writer = None
+        self._writer_rows = 0
+        self._last_id: int | None = None
+        self.rows = 0
+        self.created = False        # the import created the table (dropped again on abort)
+
+    def add(self, ids, weights, state=None, meta=None) -> int:
+        """Validate one chunk and stage it; nothing in the table changes until `commit`."""
+        ids, rows = self._encode(ids, weights, state, meta)
+        if not len(ids):
+            return 0
+        keep = len(ids) - 1 - np.unique(ids[::-1], return_index=True)[1]   # last write wins, sorted
+        ids, rows = ids[keep], rows[keep]
+        if self._writer is None or self._last_id is None or ids[0] <= self._last_id \
+                or self._writer_rows + len(ids) > SST_ROWS:
+            self._next_file()                 # SST keys must increase; overlapping chunks get a new file
+        self.table.rocks.put_sst(self._writer, encode_keys(ids), self.layout.to_values(rows))
+        self._writer_rows += len(ids)
+        self._last_id = int(ids[-1])
+        self._ids.append(ids)
+        self.rows += len(ids)
+        return len(ids)
+
+    def _encode(self, ids, weights, state, meta) -> tuple[np.ndarray, np.ndarray]:
+        table, layout = self.table, self.layout
+        ids = table._ids(ids)
+        n = len(ids)
+        weights = table._matrix(weights, n, table.config.dim, layout.dtype, "weights")
+        rows = layout.empty(n)
+        layout.weights(rows)[:] = weights
+        if state is not None:
+            layout.state(rows)[:] = table._matrix(state, n, table.config.state_dim, np.dtype(np.float32), "state")
+        header = layout.header(rows)
+        if meta is None:
+            header["last_access"] = int(self.clock())
+        else:
+            meta = np.asarray(meta)
+            if meta.shape != (n, len(META_FIELDS)) or meta.dtype.kind not in "iu":
+                raise InvalidArgument(
+                    f"meta: expected integers of shape ({n}, {len(META_FIELDS)}), got {meta.dtype} {meta.shape}")
+            if n and (meta.min() < 0 or meta.max() > np.iinfo(np.uint32).max):
+                raise InvalidArgument("meta: values must fit in uint32")
+            for i, name in enumerate(META_FIELDS):
+                header[name] = meta[:, i]
+        return ids, rows
+
+    def _next_file(self) -> None:
+        self._finish_file()
+        path = os.path.join(self.dir, f"{len(self.files):06d}.sst")
+        self._writer = self.table.rocks.sst_writer(path)
+        self.files.append(path)
+        self._writer_rows = 0
+
+    def _finish_file(self) -> None:
+        if self._writer is not None:
+            if self._writer_rows:
+                self._writer.finish()
+            else:
+                self.files.pop()
+            self._writer = None
+
+    def commit(self) -> int:
+        """Apply the staged rows: one atomic ingest; imported ids leave the cache. Returns rows."""
+        self._finish_file()
+        table = self.table
+        ids = np.concatenate(self._ids) if self._ids else np.zeros(0, np.int64)
+        try:
+            with table._lock:
+                if self.mode == "replace":
+                    table.rocks.delete_all(table.name)
+                    table.cache.clear()
+                else:
+                    for start in range(0, len(ids), INVALIDATE_SLICE):   # bounded temporaries
+                        table.cache.invalidate(ids[start:start + INVALIDATE_SLICE])
+                if self.files:
+                    table.rocks.ingest(table.name, self.files)
+                table.counters["rows_imported"] += self.rows
+        finally:
+            self.abort()
+        return self.rows
+
+    def abort(self) -> None:
+        """Drop whatever was staged; the table is unchanged."""
+        self._writer = None
+        self.files = []
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,241 @@
+// Fused optimizer steps of the GPU cache tier. Compiled as one unit after
+// cache_kernels.cu (kvstore/gpu_kernels.py joins the two), whose typedefs and
+// warp helpers it uses.
+//
+// One warp per row: reads the row's summed gradient (float32), updates weights
+// (table dtype, float32 math) and float32 state in place, bumps the header's
+// step (and with `touch` its count and last_access), marks the slot dirty.
+// OPT: 0 sgd, 1 adagrad, 2 rowwise_adagrad, 3 adam, 4 partial_rowwise_adam. State: adagrad G[dim]; rowwise G[1]; adam m[dim] v[dim];
+// partial rowwise adam m[dim] v[1]. g' = g + weight_decay * w.
+
+struct half_t { unsigned short bits; };
+struct bf16_t { unsigned short bits; };
+
+__device__ __forceinline__ float load_w(const float* p) { return *p; }
+__device__ __forceinline__ float load_w(const double* p) { return (float)*p; }
+__device__ __forceinline__ float load_w(const half_t* p) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(p->bits));
+    return f;
+}
+__device__ __forceinline__ float load_w(const bf16_t* p) { return __uint_as_float((unsigned)p->bits << 16); }
+
+__device__ __forceinline__ void store_w(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store_w(double* p, float v) { *p = (double)v; }
+__device__ __forceinline__ void store_w(half_t* p, float v) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    p->bits = h;
+}
+__device__ __forceinline__ void store_w(bf16_t* p, float v) {
+    unsigned short h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    p->bits = h;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL, v, o);
+    return v;
+}
+
+struct Coeffs {
+    float lr, eps, beta1, beta2, one_minus_beta1, one_minus_beta2, wd;
+    float step_size, bias2_sqrt;   // Adam's bias corrections for this row's step
+    float row_state;               // rowwise Adagrad G, partial rowwise Adam v (new values)
+};
+
+// One element: weight w (float32 math), decayed gradient gp, its state s1 (G or m) and s2 (v).
+template <int OPT>
+__device__ __forceinline__ float step_element(float w, float gp, float& s1, float& s2, const Coeffs& c) {
+    if (OPT == 0) return w - c.lr * gp;
+    if (OPT == 1) {
+        s1 = s1 + gp * gp;
+        return w - c.lr * gp / (sqrtf(s1) + c.eps);
+    }
+    if (OPT == 2) return w - c.lr * gp / (sqrtf(c.row_state) + c.eps);
+    s1 = c.beta1 * s1 + c.one_minus_beta1 * gp;
+    if (OPT == 3) {
+        s2 = c.beta2 * s2 + c.one_minus_beta2 * (gp * gp);
+        return w - c.step_size * s1 / (sqrtf(s2) / c.bias2_sqrt + c.eps);
+    }
+    return w - c.step_size * s1 / (sqrtf(c.row_state) / c.bias2_sqrt + c.eps);
+}
+
+// Where an element's state lives: s1 at st[d] (G or m), s2 at st[dim + d] (Adam's v).
+template <int OPT>
+__device__ __forceinline__ void load_state(const float* st, int d, int dim, float& s1, float& s2) {
+    if (OPT == 1 || OPT >= 3) s1 = st[d];
+    if (OPT == 3) s2 = st[dim + d];
+}
+
+template <int OPT>
+__device__ __forceinline__ void store_state(float* st, int d, int dim, float s1, float s2) {
+    if (OPT == 1 || OPT >= 3) st[d] = s1;
+    if (OPT == 3) st[dim + d] = s2;
+}
+
+#define REG_ELEMS 4   // rows of dim <= 32 * REG_ELEMS are held in registers: every load issued at once
+
+struct StepArgs {
+    char* rows;
+    i64 row_bytes;
+    const i64* idx;
+    const float* grads;
+    i64 n;
+    int dim;
+    i64 state_off;
+    double lr64, beta1_64, beta2_64;
+    bool* dirty;
+    unsigned now;
+    int touch;
+};
+
+template <int OPT>
+__device__ __forceinline__ void finish_header(const StepArgs& a, char* base, float* st, i64 row, unsigned t,
+                                              float row_state) {
+    unsigned* header = reinterpret_cast<unsigned*>(base);
+    if (OPT == 2) st[0] = row_state;
+    if (OPT == 4) st[a.dim] = row_state;
+    header[3] = t;           // step
+    if (a.touch) {
+        header[1] += 1;      // count
+        header[2] = a.now;   // last_access
+    }
+    if (a.dirty) a.dirty[row] = true;
+}
+
+// One row of one optimizer step, split in two so a warp can have two rows' loads in flight.
+template <typename W, int OPT>
+struct RowStep {
+    bool active;
+    char* base;
+    i64 row;
+    unsigned t;
+    float old;
+    float wv[REG_ELEMS], gp[REG_ELEMS], s1[REG_ELEMS], s2[REG_ELEMS];
+
+    // Issue every load of row r (registers path: dim <= 32 * REG_ELEMS).
+    __device__ __forceinline__ void load(const StepArgs& a, i64 r, int lane) {
+        row = r < a.n ? (a.idx ? a.idx[r] : r) : -1;
+        active = row >= 0;
+        if (!active) return;
+        base = a.rows + row * a.row_bytes;
+        const W* w = reinterpret_cast<const W*>(base + 16);
+        const float* st = reinterpret_cast<const float*>(base + a.state_off);
+        const float* g = a.grads + r * a.dim;
+        t = 0;
+        old = 0.f;
+        if (lane == 0) {
+            t = reinterpret_cast<const unsigned*>(base)[3] + 1;
+            if (OPT == 2) old = st[0];
+            if (OPT == 4) old = st[a.dim];
+        }
+#pragma unroll
+        for (int k = 0; k < REG_ELEMS; ++k) {
+            const int d = lane + 32 * k;
+            wv[k] = gp[k] = s1[k] = s2[k] = 0.f;
+            if (d < a.dim) {
+                wv[k] = load_w(w + d);
+                gp[k] = g[d];
+                load_state<OPT>(st, d, a.dim, s1[k], s2[k]);
+            }
+        }
+    }
+
+    __device__ __forceinline__ void finish(const StepArgs& a, Coeffs c, int lane) {
+        if (!active) return;   // warp-uniform
+        W* w = reinterpret_cast<W*>(base + 16);
+        float* st = reinterpret_cast<float*>(base + a.state_off);
+        float sq = 0.f;
+#pragma unroll
+        for (int k = 0; k < REG_ELEMS; ++k) {
+            gp[k] = gp[k] + c.wd * wv[k];
+            sq += gp[k] * gp[k];
+        }
+        t = __shfl_sync(FULL, t, 0);
+        if (OPT >= 3) {   // in float64, as the host computes them
+            c.step_size = (float)(a.lr64 / (1.0 - pow(a.beta1_64, (double)t)));
+            c.bias2_sqrt = (float)sqrt(1.0 - pow(a.beta2_64, (double)t));
+        }
+        if (OPT == 2 || OPT == 4) {
+            const float mean = warp_sum(sq) / (float)a.dim;
+            old = __shfl_sync(FULL, old, 0);
+            c.row_state = OPT == 2 ? old + mean : c.beta2 * old + c.one_minus_beta2 * mean;
+        }
+#pragma unroll
+        for (int k = 0; k < REG_ELEMS; ++k) {
+            const int d = lane + 32 * k;
+            if (d < a.dim) {
+                store_w(w + d, step_element<OPT>(wv[k], gp[k], s1[k], s2[k], c));
+                store_state<OPT>(st, d, a.dim, s1[k], s2[k]);
+            }
+        }
+        if (lane == 0) finish_header<OPT>(a, base, st, row, t, c.row_state);
+    }
+};
+
+// Rows wider than the registers path: element loops, one row at a time.
+template <typename W, int OPT>
+__device__ void step_wide_row(const StepArgs& a, Coeffs c, i64 r, int lane) {
+    const i64 row = a.idx ? a.idx[r] : r;
+    if (row < 0) return;
+    char* base = a.rows + row * a.row_bytes;
+    W* w = reinterpret_cast<W*>(base + 16);
+    float* st = reinterpret_cast<float*>(base + a.state_off);
+    const float* g = a.grads + r * a.dim;
+    unsigned t = 0;
+    float old = 0.f;
+    if (lane == 0) {
+        t = reinterpret_cast<unsigned*>(base)[3] + 1;
+        if (OPT == 2) old = st[0];
+        if (OPT == 4) old = st[a.dim];
+    }
+    t = __shfl_sync(FULL, t, 0);
+    if (OPT >= 3) {
+        c.step_size = (float)(a.lr64 / (1.0 - pow(a.beta1_64, (double)t)));
+        c.bias2_sqrt = (float)sqrt(1.0 - pow(a.beta2_64, (double)t));
+    }
+    if (OPT == 2 || OPT == 4) {
+        float sq = 0.f;
+        for (int d = lane; d < a.dim; d += 32) {
+            const float x = g[d] + c.wd * load_w(w + d);
+            sq += x * x;
+        }
+        const float mean = warp_sum(sq) / (float)a.dim;
+        old = __shfl_sync(FULL, old, 0);
+        c.row_state = OPT == 2 ? old + mean : c.beta2 * old + c.one_minus_beta2 * mean;
+    }
+    for (int d = lane; d < a.dim; d += 32) {
+        const float x = load_w(w + d);
+        float s1 = 0.f, s2 = 0.f;
+        load_state<OPT>(st, d, a.dim, s1, s2);
+        store_w(w + d, step_element<OPT>(x, g[d] + c.wd * x, s1, s2, c));
+        store_state<OPT>(st, d, a.dim, s1, s2);
+    }
+    if (lane == 0) finish_header<OPT>(a, base, st, row, t, c.row_state);
+}
+
+template <typename W, int OPT>
+__global__ void optimizer_step(char* rows, i64 row_bytes, const i64* __restrict__ idx,
+                               const float* __restrict__ grads, i64 n, int dim, i64 state_off,
+                               float lr, float eps, float beta1, float beta2, float one_minus_beta1,
+                               float one_minus_beta2, double lr64, double beta1_64, double beta2_64,
+                               float wd, bool* dirty, unsigned now, int touch) {
+    const int lane = threadIdx.x & 31;
+    const Coeffs c = {lr, eps, beta1, beta2, one_minus_beta1, one_minus_beta2, wd, 0.f, 1.f, 0.f};
+    const StepArgs a = {rows, row_bytes, idx, grads, n, dim, state_off, lr64, beta1_64, beta2_64, dirty, now,
+                        touch};
+    const i64 stride = warps_total();
+    if (dim <= 32 * REG_ELEMS) {
+        for (i64 r = warp_id_global(); r < n; r += 2 * stride) {
+            RowStep<W, OPT> first, second;
+            first.load(a, r, lane);
+            second.load(a, r + stride, lane);
+            first.finish(a, c, lane);
+            second.finish(a, c, lane);
+        }
+    } else {
+        for (i64 r = warp_id_global(); r < n; r += stride) step_wide_row<W, OPT>(a, c, r, lane);
+    }
+}

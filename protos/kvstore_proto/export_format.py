@@ -1,0 +1,182 @@
+"""The on-disk format of a table export: a directory of chunk files and a manifest.
+
+    <dir>/manifest.json          written last: a directory without it is incomplete
+    <dir>/chunk-000000.npz       uncompressed .npz: ids, weights, state, meta
+    <dir>/chunk-000001.npz       ...
+
+See docs/export-format.md for every field. It lives beside the wire codec
+because both sides use it: the client CLI writes and reads exports, and the
+store never needs to. Only numpy and ml_dtypes (for bfloat16) are required.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+FORMAT = "kvstore-table-export"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+META_FIELDS = ("count", "last_access", "step")
+FILE_BYTES = 64 << 20          # target size of one chunk file
+_WEIGHT_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"),
+                  "float64": np.dtype("<f8"), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+_STORED_AS = {"bfloat16": np.dtype("<u2")}    # npy cannot name bfloat16: its bits go as uint16
+
+
+class ExportFormatError(ValueError):
+    """An export directory is missing, incomplete, corrupt or of another version; names the file or field."""
+
+
+@dataclass
+class ExportChunk:
+    ids: np.ndarray        # [n] int64
+    weights: np.ndarray    # [n, dim] in `dtype`
+    state: np.ndarray      # [n, state_dim] float32
+    meta: np.ndarray       # [n, 3] uint32: count, last_access, step
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as src:
+        while block := src.read(8 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ExportWriter:
+    """Writes chunks to a new directory; `close()` writes the manifest that makes it complete."""
+
+    def __init__(self, path: str, table: dict[str, Any], dim: int, dtype: str, state_dim: int,
+                 file_bytes: int = FILE_BYTES):
+        if dtype not in _WEIGHT_DTYPES:
+            raise ExportFormatError(f"dtype: unsupported weight dtype {dtype!r}")
+        if os.path.exists(os.path.join(path, MANIFEST)):
+            raise FileExistsError(f"{path}: already holds an export")
+        os.makedirs(path, exist_ok=True)
+        self.path, self.table, self.dim, self.dtype, self.state_dim = path, table, dim, dtype, state_dim
+        self.row_bytes = 8 + dim * _WEIGHT_DTYPES[dtype].itemsize + state_dim * 4 + 12
+        self.rows_per_file = max(1, file_bytes // self.row_bytes)
+        self.rows = 0
+        self.sorted = True
+        self._chunks: list[dict[str, Any]] = []
+        self._pending: list[ExportChunk] = []
+        self._pending_rows = 0
+        self._last_id: int | None = None
+
+    def write(self, ids, weights, state, meta) -> None:
+        chunk = ExportChunk(np.asarray(ids, dtype="<i8"), np.asarray(weights, dtype=_WEIGHT_DTYPES[self.dtype]),
+                            np.asarray(state, dtype="<f4"), np.asarray(meta, dtype="<u4"))
+        n = len(chunk.ids)
+        for name, shape in (("weights", (n, self.dim)), ("state", (n, self.state_dim)), ("meta", (n, 3))):
+            if getattr(chunk, name).shape != shape:
+                raise ExportFormatError(f"{name}: expected shape {shape}, got {getattr(chunk, name).shape}")
+        if not n:
+            return
+        if (self._last_id is not None and chunk.ids[0] <= self._last_id) or (np.diff(chunk.ids) <= 0).any():
+            self.sorted = False
+        self._last_id = int(chunk.ids[-1])
+        self._pending.append(chunk)
+        self._pending_rows += n
+        self.rows += n
+        if self._pending_rows >= self.rows_per_file:
+            self._write_file()
+
+    def _write_file(self) -> None:
+        if not self._pending:
+            return
+        parts = self._pending
+        self._pending, self._pending_rows = [], 0
+        ids = np.concatenate([c.ids for c in parts])
+        weights = np.concatenate([c.weights for c in parts])
+        stored = _STORED_AS.get(self.dtype)
+        name = f"chunk-{len(self._chunks):06d}.npz"
+        target = os.path.join(self.path, name)
+        with open(target, "wb") as out:
+            np.savez(out, ids=ids, weights=weights.view(stored) if stored is not None else weights,
+                     state=np.concatenate([c.state for c in parts]), meta=np.concatenate([c.meta for c in parts]))
+        self._chunks.append({"file": name, "rows": len(ids), "first_id": int(ids[0]), "last_id": int(ids[-1]),
+                             "bytes": os.path.getsize(target), "sha256": _sha256(target)})
+
+    def close(self) -> dict[str, Any]:
+        self._write_file()
+        stored = _STORED_AS.get(self.dtype)
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "created_at": time.time(),
+            "table": self.table, "rows": self.rows, "sorted": self.sorted,
+            "columns": {
+                "ids": {"dtype": "int64", "shape": ["rows"]},
+                "weights": {"dtype": self.dtype, "stored_as": str(stored or self.dtype), "shape": ["rows", self.dim]},
+                "state": {"dtype": "float32", "shape": ["rows", self.state_dim]},
+                "meta": {"dtype": "uint32", "shape": ["rows", 3], "fields": list(META_FIELDS)},
+            },
+            "chunks": self._chunks,
+        }
+        tmp = os.path.join(self.path, MANIFEST + ".tmp")
+        with open(tmp, "w") as out:
+            json.dump(manifest, out, indent=2)
+        os.replace(tmp, os.path.join(self.path, MANIFEST))
+        return manifest
+
+
+class ExportReader:
+    """Reads an export directory, checking its manifest, every checksum and every shape."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            with open(os.path.join(path, MANIFEST)) as src:
+                self.manifest = json.load(src)
+        except FileNotFoundError:
+            raise ExportFormatError(f"{path}: no {MANIFEST} (not an export, or an incomplete one)") from None
+        except ValueError as exc:
+            raise ExportFormatError(f"{MANIFEST}: not valid JSON: {exc}") from None
+        m = self.manifest
+        if m.get("format") != FORMAT:
+            raise ExportFormatError(f"{MANIFEST}.format: expected {FORMAT!r}, got {m.get('format')!r}")
+        if m.get("format_version") != FORMAT_VERSION:
+            raise ExportFormatError(
+                f"{MANIFEST}.format_version: this reader knows {FORMAT_VERSION}, got {m.get('format_version')!r}")
+        try:
+            weights = m["columns"]["weights"]
+            self.dtype = weights["dtype"]
+            self.dim = int(weights["shape"][1])
+            self.state_dim = int(m["columns"]["state"]["shape"][1])
+            self.rows = int(m["rows"])
+            self.table = m["table"]
+        except (KeyError, IndexError, TypeError, ValueError) as exc:
+            raise ExportFormatError(f"{MANIFEST}: missing or malformed field {exc}") from None
+        if self.dtype not in _WEIGHT_DTYPES:
+            raise ExportFormatError(f"{MANIFEST}.columns.weights.dtype: unsupported {self.dtype!r}")
+
+    def __iter__(self) -> Iterator[ExportChunk]:
+        for entry in self.manifest["chunks"]:
+            yield self._read(entry)
+
+    def _read(self, entry: dict[str, Any]) -> ExportChunk:
+        name = entry.get("file", "")
+        if os.path.basename(name) != name or not name.endswith(".npz"):
+            raise ExportFormatError(f"{MANIFEST}.chunks.file: {name!r} is not a chunk file name")
+        path = os.path.join(self.path, name)
+        if not os.path.isfile(path):
+            raise ExportFormatError(f"{name}: missing")
+        if _sha256(path) != entry.get("sha256"):
+            raise ExportFormatError(f"{name}: checksum mismatch (corrupt or changed)")
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in ("ids", "weights", "state", "meta")}
+        stored = _STORED_AS.get(self.dtype)
+        weights = arrays["weights"].view(_WEIGHT_DTYPES[self.dtype]) if stored is not None else arrays["weights"]
+        n = int(entry["rows"])
+        chunk = ExportChunk(arrays["ids"], weights, arrays["state"], arrays["meta"])
+        for field, shape in (("ids", (n,)), ("weights", (n, self.dim)), ("state", (n, self.state_dim)),
+                             ("meta", (n, 3))):
+            if getattr(chunk, field).shape != shape:
+                raise ExportFormatError(f"{name}.{field}: expected shape {shape}, got {getattr(chunk, field).shape}")
+        return chunk

@@ -1,0 +1,150 @@
+"""The GPU cache gives the host cache's hits, misses, victims and rows, batch after batch."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvstore import CacheConfig
+from kvstore.cache import SetAssociativeCache
+
+from .conftest import require_gpu
+
+cupy = require_gpu()
+from kvstore.gpu_cache import GpuCache  # noqa: E402  (needs CuPy)
+
+ROW_BYTES = 48
+
+
+def pair(rows: int, ways: int, policy: str) -> tuple[SetAssociativeCache, GpuCache]:
+    config = CacheConfig(rows=rows, ways=ways, policy=policy)
+    return SetAssociativeCache(config, ROW_BYTES), GpuCache(config, ROW_BYTES)
+
+
+def rows_for(ids: np.ndarray) -> np.ndarray:
+    """A recognizable row per id."""
+    return ((ids[:, None] * 31 + np.arange(ROW_BYTES)[None, :]) % 251).astype(np.uint8)
+
+
+def assert_same_state(host: SetAssociativeCache, gpu: GpuCache) -> None:
+    occupied = gpu.occupied.get()
+    np.testing.assert_array_equal(occupied, host.occupied)
+    for name in ("keys", "last_used", "uses"):
+        np.testing.assert_array_equal(getattr(gpu, name).get()[occupied], getattr(host, name)[occupied], err_msg=name)
+    np.testing.assert_array_equal(gpu.dirty.get()[occupied], host.dirty[occupied])
+    np.testing.assert_array_equal(gpu.slab.get()[occupied], host.slab[occupied])
+
+
+def draw(rng, kind: str, n: int, universe: int) -> np.ndarray:
+    if kind == "zipf":
+        return (rng.zipf(1.2, n) % universe).astype(np.int64) * 7919 - universe
+    return rng.integers(-universe, universe, n, dtype=np.int64)
+
+
+def test_kernel_set_function_is_the_host_one():
+    host, gpu = pair(rows=4096 * 32, ways=32, policy="lru")
+    ids = np.random.default_rng(0).integers(np.iinfo(np.int64).min, np.iinfo(np.int64).max, 100_000, dtype=np.int64)
+    ids[:4] = [0, -1, np.iinfo(np.int64).min, np.iinfo(np.int64).max]
+    np.testing.assert_array_equal(gpu.set_of(ids).get(), host.set_of(ids))
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+@pytest.mark.parametrize("ways", [4, 32])
+@pytest.mark.parametrize("kind", ["uniform", "zipf"])
+def test_batches_give_the_host_hits_victims_and_rows(policy, ways, kind):
+    rng = np.random.default_rng(hash((policy, ways, kind)) % 2**32)
+    host, gpu = pair(rows=64 * ways, ways=ways, policy=policy)
+    for batch in range(40):
+        ids = draw(rng, kind, int(rng.integers(1, 3000)), universe=20 * 64 * ways)
+        if batch % 5 == 4:   # lock a few occupied slots in both caches
+            locked = rng.choice(host.capacity, 16, replace=False)
+            host.locks[:] = 0
+            host.locks[locked] = 1
+            gpu.locks[:] = 0
+            gpu.locks[cupy.asarray(locked)] = 1
+        host.begin_batch()
+        gpu.begin_batch()
+        slots = host.probe(ids)
+        host.touch(slots[slots >= 0])
+        gpu_slots = gpu.probe_and_touch(ids).get()
+        np.testing.assert_array_equal(gpu_slots, slots)
+        new = np.unique(ids[slots < 0])
+        rng.shuffle(new)
+        want = host.choose_slots(new)
+        got = gpu.choose_slots(new)
+        np.testing.assert_array_equal(got.slots.get(), want.slots)
+        np.testing.assert_array_equal(got.dirty_ids.get(), want.dirty_ids)
+        np.testing.assert_array_equal(got.dirty_rows.get(), want.dirty_rows)
+        dirty = rng.random(len(new)) < 0.5
+        host.fill(want.slots, new, rows_for(new), dirty)
+        gpu.fill(got.slots, new, rows_for(new), dirty)
+        assert_same_state(host, gpu)
+
+
+def test_many_new_ids_in_one_set_never_share_a_slot():
+    host, gpu = pair(rows=16 * 32, ways=32, policy="lru")
+    candidates = np.arange(200_000, dtype=np.int64)
+    one_set = candidates[host.set_of(candidates) == 3][:500]
+    for cache in (host, gpu):
+        cache.begin_batch()
+    host.locks[3 * 32 + 5] = 1
+    gpu.locks[3 * 32 + 5] = 1
+    want = host.choose_slots(one_set)
+    got = gpu.choose_slots(one_set).slots.get()
+    np.testing.assert_array_equal(got, want.slots)
+    taken = got[got >= 0]
+    assert len(taken) == 31 and len(np.unique(taken)) == 31 and 3 * 32 + 5 not in taken
+
+
+def test_find_or_insert_is_probe_touch_choose_and_fill():
+    rng = np.random.default_rng(5)
+    host, gpu = pair(rows=256 * 32, ways=32, policy="lfu")
+    for _ in range(12):
+        ids = np.unique(draw(rng, "zipf", 6000, universe=40_000))
+        rng.shuffle(ids)
+        host.begin_batch()
+        gpu.begin_batch()
+        slots = host.probe(ids)
+        host.touch(slots[slots >= 0])
+        new = ids[slots < 0]
+        want = host.choose_slots(new)
+        host.fill(want.slots, new, rows_for(new), True)
+        claim = gpu.find_or_insert(ids, dirty=True)
+        dirty_ids, dirty_rows = gpu.displaced_rows(claim)
+        np.testing.assert_array_equal(dirty_ids.get(), want.dirty_ids)
+        np.testing.assert_array_equal(dirty_rows.get(), want.dirty_rows)
+        np.testing.assert_array_equal(claim.hit.get(), slots >= 0)
+        got = claim.slots.get()
+        np.testing.assert_array_equal(got[slots >= 0], slots[slots >= 0])
+        np.testing.assert_array_equal(got[slots < 0], want.slots)
+        gpu.scatter_rows(claim.slots[cupy.asarray(slots < 0)], cupy.asarray(rows_for(new)))
+        assert_same_state(host, gpu)
+
+
+@pytest.mark.parametrize(("offset", "nbytes"), [(16, 512), (16, 12), (16, 6), (0, 48), (20, 28)])
+def test_gather_writes_every_requested_row_and_scatter_puts_it_back(offset, nbytes):
+    rows = 1000
+    row_bytes = 528 if nbytes == 512 else 48
+    gpu = GpuCache(CacheConfig(rows=rows, ways=4), row_bytes)
+    gpu.slab[:] = cupy.random.randint(0, 255, gpu.slab.shape, dtype=cupy.uint8)
+    slots = np.random.default_rng(1).integers(-1, rows, 5000)
+    out = cupy.full((len(slots), nbytes), 0xAB, dtype=cupy.uint8)   # poison
+    gpu.gather(slots, offset, nbytes, out)
+    got, slab = out.get(), gpu.slab.get()
+    np.testing.assert_array_equal(got[slots >= 0], slab[slots[slots >= 0], offset:offset + nbytes])
+    assert (got[slots < 0] == 0xAB).all()
+    fresh = cupy.random.randint(0, 255, (rows, nbytes), dtype=cupy.uint8)
+    order = cupy.asarray(np.random.default_rng(2).permutation(rows))
+    gpu.scatter(order, fresh[order], offset, nbytes)
+    np.testing.assert_array_equal(gpu.slab[:, offset:offset + nbytes].get(), fresh.get())
+
+
+def test_gather_of_float_weights_writes_every_element():
+    dim, n = 128, 4096
+    gpu = GpuCache(CacheConfig(rows=8192, ways=32), 16 + dim * 4)
+    weights = cupy.random.standard_normal((8192, dim), dtype=cupy.float32)
+    gpu.slab[:, 16:] = weights.view(cupy.uint8)
+    slots = cupy.asarray(np.random.default_rng(3).permutation(8192)[:n])
+    out = cupy.full((n, dim), cupy.nan, dtype=cupy.float32)
+    gpu.gather(slots, 16, dim * 4, out.view(cupy.uint8))
+    assert not cupy.isnan(out).any()
+    np.testing.assert_array_equal(out.get(), weights[slots].get())

@@ -1,0 +1,86 @@
+"""Fused optimizer kernels equal the host optimizers (kvstore.optimizers) within float32 rounding."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvstore import CacheConfig, OptimizerConfig, TableConfig
+from kvstore.optimizers import make_optimizer
+from kvstore.rows import RowLayout
+
+from .conftest import require_gpu
+
+cupy = require_gpu()
+from kvstore.gpu_cache import GpuCache  # noqa: E402  (needs CuPy)
+
+OPTIMIZERS = ["sgd", "adagrad", "rowwise_adagrad", "adam", "partial_rowwise_adam"]
+
+
+def rel_err(got: np.ndarray, want: np.ndarray) -> float:
+    want = want.astype(np.float64)
+    return float(np.linalg.norm(got.astype(np.float64) - want) / max(np.linalg.norm(want), 1e-30))
+
+
+def random_rows(layout: RowLayout, n: int, rng) -> np.ndarray:
+    rows = layout.empty(n)
+    layout.weights(rows)[:] = rng.standard_normal((n, layout.dim)).astype(layout.dtype)
+    layout.state(rows)[:] = rng.random((n, layout.state_dim)).astype(np.float32)   # >= 0: G and v
+    layout.header(rows)["step"] = rng.integers(0, 50, n)
+    return rows
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("dim", [128, 37])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_fused_step_equals_host_optimizer(name, dim, weight_decay):
+    rng = np.random.default_rng(hash((name, dim, weight_decay)) % 2**32)
+    optimizer = OptimizerConfig(name=name, lr=0.05, weight_decay=weight_decay)
+    config = TableConfig(name="t", dim=dim, optimizer=optimizer, cache=CacheConfig(rows=4096, ways=32))
+    layout = RowLayout.of(config)
+    gpu = GpuCache(config.cache, layout.row_bytes)
+    rows = random_rows(layout, 4096, rng)
+    gpu.slab[:] = cupy.asarray(rows)
+    host = make_optimizer(optimizer, dim)
+    for step in range(3):
+        slots = rng.permutation(4096)[:3000]
+        grads = rng.standard_normal((3000, dim)).astype(np.float32)
+        sub = rows[slots]
+        weights = layout.weights(sub).astype(np.float32)
+        state = layout.state(sub).copy()
+        header = layout.header(sub)
+        header["step"] += 1
+        header["count"] += 1
+        header["last_access"] = 1000 + step
+        host.step(weights, state, grads, header["step"])
+        layout.weights(sub)[:] = weights.astype(layout.dtype)
+        layout.state(sub)[:] = state
+        rows[slots] = sub
+        gpu.dirty[:] = False
+        gpu.optimizer_step(slots, grads, optimizer, layout, now=1000 + step)
+        got = gpu.slab.get()
+        assert rel_err(layout.weights(got), layout.weights(rows)) <= 1e-6
+        if layout.state_dim:
+            assert rel_err(layout.state(got), layout.state(rows)) <= 1e-6
+        np.testing.assert_array_equal(got[:, :16], rows[:, :16])          # headers: step, count, last_access
+        assert gpu.dirty.get()[slots].all() and gpu.dirty.sum() == len(slots)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float64"])
+def test_fused_step_keeps_weights_in_the_table_dtype(dtype):
+    rng = np.random.default_rng(9)
+    optimizer = OptimizerConfig(name="adam", lr=0.01)
+    config = TableConfig(name="t", dim=64, dtype=dtype, optimizer=optimizer, cache=CacheConfig(rows=1024, ways=32))
+    layout = RowLayout.of(config)
+    gpu = GpuCache(config.cache, layout.row_bytes)
+    rows = random_rows(layout, 1024, rng)
+    gpu.slab[:] = cupy.asarray(rows)
+    grads = rng.standard_normal((1024, 64)).astype(np.float32)
+    weights = layout.weights(rows).astype(np.float32)
+    state = layout.state(rows).copy()
+    make_optimizer(optimizer, 64).step(weights, state, grads, layout.header(rows)["step"] + 1)
+    gpu.optimizer_step(np.arange(1024), grads, optimizer, layout)
+    got = gpu.slab.get()
+    want = weights.astype(layout.dtype).astype(np.float64)
+    tolerance = {"bfloat16": 1e-2, "float16": 1e-3, "float64": 1e-6}[dtype]
+    assert rel_err(layout.weights(got), want) <= tolerance
+    assert rel_err(layout.state(got), state) <= 1e-6

@@ -1,0 +1,139 @@
+"""A table with its cache on the GPU keeps every promise the host table keeps, and speaks torch."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvstore import CacheConfig, OptimizerConfig, Store, TableConfig
+
+from .conftest import require_gpu
+
+cupy = require_gpu()
+
+
+def config(name: str, device: str, optimizer: str = "adam", write: str = "write_back", dtype: str = "float32",
+           rows: int = 256) -> TableConfig:
+    return TableConfig(name=name, dim=16, dtype=dtype, optimizer=OptimizerConfig(name=optimizer, lr=0.05),
+                       cache=CacheConfig(rows=rows, ways=32, write=write, device=device))
+
+
+@pytest.fixture
+def store(tmp_path):
+    with Store(str(tmp_path / "data"), clock=lambda: 1_700_000_000.0) as opened:
+        yield opened
+
+
+def close(got, want, tolerance: float = 1e-6) -> None:
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape
+    assert np.linalg.norm(got - want) <= tolerance * max(np.linalg.norm(want), 1e-30)
+
+
+@pytest.mark.parametrize("write", ["write_back", "write_through"])
+@pytest.mark.parametrize("optimizer", ["adam", "rowwise_adagrad"])
+def test_gpu_table_matches_host_table_through_evictions(store, write, optimizer):
+    """A small cache (many evictions, write-backs, RocksDB misses): same rows as the host table."""
+    store.create_table(config("host", "cpu", optimizer, write))
+    store.create_table(config("gpu", "cuda:0", optimizer, write))
+    rng = np.random.default_rng(11)
+    for batch in range(30):
+        ids = rng.integers(-3000, 3000, 700)
+        a = store.lookup("host", ids, with_state=True)
+        b = store.lookup("gpu", ids, with_state=True)
+        assert isinstance(b.weights, np.ndarray)
+        close(b.weights, a.weights)
+        close(b.state, a.state)
+        grads = rng.standard_normal((len(ids), 16)).astype(np.float32)
+        assert store.table("host").apply_gradients(ids, grads) == store.table("gpu").apply_gradients(ids, grads)
+        if batch % 7 == 3:
+            new = rng.standard_normal((50, 16)).astype(np.float32)
+            store.update("host", ids[:50], new)
+            store.update("gpu", ids[:50], new)
+    store.flush()
+    everything = np.arange(-3000, 3000)
+    close(store.lookup("gpu", everything, on_miss="zeros").weights,
+          store.lookup("host", everything, on_miss="zeros").weights)
+    for name in ("host", "gpu"):
+        stats = store.stats(name)
+        assert stats["cache_rows"] <= 256 and stats["cache_dirty_rows"] == 0
+
+
+def test_lookup_modes_and_delete_match_host(store):
+    store.create_table(config("host", "cpu"))
+    store.create_table(config("gpu", "cuda:0"))
+    ids = np.array([5, 7, 5, -9], dtype=np.int64)
+    for mode in ("init", "zeros", "init_insert"):
+        np.testing.assert_array_equal(store.lookup("gpu", ids, on_miss=mode).weights,
+                                      store.lookup("host", ids, on_miss=mode).weights)
+    for name in ("host", "gpu"):
+        store.delete(name, [5])
+    np.testing.assert_array_equal(store.lookup("gpu", ids, on_miss="zeros").weights,
+                                  store.lookup("host", ids, on_miss="zeros").weights)
+
+
+def test_torch_cuda_tensors_in_and_out(store):
+    torch = pytest.importorskip("torch")
+    store.create_table(config("gpu", "cuda:0"))
+    store.create_table(config("host", "cpu"))
+    ids = torch.tensor([3, 1, 3, 8], device="cuda")
+    weights = torch.randn(4, 16, device="cuda")
+    store.update("gpu", ids, weights)
+    store.update("host", ids.cpu().numpy(), weights.cpu().numpy())
+    got = store.lookup("gpu", ids)
+    assert isinstance(got.weights, torch.Tensor) and got.weights.is_cuda and got.weights.dtype == torch.float32
+    np.testing.assert_array_equal(got.weights.cpu().numpy(), store.lookup("host", ids.cpu().numpy()).weights)
+    grads = torch.randn(4, 16, device="cuda")
+    store.table("gpu").apply_gradients(ids, grads)
+    store.table("host").apply_gradients(ids.cpu().numpy(), grads.cpu().numpy())
+    close(store.lookup("gpu", ids).weights.cpu().numpy(), store.lookup("host", ids.cpu().numpy()).weights)
+    as_cupy = store.lookup("gpu", cupy.asarray([1, 8])).weights
+    assert isinstance(as_cupy, cupy.ndarray)
+
+
+def test_bfloat16_table_speaks_torch_bfloat16(store):
+    torch = pytest.importorskip("torch")
+    store.create_table(config("gpu", "cuda:0", dtype="bfloat16"))
+    ids = torch.arange(10, device="cuda")
+    weights = torch.randn(10, 16, device="cuda", dtype=torch.bfloat16)
+    store.update("gpu", ids, weights)
+    got = store.lookup("gpu", ids).weights
+    assert got.dtype == torch.bfloat16 and torch.equal(got, weights)
+    host = store.lookup("gpu", ids.cpu().numpy()).weights
+    np.testing.assert_array_equal(host.astype(np.float32), weights.float().cpu().numpy())
+
+
+def test_gpu_table_survives_reopen(tmp_path):
+    path = str(tmp_path / "data")
+    with Store(path) as store:
+        store.create_table(config("gpu", "cuda:0"))
+        store.update("gpu", np.arange(100), np.ones((100, 16), dtype=np.float32))
+    with Store(path) as store:
+        np.testing.assert_array_equal(store.lookup("gpu", np.arange(100), on_miss="error").weights,
+                                      np.ones((100, 16), dtype=np.float32))
+
+
+def test_nonfinite_gradients_from_the_device_are_refused(store):
+    from kvstore import InvalidArgument
+
+    store.create_table(config("gpu", "cuda:0"))
+    grads = cupy.full((2, 16), cupy.nan, dtype=cupy.float32)
+    with pytest.raises(InvalidArgument, match="grads"):
+        store.table("gpu").apply_gradients(cupy.asarray([1, 2]), grads)
+
+
+def test_prefetch_locks_survive_evictions_and_release_like_host(store):
+    for name, device in (("host", "cpu"), ("gpu", "cuda:0")):
+        store.create_table(config(name, device, rows=64))
+    pinned = np.arange(40)
+    counts = [store.table(name).prefetch(pinned, lock=True, owner="a") for name in ("host", "gpu")]
+    assert counts[0] == counts[1]
+    for name in ("host", "gpu"):
+        store.lookup(name, np.arange(1000, 1300))                 # far more ids than free ways
+    host_cached = store.table("host").cache.probe(pinned) >= 0
+    gpu_cached = cupy.asnumpy(store.table("gpu").cache.probe(pinned)) >= 0
+    np.testing.assert_array_equal(gpu_cached, host_cached)
+    assert host_cached.sum() == counts[0]
+    assert store.stats("gpu")["cache_locked_rows"] == store.stats("host")["cache_locked_rows"] == counts[0]
+    for name in ("host", "gpu"):
+        store.table(name).release_all("a")
+        assert store.stats(name)["cache_locked_rows"] == 0

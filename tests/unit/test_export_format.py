@@ -1,0 +1,97 @@
+"""The export directory format: round trips, and every kind of damage is a clear error."""
+from __future__ import annotations
+
+import json
+import os
+
+import ml_dtypes
+import numpy as np
+import pytest
+from kvstore_proto.export_format import ExportFormatError, ExportReader, ExportWriter
+
+from kvstore import CacheConfig, OptimizerConfig, Store, TableConfig
+
+WEIGHT_DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64, "bfloat16": ml_dtypes.bfloat16}
+
+
+def write_export(path: str, dtype: str = "float32", chunks: int = 3, rows: int = 100, file_bytes: int = 4096):
+    writer = ExportWriter(path, {"name": "t"}, dim=4, dtype=dtype, state_dim=2, file_bytes=file_bytes)
+    rng = np.random.default_rng(0)
+    written = []
+    for c in range(chunks):
+        ids = np.arange(c * rows, (c + 1) * rows) * 3 - 50
+        weights = rng.standard_normal((rows, 4)).astype(WEIGHT_DTYPES[dtype])
+        state = rng.random((rows, 2)).astype(np.float32)
+        meta = rng.integers(0, 2**32, (rows, 3), dtype=np.uint64).astype(np.uint32)
+        writer.write(ids, weights, state, meta)
+        written.append((ids, weights, state, meta))
+    writer.close()
+    return [np.concatenate([w[i] for w in written]) for i in range(4)]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "float64"])
+def test_round_trip_is_bit_exact_across_several_files(tmp_path, dtype):
+    path = str(tmp_path / "exp")
+    expected = write_export(path, dtype)
+    reader = ExportReader(path)
+    assert reader.rows == 300 and reader.dtype == dtype and reader.manifest["sorted"]
+    assert len(reader.manifest["chunks"]) > 1
+    chunks = list(reader)
+    for i, field in enumerate(("ids", "weights", "state", "meta")):
+        got = np.concatenate([getattr(c, field) for c in chunks])
+        assert got.dtype == expected[i].dtype and got.tobytes() == expected[i].tobytes(), field
+
+
+def test_corrupt_chunk_is_a_checksum_error(tmp_path):
+    path = str(tmp_path / "exp")
+    write_export(path)
+    chunk = os.path.join(path, "chunk-000001.npz")
+    with open(chunk, "r+b") as f:
+        f.seek(200)
+        f.write(b"\x00\x01\x02")
+    with pytest.raises(ExportFormatError, match="chunk-000001.npz: checksum"):
+        list(ExportReader(path))
+
+
+def test_incomplete_or_foreign_directories_are_rejected(tmp_path):
+    with pytest.raises(ExportFormatError, match="manifest.json"):
+        ExportReader(str(tmp_path))
+    path = str(tmp_path / "exp")
+    write_export(path)
+    manifest_path = tmp_path / "exp" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["format_version"] = 99
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ExportFormatError, match="format_version"):
+        ExportReader(path)
+    with pytest.raises(FileExistsError):
+        ExportWriter(path, {}, 4, "float32", 2)
+
+
+def test_unsorted_writes_are_marked_unsorted(tmp_path):
+    writer = ExportWriter(str(tmp_path / "exp"), {}, 1, "float32", 0)
+    writer.write([5, 6], np.ones((2, 1)), np.ones((2, 0)), np.zeros((2, 3)))
+    writer.write([1], np.ones((1, 1)), np.ones((1, 0)), np.zeros((1, 3)))
+    assert writer.close()["sorted"] is False
+
+
+def test_store_to_directory_to_another_store_is_bit_exact(tmp_path):
+    config = TableConfig(name="t", dim=8, dtype="bfloat16", optimizer=OptimizerConfig(name="adam"),
+                         cache=CacheConfig(rows=64, ways=4))
+    ids = np.arange(3000) * 11
+    with Store(str(tmp_path / "a")) as a:
+        a.create_table(config)
+        a.update("t", ids, np.random.default_rng(1).standard_normal((3000, 8)), np.ones((3000, 16)))
+        export = a.export_table("t", chunk_rows=700)
+        writer = ExportWriter(str(tmp_path / "exp"), config.to_dict(), 8, "bfloat16", 16, file_bytes=50_000)
+        for chunk in export:
+            writer.write(chunk.ids, chunk.weights, chunk.state, chunk.meta)
+        writer.close()
+        original = a.lookup("t", ids, on_miss="error", with_state=True)
+    with Store(str(tmp_path / "b")) as b:
+        reader = ExportReader(str(tmp_path / "exp"))
+        b.create_table(TableConfig.from_dict(reader.table))
+        b.import_table("t", ((c.ids, c.weights, c.state, c.meta) for c in reader), mode="replace")
+        copy = b.lookup("t", ids, on_miss="error", with_state=True)
+    assert copy.weights.tobytes() == original.weights.tobytes()
+    assert copy.state.tobytes() == original.state.tobytes()

@@ -1,0 +1,135 @@
+"""Export and import of tables: key order, consistency, bit-exact round trips, modes, validation."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvstore import CacheConfig, InvalidArgument, OptimizerConfig, Store, TableConfig
+from kvstore.transfer import RowChunk
+
+
+@pytest.fixture
+def store(tmp_path):
+    with Store(str(tmp_path / "data")) as opened:
+        yield opened
+
+
+def adam_table(name: str = "t", dtype: str = "float32", rows: int = 64) -> TableConfig:
+    return TableConfig(name=name, dim=8, dtype=dtype, optimizer=OptimizerConfig(name="adam"),
+                       cache=CacheConfig(rows=rows, ways=4))
+
+
+def fill(store: Store, table: str, ids: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    weights = rng.standard_normal((len(ids), 8)).astype(np.float32)
+    state = rng.random((len(ids), 16)).astype(np.float32)
+    store.update(table, ids, weights, state)
+    return weights, state
+
+
+def collect(export) -> RowChunk:
+    chunks = list(export)
+    return RowChunk(*(np.concatenate([getattr(c, f) for c in chunks]) for f in ("ids", "weights", "state", "meta")))
+
+
+def test_export_is_in_key_order_and_includes_dirty_cached_rows(store):
+    store.create_table(adam_table())
+    ids = np.array([5, -3, 2**40, -(2**62), 0, 17])
+    weights, state = fill(store, "t", ids)         # all of them still dirty in a 64-row cache
+    got = collect(store.export_table("t", chunk_rows=4))
+    order = np.argsort(ids)
+    assert (got.ids == ids[order]).all()
+    assert (got.weights == weights[order]).all() and (got.state == state[order]).all()
+    assert (got.meta[:, 0] == 1).all()            # access count of one update each
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_round_trip_into_another_store_is_bit_exact(store, tmp_path, dtype):
+    store.create_table(adam_table(dtype=dtype))
+    ids = np.arange(-500, 1500) * 7
+    fill(store, "t", ids)
+    exported = collect(store.export_table("t", chunk_rows=300))
+    with Store(str(tmp_path / "other")) as other:
+        other.create_table(adam_table(dtype=dtype))
+        assert other.import_table("t", store.export_table("t", chunk_rows=300), mode="replace") == len(ids)
+        again = collect(other.export_table("t"))
+    for f in ("ids", "weights", "state", "meta"):
+        assert getattr(again, f).tobytes() == getattr(exported, f).tobytes(), f
+
+
+def test_export_is_not_torn_by_writes_while_it_streams(store):
+    store.create_table(adam_table(rows=32))
+    ids = np.arange(2000)
+    store.update("t", ids, np.zeros((2000, 8)))
+    export = store.export_table("t", chunk_rows=100)       # the cut is this call
+    store.update("t", ids[::2], np.ones((1000, 8)))         # lands in RocksDB before the first chunk is read
+    store.flush()
+    chunks = iter(export)
+    first = next(chunks)
+    store.update("t", ids, np.ones((2000, 8)))              # and while the export streams
+    store.import_table("t", [(np.arange(5000, 5010), np.ones((10, 8)))])
+    store.flush()
+    weights = np.concatenate([first.weights] + [c.weights for c in chunks])
+    assert len(weights) == 2000 and (weights == 0).all()
+
+
+def test_merge_keeps_other_rows_and_replace_drops_them(store):
+    store.create_table(adam_table())
+    fill(store, "t", np.arange(10))
+    new = np.full((3, 8), 9.0, np.float32)
+    store.import_table("t", [(np.array([8, 9, 10]), new)], mode="merge")
+    assert len(collect(store.export_table("t")).ids) == 11
+    got = store.lookup("t", [9, 10], on_miss="error", with_state=True)
+    assert (got.weights == 9.0).all() and (got.state == 0).all()     # no state given: zeros
+    store.import_table("t", [(np.array([100]), new[:1])], mode="replace")
+    assert collect(store.export_table("t")).ids.tolist() == [100]
+    assert store.lookup("t", [3], on_miss="zeros").weights.sum() == 0   # gone from cache too
+
+
+def test_import_overrides_dirty_cached_rows(store):
+    store.create_table(adam_table())
+    store.update("t", [1, 2], np.ones((2, 8)))           # dirty in the cache, not yet in RocksDB
+    store.import_table("t", [(np.array([1]), np.full((1, 8), 7.0))])
+    assert (store.lookup("t", [1], on_miss="error").weights == 7.0).all()
+    store.flush()                                          # the stale dirty copy must not come back
+    assert (store.lookup("t", [1], on_miss="error").weights == 7.0).all()
+    assert (store.lookup("t", [2], on_miss="error").weights == 1.0).all()
+
+
+def test_overlapping_and_unsorted_chunks_last_write_wins(store):
+    store.create_table(adam_table())
+    chunks = [
+        (np.array([5, 1, 3]), np.full((3, 8), 1.0)),
+        (np.array([3, 2, 3]), np.array([[2.0] * 8, [2.0] * 8, [3.0] * 8])),
+        (np.array([1]), np.full((1, 8), 4.0)),
+    ]
+    store.import_table("t", chunks, mode="replace")
+    got = collect(store.export_table("t"))
+    assert got.ids.tolist() == [1, 2, 3, 5]
+    assert got.weights[:, 0].tolist() == [4.0, 2.0, 3.0, 1.0]
+
+
+@pytest.mark.parametrize("bad, field", [
+    ((np.array([1, 2]), np.ones((2, 3))), "weights"),
+    ((np.array([1, 2]), np.ones((2, 8)), np.ones((2, 3))), "state"),
+    ((np.array([1, 2]), np.full((2, 8), np.nan)), "weights"),
+    ((np.array([[1, 2]]), np.ones((2, 8))), "ids"),
+    ((np.array([1]), np.ones((1, 8)), None, np.full((1, 3), -1)), "meta"),
+])
+def test_bad_chunk_anywhere_changes_nothing(store, bad, field):
+    store.create_table(adam_table())
+    fill(store, "t", np.arange(20))
+    before = collect(store.export_table("t"))
+    good = (np.arange(100, 110), np.ones((10, 8)))
+    with pytest.raises(InvalidArgument, match=field):
+        store.import_table("t", [good, bad], mode="replace")
+    after = collect(store.export_table("t"))
+    assert after.ids.tobytes() == before.ids.tobytes() and after.weights.tobytes() == before.weights.tobytes()
+
+
+def test_bad_mode_and_unknown_table(store):
+    store.create_table(adam_table())
+    with pytest.raises(InvalidArgument, match="mode"):
+        store.import_table("t", [], mode="upsert")
+    with pytest.raises(Exception, match="table"):
+        store.export_table("nope")
