@@ -104,8 +104,8 @@ def test_snapshots_and_restores_show_pause_duration_and_counts(server, client):
                  "kvstore_restore_duration_seconds_count", "kvstore_snapshots_deleted_total"):
         assert value(after, name) - value(before, name) == 1, name
     assert value(after, "kvstore_snapshot_last_pause_seconds") == pytest.approx(info["pause_seconds"])
-    assert value(after, "kvstore_snapshot_duration_seconds_sum") - value(before, "kvstore_snapshot_duration_seconds_sum") \
-        == pytest.approx(info["duration_seconds"])
+    duration = "kvstore_snapshot_duration_seconds_sum"
+    assert value(after, duration) - value(before, duration) == pytest.approx(info["duration_seconds"])
     assert value(after, "kvstore_snapshot_max_pause_seconds") >= info["pause_seconds"]
     assert value(after, "kvstore_cache_capacity_rows", table="snapped") > 0     # the table came back
     assert value(after, "kvstore_rocksdb_block_cache_capacity_bytes") == BLOCK_CACHE   # the restored database
