@@ -1,6 +1,8 @@
 """Bearer-token auth: calls without the exact token are UNAUTHENTICATED and change nothing; health stays open."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from kvstore_client import KVStoreClient, UnauthenticatedError
@@ -74,6 +76,13 @@ def test_operator_cli_sends_the_token_from_a_file(server, admin, token_file, tmp
     listed = run_cli("kvstore_client", "--address", server.address, "--token-file", str(token_file), "tables")
     assert listed.returncode == 0, listed.stderr
     assert listed.stdout.split() == ["guarded"]
+    auth = ["--address", server.address, "--token-file", str(token_file)]
+    described = run_cli("kvstore_client", *auth, "describe", "guarded")
+    assert described.returncode == 0 and json.loads(described.stdout)["dim"] == 4
+    stats = run_cli("kvstore_client", *auth, "stats", "guarded", "--json")
+    assert stats.returncode == 0 and json.loads(stats.stdout)["rows_updated"] >= 2
+    absent = run_cli("kvstore_client", *auth, "stats", "absent")
+    assert absent.returncode == 1 and "NOT_FOUND" in absent.stderr
     refused = run_cli("kvstore_client", "--address", server.address, "tables")
     assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
     missing = run_cli("kvstore_client", "--address", server.address, "--token-file", str(tmp_path / "nope"),
