@@ -99,6 +99,8 @@ class SetAssociativeCache:
         mixed ^= mixed >> _SHIFT
         mixed *= _MIX
         mixed ^= mixed >> _SHIFT
+        if self.num_sets & (self.num_sets - 1) == 0:     # a power of two: mask, no division
+            return (mixed & np.uint64(self.num_sets - 1)).astype(xp.int64)
         return (mixed % np.uint64(self.num_sets)).astype(xp.int64)
 
     def set_rows(self, per_slot, sets):

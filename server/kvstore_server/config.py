@@ -3,8 +3,8 @@
 Precedence, highest first: command-line flags, `KVSTORE_*` environment
 variables, the YAML file (`--config` or `KVSTORE_CONFIG`), the defaults below.
 Every key has all three spellings: `max_workers` in YAML, `KVSTORE_MAX_WORKERS`,
-`--max-workers`; RocksDB keys nest under `rocksdb:` and read
-`KVSTORE_ROCKSDB_DURABILITY`, `--rocksdb-durability`. Unknown keys and unknown
+`--max-workers`; RocksDB and sweeper keys nest under `rocksdb:` and `sweeper:` and
+read `KVSTORE_ROCKSDB_DURABILITY`, `--rocksdb-durability`. Unknown keys and unknown
 `KVSTORE_*` variables are errors naming them.
 """
 from __future__ import annotations
@@ -15,12 +15,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvstore import RocksConfig
+from kvstore import RocksConfig, SweeperConfig
 from kvstore.errors import InvalidArgument
 
 ENV_PREFIX = "KVSTORE_"
 ENV_CONFIG = "KVSTORE_CONFIG"          # names the YAML file, like --config
-NESTED = {"rocksdb": RocksConfig}
+NESTED = {"rocksdb": RocksConfig, "sweeper": SweeperConfig}
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -45,6 +45,7 @@ class ServerConfig:
     log_format: str = "text"             # text | json (one JSON object per line)
     log_level: str = "info"              # debug logs every RPC; info logs failed ones
     rocksdb: RocksConfig = field(default_factory=RocksConfig)
+    sweeper: SweeperConfig = field(default_factory=SweeperConfig)   # background eviction
 
     def __post_init__(self):
         for name in ("port", "metrics_port"):

@@ -52,13 +52,20 @@ FAMILIES = _families(
     Family("kvstore_evictions", "counter", "Rows evicted from the store, by rule.", ("table", "reason")),
     Family("kvstore_eviction_sweeps", "counter", "Store-eviction sweeps run.", ("table",)),
     Family("kvstore_eviction_sweep_errors", "counter", "Store-eviction sweeps that failed.", ("table",)),
+    Family("kvstore_eviction_sweep_seconds", "counter", "Time spent in store-eviction sweeps.", ("table",)),
+    Family("kvstore_eviction_scanned_rows", "counter", "Rows judged by store-eviction sweeps.", ("table",)),
+    Family("kvstore_archive_purged_rows", "counter", "Archived rows removed after their retention.", ("table",)),
+    Family("kvstore_rows_restored", "counter", "Rows brought back from the eviction archive.", ("table",)),
+    Family("kvstore_rows_stepped", "counter", "Rows changed by an optimizer step (ApplyGradients).", ("table",)),
     Family("kvstore_rows_archived", "counter", "Evicted rows kept in the eviction archive.", ("table",)),
     Family("kvstore_admission_rejected", "counter", "Rows not stored because the admission filter had not "
            "seen their id often enough.", ("table",)),
-    Family("kvstore_table_rows", "gauge", "Rows stored in the table (RocksDB's estimate).", ("table",)),
+    Family("kvstore_table_rows", "gauge", "Rows stored in the table (exact for tables with a row limit, "
+           "RocksDB's estimate otherwise).", ("table",)),
     Family("kvstore_cache_rows", "gauge", "Occupied slots of the cache tier.", ("table",)),
     Family("kvstore_cache_capacity_rows", "gauge", "Slots of the cache tier.", ("table",)),
     Family("kvstore_cache_dirty_rows", "gauge", "Cached rows not yet written to RocksDB.", ("table",)),
+    Family("kvstore_cache_locked_rows", "gauge", "Cached rows pinned by prefetch locks.", ("table",)),
     Family("kvstore_rocksdb_block_cache_usage_bytes", "gauge", "Bytes held by RocksDB's block cache."),
     Family("kvstore_rocksdb_block_cache_capacity_bytes", "gauge", "Capacity of RocksDB's block cache."),
     Family("kvstore_rocksdb_estimated_keys", "gauge", "RocksDB's estimate of the keys of a table.", ("table",)),
@@ -91,6 +98,12 @@ TABLE_STATS: dict[str, tuple[str, tuple[str, ...]]] = {
     "rows_imported": ("kvstore_rows_imported", ()),
     "sweeps": ("kvstore_eviction_sweeps", ()),
     "sweep_errors": ("kvstore_eviction_sweep_errors", ()),
+    "sweep_seconds_total": ("kvstore_eviction_sweep_seconds", ()),
+    "sweep_rows_scanned": ("kvstore_eviction_scanned_rows", ()),
+    "archive_purged": ("kvstore_archive_purged_rows", ()),
+    "rows_restored": ("kvstore_rows_restored", ()),
+    "rows_stepped": ("kvstore_rows_stepped", ()),
+    "cache_locked_rows": ("kvstore_cache_locked_rows", ()),
     "archived_rows": ("kvstore_rows_archived", ()),
     "admission_rejected": ("kvstore_admission_rejected", ()),
     "estimated_rows": ("kvstore_table_rows", ()),
@@ -179,6 +192,8 @@ class StoreCollector:
 
     @staticmethod
     def _table(out: _Families, table: str, stats: dict[str, float]) -> None:
+        if "rows" in stats:                     # exact count (tables with a row limit) over the estimate
+            stats = {**stats, "estimated_rows": stats["rows"]}
         for stat, value in stats.items():
             for mapping in (TABLE_STATS, TIER_STATS):
                 if stat in mapping:

@@ -52,7 +52,7 @@ class KVStoreServer:
             refused = self.metrics.auth_failures
             interceptors.append(TokenAuthInterceptor(read_token(config.auth_token_file),
                                                      on_refused=lambda method: refused.labels(method).inc()))
-        self.store = Store(config.data_dir, rocks=config.rocksdb)
+        self.store = Store(config.data_dir, rocks=config.rocksdb, sweeper=config.sweeper)
         self._grpc = grpc.server(
             self._executor,
             interceptors=interceptors,

@@ -111,6 +111,21 @@ def test_snapshots_and_restores_show_pause_duration_and_counts(server, client):
     assert value(after, "kvstore_rocksdb_block_cache_capacity_bytes") == BLOCK_CACHE   # the restored database
 
 
+def test_an_eviction_sweep_shows_by_reason_with_the_exact_row_count(server, client):
+    client.create_table("capped", 4, cache={"rows": 64, "ways": 8}, eviction={"max_rows": 100, "headroom": 0.1})
+    client.update("capped", np.arange(300), np.ones((300, 4), np.float32))
+    before = samples(scrape(server))
+    evicted = client.evict("capped")
+    after = samples(scrape(server))
+    assert evicted and sum(evicted.values()) >= 200
+    for reason, rows in evicted.items():
+        assert value(after, "kvstore_evictions_total", table="capped", reason=reason) - \
+            value(before, "kvstore_evictions_total", table="capped", reason=reason) == rows
+    assert value(after, "kvstore_eviction_sweeps_total", table="capped") - \
+        value(before, "kvstore_eviction_sweeps_total", table="capped") == 1
+    assert value(after, "kvstore_table_rows", table="capped") == client.stats("capped")["rows"] <= 100
+
+
 @needs_promtool
 def test_exposition_passes_promtool_check_metrics(server, client):
     client.create_table("linted", 4)
