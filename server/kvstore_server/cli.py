@@ -15,7 +15,7 @@ import threading
 
 from kvstore.errors import InvalidArgument, KVStoreError
 
-from .config import ENV_CONFIG, parse_value, resolve, settable_keys, to_yaml
+from .config import ENV_CONFIG, ServerConfig, parse_value, resolve, settable_keys, to_yaml
 from .logs import configure
 from .server import KVStoreServer, grpc_address
 
@@ -45,9 +45,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", help="YAML file with server settings (variables and flags override it)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the effective config as YAML, with where each value came from, and exit")
+    defaults = ServerConfig().to_dict()
     for key in settable_keys():
+        outer, _, inner = key.partition(".")
+        default = defaults[outer][inner] if inner else defaults[key]
         parser.add_argument(_flag(key), dest=key, metavar=key.rsplit(".", 1)[-1].upper(),
-                            help=HELP.get(key, f"config key {key}"))
+                            help=HELP.get(key, f"config key {key} (default {default!r}; docs/operations.md)"))
     return parser.parse_args(argv)
 
 
