@@ -152,13 +152,17 @@ class SetAssociativeCache:
         key = xp.where(occupied, self.order.key(self, uniq_sets, last_used), _EMPTY)
         blocked = (self.set_rows(self.locks, uniq_sets) > 0) | (occupied & (last_used == self.tick))
         key[blocked] = _NEVER
-        if len(starts) == n:           # one new id per set (the usual case): its way is the argmin
-            way = key.argmin(axis=1)[set_pos]
-            usable = xp.ones(n, dtype=bool)
-        else:
-            ranked = xp.argsort(key, axis=1, kind="stable")
-            usable = rank < self.ways
-            way = ranked[set_pos, xp.minimum(rank, self.ways - 1)]
+        # A set with one new id gives it its argmin way; only sets with several new ids
+        # need their ways sorted (a full [U, W] argsort costs ~20x the argmin).
+        way = key.argmin(axis=1)[set_pos]
+        usable = rank < self.ways
+        crowded = xp.flatnonzero(counts > 1)
+        if len(crowded):
+            ranked = xp.argsort(key[crowded], axis=1, kind="stable")
+            row = xp.full(len(starts), -1, dtype=xp.int64)
+            row[crowded] = xp.arange(len(crowded))
+            many = xp.flatnonzero(row[set_pos] >= 0)
+            way[many] = ranked[row[set_pos[many]], xp.minimum(rank[many], self.ways - 1)]
         usable &= key[set_pos, way] != _NEVER
         slots = xp.where(usable, uniq_sets[set_pos] * self.ways + way, -1)
         taken = slots[usable]
