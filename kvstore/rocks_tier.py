@@ -24,6 +24,16 @@ _TABLE_PREFIX = b"table/"
 PARALLEL_GET_MIN = 8192      # batches at least this large are split across read threads
 GET_CHUNK = 4096             # keys per multi-get call for large batches: in bench/store_bench.py one
                              # call of 65,536 keys read about 5x slower per key than 4,096-key calls
+_DB_PROPERTIES = {
+    "block_cache_usage_bytes": "rocksdb.block-cache-usage",
+    "block_cache_capacity_bytes": "rocksdb.block-cache-capacity",
+}
+_FAMILY_PROPERTIES = {
+    "estimated_keys": "rocksdb.estimate-num-keys",
+    "live_sst_bytes": "rocksdb.live-sst-files-size",
+    "pending_compaction_bytes": "rocksdb.estimate-pending-compaction-bytes",
+    "memtable_bytes": "rocksdb.size-all-mem-tables",
+}
 
 
 @contextlib.contextmanager
@@ -152,6 +162,17 @@ class RocksTier:
     def estimate_rows(self, family: str) -> int:
         with _guard("read property"):
             return int(self._families[family].property_int_value("rocksdb.estimate-num-keys") or 0)
+
+    def properties(self) -> dict[str, dict[str, int]]:
+        """RocksDB's own gauges, for monitoring: database-wide under "" (the block cache is
+        shared by every table), and per table under its name. Empty once closed."""
+        if self.closed:
+            return {}
+        with _guard("read properties"):
+            out = {"": {key: int(self._db.property_int_value(prop) or 0) for key, prop in _DB_PROPERTIES.items()}}
+            for name, cf in list(self._families.items()):
+                out[name] = {key: int(cf.property_int_value(prop) or 0) for key, prop in _FAMILY_PROPERTIES.items()}
+            return out
 
     # --- table configs -----------------------------------------------------
 

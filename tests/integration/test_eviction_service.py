@@ -40,7 +40,7 @@ def test_evict_by_score_then_restore_from_the_archive(client, server):
     stats = client.stats("ev_score")
     assert stats["evicted_score"] == 50 and stats["rows_restored"] == 50
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
-    assert 'kvstore_table_evicted_score_total{table="ev_score"} 50.0' in metrics
+    assert 'kvstore_evictions_total{reason="score",table="ev_score"} 50.0' in metrics
 
 
 def test_eviction_errors_keep_their_status_codes(client):
