@@ -8,12 +8,12 @@ type, so a kernel never reads a wrongly sized argument.
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import cupy
 import numpy as np
+from kvstore_native import SOURCE_DIR
 
-NATIVE = Path(__file__).resolve().parent.parent / "native"
+NATIVE = SOURCE_DIR
 SOURCES = ("cache_kernels.cu", "optimizer_kernels.cu")   # one compilation unit, in this order
 THREADS = 256
 OPTIMIZER_CODES = {"sgd": 0, "adagrad": 1, "rowwise_adagrad": 2, "adam": 3, "partial_rowwise_adam": 4}

@@ -21,7 +21,8 @@ from .errors import KVStoreError, StorageError
 
 META_FAMILY = "default"      # table configs live in the default column family
 _TABLE_PREFIX = b"table/"
-PARALLEL_GET_MIN = 8192      # batches at least this large are split across read threads
+PARALLEL_GET_MIN = 2048      # batches at least this large are split across read threads
+MIN_PART_KEYS = 1024         # smaller parts cost more in hand-off than they gain
 GET_CHUNK = 4096             # keys per multi-get call for large batches: in bench/store_bench.py one
                              # call of 65,536 keys read about 5x slower per key than 4,096-key calls
 _DB_PROPERTIES = {
@@ -111,7 +112,8 @@ class RocksTier:
         with _guard(f"multi-get on {family!r}"):
             if len(keys) < PARALLEL_GET_MIN:
                 return cf.get(keys)
-            step = min(-(-len(keys) // self.config.read_threads), GET_CHUNK)
+            parts = max(1, min(self.config.read_threads, len(keys) // MIN_PART_KEYS))
+            step = min(-(-len(keys) // parts), GET_CHUNK)
             parts = [keys[i:i + step] for i in range(0, len(keys), step)]
             out: list[bytes | None] = []
             for part in (self._readers.map if self.config.read_threads > 1 else map)(cf.get, parts):

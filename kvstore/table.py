@@ -171,7 +171,7 @@ class Table:
         stale_ids, stale_rows = self._stale_rows(choice.slots[cached])
         self._write_back(choice.dirty_ids, choice.dirty_rows, stale_ids, stale_rows,
                          ids[persist_now], rows[persist_now])
-        self.cache.fill(choice.slots, ids, rows, new & ~self.write_through)
+        self.cache.fill(choice.slots, ids, rows, new & (not self.write_through))
         self.eviction.filled(choice.slots[cached])
         self.eviction.synced(self.cache.slab, choice.slots[cached])
         return choice.slots
