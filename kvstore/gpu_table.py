@@ -342,20 +342,8 @@ class GpuTable(Table):
             return int(cached.sum())
 
     def _release(self, ids: np.ndarray, owner: str) -> int:
-        held = self._leases.get(owner)
-        if held is None:
-            return 0
-        mine = np.intersect1d(ids, held, assume_unique=True)
         with self.device:
-            slots = self.cache.probe(mine)
-            slots = slots[slots >= 0]
-            self.cache.locks[slots] = cupy.maximum(self.cache.locks[slots] - 1, 0)
-        rest = np.setdiff1d(held, mine, assume_unique=True)
-        if len(rest):
-            self._leases[owner] = rest
-        else:
-            del self._leases[owner]
-        return len(mine)
+            return super()._release(ids, owner)
 
     def _existing(self, ids: np.ndarray) -> np.ndarray:
         """Which unique ids have a row (cached or stored). Call under the lock."""

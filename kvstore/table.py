@@ -326,7 +326,7 @@ class Table:
         mine = np.intersect1d(ids, held, assume_unique=True)
         slots = self.cache.probe(mine)
         slots = slots[slots >= 0]
-        self.cache.locks[slots] = np.maximum(self.cache.locks[slots] - 1, 0)
+        self.cache.locks[slots] = self.cache.xp.maximum(self.cache.locks[slots] - 1, 0)
         rest = np.setdiff1d(held, mine, assume_unique=True)
         if len(rest):
             self._leases[owner] = rest
