@@ -1,5 +1,13 @@
 """kvstore: an SSD-backed embedding store (cache tier over RocksDB)."""
-from .config import CacheConfig, InitializerConfig, OptimizerConfig, RocksConfig, TableConfig
+from .config import (
+    CacheConfig,
+    EvictionConfig,
+    InitializerConfig,
+    OptimizerConfig,
+    RocksConfig,
+    SweeperConfig,
+    TableConfig,
+)
 from .errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -17,8 +25,25 @@ from .store import Store
 from .table import LookupResult, Table
 
 __all__ = [
-    "AlreadyExists", "CacheConfig", "FailedPrecondition", "InitializerConfig", "InvalidArgument",
-    "KVStoreError", "LookupResult", "NotFound", "OptimizerConfig", "ResourceExhausted", "RocksConfig",
-    "RowNotFound", "StorageError", "Store", "StoreClosed", "Table", "TableConfig", "TableExists",
+    "AlreadyExists",
+    "CacheConfig",
+    "EvictionConfig",
+    "FailedPrecondition",
+    "InitializerConfig",
+    "InvalidArgument",
+    "KVStoreError",
+    "LookupResult",
+    "NotFound",
+    "OptimizerConfig",
+    "ResourceExhausted",
+    "RocksConfig",
+    "RowNotFound",
+    "StorageError",
+    "Store",
+    "StoreClosed",
+    "SweeperConfig",
+    "Table",
+    "TableConfig",
+    "TableExists",
     "TableNotFound",
 ]

@@ -106,6 +106,97 @@ class CacheConfig:
             )
 
 
+CAPACITY_POLICIES = ("lru", "lfu", "score")
+
+
+def _nonneg_int(value: int, field_name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidArgument(f"{field_name}: must be an integer >= 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class EvictionConfig:
+    """Store eviction of one table: which cold rows leave the store, and when the sweeper looks.
+
+    Every rule is off at its zero value; rules combine (a row leaves when any rule selects it).
+    """
+
+    ttl_seconds: float = 0.0          # rows not accessed for this long leave
+    max_rows: int = 0                 # capacity: above it, sampled worst rows leave ...
+    headroom: float = 0.05            # ... until the table holds max_rows * (1 - headroom)
+    capacity_policy: str = "lru"      # lru | lfu | score: which of the sampled candidates is worst
+    samples: int = 16                 # candidates per pick (worst of N random rows, as Redis does)
+    min_norm: float = 0.0             # rows whose weights' L2 norm is below this leave
+    min_count: int = 0                # admission: an id is stored once seen this many times (0, 1: off)
+    sketch_width: int = 1 << 16       # counters per row of the admission count-min sketch (4 rows)
+    decay_rate: float = 0.0           # fraction of each row's access count removed at every sweep
+    count_threshold: int = 0          # rows whose (decayed) access count is below this leave
+    archive_seconds: float = 0.0      # evicted rows stay restorable this long (0: deleted outright)
+    interval_seconds: float = 0.0     # the sweeper runs the table this often (0: not by time)
+    trigger_rows: int = 0             # ... or when it holds more rows (0: max_rows less half the headroom)
+    trigger_bytes: int = 0            # ... or when its live SST files exceed this many bytes (0: off)
+    touch_seconds: float = 60.0       # a read-only access reaches RocksDB once it moved last_access this far
+
+    def __post_init__(self):
+        for name in ("ttl_seconds", "min_norm", "archive_seconds", "interval_seconds", "touch_seconds"):
+            _finite_nonneg(getattr(self, name), f"eviction.{name}")
+        for name in ("max_rows", "min_count", "count_threshold", "trigger_rows", "trigger_bytes"):
+            _nonneg_int(getattr(self, name), f"eviction.{name}")
+        for name in ("headroom", "decay_rate"):
+            value = getattr(self, name)
+            _finite_nonneg(value, f"eviction.{name}")
+            if value >= 1:
+                raise InvalidArgument(f"eviction.{name}: must be in [0, 1), got {value!r}")
+        if self.capacity_policy not in CAPACITY_POLICIES:
+            raise InvalidArgument(
+                f"eviction.capacity_policy: expected one of {list(CAPACITY_POLICIES)}, got {self.capacity_policy!r}"
+            )
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or not 1 <= self.samples <= 1024:
+            raise InvalidArgument(f"eviction.samples: must be an integer in [1, 1024], got {self.samples!r}")
+        if isinstance(self.sketch_width, bool) or not isinstance(self.sketch_width, int) \
+                or not 64 <= self.sketch_width <= 1 << 26:
+            raise InvalidArgument(
+                f"eviction.sketch_width: must be an integer in [64, 2**26], got {self.sketch_width!r}"
+            )
+
+    @property
+    def target_rows(self) -> int:
+        """Rows a capacity sweep leaves in the table."""
+        return int(self.max_rows * (1 - self.headroom))
+
+    @property
+    def row_trigger(self) -> int:
+        """Row count above which the sweeper runs the table (0: never by row count)."""
+        if self.trigger_rows:
+            return self.trigger_rows
+        return (self.max_rows + self.target_rows) // 2 if self.max_rows else 0
+
+    @property
+    def sweeps(self) -> bool:
+        """Whether any rule can evict a row."""
+        return bool(self.ttl_seconds or self.max_rows or self.min_norm or self.count_threshold)
+
+
+@dataclass(frozen=True)
+class SweeperConfig:
+    """The background eviction sweeper of one store."""
+
+    enabled: bool = True
+    rows_per_second: float = 25_000.0    # rows scanned per second across the store's tables (see docs/benchmarks.md)
+    poll_seconds: float = 1.0            # how often triggers are checked
+    chunk_rows: int = 1024               # rows judged at a time (short, so lookups wait little)
+
+    def __post_init__(self):
+        if not isinstance(self.rows_per_second, (int, float)) or not math.isfinite(self.rows_per_second) \
+                or self.rows_per_second <= 0:
+            raise InvalidArgument(f"sweeper.rows_per_second: must be a finite number > 0, got {self.rows_per_second!r}")
+        _finite_nonneg(self.poll_seconds, "sweeper.poll_seconds")
+        if self.poll_seconds <= 0:
+            raise InvalidArgument("sweeper.poll_seconds: must be > 0")
+        if isinstance(self.chunk_rows, bool) or not isinstance(self.chunk_rows, int) or self.chunk_rows < 1:
+            raise InvalidArgument(f"sweeper.chunk_rows: must be a positive integer, got {self.chunk_rows!r}")
+
+
 @dataclass(frozen=True)
 class TableConfig:
     name: str
@@ -115,12 +206,16 @@ class TableConfig:
     initializer: InitializerConfig = field(default_factory=InitializerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     allow_nonfinite: bool = False
+    eviction: EvictionConfig = field(default_factory=EvictionConfig)
 
     def __post_init__(self):
         validate_name(self.name, "name")
         if isinstance(self.dim, bool) or not isinstance(self.dim, int) or not 1 <= self.dim <= MAX_DIM:
             raise InvalidArgument(f"dim: must be an integer in [1, {MAX_DIM}], got {self.dim!r}")
         weight_dtype(self.dtype, "dtype")
+        if self.cache.device != "cpu" and (self.eviction.sweeps or self.eviction.min_count > 1):
+            raise InvalidArgument("eviction: store eviction and admission need cache.device 'cpu' "
+                                  "(the GPU cache tier does not keep eviction metadata yet)")
 
     @property
     def state_dim(self) -> int:
@@ -133,7 +228,8 @@ class TableConfig:
     def from_dict(cls, raw: dict[str, Any]) -> TableConfig:
         """Build from plain data (JSON, YAML, protobuf); unknown keys are an error naming the key."""
         raw = dict(raw)
-        nested = {"optimizer": OptimizerConfig, "initializer": InitializerConfig, "cache": CacheConfig}
+        nested = {"optimizer": OptimizerConfig, "initializer": InitializerConfig, "cache": CacheConfig,
+                  "eviction": EvictionConfig}
         for key, kind in nested.items():
             value = raw.get(key)
             if isinstance(value, dict):

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import cupy
 import numpy as np
 
-from .errors import InvalidArgument
+from .errors import FailedPrecondition, InvalidArgument
 from .gpu_arrays import BF16, PinnedBuffer, device_dtype, from_device, kind_of, to_device
 from .gpu_cache import GpuCache
 from .table import ON_MISS, LookupResult, Table
@@ -68,7 +68,15 @@ class GpuTable(Table):
         self._weight_bytes = config.dim * self.layout.dtype.itemsize
 
     def _make_cache(self) -> GpuCache:
-        return GpuCache(self.config.cache, self.layout.row_bytes, device_index(self.config.cache.device))
+        index = device_index(self.config.cache.device)
+        try:
+            count = cupy.cuda.runtime.getDeviceCount()
+        except cupy.cuda.runtime.CUDARuntimeError:
+            count = 0
+        if index >= count:
+            raise FailedPrecondition(f"cache.device: {self.config.cache.device!r} is not available "
+                                     f"({count} CUDA devices)")
+        return GpuCache(self.config.cache, self.layout.row_bytes, index)
 
     @contextlib.contextmanager
     def _phase(self, name: str) -> Iterator[None]:
@@ -140,16 +148,15 @@ class GpuTable(Table):
                 self.counters["cache_hits"] += hits
                 if hits < n:
                     self.counters["cache_misses"] += n - hits
-                    with self._phase("misses_to_host"):
+                    with self._phase("misses_to_host"):     # few ids: unique on the host
                         where = cupy.nonzero(~hit)[0]
-                        miss_ids, inverse = cupy.unique(ids[where], return_inverse=True)
-                        miss_ids = cupy.asnumpy(miss_ids)
+                        miss_ids, inverse = np.unique(cupy.asnumpy(ids[where]), return_inverse=True)
                     loaded = self._load(miss_ids, on_miss)
                     with self._phase("upload"):
                         rows = self.pinned.upload(loaded)
                     with self._phase("gather_misses"):
                         source = cupy.full(n, -1, dtype=cupy.int64)
-                        source[where] = inverse.reshape(-1)
+                        source[where] = cupy.asarray(inverse.reshape(-1))
                         self._gather(rows, source, weights, state)
         state = None if state is None else from_device(state, kind, np.dtype(np.float32))
         return LookupResult(from_device(weights, kind, self.layout.dtype), state)
@@ -272,10 +279,11 @@ class GpuTable(Table):
             cached = slots >= 0
             slots_d = cupy.asarray(slots[cached])
             self.cache.touch(slots_d)
-            if lock:
-                self.cache.locks[slots_d] += 1
+            if lock:                                     # an owner pins a row at most once
                 held = self._leases.get(owner)
-                self._leases[owner] = ids[cached] if held is None else np.union1d(held, ids[cached])
+                fresh = cached if held is None else cached & ~np.isin(ids, held, assume_unique=True)
+                self.cache.locks[cupy.asarray(slots[fresh])] += 1
+                self._leases[owner] = ids[fresh] if held is None else np.union1d(held, ids[fresh])
             return int(cached.sum())
 
     def _release(self, ids: np.ndarray, owner: str) -> int:

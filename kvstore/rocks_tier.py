@@ -125,6 +125,28 @@ class RocksTier:
         with _guard(f"iterate {family!r}"):
             yield from self._families[family].items()
 
+    def scan(self, family: str, start: bytes | None, limit: int) -> tuple[list[bytes], list[bytes]]:
+        """Up to `limit` items in key order from `start` (inclusive; None: the first key).
+        Each call opens a fresh iterator, so a slow scan never pins old data."""
+        cf = self._families[family]
+        with _guard(f"scan {family!r}"):
+            options = rd.ReadOptions()
+            options.fill_cache(False)          # a scan must not push hot blocks out of the block cache
+            items = cf.items(read_opt=options) if start is None else cf.items(from_key=start, read_opt=options)
+            chunk = list(itertools.islice(items, limit))
+        if not chunk:
+            return [], []
+        keys, values = zip(*chunk, strict=True)
+        return list(keys), list(values)
+
+    def count_keys(self, family: str) -> int:
+        with _guard(f"count keys of {family!r}"):
+            return sum(1 for _ in self._families[family].keys())
+
+    def live_bytes(self, family: str) -> int:
+        with _guard("read property"):
+            return int(self._families[family].property_int_value("rocksdb.live-sst-files-size") or 0)
+
     def estimate_rows(self, family: str) -> int:
         with _guard("read property"):
             return int(self._families[family].property_int_value("rocksdb.estimate-num-keys") or 0)

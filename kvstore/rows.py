@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 
 from .config import TableConfig
@@ -21,13 +22,14 @@ HEADER = np.dtype(
     [
         ("version", "<u1"),
         ("flags", "<u1"),
-        ("reserved", "<u2"),
+        ("score", "<u2"),        # client-supplied feature score, bfloat16 bits (see `encode_scores`)
         ("count", "<u4"),        # accesses since the row was created (for LFU / decay)
         ("last_access", "<u4"),  # unix seconds of the last access (for TTL)
         ("step", "<u4"),         # optimizer steps applied to the row (Adam bias correction)
     ]
 )
 HEADER_BYTES = HEADER.itemsize
+MAX_COUNT = np.uint32(2**32 - 2)
 _SIGN = np.uint64(1 << 63)
 
 
@@ -90,6 +92,18 @@ class RowLayout:
     def to_values(self, rows: np.ndarray) -> list[bytes]:
         # A void view's tolist() gives full-length bytes per row in C (about 3x a slicing loop).
         return np.ascontiguousarray(rows).view(f"V{self.row_bytes}")[:, 0].tolist()
+
+
+def encode_scores(scores: np.ndarray) -> np.ndarray:
+    """float scores -> bfloat16 bits for the header's 2-byte score field.
+
+    bfloat16 keeps float32's range with 3 significant digits: enough to rank
+    rows for eviction, which is all scores are used for."""
+    return np.asarray(scores, dtype=np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
+
+
+def decode_scores(bits: np.ndarray) -> np.ndarray:
+    return np.asarray(bits, dtype=np.uint16).view(ml_dtypes.bfloat16).astype(np.float32)
 
 
 def encode_keys(ids: np.ndarray) -> list[bytes]:

@@ -22,8 +22,10 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
 
-from .config import RocksConfig, TableConfig, validate_name
+from .config import RocksConfig, SweeperConfig, TableConfig, validate_name
 from .errors import FailedPrecondition, InvalidArgument, StorageError, TableExists, TableNotFound
+from .eviction import archive
+from .eviction.sweeper import Sweeper
 from .generation import Generation, Generations
 from .rocks_tier import RocksTier
 from .snapshots import SnapshotDir, SnapshotInfo
@@ -36,7 +38,7 @@ STAGING_DIR = "staging"
 
 class Store:
     def __init__(self, data_dir: str, rocks: RocksConfig | None = None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, sweeper: SweeperConfig | None = None):
         self.data_dir = os.path.abspath(data_dir)
         self.clock = clock
         self.rocks_config = rocks
@@ -51,6 +53,7 @@ class Store:
         self.snapshots.remove_stale(live)
         shutil.rmtree(os.path.join(self.data_dir, STAGING_DIR), ignore_errors=True)
         self._gens = Generations(self._open_generation(live))
+        self.sweeper = Sweeper(lambda: list(self._tables.values()), sweeper, clock)
 
     def _open_generation(self, db_name: str) -> Generation:
         rocks = RocksTier(os.path.join(self.data_dir, db_name), self.rocks_config)
@@ -93,9 +96,11 @@ class Store:
     def drop_table(self, name: str) -> None:
         with self._lock, self.gate.writing(), self._gens.pin() as gen:
             table = self._table(gen, name)
-            with table._lock:
+            table.eviction.cancelled.set()          # a sweep in progress stops at its next chunk
+            with table.eviction.sweep_lock, table._lock:
                 gen.rocks.save_config(name, None)
                 gen.rocks.drop_family(name)
+                gen.rocks.drop_family(archive.archive_family(name))
                 del gen.tables[name]
 
     def list_tables(self) -> list[str]:
@@ -118,17 +123,17 @@ class Store:
         with self._gens.pin() as gen:
             return self._table(gen, table).lookup(ids, on_miss, with_state)
 
-    def update(self, table: str, ids, weights, state=None) -> int:
+    def update(self, table: str, ids, weights, state=None, scores=None) -> int:
         with self.gate.writing(), self._gens.pin() as gen:
-            return self._table(gen, table).update(ids, weights, state)
+            return self._table(gen, table).update(ids, weights, state, scores)
 
     def delete(self, table: str, ids) -> int:
         with self.gate.writing(), self._gens.pin() as gen:
             return self._table(gen, table).delete(ids)
 
-    def apply_gradients(self, table: str, ids, grads, owner: str | None = None) -> int:
+    def apply_gradients(self, table: str, ids, grads, owner: str | None = None, scores=None) -> int:
         with self.gate.writing(), self._gens.pin() as gen:
-            return self._table(gen, table).apply_gradients(ids, grads, owner)
+            return self._table(gen, table).apply_gradients(ids, grads, owner, scores)
 
     def prefetch(self, table: str, ids, lock: bool = False, owner: str = "") -> int:
         with self._gens.pin() as gen:
@@ -297,6 +302,19 @@ class Store:
         self.counters["rows_imported"] += rows
         return rows
 
+    # --- eviction ----------------------------------------------------------------
+
+    def evict(self, table: str) -> dict[str, int]:
+        """Run one eviction sweep of `table` now (at the sweeper's rate); rows evicted by reason."""
+        return self.sweeper.sweep(self.table(table)).counts()
+
+    def restore_rows(self, table: str, ids) -> int:
+        """Bring archived rows of `ids` back (ids that have a row again are left alone); rows restored."""
+        handle = self.table(table)
+        if not handle.config.eviction.archive_seconds:
+            raise FailedPrecondition(f"table: {table!r} keeps no archive (eviction.archive_seconds is 0)")
+        return archive.restore(handle, handle._ids(ids), self.clock())
+
     # --- lifecycle ---------------------------------------------------------------
 
     def flush(self) -> int:
@@ -315,6 +333,7 @@ class Store:
         with self._lock:
             if self._closed:
                 return
+            self.sweeper.close()
             self._closed = True
             gen = self._gens.shut()
             if gen is not None:

@@ -18,11 +18,13 @@ import numpy as np
 
 from .cache import SetAssociativeCache
 from .config import TableConfig
-from .errors import InvalidArgument, RowNotFound
+from .errors import FailedPrecondition, InvalidArgument, RowNotFound
+from .eviction.archive import archive_family
+from .eviction.tracker import EvictionTracker, check_scores
 from .initializer import initial_weights
 from .optimizers import make_optimizer, sum_duplicates
 from .rocks_tier import RocksTier
-from .rows import RowLayout, encode_keys
+from .rows import RowLayout, encode_keys, encode_scores
 
 ON_MISS = ("init_insert", "init", "zeros", "error")
 
@@ -46,6 +48,11 @@ class Table:
         self.counters: Counter[str] = Counter()
         self._leases: dict[str, np.ndarray] = {}   # owner -> ids it holds prefetch locks on
         self._lock = threading.RLock()
+        self.eviction = EvictionTracker(config.eviction, self.layout, self.cache.capacity)
+        if self.eviction.counts_rows:
+            self.eviction.rows = rocks.count_keys(self.name)
+        if config.eviction.archive_seconds:
+            rocks.create_family(archive_family(self.name))
 
     def _make_cache(self) -> SetAssociativeCache:
         return SetAssociativeCache(self.config.cache, self.layout.row_bytes)
@@ -85,6 +92,7 @@ class Table:
             slots = self.cache.probe(ids)
             hit = slots >= 0
             self.cache.touch(slots[hit])                 # protects them from this batch's evictions
+            self.eviction.touch(self.cache.slab, slots[hit], self.clock())
             self.counters["cache_hits"] += int(hit.sum())
             if hit.all():                                # every id cached: gather straight from the slab
                 return self._result(self.cache.slab, slots, with_state)
@@ -115,9 +123,20 @@ class Table:
         if on_miss == "error" and absent.any():
             missing = ids[absent]
             raise RowNotFound(f"ids: {len(missing)} ids not found in table {self.name!r} (first: {missing[0]})")
-        stored = present | (absent & (on_miss == "init_insert"))
-        new = absent if on_miss == "init_insert" else np.zeros_like(absent)
-        self._admit(ids[stored], rows[stored], new[stored])
+        new = absent.copy() if on_miss == "init_insert" else np.zeros_like(absent)
+        if new.any():                                # admission: unseen ids are stored after min_count sightings
+            admitted = self.eviction.admission.admit(ids[new])
+            self.counters["admission_rejected"] += int((~admitted).sum())
+            new[new] = admitted
+            self.eviction.created(int(new.sum()))
+        stored = present | new
+        slots = self._admit(ids[stored], rows[stored], new[stored])
+        self.eviction.touch(self.cache.slab, slots[slots >= 0], self.clock())
+        homeless = np.flatnonzero(stored)[(slots < 0) & present[stored]]   # stored rows no set had room for
+        if len(homeless):
+            touched = rows[homeless]
+            moved = self.eviction.touch_uncached(touched, self.clock())
+            self._write_back(ids[homeless[moved]], touched[moved])
         return rows
 
     def _fetch(self, ids: np.ndarray, initialize: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -139,14 +158,25 @@ class Table:
             self.counters["rows_initialized"] += int(absent.sum())
         return rows, present
 
-    def _admit(self, ids: np.ndarray, rows: np.ndarray, new: np.ndarray) -> None:
-        """Put rows into the cache. New rows must reach RocksDB: now (write-through,
-        or no free way in their set) or when their dirty slot is written back."""
+    def _admit(self, ids: np.ndarray, rows: np.ndarray, new: np.ndarray) -> np.ndarray:
+        """Put rows into the cache; returns the slot of each (-1: not cached). New rows must
+        reach RocksDB: now (write-through, or no free way in their set) or when their dirty
+        slot is written back. Clean victims with stale access metadata are written back too."""
         choice = self.cache.choose_slots(ids)
         cached = choice.slots >= 0
         persist_now = new & (~cached | self.write_through)
-        self._write_back(choice.dirty_ids, choice.dirty_rows, ids[persist_now], rows[persist_now])
+        stale_ids, stale_rows = self._stale_rows(choice.slots[cached])
+        self._write_back(choice.dirty_ids, choice.dirty_rows, stale_ids, stale_rows,
+                         ids[persist_now], rows[persist_now])
         self.cache.fill(choice.slots, ids, rows, new & ~self.write_through)
+        self.eviction.synced(self.cache.slab, choice.slots[cached])
+        return choice.slots
+
+    def _stale_rows(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Ids and rows of the clean occupied `slots` whose access metadata RocksDB lacks."""
+        slots = slots[self.cache.occupied[slots] & ~self.cache.dirty[slots]]
+        slots = slots[self.eviction.stale(self.cache.slab, slots)]
+        return self.cache.keys[slots], self.cache.slab[slots]
 
     def _write_back(self, *id_row_pairs) -> None:
         ids = np.concatenate(id_row_pairs[0::2])
@@ -157,16 +187,19 @@ class Table:
 
     # --- writes ----------------------------------------------------------------
 
-    def _current_rows(self, ids: np.ndarray, initialize: bool) -> tuple[np.ndarray, np.ndarray]:
-        """[n, row_bytes] current rows of unique ids (cache, else RocksDB, else new) and their slots."""
+    def _current_rows(self, ids: np.ndarray, initialize: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """[n, row_bytes] current rows of unique ids (cache, else RocksDB, else new), their
+        slots, and which ids have no row yet."""
         slots = self.cache.probe(ids)
         hit = slots >= 0
         self.cache.touch(slots[hit])
         rows = np.empty((len(ids), self.layout.row_bytes), dtype=np.uint8)
         rows[hit] = self.cache.slab[slots[hit]]
+        new = np.zeros(len(ids), dtype=bool)
         if (~hit).any():
-            rows[~hit] = self._fetch(ids[~hit], initialize)[0]
-        return rows, slots
+            rows[~hit], present = self._fetch(ids[~hit], initialize)
+            new[~hit] = ~present
+        return rows, slots, new
 
     def _store_rows(self, ids: np.ndarray, rows: np.ndarray, slots: np.ndarray) -> None:
         """Make `rows` the value of unique `ids` in every tier, as the write policy says."""
@@ -178,37 +211,62 @@ class Table:
             self._write_back(ids, rows)        # in RocksDB (and its WAL) before the cache changes
         self.cache.slab[slots[hit]] = rows[hit]
         self.cache.dirty[slots[hit]] |= not self.write_through
+        if self.write_through:
+            self.eviction.synced(self.cache.slab, slots[hit])
         self._admit(ids[~hit], rows[~hit], np.full(int((~hit).sum()), not self.write_through))
 
-    def update(self, ids, weights, state=None) -> int:
-        """Overwrite weights (and optimizer state when given); last write wins within the batch."""
+    def update(self, ids, weights, state=None, scores=None) -> int:
+        """Overwrite weights (and optimizer state, and feature scores, when given); last write
+        wins within the batch. An explicit write always stores the row (admission does not apply)."""
         ids = self._ids(ids)
         weights = self._matrix(weights, len(ids), self.config.dim, self.layout.dtype, "weights")
         if state is not None:
             state = self._matrix(state, len(ids), self.config.state_dim, np.dtype(np.float32), "state")
+        scores = check_scores(scores, len(ids))
         last = len(ids) - 1 - np.unique(ids[::-1], return_index=True)[1]
         ids, weights = ids[last], weights[last]
         state = state[last] if state is not None else None
+        scores = scores[last] if scores is not None else None
         with self._lock:
             self.cache.begin_batch()
-            rows, slots = self._current_rows(ids, initialize=False)
+            rows, slots, new = self._current_rows(ids, initialize=False)
             self.layout.weights(rows)[:] = weights
             if state is not None:
                 self.layout.state(rows)[:] = state
+            if scores is not None:
+                self.layout.header(rows)["score"] = encode_scores(scores)
             self._store_rows(ids, rows, slots)
+            self.eviction.created(int(new.sum()))
             self.counters["rows_updated"] += len(ids)
         return len(ids)
 
-    def apply_gradients(self, ids, grads, owner: str | None = None) -> int:
+    def apply_gradients(self, ids, grads, owner: str | None = None, scores=None) -> int:
         """Sum duplicate ids' gradients, then one optimizer step per unique row, atomically
-        per batch. Missing rows are initialized first (as `init_insert`). Releases the
-        prefetch locks `owner` holds on these ids. Returns the number of unique rows."""
+        per batch. Missing rows are initialized first (as `init_insert`), unless admission
+        has not admitted them yet: their gradients are dropped. `scores` (one per id; the
+        highest wins for duplicates) become the rows' feature scores. Releases the prefetch
+        locks `owner` holds on these ids. Returns the number of unique rows."""
         ids = self._ids(ids)
         grads = self._matrix(grads, len(ids), self.config.dim, np.dtype(np.float32), "grads")
+        scores = check_scores(scores, len(ids))
+        if scores is not None:
+            unique, inverse = np.unique(ids, return_inverse=True)
+            best = np.full(len(unique), -np.inf, dtype=np.float32)
+            np.maximum.at(best, inverse, scores)
         ids, grads = sum_duplicates(ids, grads)
+        if scores is not None:
+            scores = best[np.searchsorted(unique, ids)]
         with self._lock:
             self.cache.begin_batch()
-            rows, slots = self._current_rows(ids, initialize=True)
+            rows, slots, new = self._current_rows(ids, initialize=True)
+            if new.any() and self.eviction.admission.sketch is not None:
+                keep = ~new
+                keep[new] = self.eviction.admission.admitted(ids[new])
+                self.counters["admission_rejected"] += int((~keep).sum())
+                ids, grads, rows, slots, new = ids[keep], grads[keep], rows[keep], slots[keep], new[keep]
+                scores = scores[keep] if scores is not None else None
+            if scores is not None:
+                self.layout.header(rows)["score"] = encode_scores(scores)
             weights = self.layout.weights(rows).astype(np.float32)
             state = self.layout.state(rows)
             header = self.layout.header(rows)
@@ -216,6 +274,7 @@ class Table:
             self.optimizer.step(weights, state, grads, header["step"])
             self.layout.weights(rows)[:] = weights.astype(self.layout.dtype)
             self._store_rows(ids, rows, slots)
+            self.eviction.created(int(new.sum()))
             if owner is not None:
                 self._release(ids, owner)
             self.counters["rows_stepped"] += len(ids)
@@ -274,19 +333,34 @@ class Table:
         """Remove rows from every tier; absent ids are ignored. Returns unique ids processed."""
         ids = np.unique(self._ids(ids))
         with self._lock:
+            if self.eviction.counts_rows:
+                self.eviction.removed(int(self._existing(ids).sum()))
             self.rocks.write(self.name, [], delete=encode_keys(ids))
             self.cache.invalidate(ids)
             self.counters["rows_deleted"] += len(ids)
         return len(ids)
 
+    def _existing(self, ids: np.ndarray) -> np.ndarray:
+        """Which unique ids have a row (cached or stored). Call under the lock."""
+        exists = self.cache.probe(ids) >= 0
+        if (~exists).any():
+            values = self.rocks.get(self.name, encode_keys(ids[~exists]))
+            exists[~exists] = np.fromiter((v is not None for v in values), dtype=bool, count=len(values))
+        return exists
+
     # --- maintenance -----------------------------------------------------------
 
     def flush(self) -> int:
-        """Write every dirty cached row to RocksDB; returns rows written."""
+        """Write every dirty cached row (and clean rows with stale access metadata) to RocksDB;
+        returns dirty rows written."""
         with self._lock:
             slots = self.cache.dirty_slots()
-            self._write_back(self.cache.keys[slots], self.cache.slab[slots])
+            clean = np.flatnonzero(self.cache.occupied & ~self.cache.dirty)
+            stale = clean[self.eviction.stale(self.cache.slab, clean)]
+            both = np.concatenate([slots, stale])
+            self._write_back(self.cache.keys[both], self.cache.slab[both])
             self.cache.dirty[slots] = False
+            self.eviction.synced(self.cache.slab, both)
             return len(slots)
 
     def stats(self) -> dict[str, float]:
@@ -297,6 +371,8 @@ class Table:
             counters["cache_dirty_rows"] = float(len(self.cache.dirty_slots()))
             counters["cache_locked_rows"] = float((self.cache.locks > 0).sum())
             counters["estimated_rows"] = float(self.rocks.estimate_rows(self.name))
+            if self.eviction.rows is not None:
+                counters["rows"] = float(self.eviction.rows)    # exact, for tables with a row limit
             return counters
 
 
@@ -304,6 +380,8 @@ def open_table(config: TableConfig, rocks: RocksTier, clock: Callable[[], float]
     """A table whose cache tier is where `config.cache.device` says (host memory or a GPU)."""
     if config.cache.device == "cpu":
         return Table(config, rocks, clock)
-    from .gpu_table import GpuTable
-
+    try:
+        from .gpu_table import GpuTable
+    except ImportError as exc:
+        raise FailedPrecondition(f"cache.device: {config.cache.device!r} needs CuPy ({exc})") from None
     return GpuTable(config, rocks, clock)

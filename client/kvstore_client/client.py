@@ -16,7 +16,7 @@ from kvstore_proto.tensors import WIRE_DTYPES, WireError, decode_tensor, encode_
 from kvstore_proto.v1 import kvstore_pb2 as pb
 from kvstore_proto.v1 import kvstore_pb2_grpc as pb_grpc
 
-from .arrays import as_ids, as_rows, chunks, like
+from .arrays import as_ids, as_rows, chunks, like, to_numpy
 from .errors import InternalError, InvalidArgumentError, KVStoreError, from_rpc_error
 from .snapshots import SnapshotMethods
 
@@ -73,7 +73,7 @@ class KVStoreClient(SnapshotMethods):
 
     def create_table(self, name: str, dim: int, dtype: str = "float32", optimizer: dict | None = None,
                      initializer: dict | None = None, cache: dict | None = None,
-                     allow_nonfinite: bool = False) -> dict:
+                     allow_nonfinite: bool = False, eviction: dict | None = None) -> dict:
         """Create a table; returns its full config (defaults filled in by the server)."""
         if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or not -2**31 <= dim < 2**31:
             raise InvalidArgumentError(message=f"dim: must be an int32 integer, got {dim!r}")
@@ -81,7 +81,8 @@ class KVStoreClient(SnapshotMethods):
                                            "allow_nonfinite": allow_nonfinite}, "config")
         for field, kind, value in (("optimizer", pb.OptimizerConfig, optimizer),
                                    ("initializer", pb.InitializerConfig, initializer),
-                                   ("cache", pb.CacheConfig, cache)):
+                                   ("cache", pb.CacheConfig, cache),
+                                   ("eviction", pb.EvictionConfig, eviction)):
             if value is not None:
                 getattr(config, field).CopyFrom(_message(kind, value, field))
         self._row_shapes.pop(name, None)
@@ -144,12 +145,14 @@ class KVStoreClient(SnapshotMethods):
             return like(weights_out, ids), like(state_out, ids)
         return like(weights_out, ids)
 
-    def update(self, table: str, ids: Any, weights: Any, state: Any = None) -> int:
-        """Overwrite rows (and optimizer state when given); returns the unique rows written."""
+    def update(self, table: str, ids: Any, weights: Any, state: Any = None, scores: Any = None) -> int:
+        """Overwrite rows (and optimizer state, and per-id feature scores for eviction, when given);
+        returns the unique rows written."""
         id_array = as_ids(ids)
         weight_array = as_rows(weights, len(id_array), "weights")
         state_array = None if state is None else as_rows(state, len(id_array), "state")
-        row_bytes = ID_BYTES + weight_array[:1].nbytes + (0 if state_array is None else state_array[:1].nbytes)
+        score_array = _as_scores(scores, len(id_array))
+        row_bytes = ID_BYTES + weight_array[:1].nbytes + (0 if state_array is None else state_array[:1].nbytes) + 4
         ranges = chunks(len(id_array), row_bytes, self.chunk_bytes)
 
         def requests() -> Iterator[pb.UpdateRequest]:
@@ -158,6 +161,8 @@ class KVStoreClient(SnapshotMethods):
                                            weights=_encode(weight_array[start:stop], "weights"))
                 if state_array is not None:
                     request.state.CopyFrom(_encode(state_array[start:stop], "state"))
+                if score_array is not None:
+                    request.scores.CopyFrom(_encode(score_array[start:stop], "scores"))
                 yield request
 
         with _rpc():
@@ -175,17 +180,19 @@ class KVStoreClient(SnapshotMethods):
 
     # --- training --------------------------------------------------------------------
 
-    def apply_gradients(self, table: str, ids: Any, grads: Any, release: bool = False) -> int:
+    def apply_gradients(self, table: str, ids: Any, grads: Any, release: bool = False, scores: Any = None) -> int:
         """Push gradients: duplicates are summed, then one optimizer step per unique row runs on the
         server. With `release`, this client's prefetch locks on these ids are released too.
-        Returns the unique rows stepped."""
+        `scores` (one per id) become the rows' feature scores for eviction. Returns the unique rows stepped."""
         id_array = as_ids(ids)
         grad_array = as_rows(grads, len(id_array), "grads").astype(np.float32, copy=False)
+        score_array = _as_scores(scores, len(id_array))
         owner = self._session() if release else ""
-        ranges = chunks(len(id_array), ID_BYTES + grad_array[:1].nbytes, self.chunk_bytes)
+        ranges = chunks(len(id_array), ID_BYTES + grad_array[:1].nbytes + 4, self.chunk_bytes)
         requests = (
             pb.ApplyGradientsRequest(table=table, ids=encode_ids(id_array[start:stop]),
-                                     grads=_encode(grad_array[start:stop], "grads"), owner=owner)
+                                     grads=_encode(grad_array[start:stop], "grads"), owner=owner,
+                                     scores=None if score_array is None else _encode(score_array[start:stop], "scores"))
             for start, stop in ranges
         )
         with _rpc():
@@ -209,6 +216,19 @@ class KVStoreClient(SnapshotMethods):
         request = pb.ReleaseRequest(table=table, ids=encode_ids(as_ids(ids)), owner=self._session())
         with _rpc():
             return self._stub.Release(request, timeout=self.timeout).released
+
+    # --- eviction --------------------------------------------------------------------
+
+    def evict(self, table: str) -> dict[str, int]:
+        """Run one eviction sweep of the table now; rows evicted by reason."""
+        with _rpc():
+            return dict(self._stub.Evict(pb.EvictRequest(table=table), timeout=self.timeout).evicted)
+
+    def restore_rows(self, table: str, ids: Any) -> int:
+        """Bring archived rows back (ids that have a row again are left alone); returns rows restored."""
+        request = pb.RestoreRowsRequest(table=table, ids=encode_ids(as_ids(ids)))
+        with _rpc():
+            return self._stub.RestoreRows(request, timeout=self.timeout).rows
 
     def _session(self) -> str:
         """This client's session owner id, opening the session stream on first use."""
@@ -236,6 +256,15 @@ class KVStoreClient(SnapshotMethods):
         dim, itemsize = self._row_shapes[table]
         # state_dim is at most 2 * dim + 1 (Adam: 2 * dim float32 values)
         return ID_BYTES + dim * itemsize + (4 * (2 * dim + 1) if with_state else 0)
+
+
+def _as_scores(scores: Any, n: int) -> np.ndarray | None:
+    if scores is None:
+        return None
+    array = to_numpy(scores, "scores")
+    if array.shape != (n,):
+        raise InvalidArgumentError(message=f"scores: expected shape ({n},) for {n} ids, got {array.shape}")
+    return array.astype(np.float32, copy=False)
 
 
 def _message(kind: type, value: dict, field: str):

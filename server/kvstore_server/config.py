@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvstore import RocksConfig
+from kvstore import RocksConfig, SweeperConfig
 from kvstore.errors import InvalidArgument
 
 
@@ -22,6 +22,7 @@ class ServerConfig:
     max_request_rows: int = 1 << 22      # rows in one Update/Delete call, all chunks together
     max_chunk_rows: int = 1 << 20        # rows in one message of a stream
     rocksdb: RocksConfig = field(default_factory=RocksConfig)
+    sweeper: SweeperConfig = field(default_factory=SweeperConfig)   # background eviction
 
     def __post_init__(self):
         for name in ("port", "metrics_port"):
@@ -40,6 +41,8 @@ class ServerConfig:
                 raise InvalidArgument(f"{name}: must be a non-empty string")
         if not isinstance(self.rocksdb, RocksConfig):
             raise InvalidArgument("rocksdb: must be a mapping of RocksDB settings")
+        if not isinstance(self.sweeper, SweeperConfig):
+            raise InvalidArgument("sweeper: must be a mapping of eviction sweeper settings")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ServerConfig:
@@ -52,6 +55,10 @@ class ServerConfig:
         if isinstance(rocks, dict):
             _check_keys(RocksConfig, rocks, "rocksdb.")
             raw["rocksdb"] = RocksConfig(**rocks)
+        sweeper = raw.get("sweeper")
+        if isinstance(sweeper, dict):
+            _check_keys(SweeperConfig, sweeper, "sweeper.")
+            raw["sweeper"] = SweeperConfig(**sweeper)
         return cls(**raw)
 
     @classmethod

@@ -20,7 +20,7 @@ ON_MISS = {
     pb.ON_MISS_ZEROS: "zeros",
     pb.ON_MISS_ERROR: "error",
 }
-_NESTED = ("optimizer", "initializer", "cache")
+_NESTED = ("optimizer", "initializer", "cache", "eviction")
 
 
 def table_config_from_proto(message: pb.TableConfig) -> TableConfig:

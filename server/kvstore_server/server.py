@@ -44,7 +44,7 @@ class KVStoreServer:
     def start(self) -> int:
         """Open the store, bind and start serving; returns the bound port."""
         config = self.config
-        self.store = Store(config.data_dir, rocks=config.rocksdb)
+        self.store = Store(config.data_dir, rocks=config.rocksdb, sweeper=config.sweeper)
         self._grpc = grpc.server(
             self._executor,
             options=[

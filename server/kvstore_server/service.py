@@ -74,7 +74,7 @@ class EmbeddingStoreService(SnapshotRPCs, pb_grpc.EmbeddingStoreServicer):
     @unary
     def Update(self, request_iterator, context):
         table, dim, with_state = None, 0, False
-        ids_parts, weight_parts, state_parts = [], [], []
+        ids_parts, weight_parts, state_parts, score_parts = [], [], [], []
         rows = 0
         for index, request in enumerate(request_iterator):
             check_active(context)
@@ -93,6 +93,7 @@ class EmbeddingStoreService(SnapshotRPCs, pb_grpc.EmbeddingStoreServicer):
                 state = decode_tensor(request.state, "state")
                 _check_matrix(state, len(ids), None, "state", state_parts)
                 state_parts.append(state)
+            _collect_scores(request, index, len(ids), score_parts)
             ids_parts.append(ids)
             weight_parts.append(weights)
         if table is None:
@@ -101,7 +102,8 @@ class EmbeddingStoreService(SnapshotRPCs, pb_grpc.EmbeddingStoreServicer):
         ids = concat(ids_parts)
         weights = concat(weight_parts)
         state = concat(state_parts) if with_state else None
-        return pb.UpdateResponse(rows=self.store.update(table, ids, weights, state))
+        scores = concat(score_parts) if score_parts else None
+        return pb.UpdateResponse(rows=self.store.update(table, ids, weights, state, scores))
 
     @unary
     def Delete(self, request_iterator, context):
@@ -124,7 +126,7 @@ class EmbeddingStoreService(SnapshotRPCs, pb_grpc.EmbeddingStoreServicer):
     @unary
     def ApplyGradients(self, request_iterator, context):
         table, dim, owner = None, 0, ""
-        ids_parts, grad_parts, rows = [], [], 0
+        ids_parts, grad_parts, score_parts, rows = [], [], [], 0
         for index, request in enumerate(request_iterator):
             check_active(context)
             table = self._stream_table(table, request.table, index)
@@ -135,12 +137,14 @@ class EmbeddingStoreService(SnapshotRPCs, pb_grpc.EmbeddingStoreServicer):
                 dim = self.store.describe_table(table).dim
                 owner = request.owner
             _check_matrix(grads, len(ids), dim, "grads", grad_parts)
+            _collect_scores(request, index, len(ids), score_parts)
             ids_parts.append(ids)
             grad_parts.append(grads)
         if table is None:
             return pb.ApplyGradientsResponse(rows=0)
         check_active(context)
-        stepped = self.store.apply_gradients(table, concat(ids_parts), concat(grad_parts), owner or None)
+        scores = concat(score_parts) if score_parts else None
+        stepped = self.store.apply_gradients(table, concat(ids_parts), concat(grad_parts), owner or None, scores)
         return pb.ApplyGradientsResponse(rows=stepped)
 
     @unary
@@ -177,6 +181,18 @@ class EmbeddingStoreService(SnapshotRPCs, pb_grpc.EmbeddingStoreServicer):
         yield pb.SessionEvent(owner=owner)
         for _ in request_iterator:          # the client sends nothing; this returns when it goes away
             pass
+
+    # --- eviction --------------------------------------------------------------------
+
+    @unary
+    def Evict(self, request, context):
+        return pb.EvictResponse(evicted=self.store.evict(request.table))
+
+    @unary
+    def RestoreRows(self, request, context):
+        ids = decode_ids(request.ids, "ids")
+        self._count_rows(0, len(ids))
+        return pb.RestoreRowsResponse(rows=self.store.restore_rows(request.table, ids))
 
     # --- limits --------------------------------------------------------------------
 
@@ -231,3 +247,16 @@ def _check_matrix(values: np.ndarray, n: int, width: int | None, field: str, pre
     if previous and (values.dtype != previous[0].dtype or values.shape[1] != previous[0].shape[1]):
         raise InvalidArgument(f"{field}: every chunk must have the dtype and width of the first "
                               f"({previous[0].dtype}, {previous[0].shape[1]}), got ({values.dtype}, {values.shape[1]})")
+
+
+def _collect_scores(request, index: int, n: int, parts: list[np.ndarray]) -> None:
+    """Optional per-id scores of one chunk: [n] numbers, in every chunk or in none."""
+    has = request.HasField("scores")
+    if index > 0 and has != bool(parts):
+        raise InvalidArgument(f"scores: chunk {index} {'has' if has else 'lacks'} scores; "
+                              "give scores in every chunk or in none")
+    if has:
+        scores = decode_tensor(request.scores, "scores")
+        if scores.shape != (n,):
+            raise InvalidArgument(f"scores: expected shape ({n},) for {n} ids, got {scores.shape}")
+        parts.append(scores)

@@ -119,3 +119,21 @@ def test_nonfinite_gradients_from_the_device_are_refused(store):
     grads = cupy.full((2, 16), cupy.nan, dtype=cupy.float32)
     with pytest.raises(InvalidArgument, match="grads"):
         store.table("gpu").apply_gradients(cupy.asarray([1, 2]), grads)
+
+
+def test_prefetch_locks_survive_evictions_and_release_like_host(store):
+    for name, device in (("host", "cpu"), ("gpu", "cuda:0")):
+        store.create_table(config(name, device, rows=64))
+    pinned = np.arange(40)
+    counts = [store.table(name).prefetch(pinned, lock=True, owner="a") for name in ("host", "gpu")]
+    assert counts[0] == counts[1]
+    for name in ("host", "gpu"):
+        store.lookup(name, np.arange(1000, 1300))                 # far more ids than free ways
+    host_cached = store.table("host").cache.probe(pinned) >= 0
+    gpu_cached = cupy.asnumpy(store.table("gpu").cache.probe(pinned)) >= 0
+    np.testing.assert_array_equal(gpu_cached, host_cached)
+    assert host_cached.sum() == counts[0]
+    assert store.stats("gpu")["cache_locked_rows"] == store.stats("host")["cache_locked_rows"] == counts[0]
+    for name in ("host", "gpu"):
+        store.table(name).release_all("a")
+        assert store.stats(name)["cache_locked_rows"] == 0

@@ -77,8 +77,42 @@ class CacheConfig(_message.Message):
     write: str
     def __init__(self, rows: _Optional[int] = ..., ways: _Optional[int] = ..., policy: _Optional[str] = ..., write: _Optional[str] = ...) -> None: ...
 
+class EvictionConfig(_message.Message):
+    __slots__ = ("ttl_seconds", "max_rows", "headroom", "capacity_policy", "samples", "min_norm", "min_count", "sketch_width", "decay_rate", "count_threshold", "archive_seconds", "interval_seconds", "trigger_rows", "trigger_bytes", "touch_seconds")
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ROWS_FIELD_NUMBER: _ClassVar[int]
+    HEADROOM_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_POLICY_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    MIN_NORM_FIELD_NUMBER: _ClassVar[int]
+    MIN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    SKETCH_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    DECAY_RATE_FIELD_NUMBER: _ClassVar[int]
+    COUNT_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    ARCHIVE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TRIGGER_ROWS_FIELD_NUMBER: _ClassVar[int]
+    TRIGGER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOUCH_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ttl_seconds: float
+    max_rows: int
+    headroom: float
+    capacity_policy: str
+    samples: int
+    min_norm: float
+    min_count: int
+    sketch_width: int
+    decay_rate: float
+    count_threshold: int
+    archive_seconds: float
+    interval_seconds: float
+    trigger_rows: int
+    trigger_bytes: int
+    touch_seconds: float
+    def __init__(self, ttl_seconds: _Optional[float] = ..., max_rows: _Optional[int] = ..., headroom: _Optional[float] = ..., capacity_policy: _Optional[str] = ..., samples: _Optional[int] = ..., min_norm: _Optional[float] = ..., min_count: _Optional[int] = ..., sketch_width: _Optional[int] = ..., decay_rate: _Optional[float] = ..., count_threshold: _Optional[int] = ..., archive_seconds: _Optional[float] = ..., interval_seconds: _Optional[float] = ..., trigger_rows: _Optional[int] = ..., trigger_bytes: _Optional[int] = ..., touch_seconds: _Optional[float] = ...) -> None: ...
+
 class TableConfig(_message.Message):
-    __slots__ = ("name", "dim", "dtype", "optimizer", "initializer", "cache", "allow_nonfinite")
+    __slots__ = ("name", "dim", "dtype", "optimizer", "initializer", "cache", "allow_nonfinite", "eviction")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +120,7 @@ class TableConfig(_message.Message):
     INITIALIZER_FIELD_NUMBER: _ClassVar[int]
     CACHE_FIELD_NUMBER: _ClassVar[int]
     ALLOW_NONFINITE_FIELD_NUMBER: _ClassVar[int]
+    EVICTION_FIELD_NUMBER: _ClassVar[int]
     name: str
     dim: int
     dtype: str
@@ -93,7 +128,8 @@ class TableConfig(_message.Message):
     initializer: InitializerConfig
     cache: CacheConfig
     allow_nonfinite: bool
-    def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., dtype: _Optional[str] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., initializer: _Optional[_Union[InitializerConfig, _Mapping]] = ..., cache: _Optional[_Union[CacheConfig, _Mapping]] = ..., allow_nonfinite: _Optional[bool] = ...) -> None: ...
+    eviction: EvictionConfig
+    def __init__(self, name: _Optional[str] = ..., dim: _Optional[int] = ..., dtype: _Optional[str] = ..., optimizer: _Optional[_Union[OptimizerConfig, _Mapping]] = ..., initializer: _Optional[_Union[InitializerConfig, _Mapping]] = ..., cache: _Optional[_Union[CacheConfig, _Mapping]] = ..., allow_nonfinite: _Optional[bool] = ..., eviction: _Optional[_Union[EvictionConfig, _Mapping]] = ...) -> None: ...
 
 class CreateTableRequest(_message.Message):
     __slots__ = ("config",)
@@ -160,16 +196,18 @@ class LookupResponse(_message.Message):
     def __init__(self, weights: _Optional[_Union[Tensor, _Mapping]] = ..., state: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class UpdateRequest(_message.Message):
-    __slots__ = ("table", "ids", "weights", "state")
+    __slots__ = ("table", "ids", "weights", "state", "scores")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
     table: str
     ids: bytes
     weights: Tensor
     state: Tensor
-    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., state: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    scores: Tensor
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., state: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class UpdateResponse(_message.Message):
     __slots__ = ("rows",)
@@ -192,16 +230,18 @@ class DeleteResponse(_message.Message):
     def __init__(self, rows: _Optional[int] = ...) -> None: ...
 
 class ApplyGradientsRequest(_message.Message):
-    __slots__ = ("table", "ids", "grads", "owner")
+    __slots__ = ("table", "ids", "grads", "owner", "scores")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     GRADS_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
     table: str
     ids: bytes
     grads: Tensor
     owner: str
-    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., grads: _Optional[_Union[Tensor, _Mapping]] = ..., owner: _Optional[str] = ...) -> None: ...
+    scores: Tensor
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., grads: _Optional[_Union[Tensor, _Mapping]] = ..., owner: _Optional[str] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ApplyGradientsResponse(_message.Message):
     __slots__ = ("rows",)
@@ -252,6 +292,39 @@ class SessionEvent(_message.Message):
     OWNER_FIELD_NUMBER: _ClassVar[int]
     owner: str
     def __init__(self, owner: _Optional[str] = ...) -> None: ...
+
+class EvictRequest(_message.Message):
+    __slots__ = ("table",)
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    def __init__(self, table: _Optional[str] = ...) -> None: ...
+
+class EvictResponse(_message.Message):
+    __slots__ = ("evicted",)
+    class EvictedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    EVICTED_FIELD_NUMBER: _ClassVar[int]
+    evicted: _containers.ScalarMap[str, int]
+    def __init__(self, evicted: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class RestoreRowsRequest(_message.Message):
+    __slots__ = ("table", "ids")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    ids: bytes
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ...) -> None: ...
+
+class RestoreRowsResponse(_message.Message):
+    __slots__ = ("rows",)
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    rows: int
+    def __init__(self, rows: _Optional[int] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ("table",)

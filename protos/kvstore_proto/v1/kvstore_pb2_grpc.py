@@ -124,6 +124,16 @@ class EmbeddingStoreStub:
                 request_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.ImportRequest.SerializeToString,
                 response_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.ImportResponse.FromString,
                 _registered_method=True)
+        self.Evict = channel.unary_unary(
+                '/kvstore.v1.EmbeddingStore/Evict',
+                request_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.EvictRequest.SerializeToString,
+                response_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.EvictResponse.FromString,
+                _registered_method=True)
+        self.RestoreRows = channel.unary_unary(
+                '/kvstore.v1.EmbeddingStore/RestoreRows',
+                request_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.RestoreRowsRequest.SerializeToString,
+                response_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.RestoreRowsResponse.FromString,
+                _registered_method=True)
 
 
 class EmbeddingStoreServicer:
@@ -237,6 +247,18 @@ class EmbeddingStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Evict(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestoreRows(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EmbeddingStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -329,6 +351,16 @@ def add_EmbeddingStoreServicer_to_server(servicer, server):
                     servicer.Import,
                     request_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.ImportRequest.FromString,
                     response_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.ImportResponse.SerializeToString,
+            ),
+            'Evict': grpc.unary_unary_rpc_method_handler(
+                    servicer.Evict,
+                    request_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.EvictRequest.FromString,
+                    response_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.EvictResponse.SerializeToString,
+            ),
+            'RestoreRows': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreRows,
+                    request_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.RestoreRowsRequest.FromString,
+                    response_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.RestoreRowsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -817,6 +849,60 @@ class EmbeddingStore:
             '/kvstore.v1.EmbeddingStore/Import',
             kvstore__proto_dot_v1_dot_kvstore__pb2.ImportRequest.SerializeToString,
             kvstore__proto_dot_v1_dot_kvstore__pb2.ImportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Evict(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.EmbeddingStore/Evict',
+            kvstore__proto_dot_v1_dot_kvstore__pb2.EvictRequest.SerializeToString,
+            kvstore__proto_dot_v1_dot_kvstore__pb2.EvictResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreRows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.EmbeddingStore/RestoreRows',
+            kvstore__proto_dot_v1_dot_kvstore__pb2.RestoreRowsRequest.SerializeToString,
+            kvstore__proto_dot_v1_dot_kvstore__pb2.RestoreRowsResponse.FromString,
             options,
             channel_credentials,
             insecure,

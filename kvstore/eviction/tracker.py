@@ -1,0 +1,105 @@
+"""What a table keeps between sweeps for store eviction.
+
+Access metadata: every lookup, update and gradient step records an access in
+the row's header (count + 1, last_access = now). On a cache hit that is a
+vectorized write into the slab's header bytes; it does not mark the row
+dirty, so reads stay free of RocksDB writes. Instead the tracker remembers,
+per cache slot, the header RocksDB holds; a clean row whose last_access moved
+on by `touch_seconds`, or whose count more than doubled, is "stale" and is
+written back when it leaves the cache and at flush. So RocksDB's headers lag
+the truth by at most `touch_seconds` (and a factor 2 in count), while a row
+stays cached the sweeper reads its header from the slab, and tables without
+eviction rules never write for reads at all.
+
+Row count: tables with a capacity limit or row trigger count their rows
+exactly (one key scan when the table is opened, then +created, -deleted,
+-evicted), so triggers and capacity sweeps need no estimate.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from ..config import EvictionConfig
+from ..errors import InvalidArgument
+from ..rows import RowLayout
+from .admission import Admission
+from .rules import build_rules, touch_headers
+
+
+class EvictionTracker:
+    def __init__(self, config: EvictionConfig, layout: RowLayout, cache_slots: int):
+        self.config = config
+        self.layout = layout
+        self.rules = build_rules(config)
+        self.admission = Admission(config.min_count, config.sketch_width)
+        self.persist_touches = config.sweeps
+        self.synced_access = np.zeros(cache_slots, dtype=np.uint32)
+        self.synced_count = np.zeros(cache_slots, dtype=np.uint32)
+        self.rows: int | None = None          # exact row count where counts_rows
+        self.sweep_lock = threading.Lock()    # one sweep of a table at a time
+        self.cancelled = threading.Event()    # set when the table is dropped: sweeps stop
+        self.last_sweep: float | None = None  # clock time the last sweep started
+
+    @property
+    def counts_rows(self) -> bool:
+        return bool(self.config.max_rows or self.config.trigger_rows)
+
+    # --- access metadata ---------------------------------------------------------
+
+    def touch(self, slab: np.ndarray, slots: np.ndarray, now: float) -> None:
+        """Record an access of cached slots (duplicates count once)."""
+        if len(slots):
+            touch_headers(self.layout.header(slab), slots, int(now))
+
+    def synced(self, slab: np.ndarray, slots: np.ndarray) -> None:
+        """The rows in `slots` now match RocksDB (just loaded or written back)."""
+        header = self.layout.header(slab)
+        self.synced_access[slots] = header["last_access"][slots]
+        self.synced_count[slots] = header["count"][slots]
+
+    def stale(self, slab: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """Which clean cached rows carry access metadata RocksDB should get."""
+        if not self.persist_touches or len(slots) == 0:
+            return np.zeros(len(slots), dtype=bool)
+        header = self.layout.header(slab)
+        return self._moved(header["last_access"][slots], header["count"][slots],
+                           self.synced_access[slots], self.synced_count[slots])
+
+    def touch_uncached(self, rows: np.ndarray, now: float) -> np.ndarray:
+        """Record an access in rows read from RocksDB that found no cache slot; returns
+        which of them RocksDB should get back (their metadata moved far enough)."""
+        header = self.layout.header(rows)
+        before_access, before_count = header["last_access"].copy(), header["count"].copy()
+        touch_headers(header, np.arange(len(rows)), int(now))
+        if not self.persist_touches:
+            return np.zeros(len(rows), dtype=bool)
+        return self._moved(header["last_access"], header["count"], before_access, before_count)
+
+    def _moved(self, access, count, synced_access, synced_count) -> np.ndarray:
+        moved = access.astype(np.int64) - synced_access >= self.config.touch_seconds
+        return moved | (count.astype(np.int64) > 2 * synced_count.astype(np.int64) + 1)
+
+    # --- row count ---------------------------------------------------------------
+
+    def created(self, n: int) -> None:
+        if self.rows is not None:
+            self.rows += int(n)
+
+    def removed(self, n: int) -> None:
+        if self.rows is not None:
+            self.rows = max(0, self.rows - int(n))
+
+
+def check_scores(scores, n: int) -> np.ndarray | None:
+    """Client feature scores of a batch: n finite numbers, or None."""
+    if scores is None:
+        return None
+    scores = np.asarray(scores)
+    if scores.shape != (n,) or scores.dtype.kind not in "fiu":
+        raise InvalidArgument(f"scores: expected {n} numbers (one per id), got shape {scores.shape}")
+    scores = scores.astype(np.float32)
+    if not np.isfinite(scores).all():
+        raise InvalidArgument("scores: contains NaN or Inf")
+    return scores

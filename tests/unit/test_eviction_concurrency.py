@@ -1,0 +1,161 @@
+"""The sweeper beside live traffic: no row written after the sweep chose it is lost, the
+background thread keeps a table under its limit while writes go on, triggers fire, and
+the rate limit paces a sweep."""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from kvstore import EvictionConfig, Store, SweeperConfig
+from kvstore.eviction.sweeper import RateLimiter
+
+from .conftest import table_config
+from .test_eviction_metadata import FakeClock
+
+T0 = 1_000_000
+
+
+def wait_for(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return condition()
+
+
+def test_a_row_written_after_the_sweep_chose_it_is_never_lost(data_dir):
+    """4 writers rewrite rows that had all expired, while sweeps run back to back in small
+    chunks; afterwards every row a writer wrote holds its last written value."""
+    clock = FakeClock(T0)
+    n, writers = 6000, 4
+    sweeper = SweeperConfig(enabled=False, rows_per_second=1e7, chunk_rows=128)
+    with Store(data_dir, clock=clock, sweeper=sweeper) as store:
+        store.create_table(table_config(rows=1024, ways=8, eviction=EvictionConfig(ttl_seconds=100)))
+        store.update("t", np.arange(n), np.zeros((n, 8)))
+        store.flush()
+        clock.now += 1000                                   # every row has expired
+        last: list[dict[int, float]] = [{} for _ in range(writers)]
+        stop = threading.Event()
+
+        def write(k: int) -> None:
+            rng = np.random.default_rng(k)
+            mine = np.arange(k, n, writers)                 # disjoint ids per writer
+            version = 0.0
+            while not stop.is_set():
+                version += 1
+                ids = np.unique(rng.choice(mine, 16))
+                store.update("t", ids, np.full((len(ids), 8), version + k / 10))
+                last[k].update(dict.fromkeys(ids.tolist(), version + k / 10))
+
+        threads = [threading.Thread(target=write, args=(k,)) for k in range(writers)]
+        for thread in threads:
+            thread.start()
+        evicted = 0
+        try:
+            for _ in range(5):
+                evicted += store.evict("t")["ttl"]
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+        written = {i: v for part in last for i, v in part.items()}
+        ids = np.array(sorted(written))
+        got = store.lookup("t", ids, on_miss="zeros").weights[:, 0]
+        lost = ids[got != np.array([written[i] for i in ids], dtype=np.float32)]
+        assert len(lost) == 0, f"{len(lost)} written rows lost, first {lost[:5]}"
+        assert evicted > n // 2                             # the sweeps did evict the rows nobody wrote
+        assert evicted + len(written) >= n
+
+
+def test_the_sweeper_keeps_a_table_under_max_rows_while_writes_go_on(data_dir):
+    clock = FakeClock(T0)
+    max_rows = 2000
+    sweeper = SweeperConfig(rows_per_second=1e6, poll_seconds=0.005, chunk_rows=512)
+    with Store(data_dir, clock=clock, sweeper=sweeper) as store:
+        store.create_table(table_config(rows=256, ways=8, eviction=EvictionConfig(max_rows=max_rows, headroom=0.5)))
+        table = store.table("t")
+        peak = 0
+        for start in range(0, 12_000, 50):                  # 12,000 new rows, 50 every 5 ms
+            clock.now += 1
+            store.lookup("t", np.arange(start, start + 50))
+            peak = max(peak, table.eviction.rows)
+            time.sleep(0.005)
+        assert wait_for(lambda: table.eviction.rows <= 1500)
+        stats = store.stats("t")
+        assert peak <= max_rows
+        assert stats["evicted_capacity"] >= 12_000 - max_rows
+        assert stats["sweeps_by_rows"] >= 1
+        store.flush()
+        assert store.rocks.count_keys("t") == table.eviction.rows
+
+
+def test_the_interval_trigger_runs_a_sweep_on_the_store_clock(data_dir):
+    clock = FakeClock(T0)
+    with Store(data_dir, clock=clock, sweeper=SweeperConfig(poll_seconds=0.01)) as store:
+        store.create_table(table_config(eviction=EvictionConfig(ttl_seconds=50, interval_seconds=600)))
+        store.lookup("t", np.arange(10))
+        time.sleep(0.1)
+        clock.now += 100                                    # expired, but the interval has not passed
+        time.sleep(0.1)
+        assert store.stats("t").get("sweeps", 0) == 0
+        clock.now += 600
+        assert wait_for(lambda: store.stats("t").get("evicted_ttl", 0) == 10)
+        assert store.stats("t")["sweeps_by_interval"] == 1
+
+
+def test_the_disk_bytes_trigger_runs_a_sweep(data_dir):
+    clock = FakeClock(T0)
+    with Store(data_dir, clock=clock, sweeper=SweeperConfig(poll_seconds=0.01)) as store:
+        store.create_table(table_config(eviction=EvictionConfig(ttl_seconds=50, trigger_bytes=1)))
+        store.lookup("t", np.arange(10))
+        clock.now += 100
+        time.sleep(0.1)
+        assert store.stats("t").get("sweeps", 0) == 0       # nothing in SST files yet
+        store.flush()                                       # memtable -> SST: live bytes > 1
+        assert wait_for(lambda: store.stats("t").get("evicted_ttl", 0) == 10)
+        assert store.stats("t")["sweeps_by_bytes"] >= 1
+
+
+def test_a_rate_limited_sweep_takes_rows_over_rate_seconds(data_dir):
+    """20,000 rows at 25,000 rows/s: 0.8 s expected, within 20%. (A small table keeps the test short.)"""
+    n, rate = 20_000, 25_000.0
+    with Store(data_dir, sweeper=SweeperConfig(enabled=False, rows_per_second=rate)) as store:
+        store.create_table(table_config(dim=4, eviction=EvictionConfig(ttl_seconds=1e6)))
+        store.update("t", np.arange(n), np.ones((n, 4)))
+        store.flush()
+        began = time.monotonic()
+        store.evict("t")
+        took = time.monotonic() - began
+        assert store.stats("t")["sweep_rows_scanned"] == n
+    assert n / rate * 0.8 <= took <= n / rate * 1.2, took
+
+
+def test_rate_limiter_paces_units_and_forgives_only_a_little_lag():
+    now = [0.0]
+    slept = []
+
+    def sleep(s: float) -> None:
+        slept.append(s)
+        now[0] += s
+
+    limiter = RateLimiter(100.0, slack_s=0.05, monotonic=lambda: now[0], sleep=sleep)
+    for _ in range(10):
+        limiter.acquire(10)                                 # 100 units at 100/s: one second
+    assert now[0] == pytest.approx(1.0)
+    now[0] += 5.0                                           # idle for a while: no burst is saved up
+    limiter.acquire(50)
+    assert now[0] == pytest.approx(6.0 + 0.45)
+
+
+def test_closing_the_store_stops_a_slow_sweep_promptly(data_dir):
+    store = Store(data_dir, sweeper=SweeperConfig(rows_per_second=1000, poll_seconds=0.01, chunk_rows=100))
+    store.create_table(table_config(eviction=EvictionConfig(ttl_seconds=1e6, interval_seconds=1e-3)))
+    store.update("t", np.arange(5000), np.ones((5000, 8)))  # a five-second sweep at this rate
+    assert wait_for(lambda: store.table("t").eviction.sweep_lock.locked())
+    began = time.monotonic()
+    store.close()
+    assert time.monotonic() - began < 1.0
