@@ -207,10 +207,14 @@ class ImportStager:
                     table.rocks.delete_all(table.name)
                     table.cache.clear()
                 else:
+                    if table.eviction.counts_rows:
+                        table.flush()                   # rows only in the cache count too
                     for start in range(0, len(ids), INVALIDATE_SLICE):   # bounded temporaries
                         table.cache.invalidate(ids[start:start + INVALIDATE_SLICE])
                 if self.files:
                     table.rocks.ingest(table.name, self.files)
+                if table.eviction.counts_rows:          # exact row count for eviction triggers
+                    table.eviction.rows = table.rocks.count_keys(table.name)
                 table.counters["rows_imported"] += self.rows
         finally:
             self.abort()

@@ -133,3 +133,15 @@ def test_bad_mode_and_unknown_table(store):
         store.import_table("t", [], mode="upsert")
     with pytest.raises(Exception, match="table"):
         store.export_table("nope")
+
+
+def test_import_keeps_the_exact_row_count_of_tables_with_a_row_limit(store):
+    from kvstore.config import EvictionConfig
+
+    store.create_table(TableConfig(name="capped", dim=8, cache=CacheConfig(rows=64, ways=4),
+                                   eviction=EvictionConfig(max_rows=10_000)))
+    store.update("capped", np.arange(30), np.ones((30, 8)))
+    store.import_table("capped", [(np.arange(20, 50), np.ones((30, 8)))], mode="merge")
+    assert store.stats("capped")["rows"] == 50
+    store.import_table("capped", [(np.arange(5), np.ones((5, 8)))], mode="replace")
+    assert store.stats("capped")["rows"] == 5
