@@ -18,7 +18,7 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 # Store counters that only grow; every other stat is exported as a gauge.
 MONOTONIC = frozenset({
     "cache_hits", "cache_misses", "rows_read", "rows_written", "rows_updated",
-    "rows_deleted", "rows_initialized",
+    "rows_deleted", "rows_initialized", "rows_exported", "rows_imported",
     "evicted_rows", "evicted_ttl", "evicted_norm", "evicted_frequency", "evicted_capacity", "evicted_score",
     "sweeps", "sweep_rows_scanned", "sweep_seconds_total", "archived_rows", "archive_purged", "rows_restored",
     "admission_rejected",
