@@ -305,7 +305,8 @@ class Store:
         with self.gate.writing(), self._gens.pin() as gen:
             if gen.tables.get(stager.table.name) is not stager.table:
                 stager.abort()
-                raise InvalidArgument(f"table: {stager.table.name!r} was dropped or restored during the import")
+                raise FailedPrecondition(f"table: {stager.table.name!r} was dropped or restored during the import; "
+                                         "nothing was imported")
             rows = stager.commit()
         self.counters["rows_imported"] += rows
         return rows

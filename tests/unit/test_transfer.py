@@ -145,3 +145,16 @@ def test_import_keeps_the_exact_row_count_of_tables_with_a_row_limit(store):
     assert store.stats("capped")["rows"] == 50
     store.import_table("capped", [(np.arange(5), np.ones((5, 8)))], mode="replace")
     assert store.stats("capped")["rows"] == 5
+
+
+def test_import_across_a_restore_is_refused_and_imports_nothing(store):
+    from kvstore import FailedPrecondition
+
+    store.create_table(adam_table())
+    store.create_snapshot("s")
+    stager = store.stage_import("t", "merge")
+    stager.add(np.arange(5), np.ones((5, 8)))
+    store.restore_snapshot("s")
+    with pytest.raises(FailedPrecondition, match="restored"):
+        store.commit_import(stager)
+    assert sum(len(c) for c in store.export_table("t")) == 0
