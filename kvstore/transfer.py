@@ -146,8 +146,10 @@ class ImportStager:
         ids, rows = self._encode(ids, weights, state, meta)
         if not len(ids):
             return 0
-        keep = len(ids) - 1 - np.unique(ids[::-1], return_index=True)[1]   # last write wins, sorted
-        ids, rows = ids[keep], rows[keep]
+        if len(ids) > 1 and not (ids[1:] > ids[:-1]).all():       # not already sorted and unique
+            keep = len(ids) - 1 - np.unique(ids[::-1], return_index=True)[1]   # last write wins, sorted
+            # rows are padded to 16 bytes: gathering them as uint64 is ~10x faster than as uint8
+            ids, rows = ids[keep], rows.view(np.uint64)[keep].view(np.uint8)
         if self._writer is None or self._last_id is None or ids[0] <= self._last_id \
                 or self._writer_rows + len(ids) > SST_ROWS:
             self._next_file()                 # SST keys must increase; overlapping chunks get a new file
