@@ -346,6 +346,7 @@ class Store:
             self.sweeper.close()
             self._closed = True
             gen = self._gens.shut()
+            self._gens.join_retired()
             if gen is not None:
                 try:
                     self._flush(gen)
