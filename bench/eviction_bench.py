@@ -1,15 +1,16 @@
 """Lookup throughput while an eviction sweep runs at the default rate, beside the same
 lookups with no sweep, in the same run on the same table.
 
-    python bench/eviction_bench.py [--rows 1000000] [--dim 64] [--slices 20] [--slice-seconds 0.5]
+    python bench/eviction_bench.py [--rows 1000000] [--dim 64] [--slices 30] [--slice-seconds 0.3]
 
-The table holds `rows` rows and a cache of a quarter of them. Lookups are batches of
-4,096 ids drawn from a Zipf(1.1) law over the table, so most hit the cache and some
-go to RocksDB. The sweep is the real one (`sweep_table`, with TTL and a capacity
-limit set so that few rows leave), run back to back in a thread at the rate
-`SweeperConfig` ships with. Short slices alternate, sweep paused / sweep running, so
-that other load on the machine weighs on both sides alike; the ratio printed last is
-the median over adjacent pairs of slices (with / without).
+The table holds `rows` rows and a cache of a quarter of them. First, all-hit lookups
+with the per-hit header write (access count, last access) beside the same lookups with
+it switched off. Then the sweep: lookups are batches of 4,096 ids drawn from a Zipf(1.1)
+law over the table, so most hit the cache and some go to RocksDB; the sweep is the real
+one (`sweep_table`, with TTL and a capacity limit set so that no row leaves), run back
+to back in a thread at the rate `SweeperConfig` ships with. Short slices alternate
+(feature off / on), so that other load on the machine weighs on both sides alike; each
+ratio is the median over adjacent pairs of slices (on / off).
 """
 from __future__ import annotations
 
@@ -49,6 +50,25 @@ def lookups_per_second(store: Store, batches: list[np.ndarray], seconds: float) 
     return done / (time.perf_counter() - began)
 
 
+def touch_cost(store: Store, args) -> None:
+    """All-hit lookups recording accesses in the row headers, beside the same lookups with the
+    header write switched off (the peer: lookups as they were before access metadata)."""
+    tracker = store.table("t").eviction
+    hot = [np.random.default_rng(i).integers(0, args.rows // 8, 4096) for i in range(16)]
+    store.lookup("t", np.unique(np.concatenate(hot)))      # all cached now
+    record = tracker.touch
+    with_touch, without = [], []
+    for _ in range(args.slices):
+        tracker.touch = record
+        with_touch.append(lookups_per_second(store, hot, args.slice_seconds / 2))
+        tracker.touch = lambda *_: None
+        without.append(lookups_per_second(store, hot, args.slice_seconds / 2))
+    tracker.touch = record
+    pairs = np.array(with_touch) / np.array(without)
+    print(f"all-hit lookup, header touch on: {np.median(with_touch):,.0f} rows/s; off: {np.median(without):,.0f} "
+          f"rows/s; ratio (paired median) {np.median(pairs):.3f}")
+
+
 def load(store: Store, rows: int, dim: int) -> None:
     step = 1 << 16
     rng = np.random.default_rng(0)
@@ -82,6 +102,7 @@ def main() -> None:
         p /= p.sum()
         batches = [rng.choice(args.rows, 4096, p=p) for _ in range(64)]
         lookups_per_second(store, batches, 1.0)                 # warm the cache
+        touch_cost(store, args)
 
         limiter = GatedLimiter(args.rate)
         stop = threading.Event()

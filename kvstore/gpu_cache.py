@@ -21,7 +21,7 @@ import numpy as np
 from .cache import Eviction, SetAssociativeCache
 from .config import CacheConfig, OptimizerConfig
 from .errors import InvalidArgument
-from .gpu_kernels import ALL_NEW, COUNT_USES, LINK, TOUCH, kernels_for
+from .gpu_kernels import ALL_NEW, COUNT_USES, HEADERS, LINK, TOUCH, kernels_for
 from .rows import RowLayout
 
 
@@ -71,13 +71,16 @@ class GpuCache(SetAssociativeCache):
             self.kernels.probe(self.keys, self.occupied, ids, self.num_sets, self.ways, slots)
             return slots
 
-    def probe_and_touch(self, ids):
-        """`probe`, then `touch` of the hits, in one kernel (duplicates allowed)."""
+    def probe_and_touch(self, ids, now: int | None = None):
+        """`probe`, then `touch` of the hits, in one kernel (duplicates allowed). Given `now`,
+        also records the access in each hit row's header once (count + 1, last_access = now)."""
         with self.device:
             ids = self._ids(ids)
             slots = cupy.empty(len(ids), dtype=cupy.int64)
+            flags = self._touch if now is None else self._touch | HEADERS
             self.kernels.probe(self.keys, self.occupied, ids, self.num_sets, self.ways, slots,
-                               last_used=self.last_used, uses=self.uses, tick=self.tick, flags=self._touch)
+                               last_used=self.last_used, uses=self.uses, tick=self.tick, flags=flags,
+                               slab=self.slab, row_bytes=self.row_bytes, now=now or 0)
             return slots
 
     # --- insert --------------------------------------------------------------

@@ -8,12 +8,12 @@ type, so a kernel never reads a wrongly sized argument.
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import cupy
 import numpy as np
+from kvstore_native import SOURCE_DIR
 
-NATIVE = Path(__file__).resolve().parent.parent / "native"
+NATIVE = SOURCE_DIR
 SOURCES = ("cache_kernels.cu", "optimizer_kernels.cu")   # one compilation unit, in this order
 THREADS = 256
 OPTIMIZER_CODES = {"sgd": 0, "adagrad": 1, "rowwise_adagrad": 2, "adam": 3, "partial_rowwise_adam": 4}
@@ -23,7 +23,7 @@ PROBE_TYPES = {"generic": "probe<32, 1>", "ways32": "probe<8, 4>"}
 NULL = np.uint64(0)                  # a null pointer argument
 
 # probe flags (see the kernel)
-TOUCH, LINK, ALL_NEW, COUNT_USES = 1, 2, 4, 8
+TOUCH, LINK, ALL_NEW, COUNT_USES, HEADERS = 1, 2, 4, 8, 16
 
 
 def _names() -> list[str]:
@@ -67,7 +67,7 @@ class Kernels:
 
     def probe(self, keys, occupied, ids, num_sets: int, ways: int, slots_out, hit_out=None,
               last_used=None, uses=None, tick: int = 0, flags: int = 0, heads=None, next_=None,
-              epoch: int = 0) -> None:
+              epoch: int = 0, slab=None, row_bytes: int = 0, now: int = 0) -> None:
         n = len(ids)
         if n == 0:
             return
@@ -77,7 +77,7 @@ class Kernels:
         self._fn(name)(self._grid(-(-n // per_warp) * 32), (THREADS,), (
             keys, occupied, ids, np.int64(n), np.int64(num_sets), np.int32(ways), slots_out, _ptr(hit_out),
             _ptr(last_used), _ptr(uses), np.int64(tick), np.int32(flags), _ptr(heads), _ptr(next_),
-            np.uint64(epoch)))
+            np.uint64(epoch), _ptr(slab), np.int64(row_bytes), np.uint32(now)))
 
     def choose_victims(self, ids, keys, occupied, locks, last_used, uses, num_sets: int, ways: int,
                        lfu: bool, tick: int, heads, next_, hit, epoch: int, slots_out) -> None:

@@ -18,9 +18,11 @@ from collections.abc import Iterator
 import cupy
 import numpy as np
 
-from .errors import FailedPrecondition, InvalidArgument
+from .errors import FailedPrecondition, InvalidArgument, RowNotFound
+from .eviction.tracker import check_scores
 from .gpu_arrays import BF16, PinnedBuffer, device_dtype, from_device, kind_of, to_device
 from .gpu_cache import GpuCache
+from .rows import encode_keys, encode_scores
 from .table import ON_MISS, LookupResult, Table
 
 
@@ -141,7 +143,7 @@ class GpuTable(Table):
             with self._lock:
                 self.cache.begin_batch()
                 with self._phase("probe_and_gather"):
-                    slots = self.cache.probe_and_touch(ids)
+                    slots = self.cache.probe_and_touch(ids, now=int(self.clock()))   # an access, in the header
                     self._gather(self.cache.slab, slots, weights, state)
                     hit = slots >= 0
                     hits = int(cupy.count_nonzero(hit))
@@ -174,15 +176,34 @@ class GpuTable(Table):
         with self._phase("rocksdb_fetch"):
             return super()._fetch(ids, initialize)
 
-    def _admit(self, ids, rows, new) -> None:
-        """Put rows (host or device) into the cache; dirty victims and rows that must
-        persist now (write-through, or no usable way) go to RocksDB first."""
+    def _load(self, ids: np.ndarray, on_miss: str) -> np.ndarray:
+        """Rows of unique uncached ids from RocksDB or the initializer; caches what is stored
+        and records the access in the cached copies' headers. (GPU tables have no admission
+        filter and no store eviction: their configs refuse both.)"""
+        rows, present = self._fetch(ids, initialize=on_miss != "zeros")
+        absent = ~present
+        if on_miss == "error" and absent.any():
+            missing = ids[absent]
+            raise RowNotFound(f"ids: {len(missing)} ids not found in table {self.name!r} (first: {missing[0]})")
+        new = absent if on_miss == "init_insert" else np.zeros_like(absent)
+        self.eviction.created(int(new.sum()))
+        stored = present | new
+        slots = self._admit(ids[stored], rows[stored], new[stored])
+        cached = cupy.asarray(slots[slots >= 0])
+        self.kernels.touch_headers(self.cache.slab, self.layout.row_bytes, cached, len(cached), int(self.clock()))
+        return rows
+
+    def _admit(self, ids, rows, new) -> np.ndarray:
+        """Put rows (host or device) into the cache; returns the slot of each (-1: not cached).
+        Dirty victims and rows that must persist now (write-through, or no usable way) go
+        to RocksDB first."""
         if len(ids) == 0:
-            return
+            return np.zeros(0, dtype=np.int64)
         with self.device, self._phase("admit"):
             ids_d = cupy.asarray(ids)
             choice = self.cache.choose_slots(ids_d)
-            cached = cupy.asnumpy(choice.slots) >= 0
+            slots = cupy.asnumpy(choice.slots)
+            cached = slots >= 0
             new = np.asarray(new, dtype=bool)
             persist_now = new & (~cached | self.write_through)
             host_ids = cupy.asnumpy(ids)
@@ -192,20 +213,36 @@ class GpuTable(Table):
                                  host_ids[persist_now], host_rows[persist_now])
             rows_d = rows if isinstance(rows, cupy.ndarray) else self.pinned.upload(rows)
             self.cache.fill(choice.slots, ids_d, rows_d, cupy.asarray(new & (not self.write_through)))
+            return slots
 
     # --- writes --------------------------------------------------------------------
 
     def _current_rows(self, ids: cupy.ndarray, initialize: bool, slots=None):
-        """[n, row_bytes] device rows of unique ids (cache, else RocksDB, else new) and their slots."""
+        """[n, row_bytes] device rows of unique ids (cache, else RocksDB, else new), their
+        slots, and how many ids have no row yet."""
         if slots is None:
             slots = self.cache.probe_and_touch(ids)
         rows = self.cache.gather_rows(slots)
         where = cupy.nonzero(slots < 0)[0]
+        created = 0
         if len(where):
-            fetched = self.pinned.upload(self._fetch(cupy.asnumpy(ids[where]), initialize)[0])
+            fetched, present = self._fetch(cupy.asnumpy(ids[where]), initialize)
+            created = int((~present).sum())
+            fetched = self.pinned.upload(fetched)
             self.kernels.copy_rows(fetched, None, self.layout.row_bytes, 0, rows, where, self.layout.row_bytes,
                                    0, self.layout.row_bytes, len(where))
-        return rows, slots
+        return rows, slots, created
+
+    def _write_scores(self, rows: cupy.ndarray, index, scores: np.ndarray) -> None:
+        """Feature scores (bfloat16 bits) into the headers of rows[index[i]] (index None: row i)."""
+        bits = cupy.asarray(encode_scores(scores))
+        self.kernels.copy_rows(bits, None, 2, 0, rows, index, self.layout.row_bytes, 2, 2, len(bits))
+
+    def _host_scores(self, scores, n: int) -> np.ndarray | None:
+        if scores is None:
+            return None
+        array, on_device = to_device(scores, self.device)
+        return check_scores(cupy.asnumpy(array) if on_device else array, n)
 
     def _store_rows(self, ids: cupy.ndarray, rows: cupy.ndarray, slots: cupy.ndarray) -> None:
         """Make `rows` the value of unique `ids` in every tier, as the write policy says."""
@@ -219,20 +256,23 @@ class GpuTable(Table):
         where = cupy.nonzero(~hit)[0]
         self._admit(ids[where], rows[where], np.full(len(where), not self.write_through))
 
-    def update(self, ids, weights, state=None) -> int:
-        """Overwrite weights (and optimizer state when given); last write wins within the batch."""
+    def update(self, ids, weights, state=None, scores=None) -> int:
+        """Overwrite weights (and optimizer state, and feature scores, when given); last write
+        wins within the batch."""
         with self.device:
             ids = self._device_ids(ids)
             n = len(ids)
             weights = self._device_matrix(weights, n, self.config.dim, self.layout.dtype, "weights")
             if state is not None:
                 state = self._device_matrix(state, n, self.config.state_dim, np.dtype(np.float32), "state")
+            scores = self._host_scores(scores, n)
             last = last_occurrences(ids)
+            scores = None if scores is None else scores[cupy.asnumpy(last)]
             ids, weights = ids[last], cupy.ascontiguousarray(weights[last])
             state = None if state is None else cupy.ascontiguousarray(state[last])
             with self._lock:
                 self.cache.begin_batch()
-                rows, slots = self._current_rows(ids, initialize=False)
+                rows, slots, created = self._current_rows(ids, initialize=False)
                 size = self.layout.row_bytes
                 self.kernels.copy_rows(weights, None, self._weight_bytes, 0, rows, None, size,
                                        self.layout.weight_offset, self._weight_bytes, len(ids))
@@ -240,27 +280,42 @@ class GpuTable(Table):
                     nbytes = self.config.state_dim * 4
                     self.kernels.copy_rows(state, None, nbytes, 0, rows, None, size, self.layout.state_offset,
                                            nbytes, len(ids))
+                if scores is not None:
+                    self._write_scores(rows, None, scores)
                 self._store_rows(ids, rows, slots)
+                self.eviction.created(created)
                 self.counters["rows_updated"] += len(ids)
             return len(ids)
 
-    def apply_gradients(self, ids, grads, owner: str | None = None) -> int:
-        """Sum duplicate ids' gradients, then one fused optimizer step per unique row.
-        Rows all cached (write-back): stepped in place in the slab, nothing moves."""
+    def apply_gradients(self, ids, grads, owner: str | None = None, scores=None) -> int:
+        """Sum duplicate ids' gradients, then one fused optimizer step per unique row; `scores`
+        (the highest wins for duplicates) become the rows' feature scores. Rows all cached
+        (write-back): stepped in place in the slab, nothing moves."""
         with self.device:
             ids = self._device_ids(ids)
             grads = self._device_matrix(grads, len(ids), self.config.dim, np.dtype(np.float32), "grads")
+            scores = self._host_scores(scores, len(ids))
+            if scores is not None:                       # unique ids come back sorted, as np.unique's
+                inverse = np.unique(cupy.asnumpy(ids), return_inverse=True)[1].reshape(-1)
+                best = np.full(int(inverse.max()) + 1 if len(inverse) else 0, -np.inf, dtype=np.float32)
+                np.maximum.at(best, inverse, scores)
+                scores = best
             ids, grads = sum_duplicates(ids, grads)
             with self._lock:
                 self.cache.begin_batch()
                 slots = self.cache.probe_and_touch(ids)
                 if not self.write_through and bool((slots >= 0).all()):
+                    if scores is not None:
+                        self._write_scores(self.cache.slab, slots, scores)
                     self.cache.optimizer_step(slots, grads, self.config.optimizer, self.layout,
                                               now=int(self.clock()))
                 else:
-                    rows, slots = self._current_rows(ids, initialize=True, slots=slots)
+                    rows, slots, created = self._current_rows(ids, initialize=True, slots=slots)
+                    if scores is not None:
+                        self._write_scores(rows, None, scores)
                     self.cache.optimizer_step(None, grads, self.config.optimizer, self.layout, rows=rows)
                     self._store_rows(ids, rows, slots)
+                    self.eviction.created(created)
                 if owner is not None:
                     self._release(cupy.asnumpy(ids), owner)
                 self.counters["rows_stepped"] += len(ids)
@@ -301,6 +356,14 @@ class GpuTable(Table):
         else:
             del self._leases[owner]
         return len(mine)
+
+    def _existing(self, ids: np.ndarray) -> np.ndarray:
+        """Which unique ids have a row (cached or stored). Call under the lock."""
+        exists = cupy.asnumpy(self.cache.probe(ids)) >= 0
+        if (~exists).any():
+            values = self.rocks.get(self.name, encode_keys(ids[~exists]))
+            exists[~exists] = np.fromiter((v is not None for v in values), dtype=bool, count=len(values))
+        return exists
 
     def flush(self) -> int:
         """Write every dirty cached row to RocksDB; returns rows written."""

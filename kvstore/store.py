@@ -89,8 +89,13 @@ class Store:
             if config.name in gen.tables:
                 raise TableExists(f"name: table {config.name!r} already exists")
             gen.rocks.create_family(config.name)
+            try:
+                table = open_table(config, gen.rocks, self.clock)   # e.g. no CUDA device: nothing persists
+            except BaseException:
+                gen.rocks.drop_family(config.name)
+                raise
             gen.rocks.save_config(config.name, json.dumps(config.to_dict()).encode())
-            gen.tables[config.name] = open_table(config, gen.rocks, self.clock)
+            gen.tables[config.name] = table
             return config
 
     def drop_table(self, name: str) -> None:

@@ -162,13 +162,17 @@ class Table:
         """Put rows into the cache; returns the slot of each (-1: not cached). New rows must
         reach RocksDB: now (write-through, or no free way in their set) or when their dirty
         slot is written back. Clean victims with stale access metadata are written back too."""
+        if len(ids):                             # headers of every way that may be displaced, up to date
+            window = self.cache.set_of(ids)[:, None] * self.cache.ways + np.arange(self.cache.ways)
+            self.eviction.fold(self.cache.slab, window.reshape(-1))
         choice = self.cache.choose_slots(ids)
         cached = choice.slots >= 0
         persist_now = new & (~cached | self.write_through)
         stale_ids, stale_rows = self._stale_rows(choice.slots[cached])
         self._write_back(choice.dirty_ids, choice.dirty_rows, stale_ids, stale_rows,
                          ids[persist_now], rows[persist_now])
-        self.cache.fill(choice.slots, ids, rows, new & ~self.write_through)
+        self.cache.fill(choice.slots, ids, rows, new & (not self.write_through))
+        self.eviction.filled(choice.slots[cached])
         self.eviction.synced(self.cache.slab, choice.slots[cached])
         return choice.slots
 
@@ -193,6 +197,7 @@ class Table:
         slots = self.cache.probe(ids)
         hit = slots >= 0
         self.cache.touch(slots[hit])
+        self.eviction.fold(self.cache.slab, slots[hit])
         rows = np.empty((len(ids), self.layout.row_bytes), dtype=np.uint8)
         rows[hit] = self.cache.slab[slots[hit]]
         new = np.zeros(len(ids), dtype=bool)
@@ -354,6 +359,7 @@ class Table:
         """Write every dirty cached row (and clean rows with stale access metadata) to RocksDB;
         returns dirty rows written."""
         with self._lock:
+            self.eviction.fold_all(self.cache.slab)
             slots = self.cache.dirty_slots()
             clean = np.flatnonzero(self.cache.occupied & ~self.cache.dirty)
             stale = clean[self.eviction.stale(self.cache.slab, clean)]

@@ -13,6 +13,7 @@
 #define NEVER 0x7fffffffffffffffll   // sort key of a way that may not be a victim
 #define EMPTY (-1ll)                 // sort key of an empty way: taken first
 #define LFU_CAP ((1ll << 30) - 1)
+#define MAX_COUNT 0xfffffffeu        // a header count saturates here (rows.py MAX_COUNT)
 
 typedef long long i64;
 typedef unsigned long long u64;
@@ -22,7 +23,8 @@ __device__ __forceinline__ i64 set_of(i64 id, i64 num_sets) {
     h ^= h >> 32;
     h *= MIX;
     h ^= h >> 32;
-    return (i64)(h % (u64)num_sets);
+    const u64 sets = (u64)num_sets;
+    return (i64)((sets & (sets - 1)) == 0 ? h & (sets - 1) : h % sets);   // a power of two: mask
 }
 
 // The set of each id (the host cache's set_of; a test keeps the two equal).
@@ -44,7 +46,9 @@ __device__ __forceinline__ i64 warps_total() {
 // G lanes per id, each looking at WPL consecutive ways (G * WPL >= ways; lanes
 // past `ways` look at nothing). The hit is the lowest matching way, as on the host.
 // flags: 1 = touch hits (last_used = tick), 8 = touch and count uses (LFU: uses += 1
-//        once per slot per tick), 2 = link misses into per-set lists (for victim choice),
+//        once per slot per tick), 16 = touch and record the access in the row header
+//        (count + 1, saturating; last_access = now; once per slot per tick),
+//        2 = link misses into per-set lists (for victim choice),
 //        4 = treat every id as new (choose_slots on ids known to be uncached).
 // Per-set lists: head[set] = (epoch << 32) | (position + 1) of the last miss
 // linked; a head with another epoch is empty, so heads need no clearing.
@@ -54,7 +58,7 @@ __global__ void probe(const i64* __restrict__ keys, const bool* __restrict__ occ
                       const i64* __restrict__ ids, i64 n, i64 num_sets, int ways,
                       i64* __restrict__ slots_out, bool* __restrict__ hit_out,
                       i64* last_used, i64* uses, i64 tick, int flags,
-                      u64* heads, int* next, u64 epoch) {
+                      u64* heads, int* next, u64 epoch, char* slab, i64 row_bytes, unsigned now) {
     const int lane = threadIdx.x & 31;
     const int group = lane / G;
     const int sub = lane % G;
@@ -92,9 +96,14 @@ __global__ void probe(const i64* __restrict__ keys, const bool* __restrict__ occ
             const i64 slot = first + src * WPL + src_local;
             slots_out[i] = slot;
             if (hit_out) hit_out[i] = true;
-            if (flags & 8) {          // LFU: uses += 1 once per slot per tick
+            if (flags & (8 | 16)) {   // once per slot per tick: the first toucher sees another tick
                 const i64 old = (i64)atomicExch((u64*)(last_used + slot), (u64)tick);
-                if (old != tick) uses[slot] += 1;
+                if (old != tick && (flags & 8)) uses[slot] += 1;
+                if (old != tick && (flags & 16)) {
+                    unsigned* header = reinterpret_cast<unsigned*>(slab + slot * row_bytes);
+                    header[1] = min(header[1], MAX_COUNT) + 1u;   // count
+                    header[2] = now;                              // last_access
+                }
             } else if (flags & 1) {
                 last_used[slot] = tick;
             }
@@ -211,13 +220,13 @@ extern "C" __global__ void fill_meta(const i64* __restrict__ slots, const i64* _
     }
 }
 
-// Header of written rows: count += 1, last_access = now (unix seconds).
+// Header of written or accessed rows: count += 1 (saturating), last_access = now (unix seconds).
 extern "C" __global__ void touch_headers(char* rows, i64 row_bytes, const i64* __restrict__ idx, i64 n, unsigned now) {
     for (i64 r = (i64)blockIdx.x * blockDim.x + threadIdx.x; r < n; r += (i64)gridDim.x * blockDim.x) {
         const i64 row = idx ? idx[r] : r;
         if (row < 0) continue;
         unsigned* header = reinterpret_cast<unsigned*>(rows + row * row_bytes);
-        header[1] += 1;
+        header[1] = min(header[1], MAX_COUNT) + 1u;
         header[2] = now;
     }
 }

@@ -17,6 +17,7 @@ from kvstore_proto.v1 import kvstore_pb2 as pb
 from kvstore_proto.v1 import kvstore_pb2_grpc as pb_grpc
 
 from .arrays import as_ids, as_rows, chunks, like, to_numpy
+from .credentials import open_channel
 from .errors import InternalError, InvalidArgumentError, KVStoreError, from_rpc_error
 from .snapshots import SnapshotMethods
 
@@ -40,16 +41,22 @@ def _rpc() -> Iterator[None]:
 
 class KVStoreClient(SnapshotMethods):
     def __init__(self, address: str, timeout: float = 30.0, max_message_bytes: int = 16 << 20,
-                 chunk_bytes: int = 2 << 20):
+                 chunk_bytes: int = 2 << 20, *, token: str | None = None, root_certificates: bytes | None = None,
+                 certificate_chain: bytes | None = None, private_key: bytes | None = None,
+                 tls: bool | None = None):
+        """`token`: bearer token sent with every call. TLS is on when `tls` or any certificate is given:
+        `root_certificates` (PEM CA bundle; system roots when None) checks the server,
+        `certificate_chain` and `private_key` (PEM) are the client's certificate for mutual TLS."""
         if chunk_bytes < 1 or chunk_bytes > max_message_bytes:
             raise InvalidArgumentError(message="chunk_bytes: must be in [1, max_message_bytes]")
         self.address = address
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
-        self._channel = grpc.insecure_channel(address, options=[
+        self._channel = open_channel(address, [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
-        ])
+        ], token=token, root_certificates=root_certificates, certificate_chain=certificate_chain,
+            private_key=private_key, tls=tls)
         self._stub = pb_grpc.EmbeddingStoreStub(self._channel)
         self._row_shapes: dict[str, tuple[int, int]] = {}   # table -> (dim, weight itemsize)
         self._session_lock = threading.Lock()
@@ -94,6 +101,16 @@ class KVStoreClient(SnapshotMethods):
         self._row_shapes.pop(name, None)
         with _rpc():
             self._stub.DropTable(pb.DropTableRequest(table=name), timeout=self.timeout)
+
+    def health(self, service: str = "") -> str:
+        """The server's health status (SERVING, NOT_SERVING, ...) for `service` ("" = the whole server).
+        Needs the grpcio-health-checking package; the health service asks for no token."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        with _rpc():
+            response = health_pb2_grpc.HealthStub(self._channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
     def list_tables(self) -> list[str]:
         with _rpc():

@@ -59,10 +59,12 @@ def sweep_table(table, limiter, chunk_rows: int = 2048, stopped=lambda: False) -
         def halted() -> bool:
             return stopped() or tracker.cancelled.is_set()
 
-        table.flush()
         row_rules = [r for r in tracker.rules if r.scope == "row"]
         table_rules = [r for r in tracker.rules if r.scope == "table"]
-        gathered = _scan(table, limiter, chunk_rows, row_rules, bool(table_rules), now, result, halted)
+        gathered = []
+        if tracker.rules:                      # a table without rules has nothing to scan for
+            table.flush()
+            gathered = _scan(table, limiter, chunk_rows, row_rules, bool(table_rules), now, result, halted)
         if table_rules and not halted():
             _table_pass(table, table_rules, gathered, now, result)
         if table.config.eviction.archive_seconds and not halted():
@@ -88,6 +90,7 @@ def _scan(table, limiter, chunk_rows, rules, gather, now, result, halted) -> lis
         with table._lock:                      # cached copies carry the freshest headers
             slots = table.cache.probe(ids)
             cached = slots >= 0
+            table.eviction.fold(table.cache.slab, slots[cached])
             rows[cached] = table.cache.slab[slots[cached]]
         prints = fingerprint(rows)
         meta = RowMeta.of(layout, ids, rows, with_norm)
@@ -159,6 +162,7 @@ def _current_rows(table, ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rows = table.layout.empty(len(ids))
     slots = table.cache.probe(ids)
     cached = slots >= 0
+    table.eviction.fold(table.cache.slab, slots[cached])
     rows[cached] = table.cache.slab[slots[cached]]
     exists = cached.copy()
     if (~cached).any():

@@ -1,9 +1,12 @@
 """What a table keeps between sweeps for store eviction.
 
 Access metadata: every lookup, update and gradient step records an access in
-the row's header (count + 1, last_access = now). On a cache hit that is a
-vectorized write into the slab's header bytes; it does not mark the row
-dirty, so reads stay free of RocksDB writes. Instead the tracker remembers,
+the row's header (count + 1, last_access = now). On a cache hit the access
+first lands in two dense per-slot arrays (pending count and time: small, so
+the vectorized write stays in the CPU cache instead of touching a random slab
+row); `fold` moves them into the slab's header bytes wherever a header is read
+or a row leaves the cache (updates, victims, flush, the sweeper). A hit does
+not mark the row dirty, so reads stay free of RocksDB writes. Instead the tracker remembers,
 per cache slot, the header RocksDB holds; a clean row whose last_access moved
 on by `touch_seconds`, or whose count more than doubled, is "stale" and is
 written back when it leaves the cache and at flush. So RocksDB's headers lag
@@ -18,6 +21,7 @@ exactly (one key scan when the table is opened, then +created, -deleted,
 from __future__ import annotations
 
 import threading
+from functools import cached_property
 
 import numpy as np
 
@@ -25,7 +29,7 @@ from ..config import EvictionConfig
 from ..errors import InvalidArgument
 from ..rows import RowLayout
 from .admission import Admission
-from .rules import build_rules, touch_headers
+from .rules import build_rules, touch_headers, touch_words
 
 
 class EvictionTracker:
@@ -35,12 +39,30 @@ class EvictionTracker:
         self.rules = build_rules(config)
         self.admission = Admission(config.min_count, config.sketch_width)
         self.persist_touches = config.sweeps
-        self.synced_access = np.zeros(cache_slots, dtype=np.uint32)
-        self.synced_count = np.zeros(cache_slots, dtype=np.uint32)
+        self.cache_slots = cache_slots
         self.rows: int | None = None          # exact row count where counts_rows
+        self._slab = self._words = None
         self.sweep_lock = threading.Lock()    # one sweep of a table at a time
         self.cancelled = threading.Event()    # set when the table is dropped: sweeps stop
         self.last_sweep: float | None = None  # clock time the last sweep started
+
+    # Per-slot arrays, allocated on first use (a table whose cache is on a GPU never uses them).
+
+    @cached_property
+    def synced_access(self) -> np.ndarray:     # last_access RocksDB holds for the cached row
+        return np.zeros(self.cache_slots, dtype=np.uint32)
+
+    @cached_property
+    def synced_count(self) -> np.ndarray:      # count RocksDB holds for the cached row
+        return np.zeros(self.cache_slots, dtype=np.uint32)
+
+    @cached_property
+    def pending_hits(self) -> np.ndarray:      # accesses not yet folded into the header
+        return np.zeros(self.cache_slots, dtype=np.uint64)
+
+    @cached_property
+    def pending_time(self) -> np.ndarray:      # time of the latest of them
+        return np.zeros(self.cache_slots, dtype=np.uint32)
 
     @property
     def counts_rows(self) -> bool:
@@ -49,9 +71,27 @@ class EvictionTracker:
     # --- access metadata ---------------------------------------------------------
 
     def touch(self, slab: np.ndarray, slots: np.ndarray, now: float) -> None:
-        """Record an access of cached slots (duplicates count once)."""
+        """Record an access of cached slots (duplicates count once); `fold` puts it in the header."""
         if len(slots):
-            touch_headers(self.layout.header(slab), slots, int(now))
+            self.pending_hits[slots] += 1
+            self.pending_time[slots] = int(now)
+
+    def fold(self, slab: np.ndarray, slots: np.ndarray) -> None:
+        """Move pending accesses of `slots` into their slab headers. Call before reading a
+        cached header or copying a cached row out; duplicates in `slots` are fine."""
+        slots = slots[self.pending_hits[slots] > 0]
+        if len(slots):
+            if slab is not self._slab:               # the slab lives as long as the cache: view it once
+                self._slab, self._words = slab, slab.view(np.uint32)
+            touch_words(self._words, slots, self.pending_hits[slots], self.pending_time[slots])
+            self.pending_hits[slots] = 0
+
+    def fold_all(self, slab: np.ndarray) -> None:
+        self.fold(slab, np.flatnonzero(self.pending_hits))
+
+    def filled(self, slots: np.ndarray) -> None:
+        """New rows took `slots`: accesses pending for their old occupants no longer apply."""
+        self.pending_hits[slots] = 0
 
     def synced(self, slab: np.ndarray, slots: np.ndarray) -> None:
         """The rows in `slots` now match RocksDB (just loaded or written back)."""

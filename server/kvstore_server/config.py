@@ -1,12 +1,28 @@
-"""Configuration of one server: a frozen dataclass, loaded from YAML, overridden by flags."""
+"""Configuration of one server: a frozen dataclass, resolved from four sources.
+
+Precedence, highest first: command-line flags, `KVSTORE_*` environment
+variables, the YAML file (`--config` or `KVSTORE_CONFIG`), the defaults below.
+Every key has all three spellings: `max_workers` in YAML, `KVSTORE_MAX_WORKERS`,
+`--max-workers`; RocksDB and sweeper keys nest under `rocksdb:` and `sweeper:` and
+read `KVSTORE_ROCKSDB_DURABILITY`, `--rocksdb-durability`. Unknown keys and unknown
+`KVSTORE_*` variables are errors naming them.
+"""
 from __future__ import annotations
 
 import dataclasses
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from kvstore import RocksConfig, SweeperConfig
 from kvstore.errors import InvalidArgument
+
+ENV_PREFIX = "KVSTORE_"
+ENV_CONFIG = "KVSTORE_CONFIG"          # names the YAML file, like --config
+NESTED = {"rocksdb": RocksConfig, "sweeper": SweeperConfig}
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @dataclass(frozen=True)
@@ -18,9 +34,16 @@ class ServerConfig:
     max_message_bytes: int = 16 << 20    # gRPC send/receive limit
     max_workers: int = 16                # handler threads
     max_concurrent_rpcs: int = 64        # further calls get RESOURCE_EXHAUSTED
+    max_concurrent_streams: int = 32     # HTTP/2 streams one connection may open at once
     grace_seconds: float = 10.0          # in-flight calls may finish this long on shutdown
     max_request_rows: int = 1 << 22      # rows in one Update/Delete call, all chunks together
     max_chunk_rows: int = 1 << 20        # rows in one message of a stream
+    auth_token_file: str = ""            # file holding the bearer token; empty = no auth
+    tls_cert: str = ""                   # PEM certificate chain; with tls_key turns TLS on
+    tls_key: str = ""                    # PEM private key
+    tls_client_ca: str = ""              # PEM CA bundle; set = mutual TLS, clients must present a cert
+    log_format: str = "text"             # text | json (one JSON object per line)
+    log_level: str = "info"              # debug logs every RPC; info logs failed ones
     rocksdb: RocksConfig = field(default_factory=RocksConfig)
     sweeper: SweeperConfig = field(default_factory=SweeperConfig)   # background eviction
 
@@ -29,7 +52,7 @@ class ServerConfig:
             value = getattr(self, name)
             if not _is_int(value) or not 0 <= value <= 65535:
                 raise InvalidArgument(f"{name}: must be an integer in [0, 65535], got {value!r}")
-        for name in ("max_message_bytes", "max_workers", "max_concurrent_rpcs",
+        for name in ("max_message_bytes", "max_workers", "max_concurrent_rpcs", "max_concurrent_streams",
                      "max_request_rows", "max_chunk_rows"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
@@ -39,10 +62,24 @@ class ServerConfig:
         for name in ("data_dir", "host"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise InvalidArgument(f"{name}: must be a non-empty string")
-        if not isinstance(self.rocksdb, RocksConfig):
-            raise InvalidArgument("rocksdb: must be a mapping of RocksDB settings")
-        if not isinstance(self.sweeper, SweeperConfig):
-            raise InvalidArgument("sweeper: must be a mapping of eviction sweeper settings")
+        for name in ("auth_token_file", "tls_cert", "tls_key", "tls_client_ca"):
+            if not isinstance(getattr(self, name), str):
+                raise InvalidArgument(f"{name}: must be a file path (a string)")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise InvalidArgument("tls_cert: tls_cert and tls_key must be given together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise InvalidArgument("tls_client_ca: mutual TLS needs tls_cert and tls_key as well")
+        if self.log_format not in LOG_FORMATS:
+            raise InvalidArgument(f"log_format: expected one of {list(LOG_FORMATS)}, got {self.log_format!r}")
+        if self.log_level not in LOG_LEVELS:
+            raise InvalidArgument(f"log_level: expected one of {list(LOG_LEVELS)}, got {self.log_level!r}")
+        for key, kind in NESTED.items():
+            if not isinstance(getattr(self, key), kind):
+                raise InvalidArgument(f"{key}: must be a mapping of settings")
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ServerConfig:
@@ -51,32 +88,129 @@ class ServerConfig:
             raise InvalidArgument("config: must be a mapping")
         raw = dict(raw)
         _check_keys(cls, raw, "")
-        rocks = raw.get("rocksdb")
-        if isinstance(rocks, dict):
-            _check_keys(RocksConfig, rocks, "rocksdb.")
-            raw["rocksdb"] = RocksConfig(**rocks)
-        sweeper = raw.get("sweeper")
-        if isinstance(sweeper, dict):
-            _check_keys(SweeperConfig, sweeper, "sweeper.")
-            raw["sweeper"] = SweeperConfig(**sweeper)
+        for key, kind in NESTED.items():
+            nested = raw.get(key)
+            if isinstance(nested, dict):
+                _check_keys(kind, nested, f"{key}.")
+                raw[key] = kind(**nested)
         return cls(**raw)
 
     @classmethod
-    def load(cls, path: str | None, overrides: dict[str, Any]) -> ServerConfig:
-        """Defaults, then the YAML file at `path` (if any), then `overrides` (None = not given)."""
-        raw: dict[str, Any] = {}
-        if path:
-            import yaml
+    def load(cls, path: str | None, overrides: dict[str, Any],
+             environ: Mapping[str, str] | None = None) -> ServerConfig:
+        """Defaults, then the YAML file, then `KVSTORE_*` variables of `environ`, then `overrides`
+        (flags; None = not given)."""
+        return resolve(path, overrides, environ or {})[0]
 
-            try:
-                with open(path) as handle:
-                    raw = yaml.safe_load(handle) or {}
-            except (OSError, yaml.YAMLError) as exc:
-                raise InvalidArgument(f"config: cannot read {path}: {exc}") from None
-            if not isinstance(raw, dict):
-                raise InvalidArgument(f"config: {path} must hold a mapping")
-        raw.update({key: value for key, value in overrides.items() if value is not None})
-        return cls.from_dict(raw)
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def resolve(path: str | None, flags: dict[str, Any],
+            environ: Mapping[str, str]) -> tuple[ServerConfig, dict[str, str]]:
+    """The effective config, and where each key's value came from (default, file, the variable, the flag).
+    Nested keys are dotted (`rocksdb.durability`) in both the flags and the sources."""
+    path = path or environ.get(ENV_CONFIG) or None
+    layers = [(_read_yaml(path) if path else {}, lambda key: f"file {path}"),
+              (_from_env(environ), lambda key: ENV_PREFIX + key.replace(".", "_").upper()),
+              ({k: v for k, v in flags.items() if v is not None}, lambda key: "--" + key.replace(".", "-")
+               .replace("_", "-"))]
+    raw: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for values, source in layers:
+        for key, value in _flatten(values).items():
+            raw[key] = value
+            sources[key] = source(key)
+    config = ServerConfig.from_dict(_nest(raw))
+    return config, sources
+
+
+def to_yaml(config: ServerConfig, sources: Mapping[str, str]) -> str:
+    """The effective config as YAML, each key commented with where its value came from."""
+    lines = []
+    for key, value in config.to_dict().items():
+        if isinstance(value, dict):
+            lines.append(f"{key}:")
+            lines += [f"  {inner}: {json.dumps(item)}  # {sources.get(f'{key}.{inner}', 'default')}"
+                      for inner, item in value.items()]
+        else:
+            lines.append(f"{key}: {json.dumps(value)}  # {sources.get(key, 'default')}")
+    return "\n".join(lines) + "\n"
+
+
+def settable_keys() -> dict[str, type]:
+    """Every scalar key (nested ones dotted) with the type of its default."""
+    keys: dict[str, type] = {}
+    for f in dataclasses.fields(ServerConfig):
+        if f.name in NESTED:
+            for inner in dataclasses.fields(NESTED[f.name]):
+                keys[f"{f.name}.{inner.name}"] = type(getattr(NESTED[f.name](), inner.name))
+        else:
+            keys[f.name] = type(getattr(ServerConfig(), f.name))
+    return keys
+
+
+def parse_value(text: str, kind: type, where: str) -> Any:
+    """A string from the environment or a flag, as the key's type; errors name `where`."""
+    try:
+        if kind is bool:
+            lowered = text.strip().lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(text)
+            return lowered in ("true", "1", "yes")
+        return kind(text)
+    except ValueError:
+        raise InvalidArgument(f"{where}: expected {kind.__name__}, got {text!r}") from None
+
+
+def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    by_variable = {ENV_PREFIX + key.replace(".", "_").upper(): (key, kind) for key, kind in settable_keys().items()}
+    out: dict[str, Any] = {}
+    for variable, text in environ.items():
+        if not variable.startswith(ENV_PREFIX) or variable == ENV_CONFIG:
+            continue
+        if variable not in by_variable:
+            raise InvalidArgument(f"{variable}: unknown environment variable (no such config key)")
+        key, kind = by_variable[variable]
+        out[key] = parse_value(text, kind, variable)
+    return out
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    try:
+        with open(path) as handle:
+            raw = yaml.safe_load(handle) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise InvalidArgument(f"config: cannot read {path}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise InvalidArgument(f"config: {path} must hold a mapping")
+    return raw
+
+
+def _flatten(values: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in NESTED and isinstance(value, dict):
+            out.update({f"{key}.{inner}": item for inner, item in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        outer, _, inner = key.partition(".")
+        if inner and outer in NESTED:
+            section = out.setdefault(outer, {})
+            if not isinstance(section, dict):
+                raise InvalidArgument(f"{outer}: must be a mapping of settings, got {section!r}")
+            section[inner] = value
+        else:
+            out[key] = value
+    return out
 
 
 def _is_int(value: Any) -> bool:

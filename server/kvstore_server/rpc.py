@@ -1,4 +1,4 @@
-"""Decorators every handler goes through: latency is measured and errors are mapped.
+"""Decorators every handler goes through: latency and in-flight calls are measured, errors mapped.
 
 Handlers raise store errors (never call context.abort themselves); the wrapper
 aborts with the mapped code. For response streams the wrapper sits around the
@@ -23,12 +23,15 @@ def unary(method: Callable) -> Callable:
     @functools.wraps(method)
     def handler(self, request, context: grpc.ServicerContext):
         start, code = time.perf_counter(), grpc.StatusCode.OK
+        in_flight = self.metrics.rpc_in_flight.labels(name)
+        in_flight.inc()
         try:
             return method(self, request, context)
         except Exception as exc:  # noqa: BLE001 - every error must leave with a mapped code
             code, message, reason = _mapped(context, exc)
             abort(context, code, message, reason)
         finally:
+            in_flight.dec()
             self.metrics.observe(name, code, time.perf_counter() - start)
 
     return handler
@@ -41,6 +44,8 @@ def streaming(method: Callable) -> Callable:
     @functools.wraps(method)
     def handler(self, request, context: grpc.ServicerContext) -> Iterator:
         start, code = time.perf_counter(), grpc.StatusCode.OK
+        in_flight = self.metrics.rpc_in_flight.labels(name)
+        in_flight.inc()
         try:
             yield from method(self, request, context)
         except GeneratorExit:
@@ -50,6 +55,7 @@ def streaming(method: Callable) -> Callable:
             code, message, reason = _mapped(context, exc)
             abort(context, code, message, reason)
         finally:
+            in_flight.dec()
             self.metrics.observe(name, code, time.perf_counter() - start)
 
     return handler

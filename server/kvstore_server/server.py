@@ -19,7 +19,9 @@ from kvstore import Store
 from kvstore.errors import FailedPrecondition
 
 from .config import ServerConfig
+from .logs import RequestIdInterceptor
 from .metrics import Metrics
+from .security import TokenAuthInterceptor, read_token, server_credentials
 from .service import EmbeddingStoreService
 
 log = logging.getLogger("kvstore_server")
@@ -44,13 +46,21 @@ class KVStoreServer:
     def start(self) -> int:
         """Open the store, bind and start serving; returns the bound port."""
         config = self.config
+        credentials = server_credentials(config)      # bad TLS or token files fail before the store opens
+        interceptors = [RequestIdInterceptor()]
+        if config.auth_token_file:
+            refused = self.metrics.auth_failures
+            interceptors.append(TokenAuthInterceptor(read_token(config.auth_token_file),
+                                                     on_refused=lambda method: refused.labels(method).inc()))
         self.store = Store(config.data_dir, rocks=config.rocksdb, sweeper=config.sweeper)
         self._grpc = grpc.server(
             self._executor,
+            interceptors=interceptors,
             options=[
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_send_message_length", config.max_message_bytes),
                 ("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.max_concurrent_streams", config.max_concurrent_streams),
             ],
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
@@ -62,12 +72,16 @@ class KVStoreServer:
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
         )
         try:
-            self.port = self._grpc.add_insecure_port(grpc_address(config.host, config.port))
+            address = grpc_address(config.host, config.port)
+            if credentials is None:
+                self.port = self._grpc.add_insecure_port(address)
+            else:
+                self.port = self._grpc.add_secure_port(address, credentials)
         except RuntimeError as exc:
             self.store.close()
             raise FailedPrecondition(f"port: cannot bind {grpc_address(config.host, config.port)}: {exc}") from None
         if config.metrics_port:
-            self.metrics.watch(self.store)
+            self.metrics.watch(self.store, config.data_dir)
             self._metrics_http = self.metrics.serve(config.host, config.metrics_port)
         self._grpc.start()
         for service in ("", SERVICE_NAME):

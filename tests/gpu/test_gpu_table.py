@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from kvstore import CacheConfig, OptimizerConfig, Store, TableConfig
+from kvstore.rows import encode_keys
 
 from .conftest import require_gpu
 
@@ -44,13 +45,27 @@ def test_gpu_table_matches_host_table_through_evictions(store, write, optimizer)
         close(b.weights, a.weights)
         close(b.state, a.state)
         grads = rng.standard_normal((len(ids), 16)).astype(np.float32)
-        assert store.table("host").apply_gradients(ids, grads) == store.table("gpu").apply_gradients(ids, grads)
+        scores = rng.random(len(ids)) if batch % 3 == 0 else None
+        assert (store.table("host").apply_gradients(ids, grads, scores=scores)
+                == store.table("gpu").apply_gradients(ids, grads, scores=scores))
         if batch % 7 == 3:
             new = rng.standard_normal((50, 16)).astype(np.float32)
-            store.update("host", ids[:50], new)
-            store.update("gpu", ids[:50], new)
+            scores = rng.random(50)
+            store.table("host").update(ids[:50], new, scores=scores)
+            store.table("gpu").update(ids[:50], new, scores=scores)
     store.flush()
     everything = np.arange(-3000, 3000)
+    stored = {}
+    for name in ("host", "gpu"):           # what RocksDB holds, headers included
+        layout = store.table(name).layout
+        values = store.rocks.get(name, encode_keys(everything))
+        present = np.array([v is not None for v in values])
+        stored[name] = (present, layout.from_values([v for v in values if v is not None]), layout)
+    np.testing.assert_array_equal(stored["gpu"][0], stored["host"][0])
+    (_, host_rows, layout), gpu_rows = stored["host"], stored["gpu"][1]
+    np.testing.assert_array_equal(gpu_rows[:, :16], host_rows[:, :16])   # version, score, count, last_access, step
+    close(layout.weights(gpu_rows), layout.weights(host_rows))
+    close(layout.state(gpu_rows), layout.state(host_rows))
     close(store.lookup("gpu", everything, on_miss="zeros").weights,
           store.lookup("host", everything, on_miss="zeros").weights)
     for name in ("host", "gpu"):

@@ -40,7 +40,7 @@ def test_evict_by_score_then_restore_from_the_archive(client, server):
     stats = client.stats("ev_score")
     assert stats["evicted_score"] == 50 and stats["rows_restored"] == 50
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
-    assert 'kvstore_table_evicted_score_total{table="ev_score"} 50.0' in metrics
+    assert 'kvstore_evictions_total{reason="score",table="ev_score"} 50.0' in metrics
 
 
 def test_eviction_errors_keep_their_status_codes(client):
@@ -52,3 +52,14 @@ def test_eviction_errors_keep_their_status_codes(client):
     with pytest.raises(InvalidArgumentError, match="scores"):
         client.update("ev_plain", [1, 2], np.ones((2, 8), np.float32), scores=[1.0])
     assert client.evict("ev_plain") == {"ttl": 0, "norm": 0, "frequency": 0, "capacity": 0, "score": 0}
+
+
+def test_the_server_config_sets_the_sweeper():
+    from kvstore_server.config import ServerConfig
+
+    from kvstore import InvalidArgument
+
+    config = ServerConfig.from_dict({"sweeper": {"rows_per_second": 1000, "poll_seconds": 0.5}})
+    assert config.sweeper.rows_per_second == 1000 and config.sweeper.poll_seconds == 0.5
+    with pytest.raises(InvalidArgument, match="sweeper.rate"):
+        ServerConfig.from_dict({"sweeper": {"rate": 5}})

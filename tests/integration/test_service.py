@@ -71,5 +71,5 @@ def test_metrics_expose_rpc_latency_and_table_counters(server, client):
     text = scrape(server)
     assert 'kvstore_rpc_duration_seconds_count{code="OK",method="Lookup"}' in text
     assert 'kvstore_rpc_duration_seconds_count{code="NOT_FOUND",method="DescribeTable"}' in text
-    assert 'kvstore_table_rows_updated_total{table="metered"} 3.0' in text
-    assert 'kvstore_table_cache_rows{table="metered"}' in text
+    assert 'kvstore_rows_updated_total{table="metered"} 3.0' in text
+    assert 'kvstore_cache_rows{table="metered"}' in text

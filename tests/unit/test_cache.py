@@ -130,6 +130,42 @@ def test_ways_used_by_the_current_batch_are_not_victims(new_ids):
     assert cache.probe(old[3:])[0] not in slots
 
 
+def reference_slots(cache: SetAssociativeCache, ids: np.ndarray) -> np.ndarray:
+    """choose_slots spelled out set by set: empty ways first, then the policy's order
+    (ties by way), never locked ways or ways the batch used; ids take ways in batch order."""
+    slots = np.full(len(ids), -1)
+    sets = cache.set_of(ids)
+    for s in np.unique(sets):
+        ways = np.arange(s * cache.ways, (s + 1) * cache.ways)
+        blocked = (cache.locks[ways] > 0) | (cache.occupied[ways] & (cache.last_used[ways] == cache.tick))
+        if cache.order.__class__.__name__ == "LFU":
+            age = np.minimum(cache.uses[ways], (1 << 30) - 1) * 2**32 + (cache.last_used[ways] & 0xFFFFFFFF)
+        else:
+            age = cache.last_used[ways]
+        rank = sorted(range(cache.ways), key=lambda w: (blocked[w], cache.occupied[ways[w]], age[w], w))
+        free = [ways[w] for w in rank if not blocked[w]]
+        for i, at in enumerate(np.flatnonzero(sets == s)):
+            slots[at] = free[i] if i < len(free) else -1
+    return slots
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_victims_match_a_set_by_set_reference_in_mixed_batches(policy):
+    cache = make_cache(rows=64, ways=4, policy=policy)          # 16 sets: crowded and single sets mix
+    rng = np.random.default_rng(7)
+    for _ in range(30):
+        cache.begin_batch()
+        batch = np.unique(rng.integers(0, 200, 24))
+        cache.touch(cache.probe(batch)[cache.probe(batch) >= 0])
+        new = batch[cache.probe(batch) < 0]
+        cache.locks[:] = rng.random(cache.capacity) < 0.1
+        expected = reference_slots(cache, new)
+        choice = cache.choose_slots(new)
+        np.testing.assert_array_equal(choice.slots, expected)
+        cache.locks[:] = 0
+        cache.fill(choice.slots, new, rows_for(new), np.zeros(len(new), bool))
+
+
 def test_table_stays_correct_when_a_batch_overflows_one_set(data_dir):
     with Store(data_dir) as store:
         store.create_table(table_config(rows=8, ways=4))

@@ -45,6 +45,7 @@ def cached_headers(store: Store, table: str, ids) -> np.ndarray:
     handle = store.table(table)
     slots = handle.cache.probe(np.asarray(ids, dtype=np.int64))
     assert (slots >= 0).all()
+    handle.eviction.fold(handle.cache.slab, slots)         # accesses pending in the tracker
     return handle.layout.header(handle.cache.slab)[slots].copy()
 
 
@@ -102,6 +103,18 @@ def test_a_clean_row_leaving_the_cache_takes_its_new_access_time_to_rocksdb(stor
     store.lookup("t", IDS[4:8])                               # pushes all four out
     assert stored_headers(store, "t", IDS[:1])["last_access"][0] == 1_000_100
     assert stored_headers(store, "t", IDS[1:4])["last_access"].tolist() == [1_000_000] * 3
+
+
+def test_accesses_of_a_dirty_row_leave_the_cache_with_it(store, clock):
+    store.create_table(table_config(rows=4, ways=4, eviction=TTL))
+    store.update("t", IDS[:4], np.ones((4, 8)))              # dirty, count 1
+    clock.now += 7
+    for _ in range(3):
+        store.lookup("t", IDS[:1])                          # three hits on a dirty row
+    store.lookup("t", IDS[4:8])                             # pushes all four out: written back
+    header = stored_headers(store, "t", IDS[:4])
+    np.testing.assert_array_equal(header["count"], [4, 1, 1, 1])
+    np.testing.assert_array_equal(header["last_access"], [1_000_007] + [1_000_000] * 3)
 
 
 def test_tables_without_eviction_rules_never_write_for_reads(store, clock):

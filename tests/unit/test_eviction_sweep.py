@@ -198,3 +198,11 @@ def test_eviction_config_persists_with_the_table(data_dir, clock):
         store.create_table(table_config(eviction=eviction))
     with Store(data_dir, clock=clock, sweeper=FAST) as store:
         assert store.describe_table("t").eviction == eviction
+
+
+def test_a_table_without_rules_is_not_scanned(store):
+    store.create_table(table_config())
+    store.lookup("t", np.arange(50))
+    assert store.evict("t") == {"ttl": 0, "norm": 0, "frequency": 0, "capacity": 0, "score": 0}
+    assert store.stats("t")["sweep_rows_scanned"] == 0
+    assert all(present(store, "t", np.arange(50)))

@@ -67,8 +67,9 @@ def test_dropped_family_is_gone_after_reopen(tmp_path):
         tier.close()
 
 
-def test_parallel_multi_get_matches_serial(tmp_path):
-    tier = RocksTier(str(tmp_path / "db"), RocksConfig(read_threads=4))
+@pytest.mark.parametrize("threads", [1, 4])
+def test_parallel_multi_get_matches_serial(tmp_path, threads):
+    tier = RocksTier(str(tmp_path / "db"), RocksConfig(read_threads=threads))
     try:
         tier.create_family("rows")
         ids = np.arange(PARALLEL_GET_MIN * 2, dtype=np.int64)

@@ -24,6 +24,10 @@ def test_gpu_table_without_a_gpu_is_a_failed_precondition(tmp_path):
     with Store(str(tmp_path / "data")) as store:
         with pytest.raises(FailedPrecondition, match="cache.device"):
             store.create_table(TableConfig(name="t", dim=4, cache=CacheConfig(rows=64, device="cuda:0")))
+        assert store.list_tables() == []
+    with Store(str(tmp_path / "data")) as store:      # nothing of the refused table was persisted
+        assert store.list_tables() == []
+        store.create_table(TableConfig(name="t", dim=4))
 
 
 def test_unknown_device_is_invalid_argument():

@@ -1,0 +1,143 @@
+"""Structured logs: text or JSON lines, with the request id of the RPC that logged them.
+
+Every RPC gets a request id: the caller's `x-request-id` metadata when given
+(so a client can trace one call across shards), otherwise a fresh one. It is
+returned in the response's initial metadata and added to every log record
+written while the call runs, and each call ends with one access record
+(DEBUG when it succeeded, INFO otherwise).
+"""
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Iterator
+
+import grpc
+
+REQUEST_ID_METADATA = "x-request-id"
+_REQUEST_ID = contextvars.ContextVar("kvstore_request_id", default="")
+_VALID_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+ACCESS_FIELDS = ("method", "code", "duration_ms", "peer")
+log = logging.getLogger("kvstore_server.access")
+
+
+def current_request_id() -> str:
+    return _REQUEST_ID.get()
+
+
+class _RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "request_id", None):
+            record.request_id = _REQUEST_ID.get() or "-"
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, request_id and access fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            "request_id": getattr(record, "request_id", "-"),
+        }
+        entry.update({key: getattr(record, key) for key in ACCESS_FIELDS if hasattr(record, key)})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure(log_format: str = "text", level: str = "info") -> None:
+    """Route every logger to stderr in `log_format` (text | json) at `level`."""
+    handler = logging.StreamHandler()
+    handler.addFilter(_RequestIdFilter())
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+class RequestIdInterceptor(grpc.ServerInterceptor):
+    """Outermost interceptor: request id, and one access record per call (refused ones included)."""
+
+    def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = continuation(details)
+        if handler is None:
+            return None
+        given = next((v for k, v in details.invocation_metadata or () if k == REQUEST_ID_METADATA), "")
+        request_id = given if isinstance(given, str) and _VALID_ID.fullmatch(given) else uuid.uuid4().hex
+        method = details.method
+        if handler.response_streaming:
+            behavior = _streaming(handler, method, request_id)
+        else:
+            behavior = _unary(handler, method, request_id)
+        make = _MAKERS[handler.request_streaming, handler.response_streaming]
+        return make(behavior, request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
+
+
+# (request streaming, response streaming) -> how to build a handler of that shape
+_MAKERS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def _inner(handler: grpc.RpcMethodHandler):
+    return {(False, False): handler.unary_unary, (True, False): handler.stream_unary,
+            (False, True): handler.unary_stream, (True, True): handler.stream_stream}[
+        handler.request_streaming, handler.response_streaming]
+
+
+def _unary(handler: grpc.RpcMethodHandler, method: str, request_id: str):
+    inner = _inner(handler)
+
+    def behavior(request, context: grpc.ServicerContext):
+        start = _begin(context, request_id)
+        try:
+            return inner(request, context)
+        finally:
+            _end(context, method, start)
+
+    return behavior
+
+
+def _streaming(handler: grpc.RpcMethodHandler, method: str, request_id: str):
+    inner = _inner(handler)
+
+    def behavior(request, context: grpc.ServicerContext) -> Iterator:
+        start = _begin(context, request_id)
+        try:
+            yield from inner(request, context)
+        finally:
+            _end(context, method, start)
+
+    return behavior
+
+
+def _begin(context: grpc.ServicerContext, request_id: str) -> float:
+    _REQUEST_ID.set(request_id)
+    context.send_initial_metadata(((REQUEST_ID_METADATA, request_id),))
+    return time.perf_counter()
+
+
+def _end(context: grpc.ServicerContext, method: str, start: float) -> None:
+    code = context.code() or (grpc.StatusCode.OK if context.is_active() else grpc.StatusCode.CANCELLED)
+    if not isinstance(code, grpc.StatusCode):
+        code = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+    fields = {"method": method, "code": code.name, "duration_ms": round((time.perf_counter() - start) * 1000, 3),
+              "peer": context.peer()}
+    log.log(logging.DEBUG if code is grpc.StatusCode.OK else logging.INFO,
+            "%s %s %.3fms", method, code.name, fields["duration_ms"], extra=fields)
+    _REQUEST_ID.set("")

@@ -1,0 +1,75 @@
+"""Request limits: ids per request, message size, concurrent calls; beyond each, RESOURCE_EXHAUSTED."""
+from __future__ import annotations
+
+import threading
+
+import grpc
+import numpy as np
+import pytest
+from kvstore_client import KVStoreClient, ResourceExhaustedError
+from kvstore_proto.tensors import encode_ids
+from kvstore_proto.v1 import kvstore_pb2 as pb
+from kvstore_proto.v1 import kvstore_pb2_grpc as pb_grpc
+
+from .conftest import free_port, scrape, value, wait_until
+
+MAX_MESSAGE = 64 << 10
+MAX_CALLS = 2
+
+
+@pytest.fixture(scope="module")
+def server(start_server):
+    return start_server("--max-message-bytes", str(MAX_MESSAGE), "--max-request-rows", "300",
+                        "--max-concurrent-rpcs", str(MAX_CALLS), metrics_port=free_port())
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    # The client may send more than the server takes, so the server's limit is what is tested.
+    with KVStoreClient(server.address, timeout=30, max_message_bytes=4 << 20, chunk_bytes=1 << 20) as opened:
+        opened.create_table("limited", 32, cache={"rows": 64, "ways": 8})
+        opened.update("limited", [1, 2], np.ones((2, 32), np.float32))
+        yield opened
+
+
+def _unchanged(client: KVStoreClient) -> None:
+    rows = client.lookup("limited", [1, 2, 500], on_miss="zeros")
+    np.testing.assert_array_equal(rows, np.array([[1] * 32, [1] * 32, [0] * 32], np.float32))
+
+
+def test_message_over_the_size_limit_is_resource_exhausted_and_changes_nothing(client):
+    ids = np.arange(600)                           # 600 rows x 32 float32: 77 KiB in one message
+    with pytest.raises(ResourceExhaustedError):
+        client.update("limited", ids, np.full((600, 32), 5, np.float32))
+    _unchanged(client)
+
+
+def test_ids_over_the_request_limit_are_resource_exhausted_and_change_nothing(server, client):
+    with KVStoreClient(server.address, timeout=30, chunk_bytes=8 << 10) as chunked:   # messages under the limit
+        with pytest.raises(ResourceExhaustedError) as error:
+            chunked.update("limited", np.arange(301), np.full((301, 32), 5, np.float32))
+    assert error.value.message.startswith("ids")
+    _unchanged(client)
+
+
+def test_calls_beyond_the_concurrency_limit_are_resource_exhausted(server, client):
+    release = threading.Event()
+
+    def held_requests():
+        yield pb.LookupRequest(table="limited", ids=encode_ids(np.array([1])))
+        release.wait(30)                        # the stream stays open until released
+
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.EmbeddingStoreStub(channel)
+        held = [stub.Lookup(held_requests(), timeout=60) for _ in range(MAX_CALLS)]
+        try:
+            for call in held:
+                next(call)                      # each stream answered its first chunk: both are in flight
+            assert wait_until(lambda: value(scrape(server), "kvstore_rpc_in_flight", method="Lookup") == MAX_CALLS)
+            with pytest.raises(ResourceExhaustedError):
+                client.list_tables()
+        finally:
+            release.set()
+            for call in held:
+                list(call)
+    assert client.list_tables() == ["limited"]
