@@ -45,7 +45,7 @@ def echo_server(row_bytes: int) -> None:
 
 
 def start(cmd: list[str]) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     for line in proc.stdout:
         if "listening on" in line:
             return proc, line.strip().rsplit(" ", 1)[-1]
