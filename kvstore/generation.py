@@ -2,8 +2,9 @@
 
 A restore opens another database and swaps in a new `Generation`; calls in
 flight keep the one they pinned and finish on it. The retired generation is
-closed (and its directory removed) by whoever releases the last pin, so a
-restore never waits for a long export to finish.
+closed (and its directory removed) once the last pin is released, on a
+background thread, so neither a restore nor the call that released the last
+pin waits for RocksDB to close (which waits for its background jobs).
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ class Generations:
     def __init__(self, live: Generation):
         self._cond = threading.Condition()
         self._live: Generation | None = live
+        self._closers: list[threading.Thread] = []
 
     @property
     def live(self) -> Generation:
@@ -74,7 +76,7 @@ class Generations:
             last = gen.retired and gen.users == 0
             self._cond.notify_all()
         if last:
-            gen.close()
+            self._retire(gen)
 
     def swap(self, new: Generation, remove_old_dir: bool = True) -> None:
         """Make `new` live; the old one closes when its last pin is released."""
@@ -85,7 +87,20 @@ class Generations:
             old.remove_dir = remove_old_dir
             idle = old.users == 0
         if idle:
-            old.close()
+            self._retire(old)
+
+    def _retire(self, gen: Generation) -> None:
+        closer = threading.Thread(target=gen.close, name="kvstore-retire", daemon=True)
+        with self._cond:
+            self._closers = [t for t in self._closers if t.is_alive()] + [closer]
+        closer.start()
+
+    def join_retired(self) -> None:
+        """Wait until every retired generation with no pins left is closed."""
+        with self._cond:
+            closers = list(self._closers)
+        for closer in closers:
+            closer.join()
 
     def shut(self) -> Generation | None:
         """Stop lending; returns the generation that was live (the caller closes it)."""

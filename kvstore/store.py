@@ -217,11 +217,19 @@ class Store:
             with self._lock:
                 try:
                     self.snapshots.set_live(db_name)
-                except StorageError:
+                except BaseException:
                     gen.remove_dir = True
                     gen.close()
                     raise
+                old = self._gens.acquire()         # held until its eviction sweeps have stopped
                 self._gens.swap(gen)
+            try:
+                for table in list(old.tables.values()):
+                    table.eviction.cancelled.set()
+                    with table.eviction.sweep_lock:
+                        pass
+            finally:
+                self._gens.release(old)
             self._count("restore", 0.0, time.perf_counter() - start)
             return info
 
@@ -302,7 +310,8 @@ class Store:
         with self.gate.writing(), self._gens.pin() as gen:
             if gen.tables.get(stager.table.name) is not stager.table:
                 stager.abort()
-                raise InvalidArgument(f"table: {stager.table.name!r} was dropped or restored during the import")
+                raise FailedPrecondition(f"table: {stager.table.name!r} was dropped or restored during the import; "
+                                         "nothing was imported")
             rows = stager.commit()
         self.counters["rows_imported"] += rows
         return rows
@@ -311,7 +320,8 @@ class Store:
 
     def evict(self, table: str) -> dict[str, int]:
         """Run one eviction sweep of `table` now (at the sweeper's rate); rows evicted by reason."""
-        return self.sweeper.sweep(self.table(table)).counts()
+        with self._gens.pin() as gen:
+            return self.sweeper.sweep(self._table(gen, table)).counts()
 
     def restore_rows(self, table: str, ids) -> int:
         """Bring archived rows of `ids` back (ids that have a row again are left alone); rows restored."""
@@ -341,6 +351,7 @@ class Store:
             self.sweeper.close()
             self._closed = True
             gen = self._gens.shut()
+            self._gens.join_retired()
             if gen is not None:
                 try:
                     self._flush(gen)

@@ -146,8 +146,10 @@ class ImportStager:
         ids, rows = self._encode(ids, weights, state, meta)
         if not len(ids):
             return 0
-        keep = len(ids) - 1 - np.unique(ids[::-1], return_index=True)[1]   # last write wins, sorted
-        ids, rows = ids[keep], rows[keep]
+        if len(ids) > 1 and not (ids[1:] > ids[:-1]).all():       # not already sorted and unique
+            keep = len(ids) - 1 - np.unique(ids[::-1], return_index=True)[1]   # last write wins, sorted
+            # rows are padded to 16 bytes: gathering them as uint64 is ~10x faster than as uint8
+            ids, rows = ids[keep], rows.view(np.uint64)[keep].view(np.uint8)
         if self._writer is None or self._last_id is None or ids[0] <= self._last_id \
                 or self._writer_rows + len(ids) > SST_ROWS:
             self._next_file()                 # SST keys must increase; overlapping chunks get a new file
@@ -207,10 +209,14 @@ class ImportStager:
                     table.rocks.delete_all(table.name)
                     table.cache.clear()
                 else:
+                    if table.eviction.counts_rows:
+                        table.flush()                   # rows only in the cache count too
                     for start in range(0, len(ids), INVALIDATE_SLICE):   # bounded temporaries
                         table.cache.invalidate(ids[start:start + INVALIDATE_SLICE])
                 if self.files:
                     table.rocks.ingest(table.name, self.files)
+                if table.eviction.counts_rows:          # exact row count for eviction triggers
+                    table.eviction.rows = table.rocks.count_keys(table.name)
                 table.counters["rows_imported"] += self.rows
         finally:
             self.abort()

@@ -200,10 +200,12 @@ def test_export_during_restore_finishes_on_the_old_database(store):
     store.update("t", np.arange(100), np.ones((100, 4)))
     store.create_snapshot("empty-ish")
     store.update("t", np.arange(100, 300), np.ones((200, 4)))
-    export = store.export_table("t", chunk_rows=50)
-    chunks = iter(export)
+    chunks = iter(store.export_table("t", chunk_rows=50))     # pins the live database
     first = next(chunks)
     store.restore_snapshot("empty-ish")
+    store._gens.join_retired()                  # closes of databases without pins are done now
+    assert "db" in os.listdir(store.data_dir), "the database was closed under an export in flight"
     rest = list(chunks)
     assert len(first) + sum(len(c) for c in rest) == 300
-    assert sorted(os.listdir(store.data_dir)) == ["LIVE", "db-1", "snapshots"]   # old db removed once released
+    store._gens.join_retired()
+    assert sorted(os.listdir(store.data_dir)) == ["LIVE", "db-1", "snapshots"]   # removed once released

@@ -133,3 +133,28 @@ def test_bad_mode_and_unknown_table(store):
         store.import_table("t", [], mode="upsert")
     with pytest.raises(Exception, match="table"):
         store.export_table("nope")
+
+
+def test_import_keeps_the_exact_row_count_of_tables_with_a_row_limit(store):
+    from kvstore.config import EvictionConfig
+
+    store.create_table(TableConfig(name="capped", dim=8, cache=CacheConfig(rows=64, ways=4),
+                                   eviction=EvictionConfig(max_rows=10_000)))
+    store.update("capped", np.arange(30), np.ones((30, 8)))
+    store.import_table("capped", [(np.arange(20, 50), np.ones((30, 8)))], mode="merge")
+    assert store.stats("capped")["rows"] == 50
+    store.import_table("capped", [(np.arange(5), np.ones((5, 8)))], mode="replace")
+    assert store.stats("capped")["rows"] == 5
+
+
+def test_import_across_a_restore_is_refused_and_imports_nothing(store):
+    from kvstore import FailedPrecondition
+
+    store.create_table(adam_table())
+    store.create_snapshot("s")
+    stager = store.stage_import("t", "merge")
+    stager.add(np.arange(5), np.ones((5, 8)))
+    store.restore_snapshot("s")
+    with pytest.raises(FailedPrecondition, match="restored"):
+        store.commit_import(stager)
+    assert sum(len(c) for c in store.export_table("t")) == 0
