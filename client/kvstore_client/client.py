@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
-import grpc
 import numpy as np
 from kvstore_proto.tensors import WIRE_DTYPES, WireError, decode_tensor, encode_ids, encode_tensor
 from kvstore_proto.v1 import kvstore_pb2 as pb
@@ -18,7 +16,8 @@ from kvstore_proto.v1 import kvstore_pb2_grpc as pb_grpc
 
 from .arrays import as_ids, as_rows, chunks, like, to_numpy
 from .credentials import open_channel
-from .errors import InternalError, InvalidArgumentError, KVStoreError, from_rpc_error
+from .errors import InternalError, InvalidArgumentError, KVStoreError
+from .errors import rpc_errors as _rpc
 from .snapshots import SnapshotMethods
 
 ON_MISS = {
@@ -30,13 +29,6 @@ ON_MISS = {
 ID_BYTES = 8
 
 
-@contextmanager
-def _rpc() -> Iterator[None]:
-    """grpc.RpcError -> the matching KVStoreError subclass."""
-    try:
-        yield
-    except grpc.RpcError as error:
-        raise from_rpc_error(error) from None
 
 
 class KVStoreClient(SnapshotMethods):

@@ -6,6 +6,9 @@ server's stable reason code (trailing metadata `kvstore-reason`), e.g.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import grpc
 
 REASON_KEY = "kvstore-reason"
@@ -83,3 +86,12 @@ def from_rpc_error(error: grpc.RpcError) -> KVStoreError:
         if key == REASON_KEY:
             reason = value if isinstance(value, str) else value.decode()
     return BY_CODE.get(code, KVStoreError)(code, message or "", reason)
+
+
+@contextmanager
+def rpc_errors() -> Iterator[None]:
+    """grpc.RpcError raised inside -> the matching KVStoreError subclass."""
+    try:
+        yield
+    except grpc.RpcError as error:
+        raise from_rpc_error(error) from None

@@ -7,28 +7,21 @@ module's state_dict needs). Transfers get their own, long deadline.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
-import grpc
 import numpy as np
 from kvstore_proto.export_format import ExportChunk
 from kvstore_proto.tensors import WireError, decode_ids, decode_tensor, encode_ids, encode_tensor
 from kvstore_proto.v1 import kvstore_pb2 as pb
 
 from .arrays import as_ids, as_rows, chunks, to_numpy
-from .errors import InternalError, InvalidArgumentError, from_rpc_error
+from .errors import InternalError, InvalidArgumentError
+from .errors import rpc_errors as _rpc
 
 IMPORT_MODES = {"merge": pb.IMPORT_MODE_MERGE, "replace": pb.IMPORT_MODE_REPLACE}
 TRANSFER_TIMEOUT = 24 * 3600.0
 
 
-@contextmanager
-def _rpc() -> Iterator[None]:
-    try:
-        yield
-    except grpc.RpcError as error:
-        raise from_rpc_error(error) from None
 
 
 def _snapshot_dict(info: pb.SnapshotInfo) -> dict:
