@@ -92,6 +92,32 @@ class _RemoteRows(nn.Module):
                                     release=self.pin)
 
 
+    # --- checkpoints: the table's rows travel through export/import -----------------
+
+    STATE_KEYS = ("ids", "weight", "optimizer_state", "row_meta")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        """The whole table at this instant (one consistent export), as tensors beside the
+        module's own: ids [n], weight [n, dim], optimizer_state [n, state_dim], row_meta [n, 3]."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        rows = self.client.export_table(self.table)
+        for key, array in zip(self.STATE_KEYS, (rows.ids, rows.weights, rows.state, rows.meta), strict=True):
+            destination[prefix + key] = torch.from_numpy(np.ascontiguousarray(array))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """Replace the table's rows with the checkpoint's (import mode `replace`), optimizer
+        state and row metadata included."""
+        present = [prefix + key in state_dict for key in self.STATE_KEYS]
+        if not all(present):
+            missing_keys.extend(prefix + k for k, here in zip(self.STATE_KEYS, present, strict=True) if not here)
+            return
+        arrays = [state_dict[prefix + key].detach().cpu().numpy() for key in self.STATE_KEYS]
+        with self._lock:
+            self._pending = None              # rows read before the load are stale
+        self.client.import_table(self.table, arrays[0], arrays[1], arrays[2], mode="replace", meta=arrays[3])
+
+
 class RemoteEmbedding(_RemoteRows):
     """`nn.Embedding` over a kvstore table: output[..., :] = row of input[...]."""
 

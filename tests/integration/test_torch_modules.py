@@ -103,3 +103,26 @@ def test_remote_embedding_matches_nn_embedding_forward_and_step(client):
     out.sum().backward()
     expected = local.weight.detach().numpy()[[1, 3, 7]] - np.array([[1.0], [2.0], [1.0]], np.float32)
     np.testing.assert_allclose(client.lookup("emb", [1, 3, 7], on_miss="error"), expected, rtol=1e-6)
+
+
+def test_state_dict_round_trips_rows_and_optimizer_state_through_export_import(client):
+    small_table(client, "ckpt", DIM, optimizer={"name": "adagrad", "lr": 0.1})
+    bag = RemoteEmbeddingBag(client, "ckpt", mode="sum")
+    model = Model(bag)
+    _train(model, _batches(4))
+    saved = model.state_dict()
+    ids = saved["bag.ids"].numpy()
+    assert len(ids) > 0 and "head.weight" in saved
+    weights, state = client.lookup("ckpt", ids, on_miss="error", with_state=True)
+    np.testing.assert_array_equal(saved["bag.weight"].numpy(), weights)
+    np.testing.assert_array_equal(saved["bag.optimizer_state"].numpy(), state)
+
+    _train(model, _batches(5))                                  # move on, and add rows
+    client.lookup("ckpt", [10_000])
+    model.load_state_dict(saved)
+    back, back_state = client.lookup("ckpt", ids, on_miss="error", with_state=True)
+    np.testing.assert_array_equal(back, weights)
+    np.testing.assert_array_equal(back_state, state)
+    from kvstore_client import NotFoundError
+    with pytest.raises(NotFoundError):                          # replace: rows not in the checkpoint are gone
+        client.lookup("ckpt", [10_000], on_miss="error")
