@@ -32,6 +32,13 @@ def _finite_nonneg(value: float, field_name: str) -> None:
         raise InvalidArgument(f"{field_name}: must be a finite number >= 0, got {value!r}")
 
 
+def _unit_interval(value: float, field_name: str) -> None:
+    """A rate or fraction in [0, 1)."""
+    _finite_nonneg(value, field_name)
+    if value >= 1:
+        raise InvalidArgument(f"{field_name}: must be in [0, 1), got {value!r}")
+
+
 @dataclass(frozen=True)
 class OptimizerConfig:
     name: str = "sgd"
@@ -49,10 +56,7 @@ class OptimizerConfig:
         for name in ("lr", "eps", "weight_decay"):
             _finite_nonneg(getattr(self, name), f"optimizer.{name}")
         for name in ("beta1", "beta2"):
-            value = getattr(self, name)
-            _finite_nonneg(value, f"optimizer.{name}")
-            if value >= 1:
-                raise InvalidArgument(f"optimizer.{name}: must be in [0, 1), got {value!r}")
+            _unit_interval(getattr(self, name), f"optimizer.{name}")
 
     def state_dim(self, dim: int) -> int:
         """float32 values of optimizer state stored beside each row's weights."""
@@ -143,10 +147,7 @@ class EvictionConfig:
         for name in ("max_rows", "min_count", "count_threshold", "trigger_rows", "trigger_bytes"):
             _nonneg_int(getattr(self, name), f"eviction.{name}")
         for name in ("headroom", "decay_rate"):
-            value = getattr(self, name)
-            _finite_nonneg(value, f"eviction.{name}")
-            if value >= 1:
-                raise InvalidArgument(f"eviction.{name}: must be in [0, 1), got {value!r}")
+            _unit_interval(getattr(self, name), f"eviction.{name}")
         if self.capacity_policy not in CAPACITY_POLICIES:
             raise InvalidArgument(
                 f"eviction.capacity_policy: expected one of {list(CAPACITY_POLICIES)}, got {self.capacity_policy!r}"

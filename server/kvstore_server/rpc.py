@@ -16,47 +16,49 @@ import grpc
 from .errors import abort, status_of
 
 
+class _Call:
+    """One handled call: counted in flight, timed, and its error mapped to a status code."""
+
+    def __init__(self, servicer, name: str, context: grpc.ServicerContext):
+        self.metrics, self.name, self.context = servicer.metrics, name, context
+        self.code = grpc.StatusCode.OK
+
+    def __enter__(self) -> _Call:
+        self.start = time.perf_counter()
+        self.in_flight = self.metrics.rpc_in_flight.labels(self.name)
+        self.in_flight.inc()
+        return self
+
+    def __exit__(self, kind, exc, traceback) -> None:
+        try:
+            if isinstance(exc, GeneratorExit):
+                self.code = grpc.StatusCode.CANCELLED
+            elif isinstance(exc, Exception):      # every error must leave with a mapped code
+                self.code, message, reason = _mapped(self.context, exc)
+                abort(self.context, self.code, message, reason)
+        finally:
+            self.in_flight.dec()
+            self.metrics.observe(self.name, self.code, time.perf_counter() - self.start)
+
+
 def unary(method: Callable) -> Callable:
     """A handler that returns one response (unary or client-streaming)."""
-    name = method.__name__
 
     @functools.wraps(method)
     def handler(self, request, context: grpc.ServicerContext):
-        start, code = time.perf_counter(), grpc.StatusCode.OK
-        in_flight = self.metrics.rpc_in_flight.labels(name)
-        in_flight.inc()
-        try:
+        with _Call(self, method.__name__, context):
             return method(self, request, context)
-        except Exception as exc:  # noqa: BLE001 - every error must leave with a mapped code
-            code, message, reason = _mapped(context, exc)
-            abort(context, code, message, reason)
-        finally:
-            in_flight.dec()
-            self.metrics.observe(name, code, time.perf_counter() - start)
 
     return handler
 
 
 def streaming(method: Callable) -> Callable:
     """A handler that yields responses (server- or bidi-streaming)."""
-    name = method.__name__
 
     @functools.wraps(method)
     def handler(self, request, context: grpc.ServicerContext) -> Iterator:
-        start, code = time.perf_counter(), grpc.StatusCode.OK
-        in_flight = self.metrics.rpc_in_flight.labels(name)
-        in_flight.inc()
-        try:
+        with _Call(self, method.__name__, context):
             yield from method(self, request, context)
-        except GeneratorExit:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception as exc:  # noqa: BLE001 - every error must leave with a mapped code
-            code, message, reason = _mapped(context, exc)
-            abort(context, code, message, reason)
-        finally:
-            in_flight.dec()
-            self.metrics.observe(name, code, time.perf_counter() - start)
 
     return handler
 
