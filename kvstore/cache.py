@@ -21,6 +21,8 @@ from .config import CacheConfig
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX = np.uint64(0xD6E8FEB86659FD93)
+_GOLDEN_INV = np.uint64(pow(int(_GOLDEN), -1, 1 << 64))   # the mix's inverse multiplies by these
+_MIX_INV = np.uint64(pow(int(_MIX), -1, 1 << 64))
 _SHIFT = np.uint64(32)
 _NEVER = np.iinfo(np.int64).max      # sort key of a slot that may not be a victim
 _EMPTY = np.int64(-1)                # sort key of an empty slot: taken first
@@ -77,7 +79,7 @@ class SetAssociativeCache:
         self.order = POLICIES[config.policy]()
         n = config.rows
         self.keys = xp.zeros(n, dtype=xp.int64)
-        self.fingerprints = xp.zeros(n, dtype=xp.uint16)   # 16 hash bits of each key: a cheap first probe
+        self._probe_index(n)
         self.occupied = xp.zeros(n, dtype=bool)
         self.dirty = xp.zeros(n, dtype=bool)
         self.locks = xp.zeros(n, dtype=xp.int32)
@@ -86,13 +88,21 @@ class SetAssociativeCache:
         self.slab = xp.zeros((n, row_bytes), dtype=xp.uint8)
         self.tick = 0
 
+    def _probe_index(self, n: int) -> None:
+        """What the host probe reads before whole sets: a hint of each id's slot, kept in a
+        table indexed by low bits of its mix (a guess, verified against the slot's key), and
+        16 hash bits of each slot's key."""
+        self.hint_mask = np.uint64((1 << (n - 1).bit_length()) - 1)
+        self.hints = self.xp.zeros(int(self.hint_mask) + 1, dtype=self.xp.int32 if n < 2**31 else self.xp.int64)
+        self.fingerprints = self.xp.zeros(n, dtype=self.xp.uint16)
+
     # --- lookup ------------------------------------------------------------
 
     def begin_batch(self) -> None:
         """Start a batch: slots used from now on are protected from eviction until the next."""
         self.tick += 1
 
-    def _mix(self, ids):
+    def mix(self, ids):
         """Every bit of the id mixed in (two multiply-xorshift rounds): sequential or strided
         ids must spread over all sets, not crowd a few."""
         xp = self.xp
@@ -102,17 +112,26 @@ class SetAssociativeCache:
         mixed ^= mixed >> _SHIFT
         return mixed
 
+    def unmix(self, mixed):
+        """The ids of mixed values: the mix is a bijection (odd multipliers, xorshifts by 32)."""
+        h = mixed.copy()
+        h ^= h >> _SHIFT
+        h *= _MIX_INV
+        h ^= h >> _SHIFT
+        h *= _GOLDEN_INV
+        return h.view(self.xp.int64)
+
     def _set_from(self, mixed):
-        if self.num_sets & (self.num_sets - 1) == 0:     # a power of two: mask, no division
-            return (mixed & np.uint64(self.num_sets - 1)).astype(self.xp.int64)
-        return (mixed % np.uint64(self.num_sets)).astype(self.xp.int64)
+        """The set from the top 32 bits of the mix, scaled (multiply-shift, no division): sets
+        grow with the mix, so ids sorted by their mix visit the slab in slot order."""
+        return (((mixed >> _SHIFT) * np.uint64(self.num_sets)) >> _SHIFT).astype(self.xp.int64)
 
     @staticmethod
     def _fingerprint_from(mixed):
-        return (mixed >> np.uint64(48)).astype(np.uint16)    # the top bits; sets use the low ones
+        return (mixed & np.uint64(0xFFFF)).astype(np.uint16)   # the low bits; sets use the high ones
 
     def set_of(self, ids):
-        return self._set_from(self._mix(ids))
+        return self._set_from(self.mix(ids))
 
     def set_rows(self, per_slot, sets):
         """[len(sets), ways] values of a per-slot array for whole sets. `take` of rows of
@@ -123,18 +142,30 @@ class SetAssociativeCache:
     def probe(self, ids):
         """Slot of each id, -1 where it is not cached. Pure: changes no stamp.
 
-        First pass on 2-byte fingerprints (a quarter of the bytes of the keys), verified
-        against the key of the one candidate slot; the few ids whose candidate fails (a
-        fingerprint collision, or a real miss) are probed again on full keys."""
+        One gather of hints, checked against the hinted slots' keys, finds most cached ids.
+        The rest (a hint lost to another id, or a real miss) are probed by set: first on
+        2-byte fingerprints, verified against the key of the one candidate slot, then on
+        full keys for the few whose candidate fails. Hints found stale are repaired."""
         xp = self.xp
-        mixed = self._mix(ids)
+        mixed = self.mix(ids)
+        slots = self.hints.take(mixed & self.hint_mask).astype(xp.int64)   # take: faster than a[idx]
+        found = (self.keys.take(slots) == ids) & self.occupied.take(slots)
+        if found.all():
+            return slots
+        again = xp.flatnonzero(~found)
+        slots[again] = self._probe_sets(ids[again], mixed[again])
+        repaired = again[slots[again] >= 0]
+        self.hints[mixed[repaired] & self.hint_mask] = slots[repaired]
+        return slots
+
+    def _probe_sets(self, ids, mixed):
         sets = self._set_from(mixed)
         way = (self.set_rows(self.fingerprints, sets) == self._fingerprint_from(mixed)[:, None]).argmax(axis=1)
         slots = sets * self.ways + way
         found = (self.keys[slots] == ids) & self.occupied[slots]
         if found.all():
             return slots
-        again = xp.flatnonzero(~found)
+        again = self.xp.flatnonzero(~found)
         slots[again] = self._probe_keys(ids[again], sets[again])
         return slots
 
@@ -147,7 +178,7 @@ class SetAssociativeCache:
 
     def touch(self, slots) -> None:
         """Record a use of cached slots (duplicates allowed)."""
-        self.last_used[slots] = self.tick
+        self.last_used.put(slots, self.tick)
         self.order.on_hit(self, slots)
 
     # --- insert --------------------------------------------------------------
@@ -202,7 +233,9 @@ class SetAssociativeCache:
             slots, ids, rows = slots[keep], ids[keep], rows[keep]
             dirty = dirty[keep] if getattr(dirty, "ndim", 0) else dirty
         self.keys[slots] = ids
-        self.fingerprints[slots] = self._fingerprint_from(self._mix(ids))
+        mixed = self.mix(ids)
+        self.fingerprints[slots] = self._fingerprint_from(mixed)
+        self.hints[mixed & self.hint_mask] = slots
         self.occupied[slots] = True
         self.slab[slots] = rows
         self.dirty[slots] = dirty if getattr(dirty, "ndim", 0) else bool(dirty)

@@ -102,6 +102,10 @@ class CacheConfig:
             raise InvalidArgument(f"cache.rows: must be in [cache.ways, 2**34], got {self.rows!r}")
         if self.rows % self.ways:
             raise InvalidArgument(f"cache.rows must be a multiple of cache.ways ({self.ways})")
+        if self.rows // self.ways > 1 << 32:
+            raise InvalidArgument(
+                f"cache.rows: at most 2**32 sets of cache.ways ({self.ways}) slots, got {self.rows!r}"
+            )
         if self.policy not in ("lru", "lfu"):
             raise InvalidArgument(f"cache.policy: expected 'lru' or 'lfu', got {self.policy!r}")
         if self.write not in ("write_back", "write_through"):

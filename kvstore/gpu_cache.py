@@ -50,6 +50,9 @@ class GpuCache(SetAssociativeCache):
         self.lfu = config.policy == "lfu"
         self._touch = COUNT_USES if self.lfu else TOUCH   # LRU reads only the age stamp
 
+    def _probe_index(self, n: int) -> None:
+        """The kernels probe whole sets in one pass: no hints or fingerprints."""
+
     def _ids(self, ids) -> cupy.ndarray:
         return cupy.ascontiguousarray(cupy.asarray(ids), dtype=cupy.int64)
 

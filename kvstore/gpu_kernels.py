@@ -29,7 +29,8 @@ TOUCH, LINK, ALL_NEW, COUNT_USES, HEADERS = 1, 2, 4, 8, 16
 def _names() -> list[str]:
     names = list(PROBE_TYPES.values())
     names += [f"copy_rows<{t}>" for t in COPY_TYPES.values()]
-    names += [f"optimizer_step<{w}, {code}>" for w in WEIGHT_TYPES.values() for code in OPTIMIZER_CODES.values()]
+    names += [f"optimizer_step<{w}, {code}, {vec}>" for w in WEIGHT_TYPES.values()
+              for code in OPTIMIZER_CODES.values() for vec in (0, 1)]
     return names
 
 
@@ -136,7 +137,10 @@ class Kernels:
         if n == 0:
             return
         c = optimizer
-        name = f"optimizer_step<{WEIGHT_TYPES[dtype]}, {OPTIMIZER_CODES[c.name]}>"
+        # four elements a lane, moved as one vector: every row and gradient row 16-byte aligned
+        vec = dim % 4 == 0 and dim <= 128 and all(v % 16 == 0 for v in (
+            rows.data.ptr, row_bytes, state_off, grads.data.ptr))
+        name = f"optimizer_step<{WEIGHT_TYPES[dtype]}, {OPTIMIZER_CODES[c.name]}, {int(vec)}>"
         self._fn(name)(self._grid(n * 32), (THREADS,), (
             rows, np.int64(row_bytes), _ptr(idx), grads, np.int64(n), np.int32(dim), np.int64(state_off),
             np.float32(c.lr), np.float32(c.eps), np.float32(c.beta1), np.float32(c.beta2),

@@ -36,17 +36,20 @@ def device_index(device: str) -> int:
     return int(index)
 
 
-def sum_duplicates(ids: cupy.ndarray, grads: cupy.ndarray) -> tuple[cupy.ndarray, cupy.ndarray]:
-    """Unique ids (sorted) and the float32 sum of each id's gradient rows, on the device."""
-    uniq, inverse = cupy.unique(ids, return_inverse=True)
-    inverse = inverse.reshape(-1)
+def sum_duplicates(cache: GpuCache, ids: cupy.ndarray, grads: cupy.ndarray
+                   ) -> tuple[cupy.ndarray, cupy.ndarray, cupy.ndarray]:
+    """Unique ids, the float32 sum of each one's gradient rows, and each id's position among
+    them, on the device. Unique ids come in the order of their mix, which is the cache's set
+    order: the optimizer step then walks the slab forward instead of jumping around it."""
+    mixed, inverse = cupy.unique(cache.mix(ids), return_inverse=True)
+    uniq, inverse = cache.unmix(mixed), inverse.reshape(-1)
     if len(uniq) == len(ids):
         out = cupy.empty_like(grads)
         out[inverse] = grads
-        return uniq, out
+        return uniq, out, inverse
     out = cupy.zeros((len(uniq), grads.shape[1]), dtype=cupy.float32)
     cupy.add.at(out, inverse, grads)
-    return uniq, out
+    return uniq, out, inverse
 
 
 def last_occurrences(ids: cupy.ndarray) -> cupy.ndarray:
@@ -295,12 +298,11 @@ class GpuTable(Table):
             ids = self._device_ids(ids)
             grads = self._device_matrix(grads, len(ids), self.config.dim, np.dtype(np.float32), "grads")
             scores = self._host_scores(scores, len(ids))
-            if scores is not None:                       # unique ids come back sorted, as np.unique's
-                inverse = np.unique(cupy.asnumpy(ids), return_inverse=True)[1].reshape(-1)
-                best = np.full(int(inverse.max()) + 1 if len(inverse) else 0, -np.inf, dtype=np.float32)
-                np.maximum.at(best, inverse, scores)
+            ids, grads, inverse = sum_duplicates(self.cache, ids, grads)
+            if scores is not None:                       # the highest score of each unique id
+                best = np.full(len(ids), -np.inf, dtype=np.float32)
+                np.maximum.at(best, cupy.asnumpy(inverse), scores)
                 scores = best
-            ids, grads = sum_duplicates(ids, grads)
             with self._lock:
                 self.cache.begin_batch()
                 slots = self.cache.probe_and_touch(ids)

@@ -35,6 +35,9 @@ class LookupResult:
     state: np.ndarray | None = None  # [n, state_dim] float32 when asked for
 
 
+TAKE_ROWS_BYTES = 4 << 20    # lookups of up to this many row bytes gather whole rows first
+
+
 class Table:
     def __init__(self, config: TableConfig, rocks: RocksTier, clock: Callable[[], float] = time.time):
         self.config = config
@@ -91,10 +94,12 @@ class Table:
             self.cache.begin_batch()
             slots = self.cache.probe(ids)
             hit = slots >= 0
-            self.cache.touch(slots[hit])                 # protects them from this batch's evictions
-            self.eviction.touch(self.cache.slab, slots[hit], self.clock())
-            self.counters["cache_hits"] += int(hit.sum())
-            if hit.all():                                # every id cached: gather straight from the slab
+            all_hit = bool(hit.all())
+            hit_slots = slots if all_hit else slots[hit]
+            self.cache.touch(hit_slots)                  # protects them from this batch's evictions
+            self.eviction.touch(self.cache.slab, hit_slots, self.clock())
+            self.counters["cache_hits"] += len(hit_slots)
+            if all_hit:                                  # every id cached: gather straight from the slab
                 return self._result(self.cache.slab, slots, with_state)
             hit_at, miss_at = np.flatnonzero(hit), np.flatnonzero(~hit)
             self.counters["cache_misses"] += len(miss_at)
@@ -111,9 +116,15 @@ class Table:
             return LookupResult(weights, state)
 
     def _result(self, rows: np.ndarray, slots, with_state: bool) -> LookupResult:
-        """Weights (and state) of the given slab slots, as new contiguous arrays."""
-        weights = self.layout.weights(rows)[slots]
-        state = self.layout.state(rows)[slots] if with_state else None
+        """Weights (and state) of the given slab slots, as new contiguous arrays. Small batches
+        take whole rows first (one `take` of fixed-size records beats indexing a strided view
+        by about a quarter while the rows fit in the CPU cache), then copy the columns out."""
+        if len(slots) * self.layout.row_bytes <= TAKE_ROWS_BYTES:
+            rows = rows.view(f"V{self.layout.row_bytes}").reshape(-1).take(slots)
+            rows = rows.view(np.uint8).reshape(len(slots), self.layout.row_bytes)
+            slots = slice(None)
+        weights = np.ascontiguousarray(self.layout.weights(rows)[slots])
+        state = np.ascontiguousarray(self.layout.state(rows)[slots]) if with_state else None
         return LookupResult(weights, state)
 
     def _load(self, ids: np.ndarray, on_miss: str) -> np.ndarray:
@@ -162,9 +173,6 @@ class Table:
         """Put rows into the cache; returns the slot of each (-1: not cached). New rows must
         reach RocksDB: now (write-through, or no free way in their set) or when their dirty
         slot is written back. Clean victims with stale access metadata are written back too."""
-        if len(ids):                             # headers of every way that may be displaced, up to date
-            window = self.cache.set_of(ids)[:, None] * self.cache.ways + np.arange(self.cache.ways)
-            self.eviction.fold(self.cache.slab, window.reshape(-1))
         choice = self.cache.choose_slots(ids)
         cached = choice.slots >= 0
         persist_now = new & (~cached | self.write_through)
@@ -172,7 +180,6 @@ class Table:
         self._write_back(choice.dirty_ids, choice.dirty_rows, stale_ids, stale_rows,
                          ids[persist_now], rows[persist_now])
         self.cache.fill(choice.slots, ids, rows, new & (not self.write_through))
-        self.eviction.filled(choice.slots[cached])
         self.eviction.synced(self.cache.slab, choice.slots[cached])
         return choice.slots
 
@@ -197,7 +204,6 @@ class Table:
         slots = self.cache.probe(ids)
         hit = slots >= 0
         self.cache.touch(slots[hit])
-        self.eviction.fold(self.cache.slab, slots[hit])
         rows = np.empty((len(ids), self.layout.row_bytes), dtype=np.uint8)
         rows[hit] = self.cache.slab[slots[hit]]
         new = np.zeros(len(ids), dtype=bool)
@@ -359,7 +365,6 @@ class Table:
         """Write every dirty cached row (and clean rows with stale access metadata) to RocksDB;
         returns dirty rows written."""
         with self._lock:
-            self.eviction.fold_all(self.cache.slab)
             slots = self.cache.dirty_slots()
             clean = np.flatnonzero(self.cache.occupied & ~self.cache.dirty)
             stale = clean[self.eviction.stale(self.cache.slab, clean)]

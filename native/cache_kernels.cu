@@ -5,7 +5,8 @@
 // Layout shared with kvstore/cache.py and kvstore/rows.py: slot = set * ways + way;
 // keys int64, occupied/dirty bool (1 byte), locks int32, last_used/uses int64;
 // slab rows of row_bytes: 16-byte header | weights | float32 state.
-// The set of an id: two multiply-xorshift rounds of uint64(id), mod num_sets.
+// The set of an id: two multiply-xorshift rounds of uint64(id) (a bijection), whose top
+// 32 bits are scaled to [0, num_sets).
 
 #define GOLDEN 0x9E3779B97F4A7C15ull
 #define MIX 0xD6E8FEB86659FD93ull
@@ -23,8 +24,7 @@ __device__ __forceinline__ i64 set_of(i64 id, i64 num_sets) {
     h ^= h >> 32;
     h *= MIX;
     h ^= h >> 32;
-    const u64 sets = (u64)num_sets;
-    return (i64)((sets & (sets - 1)) == 0 ? h & (sets - 1) : h % sets);   // a power of two: mask
+    return (i64)(((h >> 32) * (u64)num_sets) >> 32);   // top 32 bits scaled: sets grow with h
 }
 
 // The set of each id (the host cache's set_of; a test keeps the two equal).

@@ -77,6 +77,44 @@ __device__ __forceinline__ void store_state(float* st, int d, int dim, float s1,
 
 #define REG_ELEMS 4   // rows of dim <= 32 * REG_ELEMS are held in registers: every load issued at once
 
+// Four consecutive elements as one load or store: 16 bytes of float32 (two for float64), 8 of the
+// 16-bit types. The caller guarantees the alignment (see VEC at RowStep).
+__device__ __forceinline__ void load4(const float* p, float* o) {
+    const float4 v = *reinterpret_cast<const float4*>(p);
+    o[0] = v.x; o[1] = v.y; o[2] = v.z; o[3] = v.w;
+}
+__device__ __forceinline__ void store4(float* p, const float* v) {
+    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+}
+__device__ __forceinline__ void load4(const double* p, float* o) {
+    const double2 a = reinterpret_cast<const double2*>(p)[0], b = reinterpret_cast<const double2*>(p)[1];
+    o[0] = (float)a.x; o[1] = (float)a.y; o[2] = (float)b.x; o[3] = (float)b.y;
+}
+__device__ __forceinline__ void store4(double* p, const float* v) {
+    reinterpret_cast<double2*>(p)[0] = make_double2(v[0], v[1]);
+    reinterpret_cast<double2*>(p)[1] = make_double2(v[2], v[3]);
+}
+template <typename H>   // half_t, bf16_t
+__device__ __forceinline__ void load4_16(const H* p, float* o) {
+    const uint2 v = *reinterpret_cast<const uint2*>(p);
+    const H h[4] = {{(unsigned short)(v.x & 0xffff)}, {(unsigned short)(v.x >> 16)},
+                    {(unsigned short)(v.y & 0xffff)}, {(unsigned short)(v.y >> 16)}};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) o[k] = load_w(&h[k]);
+}
+template <typename H>
+__device__ __forceinline__ void store4_16(H* p, const float* v) {
+    H h[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) store_w(&h[k], v[k]);
+    *reinterpret_cast<uint2*>(p) = make_uint2(h[0].bits | ((unsigned)h[1].bits << 16),
+                                              h[2].bits | ((unsigned)h[3].bits << 16));
+}
+__device__ __forceinline__ void load4(const half_t* p, float* o) { load4_16(p, o); }
+__device__ __forceinline__ void load4(const bf16_t* p, float* o) { load4_16(p, o); }
+__device__ __forceinline__ void store4(half_t* p, const float* v) { store4_16(p, v); }
+__device__ __forceinline__ void store4(bf16_t* p, const float* v) { store4_16(p, v); }
+
 struct StepArgs {
     char* rows;
     i64 row_bytes;
@@ -93,48 +131,65 @@ struct StepArgs {
 
 template <int OPT>
 __device__ __forceinline__ void finish_header(const StepArgs& a, char* base, float* st, i64 row, unsigned t,
-                                              float row_state) {
+                                              unsigned count, float row_state) {
     unsigned* header = reinterpret_cast<unsigned*>(base);
     if (OPT == 2) st[0] = row_state;
     if (OPT == 4) st[a.dim] = row_state;
     header[3] = t;           // step
     if (a.touch) {
-        header[1] += 1;      // count
+        header[1] = min(count, MAX_COUNT) + 1u;   // count, read with the row (no second trip)
         header[2] = a.now;   // last_access
     }
     if (a.dirty) a.dirty[row] = true;
 }
 
 // One row of one optimizer step, split in two so a warp can have two rows' loads in flight.
-template <typename W, int OPT>
+// VEC (dim % 4 == 0, dim <= 128, buffers 16-byte aligned): lane l holds elements 4l..4l+3,
+// moved as vectors. A template argument, not a flag: the vector kernels carry no code of the
+// other paths, so they need fewer registers and keep more warps (more loads) in flight.
+template <typename W, int OPT, int VEC>
 struct RowStep {
     bool active;
     char* base;
     i64 row;
-    unsigned t;
+    unsigned t, count;
     float old;
     float wv[REG_ELEMS], gp[REG_ELEMS], s1[REG_ELEMS], s2[REG_ELEMS];
 
     // Issue every load of row r (registers path: dim <= 32 * REG_ELEMS).
-    __device__ __forceinline__ void load(const StepArgs& a, i64 r, int lane) {
-        row = r < a.n ? (a.idx ? a.idx[r] : r) : -1;
+    // Row r of the batch is slot `slot` (-1: none); the caller reads every slot of a round
+    // first, so no row's loads wait behind another row's index.
+    __device__ __forceinline__ void load(const StepArgs& a, i64 r, i64 slot, int lane) {
+        row = slot;
         active = row >= 0;
         if (!active) return;
         base = a.rows + row * a.row_bytes;
         const W* w = reinterpret_cast<const W*>(base + 16);
         const float* st = reinterpret_cast<const float*>(base + a.state_off);
         const float* g = a.grads + r * a.dim;
-        t = 0;
+        t = count = 0;
         old = 0.f;
         if (lane == 0) {
             t = reinterpret_cast<const unsigned*>(base)[3] + 1;
+            if (a.touch) count = reinterpret_cast<const unsigned*>(base)[1];
             if (OPT == 2) old = st[0];
             if (OPT == 4) old = st[a.dim];
         }
 #pragma unroll
+        for (int k = 0; k < REG_ELEMS; ++k) wv[k] = gp[k] = s1[k] = s2[k] = 0.f;
+        if (VEC) {
+            const int d = 4 * lane;
+            if (d < a.dim) {
+                load4(w + d, wv);
+                load4(g + d, gp);
+                if (OPT == 1 || OPT >= 3) load4(st + d, s1);
+                if (OPT == 3) load4(st + a.dim + d, s2);
+            }
+            return;
+        }
+#pragma unroll
         for (int k = 0; k < REG_ELEMS; ++k) {
             const int d = lane + 32 * k;
-            wv[k] = gp[k] = s1[k] = s2[k] = 0.f;
             if (d < a.dim) {
                 wv[k] = load_w(w + d);
                 gp[k] = g[d];
@@ -147,12 +202,13 @@ struct RowStep {
         if (!active) return;   // warp-uniform
         W* w = reinterpret_cast<W*>(base + 16);
         float* st = reinterpret_cast<float*>(base + a.state_off);
+        if (c.wd != 0.f) {   // without decay the row's mean g^2 waits on the gradient alone, not the weights
+#pragma unroll
+            for (int k = 0; k < REG_ELEMS; ++k) gp[k] = gp[k] + c.wd * wv[k];
+        }
         float sq = 0.f;
 #pragma unroll
-        for (int k = 0; k < REG_ELEMS; ++k) {
-            gp[k] = gp[k] + c.wd * wv[k];
-            sq += gp[k] * gp[k];
-        }
+        for (int k = 0; k < REG_ELEMS; ++k) sq += gp[k] * gp[k];
         t = __shfl_sync(FULL, t, 0);
         if (OPT >= 3) {   // in float64, as the host computes them
             c.step_size = (float)(a.lr64 / (1.0 - pow(a.beta1_64, (double)t)));
@@ -164,14 +220,25 @@ struct RowStep {
             c.row_state = OPT == 2 ? old + mean : c.beta2 * old + c.one_minus_beta2 * mean;
         }
 #pragma unroll
-        for (int k = 0; k < REG_ELEMS; ++k) {
-            const int d = lane + 32 * k;
+        for (int k = 0; k < REG_ELEMS; ++k) wv[k] = step_element<OPT>(wv[k], gp[k], s1[k], s2[k], c);
+        if (VEC) {
+            const int d = 4 * lane;
             if (d < a.dim) {
-                store_w(w + d, step_element<OPT>(wv[k], gp[k], s1[k], s2[k], c));
-                store_state<OPT>(st, d, a.dim, s1[k], s2[k]);
+                store4(w + d, wv);
+                if (OPT == 1 || OPT >= 3) store4(st + d, s1);
+                if (OPT == 3) store4(st + a.dim + d, s2);
+            }
+        } else {
+#pragma unroll
+            for (int k = 0; k < REG_ELEMS; ++k) {
+                const int d = lane + 32 * k;
+                if (d < a.dim) {
+                    store_w(w + d, wv[k]);
+                    store_state<OPT>(st, d, a.dim, s1[k], s2[k]);
+                }
             }
         }
-        if (lane == 0) finish_header<OPT>(a, base, st, row, t, c.row_state);
+        if (lane == 0) finish_header<OPT>(a, base, st, row, t, count, c.row_state);
     }
 };
 
@@ -184,10 +251,11 @@ __device__ void step_wide_row(const StepArgs& a, Coeffs c, i64 r, int lane) {
     W* w = reinterpret_cast<W*>(base + 16);
     float* st = reinterpret_cast<float*>(base + a.state_off);
     const float* g = a.grads + r * a.dim;
-    unsigned t = 0;
+    unsigned t = 0, count = 0;
     float old = 0.f;
     if (lane == 0) {
         t = reinterpret_cast<unsigned*>(base)[3] + 1;
+        count = reinterpret_cast<unsigned*>(base)[1];
         if (OPT == 2) old = st[0];
         if (OPT == 4) old = st[a.dim];
     }
@@ -213,10 +281,10 @@ __device__ void step_wide_row(const StepArgs& a, Coeffs c, i64 r, int lane) {
         store_w(w + d, step_element<OPT>(x, g[d] + c.wd * x, s1, s2, c));
         store_state<OPT>(st, d, a.dim, s1, s2);
     }
-    if (lane == 0) finish_header<OPT>(a, base, st, row, t, c.row_state);
+    if (lane == 0) finish_header<OPT>(a, base, st, row, t, count, c.row_state);
 }
 
-template <typename W, int OPT>
+template <typename W, int OPT, int VEC>
 __global__ void optimizer_step(char* rows, i64 row_bytes, const i64* __restrict__ idx,
                                const float* __restrict__ grads, i64 n, int dim, i64 state_off,
                                float lr, float eps, float beta1, float beta2, float one_minus_beta1,
@@ -227,11 +295,14 @@ __global__ void optimizer_step(char* rows, i64 row_bytes, const i64* __restrict_
     const StepArgs a = {rows, row_bytes, idx, grads, n, dim, state_off, lr64, beta1_64, beta2_64, dirty, now,
                         touch};
     const i64 stride = warps_total();
-    if (dim <= 32 * REG_ELEMS) {
+    if (VEC || dim <= 32 * REG_ELEMS) {
         for (i64 r = warp_id_global(); r < n; r += 2 * stride) {
-            RowStep<W, OPT> first, second;
-            first.load(a, r, lane);
-            second.load(a, r + stride, lane);
+            RowStep<W, OPT, VEC> first, second;
+            const i64 r2 = r + stride;
+            const i64 slot1 = idx ? idx[r] : r;
+            const i64 slot2 = r2 < n ? (idx ? idx[r2] : r2) : -1;
+            first.load(a, r, slot1, lane);
+            second.load(a, r2, slot2, lane);
             first.finish(a, c, lane);
             second.finish(a, c, lane);
         }

@@ -189,13 +189,5 @@ def touch_headers(header: np.ndarray, slots: np.ndarray, now: int) -> None:
     header["last_access"][slots] = now
 
 
-_COUNT_WORD = HEADER.fields["count"][1] // 4
-_ACCESS_WORD = HEADER.fields["last_access"][1] // 4
-
-
-def touch_words(words: np.ndarray, slots: np.ndarray, hits: np.ndarray, when: np.ndarray) -> None:
-    """Add `hits` accesses, the latest at `when`, to the headers of `slots` of rows viewed as
-    [n, row_bytes / 4] uint32 words (the same effect as `touch_headers`, for many accesses)."""
-    count = words[slots, _COUNT_WORD].astype(np.uint64) + hits
-    words[slots, _COUNT_WORD] = np.minimum(count, np.uint64(MAX_COUNT) + 1).astype(np.uint32)
-    words[slots, _ACCESS_WORD] = np.maximum(words[slots, _ACCESS_WORD], when)
+COUNT_WORD = HEADER.fields["count"][1] // 4         # header words, as uint32 (last_access is the next)
+assert HEADER.fields["last_access"][1] // 4 == COUNT_WORD + 1

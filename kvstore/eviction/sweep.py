@@ -90,7 +90,6 @@ def _scan(table, limiter, chunk_rows, rules, gather, now, result, halted) -> lis
         with table._lock:                      # cached copies carry the freshest headers
             slots = table.cache.probe(ids)
             cached = slots >= 0
-            table.eviction.fold(table.cache.slab, slots[cached])
             rows[cached] = table.cache.slab[slots[cached]]
         prints = fingerprint(rows)
         meta = RowMeta.of(layout, ids, rows, with_norm)
@@ -162,7 +161,6 @@ def _current_rows(table, ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rows = table.layout.empty(len(ids))
     slots = table.cache.probe(ids)
     cached = slots >= 0
-    table.eviction.fold(table.cache.slab, slots[cached])
     rows[cached] = table.cache.slab[slots[cached]]
     exists = cached.copy()
     if (~cached).any():

@@ -1,18 +1,16 @@
 """What a table keeps between sweeps for store eviction.
 
 Access metadata: every lookup, update and gradient step records an access in
-the row's header (count + 1, last_access = now). On a cache hit the access
-first lands in two dense per-slot arrays (pending count and time: small, so
-the vectorized write stays in the CPU cache instead of touching a random slab
-row); `fold` moves them into the slab's header bytes wherever a header is read
-or a row leaves the cache (updates, victims, flush, the sweeper). A hit does
-not mark the row dirty, so reads stay free of RocksDB writes. Instead the tracker remembers,
-per cache slot, the header RocksDB holds; a clean row whose last_access moved
-on by `touch_seconds`, or whose count more than doubled, is "stale" and is
-written back when it leaves the cache and at flush. So RocksDB's headers lag
-the truth by at most `touch_seconds` (and a factor 2 in count), while a row
-stays cached the sweeper reads its header from the slab, and tables without
-eviction rules never write for reads at all.
+the row's header (count + 1, last_access = now), in the slab for cached rows: a
+lookup reads that row's first cache line anyway, so the write costs no extra
+memory traffic. A hit does not mark the row dirty, so reads stay free of
+RocksDB writes. Instead the tracker remembers, per cache slot, the header
+RocksDB holds; a clean row whose last_access moved on by `touch_seconds`, or
+whose count more than doubled, is "stale" and is written back when it leaves
+the cache and at flush. So RocksDB's headers lag the truth by at most
+`touch_seconds` (and a factor 2 in count), while a row stays cached the sweeper
+reads its header from the slab, and tables without eviction rules never write
+for reads at all.
 
 Row count: tables with a capacity limit or row trigger count their rows
 exactly (one key scan when the table is opened, then +created, -deleted,
@@ -27,9 +25,9 @@ import numpy as np
 
 from ..config import EvictionConfig
 from ..errors import InvalidArgument
-from ..rows import RowLayout
+from ..rows import MAX_COUNT, RowLayout
 from .admission import Admission
-from .rules import build_rules, touch_headers, touch_words
+from .rules import COUNT_WORD, build_rules, touch_headers
 
 
 class EvictionTracker:
@@ -56,14 +54,6 @@ class EvictionTracker:
     def synced_count(self) -> np.ndarray:      # count RocksDB holds for the cached row
         return np.zeros(self.cache_slots, dtype=np.uint32)
 
-    @cached_property
-    def pending_hits(self) -> np.ndarray:      # accesses not yet folded into the header
-        return np.zeros(self.cache_slots, dtype=np.uint64)
-
-    @cached_property
-    def pending_time(self) -> np.ndarray:      # time of the latest of them
-        return np.zeros(self.cache_slots, dtype=np.uint32)
-
     @property
     def counts_rows(self) -> bool:
         return bool(self.config.max_rows or self.config.trigger_rows)
@@ -71,27 +61,14 @@ class EvictionTracker:
     # --- access metadata ---------------------------------------------------------
 
     def touch(self, slab: np.ndarray, slots: np.ndarray, now: float) -> None:
-        """Record an access of cached slots (duplicates count once); `fold` puts it in the header."""
-        if len(slots):
-            self.pending_hits[slots] += 1
-            self.pending_time[slots] = int(now)
-
-    def fold(self, slab: np.ndarray, slots: np.ndarray) -> None:
-        """Move pending accesses of `slots` into their slab headers. Call before reading a
-        cached header or copying a cached row out; duplicates in `slots` are fine."""
-        slots = slots[self.pending_hits[slots] > 0]
+        """Record an access in the headers of cached `slots` (duplicates count once)."""
         if len(slots):
             if slab is not self._slab:               # the slab lives as long as the cache: view it once
-                self._slab, self._words = slab, slab.view(np.uint32)
-            touch_words(self._words, slots, self.pending_hits[slots], self.pending_time[slots])
-            self.pending_hits[slots] = 0
-
-    def fold_all(self, slab: np.ndarray) -> None:
-        self.fold(slab, np.flatnonzero(self.pending_hits))
-
-    def filled(self, slots: np.ndarray) -> None:
-        """New rows took `slots`: accesses pending for their old occupants no longer apply."""
-        self.pending_hits[slots] = 0
+                self._slab, self._words = slab, slab.reshape(-1).view(np.uint32)
+            at = slots * (self.layout.row_bytes // 4) + COUNT_WORD   # take/put: faster than a[idx]
+            words = self._words
+            words.put(at, np.minimum(words.take(at), MAX_COUNT) + np.uint32(1))
+            words.put(at + 1, np.uint32(int(now)))   # last_access follows count
 
     def synced(self, slab: np.ndarray, slots: np.ndarray) -> None:
         """The rows in `slots` now match RocksDB (just loaded or written back)."""

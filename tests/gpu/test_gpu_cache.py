@@ -151,3 +151,22 @@ def test_gather_of_float_weights_writes_every_element():
     gpu.gather(slots, 16, dim * 4, out.view(cupy.uint8))
     assert not cupy.isnan(out).any()
     np.testing.assert_array_equal(out.get(), weights[slots].get())
+
+
+def test_summed_gradients_come_in_set_order():
+    """GpuTable steps unique rows in the cache's set order, so the slab is walked forward."""
+    from kvstore.gpu_table import sum_duplicates
+
+    rng = np.random.default_rng(8)
+    gpu = GpuCache(CacheConfig(rows=96 * 32, ways=32), 16)
+    ids = rng.integers(-(2**40), 2**40, 300)
+    ids = np.concatenate([ids, ids[:120]])                  # duplicates
+    grads = rng.standard_normal((len(ids), 3)).astype(np.float32)
+    uniq, summed, inverse = sum_duplicates(gpu, cupy.asarray(ids), cupy.asarray(grads))
+    uniq, summed, inverse = uniq.get(), summed.get(), inverse.get()
+    assert sorted(uniq.tolist()) == sorted(set(ids.tolist()))
+    np.testing.assert_array_equal(uniq[inverse], ids)
+    want = np.zeros_like(summed)
+    np.add.at(want, inverse, grads)
+    np.testing.assert_allclose(summed, want, rtol=1e-6)
+    assert (np.diff(gpu.set_of(uniq).get()) >= 0).all()

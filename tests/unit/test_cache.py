@@ -6,6 +6,7 @@ import pytest
 
 from kvstore import CacheConfig, Store
 from kvstore.cache import SetAssociativeCache
+from kvstore.errors import InvalidArgument
 from kvstore.initializer import initial_weights
 
 from .conftest import ids_in_one_set, stored_weights, table_config
@@ -247,3 +248,39 @@ def test_invalidate_drops_ids_without_writing_them_back():
     cache.invalidate(np.array([2, 99], dtype=np.int64))
     np.testing.assert_array_equal(cached(cache, [1, 2, 3]), [True, False, True])
     np.testing.assert_array_equal(np.sort(cache.keys[cache.dirty_slots()]), [1, 3])
+
+
+# --- probe index: hints, set order ---------------------------------------------------
+
+
+def test_probe_agrees_with_a_reference_through_evictions_and_invalidations():
+    """Hints are guesses: ids that share a hint entry, evicted ids and invalidated ids
+    must still probe exactly as a dict of what the cache holds says."""
+    rng = np.random.default_rng(5)
+    cache = make_cache(rows=256, ways=8)
+    for _ in range(30):
+        ids = np.unique(rng.integers(-5000, 5000, 120))
+        cache.begin_batch()
+        fresh = ids[cache.probe(ids) < 0]
+        choice = cache.choose_slots(fresh)
+        cache.fill(choice.slots, fresh, rows_for(fresh), np.zeros(len(fresh), bool))
+        cache.invalidate(rng.choice(ids, 10))
+        truth = {int(k): slot for slot, k in enumerate(cache.keys) if cache.occupied[slot]}
+        queries = np.concatenate([ids, rng.integers(-5000, 5000, 200)])
+        want = [truth.get(int(q), -1) for q in queries]
+        np.testing.assert_array_equal(cache.probe(queries), want)
+    assert len(truth) > len(cache.hints) // 4       # enough ids that hint entries were shared
+
+
+def test_ids_sorted_by_their_mix_visit_sets_in_order_and_the_mix_inverts():
+    cache = make_cache(rows=3 * 7 * 32, ways=32)    # a set count that is no power of two
+    ids = np.random.default_rng(2).integers(-(2**62), 2**62, 5000)
+    mixed = cache.mix(ids)
+    np.testing.assert_array_equal(cache.unmix(mixed), ids)
+    sets = cache.set_of(ids[np.argsort(mixed)])
+    assert (np.diff(sets) >= 0).all() and sets.min() == 0 and sets.max() == cache.num_sets - 1
+
+
+def test_more_than_2_to_the_32_sets_is_refused():
+    with pytest.raises(InvalidArgument, match=r"2\*\*32 sets"):
+        CacheConfig(rows=1 << 34, ways=2)

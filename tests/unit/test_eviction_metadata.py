@@ -45,7 +45,6 @@ def cached_headers(store: Store, table: str, ids) -> np.ndarray:
     handle = store.table(table)
     slots = handle.cache.probe(np.asarray(ids, dtype=np.int64))
     assert (slots >= 0).all()
-    handle.eviction.fold(handle.cache.slab, slots)         # accesses pending in the tracker
     return handle.layout.header(handle.cache.slab)[slots].copy()
 
 

@@ -232,3 +232,21 @@ def test_lookup_with_state_returns_state_in_request_order(store):
     store.update("t", [1, 2], np.zeros((2, 2)), state=[[1.0], [2.0]])
     result = store.lookup("t", [2, 1, 2, 5], with_state=True)
     np.testing.assert_array_equal(result.state, [[2.0], [1.0], [2.0], [0.0]])
+
+
+@pytest.mark.parametrize("take_rows_bytes", [0, 1 << 30])
+def test_cached_lookups_equal_on_both_gather_paths(store, monkeypatch, take_rows_bytes):
+    """Small batches gather whole rows first, large ones index the strided columns: same rows."""
+    import kvstore.table
+
+    monkeypatch.setattr(kvstore.table, "TAKE_ROWS_BYTES", take_rows_bytes)
+    store.create_table(table_config(dim=3, optimizer=OptimizerConfig(name="adam")))
+    ids = np.arange(50, dtype=np.int64)
+    weights = np.random.default_rng(1).standard_normal((50, 3)).astype(np.float32)
+    state = np.random.default_rng(2).random((50, 6)).astype(np.float32)
+    store.update("t", ids, weights, state=state)
+    request = np.array([7, 3, 7, 49, 0], dtype=np.int64)
+    result = store.lookup("t", request, with_state=True, on_miss="error")
+    assert result.weights.flags.c_contiguous and result.state.flags.c_contiguous
+    np.testing.assert_array_equal(result.weights, weights[request])
+    np.testing.assert_array_equal(result.state, state[request])
