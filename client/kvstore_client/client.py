@@ -10,7 +10,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-from kvstore_proto.tensors import WIRE_DTYPES, WireError, decode_tensor, encode_ids, encode_tensor
+from kvstore_proto.tensors import (
+    WIRE_DTYPES,
+    WireError,
+    decode_lookup_response,
+    encode_ids,
+    encode_tensor,
+)
 from kvstore_proto.v1 import kvstore_pb2 as pb
 from kvstore_proto.v1 import kvstore_pb2_grpc as pb_grpc
 
@@ -31,6 +37,9 @@ ID_BYTES = 8
 
 
 
+MESSAGE_OVERHEAD = 1024   # bytes a message may carry beyond its chunk: table name, dtypes, shapes
+
+
 class KVStoreClient(SnapshotMethods):
     def __init__(self, address: str, timeout: float = 30.0, max_message_bytes: int = 16 << 20,
                  chunk_bytes: int = 2 << 20, *, token: str | None = None, root_certificates: bytes | None = None,
@@ -39,8 +48,9 @@ class KVStoreClient(SnapshotMethods):
         """`token`: bearer token sent with every call. TLS is on when `tls` or any certificate is given:
         `root_certificates` (PEM CA bundle; system roots when None) checks the server,
         `certificate_chain` and `private_key` (PEM) are the client's certificate for mutual TLS."""
-        if chunk_bytes < 1 or chunk_bytes > max_message_bytes:
-            raise InvalidArgumentError(message="chunk_bytes: must be in [1, max_message_bytes]")
+        if chunk_bytes < 1 or chunk_bytes + MESSAGE_OVERHEAD > max_message_bytes:
+            raise InvalidArgumentError(
+                message=f"chunk_bytes: must be in [1, max_message_bytes - {MESSAGE_OVERHEAD}], got {chunk_bytes}")
         self.address = address
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
@@ -50,6 +60,10 @@ class KVStoreClient(SnapshotMethods):
         ], token=token, root_certificates=root_certificates, certificate_chain=certificate_chain,
             private_key=private_key, tls=tls)
         self._stub = pb_grpc.EmbeddingStoreStub(self._channel)
+        # Lookup responses come as bytes and are read in place (decode_lookup_response)
+        self._lookup = self._channel.stream_stream(
+            f"/{pb.DESCRIPTOR.services_by_name['EmbeddingStore'].full_name}/Lookup",
+            request_serializer=pb.LookupRequest.SerializeToString, response_deserializer=None)
         self._row_shapes: dict[str, tuple[int, int]] = {}   # table -> (dim, weight itemsize)
         self._session_lock = threading.Lock()
         self._owner: str | None = None                       # session holding this client's prefetch locks
@@ -134,14 +148,13 @@ class KVStoreClient(SnapshotMethods):
         index = -1
         try:
             with _rpc():
-                responses = self._stub.Lookup(requests, timeout=self.timeout)
+                responses = self._lookup(requests, timeout=self.timeout)
                 try:
                     for index, response in enumerate(responses):
                         start, stop = _range(ranges, index)
-                        weights = _decode(response.weights, "weights", stop - start)
+                        weights, state = _decode(response, stop - start, with_state)
                         weights_out = _place(weights_out, weights, len(id_array), start)
                         if with_state:
-                            state = _decode(response.state, "state", stop - start)
                             state_out = _place(state_out, state, len(id_array), start)
                 finally:
                     responses.cancel()           # a no-op once the call is done; ends it on our own errors
@@ -166,13 +179,11 @@ class KVStoreClient(SnapshotMethods):
 
         def requests() -> Iterator[pb.UpdateRequest]:
             for start, stop in ranges:
-                request = pb.UpdateRequest(table=table, ids=encode_ids(id_array[start:stop]),
-                                           weights=_encode(weight_array[start:stop], "weights"))
-                if state_array is not None:
-                    request.state.CopyFrom(_encode(state_array[start:stop], "state"))
-                if score_array is not None:
-                    request.scores.CopyFrom(_encode(score_array[start:stop], "scores"))
-                yield request
+                yield pb.UpdateRequest(
+                    table=table, ids=encode_ids(id_array[start:stop]),
+                    weights=_encode(weight_array[start:stop], "weights"),
+                    state=None if state_array is None else _encode(state_array[start:stop], "state"),
+                    scores=None if score_array is None else _encode(score_array[start:stop], "scores"))
 
         with _rpc():
             return self._stub.Update(requests(), timeout=self.timeout).rows
@@ -257,14 +268,15 @@ class KVStoreClient(SnapshotMethods):
             return self._owner
 
     def _response_row_bytes(self, table: str, with_state: bool) -> int:
-        """Upper bound on the bytes of one looked-up row, to size request chunks."""
+        """Upper bound on the tensor bytes of one looked-up row, to size request chunks (a
+        response carries no ids: 4,096 rows of 128 float32 fill one 2 MiB chunk)."""
         if table not in self._row_shapes:
             config = self.describe_table(table)
             dtype = WIRE_DTYPES.get(config["dtype"] or "float32", WIRE_DTYPES["float64"])
             self._row_shapes[table] = (config["dim"], dtype.itemsize)
         dim, itemsize = self._row_shapes[table]
         # state_dim is at most 2 * dim + 1 (Adam: 2 * dim float32 values)
-        return ID_BYTES + dim * itemsize + (4 * (2 * dim + 1) if with_state else 0)
+        return dim * itemsize + (4 * (2 * dim + 1) if with_state else 0)
 
 
 def _as_scores(scores: Any, n: int) -> np.ndarray | None:
@@ -294,21 +306,24 @@ def _to_dict(message) -> dict:
     return out
 
 
-def _encode(array: np.ndarray, field: str) -> pb.Tensor:
+def _encode(array: np.ndarray, field: str) -> dict:
     try:
         return encode_tensor(array)
     except WireError as exc:
         raise InvalidArgumentError(message=f"{field}: {exc}") from None
 
 
-def _decode(tensor: pb.Tensor, field: str, rows: int) -> np.ndarray:
+def _decode(response: bytes, rows: int, with_state: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Weights (and state) of one serialized lookup response chunk, checked against the request."""
     try:
-        array = decode_tensor(tensor, field)
+        weights, state = decode_lookup_response(response)
     except WireError as exc:
         raise InternalError(message=f"lookup: malformed response: {exc}") from None
-    if array.ndim != 2 or array.shape[0] != rows:
-        raise InternalError(message=f"lookup: response {field} has shape {array.shape}, expected {rows} rows")
-    return array
+    for field, array in (("weights", weights), ("state", state if with_state else np.zeros((rows, 0)))):
+        if array is None or array.ndim != 2 or array.shape[0] != rows:
+            shape = None if array is None else array.shape
+            raise InternalError(message=f"lookup: response {field} has shape {shape}, expected {rows} rows")
+    return weights, state
 
 
 def _place(out: np.ndarray | None, part: np.ndarray, n: int, start: int) -> np.ndarray:

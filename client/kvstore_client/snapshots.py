@@ -148,12 +148,10 @@ class SnapshotMethods:
         meta = None if len(part) < 4 or part[3] is None else as_rows(part[3], len(ids), "meta").astype(np.int64)
         row_bytes = 8 + weights[:1].nbytes + (0 if state is None else state[:1].nbytes) + 24
         for start, stop in chunks(len(ids), row_bytes, self.chunk_bytes):
-            request = pb.ImportRequest(ids=encode_ids(ids[start:stop]), weights=_tensor(weights[start:stop], "weights"))
-            if state is not None:
-                request.state.CopyFrom(_tensor(state[start:stop], "state"))
-            if meta is not None:
-                request.meta.CopyFrom(_tensor(meta[start:stop], "meta"))
-            yield request
+            yield pb.ImportRequest(
+                ids=encode_ids(ids[start:stop]), weights=_tensor(weights[start:stop], "weights"),
+                state=None if state is None else _tensor(state[start:stop], "state"),
+                meta=None if meta is None else _tensor(meta[start:stop], "meta"))
 
     def import_table(self, table: str, ids: Any, weights: Any, state: Any = None, mode: str = "merge",
                      meta: Any = None, config: dict | None = None) -> int:
@@ -169,7 +167,7 @@ class SnapshotMethods:
         return self.import_chunks(table, [ordered], mode=mode, config=config)
 
 
-def _tensor(array: np.ndarray, field: str) -> pb.Tensor:
+def _tensor(array: np.ndarray, field: str) -> dict:
     try:
         return encode_tensor(array)
     except WireError as exc:

@@ -34,13 +34,54 @@ def decode_ids(blob: bytes, field: str = "ids") -> np.ndarray:
     return np.frombuffer(blob, dtype="<i8")
 
 
-def encode_tensor(array: np.ndarray) -> pb.Tensor:
+def _wire_array(array: np.ndarray) -> tuple[str, np.ndarray]:
+    """The wire dtype name of an array and the array as contiguous little-endian values."""
     array = np.asarray(array)
     name = _NAMES.get(array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype)
     if name is None:
         raise WireError(f"tensor: unsupported dtype {array.dtype}; expected one of {sorted(WIRE_DTYPES)}")
-    array = np.ascontiguousarray(array, dtype=WIRE_DTYPES[name])
-    return pb.Tensor(dtype=name, shape=list(array.shape), data=array.tobytes())
+    return name, np.ascontiguousarray(array, dtype=WIRE_DTYPES[name])
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _tensor_parts(array: np.ndarray) -> list:
+    """A `Tensor` message in wire format as [header, data] parts (data: a view, not a copy),
+    the bytes `pb.Tensor.SerializeToString` writes: fields in order, an empty one left out."""
+    name, array = _wire_array(array)
+    shape = b"".join(_varint(d) for d in array.shape)
+    head = b"\x0a" + _varint(len(name)) + name.encode()
+    if shape:
+        head += b"\x12" + _varint(len(shape)) + shape
+    if not array.nbytes:
+        return [head]
+    return [head + b"\x1a" + _varint(array.nbytes), array.reshape(-1).view(np.uint8).data]
+
+
+def encode_lookup_response(weights: np.ndarray, state: np.ndarray | None = None) -> bytes:
+    """A serialized `LookupResponse`, built with one copy of the rows. Building the message
+    and serializing it copies 2 MiB of rows three times (bytes, message, serialization)."""
+    parts: list = []
+    for tag, array in ((b"\x0a", weights), (b"\x12", state)):
+        if array is not None:
+            tensor = _tensor_parts(array)
+            parts += [tag + _varint(sum(len(p) if isinstance(p, bytes) else p.nbytes for p in tensor)), *tensor]
+    return b"".join(parts)
+
+
+def encode_tensor(array: np.ndarray) -> dict:
+    """The fields of a wire `Tensor`, for a message constructor (`pb.X(weights=...)`). A dict,
+    not a `pb.Tensor`: giving a constructor a built submessage merges it, which upb does about
+    30 times slower than building the field in place (2.6 ms against 0.08 ms for 2 MiB)."""
+    name, array = _wire_array(array)
+    return {"dtype": name, "shape": array.shape, "data": array.tobytes()}
 
 
 def decode_tensor(tensor: pb.Tensor, field: str) -> np.ndarray:
@@ -52,8 +93,81 @@ def decode_tensor(tensor: pb.Tensor, field: str) -> np.ndarray:
     if any(d < 0 for d in shape):
         raise WireError(f"{field}.shape: negative dimension in {shape}")
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if len(tensor.data) != expected:
+    data = tensor.data                  # each read of a bytes field copies it: read once
+    if len(data) != expected:
         raise WireError(
-            f"{field}.data: {len(tensor.data)} bytes do not match shape {shape} of {tensor.dtype} ({expected} bytes)"
+            f"{field}.data: {len(data)} bytes do not match shape {shape} of {tensor.dtype} ({expected} bytes)"
         )
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise WireError("message: truncated varint")
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(buf: memoryview, start: int, end: int):
+    """(field number, value) of each field in buf[start:end]: an int for varints, a
+    (start, end) span for length-delimited fields; fixed-width fields are skipped."""
+    pos = start
+    while pos < end:
+        key, pos = _read_varint(buf, pos)
+        number, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            value, pos = _read_varint(buf, pos)
+            yield number, value
+        elif wire_type == 2:
+            size, pos = _read_varint(buf, pos)
+            if pos + size > end:
+                raise WireError(f"message: field {number} runs past the end")
+            yield number, (pos, pos + size)
+            pos += size
+        elif wire_type in (1, 5):
+            pos += 8 if wire_type == 1 else 4
+        else:
+            raise WireError(f"message: unsupported wire type {wire_type} in field {number}")
+
+
+def _tensor_view(blob: bytes, buf: memoryview, start: int, end: int, field: str) -> np.ndarray:
+    dtype_name, shape, data = "", [], (0, 0)
+    for number, value in _fields(buf, start, end):
+        if number == 1 and isinstance(value, tuple):
+            dtype_name = bytes(buf[value[0]:value[1]]).decode("utf-8", "replace")
+        elif number == 2 and isinstance(value, tuple):       # packed, as proto3 writes it
+            pos = value[0]
+            while pos < value[1]:
+                dim, pos = _read_varint(buf, pos)
+                shape.append(dim - (1 << 64) if dim >= 1 << 63 else dim)
+        elif number == 2:
+            shape.append(value - (1 << 64) if value >= 1 << 63 else value)
+        elif number == 3 and isinstance(value, tuple):
+            data = value
+    dtype = WIRE_DTYPES.get(dtype_name)
+    if dtype is None:
+        raise WireError(f"{field}.dtype: unsupported dtype {dtype_name!r}; expected one of {sorted(WIRE_DTYPES)}")
+    if any(d < 0 for d in shape):
+        raise WireError(f"{field}.shape: negative dimension in {tuple(shape)}")
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if data[1] - data[0] != expected:
+        raise WireError(f"{field}.data: {data[1] - data[0]} bytes do not match shape {tuple(shape)} of "
+                        f"{dtype_name} ({expected} bytes)")
+    return np.frombuffer(blob, dtype=dtype, count=expected // dtype.itemsize, offset=data[0]).reshape(shape)
+
+
+def decode_lookup_response(blob: bytes) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(weights, state) of a serialized `LookupResponse` as read-only views of `blob`: parsing
+    it into a message and reading the fields would copy the rows twice more."""
+    buf = memoryview(blob)
+    tensors: dict[int, np.ndarray] = {}
+    for number, value in _fields(buf, 0, len(buf)):
+        if number in (1, 2) and isinstance(value, tuple):
+            tensors[number] = _tensor_view(blob, buf, *value, "weights" if number == 1 else "state")
+    return tensors.get(1), tensors.get(2)

@@ -15,6 +15,7 @@ import threading
 
 from kvstore.errors import InvalidArgument, KVStoreError
 
+from .allocator import keep_freed_memory
 from .config import ENV_CONFIG, ServerConfig, parse_value, resolve, settable_keys, to_yaml
 from .logs import configure
 from .server import KVStoreServer, grpc_address
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(to_yaml(config, sources))
         return 0
     configure(config.log_format, config.log_level)
+    keep_freed_memory()
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())

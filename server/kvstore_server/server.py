@@ -10,10 +10,10 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+from google.protobuf.message_factory import GetMessageClass
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from kvstore_proto.v1 import kvstore_pb2 as pb
-from kvstore_proto.v1 import kvstore_pb2_grpc as pb_grpc
 
 from kvstore import Store
 from kvstore.errors import FailedPrecondition
@@ -26,6 +26,26 @@ from .service import EmbeddingStoreService
 
 log = logging.getLogger("kvstore_server")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingStore"].full_name
+
+
+PRESERIALIZED = {"Lookup"}   # methods whose handlers yield wire bytes (see encode_lookup_response)
+_KINDS = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+          (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
+
+
+def add_service(servicer: EmbeddingStoreService, server: grpc.Server) -> None:
+    """Register the service as the generated `add_EmbeddingStoreServicer_to_server` does, built
+    from the descriptor, except that the responses of PRESERIALIZED methods pass through as bytes."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["EmbeddingStore"].methods:
+        request = GetMessageClass(method.input_type)
+        response = GetMessageClass(method.output_type)
+        kind = _KINDS[method.client_streaming, method.server_streaming]
+        handlers[method.name] = kind(
+            getattr(servicer, method.name), request_deserializer=request.FromString,
+            response_serializer=bytes if method.name in PRESERIALIZED else response.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 def grpc_address(host: str, port: int) -> str:
@@ -64,9 +84,7 @@ class KVStoreServer:
             ],
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
-        pb_grpc.add_EmbeddingStoreServicer_to_server(
-            EmbeddingStoreService(self.store, config, self.metrics), self._grpc
-        )
+        add_service(EmbeddingStoreService(self.store, config, self.metrics), self._grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc

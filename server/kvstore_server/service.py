@@ -6,7 +6,7 @@ once, so a bad chunk anywhere in a stream changes nothing.
 from __future__ import annotations
 
 import numpy as np
-from kvstore_proto.tensors import decode_ids, decode_tensor, encode_tensor
+from kvstore_proto.tensors import decode_ids, decode_tensor, encode_lookup_response
 from kvstore_proto.v1 import kvstore_pb2 as pb
 from kvstore_proto.v1 import kvstore_pb2_grpc as pb_grpc
 
@@ -66,10 +66,7 @@ class EmbeddingStoreService(SnapshotRPCs, pb_grpc.EmbeddingStoreServicer):
             on_miss = on_miss_name(request.on_miss)
             self._check_response_size(request.table, len(ids), request.with_state)
             result = self.store.lookup(request.table, ids, on_miss, request.with_state)
-            tensors = {"weights": encode_tensor(result.weights)}
-            if result.state is not None:
-                tensors["state"] = encode_tensor(result.state)
-            yield pb.LookupResponse(**tensors)
+            yield encode_lookup_response(result.weights, result.state)   # serialized: one copy of the rows
 
     @unary
     def Update(self, request_iterator, context):

@@ -1,0 +1,35 @@
+"""Keep freed memory for reuse: large buffers without page faults.
+
+Every lookup chunk allocates a few buffers of its size (the gathered rows, the
+serialized response). glibc serves allocations over its mmap threshold with
+fresh pages and returns them on free, so each such buffer pays a page fault per
+4 KiB when first written: on virtual machines that cost the same order as the
+lookup itself. Raising the threshold and the trim threshold lets malloc reuse
+freed heap memory instead. Only glibc has `mallopt`; elsewhere this does nothing.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+
+log = logging.getLogger("kvstore_server")
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 32 << 20     # glibc's upper limit on 64-bit systems
+TRIM_THRESHOLD = 256 << 20    # free memory kept at the top of the heap before it is returned
+
+
+def keep_freed_memory() -> bool:
+    """Tune glibc malloc as above; returns whether it took effect."""
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt if name else None
+    except (OSError, AttributeError):
+        mallopt = None
+    if mallopt is None:
+        return False
+    done = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    log.debug("malloc tuned for buffer reuse: %s", done)
+    return done
