@@ -89,12 +89,26 @@ class SetAssociativeCache:
         self.tick = 0
 
     def _probe_index(self, n: int) -> None:
-        """What the host probe reads before whole sets: a hint of each id's slot, kept in a
-        table indexed by low bits of its mix (a guess, verified against the slot's key), and
-        16 hash bits of each slot's key."""
+        """What the host probe reads before whole sets: `hints`, (key, slot) pairs in a table
+        indexed by low bits of the key's mix. A pair is exact (slot holds key) or its slot is
+        -1: `fill`, `invalidate` and `clear` retire the pairs of the slots they change. One
+        16-byte record per id instead of the key and occupied bit of a guessed slot. Then
+        `fingerprints`: 16 hash bits of each slot's key, for the set probe."""
         self.hint_mask = np.uint64((1 << (n - 1).bit_length()) - 1)
-        self.hints = self.xp.zeros(int(self.hint_mask) + 1, dtype=self.xp.int32 if n < 2**31 else self.xp.int64)
+        self.hints = self.xp.full((int(self.hint_mask) + 1, 2), -1, dtype=self.xp.int64)
         self.fingerprints = self.xp.zeros(n, dtype=self.xp.uint16)
+
+    def _hint(self, ids, mixed, slots) -> None:
+        """Record where cached ids are (whole pairs: with colliding ids one pair wins)."""
+        if self.hints is not None and len(ids):
+            self.hints[mixed & self.hint_mask] = self.xp.stack([ids, slots], axis=1)
+
+    def _unhint(self, ids, slots) -> None:
+        """Retire the pairs of ids leaving `slots` (other ids' pairs at the same index stay)."""
+        if self.hints is not None and len(ids):
+            at = self.mix(ids) & self.hint_mask
+            at = at[self.hints[at, 1] == slots]
+            self.hints[at, 1] = -1
 
     # --- lookup ------------------------------------------------------------
 
@@ -142,20 +156,21 @@ class SetAssociativeCache:
     def probe(self, ids):
         """Slot of each id, -1 where it is not cached. Pure: changes no stamp.
 
-        One gather of hints, checked against the hinted slots' keys, finds most cached ids.
-        The rest (a hint lost to another id, or a real miss) are probed by set: first on
-        2-byte fingerprints, verified against the key of the one candidate slot, then on
-        full keys for the few whose candidate fails. Hints found stale are repaired."""
+        One gather of (key, slot) hints finds most cached ids. The rest (a hint lost to
+        another id, or a real miss) are probed by set: first on 2-byte fingerprints, verified
+        against the key of the one candidate slot, then on full keys for the few whose
+        candidate fails. Ids found that way are hinted again."""
         xp = self.xp
         mixed = self.mix(ids)
-        slots = self.hints.take(mixed & self.hint_mask).astype(xp.int64)   # take: faster than a[idx]
-        found = (self.keys.take(slots) == ids) & self.occupied.take(slots)
+        entries = self.hints.take(mixed & self.hint_mask, axis=0)   # take: faster than a[idx]
+        slots = entries[:, 1].copy()
+        found = (entries[:, 0] == ids) & (slots >= 0)
         if found.all():
             return slots
         again = xp.flatnonzero(~found)
         slots[again] = self._probe_sets(ids[again], mixed[again])
-        repaired = again[slots[again] >= 0]
-        self.hints[mixed[repaired] & self.hint_mask] = slots[repaired]
+        again = again[slots[again] >= 0]
+        self._hint(ids[again], mixed[again], slots[again])
         return slots
 
     def _probe_sets(self, ids, mixed):
@@ -232,10 +247,12 @@ class SetAssociativeCache:
         if not keep.all():             # skip the copies when every id got a slot
             slots, ids, rows = slots[keep], ids[keep], rows[keep]
             dirty = dirty[keep] if getattr(dirty, "ndim", 0) else dirty
+        leaving = slots[self.occupied[slots]]
+        self._unhint(self.keys[leaving], leaving)
         self.keys[slots] = ids
         mixed = self.mix(ids)
         self.fingerprints[slots] = self._fingerprint_from(mixed)
-        self.hints[mixed & self.hint_mask] = slots
+        self._hint(ids, mixed, slots)
         self.occupied[slots] = True
         self.slab[slots] = rows
         self.dirty[slots] = dirty if getattr(dirty, "ndim", 0) else bool(dirty)
@@ -250,12 +267,16 @@ class SetAssociativeCache:
     def invalidate(self, ids) -> None:
         """Drop ids from the cache without writing them back."""
         slots = self.probe(ids)
-        slots = slots[slots >= 0]
+        cached = slots >= 0
+        slots = slots[cached]
+        self._unhint(ids[cached], slots)
         self.occupied[slots] = False
         self.dirty[slots] = False
         self.locks[slots] = 0
 
     def clear(self) -> None:
+        if self.hints is not None:
+            self.hints[:, 1] = -1
         self.occupied[:] = False
         self.dirty[:] = False
         self.locks[:] = 0

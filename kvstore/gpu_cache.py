@@ -52,6 +52,7 @@ class GpuCache(SetAssociativeCache):
 
     def _probe_index(self, n: int) -> None:
         """The kernels probe whole sets in one pass: no hints or fingerprints."""
+        self.hints = None
 
     def _ids(self, ids) -> cupy.ndarray:
         return cupy.ascontiguousarray(cupy.asarray(ids), dtype=cupy.int64)
