@@ -268,8 +268,9 @@ class SetAssociativeCache:
         """Drop ids from the cache without writing them back."""
         slots = self.probe(ids)
         cached = slots >= 0
+        if self.hints is not None:
+            self._unhint(ids[cached], slots[cached])
         slots = slots[cached]
-        self._unhint(ids[cached], slots)
         self.occupied[slots] = False
         self.dirty[slots] = False
         self.locks[slots] = 0
