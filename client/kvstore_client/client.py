@@ -319,7 +319,7 @@ def _decode(response: bytes, rows: int, with_state: bool) -> tuple[np.ndarray, n
         weights, state = decode_lookup_response(response)
     except WireError as exc:
         raise InternalError(message=f"lookup: malformed response: {exc}") from None
-    for field, array in (("weights", weights), ("state", state if with_state else np.zeros((rows, 0)))):
+    for field, array in [("weights", weights)] + ([("state", state)] if with_state else []):
         if array is None or array.ndim != 2 or array.shape[0] != rows:
             shape = None if array is None else array.shape
             raise InternalError(message=f"lookup: response {field} has shape {shape}, expected {rows} rows")

@@ -182,12 +182,17 @@ def build_rules(config: EvictionConfig) -> list[EvictionRule]:
     return rules
 
 
-def touch_headers(header: np.ndarray, slots: np.ndarray, now: int) -> None:
-    """Record an access in the headers of `slots` of a structured header view: count + 1, last_access."""
-    count = header["count"]
-    count[slots] = np.minimum(count[slots], MAX_COUNT) + 1
-    header["last_access"][slots] = now
-
-
 COUNT_WORD = HEADER.fields["count"][1] // 4         # header words, as uint32 (last_access is the next)
 assert HEADER.fields["last_access"][1] // 4 == COUNT_WORD + 1
+
+
+def touch_headers(rows: np.ndarray, slots: np.ndarray, now: int) -> None:
+    """Record an access in the headers of rows `slots` of a C-contiguous [n, row_bytes] uint8
+    array: count + 1 (saturating), last_access = now; duplicates count once. Flat take/put on
+    uint32 words: several times faster than indexing a structured header view."""
+    if not rows.flags.c_contiguous:
+        raise ValueError("rows: touch_headers writes through a flat view; give it C-contiguous rows")
+    words = rows.view(np.uint32).reshape(-1)
+    at = slots * (rows.shape[1] // 4) + COUNT_WORD
+    words.put(at, np.minimum(words.take(at), MAX_COUNT) + np.uint32(1))
+    words.put(at + 1, np.uint32(now))

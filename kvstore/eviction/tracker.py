@@ -25,9 +25,9 @@ import numpy as np
 
 from ..config import EvictionConfig
 from ..errors import InvalidArgument
-from ..rows import MAX_COUNT, RowLayout
+from ..rows import RowLayout
 from .admission import Admission
-from .rules import COUNT_WORD, build_rules, touch_headers
+from .rules import build_rules, touch_headers
 
 
 class EvictionTracker:
@@ -39,7 +39,6 @@ class EvictionTracker:
         self.persist_touches = config.sweeps
         self.cache_slots = cache_slots
         self.rows: int | None = None          # exact row count where counts_rows
-        self._slab = self._words = None
         self.sweep_lock = threading.Lock()    # one sweep of a table at a time
         self.cancelled = threading.Event()    # set when the table is dropped: sweeps stop
         self.last_sweep: float | None = None  # clock time the last sweep started
@@ -63,12 +62,7 @@ class EvictionTracker:
     def touch(self, slab: np.ndarray, slots: np.ndarray, now: float) -> None:
         """Record an access in the headers of cached `slots` (duplicates count once)."""
         if len(slots):
-            if slab is not self._slab:               # the slab lives as long as the cache: view it once
-                self._slab, self._words = slab, slab.reshape(-1).view(np.uint32)
-            at = slots * (self.layout.row_bytes // 4) + COUNT_WORD   # take/put: faster than a[idx]
-            words = self._words
-            words.put(at, np.minimum(words.take(at), MAX_COUNT) + np.uint32(1))
-            words.put(at + 1, np.uint32(int(now)))   # last_access follows count
+            touch_headers(slab, slots, int(now))
 
     def synced(self, slab: np.ndarray, slots: np.ndarray) -> None:
         """The rows in `slots` now match RocksDB (just loaded or written back)."""
@@ -89,7 +83,7 @@ class EvictionTracker:
         which of them RocksDB should get back (their metadata moved far enough)."""
         header = self.layout.header(rows)
         before_access, before_count = header["last_access"].copy(), header["count"].copy()
-        touch_headers(header, np.arange(len(rows)), int(now))
+        touch_headers(rows, np.arange(len(rows)), int(now))
         if not self.persist_touches:
             return np.zeros(len(rows), dtype=bool)
         return self._moved(header["last_access"], header["count"], before_access, before_count)

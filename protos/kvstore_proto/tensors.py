@@ -86,19 +86,21 @@ def encode_tensor(array: np.ndarray) -> dict:
 
 def decode_tensor(tensor: pb.Tensor, field: str) -> np.ndarray:
     """Zero-copy (read-only) view of a wire tensor; errors name `field`."""
-    dtype = WIRE_DTYPES.get(tensor.dtype)
+    data = tensor.data                  # each read of a bytes field copies it: read once
+    return _tensor_array(data, 0, len(data), tensor.dtype, tuple(tensor.shape), field)
+
+
+def _tensor_array(buffer: bytes, offset: int, size: int, dtype_name: str, shape: tuple, field: str) -> np.ndarray:
+    """A read-only view of `size` bytes of `buffer` at `offset`, checked against dtype and shape."""
+    dtype = WIRE_DTYPES.get(dtype_name)
     if dtype is None:
-        raise WireError(f"{field}.dtype: unsupported dtype {tensor.dtype!r}; expected one of {sorted(WIRE_DTYPES)}")
-    shape = tuple(tensor.shape)
+        raise WireError(f"{field}.dtype: unsupported dtype {dtype_name!r}; expected one of {sorted(WIRE_DTYPES)}")
     if any(d < 0 for d in shape):
         raise WireError(f"{field}.shape: negative dimension in {shape}")
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    data = tensor.data                  # each read of a bytes field copies it: read once
-    if len(data) != expected:
-        raise WireError(
-            f"{field}.data: {len(data)} bytes do not match shape {shape} of {tensor.dtype} ({expected} bytes)"
-        )
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
+    if size != expected:
+        raise WireError(f"{field}.data: {size} bytes do not match shape {shape} of {dtype_name} ({expected} bytes)")
+    return np.frombuffer(buffer, dtype=dtype, count=expected // dtype.itemsize, offset=offset).reshape(shape)
 
 
 def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
@@ -136,6 +138,11 @@ def _fields(buf: memoryview, start: int, end: int):
             raise WireError(f"message: unsupported wire type {wire_type} in field {number}")
 
 
+def _int64(value: int) -> int:
+    """A varint's int64 value (negative numbers travel as their 64-bit two's complement)."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
 def _tensor_view(blob: bytes, buf: memoryview, start: int, end: int, field: str) -> np.ndarray:
     dtype_name, shape, data = "", [], (0, 0)
     for number, value in _fields(buf, start, end):
@@ -145,21 +152,12 @@ def _tensor_view(blob: bytes, buf: memoryview, start: int, end: int, field: str)
             pos = value[0]
             while pos < value[1]:
                 dim, pos = _read_varint(buf, pos)
-                shape.append(dim - (1 << 64) if dim >= 1 << 63 else dim)
+                shape.append(_int64(dim))
         elif number == 2:
-            shape.append(value - (1 << 64) if value >= 1 << 63 else value)
+            shape.append(_int64(value))
         elif number == 3 and isinstance(value, tuple):
             data = value
-    dtype = WIRE_DTYPES.get(dtype_name)
-    if dtype is None:
-        raise WireError(f"{field}.dtype: unsupported dtype {dtype_name!r}; expected one of {sorted(WIRE_DTYPES)}")
-    if any(d < 0 for d in shape):
-        raise WireError(f"{field}.shape: negative dimension in {tuple(shape)}")
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if data[1] - data[0] != expected:
-        raise WireError(f"{field}.data: {data[1] - data[0]} bytes do not match shape {tuple(shape)} of "
-                        f"{dtype_name} ({expected} bytes)")
-    return np.frombuffer(blob, dtype=dtype, count=expected // dtype.itemsize, offset=data[0]).reshape(shape)
+    return _tensor_array(blob, data[0], data[1] - data[0], dtype_name, tuple(shape), field)
 
 
 def decode_lookup_response(blob: bytes) -> tuple[np.ndarray | None, np.ndarray | None]:
