@@ -2,6 +2,7 @@
 from .client import KVStoreClient
 from .errors import (
     AlreadyExistsError,
+    DataLossError,
     DeadlineExceededError,
     FailedPreconditionError,
     InternalError,
@@ -14,7 +15,7 @@ from .errors import (
 )
 
 __all__ = [
-    "AlreadyExistsError", "DeadlineExceededError", "FailedPreconditionError", "InternalError",
+    "AlreadyExistsError", "DeadlineExceededError", "FailedPreconditionError", "InternalError", "DataLossError",
     "InvalidArgumentError", "KVStoreError", "KVStoreClient", "NotFoundError", "ResourceExhaustedError",
     "UnauthenticatedError", "UnavailableError",
 ]

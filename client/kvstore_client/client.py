@@ -5,7 +5,6 @@ results come back reassembled in request order. Every call has a deadline.
 """
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,7 +23,9 @@ from .arrays import as_ids, as_rows, chunks, like, to_numpy
 from .credentials import open_channel
 from .errors import InternalError, InvalidArgumentError, KVStoreError
 from .errors import rpc_errors as _rpc
+from .leases import LeaseKeeper
 from .snapshots import SnapshotMethods
+from .writes import streamed_write
 
 ON_MISS = {
     "init_insert": pb.ON_MISS_INIT_INSERT,
@@ -65,15 +66,10 @@ class KVStoreClient(SnapshotMethods):
             f"/{pb.DESCRIPTOR.services_by_name['EmbeddingStore'].full_name}/Lookup",
             request_serializer=pb.LookupRequest.SerializeToString, response_deserializer=None)
         self._row_shapes: dict[str, tuple[int, int]] = {}   # table -> (dim, weight itemsize)
-        self._session_lock = threading.Lock()
-        self._owner: str | None = None                       # session holding this client's prefetch locks
+        self._lease = LeaseKeeper(self._stub, timeout)     # holds this client's prefetch locks
 
     def close(self) -> None:
-        with self._session_lock:
-            if self._owner is not None:
-                self._session_end.set()          # ends the session: the server releases its locks
-                self._session_call.cancel()
-                self._owner = None
+        self._lease.close()                 # the server releases this client's locks now
         self._channel.close()
 
     def __enter__(self) -> KVStoreClient:
@@ -141,7 +137,7 @@ class KVStoreClient(SnapshotMethods):
         ranges = chunks(len(id_array), self._response_row_bytes(table, with_state), self.chunk_bytes)
         requests = (
             pb.LookupRequest(table=table, ids=encode_ids(id_array[start:stop]), on_miss=ON_MISS[on_miss],
-                             with_state=with_state)
+                             with_state=with_state, lease=self._lease.current)
             for start, stop in ranges
         )
         weights_out = state_out = None
@@ -177,26 +173,26 @@ class KVStoreClient(SnapshotMethods):
         row_bytes = ID_BYTES + weight_array[:1].nbytes + (0 if state_array is None else state_array[:1].nbytes) + 4
         ranges = chunks(len(id_array), row_bytes, self.chunk_bytes)
 
-        def requests() -> Iterator[pb.UpdateRequest]:
+        def requests(key: str) -> Iterator[pb.UpdateRequest]:
             for start, stop in ranges:
                 yield pb.UpdateRequest(
-                    table=table, ids=encode_ids(id_array[start:stop]),
+                    table=table, ids=encode_ids(id_array[start:stop]), idempotency_key=key,
                     weights=_encode(weight_array[start:stop], "weights"),
                     state=None if state_array is None else _encode(state_array[start:stop], "state"),
                     scores=None if score_array is None else _encode(score_array[start:stop], "scores"))
 
-        with _rpc():
-            return self._stub.Update(requests(), timeout=self.timeout).rows
+        return streamed_write(self._stub.Update, requests, self.timeout).rows
 
     def delete(self, table: str, ids: Any) -> int:
         """Remove rows from every tier; returns the unique ids processed (absent ones included)."""
         id_array = as_ids(ids)
-        requests = (
-            pb.DeleteRequest(table=table, ids=encode_ids(id_array[start:stop]))
-            for start, stop in chunks(len(id_array), ID_BYTES, self.chunk_bytes)
-        )
-        with _rpc():
-            return self._stub.Delete(requests, timeout=self.timeout).rows
+        ranges = chunks(len(id_array), ID_BYTES, self.chunk_bytes)
+
+        def requests(key: str) -> Iterator[pb.DeleteRequest]:
+            for start, stop in ranges:
+                yield pb.DeleteRequest(table=table, ids=encode_ids(id_array[start:stop]), idempotency_key=key)
+
+        return streamed_write(self._stub.Delete, requests, self.timeout).rows
 
     # --- training --------------------------------------------------------------------
 
@@ -207,23 +203,24 @@ class KVStoreClient(SnapshotMethods):
         id_array = as_ids(ids)
         grad_array = as_rows(grads, len(id_array), "grads").astype(np.float32, copy=False)
         score_array = _as_scores(scores, len(id_array))
-        owner = self._session() if release else ""
+        owner = self._lease.acquire() if release else ""
         ranges = chunks(len(id_array), ID_BYTES + grad_array[:1].nbytes + 4, self.chunk_bytes)
-        requests = (
-            pb.ApplyGradientsRequest(table=table, ids=encode_ids(id_array[start:stop]),
-                                     grads=_encode(grad_array[start:stop], "grads"), owner=owner,
-                                     scores=None if score_array is None else _encode(score_array[start:stop], "scores"))
-            for start, stop in ranges
-        )
-        with _rpc():
-            return self._stub.ApplyGradients(requests, timeout=self.timeout).rows
+
+        def requests(key: str) -> Iterator[pb.ApplyGradientsRequest]:
+            for start, stop in ranges:
+                yield pb.ApplyGradientsRequest(
+                    table=table, ids=encode_ids(id_array[start:stop]), grads=_encode(grad_array[start:stop], "grads"),
+                    owner=owner, idempotency_key=key,
+                    scores=None if score_array is None else _encode(score_array[start:stop], "scores"))
+
+        return streamed_write(self._stub.ApplyGradients, requests, self.timeout).rows
 
     def prefetch(self, table: str, ids: Any, lock: bool = False) -> int:
         """Warm the server's cache with these rows (initializing missing ones). With `lock`, pin them
         until `apply_gradients(..., release=True)`, `release`, or this client closes or goes away.
         Returns how many rows are cached."""
         id_array = as_ids(ids)
-        owner = self._session() if lock else ""
+        owner = self._lease.acquire() if lock else ""
         requests = (
             pb.PrefetchRequest(table=table, ids=encode_ids(id_array[start:stop]), lock=lock, owner=owner)
             for start, stop in chunks(len(id_array), ID_BYTES, self.chunk_bytes)
@@ -233,7 +230,7 @@ class KVStoreClient(SnapshotMethods):
 
     def release(self, table: str, ids: Any) -> int:
         """Unpin rows this client locked with prefetch; returns how many were released."""
-        request = pb.ReleaseRequest(table=table, ids=encode_ids(as_ids(ids)), owner=self._session())
+        request = pb.ReleaseRequest(table=table, ids=encode_ids(as_ids(ids)), owner=self._lease.current)
         with _rpc():
             return self._stub.Release(request, timeout=self.timeout).released
 
@@ -249,23 +246,6 @@ class KVStoreClient(SnapshotMethods):
         request = pb.RestoreRowsRequest(table=table, ids=encode_ids(as_ids(ids)))
         with _rpc():
             return self._stub.RestoreRows(request, timeout=self.timeout).rows
-
-    def _session(self) -> str:
-        """This client's session owner id, opening the session stream on first use."""
-        with self._session_lock:
-            if self._owner is None:
-                self._session_end = threading.Event()
-                end = self._session_end
-
-                def idle() -> Iterator[pb.SessionRequest]:
-                    end.wait()
-                    return
-                    yield  # a generator that sends nothing and ends when the client closes
-
-                with _rpc():
-                    self._session_call = self._stub.OpenSession(idle())
-                    self._owner = next(self._session_call).owner
-            return self._owner
 
     def _response_row_bytes(self, table: str, with_state: bool) -> int:
         """Upper bound on the tensor bytes of one looked-up row, to size request chunks (a

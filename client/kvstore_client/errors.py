@@ -66,12 +66,17 @@ class InternalError(KVStoreError):
     code = grpc.StatusCode.INTERNAL
 
 
+class DataLossError(KVStoreError):
+    """Data read by the client (an export's files) is damaged; the message names the file."""
+    code = grpc.StatusCode.DATA_LOSS
+
+
 BY_CODE: dict[grpc.StatusCode, type[KVStoreError]] = {
     kind.code: kind
     for kind in (
         InvalidArgumentError, NotFoundError, AlreadyExistsError, ResourceExhaustedError,
         FailedPreconditionError, UnauthenticatedError, UnavailableError, DeadlineExceededError,
-        InternalError,
+        InternalError, DataLossError,
     )
 }
 

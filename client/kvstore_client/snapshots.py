@@ -17,11 +17,17 @@ from kvstore_proto.v1 import kvstore_pb2 as pb
 from .arrays import as_ids, as_rows, chunks, to_numpy
 from .errors import InternalError, InvalidArgumentError
 from .errors import rpc_errors as _rpc
+from .writes import RETRIES, streamed_write
 
 IMPORT_MODES = {"merge": pb.IMPORT_MODE_MERGE, "replace": pb.IMPORT_MODE_REPLACE}
 TRANSFER_TIMEOUT = 24 * 3600.0
 
 
+
+
+def _one_pass(parts: Iterable) -> bool:
+    """True when `parts` can be read only once (a retry could not send it again)."""
+    return iter(parts) is parts
 
 
 def _snapshot_dict(info: pb.SnapshotInfo) -> dict:
@@ -125,8 +131,9 @@ class SnapshotMethods:
         if config is not None:
             header.config.CopyFrom(_config_message(config))
 
-        def requests() -> Iterator[pb.ImportRequest]:
+        def requests(key: str) -> Iterator[pb.ImportRequest]:
             first = header
+            first.idempotency_key = key
             for part in parts:
                 for request in self._import_requests(part):
                     if first is not None:
@@ -136,8 +143,7 @@ class SnapshotMethods:
             if first is not None:
                 yield first
 
-        with _rpc():
-            return self._stub.Import(requests(), timeout=timeout).rows
+        return streamed_write(self._stub.Import, requests, timeout, retries=0 if _one_pass(parts) else RETRIES).rows
 
     def _import_requests(self, part) -> Iterator[pb.ImportRequest]:
         if isinstance(part, ExportChunk):

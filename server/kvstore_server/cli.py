@@ -7,11 +7,11 @@ the YAML file. `--print-config` prints the effective config and exits.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import signal
 import sys
-import threading
 
 from kvstore.errors import InvalidArgument, KVStoreError
 
@@ -69,23 +69,27 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     configure(config.log_format, config.log_level)
     keep_freed_memory()
-    stopping = threading.Event()
+    return asyncio.run(serve(config))
+
+
+async def serve(config: ServerConfig) -> int:
+    """Serve until SIGTERM or SIGINT, then drain and close; the process's exit code."""
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stopping.set())
+        loop.add_signal_handler(signum, stopping.set)
     server = KVStoreServer(config)
     try:
-        port = server.start()
+        port = await server.start()
     except KVStoreError as exc:
         print(f"kvstore-server: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, InvalidArgument) else 1
     log.info("listening on %s (tls=%s, auth=%s, metrics port %s)", grpc_address(config.host, port),
              "mutual" if config.tls_client_ca else config.tls, bool(config.auth_token_file), config.metrics_port)
     print(f"kvstore-server listening on {grpc_address(config.host, port)}", flush=True)
-    while not stopping.wait(1.0):
-        pass
-    server.stop()
+    await stopping.wait()
+    await server.stop()
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

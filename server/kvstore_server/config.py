@@ -32,8 +32,12 @@ class ServerConfig:
     port: int = 50051                    # 0 = any free port (the bound one is printed)
     metrics_port: int = 0                # Prometheus HTTP port; 0 = off
     max_message_bytes: int = 16 << 20    # gRPC send/receive limit
-    max_workers: int = 16                # handler threads
-    max_concurrent_rpcs: int = 64        # further calls get RESOURCE_EXHAUSTED
+    max_workers: int = 0                 # threads running store work; 0 = sized to the machine
+    max_concurrent_rpcs: int = 256       # further calls get RESOURCE_EXHAUSTED with a retry hint
+    retry_after_ms: int = 50             # the hint (trailing metadata retry-after-ms) of that refusal
+    lease_seconds: float = 30.0          # a prefetch-lock lease lapses this long after its last use
+    idempotency_keys: int = 10000        # streamed writes remembered by key, so a retry is not applied twice
+    idempotency_seconds: float = 600.0   # ... for this long
     max_concurrent_streams: int = 32     # HTTP/2 streams one connection may open at once
     grace_seconds: float = 10.0          # in-flight calls may finish this long on shutdown
     max_request_rows: int = 1 << 22      # rows in one Update/Delete call, all chunks together
@@ -52,13 +56,20 @@ class ServerConfig:
             value = getattr(self, name)
             if not _is_int(value) or not 0 <= value <= 65535:
                 raise InvalidArgument(f"{name}: must be an integer in [0, 65535], got {value!r}")
-        for name in ("max_message_bytes", "max_workers", "max_concurrent_rpcs", "max_concurrent_streams",
-                     "max_request_rows", "max_chunk_rows"):
+        for name in ("max_message_bytes", "max_concurrent_rpcs", "max_concurrent_streams",
+                     "max_request_rows", "max_chunk_rows", "retry_after_ms", "idempotency_keys"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise InvalidArgument(f"{name}: must be a positive integer, got {value!r}")
-        if not isinstance(self.grace_seconds, (int, float)) or not 0 <= self.grace_seconds <= 3600:
-            raise InvalidArgument(f"grace_seconds: must be a number in [0, 3600], got {self.grace_seconds!r}")
+        if not _is_int(self.max_workers) or self.max_workers < 0:
+            raise InvalidArgument(f"max_workers: must be 0 (sized to the machine) or a positive integer, "
+                                  f"got {self.max_workers!r}")
+        for name, most in (("grace_seconds", 3600), ("lease_seconds", 86400), ("idempotency_seconds", 86400)):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= most:
+                raise InvalidArgument(f"{name}: must be a number in [0, {most}], got {value!r}")
+        if self.lease_seconds <= 0:
+            raise InvalidArgument(f"lease_seconds: must be positive, got {self.lease_seconds!r}")
         for name in ("data_dir", "host"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise InvalidArgument(f"{name}: must be a non-empty string")

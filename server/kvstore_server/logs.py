@@ -14,7 +14,6 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Iterator
 
 import grpc
 
@@ -66,78 +65,17 @@ def configure(log_format: str = "text", level: str = "info") -> None:
     root.setLevel(level.upper())
 
 
-class RequestIdInterceptor(grpc.ServerInterceptor):
-    """Outermost interceptor: request id, and one access record per call (refused ones included)."""
-
-    def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
-        handler = continuation(details)
-        if handler is None:
-            return None
-        given = next((v for k, v in details.invocation_metadata or () if k == REQUEST_ID_METADATA), "")
-        request_id = given if isinstance(given, str) and _VALID_ID.fullmatch(given) else uuid.uuid4().hex
-        method = details.method
-        if handler.response_streaming:
-            behavior = _streaming(handler, method, request_id)
-        else:
-            behavior = _unary(handler, method, request_id)
-        make = _MAKERS[handler.request_streaming, handler.response_streaming]
-        return make(behavior, request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer)
+async def begin_call(context: grpc.aio.ServicerContext) -> str:
+    """Give the call its request id (the caller's `x-request-id` when valid) and send it back."""
+    given = next((v for k, v in context.invocation_metadata() or () if k == REQUEST_ID_METADATA), "")
+    request_id = given if isinstance(given, str) and _VALID_ID.fullmatch(given) else uuid.uuid4().hex
+    _REQUEST_ID.set(request_id)     # each call runs in its own task: the variable is the call's
+    await context.send_initial_metadata(((REQUEST_ID_METADATA, request_id),))
+    return request_id
 
 
-# (request streaming, response streaming) -> how to build a handler of that shape
-_MAKERS = {
-    (False, False): grpc.unary_unary_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
-    (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, True): grpc.stream_stream_rpc_method_handler,
-}
-
-
-def _inner(handler: grpc.RpcMethodHandler):
-    return {(False, False): handler.unary_unary, (True, False): handler.stream_unary,
-            (False, True): handler.unary_stream, (True, True): handler.stream_stream}[
-        handler.request_streaming, handler.response_streaming]
-
-
-def _unary(handler: grpc.RpcMethodHandler, method: str, request_id: str):
-    inner = _inner(handler)
-
-    def behavior(request, context: grpc.ServicerContext):
-        start = _begin(context, request_id)
-        try:
-            return inner(request, context)
-        finally:
-            _end(context, method, start)
-
-    return behavior
-
-
-def _streaming(handler: grpc.RpcMethodHandler, method: str, request_id: str):
-    inner = _inner(handler)
-
-    def behavior(request, context: grpc.ServicerContext) -> Iterator:
-        start = _begin(context, request_id)
-        try:
-            yield from inner(request, context)
-        finally:
-            _end(context, method, start)
-
-    return behavior
-
-
-def _begin(context: grpc.ServicerContext, request_id: str) -> float:
-    _REQUEST_ID.set(request_id)
-    context.send_initial_metadata(((REQUEST_ID_METADATA, request_id),))
-    return time.perf_counter()
-
-
-def _end(context: grpc.ServicerContext, method: str, start: float) -> None:
-    code = context.code() or (grpc.StatusCode.OK if context.is_active() else grpc.StatusCode.CANCELLED)
-    if not isinstance(code, grpc.StatusCode):
-        code = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
-    fields = {"method": method, "code": code.name, "duration_ms": round((time.perf_counter() - start) * 1000, 3),
-              "peer": context.peer()}
+def end_call(context: grpc.aio.ServicerContext, method: str, code: grpc.StatusCode, seconds: float) -> None:
+    """The call's one access record: DEBUG when it succeeded, INFO otherwise."""
+    fields = {"method": method, "code": code.name, "duration_ms": round(seconds * 1000, 3), "peer": context.peer()}
     log.log(logging.DEBUG if code is grpc.StatusCode.OK else logging.INFO,
             "%s %s %.3fms", method, code.name, fields["duration_ms"], extra=fields)
-    _REQUEST_ID.set("")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -158,9 +159,36 @@ class Metrics:
     def watch(self, store: Store, data_dir: str | None = None) -> None:
         self.registry.register(StoreCollector(store, data_dir))
 
+    def watch_leases(self, leases: LeaseCounts) -> None:
+        self.registry.register(LeaseCollector(leases))
+
     def serve(self, host: str, port: int):
         """Start the HTTP exposition server; returns (server, thread)."""
         return start_http_server(port, addr=host, registry=self.registry)
+
+
+class LeaseCounts(Protocol):
+    expired_total: int
+
+    def __len__(self) -> int: ...
+
+
+class LeaseCollector:
+    """Live leases and the ones that expired, read at scrape time."""
+
+    def __init__(self, leases: LeaseCounts):
+        self.leases = leases
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        live = GaugeMetricFamily("kvstore_leases", "Live prefetch-lock leases.")
+        live.add_metric([], len(self.leases))
+        expired = CounterMetricFamily("kvstore_leases_expired", "Leases that lapsed unrenewed; their locked "
+                                      "rows were released.")
+        expired.add_metric([], self.leases.expired_total)
+        yield from (live, expired)
 
 
 class StoreCollector:
@@ -263,4 +291,5 @@ class _Families:
 def declared_names() -> set[str]:
     """Every family name as it appears in the exposition (counters with `_total`)."""
     names = {f"{f.name}_total" if f.kind == "counter" else f.name for f in FAMILIES.values()}
-    return names | {"kvstore_rpc_duration_seconds", "kvstore_rpc_in_flight", "kvstore_auth_failures_total"}
+    return names | {"kvstore_rpc_duration_seconds", "kvstore_rpc_in_flight", "kvstore_auth_failures_total",
+                     "kvstore_leases", "kvstore_leases_expired_total"}

@@ -1,79 +1,187 @@
-"""Decorators every handler goes through: latency and in-flight calls are measured, errors mapped.
+"""How every call of the service runs on the asyncio server.
 
-Handlers raise store errors (never call context.abort themselves); the wrapper
-aborts with the mapped code. For response streams the wrapper sits around the
-generator, so an error raised after some chunks were sent still reaches the
-client with its code instead of UNKNOWN.
+grpcio hands each handler raw request bytes (identity deserializers): the
+service parses them, so a malformed message is INVALID_ARGUMENT naming the
+method and the connection stays usable. Each call passes the `CallGate`
+(admission: beyond `max_concurrent_rpcs` calls RESOURCE_EXHAUSTED with a
+`retry-after-ms` hint; once shutdown began, UNAVAILABLE), is counted in flight,
+timed, logged with its request id, and any error leaves mapped to its status
+code, also from inside a response stream. Store work runs in `StoreWork`, a
+bounded thread pool: the event loop itself never blocks.
 """
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import functools
+import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
+from google.protobuf.message_factory import GetMessageClass
 
-from .errors import abort, status_of
+from kvstore.errors import InvalidArgument
+
+from .errors import REASON_KEY, status_of
+from .logs import begin_call, end_call
+from .metrics import Metrics
+
+RETRY_AFTER_KEY = "retry-after-ms"
+T = TypeVar("T")
+
+
+def default_workers() -> int:
+    """Store threads sized to the machine: RocksDB reads release the GIL, so more threads than cores help."""
+    return min(32, (os.cpu_count() or 1) + 4)
+
+
+class StoreWork:
+    """The bounded executor every blocking store call runs in (`await work(fn, *args)`)."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="kvstore-store")
+
+    async def __call__(self, fn: Callable[..., T], *args: Any) -> T:
+        job = functools.partial(contextvars.copy_context().run, fn, *args)     # logs keep the request id
+        return await asyncio.get_running_loop().run_in_executor(self._pool, job)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class CallGate:
+    """Admission control: how many calls run now, whether new ones are taken, and when all are done."""
+
+    def __init__(self, limit: int, retry_after_ms: int):
+        self.limit = limit
+        self.retry_after_ms = retry_after_ms
+        self.active = 0
+        self.draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def refusal(self) -> tuple[grpc.StatusCode, str, str] | None:
+        """Why a new call is not taken now, or None to take it."""
+        if self.draining:
+            return grpc.StatusCode.UNAVAILABLE, "server: shutting down; retry on another replica", "shutting_down"
+        if self.active >= self.limit:
+            return (grpc.StatusCode.RESOURCE_EXHAUSTED, f"server: {self.active} calls in progress, the limit "
+                    f"(max_concurrent_rpcs); retry after {self.retry_after_ms} ms", "overloaded")
+        return None
+
+    def enter(self) -> None:
+        self.active += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.active -= 1
+        if self.active == 0:
+            self._idle.set()
+
+    async def drain(self, seconds: float) -> bool:
+        """Refuse new calls; wait up to `seconds` for the running ones. True when all finished."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
 
 
 class _Call:
-    """One handled call: counted in flight, timed, and its error mapped to a status code."""
+    """One call of the service: admitted, counted in flight, timed, logged; errors mapped and aborted."""
 
-    def __init__(self, servicer, name: str, context: grpc.ServicerContext):
-        self.metrics, self.name, self.context = servicer.metrics, name, context
+    def __init__(self, gate: CallGate, metrics: Metrics, method, context: grpc.aio.ServicerContext):
+        self.gate, self.metrics, self.context = gate, metrics, context
+        self.name, self.path = method.name, f"/{method.containing_service.full_name}/{method.name}"
         self.code = grpc.StatusCode.OK
+        self.admitted = False
 
-    def __enter__(self) -> _Call:
+    async def __aenter__(self) -> _Call:
         self.start = time.perf_counter()
-        self.in_flight = self.metrics.rpc_in_flight.labels(self.name)
-        self.in_flight.inc()
+        await begin_call(self.context)
+        refusal = self.gate.refusal()
+        if refusal is not None:
+            code, message, reason = refusal
+            metadata = ((REASON_KEY, reason),) + (((RETRY_AFTER_KEY, str(self.gate.retry_after_ms)),)
+                                                  if code is grpc.StatusCode.RESOURCE_EXHAUSTED else ())
+            await self._abort(code, message, metadata)
+        self.admitted = True
+        self.gate.enter()
+        self.metrics.rpc_in_flight.labels(self.name).inc()
         return self
 
-    def __exit__(self, kind, exc, traceback) -> None:
+    async def __aexit__(self, kind, exc, traceback) -> None:
         try:
-            if isinstance(exc, GeneratorExit):
+            if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
                 self.code = grpc.StatusCode.CANCELLED
-            elif isinstance(exc, Exception):      # every error must leave with a mapped code
-                self.code, message, reason = _mapped(self.context, exc)
-                abort(self.context, self.code, message, reason)
+            elif isinstance(exc, Exception) and not isinstance(exc, grpc.aio.AbortError):
+                code, message, reason = status_of(exc)
+                await self._abort(code, message, ((REASON_KEY, reason),))
         finally:
-            self.in_flight.dec()
-            self.metrics.observe(self.name, self.code, time.perf_counter() - self.start)
+            if self.admitted:
+                self.admitted = False
+                self.gate.leave()
+                self.metrics.rpc_in_flight.labels(self.name).dec()
+                self._record()
+
+    async def _abort(self, code: grpc.StatusCode, message: str, metadata: tuple) -> None:
+        self.code = code
+        if not self.admitted:
+            self._record()
+        self.context.set_trailing_metadata(metadata)
+        await self.context.abort(code, message)
+
+    def _record(self) -> None:
+        seconds = time.perf_counter() - self.start
+        self.metrics.observe(self.name, self.code, seconds)
+        end_call(self.context, self.path, self.code, seconds)
 
 
-def unary(method: Callable) -> Callable:
-    """A handler that returns one response (unary or client-streaming)."""
+def _parser(method, index_label: bool) -> Callable[[bytes, int], Any]:
+    kind = GetMessageClass(method.input_type)
 
-    @functools.wraps(method)
-    def handler(self, request, context: grpc.ServicerContext):
-        with _Call(self, method.__name__, context):
-            return method(self, request, context)
+    def parse(raw: bytes, index: int = 0):
+        try:
+            return kind.FromString(raw)
+        except (DecodeError, RuntimeError, ValueError):
+            where = f" (chunk {index})" if index_label else ""
+            raise InvalidArgument(f"{method.name}: the request{where} is not a valid {kind.__name__} "
+                                  "message") from None
 
-    return handler
-
-
-def streaming(method: Callable) -> Callable:
-    """A handler that yields responses (server- or bidi-streaming)."""
-
-    @functools.wraps(method)
-    def handler(self, request, context: grpc.ServicerContext) -> Iterator:
-        with _Call(self, method.__name__, context):
-            yield from method(self, request, context)
-
-    return handler
+    return parse
 
 
-class Cancelled(Exception):
-    """Raised by a long handler that found its call no longer active."""
+async def _parsed(requests: AsyncIterator[bytes], parse: Callable[[bytes, int], Any]) -> AsyncIterator[Any]:
+    index = 0
+    async for raw in requests:
+        yield parse(raw, index)
+        index += 1
 
 
-def check_active(context: grpc.ServicerContext) -> None:
-    if not context.is_active():
-        raise Cancelled()
+def bind(method, handler: Callable, gate: CallGate, metrics: Metrics):
+    """The grpc behavior of one service method: bytes in, the handler's result out, through a `_Call`."""
+    streaming_request = method.client_streaming
+    parse = _parser(method, streaming_request)
 
+    def argument(request):
+        return _parsed(request, parse) if streaming_request else parse(request)
 
-def _mapped(context: grpc.ServicerContext, exc: Exception) -> tuple[grpc.StatusCode, str, str]:
-    # Aborting a call whose client is gone is harmless and keeps grpc from logging the exception.
-    if isinstance(exc, Cancelled) or not context.is_active():
-        return grpc.StatusCode.CANCELLED, "call cancelled", "cancelled"
-    return status_of(exc)
+    if method.server_streaming:
+        async def stream(request, context: grpc.aio.ServicerContext):
+            async with _Call(gate, metrics, method, context):
+                async for response in handler(argument(request), context):
+                    yield response
+
+        return stream
+
+    async def single(request, context: grpc.aio.ServicerContext):
+        async with _Call(gate, metrics, method, context):
+            return await handler(argument(request), context)
+
+    return single

@@ -90,22 +90,20 @@ class _CertificateReloader:
         return fresh
 
 
-class TokenAuthInterceptor(grpc.ServerInterceptor):
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     """Refuses every call whose `authorization` metadata is not `Bearer <token>`."""
 
     def __init__(self, token: str, on_refused: Callable[[str], None] | None = None):
         self._expected = (BEARER + token).encode()
         self._on_refused = on_refused or (lambda method: None)
 
-    def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
-        if details.method.startswith(OPEN_METHODS):
-            return continuation(details)
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(OPEN_METHODS):
+            return handler                  # unknown method: grpc answers UNIMPLEMENTED
         given = next((value for key, value in details.invocation_metadata or () if key == AUTH_METADATA), None)
         if isinstance(given, str) and hmac.compare_digest(given.encode(), self._expected):
-            return continuation(details)
-        handler = continuation(details)
-        if handler is None:                 # unknown method: let gRPC answer UNIMPLEMENTED
-            return None
+            return handler
         self._on_refused(details.method.rsplit("/", 1)[-1])
         message = (f"{AUTH_METADATA}: missing bearer token" if given is None
                    else f"{AUTH_METADATA}: invalid bearer token")
@@ -115,13 +113,18 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
 def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
     """A handler of the same shape as `handler` that only aborts; the request is never read."""
 
-    def refuse(request, context: grpc.ServicerContext):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+    async def refuse(request, context: grpc.aio.ServicerContext):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
+    async def refuse_stream(request, context: grpc.aio.ServicerContext):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # pragma: no cover - never reached: abort raises
+
+    options = {"request_deserializer": None, "response_serializer": None}
     if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(refuse)
+        return grpc.stream_stream_rpc_method_handler(refuse_stream, **options)
     if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(refuse)
+        return grpc.stream_unary_rpc_method_handler(refuse, **options)
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(refuse)
-    return grpc.unary_unary_rpc_method_handler(refuse)
+        return grpc.unary_stream_rpc_method_handler(refuse_stream, **options)
+    return grpc.unary_unary_rpc_method_handler(refuse, **options)

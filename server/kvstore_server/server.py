@@ -1,51 +1,69 @@
-"""One running server: the Store, the gRPC server with health and reflection, metrics.
+"""One running server: the Store, the asyncio gRPC server with health and reflection, metrics.
 
-Shutdown order matters: health goes NOT_SERVING, gRPC stops accepting and
-drains in-flight calls within the grace period, the handler threads finish,
-and only then is the Store closed (which flushes dirty write-back rows).
+No thread per call or stream: calls are coroutines on one event loop, store
+work runs in a bounded pool (`rpc.StoreWork`), so open streams and lease holders
+cost no thread and health is answered whatever else is open.
+
+Shutdown order matters: health goes NOT_SERVING, new calls are answered
+UNAVAILABLE, in-flight calls finish within the grace period (the rest are
+cancelled), and only then is the Store closed (which flushes dirty write-back rows).
 """
 from __future__ import annotations
 
+import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-from google.protobuf.message_factory import GetMessageClass
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha import reflection_pb2_grpc as reflection_grpc
 from kvstore_proto.v1 import kvstore_pb2 as pb
 
 from kvstore import Store
 from kvstore.errors import FailedPrecondition
 
 from .config import ServerConfig
-from .logs import RequestIdInterceptor
 from .metrics import Metrics
+from .rpc import CallGate, StoreWork, bind, default_workers
 from .security import TokenAuthInterceptor, read_token, server_credentials
 from .service import EmbeddingStoreService
 
 log = logging.getLogger("kvstore_server")
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingStore"].full_name
-
-
+SERVICE = pb.DESCRIPTOR.services_by_name["EmbeddingStore"]
+SERVICE_NAME = SERVICE.full_name
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"   # the same messages as v1alpha, another name
 PRESERIALIZED = {"Lookup"}   # methods whose handlers yield wire bytes (see encode_lookup_response)
 _KINDS = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
           (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
 
 
-def add_service(servicer: EmbeddingStoreService, server: grpc.Server) -> None:
-    """Register the service as the generated `add_EmbeddingStoreServicer_to_server` does, built
-    from the descriptor, except that the responses of PRESERIALIZED methods pass through as bytes."""
+def add_service(servicer: EmbeddingStoreService, server: grpc.aio.Server, gate: CallGate) -> None:
+    """Register every method from the descriptor with raw bytes in (the service parses them, see
+    `rpc.bind`); responses of PRESERIALIZED methods pass through as bytes."""
     handlers = {}
-    for method in pb.DESCRIPTOR.services_by_name["EmbeddingStore"].methods:
-        request = GetMessageClass(method.input_type)
-        response = GetMessageClass(method.output_type)
-        kind = _KINDS[method.client_streaming, method.server_streaming]
-        handlers[method.name] = kind(
-            getattr(servicer, method.name), request_deserializer=request.FromString,
-            response_serializer=bytes if method.name in PRESERIALIZED else response.SerializeToString)
+    for method in SERVICE.methods:
+        behavior = bind(method, getattr(servicer, method.name), gate, servicer.metrics)
+        serializer = None if method.name in PRESERIALIZED else _serializer(method)
+        handlers[method.name] = _KINDS[method.client_streaming, method.server_streaming](
+            behavior, request_deserializer=None, response_serializer=serializer)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+def _serializer(method):
+    from google.protobuf.message_factory import GetMessageClass
+
+    return GetMessageClass(method.output_type).SerializeToString
+
+
+def add_reflection(server: grpc.aio.Server, names: tuple[str, ...]) -> None:
+    """Server reflection under both names current tools ask for: v1 and v1alpha."""
+    servicer = reflection.aio.ReflectionServicer((*names, reflection.SERVICE_NAME, REFLECTION_V1))
+    reflection_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    v1 = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo, request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        REFLECTION_V1, {"ServerReflectionInfo": v1}),))
 
 
 def grpc_address(host: str, port: int) -> str:
@@ -57,63 +75,77 @@ class KVStoreServer:
         self.config = config
         self.metrics = metrics or Metrics()
         self.store: Store | None = None
+        self.service: EmbeddingStoreService | None = None
         self.port = 0
-        self._executor = ThreadPoolExecutor(config.max_workers, thread_name_prefix="kvstore-rpc")
-        self._grpc: grpc.Server | None = None
-        self._health = health.HealthServicer()
+        self.work = StoreWork(config.max_workers or default_workers())
+        self._grpc: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._gate: CallGate | None = None
+        self._lease_task: asyncio.Task | None = None
         self._metrics_http = None
 
-    def start(self) -> int:
+    async def start(self) -> int:
         """Open the store, bind and start serving; returns the bound port."""
         config = self.config
+        self._loop = asyncio.get_running_loop()
         credentials = server_credentials(config)      # bad TLS or token files fail before the store opens
-        interceptors = [RequestIdInterceptor()]
+        interceptors = []
         if config.auth_token_file:
             refused = self.metrics.auth_failures
             interceptors.append(TokenAuthInterceptor(read_token(config.auth_token_file),
                                                      on_refused=lambda method: refused.labels(method).inc()))
-        self.store = Store(config.data_dir, rocks=config.rocksdb, sweeper=config.sweeper)
-        self._grpc = grpc.server(
-            self._executor,
-            interceptors=interceptors,
-            options=[
-                ("grpc.so_reuseport", 0),
-                ("grpc.max_send_message_length", config.max_message_bytes),
-                ("grpc.max_receive_message_length", config.max_message_bytes),
-                ("grpc.max_concurrent_streams", config.max_concurrent_streams),
-            ],
-            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
-        )
-        add_service(EmbeddingStoreService(self.store, config, self.metrics), self._grpc)
+        self.store = await asyncio.to_thread(Store, config.data_dir, rocks=config.rocksdb, sweeper=config.sweeper)
+        self._gate = CallGate(config.max_concurrent_rpcs, config.retry_after_ms)
+        self._grpc = grpc.aio.server(interceptors=interceptors, options=[
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+        ])
+        self.service = EmbeddingStoreService(self.store, config, self.metrics, self.work)
+        add_service(self.service, self._grpc, self._gate)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._grpc)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._grpc
-        )
-        try:
-            address = grpc_address(config.host, config.port)
-            if credentials is None:
-                self.port = self._grpc.add_insecure_port(address)
-            else:
-                self.port = self._grpc.add_secure_port(address, credentials)
-        except RuntimeError as exc:
-            self.store.close()
-            raise FailedPrecondition(f"port: cannot bind {grpc_address(config.host, config.port)}: {exc}") from None
+        add_reflection(self._grpc, (SERVICE_NAME, health.SERVICE_NAME))
+        self.port = self._bind(credentials)
         if config.metrics_port:
             self.metrics.watch(self.store, config.data_dir)
             self._metrics_http = self.metrics.serve(config.host, config.metrics_port)
-        self._grpc.start()
+        await self._grpc.start()
+        interval = min(max(config.lease_seconds / 4, 0.01), 5.0)
+        self._lease_task = asyncio.create_task(self.service.expire_forever(interval))
         for service in ("", SERVICE_NAME):
-            self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         return self.port
 
-    def stop(self) -> None:
-        """Drain and close; safe to call once after start."""
-        self._health.enter_graceful_shutdown()
-        if self._grpc is not None:
-            self._grpc.stop(self.config.grace_seconds).wait()
-        self._executor.shutdown(wait=True, cancel_futures=True)
-        if self.store is not None:
+    def _bind(self, credentials) -> int:
+        address = grpc_address(self.config.host, self.config.port)
+        try:
+            if credentials is None:
+                return self._grpc.add_insecure_port(address)
+            return self._grpc.add_secure_port(address, credentials)
+        except RuntimeError as exc:
             self.store.close()
+            raise FailedPrecondition(f"port: cannot bind {address}: {exc}") from None
+
+    def set_serving(self, serving: bool) -> None:
+        """Health of the whole server, from any thread (e.g. NOT_SERVING while storage has failed)."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            asyncio.run_coroutine_threadsafe(self._health.set(service, status), self._loop)
+
+    async def stop(self) -> None:
+        """Drain and close; safe to call once after start."""
+        await self._health.enter_graceful_shutdown()
+        if self._gate is not None and not await self._gate.drain(self.config.grace_seconds):
+            log.warning("calls still running after the %ss grace period are cancelled", self.config.grace_seconds)
+        if self._grpc is not None:
+            await self._grpc.stop(0)
+        if self._lease_task is not None:
+            self._lease_task.cancel()
+        await asyncio.to_thread(self.work.shutdown)
+        if self.store is not None:
+            await asyncio.to_thread(self.store.close)
         if self._metrics_http is not None:
             http_server, _thread = self._metrics_http
             http_server.shutdown()

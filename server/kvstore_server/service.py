@@ -1,88 +1,89 @@
-"""The servicer: converts messages, calls the Store, lets `rpc` map the errors.
+"""The servicer: converts messages, calls the Store in the bounded executor, lets `rpc` map the errors.
 
-Update and Delete buffer and validate every chunk before applying the batch
-once, so a bad chunk anywhere in a stream changes nothing.
+Every handler is a coroutine that gets parsed requests (see `rpc.bind`).
+Streamed writes (Update, Delete, ApplyGradients) stage every chunk and commit
+once, after the client half-closed cleanly: a bad chunk, a cancellation or a
+broken connection at any point applies nothing. Their idempotency key makes a
+retry answer with the first result (`idempotency.RecentWrites`).
 """
 from __future__ import annotations
+
+from collections.abc import AsyncIterator
 
 import numpy as np
 from kvstore_proto.tensors import decode_ids, decode_tensor, encode_lookup_response
 from kvstore_proto.v1 import kvstore_pb2 as pb
-from kvstore_proto.v1 import kvstore_pb2_grpc as pb_grpc
 
 from kvstore import Store
 from kvstore.dtypes import weight_dtype
 from kvstore.errors import InvalidArgument, ResourceExhausted
 
 from .config import ServerConfig
+from .idempotency import RecentWrites
+from .lease_service import LeaseRPCs
 from .messages import concat, on_miss_name, table_config_from_proto, table_config_to_proto
 from .metrics import Metrics
-from .rpc import check_active, streaming, unary
-from .sessions import Sessions
+from .rpc import StoreWork
 from .transfer_service import SnapshotRPCs
 
 MESSAGE_OVERHEAD = 4096   # room for framing and the non-tensor fields of a response
 
 
-class EmbeddingStoreService(SnapshotRPCs, pb_grpc.EmbeddingStoreServicer):
-    def __init__(self, store: Store, config: ServerConfig, metrics: Metrics):
+class EmbeddingStoreService(SnapshotRPCs, LeaseRPCs):
+    def __init__(self, store: Store, config: ServerConfig, metrics: Metrics, work: StoreWork):
         self.store = store
         self.config = config
         self.metrics = metrics
-        self.sessions = Sessions(store)
+        self.work = work
+        self.recent = RecentWrites(config.idempotency_keys, config.idempotency_seconds)
+        LeaseRPCs.__init__(self, config.lease_seconds)
 
     # --- tables ----------------------------------------------------------------
 
-    @unary
-    def CreateTable(self, request, context):
-        config = self.store.create_table(table_config_from_proto(request.config))
+    async def CreateTable(self, request, context):
+        config = await self.work(self.store.create_table, table_config_from_proto(request.config))
         return pb.CreateTableResponse(config=table_config_to_proto(config))
 
-    @unary
-    def DropTable(self, request, context):
-        self.store.drop_table(request.table)
+    async def DropTable(self, request, context):
+        await self.work(self.store.drop_table, request.table)
         return pb.DropTableResponse()
 
-    @unary
-    def ListTables(self, request, context):
-        return pb.ListTablesResponse(tables=self.store.list_tables())
+    async def ListTables(self, request, context):
+        return pb.ListTablesResponse(tables=await self.work(self.store.list_tables))
 
-    @unary
-    def DescribeTable(self, request, context):
+    async def DescribeTable(self, request, context):
         return pb.DescribeTableResponse(config=table_config_to_proto(self.store.describe_table(request.table)))
 
-    @unary
-    def Stats(self, request, context):
-        return pb.StatsResponse(table=request.table, counters=self.store.stats(request.table))
+    async def Stats(self, request, context):
+        return pb.StatsResponse(table=request.table, counters=await self.work(self.store.stats, request.table))
 
     # --- rows --------------------------------------------------------------------
 
-    @streaming
-    def Lookup(self, request_iterator, context):
-        for request in request_iterator:
-            check_active(context)
-            ids = decode_ids(request.ids, "ids")
-            self._check_chunk(len(ids))
-            on_miss = on_miss_name(request.on_miss)
-            self._check_response_size(request.table, len(ids), request.with_state)
-            result = self.store.lookup(request.table, ids, on_miss, request.with_state)
-            yield encode_lookup_response(result.weights, result.state)   # serialized: one copy of the rows
+    async def Lookup(self, requests: AsyncIterator, context):
+        async for request in requests:
+            if request.lease:
+                self.leases.renew_if_live(request.lease)      # a lookup never fails over its lease
+            yield await self.work(self._lookup_chunk, request)    # serialized: one copy of the rows
 
-    @unary
-    def Update(self, request_iterator, context):
-        table, dim, with_state = None, 0, False
-        ids_parts, weight_parts, state_parts, score_parts = [], [], [], []
-        rows = 0
-        for index, request in enumerate(request_iterator):
-            check_active(context)
-            table = self._stream_table(table, request.table, index)
+    def _lookup_chunk(self, request: pb.LookupRequest) -> bytes:
+        ids = decode_ids(request.ids, "ids")
+        self._check_chunk(len(ids))
+        on_miss = on_miss_name(request.on_miss)
+        self._check_response_size(request.table, len(ids), request.with_state)
+        result = self.store.lookup(request.table, ids, on_miss, request.with_state)
+        return encode_lookup_response(result.weights, result.state)
+
+    async def Update(self, requests: AsyncIterator, context):
+        staged = _Staged()
+        dim, with_state, score_parts, state_parts = 0, False, [], []
+        async for request in requests:
+            index = staged.next_chunk(request.table, request.idempotency_key)
             if index == 0:                              # unknown table: NOT_FOUND before buffering
-                dim = self.store.describe_table(table).dim
+                dim = self.store.describe_table(staged.table).dim
                 with_state = request.HasField("state")
-            ids = decode_ids(request.ids, "ids")
-            rows = self._count_rows(rows, len(ids))
+            ids = staged.add_ids(decode_ids(request.ids, "ids"), self._count_rows)
             weights = decode_tensor(request.weights, "weights")
-            _check_matrix(weights, len(ids), dim, "weights", weight_parts)
+            _check_matrix(weights, len(ids), dim, "weights", staged.values)
             if request.HasField("state") != with_state:
                 raise InvalidArgument(f"state: chunk {index} {'lacks' if with_state else 'has'} state; "
                                       "give state in every chunk of an update or in none")
@@ -91,105 +92,68 @@ class EmbeddingStoreService(SnapshotRPCs, pb_grpc.EmbeddingStoreServicer):
                 _check_matrix(state, len(ids), None, "state", state_parts)
                 state_parts.append(state)
             _collect_scores(request, index, len(ids), score_parts)
-            ids_parts.append(ids)
-            weight_parts.append(weights)
-        if table is None:
+            staged.values.append(weights)
+        if staged.table is None:
             return pb.UpdateResponse(rows=0)
-        check_active(context)
-        ids = concat(ids_parts)
-        weights = concat(weight_parts)
         state = concat(state_parts) if with_state else None
         scores = concat(score_parts) if score_parts else None
-        return pb.UpdateResponse(rows=self.store.update(table, ids, weights, state, scores))
 
-    @unary
-    def Delete(self, request_iterator, context):
-        table, ids_parts, rows = None, [], 0
-        for index, request in enumerate(request_iterator):
-            check_active(context)
-            table = self._stream_table(table, request.table, index)
-            if index == 0:
-                self.store.describe_table(table)        # unknown table: NOT_FOUND before buffering
-            ids = decode_ids(request.ids, "ids")
-            rows = self._count_rows(rows, len(ids))
-            ids_parts.append(ids)
-        if table is None:
+        async def commit():
+            rows = await self.work(self.store.update, staged.table, staged.ids(), concat(staged.values), state, scores)
+            return pb.UpdateResponse(rows=rows)
+
+        return await self.recent.once("Update", staged.key, commit)
+
+    async def Delete(self, requests: AsyncIterator, context):
+        staged = _Staged()
+        async for request in requests:
+            if staged.next_chunk(request.table, request.idempotency_key) == 0:
+                self.store.describe_table(staged.table)        # unknown table: NOT_FOUND before buffering
+            staged.add_ids(decode_ids(request.ids, "ids"), self._count_rows)
+        if staged.table is None:
             return pb.DeleteResponse(rows=0)
-        check_active(context)
-        return pb.DeleteResponse(rows=self.store.delete(table, concat(ids_parts)))
+
+        async def commit():
+            return pb.DeleteResponse(rows=await self.work(self.store.delete, staged.table, staged.ids()))
+
+        return await self.recent.once("Delete", staged.key, commit)
 
     # --- training --------------------------------------------------------------------
 
-    @unary
-    def ApplyGradients(self, request_iterator, context):
-        table, dim, owner = None, 0, ""
-        ids_parts, grad_parts, score_parts, rows = [], [], [], 0
-        for index, request in enumerate(request_iterator):
-            check_active(context)
-            table = self._stream_table(table, request.table, index)
-            ids = decode_ids(request.ids, "ids")
-            rows = self._count_rows(rows, len(ids))
+    async def ApplyGradients(self, requests: AsyncIterator, context):
+        staged, dim, owner, score_parts = _Staged(), 0, "", []
+        async for request in requests:
+            index = staged.next_chunk(request.table, request.idempotency_key)
+            ids = staged.add_ids(decode_ids(request.ids, "ids"), self._count_rows)
             grads = decode_tensor(request.grads, "grads")
             if index == 0:
-                dim = self.store.describe_table(table).dim
+                dim = self.store.describe_table(staged.table).dim
                 owner = request.owner
-            _check_matrix(grads, len(ids), dim, "grads", grad_parts)
+            _check_matrix(grads, len(ids), dim, "grads", staged.values)
             _collect_scores(request, index, len(ids), score_parts)
-            ids_parts.append(ids)
-            grad_parts.append(grads)
-        if table is None:
+            staged.values.append(grads)
+        if staged.table is None:
             return pb.ApplyGradientsResponse(rows=0)
-        check_active(context)
+        if owner:
+            self.leases.renew_if_live(owner)           # a lapsed lease's locks are gone; the step still runs
         scores = concat(score_parts) if score_parts else None
-        stepped = self.store.apply_gradients(table, concat(ids_parts), concat(grad_parts), owner or None, scores)
-        return pb.ApplyGradientsResponse(rows=stepped)
 
-    @unary
-    def Prefetch(self, request_iterator, context):
-        table, lock, owner, ids_parts, rows = None, False, "", [], 0
-        for index, request in enumerate(request_iterator):
-            check_active(context)
-            table = self._stream_table(table, request.table, index)
-            ids_parts.append(decode_ids(request.ids, "ids"))
-            rows = self._count_rows(rows, len(ids_parts[-1]))
-            if index == 0:
-                self.store.describe_table(table)
-                lock, owner = request.lock, request.owner
-                if lock:
-                    self.sessions.check(owner)
-        if table is None:
-            return pb.PrefetchResponse(cached=0)
-        cached = self.store.prefetch(table, concat(ids_parts), lock, owner)
-        if lock:
-            self.sessions.settle(owner)
-        return pb.PrefetchResponse(cached=cached)
+        async def commit():
+            stepped = await self.work(self.store.apply_gradients, staged.table, staged.ids(), concat(staged.values),
+                                      owner or None, scores)
+            return pb.ApplyGradientsResponse(rows=stepped)
 
-    @unary
-    def Release(self, request, context):
-        ids = decode_ids(request.ids, "ids")
-        self._count_rows(0, len(ids))
-        return pb.ReleaseResponse(released=self.store.release(request.table, ids, request.owner))
-
-    @streaming
-    def OpenSession(self, request_iterator, context):
-        """Hands out an owner id; when the stream ends, for whatever reason, its locks are released."""
-        owner = self.sessions.open()
-        context.add_callback(lambda: self.sessions.close(owner))
-        yield pb.SessionEvent(owner=owner)
-        for _ in request_iterator:          # the client sends nothing; this returns when it goes away
-            pass
+        return await self.recent.once("ApplyGradients", staged.key, commit)
 
     # --- eviction --------------------------------------------------------------------
 
-    @unary
-    def Evict(self, request, context):
-        return pb.EvictResponse(evicted=self.store.evict(request.table))
+    async def Evict(self, request, context):
+        return pb.EvictResponse(evicted=await self.work(self.store.evict, request.table))
 
-    @unary
-    def RestoreRows(self, request, context):
+    async def RestoreRows(self, request, context):
         ids = decode_ids(request.ids, "ids")
         self._count_rows(0, len(ids))
-        return pb.RestoreRowsResponse(rows=self.store.restore_rows(request.table, ids))
+        return pb.RestoreRowsResponse(rows=await self.work(self.store.restore_rows, request.table, ids))
 
     # --- limits --------------------------------------------------------------------
 
@@ -224,14 +188,36 @@ class EmbeddingStoreService(SnapshotRPCs, pb_grpc.EmbeddingStoreServicer):
     def _rows_per_message(self, row_bytes: int) -> int:
         return max(1, (self.config.max_message_bytes - MESSAGE_OVERHEAD) // max(1, row_bytes))
 
-    @staticmethod
-    def _stream_table(current: str | None, named: str, index: int) -> str:
-        """The table of a client stream: named by its first chunk; later chunks repeat it or leave it empty."""
-        if current is None:
-            return named
-        if named and named != current:
-            raise InvalidArgument(f"table: chunk {index} names {named!r} but the stream began with {current!r}")
-        return current
+
+class _Staged:
+    """The chunks of one streamed write, held until the client half-closes: the table named by the
+    first chunk, its idempotency key, the ids and one tensor per chunk."""
+
+    def __init__(self):
+        self.table: str | None = None
+        self.key = ""
+        self.index = -1
+        self.rows = 0
+        self.id_parts: list[np.ndarray] = []
+        self.values: list[np.ndarray] = []
+
+    def next_chunk(self, table: str, key: str) -> int:
+        """Index of the chunk now arriving; later chunks repeat the table (or leave it empty)."""
+        self.index += 1
+        if self.table is None:
+            self.table, self.key = table, key
+        elif table and table != self.table:
+            raise InvalidArgument(f"table: chunk {self.index} names {table!r} but the stream began with "
+                                  f"{self.table!r}")
+        return self.index
+
+    def add_ids(self, ids: np.ndarray, count_rows) -> np.ndarray:
+        self.rows = count_rows(self.rows, len(ids))
+        self.id_parts.append(ids)
+        return ids
+
+    def ids(self) -> np.ndarray:
+        return concat(self.id_parts)
 
 
 def _check_matrix(values: np.ndarray, n: int, width: int | None, field: str, previous: list[np.ndarray]) -> None:

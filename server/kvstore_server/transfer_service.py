@@ -1,12 +1,15 @@
 """Snapshot, export and import RPCs: a mixin of the servicer, thin like the rest.
 
 Export streams chunks read from a consistent view of the table; an error
-raised mid-stream still reaches the client with its code (the `streaming`
-wrapper). Import stages every chunk on the server's disk and applies them only
+raised mid-stream still reaches the client with its code (`rpc.bind`).
+Import stages every chunk on the server's disk and applies them only
 after the last one arrived and passed validation, so a bad chunk, a cancelled
 call or a dropped connection changes nothing.
 """
 from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
 
 import numpy as np
 from kvstore_proto.tensors import decode_ids, decode_tensor, encode_ids, encode_tensor
@@ -17,8 +20,9 @@ from kvstore.dtypes import weight_dtype
 from kvstore.errors import InvalidArgument
 from kvstore.snapshots import SnapshotInfo
 
+from .idempotency import RecentWrites
 from .messages import table_config_from_proto, table_config_to_proto
-from .rpc import check_active, streaming, unary
+from .rpc import StoreWork
 
 IMPORT_MODES = {
     pb.IMPORT_MODE_UNSPECIFIED: "merge",
@@ -40,36 +44,35 @@ class SnapshotRPCs:
     """CreateSnapshot, ListSnapshots, DeleteSnapshot, RestoreSnapshot, Export, Import."""
 
     store: Store
+    work: StoreWork
+    recent: RecentWrites
 
-    @unary
-    def CreateSnapshot(self, request, context):
-        return pb.CreateSnapshotResponse(snapshot=snapshot_to_proto(self.store.create_snapshot(request.name)))
+    async def CreateSnapshot(self, request, context):
+        info = await self.work(self.store.create_snapshot, request.name)
+        return pb.CreateSnapshotResponse(snapshot=snapshot_to_proto(info))
 
-    @unary
-    def ListSnapshots(self, request, context):
-        return pb.ListSnapshotsResponse(snapshots=[snapshot_to_proto(s) for s in self.store.list_snapshots()])
+    async def ListSnapshots(self, request, context):
+        snapshots = await self.work(self.store.list_snapshots)
+        return pb.ListSnapshotsResponse(snapshots=[snapshot_to_proto(s) for s in snapshots])
 
-    @unary
-    def DeleteSnapshot(self, request, context):
-        self.store.delete_snapshot(request.name)
+    async def DeleteSnapshot(self, request, context):
+        await self.work(self.store.delete_snapshot, request.name)
         return pb.DeleteSnapshotResponse()
 
-    @unary
-    def RestoreSnapshot(self, request, context):
-        info = self.store.restore_snapshot(request.name)
+    async def RestoreSnapshot(self, request, context):
+        info = await self.work(self.store.restore_snapshot, request.name)
         stats = self.store.store_stats()
         return pb.RestoreSnapshotResponse(snapshot=snapshot_to_proto(info),
                                           duration_seconds=stats.get("restore_seconds_last", 0.0))
 
-    @streaming
-    def Export(self, request, context):
+    async def Export(self, request, context):
         config = self.store.describe_table(request.table)
         chunk_rows = self._export_chunk_rows(config, request.chunk_rows)
-        export = self.store.export_table(request.table, chunk_rows)
+        export = await self.work(self.store.export_table, request.table, chunk_rows)
         try:
             header = {"config": table_config_to_proto(export.config), "estimated_rows": export.estimated_rows}
-            for chunk in export:
-                check_active(context)
+            chunks = iter(export)
+            while (chunk := await self.work(next, chunks, None)) is not None:
                 yield pb.ExportChunk(ids=encode_ids(chunk.ids), weights=encode_tensor(chunk.weights),
                                      state=encode_tensor(chunk.state),
                                      meta=encode_tensor(chunk.meta.astype(np.int64)), **header)
@@ -80,7 +83,7 @@ class SnapshotRPCs:
                     state=encode_tensor(np.zeros((0, config.state_dim), np.float32)),
                     meta=encode_tensor(np.zeros((0, 3), np.int64)), **header)
         finally:
-            export.close()
+            await asyncio.shield(self.work(export.close))
 
     def _export_chunk_rows(self, config, requested: int) -> int | None:
         row_bytes = 8 + config.dim * weight_dtype(config.dtype).itemsize + config.state_dim * 4 + 24
@@ -90,30 +93,33 @@ class SnapshotRPCs:
                                   f"(the message limit), got {requested}")
         return requested or min(most, max(1, (2 << 20) // row_bytes))
 
-    @unary
-    def Import(self, request_iterator, context):
-        stager = None
+    async def Import(self, requests: AsyncIterator, context):
+        stager, key = None, ""
         try:
-            for index, request in enumerate(request_iterator):
-                check_active(context)
+            index = 0
+            async for request in requests:
                 if stager is None:
-                    stager = self._begin_import(request)
+                    stager, key = await self.work(self._begin_import, request), request.idempotency_key
                 elif request.table and request.table != stager.table.name:
                     raise InvalidArgument(f"table: chunk {index} names {request.table!r} "
                                           f"but the stream began with {stager.table.name!r}")
-                stager.add(decode_ids(request.ids, "ids"), decode_tensor(request.weights, "weights"),
-                           decode_tensor(request.state, "state") if request.HasField("state") else None,
-                           decode_tensor(request.meta, "meta") if request.HasField("meta") else None)
+                await self.work(stager.add, decode_ids(request.ids, "ids"), decode_tensor(request.weights, "weights"),
+                                decode_tensor(request.state, "state") if request.HasField("state") else None,
+                                decode_tensor(request.meta, "meta") if request.HasField("meta") else None)
+                index += 1
             if stager is None:
                 raise InvalidArgument("table: the import stream had no chunk")
-            check_active(context)
-            created, rows = stager.created, self.store.commit_import(stager)
-            stager = None
-            return pb.ImportResponse(rows=rows, created=created)
-        finally:
-            if stager is not None:
-                self.store.abort_import(stager)
 
+            async def commit():
+                nonlocal stager
+                staged, stager = stager, None         # from here the commit owns the staged files
+                created, rows = staged.created, await self.work(self.store.commit_import, staged)
+                return pb.ImportResponse(rows=rows, created=created)
+
+            return await self.recent.once("Import", key, commit)
+        finally:
+            if stager is not None:                    # cancelled, failed or a replayed retry: drop the staging
+                asyncio.get_running_loop().run_in_executor(None, self.store.abort_import, stager)
     def _begin_import(self, request):
         mode = IMPORT_MODES.get(request.mode)
         if mode is None:

@@ -13,7 +13,7 @@ from kvstore_proto.tensors import encode_ids
 from kvstore_proto.v1 import kvstore_pb2 as pb
 from kvstore_proto.v1 import kvstore_pb2_grpc as pb_grpc
 
-from .conftest import small_table, wait_until
+from .conftest import free_port, small_table, wait_until
 
 DIM = 8
 
@@ -101,16 +101,22 @@ time.sleep(600)
 """
 
 
-def test_locks_of_a_client_that_dies_are_released(server, client):
-    small_table(client, "orphaned", DIM)
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCKS, server.address], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        assert client.stats("orphaned")["cache_locked_rows"] == 5
-    finally:
-        holder.kill()
-        holder.wait()
-    assert wait_until(lambda: client.stats("orphaned")["cache_locked_rows"] == 0)
+def test_locks_of_a_client_that_dies_are_released_when_its_lease_lapses(start_server):
+    from .test_leases import expired_leases
+
+    server = start_server("--lease-seconds", "0.5", metrics_port=free_port())
+    with KVStoreClient(server.address) as client:
+        small_table(client, "orphaned", DIM)
+        holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCKS, server.address], stdout=subprocess.PIPE,
+                                  text=True)
+        try:
+            assert holder.stdout.readline().strip() == "locked"
+            assert client.stats("orphaned")["cache_locked_rows"] == 5
+        finally:
+            holder.kill()
+            holder.wait()
+        assert wait_until(lambda: client.stats("orphaned")["cache_locked_rows"] == 0, timeout=60)
+        assert expired_leases(server) >= 1
 
 
 def _push(address: str, worker: int, rounds: int) -> None:

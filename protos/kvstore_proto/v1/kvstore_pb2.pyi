@@ -176,16 +176,18 @@ class DescribeTableResponse(_message.Message):
     def __init__(self, config: _Optional[_Union[TableConfig, _Mapping]] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("table", "ids", "on_miss", "with_state")
+    __slots__ = ("table", "ids", "on_miss", "with_state", "lease")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     ON_MISS_FIELD_NUMBER: _ClassVar[int]
     WITH_STATE_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
     table: str
     ids: bytes
     on_miss: OnMiss
     with_state: bool
-    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., on_miss: _Optional[_Union[OnMiss, str]] = ..., with_state: _Optional[bool] = ...) -> None: ...
+    lease: str
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., on_miss: _Optional[_Union[OnMiss, str]] = ..., with_state: _Optional[bool] = ..., lease: _Optional[str] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
     __slots__ = ("weights", "state")
@@ -196,18 +198,20 @@ class LookupResponse(_message.Message):
     def __init__(self, weights: _Optional[_Union[Tensor, _Mapping]] = ..., state: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class UpdateRequest(_message.Message):
-    __slots__ = ("table", "ids", "weights", "state", "scores")
+    __slots__ = ("table", "ids", "weights", "state", "scores", "idempotency_key")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     table: str
     ids: bytes
     weights: Tensor
     state: Tensor
     scores: Tensor
-    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., state: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., state: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class UpdateResponse(_message.Message):
     __slots__ = ("rows",)
@@ -216,12 +220,14 @@ class UpdateResponse(_message.Message):
     def __init__(self, rows: _Optional[int] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
-    __slots__ = ("table", "ids")
+    __slots__ = ("table", "ids", "idempotency_key")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     table: str
     ids: bytes
-    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class DeleteResponse(_message.Message):
     __slots__ = ("rows",)
@@ -230,18 +236,20 @@ class DeleteResponse(_message.Message):
     def __init__(self, rows: _Optional[int] = ...) -> None: ...
 
 class ApplyGradientsRequest(_message.Message):
-    __slots__ = ("table", "ids", "grads", "owner", "scores")
+    __slots__ = ("table", "ids", "grads", "owner", "scores", "idempotency_key")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     GRADS_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     table: str
     ids: bytes
     grads: Tensor
     owner: str
     scores: Tensor
-    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., grads: _Optional[_Union[Tensor, _Mapping]] = ..., owner: _Optional[str] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., grads: _Optional[_Union[Tensor, _Mapping]] = ..., owner: _Optional[str] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class ApplyGradientsResponse(_message.Message):
     __slots__ = ("rows",)
@@ -283,15 +291,41 @@ class ReleaseResponse(_message.Message):
     released: int
     def __init__(self, released: _Optional[int] = ...) -> None: ...
 
-class SessionRequest(_message.Message):
+class GrantLeaseRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
-class SessionEvent(_message.Message):
-    __slots__ = ("owner",)
-    OWNER_FIELD_NUMBER: _ClassVar[int]
-    owner: str
-    def __init__(self, owner: _Optional[str] = ...) -> None: ...
+class GrantLeaseResponse(_message.Message):
+    __slots__ = ("lease", "ttl_seconds")
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    lease: str
+    ttl_seconds: float
+    def __init__(self, lease: _Optional[str] = ..., ttl_seconds: _Optional[float] = ...) -> None: ...
+
+class KeepAliveRequest(_message.Message):
+    __slots__ = ("lease",)
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    lease: str
+    def __init__(self, lease: _Optional[str] = ...) -> None: ...
+
+class KeepAliveResponse(_message.Message):
+    __slots__ = ("ttl_seconds",)
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ttl_seconds: float
+    def __init__(self, ttl_seconds: _Optional[float] = ...) -> None: ...
+
+class RevokeLeaseRequest(_message.Message):
+    __slots__ = ("lease",)
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    lease: str
+    def __init__(self, lease: _Optional[str] = ...) -> None: ...
+
+class RevokeLeaseResponse(_message.Message):
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: int
+    def __init__(self, released: _Optional[int] = ...) -> None: ...
 
 class EvictRequest(_message.Message):
     __slots__ = ("table",)
@@ -443,7 +477,7 @@ class ExportChunk(_message.Message):
     def __init__(self, config: _Optional[_Union[TableConfig, _Mapping]] = ..., estimated_rows: _Optional[int] = ..., ids: _Optional[bytes] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., state: _Optional[_Union[Tensor, _Mapping]] = ..., meta: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ImportRequest(_message.Message):
-    __slots__ = ("table", "mode", "config", "ids", "weights", "state", "meta")
+    __slots__ = ("table", "mode", "config", "ids", "weights", "state", "meta", "idempotency_key")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
@@ -451,6 +485,7 @@ class ImportRequest(_message.Message):
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     META_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     table: str
     mode: ImportMode
     config: TableConfig
@@ -458,7 +493,8 @@ class ImportRequest(_message.Message):
     weights: Tensor
     state: Tensor
     meta: Tensor
-    def __init__(self, table: _Optional[str] = ..., mode: _Optional[_Union[ImportMode, str]] = ..., config: _Optional[_Union[TableConfig, _Mapping]] = ..., ids: _Optional[bytes] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., state: _Optional[_Union[Tensor, _Mapping]] = ..., meta: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, table: _Optional[str] = ..., mode: _Optional[_Union[ImportMode, str]] = ..., config: _Optional[_Union[TableConfig, _Mapping]] = ..., ids: _Optional[bytes] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., state: _Optional[_Union[Tensor, _Mapping]] = ..., meta: _Optional[_Union[Tensor, _Mapping]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class ImportResponse(_message.Message):
     __slots__ = ("rows", "created")

@@ -84,10 +84,20 @@ class EmbeddingStoreStub:
                 request_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
-        self.OpenSession = channel.stream_stream(
-                '/kvstore.v1.EmbeddingStore/OpenSession',
-                request_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.SessionRequest.SerializeToString,
-                response_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.SessionEvent.FromString,
+        self.GrantLease = channel.unary_unary(
+                '/kvstore.v1.EmbeddingStore/GrantLease',
+                request_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.GrantLeaseRequest.SerializeToString,
+                response_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.GrantLeaseResponse.FromString,
+                _registered_method=True)
+        self.KeepAlive = channel.unary_unary(
+                '/kvstore.v1.EmbeddingStore/KeepAlive',
+                request_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.KeepAliveRequest.SerializeToString,
+                response_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.KeepAliveResponse.FromString,
+                _registered_method=True)
+        self.RevokeLease = channel.unary_unary(
+                '/kvstore.v1.EmbeddingStore/RevokeLease',
+                request_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.RevokeLeaseRequest.SerializeToString,
+                response_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.RevokeLeaseResponse.FromString,
                 _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/kvstore.v1.EmbeddingStore/Stats',
@@ -199,7 +209,19 @@ class EmbeddingStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def OpenSession(self, request_iterator, context):
+    def GrantLease(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def KeepAlive(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeLease(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -312,10 +334,20 @@ def add_EmbeddingStoreServicer_to_server(servicer, server):
                     request_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.ReleaseRequest.FromString,
                     response_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.ReleaseResponse.SerializeToString,
             ),
-            'OpenSession': grpc.stream_stream_rpc_method_handler(
-                    servicer.OpenSession,
-                    request_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.SessionRequest.FromString,
-                    response_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.SessionEvent.SerializeToString,
+            'GrantLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.GrantLease,
+                    request_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.GrantLeaseRequest.FromString,
+                    response_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.GrantLeaseResponse.SerializeToString,
+            ),
+            'KeepAlive': grpc.unary_unary_rpc_method_handler(
+                    servicer.KeepAlive,
+                    request_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.KeepAliveRequest.FromString,
+                    response_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.KeepAliveResponse.SerializeToString,
+            ),
+            'RevokeLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeLease,
+                    request_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.RevokeLeaseRequest.FromString,
+                    response_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.RevokeLeaseResponse.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
@@ -644,7 +676,7 @@ class EmbeddingStore:
             _registered_method=True)
 
     @staticmethod
-    def OpenSession(request_iterator,
+    def GrantLease(request,
             target,
             options=(),
             channel_credentials=None,
@@ -654,12 +686,66 @@ class EmbeddingStore:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.stream_stream(
-            request_iterator,
+        return grpc.experimental.unary_unary(
+            request,
             target,
-            '/kvstore.v1.EmbeddingStore/OpenSession',
-            kvstore__proto_dot_v1_dot_kvstore__pb2.SessionRequest.SerializeToString,
-            kvstore__proto_dot_v1_dot_kvstore__pb2.SessionEvent.FromString,
+            '/kvstore.v1.EmbeddingStore/GrantLease',
+            kvstore__proto_dot_v1_dot_kvstore__pb2.GrantLeaseRequest.SerializeToString,
+            kvstore__proto_dot_v1_dot_kvstore__pb2.GrantLeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def KeepAlive(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.EmbeddingStore/KeepAlive',
+            kvstore__proto_dot_v1_dot_kvstore__pb2.KeepAliveRequest.SerializeToString,
+            kvstore__proto_dot_v1_dot_kvstore__pb2.KeepAliveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.EmbeddingStore/RevokeLease',
+            kvstore__proto_dot_v1_dot_kvstore__pb2.RevokeLeaseRequest.SerializeToString,
+            kvstore__proto_dot_v1_dot_kvstore__pb2.RevokeLeaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,62 @@
+"""Streamed writes (Update, Delete, ApplyGradients, Import): one idempotency key per call, safe retries.
+
+The server applies a streamed write only after the client half-closed cleanly,
+and remembers recent keys: a retry with the same key after a lost reply gets the
+first result and is not applied twice. So a write that failed UNAVAILABLE (a
+connection reset, a server restarting) is retried here a few times with its key.
+An error raised while the requests are built (a damaged export file, say) ends
+the call, so the server applies nothing, and is raised as itself, not as gRPC's
+"Exception iterating requests!".
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from .errors import DataLossError, KVStoreError, UnavailableError
+from .errors import rpc_errors as _rpc
+
+RETRIES = 2
+BACKOFF_SECONDS = 0.1
+
+
+def streamed_write(call: Callable, requests: Callable[[str], Iterator], timeout: float, retries: int = RETRIES) -> Any:
+    """`call(requests(key))` under a fresh key; retried with that key while the server is unavailable."""
+    key = uuid.uuid4().hex
+    for attempt in range(retries + 1):
+        source = _Source(requests(key))
+        try:
+            with _rpc():
+                return call(iter(source), timeout=timeout)
+        except KVStoreError as error:
+            if source.error is not None:
+                raise _source_error(source.error) from None
+            if not isinstance(error, UnavailableError) or attempt == retries:
+                raise
+        time.sleep(BACKOFF_SECONDS * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+class _Source:
+    """The requests of one try; keeps the exception that ended them, if any."""
+
+    def __init__(self, requests: Iterator):
+        self.requests = requests
+        self.error: BaseException | None = None
+
+    def __iter__(self) -> Iterator:
+        try:
+            yield from self.requests
+        except Exception as exc:               # noqa: BLE001 - raised again, as itself, by streamed_write
+            self.error = exc
+            raise
+
+
+def _source_error(exc: BaseException) -> BaseException:
+    if isinstance(exc, KVStoreError):
+        return exc
+    if isinstance(exc, ValueError):            # e.g. kvstore_proto.export_format.ExportFormatError: a damaged file
+        return DataLossError(message=str(exc))
+    return exc
