@@ -1,12 +1,14 @@
 """Streamed writes (Update, Delete, ApplyGradients, Import): one idempotency key per call, safe retries.
 
-The server applies a streamed write only after the client half-closed cleanly,
+The server applies a streamed write only after its chunk marked `last` and a
+clean half-close (so a cancelled call applies nothing),
 and remembers recent keys: a retry with the same key after a lost reply gets the
 first result and is not applied twice. So a write that failed UNAVAILABLE (a
 connection reset, a server restarting) is retried here a few times with its key.
 An error raised while the requests are built (a damaged export file, say) ends
-the call, so the server applies nothing, and is raised as itself, not as gRPC's
-"Exception iterating requests!".
+the stream before its `last` chunk, so the server applies nothing (and has
+dropped anything it staged when it answers), and is raised as itself, not as
+gRPC's "Exception iterating requests!".
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ def streamed_write(call: Callable, requests: Callable[[str], Iterator], timeout:
     """`call(requests(key))` under a fresh key; retried with that key while the server is unavailable."""
     key = uuid.uuid4().hex
     for attempt in range(retries + 1):
-        source = _Source(requests(key))
+        source = _Source(_mark_last(requests(key)))
         try:
             with _rpc():
                 return call(iter(source), timeout=timeout)
@@ -37,6 +39,18 @@ def streamed_write(call: Callable, requests: Callable[[str], Iterator], timeout:
                 raise
         time.sleep(BACKOFF_SECONDS * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def _mark_last(requests: Iterator) -> Iterator:
+    """The requests, the final one marked `last`: the server applies the write only after it."""
+    previous = None
+    for request in requests:
+        if previous is not None:
+            yield previous
+        previous = request
+    if previous is not None:
+        previous.last = True
+        yield previous
 
 
 class _Source:
@@ -50,8 +64,7 @@ class _Source:
         try:
             yield from self.requests
         except Exception as exc:               # noqa: BLE001 - raised again, as itself, by streamed_write
-            self.error = exc
-            raise
+            self.error = exc                   # the stream ends without its `last` chunk: nothing is applied
 
 
 def _source_error(exc: BaseException) -> BaseException:

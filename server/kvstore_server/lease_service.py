@@ -64,7 +64,7 @@ class LeaseRPCs:
             rows = self._count_rows(rows, len(ids_parts[-1]))
         if table is None:
             return pb.PrefetchResponse(cached=0)
-        cached = await self.work(self.store.prefetch, table, concat(ids_parts), lock, owner)
+        cached = await self.on_table(table, self.store.prefetch, table, concat(ids_parts), lock, owner)
         if lock and not self.leases.is_live(owner):     # lapsed meanwhile: what was just taken goes too
             await self.work(self.store.release_owner, owner)
         return pb.PrefetchResponse(cached=cached)
@@ -73,7 +73,8 @@ class LeaseRPCs:
         ids = decode_ids(request.ids, "ids")
         self._count_rows(0, len(ids))
         self.leases.renew_if_live(request.owner)
-        return pb.ReleaseResponse(released=await self.work(self.store.release, request.table, ids, request.owner))
+        return pb.ReleaseResponse(released=await self.on_table(request.table, self.store.release,
+                                                                 request.table, ids, request.owner))
 
     async def expire_forever(self, interval: float) -> None:
         """Every `interval` seconds: release the rows of every lease whose time ran out."""

@@ -2,8 +2,8 @@
 
 Every handler is a coroutine that gets parsed requests (see `rpc.bind`).
 Streamed writes (Update, Delete, ApplyGradients) stage every chunk and commit
-once, after the client half-closed cleanly: a bad chunk, a cancellation or a
-broken connection at any point applies nothing. Their idempotency key makes a
+once, after the chunk marked `last` and a clean half-close (`rpc.whole_stream`):
+a bad chunk, a cancellation or a broken connection at any point applies nothing. Their idempotency key makes a
 retry answer with the first result (`idempotency.RecentWrites`).
 """
 from __future__ import annotations
@@ -23,7 +23,8 @@ from .idempotency import RecentWrites
 from .lease_service import LeaseRPCs
 from .messages import concat, on_miss_name, table_config_from_proto, table_config_to_proto
 from .metrics import Metrics
-from .rpc import StoreWork
+from .races import on_table
+from .rpc import StoreWork, whole_stream
 from .transfer_service import SnapshotRPCs
 
 MESSAGE_OVERHEAD = 4096   # room for framing and the non-tensor fields of a response
@@ -55,7 +56,8 @@ class EmbeddingStoreService(SnapshotRPCs, LeaseRPCs):
         return pb.DescribeTableResponse(config=table_config_to_proto(self.store.describe_table(request.table)))
 
     async def Stats(self, request, context):
-        return pb.StatsResponse(table=request.table, counters=await self.work(self.store.stats, request.table))
+        return pb.StatsResponse(table=request.table, counters=await self.on_table(request.table, self.store.stats,
+                                                                                request.table))
 
     # --- rows --------------------------------------------------------------------
 
@@ -63,7 +65,7 @@ class EmbeddingStoreService(SnapshotRPCs, LeaseRPCs):
         async for request in requests:
             if request.lease:
                 self.leases.renew_if_live(request.lease)      # a lookup never fails over its lease
-            yield await self.work(self._lookup_chunk, request)    # serialized: one copy of the rows
+            yield await self.on_table(request.table, self._lookup_chunk, request)   # serialized: one copy
 
     def _lookup_chunk(self, request: pb.LookupRequest) -> bytes:
         ids = decode_ids(request.ids, "ids")
@@ -76,7 +78,7 @@ class EmbeddingStoreService(SnapshotRPCs, LeaseRPCs):
     async def Update(self, requests: AsyncIterator, context):
         staged = _Staged()
         dim, with_state, score_parts, state_parts = 0, False, [], []
-        async for request in requests:
+        async for request in whole_stream(requests, context):
             index = staged.next_chunk(request.table, request.idempotency_key)
             if index == 0:                              # unknown table: NOT_FOUND before buffering
                 dim = self.store.describe_table(staged.table).dim
@@ -99,14 +101,15 @@ class EmbeddingStoreService(SnapshotRPCs, LeaseRPCs):
         scores = concat(score_parts) if score_parts else None
 
         async def commit():
-            rows = await self.work(self.store.update, staged.table, staged.ids(), concat(staged.values), state, scores)
+            rows = await self.on_table(staged.table, self.store.update, staged.table, staged.ids(),
+                                       concat(staged.values), state, scores)
             return pb.UpdateResponse(rows=rows)
 
         return await self.recent.once("Update", staged.key, commit)
 
     async def Delete(self, requests: AsyncIterator, context):
         staged = _Staged()
-        async for request in requests:
+        async for request in whole_stream(requests, context):
             if staged.next_chunk(request.table, request.idempotency_key) == 0:
                 self.store.describe_table(staged.table)        # unknown table: NOT_FOUND before buffering
             staged.add_ids(decode_ids(request.ids, "ids"), self._count_rows)
@@ -114,7 +117,8 @@ class EmbeddingStoreService(SnapshotRPCs, LeaseRPCs):
             return pb.DeleteResponse(rows=0)
 
         async def commit():
-            return pb.DeleteResponse(rows=await self.work(self.store.delete, staged.table, staged.ids()))
+            return pb.DeleteResponse(rows=await self.on_table(staged.table, self.store.delete, staged.table,
+                                                              staged.ids()))
 
         return await self.recent.once("Delete", staged.key, commit)
 
@@ -122,7 +126,7 @@ class EmbeddingStoreService(SnapshotRPCs, LeaseRPCs):
 
     async def ApplyGradients(self, requests: AsyncIterator, context):
         staged, dim, owner, score_parts = _Staged(), 0, "", []
-        async for request in requests:
+        async for request in whole_stream(requests, context):
             index = staged.next_chunk(request.table, request.idempotency_key)
             ids = staged.add_ids(decode_ids(request.ids, "ids"), self._count_rows)
             grads = decode_tensor(request.grads, "grads")
@@ -139,8 +143,8 @@ class EmbeddingStoreService(SnapshotRPCs, LeaseRPCs):
         scores = concat(score_parts) if score_parts else None
 
         async def commit():
-            stepped = await self.work(self.store.apply_gradients, staged.table, staged.ids(), concat(staged.values),
-                                      owner or None, scores)
+            stepped = await self.on_table(staged.table, self.store.apply_gradients, staged.table, staged.ids(),
+                                          concat(staged.values), owner or None, scores)
             return pb.ApplyGradientsResponse(rows=stepped)
 
         return await self.recent.once("ApplyGradients", staged.key, commit)
@@ -148,12 +152,17 @@ class EmbeddingStoreService(SnapshotRPCs, LeaseRPCs):
     # --- eviction --------------------------------------------------------------------
 
     async def Evict(self, request, context):
-        return pb.EvictResponse(evicted=await self.work(self.store.evict, request.table))
+        return pb.EvictResponse(evicted=await self.on_table(request.table, self.store.evict, request.table))
 
     async def RestoreRows(self, request, context):
         ids = decode_ids(request.ids, "ids")
         self._count_rows(0, len(ids))
-        return pb.RestoreRowsResponse(rows=await self.work(self.store.restore_rows, request.table, ids))
+        return pb.RestoreRowsResponse(rows=await self.on_table(request.table, self.store.restore_rows,
+                                                               request.table, ids))
+
+    async def on_table(self, table: str, fn, *args):
+        """Store work on `table` in the executor; a failure caused by a concurrent drop is NOT_FOUND."""
+        return await self.work(on_table, self.store, table, fn, *args)
 
     # --- limits --------------------------------------------------------------------
 

@@ -22,7 +22,8 @@ from kvstore.snapshots import SnapshotInfo
 
 from .idempotency import RecentWrites
 from .messages import table_config_from_proto, table_config_to_proto
-from .rpc import StoreWork
+from .races import across_tables
+from .rpc import StoreWork, whole_stream
 
 IMPORT_MODES = {
     pb.IMPORT_MODE_UNSPECIFIED: "merge",
@@ -48,7 +49,7 @@ class SnapshotRPCs:
     recent: RecentWrites
 
     async def CreateSnapshot(self, request, context):
-        info = await self.work(self.store.create_snapshot, request.name)
+        info = await self.work(across_tables, self.store, "name", self.store.create_snapshot, request.name)
         return pb.CreateSnapshotResponse(snapshot=snapshot_to_proto(info))
 
     async def ListSnapshots(self, request, context):
@@ -68,11 +69,11 @@ class SnapshotRPCs:
     async def Export(self, request, context):
         config = self.store.describe_table(request.table)
         chunk_rows = self._export_chunk_rows(config, request.chunk_rows)
-        export = await self.work(self.store.export_table, request.table, chunk_rows)
+        export = await self.on_table(request.table, self.store.export_table, request.table, chunk_rows)
         try:
             header = {"config": table_config_to_proto(export.config), "estimated_rows": export.estimated_rows}
             chunks = iter(export)
-            while (chunk := await self.work(next, chunks, None)) is not None:
+            while (chunk := await self.on_table(request.table, next, chunks, None)) is not None:
                 yield pb.ExportChunk(ids=encode_ids(chunk.ids), weights=encode_tensor(chunk.weights),
                                      state=encode_tensor(chunk.state),
                                      meta=encode_tensor(chunk.meta.astype(np.int64)), **header)
@@ -97,7 +98,7 @@ class SnapshotRPCs:
         stager, key = None, ""
         try:
             index = 0
-            async for request in requests:
+            async for request in whole_stream(requests, context):
                 if stager is None:
                     stager, key = await self.work(self._begin_import, request), request.idempotency_key
                 elif request.table and request.table != stager.table.name:
@@ -113,13 +114,14 @@ class SnapshotRPCs:
             async def commit():
                 nonlocal stager
                 staged, stager = stager, None         # from here the commit owns the staged files
-                created, rows = staged.created, await self.work(self.store.commit_import, staged)
+                created, rows = staged.created, await self.on_table(staged.table.name, self.store.commit_import,
+                                                                    staged)
                 return pb.ImportResponse(rows=rows, created=created)
 
             return await self.recent.once("Import", key, commit)
         finally:
             if stager is not None:                    # cancelled, failed or a replayed retry: drop the staging
-                asyncio.get_running_loop().run_in_executor(None, self.store.abort_import, stager)
+                await asyncio.shield(self.work(self.store.abort_import, stager))   # before the answer goes
     def _begin_import(self, request):
         mode = IMPORT_MODES.get(request.mode)
         if mode is None:

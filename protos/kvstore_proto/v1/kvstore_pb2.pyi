@@ -198,20 +198,22 @@ class LookupResponse(_message.Message):
     def __init__(self, weights: _Optional[_Union[Tensor, _Mapping]] = ..., state: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class UpdateRequest(_message.Message):
-    __slots__ = ("table", "ids", "weights", "state", "scores", "idempotency_key")
+    __slots__ = ("table", "ids", "weights", "state", "scores", "idempotency_key", "last")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
     table: str
     ids: bytes
     weights: Tensor
     state: Tensor
     scores: Tensor
     idempotency_key: str
-    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., state: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+    last: bool
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., state: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., last: _Optional[bool] = ...) -> None: ...
 
 class UpdateResponse(_message.Message):
     __slots__ = ("rows",)
@@ -220,14 +222,16 @@ class UpdateResponse(_message.Message):
     def __init__(self, rows: _Optional[int] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
-    __slots__ = ("table", "ids", "idempotency_key")
+    __slots__ = ("table", "ids", "idempotency_key", "last")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
     table: str
     ids: bytes
     idempotency_key: str
-    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+    last: bool
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., idempotency_key: _Optional[str] = ..., last: _Optional[bool] = ...) -> None: ...
 
 class DeleteResponse(_message.Message):
     __slots__ = ("rows",)
@@ -236,20 +240,22 @@ class DeleteResponse(_message.Message):
     def __init__(self, rows: _Optional[int] = ...) -> None: ...
 
 class ApplyGradientsRequest(_message.Message):
-    __slots__ = ("table", "ids", "grads", "owner", "scores", "idempotency_key")
+    __slots__ = ("table", "ids", "grads", "owner", "scores", "idempotency_key", "last")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     GRADS_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
     table: str
     ids: bytes
     grads: Tensor
     owner: str
     scores: Tensor
     idempotency_key: str
-    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., grads: _Optional[_Union[Tensor, _Mapping]] = ..., owner: _Optional[str] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+    last: bool
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., grads: _Optional[_Union[Tensor, _Mapping]] = ..., owner: _Optional[str] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., last: _Optional[bool] = ...) -> None: ...
 
 class ApplyGradientsResponse(_message.Message):
     __slots__ = ("rows",)
@@ -477,7 +483,7 @@ class ExportChunk(_message.Message):
     def __init__(self, config: _Optional[_Union[TableConfig, _Mapping]] = ..., estimated_rows: _Optional[int] = ..., ids: _Optional[bytes] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., state: _Optional[_Union[Tensor, _Mapping]] = ..., meta: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ImportRequest(_message.Message):
-    __slots__ = ("table", "mode", "config", "ids", "weights", "state", "meta", "idempotency_key")
+    __slots__ = ("table", "mode", "config", "ids", "weights", "state", "meta", "idempotency_key", "last")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
@@ -486,6 +492,7 @@ class ImportRequest(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     META_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
     table: str
     mode: ImportMode
     config: TableConfig
@@ -494,7 +501,8 @@ class ImportRequest(_message.Message):
     state: Tensor
     meta: Tensor
     idempotency_key: str
-    def __init__(self, table: _Optional[str] = ..., mode: _Optional[_Union[ImportMode, str]] = ..., config: _Optional[_Union[TableConfig, _Mapping]] = ..., ids: _Optional[bytes] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., state: _Optional[_Union[Tensor, _Mapping]] = ..., meta: _Optional[_Union[Tensor, _Mapping]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+    last: bool
+    def __init__(self, table: _Optional[str] = ..., mode: _Optional[_Union[ImportMode, str]] = ..., config: _Optional[_Union[TableConfig, _Mapping]] = ..., ids: _Optional[bytes] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., state: _Optional[_Union[Tensor, _Mapping]] = ..., meta: _Optional[_Union[Tensor, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., last: _Optional[bool] = ...) -> None: ...
 
 class ImportResponse(_message.Message):
     __slots__ = ("rows", "created")
