@@ -18,19 +18,10 @@ from kvstore_server.errors import MAX_MESSAGE_CHARS
 
 from .badinput_cases import CANARY, CANARY_IDS, CANARY_ROWS, CASES, DIM, SECOND, STEEP, Case
 from .conftest import small_table
+from .fuzz_strategies import SERVICE, raw_method
 
-SERVICE = pb.DESCRIPTOR.services_by_name["EmbeddingStore"]
 TABLES = {CANARY: CANARY_ROWS, SECOND: CANARY_ROWS[::-1].copy(), STEEP: CANARY_ROWS * 1e30}
 CALL_TIMEOUT = 30.0
-
-
-def raw_method(channel: grpc.Channel, name: str, serializer=None):
-    """A multi-callable for `name` of the kind its descriptor says; responses stay bytes."""
-    method = SERVICE.methods_by_name[name]
-    kind = {(False, False): channel.unary_unary, (False, True): channel.unary_stream,
-            (True, False): channel.stream_unary, (True, True): channel.stream_stream}
-    return kind[method.client_streaming, method.server_streaming](
-        f"/{SERVICE.full_name}/{name}", request_serializer=serializer, response_deserializer=None)
 
 
 def invoke(channel: grpc.Channel, method_name: str, request) -> grpc.RpcError | None:
