@@ -40,10 +40,11 @@ uints64 = st.one_of(st.integers(0, 2**64 - 1), st.sampled_from([0, 1, 2**63, 2**
 doubles = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, 0.5, 1.0, -1.0]))
 # never the canary: a well-formed call to it may legitimately change it
 texts = st.text(max_size=40).filter(lambda text: text != CANARY)
-table_names = st.one_of(st.sampled_from(FUZZ_TABLES), texts, st.just("x" * 9000))
+table_names = st.one_of(st.sampled_from(FUZZ_TABLES), st.just(FUZZ_TABLES[0]), texts, st.just("x" * 9000))
 snapshot_names = st.one_of(st.sampled_from(SNAPSHOT_NAMES), texts)
-dtype_names = st.one_of(st.sampled_from(sorted(WIRE_DTYPES)), texts)
-packed_ids = st.lists(st.one_of(st.integers(-3, 300), ints64), max_size=64).map(
+dtype_names = st.one_of(st.just("float32"), st.sampled_from(sorted(WIRE_DTYPES)), texts)
+packed_ids = st.one_of(st.lists(st.integers(-3, 300), max_size=8),
+                       st.lists(st.one_of(st.integers(-3, 300), ints64), max_size=64)).map(
     lambda ids: np.array(ids, dtype="<i8").tobytes())
 id_bytes = st.one_of(packed_ids, st.binary(max_size=80))
 
@@ -53,7 +54,7 @@ def tensors(draw) -> dict:
     """A Tensor's fields: often consistent (data fits dtype x shape), often not."""
     dtype = draw(dtype_names)
     plausible = st.tuples(st.integers(0, 8), st.sampled_from([FUZZ_DIM, 2 * FUZZ_DIM])).map(list)
-    shape = draw(st.one_of(plausible, st.lists(st.one_of(st.integers(0, 12), ints64), max_size=4)))
+    shape = draw(st.one_of(plausible, plausible, st.lists(st.one_of(st.integers(0, 12), ints64), max_size=4)))
     itemsize = WIRE_DTYPES[dtype].itemsize if dtype in WIRE_DTYPES else 4
     count = int(np.prod([d for d in shape], dtype=object)) if shape else 1
     fits = 0 <= count * itemsize <= 4096 and all(d >= 0 for d in shape)
@@ -71,7 +72,9 @@ SCALARS = {F.TYPE_INT64: ints64, F.TYPE_SINT64: ints64, F.TYPE_SFIXED64: ints64,
            F.TYPE_UINT32: st.integers(0, 2**32 - 1), F.TYPE_FIXED32: st.integers(0, 2**32 - 1),
            F.TYPE_DOUBLE: doubles, F.TYPE_FLOAT: st.floats(width=32), F.TYPE_BOOL: st.booleans(),
            F.TYPE_STRING: texts, F.TYPE_BYTES: st.binary(max_size=80), F.TYPE_ENUM: ints32}
-NAMED = {"table": table_names, "ids": id_bytes, "owner": st.one_of(texts, st.just("f" * 32))}
+enum_values = st.one_of(st.integers(-1, 5), ints32)
+NAMED = {"table": table_names, "ids": id_bytes, "owner": st.one_of(texts, st.just("f" * 32)),
+         "on_miss": enum_values, "mode": enum_values, "dim": st.one_of(st.just(FUZZ_DIM), ints32)}
 
 
 def field_values(field: FieldDescriptor, depth: int, message_name: str):
@@ -90,13 +93,22 @@ def field_values(field: FieldDescriptor, depth: int, message_name: str):
 
 @st.composite
 def messages(draw, descriptor, depth: int = 0) -> dict:
-    """Field values for a message of `descriptor`: each field set or left out."""
+    """Field values for a message of `descriptor`: each field set or left out (the fields the
+    service reads first, usually set); often the tensors are made to fit the ids, so that the
+    checks after parsing run too, not only the first one."""
     values = {}
     if depth > MAX_DEPTH:
         return values
     for field in descriptor.fields:
-        if draw(st.booleans()):
+        if draw(st.integers(0, 9)) < (8 if field.name in NAMED else 5):
             values[field.name] = draw(field_values(field, depth, descriptor.name))
+    if "ids" in values and len(values["ids"]) % 8 == 0 and draw(st.booleans()):
+        rows = len(values["ids"]) // 8
+        for name in ("weights", "grads"):
+            if name in descriptor.fields_by_name:
+                value = draw(st.sampled_from([0.0, 0.25, -3.0, float("nan"), 3e38]))
+                values[name] = {"dtype": "float32", "shape": [rows, FUZZ_DIM],
+                                "data": np.full((rows, FUZZ_DIM), value, "<f4").tobytes()}
     return values
 
 
@@ -158,6 +170,8 @@ class FuzzTarget:
             problems.append("the channel stopped serving")
         if not np.array_equal(self.client.lookup(CANARY, CANARY_IDS, on_miss="error"), CANARY_ROWS):
             problems.append("the canary changed")
+        if FUZZ_TABLES[0] not in self.client.list_tables():      # a fuzzed DropTable took it
+            self.client.create_table(FUZZ_TABLES[0], FUZZ_DIM, cache={"rows": 256, "ways": 8})
         return problems
 
     def prepare(self) -> None:

@@ -37,6 +37,10 @@ def fuzzed(start_server):
         target = FuzzTarget(server.alive, client, channel)
         target.prepare()
         yield target
+    codes = Counter()
+    for (_, code), n in target.codes.items():
+        codes[code] += n
+    print(f"\nfuzz: {sum(codes.values())} calls, codes seen {dict(codes.most_common())}")
 
 
 def check_case(target: FuzzTarget, method: str, payloads: list[bytes]) -> None:
