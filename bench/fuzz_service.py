@@ -9,6 +9,7 @@ prints the status codes seen per method.
 from __future__ import annotations
 
 import argparse
+import signal
 import random
 import resource
 import sys
@@ -76,6 +77,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=None, help="hypothesis seed (default: random, printed)")
     parser.add_argument("--raw-share", type=float, default=0.3, help="fraction of cases that are random bytes")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))     # stop the server on the way out
     seed = args.seed if args.seed is not None else random.randrange(2**32)
     from kvstore_client import KVStoreClient
 

@@ -8,6 +8,7 @@ final state against the replay of the acknowledged calls.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import tempfile
 from collections import Counter
@@ -32,6 +33,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("server_args", nargs="*", help="extra kvstore-server arguments (after --)")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))     # stop the server on the way out
     from kvstore_client import KVStoreClient
 
     server = ServerProcess(Path(tempfile.mkdtemp(prefix="kvstore-soak-")) / "data", *SERVER_ARGS,
