@@ -9,9 +9,9 @@ prints the status codes seen per method.
 from __future__ import annotations
 
 import argparse
-import signal
 import random
 import resource
+import signal
 import sys
 import tempfile
 import time
