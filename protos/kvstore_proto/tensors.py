@@ -84,23 +84,72 @@ def encode_tensor(array: np.ndarray) -> dict:
     return {"dtype": name, "shape": array.shape, "data": array.tobytes()}
 
 
-def decode_tensor(tensor: pb.Tensor, field: str) -> np.ndarray:
-    """Zero-copy (read-only) view of a wire tensor; errors name `field`."""
+def decode_tensor(tensor: pb.Tensor, field: str, dtype: str | None = None) -> np.ndarray:
+    """Zero-copy (read-only) view of a wire tensor; errors name `field`. With `dtype` (the
+    dtype the receiver stores), the tensor must be in it or in one that widens to it losslessly."""
     data = tensor.data                  # each read of a bytes field copies it: read once
+    if dtype is not None:
+        check_dtype(tensor.dtype, dtype, field)
     return _tensor_array(data, 0, len(data), tensor.dtype, tuple(tensor.shape), field)
+
+
+MAX_RANK = 8                         # dimensions a wire tensor may have (ours have 1 or 2)
+MAX_DIMENSION = (1 << 63) - 1        # a shape entry is an int64
+LOSSLESS_WIDENINGS: dict[str, tuple[str, ...]] = {
+    "float32": ("float32", "float16", "bfloat16"),
+    "float64": ("float64", "float32", "float16", "bfloat16"),
+    "float16": ("float16",),
+    "bfloat16": ("bfloat16",),
+    "int64": ("int64",),
+}
+
+
+def check_dtype(sent: str, stored: str, field: str) -> None:
+    """`sent` must be `stored` or widen to it without loss: float16 or bfloat16 to float32,
+    any of those to float64. Anything else (int64 to float32 rounds above 2**24) is refused."""
+    accepted = LOSSLESS_WIDENINGS.get(stored, (stored,))
+    if sent not in accepted:
+        raise WireError(f"{field}.dtype: {_shortened(sent)!r} does not convert losslessly to the stored dtype "
+                        f"{stored!r}; send one of {list(accepted)}")
+
+
+def element_count(shape: tuple, field: str, itemsize: int) -> int:
+    """Elements of `shape`, computed without overflow (Python ints). A shape whose nonzero
+    dimensions span more than 2**63 bytes is refused even with a zero dimension: no array
+    (and no NumPy view) can have it."""
+    if len(shape) > MAX_RANK:
+        raise WireError(f"{field}.shape: {len(shape)} dimensions; at most {MAX_RANK}")
+    span = 1
+    for dim in shape:
+        if not 0 <= dim <= MAX_DIMENSION:
+            raise WireError(f"{field}.shape: dimension {dim} in {_shape_text(shape)} is outside [0, 2**63)")
+        span *= dim or 1
+    if span * itemsize > MAX_DIMENSION:
+        raise WireError(f"{field}.shape: {_shape_text(shape)} spans more than 2**63 bytes")
+    return 0 if 0 in shape else span
 
 
 def _tensor_array(buffer: bytes, offset: int, size: int, dtype_name: str, shape: tuple, field: str) -> np.ndarray:
     """A read-only view of `size` bytes of `buffer` at `offset`, checked against dtype and shape."""
     dtype = WIRE_DTYPES.get(dtype_name)
     if dtype is None:
-        raise WireError(f"{field}.dtype: unsupported dtype {dtype_name!r}; expected one of {sorted(WIRE_DTYPES)}")
-    if any(d < 0 for d in shape):
-        raise WireError(f"{field}.shape: negative dimension in {shape}")
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if size != expected:
-        raise WireError(f"{field}.data: {size} bytes do not match shape {shape} of {dtype_name} ({expected} bytes)")
-    return np.frombuffer(buffer, dtype=dtype, count=expected // dtype.itemsize, offset=offset).reshape(shape)
+        raise WireError(f"{field}.dtype: unsupported dtype {_shortened(dtype_name)!r}; "
+                        f"expected one of {sorted(WIRE_DTYPES)}")
+    count = element_count(shape, field, dtype.itemsize)
+    if size != count * dtype.itemsize:
+        raise WireError(f"{field}.data: {size} bytes do not match shape {_shape_text(shape)} of {dtype_name} "
+                        f"({count * dtype.itemsize} bytes)")
+    return np.frombuffer(buffer, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+
+def _shape_text(shape: tuple) -> str:
+    """A shape for an error message, at most a few dimensions of it."""
+    text = ", ".join(str(d) for d in shape[:MAX_RANK])
+    return f"({text}{', ...' if len(shape) > MAX_RANK else ''})"
+
+
+def _shortened(text: str, keep: int = 32) -> str:
+    return text if len(text) <= keep else f"{text[:keep]}…({len(text)} chars)"
 
 
 def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:

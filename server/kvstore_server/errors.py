@@ -12,10 +12,16 @@ the device recovers or the operator reopens the database, so a client may retry
 with backoff or fail over to a replica. Its message carries rocksdict's text
 (paths, internals), so the client gets a generic one and the server log the rest.
 StoreClosed -> UNAVAILABLE as well: the server is shutting down.
+
+Messages are bounded (`MAX_MESSAGE_CHARS`): a long value quoted in one (an 8 KB
+table name) is shown shortened, e.g. 'aaaa…(8192 chars)', so the status text
+stays far under gRPC's metadata limit and the code the client sees is the one
+mapped here, never RESOURCE_EXHAUSTED for the size of the error text itself.
 """
 from __future__ import annotations
 
 import logging
+import re
 
 import grpc
 from kvstore_proto.tensors import WireError
@@ -42,6 +48,19 @@ STATUS: dict[type[Exception], grpc.StatusCode] = {
 }
 _STORAGE_MESSAGE = "storage: the RocksDB tier failed; see the server log"
 _INTERNAL_MESSAGE = "internal error; see the server log"
+MAX_MESSAGE_CHARS = 512     # percent-encoded, 512 characters of any script stay under 8 KiB
+MAX_TOKEN_CHARS = 64        # a longer unbroken run (a name, a quoted value) is shortened
+KEEP_CHARS = 32
+_LONG_TOKEN = re.compile(r"[^\s,;:()\[\]{}'\"]{" + str(MAX_TOKEN_CHARS + 1) + ",}")
+
+
+def bounded_message(message: str) -> str:
+    """`message` with every long token shortened to its head and length, then cut to
+    MAX_MESSAGE_CHARS: the field name that opens it always survives."""
+    message = _LONG_TOKEN.sub(lambda m: f"{m.group()[:KEEP_CHARS]}…({len(m.group())} chars)", message)
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[:MAX_MESSAGE_CHARS - 1] + "…"
+    return message
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
@@ -54,7 +73,7 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
     if isinstance(exc, store_errors.StorageError):
         log.error("storage error: %s", exc, exc_info=exc)
         return code, _STORAGE_MESSAGE, reason
-    return code, str(exc), reason
+    return code, bounded_message(str(exc)), reason
 
 
 def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str, reason: str) -> None:

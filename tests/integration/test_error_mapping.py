@@ -61,3 +61,13 @@ def test_unreachable_server_is_unavailable():
         with pytest.raises(kvstore_client.UnavailableError) as caught:
             client.list_tables()
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_messages_are_bounded_and_long_values_shortened():
+    from kvstore_server.errors import MAX_MESSAGE_CHARS
+
+    code, message, _ = status_of(store_errors.InvalidArgument(f"name: {'a' * 8192!r} must match [A-Za-z0-9]"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert message == "name: 'aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa…(8192 chars)' must match [A-Za-z0-9]"
+    _, message, _ = status_of(store_errors.InvalidArgument("ids: " + "é x " * 10_000))
+    assert len(message) <= MAX_MESSAGE_CHARS and message.startswith("ids: é x")
