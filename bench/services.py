@@ -67,19 +67,51 @@ def redis_missing() -> str | None:
     return None
 
 
-class RedisPeer:
-    """A private redis-server (no persistence unless asked) and a hiredis-backed client.
-    Rows are binary values keyed by 8-byte ids; reads and writes are pipelined MGET / MSET."""
+class RedisConnection:
+    """Rows as binary values keyed by 8-byte ids; reads and writes are pipelined MGET / MSET (hiredis
+    parses replies when installed)."""
+
+    def __init__(self, port: int):
+        import redis
+
+        self.port = port
+        self.client = redis.Redis(host="127.0.0.1", port=port)
+
+    def mget(self, ids: np.ndarray, dim: int, dtype=np.float32) -> np.ndarray:
+        keys = encode_keys(ids)
+        pipe = self.client.pipeline(transaction=False)
+        for i in range(0, len(keys), REDIS_CHUNK):
+            pipe.execute_command("MGET", *keys[i:i + REDIS_CHUNK])
+        values = [v for part in pipe.execute() for v in part]
+        if any(v is None for v in values):
+            raise KeyError("redis: some ids have no row")
+        return np.frombuffer(b"".join(values), dtype).reshape(len(ids), dim)
+
+    def mset(self, ids: np.ndarray, rows: np.ndarray) -> None:
+        keys = encode_keys(ids)
+        values = np.ascontiguousarray(rows).view(f"V{rows[:1].nbytes}").ravel().tolist()
+        pipe = self.client.pipeline(transaction=False)
+        for i in range(0, len(keys), REDIS_CHUNK):
+            flat = [x for pair in zip(keys[i:i + REDIS_CHUNK], values[i:i + REDIS_CHUNK], strict=True) for x in pair]
+            pipe.execute_command("MSET", *flat)
+        pipe.execute()
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class RedisPeer(RedisConnection):
+    """A private redis-server on a free loopback port, no persistence unless asked."""
 
     def __init__(self, workdir: str | Path):
         import redis
 
-        self.port = free_port()
+        port = free_port()
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", str(workdir), "--dbfilename", "bench.rdb", "--protected-mode", "yes"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.client = redis.Redis(host="127.0.0.1", port=self.port)
+        super().__init__(port)
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -99,32 +131,6 @@ class RedisPeer:
         version = next((w.split("=", 1)[1] for w in out.split() if w.startswith("v=")), out.strip())
         return {"redis-server": version, "hiredis in use": bool(redis.utils.HIREDIS_AVAILABLE)}
 
-    def connect(self):
-        import redis
-
-        return redis.Redis(host="127.0.0.1", port=self.port)
-
-    def mget(self, ids: np.ndarray, dim: int, dtype=np.float32, client=None) -> np.ndarray:
-        client = client or self.client
-        keys = encode_keys(ids)
-        pipe = client.pipeline(transaction=False)
-        for i in range(0, len(keys), REDIS_CHUNK):
-            pipe.execute_command("MGET", *keys[i:i + REDIS_CHUNK])
-        values = [v for part in pipe.execute() for v in part]
-        if any(v is None for v in values):
-            raise KeyError("redis: some ids have no row")
-        return np.frombuffer(b"".join(values), dtype).reshape(len(ids), dim)
-
-    def mset(self, ids: np.ndarray, rows: np.ndarray, client=None) -> None:
-        client = client or self.client
-        keys = encode_keys(ids)
-        values = np.ascontiguousarray(rows).view(f"V{rows[:1].nbytes}").ravel().tolist()
-        pipe = client.pipeline(transaction=False)
-        for i in range(0, len(keys), REDIS_CHUNK):
-            flat = [x for pair in zip(keys[i:i + REDIS_CHUNK], values[i:i + REDIS_CHUNK], strict=True) for x in pair]
-            pipe.execute_command("MSET", *flat)
-        pipe.execute()
-
     def load(self, ids: np.ndarray, rows: np.ndarray, chunk: int = 1 << 16) -> None:
         for i in range(0, len(ids), chunk):
             self.mset(ids[i:i + chunk], rows[i:i + chunk])
@@ -139,5 +145,5 @@ class RedisPeer:
         self.client.flushall()
 
     def stop(self) -> None:
-        self.client.close()
+        self.close()
         stop_process(self.proc)

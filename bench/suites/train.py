@@ -19,7 +19,7 @@ from kvstore import CacheConfig, OptimizerConfig, Store, SweeperConfig, TableCon
 from .. import store_bench
 from ..context import Context, cache_slots, table_weights
 from ..harness import LIMIT, PEER, SUBJECT, Disagreement, Record, Side, check_agreement, interleave, records_from
-from ..services import KvstoreServer, RedisPeer
+from ..services import KvstoreServer, RedisConnection
 from .common import make_batch
 from .lookup_service import LOAD_CHUNK
 
@@ -42,7 +42,7 @@ def numpy_step(weights: np.ndarray, ids: np.ndarray, grads: np.ndarray) -> np.nd
     return rows
 
 
-def redis_step(redis: RedisPeer, ids: np.ndarray, grads: np.ndarray, dim: int) -> np.ndarray:
+def redis_step(redis: RedisConnection, ids: np.ndarray, grads: np.ndarray, dim: int) -> np.ndarray:
     rows = redis.mget(ids, dim)
     unique, summed, first = sum_duplicates(ids, grads)
     redis.mset(unique, rows[first] - LR * summed)
