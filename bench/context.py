@@ -19,7 +19,7 @@ class Context:
     def __init__(self, log: ResultLog, quick: bool, scratch: str | None = None):
         self.log = log
         self.quick = quick
-        self.reps = 2 if quick else 5
+        self.reps = 1 if quick else 5        # quick checks that suites run and agree, not timings
         self.scratch = Path(tempfile.mkdtemp(prefix="kvbench-", dir=scratch))
         self._redis: RedisPeer | None = None
         self._redis_why: str | None = None

@@ -44,10 +44,10 @@ def redis_bytes_per_row(ctx: Context, weights: np.ndarray) -> float | None:
     return used
 
 
-def run(ctx: Context, dim: int, slots: int) -> list[Record]:
+def run(ctx: Context, dim: int, slots: int, fills: tuple[float, ...] = FILLS) -> list[Record]:
     records: list[Record] = []
     row_bytes = dim * 4
-    for fill in FILLS:
+    for fill in fills:
         rows = int(slots * fill)
         weights = table_weights(rows, dim, seed=7)
         case = {"part": "memory", "path": "service", "dim": dim, "cache_slots": slots, "fill": fill, "rows": rows}

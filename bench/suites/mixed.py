@@ -72,7 +72,7 @@ def phase(system: str, address: str, plan: dict, rep: int) -> tuple[float, list]
 
 def run(ctx: Context) -> list[Record]:
     if ctx.quick:
-        plan = {"rows": 10_000, "dim": 16, "clients": 2, "ops": 4, "batch": 256, "lookup_share": 0.75}
+        plan = {"rows": 10_000, "dim": 16, "clients": 2, "ops": 3, "batch": 256, "lookup_share": 0.75}
     else:
         plan = {"rows": 1_000_000, "dim": 128, "clients": 8, "ops": 100, "batch": 1024, "lookup_share": 0.8}
     weights = table_weights(plan["rows"], plan["dim"], seed=13)
@@ -92,7 +92,7 @@ def run(ctx: Context) -> list[Record]:
             systems["redis"] = str(redis.port)
         walls, calls = defaultdict(list), defaultdict(list)
         order = list(systems)
-        for rep in range(1 if ctx.quick else ctx.reps):      # quick: one phase each (processes start slowly)
+        for rep in range(ctx.reps):
             for system in order if rep % 2 == 0 else order[::-1]:
                 wall, made = phase(system, systems[system], plan, rep)
                 walls[system].append(wall)
