@@ -23,11 +23,11 @@ SCRIPTS = ("store_bench", "grpc_bench", "snapshot_bench", "eviction_bench", "tra
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
-def run_suites(names: list[str], quick: bool, out: str, scratch: str | None) -> int:
+def run_suites(names: list[str], quick: bool, out: str, scratch: str | None, sizes: list[int] | None = None) -> int:
     failed = []
     for name in names:
         log = ResultLog(out, name, environment({"suite": name, "quick": quick}))
-        ctx = Context(log, quick, scratch)
+        ctx = Context(log, quick, scratch, sizes)
         try:
             runner(name)(ctx)
         except Disagreement as exc:
@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--out", default=str(DEFAULT_OUT), help=f"results directory (default {DEFAULT_OUT.name}/ "
                                                              "beside this package)")
     run.add_argument("--scratch", default=None, help="where data goes while a suite runs (default: the temp dir)")
+    run.add_argument("--sizes", type=lambda text: [int(x) for x in text.split(",")], default=None,
+                     help="lookup: table sizes in rows, comma separated (default 1000000,10000000)")
     plot = commands.add_parser("plot", help="draw PNG plots from results")
     plot.add_argument("--in", dest="src", default=str(DEFAULT_OUT), help="results directory")
     plot.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "docs" / "benchmarks"))
@@ -70,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     script.add_argument("args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     if args.command == "run":
-        return run_suites(list(SUITES) if args.suite == "all" else [args.suite], args.quick, args.out, args.scratch)
+        return run_suites(list(SUITES) if args.suite == "all" else [args.suite], args.quick, args.out, args.scratch,
+                           args.sizes)
     if args.command == "plot":
         from .plot import plot_all
 

@@ -16,9 +16,10 @@ CHUNK_BYTES = 2 << 20       # the kvstore client's default chunk size; the echo 
 
 
 class Context:
-    def __init__(self, log: ResultLog, quick: bool, scratch: str | None = None):
+    def __init__(self, log: ResultLog, quick: bool, scratch: str | None = None, sizes: list[int] | None = None):
         self.log = log
         self.quick = quick
+        self.sizes = sizes          # lookup: table sizes instead of the plan's
         self.reps = 1 if quick else 5        # quick checks that suites run and agree, not timings
         self.scratch = Path(tempfile.mkdtemp(prefix="kvbench-", dir=scratch))
         self._redis: RedisPeer | None = None

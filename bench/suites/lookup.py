@@ -15,7 +15,7 @@ smallest), and the cost per row against batch size.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -172,6 +172,8 @@ def scaling_notes(ctx: Context, plan: Plan, records: list[Record]) -> None:
 
 def run(ctx: Context) -> list[Record]:
     plan = QUICK if ctx.quick else FULL
+    if ctx.sizes:
+        plan = replace(plan, sizes=sorted(ctx.sizes))
     records: list[Record] = []
     for i, rows in enumerate(sorted(plan.sizes)):
         records += run_size(ctx, plan, rows, first=i == 0)
