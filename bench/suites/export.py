@@ -200,9 +200,8 @@ def run(ctx: Context) -> list[Record]:
     server = KvstoreServer(data_dir)
     try:
         with KVStoreClient(server.address, timeout=600) as client:
-            for part in (service_export, service_import):
-                found = part(ctx, server, client, db_path, weights, payload) if part is service_export \
-                    else part(ctx, server, client, weights, payload)
+            for found in (service_export(ctx, server, client, db_path, weights, payload),
+                          service_import(ctx, server, client, weights, payload)):
                 ctx.log.add(found)
                 records += found
     finally:
