@@ -11,45 +11,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
-from concurrent import futures
+from pathlib import Path
 
-import grpc
 import numpy as np
 
-ECHO_METHOD = "/bench.Echo/Rows"
-GRPC_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20),
-                ("grpc.so_reuseport", 0)]
-
-
-def echo_server(row_bytes: int) -> None:
-    """A bidi stream that answers n ids (8 n bytes) with n rows of zeros."""
-    blob = bytes(row_bytes * 65536)
-
-    def rows(request_iterator, context):
-        for request in request_iterator:
-            yield blob[: (len(request) // 8) * row_bytes]
-
-    handler = grpc.method_handlers_generic_handler("bench.Echo", {
-        "Rows": grpc.stream_stream_rpc_method_handler(rows, request_deserializer=None, response_serializer=None),
-    })
-    server = grpc.server(futures.ThreadPoolExecutor(8), options=GRPC_OPTIONS)
-    server.add_generic_rpc_handlers((handler,))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    print(f"listening on 127.0.0.1:{port}", flush=True)
-    server.wait_for_termination()
-
-
-def start(cmd: list[str]) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    for line in proc.stdout:
-        if "listening on" in line:
-            return proc, line.strip().rsplit(" ", 1)[-1]
-    raise RuntimeError(f"{cmd[0]} did not start")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))       # run as a script: `bench` importable
+from bench.echo import EchoClient, start_echo, start_process  # noqa: E402
+from bench.services import stop_process  # noqa: E402
 
 
 def zipf_ids(rng, n: int, rows: int, perm: np.ndarray) -> np.ndarray:
@@ -71,18 +42,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--echo-server", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
     args = parser.parse_args()
-    if args.echo_server:
-        return echo_server(args.echo_server)
 
     from kvstore_client import KVStoreClient
 
-    row_bytes = args.dim * 4
     data_dir = tempfile.mkdtemp(prefix="kvbench-")
-    server, address = start(["kvstore-server", "--data-dir", data_dir, "--port", "0"])
-    echo, echo_address = start([sys.executable, __file__, "--echo-server", str(row_bytes)])
+    server, address = start_process([sys.executable, "-m", "kvstore_server", "--data-dir", data_dir, "--port", "0"])
+    echo, echo_address = start_echo()
     try:
         client = KVStoreClient(address, timeout=600)
         cache_rows = -(-args.rows * 2 // 32) * 32     # load 0.5: every row finds a way in its set
@@ -95,19 +62,10 @@ def main() -> None:
                                                                          dtype=np.float32))
         print(f"loaded {args.rows} rows in {time.perf_counter() - t0:.1f}s", flush=True)
 
-        channel = grpc.insecure_channel(echo_address, options=GRPC_OPTIONS)
-        echo_call = channel.stream_stream(ECHO_METHOD)
-        chunk_rows = max(1, client.chunk_bytes // row_bytes)
+        echo_client = EchoClient(echo_address, client.chunk_bytes)
 
         def echo_lookup(batch: np.ndarray) -> np.ndarray:
-            out = np.empty((len(batch), args.dim), np.float32)
-            reqs = (batch[i:i + chunk_rows].tobytes() for i in range(0, len(batch), chunk_rows))
-            pos = 0
-            for blob in echo_call(reqs):
-                part = np.frombuffer(blob, np.float32).reshape(-1, args.dim)
-                out[pos:pos + len(part)] = part
-                pos += len(part)
-            return out
+            return echo_client.lookup(batch, args.dim)
 
         perm = rng.permutation(args.rows)
         print(f"{'ids':8} {'batch':>7} {'kvstore rows/s':>15} {'echo rows/s':>13} {'ratio':>6}")
@@ -125,8 +83,7 @@ def main() -> None:
         client.close()
     finally:
         for proc in (server, echo):
-            proc.terminate()
-            proc.wait(timeout=60)
+            stop_process(proc)
 
 
 if __name__ == "__main__":

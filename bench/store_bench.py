@@ -77,8 +77,9 @@ def load(store: Store, weights: np.ndarray, batch: int) -> float:
     return len(weights) / (time.perf_counter() - start)
 
 
-def open_raw(db_path: str, read_only: bool) -> tuple[rd.Rdict, rd.Rdict]:
-    """rocksdict handle on the store's database (raw mode), tuned like the store's RocksDB tier."""
+def open_raw(db_path: str, read_only: bool, families: tuple[str, ...] = (TABLE,)) -> tuple[rd.Rdict, rd.Rdict]:
+    """rocksdict handle on the store's database (raw mode), tuned like the store's RocksDB tier;
+    returns the database and the first family's handle."""
     config = RocksConfig()
     cache = rd.Cache(config.block_cache_bytes)
 
@@ -92,8 +93,8 @@ def open_raw(db_path: str, read_only: bool) -> tuple[rd.Rdict, rd.Rdict]:
         return opts
 
     access = rd.AccessType.read_only() if read_only else rd.AccessType.read_write()
-    db = rd.Rdict(db_path, options(), column_families={TABLE: options()}, access_type=access)
-    return db, db.get_column_family(TABLE)
+    db = rd.Rdict(db_path, options(), column_families={name: options() for name in families}, access_type=access)
+    return db, db.get_column_family(families[0])
 
 
 def compact(db_path: str) -> str:
