@@ -127,11 +127,14 @@ def check_certificates(config: ServerConfig, now: datetime.datetime | None = Non
 
 
 def exposure_warnings(config: ServerConfig) -> list[str]:
-    """What an operator should hear at start: a bind others can reach without a token, or a token
-    that would travel in clear."""
-    if is_loopback(config.host):
-        return []
+    """What an operator should hear at start: a bind others can reach without a token, a token
+    that would travel in clear, a reachable metrics page anyone may read."""
     warnings = []
+    if config.metrics_port and not is_loopback(config.metrics_host) and not config.metrics_auth:
+        warnings.append(f"metrics_host {config.metrics_host} is reachable from other machines without "
+                        "metrics_auth: anyone can read table names, row counts and disk figures")
+    if is_loopback(config.host):
+        return warnings
     if not config.auth_token_file:
         warnings.append(f"host {config.host} is reachable from other machines and auth_token_file is not set: "
                         "anyone who reaches the port can read, write and drop every table")

@@ -100,7 +100,9 @@ class KVStoreServer:
             raise FailedPrecondition(f"port: cannot bind {grpc_address(config.host, config.port)}: {exc}") from None
         if config.metrics_port:
             self.metrics.watch(self.store, config.data_dir)
-            self._metrics_http = self.metrics.serve(config.host, config.metrics_port)
+            token = read_token(config.auth_token_file) if config.metrics_auth else None
+            tls = (config.tls_cert, config.tls_key) if config.metrics_tls else None
+            self._metrics_http = self.metrics.serve(config.metrics_host, config.metrics_port, token, tls)
         self._grpc.start()
         for service in ("", SERVICE_NAME):
             self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
