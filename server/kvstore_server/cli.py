@@ -18,6 +18,7 @@ from kvstore.errors import InvalidArgument, KVStoreError
 from .allocator import keep_freed_memory
 from .config import ENV_CONFIG, ServerConfig, parse_value, resolve, settable_keys, to_yaml
 from .logs import configure
+from .security import exposure_warnings
 from .server import KVStoreServer, grpc_address
 
 log = logging.getLogger("kvstore_server")
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(to_yaml(config, sources))
         return 0
     configure(config.log_format, config.log_level)
+    os.umask(0o077)          # the data directory and everything in it: private to the server's user
     keep_freed_memory()
     return asyncio.run(serve(config))
 
@@ -84,6 +86,8 @@ async def serve(config: ServerConfig) -> int:
     except KVStoreError as exc:
         print(f"kvstore-server: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, InvalidArgument) else 1
+    for warning in exposure_warnings(config):
+        log.warning("%s", warning)
     log.info("listening on %s (tls=%s, auth=%s, metrics port %s)", grpc_address(config.host, port),
              "mutual" if config.tls_client_ca else config.tls, bool(config.auth_token_file), config.metrics_port)
     print(f"kvstore-server listening on {grpc_address(config.host, port)}", flush=True)

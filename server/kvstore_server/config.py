@@ -31,6 +31,9 @@ class ServerConfig:
     host: str = "127.0.0.1"              # loopback unless told otherwise
     port: int = 50051                    # 0 = any free port (the bound one is printed)
     metrics_port: int = 0                # Prometheus HTTP port; 0 = off
+    metrics_host: str = "127.0.0.1"      # address the metrics port binds (loopback unless told otherwise)
+    metrics_auth: bool = False           # scrapes must send the bearer token of auth_token_file
+    metrics_tls: bool = False            # serve metrics over HTTPS with tls_cert / tls_key
     max_message_bytes: int = 16 << 20    # gRPC send/receive limit
     max_workers: int = 0                 # threads running store work; 0 = sized to the machine
     max_concurrent_rpcs: int = 256       # further calls get RESOURCE_EXHAUSTED with a retry hint
@@ -70,7 +73,14 @@ class ServerConfig:
                 raise InvalidArgument(f"{name}: must be a number in [0, {most}], got {value!r}")
         if self.lease_seconds <= 0:
             raise InvalidArgument(f"lease_seconds: must be positive, got {self.lease_seconds!r}")
-        for name in ("data_dir", "host"):
+        for name in ("metrics_auth", "metrics_tls"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidArgument(f"{name}: must be true or false, got {getattr(self, name)!r}")
+        if self.metrics_auth and not self.auth_token_file:
+            raise InvalidArgument("metrics_auth: needs auth_token_file (scrapes present the same token)")
+        if self.metrics_tls and not self.tls_cert:
+            raise InvalidArgument("metrics_tls: needs tls_cert and tls_key")
+        for name in ("data_dir", "host", "metrics_host"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise InvalidArgument(f"{name}: must be a non-empty string")
         for name in ("auth_token_file", "tls_cert", "tls_key", "tls_client_ca"):

@@ -13,11 +13,13 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 
 from kvstore import Store
 from kvstore.errors import KVStoreError
+
+from .metrics_http import serve_metrics
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 30.0)
 EVICTED_PREFIX = "evicted_"          # store stats `evicted_<reason>` become kvstore_evictions_total{reason}
@@ -162,9 +164,9 @@ class Metrics:
     def watch_leases(self, leases: LeaseCounts) -> None:
         self.registry.register(LeaseCollector(leases))
 
-    def serve(self, host: str, port: int):
-        """Start the HTTP exposition server; returns (server, thread)."""
-        return start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, host: str, port: int, token: str | None = None, tls: tuple[str, str] | None = None):
+        """Start the HTTP(S) exposition server, behind `token` when given; returns (server, thread)."""
+        return serve_metrics(self.registry, host, port, token, tls)
 
 
 class LeaseCounts(Protocol):

@@ -110,7 +110,9 @@ class KVStoreServer:
         self.port = self._bind(credentials)
         if config.metrics_port:
             self.metrics.watch(self.store, config.data_dir)
-            self._metrics_http = self.metrics.serve(config.host, config.metrics_port)
+            token = read_token(config.auth_token_file) if config.metrics_auth else None
+            tls = (config.tls_cert, config.tls_key) if config.metrics_tls else None
+            self._metrics_http = self.metrics.serve(config.metrics_host, config.metrics_port, token, tls)
         await self._grpc.start()
         interval = min(max(config.lease_seconds / 4, 0.01), 5.0)
         self._lease_task = asyncio.create_task(self.service.expire_forever(interval))

@@ -16,6 +16,7 @@ TOKEN = "k3y-0f-the-0perator"
 def token_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("auth") / "token"
     path.write_text(TOKEN + "\n")
+    path.chmod(0o600)
     return path
 
 
@@ -93,6 +94,7 @@ def test_operator_cli_sends_the_token_from_a_file(server, admin, token_file, tmp
 def test_empty_token_file_is_a_config_error_naming_the_key(tmp_path):
     empty = tmp_path / "token"
     empty.write_text("\n")
+    empty.chmod(0o600)
     result = run_cli("kvstore_server", "--data-dir", str(tmp_path / "data"), "--port", "0",
                      "--auth-token-file", str(empty))
     assert result.returncode == 2 and "auth_token_file" in result.stderr

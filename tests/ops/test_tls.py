@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: E402
 
 TIMEOUT = 10
+TOKEN = "both-factors-of-the-operator"
 
 
 class Authority:
@@ -83,7 +84,8 @@ def tls_server(start_server, pki):
 def mtls_server(start_server, pki, tmp_path_factory):
     cert, key = pki["server"]
     token = tmp_path_factory.mktemp("mtls") / "token"
-    token.write_text("both-factors")
+    token.write_text(TOKEN)
+    token.chmod(0o600)
     return start_server("--tls-cert", str(cert), "--tls-key", str(key), "--tls-client-ca", str(pki["client_ca"]),
                         "--auth-token-file", str(token))
 
@@ -111,7 +113,7 @@ def test_tls_server_refuses_plaintext_and_untrusted_clients(tls_server, pki):
 
 
 def test_mutual_tls_serves_a_client_certificate_of_the_client_ca(mtls_server, pki):
-    with _client(mtls_server, pki, cert="client", token="both-factors") as client:
+    with _client(mtls_server, pki, cert="client", token=TOKEN) as client:
         client.create_table("mutual", 4)
         assert client.list_tables() == ["mutual"]
     with _client(mtls_server, pki, cert="client") as no_token, pytest.raises(UnauthenticatedError):
@@ -120,7 +122,7 @@ def test_mutual_tls_serves_a_client_certificate_of_the_client_ca(mtls_server, pk
 
 @pytest.mark.parametrize("cert", [None, "stranger"], ids=["no-client-cert", "cert-of-another-ca"])
 def test_mutual_tls_refuses_clients_without_a_trusted_certificate(mtls_server, pki, cert):
-    with _client(mtls_server, pki, cert=cert, token="both-factors") as client, pytest.raises(UnavailableError):
+    with _client(mtls_server, pki, cert=cert, token=TOKEN) as client, pytest.raises(UnavailableError):
         client.list_tables()
     with _client(mtls_server, pki, cert=cert) as client, pytest.raises(UnavailableError):
         client.health()                         # the handshake fails before any RPC, health included
@@ -128,7 +130,8 @@ def test_mutual_tls_refuses_clients_without_a_trusted_certificate(mtls_server, p
 
 def test_operator_cli_speaks_mutual_tls(mtls_server, pki, tmp_path):
     token = tmp_path / "token"
-    token.write_text("both-factors\n")
+    token.write_text(TOKEN + "\n")
+    token.chmod(0o600)
     cert, key = pki["client"]
     base = ["--address", mtls_server.address, "--timeout", str(TIMEOUT), "--tls-ca", str(pki["server_ca"]),
             "--tls-cert", str(cert), "--tls-key", str(key)]
