@@ -11,6 +11,7 @@ store never needs to. Only numpy and ml_dtypes (for bfloat16) are required.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import time
@@ -43,12 +44,29 @@ class ExportChunk:
     meta: np.ndarray       # [n, 3] uint32: count, last_access, step
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as src:
-        while block := src.read(8 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+class _HashingFile(io.RawIOBase):
+    """A write-only file that hashes the bytes as they pass, so a chunk file is never read back.
+    It says it cannot seek, so zipfile writes each member's sizes after its data instead of
+    going back to patch its header (standard zip data descriptors; every reader handles them)."""
+
+    def __init__(self, out: io.BufferedWriter):
+        self.out, self.digest, self.written = out, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        size = memoryview(data).nbytes
+        self.digest.update(data)
+        self.out.write(data)
+        self.written += size
+        return size
+
+    def tell(self) -> int:
+        return self.written
+
+    def flush(self) -> None:
+        self.out.flush()
 
 
 class ExportWriter:
@@ -100,10 +118,11 @@ class ExportWriter:
         name = f"chunk-{len(self._chunks):06d}.npz"
         target = os.path.join(self.path, name)
         with open(target, "wb") as out:
-            np.savez(out, ids=ids, weights=weights.view(stored) if stored is not None else weights,
+            hashing = _HashingFile(out)
+            np.savez(hashing, ids=ids, weights=weights.view(stored) if stored is not None else weights,
                      state=np.concatenate([c.state for c in parts]), meta=np.concatenate([c.meta for c in parts]))
         self._chunks.append({"file": name, "rows": len(ids), "first_id": int(ids[0]), "last_id": int(ids[-1]),
-                             "bytes": os.path.getsize(target), "sha256": _sha256(target)})
+                             "bytes": hashing.written, "sha256": hashing.digest.hexdigest()})
 
     def close(self) -> dict[str, Any]:
         self._write_file()
@@ -167,9 +186,11 @@ class ExportReader:
         path = os.path.join(self.path, name)
         if not os.path.isfile(path):
             raise ExportFormatError(f"{name}: missing")
-        if _sha256(path) != entry.get("sha256"):
+        with open(path, "rb") as src:
+            content = src.read()          # read once: hashed here, parsed from memory below
+        if hashlib.sha256(content).hexdigest() != entry.get("sha256"):
             raise ExportFormatError(f"{name}: checksum mismatch (corrupt or changed)")
-        with np.load(path, allow_pickle=False) as npz:
+        with np.load(io.BytesIO(content), allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in ("ids", "weights", "state", "meta")}
         stored = _STORED_AS.get(self.dtype)
         weights = arrays["weights"].view(_WEIGHT_DTYPES[self.dtype]) if stored is not None else arrays["weights"]
