@@ -40,7 +40,7 @@ def print_table(header: Sequence[str], rows: list[Sequence[Any]], empty: str) ->
 
 # --- tables --------------------------------------------------------------------------------
 
-TABLE_COLUMNS = ("NAME", "DIM", "DTYPE", "OPTIMIZER", "CACHE_ROWS", "CACHE_DEVICE", "WRITE")
+TABLE_COLUMNS = ("NAME", "DIM", "DTYPE", "OPTIMIZER", "CACHE_ROWS", "CACHE_POLICY", "WRITE")
 
 
 def list_tables(client: KVStoreClient, args: argparse.Namespace) -> int:
@@ -49,7 +49,7 @@ def list_tables(client: KVStoreClient, args: argparse.Namespace) -> int:
         print_json(configs)
         return 0
     rows = [(c["name"], c["dim"], c["dtype"] or "float32", c["optimizer"]["name"] or "sgd", c["cache"]["rows"],
-             c["cache"]["device"] or "cpu", c["cache"]["write"] or "write_back") for c in configs]
+             c["cache"]["policy"] or "lru", c["cache"]["write"] or "write_back") for c in configs]
     print_table(TABLE_COLUMNS, rows, "no tables")
     return 0
 

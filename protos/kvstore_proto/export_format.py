@@ -15,12 +15,14 @@ import io
 import json
 import os
 import time
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import ml_dtypes
 import numpy as np
+import numpy.lib.format as npy
 
 FORMAT = "kvstore-table-export"
 FORMAT_VERSION = 1
@@ -67,6 +69,17 @@ class _HashingFile(io.RawIOBase):
 
     def flush(self) -> None:
         self.out.flush()
+
+
+def _write_npz(out: io.RawIOBase, columns: dict[str, np.ndarray]) -> None:
+    """What `np.savez` writes (an uncompressed zip of .npy members), with each array's bytes
+    handed to zipfile as they are: savez copies every array once more on the way."""
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, array in columns.items():
+            array = np.ascontiguousarray(array)
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                npy.write_array_header_1_0(member, npy.header_data_from_array_1_0(array))
+                member.write(memoryview(array.reshape(-1)).cast("B"))
 
 
 class ExportWriter:
@@ -117,10 +130,11 @@ class ExportWriter:
         stored = _STORED_AS.get(self.dtype)
         name = f"chunk-{len(self._chunks):06d}.npz"
         target = os.path.join(self.path, name)
+        columns = {"ids": ids, "weights": weights.view(stored) if stored is not None else weights,
+                   "state": np.concatenate([c.state for c in parts]), "meta": np.concatenate([c.meta for c in parts])}
         with open(target, "wb") as out:
             hashing = _HashingFile(out)
-            np.savez(hashing, ids=ids, weights=weights.view(stored) if stored is not None else weights,
-                     state=np.concatenate([c.state for c in parts]), meta=np.concatenate([c.meta for c in parts]))
+            _write_npz(hashing, columns)
         self._chunks.append({"file": name, "rows": len(ids), "first_id": int(ids[0]), "last_id": int(ids[-1]),
                              "bytes": hashing.written, "sha256": hashing.digest.hexdigest()})
 
