@@ -2,15 +2,18 @@
 
 Synthetic click data with learnable structure: each user and item has a hidden
 factor vector; a click happens with probability sigmoid(<user, item> + bias).
-The model (two embedding tables + an MLP) learns it; the script prints the
-training loss and the held-out AUC.
+The model (two embedding tables + an MLP) learns it; the script prints, per
+epoch, the training loss, the held-out AUC, the time the epoch took and its
+steps/s. Tables left by an earlier run are trained further; `--reset` starts
+from fresh ones.
 
     kvstore-server --data-dir /tmp/kv &
-    python examples/train_recsys.py --address 127.0.0.1:50051
+    python examples/train_recsys.py --address 127.0.0.1:50051 [--reset] [--prefetch]
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import numpy as np
@@ -69,25 +72,27 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=200000)
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--prefetch", action="store_true", help="fetch batch i+1 while batch i trains")
-    parser.add_argument("--prefix", default="example_")
+    parser.add_argument("--prefetch", action="store_true",
+                        help="fetch batch i+1's rows while batch i trains. Helps when the round trip to the "
+                             "server is a large part of a step (server on another host, small batches); on one "
+                             "machine with few cores the extra call competes for the same CPUs and can cost more "
+                             "than it hides: compare the steps/s of both runs")
+    parser.add_argument("--prefix", default="example_", help="table name prefix (default example_)")
+    parser.add_argument("--reset", action="store_true",
+                        help="drop this example's tables first (default: keep training the ones there)")
     args = parser.parse_args()
     torch.manual_seed(0)
 
     users, items, labels = synthetic_clicks(args.samples, args.users, args.items, 8, seed=0)
     split = int(0.9 * len(labels))
     with KVStoreClient(args.address) as client:
-        for name in ("users", "items"):
-            table = f"{args.prefix}{name}"
-            if table in client.list_tables():
-                client.drop_table(table)
-            client.create_table(table, dim=args.dim, optimizer={"name": "rowwise_adagrad", "lr": 0.1},
-                                initializer={"kind": "normal", "scale": 0.1, "seed": 1})
+        prepare_tables(client, args)
         model = Recommender(client, args.dim, args.prefix)
         dense = torch.optim.Adam(model.mlp.parameters(), lr=3e-3)
         loss_fn = nn.BCEWithLogitsLoss()
         steps, start = 0, time.perf_counter()
         for epoch in range(args.epochs):
+            epoch_start = time.perf_counter()
             batches = [slice(s, min(s + args.batch, split)) for s in range(0, split, args.batch)]
             total = 0.0
             for k, b in enumerate(batches):
@@ -108,10 +113,31 @@ def main() -> None:
                 model.users.on_miss = model.items.on_miss = "init"     # evaluation stores nothing
                 scores = model(torch.from_numpy(users[test]), torch.from_numpy(items[test])).numpy()
                 model.users.on_miss = model.items.on_miss = "init_insert"
-            print(f"epoch {epoch}: train loss {total / len(batches):.4f}  held-out AUC {auc(scores, labels[test]):.4f}")
+            took = time.perf_counter() - epoch_start
+            print(f"epoch {epoch}: train loss {total / len(batches):.4f}  held-out AUC {auc(scores, labels[test]):.4f}"
+                  f"  {took:.1f} s, {len(batches) / took:.1f} steps/s", flush=True)
         elapsed = time.perf_counter() - start
         print(f"{steps} steps in {elapsed:.1f}s: {steps / elapsed:.1f} steps/s, "
               f"{steps * args.batch * 3 / elapsed:,.0f} ids/s")
+
+
+def prepare_tables(client: KVStoreClient, args: argparse.Namespace) -> None:
+    """Create the two tables; with --reset drop them first; an existing one of another dim stops the run."""
+    existing = set(client.list_tables())
+    for name in ("users", "items"):
+        table = f"{args.prefix}{name}"
+        if table in existing and args.reset:
+            client.drop_table(table)
+            print(f"dropped table {table} (--reset)")
+        elif table in existing:
+            dim = client.describe_table(table)["dim"]
+            if dim != args.dim:
+                sys.exit(f"table {table} exists with dim {dim}, not {args.dim}: pass --reset to drop it, "
+                         f"or --prefix for other tables")
+            print(f"training table {table} further (from an earlier run; --reset starts fresh)")
+            continue
+        client.create_table(table, dim=args.dim, optimizer={"name": "rowwise_adagrad", "lr": 0.1},
+                            initializer={"kind": "normal", "scale": 0.1, "seed": 1})
 
 
 if __name__ == "__main__":

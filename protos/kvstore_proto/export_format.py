@@ -11,15 +11,18 @@ store never needs to. Only numpy and ml_dtypes (for bfloat16) are required.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import time
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import ml_dtypes
 import numpy as np
+import numpy.lib.format as npy
 
 FORMAT = "kvstore-table-export"
 FORMAT_VERSION = 1
@@ -43,12 +46,40 @@ class ExportChunk:
     meta: np.ndarray       # [n, 3] uint32: count, last_access, step
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as src:
-        while block := src.read(8 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+class _HashingFile(io.RawIOBase):
+    """A write-only file that hashes the bytes as they pass, so a chunk file is never read back.
+    It says it cannot seek, so zipfile writes each member's sizes after its data instead of
+    going back to patch its header (standard zip data descriptors; every reader handles them)."""
+
+    def __init__(self, out: io.BufferedWriter):
+        self.out, self.digest, self.written = out, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        size = memoryview(data).nbytes
+        self.digest.update(data)
+        self.out.write(data)
+        self.written += size
+        return size
+
+    def tell(self) -> int:
+        return self.written
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+def _write_npz(out: io.RawIOBase, columns: dict[str, np.ndarray]) -> None:
+    """What `np.savez` writes (an uncompressed zip of .npy members), with each array's bytes
+    handed to zipfile as they are: savez copies every array once more on the way."""
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, array in columns.items():
+            array = np.ascontiguousarray(array)
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                npy.write_array_header_1_0(member, npy.header_data_from_array_1_0(array))
+                member.write(memoryview(array.reshape(-1)).cast("B"))
 
 
 class ExportWriter:
@@ -99,11 +130,13 @@ class ExportWriter:
         stored = _STORED_AS.get(self.dtype)
         name = f"chunk-{len(self._chunks):06d}.npz"
         target = os.path.join(self.path, name)
+        columns = {"ids": ids, "weights": weights.view(stored) if stored is not None else weights,
+                   "state": np.concatenate([c.state for c in parts]), "meta": np.concatenate([c.meta for c in parts])}
         with open(target, "wb") as out:
-            np.savez(out, ids=ids, weights=weights.view(stored) if stored is not None else weights,
-                     state=np.concatenate([c.state for c in parts]), meta=np.concatenate([c.meta for c in parts]))
+            hashing = _HashingFile(out)
+            _write_npz(hashing, columns)
         self._chunks.append({"file": name, "rows": len(ids), "first_id": int(ids[0]), "last_id": int(ids[-1]),
-                             "bytes": os.path.getsize(target), "sha256": _sha256(target)})
+                             "bytes": hashing.written, "sha256": hashing.digest.hexdigest()})
 
     def close(self) -> dict[str, Any]:
         self._write_file()
@@ -167,9 +200,11 @@ class ExportReader:
         path = os.path.join(self.path, name)
         if not os.path.isfile(path):
             raise ExportFormatError(f"{name}: missing")
-        if _sha256(path) != entry.get("sha256"):
+        with open(path, "rb") as src:
+            content = src.read()          # read once: hashed here, parsed from memory below
+        if hashlib.sha256(content).hexdigest() != entry.get("sha256"):
             raise ExportFormatError(f"{name}: checksum mismatch (corrupt or changed)")
-        with np.load(path, allow_pickle=False) as npz:
+        with np.load(io.BytesIO(content), allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in ("ids", "weights", "state", "meta")}
         stored = _STORED_AS.get(self.dtype)
         weights = arrays["weights"].view(_WEIGHT_DTYPES[self.dtype]) if stored is not None else arrays["weights"]

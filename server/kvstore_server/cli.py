@@ -3,23 +3,30 @@
 Every config key is also a flag (`max_workers` -> `--max-workers`, `rocksdb.durability`
 -> `--rocksdb-durability`); flags win over `KVSTORE_*` variables, which win over
 the YAML file. `--print-config` prints the effective config and exits.
+
+Start-up output: one "listening" log record in the configured format on stderr,
+and for scripts the line `kvstore-server listening on HOST:PORT` on stdout (left
+out when stdout and stderr are the same file, as on a terminal, where the log
+record says it already). gRPC's own C-core log lines are off unless
+GRPC_VERBOSITY is set: they would bypass the configured format. A port that
+cannot be bound fails before the store opens, in one line, creating nothing.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
+import shutil
 import signal
+import socket
 import sys
 
-from kvstore.errors import InvalidArgument, KVStoreError
+from kvstore.errors import FailedPrecondition, InvalidArgument, KVStoreError
 
 from .allocator import keep_freed_memory
 from .config import ENV_CONFIG, ServerConfig, parse_value, resolve, settable_keys, to_yaml
-from .logs import configure
-from .security import exposure_warnings
-from .server import KVStoreServer, grpc_address
 
 log = logging.getLogger("kvstore_server")
 HELP = {
@@ -56,7 +63,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_bindable(host: str, port: int) -> None:
+    """Fail early, with the reason in plain words, when `host:port` cannot be bound
+    (gRPC's own error only says to turn on debug logs)."""
+    if port == 0:
+        return
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)    # as gRPC binds
+            probe.bind(address)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            reason += " (another process listens there: stop it or pick another --port)"
+        raise FailedPrecondition(f"port: cannot bind {host}:{port}: {reason}") from None
+
+
+def _same_file(first, second) -> bool:
+    try:
+        return os.path.samestat(os.fstat(first.fileno()), os.fstat(second.fileno()))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")     # read once, when grpc loads below
+    from .logs import configure
+
     args = parse_args(argv)
     try:
         flags = {key: None if getattr(args, key) is None else parse_value(getattr(args, key), kind, _flag(key))
@@ -76,21 +111,31 @@ def main(argv: list[str] | None = None) -> int:
 
 async def serve(config: ServerConfig) -> int:
     """Serve until SIGTERM or SIGINT, then drain and close; the process's exit code."""
+    from .security import exposure_warnings
+    from .server import KVStoreServer, grpc_address
+
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     server = KVStoreServer(config)
+    created = not os.path.exists(config.data_dir)
     try:
+        check_bindable(config.host, config.port)
         port = await server.start()
     except KVStoreError as exc:
+        if created:
+            shutil.rmtree(config.data_dir, ignore_errors=True)     # nothing of a server that never ran stays
         print(f"kvstore-server: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, InvalidArgument) else 1
     for warning in exposure_warnings(config):
         log.warning("%s", warning)
-    log.info("listening on %s (tls=%s, auth=%s, metrics port %s)", grpc_address(config.host, port),
-             "mutual" if config.tls_client_ca else config.tls, bool(config.auth_token_file), config.metrics_port)
-    print(f"kvstore-server listening on {grpc_address(config.host, port)}", flush=True)
+    address = grpc_address(config.host, port)
+    log.info("kvstore-server listening on %s (data dir %s, tls=%s, auth=%s, metrics port %s)", address,
+             config.data_dir, "mutual" if config.tls_client_ca else config.tls, bool(config.auth_token_file),
+             config.metrics_port)
+    if not _same_file(sys.stdout, sys.stderr):
+        print(f"kvstore-server listening on {address}", flush=True)
     await stopping.wait()
     await server.stop()
     return 0

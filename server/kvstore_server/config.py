@@ -5,7 +5,8 @@ variables, the YAML file (`--config` or `KVSTORE_CONFIG`), the defaults below.
 Every key has all three spellings: `max_workers` in YAML, `KVSTORE_MAX_WORKERS`,
 `--max-workers`; RocksDB and sweeper keys nest under `rocksdb:` and `sweeper:` and
 read `KVSTORE_ROCKSDB_DURABILITY`, `--rocksdb-durability`. Unknown keys and unknown
-`KVSTORE_*` variables are errors naming them.
+`KVSTORE_*` variables are errors naming them, except the `kvstore` client's own
+variables (CLIENT_VARIABLES), so a server starts from a shell set up for the client.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from kvstore.errors import InvalidArgument
 ENV_PREFIX = "KVSTORE_"
 ENV_CONFIG = "KVSTORE_CONFIG"          # names the YAML file, like --config
 NESTED = {"rocksdb": RocksConfig, "sweeper": SweeperConfig}
+# the `kvstore` command's connection variables (kvstore_client.cli.ENVIRONMENT): not server keys, not errors
+CLIENT_VARIABLES = frozenset({"KVSTORE_ADDRESS", "KVSTORE_TOKEN", "KVSTORE_TOKEN_FILE", "KVSTORE_TLS_CA"})
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -188,7 +191,7 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     by_variable = {ENV_PREFIX + key.replace(".", "_").upper(): (key, kind) for key, kind in settable_keys().items()}
     out: dict[str, Any] = {}
     for variable, text in environ.items():
-        if not variable.startswith(ENV_PREFIX) or variable == ENV_CONFIG:
+        if not variable.startswith(ENV_PREFIX) or variable == ENV_CONFIG or variable in CLIENT_VARIABLES:
             continue
         if variable not in by_variable:
             raise InvalidArgument(f"{variable}: unknown environment variable (no such config key)")

@@ -21,7 +21,9 @@ def test_snapshot_commands(server, client):
     assert "snapshot cli-1" in created.stdout and "paused" in created.stdout
     client.update("cli_t", [1, 2], np.zeros((2, 4), np.float32))
     listed = kvstore(server, "snapshot", "list")
-    assert listed.returncode == 0 and any(line.startswith("cli-1\t") for line in listed.stdout.splitlines())
+    header, *rows = listed.stdout.splitlines()
+    assert listed.returncode == 0 and header.split() == ["NAME", "CREATED", "ROWS", "TABLES"]
+    assert any(row.split()[0] == "cli-1" and "cli_t" in row.split()[3] for row in rows)
     restored = kvstore(server, "snapshot", "restore", "cli-1")
     assert restored.returncode == 0, restored.stderr
     assert (client.lookup("cli_t", [1, 2], on_miss="error") == 1.0).all()
@@ -45,7 +47,7 @@ def test_export_then_import_into_a_new_table(server, client, tmp_path):
     path = tmp_path / "export"
     exported = kvstore(server, "export", "cli_src", str(path))
     assert exported.returncode == 0, exported.stderr
-    assert "5,000 rows" in exported.stdout and "rows/s" in exported.stderr
+    assert "5,000 rows" in exported.stdout and "rows/s" in exported.stderr and "\r" not in exported.stderr
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["rows"] == 5000 and manifest["sorted"]
     assert manifest["table"]["optimizer"]["name"] == "rowwise_adagrad"

@@ -1,0 +1,106 @@
+"""`kvstore export` and `kvstore import`: a table to an export directory and back.
+
+Both run as a two-stage pipeline so the network and the disk work at once: export
+receives chunk N+1 while a writer thread writes (and hashes, as the bytes pass)
+file N; import reads and checks file N+1 while gRPC sends file N. A bounded number
+of chunks waits between the stages, so memory stays flat whatever the table size.
+"""
+from __future__ import annotations
+
+import argparse
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
+
+from kvstore_proto.export_format import ExportChunk, ExportReader, ExportWriter
+
+from .client import KVStoreClient
+from .progress import Progress
+
+T = TypeVar("T")
+DEPTH = 3          # chunks in flight between the stages
+
+
+def chunk_bytes(chunk: ExportChunk) -> int:
+    return chunk.ids.nbytes + chunk.weights.nbytes + chunk.state.nbytes + chunk.meta.nbytes
+
+
+class Pipeline:
+    """Runs `work(item)` on one background thread, at most `depth` items behind the caller;
+    an error there is raised to the caller at its next `put` or at `finish`."""
+
+    def __init__(self, work: Callable[[ExportChunk], object], depth: int = DEPTH):
+        self.work, self.depth = work, depth
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvstore-pipeline")
+        self._pending: deque[Future] = deque()
+
+    def put(self, item: ExportChunk) -> None:
+        while len(self._pending) >= self.depth:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(self.work, item))
+
+    def finish(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is not None:
+            for future in self._pending:
+                future.cancel()
+        self._pool.shutdown(wait=True)
+
+
+def read_ahead(items: Iterator[T], depth: int = DEPTH) -> Iterator[T]:
+    """The items of `items`, produced on a background thread up to `depth` ahead of the consumer."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="kvstore-read-ahead")
+    pending: deque[Future] = deque()
+    done = object()
+    try:
+        while True:
+            while len(pending) < depth:
+                pending.append(pool.submit(next, items, done))
+            item = pending.popleft().result()
+            if item is done:
+                return
+            yield item
+    finally:
+        for future in pending:
+            future.cancel()
+        pool.shutdown(wait=True)
+
+
+def export_table(client: KVStoreClient, args: argparse.Namespace) -> int:
+    stream = client.export(args.table)
+    config = stream.config
+    writer = ExportWriter(args.path, config, config["dim"], config["dtype"] or "float32", stream.state_dim)
+    with Progress(f"export {args.table}", stream.estimated_rows, enabled=not args.quiet) as progress:
+        try:
+            with Pipeline(lambda c: writer.write(c.ids, c.weights, c.state, c.meta)) as pipeline:
+                for chunk in stream:
+                    pipeline.put(chunk)
+                    progress.update(len(chunk.ids), chunk_bytes(chunk))
+                pipeline.finish()
+        except BaseException:
+            stream.cancel()
+            raise
+        manifest = writer.close()
+    print(f"exported {manifest['rows']:,} rows of {args.table} to {args.path}")
+    return 0
+
+
+def import_table(client: KVStoreClient, args: argparse.Namespace) -> int:
+    reader = ExportReader(args.path)
+    with Progress(f"import {args.table}", reader.rows, enabled=not args.quiet) as progress:
+
+        def chunks() -> Iterator[ExportChunk]:
+            for chunk in read_ahead(iter(reader)):
+                yield chunk
+                progress.update(len(chunk.ids), chunk_bytes(chunk))
+
+        rows = client.import_chunks(args.table, chunks(), mode=args.mode, config=reader.table)
+    print(f"imported {rows:,} rows into {args.table} ({args.mode})")
+    return 0
