@@ -45,6 +45,7 @@ class ServerConfig:
     idempotency_keys: int = 10000        # streamed writes remembered by key, so a retry is not applied twice
     idempotency_seconds: float = 600.0   # ... for this long
     max_concurrent_streams: int = 32     # HTTP/2 streams one connection may open at once
+    max_health_watches_per_peer: int = 16   # health Watch streams one address may hold (health needs no token)
     grace_seconds: float = 10.0          # in-flight calls may finish this long on shutdown
     max_request_rows: int = 1 << 22      # rows in one Update/Delete call, all chunks together
     max_chunk_rows: int = 1 << 20        # rows in one message of a stream
@@ -63,7 +64,7 @@ class ServerConfig:
             if not _is_int(value) or not 0 <= value <= 65535:
                 raise InvalidArgument(f"{name}: must be an integer in [0, 65535], got {value!r}")
         for name in ("max_message_bytes", "max_concurrent_rpcs", "max_concurrent_streams",
-                     "max_request_rows", "max_chunk_rows", "retry_after_ms", "idempotency_keys"):
+                     "max_health_watches_per_peer", "max_request_rows", "max_chunk_rows", "retry_after_ms", "idempotency_keys"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise InvalidArgument(f"{name}: must be a positive integer, got {value!r}")

@@ -15,6 +15,7 @@ import ipaddress
 import logging
 import os
 import stat
+import time
 from collections.abc import Callable
 
 import grpc
@@ -22,6 +23,7 @@ import grpc
 from kvstore.errors import InvalidArgument
 
 from .config import ServerConfig
+from .health_watch import peer_address
 
 MIN_TOKEN_BYTES = 16                             # shorter tokens are guessable
 AUTH_METADATA = "authorization"
@@ -185,12 +187,39 @@ class _CertificateReloader:
         return fresh
 
 
+class RefusalLog:
+    """Logs refused calls with the caller's address, at most one line per address every
+    `interval` seconds; the next line says how many were left out meanwhile. A client
+    hammering the port with a wrong token costs a few lines a minute, not gigabytes."""
+
+    def __init__(self, interval: float = 10.0, clock: Callable[[], float] = time.monotonic):
+        self.interval, self.clock = interval, clock
+        self._last: dict[str, float] = {}
+        self._skipped: dict[str, int] = {}
+
+    def refused(self, peer: str, method: str, reason: str) -> bool:
+        """Record one refusal; True when it was logged."""
+        address, now = peer_address(peer), self.clock()
+        if now - self._last.get(address, -self.interval) < self.interval:
+            self._skipped[address] = self._skipped.get(address, 0) + 1
+            return False
+        if len(self._last) > 10000:                 # forget quiet addresses: bounded memory
+            self._last = {a: t for a, t in self._last.items() if now - t < self.interval}
+        self._last[address] = now
+        skipped = self._skipped.pop(address, 0)
+        log.warning("refused %s from %s: %s%s", method, peer, reason,
+                    f" ({skipped} more refusals from {address} not logged)" if skipped else "")
+        return True
+
+
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     """Refuses every call whose `authorization` metadata is not `Bearer <token>`."""
 
-    def __init__(self, token: str, on_refused: Callable[[str], None] | None = None):
+    def __init__(self, token: str, on_refused: Callable[[str], None] | None = None,
+                 refusals: RefusalLog | None = None):
         self._expected = (BEARER + token).encode()
         self._on_refused = on_refused or (lambda method: None)
+        self._refusals = refusals or RefusalLog()
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
@@ -202,16 +231,19 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         self._on_refused(details.method.rsplit("/", 1)[-1])
         message = (f"{AUTH_METADATA}: missing bearer token" if given is None
                    else f"{AUTH_METADATA}: invalid bearer token")
-        return _refusal(handler, message)
+        return _refusal(handler, message, lambda peer: self._refusals.refused(peer, details.method, message))
 
 
-def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+def _refusal(handler: grpc.RpcMethodHandler, message: str,
+             note: Callable[[str], object]) -> grpc.RpcMethodHandler:
     """A handler of the same shape as `handler` that only aborts; the request is never read."""
 
     async def refuse(request, context: grpc.aio.ServicerContext):
+        note(context.peer())
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     async def refuse_stream(request, context: grpc.aio.ServicerContext):
+        note(context.peer())
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield  # pragma: no cover - never reached: abort raises
 

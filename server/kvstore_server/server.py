@@ -23,6 +23,7 @@ from kvstore import Store
 from kvstore.errors import FailedPrecondition
 
 from .config import ServerConfig
+from .health_watch import BoundedHealthServicer
 from .metrics import Metrics
 from .rpc import CallGate, StoreWork, bind, default_workers
 from .security import TokenAuthInterceptor, read_token, server_credentials
@@ -79,7 +80,7 @@ class KVStoreServer:
         self.port = 0
         self.work = StoreWork(config.max_workers or default_workers())
         self._grpc: grpc.aio.Server | None = None
-        self._health = health.aio.HealthServicer()
+        self._health = BoundedHealthServicer(config.max_health_watches_per_peer)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._gate: CallGate | None = None
         self._lease_task: asyncio.Task | None = None
