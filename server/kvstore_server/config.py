@@ -64,7 +64,8 @@ class ServerConfig:
             if not _is_int(value) or not 0 <= value <= 65535:
                 raise InvalidArgument(f"{name}: must be an integer in [0, 65535], got {value!r}")
         for name in ("max_message_bytes", "max_concurrent_rpcs", "max_concurrent_streams",
-                     "max_health_watches_per_peer", "max_request_rows", "max_chunk_rows", "retry_after_ms", "idempotency_keys"):
+                     "max_health_watches_per_peer", "max_request_rows", "max_chunk_rows", "retry_after_ms",
+                     "idempotency_keys"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise InvalidArgument(f"{name}: must be a positive integer, got {value!r}")

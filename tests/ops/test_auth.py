@@ -74,9 +74,10 @@ def test_refused_calls_are_counted_by_method(server, admin):
 
 
 def test_operator_cli_sends_the_token_from_a_file(server, admin, token_file, tmp_path):
-    listed = run_cli("kvstore_client", "--address", server.address, "--token-file", str(token_file), "tables")
+    listed = run_cli("kvstore_client", "--address", server.address, "--token-file", str(token_file), "tables",
+                     "--json")
     assert listed.returncode == 0, listed.stderr
-    assert listed.stdout.split() == ["guarded"]
+    assert [table["name"] for table in json.loads(listed.stdout)] == ["guarded"]
     auth = ["--address", server.address, "--token-file", str(token_file)]
     described = run_cli("kvstore_client", *auth, "describe", "guarded")
     assert described.returncode == 0 and json.loads(described.stdout)["dim"] == 4
