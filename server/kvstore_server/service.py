@@ -14,6 +14,7 @@ from kvstore import Store
 from kvstore.dtypes import weight_dtype
 from kvstore.errors import InvalidArgument, ResourceExhausted
 
+from .cluster_service import ClusterRPCs
 from .config import ServerConfig
 from .messages import concat, on_miss_name, table_config_from_proto, table_config_to_proto
 from .metrics import Metrics
@@ -24,7 +25,7 @@ from .transfer_service import SnapshotRPCs
 MESSAGE_OVERHEAD = 4096   # room for framing and the non-tensor fields of a response
 
 
-class EmbeddingStoreService(SnapshotRPCs, pb_grpc.EmbeddingStoreServicer):
+class EmbeddingStoreService(SnapshotRPCs, ClusterRPCs, pb_grpc.EmbeddingStoreServicer):
     def __init__(self, store: Store, config: ServerConfig, metrics: Metrics):
         self.store = store
         self.config = config
