@@ -17,6 +17,7 @@ from .client import KVStoreClient
 from .credentials import read_file
 from .errors import KVStoreError
 from .progress import Progress
+from .reshard import add_reshard_command
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--mode", choices=("merge", "replace"), default="merge",
                       help="merge: keep rows not in the export (default); replace: drop them first")
     load.set_defaults(func=import_table)
+    add_reshard_command(commands)             # scale-out: reshard.py
     return parser
 
 

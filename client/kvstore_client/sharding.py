@@ -20,7 +20,7 @@ from .arrays import as_ids, as_rows, like
 from .client import KVStoreClient, _as_scores
 from .cluster_manifest import join_cluster
 from .cluster_transfer import ClusterTransferMethods
-from .errors import FailedPreconditionError, NotFoundError
+from .errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from .fanout import FanOut
 from .shard_map import ShardMap, shard_addresses
 
@@ -31,18 +31,21 @@ class ShardedClient(ClusterTransferMethods):
     def __init__(self, address: str | list[str] | tuple[str, ...], timeout: float = 30.0,
                  max_message_bytes: int = 16 << 20, chunk_bytes: int = 2 << 20, *, replicas: int | None = None,
                  function: str = "hash", block_size: int = 0, check_manifest: bool = True,
-                 adopt_shards: bool = False, **credentials: Any):
+                 adopt_shards: bool = False, clients: list[KVStoreClient] | None = None, **credentials: Any):
         """`address`: the shards in order (a list or a comma-separated string), or a headless Service's
         DNS name with `replicas` (pods NAME-0..NAME-(replicas-1)). `function`/`block_size`: the shard map
         (shard_map.py). The cluster manifest on every shard must agree (FAILED_PRECONDITION otherwise); a
         new, empty cluster gets one. `adopt_shards`: write it to shards that have none even when the others
-        do (a replaced shard's fresh volume). Other keywords go to each shard's KVStoreClient."""
+        do (a replaced shard's fresh volume). Other keywords go to each shard's KVStoreClient; `clients`:
+        already open ones, one per address (closed with this client)."""
         self.addresses = shard_addresses(address, replicas)
         self.shard_map = ShardMap(len(self.addresses), function, block_size)
         self.timeout = timeout
         self.fan = FanOut(self.addresses)
-        self.shards = [KVStoreClient(a, timeout, max_message_bytes, chunk_bytes, **credentials)
-                       for a in self.addresses]
+        self.shards = clients or [KVStoreClient(a, timeout, max_message_bytes, chunk_bytes, **credentials)
+                                  for a in self.addresses]
+        if len(self.shards) != len(self.addresses):
+            raise InvalidArgumentError(message=f"clients: {len(self.shards)} clients for {len(self.addresses)} shards")
         self.cluster_id = ""
         try:
             if check_manifest:

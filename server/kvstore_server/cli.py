@@ -49,7 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--print-config", action="store_true",
                         help="print the effective config as YAML, with where each value came from, and exit")
     parser.add_argument("--shards", type=int, metavar="N",
-                        help="start N shard servers: ports PORT..PORT+N-1, data dirs DATA_DIR/shard-i (docs/scale-out.md)")
+                        help="start N shard servers: ports PORT..PORT+N-1, data dirs DATA_DIR/shard-i "
+                             "(docs/scale-out.md)")
     parser.add_argument("--shard-index", metavar="I",
                         help="this server's shard index, or a StatefulSet pod name (kvstore-3): refuse to start "
                              "on a data dir that holds another shard")

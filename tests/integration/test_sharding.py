@@ -1,0 +1,228 @@
+"""Scale-out: a cluster of 3 local shards (`kvstore-server --shards 3`) against one server, through the client."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from kvstore_client import FailedPreconditionError, KVStoreClient, NotFoundError, UnavailableError
+from kvstore_client.shard_map import ShardMap
+from kvstore_client.sharding import ShardedClient
+
+from .conftest import ServerProcess, random_rows
+
+# A cache that holds every row of a test on one server too: prefetch counts rows cached, which
+# depends on capacity, and the cluster has three caches.
+TABLE = {"cache": {"rows": 4096, "ways": 8}, "initializer": {"kind": "uniform", "scale": 0.1, "seed": 7},
+         "optimizer": {"name": "adagrad", "lr": 0.05}}
+
+
+@pytest.fixture(scope="module")
+def cluster(start_server) -> ServerProcess:
+    return start_server("--shards", "3")
+
+
+@pytest.fixture(scope="module")
+def sharded(cluster):
+    with KVStoreClient(cluster.address) as opened:
+        yield opened
+
+
+@pytest.fixture(scope="module")
+def single(start_server):
+    with KVStoreClient(start_server().address) as opened:
+        yield opened
+
+
+def shard_pids(parent: ServerProcess) -> list[int]:
+    """The shard processes of a `--shards` parent, in shard order (they are started in order)."""
+    pid = parent.process.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return sorted(int(child) for child in children)
+
+
+def both(sharded, single, call):
+    return call(sharded), call(single)
+
+
+def test_a_cluster_address_list_makes_a_sharded_client(cluster, sharded):
+    assert isinstance(sharded, ShardedClient)
+    assert sharded.addresses == cluster.address.split(",") and len(sharded.shards) == 3
+    manifests = [json.loads((cluster.data_dir / f"shard-{i}" / "cluster.json").read_text()) for i in range(3)]
+    assert [m["shard_index"] for m in manifests] == [0, 1, 2]
+    assert {m["cluster_id"] for m in manifests} == {sharded.cluster_id}
+
+
+def test_every_operation_equals_a_single_server_for_the_same_seeds(sharded, single):
+    for client in (sharded, single):
+        client.create_table("same", 8, **TABLE)
+    rng = np.random.default_rng(3)
+    ids = rng.integers(-1000, 1000, 600)                        # duplicates and negative ids included
+    first = both(sharded, single, lambda c: c.lookup("same", ids))
+    np.testing.assert_array_equal(*first)
+    grads = random_rows(len(ids), 8, seed=1)
+    assert len(set(both(sharded, single, lambda c: c.apply_gradients("same", ids, grads, scores=None)))) == 1
+    written = both(sharded, single, lambda c: c.update("same", ids[:50], random_rows(50, 8, seed=2)))
+    assert written[0] == written[1] == len(np.unique(ids[:50]))
+    assert len(set(both(sharded, single, lambda c: c.delete("same", ids[50:80])))) == 1
+    assert len(set(both(sharded, single, lambda c: c.prefetch("same", ids[100:300])))) == 1
+    more = np.concatenate([ids, [5555]])
+    (weights, state), (single_weights, single_state) = both(
+        sharded, single, lambda c: c.lookup("same", more, on_miss="zeros", with_state=True))
+    np.testing.assert_array_equal(weights, single_weights)
+    np.testing.assert_array_equal(state, single_state)
+    np.testing.assert_array_equal(*both(sharded, single, lambda c: c.lookup("same", more, on_miss="init")))
+    with pytest.raises(NotFoundError):
+        sharded.lookup("same", ids[50:51], on_miss="error")
+    exported = both(sharded, single, lambda c: c.export_table("same"))
+    for field in ("ids", "weights", "state"):
+        np.testing.assert_array_equal(getattr(exported[0], field), getattr(exported[1], field))
+    assert sharded.describe_table("same") == single.describe_table("same")
+    stats = both(sharded, single, lambda c: c.stats("same"))
+    assert stats[0]["rows_stepped"] == stats[1]["rows_stepped"] > 0
+    assert "same" in sharded.list_tables()
+
+
+def test_empty_batches_and_unknown_tables_behave_as_on_one_server(sharded, single):
+    sharded.create_table("empty_batch", 4)
+    single.create_table("empty_batch", 4)
+    assert both(sharded, single, lambda c: c.lookup("empty_batch", np.arange(0)).shape) == ((0, 4), (0, 4))
+    for client in (sharded, single):
+        with pytest.raises(NotFoundError, match="table"):
+            client.lookup("no_such_table", [1, 2, 3])
+
+
+@pytest.mark.parametrize("kind", ["uniform", "zipf", "sequential"])
+def test_hashing_balances_rows_within_10_percent(sharded, kind):
+    rng = np.random.default_rng(11)
+    ids = {"uniform": lambda: rng.integers(-2**62, 2**62, 30000),
+           "zipf": lambda: rng.zipf(1.1, 200000),
+           "sequential": lambda: np.arange(30000)}[kind]()
+    table = f"balance_{kind}"
+    sharded.create_table(table, 2, cache={"rows": 64, "ways": 8})
+    unique = np.unique(ids)
+    sharded.prefetch(table, unique)                             # stores every distinct id once
+    per_shard = [s["rows_initialized"] for s in sharded.shard_stats(table)]
+    assert sum(per_shard) == len(unique) > 3000
+    mean = len(unique) / 3
+    assert max(abs(rows - mean) / mean for rows in per_shard) < 0.10, per_shard
+
+
+def test_cluster_snapshot_and_restore_round_trip(sharded):
+    sharded.create_table("snapped", 8, **TABLE)
+    ids = np.arange(900)
+    sharded.update("snapped", ids, random_rows(900, 8, seed=4))
+    before = sharded.export_table("snapped")
+    info = sharded.create_snapshot("cluster-1")
+    assert info["rows"]["snapped"] > 0 and len(info["shards"]) == 3
+    assert "cluster-1" in [s["name"] for s in sharded.list_snapshots()]
+    sharded.update("snapped", ids, np.zeros((900, 8), np.float32))
+    sharded.delete("snapped", ids[:100])
+    restored = sharded.restore_snapshot("cluster-1")
+    assert restored["name"] == "cluster-1" and restored["restore_seconds"] >= 0
+    after = sharded.export_table("snapped")
+    np.testing.assert_array_equal(before.ids, after.ids)
+    np.testing.assert_array_equal(before.weights, after.weights)
+    assert not [s for s in sharded.list_snapshots() if s["name"].startswith("undo-restore-")]
+    sharded.delete_snapshot("cluster-1")
+    assert "cluster-1" not in [s["name"] for s in sharded.list_snapshots()]
+
+
+def test_restore_that_fails_on_one_shard_leaves_every_shard_as_it_was(cluster, sharded):
+    sharded.create_table("undone", 4)
+    ids = np.arange(300)
+    sharded.update("undone", ids, np.ones((300, 4), np.float32))
+    sharded.create_snapshot("half-broken")
+    shutil.rmtree(cluster.data_dir / "shard-2" / "snapshots" / "half-broken" / "db")   # shard 2's copy is gone
+    sharded.update("undone", ids, np.full((300, 4), 2.0, np.float32))
+    with pytest.raises(FailedPreconditionError, match=r"every shard serves its data from before the restore .*"
+                                                      r"shard 2 \(.*cannot copy snapshot 'half-broken'"):
+        sharded.restore_snapshot("half-broken")
+    assert (sharded.lookup("undone", ids, on_miss="error") == 2.0).all()
+
+
+def test_snapshot_missing_on_one_shard_is_not_found_and_restores_nothing(sharded):
+    sharded.create_table("partial_snap", 4)
+    sharded.shards[1].create_snapshot("only-on-1")
+    with pytest.raises(NotFoundError, match=r"missing on shard 0 .* shard 2"):
+        sharded.restore_snapshot("only-on-1")
+    assert "only-on-1" not in [s["name"] for s in sharded.list_snapshots()]
+    sharded.delete_snapshot("only-on-1")                       # finishes on the shard that has it
+
+
+def test_a_client_whose_view_differs_from_the_manifest_is_refused(cluster, sharded):
+    addresses = cluster.address.split(",")
+    cases = [(addresses[::-1], {}, "shard_index: server 2, client 0"),
+             (addresses[:2], {}, "shards: server 3, client 2"),
+             (addresses, {"function": "block", "block_size": 100}, "function: server 'hash', client 'block'")]
+    for order, options, difference in cases:
+        with pytest.raises(FailedPreconditionError, match=r"shard \d .*" + difference):
+            KVStoreClient(order, **options)
+    sharded.lookup("same", [1, 2, 3])                           # the cluster itself is unchanged
+
+
+def test_a_server_started_on_another_shards_data_dir_refuses_to_start(cluster, tmp_path):
+    data_dir = tmp_path / "moved"
+    data_dir.mkdir()
+    shutil.copy(cluster.data_dir / "shard-1" / "cluster.json", data_dir / "cluster.json")
+    started = subprocess.run([sys.executable, "-m", "kvstore_server", "--data-dir", str(data_dir), "--port", "0",
+                              "--shard-index", "kvstore-0"], capture_output=True, text=True, timeout=60)
+    assert started.returncode == 1
+    assert "this server is shard 0" in started.stderr and "holds shard 1" in started.stderr
+
+
+def test_servers_with_tables_but_no_manifest_are_not_taken_as_a_cluster(start_server):
+    servers = [start_server(), start_server()]
+    with KVStoreClient(servers[1].address) as one:
+        one.create_table("orphan", 4)
+    with pytest.raises(FailedPreconditionError, match=r"shard 1 .* holds tables but no shard has a manifest"):
+        KVStoreClient([s.address for s in servers])
+
+
+def test_a_killed_shard_is_unavailable_by_name_while_the_others_serve(tmp_path):
+    cluster = ServerProcess(tmp_path / "data", "--shards", "3").start()
+    try:
+        with KVStoreClient(cluster.address) as client:
+            client.create_table("kill", 4)
+            ids = np.arange(3000)
+            client.update("kill", ids, np.ones((3000, 4), np.float32))
+            victim = shard_pids(cluster)[1]
+            os.kill(victim, signal.SIGKILL)
+            with pytest.raises(UnavailableError, match=r"shard 1 \(127\.0\.0\.1:\d+\)") as failure:
+                client.lookup("kill", ids)
+            assert failure.value.shard == 1
+            owner = ShardMap(3).shard_of(ids)
+            survivors = ids[owner != 1]
+            assert (client.lookup("kill", survivors, on_miss="error") == 1.0).all()
+            assert client.apply_gradients("kill", survivors, np.ones((len(survivors), 4), np.float32)) > 0
+    finally:
+        assert cluster.stop() == 1                              # one shard did not exit cleanly
+
+
+def test_reshard_3_to_5_keeps_every_row(cluster, sharded, start_server):
+    sharded.create_table("moving", 8, **TABLE)
+    ids = np.random.default_rng(5).integers(-10**9, 10**9, 4000)
+    sharded.apply_gradients("moving", ids, random_rows(len(ids), 8, seed=6))
+    before = sharded.export_table("moving")
+    target = start_server("--shards", "5")
+    moved = subprocess.run([sys.executable, "-m", "kvstore_client", "--quiet", "--address", cluster.address,
+                            "reshard", "moving", "--to", "5", "--target", target.address],
+                           capture_output=True, text=True, timeout=120)
+    assert moved.returncode == 0, moved.stderr
+    assert f"{len(before.ids):,} rows onto 5 shards" in moved.stdout and "verified" in moved.stdout
+    with KVStoreClient(target.address) as five:
+        after = five.export_table("moving")
+        for field in ("ids", "weights", "state", "meta"):
+            np.testing.assert_array_equal(getattr(before, field), getattr(after, field))
+        np.testing.assert_array_equal(five.lookup("moving", ids), sharded.lookup("moving", ids))
+        assert five.describe_table("moving") == sharded.describe_table("moving")
+    again = subprocess.run([sys.executable, "-m", "kvstore_client", "--quiet", "--address", cluster.address,
+                            "reshard", "moving", "--to", "5", "--target", cluster.address],
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 1 and "--target: 3 addresses for --to 5 shards" in again.stderr
