@@ -68,6 +68,8 @@ class ShardMap:
         if self.shards == 1:
             return [np.arange(len(ids))]
         owner = self.shard_of(ids)
+        if self.shards <= 1 << 16:                       # a stable sort of 16-bit keys is a radix sort: O(n)
+            owner = owner.astype(np.uint16)
         order = np.argsort(owner, kind="stable")
         bounds = np.searchsorted(owner[order], np.arange(self.shards + 1))
         return [order[bounds[i]:bounds[i + 1]] for i in range(self.shards)]
