@@ -6,7 +6,8 @@ most), a table of `--rows` rows of dim `--dim` loaded and cached on every shard
 - lookup rows/s (Zipf ids, batch `--batch`), and the ratio to 1 shard in the same run;
 - training steps/s (lookup + apply_gradients, rowwise Adagrad), and the ratio to 1 shard;
 - the cost of the client's split and reassembly alone (no RPC: the same numpy work a
-  sharded lookup does around its calls) against one single-shard lookup of the batch.
+  sharded lookup does around its calls) against one lookup of the batch on one shard through a
+  plain KVStoreClient; with 1 shard, the ShardedClient against that plain client (no split).
 The target on a host with cores to spare is 4 shards >= 3x one shard; on a host with
 fewer cores than shards + 1, the shards and the client share cores and say so.
 
@@ -21,6 +22,7 @@ import tempfile
 import time
 
 import numpy as np
+from grpc_bench import zipf_ids  # Zipf(1.05) ids, as the other lookup benchmarks draw them
 
 
 def start(shards: int, data_dir: str) -> tuple[subprocess.Popen, str]:
@@ -30,13 +32,6 @@ def start(shards: int, data_dir: str) -> tuple[subprocess.Popen, str]:
         if "listening on" in line:
             return proc, line.strip().rsplit(" ", 1)[-1]
     raise RuntimeError("kvstore-server --shards did not start")
-
-
-def zipf_ids(rng, n: int, rows: int, perm: np.ndarray) -> np.ndarray:
-    ranks = np.arange(1, rows + 1, dtype=np.float64)
-    p = ranks ** -1.05
-    p /= p.sum()
-    return perm[rng.choice(rows, size=n, p=p)]
 
 
 def timed(fn, batches) -> float:
@@ -73,7 +68,7 @@ def measure(shards: int, args, batches: list[np.ndarray]) -> dict[str, float]:
             grads = np.full((args.batch, args.dim), 1e-3, np.float32)
             lookup = timed(lambda b: client.lookup("bench", b), batches)
             step = timed(lambda b: (client.lookup("bench", b), client.apply_gradients("bench", b, grads)), batches)
-            split = timed(lambda b: split_and_gather(client, b, args.dim), batches)
+            split = timed(lambda b: split_and_gather(client, b, args.dim), batches) if shards > 1 else 0.0
             single = timed(lambda b: client.shards[0].lookup("bench", b), batches) if shards == 1 else None
     finally:
         server.terminate()
@@ -106,8 +101,10 @@ def main() -> None:
               f"{r['steps'] / base['steps']:>5.2f} {1000 * r['split']:>16.2f}")
     if 1 in results:
         single = results[1]["single"]
-        print(f"one lookup of {args.batch:,} ids on one shard: {1000 * single:.1f} ms; split + reassembly for "
-              + ", ".join(f"{s} shards {results[s]['split'] / single:.1%}" for s in counts) + " of it")
+        print(f"one lookup of {args.batch:,} ids on one shard through KVStoreClient: {1000 * single:.1f} ms "
+              f"({args.batch / single:,.0f} rows/s; through the 1-shard ShardedClient, which skips the split: "
+              f"{results[1]['lookup'] * single / args.batch:.2f} of that); split + reassembly: "
+              + ", ".join(f"{s} shards {results[s]['split'] / single:.1%}" for s in counts if s > 1) + " of it")
 
 
 if __name__ == "__main__":

@@ -147,10 +147,13 @@ class ClusterTransferMethods:
             meta=None if arrays[2] is None else arrays[2][parts[i]], config=config)).values())
 
     def import_chunks(self, table: str, parts: Iterable[ExportChunk | tuple], mode: str = "merge",
-                      config: dict | None = None, timeout: float = TRANSFER_TIMEOUT) -> int:
+                      config: dict | None = None, timeout: float = TRANSFER_TIMEOUT,
+                      shards: list[int] | None = None) -> int:
         """Stream chunks into `table`, each row to its shard, one import stream per shard at once. Each shard
-        applies its part only once all of it arrived valid; shards commit independently (docs/scale-out.md)."""
-        feeds = [queue.Queue(FEED_DEPTH) for _ in self.shards]
+        applies its part only once all of it arrived valid; shards commit independently (docs/scale-out.md).
+        `shards`: import only into these (rows of the others are skipped), e.g. to refill one lost shard."""
+        chosen = range(len(self.shards)) if shards is None else sorted(set(shards))
+        feeds = {i: queue.Queue(FEED_DEPTH) for i in chosen}
         failed = threading.Event()
         imported: dict[int, Any] = {}
 
@@ -161,7 +164,7 @@ class ClusterTransferMethods:
                 imported[index] = error
                 failed.set()
 
-        threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(self.shards))]
+        threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in feeds]
         for thread in threads:
             thread.start()
         try:
@@ -170,12 +173,12 @@ class ClusterTransferMethods:
                 arrays = [None if a is None else to_numpy(a, "chunk") for a in
                           (chunk.ids, chunk.weights, chunk.state, chunk.meta)]
                 for index, at in enumerate(self.shard_map.split(as_ids(arrays[0]))):
-                    if len(at):
+                    if len(at) and index in feeds:
                         _feed(feeds[index], tuple(None if a is None else a[at] for a in arrays), failed)
-            for feed in feeds:
+            for feed in feeds.values():
                 _feed(feed, _END, failed)
         except BaseException as error:
-            for feed in feeds:
+            for feed in feeds.values():
                 _abort(feed, error)              # each shard's stream is cancelled: nothing is applied there
             for thread in threads:
                 thread.join()

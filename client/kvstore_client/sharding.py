@@ -20,7 +20,7 @@ from .arrays import as_ids, as_rows, like
 from .client import KVStoreClient, _as_scores
 from .cluster_manifest import join_cluster
 from .cluster_transfer import ClusterTransferMethods
-from .errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from .errors import FailedPreconditionError, InvalidArgumentError, KVStoreError, NotFoundError
 from .fanout import FanOut
 from .shard_map import ShardMap, shard_addresses
 
@@ -183,7 +183,17 @@ class ShardedClient(ClusterTransferMethods):
     def _rows_call(self, id_array: np.ndarray, call: Callable[[int, np.ndarray], int]) -> int:
         """call(shard, positions) on every shard owning some ids; the counts (unique rows) add up."""
         parts = self._split(id_array)
-        return sum(self.fan.each(lambda i: call(i, parts[i]), list(parts)).values())
+        outcomes = self.fan.settle(lambda i: call(i, parts[i]), list(parts))
+        applied = [i for i, r in outcomes.items() if not isinstance(r, KVStoreError)]
+        try:
+            self.fan.raise_failures(outcomes)
+        except KVStoreError as error:
+            error.applied_shards = applied     # their part of the call took effect: retry only the others' ids
+            if applied:
+                error.message += f" (shards {applied} applied their part; retry only the ids of the failed shards)"
+                error.args = (error.message,)
+            raise
+        return sum(outcomes.values())
 
 
 def _take(array: np.ndarray | None, at: np.ndarray) -> np.ndarray | None:

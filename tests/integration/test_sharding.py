@@ -156,6 +156,19 @@ def test_snapshot_missing_on_one_shard_is_not_found_and_restores_nothing(sharded
     sharded.delete_snapshot("only-on-1")                       # finishes on the shard that has it
 
 
+def test_a_lost_shard_is_refilled_from_a_cluster_export_without_touching_the_others(sharded):
+    sharded.create_table("refill", 4)
+    ids = np.arange(1200)
+    sharded.update("refill", ids, np.ones((1200, 4), np.float32))
+    backup = sharded.export_table("refill")
+    owner = ShardMap(3).shard_of(ids)
+    sharded.shards[1].delete("refill", ids[owner == 1])               # shard 1 lost its rows
+    sharded.update("refill", ids[owner != 1], np.full(((owner != 1).sum(), 4), 5.0, np.float32))
+    assert sharded.import_chunks("refill", [backup], shards=[1]) == (owner == 1).sum()
+    rows = sharded.lookup("refill", ids, on_miss="error")
+    assert (rows[owner == 1] == 1.0).all() and (rows[owner != 1] == 5.0).all()
+
+
 def test_a_client_whose_view_differs_from_the_manifest_is_refused(cluster, sharded):
     addresses = cluster.address.split(",")
     cases = [(addresses[::-1], {}, "shard_index: server 2, client 0"),
@@ -197,9 +210,12 @@ def test_a_killed_shard_is_unavailable_by_name_while_the_others_serve(tmp_path):
             with pytest.raises(UnavailableError, match=r"shard 1 \(127\.0\.0\.1:\d+\)") as failure:
                 client.lookup("kill", ids)
             assert failure.value.shard == 1
+            with pytest.raises(UnavailableError, match=r"shard 1 .*shards \[0, 2\] applied their part") as failure:
+                client.update("kill", ids, np.full((3000, 4), 3.0, np.float32))
+            assert failure.value.applied_shards == [0, 2]
             owner = ShardMap(3).shard_of(ids)
             survivors = ids[owner != 1]
-            assert (client.lookup("kill", survivors, on_miss="error") == 1.0).all()
+            assert (client.lookup("kill", survivors, on_miss="error") == 3.0).all()
             assert client.apply_gradients("kill", survivors, np.ones((len(survivors), 4), np.float32)) > 0
     finally:
         assert cluster.stop() == 1                              # one shard did not exit cleanly
