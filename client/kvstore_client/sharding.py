@@ -67,9 +67,10 @@ class ShardedClient(ClusterTransferMethods):
 
     # --- tables ----------------------------------------------------------------
 
-    def create_table(self, name: str, dim: int, **options: Any) -> dict:
-        """Create the table on every shard; if any shard refuses, the shards that created it drop it again."""
-        outcomes = self.fan.settle(lambda i: self.shards[i].create_table(name, dim, **options))
+    def create_table(self, name: str, dim: int, *args: Any, **options: Any) -> dict:
+        """Create the table on every shard (arguments as KVStoreClient.create_table); if any shard
+        refuses, the shards that created it drop it again."""
+        outcomes = self.fan.settle(lambda i: self.shards[i].create_table(name, dim, *args, **options))
         created = [i for i, result in outcomes.items() if isinstance(result, dict)]
         if len(created) < len(self.shards):
             self.fan.settle(lambda i: self.shards[i].drop_table(name), created)

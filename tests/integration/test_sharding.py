@@ -242,3 +242,34 @@ def test_reshard_3_to_5_keeps_every_row(cluster, sharded, start_server):
                             "reshard", "moving", "--to", "5", "--target", cluster.address],
                            capture_output=True, text=True, timeout=60)
     assert again.returncode == 1 and "--target: 3 addresses for --to 5 shards" in again.stderr
+
+
+def test_remote_embedding_bag_trains_and_checkpoints_on_a_cluster_as_on_one_server(sharded, single):
+    torch = pytest.importorskip("torch")
+    from kvstore_client.torch_modules import RemoteEmbeddingBag
+
+    def train(client, table: str) -> tuple[list[float], dict, RemoteEmbeddingBag]:
+        client.create_table(table, 4, **TABLE)
+        torch.manual_seed(0)
+        bag, head = RemoteEmbeddingBag(client, table, mode="sum", pin=True), torch.nn.Linear(4, 1)
+        dense, rng, losses = torch.optim.SGD(head.parameters(), lr=0.1), np.random.default_rng(9), []
+        for _ in range(10):
+            ids = torch.from_numpy(rng.integers(0, 300, 64))
+            out = head(bag(ids, torch.arange(0, 64, 4)))
+            loss = (out ** 2).mean()
+            dense.zero_grad()
+            loss.backward()
+            dense.step()
+            losses.append(loss.item())
+        return losses, bag.state_dict(), bag
+
+    (ours, our_state, bag), (theirs, their_state, _) = train(sharded, "torch_bag"), train(single, "torch_bag")
+    assert ours == theirs and ours[-1] != ours[0]
+    for key in ("ids", "weight", "optimizer_state"):
+        torch.testing.assert_close(our_state[key], their_state[key], rtol=0, atol=0)
+    columns = [0, 2]                                            # access count, optimizer step (not the clock)
+    torch.testing.assert_close(our_state["row_meta"][:, columns], their_state["row_meta"][:, columns], rtol=0, atol=0)
+    sharded.update("torch_bag", np.arange(300), np.zeros((300, 4), np.float32))
+    bag.load_state_dict(our_state)                              # the checkpoint goes back, each row to its shard
+    np.testing.assert_array_equal(sharded.lookup("torch_bag", our_state["ids"].numpy(), on_miss="error"),
+                                  our_state["weight"].numpy())
