@@ -44,11 +44,12 @@ def timed(fn, batches) -> float:
 
 
 def paired(sharded, plain, batches) -> tuple[float, float]:
-    """Seconds per batch of two ways to make the same call, alternating batch by batch (so drifts in
-    the machine's load hit both alike)."""
+    """Seconds per batch of two ways to make the same call, alternating batch by batch and which goes
+    first (so drifts in the machine's load, and whatever the first call warms, favour neither)."""
     spent = [0.0, 0.0]
-    for batch in batches:
-        for index, call in enumerate((sharded, plain)):
+    for number, batch in enumerate(batches):
+        order = [(0, sharded), (1, plain)]
+        for index, call in order if number % 2 else order[::-1]:
             start = time.perf_counter()
             call(batch)
             spent[index] += time.perf_counter() - start
