@@ -87,6 +87,24 @@ def test_every_operation_equals_a_single_server_for_the_same_seeds(sharded, sing
     stats = both(sharded, single, lambda c: c.stats("same"))
     assert stats[0]["rows_stepped"] == stats[1]["rows_stepped"] > 0
     assert "same" in sharded.list_tables()
+    assert sharded.health() == "SERVING" and isinstance(sharded.evict("same"), dict)
+
+
+def test_the_shard_map_is_the_documented_function():
+    from kvstore_client.shard_map import splitmix64
+
+    # splitmix64's first output from state 0 (Vigna's reference implementation): the map must never drift
+    assert int(splitmix64(np.array([0]))[0]) == 0xE220A8397B1DCDAF
+    ids = np.array([0, 1, 2, -1, 2**62, -(2**63)])
+    expected = [int(v) % 3 for v in splitmix64(ids)]
+    assert ShardMap(3).shard_of(ids).tolist() == expected
+    assert ShardMap(4, "block", 10).shard_of(np.array([-11, -1, 0, 9, 10, 35, 45])).tolist() == [2, 3, 0, 0, 1, 3, 0]
+
+
+def test_shards_must_be_positive(tmp_path):
+    started = subprocess.run([sys.executable, "-m", "kvstore_server", "--data-dir", str(tmp_path), "--shards", "0"],
+                             capture_output=True, text=True, timeout=60)
+    assert started.returncode == 2 and "--shards: must be at least 1, got 0" in started.stderr
 
 
 def test_empty_batches_and_unknown_tables_behave_as_on_one_server(sharded, single):
@@ -190,12 +208,10 @@ def test_a_server_started_on_another_shards_data_dir_refuses_to_start(cluster, t
     assert "this server is shard 0" in started.stderr and "holds shard 1" in started.stderr
 
 
-def test_servers_with_tables_but_no_manifest_are_not_taken_as_a_cluster(start_server):
-    servers = [start_server(), start_server()]
-    with KVStoreClient(servers[1].address) as one:
-        one.create_table("orphan", 4)
+def test_servers_with_tables_but_no_manifest_are_not_taken_as_a_cluster(start_server, single):
+    single.create_table("orphan", 4)
     with pytest.raises(FailedPreconditionError, match=r"shard 1 .* holds tables but no shard has a manifest"):
-        KVStoreClient([s.address for s in servers])
+        KVStoreClient([start_server().address, single.address])
 
 
 def test_a_killed_shard_is_unavailable_by_name_while_the_others_serve(tmp_path):
