@@ -195,7 +195,8 @@ def test_a_client_whose_view_differs_from_the_manifest_is_refused(cluster, shard
     for order, options, difference in cases:
         with pytest.raises(FailedPreconditionError, match=r"shard \d .*" + difference):
             KVStoreClient(order, **options)
-    sharded.lookup("same", [1, 2, 3])                           # the cluster itself is unchanged
+    sharded.create_table("after_refusal", 4)                    # the cluster itself is unchanged
+    assert sharded.lookup("after_refusal", [1, 2, 3]).shape == (3, 4)
 
 
 def test_a_server_started_on_another_shards_data_dir_refuses_to_start(cluster, tmp_path):
