@@ -9,9 +9,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
-from kvstore_client import FailedPreconditionError, KVStoreClient, NotFoundError, UnavailableError
+from kvstore_client import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    KVStoreClient,
+    NotFoundError,
+    UnavailableError,
+)
 from kvstore_client.shard_map import ShardMap
 from kvstore_client.sharding import ShardedClient
 
@@ -290,3 +297,31 @@ def test_remote_embedding_bag_trains_and_checkpoints_on_a_cluster_as_on_one_serv
     bag.load_state_dict(our_state)                              # the checkpoint goes back, each row to its shard
     np.testing.assert_array_equal(sharded.lookup("torch_bag", our_state["ids"].numpy(), on_miss="error"),
                                   our_state["weight"].numpy())
+
+
+@pytest.mark.parametrize("address, options, field", [
+    ([], {}, "address"), (["a:1", "a:1"], {}, "address: a shard appears twice"),
+    (["a:1", "b:1"], {"function": "modulo"}, "function"), (["a:1", "b:1"], {"function": "block"}, "block_size"),
+    ("kvstore.ns.svc:50051", {"replicas": 0}, "replicas"), (["a:1", "b:1"], {"replicas": 2}, "replicas"),
+])
+def test_bad_shard_lists_and_maps_are_invalid_argument(address, options, field):
+    with pytest.raises(InvalidArgumentError, match=field):
+        KVStoreClient(address, **options)
+
+
+def test_a_bad_manifest_is_invalid_argument_and_changes_nothing(cluster, sharded):
+    from kvstore_proto.v1 import kvstore_pb2 as pb
+
+    stub = sharded.shards[0]._stub
+    before = (cluster.data_dir / "shard-0" / "cluster.json").read_text()
+    for manifest, field in ((dict(cluster_id="x", shards=3, function="hash", shard_index=3), "manifest.shard_index"),
+                            (dict(cluster_id="x", shards=0, function="hash"), "manifest.shards"),
+                            (dict(cluster_id="", shards=3, function="hash"), "manifest.cluster_id")):
+        with pytest.raises(grpc.RpcError) as failure:
+            stub.SetClusterManifest(pb.SetClusterManifestRequest(manifest=pb.ClusterManifest(**manifest)))
+        assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in failure.value.details()
+    other = pb.ClusterManifest(cluster_id="another", shards=3, function="hash", shard_index=0)
+    with pytest.raises(grpc.RpcError) as failure:
+        stub.SetClusterManifest(pb.SetClusterManifestRequest(manifest=other))
+    assert failure.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "cluster_id" in failure.value.details()
+    assert (cluster.data_dir / "shard-0" / "cluster.json").read_text() == before
