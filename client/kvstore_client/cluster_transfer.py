@@ -22,7 +22,7 @@ import numpy as np
 from kvstore_proto.export_format import ExportChunk
 
 from .arrays import as_ids, to_numpy
-from .errors import KVStoreError, NotFoundError
+from .errors import InvalidArgumentError, KVStoreError, NotFoundError
 from .snapshots import TRANSFER_TIMEOUT, ExportStream
 
 _END = object()
@@ -139,8 +139,7 @@ class ClusterTransferMethods:
                      meta: Any = None, config: dict | None = None) -> int:
         """Whole arrays into `table`, each row to its shard. Returns the rows imported."""
         id_array = as_ids(ids)
-        arrays = [None if a is None else to_numpy(a, f) for a, f in ((weights, "weights"), (state, "state"),
-                                                                      (meta, "meta"))]
+        arrays = _per_row(len(id_array), (weights, "weights"), (state, "state"), (meta, "meta"))
         parts = self.shard_map.split(id_array)
         return sum(self.fan.each(lambda i: self.shards[i].import_table(
             table, id_array[parts[i]], *[None if a is None else a[parts[i]] for a in arrays[:2]], mode=mode,
@@ -170,9 +169,10 @@ class ClusterTransferMethods:
         try:
             for part in parts:
                 chunk = part if isinstance(part, ExportChunk) else ExportChunk(*part, *[None] * (4 - len(part)))
-                arrays = [None if a is None else to_numpy(a, "chunk") for a in
-                          (chunk.ids, chunk.weights, chunk.state, chunk.meta)]
-                for index, at in enumerate(self.shard_map.split(as_ids(arrays[0]))):
+                chunk_ids = as_ids(chunk.ids)
+                arrays = [chunk_ids, *_per_row(len(chunk_ids), (chunk.weights, "weights"), (chunk.state, "state"),
+                                               (chunk.meta, "meta"))]
+                for index, at in enumerate(self.shard_map.split(chunk_ids)):
                     if len(at) and index in feeds:
                         _feed(feeds[index], tuple(None if a is None else a[at] for a in arrays), failed)
             for feed in feeds.values():
@@ -189,6 +189,15 @@ class ClusterTransferMethods:
             thread.join()
         self.fan.raise_failures(_first_causes(imported))
         return sum(imported.values())
+
+
+def _per_row(n: int, *named: tuple[Any, str]) -> list[np.ndarray | None]:
+    """Arrays with one row per id (None stays None), so each can be split by shard like the ids."""
+    arrays = [None if a is None else to_numpy(a, field) for a, field in named]
+    for array, (_, field) in zip(arrays, named, strict=True):
+        if array is not None and (array.ndim < 1 or len(array) != n):
+            raise InvalidArgumentError(message=f"{field}: expected one row per id ({n}), got shape {array.shape}")
+    return arrays
 
 
 class _ShardFailed(Exception):

@@ -325,3 +325,13 @@ def test_a_bad_manifest_is_invalid_argument_and_changes_nothing(cluster, sharded
         stub.SetClusterManifest(pb.SetClusterManifestRequest(manifest=other))
     assert failure.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "cluster_id" in failure.value.details()
     assert (cluster.data_dir / "shard-0" / "cluster.json").read_text() == before
+
+
+def test_rows_that_do_not_match_their_ids_are_invalid_argument_on_a_cluster(sharded):
+    sharded.create_table("shapes", 4)
+    for call in (lambda: sharded.import_table("shapes", [1, 2, 3], np.ones((2, 4), np.float32)),
+                 lambda: sharded.import_chunks("shapes", [([1, 2, 3], np.ones((3, 4), np.float32), np.ones((1, 1)))]),
+                 lambda: sharded.update("shapes", [1, 2, 3], np.ones((2, 4), np.float32))):
+        with pytest.raises(InvalidArgumentError, match="weights|state"):
+            call()
+    assert sharded.export_table("shapes").ids.size == 0
