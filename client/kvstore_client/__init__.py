@@ -12,9 +12,10 @@ from .errors import (
     UnauthenticatedError,
     UnavailableError,
 )
+from .sharding import ShardedClient
 
 __all__ = [
     "AlreadyExistsError", "DeadlineExceededError", "FailedPreconditionError", "InternalError",
     "InvalidArgumentError", "KVStoreError", "KVStoreClient", "NotFoundError", "ResourceExhaustedError",
-    "UnauthenticatedError", "UnavailableError",
+    "ShardedClient", "UnauthenticatedError", "UnavailableError",
 ]
