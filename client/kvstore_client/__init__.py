@@ -13,9 +13,10 @@ from .errors import (
     UnauthenticatedError,
     UnavailableError,
 )
+from .sharding import ShardedClient
 
 __all__ = [
     "AlreadyExistsError", "DeadlineExceededError", "FailedPreconditionError", "InternalError", "DataLossError",
     "InvalidArgumentError", "KVStoreError", "KVStoreClient", "NotFoundError", "ResourceExhaustedError",
-    "UnauthenticatedError", "UnavailableError",
+    "ShardedClient", "UnauthenticatedError", "UnavailableError",
 ]

@@ -22,6 +22,7 @@ from . import commands
 from .client import KVStoreClient
 from .credentials import read_file
 from .errors import InvalidArgumentError, KVStoreError
+from .reshard import add_reshard_command
 from .transfer_commands import export_table, import_table
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--mode", choices=("merge", "replace"), default="merge",
                       help="merge: keep rows not in the export (default); replace: drop them first")
     load.set_defaults(func=import_table)
+    add_reshard_command(subcommands)          # scale-out: reshard.py
     return parser
 
 

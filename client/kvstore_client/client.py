@@ -42,6 +42,15 @@ MESSAGE_OVERHEAD = 1024   # bytes a message may carry beyond its chunk: table na
 
 
 class KVStoreClient(SnapshotMethods):
+    def __new__(cls, address: Any = None, *args: Any, replicas: int | None = None, **kwargs: Any):
+        """A list of addresses, a comma-separated string or `replicas=N` make a sharded client
+        (kvstore_client.sharding.ShardedClient, docs/scale-out.md); one address stays one server."""
+        if cls is KVStoreClient and (not isinstance(address, str) or "," in address or replicas is not None):
+            from .sharding import ShardedClient
+
+            return ShardedClient(address, *args, replicas=replicas, **kwargs)
+        return super().__new__(cls)
+
     def __init__(self, address: str, timeout: float = 30.0, max_message_bytes: int = 16 << 20,
                  chunk_bytes: int = 2 << 20, *, token: str | None = None, root_certificates: bytes | None = None,
                  certificate_chain: bytes | None = None, private_key: bytes | None = None,

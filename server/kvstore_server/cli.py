@@ -26,7 +26,9 @@ import sys
 from kvstore.errors import FailedPrecondition, InvalidArgument, KVStoreError
 
 from .allocator import keep_freed_memory
+from .cluster_service import check_shard_index, shard_index_of
 from .config import ENV_CONFIG, ServerConfig, parse_value, resolve, settable_keys, to_yaml
+from .shards import run_shards
 
 log = logging.getLogger("kvstore_server")
 HELP = {
@@ -54,6 +56,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", help="YAML file with server settings (variables and flags override it)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the effective config as YAML, with where each value came from, and exit")
+    parser.add_argument("--shards", type=int, metavar="N",
+                        help="start N shard servers: ports PORT..PORT+N-1, data dirs DATA_DIR/shard-i "
+                             "(docs/scale-out.md)")
+    parser.add_argument("--shard-index", metavar="I",
+                        help="this server's shard index, or a StatefulSet pod name (kvstore-3): refuse to start "
+                             "on a data dir that holds another shard")
     defaults = ServerConfig().to_dict()
     for key in settable_keys():
         outer, _, inner = key.partition(".")
@@ -104,6 +112,14 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(to_yaml(config, sources))
         return 0
     configure(config.log_format, config.log_level)
+    try:
+        if args.shards is not None:
+            return run_shards(config, sys.argv[1:] if argv is None else argv, args.shards)
+        if args.shard_index is not None:
+            check_shard_index(config.data_dir, shard_index_of(args.shard_index))
+    except KVStoreError as exc:
+        print(f"kvstore-server: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, InvalidArgument) else 1
     os.umask(0o077)          # the data directory and everything in it: private to the server's user
     keep_freed_memory()
     return asyncio.run(serve(config))

@@ -18,6 +18,7 @@ from kvstore import Store
 from kvstore.dtypes import weight_dtype
 from kvstore.errors import InvalidArgument, ResourceExhausted
 
+from .cluster_service import ClusterRPCs
 from .config import ServerConfig
 from .idempotency import RecentWrites
 from .lease_service import LeaseRPCs
@@ -30,7 +31,7 @@ from .transfer_service import SnapshotRPCs
 MESSAGE_OVERHEAD = 4096   # room for framing and the non-tensor fields of a response
 
 
-class EmbeddingStoreService(SnapshotRPCs, LeaseRPCs):
+class EmbeddingStoreService(SnapshotRPCs, LeaseRPCs, ClusterRPCs):
     def __init__(self, store: Store, config: ServerConfig, metrics: Metrics, work: StoreWork):
         self.store = store
         self.config = config

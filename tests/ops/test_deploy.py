@@ -187,3 +187,53 @@ def test_operations_doc_lists_every_metric_and_config_key():
     assert {name for name in declared_names() if f"`{name}`" not in doc} == set()
     keys = {key for key in settable_keys() if f"`{key}`" not in doc and key not in ("tls_cert", "tls_key")}
     assert keys == set() and "`tls_cert`, `tls_key`" in doc
+
+
+# --- scale-out -------------------------------------------------------------------------------
+
+
+def test_statefulset_pod_ordinal_is_the_shard_index(k8s):
+    from kvstore_server.cluster_service import shard_index_of
+
+    (container,) = k8s["StatefulSet"]["spec"]["template"]["spec"]["containers"]
+    args = container["args"]
+    assert args[args.index("--shard-index") + 1] == "$(POD_NAME)"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    name = k8s["StatefulSet"]["metadata"]["name"]
+    assert [shard_index_of(f"{name}-{i}") for i in (0, 1, 12)] == [0, 1, 12]
+    assert not any(e.startswith("KVSTORE_") for e in env), "unknown KVSTORE_* variables stop the server"
+
+
+def test_statefulset_shard_names_are_the_clients_shard_list(k8s):
+    from kvstore_client.shard_map import statefulset_addresses
+
+    service, statefulset = k8s["Service"], k8s["StatefulSet"]
+    port = {p["name"]: p["port"] for p in service["spec"]["ports"]}["grpc"]
+    host = f"{service['metadata']['name']}.default.svc.cluster.local:{port}"
+    replicas = statefulset["spec"]["replicas"]
+    assert statefulset_addresses(host, replicas) == [
+        f"{statefulset['metadata']['name']}-{i}.{service['metadata']['name']}.default.svc.cluster.local:{port}"
+        for i in range(replicas)]
+    assert service["spec"]["publishNotReadyAddresses"] is True, "a restarting shard must keep its DNS name"
+
+
+def test_sharded_compose_runs_two_shards_each_on_its_own_volume():
+    compose = yaml.safe_load((DEPLOY / "docker-compose.shards.yml").read_text())
+    services = compose["services"]
+    assert set(services) == {"kvstore-0", "kvstore-1"}
+    volumes, ports = set(), set()
+    server_config = ServerConfig.from_dict(yaml.safe_load((DEPLOY / "server.yaml").read_text()))
+    for index, name in enumerate(sorted(services)):
+        service = services[name]
+        command = service["command"]
+        assert command[command.index("--shard-index") + 1] == str(index)
+        assert (DEPLOY / service["build"]["context"] / service["build"]["dockerfile"]).is_file()
+        data = [v for v in service["volumes"] if v.endswith(":/data")]
+        assert len(data) == 1 and data[0].split(":")[0] in compose["volumes"]
+        volumes.add(data[0])
+        (port,) = service["ports"]
+        assert port.startswith("127.0.0.1:") and port.endswith(f":{server_config.port}")
+        ports.add(port)
+        assert int(service["stop_grace_period"].rstrip("s")) > server_config.grace_seconds
+    assert len(volumes) == len(ports) == 2

@@ -511,3 +511,47 @@ class ImportResponse(_message.Message):
     rows: int
     created: bool
     def __init__(self, rows: _Optional[int] = ..., created: _Optional[bool] = ...) -> None: ...
+
+class ClusterManifest(_message.Message):
+    __slots__ = ("cluster_id", "shards", "function", "block_size", "shard_index", "format_version")
+    CLUSTER_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    FUNCTION_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    cluster_id: str
+    shards: int
+    function: str
+    block_size: int
+    shard_index: int
+    format_version: int
+    def __init__(self, cluster_id: _Optional[str] = ..., shards: _Optional[int] = ..., function: _Optional[str] = ..., block_size: _Optional[int] = ..., shard_index: _Optional[int] = ..., format_version: _Optional[int] = ...) -> None: ...
+
+class GetClusterManifestRequest(_message.Message):
+    __slots__ = ("expected",)
+    EXPECTED_FIELD_NUMBER: _ClassVar[int]
+    expected: ClusterManifest
+    def __init__(self, expected: _Optional[_Union[ClusterManifest, _Mapping]] = ...) -> None: ...
+
+class GetClusterManifestResponse(_message.Message):
+    __slots__ = ("present", "manifest")
+    PRESENT_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    present: bool
+    manifest: ClusterManifest
+    def __init__(self, present: _Optional[bool] = ..., manifest: _Optional[_Union[ClusterManifest, _Mapping]] = ...) -> None: ...
+
+class SetClusterManifestRequest(_message.Message):
+    __slots__ = ("manifest", "replace")
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    REPLACE_FIELD_NUMBER: _ClassVar[int]
+    manifest: ClusterManifest
+    replace: bool
+    def __init__(self, manifest: _Optional[_Union[ClusterManifest, _Mapping]] = ..., replace: _Optional[bool] = ...) -> None: ...
+
+class SetClusterManifestResponse(_message.Message):
+    __slots__ = ("manifest",)
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    manifest: ClusterManifest
+    def __init__(self, manifest: _Optional[_Union[ClusterManifest, _Mapping]] = ...) -> None: ...

@@ -144,6 +144,16 @@ class EmbeddingStoreStub:
                 request_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.RestoreRowsRequest.SerializeToString,
                 response_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.RestoreRowsResponse.FromString,
                 _registered_method=True)
+        self.GetClusterManifest = channel.unary_unary(
+                '/kvstore.v1.EmbeddingStore/GetClusterManifest',
+                request_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.GetClusterManifestRequest.SerializeToString,
+                response_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.GetClusterManifestResponse.FromString,
+                _registered_method=True)
+        self.SetClusterManifest = channel.unary_unary(
+                '/kvstore.v1.EmbeddingStore/SetClusterManifest',
+                request_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.SetClusterManifestRequest.SerializeToString,
+                response_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.SetClusterManifestResponse.FromString,
+                _registered_method=True)
 
 
 class EmbeddingStoreServicer:
@@ -281,6 +291,18 @@ class EmbeddingStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetClusterManifest(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetClusterManifest(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EmbeddingStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -393,6 +415,16 @@ def add_EmbeddingStoreServicer_to_server(servicer, server):
                     servicer.RestoreRows,
                     request_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.RestoreRowsRequest.FromString,
                     response_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.RestoreRowsResponse.SerializeToString,
+            ),
+            'GetClusterManifest': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetClusterManifest,
+                    request_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.GetClusterManifestRequest.FromString,
+                    response_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.GetClusterManifestResponse.SerializeToString,
+            ),
+            'SetClusterManifest': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetClusterManifest,
+                    request_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.SetClusterManifestRequest.FromString,
+                    response_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.SetClusterManifestResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -989,6 +1021,60 @@ class EmbeddingStore:
             '/kvstore.v1.EmbeddingStore/RestoreRows',
             kvstore__proto_dot_v1_dot_kvstore__pb2.RestoreRowsRequest.SerializeToString,
             kvstore__proto_dot_v1_dot_kvstore__pb2.RestoreRowsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetClusterManifest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.EmbeddingStore/GetClusterManifest',
+            kvstore__proto_dot_v1_dot_kvstore__pb2.GetClusterManifestRequest.SerializeToString,
+            kvstore__proto_dot_v1_dot_kvstore__pb2.GetClusterManifestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetClusterManifest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.EmbeddingStore/SetClusterManifest',
+            kvstore__proto_dot_v1_dot_kvstore__pb2.SetClusterManifestRequest.SerializeToString,
+            kvstore__proto_dot_v1_dot_kvstore__pb2.SetClusterManifestResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,128 @@
+"""Lookups and training steps through 1, 2, 4, ... local shards (`kvstore-server --shards N`).
+
+For each shard count: one `kvstore-server --shards N` (N processes, N cores at
+most), a table of `--rows` rows of dim `--dim` loaded and cached on every shard
+(cache load 0.5), then from this process through one ShardedClient:
+- lookup rows/s (Zipf ids, batch `--batch`), and the ratio to 1 shard in the same run;
+- training steps/s (lookup + apply_gradients, rowwise Adagrad), and the ratio to 1 shard;
+- the cost of the client's split and reassembly alone (no RPC: the same numpy work a
+  sharded lookup does around its calls) against one lookup of the batch on one shard through a
+  plain KVStoreClient; with 1 shard, the ShardedClient against that plain client (no split).
+The target on a host with cores to spare is 4 shards >= 3x one shard; on a host with
+fewer cores than shards + 1, the shards and the client share cores and say so.
+
+    python bench/shard_bench.py [--shards 1,2,4,8] [--rows 400000] [--dim 128] [--batch 65536]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import tempfile
+import time
+
+import numpy as np
+from grpc_bench import zipf_ids  # Zipf(1.05) ids, as the other lookup benchmarks draw them
+
+
+def start(shards: int, data_dir: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(["kvstore-server", "--shards", str(shards), "--data-dir", data_dir, "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        if "listening on" in line:
+            return proc, line.strip().rsplit(" ", 1)[-1]
+    raise RuntimeError("kvstore-server --shards did not start")
+
+
+def timed(fn, batches) -> float:
+    """Seconds per batch, after one warm-up batch."""
+    fn(batches[0])
+    start = time.perf_counter()
+    for batch in batches[1:]:
+        fn(batch)
+    return (time.perf_counter() - start) / (len(batches) - 1)
+
+
+def paired(sharded, plain, batches) -> tuple[float, float]:
+    """Seconds per batch of two ways to make the same call, alternating batch by batch and which goes
+    first (so drifts in the machine's load, and whatever the first call warms, favour neither)."""
+    spent = [0.0, 0.0]
+    for number, batch in enumerate(batches):
+        order = [(0, sharded), (1, plain)]
+        for index, call in order if number % 2 else order[::-1]:
+            start = time.perf_counter()
+            call(batch)
+            spent[index] += time.perf_counter() - start
+    return spent[0] / len(batches), spent[1] / len(batches)
+
+
+def split_and_gather(client, batch: np.ndarray, dim: int) -> None:
+    """What a sharded lookup does besides its RPCs: split the ids by shard, put the rows back in order."""
+    from kvstore_client.sharding import _gather
+
+    parts = client._split(batch)
+    rows = {i: np.empty((len(at), dim), np.float32) for i, at in parts.items()}
+    _gather(len(batch), parts, rows)
+
+
+def measure(shards: int, args, batches: list[np.ndarray]) -> dict[str, float]:
+    from kvstore_client import KVStoreClient
+
+    data_dir = tempfile.mkdtemp(prefix="kvshard-bench-")
+    server, address = start(shards, data_dir)
+    try:
+        with KVStoreClient(address.split(","), timeout=600) as client:
+            cache_rows = -(-args.rows * 2 // shards // 32) * 32          # load 0.5 on every shard
+            client.create_table("bench", args.dim, cache={"rows": cache_rows},
+                                optimizer={"name": "rowwise_adagrad", "lr": 0.01})
+            ids = np.arange(args.rows, dtype=np.int64)
+            for s in range(0, args.rows, 131072):
+                client.lookup("bench", ids[s:s + 131072])                # initialize and cache every row
+            grads = np.full((args.batch, args.dim), 1e-3, np.float32)
+            lookup = timed(lambda b: client.lookup("bench", b), batches)
+            step = timed(lambda b: (client.lookup("bench", b), client.apply_gradients("bench", b, grads)), batches)
+            split = timed(lambda b: split_and_gather(client, b, args.dim), batches) if shards > 1 else 0.0
+            single = paired(lambda b: client.lookup("bench", b), lambda b: client.shards[0].lookup("bench", b),
+                            batches) if shards == 1 else None
+    finally:
+        server.terminate()
+        server.wait(timeout=120)
+    return {"lookup": args.batch / lookup, "steps": 1 / step, "split": split, "single": single}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shards", default="1,2", help="comma-separated shard counts (default 1,2)")
+    parser.add_argument("--rows", type=int, default=400_000)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=65536)
+    parser.add_argument("--batches", type=int, default=20)
+    args = parser.parse_args()
+    counts = [int(c) for c in args.shards.split(",")]
+    rng = np.random.default_rng(0)
+    perm = rng.permutation(args.rows)
+    batches = [zipf_ids(rng, args.batch, args.rows, perm) for _ in range(args.batches)]
+    print(f"host: {os.cpu_count()} cores; {args.rows:,} rows of dim {args.dim}; batch {args.batch:,} Zipf ids")
+    results = {}
+    for shards in counts:
+        results[shards] = measure(shards, args, batches)
+        if shards + 1 > (os.cpu_count() or 1):
+            print(f"  ({shards} shards + the client on {os.cpu_count()} cores: they share cores)")
+    base = results[counts[0]]
+    print(f"{'shards':>6} {'lookup rows/s':>14} {'x':>5} {'steps/s':>8} {'x':>5} {'split+gather ms':>16}")
+    for shards, r in results.items():
+        print(f"{shards:>6} {r['lookup']:>14,.0f} {r['lookup'] / base['lookup']:>5.2f} {r['steps']:>8.2f} "
+              f"{r['steps'] / base['steps']:>5.2f} {1000 * r['split']:>16.2f}")
+    if 1 in results:
+        sharded, single = results[1]["single"]
+        print(f"one lookup of {args.batch:,} ids on one shard through KVStoreClient: {1000 * single:.1f} ms; "
+              f"through a 1-shard ShardedClient (no split), batch by batch beside it: {1000 * sharded:.1f} ms "
+              f"(ratio {single / sharded:.2f})")
+        for shards in (s for s in counts if s > 1):
+            print(f"split + reassembly for {shards} shards: {results[shards]['split'] / single:.1%} of the one-shard "
+                  "lookup")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
