@@ -55,16 +55,12 @@ class Record:
         return {"type": "result", **asdict(self)}
 
 
-def rows_of(answer: Any) -> np.ndarray:
-    return np.asarray(answer)
-
-
 def check_agreement(sides: Sequence[Side], batch: Any, expected: np.ndarray, rtol: float = 0.0) -> None:
     """Every side answers `batch`; rows (or shapes) must equal `expected`."""
     for side in sides:
         if side.check == "none":
             continue
-        got = rows_of(side.call(batch))
+        got = np.asarray(side.call(batch))
         if side.check == "shape":
             if got.nbytes != expected.nbytes:
                 raise Disagreement(f"{side.system}: returned {got.nbytes} bytes, expected {expected.nbytes}")

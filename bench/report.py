@@ -6,7 +6,6 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -135,7 +134,3 @@ def python_env() -> dict:
     existing = os.environ.get("PYTHONPATH", "")
     return {**os.environ, "PYTHONPATH": os.pathsep.join(paths + ([existing] if existing else [])),
             "PYTHONUNBUFFERED": "1"}
-
-
-def executable() -> str:
-    return sys.executable
