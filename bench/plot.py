@@ -179,9 +179,11 @@ def plot_all(src: str, out: str) -> int:
         return 1
     target = Path(out)
     target.mkdir(parents=True, exist_ok=True)
-    env = envs[-1]
-    stamp = f"{env['cores']} cores, load {env['load_avg'][0]}, {env['time_utc'][:10]}"
-    for plot in (plot_batches, plot_sizes, plot_latency_cdf, plot_memory):
+    by_suite = {env.get("suite"): env for env in envs}           # the latest run of each suite
+    for plot, suite in ((plot_batches, "lookup"), (plot_sizes, "lookup"), (plot_latency_cdf, "mixed"),
+                        (plot_memory, "lookup")):
+        env = by_suite.get(suite, envs[-1])
+        stamp = f"{env['cores']} cores, load {env['load_avg'][0]}, {env['time_utc'][:10]}"
         path = plot(records, target, stamp)
         if path:
             print(f"wrote {path}")
