@@ -18,6 +18,7 @@ import numpy as np
 
 SUBJECT, LIMIT, PEER = "subject", "limit", "peer"
 CDF_POINTS = 101            # latency quantiles kept per side: 0%, 1%, ..., 100%
+MIN_CDF_CALLS = 10          # fewer calls than this: percentiles only
 
 
 class Disagreement(RuntimeError):
@@ -108,9 +109,11 @@ def latency_summary(latencies: Sequence[float]) -> dict:
     ms = np.asarray(latencies, dtype=np.float64) * 1e3
     if not len(ms):
         return {}
-    quantiles = np.quantile(ms, np.linspace(0, 1, CDF_POINTS))
-    return {"p50": float(np.quantile(ms, 0.5)), "p90": float(np.quantile(ms, 0.9)),
-            "p99": float(np.quantile(ms, 0.99)), "count": len(ms), "cdf": [round(float(q), 4) for q in quantiles]}
+    summary = {"p50": float(np.quantile(ms, 0.5)), "p90": float(np.quantile(ms, 0.9)),
+               "p99": float(np.quantile(ms, 0.99)), "count": len(ms)}
+    if len(ms) >= MIN_CDF_CALLS:
+        summary["cdf"] = [round(float(q), 4) for q in np.quantile(ms, np.linspace(0, 1, CDF_POINTS))]
+    return summary
 
 
 def kvstore_ratio(subject: float, other: float, better: str = "higher") -> float:

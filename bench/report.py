@@ -66,6 +66,7 @@ class ResultLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.env = env
         self.records: list[Record] = []
+        self.notes: list[str] = []
         self._write(env)
 
     def _write(self, obj: dict) -> None:
@@ -81,7 +82,8 @@ class ResultLog:
     def note(self, suite: str, text: str) -> None:
         """A line that belongs with the figures (a skipped comparator, a scaling check)."""
         self._write({"type": "note", "suite": suite, "text": text})
-        print(f"[{suite}] {text}", flush=True)
+        self.notes.append(f"[{suite}] {text}")
+        print(self.notes[-1], flush=True)
 
     def finish(self) -> None:
         self.env["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -89,6 +91,8 @@ class ResultLog:
         print()
         print(environment_line(self.env) + "\n")
         print(markdown([r.to_json() for r in self.records]))
+        for note in dict.fromkeys(self.notes):       # each line once, in order
+            print(note)
         print(f"\nresults: {self.path}")
 
 
