@@ -2,6 +2,7 @@
 
     python -m bench run SUITE [--quick] [--out DIR]     SUITE: lookup, train, ingest, snapshot, export, mixed, all
     python -m bench plot --in DIR [--out docs/benchmarks]
+    python -m bench table --in DIR                       saved results as Markdown
     python -m bench script NAME [ARGS...]               store_bench, grpc_bench, snapshot_bench, eviction_bench,
                                                         training_bench, gpu_cache
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from .context import Context
 from .harness import Disagreement
-from .report import ResultLog, environment
+from .report import ResultLog, environment, environment_line, markdown
 from .suites import SUITES, runner
 
 SCRIPTS = ("store_bench", "grpc_bench", "snapshot_bench", "eviction_bench", "training_bench", "gpu_cache")
@@ -67,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     plot = commands.add_parser("plot", help="draw PNG plots from results")
     plot.add_argument("--in", dest="src", default=str(DEFAULT_OUT), help="results directory")
     plot.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "docs" / "benchmarks"))
+    table = commands.add_parser("table", help="print saved results as Markdown tables")
+    table.add_argument("--in", dest="src", default=str(DEFAULT_OUT), help="results directory")
     script = commands.add_parser("script", help="run one of the standalone scripts")
     script.add_argument("name", choices=SCRIPTS)
     script.add_argument("args", nargs=argparse.REMAINDER)
@@ -78,7 +81,19 @@ def main(argv: list[str] | None = None) -> int:
         from .plot import plot_all
 
         return plot_all(args.src, args.out)
+    if args.command == "table":
+        return print_tables(args.src)
     return run_script(args.name, args.args)
+
+
+def print_tables(src: str) -> int:
+    from .plot import load_results
+
+    records, envs = load_results(src)
+    for env in envs:
+        print(f"{env.get('suite', '')}: {environment_line(env)}\n")
+    print(markdown(records))
+    return 0 if records else 1
 
 
 if __name__ == "__main__":

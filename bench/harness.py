@@ -18,6 +18,7 @@ import numpy as np
 
 SUBJECT, LIMIT, PEER = "subject", "limit", "peer"
 CDF_POINTS = 101            # latency quantiles kept per side: 0%, 1%, ..., 100%
+MIN_CDF_CALLS = 2           # a single call has no curve: percentiles only
 
 
 class Disagreement(RuntimeError):
@@ -55,16 +56,12 @@ class Record:
         return {"type": "result", **asdict(self)}
 
 
-def rows_of(answer: Any) -> np.ndarray:
-    return np.asarray(answer)
-
-
 def check_agreement(sides: Sequence[Side], batch: Any, expected: np.ndarray, rtol: float = 0.0) -> None:
     """Every side answers `batch`; rows (or shapes) must equal `expected`."""
     for side in sides:
         if side.check == "none":
             continue
-        got = rows_of(side.call(batch))
+        got = np.asarray(side.call(batch))
         if side.check == "shape":
             if got.nbytes != expected.nbytes:
                 raise Disagreement(f"{side.system}: returned {got.nbytes} bytes, expected {expected.nbytes}")
@@ -112,9 +109,11 @@ def latency_summary(latencies: Sequence[float]) -> dict:
     ms = np.asarray(latencies, dtype=np.float64) * 1e3
     if not len(ms):
         return {}
-    quantiles = np.quantile(ms, np.linspace(0, 1, CDF_POINTS))
-    return {"p50": float(np.quantile(ms, 0.5)), "p90": float(np.quantile(ms, 0.9)),
-            "p99": float(np.quantile(ms, 0.99)), "count": len(ms), "cdf": [round(float(q), 4) for q in quantiles]}
+    summary = {"p50": float(np.quantile(ms, 0.5)), "p90": float(np.quantile(ms, 0.9)),
+               "p99": float(np.quantile(ms, 0.99)), "count": len(ms)}
+    if len(ms) >= MIN_CDF_CALLS:
+        summary["cdf"] = [round(float(q), 4) for q in np.quantile(ms, np.linspace(0, 1, CDF_POINTS))]
+    return summary
 
 
 def kvstore_ratio(subject: float, other: float, better: str = "higher") -> float:

@@ -35,7 +35,7 @@ def _figure(panels: int, title: str):
     import matplotlib.pyplot as plt
 
     ncols, nrows = min(panels, 3), -(-panels // 3)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.8 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(4.6 * ncols, 7.0), 3.8 * nrows), squeeze=False)
     fig.suptitle(title, fontsize=10)
     flat = list(axes.ravel())
     for unused in flat[panels:]:
@@ -69,11 +69,25 @@ def _series(records: list[dict], x: str, keys: tuple[str, ...]) -> dict[tuple, l
     return {k: sorted(v) for k, v in lines.items()}
 
 
-def _lines(ax, series: dict, label, style=lambda key: "-") -> None:
+def _short(x: float) -> str:
+    """1M, 10M for table sizes; 4,096 for batches."""
+    if x >= 1e6 and x % 1e6 == 0:
+        return f"{x / 1e6:g}M"
+    return f"{int(x):,}"
+
+
+def _lines(ax, series: dict, label, style=lambda key: "-", marker=lambda key: "o") -> None:
+    from matplotlib.ticker import NullFormatter
+
+    xs = set()
     for key, points in sorted(series.items(), key=lambda kv: str(kv[0])):
-        ax.plot(*zip(*points, strict=True), style(key), marker="o", ms=3, label=label(key), color=_color(key[0]))
+        ax.plot(*zip(*points, strict=True), style(key), marker=marker(key), ms=4, label=label(key),
+                color=_color(key[0]))
+        xs.update(x for x, _ in points)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.set_xticks(sorted(xs), [_short(x) for x in sorted(xs)])
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=6)
 
@@ -106,12 +120,13 @@ def plot_sizes(records: list[dict], out: Path, stamp: str) -> Path | None:
     fig, axes = _figure(2, f"lookup: throughput against table size, batch {batch:,} ({stamp})")
     at_batch = [r for r in chosen if r["case"]["batch"] == batch]
     _lines(axes[0], _series(at_batch, "rows", ("cache", "dist")), lambda k: f"{k[0]}, cache {k[1]}, {k[2]}",
-           lambda k: LINES.get(k[2], "-"))
+           lambda k: LINES.get(k[2], "-"), lambda k: "o" if k[1] == "all" else "x")
     axes[0].set_xlabel("table rows")
     axes[0].set_ylabel("rows/s")
     cost = [{**r, "value": 1e9 / r["value"]} for r in chosen if r["role"] == "subject"
             and r["case"]["cache"] == "all" and r["case"]["dist"] == "uniform"]
-    _lines(axes[1], _series(cost, "batch", ("rows",)), lambda k: f"{k[0]}, {k[1]:,} rows")
+    _lines(axes[1], _series(cost, "batch", ("rows",)), lambda k: f"{k[0]}, {k[1]:,} rows",
+           lambda k: "-" if k[1] == min(r["case"]["rows"] for r in cost) else "--")
     axes[1].set_title("kvstore cost per row, cached, uniform", fontsize=9)
     axes[1].set_xlabel("batch (ids)")
     axes[1].set_ylabel("ns per row")
@@ -164,9 +179,11 @@ def plot_all(src: str, out: str) -> int:
         return 1
     target = Path(out)
     target.mkdir(parents=True, exist_ok=True)
-    env = envs[-1]
-    stamp = f"{env['cores']} cores, load {env['load_avg'][0]}, {env['time_utc'][:10]}"
-    for plot in (plot_batches, plot_sizes, plot_latency_cdf, plot_memory):
+    by_suite = {env.get("suite"): env for env in envs}           # the latest run of each suite
+    for plot, suite in ((plot_batches, "lookup"), (plot_sizes, "lookup"), (plot_latency_cdf, "mixed"),
+                        (plot_memory, "lookup")):
+        env = by_suite.get(suite, envs[-1])
+        stamp = f"{env['cores']} cores, load {env['load_avg'][0]}, {env['time_utc'][:10]}"
         path = plot(records, target, stamp)
         if path:
             print(f"wrote {path}")

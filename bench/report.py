@@ -6,12 +6,11 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import time
 from importlib import metadata
 from pathlib import Path
 
-from .harness import Record
+from .harness import LIMIT, PEER, SUBJECT, Record
 
 PACKAGES = ("numpy", "rocksdict", "grpcio", "protobuf", "redis", "hiredis", "matplotlib", "torch")
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,6 +66,7 @@ class ResultLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.env = env
         self.records: list[Record] = []
+        self.notes: list[str] = []
         self._write(env)
 
     def _write(self, obj: dict) -> None:
@@ -82,13 +82,17 @@ class ResultLog:
     def note(self, suite: str, text: str) -> None:
         """A line that belongs with the figures (a skipped comparator, a scaling check)."""
         self._write({"type": "note", "suite": suite, "text": text})
-        print(f"[{suite}] {text}", flush=True)
+        self.notes.append(f"[{suite}] {text}")
+        print(self.notes[-1], flush=True)
 
     def finish(self) -> None:
         self.env["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
         self._write({"type": "env_end", "load_avg": self.env["load_avg_end"]})
         print()
-        print(markdown(self.env, self.records))
+        print(environment_line(self.env) + "\n")
+        print(markdown([r.to_json() for r in self.records]))
+        for note in dict.fromkeys(self.notes):       # each line once, in order
+            print(note)
         print(f"\nresults: {self.path}")
 
 
@@ -111,22 +115,34 @@ def print_rows(records: list[Record]) -> None:
               f"{ratio}  {r.note}", flush=True)
 
 
-def markdown(env: dict, records: list[Record]) -> str:
+def environment_line(env: dict) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
-    lines = [f"Machine: {env['machine']}, {env['cores']} cores, {env['memory_gib']} GiB; load average "
-             f"{' / '.join(map(str, env['load_avg']))} at start, "
-             f"{' / '.join(map(str, env.get('load_avg_end', [])))} at end; {env['time_utc']}",
-             f"Versions: {versions}", "",
-             "| suite | case | system | role | figure | kvstore vs it | note |",
-             "| --- | --- | --- | --- | ---: | ---: | --- |"]
+    return (f"Machine: {env['machine']}, {env['cores']} cores, {env['memory_gib']} GiB; load average "
+            f"{' / '.join(map(str, env['load_avg']))} at start, "
+            f"{' / '.join(map(str, env.get('load_avg_end', [])))} at end; {env['time_utc']}\n"
+            f"Versions: {versions}")
+
+
+def markdown(records: list[dict]) -> str:
+    """One row per case: kvstore's figures, then each comparator's with kvstore's ratio to it."""
+    cases: dict[tuple, list[dict]] = {}
     for r in records:
-        ratio = "" if r.ratio is None else f"{r.ratio:.2f}"
-        lines.append(f"| {r.suite} | {describe_case(r.case)} | {r.system} | {r.role} | "
-                     f"{format_value(r.value, r.unit)} | {ratio} | {r.note} |")
+        cases.setdefault((r["suite"], json.dumps(r["case"])), []).append(r)
+    lines = ["| suite | case | kvstore | limits | peer |", "| --- | --- | --- | --- | --- |"]
+    for (suite, case), group in cases.items():
+        cells = {role: "; ".join(_cell(r) for r in group if r["role"] == role) for role in (SUBJECT, LIMIT, PEER)}
+        lines.append(f"| {suite} | {describe_case(json.loads(case))} | {cells[SUBJECT]} | {cells[LIMIT]} | "
+                     f"{cells[PEER]} |")
     lines.append("")
-    lines.append("kvstore vs it: kvstore's figure over the comparator's for rates, the inverse for times and "
-                 "bytes; above 1, kvstore is better.")
+    lines.append("(x N): kvstore's figure over the comparator's for rates, the comparator's over kvstore's for "
+                 "times and bytes; above 1, kvstore is better.")
     return "\n".join(lines)
+
+
+def _cell(r: dict) -> str:
+    ratio = "" if r["ratio"] is None else f" (x {r['ratio']:.2f})"
+    note = f", {r['note']}" if r["note"] else ""
+    return f"{r['system']}: {format_value(r['value'], r['unit'])}{ratio}{note}"
 
 
 def python_env() -> dict:
@@ -135,7 +151,3 @@ def python_env() -> dict:
     existing = os.environ.get("PYTHONPATH", "")
     return {**os.environ, "PYTHONPATH": os.pathsep.join(paths + ([existing] if existing else [])),
             "PYTHONUNBUFFERED": "1"}
-
-
-def executable() -> str:
-    return sys.executable

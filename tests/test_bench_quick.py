@@ -39,7 +39,7 @@ def test_quick_run_of_every_suite_succeeds(quick_run):
     done, lines, _ = quick_run
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert sorted(lines) == sorted(SUITES)
-    assert "| suite | case | system | role |" in done.stdout
+    assert "| suite | case | kvstore | limits | peer |" in done.stdout
 
 
 def test_every_suite_records_kvstore_beside_a_limit_with_the_machine_and_load(quick_run):

@@ -34,14 +34,16 @@ def client_ops(system: str, address: str, dim: int):
 
 
 def worker(system: str, address: str, plan: dict, seed: int, barrier, results) -> None:
-    """One client: `ops` calls, a share of them lookups, the rest gradient pushes; reports latencies."""
+    """One client: `ops` calls, a share of them lookups, the rest gradient pushes (evenly spread, so
+    every client makes both kinds); reports the latency of each call."""
     rng = np.random.default_rng(seed)
     sampler = store_bench.IdSampler(plan["rows"], 1.05, seed=1)       # the same hot rows for every client
     sampler.rng = rng
     (lookup, push), conn = client_ops(system, address, plan["dim"])
     id_batches = sampler.batches("zipf", plan["batch"], plan["ops"])
     grads = rng.standard_normal((plan["batch"], plan["dim"]), dtype=np.float32) * 0.01
-    kinds = rng.random(plan["ops"]) < plan["lookup_share"]
+    period = round(1 / (1 - plan["lookup_share"]))           # every period-th call is a gradient push
+    kinds = [i % period != period - 1 for i in range(plan["ops"])]
     barrier.wait()
     began = time.monotonic()
     calls = []
@@ -72,7 +74,7 @@ def phase(system: str, address: str, plan: dict, rep: int) -> tuple[float, list]
 
 def run(ctx: Context) -> list[Record]:
     if ctx.quick:
-        plan = {"rows": 10_000, "dim": 16, "clients": 2, "ops": 3, "batch": 256, "lookup_share": 0.75}
+        plan = {"rows": 10_000, "dim": 16, "clients": 2, "ops": 4, "batch": 256, "lookup_share": 0.5}
     else:
         plan = {"rows": 1_000_000, "dim": 128, "clients": 8, "ops": 100, "batch": 1024, "lookup_share": 0.8}
     weights = table_weights(plan["rows"], plan["dim"], seed=13)
