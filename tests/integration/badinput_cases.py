@@ -87,6 +87,7 @@ UNICODE = "表格-emb"
 
 NAME_CASES = [
     create("name_8KB", message=lambda: config(LONG), code=C.INVALID_ARGUMENT, field="name"),
+    create("name_64KB", message=lambda: config("a" * 65536), code=C.INVALID_ARGUMENT, field="name"),
     create("name_unicode", message=lambda: config(UNICODE), code=C.INVALID_ARGUMENT, field="name"),
     create("name_nul", message=lambda: config("a\x00b"), code=C.INVALID_ARGUMENT, field="name"),
     create("name_129_chars", message=lambda: config("n" * 129), code=C.INVALID_ARGUMENT, field="name"),
@@ -97,6 +98,9 @@ NAME_CASES = [
     Case("drop_name_8KB", "DropTable", lambda: pb.DropTableRequest(table=LONG), C.INVALID_ARGUMENT, "table"),
     Case("describe_unicode", "DescribeTable", lambda: pb.DescribeTableRequest(table=UNICODE),
          C.INVALID_ARGUMENT, "table"),
+    Case("describe_3000_accented", "DescribeTable", lambda: pb.DescribeTableRequest(table="é" * 3000),
+         C.INVALID_ARGUMENT, "table"),
+    Case("stats_name_1MiB", "Stats", lambda: pb.StatsRequest(table="s" * (1 << 20)), C.INVALID_ARGUMENT, "table"),
     Case("evict_unknown", "Evict", lambda: pb.EvictRequest(table="nope"), C.NOT_FOUND, "table"),
     Case("restore_rows_unknown", "RestoreRows", lambda: pb.RestoreRowsRequest(table="nope", ids=ids()),
          C.NOT_FOUND, "table"),
@@ -159,6 +163,9 @@ TENSOR_CASES = [
     update(name="weights_absent", chunks=lambda: [pb.UpdateRequest(table=CANARY, ids=ids())],
            field_name="weights.dtype"),
     update(name="weights_shape_2_62_by_4", chunks=lambda: [update_chunk(tensor(rows(2), shape=[2**62, 4]))],
+           field_name="weights.shape"),
+    update(name="weights_shape_2_62_by_4_no_data",
+           chunks=lambda: [update_chunk(tensor(rows(0), shape=[2**62, 4]), id_bytes=b"")],
            field_name="weights.shape"),
     update(name="weights_shape_0_by_int64_max",
            chunks=lambda: [update_chunk(tensor(rows(0), shape=[0, 2**63 - 1]), id_bytes=b"")],
