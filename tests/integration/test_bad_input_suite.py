@@ -105,7 +105,7 @@ def test_lookup_refused_for_a_missing_id_initializes_nothing(channel, client):
     assert client.stats(CANARY)["rows_initialized"] == before
 
 
-CANCEL_TRIALS = 300      # today 4-7% of cancelled Update/ApplyGradients streams are applied, ~1% of Imports
+CANCEL_TRIALS = 300      # today 3-12% of cancelled Update/ApplyGradients streams are applied, ~1% of Imports
 CANCEL_FIX = "fixed by the asyncio service (all-or-nothing streams)"
 
 
