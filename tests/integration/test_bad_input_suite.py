@@ -19,6 +19,7 @@ from kvstore_server.errors import MAX_MESSAGE_CHARS
 from .badinput_cases import CANARY, CANARY_IDS, CANARY_ROWS, CASES, DIM, SECOND, STEEP, Case
 from .conftest import small_table
 from .fuzz_strategies import SERVICE, raw_method
+from .soak_workload import held_open
 
 TABLES = {CANARY: CANARY_ROWS, SECOND: CANARY_ROWS[::-1].copy(), STEEP: CANARY_ROWS * 1e30}
 CALL_TIMEOUT = 30.0
@@ -120,13 +121,6 @@ def cancelled_chunks(method: str, table: str, first_id: int):
             yield pb.ApplyGradientsRequest(table=table, ids=chunk_ids, grads=encode_tensor(weights))
         else:
             yield pb.ImportRequest(table=table, ids=chunk_ids, weights=encode_tensor(weights))
-
-
-def held_open(chunks, sent: threading.Event, release: threading.Event):
-    """`chunks`, then no half-close: `sent` is set and the stream waits for `release`."""
-    yield from chunks
-    sent.set()
-    release.wait()
 
 
 @pytest.mark.parametrize("method", [
