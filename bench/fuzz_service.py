@@ -32,6 +32,7 @@ from tests.integration.fuzz_strategies import (  # noqa: E402
 
 ADDRESS_SPACE = 4 << 30
 EXAMPLES_SHOWN = 5
+BATCH_CASES = 5000        # one hypothesis run per batch (seed + batch number); the summary is printed after each
 
 
 def cases(raw_share: float):
@@ -84,17 +85,26 @@ def main() -> None:
     server = ServerProcess(Path(tempfile.mkdtemp(prefix="kvstore-fuzz-")) / "data").start()
     resource.prlimit(server.process.pid, resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
     start = time.perf_counter()
+    problems, examples, exit_code = Counter(), [], None
     try:
         with KVStoreClient(server.address, timeout=30) as client:
             target = FuzzTarget(server.alive, client, grpc.insecure_channel(server.address))
             target.prepare()
-            problems, examples = run(target, args.cases, seed, args.raw_share)
+            for batch, first in enumerate(range(0, args.cases, BATCH_CASES)):
+                found, shown = run(target, min(BATCH_CASES, args.cases - first), seed + batch, args.raw_share)
+                problems.update(found)
+                examples = (examples + shown)[:EXAMPLES_SHOWN]
+                summarize(target, problems, examples, seed, args.raw_share, time.perf_counter() - start)
             target.channel.close()
     finally:
         exit_code = server.stop() if server.alive() else None
-    calls = sum(target.codes.values())
-    print(f"fuzz: {calls} cases in {time.perf_counter() - start:.0f} s, seed {seed}, "
-          f"raw share {args.raw_share}; server exit code on SIGTERM: {exit_code}")
+        print(f"server exit code on SIGTERM: {exit_code}", flush=True)
+    sys.exit(1 if problems or exit_code != 0 else 0)
+
+
+def summarize(target: FuzzTarget, problems: Counter, examples: list[str], seed: int, raw_share: float,
+              seconds: float) -> None:
+    print(f"fuzz: {sum(target.codes.values())} cases in {seconds:.0f} s, seeds {seed}+batch, raw share {raw_share}")
     by_code = Counter()
     for (method, code), n in sorted(target.codes.items()):
         by_code[code] += n
@@ -103,8 +113,7 @@ def main() -> None:
     print("problems:", dict(problems) or "none")
     for example in examples:
         print("  e.g.", example)
-    sys.exit(1 if problems or exit_code != 0 else 0)
-
+    print(flush=True)
 
 if __name__ == "__main__":
     main()

@@ -19,6 +19,7 @@ from kvstore_server.errors import MAX_MESSAGE_CHARS
 from .badinput_cases import CANARY, CANARY_IDS, CANARY_ROWS, CASES, DIM, SECOND, STEEP, Case
 from .conftest import small_table
 from .fuzz_strategies import SERVICE, raw_method
+from .soak_workload import held_open
 
 TABLES = {CANARY: CANARY_ROWS, SECOND: CANARY_ROWS[::-1].copy(), STEEP: CANARY_ROWS * 1e30}
 CALL_TIMEOUT = 30.0
@@ -105,7 +106,7 @@ def test_lookup_refused_for_a_missing_id_initializes_nothing(channel, client):
     assert client.stats(CANARY)["rows_initialized"] == before
 
 
-CANCEL_TRIALS = 300      # today 4-7% of cancelled Update/ApplyGradients streams are applied, ~1% of Imports
+CANCEL_TRIALS = 300      # today 3-12% of cancelled Update/ApplyGradients streams are applied, ~1% of Imports
 CANCEL_FIX = "fixed by the asyncio service (all-or-nothing streams)"
 
 
@@ -122,34 +123,32 @@ def cancelled_chunks(method: str, table: str, first_id: int):
             yield pb.ImportRequest(table=table, ids=chunk_ids, weights=encode_tensor(weights))
 
 
-def held_open(chunks, sent: threading.Event, release: threading.Event):
-    """`chunks`, then no half-close: `sent` is set and the stream waits for `release`."""
-    yield from chunks
-    sent.set()
-    release.wait()
-
-
 @pytest.mark.parametrize("method", [
     pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=f"issue 12 item 2: {CANCEL_FIX}"))
     for name in ("Update", "ApplyGradients")] + [
     pytest.param("Import", marks=pytest.mark.xfail(strict=False, reason=f"issue 12 item 2: {CANCEL_FIX}; not strict: "
-                                                   "today only ~1% of cancelled imports are applied"))])
+                                                   "today ~1% of cancelled imports are applied, and some runs "
+                                                   "stall: after 40-150 cancelled imports the next import stream "
+                                                   "is never consumed"))])
 def test_write_stream_cancelled_before_its_half_close_applies_nothing(channel, client, method):
     table = f"cancel_{method.lower()}"
     small_table(client, table, dim=DIM, initializer={"kind": "zeros"})
     call = raw_method(channel, method, serializer=lambda message: message.SerializeToString())
-    applied = []
+    applied, stalled = [], None
     for trial in range(CANCEL_TRIALS):
         sent, release = threading.Event(), threading.Event()
-
         future = call.future(held_open(cancelled_chunks(method, table, trial * 10), sent, release),
                              timeout=CALL_TIMEOUT)
-        sent.wait()
+        if not sent.wait(CALL_TIMEOUT):       # a hang guard, not a verdict on timing
+            stalled = trial
+            break
         future.cancel()
         release.set()
         if client.lookup(table, np.arange(trial * 10, trial * 10 + 6), on_miss="zeros").any():
             applied.append(trial)
+    release.set()
     late = client.lookup(table, np.arange(CANCEL_TRIALS * 10), on_miss="zeros").reshape(CANCEL_TRIALS, -1)
     applied = sorted(set(applied) | set(np.flatnonzero(late.any(axis=1)).tolist()))   # applied after the check
     client.drop_table(table)
+    assert stalled is None, f"after {stalled} cancelled {method} streams the next one was never consumed"
     assert applied == [], f"{len(applied)} of {CANCEL_TRIALS} cancelled {method} streams were applied"

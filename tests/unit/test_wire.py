@@ -4,7 +4,14 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import pytest
-from kvstore_proto.tensors import WireError, decode_lookup_response, encode_lookup_response, encode_tensor
+from kvstore_proto.tensors import (
+    WIRE_DTYPES,
+    WireError,
+    decode_lookup_response,
+    decode_tensor,
+    encode_lookup_response,
+    encode_tensor,
+)
 from kvstore_proto.v1 import kvstore_pb2 as pb
 
 CASES = [
@@ -69,3 +76,40 @@ def test_the_server_allocator_keeps_freed_memory_on_glibc():
 
     libc = platform.libc_ver()[0]
     assert keep_freed_memory() is (libc == "glibc")
+
+
+@pytest.mark.parametrize("shape, data, names", [
+    ([2**62, 4], b"", "weights.shape"),              # 2**64 elements: wraps to 0 in int64 arithmetic
+    ([0, 2**63 - 1], b"", "weights.shape"),          # no elements, but no array can have the shape
+    ([2**32, 2**32], b"\0" * 16, "weights.shape"),
+    ([3, -1], b"", "weights.shape"),
+    ([1] * 9, b"\0" * 4, "weights.shape"),
+    ([2, 2], b"\0" * 17, "weights.data"),
+])
+def test_tensor_shapes_are_checked_without_overflow(shape, data, names):
+    with pytest.raises(WireError, match=names):
+        decode_tensor(pb.Tensor(dtype="float32", shape=shape, data=data), "weights")
+
+
+def test_a_zero_row_tensor_of_a_reasonable_width_decodes():
+    assert decode_tensor(pb.Tensor(dtype="float32", shape=[0, 1 << 20]), "weights").shape == (0, 1 << 20)
+
+
+@pytest.mark.parametrize("sent, stored, accepted", [
+    ("float32", "float32", True), ("float16", "float32", True), ("bfloat16", "float32", True),
+    ("float32", "float64", True), ("int64", "float32", False), ("float64", "float32", False),
+    ("float32", "float16", False), ("float32", "bfloat16", False), ("int64", "float64", False),
+])
+def test_tensors_must_arrive_in_the_stored_dtype_or_a_lossless_widening(sent, stored, accepted):
+    tensor = pb.Tensor(dtype=sent, shape=[1, 2], data=b"\0" * 2 * WIRE_DTYPES[sent].itemsize)
+    if accepted:
+        assert decode_tensor(tensor, "weights", dtype=stored).shape == (1, 2)
+    else:
+        with pytest.raises(WireError, match="weights.dtype"):
+            decode_tensor(tensor, "weights", dtype=stored)
+
+
+def test_a_long_dtype_name_is_shortened_in_the_error():
+    with pytest.raises(WireError) as caught:
+        decode_tensor(pb.Tensor(dtype="x" * 10_000, shape=[1], data=b"\0"), "grads")
+    assert "(10000 chars)" in str(caught.value) and len(str(caught.value)) < 200
