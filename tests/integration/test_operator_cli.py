@@ -145,6 +145,24 @@ def test_export_progress_on_a_terminal_is_a_bar(server, client, tmp_path):
     assert drawn.count("in all") == 1 and "export bar_t: 3,000 rows" in drawn
 
 
+def test_without_rich_a_terminal_gets_plain_lines(server, client, tmp_path):
+    small_table(client, "norich_t", dim=4)
+    client.update("norich_t", np.arange(100), np.ones((100, 4), np.float32))
+    hidden = tmp_path / "hide"
+    (hidden / "rich").mkdir(parents=True)
+    (hidden / "rich" / "__init__.py").write_text("raise ImportError('rich is not installed')\n")
+    controller, terminal = pty.openpty()
+    try:
+        result = at(server, "export", "norich_t", str(tmp_path / "out"), stderr=terminal, stdout=subprocess.PIPE,
+                    capture_output=False, env={"PYTHONPATH": os.pathsep.join([str(hidden), *sys.path])})
+        drawn = _read_all(controller)
+    finally:
+        os.close(terminal)
+        os.close(controller)
+    assert result.returncode == 0
+    assert "\x1b[" not in drawn and drawn.count("in all") == 1 and "export norich_t: 100 rows" in drawn
+
+
 def test_restore_reports_elapsed_time_and_result(server, client):
     small_table(client, "restore_t", dim=4)
     assert at(server, "snapshot", "create", "restore-1").returncode == 0
