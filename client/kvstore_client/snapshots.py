@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 from kvstore_proto.export_format import ExportChunk
-from kvstore_proto.tensors import WireError, decode_ids, decode_tensor, ids_field, tensor_field
+from kvstore_proto.tensors import WireError, decode_ids, decode_tensor, encode_ids, encode_tensor
 from kvstore_proto.v1 import kvstore_pb2 as pb
 
 from .arrays import as_ids, as_rows, chunks, to_numpy
@@ -20,8 +20,6 @@ from .errors import rpc_errors as _rpc
 
 IMPORT_MODES = {"merge": pb.IMPORT_MODE_MERGE, "replace": pb.IMPORT_MODE_REPLACE}
 TRANSFER_TIMEOUT = 24 * 3600.0
-# Import requests go out serialized by `_import_requests` (one copy of the rows, not three)
-IMPORT_METHOD = f"/{pb.DESCRIPTOR.services_by_name['EmbeddingStore'].full_name}/Import"
 
 
 
@@ -127,22 +125,21 @@ class SnapshotMethods:
         if config is not None:
             header.config.CopyFrom(_config_message(config))
 
-        def requests() -> Iterator[bytes]:
-            first = header.SerializeToString()      # serialized messages concatenated merge into one
+        def requests() -> Iterator[pb.ImportRequest]:
+            first = header
             for part in parts:
                 for request in self._import_requests(part):
-                    yield first + request if first is not None else request
-                    first = None
+                    if first is not None:
+                        request.MergeFrom(first)
+                        first = None
+                    yield request
             if first is not None:
                 yield first
 
-        import_call = self._channel.stream_unary(IMPORT_METHOD, request_serializer=None,
-                                                 response_deserializer=pb.ImportResponse.FromString)
         with _rpc():
-            return import_call(requests(), timeout=timeout).rows
+            return self._stub.Import(requests(), timeout=timeout).rows
 
-    def _import_requests(self, part) -> Iterator[bytes]:
-        """Serialized `ImportRequest` messages of about `chunk_bytes` (rows copied once, by the join)."""
+    def _import_requests(self, part) -> Iterator[pb.ImportRequest]:
         if isinstance(part, ExportChunk):
             part = (part.ids, part.weights, part.state, part.meta)
         ids = as_ids(part[0])
@@ -151,12 +148,10 @@ class SnapshotMethods:
         meta = None if len(part) < 4 or part[3] is None else as_rows(part[3], len(ids), "meta").astype(np.int64)
         row_bytes = 8 + weights[:1].nbytes + (0 if state is None else state[:1].nbytes) + 24
         for start, stop in chunks(len(ids), row_bytes, self.chunk_bytes):
-            fields = ids_field(4, ids[start:stop]) + _tensor(5, weights[start:stop], "weights")
-            if state is not None:
-                fields += _tensor(6, state[start:stop], "state")
-            if meta is not None:
-                fields += _tensor(7, meta[start:stop], "meta")
-            yield b"".join(fields)
+            yield pb.ImportRequest(
+                ids=encode_ids(ids[start:stop]), weights=_tensor(weights[start:stop], "weights"),
+                state=None if state is None else _tensor(state[start:stop], "state"),
+                meta=None if meta is None else _tensor(meta[start:stop], "meta"))
 
     def import_table(self, table: str, ids: Any, weights: Any, state: Any = None, mode: str = "merge",
                      meta: Any = None, config: dict | None = None) -> int:
@@ -172,10 +167,9 @@ class SnapshotMethods:
         return self.import_chunks(table, [ordered], mode=mode, config=config)
 
 
-def _tensor(number: int, array: np.ndarray, field: str) -> list:
-    """Field `number` of an ImportRequest holding `array`; a bad dtype is an error naming `field`."""
+def _tensor(array: np.ndarray, field: str) -> dict:
     try:
-        return tensor_field(number, array)
+        return encode_tensor(array)
     except WireError as exc:
         raise InvalidArgumentError(message=f"{field}: {exc}") from None
 

@@ -65,29 +65,14 @@ def _tensor_parts(array: np.ndarray) -> list:
     return [head + b"\x1a" + _varint(array.nbytes), array.reshape(-1).view(np.uint8).data]
 
 
-def tensor_field(number: int, array: np.ndarray) -> list:
-    """Message field `number` holding `array` as a `Tensor`, in wire format as parts for
-    `b"".join` (the rows a view, so joining copies them once)."""
-    tensor = _tensor_parts(array)
-    size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in tensor)
-    return [_varint(number << 3 | 2) + _varint(size), *tensor]
-
-
-def ids_field(number: int, ids: np.ndarray) -> list:
-    """Message field `number` holding packed int64 ids (a `bytes` field), as parts for `b"".join`."""
-    ids = np.ascontiguousarray(ids, dtype="<i8")
-    if not ids.nbytes:
-        return []
-    return [_varint(number << 3 | 2) + _varint(ids.nbytes), ids.view(np.uint8).data]
-
-
 def encode_lookup_response(weights: np.ndarray, state: np.ndarray | None = None) -> bytes:
     """A serialized `LookupResponse`, built with one copy of the rows. Building the message
     and serializing it copies 2 MiB of rows three times (bytes, message, serialization)."""
     parts: list = []
-    for number, array in ((1, weights), (2, state)):
+    for tag, array in ((b"\x0a", weights), (b"\x12", state)):
         if array is not None:
-            parts += tensor_field(number, array)
+            tensor = _tensor_parts(array)
+            parts += [tag + _varint(sum(len(p) if isinstance(p, bytes) else p.nbytes for p in tensor)), *tensor]
     return b"".join(parts)
 
 

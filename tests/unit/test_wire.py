@@ -1,17 +1,10 @@
-"""The lookup response and import request fast paths speak exactly the protobuf wire format."""
+"""The lookup response fast paths speak exactly the protobuf wire format."""
 from __future__ import annotations
 
 import ml_dtypes
 import numpy as np
 import pytest
-from kvstore_proto.tensors import (
-    WireError,
-    decode_lookup_response,
-    encode_lookup_response,
-    encode_tensor,
-    ids_field,
-    tensor_field,
-)
+from kvstore_proto.tensors import WireError, decode_lookup_response, encode_lookup_response, encode_tensor
 from kvstore_proto.v1 import kvstore_pb2 as pb
 
 CASES = [
@@ -32,16 +25,6 @@ def protobuf_bytes(weights, state) -> bytes:
 @pytest.mark.parametrize("weights,state", CASES)
 def test_encoded_response_is_byte_identical_to_protobuf(weights, state):
     assert encode_lookup_response(weights, state) == protobuf_bytes(weights, state)
-
-
-@pytest.mark.parametrize("weights,state", CASES)
-def test_import_request_fields_with_a_protobuf_header_parse_as_one_message(weights, state):
-    ids = np.arange(len(weights), dtype=np.int64) - 2
-    header = pb.ImportRequest(table="t", mode=pb.IMPORT_MODE_REPLACE).SerializeToString()
-    fields = ids_field(4, ids) + tensor_field(5, weights) + ([] if state is None else tensor_field(6, state))
-    expected = pb.ImportRequest(table="t", mode=pb.IMPORT_MODE_REPLACE, ids=ids.tobytes(),
-                                weights=encode_tensor(weights), state=None if state is None else encode_tensor(state))
-    assert header + b"".join(fields) == expected.SerializeToString()
 
 
 @pytest.mark.parametrize("weights,state", CASES)
