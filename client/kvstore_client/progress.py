@@ -157,13 +157,16 @@ class _RichBar:
         )
 
         self.owner = progress
-        columns = [TextColumn("{task.description}"), BarColumn() if progress.total else SpinnerColumn(),
-                   TaskProgressColumn(), MofNCompleteColumn(), TextColumn("rows"),
-                   TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[mib]}"),
-                   TimeRemainingColumn() if progress.total else TimeElapsedColumn()]
+        if progress.total:          # rows of a known estimate: bar, share, count, time left
+            columns = [TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), MofNCompleteColumn(),
+                       TextColumn("rows"), TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[mib]}"),
+                       TimeRemainingColumn()]
+        else:                       # no estimate (or one long call): spinner, what moved so far, time spent
+            columns = [TextColumn("{task.description}"), SpinnerColumn(), TextColumn("{task.fields[count]}"),
+                       TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[mib]}"), TimeElapsedColumn()]
         self.live = Progress(*columns, console=Console(file=progress.out), refresh_per_second=5,
                              speed_estimate_period=10.0, transient=True)
-        self.task = self.live.add_task(progress.label, total=progress.total, rate="", mib="")
+        self.task = self.live.add_task(progress.label, total=progress.total, count="", rate="", mib="")
         self.live.start()
 
     def advance(self, rows: int) -> None:
@@ -172,7 +175,8 @@ class _RichBar:
         total = owner.total if owner.total is None or owner.total >= owner.rows else owner.rows
         mib = f"{owner.bytes / MIB / elapsed:,.1f} MiB/s" if owner.bytes else ""
         speed = self.live.tasks[0].speed or owner.rows / elapsed
-        self.live.update(self.task, advance=rows, total=total, rate=f"{speed:,.0f} rows/s", mib=mib)
+        self.live.update(self.task, advance=rows, total=total, count=f"{owner.rows:,} rows",
+                         rate=f"{speed:,.0f} rows/s", mib=mib)
 
     def stop(self, summary: bool = True) -> None:
         """Clear the bar; then the summary line, once (it stays on the screen)."""

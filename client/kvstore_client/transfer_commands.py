@@ -19,7 +19,8 @@ from .client import KVStoreClient
 from .progress import Progress
 
 T = TypeVar("T")
-DEPTH = 3          # chunks in flight between the stages
+DEPTH = 3          # stream chunks (about 2 MiB each) in flight between the stages of an export
+FILES_AHEAD = 2    # chunk files (about 64 MiB each) an import reads ahead of the stream
 
 
 def chunk_bytes(chunk: ExportChunk) -> int:
@@ -97,7 +98,7 @@ def import_table(client: KVStoreClient, args: argparse.Namespace) -> int:
     with Progress(f"import {args.table}", reader.rows, enabled=not args.quiet) as progress:
 
         def chunks() -> Iterator[ExportChunk]:
-            for chunk in read_ahead(iter(reader)):
+            for chunk in read_ahead(iter(reader), depth=FILES_AHEAD):
                 yield chunk
                 progress.update(len(chunk.ids), chunk_bytes(chunk))
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import mmap
 import os
 import time
 import zipfile
@@ -71,15 +72,28 @@ class _HashingFile(io.RawIOBase):
         self.out.flush()
 
 
-def _write_npz(out: io.RawIOBase, columns: dict[str, np.ndarray]) -> None:
-    """What `np.savez` writes (an uncompressed zip of .npy members), with each array's bytes
-    handed to zipfile as they are: savez copies every array once more on the way."""
+def _sha256(path: str) -> str:
+    """The file's SHA-256, hashed from the page cache in place (mmap: no copy into Python)."""
+    with open(path, "rb") as src:
+        if os.fstat(src.fileno()).st_size == 0:
+            return hashlib.sha256().hexdigest()
+        with mmap.mmap(src.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            return hashlib.sha256(mapped).hexdigest()
+
+
+def _write_npz(out: io.RawIOBase, columns: dict[str, list[np.ndarray]]) -> None:
+    """What `np.savez` writes of the concatenation of each column's parts (an uncompressed zip of
+    .npy members), without building it: the parts' bytes go to zipfile one after the other, as
+    they lie in memory. (savez would need the concatenated arrays and copies each once more.)"""
     with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-        for name, array in columns.items():
-            array = np.ascontiguousarray(array)
+        for name, parts in columns.items():
+            parts = [np.ascontiguousarray(part) for part in parts]
+            shape = (sum(len(part) for part in parts), *parts[0].shape[1:])
+            header = {"descr": npy.dtype_to_descr(parts[0].dtype), "fortran_order": False, "shape": shape}
             with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
-                npy.write_array_header_1_0(member, npy.header_data_from_array_1_0(array))
-                member.write(memoryview(array.reshape(-1)).cast("B"))
+                npy.write_array_header_1_0(member, header)
+                for part in parts:
+                    member.write(memoryview(part.reshape(-1)).cast("B"))
 
 
 class ExportWriter:
@@ -125,18 +139,17 @@ class ExportWriter:
             return
         parts = self._pending
         self._pending, self._pending_rows = [], 0
-        ids = np.concatenate([c.ids for c in parts])
-        weights = np.concatenate([c.weights for c in parts])
         stored = _STORED_AS.get(self.dtype)
         name = f"chunk-{len(self._chunks):06d}.npz"
-        target = os.path.join(self.path, name)
-        columns = {"ids": ids, "weights": weights.view(stored) if stored is not None else weights,
-                   "state": np.concatenate([c.state for c in parts]), "meta": np.concatenate([c.meta for c in parts])}
-        with open(target, "wb") as out:
+        columns = {"ids": [c.ids for c in parts],
+                   "weights": [c.weights.view(stored) if stored is not None else c.weights for c in parts],
+                   "state": [c.state for c in parts], "meta": [c.meta for c in parts]}
+        with open(os.path.join(self.path, name), "wb") as out:
             hashing = _HashingFile(out)
             _write_npz(hashing, columns)
-        self._chunks.append({"file": name, "rows": len(ids), "first_id": int(ids[0]), "last_id": int(ids[-1]),
-                             "bytes": hashing.written, "sha256": hashing.digest.hexdigest()})
+        self._chunks.append({"file": name, "rows": sum(len(c.ids) for c in parts), "first_id": int(parts[0].ids[0]),
+                             "last_id": int(parts[-1].ids[-1]), "bytes": hashing.written,
+                             "sha256": hashing.digest.hexdigest()})
 
     def close(self) -> dict[str, Any]:
         self._write_file()
@@ -200,11 +213,9 @@ class ExportReader:
         path = os.path.join(self.path, name)
         if not os.path.isfile(path):
             raise ExportFormatError(f"{name}: missing")
-        with open(path, "rb") as src:
-            content = src.read()          # read once: hashed here, parsed from memory below
-        if hashlib.sha256(content).hexdigest() != entry.get("sha256"):
+        if _sha256(path) != entry.get("sha256"):
             raise ExportFormatError(f"{name}: checksum mismatch (corrupt or changed)")
-        with np.load(io.BytesIO(content), allow_pickle=False) as npz:
+        with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in ("ids", "weights", "state", "meta")}
         stored = _STORED_AS.get(self.dtype)
         weights = arrays["weights"].view(_WEIGHT_DTYPES[self.dtype]) if stored is not None else arrays["weights"]

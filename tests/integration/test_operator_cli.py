@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import select
 import subprocess
 import sys
 
@@ -132,17 +133,23 @@ def test_export_progress_on_a_terminal_is_a_bar(server, client, tmp_path):
     pytest.importorskip("rich")
     small_table(client, "bar_t", dim=4)
     client.update("bar_t", np.arange(3000), np.ones((3000, 4), np.float32))
-    controller, terminal = pty.openpty()
-    try:
-        result = at(server, "export", "bar_t", str(tmp_path / "out"), stderr=terminal, stdout=subprocess.PIPE,
-                    capture_output=False, env={"COLUMNS": "120", "TERM": "xterm"})
-        drawn = _read_all(controller)
-    finally:
-        os.close(terminal)
-        os.close(controller)
-    assert result.returncode == 0
+    code, drawn = on_a_terminal("--address", server.address, "export", "bar_t", str(tmp_path / "out"),
+                                env={"COLUMNS": "120", "TERM": "xterm"})
+    assert code == 0
     assert "\x1b[" in drawn                      # drawn in place with terminal control codes
     assert drawn.count("in all") == 1 and "export bar_t: 3,000 rows" in drawn
+
+
+def test_without_rich_a_terminal_gets_plain_lines(server, client, tmp_path):
+    small_table(client, "norich_t", dim=4)
+    client.update("norich_t", np.arange(100), np.ones((100, 4), np.float32))
+    hidden = tmp_path / "hide"
+    (hidden / "rich").mkdir(parents=True)
+    (hidden / "rich" / "__init__.py").write_text("raise ImportError('rich is not installed')\n")
+    code, drawn = on_a_terminal("--address", server.address, "export", "norich_t", str(tmp_path / "out"),
+                                env={"PYTHONPATH": os.pathsep.join([str(hidden), *sys.path])})
+    assert code == 0
+    assert "\x1b[" not in drawn and drawn.count("in all") == 1 and "export norich_t: 100 rows" in drawn
 
 
 def test_restore_reports_elapsed_time_and_result(server, client):
@@ -153,15 +160,26 @@ def test_restore_reports_elapsed_time_and_result(server, client):
     assert "\r" not in restored.stderr
 
 
-def _read_all(fd: int) -> str:
-    os.set_blocking(fd, False)
-    chunks = []
-    while True:
-        try:
-            block = os.read(fd, 65536)
-        except (BlockingIOError, OSError):
-            break
-        if not block:
-            break
-        chunks.append(block)
-    return b"".join(chunks).decode(errors="replace")
+def on_a_terminal(*args: str, env: dict[str, str]) -> tuple[int, str]:
+    """Run `kvstore ARGS` with stderr on a pseudo-terminal, reading it as it is drawn (a full
+    terminal buffer would block the command); its exit code and everything drawn."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
+    environ.update(env)
+    controller, terminal = pty.openpty()
+    drawn = bytearray()
+    try:
+        process = subprocess.Popen([sys.executable, "-m", "kvstore_client", *args], stdout=subprocess.DEVNULL,
+                                   stderr=terminal, env=environ)
+        os.close(terminal)
+        while True:
+            ready, _, _ = select.select([controller], [], [], 1.0)
+            try:
+                block = os.read(controller, 65536) if ready else b""
+            except OSError:            # EIO: the command exited and closed the terminal
+                block = b""
+            drawn += block
+            if not block and process.poll() is not None:
+                break
+        return process.wait(60), drawn.decode(errors="replace")
+    finally:
+        os.close(controller)
