@@ -86,12 +86,22 @@ def zipf_ids(rng, n: int, rows: int, perm: np.ndarray) -> np.ndarray:
     return perm[rng.choice(rows, size=n, p=p)]
 
 
-def timed(fn, batches) -> float:
-    fn(batches[0])                       # warm-up
-    start = time.perf_counter()
-    for batch in batches[1:]:
-        fn(batch)
-    return sum(len(b) for b in batches[1:]) / (time.perf_counter() - start)
+def timed_side_by_side(lookups: dict, batches: list, rounds: int) -> dict[str, float]:
+    """Rows/s of each lookup over the same batches, taken batch by batch in rotating order, so a
+    noisy neighbour on a shared machine slows every contender alike instead of one window of one."""
+    for lookup in lookups.values():
+        lookup(batches[0])                    # warm-up
+    names = list(lookups)
+    seconds = dict.fromkeys(names, 0.0)
+    for round_ in range(rounds):
+        for index, batch in enumerate(batches[1:]):
+            shift = (index + round_) % len(names)
+            for name in names[shift:] + names[:shift]:
+                start = time.perf_counter()
+                lookups[name](batch)
+                seconds[name] += time.perf_counter() - start
+    rows = rounds * sum(len(b) for b in batches[1:])
+    return {name: rows / seconds[name] for name in names}
 
 
 def main() -> None:
@@ -101,7 +111,7 @@ def main() -> None:
     parser.add_argument("--echo-server", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--echo-asyncio", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per case; the best counts")
+    parser.add_argument("--rounds", type=int, default=1, help="passes over each case's batches")
     parser.add_argument("--baseline", default="", help="checkout of an earlier kvstore to serve beside this one")
     args = parser.parse_args()
     if args.echo_server:
@@ -147,14 +157,11 @@ def run(args, addresses: dict[str, str]) -> None:
             batches = [rng.integers(0, args.rows, batch) if dist == "uniform" else zipf_ids(rng, batch, args.rows,
                                                                                               perm)
                        for _ in range(count)]
-            best = {name: 0.0 for name in names}
-            for _ in range(args.rounds):                 # interleaved: a noisy neighbour hits every one
-                for name in names:
-                    best[name] = max(best[name], timed(lookups[name], batches))
-            ratio = best["kvstore"] / max(best["echo threaded"], best["echo asyncio"])
-            line = f"{dist:8} {batch:>7} " + " ".join(f"{best[n]:>22,.0f}" for n in names) + f" {ratio:>6.2f}"
-            if "baseline" in best:
-                line += f" {best['kvstore'] / best['baseline']:>11.2f}"
+            rates = timed_side_by_side(lookups, batches, args.rounds)
+            ratio = rates["kvstore"] / max(rates["echo threaded"], rates["echo asyncio"])
+            line = f"{dist:8} {batch:>7} " + " ".join(f"{rates[n]:>22,.0f}" for n in names) + f" {ratio:>6.2f}"
+            if "baseline" in rates:
+                line += f" {rates['kvstore'] / rates['baseline']:>11.2f}"
             print(line, flush=True)
     stats = clients[0].stats("bench")
     print(f"cache hits {stats.get('cache_hits', 0):,.0f} misses {stats.get('cache_misses', 0):,.0f}")
