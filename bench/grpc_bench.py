@@ -3,24 +3,80 @@
 Both run the same process layout (server process, client in this process) and
 move the same bytes: ids up in chunks, rows down in chunks of about 2 MiB. The
 echo server answers each chunk with pre-built bytes of the right size, so it is
-the transport's ceiling for this message pattern. Prints rows/s and the ratio.
+the transport's ceiling for this message pattern; it runs twice, as a threaded
+and as an asyncio gRPC server, and the faster one is the reference. Prints rows/s
+and the ratio. With `--baseline DIR` (a checkout of an earlier kvstore) that
+version's server serves the same table in the same run, for a before/after.
 
-    python bench/grpc_bench.py [--rows 1000000] [--dim 128]
+    python bench/grpc_bench.py [--rows 1000000] [--dim 128] [--baseline DIR]
 """
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
+from concurrent import futures
 
+import grpc
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))       # run as a script: `bench` importable
-from bench.echo import EchoClient, start_echo, start_process  # noqa: E402
-from bench.services import stop_process  # noqa: E402
+ECHO_METHOD = "/bench.Echo/Rows"
+GRPC_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20),
+                ("grpc.so_reuseport", 0)]
+
+
+def echo_server(row_bytes: int) -> None:
+    """A bidi stream that answers n ids (8 n bytes) with n rows of zeros: a threaded gRPC server."""
+    blob = bytes(row_bytes * 65536)
+
+    def rows(request_iterator, context):
+        for request in request_iterator:
+            yield blob[: (len(request) // 8) * row_bytes]
+
+    server = grpc.server(futures.ThreadPoolExecutor(8), options=GRPC_OPTIONS)
+    server.add_generic_rpc_handlers((_echo_handler(rows),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    print(f"listening on 127.0.0.1:{port}", flush=True)
+    server.wait_for_termination()
+
+
+def asyncio_echo_server(row_bytes: int) -> None:
+    """The same echo stream on an asyncio gRPC server (grpc.aio)."""
+    import asyncio
+
+    blob = bytes(row_bytes * 65536)
+
+    async def rows(request_iterator, context):
+        async for request in request_iterator:
+            yield blob[: (len(request) // 8) * row_bytes]
+
+    async def serve() -> None:
+        server = grpc.aio.server(options=GRPC_OPTIONS)
+        server.add_generic_rpc_handlers((_echo_handler(rows),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        print(f"listening on 127.0.0.1:{port}", flush=True)
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+def _echo_handler(rows) -> grpc.GenericRpcHandler:
+    return grpc.method_handlers_generic_handler("bench.Echo", {
+        "Rows": grpc.stream_stream_rpc_method_handler(rows, request_deserializer=None, response_serializer=None),
+    })
+
+
+def start(cmd: list[str], env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    for line in proc.stdout:
+        if "listening on" in line:
+            return proc, line.strip().rsplit(" ", 1)[-1]
+    raise RuntimeError(f"{cmd[0]} did not start")
 
 
 def zipf_ids(rng, n: int, rows: int, perm: np.ndarray) -> np.ndarray:
@@ -30,60 +86,118 @@ def zipf_ids(rng, n: int, rows: int, perm: np.ndarray) -> np.ndarray:
     return perm[rng.choice(rows, size=n, p=p)]
 
 
-def timed(fn, batches) -> float:
-    fn(batches[0])                       # warm-up
-    start = time.perf_counter()
-    for batch in batches[1:]:
-        fn(batch)
-    return sum(len(b) for b in batches[1:]) / (time.perf_counter() - start)
+def timed_side_by_side(lookups: dict, batches: list, rounds: int) -> dict[str, float]:
+    """Rows/s of each lookup over the same batches, taken batch by batch in rotating order, so a
+    noisy neighbour on a shared machine slows every contender alike instead of one window of one."""
+    for lookup in lookups.values():
+        lookup(batches[0])                    # warm-up
+    names = list(lookups)
+    seconds = dict.fromkeys(names, 0.0)
+    for round_ in range(rounds):
+        for index, batch in enumerate(batches[1:]):
+            shift = (index + round_) % len(names)
+            for name in names[shift:] + names[:shift]:
+                start = time.perf_counter()
+                lookups[name](batch)
+                seconds[name] += time.perf_counter() - start
+    rows = rounds * sum(len(b) for b in batches[1:])
+    return {name: rows / seconds[name] for name in names}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--echo-server", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--echo-asyncio", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
+    parser.add_argument("--rounds", type=int, default=1, help="passes over each case's batches")
+    parser.add_argument("--baseline", default="", help="checkout of an earlier kvstore to serve beside this one")
     args = parser.parse_args()
+    if args.echo_server:
+        return (asyncio_echo_server if args.echo_asyncio else echo_server)(args.echo_server)
 
+    row_bytes = args.dim * 4
+    servers = {"kvstore": start(["kvstore-server", "--data-dir", tempfile.mkdtemp(prefix="kvbench-"), "--port", "0"])}
+    if args.baseline:
+        root = os.path.abspath(args.baseline)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(os.path.join(root, p) for p in ("", "protos", "server",
+                                                                                             "client"))}
+        servers["baseline"] = start([sys.executable, "-m", "kvstore_server", "--data-dir",
+                                     tempfile.mkdtemp(prefix="kvbench-base-"), "--port", "0"], env)
+    servers["echo threaded"] = start([sys.executable, __file__, "--echo-server", str(row_bytes)])
+    servers["echo asyncio"] = start([sys.executable, __file__, "--echo-server", str(row_bytes), "--echo-asyncio"])
+    try:
+        run(args, {name: address for name, (_, address) in servers.items()})
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(timeout=60)
+
+
+def run(args, addresses: dict[str, str]) -> None:
     from kvstore_client import KVStoreClient
 
-    data_dir = tempfile.mkdtemp(prefix="kvbench-")
-    server, address = start_process([sys.executable, "-m", "kvstore_server", "--data-dir", data_dir, "--port", "0"])
-    echo, echo_address = start_echo()
-    try:
-        client = KVStoreClient(address, timeout=600)
-        cache_rows = -(-args.rows * 2 // 32) * 32     # load 0.5: every row finds a way in its set
-        client.create_table("bench", dim=args.dim, cache={"rows": cache_rows})
-        ids = np.arange(args.rows, dtype=np.int64)
-        rng = np.random.default_rng(0)
-        t0 = time.perf_counter()
-        for s in range(0, args.rows, 262144):
-            client.update("bench", ids[s:s + 262144], rng.standard_normal((len(ids[s:s + 262144]), args.dim),
-                                                                         dtype=np.float32))
-        print(f"loaded {args.rows} rows in {time.perf_counter() - t0:.1f}s", flush=True)
-
-        echo_client = EchoClient(echo_address, client.chunk_bytes)
-
-        def echo_lookup(batch: np.ndarray) -> np.ndarray:
-            return echo_client.lookup(batch, args.dim)
-
-        perm = rng.permutation(args.rows)
-        print(f"{'ids':8} {'batch':>7} {'kvstore rows/s':>15} {'echo rows/s':>13} {'ratio':>6}")
-        for dist in ("uniform", "zipf"):
-            for batch in (4096, 65536):
-                count = max(3, int(args.seconds * 2e6 / batch))
-                batches = [rng.integers(0, args.rows, batch) if dist == "uniform" else zipf_ids(rng, batch, args.rows,
-                                                                                                  perm)
-                           for _ in range(count)]
-                kv = timed(lambda b: client.lookup("bench", b), batches)
-                ref = timed(echo_lookup, batches)
-                print(f"{dist:8} {batch:>7} {kv:>15,.0f} {ref:>13,.0f} {kv / ref:>6.2f}", flush=True)
-        stats = client.stats("bench")
-        print(f"cache hits {stats.get('cache_hits', 0):,.0f} misses {stats.get('cache_misses', 0):,.0f}")
+    lookups = {}
+    clients = [KVStoreClient(addresses[name], timeout=600) for name in ("kvstore", "baseline") if name in addresses]
+    for name, client in zip(("kvstore", "baseline"), clients, strict=False):
+        load(client, args.rows, args.dim, name)
+        lookups[name] = lambda b, client=client: client.lookup("bench", b)
+    chunk_rows = max(1, clients[0].chunk_bytes // (args.dim * 4))
+    for name in ("echo threaded", "echo asyncio"):
+        lookups[name] = echo_lookup(addresses[name], args.dim, chunk_rows)
+    rng = np.random.default_rng(1)
+    perm = rng.permutation(args.rows)
+    names = list(lookups)
+    print(f"{'ids':8} {'batch':>7} " + " ".join(f"{n + ' rows/s':>22}" for n in names)
+          + f" {'ratio':>6}" + (f" {'vs baseline':>11}" if "baseline" in lookups else ""))
+    for dist in ("uniform", "zipf"):
+        for batch in (4096, 65536):
+            count = max(3, int(args.seconds * 2e6 / batch))
+            batches = [rng.integers(0, args.rows, batch) if dist == "uniform" else zipf_ids(rng, batch, args.rows,
+                                                                                              perm)
+                       for _ in range(count)]
+            rates = timed_side_by_side(lookups, batches, args.rounds)
+            ratio = rates["kvstore"] / max(rates["echo threaded"], rates["echo asyncio"])
+            line = f"{dist:8} {batch:>7} " + " ".join(f"{rates[n]:>22,.0f}" for n in names) + f" {ratio:>6.2f}"
+            if "baseline" in rates:
+                line += f" {rates['kvstore'] / rates['baseline']:>11.2f}"
+            print(line, flush=True)
+    stats = clients[0].stats("bench")
+    print(f"cache hits {stats.get('cache_hits', 0):,.0f} misses {stats.get('cache_misses', 0):,.0f}")
+    for client in clients:
         client.close()
-    finally:
-        for proc in (server, echo):
-            stop_process(proc)
+
+
+def load(client, rows: int, dim: int, name: str) -> None:
+    """The bench table: `rows` rows of `dim` float32, all cached (cache load 0.5)."""
+    cache_rows = -(-rows * 2 // 32) * 32     # load 0.5: every row finds a way in its set
+    client.create_table("bench", dim=dim, cache={"rows": cache_rows})
+    ids = np.arange(rows, dtype=np.int64)
+    rng = np.random.default_rng(0)
+    t0 = time.perf_counter()
+    for s in range(0, rows, 262144):
+        client.update("bench", ids[s:s + 262144], rng.standard_normal((len(ids[s:s + 262144]), dim),
+                                                                     dtype=np.float32))
+    print(f"{name}: loaded {rows} rows in {time.perf_counter() - t0:.1f}s", flush=True)
+
+
+def echo_lookup(address: str, dim: int, chunk_rows: int):
+    """A lookup against an echo server: the same chunks up, the same bytes down, placed the same way."""
+    channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+    echo_call = channel.stream_stream(ECHO_METHOD)
+
+    def lookup(batch: np.ndarray) -> np.ndarray:
+        out = np.empty((len(batch), dim), np.float32)
+        reqs = (batch[i:i + chunk_rows].tobytes() for i in range(0, len(batch), chunk_rows))
+        pos = 0
+        for blob in echo_call(reqs):
+            part = np.frombuffer(blob, np.float32).reshape(-1, dim)
+            out[pos:pos + len(part)] = part
+            pos += len(part)
+        return out
+
+    return lookup
 
 
 if __name__ == "__main__":

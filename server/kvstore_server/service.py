@@ -8,6 +8,7 @@ retry answer with the first result (`idempotency.RecentWrites`).
 """
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -29,6 +30,7 @@ from .rpc import StoreWork, whole_stream
 from .transfer_service import SnapshotRPCs
 
 MESSAGE_OVERHEAD = 4096   # room for framing and the non-tensor fields of a response
+LOOKUP_AHEAD = 2          # chunks of one Lookup stream in the store while an earlier one is sent
 
 
 class EmbeddingStoreService(SnapshotRPCs, LeaseRPCs, ClusterRPCs):
@@ -63,10 +65,35 @@ class EmbeddingStoreService(SnapshotRPCs, LeaseRPCs, ClusterRPCs):
     # --- rows --------------------------------------------------------------------
 
     async def Lookup(self, requests: AsyncIterator, context):
-        async for request in requests:
-            if request.lease:
-                self.leases.renew_if_live(request.lease)      # a lookup never fails over its lease
-            yield await self.on_table(request.table, self._lookup_chunk, request)   # serialized: one copy
+        """Each chunk is looked up as soon as it arrives, up to LOOKUP_AHEAD chunks ahead of the one
+        being sent: the store gathers chunk i+1 while grpc writes chunk i. Responses keep request order."""
+        ahead: asyncio.Queue = asyncio.Queue(LOOKUP_AHEAD)
+        reader = asyncio.create_task(self._lookups_ahead(requests, ahead))
+        try:
+            while (job := await ahead.get()) is not None:
+                yield await job                                   # serialized: one copy of the rows
+            await reader                                          # a malformed chunk ends the stream here
+        finally:
+            reader.cancel()
+            while not ahead.empty():
+                job = ahead.get_nowait()
+                if job is not None:
+                    job.cancel()
+
+    async def _lookups_ahead(self, requests: AsyncIterator, ahead: asyncio.Queue) -> None:
+        """Start the lookup of every chunk that arrives; None once the requests end (or fail: the
+        error is this task's, raised where Lookup awaits it)."""
+        try:
+            async for request in requests:
+                if request.lease:
+                    self.leases.renew_if_live(request.lease)      # a lookup never fails over its lease
+                await ahead.put(asyncio.ensure_future(self.on_table(request.table, self._lookup_chunk, request)))
+        except asyncio.CancelledError:
+            raise                                                 # Lookup is gone: nobody waits for the end
+        except BaseException:
+            await ahead.put(None)
+            raise
+        await ahead.put(None)
 
     def _lookup_chunk(self, request: pb.LookupRequest) -> bytes:
         ids = decode_ids(request.ids, "ids")

@@ -121,3 +121,33 @@ def test_importing_a_damaged_export_is_data_loss_naming_the_chunk_file_and_chang
         client.import_chunks("damaged", ExportReader(str(path)), config={"name": "damaged", "dim": DIM})
     with pytest.raises(NotFoundError):                   # the table the import would have created is not there
         client.describe_table("damaged")
+
+
+def test_recent_keys_are_bounded_and_expire():
+    """The server remembers at most `capacity` keys, each for `seconds`: then a key runs anew."""
+    import asyncio
+
+    from kvstore_server.idempotency import RecentWrites
+
+    now = [0.0]
+    recent = RecentWrites(capacity=2, seconds=10.0, clock=lambda: now[0])
+    applied: list[str] = []
+
+    def write(key: str):
+        async def commit():
+            applied.append(key)
+            return len(applied)
+        return recent.once("Update", key, commit)
+
+    async def scenario() -> None:
+        assert await write("a") == 1 and await write("a") == 1         # a retry: the first result
+        await write("b")
+        await write("c")                                                # over capacity: "a" is dropped
+        assert await write("a") == 4
+        now[0] += 11.0                                                  # every key expired
+        assert await write("c") == 5
+        first, second = await asyncio.gather(write("d"), write("d"))   # concurrent tries: one commit
+        assert first == second == 6
+
+    asyncio.run(scenario())
+    assert applied == ["a", "b", "c", "a", "c", "d"]

@@ -94,6 +94,9 @@ def test_point_in_time_cut_under_four_writers(store, busy_threads, round_):
     assert latest_start <= earliest_next_ack, "rows of the snapshot come from different instants"
 
 
+READERS = 4
+
+
 def test_restore_while_readers_run_no_errors_and_new_reads_see_snapshot(store):
     store.create_table(small_table(rows=128, ways=4))
     ids = np.arange(1000)
@@ -101,34 +104,41 @@ def test_restore_while_readers_run_no_errors_and_new_reads_see_snapshot(store):
     store.create_snapshot("before")
     store.update("t", ids, np.full((1000, 4), 2.0))
     errors: list[BaseException] = []
-    seen: list[tuple[float, set]] = []
-    stop = threading.Event()
+    seen: list[tuple[bool, set]] = []         # (read began after the restore returned, values read)
+    stop, restored = threading.Event(), threading.Event()
+    all_read_once = threading.Barrier(READERS + 1)
+    read_after = [threading.Event() for _ in range(READERS)]
 
-    def read() -> None:
-        rng = np.random.default_rng()
+    def read(k: int) -> None:
+        rng = np.random.default_rng(k)
+        first = True
         while not stop.is_set():
             try:
-                start = time.monotonic()
+                after = restored.is_set()
                 batch = rng.choice(ids, 64)
-                seen.append((start, set(np.unique(rows_of(store, "t", batch)).tolist())))
+                seen.append((after, set(np.unique(rows_of(store, "t", batch)).tolist())))
             except BaseException as exc:   # noqa: BLE001 - any error fails the test
                 errors.append(exc)
+            if after:
+                read_after[k].set()
+            if first:
+                first = False
+                all_read_once.wait(60)     # every reader has read the old database once
 
-    readers = [threading.Thread(target=read) for _ in range(4)]
+    readers = [threading.Thread(target=read, args=(k,)) for k in range(READERS)]
     for r in readers:
         r.start()
-    time.sleep(0.05)
+    all_read_once.wait(60)
     store.restore_snapshot("before")
-    restored_at = time.monotonic()
-    time.sleep(0.05)
+    restored.set()
+    assert all(event.wait(60) for event in read_after)      # every reader has read the new one too
     stop.set()
     for r in readers:
         r.join()
     assert not errors
     assert all(values in ({1.0}, {2.0}) for _, values in seen), "a read mixed two databases"
-    after = [values for start, values in seen if start > restored_at]
-    assert after and all(values == {1.0} for values in after)
-    assert any(values == {2.0} for start, values in seen if start < restored_at)
+    assert all(values == {1.0} for after, values in seen if after)
+    assert any(values == {2.0} for after, values in seen if not after)
 
 
 def test_snapshots_survive_a_restart_and_restore_survives_a_restart(tmp_path):
