@@ -8,6 +8,7 @@ written while the call runs, and each call ends with one access record
 """
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import logging
@@ -65,13 +66,15 @@ def configure(log_format: str = "text", level: str = "info") -> None:
     root.setLevel(level.upper())
 
 
-async def begin_call(context: grpc.aio.ServicerContext) -> str:
-    """Give the call its request id (the caller's `x-request-id` when valid) and send it back."""
+def begin_call(context: grpc.aio.ServicerContext) -> asyncio.Future:
+    """Give the call its request id (the caller's `x-request-id` when valid) and start sending it back
+    in the initial metadata; await the returned future before the first response goes out."""
     given = next((v for k, v in context.invocation_metadata() or () if k == REQUEST_ID_METADATA), "")
     request_id = given if isinstance(given, str) and _VALID_ID.fullmatch(given) else uuid.uuid4().hex
     _REQUEST_ID.set(request_id)     # each call runs in its own task: the variable is the call's
-    await context.send_initial_metadata(((REQUEST_ID_METADATA, request_id),))
-    return request_id
+    sending = asyncio.ensure_future(context.send_initial_metadata(((REQUEST_ID_METADATA, request_id),)))
+    sending.add_done_callback(lambda done: done.cancelled() or done.exception())   # a gone client: no warning
+    return sending
 
 
 def end_call(context: grpc.aio.ServicerContext, method: str, code: grpc.StatusCode, seconds: float) -> None:

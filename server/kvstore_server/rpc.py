@@ -105,7 +105,7 @@ class _Call:
 
     async def __aenter__(self) -> _Call:
         self.start = time.perf_counter()
-        await begin_call(self.context)
+        self._metadata = begin_call(self.context)     # sent while the call works: one round trip less
         refusal = self.gate.refusal()
         if refusal is not None:
             code, message, reason = refusal
@@ -119,7 +119,9 @@ class _Call:
 
     async def __aexit__(self, kind, exc, traceback) -> None:
         try:
-            if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+            if exc is None:
+                await self.ready()                   # an empty response stream: the status follows it
+            elif isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
                 self.code = grpc.StatusCode.CANCELLED
             elif isinstance(exc, Exception) and not isinstance(exc, grpc.aio.AbortError):
                 code, message, reason = status_of(exc)
@@ -131,7 +133,14 @@ class _Call:
                 self.metrics.rpc_in_flight.labels(self.name).dec()
                 self._record()
 
+    async def ready(self) -> None:
+        """The initial metadata went out: responses (and the status) may follow."""
+        if self._metadata is not None:
+            await self._metadata
+            self._metadata = None
+
     async def _abort(self, code: grpc.StatusCode, message: str, metadata: tuple) -> None:
+        await self.ready()
         self.code = code
         if not self.admitted:
             self._record()
@@ -199,14 +208,17 @@ def bind(method, handler: Callable, gate: CallGate, metrics: Metrics):
 
     if method.server_streaming:
         async def stream(request, context: grpc.aio.ServicerContext):
-            async with _Call(gate, metrics, method, context):
+            async with _Call(gate, metrics, method, context) as call:
                 async for response in handler(argument(request), context):
+                    await call.ready()
                     yield response
 
         return stream
 
     async def single(request, context: grpc.aio.ServicerContext):
-        async with _Call(gate, metrics, method, context):
-            return await handler(argument(request), context)
+        async with _Call(gate, metrics, method, context) as call:
+            response = await handler(argument(request), context)
+            await call.ready()
+            return response
 
     return single
