@@ -31,7 +31,6 @@ from .logs import begin_call, end_call
 from .metrics import Metrics
 
 RETRY_AFTER_KEY = "retry-after-ms"
-CANCEL_TURNS = 4
 T = TypeVar("T")
 
 
@@ -176,26 +175,19 @@ async def _parsed(requests: AsyncIterator[bytes], parse: Callable[[bytes, int], 
 
 async def whole_stream(requests: AsyncIterator, context: grpc.aio.ServicerContext) -> AsyncIterator:
     """The chunks of a streamed write; it ends normally only when the stream is complete. grpcio ends
-    a cancelled stream the way it ends a finished one, so a keyed stream (idempotency_key on its
-    first chunk: a client that marks its final chunk `last`) is complete only after that chunk."""
-    last, keyed, index = False, False, 0
+    a cancelled request stream the way it ends a finished one, so completeness is in the protocol:
+    the final chunk carries `last` (the client library marks it). A stream that ends without it
+    was cancelled or cut, and is refused with nothing applied."""
+    last, index = False, 0
     async for request in requests:
         if last:
             raise InvalidArgument(f"last: chunk {index} follows the chunk marked last")
-        keyed = keyed or (index == 0 and bool(request.idempotency_key))
         last = request.last
         yield request
         index += 1
-    if keyed and not last:
-        raise InvalidArgument("last: the stream ended before its chunk marked last (cancelled?); "
-                              "nothing was applied")
-    if not last and index:
-        # A client predating `last`: the cancellation, if any, reaches this task within a few turns
-        # of the event loop after the stream's end. Best effort; keyed streams are exact.
-        for _ in range(CANCEL_TURNS):
-            await asyncio.sleep(0)
-        if context.cancelled():
-            raise asyncio.CancelledError()
+    if index and not last:
+        raise InvalidArgument("last: the stream ended before a chunk marked last (cancelled, or a client that "
+                              "does not mark its final chunk); nothing was applied")
 
 
 def bind(method, handler: Callable, gate: CallGate, metrics: Metrics):

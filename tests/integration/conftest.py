@@ -123,3 +123,12 @@ def wait_until(predicate, timeout: float = 10.0) -> bool:
         time.sleep(0.05)
     return False
 
+
+
+def completed(requests) -> list:
+    """The chunks of a streamed write with the final one marked `last`, as the client library sends
+    them: the server applies a streamed write only after its chunk marked last."""
+    chunks = list(requests)
+    if chunks and "last" in type(chunks[-1]).DESCRIPTOR.fields_by_name:
+        chunks[-1].last = True
+    return chunks

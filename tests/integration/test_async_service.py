@@ -150,7 +150,7 @@ def _hammer(stub, kind: str, start: threading.Barrier, seen: set) -> None:
                 stub.CreateSnapshot(pb.CreateSnapshotRequest(name=f"race-{uuid.uuid4().hex}"), timeout=60)
                 continue                                # a snapshot does not stop at the drop
             else:
-                stub.Delete(iter([pb.DeleteRequest(table="dropped", ids=ids)]), timeout=30)
+                stub.Delete(iter([pb.DeleteRequest(table="dropped", ids=ids, last=True)]), timeout=30)
             seen.add(grpc.StatusCode.OK)
         except grpc.RpcError as error:
             seen.add(error.code())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
+from google.protobuf.message import Message
 from kvstore_client import (
     AlreadyExistsError,
     InvalidArgumentError,
@@ -16,7 +17,7 @@ from kvstore_proto.tensors import encode_ids, encode_tensor
 from kvstore_proto.v1 import kvstore_pb2 as pb
 from kvstore_proto.v1 import kvstore_pb2_grpc as pb_grpc
 
-from .conftest import random_rows, small_table
+from .conftest import completed, random_rows, small_table
 
 REF_IDS = np.array([1, 2, 3, -7], dtype=np.int64)
 REF_ROWS = random_rows(len(REF_IDS), 8, seed=42)
@@ -44,6 +45,8 @@ def unchanged(server, client, reference):
 
 
 def rpc_error(call, *args, **kwargs) -> grpc.RpcError:
+    if args and not isinstance(args[0], Message):               # a client stream: its final chunk marked last
+        args = (iter(completed(args[0])), *args[1:])
     with pytest.raises(grpc.RpcError) as caught:
         result = call(*args, timeout=10, **kwargs)
         if not isinstance(result, pb.UpdateResponse | pb.DeleteResponse) and hasattr(result, "__iter__"):

@@ -17,7 +17,7 @@ from kvstore_proto.v1 import kvstore_pb2 as pb
 from kvstore_server.errors import MAX_MESSAGE_CHARS
 
 from .badinput_cases import CANARY, CANARY_IDS, CANARY_ROWS, CASES, DIM, SECOND, STEEP, Case
-from .conftest import small_table
+from .conftest import completed, small_table
 from .fuzz_strategies import SERVICE, raw_method
 from .soak_workload import held_open
 
@@ -30,7 +30,7 @@ def invoke(channel: grpc.Channel, method_name: str, request) -> grpc.RpcError | 
     method = SERVICE.methods_by_name[method_name]
     call = raw_method(channel, method_name, serializer=lambda message: message.SerializeToString())
     try:
-        result = call(iter(request) if method.client_streaming else request, timeout=CALL_TIMEOUT)
+        result = call(iter(completed(request)) if method.client_streaming else request, timeout=CALL_TIMEOUT)
         if method.server_streaming:
             list(result)
     except grpc.RpcError as error:
@@ -106,8 +106,7 @@ def test_lookup_refused_for_a_missing_id_initializes_nothing(channel, client):
     assert client.stats(CANARY)["rows_initialized"] == before
 
 
-CANCEL_TRIALS = 300      # today 3-12% of cancelled Update/ApplyGradients streams are applied, ~1% of Imports
-CANCEL_FIX = "fixed by the asyncio service (all-or-nothing streams)"
+CANCEL_TRIALS = 300      # before streams needed their `last` chunk, 3-12% of cancelled writes were applied
 
 
 def cancelled_chunks(method: str, table: str, first_id: int):
@@ -123,13 +122,7 @@ def cancelled_chunks(method: str, table: str, first_id: int):
             yield pb.ImportRequest(table=table, ids=chunk_ids, weights=encode_tensor(weights))
 
 
-@pytest.mark.parametrize("method", [
-    pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=f"issue 12 item 2: {CANCEL_FIX}"))
-    for name in ("Update", "ApplyGradients")] + [
-    pytest.param("Import", marks=pytest.mark.xfail(strict=False, reason=f"issue 12 item 2: {CANCEL_FIX}; not strict: "
-                                                   "today ~1% of cancelled imports are applied, and some runs "
-                                                   "stall: after 40-150 cancelled imports the next import stream "
-                                                   "is never consumed"))])
+@pytest.mark.parametrize("method", ["Update", "ApplyGradients", "Import"])
 def test_write_stream_cancelled_before_its_half_close_applies_nothing(channel, client, method):
     table = f"cancel_{method.lower()}"
     small_table(client, table, dim=DIM, initializer={"kind": "zeros"})

@@ -56,7 +56,7 @@ def test_wrong_gradient_width_is_invalid_argument_and_changes_nothing(client):
     stub = pb_grpc.EmbeddingStoreStub(client._channel)
     from kvstore_proto.tensors import encode_tensor
     bad = pb.ApplyGradientsRequest(table="bad_grads", ids=encode_ids(np.array([1])),
-                                   grads=encode_tensor(np.full((1, DIM), np.inf, np.float32)))
+                                   grads=encode_tensor(np.full((1, DIM), np.inf, np.float32)), last=True)
     with pytest.raises(grpc.RpcError) as raised:
         stub.ApplyGradients(iter([bad]), timeout=10)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "grads" in raised.value.details()
