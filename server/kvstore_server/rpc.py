@@ -124,13 +124,18 @@ class _Call:
                 self.code = grpc.StatusCode.CANCELLED
             elif isinstance(exc, Exception) and not isinstance(exc, grpc.aio.AbortError):
                 code, message, reason = status_of(exc)
+                self.code = code
+                self._leave()                        # counted before the client can see the status
                 await self._abort(code, message, ((REASON_KEY, reason),))
         finally:
-            if self.admitted:
-                self.admitted = False
-                self.gate.leave()
-                self.metrics.rpc_in_flight.labels(self.name).dec()
-                self._record()
+            self._leave()
+
+    def _leave(self) -> None:
+        if self.admitted:
+            self.admitted = False
+            self.gate.leave()
+            self.metrics.rpc_in_flight.labels(self.name).dec()
+            self._record()
 
     async def ready(self) -> None:
         """The initial metadata went out: responses (and the status) may follow."""
@@ -140,8 +145,8 @@ class _Call:
 
     async def _abort(self, code: grpc.StatusCode, message: str, metadata: tuple) -> None:
         await self.ready()
-        self.code = code
-        if not self.admitted:
+        if self.code != code:                        # refused at admission: never admitted, record it here
+            self.code = code
             self._record()
         self.context.set_trailing_metadata(metadata)
         await self.context.abort(code, message)
