@@ -22,7 +22,7 @@ from .errors import FailedPrecondition, InvalidArgument, RowNotFound
 from .eviction.archive import archive_family
 from .eviction.tracker import EvictionTracker, check_scores
 from .initializer import initial_weights
-from .optimizers import make_optimizer, sum_duplicates
+from .optimizers import make_optimizer, step_rows, sum_duplicates
 from .rocks_tier import RocksTier
 from .rows import RowLayout, encode_keys, encode_scores
 
@@ -203,7 +203,11 @@ class Table:
         slots, and which ids have no row yet."""
         slots = self.cache.probe(ids)
         hit = slots >= 0
-        self.cache.touch(slots[hit])
+        all_hit = bool(hit.all())
+        self.cache.touch(slots if all_hit else slots[hit])
+        if all_hit:                # whole records in one `take`: a third of masked indexing's cost
+            rows = self._slab_records().take(slots).view(np.uint8).reshape(len(ids), self.layout.row_bytes)
+            return rows, slots, np.zeros(len(ids), dtype=bool)
         rows = np.empty((len(ids), self.layout.row_bytes), dtype=np.uint8)
         rows[hit] = self.cache.slab[slots[hit]]
         new = np.zeros(len(ids), dtype=bool)
@@ -211,6 +215,10 @@ class Table:
             rows[~hit], present = self._fetch(ids[~hit], initialize)
             new[~hit] = ~present
         return rows, slots, new
+
+    def _slab_records(self) -> np.ndarray:
+        """The cache slab as [slots] records of row_bytes (a view)."""
+        return self.cache.slab.view(f"V{self.layout.row_bytes}").reshape(-1)
 
     def _store_rows(self, ids: np.ndarray, rows: np.ndarray, slots: np.ndarray) -> None:
         """Make `rows` the value of unique `ids` in every tier, as the write policy says."""
@@ -220,7 +228,10 @@ class Table:
         hit = slots >= 0
         if self.write_through:
             self._write_back(ids, rows)        # in RocksDB (and its WAL) before the cache changes
-        self.cache.slab[slots[hit]] = rows[hit]
+        if hit.all():
+            self._slab_records().put(slots, rows.view(f"V{self.layout.row_bytes}").reshape(-1))
+        else:
+            self.cache.slab[slots[hit]] = rows[hit]
         self.cache.dirty[slots[hit]] |= not self.write_through
         if self.write_through:
             self.eviction.synced(self.cache.slab, slots[hit])
@@ -278,12 +289,7 @@ class Table:
                 scores = scores[keep] if scores is not None else None
             if scores is not None:
                 self.layout.header(rows)["score"] = encode_scores(scores)
-            weights = self.layout.weights(rows).astype(np.float32)
-            state = self.layout.state(rows)
-            header = self.layout.header(rows)
-            header["step"] += 1
-            self.optimizer.step(weights, state, grads, header["step"])
-            self.layout.weights(rows)[:] = weights.astype(self.layout.dtype)
+            step_rows(self.optimizer, self.layout, rows, grads)
             self._store_rows(ids, rows, slots)
             self.eviction.created(int(new.sum()))
             if owner is not None:
