@@ -19,12 +19,13 @@ from .messages import concat, on_miss_name, table_config_from_proto, table_confi
 from .metrics import Metrics
 from .rpc import check_active, streaming, unary
 from .sessions import Sessions
+from .training_service import TrainingRPCs
 from .transfer_service import SnapshotRPCs
 
 MESSAGE_OVERHEAD = 4096   # room for framing and the non-tensor fields of a response
 
 
-class EmbeddingStoreService(SnapshotRPCs, pb_grpc.EmbeddingStoreServicer):
+class EmbeddingStoreService(SnapshotRPCs, TrainingRPCs, pb_grpc.EmbeddingStoreServicer):
     def __init__(self, store: Store, config: ServerConfig, metrics: Metrics):
         self.store = store
         self.config = config
