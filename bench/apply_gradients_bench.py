@@ -24,6 +24,7 @@ import tempfile
 import time
 
 import numpy as np
+from kvstore_server.allocator import keep_freed_memory
 from store_bench import IdSampler
 
 from kvstore import CacheConfig, OptimizerConfig, Store, TableConfig
@@ -76,11 +77,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--zipf", type=float, default=1.05)
     args = parser.parse_args()
-    try:     # as kvstore-server does at start: large buffers reused, not page-faulted in each call
-        from kvstore_server.allocator import keep_freed_memory
-        keep_freed_memory()
-    except ImportError:
-        pass
+    keep_freed_memory()     # as kvstore-server does at start: large buffers reused, not page-faulted in each call
     cache_rows = 32 * int(2 ** np.ceil(np.log2(max(1, 2 * args.rows // 32))))
     print(f"apply_gradients bench: rows={args.rows:,} dim={args.dim} rowwise_adagrad zipf s={args.zipf} "
           f"cache rows={cache_rows:,}; {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M')}")

@@ -32,6 +32,7 @@ import numpy as np
 import redis
 from kvstore_client import KVStoreClient
 from kvstore_client.training_stream import TrainingStream
+from kvstore_server.allocator import keep_freed_memory
 from store_bench import IdSampler
 
 from kvstore.optimizers import sum_duplicates
@@ -118,6 +119,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=8, help="distinct batches per size")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    keep_freed_memory()     # in this (client) process too, as kvstore-server does in its own
     print(f"redis ps bench: rows={args.rows:,} dim={args.dim} rowwise_adagrad zipf 1.05; {os.cpu_count()} CPUs, "
           f"{time.strftime('%Y-%m-%d %H:%M')}")
     work = tempfile.mkdtemp(prefix="ps-bench-")

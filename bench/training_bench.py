@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from kvstore_server.allocator import keep_freed_memory
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
@@ -112,6 +113,7 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=100_000)
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    keep_freed_memory()     # in this (client) process too, as kvstore-server does in its own
     print(f"training bench: dim {args.dim}, {args.steps} steps, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} torch threads, {time.strftime('%Y-%m-%d %H:%M')}")
     data_dir = tempfile.mkdtemp(prefix="kvtrain-")
