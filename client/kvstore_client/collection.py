@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .client import KVStoreClient
+from .torch_modules import load_table, save_table
 from .training_stream import TrainingStream, TrainStep
 
 MODES = ("sum", "mean")
@@ -84,6 +85,20 @@ class RemoteEmbeddingBagCollection(nn.Module):
     def close(self) -> None:
         self.flush()
         self.stream.close()
+
+    # --- checkpoints: each table's rows under `<prefix><table>.`, as RemoteEmbeddingBag keeps them ---
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        self.flush()                                   # every step applied before the export
+        for table in self.tables:
+            save_table(self.stream.client, table, destination, f"{prefix}{table}.")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        self.flush()
+        for table in self.tables:
+            load_table(self.stream.client, table, state_dict, f"{prefix}{table}.", missing_keys)
 
     def _dedupe(self, flat: dict) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Unique ids per table, and each feature's index into its table's unique rows."""

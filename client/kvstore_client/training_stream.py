@@ -51,7 +51,7 @@ class TrainStep:
 
 class TrainingStream:
     def __init__(self, client: KVStoreClient):
-        self._client = client
+        self.client = client
         self._lock = threading.Lock()            # sending, and reading answers
         self._pending: deque[TrainStep] = deque()
         self._requests: queue.SimpleQueue | None = None
@@ -63,7 +63,7 @@ class TrainingStream:
         summed), then `lookups` {table: ids}. Returns at once; `.result()` waits for the answer."""
         if on_miss not in ON_MISS or on_miss == "error":
             raise InvalidArgumentError(message=f"on_miss: expected init_insert, init or zeros, got {on_miss!r}")
-        messages = _step_messages(gradients or {}, lookups or {}, ON_MISS[on_miss], self._client.chunk_bytes)
+        messages = _step_messages(gradients or {}, lookups or {}, ON_MISS[on_miss], self.client.chunk_bytes)
         step = TrainStep(self, {table: len(as_ids(ids)) for table, ids in (lookups or {}).items()})
         with self._lock:
             if self._call is None:
@@ -91,7 +91,7 @@ class TrainingStream:
             while (message := requests.get()) is not None:
                 yield message
 
-        method = self._client._channel.stream_stream(
+        method = self.client._channel.stream_stream(
             TRAIN_METHOD, request_serializer=pb.TrainRequest.SerializeToString,
             response_deserializer=pb.TrainResponse.FromString)
         self._requests, self._call = requests, method(iterate())

@@ -214,3 +214,24 @@ def test_collection_features_sharing_a_table_look_it_up_once(client):
     collection.flush()
     np.testing.assert_array_equal(client.lookup("coll_shared", [1, 2]), [[-1.0] * DIM, [-3.0] * DIM])
     collection.close()
+
+
+def test_collection_state_dict_round_trips_every_table(client):
+    from kvstore_client.collection import Feature, RemoteEmbeddingBagCollection
+
+    tables = _tables(client, "coll_ckpt")
+    collection = RemoteEmbeddingBagCollection(client, [Feature("user", tables[0][0], "sum"),
+                                                       Feature("item", tables[1][0], "mean")])
+    model = TwoFeatures(collection)
+    _train_two(model)
+    saved = model.state_dict()
+    ids = {tables[0][0]: np.arange(10), tables[1][0]: np.arange(30)}      # every user and item id
+    kept = {table: client.lookup(table, ids[table], on_miss="error", with_state=True) for table in ids}
+    assert "head.weight" in saved and [len(saved[f"embed.{table}.ids"]) for table in ids] == [10, 30]
+    _train_two(model)                                              # move on
+    model.load_state_dict(saved)
+    for table, (weights, state) in kept.items():
+        back, back_state = client.lookup(table, ids[table], on_miss="error", with_state=True)
+        np.testing.assert_array_equal(back, weights)
+        np.testing.assert_array_equal(back_state, state)
+    collection.close()
