@@ -77,6 +77,12 @@ class RemoteEmbeddingBagCollection(nn.Module):
             out[feature.name] = F.embedding_bag(index, weights[feature.table], offsets, mode=feature.mode).to(device)
         return out
 
+    def prefetch(self, batch: dict[str, FeatureIds]) -> None:
+        """Warm the server's cache with the rows of a later batch (say step i+2's), behind the
+        steps already sent; nothing waits and no result changes (rows are read when used)."""
+        uniq, _ = self._dedupe({f.name: _flat_ids(batch[f.name]) for f in self.features})
+        self.stream.send(prefetches=uniq)
+
     def flush(self) -> None:
         """Send gradients still held and wait until the server has applied every step."""
         self._push()

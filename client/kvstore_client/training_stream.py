@@ -58,12 +58,14 @@ class TrainingStream:
         self._call = None
 
     def send(self, gradients: dict[str, tuple[Any, Any]] | None = None, lookups: dict[str, Any] | None = None,
-             on_miss: str = "init_insert") -> TrainStep:
+             on_miss: str = "init_insert", prefetches: dict[str, Any] | None = None) -> TrainStep:
         """Queue one step: `gradients` {table: (ids, grads [n, dim])}, applied first (duplicates
-        summed), then `lookups` {table: ids}. Returns at once; `.result()` waits for the answer."""
+        summed), then `lookups` {table: ids}; `prefetches` {table: ids} are warmed into the
+        server's cache after the answer. Returns at once; `.result()` waits for the answer."""
         if on_miss not in ON_MISS or on_miss == "error":
             raise InvalidArgumentError(message=f"on_miss: expected init_insert, init or zeros, got {on_miss!r}")
-        messages = _step_messages(gradients or {}, lookups or {}, ON_MISS[on_miss], self.client.chunk_bytes)
+        messages = _step_messages(gradients or {}, {"lookups": lookups or {}, "prefetches": prefetches or {}},
+                                  ON_MISS[on_miss], self.client.chunk_bytes)
         step = TrainStep(self, {table: len(as_ids(ids)) for table, ids in (lookups or {}).items()})
         with self._lock:
             if self._call is None:
@@ -150,18 +152,21 @@ def _joined(parts: list[np.ndarray], n: int, table: str) -> np.ndarray:
     return rows
 
 
-def _step_messages(gradients: dict, lookups: dict, on_miss: int, chunk_bytes: int) -> list[pb.TrainRequest]:
-    """The messages of one step, each about `chunk_bytes`; all but the last have `more` set."""
-    pieces = []                  # (field, table, ids, grads or None, bytes)
+def _step_messages(gradients: dict, id_fields: dict[str, dict], on_miss: int,
+                   chunk_bytes: int) -> list[pb.TrainRequest]:
+    """The messages of one step, each about `chunk_bytes`; all but the last have `more` set.
+    `id_fields`: {"lookups": {table: ids}, "prefetches": {table: ids}}."""
+    pieces = []                  # (field, table, ids, grads or None)
     for table, (ids, grads) in gradients.items():
         id_array = as_ids(ids)
         grad_array = as_rows(grads, len(id_array), f"gradients[{table!r}]")
         for start, stop in chunks(len(id_array), 8 + grad_array[:1].nbytes, chunk_bytes):
             pieces.append(("gradients", table, id_array[start:stop], grad_array[start:stop]))
-    for table, ids in lookups.items():
-        id_array = as_ids(ids)
-        for start, stop in chunks(len(id_array), 8, chunk_bytes):
-            pieces.append(("lookups", table, id_array[start:stop], None))
+    for kind, tables in id_fields.items():
+        for table, ids in tables.items():
+            id_array = as_ids(ids)
+            for start, stop in chunks(len(id_array), 8, chunk_bytes):
+                pieces.append((kind, table, id_array[start:stop], None))
     messages, size = [pb.TrainRequest(on_miss=on_miss)], 0
     for kind, table, ids, grads in pieces:
         nbytes = ids.nbytes + (0 if grads is None else grads.nbytes)

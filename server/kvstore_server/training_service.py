@@ -31,6 +31,7 @@ class _Step:
 
     gradients: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = field(default_factory=dict)
     lookups: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    prefetches: dict[str, list[np.ndarray]] = field(default_factory=dict)
     on_miss: str = "init_insert"
     rows: int = 0
 
@@ -70,11 +71,13 @@ class TrainingRPCs:
             id_parts, grad_parts = step.gradients.setdefault(piece.table, ([], []))
             id_parts.append(ids)
             grad_parts.append(grads)
-        for index, piece in enumerate(request.lookups):
-            ids = decode_ids(piece.ids, f"lookups[{index}].ids")
-            step.rows = self._count_rows(step.rows, len(ids))
-            self.store.describe_table(piece.table)
-            step.lookups.setdefault(piece.table, []).append(ids)
+        for kind, pieces, into in (("lookups", request.lookups, step.lookups),
+                                   ("prefetches", request.prefetches, step.prefetches)):
+            for index, piece in enumerate(pieces):
+                ids = decode_ids(piece.ids, f"{kind}[{index}].ids")
+                step.rows = self._count_rows(step.rows, len(ids))
+                self.store.describe_table(piece.table)
+                into.setdefault(piece.table, []).append(ids)
 
     def _run_step(self, step: _Step):
         gradients = {table: (concat(ids), concat(grads)) for table, (ids, grads) in step.gradients.items()}
@@ -87,6 +90,8 @@ class TrainingRPCs:
         rows = [(table, self.store.lookup(table, concat(parts), step.on_miss).weights)
                 for table, parts in step.lookups.items()]
         yield from _responses(rows, stepped)
+        for table, parts in step.prefetches.items():     # while the answer travels; the next step waits
+            self.store.prefetch(table, concat(parts))
 
 
 def _responses(rows: list[tuple[str, np.ndarray]], stepped: dict[str, int]):

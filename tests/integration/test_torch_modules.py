@@ -158,10 +158,14 @@ class TwoFeatures(nn.Module):
         return self.head(torch.cat(pooled, 1))
 
 
-def _train_two(model: TwoFeatures) -> list[float]:
+def _train_two(model: TwoFeatures, prefetch: bool = False) -> list[float]:
     dense = torch.optim.Adam(model.head.parameters(), lr=LR)
     losses = []
-    for users, items, offsets, target in _two_feature_batches(4):
+    batches = list(_two_feature_batches(4))
+    for step, (users, items, offsets, target) in enumerate(batches):
+        if prefetch and step + 2 < len(batches):         # rows of step i+2, warmed on the server
+            later = batches[step + 2]
+            model.embed.prefetch({"user": later[0], "item": (later[1], later[2])})
         loss = ((model(users, items, offsets) - target) ** 2).mean()
         dense.zero_grad()
         loss.backward()
@@ -179,7 +183,7 @@ def _tables(client, run: str) -> list[tuple[str, str]]:
     return names
 
 
-@pytest.mark.parametrize("pipeline", [False, True])
+@pytest.mark.parametrize("pipeline", [False, True, "prefetch"])
 def test_collection_gives_exactly_the_per_table_loop_result(client, pipeline):
     """Losses and final rows equal the loop of one RemoteEmbeddingBag per table, bit for bit."""
     from kvstore_client.collection import Feature, RemoteEmbeddingBagCollection
@@ -189,9 +193,10 @@ def test_collection_gives_exactly_the_per_table_loop_result(client, pipeline):
     loop = TwoFeatures(nn.ModuleDict({"user": RemoteEmbeddingBag(client, plain[0][0], mode="sum"),
                                       "item": RemoteEmbeddingBag(client, plain[1][0], mode="mean")}))
     collection = RemoteEmbeddingBagCollection(
-        client, [Feature("user", together[0][0], "sum"), Feature("item", together[1][0], "mean")], pipeline=pipeline)
+        client, [Feature("user", together[0][0], "sum"), Feature("item", together[1][0], "mean")],
+        pipeline=bool(pipeline))
     expected = _train_two(loop)
-    got = _train_two(TwoFeatures(collection))
+    got = _train_two(TwoFeatures(collection), prefetch=pipeline == "prefetch")
     assert got == expected and expected[-1] != expected[0]
     for (mine, _), (theirs, _) in zip(together, plain, strict=True):
         np.testing.assert_array_equal(client.lookup(mine, np.arange(30), with_state=True)[1],

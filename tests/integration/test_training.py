@@ -255,3 +255,14 @@ def test_train_refuses_on_miss_error(client):
     with pytest.raises(grpc.RpcError) as raised:
         list(stub.Train(iter([request]), timeout=10))
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "on_miss" in raised.value.details()
+
+
+def test_prefetched_rows_are_cached_when_a_later_step_reads_them(client):
+    small_table(client, "stream_warm", DIM, cache={"rows": 1024, "ways": 8})
+    stream = _stream(client)
+    stream.send(prefetches={"stream_warm": np.arange(100, 150)})
+    misses = client.stats("stream_warm").get("cache_misses", 0)
+    _, rows = stream.send(lookups={"stream_warm": np.arange(100, 150)}).result()
+    assert client.stats("stream_warm").get("cache_misses", 0) == misses
+    np.testing.assert_array_equal(rows["stream_warm"], client.lookup("stream_warm", np.arange(100, 150)))
+    stream.close()

@@ -479,16 +479,18 @@ class TableRows(_message.Message):
     def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
-    __slots__ = ("gradients", "lookups", "on_miss", "more")
+    __slots__ = ("gradients", "lookups", "on_miss", "more", "prefetches")
     GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     LOOKUPS_FIELD_NUMBER: _ClassVar[int]
     ON_MISS_FIELD_NUMBER: _ClassVar[int]
     MORE_FIELD_NUMBER: _ClassVar[int]
+    PREFETCHES_FIELD_NUMBER: _ClassVar[int]
     gradients: _containers.RepeatedCompositeFieldContainer[TableRows]
     lookups: _containers.RepeatedCompositeFieldContainer[TableRows]
     on_miss: OnMiss
     more: bool
-    def __init__(self, gradients: _Optional[_Iterable[_Union[TableRows, _Mapping]]] = ..., lookups: _Optional[_Iterable[_Union[TableRows, _Mapping]]] = ..., on_miss: _Optional[_Union[OnMiss, str]] = ..., more: _Optional[bool] = ...) -> None: ...
+    prefetches: _containers.RepeatedCompositeFieldContainer[TableRows]
+    def __init__(self, gradients: _Optional[_Iterable[_Union[TableRows, _Mapping]]] = ..., lookups: _Optional[_Iterable[_Union[TableRows, _Mapping]]] = ..., on_miss: _Optional[_Union[OnMiss, str]] = ..., more: _Optional[bool] = ..., prefetches: _Optional[_Iterable[_Union[TableRows, _Mapping]]] = ...) -> None: ...
 
 class TrainResponse(_message.Message):
     __slots__ = ("rows", "stepped", "more")
