@@ -6,7 +6,8 @@ So a lookup always sees every earlier step's gradients (the results are those of
 loop that waits for each call), while the client overlaps its own work with the
 round trip. One step is one message (or several, for large batches); it is
 validated whole before anything changes, its gradients are applied, then its
-lookups are read.
+lookups are read. While the server runs one thread per call, each open training
+stream occupies one worker thread: `max_workers` must exceed the number of trainers.
 """
 from __future__ import annotations
 
