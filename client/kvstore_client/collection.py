@@ -57,15 +57,16 @@ class RemoteEmbeddingBagCollection(nn.Module):
         self.on_miss = on_miss
         self.pipeline = pipeline
         self.stream = TrainingStream(client)
-        self._grads: dict[str, tuple[np.ndarray, np.ndarray]] = {}   # this step's gradients so far
-        self._expected: set[str] = set()                              # tables whose gradients are due
+        self._grads: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}   # gradients not sent yet
+        self._waiting = 0                     # leaves of the last forward whose gradients are due
 
     def forward(self, batch: dict[str, FeatureIds]) -> dict[str, torch.Tensor]:
         """Pooled embeddings [B, dim] per feature, on the device of the feature's ids."""
         missing = [f.name for f in self.features if f.name not in batch]
         if missing:
             raise KeyError(f"batch: missing features {missing}")
-        self._push()                                  # gradients of a step whose backward left some out
+        self._push()                          # gradients held back (a backward that left some leaf out)
+        self._waiting = 0
         flat = {f.name: _flat_ids(batch[f.name]) for f in self.features}
         uniq, inverse = self._dedupe(flat)
         _, rows = self.stream.send(lookups=uniq, on_miss=self.on_miss).result()
@@ -125,23 +126,33 @@ class RemoteEmbeddingBagCollection(nn.Module):
         if torch.is_grad_enabled():
             weight.requires_grad_(True)
             weight.register_hook(lambda grad: self._collect(table, ids, grad))
-            self._expected.add(table)
+            self._waiting += 1
         return weight
 
     def _collect(self, table: str, ids: np.ndarray, grad: torch.Tensor) -> None:
-        self._grads[table] = (ids, grad.detach().cpu().numpy())
-        if set(self._grads) >= self._expected:
+        """A leaf's gradient; the step's request goes once every leaf of the forward has one
+        (several forwards before one backward: every gradient is kept and sent)."""
+        self._grads.setdefault(table, []).append((ids, grad.detach().cpu().numpy()))
+        self._waiting -= 1
+        if self._waiting <= 0:
             self._push()
 
     def _push(self) -> TrainStep | None:
         """One request with every table's gradients of the step; waits for it unless pipelining."""
-        grads, self._grads, self._expected = self._grads, {}, set()
-        if not grads:
+        held, self._grads = self._grads, {}
+        if not held:
             return None
+        grads = {table: _joined(parts) for table, parts in held.items()}     # the server sums duplicates
         step = self.stream.send(gradients=grads)
         if not self.pipeline:
             step.result()
         return step
+
+
+def _joined(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate([ids for ids, _ in parts]), np.concatenate([grads for _, grads in parts])
 
 
 def _flat_ids(ids: FeatureIds) -> tuple[np.ndarray, torch.Tensor | None, tuple, torch.device]:

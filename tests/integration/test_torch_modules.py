@@ -240,3 +240,17 @@ def test_collection_state_dict_round_trips_every_table(client):
         np.testing.assert_array_equal(back, weights)
         np.testing.assert_array_equal(back_state, state)
     collection.close()
+
+
+def test_collection_keeps_every_gradient_of_two_forwards_before_one_backward(client):
+    from kvstore_client.collection import Feature, RemoteEmbeddingBagCollection
+
+    small_table(client, "coll_accumulate", DIM, optimizer={"name": "sgd", "lr": 1.0}, initializer={"kind": "zeros"})
+    collection = RemoteEmbeddingBagCollection(client, [Feature("a", "coll_accumulate", "sum")])
+    first = collection({"a": torch.tensor([[1, 2]])})["a"].sum()
+    second = collection({"a": torch.tensor([[2, 3]])})["a"].sum()       # micro-batches, one backward
+    (first + second).backward()
+    collection.flush()
+    np.testing.assert_array_equal(client.lookup("coll_accumulate", [1, 2, 3]),
+                                  [[-1.0] * DIM, [-2.0] * DIM, [-1.0] * DIM])
+    collection.close()
