@@ -11,8 +11,9 @@ With `pipeline=True` (the default) backward does not wait for the server: the
 gradients travel while the caller runs its dense optimizer step and loads the next
 batch, and the next forward's lookup, sent behind them on the same stream, still
 sees them applied. Results are exactly those of a loop that waits (`pipeline=False`).
-Call `flush()` before reading the tables another way (checkpoints, evaluation from
-another client).
+Call `flush()` before reading the tables another way (evaluation from another
+client; `state_dict` flushes itself). A failed gradient push is raised by the next
+forward or `flush()`.
 """
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ FeatureIds = torch.Tensor | tuple[torch.Tensor, torch.Tensor]   # [B, L] ids, or
 
 
 class RemoteEmbeddingBagCollection(nn.Module):
+    """Pooled embeddings of several features over kvstore tables; one request per step each way."""
+
     def __init__(self, client: KVStoreClient, features: list[Feature], on_miss: str = "init_insert",
                  pipeline: bool = True):
         super().__init__()
@@ -73,7 +76,7 @@ class RemoteEmbeddingBagCollection(nn.Module):
         weights = {table: self._leaf(table, uniq[table], rows[table]) for table in self.tables}
         out = {}
         for feature in self.features:
-            ids, offsets, shape, device = flat[feature.name]
+            _, offsets, shape, device = flat[feature.name]
             index = torch.from_numpy(inverse[feature.name]).reshape(shape)
             out[feature.name] = F.embedding_bag(index, weights[feature.table], offsets, mode=feature.mode).to(device)
         return out
