@@ -79,7 +79,7 @@ def run(model: Model, data, steps: int, batch: int, prefetch: bool, sparse_opt=N
         if sparse_opt:
             sparse_opt.step()
     if isinstance(model, CollectionModel):
-        model.collection.flush()                 # every step applied before the clock stops
+        model.collection.close()                 # flushes: every step applied before the clock stops
     return steps / (time.perf_counter() - start)
 
 
@@ -137,7 +137,7 @@ def main() -> None:
                     print(f"{name:34} {rate:>8.1f} {rate * batch * 3:>10,.0f} {rate / local:>8.2f}")
     finally:
         server.terminate()
-        server.wait(60)
+        server.wait(300)                         # a loaded machine drains and flushes slowly
 
 
 if __name__ == "__main__":
