@@ -1,15 +1,18 @@
 """Training steps/s of the example recommender: kvstore-backed bags vs local nn.EmbeddingBag.
 
-One run, same model, data and batch size: (1) local nn.EmbeddingBag (sparse
-gradients, torch.optim.Adagrad), (2) RemoteEmbeddingBag against a server on
-loopback, (3) the same with the prefetch pipeline. Prints steps/s, ids/s and
-the ratio to local.
+One run, same model, data and batch size, for each batch size: (1) local
+nn.EmbeddingBag (sparse gradients, torch.optim.Adagrad), (2) one RemoteEmbeddingBag
+per table against a server on loopback, (3) the same with its prefetch pipeline,
+(4) RemoteEmbeddingBagCollection waiting for each step's gradients, (5) the
+collection pipelined (gradients of step i travel while the dense step runs and
+batch i+1 is prepared). Prints steps/s, ids/s and the ratio to local.
 
-    python bench/training_bench.py [--steps 200] [--batch 1024]
+    python bench/training_bench.py [--steps 200] [--batches 1024,8192]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -17,10 +20,12 @@ import time
 from pathlib import Path
 
 import torch
+from kvstore_server.allocator import keep_freed_memory
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from kvstore_client import KVStoreClient  # noqa: E402
+from kvstore_client.collection import Feature, RemoteEmbeddingBagCollection  # noqa: E402
 from kvstore_client.torch_modules import RemoteEmbeddingBag  # noqa: E402
 from train_recsys import synthetic_clicks  # noqa: E402
 
@@ -31,9 +36,24 @@ class Model(nn.Module):
         self.users, self.items = users, items
         self.mlp = nn.Sequential(nn.Linear(2 * dim, 64), nn.ReLU(), nn.Linear(64, 1))
 
+    def embed(self, u, i):
+        return self.users(u[:, None]), self.items(i)
+
     def forward(self, u, i):
-        a, b = self.users(u[:, None]), self.items(i)
+        a, b = self.embed(u, i)
         return self.mlp(torch.cat([a, b], 1)).squeeze(1) + (a * b).sum(1)
+
+
+class CollectionModel(Model):
+    """The same model with both features in one RemoteEmbeddingBagCollection."""
+
+    def __init__(self, collection: RemoteEmbeddingBagCollection, dim: int):
+        super().__init__(nn.Identity(), nn.Identity(), dim)
+        self.collection = collection
+
+    def embed(self, u, i):
+        out = self.collection({"user": u[:, None], "item": i})
+        return out["user"], out["item"]
 
 
 def run(model: Model, data, steps: int, batch: int, prefetch: bool, sparse_opt=None) -> float:
@@ -58,47 +78,66 @@ def run(model: Model, data, steps: int, batch: int, prefetch: bool, sparse_opt=N
         dense.step()
         if sparse_opt:
             sparse_opt.step()
+    if isinstance(model, CollectionModel):
+        model.collection.close()                 # flushes: every step applied before the clock stops
     return steps / (time.perf_counter() - start)
+
+
+def remote_runs(client: KVStoreClient, args, data, batch: int) -> dict[str, float]:
+    results = {}
+    for kind in ("plain", "prefetch", "collection", "pipelined"):
+        tables = {name: f"{kind}_{batch}_{name}" for name in ("users", "items")}
+        for table in tables.values():
+            client.create_table(table, dim=args.dim, cache={"rows": 1 << 18},
+                                optimizer={"name": "adagrad", "lr": 0.1})
+        if kind in ("plain", "prefetch"):
+            model = Model(RemoteEmbeddingBag(client, tables["users"], mode="sum"),
+                          RemoteEmbeddingBag(client, tables["items"], mode="mean"), args.dim)
+            label = f"RemoteEmbeddingBag ({kind})"
+        else:
+            collection = RemoteEmbeddingBagCollection(
+                client, [Feature("user", tables["users"], "sum"), Feature("item", tables["items"], "mean")],
+                pipeline=kind == "pipelined")
+            model = CollectionModel(collection, args.dim)
+            label = f"Collection ({'pipelined' if kind == 'pipelined' else 'waits'})"
+        results[label] = run(model, data, args.steps, batch, kind == "prefetch")
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--batches", default="1024,8192")
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--users", type=int, default=1_000_000)
     parser.add_argument("--items", type=int, default=100_000)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    data = synthetic_clicks((args.steps + 7) * args.batch, args.users, args.items, 8, seed=0)
-    ids_per_step = args.batch * 3
-
-    local_users = nn.EmbeddingBag(args.users, args.dim, mode="sum", sparse=True)
-    local_items = nn.EmbeddingBag(args.items + 50, args.dim, mode="mean", sparse=True)
-    sparse_opt = torch.optim.Adagrad(list(local_users.parameters()) + list(local_items.parameters()), lr=0.1)
-    local = run(Model(local_users, local_items, args.dim), data, args.steps, args.batch, False, sparse_opt)
-
+    batches = [int(b) for b in args.batches.split(",")]
+    keep_freed_memory()     # in this (client) process too, as kvstore-server does in its own
+    print(f"training bench: dim {args.dim}, {args.steps} steps, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} torch threads, {time.strftime('%Y-%m-%d %H:%M')}")
     data_dir = tempfile.mkdtemp(prefix="kvtrain-")
-    server = subprocess.Popen(["kvstore-server", "--data-dir", data_dir, "--port", "0"], stdout=subprocess.PIPE,
-                              text=True)
+    server = subprocess.Popen([sys.executable, "-m", "kvstore_server", "--data-dir", data_dir, "--port", "0"],
+                              stdout=subprocess.PIPE, text=True)
     address = server.stdout.readline().strip().rsplit(" ", 1)[-1]
-    results = {"local nn.EmbeddingBag": local}
     try:
         with KVStoreClient(address, timeout=300) as client:
-            for prefetch in (False, True):
-                tag = "prefetch" if prefetch else "plain"
-                for name in ("users", "items"):
-                    client.create_table(f"{tag}_{name}", dim=args.dim, cache={"rows": 1 << 18},
-                                        optimizer={"name": "adagrad", "lr": 0.1})
-                model = Model(RemoteEmbeddingBag(client, f"{tag}_users", mode="sum"),
-                              RemoteEmbeddingBag(client, f"{tag}_items", mode="mean"), args.dim)
-                results[f"RemoteEmbeddingBag ({tag})"] = run(model, data, args.steps, args.batch, prefetch)
+            for batch in batches:
+                torch.manual_seed(0)
+                data = synthetic_clicks((args.steps + 7) * batch, args.users, args.items, 8, seed=0)
+                local_users = nn.EmbeddingBag(args.users, args.dim, mode="sum", sparse=True)
+                local_items = nn.EmbeddingBag(args.items + 50, args.dim, mode="mean", sparse=True)
+                sparse_opt = torch.optim.Adagrad(list(local_users.parameters()) + list(local_items.parameters()),
+                                                 lr=0.1)
+                local = run(Model(local_users, local_items, args.dim), data, args.steps, batch, False, sparse_opt)
+                results = {"local nn.EmbeddingBag": local, **remote_runs(client, args, data, batch)}
+                print(f"\nbatch {batch}: {batch * 3} ids per step")
+                print(f"{'model':34} {'steps/s':>8} {'ids/s':>10} {'vs local':>8}")
+                for name, rate in results.items():
+                    print(f"{name:34} {rate:>8.1f} {rate * batch * 3:>10,.0f} {rate / local:>8.2f}")
     finally:
         server.terminate()
-        server.wait(60)
-    print(f"{'model':34} {'steps/s':>8} {'ids/s':>10} {'vs local':>8}")
-    for name, rate in results.items():
-        print(f"{name:34} {rate:>8.1f} {rate * ids_per_step:>10,.0f} {rate / local:>8.2f}")
+        server.wait(300)                         # a loaded machine drains and flushes slowly
 
 
 if __name__ == "__main__":

@@ -1,19 +1,25 @@
 """Server-side optimizers: one small class per rule, applied to rows where they live.
 
 Each step reads float32 weights, state and (already de-duplicated, summed)
-gradients of n unique rows and updates weights and state in place. Math is
-float32 whatever the table dtype; the caller rounds back. `steps` is the
-per-row step count after this step (Adam's bias correction). With weight
-decay, g' = g + weight_decay * w (L2, as torch.optim does by default).
+gradients of n unique rows and updates weights and state in place; the
+gradients are only read. Math is float32 whatever the table dtype; the caller
+rounds back. `steps` is the per-row step count after this step (Adam's bias
+correction). With weight decay, g' = g + weight_decay * w (L2, as torch.optim
+does by default).
 
 State layout per row (float32): sgd none; adagrad G[dim]; rowwise_adagrad
 G[1]; adam m[dim], v[dim]; partial_rowwise_adam m[dim], v[1].
+
+Every step is a few whole-batch NumPy passes with at most one [n, dim]
+temporary: per-row factors ([n, 1]) are computed first and broadcast once.
 """
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse
 
 from .config import OptimizerConfig
+from .rows import RowLayout
 
 
 class Optimizer:
@@ -28,17 +34,26 @@ class Optimizer:
         wd = np.float32(self.config.weight_decay)
         return grads + wd * weights if wd else grads
 
+    def _row_mean_square(self, g: np.ndarray) -> np.ndarray:
+        """[n] mean of g^2 per row, without an [n, dim] temporary."""
+        return np.einsum("ij,ij->i", g, g) / np.float32(self.dim)
+
 
 class SGD(Optimizer):
     def step(self, weights, state, grads, steps):
-        weights -= np.float32(self.config.lr) * self._decayed(weights, grads)
+        update = self._decayed(weights, grads) * np.float32(self.config.lr)
+        weights -= update
 
 
 class Adagrad(Optimizer):
     def step(self, weights, state, grads, steps):
         g = self._decayed(weights, grads)
-        state += g * g
-        weights -= np.float32(self.config.lr) * g / (np.sqrt(state) + np.float32(self.config.eps))
+        state += np.square(g)
+        update = np.sqrt(state)
+        update += np.float32(self.config.eps)
+        np.divide(g, update, out=update)
+        update *= np.float32(self.config.lr)
+        weights -= update
 
 
 class RowwiseAdagrad(Optimizer):
@@ -46,8 +61,9 @@ class RowwiseAdagrad(Optimizer):
 
     def step(self, weights, state, grads, steps):
         g = self._decayed(weights, grads)
-        state[:, 0] += (g * g).mean(axis=1)
-        weights -= np.float32(self.config.lr) * g / (np.sqrt(state[:, :1]) + np.float32(self.config.eps))
+        state[:, 0] += self._row_mean_square(g)
+        scale = np.float32(self.config.lr) / (np.sqrt(state[:, :1]) + np.float32(self.config.eps))
+        weights -= g * scale
 
 
 class Adam(Optimizer):
@@ -55,7 +71,6 @@ class Adam(Optimizer):
 
     def step(self, weights, state, grads, steps):
         c = self.config
-        # coefficients in float64 first: 1 - float32(0.999) is off by 1e-5 relative
         b1, b2 = np.float32(c.beta1), np.float32(c.beta2)
         g = self._decayed(weights, grads)
         m = state[:, : self.dim]
@@ -63,11 +78,19 @@ class Adam(Optimizer):
         m *= b1
         m += np.float32(1 - c.beta1) * g
         v *= b2
-        v += np.float32(1 - c.beta2) * ((g * g).mean(axis=1, keepdims=True) if self.rowwise_v else g * g)
+        if self.rowwise_v:
+            v[:, 0] += np.float32(1 - c.beta2) * self._row_mean_square(g)
+        else:
+            v += np.float32(1 - c.beta2) * np.square(g)
+        # coefficients in float64 first: 1 - float32(0.999) is off by 1e-5 relative
         t = steps.astype(np.float64)[:, None]
         step_size = (c.lr / (1 - c.beta1 ** t)).astype(np.float32)
         bias2_sqrt = np.sqrt(1 - c.beta2 ** t).astype(np.float32)
-        weights -= step_size * m / (np.sqrt(v) / bias2_sqrt + np.float32(c.eps))
+        denominator = np.sqrt(v) / bias2_sqrt + np.float32(c.eps)      # [n, dim], or [n, 1] rowwise
+        update = m * (step_size / denominator) if self.rowwise_v else np.divide(m, denominator, out=denominator)
+        if not self.rowwise_v:
+            update *= step_size
+        weights -= update
 
 
 class PartialRowwiseAdam(Adam):
@@ -89,14 +112,37 @@ def make_optimizer(config: OptimizerConfig, dim: int) -> Optimizer:
     return OPTIMIZERS[config.name](config, dim)
 
 
+def step_rows(optimizer: Optimizer, layout: RowLayout, rows: np.ndarray, grads: np.ndarray) -> None:
+    """One optimizer step on stored rows ([n, row_bytes], in place): step counts, weights and
+    state. float32 weights are stepped where they lie; other dtypes through a float32 copy,
+    rounded back once."""
+    header = layout.header(rows)
+    header["step"] += 1
+    weights = layout.weights(rows)
+    if weights.dtype == np.float32:
+        optimizer.step(weights, layout.state(rows), grads, header["step"])
+        return
+    work = weights.astype(np.float32)
+    optimizer.step(work, layout.state(rows), grads, header["step"])
+    weights[:] = work.astype(layout.dtype)
+
+
 def sum_duplicates(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Unique ids (sorted) and the float32 sum of each id's gradient rows."""
+    """Unique ids (sorted) and the float32 sum of each id's gradient rows, added in request order.
+
+    The sum is one sparse product: a [unique, n] one-hot matrix (column j has a 1 in the
+    row of ids[j]) times the [n, dim] gradients. In CSC form scipy walks the gradients once,
+    in order, adding each into its unique row: no sort of the rows and no per-segment
+    overhead (`np.add.reduceat` over many short segments, or `np.add.at`, cost 8-10x more)."""
     uniq, inverse = np.unique(ids, return_inverse=True)
-    grads = grads.astype(np.float32, copy=False)
-    if len(uniq) == len(ids):
+    grads = np.ascontiguousarray(grads, dtype=np.float32)
+    n = len(ids)
+    if len(uniq) == n:
         out = np.empty_like(grads)
         out[inverse] = grads
         return uniq, out
-    order = np.argsort(inverse, kind="stable")
-    starts = np.flatnonzero(np.r_[True, np.diff(inverse[order]) != 0])
-    return uniq, np.add.reduceat(grads[order], starts, axis=0)
+    index = np.int32 if n < np.iinfo(np.int32).max else np.int64
+    one_hot = scipy.sparse.csc_matrix(
+        (np.ones(n, np.float32), inverse.astype(index).reshape(-1), np.arange(n + 1, dtype=index)),
+        shape=(len(uniq), n))
+    return uniq, np.ascontiguousarray(one_hot @ grads, dtype=np.float32)

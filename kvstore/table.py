@@ -22,7 +22,7 @@ from .errors import FailedPrecondition, InvalidArgument, RowNotFound
 from .eviction.archive import archive_family
 from .eviction.tracker import EvictionTracker, check_scores
 from .initializer import initial_weights
-from .optimizers import make_optimizer, sum_duplicates
+from .optimizers import make_optimizer, step_rows, sum_duplicates
 from .rocks_tier import RocksTier
 from .rows import RowLayout, encode_keys, encode_scores
 
@@ -72,14 +72,14 @@ class Table:
             raise InvalidArgument("ids: values must fit in int64")
         return ids.astype(np.int64, copy=False)
 
-    def _matrix(self, values, n: int, width: int, dtype: np.dtype, field: str) -> np.ndarray:
+    def _matrix(self, values, n: int, width: int, dtype: np.dtype, field: str, finite: bool = True) -> np.ndarray:
         values = np.asarray(values)
         if values.shape != (n, width):
             raise InvalidArgument(f"{field}: expected shape ({n}, {width}) for {n} ids, got {values.shape}")
         if values.dtype.kind not in "fiu" and values.dtype != dtype:
             raise InvalidArgument(f"{field}: must be floating point, got {values.dtype}")
         values = values.astype(dtype, copy=False)
-        if not self.config.allow_nonfinite and not np.isfinite(values).all():
+        if finite and not self.config.allow_nonfinite and not np.isfinite(values).all():
             raise InvalidArgument(f"{field}: contains NaN or Inf (table {self.name!r} does not allow them)")
         return values
 
@@ -204,6 +204,10 @@ class Table:
         slots = self.cache.probe(ids)
         hit = slots >= 0
         self.cache.touch(slots[hit])
+        if hit.all():              # whole records in one `take`: a third of masked indexing's cost
+            rows = self.cache.slab.view(f"V{self.layout.row_bytes}").reshape(-1).take(slots)
+            rows = rows.view(np.uint8).reshape(len(ids), self.layout.row_bytes)
+            return rows, slots, np.zeros(len(ids), dtype=bool)
         rows = np.empty((len(ids), self.layout.row_bytes), dtype=np.uint8)
         rows[hit] = self.cache.slab[slots[hit]]
         new = np.zeros(len(ids), dtype=bool)
@@ -220,7 +224,9 @@ class Table:
         hit = slots >= 0
         if self.write_through:
             self._write_back(ids, rows)        # in RocksDB (and its WAL) before the cache changes
-        self.cache.slab[slots[hit]] = rows[hit]
+        cached = slice(None) if hit.all() else hit      # whole records through `put`, as `take` above
+        record = f"V{self.layout.row_bytes}"
+        self.cache.slab.view(record).reshape(-1).put(slots[cached], rows[cached].view(record))
         self.cache.dirty[slots[hit]] |= not self.write_through
         if self.write_through:
             self.eviction.synced(self.cache.slab, slots[hit])
@@ -258,13 +264,14 @@ class Table:
         highest wins for duplicates) become the rows' feature scores. Releases the prefetch
         locks `owner` holds on these ids. Returns the number of unique rows."""
         ids = self._ids(ids)
-        grads = self._matrix(grads, len(ids), self.config.dim, np.dtype(np.float32), "grads")
+        grads = self._matrix(grads, len(ids), self.config.dim, np.dtype(np.float32), "grads", finite=False)
         scores = check_scores(scores, len(ids))
         if scores is not None:
             unique, inverse = np.unique(ids, return_inverse=True)
             best = np.full(len(unique), -np.inf, dtype=np.float32)
             np.maximum.at(best, inverse, scores)
-        ids, grads = sum_duplicates(ids, grads)
+        ids, grads = sum_duplicates(ids, grads)     # NaN/Inf checked on the sums: fewer rows, same verdict
+        self._matrix(grads, len(ids), self.config.dim, np.dtype(np.float32), "grads")
         if scores is not None:
             scores = best[np.searchsorted(unique, ids)]
         with self._lock:
@@ -278,12 +285,7 @@ class Table:
                 scores = scores[keep] if scores is not None else None
             if scores is not None:
                 self.layout.header(rows)["score"] = encode_scores(scores)
-            weights = self.layout.weights(rows).astype(np.float32)
-            state = self.layout.state(rows)
-            header = self.layout.header(rows)
-            header["step"] += 1
-            self.optimizer.step(weights, state, grads, header["step"])
-            self.layout.weights(rows)[:] = weights.astype(self.layout.dtype)
+            step_rows(self.optimizer, self.layout, rows, grads)
             self._store_rows(ids, rows, slots)
             self.eviction.created(int(new.sum()))
             if owner is not None:

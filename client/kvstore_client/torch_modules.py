@@ -94,28 +94,15 @@ class _RemoteRows(nn.Module):
 
     # --- checkpoints: the table's rows travel through export/import -----------------
 
-    STATE_KEYS = ("ids", "weight", "optimizer_state", "row_meta")
-
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        """The whole table at this instant (one consistent export), as tensors beside the
-        module's own: ids [n], weight [n, dim], optimizer_state [n, state_dim], row_meta [n, 3]."""
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        rows = self.client.export_table(self.table)
-        for key, array in zip(self.STATE_KEYS, (rows.ids, rows.weights, rows.state, rows.meta), strict=True):
-            destination[prefix + key] = torch.from_numpy(np.ascontiguousarray(array))
+        save_table(self.client, self.table, destination, prefix)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        """Replace the table's rows with the checkpoint's (import mode `replace`), optimizer
-        state and row metadata included."""
-        present = [prefix + key in state_dict for key in self.STATE_KEYS]
-        if not all(present):
-            missing_keys.extend(prefix + k for k, here in zip(self.STATE_KEYS, present, strict=True) if not here)
-            return
-        arrays = [state_dict[prefix + key].detach().cpu().numpy() for key in self.STATE_KEYS]
         with self._lock:
             self._pending = None              # rows read before the load are stale
-        self.client.import_table(self.table, arrays[0], arrays[1], arrays[2], mode="replace", meta=arrays[3])
+        load_table(self.client, self.table, state_dict, prefix, missing_keys)
 
 
 class RemoteEmbedding(_RemoteRows):
@@ -147,3 +134,25 @@ class RemoteEmbeddingBag(_RemoteRows):
                               per_sample_weights=per_sample_weights.cpu() if per_sample_weights is not None
                               else None)
         return out.to(input.device)
+
+
+STATE_KEYS = ("ids", "weight", "optimizer_state", "row_meta")
+
+
+def save_table(client: KVStoreClient, table: str, destination: dict, prefix: str) -> None:
+    """The whole table at this instant (one consistent export) into a state dict, as tensors:
+    ids [n], weight [n, dim], optimizer_state [n, state_dim], row_meta [n, 3]."""
+    rows = client.export_table(table)
+    for key, array in zip(STATE_KEYS, (rows.ids, rows.weights, rows.state, rows.meta), strict=True):
+        destination[prefix + key] = torch.from_numpy(np.ascontiguousarray(array))
+
+
+def load_table(client: KVStoreClient, table: str, state_dict: dict, prefix: str, missing_keys: list) -> None:
+    """Replace the table's rows with a state dict's (import mode `replace`), optimizer state and
+    row metadata included; names the keys it lacks in `missing_keys` and changes nothing then."""
+    present = [prefix + key in state_dict for key in STATE_KEYS]
+    if not all(present):
+        missing_keys.extend(prefix + k for k, here in zip(STATE_KEYS, present, strict=True) if not here)
+        return
+    arrays = [state_dict[prefix + key].detach().cpu().numpy() for key in STATE_KEYS]
+    client.import_table(table, arrays[0], arrays[1], arrays[2], mode="replace", meta=arrays[3])

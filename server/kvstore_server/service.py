@@ -27,13 +27,14 @@ from .messages import concat, on_miss_name, table_config_from_proto, table_confi
 from .metrics import Metrics
 from .races import on_table
 from .rpc import StoreWork, whole_stream
+from .training_service import TrainingRPCs
 from .transfer_service import SnapshotRPCs
 
 MESSAGE_OVERHEAD = 4096   # room for framing and the non-tensor fields of a response
 LOOKUP_AHEAD = 2          # chunks of one Lookup stream in the store while an earlier one is sent
 
 
-class EmbeddingStoreService(SnapshotRPCs, LeaseRPCs, ClusterRPCs):
+class EmbeddingStoreService(SnapshotRPCs, LeaseRPCs, ClusterRPCs, TrainingRPCs):
     def __init__(self, store: Store, config: ServerConfig, metrics: Metrics, work: StoreWork):
         self.store = store
         self.config = config

@@ -126,3 +126,131 @@ def test_state_dict_round_trips_rows_and_optimizer_state_through_export_import(c
     from kvstore_client import NotFoundError
     with pytest.raises(NotFoundError):                          # replace: rows not in the checkpoint are gone
         client.lookup("ckpt", [10_000], on_miss="error")
+
+
+# --- the collection: all tables in one request per step, pipelined -------------------------
+
+def _two_feature_batches(seed: int):
+    """50 steps of a user id per sample and a bag of item ids per sample, both drawn from few
+    ids, so every batch has duplicates and shares rows with the next."""
+    rng = np.random.default_rng(seed)
+    for _ in range(STEPS):
+        lengths = rng.integers(1, 5, 16)
+        items = torch.from_numpy(rng.integers(0, 30, lengths.sum()))
+        offsets = torch.from_numpy(np.r_[0, np.cumsum(lengths)[:-1]])
+        users = torch.from_numpy(rng.integers(0, 10, (16, 1)))
+        yield users, items, offsets, torch.from_numpy(rng.standard_normal((16, 1), dtype=np.float32))
+
+
+class TwoFeatures(nn.Module):
+    def __init__(self, embed):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = embed
+        self.head = nn.Linear(2 * DIM, 1)
+
+    def forward(self, users, items, offsets):
+        if isinstance(self.embed, nn.ModuleDict):
+            pooled = [self.embed["user"](users), self.embed["item"](items, offsets)]
+        else:
+            out = self.embed({"user": users, "item": (items, offsets)})
+            pooled = [out["user"], out["item"]]
+        return self.head(torch.cat(pooled, 1))
+
+
+def _train_two(model: TwoFeatures, prefetch: bool = False) -> list[float]:
+    dense = torch.optim.Adam(model.head.parameters(), lr=LR)
+    losses = []
+    batches = list(_two_feature_batches(4))
+    for step, (users, items, offsets, target) in enumerate(batches):
+        if prefetch and step + 2 < len(batches):         # rows of step i+2, warmed on the server
+            later = batches[step + 2]
+            model.embed.prefetch({"user": later[0], "item": (later[1], later[2])})
+        loss = ((model(users, items, offsets) - target) ** 2).mean()
+        dense.zero_grad()
+        loss.backward()
+        dense.step()
+        losses.append(loss.item())
+    if not isinstance(model.embed, nn.ModuleDict):
+        model.embed.flush()
+    return losses
+
+
+def _tables(client, run: str) -> list[tuple[str, str]]:
+    names = [(f"{run}_users", "sum"), (f"{run}_items", "mean")]
+    for table, _ in names:
+        small_table(client, table, DIM, optimizer={"name": "adagrad", "lr": LR})
+    return names
+
+
+@pytest.mark.parametrize("pipeline", [False, True, "prefetch"])
+def test_collection_gives_exactly_the_per_table_loop_result(client, pipeline):
+    """Losses and final rows equal the loop of one RemoteEmbeddingBag per table, bit for bit."""
+    from kvstore_client.collection import Feature, RemoteEmbeddingBagCollection
+
+    plain = _tables(client, f"coll_plain_{pipeline}")
+    together = _tables(client, f"coll_{pipeline}")
+    loop = TwoFeatures(nn.ModuleDict({"user": RemoteEmbeddingBag(client, plain[0][0], mode="sum"),
+                                      "item": RemoteEmbeddingBag(client, plain[1][0], mode="mean")}))
+    collection = RemoteEmbeddingBagCollection(
+        client, [Feature("user", together[0][0], "sum"), Feature("item", together[1][0], "mean")],
+        pipeline=bool(pipeline))
+    expected = _train_two(loop)
+    got = _train_two(TwoFeatures(collection), prefetch=pipeline == "prefetch")
+    assert got == expected and expected[-1] != expected[0]
+    for (mine, _), (theirs, _) in zip(together, plain, strict=True):
+        np.testing.assert_array_equal(client.lookup(mine, np.arange(30), with_state=True)[1],
+                                      client.lookup(theirs, np.arange(30), with_state=True)[1])
+        np.testing.assert_array_equal(client.lookup(mine, np.arange(30)), client.lookup(theirs, np.arange(30)))
+    collection.close()
+
+
+def test_collection_features_sharing_a_table_look_it_up_once(client):
+    from kvstore_client.collection import Feature, RemoteEmbeddingBagCollection
+
+    small_table(client, "coll_shared", DIM, optimizer={"name": "sgd", "lr": 1.0}, initializer={"kind": "zeros"})
+    collection = RemoteEmbeddingBagCollection(client, [Feature("a", "coll_shared", "sum"),
+                                                       Feature("b", "coll_shared", "sum")], pipeline=False)
+    before = client.stats("coll_shared").get("cache_hits", 0) + client.stats("coll_shared").get("cache_misses", 0)
+    out = collection({"a": torch.tensor([[1, 2]]), "b": torch.tensor([[2, 2]])})
+    after = client.stats("coll_shared")["cache_hits"] + client.stats("coll_shared").get("cache_misses", 0)
+    assert after - before == 2                                    # ids 1 and 2, once each
+    (out["a"].sum() + out["b"].sum()).backward()
+    collection.flush()
+    np.testing.assert_array_equal(client.lookup("coll_shared", [1, 2]), [[-1.0] * DIM, [-3.0] * DIM])
+    collection.close()
+
+
+def test_collection_state_dict_round_trips_every_table(client):
+    from kvstore_client.collection import Feature, RemoteEmbeddingBagCollection
+
+    tables = _tables(client, "coll_ckpt")
+    collection = RemoteEmbeddingBagCollection(client, [Feature("user", tables[0][0], "sum"),
+                                                       Feature("item", tables[1][0], "mean")])
+    model = TwoFeatures(collection)
+    _train_two(model)
+    saved = model.state_dict()
+    ids = {tables[0][0]: np.arange(10), tables[1][0]: np.arange(30)}      # every user and item id
+    kept = {table: client.lookup(table, ids[table], on_miss="error", with_state=True) for table in ids}
+    assert "head.weight" in saved and [len(saved[f"embed.{table}.ids"]) for table in ids] == [10, 30]
+    _train_two(model)                                              # move on
+    model.load_state_dict(saved)
+    for table, (weights, state) in kept.items():
+        back, back_state = client.lookup(table, ids[table], on_miss="error", with_state=True)
+        np.testing.assert_array_equal(back, weights)
+        np.testing.assert_array_equal(back_state, state)
+    collection.close()
+
+
+def test_collection_keeps_every_gradient_of_two_forwards_before_one_backward(client):
+    from kvstore_client.collection import Feature, RemoteEmbeddingBagCollection
+
+    small_table(client, "coll_accumulate", DIM, optimizer={"name": "sgd", "lr": 1.0}, initializer={"kind": "zeros"})
+    collection = RemoteEmbeddingBagCollection(client, [Feature("a", "coll_accumulate", "sum")])
+    first = collection({"a": torch.tensor([[1, 2]])})["a"].sum()
+    second = collection({"a": torch.tensor([[2, 3]])})["a"].sum()       # micro-batches, one backward
+    (first + second).backward()
+    collection.flush()
+    np.testing.assert_array_equal(client.lookup("coll_accumulate", [1, 2, 3]),
+                                  [[-1.0] * DIM, [-2.0] * DIM, [-1.0] * DIM])
+    collection.close()

@@ -151,3 +151,124 @@ def test_concurrent_gradients_from_four_processes_equal_the_sequential_result(se
             pushed = rng.integers(0, 50, 64)
             np.subtract.at(expected, pushed, 0.001 * _grads(pushed).astype(np.float64))
     np.testing.assert_allclose(client.lookup("concurrent", ids, on_miss="error"), expected, rtol=1e-5, atol=1e-5)
+
+
+# --- the training stream: ordered steps over many tables -------------------------------
+
+def _stream(client):
+    from kvstore_client.training_stream import TrainingStream
+
+    return TrainingStream(client)
+
+
+def test_two_trainers_interleaving_pipelined_steps_lose_no_update(server, client):
+    """Each trainer sends 50 steps without waiting (gradients, then a lookup behind them); the
+    steps of the two streams interleave on the server; every gradient lands."""
+    import threading
+
+    small_table(client, "two_trainers", DIM, optimizer={"name": "sgd", "lr": 1.0}, initializer={"kind": "zeros"})
+    barrier = threading.Barrier(2)
+    pushed, seen, errors = [[], []], [[], []], []
+
+    def trainer(index: int) -> None:
+        try:
+            run(index)
+        except Exception as exc:           # reported by the main thread
+            errors.append(exc)
+            barrier.abort()
+
+    def run(index: int) -> None:
+        rng = np.random.default_rng(index)
+        with KVStoreClient(server.address, timeout=30.0) as own:
+            stream = _stream(own)
+            for _ in range(50):
+                ids = rng.integers(0, 20, 40)                     # duplicates within and across trainers
+                barrier.wait()
+                pushed[index].append(ids)
+                stream.send(gradients={"two_trainers": (ids, np.ones((40, DIM), np.float32))})
+                seen[index].append(stream.send(lookups={"two_trainers": ids[:5]}))
+            stream.flush()
+            for step in seen[index]:
+                assert step.result()[1]["two_trainers"].shape == (5, DIM)
+            stream.close()
+
+    threads = [threading.Thread(target=trainer, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors
+    counts = np.bincount(np.concatenate(pushed[0] + pushed[1]), minlength=20)
+    assert counts.sum() == 2 * 50 * 40
+    np.testing.assert_array_equal(client.lookup("two_trainers", np.arange(20))[:, 0], -counts.astype(np.float32))
+
+
+def test_a_step_sees_the_gradients_sent_before_it_on_its_stream(client):
+    small_table(client, "stream_order", DIM, optimizer={"name": "sgd", "lr": 1.0}, initializer={"kind": "zeros"})
+    stream = _stream(client)
+    steps = [(stream.send(gradients={"stream_order": ([3, 3], np.ones((2, DIM), np.float32))}),
+              stream.send(lookups={"stream_order": [3]})) for _ in range(10)]
+    for k, (push, look) in enumerate(steps, start=1):
+        assert push.result()[0] == {"stream_order": 1}
+        np.testing.assert_array_equal(look.result()[1]["stream_order"], [[-2.0 * k] * DIM])
+    stream.close()
+
+
+def test_a_step_larger_than_a_message_travels_in_pieces(server):
+    with KVStoreClient(server.address, chunk_bytes=4096) as small_chunks:
+        small_table(small_chunks, "stream_big", DIM, optimizer={"name": "sgd", "lr": 1.0},
+                    cache={"rows": 4096, "ways": 8})
+        ids = np.arange(3000)
+        before = small_chunks.lookup("stream_big", ids)
+        grads = np.random.default_rng(0).standard_normal((3000, DIM)).astype(np.float32)
+        stream = _stream(small_chunks)
+        stepped, rows = stream.send(gradients={"stream_big": (ids, grads)}, lookups={"stream_big": ids}).result()
+        assert stepped == {"stream_big": 3000}
+        np.testing.assert_array_equal(rows["stream_big"], before - grads)
+        stream.close()
+
+
+def test_a_bad_table_anywhere_in_a_step_changes_no_table(client):
+    from kvstore_client import NotFoundError
+
+    small_table(client, "stream_good", DIM)
+    small_table(client, "stream_strict", DIM)
+    before = client.lookup("stream_good", [1, 2])
+    stream = _stream(client)
+    good = ([1, 2], np.ones((2, DIM), np.float32))
+    with pytest.raises(NotFoundError, match="no_such_table"):
+        stream.send(gradients={"stream_good": good, "no_such_table": good}).result()
+    nan = np.ones((2, DIM), np.float32)
+    nan[1, 1] = np.nan
+    with pytest.raises(InvalidArgumentError, match="stream_strict"):
+        stream.send(gradients={"stream_good": good, "stream_strict": ([1, 2], nan)}).result()
+    with pytest.raises(InvalidArgumentError, match="values"):
+        stream.send(gradients={"stream_good": good, "stream_strict": ([1, 2], np.ones((2, DIM + 1)))}).result()
+    np.testing.assert_array_equal(client.lookup("stream_good", [1, 2]), before)
+    stream.send(gradients={"stream_good": good}).result()             # the stream reopens after an error
+    assert not np.array_equal(client.lookup("stream_good", [1, 2]), before)
+    stream.close()
+
+
+def test_train_refuses_on_miss_error(client):
+    small_table(client, "stream_miss", DIM)
+    stream = _stream(client)
+    with pytest.raises(InvalidArgumentError, match="on_miss"):
+        stream.send(lookups={"stream_miss": [1]}, on_miss="error")
+    request = pb.TrainRequest(lookups=[pb.TableRows(table="stream_miss", ids=encode_ids(np.array([1])))],
+                              on_miss=pb.ON_MISS_ERROR)
+    stub = pb_grpc.EmbeddingStoreStub(client._channel)
+    with pytest.raises(grpc.RpcError) as raised:
+        list(stub.Train(iter([request]), timeout=10))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "on_miss" in raised.value.details()
+
+
+def test_prefetched_rows_are_cached_when_a_later_step_reads_them(client):
+    small_table(client, "stream_warm", DIM, cache={"rows": 1024, "ways": 8})
+    stream = _stream(client)
+    stream.send(prefetches={"stream_warm": np.arange(100, 150)})
+    misses = client.stats("stream_warm").get("cache_misses", 0)
+    _, rows = stream.send(lookups={"stream_warm": np.arange(100, 150)}).result()
+    assert client.stats("stream_warm").get("cache_misses", 0) == misses
+    np.testing.assert_array_equal(rows["stream_warm"], client.lookup("stream_warm", np.arange(100, 150)))
+    stream.close()

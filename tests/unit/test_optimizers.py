@@ -142,3 +142,84 @@ def test_invalid_gradients_change_nothing(tmp_path):
         store.apply_gradients("t", [1, 2], np.ones((2, DIM + 1), np.float32))
     np.testing.assert_array_equal(store.lookup("t", [1, 2]).weights, before)
     store.close()
+
+
+def _formula(name: str, c, w, state, g, t):
+    """One step of the documented formula for one row, in float64 (reference for Optimizer.step)."""
+    g = g + c.weight_decay * w
+    dim = len(w)
+    if name == "sgd":
+        return w - c.lr * g, state
+    if name == "adagrad":
+        state = state + g * g
+        return w - c.lr * g / (np.sqrt(state) + c.eps), state
+    if name == "rowwise_adagrad":
+        state = state + np.mean(g * g)
+        return w - c.lr * g / (np.sqrt(state[0]) + c.eps), state
+    m = c.beta1 * state[:dim] + (1 - c.beta1) * g
+    v = c.beta2 * state[dim:] + (1 - c.beta2) * (np.mean(g * g) if name == "partial_rowwise_adam" else g * g)
+    w = w - c.lr * (m / (1 - c.beta1 ** t)) / (np.sqrt(v / (1 - c.beta2 ** t)) + c.eps)
+    return w, np.concatenate([m, v])
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+@pytest.mark.parametrize("name", ["sgd", "adagrad", "rowwise_adagrad", "adam", "partial_rowwise_adam"])
+def test_each_optimizer_step_equals_its_formula_row_by_row(name, weight_decay):
+    from kvstore.optimizers import make_optimizer
+
+    rng = np.random.default_rng(len(name))
+    c = OptimizerConfig(name, lr=0.05, weight_decay=weight_decay, eps=1e-8)
+    n, dim = 64, 16
+    weights = rng.standard_normal((n, dim)).astype(np.float32)
+    state = rng.random((n, c.state_dim(dim))).astype(np.float32)        # >= 0: accumulators and v
+    grads = rng.standard_normal((n, dim)).astype(np.float32)
+    steps = rng.integers(1, 30, n).astype(np.uint32)
+    want = [_formula(name, c, weights[i].astype(np.float64), state[i].astype(np.float64),
+                     grads[i].astype(np.float64), float(steps[i])) for i in range(n)]
+    grads_before = grads.copy()
+    make_optimizer(c, dim).step(weights, state, grads, steps)
+    _close(weights, np.array([w for w, _ in want]))
+    if state.shape[1]:
+        _close(state, np.array([s for _, s in want]))
+    np.testing.assert_array_equal(grads, grads_before)              # the gradients are only read
+
+
+@pytest.mark.parametrize("n, distinct", [(0, 1), (1, 1), (300, 300), (5000, 40), (5000, 4000)])
+def test_sum_duplicates_adds_every_gradient_of_each_id(n, distinct):
+    from kvstore.optimizers import sum_duplicates
+
+    rng = np.random.default_rng(n + distinct)
+    ids = rng.choice(np.arange(-distinct, distinct) * 7919, size=n) if n != distinct else \
+        rng.permutation(distinct).astype(np.int64) - 5
+    grads = rng.standard_normal((n, 8)).astype(np.float32)
+    uniq, summed = sum_duplicates(ids, grads)
+    expected = {}
+    for i, g in zip(ids.tolist(), grads.astype(np.float64), strict=True):
+        expected[i] = expected.get(i, 0) + g
+    assert uniq.tolist() == sorted(expected)
+    assert summed.dtype == np.float32 and summed.shape == (len(uniq), 8)
+    if len(uniq):
+        _close(summed, np.array([expected[i] for i in uniq.tolist()]))
+
+
+def test_sum_duplicates_is_the_same_for_the_same_batch():
+    """The order of additions is fixed (request order): replaying a batch gives the same bits."""
+    from kvstore.optimizers import sum_duplicates
+
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 50, 4000)
+    grads = rng.standard_normal((4000, 32)).astype(np.float32)
+    np.testing.assert_array_equal(sum_duplicates(ids, grads)[1], sum_duplicates(ids.copy(), grads.copy())[1])
+
+
+def test_low_precision_tables_step_in_float32_and_round_once(tmp_path):
+    import ml_dtypes
+
+    store = Store(str(tmp_path / "db"))
+    store.create_table(TableConfig("t", DIM, dtype="bfloat16", optimizer=OptimizerConfig("sgd", lr=0.5)))
+    before = store.lookup("t", [3]).weights.astype(np.float32)
+    store.apply_gradients("t", [3, 3], np.full((2, DIM), 0.25, np.float32))
+    after = store.lookup("t", [3]).weights
+    assert after.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(after, (before - 0.25).astype(ml_dtypes.bfloat16))
+    store.close()

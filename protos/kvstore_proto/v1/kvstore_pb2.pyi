@@ -555,3 +555,44 @@ class SetClusterManifestResponse(_message.Message):
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     manifest: ClusterManifest
     def __init__(self, manifest: _Optional[_Union[ClusterManifest, _Mapping]] = ...) -> None: ...
+
+class TableRows(_message.Message):
+    __slots__ = ("table", "ids", "values")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    ids: bytes
+    values: Tensor
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class TrainRequest(_message.Message):
+    __slots__ = ("gradients", "lookups", "on_miss", "more", "prefetches")
+    GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    LOOKUPS_FIELD_NUMBER: _ClassVar[int]
+    ON_MISS_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
+    PREFETCHES_FIELD_NUMBER: _ClassVar[int]
+    gradients: _containers.RepeatedCompositeFieldContainer[TableRows]
+    lookups: _containers.RepeatedCompositeFieldContainer[TableRows]
+    on_miss: OnMiss
+    more: bool
+    prefetches: _containers.RepeatedCompositeFieldContainer[TableRows]
+    def __init__(self, gradients: _Optional[_Iterable[_Union[TableRows, _Mapping]]] = ..., lookups: _Optional[_Iterable[_Union[TableRows, _Mapping]]] = ..., on_miss: _Optional[_Union[OnMiss, str]] = ..., more: _Optional[bool] = ..., prefetches: _Optional[_Iterable[_Union[TableRows, _Mapping]]] = ...) -> None: ...
+
+class TrainResponse(_message.Message):
+    __slots__ = ("rows", "stepped", "more")
+    class SteppedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    STEPPED_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedCompositeFieldContainer[TableRows]
+    stepped: _containers.ScalarMap[str, int]
+    more: bool
+    def __init__(self, rows: _Optional[_Iterable[_Union[TableRows, _Mapping]]] = ..., stepped: _Optional[_Mapping[str, int]] = ..., more: _Optional[bool] = ...) -> None: ...

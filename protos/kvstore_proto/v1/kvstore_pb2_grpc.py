@@ -154,6 +154,11 @@ class EmbeddingStoreStub:
                 request_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.SetClusterManifestRequest.SerializeToString,
                 response_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.SetClusterManifestResponse.FromString,
                 _registered_method=True)
+        self.Train = channel.stream_stream(
+                '/kvstore.v1.EmbeddingStore/Train',
+                request_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.TrainRequest.SerializeToString,
+                response_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.TrainResponse.FromString,
+                _registered_method=True)
 
 
 class EmbeddingStoreServicer:
@@ -303,6 +308,12 @@ class EmbeddingStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Train(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EmbeddingStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -425,6 +436,11 @@ def add_EmbeddingStoreServicer_to_server(servicer, server):
                     servicer.SetClusterManifest,
                     request_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.SetClusterManifestRequest.FromString,
                     response_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.SetClusterManifestResponse.SerializeToString,
+            ),
+            'Train': grpc.stream_stream_rpc_method_handler(
+                    servicer.Train,
+                    request_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.TrainRequest.FromString,
+                    response_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.TrainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1075,6 +1091,33 @@ class EmbeddingStore:
             '/kvstore.v1.EmbeddingStore/SetClusterManifest',
             kvstore__proto_dot_v1_dot_kvstore__pb2.SetClusterManifestRequest.SerializeToString,
             kvstore__proto_dot_v1_dot_kvstore__pb2.SetClusterManifestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Train(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/kvstore.v1.EmbeddingStore/Train',
+            kvstore__proto_dot_v1_dot_kvstore__pb2.TrainRequest.SerializeToString,
+            kvstore__proto_dot_v1_dot_kvstore__pb2.TrainResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,168 @@
+"""A training step through kvstore against a Redis parameter server doing the same maths. Not a test.
+
+Both sides run the same step, batch by batch interleaved, on the same Zipf ids and
+gradients (rowwise Adagrad, dim 128):
+
+- Redis: the usual Redis-as-parameter-server loop. Each row (weights and its
+  accumulator, float32) is one key; the client de-duplicates the ids, MGETs the
+  rows, sums duplicate gradients, steps them in NumPy and MSETs them back.
+- kvstore (plain): `KVStoreClient.lookup` of the unique ids, then
+  `apply_gradients` with the raw ids and gradients (the server sums and steps).
+- kvstore (stream): the same step on one `TrainingStream` (the `Train` RPC): the
+  lookup, then the gradients, and the step ends when the server has applied them.
+
+Debian's redis-server is started on loopback (no persistence); kvstore-server too.
+Every row is loaded into both before timing, so all rows are in memory (kvstore:
+in its cache tier). Ratio = Redis time / kvstore time.
+
+    python bench/redis_ps_bench.py [--rows 1000000] [--batches 4096,65536]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import redis
+from kvstore_client import KVStoreClient
+from kvstore_client.training_stream import TrainingStream
+from kvstore_server.allocator import keep_freed_memory
+from store_bench import IdSampler
+
+from kvstore.optimizers import sum_duplicates
+
+LR, EPS, TABLE = 0.01, 1e-8, "ps"
+
+
+def start_redis() -> tuple[subprocess.Popen, redis.Redis]:
+    """redis-server on a free loopback TCP port (as kvstore-server listens), no persistence."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    db = redis.Redis(port=port)
+    for _ in range(200):
+        try:
+            db.ping()
+            return proc, db
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    raise SystemExit("redis-server did not start")
+
+
+class RedisPS:
+    def __init__(self, db: redis.Redis, dim: int):
+        self.db, self.dim = db, dim
+
+    @staticmethod
+    def keys(ids: np.ndarray) -> list[bytes]:
+        return ids.astype("<i8").view("V8").tolist()
+
+    def load(self, weights: np.ndarray, batch: int = 20000) -> None:
+        for lo in range(0, len(weights), batch):
+            rows = np.zeros((min(batch, len(weights) - lo), self.dim + 1), np.float32)
+            rows[:, :self.dim] = weights[lo:lo + len(rows)]
+            self.db.mset(dict(zip(self.keys(np.arange(lo, lo + len(rows))), rows.view(f"V{rows[:1].nbytes}")
+                                  .ravel().tolist(), strict=True)))
+
+    def step(self, ids: np.ndarray, grads: np.ndarray) -> np.ndarray:
+        uniq, summed = sum_duplicates(ids, grads)
+        keys = self.keys(uniq)
+        rows = np.frombuffer(b"".join(self.db.mget(keys)), np.float32).reshape(len(uniq), self.dim + 1).copy()
+        weights, acc = rows[:, :self.dim], rows[:, self.dim:]
+        acc[:, 0] += (summed * summed).mean(axis=1)
+        weights -= np.float32(LR) * summed / (np.sqrt(acc) + np.float32(EPS))
+        self.db.mset(dict(zip(keys, rows.view(f"V{rows[:1].nbytes}").ravel().tolist(), strict=True)))
+        return weights
+
+
+def kvstore_plain(client: KVStoreClient, ids: np.ndarray, grads: np.ndarray) -> None:
+    client.lookup(f"{TABLE}_plain", np.unique(ids))
+    client.apply_gradients(f"{TABLE}_plain", ids, grads)
+
+
+def kvstore_stream(stream: TrainingStream, ids: np.ndarray, grads: np.ndarray) -> None:
+    stream.send(lookups={f"{TABLE}_stream": np.unique(ids)}).result()
+    stream.send(gradients={f"{TABLE}_stream": (ids, grads)})
+    stream.flush()         # the step's time includes its gradients being applied
+
+
+def check_same_rows(db: redis.Redis, client: KVStoreClient, ids: np.ndarray, dim: int) -> float:
+    """Largest difference between the Redis rows and each kvstore table's (all applied the same steps)."""
+    rows = np.frombuffer(b"".join(db.mget(RedisPS.keys(ids))), np.float32).reshape(len(ids), dim + 1)[:, :dim]
+    return max(float(np.abs(client.lookup(f"{TABLE}_{side}", ids) - rows).max()) for side in ("plain", "stream"))
+
+
+def bench(sides: dict, batches: list, rounds: int) -> dict[str, float]:
+    seconds = dict.fromkeys(sides, 0.0)
+    for _ in range(rounds):
+        for ids, grads in batches:
+            for name, run in sides.items():
+                start = time.perf_counter()
+                run(ids, grads)
+                seconds[name] += time.perf_counter() - start
+    return {name: s / (rounds * len(batches)) for name, s in seconds.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--batches", default="4096,65536")
+    parser.add_argument("--count", type=int, default=8, help="distinct batches per size")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    keep_freed_memory()     # in this (client) process too, as kvstore-server does in its own
+    print(f"redis ps bench: rows={args.rows:,} dim={args.dim} rowwise_adagrad zipf 1.05; {os.cpu_count()} CPUs, "
+          f"{time.strftime('%Y-%m-%d %H:%M')}")
+    work = tempfile.mkdtemp(prefix="ps-bench-")
+    redis_proc, db = start_redis()
+    server = subprocess.Popen([sys.executable, "-m", "kvstore_server", "--data-dir", os.path.join(work, "kv"),
+                               "--port", "0"], stdout=subprocess.PIPE, text=True)
+    address = server.stdout.readline().strip().rsplit(" ", 1)[-1]
+    try:
+        weights = np.random.default_rng(0).standard_normal((args.rows, args.dim), dtype=np.float32)
+        ps = RedisPS(db, args.dim)
+        ps.load(weights)
+        with KVStoreClient(address, timeout=300) as client:
+            cache_rows = 32 * int(2 ** np.ceil(np.log2(max(1, 2 * args.rows // 32))))
+            for side in ("plain", "stream"):
+                client.create_table(f"{TABLE}_{side}", args.dim, cache={"rows": cache_rows},
+                                    optimizer={"name": "rowwise_adagrad", "lr": LR, "eps": EPS})
+                for lo in range(0, args.rows, 50000):
+                    client.update(f"{TABLE}_{side}", np.arange(lo, min(lo + 50000, args.rows)), weights[lo:lo + 50000])
+            stream = TrainingStream(client)
+            sides = {"redis": ps.step, "kvstore plain": lambda i, g: kvstore_plain(client, i, g),
+                     "kvstore stream": lambda i, g: kvstore_stream(stream, i, g)}
+            sampler = IdSampler(args.rows, 1.05, seed=1)
+            print(f"{'batch':>8} {'redis ms':>9} {'plain ms':>9} {'stream ms':>10} {'plain/redis':>12} "
+                  f"{'stream/redis':>13}")
+            for batch in (int(b) for b in args.batches.split(",")):
+                rng = np.random.default_rng(batch)
+                batches = [(ids, rng.standard_normal((batch, args.dim), dtype=np.float32))
+                           for ids in sampler.batches("zipf", batch, args.count)]
+                bench(sides, batches[:2], 1)                                  # warm-up
+                ms = {k: v * 1e3 for k, v in bench(sides, batches, args.rounds).items()}
+                print(f"{batch:>8,} {ms['redis']:>9.2f} {ms['kvstore plain']:>9.2f} {ms['kvstore stream']:>10.2f} "
+                      f"{ms['redis'] / ms['kvstore plain']:>11.2f}x {ms['redis'] / ms['kvstore stream']:>12.2f}x")
+            stream.close()
+            stepped = np.unique(np.concatenate([ids for ids, _ in batches]))
+            difference = check_same_rows(db, client, stepped, args.dim)
+            print(f"rows after the run, Redis against kvstore: max |difference| {difference:.2e}")
+    finally:
+        server.terminate()
+        server.wait(60)
+        redis_proc.terminate()
+        redis_proc.wait(60)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""Several embedding-bag features over kvstore tables, one round trip per training step.
+
+`RemoteEmbeddingBagCollection` is the kvstore counterpart of TorchRec's
+`EmbeddingBagCollection`: a forward takes every feature of a batch (a dict of
+feature name -> ids) and returns the pooled embeddings per feature. Ids are
+de-duplicated once per table (features may share a table), all tables' rows come
+in one request, and backward sends all tables' gradients in one request on the
+same ordered stream (`TrainingStream`).
+
+With `pipeline=True` (the default) backward does not wait for the server: the
+gradients travel while the caller runs its dense optimizer step and loads the next
+batch, and the next forward's lookup, sent behind them on the same stream, still
+sees them applied. Results are exactly those of a loop that waits (`pipeline=False`).
+Call `flush()` before reading the tables another way (evaluation from another
+client; `state_dict` flushes itself). A failed gradient push is raised by the next
+forward or `flush()`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .client import KVStoreClient
+from .torch_modules import load_table, save_table
+from .training_stream import TrainingStream, TrainStep
+
+MODES = ("sum", "mean")
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One input feature: its ids index `table`; bags are pooled by `mode`."""
+
+    name: str
+    table: str
+    mode: str = "mean"
+
+
+FeatureIds = torch.Tensor | tuple[torch.Tensor, torch.Tensor]   # [B, L] ids, or (flat ids, offsets [B])
+
+
+class RemoteEmbeddingBagCollection(nn.Module):
+    """Pooled embeddings of several features over kvstore tables; one request per step each way."""
+
+    def __init__(self, client: KVStoreClient, features: list[Feature], on_miss: str = "init_insert",
+                 pipeline: bool = True):
+        super().__init__()
+        names = [f.name for f in features]
+        if not features or len(set(names)) != len(names):
+            raise ValueError(f"features: expected distinct names, got {names}")
+        for feature in features:
+            if feature.mode not in MODES:
+                raise ValueError(f"features[{feature.name!r}].mode: expected one of {MODES}, got {feature.mode!r}")
+        self.features = list(features)
+        self.tables = list(dict.fromkeys(f.table for f in features))
+        self.on_miss = on_miss
+        self.pipeline = pipeline
+        self.stream = TrainingStream(client)
+        self._grads: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}   # gradients not sent yet
+        self._waiting = 0                     # leaves of the last forward whose gradients are due
+
+    def forward(self, batch: dict[str, FeatureIds]) -> dict[str, torch.Tensor]:
+        """Pooled embeddings [B, dim] per feature, on the device of the feature's ids."""
+        missing = [f.name for f in self.features if f.name not in batch]
+        if missing:
+            raise KeyError(f"batch: missing features {missing}")
+        self._push()                          # gradients held back (a backward that left some leaf out)
+        self._waiting = 0
+        flat = {f.name: _flat_ids(batch[f.name]) for f in self.features}
+        uniq, inverse = self._dedupe(flat)
+        _, rows = self.stream.send(lookups=uniq, on_miss=self.on_miss).result()
+        weights = {table: self._leaf(table, uniq[table], rows[table]) for table in self.tables}
+        out = {}
+        for feature in self.features:
+            _, offsets, shape, device = flat[feature.name]
+            index = torch.from_numpy(inverse[feature.name]).reshape(shape)
+            out[feature.name] = F.embedding_bag(index, weights[feature.table], offsets, mode=feature.mode).to(device)
+        return out
+
+    def prefetch(self, batch: dict[str, FeatureIds]) -> None:
+        """Warm the server's cache with the rows of a later batch (say step i+2's), behind the
+        steps already sent; nothing waits and no result changes (rows are read when used)."""
+        uniq, _ = self._dedupe({f.name: _flat_ids(batch[f.name]) for f in self.features})
+        self.stream.send(prefetches=uniq)
+
+    def flush(self) -> None:
+        """Send gradients still held and wait until the server has applied every step."""
+        self._push()
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.flush()
+        self.stream.close()
+
+    # --- checkpoints: each table's rows under `<prefix><table>.`, as RemoteEmbeddingBag keeps them ---
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        self.flush()                                   # every step applied before the export
+        for table in self.tables:
+            save_table(self.stream.client, table, destination, f"{prefix}{table}.")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        self.flush()
+        for table in self.tables:
+            load_table(self.stream.client, table, state_dict, f"{prefix}{table}.", missing_keys)
+
+    def _dedupe(self, flat: dict) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Unique ids per table, and each feature's index into its table's unique rows."""
+        uniq, inverse = {}, {}
+        for table in self.tables:
+            names = [f.name for f in self.features if f.table == table]
+            ids = [flat[name][0] for name in names]
+            uniq[table], index = np.unique(np.concatenate(ids) if len(ids) > 1 else ids[0], return_inverse=True)
+            bounds = np.cumsum([0] + [len(i) for i in ids])
+            for name, start, stop in zip(names, bounds[:-1], bounds[1:], strict=True):
+                inverse[name] = index[start:stop].astype(np.int64, copy=False)
+        return uniq, inverse
+
+    def _leaf(self, table: str, ids: np.ndarray, rows: np.ndarray) -> torch.Tensor:
+        if not rows.flags.writeable or rows.dtype != np.float32:     # decoded in place from the answer
+            rows = rows.astype(np.float32)
+        weight = torch.from_numpy(rows)
+        if torch.is_grad_enabled():
+            weight.requires_grad_(True)
+            weight.register_hook(lambda grad: self._collect(table, ids, grad))
+            self._waiting += 1
+        return weight
+
+    def _collect(self, table: str, ids: np.ndarray, grad: torch.Tensor) -> None:
+        """A leaf's gradient; the step's request goes once every leaf of the forward has one
+        (several forwards before one backward: every gradient is kept and sent)."""
+        self._grads.setdefault(table, []).append((ids, grad.detach().cpu().numpy()))
+        self._waiting -= 1
+        if self._waiting <= 0:
+            self._push()
+
+    def _push(self) -> TrainStep | None:
+        """One request with every table's gradients of the step; waits for it unless pipelining."""
+        held, self._grads = self._grads, {}
+        if not held:
+            return None
+        grads = {table: _joined(parts) for table, parts in held.items()}     # the server sums duplicates
+        step = self.stream.send(gradients=grads)
+        if not self.pipeline:
+            step.result()
+        return step
+
+
+def _joined(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate([ids for ids, _ in parts]), np.concatenate([grads for _, grads in parts])
+
+
+def _flat_ids(ids: FeatureIds) -> tuple[np.ndarray, torch.Tensor | None, tuple, torch.device]:
+    """(flat int64 ids, offsets or None, the index shape for embedding_bag, the ids' device)."""
+    if isinstance(ids, tuple):
+        values, offsets = ids
+        return _numpy_ids(values).ravel(), offsets.cpu(), (values.numel(),), values.device
+    if ids.dim() != 2:
+        raise ValueError(f"batch: ids must be [batch, bag] or (flat ids, offsets), got shape {tuple(ids.shape)}")
+    return _numpy_ids(ids).ravel(), None, tuple(ids.shape), ids.device
+
+
+def _numpy_ids(ids: torch.Tensor) -> np.ndarray:
+    return ids.detach().cpu().numpy().astype(np.int64, copy=False)

@@ -1,0 +1,180 @@
+"""One ordered stream of training steps to the server (the `Train` RPC).
+
+A step carries gradients for any number of tables and lookups of any number of
+tables: one message (or a few, for large batches) each way. The server runs the
+steps of a stream in the order they were sent, gradients before lookups, so a
+client may send step i's gradients and step i+1's lookups without waiting in
+between: the lookups still see the gradients, and results equal those of a loop
+that waits for every call. Answers come back in order; `TrainStep.result()`
+waits for one.
+
+An error (a bad step, the server going away) fails every step still unanswered
+and ends the stream; the next `send` opens a new one.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from collections import deque
+from typing import Any
+
+import numpy as np
+from kvstore_proto.tensors import WireError, decode_tensor, encode_ids, encode_tensor
+from kvstore_proto.v1 import kvstore_pb2 as pb
+
+from .arrays import as_ids, as_rows, chunks
+from .client import ON_MISS, KVStoreClient
+from .errors import InternalError, InvalidArgumentError, KVStoreError
+from .errors import rpc_errors as _rpc
+
+TRAIN_METHOD = f"/{pb.DESCRIPTOR.services_by_name['EmbeddingStore'].full_name}/Train"
+
+
+class TrainStep:
+    """The server's answer to one step, once it has come."""
+
+    def __init__(self, stream: TrainingStream, lookups: dict[str, int]):
+        self._stream = stream
+        self.lookups = lookups                  # table -> rows expected
+        self.done = False
+        self.error: KVStoreError | None = None
+        self.stepped: dict[str, int] = {}
+        self.rows: dict[str, list[np.ndarray]] = {table: [] for table in lookups}
+
+    def result(self) -> tuple[dict[str, int], dict[str, np.ndarray]]:
+        """(unique rows stepped per table, looked-up weights per table); raises the step's error."""
+        self._stream._wait(self)
+        if self.error is not None:
+            raise self.error
+        return self.stepped, {table: _joined(parts, self.lookups[table], table) for table, parts in self.rows.items()}
+
+
+class TrainingStream:
+    def __init__(self, client: KVStoreClient):
+        self.client = client
+        self._lock = threading.Lock()            # sending, and reading answers
+        self._pending: deque[TrainStep] = deque()
+        self._requests: queue.SimpleQueue | None = None
+        self._call = None
+
+    def send(self, gradients: dict[str, tuple[Any, Any]] | None = None, lookups: dict[str, Any] | None = None,
+             on_miss: str = "init_insert", prefetches: dict[str, Any] | None = None) -> TrainStep:
+        """Queue one step: `gradients` {table: (ids, grads [n, dim])}, applied first (duplicates
+        summed), then `lookups` {table: ids}; `prefetches` {table: ids} are warmed into the
+        server's cache after the answer. Returns at once; `.result()` waits for the answer."""
+        if on_miss not in ON_MISS or on_miss == "error":
+            raise InvalidArgumentError(message=f"on_miss: expected init_insert, init or zeros, got {on_miss!r}")
+        messages = _step_messages(gradients or {}, {"lookups": lookups or {}, "prefetches": prefetches or {}},
+                                  ON_MISS[on_miss], self.client.chunk_bytes)
+        step = TrainStep(self, {table: len(as_ids(ids)) for table, ids in (lookups or {}).items()})
+        with self._lock:
+            if self._call is None:
+                self._open()
+            self._pending.append(step)
+            for message in messages:
+                self._requests.put(message)
+        return step
+
+    def flush(self) -> None:
+        """Wait until every step sent so far is answered; raises the first error."""
+        with self._lock:
+            last = self._pending[-1] if self._pending else None
+        if last is not None:
+            last.result()
+
+    def close(self) -> None:
+        with self._lock:
+            self._end(None)
+
+    def _open(self) -> None:
+        requests: queue.SimpleQueue = queue.SimpleQueue()
+
+        def iterate():
+            while (message := requests.get()) is not None:
+                yield message
+
+        method = self.client._channel.stream_stream(
+            TRAIN_METHOD, request_serializer=pb.TrainRequest.SerializeToString,
+            response_deserializer=pb.TrainResponse.FromString)
+        self._requests, self._call = requests, method(iterate())
+
+    def _wait(self, step: TrainStep) -> None:
+        with self._lock:
+            while not step.done:
+                self._read_one()
+
+    def _read_one(self) -> None:
+        """Read the answer of the oldest unanswered step (call with the lock held)."""
+        head = self._pending[0]
+        try:
+            with _rpc():
+                while True:
+                    response = next(self._call, None)
+                    if response is None:
+                        raise InternalError(message="train: the server ended the stream before answering")
+                    _absorb(head, response)
+                    if not response.more:
+                        break
+        except KVStoreError as exc:
+            self._end(exc)
+            return
+        head.done = True
+        self._pending.popleft()
+
+    def _end(self, error: KVStoreError | None) -> None:
+        """End the stream; every unanswered step fails with `error` (or as cancelled)."""
+        if self._call is not None:
+            self._requests.put(None)
+            self._call.cancel()
+        self._call = self._requests = None
+        while self._pending:
+            step = self._pending.popleft()
+            step.error = error or InternalError(message="train: the stream was closed before this step's answer")
+            step.done = True
+
+
+def _absorb(step: TrainStep, response: pb.TrainResponse) -> None:
+    step.stepped.update(response.stepped)
+    for entry in response.rows:
+        if entry.table not in step.rows:
+            raise InternalError(message=f"train: the answer has rows of table {entry.table!r}, which was not asked")
+        try:
+            step.rows[entry.table].append(decode_tensor(entry.values, "rows.values"))
+        except WireError as exc:
+            raise InternalError(message=f"train: malformed answer: {exc}") from None
+
+
+def _joined(parts: list[np.ndarray], n: int, table: str) -> np.ndarray:
+    rows = parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else None
+    if rows is None or rows.ndim != 2 or len(rows) != n:
+        raise InternalError(message=f"train: the answer for table {table!r} has "
+                                    f"{0 if rows is None else len(rows)} rows, expected {n}")
+    return rows
+
+
+def _step_messages(gradients: dict, id_fields: dict[str, dict], on_miss: int,
+                   chunk_bytes: int) -> list[pb.TrainRequest]:
+    """The messages of one step, each about `chunk_bytes`; all but the last have `more` set.
+    `id_fields`: {"lookups": {table: ids}, "prefetches": {table: ids}}."""
+    pieces = []                  # (field, table, ids, grads or None)
+    for table, (ids, grads) in gradients.items():
+        id_array = as_ids(ids)
+        grad_array = as_rows(grads, len(id_array), f"gradients[{table!r}]")
+        for start, stop in chunks(len(id_array), 8 + grad_array[:1].nbytes, chunk_bytes):
+            pieces.append(("gradients", table, id_array[start:stop], grad_array[start:stop]))
+    for kind, tables in id_fields.items():
+        for table, ids in tables.items():
+            id_array = as_ids(ids)
+            for start, stop in chunks(len(id_array), 8, chunk_bytes):
+                pieces.append((kind, table, id_array[start:stop], None))
+    messages, size = [pb.TrainRequest(on_miss=on_miss)], 0
+    for kind, table, ids, grads in pieces:
+        nbytes = ids.nbytes + (0 if grads is None else grads.nbytes)
+        if size and size + nbytes > chunk_bytes:
+            messages[-1].more = True
+            messages.append(pb.TrainRequest(on_miss=on_miss))
+            size = 0
+        values = {} if grads is None else {"values": encode_tensor(grads)}   # built in place, not merged
+        getattr(messages[-1], kind).add(table=table, ids=encode_ids(ids), **values)
+        size += nbytes
+    return messages
