@@ -24,7 +24,7 @@ from .common import make_batch
 from .lookup_service import LOAD_CHUNK
 
 LR = 0.01
-RTOL = 1e-5
+RTOL = 1e-4                  # float32 rounding: duplicate gradients summed in another order
 
 
 def sum_duplicates(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
