@@ -21,7 +21,7 @@ class Context:
         self.quick = quick
         self.sizes = sizes          # lookup: table sizes instead of the plan's
         self.reps = 1 if quick else 5        # quick checks that suites run and agree, not timings
-        self.scratch = Path(tempfile.mkdtemp(prefix="kvbench-", dir=scratch))
+        self.scratch = Path(tempfile.mkdtemp(prefix="kvstore-bench-", dir=scratch))
         self._redis: RedisPeer | None = None
         self._redis_why: str | None = None
         self._echo = None

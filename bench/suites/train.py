@@ -24,7 +24,7 @@ from .common import make_batch
 from .lookup_service import LOAD_CHUNK
 
 LR = 0.01
-RTOL = 1e-5
+RTOL = 1e-4                  # float32 rounding: duplicate gradients summed in another order
 
 
 def sum_duplicates(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -69,7 +69,7 @@ def checked_compare(ctx: Context, case: dict, sides: list[Side], batches: list, 
     reference; then all sides are timed. With `replay`, the reference takes the timed steps too, so
     it stays in step with the systems for the next case."""
     first = batches[0]
-    check_agreement(sides, first, reference[first.ids])
+    check_agreement(sides, first, reference[first.ids], rtol=RTOL)      # duplicates summed in another order
     if replay:
         numpy_step(reference, first.ids, first.grads)
     unique = np.unique(first.ids)
