@@ -33,6 +33,7 @@ PARALLEL_GET_MIN = 2048      # batches at least this large are split across read
 MIN_PART_KEYS = 1024         # smaller parts cost more in hand-off than they gain
 GET_CHUNK = 4096             # keys per multi-get call for large batches: in bench/store_bench.py one
                              # call of 65,536 keys read about 5x slower per key than 4,096-key calls
+REOPEN_SPARE_BYTES = 1 << 20   # room a reopen needs beyond one memtable's worth
 _DB_PROPERTIES = {
     "block_cache_usage_bytes": "rocksdb.block-cache-usage",
     "block_cache_capacity_bytes": "rocksdb.block-cache-capacity",
@@ -81,6 +82,7 @@ class RocksTier:
         self._active = 0
         self._reopening = False
         self.reopens = 0
+        self.labels: dict[str, str] = {}      # column family -> the table name gauges are reported under
         self.closed = False
         self._open()
 
@@ -111,6 +113,16 @@ class RocksTier:
                 self._active -= 1
                 if not self._active:
                     self._users.notify_all()
+
+    def has_room(self) -> bool:
+        """Whether the disk has room to reopen the database (a new WAL and MANIFEST, and a flush
+        of the memtable recovered from the WAL): reopening a database on a still-full disk would
+        fail and leave nothing open to read from."""
+        try:
+            stat = os.statvfs(self.path)
+        except OSError:
+            return False
+        return stat.f_bavail * stat.f_frsize >= self.config.write_buffer_bytes + REOPEN_SPARE_BYTES
 
     def reopen(self) -> None:
         """Close and open the database again (RocksDB refuses writes after an I/O error until
@@ -206,8 +218,14 @@ class RocksTier:
         """One atomic write batch: puts of keys/values, then deletes."""
         if not keys and not delete:
             return
-        with self._use(), _guard(f"write batch on {family!r}"):
-            handle = self._handle(family)
+        with self._use():
+            error = self._write(family, keys, values, delete)
+        if error is not None:      # raised out here: no frame of the error holds a database handle
+            raise StorageError(f"rocksdb write batch on {family!r} failed: {error}")
+
+    def _write(self, family, keys, values, delete) -> str | None:
+        handle = self._handle(family)
+        try:
             batch = rd.WriteBatch(raw_mode=True)
             batch.set_default_column_family(handle)
             for key, value in zip(keys, values or (), strict=True):
@@ -215,6 +233,9 @@ class RocksTier:
             for key in delete:
                 batch.delete(key)
             self._db.write(batch)
+        except Exception as exc:  # noqa: BLE001 - rocksdict's only error type; a reopen needs the handle gone
+            return str(exc)
+        return None
 
     def iter_items(self, family: str) -> Iterator[tuple[bytes, bytes]]:
         with self._use(), _guard(f"iterate {family!r}"):
@@ -248,13 +269,13 @@ class RocksTier:
 
     def properties(self) -> dict[str, dict[str, int]]:
         """RocksDB's own gauges, for monitoring: database-wide under "" (the block cache is
-        shared by every table), and per table under its name. Empty once closed."""
+        shared by every table), and per table under its name (`labels`). Empty once closed."""
         if self.closed:
             return {}
         with self._use(), _guard("read properties"):
             out = {"": {key: int(self._db.property_int_value(prop) or 0) for key, prop in _DB_PROPERTIES.items()}}
             for name, cf in list(self._families.items()):
-                out[name] = {key: int(cf.property_int_value(prop) or 0) for key, prop in _FAMILY_PROPERTIES.items()}
+                out[self.labels.get(name, name)] = {key: int(cf.property_int_value(prop) or 0) for key, prop in _FAMILY_PROPERTIES.items()}
             return out
 
     # --- table configs -----------------------------------------------------

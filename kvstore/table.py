@@ -80,6 +80,7 @@ class Table:
             self.eviction.rows = rocks.count_keys(self.family)
         if config.eviction.archive_seconds:
             rocks.create_family(self.archive_family)
+        rocks.labels.update({self.family: self.name, self.archive_family: archive.archive_family(self.name)})
 
     def _make_cache(self) -> SetAssociativeCache:
         return SetAssociativeCache(self.config.cache, self.layout.row_bytes)

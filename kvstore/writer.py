@@ -191,34 +191,45 @@ class Writer:
 
     def _perform(self, job: WriteJob) -> None:
         while True:
-            try:
-                job.perform()
-            except FamilyNotFound:               # its table was dropped: nothing left to write
+            error = self._attempt(job)
+            if error is None:
+                self.jobs_done += 1
+                if job.rocks is not None and self.fault is not None:
+                    self._set_fault(None)
                 job.finish()
                 return
-            except StorageError as exc:
-                self._faulty_rocks = job.rocks
-                self._set_fault(str(exc))
-                if self._stopping.is_set() and not self._recover(job.rocks):
-                    self.unsaved_rows += job.rows
-                    log.error("could not save %s at shutdown: %s", job.what, exc)
-                    job.finish(exc)
-                    return
-                if not self._stopping.wait(self.retry_seconds):
-                    self._recover(job.rocks, probe=False)
-                continue
-            except BaseException as exc:  # noqa: BLE001 - a bug must not kill the writer: the caller hears of it
-                log.exception("write job failed: %s", job.what)
-                job.finish(exc)
+            if not isinstance(error, StorageError):
+                job.finish(None if isinstance(error, FamilyNotFound) else error)
                 return
-            self.jobs_done += 1
-            if job.rocks is not None and self.fault is not None:
-                self._set_fault(None)
-            job.finish()
-            return
+            # Out of the except block: no traceback pins the database handle the reopen must drop.
+            self._faulty_rocks = job.rocks
+            self._set_fault(str(error))
+            if self._stopping.is_set() and not self._recover(job.rocks):
+                self.unsaved_rows += job.rows
+                log.error("could not save %s at shutdown: %s", job.what, error)
+                job.finish(error)
+                return
+            if not self._stopping.wait(self.retry_seconds):
+                self._recover(job.rocks, probe=False)
+
+    @staticmethod
+    def _attempt(job: WriteJob) -> BaseException | None:
+        """Run a job once; the error (its traceback dropped), or None. A dropped table's job is done."""
+        try:
+            job.perform()
+        except FamilyNotFound as exc:         # its table was dropped: nothing left to write
+            return exc.with_traceback(None)
+        except StorageError as exc:
+            return exc.with_traceback(None)
+        except Exception as exc:  # noqa: BLE001 - a bug must not kill the writer: the caller hears of it
+            log.exception("write job failed: %s", job.what)
+            return exc.with_traceback(None)
+        return None
 
     def _recover(self, rocks: RocksTier, probe: bool = True) -> bool:
-        """Reopen the database and (with `probe`) prove it takes writes again."""
+        """Reopen the database (once the disk has room) and, with `probe`, prove it takes writes."""
+        if not rocks.has_room():
+            return False
         try:
             rocks.reopen()
             if probe:

@@ -102,9 +102,14 @@ class KVStoreServer:
             self.metrics.watch(self.store, config.data_dir)
             self._metrics_http = self.metrics.serve(config.host, config.metrics_port)
         self._grpc.start()
-        for service in ("", SERVICE_NAME):
-            self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._set_health(None)
+        self.store.on_fault(self._set_health)       # a storage fault: NOT_SERVING until it clears
         return self.port
+
+    def _set_health(self, fault: str | None) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if fault is None else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            self._health.set(service, status)
 
     def stop(self) -> None:
         """Drain and close; safe to call once after start."""
