@@ -275,7 +275,8 @@ class RocksTier:
         with self._use(), _guard("read properties"):
             out = {"": {key: int(self._db.property_int_value(prop) or 0) for key, prop in _DB_PROPERTIES.items()}}
             for name, cf in list(self._families.items()):
-                out[self.labels.get(name, name)] = {key: int(cf.property_int_value(prop) or 0) for key, prop in _FAMILY_PROPERTIES.items()}
+                out[self.labels.get(name, name)] = {
+                    key: int(cf.property_int_value(prop) or 0) for key, prop in _FAMILY_PROPERTIES.items()}
             return out
 
     # --- table configs -----------------------------------------------------
