@@ -45,6 +45,8 @@ from .write_gate import WriteGate
 from .writer import Flusher, Writer
 
 STAGING_DIR = "staging"
+PRE_FLUSH_ROUNDS = 4     # flushes before a snapshot's pause, at most ...
+PAUSE_ROWS = 4096        # ... until one writes no more than this (the rest is written inside the pause)
 log = logging.getLogger(__name__)
 
 
@@ -210,9 +212,13 @@ class Store:
             start = time.perf_counter()
             tmp = self.snapshots.prepare(name)
             try:
-                for table in list(gen.tables.values()):    # the bulk of the work, writes still flowing
+                for table in list(gen.tables.values()):    # the bulk of the work, writes still flowing:
+                    for _ in range(PRE_FLUSH_ROUNDS):          # again while writers dirtied many rows meanwhile
+                        if table.flush() <= PAUSE_ROWS:
+                            break
+                gen.rocks.flush()                          # memtables: the checkpoint would flush them in the pause
+                for table in list(gen.tables.values()):    # rows dirtied during that flush
                     table.flush()
-                gen.rocks.flush()
                 with self.gate.paused():
                     paused_at = time.perf_counter()
                     for table in list(gen.tables.values()):

@@ -19,6 +19,7 @@ before RocksDB.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import Counter
@@ -29,7 +30,7 @@ import numpy as np
 
 from .cache import SetAssociativeCache
 from .config import TableConfig
-from .errors import FailedPrecondition, InvalidArgument, RowNotFound, StorageError
+from .errors import FailedPrecondition, InvalidArgument, ResourceExhausted, RowNotFound, StorageError
 from .eviction import archive
 from .eviction.tracker import EvictionTracker, check_scores
 from .initializer import initial_weights
@@ -83,7 +84,19 @@ class Table:
         rocks.labels.update({self.family: self.name, self.archive_family: archive.archive_family(self.name)})
 
     def _make_cache(self) -> SetAssociativeCache:
-        return SetAssociativeCache(self.config.cache, self.layout.row_bytes)
+        """The host cache tier. Its arrays are zero-filled by the OS page by page as slots are used
+        (calloc), so memory grows with use up to the configured size; a size this machine could
+        never hold is refused up front, naming the bytes."""
+        need = cache_bytes(self.config.cache.rows, self.layout.row_bytes)
+        total = _physical_memory()
+        if total and need > total:
+            raise ResourceExhausted(f"cache.rows: {self.config.cache.rows} slots of {self.layout.row_bytes}-byte rows "
+                                    f"need {need} bytes; this machine has {total}")
+        try:
+            return SetAssociativeCache(self.config.cache, self.layout.row_bytes)
+        except MemoryError:
+            raise ResourceExhausted(f"cache.rows: cannot allocate {need} bytes for "
+                                    f"{self.config.cache.rows} cache slots") from None
 
     # --- validation ----------------------------------------------------------
 
@@ -671,6 +684,19 @@ class Table:
             if self.eviction.rows is not None:
                 counters["rows"] = float(self.eviction.rows)    # exact, for tables with a row limit
             return counters
+
+
+def cache_bytes(rows: int, row_bytes: int) -> int:
+    """Host bytes of a cache of `rows` slots at most: the slab, then per slot the key, probe hint
+    pair, fingerprint, stamps, lock count and flags."""
+    return rows * (row_bytes + 8 + 16 + 2 + 8 + 8 + 4 + 2)
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 def open_table(config: TableConfig, rocks: RocksTier, writer: Writer, clock: Callable[[], float] = time.time,
