@@ -38,7 +38,7 @@ from .optimizers import make_optimizer, sum_duplicates
 from .rocks_tier import RocksTier
 from .rows import RowLayout, encode_keys, encode_scores
 from .validation import check_ids, check_matrix
-from .writer import PendingRows, WriteJob, Writer
+from .writer import PendingRows, WriteJob, Writer, fault_error
 
 ON_MISS = ("init_insert", "init", "zeros", "error")
 
@@ -171,7 +171,8 @@ class Table:
             raise RowNotFound(f"ids: {len(missing)} ids not found in table {self.name!r} (first: {missing[0]})")
         if on_miss != "zeros":
             self.counters["rows_initialized"] += int(absent.sum())
-        new = absent.copy() if on_miss == "init_insert" else np.zeros_like(absent)
+        storing = on_miss == "init_insert" and self.writer.fault is None   # in a storage fault: as `init`
+        new = absent.copy() if storing else np.zeros_like(absent)
         if new.any():                                # admission: unseen ids are stored after min_count sightings
             admitted = self.eviction.admission.admit(ids[new])
             self.counters["admission_rejected"] += int((~admitted).sum())
@@ -232,8 +233,8 @@ class Table:
             self._write_behind(victim_ids, victim_rows, "dirty victims")
         else:
             homeless = changed & ~cached
-            if self.writer.fault is not None:   # only lookups get here in a fault: store nothing optional
-                stale_ids, stale_rows, homeless = _NO_IDS, self.layout.empty(0), homeless & False
+            if self.writer.fault is not None:   # only lookups get here in a fault: no optional writes
+                stale_ids, stale_rows = _NO_IDS, self.layout.empty(0)
             self._write_behind(np.concatenate([victim_ids, stale_ids, ids[homeless]]),
                                np.concatenate([victim_rows, stale_rows, rows[homeless]]), "dirty victims")
         self.cache.fill(slots, ids, rows, changed & (not self.write_through))
@@ -272,7 +273,7 @@ class Table:
             self.rocks.write(self.family, encode_keys(ids), self.layout.to_values(rows), encode_keys(deletes))
         except StorageError as exc:
             self.writer.report(self.rocks, exc)
-            raise
+            raise fault_error(str(exc)) from None
         self.counters["rows_written"] += len(ids)
 
     def _write_back(self, *id_row_pairs) -> None:

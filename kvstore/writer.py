@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import StorageError, StoreClosed
+from .errors import StorageError, StorageFault, StoreClosed
 from .rocks_tier import FamilyNotFound, RocksTier
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,17 @@ QUEUE_JOBS = 64              # jobs waiting at most; callers wait beyond it
 RETRY_SECONDS = 0.5          # between attempts while the database refuses writes
 FLUSH_POLL_MIN = 0.005
 FLUSH_POLL_MAX = 0.1         # a new table waits at most this long for its first look
+
+
+def fault_error(reason: str) -> StorageFault:
+    """The error a refused write gets: the cause in plain words (RocksDB's text has paths)."""
+    if "No space left" in reason:
+        cause = "the disk is full (no space left on device)"
+    elif "Read-only file system" in reason:
+        cause = "the disk is read-only"
+    else:
+        cause = "the database failed a write (I/O error; the server log has RocksDB's message)"
+    return StorageFault(f"storage: writes are refused until the store recovers: {cause}")
 
 
 class PendingRows:
@@ -158,10 +169,10 @@ class Writer:
         self._set_fault(str(exc))
 
     def check(self) -> None:
-        """Raise StorageError (UNAVAILABLE) while in the fault state: writes are refused."""
+        """Raise StorageFault (UNAVAILABLE) while in the fault state: writes are refused."""
         fault = self.fault
         if fault is not None:
-            raise StorageError(f"store: writes are refused until storage recovers ({fault})")
+            raise fault_error(fault)
 
     def stopping(self) -> None:
         """From now on a job that fails is tried once more (after a reopen), then given up and logged."""

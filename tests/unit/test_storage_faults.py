@@ -17,7 +17,7 @@ import pytest
 
 from kvstore import RocksConfig, Store
 from kvstore.config import OptimizerConfig
-from kvstore.errors import StorageError
+from kvstore.errors import StorageFault
 
 from .conftest import table_config
 
@@ -76,7 +76,7 @@ def write_until_refused(store: Store, table: str, ids: np.ndarray, acked: dict) 
         batch = rows(seed, len(ids))
         try:
             store.update(table, ids, batch)
-        except StorageError:
+        except StorageFault:
             return batch
         acked[table] = batch
     raise AssertionError("the disk never filled up")
@@ -97,7 +97,7 @@ def test_a_write_refused_by_a_full_disk_changes_nothing_and_the_store_recovers(d
         after = store.lookup("wt", ids, with_state=True)
         np.testing.assert_array_equal(after.weights, acked.get("wt", before_step.weights))
         assert not np.array_equal(after.weights, refused)
-        with pytest.raises(StorageError, match="refused"):
+        with pytest.raises(StorageFault, match="refused"):
             store.apply_gradients("wt", ids, np.ones((len(ids), DIM), np.float32))
         np.testing.assert_array_equal(store.lookup("wt", ids, with_state=True).state, after.state)
         free(disk)
@@ -120,13 +120,13 @@ def test_write_back_rows_survive_a_full_disk_and_reach_rocksdb_after_it(disk):
         for seed in range(200):                 # the flusher hits the full disk; writes are then refused
             try:
                 store.update("wb", ids, rows(seed, len(ids)))
-            except StorageError:
+            except StorageFault:
                 break
             acked = rows(seed, len(ids))
             if store.fault is not None:
                 break
         assert wait_for(lambda: store.fault is not None)
-        with pytest.raises(StorageError):
+        with pytest.raises(StorageFault):
             store.update("wb", ids, rows(999, len(ids)))
         np.testing.assert_array_equal(store.lookup("wb", ids).weights, acked)    # reads go on
         free(disk)
