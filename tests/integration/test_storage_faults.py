@@ -3,16 +3,13 @@ NOT_SERVING and writes are UNAVAILABLE naming the reason while reads go on; the 
 by itself once space returns; SIGTERM during the fault exits 0. Skipped where tmpfs cannot be mounted."""
 from __future__ import annotations
 
-import contextlib
-import os
-import subprocess
-
 import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kvstore_client import KVStoreClient
 from kvstore_client.errors import UnavailableError
+from small_disk import fill, free, mounted
 
 from .conftest import wait_until
 
@@ -21,27 +18,8 @@ DIM = 32
 
 @pytest.fixture
 def disk(tmp_path):
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)],
-                          capture_output=True, check=False)
-    if done.returncode:
-        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(disk) -> None:
-    fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
-    try:
-        for size in (1 << 20, 64 << 10, 4 << 10, 512):
-            with contextlib.suppress(OSError):
-                while os.write(fd, b"\1" * size):
-                    pass
-    finally:
-        os.close(fd)
+    with mounted(tmp_path / "disk") as path:
+        yield path
 
 
 def health(address: str) -> int:
@@ -52,6 +30,17 @@ def health(address: str) -> int:
 def start_on(start_server, disk):
     return start_server("--rocksdb-write-buffer-bytes", str(1 << 20), "--rocksdb-block-cache-bytes", str(1 << 20),
                         data_dir=disk / "data")
+
+
+def full_server(start_server, disk, ids: np.ndarray):
+    """A server with a write-through table holding ones for `ids`, on a disk then filled up."""
+    server = start_on(start_server, disk)
+    with KVStoreClient(server.address, timeout=30.0) as client:
+        client.create_table("wt", DIM, cache={"rows": 512, "ways": 32, "write": "write_through"})
+        client.update("wt", ids, np.ones((len(ids), DIM), np.float32))
+        assert health(server.address) == health_pb2.HealthCheckResponse.SERVING
+    fill(disk)
+    return server
 
 
 def write_until_unavailable(client: KVStoreClient, ids: np.ndarray) -> np.ndarray:
@@ -69,17 +58,13 @@ def write_until_unavailable(client: KVStoreClient, ids: np.ndarray) -> np.ndarra
 
 
 def test_a_full_disk_turns_health_not_serving_until_space_returns(start_server, disk):
-    server = start_on(start_server, disk)
     ids = np.arange(300)
+    server = full_server(start_server, disk, ids)
     with KVStoreClient(server.address, timeout=30.0) as client:
-        client.create_table("wt", DIM, cache={"rows": 512, "ways": 32, "write": "write_through"})
-        client.update("wt", ids, np.ones((len(ids), DIM), np.float32))
-        assert health(server.address) == health_pb2.HealthCheckResponse.SERVING
-        fill(disk)
         acked = write_until_unavailable(client, ids)
         assert health(server.address) == health_pb2.HealthCheckResponse.NOT_SERVING
         np.testing.assert_array_equal(client.lookup("wt", ids), acked)          # reads go on
-        os.remove(disk / "filler")
+        free(disk)
         assert wait_until(lambda: health(server.address) == health_pb2.HealthCheckResponse.SERVING, 30)
         client.update("wt", ids, np.zeros((len(ids), DIM), np.float32))
     server = server.restart()
@@ -88,15 +73,12 @@ def test_a_full_disk_turns_health_not_serving_until_space_returns(start_server, 
 
 
 def test_sigterm_during_a_storage_fault_exits_zero(start_server, disk):
-    server = start_on(start_server, disk)
     ids = np.arange(300)
+    server = full_server(start_server, disk, ids)
     with KVStoreClient(server.address, timeout=30.0) as client:
-        client.create_table("wt", DIM, cache={"rows": 512, "ways": 32, "write": "write_through"})
-        client.update("wt", ids, np.ones((len(ids), DIM), np.float32))
-        fill(disk)
         acked = write_until_unavailable(client, ids)
     assert server.stop() == 0
-    os.remove(disk / "filler")
+    free(disk)
     server = start_on(start_server, disk)
     with KVStoreClient(server.address, timeout=30.0) as client:
         np.testing.assert_array_equal(client.lookup("wt", ids, on_miss="error"), acked)

@@ -16,16 +16,7 @@ from kvstore.errors import InvalidArgument, RowNotFound
 from kvstore.writer import WriteJob
 
 from .conftest import stored_weights, table_config
-
-
-def wait_for(predicate, timeout: float = 30.0) -> bool:
-    import time
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
+from .test_eviction_concurrency import wait_for
 
 
 def test_write_back_rows_reach_rocksdb_without_a_flush_call(store):

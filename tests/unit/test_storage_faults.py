@@ -7,19 +7,18 @@ closing during the fault does not raise. Skipped where tmpfs cannot be mounted.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import subprocess
 
 import numpy as np
 import pytest
+from small_disk import fill, free, mounted
 
 from kvstore import RocksConfig, Store
 from kvstore.config import OptimizerConfig
 from kvstore.errors import StorageFault
 
 from .conftest import table_config
+from .test_eviction_concurrency import wait_for
 
 DISK_BYTES = 24 << 20
 ROCKS = RocksConfig(write_buffer_bytes=1 << 20, block_cache_bytes=1 << 20, durability="wal")
@@ -28,42 +27,8 @@ DIM = 32
 
 @pytest.fixture
 def disk(tmp_path):
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_BYTES}", "tmpfs", str(mount)],
-                          capture_output=True, check=False)
-    if done.returncode:
-        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(disk) -> None:
-    """Take every free byte of the filesystem."""
-    fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
-    try:
-        for size in (1 << 20, 64 << 10, 4 << 10, 512):
-            with contextlib.suppress(OSError):
-                while os.write(fd, b"\1" * size):
-                    pass
-    finally:
-        os.close(fd)
-
-
-def free(disk) -> None:
-    os.remove(disk / "filler")
-
-
-def wait_for(predicate, timeout: float = 30.0) -> bool:
-    import time
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
+    with mounted(tmp_path / "disk") as path:
+        yield path
 
 
 def rows(seed: int, n: int) -> np.ndarray:
