@@ -368,6 +368,7 @@ class GpuTable(Table):
                 job, written = self._hand_over_dirty()
             if job is not None:
                 job.wait()
+            self._save_row_count()
             self.last_flush = started
             return written
 

@@ -27,8 +27,9 @@ from .errors import KVStoreError, NotFound, StorageError
 
 META_FAMILY = "default"      # table configs live in the default column family
 _TABLE_PREFIX = b"table/"
-_FAMILY_PREFIX = b"family/"
-_PROBE_KEY = b"probe"  # table name -> its column family (one per incarnation of the name)
+_FAMILY_PREFIX = b"family/"  # table name -> its column family (one per incarnation of the name)
+_PROBE_KEY = b"probe"
+_COUNT_PREFIX = b"rows/"     # column family -> its table's row count at the last flush
 PARALLEL_GET_MIN = 2048      # batches at least this large are split across read threads
 MIN_PART_KEYS = 1024         # smaller parts cost more in hand-off than they gain
 GET_CHUNK = 4096             # keys per multi-get call for large batches: in bench/store_bench.py one
@@ -312,6 +313,16 @@ class RocksTier:
                 if family is not None:
                     batch.put(family_key, family.encode())
             self._db.write(batch, self._meta_opts)
+
+    def save_row_count(self, family: str, rows: int) -> None:
+        """Persist a table's row count (read back on open instead of counting keys)."""
+        with self._use(), _guard("write row count"):
+            self._db.put(_COUNT_PREFIX + family.encode(), str(int(rows)).encode())
+
+    def load_row_count(self, family: str) -> int | None:
+        with self._use(), _guard("read row count"):
+            value = self._db.get(_COUNT_PREFIX + family.encode())
+        return None if value is None else int(value)
 
     def probe_write(self) -> None:
         """One small synced write: proves the database takes writes again after a fault."""

@@ -77,8 +77,9 @@ class Table:
         self._flush_lock = threading.Lock()       # one flush at a time
         self._dropped = False
         self.eviction = EvictionTracker(config.eviction, self.layout, self.cache.capacity)
-        if self.eviction.counts_rows:
-            self.eviction.rows = rocks.count_keys(self.family)
+        if self.eviction.counts_rows:          # kept as rows come and go; saved at every flush
+            saved = rocks.load_row_count(self.family)
+            self.eviction.rows = rocks.count_keys(self.family) if saved is None else saved
         if config.eviction.archive_seconds:
             rocks.create_family(self.archive_family)
         rocks.labels.update({self.family: self.name, self.archive_family: archive.archive_family(self.name)})
@@ -517,8 +518,15 @@ class Table:
             for job in jobs:
                 if job is not None:
                     job.wait()
+            self._save_row_count()
             self.last_flush = started
             return written
+
+    def _save_row_count(self) -> None:
+        rows = self.eviction.rows
+        if rows is not None and not self._dropped:
+            rocks, family = self.rocks, self.family
+            self._run_job(lambda: rocks.save_row_count(family, rows), "row count")
 
     def _flush_candidates(self) -> np.ndarray:
         clean = np.flatnonzero(self.cache.occupied & ~self.cache.dirty)
@@ -576,6 +584,7 @@ class Table:
             self.cache.clear()
             if self.eviction.counts_rows:          # exact row count for eviction triggers
                 self.eviction.rows = rocks.count_keys(family)
+                self._save_row_count()
             self.counters["rows_imported"] += rows
 
     def refresh_rows(self, ids: np.ndarray, rows: np.ndarray) -> None:

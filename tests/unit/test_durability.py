@@ -12,7 +12,8 @@ import pytest
 import kvstore
 from kvstore import RocksConfig, Store
 from kvstore.config import EvictionConfig, OptimizerConfig
-from kvstore.errors import InvalidArgument, RowNotFound
+from kvstore.errors import InvalidArgument, ResourceExhausted, RowNotFound
+from kvstore.rocks_tier import RocksTier
 from kvstore.writer import WriteJob
 
 from .conftest import stored_weights, table_config
@@ -141,3 +142,22 @@ def test_nothing_outside_table_py_touches_a_tables_private_state():
                 if node.attr in private or (node.attr == "cache" and node.value.id in ("table", "handle", "t")):
                     offenders.append(f"{path.name}:{node.lineno} {node.value.id}.{node.attr}")
     assert offenders == []
+
+
+def test_a_row_limited_table_reopens_without_counting_its_keys(data_dir, monkeypatch):
+    with Store(data_dir) as store:
+        store.create_table(table_config(rows=256, ways=32, eviction=EvictionConfig(max_rows=10_000)))
+        store.update("t", np.arange(500), np.ones((500, 8), np.float32))
+        store.delete("t", np.arange(100))
+
+    def scan(*_):
+        raise AssertionError("the row count was scanned on open")
+    monkeypatch.setattr(RocksTier, "count_keys", scan)
+    with Store(data_dir) as reopened:
+        assert reopened.stats("t")["rows"] == 400
+
+
+def test_a_cache_this_machine_cannot_hold_is_resource_exhausted_naming_the_bytes(store):
+    with pytest.raises(ResourceExhausted, match=r"cache.rows: .* need \d+ bytes"):
+        store.create_table(table_config(dim=1024, rows=1 << 34, ways=32))
+    assert store.list_tables() == [] and store.rocks.families() == []
