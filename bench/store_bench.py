@@ -77,9 +77,8 @@ def load(store: Store, weights: np.ndarray, batch: int) -> float:
     return len(weights) / (time.perf_counter() - start)
 
 
-def open_raw(db_path: str, read_only: bool, families: tuple[str, ...] = (TABLE,)) -> tuple[rd.Rdict, rd.Rdict]:
-    """rocksdict handle on the store's database (raw mode), tuned like the store's RocksDB tier;
-    returns the database and the first family's handle."""
+def open_raw(db_path: str, family: str, read_only: bool) -> tuple[rd.Rdict, rd.Rdict]:
+    """rocksdict handle on the store's database (raw mode), tuned like the store's RocksDB tier."""
     config = RocksConfig()
     cache = rd.Cache(config.block_cache_bytes)
 
@@ -93,13 +92,13 @@ def open_raw(db_path: str, read_only: bool, families: tuple[str, ...] = (TABLE,)
         return opts
 
     access = rd.AccessType.read_only() if read_only else rd.AccessType.read_write()
-    db = rd.Rdict(db_path, options(), column_families={name: options() for name in families}, access_type=access)
-    return db, db.get_column_family(families[0])
+    db = rd.Rdict(db_path, options(), column_families={family: options()}, access_type=access)
+    return db, db.get_column_family(family)
 
 
-def compact(db_path: str) -> str:
+def compact(db_path: str, family_name: str) -> str:
     """Full compaction while the store is closed, so both sides of (b) read settled SST files."""
-    db, family = open_raw(db_path, read_only=False)
+    db, family = open_raw(db_path, family_name, read_only=False)
     try:
         family.compact_range(None, None)
         level0 = family.property_int_value("rocksdb.num-files-at-level0")
@@ -211,14 +210,15 @@ def main() -> None:
         rate = load(store, weights, args.load_batch)
         print(f"loaded {args.rows:,} rows through Store.update at {rate:,.0f} rows/s")
         db_path = store.rocks.path
+        family = store.table(TABLE).family        # the table's column family (one per incarnation)
         store.close()
         start = time.perf_counter()
-        layout = compact(db_path)
+        layout = compact(db_path, family)
         print(f"compacted in {time.perf_counter() - start:.1f} s: {layout}")
 
         results: list[Row] = []
         store = Store(data_dir)            # freshly reopened: empty cache
-        raw_db, raw_family = open_raw(db_path, read_only=True)
+        raw_db, raw_family = open_raw(db_path, family, read_only=True)
         try:
             for part in args.parts:
                 for dist in ("uniform", "zipf"):

@@ -17,9 +17,11 @@ from .errors import (
     ResourceExhausted,
     RowNotFound,
     StorageError,
+    StorageFault,
     StoreClosed,
     TableExists,
     TableNotFound,
+    Unavailable,
 )
 from .store import Store
 from .table import LookupResult, Table
@@ -39,6 +41,7 @@ __all__ = [
     "RocksConfig",
     "RowNotFound",
     "StorageError",
+    "StorageFault",
     "Store",
     "StoreClosed",
     "SweeperConfig",
@@ -46,4 +49,5 @@ __all__ = [
     "TableConfig",
     "TableExists",
     "TableNotFound",
+    "Unavailable",
 ]

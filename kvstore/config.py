@@ -92,8 +92,12 @@ class CacheConfig:
     policy: Literal["lru", "lfu"] = "lru"
     write: Literal["write_back", "write_through"] = "write_back"
     device: str = "cpu"           # where the cache lives: "cpu" (host memory) or "cuda:N" (GPU memory)
+    flush_seconds: float = 1.0    # write_back: dirty rows reach RocksDB at least this often
 
     def __post_init__(self):
+        if (isinstance(self.flush_seconds, bool) or not isinstance(self.flush_seconds, (int, float))
+                or not math.isfinite(self.flush_seconds) or not 0 < self.flush_seconds <= 86400):
+            raise InvalidArgument(f"cache.flush_seconds: must be a number in (0, 86400], got {self.flush_seconds!r}")
         if not isinstance(self.device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
             raise InvalidArgument(f"cache.device: expected 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if not isinstance(self.ways, int) or not 1 <= self.ways <= 64:

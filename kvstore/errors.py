@@ -53,3 +53,16 @@ class StorageError(KVStoreError):
     """RocksDB failed (I/O error, full disk, corruption); wraps rocksdict's bare Exception."""
 
     reason = "storage_error"
+
+
+class Unavailable(KVStoreError):
+    """The store cannot serve this call now, but may soon: the client may retry with backoff."""
+
+    reason = "unavailable"
+
+
+class StorageFault(Unavailable):
+    """Writes are refused while RocksDB refuses writes (a full disk); reads go on. The message
+    names the cause in plain words, without paths or RocksDB internals."""
+
+    reason = "storage_fault"

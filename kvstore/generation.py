@@ -16,12 +16,14 @@ from collections.abc import Iterator
 from .errors import StoreClosed, TableNotFound
 from .rocks_tier import RocksTier
 from .table import Table
+from .writer import Writer
 
 
 class Generation:
-    def __init__(self, rocks: RocksTier, tables: dict[str, Table]):
+    def __init__(self, rocks: RocksTier, tables: dict[str, Table], writer: Writer | None = None):
         self.rocks = rocks
         self.tables = tables
+        self.writer = writer
         self.users = 0
         self.retired = False
         self.remove_dir = False    # delete the database directory once closed
@@ -33,6 +35,8 @@ class Generation:
             raise TableNotFound(f"table: no table named {name!r}") from None
 
     def close(self) -> None:
+        if self.writer is not None:
+            self.writer.drain()       # rows the writer still holds for this database go first
         self.rocks.close()
         if self.remove_dir:
             shutil.rmtree(self.rocks.path, ignore_errors=True)

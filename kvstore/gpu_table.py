@@ -22,7 +22,7 @@ from .errors import FailedPrecondition, InvalidArgument, RowNotFound
 from .eviction.tracker import check_scores
 from .gpu_arrays import BF16, PinnedBuffer, device_dtype, from_device, kind_of, to_device
 from .gpu_cache import GpuCache
-from .rows import encode_keys, encode_scores
+from .rows import encode_scores
 from .table import ON_MISS, LookupResult, Table
 
 
@@ -64,8 +64,8 @@ def last_occurrences(ids: cupy.ndarray) -> cupy.ndarray:
 class GpuTable(Table):
     profile = False          # when True, `phases` accumulates seconds per stage (with syncs)
 
-    def __init__(self, config, rocks, clock=time.time):
-        super().__init__(config, rocks, clock)
+    def __init__(self, config, rocks, writer, clock=time.time, family=None):
+        super().__init__(config, rocks, writer, clock, family)
         self.device = self.cache.device
         self.kernels = self.cache.kernels
         self.pinned = PinnedBuffer()
@@ -183,11 +183,13 @@ class GpuTable(Table):
         """Rows of unique uncached ids from RocksDB or the initializer; caches what is stored
         and records the access in the cached copies' headers. (GPU tables have no admission
         filter and no store eviction: their configs refuse both.)"""
-        rows, present = self._fetch(ids, initialize=on_miss != "zeros")
+        rows, present = self._fetch(ids, initialize=on_miss not in ("zeros", "error"))
         absent = ~present
         if on_miss == "error" and absent.any():
             missing = ids[absent]
             raise RowNotFound(f"ids: {len(missing)} ids not found in table {self.name!r} (first: {missing[0]})")
+        if on_miss != "zeros":
+            self.counters["rows_initialized"] += int(absent.sum())
         new = absent if on_miss == "init_insert" else np.zeros_like(absent)
         self.eviction.created(int(new.sum()))
         stored = present | new
@@ -274,6 +276,7 @@ class GpuTable(Table):
             ids, weights = ids[last], cupy.ascontiguousarray(weights[last])
             state = None if state is None else cupy.ascontiguousarray(state[last])
             with self._lock:
+                self._check_writable()
                 self.cache.begin_batch()
                 rows, slots, created = self._current_rows(ids, initialize=False)
                 size = self.layout.row_bytes
@@ -304,6 +307,7 @@ class GpuTable(Table):
                 np.maximum.at(best, cupy.asnumpy(inverse), scores)
                 scores = best
             with self._lock:
+                self._check_writable()
                 self.cache.begin_batch()
                 slots = self.cache.probe_and_touch(ids)
                 if not self.write_through and bool((slots >= 0).all()):
@@ -317,6 +321,7 @@ class GpuTable(Table):
                         self._write_scores(rows, None, scores)
                     self.cache.optimizer_step(None, grads, self.config.optimizer, self.layout, rows=rows)
                     self._store_rows(ids, rows, slots)
+                    self.counters["rows_initialized"] += created
                     self.eviction.created(created)
                 if owner is not None:
                     self._release(cupy.asnumpy(ids), owner)
@@ -351,16 +356,32 @@ class GpuTable(Table):
         """Which unique ids have a row (cached or stored). Call under the lock."""
         exists = cupy.asnumpy(self.cache.probe(ids)) >= 0
         if (~exists).any():
-            values = self.rocks.get(self.name, encode_keys(ids[~exists]))
-            exists[~exists] = np.fromiter((v is not None for v in values), dtype=bool, count=len(values))
+            exists[~exists] = self._stored_rows(ids[~exists])[1]
         return exists
 
-    def flush(self) -> int:
-        """Write every dirty cached row to RocksDB; returns rows written."""
-        with self._lock, self.device:
+    def flush(self, slice_rows: int = 0) -> int:
+        """Hand every dirty cached row to the store's writer in one go and wait until RocksDB
+        has them; returns rows written."""
+        with self._flush_lock:
+            started = time.monotonic()
+            with self._lock:
+                job, written = self._hand_over_dirty()
+            if job is not None:
+                job.wait()
+            self._save_row_count()
+            self.last_flush = started
+            return written
+
+    def _hand_over_dirty(self):
+        with self.device:
             slots = self.cache.dirty_slots()
-            if len(slots):
-                rows = self.pinned.download(self.cache.gather_rows(slots))
-                self._write_back(cupy.asnumpy(self.cache.keys[slots]), rows)
-                self.cache.dirty[slots] = False
-            return len(slots)
+            if not len(slots):
+                return None, 0
+            rows = self.pinned.download(self.cache.gather_rows(slots)).copy()   # the writer keeps them
+            job = self._write_behind(cupy.asnumpy(self.cache.keys[slots]), rows, "flush")
+            self.cache.dirty[slots] = False
+            return job, len(slots)
+
+    def _settle(self) -> None:
+        self._hand_over_dirty()
+        self.pending.wait_for_all()

@@ -3,6 +3,12 @@
 rocksdict raises a bare `Exception` for RocksDB errors; every call here goes
 through `_guard`, which turns them into `StorageError`, so nothing above this
 module ever sees rocksdict's exceptions. Always raw mode: bytes in, bytes out.
+
+After a write error (a full disk) RocksDB keeps refusing writes until the
+database is opened again: `reopen` does that in place, once no call is using
+the old handle; calls arriving meanwhile wait. Table configs and the column
+family of each table are written with a synced WAL whatever `durability`
+says, so a table never vanishes or comes back after a crash.
 """
 from __future__ import annotations
 
@@ -17,14 +23,18 @@ from concurrent.futures import ThreadPoolExecutor
 import rocksdict as rd
 
 from .config import RocksConfig
-from .errors import KVStoreError, StorageError
+from .errors import KVStoreError, NotFound, StorageError
 
 META_FAMILY = "default"      # table configs live in the default column family
 _TABLE_PREFIX = b"table/"
+_FAMILY_PREFIX = b"family/"  # table name -> its column family (one per incarnation of the name)
+_PROBE_KEY = b"probe"
+_COUNT_PREFIX = b"rows/"     # column family -> its table's row count at the last flush
 PARALLEL_GET_MIN = 2048      # batches at least this large are split across read threads
 MIN_PART_KEYS = 1024         # smaller parts cost more in hand-off than they gain
 GET_CHUNK = 4096             # keys per multi-get call for large batches: in bench/store_bench.py one
                              # call of 65,536 keys read about 5x slower per key than 4,096-key calls
+REOPEN_SPARE_BYTES = 1 << 20   # room a reopen needs beyond one memtable's worth
 _DB_PROPERTIES = {
     "block_cache_usage_bytes": "rocksdb.block-cache-usage",
     "block_cache_capacity_bytes": "rocksdb.block-cache-capacity",
@@ -35,6 +45,12 @@ _FAMILY_PROPERTIES = {
     "pending_compaction_bytes": "rocksdb.estimate-pending-compaction-bytes",
     "memtable_bytes": "rocksdb.size-all-mem-tables",
 }
+
+
+class FamilyNotFound(NotFound):
+    """A write or read of a column family that was dropped (its table is gone)."""
+
+    reason = "table_not_found"
 
 
 @contextlib.contextmanager
@@ -61,18 +77,76 @@ class RocksTier:
         self._write_opts = rd.WriteOptions()
         self._write_opts.disable_wal = self.config.durability == "none"
         self._write_opts.sync = self.config.durability == "sync"
+        self._meta_opts = rd.WriteOptions()
+        self._meta_opts.sync = True            # configs and families: always durable
+        self._users = threading.Condition()    # calls using the handle; `reopen` waits for none
+        self._active = 0
+        self._reopening = False
+        self.reopens = 0
+        self.labels: dict[str, str] = {}      # column family -> the table name gauges are reported under
+        self.closed = False
+        self._open()
+
+    def _open(self) -> None:
         with _guard("open"):
-            existing = rd.Rdict.list_cf(path, self._options()) if os.path.exists(
-                os.path.join(path, "CURRENT")
+            existing = rd.Rdict.list_cf(self.path, self._options()) if os.path.exists(
+                os.path.join(self.path, "CURRENT")
             ) else [META_FAMILY]
             # Column-family options must be passed on reopen too, or RocksDB
             # silently falls back to a small default block cache.
             families = {name: self._options() for name in existing if name != META_FAMILY}
-            self._db = rd.Rdict(path, self._options(), column_families=families)
+            self._db = rd.Rdict(self.path, self._options(), column_families=families)
             self._db.set_write_options(self._write_opts)
         self._families = {name: self._db.get_column_family(name) for name in families}
         self._handles = {name: self._db.get_column_family_handle(name) for name in families}
-        self.closed = False
+
+    @contextlib.contextmanager
+    def _use(self) -> Iterator[None]:
+        """Mark a call as using the database handle (a `reopen` waits until none is)."""
+        with self._users:
+            while self._reopening:
+                self._users.wait()
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._users:
+                self._active -= 1
+                if not self._active:
+                    self._users.notify_all()
+
+    def has_room(self) -> bool:
+        """Whether the disk has room to reopen the database (a new WAL and MANIFEST, and a flush
+        of the memtable recovered from the WAL): reopening a database on a still-full disk would
+        fail and leave nothing open to read from."""
+        try:
+            stat = os.statvfs(self.path)
+        except OSError:
+            return False
+        return stat.f_bavail * stat.f_frsize >= self.config.write_buffer_bytes + REOPEN_SPARE_BYTES
+
+    def reopen(self) -> None:
+        """Close and open the database again (RocksDB refuses writes after an I/O error until
+        then). Raises StorageError while it still cannot open; the old handle is gone either way."""
+        with self._users:
+            self._reopening = True
+            while self._active:
+                self._users.wait()
+        try:
+            with self._lock:
+                old, self._db = self._db, None
+                self._families, self._handles = {}, {}
+                try:
+                    old.close()
+                except Exception:  # noqa: BLE001 - the error that made us reopen; nothing to save
+                    pass
+                del old
+                self._open()
+                self.reopens += 1
+        finally:
+            with self._users:
+                self._reopening = False
+                self._users.notify_all()
 
     def _options(self) -> rd.Options:
         opts = rd.Options(raw_mode=True)
@@ -89,17 +163,37 @@ class RocksTier:
 
     # --- column families -------------------------------------------------
 
+    def _family(self, name: str) -> rd.Rdict:
+        try:
+            return self._families[name]
+        except KeyError:
+            raise self._missing(name) from None
+
+    def _handle(self, name: str):
+        try:
+            return self._handles[name]
+        except KeyError:
+            raise self._missing(name) from None
+
+    def _missing(self, name: str) -> KVStoreError:
+        if self._db is None:
+            return StorageError("rocksdb: the database could not be reopened yet")
+        return FamilyNotFound(f"table: column family {name!r} does not exist (dropped)")
+
+    def has_family(self, name: str) -> bool:
+        return name in self._families
+
     def families(self) -> list[str]:
         return sorted(self._families)
 
     def create_family(self, name: str) -> None:
-        with self._lock, _guard(f"create column family {name!r}"):
+        with self._use(), self._lock, _guard(f"create column family {name!r}"):
             if name not in self._families:
                 self._families[name] = self._db.create_column_family(name, self._options())
                 self._handles[name] = self._db.get_column_family_handle(name)
 
     def drop_family(self, name: str) -> None:
-        with self._lock, _guard(f"drop column family {name!r}"):
+        with self._use(), self._lock, _guard(f"drop column family {name!r}"):
             if name in self._families:
                 del self._families[name], self._handles[name]
                 self._db.drop_column_family(name)
@@ -108,8 +202,8 @@ class RocksTier:
 
     def get(self, family: str, keys: list[bytes]) -> list[bytes | None]:
         """Multi-get in key order of `keys`; None for absent keys. Large batches use several threads."""
-        cf = self._families[family]
-        with _guard(f"multi-get on {family!r}"):
+        with self._use(), _guard(f"multi-get on {family!r}"):
+            cf = self._family(family)
             if len(keys) < PARALLEL_GET_MIN:
                 return cf.get(keys)
             parts = max(1, min(self.config.read_threads, len(keys) // MIN_PART_KEYS))
@@ -125,8 +219,14 @@ class RocksTier:
         """One atomic write batch: puts of keys/values, then deletes."""
         if not keys and not delete:
             return
-        handle = self._handles[family]
-        with _guard(f"write batch on {family!r}"):
+        with self._use():
+            error = self._write(family, keys, values, delete)
+        if error is not None:      # raised out here: no frame of the error holds a database handle
+            raise StorageError(f"rocksdb write batch on {family!r} failed: {error}")
+
+    def _write(self, family, keys, values, delete) -> str | None:
+        handle = self._handle(family)
+        try:
             batch = rd.WriteBatch(raw_mode=True)
             batch.set_default_column_family(handle)
             for key, value in zip(keys, values or (), strict=True):
@@ -134,16 +234,19 @@ class RocksTier:
             for key in delete:
                 batch.delete(key)
             self._db.write(batch)
+        except Exception as exc:  # noqa: BLE001 - rocksdict's only error type; a reopen needs the handle gone
+            return str(exc)
+        return None
 
     def iter_items(self, family: str) -> Iterator[tuple[bytes, bytes]]:
-        with _guard(f"iterate {family!r}"):
-            yield from self._families[family].items()
+        with self._use(), _guard(f"iterate {family!r}"):
+            yield from self._family(family).items()
 
     def scan(self, family: str, start: bytes | None, limit: int) -> tuple[list[bytes], list[bytes]]:
         """Up to `limit` items in key order from `start` (inclusive; None: the first key).
         Each call opens a fresh iterator, so a slow scan never pins old data."""
-        cf = self._families[family]
-        with _guard(f"scan {family!r}"):
+        with self._use(), _guard(f"scan {family!r}"):
+            cf = self._family(family)
             options = rd.ReadOptions()
             options.fill_cache(False)          # a scan must not push hot blocks out of the block cache
             items = cf.items(read_opt=options) if start is None else cf.items(from_key=start, read_opt=options)
@@ -154,51 +257,83 @@ class RocksTier:
         return list(keys), list(values)
 
     def count_keys(self, family: str) -> int:
-        with _guard(f"count keys of {family!r}"):
-            return sum(1 for _ in self._families[family].keys())
+        with self._use(), _guard(f"count keys of {family!r}"):
+            return sum(1 for _ in self._family(family).keys())
 
     def live_bytes(self, family: str) -> int:
-        with _guard("read property"):
-            return int(self._families[family].property_int_value("rocksdb.live-sst-files-size") or 0)
+        with self._use(), _guard("read property"):
+            return int(self._family(family).property_int_value("rocksdb.live-sst-files-size") or 0)
 
     def estimate_rows(self, family: str) -> int:
-        with _guard("read property"):
-            return int(self._families[family].property_int_value("rocksdb.estimate-num-keys") or 0)
+        with self._use(), _guard("read property"):
+            return int(self._family(family).property_int_value("rocksdb.estimate-num-keys") or 0)
 
     def properties(self) -> dict[str, dict[str, int]]:
         """RocksDB's own gauges, for monitoring: database-wide under "" (the block cache is
-        shared by every table), and per table under its name. Empty once closed."""
+        shared by every table), and per table under its name (`labels`). Empty once closed."""
         if self.closed:
             return {}
-        with _guard("read properties"):
+        with self._use(), _guard("read properties"):
             out = {"": {key: int(self._db.property_int_value(prop) or 0) for key, prop in _DB_PROPERTIES.items()}}
             for name, cf in list(self._families.items()):
-                out[name] = {key: int(cf.property_int_value(prop) or 0) for key, prop in _FAMILY_PROPERTIES.items()}
+                out[self.labels.get(name, name)] = {
+                    key: int(cf.property_int_value(prop) or 0) for key, prop in _FAMILY_PROPERTIES.items()}
             return out
 
     # --- table configs -----------------------------------------------------
 
     def load_configs(self) -> dict[str, bytes]:
-        with _guard("read table configs"):
+        return self._load_meta(_TABLE_PREFIX)
+
+    def load_families(self) -> dict[str, str]:
+        """Table name -> its column family (tables created before families had incarnations
+        have none here: their family is their name)."""
+        return {name: value.decode() for name, value in self._load_meta(_FAMILY_PREFIX).items()}
+
+    def _load_meta(self, prefix: bytes) -> dict[str, bytes]:
+        with self._use(), _guard("read table configs"):
             return {
-                key[len(_TABLE_PREFIX):].decode(): value
-                for key, value in self._db.items(from_key=_TABLE_PREFIX)
-                if key.startswith(_TABLE_PREFIX)
+                key[len(prefix):].decode(): value
+                for key, value in self._db.items(from_key=prefix)
+                if key.startswith(prefix)
             }
 
-    def save_config(self, name: str, blob: bytes | None) -> None:
-        with _guard("write table config"):
+    def save_config(self, name: str, blob: bytes | None, family: str | None = None) -> None:
+        """Write (or with None, remove) a table's config and its column family's name in one
+        synced batch: after a crash the table exists with its family, or not at all."""
+        with self._use(), _guard("write table config"):
+            batch = rd.WriteBatch(raw_mode=True)
             key = _TABLE_PREFIX + name.encode()
+            family_key = _FAMILY_PREFIX + name.encode()
             if blob is None:
-                self._db.delete(key)
+                batch.delete(key)
+                batch.delete(family_key)
             else:
-                self._db.put(key, blob)
+                batch.put(key, blob)
+                if family is not None:
+                    batch.put(family_key, family.encode())
+            self._db.write(batch, self._meta_opts)
+
+    def save_row_count(self, family: str, rows: int) -> None:
+        """Persist a table's row count (read back on open instead of counting keys)."""
+        with self._use(), _guard("write row count"):
+            self._db.put(_COUNT_PREFIX + family.encode(), str(int(rows)).encode())
+
+    def load_row_count(self, family: str) -> int | None:
+        with self._use(), _guard("read row count"):
+            value = self._db.get(_COUNT_PREFIX + family.encode())
+        return None if value is None else int(value)
+
+    def probe_write(self) -> None:
+        """One small synced write: proves the database takes writes again after a fault."""
+        with self._use(), _guard("write"):
+            self._db.put(_PROBE_KEY, b"1", self._meta_opts)
 
     # --- snapshots and bulk loads -------------------------------------------
 
     def checkpoint(self, path: str) -> None:
         """A consistent copy of the whole database at `path` (hard links to SST files)."""
-        with _guard(f"checkpoint to {path!r}"):
+        with self._use(), _guard(f"checkpoint to {path!r}"):
             rd.Checkpoint(self._db).create_checkpoint(path)
 
     def consistent_items(self, family: str):
@@ -208,8 +343,8 @@ class RocksTier:
         opts = rd.ReadOptions()
         opts.fill_cache(False)                 # a full scan must not evict the hot blocks
         opts.set_readahead_size(2 << 20)
-        with _guard(f"iterate {family!r}"):
-            return self._families[family].items(read_opt=opts)
+        with self._use(), _guard(f"iterate {family!r}"):
+            return self._family(family).items(read_opt=opts)
 
     @staticmethod
     def batches(items, rows: int) -> Iterator[list[tuple[bytes, bytes]]]:
@@ -223,12 +358,12 @@ class RocksTier:
 
     def put_sst(self, writer: rd.SstFileWriter, keys: list[bytes], values: list[bytes]) -> None:
         """Add sorted pairs to an SST file writer."""
-        with _guard("write SST file"):
+        with self._use(), _guard("write SST file"):
             collections.deque(map(writer.__setitem__, keys, values), maxlen=0)
 
     def sst_writer(self, path: str) -> rd.SstFileWriter:
         """An SST file writer for `ingest`; keys must be added in increasing order."""
-        with _guard(f"open SST file {path!r}"):
+        with self._use(), _guard(f"open SST file {path!r}"):
             writer = rd.SstFileWriter(self._options())
             writer.open(path)
             return writer
@@ -237,19 +372,19 @@ class RocksTier:
         """Atomically add SST files to a table (moved, not copied); later files win on overlap."""
         opts = rd.IngestExternalFileOptions()
         opts.set_move_files(True)
-        with _guard(f"ingest into {family!r}"):
-            self._families[family].ingest_external_file(paths, opts)
+        with self._use(), _guard(f"ingest into {family!r}"):
+            self._family(family).ingest_external_file(paths, opts)
 
     def delete_all(self, family: str) -> None:
         """Remove every row of a table (one range tombstone)."""
-        with _guard(f"delete range in {family!r}"):
-            self._families[family].delete_range(b"", b"\xff" * 9)
+        with self._use(), _guard(f"delete range in {family!r}"):
+            self._family(family).delete_range(b"", b"\xff" * 9)
 
     # --- lifecycle ---------------------------------------------------------
 
     def flush(self) -> None:
         """Flush the memtables of every column family (rocksdict's `flush` covers only one)."""
-        with _guard("flush"):
+        with self._use(), _guard("flush"):
             self._db.flush()
             for family in list(self._families.values()):
                 family.flush()
@@ -259,7 +394,7 @@ class RocksTier:
             return
         self.closed = True
         self._readers.shutdown(wait=True)
-        with _guard("close"):
+        with self._use(), _guard("close"):
             self._families.clear()
             self._handles.clear()
             self._db.close()

@@ -4,6 +4,15 @@
 thing the gRPC server wraps. Table configs persist in the database beside the
 rows, so reopening a data directory brings every table back as it was.
 
+One `Writer` per store performs every RocksDB write that is not the reply to a
+call, and its flusher writes each write-back table's dirty rows back at least
+every `cache.flush_seconds`. A RocksDB write error puts the store in a fault
+state (`fault`, `on_fault`): writes are refused, reads go on, and the writer
+reopens the database until it takes writes again.
+
+Each table lives in a column family of its own incarnation (`name@<hex>`), so a
+dropped table's rows never come back under a new table of the same name.
+
 Every call pins the live `Generation` (database + tables) it runs on, so a
 snapshot restore can swap in another database while calls keep coming: calls
 in flight finish on the old one. Writes also pass a store-wide `WriteGate`,
@@ -14,6 +23,7 @@ for the duration of a call.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import threading
@@ -23,17 +33,21 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 
 from .config import RocksConfig, SweeperConfig, TableConfig, validate_name
-from .errors import FailedPrecondition, InvalidArgument, StorageError, TableExists, TableNotFound
+from .errors import FailedPrecondition, InvalidArgument, KVStoreError, StorageError, TableExists, TableNotFound
 from .eviction import archive
 from .eviction.sweeper import Sweeper
 from .generation import Generation, Generations
 from .rocks_tier import RocksTier
 from .snapshots import SnapshotDir, SnapshotInfo
 from .table import LookupResult, Table, open_table
-from .transfer import ImportStager, RowChunk, TableExport, flush_in_slices
+from .transfer import ImportStager, RowChunk, TableExport
 from .write_gate import WriteGate
+from .writer import Flusher, Writer
 
 STAGING_DIR = "staging"
+PRE_FLUSH_ROUNDS = 4     # flushes before a snapshot's pause, at most ...
+PAUSE_ROWS = 4096        # ... until one writes no more than this (the rest is written inside the pause)
+log = logging.getLogger(__name__)
 
 
 class Store:
@@ -52,20 +66,43 @@ class Store:
         live = self.snapshots.live_db()
         self.snapshots.remove_stale(live)
         shutil.rmtree(os.path.join(self.data_dir, STAGING_DIR), ignore_errors=True)
-        self._gens = Generations(self._open_generation(live))
-        self.sweeper = Sweeper(lambda: list(self._tables.values()), sweeper, clock)
+        self.writer = Writer()
+        try:
+            self._gens = Generations(self._open_generation(live))
+        except BaseException:
+            self.writer.close()
+            raise
+        self.sweeper = Sweeper(self._live_tables, sweeper, clock)
+        self.flusher = Flusher(self._live_tables, self.writer)
+
+    def _live_tables(self) -> list[Table]:
+        try:
+            return list(self._tables.values())
+        except KVStoreError:          # closed
+            return []
 
     def _open_generation(self, db_name: str) -> Generation:
         rocks = RocksTier(os.path.join(self.data_dir, db_name), self.rocks_config)
         try:
+            families = rocks.load_families()
             tables = {}
             for name, blob in rocks.load_configs().items():
                 config = TableConfig.from_dict(json.loads(blob))
-                tables[name] = open_table(config, rocks, self.clock)
+                tables[name] = open_table(config, rocks, self.writer, self.clock, families.get(name, name))
+            _drop_orphans(rocks, tables.values())
         except BaseException:
             rocks.close()
             raise
-        return Generation(rocks, tables)
+        return Generation(rocks, tables, self.writer)
+
+    @property
+    def fault(self) -> str | None:
+        """Why writes are refused (a RocksDB write error not yet recovered from), or None."""
+        return self.writer.fault
+
+    def on_fault(self, callback: Callable[[str | None], None]) -> None:
+        """`callback(reason)` when a storage fault starts, `callback(None)` when it clears."""
+        self.writer.on_fault(callback)
 
     def __enter__(self) -> Store:
         return self
@@ -88,13 +125,16 @@ class Store:
         with self._lock, self.gate.writing(), self._gens.pin() as gen:
             if config.name in gen.tables:
                 raise TableExists(f"name: table {config.name!r} already exists")
-            gen.rocks.create_family(config.name)
+            self.writer.check()
+            family = f"{config.name}@{uuid.uuid4().hex[:16]}"   # a new incarnation: never an old table's rows
+            gen.rocks.create_family(family)
             try:
-                table = open_table(config, gen.rocks, self.clock)   # e.g. no CUDA device: nothing persists
+                table = open_table(config, gen.rocks, self.writer, self.clock, family)   # e.g. no CUDA device
+                gen.rocks.save_config(config.name, json.dumps(config.to_dict()).encode(), family)
             except BaseException:
-                gen.rocks.drop_family(config.name)
+                gen.rocks.drop_family(family)
+                gen.rocks.drop_family(archive.archive_family(family))
                 raise
-            gen.rocks.save_config(config.name, json.dumps(config.to_dict()).encode())
             gen.tables[config.name] = table
             return config
 
@@ -102,11 +142,12 @@ class Store:
         with self._lock, self.gate.writing(), self._gens.pin() as gen:
             table = self._table(gen, name)
             table.eviction.cancelled.set()          # a sweep in progress stops at its next chunk
-            with table.eviction.sweep_lock, table._lock:
+            with table.eviction.sweep_lock:
+                table.drop()
                 gen.rocks.save_config(name, None)
-                gen.rocks.drop_family(name)
-                gen.rocks.drop_family(archive.archive_family(name))
                 del gen.tables[name]
+                gen.rocks.drop_family(table.family)
+                gen.rocks.drop_family(table.archive_family)
 
     def list_tables(self) -> list[str]:
         return sorted(self._tables)
@@ -171,17 +212,22 @@ class Store:
             start = time.perf_counter()
             tmp = self.snapshots.prepare(name)
             try:
-                for table in list(gen.tables.values()):    # the bulk of the work, writes still flowing
-                    flush_in_slices(table)
-                gen.rocks.flush()
+                for table in list(gen.tables.values()):    # the bulk of the work, writes still flowing:
+                    for _ in range(PRE_FLUSH_ROUNDS):          # again while writers dirtied many rows meanwhile
+                        if table.flush() <= PAUSE_ROWS:
+                            break
+                gen.rocks.flush()                          # memtables: the checkpoint would flush them in the pause
+                for table in list(gen.tables.values()):    # rows dirtied during that flush
+                    table.flush()
                 with self.gate.paused():
                     paused_at = time.perf_counter()
                     for table in list(gen.tables.values()):
-                        table.flush()
+                        table.settle()                      # only what changed since the flush above
+                    self.writer.drain()
                     configs = {n: t.config.to_dict() for n, t in gen.tables.items()}
                     _checkpoint(gen.rocks, os.path.join(tmp, "db"), name)
                     pause = time.perf_counter() - paused_at
-                rows = {n: gen.rocks.estimate_rows(n) for n in configs}
+                rows = {n: gen.rocks.estimate_rows(t.family) for n, t in gen.tables.items() if n in configs}
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
@@ -325,10 +371,8 @@ class Store:
 
     def restore_rows(self, table: str, ids) -> int:
         """Bring archived rows of `ids` back (ids that have a row again are left alone); rows restored."""
-        handle = self.table(table)
-        if not handle.config.eviction.archive_seconds:
-            raise FailedPrecondition(f"table: {table!r} keeps no archive (eviction.archive_seconds is 0)")
-        return archive.restore(handle, handle._ids(ids), self.clock())
+        with self.gate.writing(), self._gens.pin() as gen:
+            return self._table(gen, table).restore_archived(ids, self.clock())
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -344,19 +388,37 @@ class Store:
         return written
 
     def close(self) -> None:
-        """Flush dirty rows and close the database; later calls fail with StoreClosed."""
+        """Write every dirty row back and close the database; later calls fail with StoreClosed.
+        In a storage fault it saves what the database still takes, logs what it could not,
+        and does not raise."""
         with self._lock:
             if self._closed:
                 return
             self.sweeper.close()
+            self.flusher.close()
             self._closed = True
             gen = self._gens.shut()
             self._gens.join_retired()
-            if gen is not None:
+            self.writer.stopping()                  # a write that fails now is tried once more, then logged
+            if gen is None:
+                self.writer.close()
+                return
+            try:
+                for table in list(gen.tables.values()):
+                    table.flush()
+                self.writer.close()
+                gen.rocks.flush()
+            except KVStoreError as exc:
+                log.error("closing the store: %s", exc)
+            finally:
+                self.writer.close()
+                if self.writer.unsaved_rows:
+                    log.error("closing the store: %d rows could not be written (storage fault: %s)",
+                              self.writer.unsaved_rows, self.writer.fault)
                 try:
-                    self._flush(gen)
-                finally:
                     gen.close()
+                except KVStoreError as exc:
+                    log.error("closing the database: %s", exc)
 
 
 def _check_compatible(existing: TableConfig, imported: TableConfig) -> None:
@@ -365,6 +427,14 @@ def _check_compatible(existing: TableConfig, imported: TableConfig) -> None:
         have, want = getattr(existing, field), getattr(imported, field)
         if have != want:
             raise InvalidArgument(f"config.{field}: table {existing.name!r} has {have!r}, the import has {want!r}")
+
+
+def _drop_orphans(rocks: RocksTier, tables) -> None:
+    """Drop column families no table uses (a crash between dropping a table's config and its family)."""
+    used = {t.family for t in tables} | {t.archive_family for t in tables}
+    for family in rocks.families():
+        if family not in used and (family.startswith(archive.archive_family("")) or "@" in family):
+            rocks.drop_family(family)
 
 
 def _checkpoint(rocks: RocksTier, path: str, name: str) -> None:

@@ -1,13 +1,25 @@
-"""A table: one cache tier over one RocksDB column family.
+"""A table: one cache tier over one RocksDB column family, and the only owner of both.
 
 The cache holds rows in their stored byte layout; RocksDB is the source of
-truth. `write_back` tables keep written rows dirty in the cache until eviction,
-flush or close; `write_through` tables put every acknowledged write into
-RocksDB before returning. Every public method holds the table's lock, so each
-batch is atomic with respect to other batches of the same table.
+truth. Every public method holds the table's lock, so each batch is atomic with
+respect to other batches of the same table; snapshots, export/import, sweeps
+and the store reach the table's state only through these methods.
+
+Every batch is staged, written, then published: slots are chosen and rows
+computed without changing anything, the RocksDB writes the call needs are made
+(or queued to the store's writer), and only then does the cache change. A call
+that fails therefore changes nothing, and retrying it never applies a step twice.
+
+Write policies: `write_through` puts every acknowledged write (and the rows a
+lookup creates) into RocksDB's WAL before returning. `write_back` keeps written
+rows dirty in the cache; the store's flusher hands them to the writer at least
+every `cache.flush_seconds`, eviction hands dirty victims over, close hands over
+the rest. Rows handed over wait in `pending` until written, and reads look there
+before RocksDB.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import Counter
@@ -18,13 +30,15 @@ import numpy as np
 
 from .cache import SetAssociativeCache
 from .config import TableConfig
-from .errors import FailedPrecondition, InvalidArgument, RowNotFound
-from .eviction.archive import archive_family
+from .errors import FailedPrecondition, InvalidArgument, ResourceExhausted, RowNotFound, StorageError
+from .eviction import archive
 from .eviction.tracker import EvictionTracker, check_scores
 from .initializer import initial_weights
 from .optimizers import make_optimizer, step_rows, sum_duplicates
 from .rocks_tier import RocksTier
 from .rows import RowLayout, encode_keys, encode_scores
+from .validation import check_ids, check_matrix
+from .writer import PendingRows, WriteJob, Writer, fault_error
 
 ON_MISS = ("init_insert", "init", "zeros", "error")
 
@@ -36,52 +50,77 @@ class LookupResult:
 
 
 TAKE_ROWS_BYTES = 4 << 20    # lookups of up to this many row bytes gather whole rows first
+FLUSH_SLICE = 4096           # rows handed to the writer per hold of the table lock
+_NO_IDS = np.zeros(0, np.int64)
 
 
 class Table:
-    def __init__(self, config: TableConfig, rocks: RocksTier, clock: Callable[[], float] = time.time):
+    def __init__(self, config: TableConfig, rocks: RocksTier, writer: Writer,
+                 clock: Callable[[], float] = time.time, family: str | None = None):
         self.config = config
         self.name = config.name
+        self.family = family or config.name       # this incarnation's column family
+        self.archive_family = archive.archive_family(self.family)
         self.layout = RowLayout.of(config)
         self.rocks = rocks
+        self.writer = writer
         self.clock = clock
         self.cache = self._make_cache()
         self.write_through = config.cache.write == "write_through"
+        self.flush_seconds = None if self.write_through else config.cache.flush_seconds
+        self.last_flush = time.monotonic()        # when the last completed flush started
+        self.pending = PendingRows()
         self.optimizer = make_optimizer(config.optimizer, config.dim)
         self.counters: Counter[str] = Counter()
         self._leases: dict[str, np.ndarray] = {}   # owner -> ids it holds prefetch locks on
         self._lock = threading.RLock()
+        self._flush_lock = threading.Lock()       # one flush at a time
+        self._dropped = False
         self.eviction = EvictionTracker(config.eviction, self.layout, self.cache.capacity)
-        if self.eviction.counts_rows:
-            self.eviction.rows = rocks.count_keys(self.name)
+        if self.eviction.counts_rows:          # kept as rows come and go; saved at every flush
+            saved = rocks.load_row_count(self.family)
+            self.eviction.rows = rocks.count_keys(self.family) if saved is None else saved
         if config.eviction.archive_seconds:
-            rocks.create_family(archive_family(self.name))
+            rocks.create_family(self.archive_family)
+        rocks.labels.update({self.family: self.name, self.archive_family: archive.archive_family(self.name)})
 
     def _make_cache(self) -> SetAssociativeCache:
-        return SetAssociativeCache(self.config.cache, self.layout.row_bytes)
+        """The host cache tier. Its arrays are zero-filled by the OS page by page as slots are used
+        (calloc), so memory grows with use up to the configured size; a size this machine could
+        never hold is refused up front, naming the bytes."""
+        need = cache_bytes(self.config.cache.rows, self.layout.row_bytes)
+        total = _physical_memory()
+        if total and need > total:
+            raise ResourceExhausted(f"cache.rows: {self.config.cache.rows} slots of {self.layout.row_bytes}-byte rows "
+                                    f"need {need} bytes; this machine has {total}")
+        try:
+            return SetAssociativeCache(self.config.cache, self.layout.row_bytes)
+        except MemoryError:
+            raise ResourceExhausted(f"cache.rows: cannot allocate {need} bytes for "
+                                    f"{self.config.cache.rows} cache slots") from None
 
     # --- validation ----------------------------------------------------------
 
     def _ids(self, ids) -> np.ndarray:
-        ids = np.asarray(ids)
-        if ids.ndim != 1:
-            raise InvalidArgument(f"ids: must be one-dimensional, got shape {ids.shape}")
-        if ids.size and ids.dtype.kind not in "iu":
-            raise InvalidArgument(f"ids: must be integers, got {ids.dtype}")
-        if ids.dtype == np.uint64 and ids.size and ids.max() > np.iinfo(np.int64).max:
-            raise InvalidArgument("ids: values must fit in int64")
-        return ids.astype(np.int64, copy=False)
+        return check_ids(ids)
 
     def _matrix(self, values, n: int, width: int, dtype: np.dtype, field: str, finite: bool = True) -> np.ndarray:
-        values = np.asarray(values)
-        if values.shape != (n, width):
-            raise InvalidArgument(f"{field}: expected shape ({n}, {width}) for {n} ids, got {values.shape}")
-        if values.dtype.kind not in "fiu" and values.dtype != dtype:
-            raise InvalidArgument(f"{field}: must be floating point, got {values.dtype}")
-        values = values.astype(dtype, copy=False)
-        if finite and not self.config.allow_nonfinite and not np.isfinite(values).all():
-            raise InvalidArgument(f"{field}: contains NaN or Inf (table {self.name!r} does not allow them)")
-        return values
+        """`values` checked as check_matrix does; `finite=False` leaves the NaN/Inf check to the caller
+        (apply_gradients checks the summed gradients: fewer rows, the same verdict)."""
+        allow = self.config.allow_nonfinite or not finite
+        return check_matrix(values, n, width, dtype, field, allow, self.name)
+
+    def check_ids(self, ids) -> np.ndarray:
+        """`ids` as int64, or InvalidArgument (for callers that stage rows, such as an import)."""
+        return self._ids(ids)
+
+    def check_rows(self, ids, weights, state=None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Ids, weights and state of a batch, checked against the table's shape and dtype."""
+        ids = self._ids(ids)
+        weights = self._matrix(weights, len(ids), self.config.dim, self.layout.dtype, "weights")
+        if state is not None:
+            state = self._matrix(state, len(ids), self.config.state_dim, np.dtype(np.float32), "state")
+        return ids, weights, state
 
     # --- reads -----------------------------------------------------------------
 
@@ -129,35 +168,34 @@ class Table:
 
     def _load(self, ids: np.ndarray, on_miss: str) -> np.ndarray:
         """Rows of unique uncached ids from RocksDB or the initializer; caches what is stored."""
-        rows, present = self._fetch(ids, initialize=on_miss != "zeros")
+        rows, present = self._fetch(ids, initialize=on_miss not in ("zeros", "error"))
         absent = ~present
         if on_miss == "error" and absent.any():
             missing = ids[absent]
             raise RowNotFound(f"ids: {len(missing)} ids not found in table {self.name!r} (first: {missing[0]})")
-        new = absent.copy() if on_miss == "init_insert" else np.zeros_like(absent)
+        if on_miss != "zeros":
+            self.counters["rows_initialized"] += int(absent.sum())
+        storing = on_miss == "init_insert" and self.writer.fault is None   # in a storage fault: as `init`
+        new = absent.copy() if storing else np.zeros_like(absent)
         if new.any():                                # admission: unseen ids are stored after min_count sightings
             admitted = self.eviction.admission.admit(ids[new])
             self.counters["admission_rejected"] += int((~admitted).sum())
             new[new] = admitted
-            self.eviction.created(int(new.sum()))
         stored = present | new
-        slots = self._admit(ids[stored], rows[stored], new[stored])
+        slots = self._place(ids[stored], rows[stored], new[stored])
+        self.eviction.created(int(new.sum()))
         self.eviction.touch(self.cache.slab, slots[slots >= 0], self.clock())
         homeless = np.flatnonzero(stored)[(slots < 0) & present[stored]]   # stored rows no set had room for
-        if len(homeless):
+        if len(homeless) and self.writer.fault is None:
             touched = rows[homeless]
             moved = self.eviction.touch_uncached(touched, self.clock())
-            self._write_back(ids[homeless[moved]], touched[moved])
+            self._write_behind(ids[homeless[moved]], touched[moved], "access metadata")
         return rows
 
     def _fetch(self, ids: np.ndarray, initialize: bool) -> tuple[np.ndarray, np.ndarray]:
         """Stored rows of unique uncached ids, and a mask of those present. Absent ids get
         the initializer's row (or zeros); nothing is cached or stored here."""
-        values = self.rocks.get(self.name, encode_keys(ids))
-        present = np.fromiter((v is not None for v in values), dtype=bool, count=len(values))
-        rows = self.layout.empty(len(ids))
-        if present.any():
-            rows[present] = self.layout.from_values([v for v in values if v is not None])
+        rows, present = self._stored_rows(ids)
         self.counters["rows_read"] += int(present.sum())
         absent = ~present
         if initialize and absent.any():
@@ -166,22 +204,59 @@ class Table:
             self.layout.weights(sub)[:] = fresh.astype(self.layout.dtype)
             self.layout.header(sub)["last_access"] = int(self.clock())
             rows[absent] = sub
-            self.counters["rows_initialized"] += int(absent.sum())
         return rows, present
 
-    def _admit(self, ids: np.ndarray, rows: np.ndarray, new: np.ndarray) -> np.ndarray:
-        """Put rows into the cache; returns the slot of each (-1: not cached). New rows must
-        reach RocksDB: now (write-through, or no free way in their set) or when their dirty
-        slot is written back. Clean victims with stale access metadata are written back too."""
+    def _stored_rows(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of uncached ids as the writer will leave them: pending ones, else RocksDB's.
+        (Pending rows are added only under the table lock, so none can appear meanwhile.)"""
+        rows = self.layout.empty(len(ids))
+        present = self.pending.find(ids, rows) if self.pending else np.zeros(len(ids), dtype=bool)
+        rest = np.flatnonzero(~present)
+        if len(rest):
+            values = self.rocks.get(self.family, encode_keys(ids[rest]))
+            found = np.fromiter((v is not None for v in values), dtype=bool, count=len(values))
+            if found.any():
+                rows[rest[found]] = self.layout.from_values([v for v in values if v is not None])
+            present[rest] = found
+        return rows, present
+
+    def _place(self, ids: np.ndarray, rows: np.ndarray, changed: np.ndarray,
+               direct_ids: np.ndarray = _NO_IDS, direct_rows: np.ndarray | None = None) -> np.ndarray:
+        """Cache rows of unique uncached ids; returns the slot of each (-1: not cached).
+        `changed` rows differ from RocksDB. Stage (choose slots: nothing changes), write
+        (write-through: `direct_*` and changed rows now; dirty victims, stale clean victims and
+        write-back rows with no slot to the writer), then publish (fill the slots)."""
+        slots, victim_ids, victim_rows = self._choose(ids)
+        cached = slots >= 0
+        stale_ids, stale_rows = self._stale_rows(slots[cached])
+        if direct_rows is None:
+            direct_rows = self.layout.empty(0)
+        if self.write_through:
+            self._write_now(np.concatenate([direct_ids, ids[changed], stale_ids]),
+                            np.concatenate([direct_rows, rows[changed], stale_rows]))
+            self._write_behind(victim_ids, victim_rows, "dirty victims")
+        else:
+            homeless = changed & ~cached
+            if self.writer.fault is not None:   # only lookups get here in a fault: no optional writes
+                stale_ids, stale_rows = _NO_IDS, self.layout.empty(0)
+            self._write_behind(np.concatenate([victim_ids, stale_ids, ids[homeless]]),
+                               np.concatenate([victim_rows, stale_rows, rows[homeless]]), "dirty victims")
+        self.cache.fill(slots, ids, rows, changed & (not self.write_through))
+        self.eviction.synced(self.cache.slab, slots[cached])
+        return slots
+
+    def _choose(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Slots for new ids and the dirty rows they displace. In a storage fault no dirty
+        row is displaced (it could not be written): those ids stay uncached."""
         choice = self.cache.choose_slots(ids)
-        cached = choice.slots >= 0
-        persist_now = new & (~cached | self.write_through)
-        stale_ids, stale_rows = self._stale_rows(choice.slots[cached])
-        self._write_back(choice.dirty_ids, choice.dirty_rows, stale_ids, stale_rows,
-                         ids[persist_now], rows[persist_now])
-        self.cache.fill(choice.slots, ids, rows, new & (not self.write_through))
-        self.eviction.synced(self.cache.slab, choice.slots[cached])
-        return choice.slots
+        slots = choice.slots
+        if self.writer.fault is not None and len(choice.dirty_ids):
+            taken = np.flatnonzero(slots >= 0)
+            busy = self.cache.occupied[slots[taken]] & self.cache.dirty[slots[taken]]
+            slots = slots.copy()
+            slots[taken[busy]] = -1
+            return slots, _NO_IDS, self.layout.empty(0)
+        return slots, choice.dirty_ids, choice.dirty_rows
 
     def _stale_rows(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Ids and rows of the clean occupied `slots` whose access metadata RocksDB lacks."""
@@ -189,12 +264,49 @@ class Table:
         slots = slots[self.eviction.stale(self.cache.slab, slots)]
         return self.cache.keys[slots], self.cache.slab[slots]
 
+    # --- RocksDB writes ------------------------------------------------------------
+
+    def _write_now(self, ids: np.ndarray, rows: np.ndarray, deletes: np.ndarray = _NO_IDS) -> None:
+        """The reply write of a call: into RocksDB (and its WAL) before the call returns. Rows of
+        these ids still waiting for the writer go first, so an older value never lands last."""
+        if not len(ids) and not len(deletes):
+            return
+        if self.pending:
+            self.pending.wait_for(np.concatenate([ids, deletes]))
+        try:
+            self.rocks.write(self.family, encode_keys(ids), self.layout.to_values(rows), encode_keys(deletes))
+        except StorageError as exc:
+            self.writer.report(self.rocks, exc)
+            raise fault_error(str(exc)) from None
+        self.counters["rows_written"] += len(ids)
+
     def _write_back(self, *id_row_pairs) -> None:
-        ids = np.concatenate(id_row_pairs[0::2])
-        rows = np.concatenate(id_row_pairs[1::2])
-        if len(ids):
-            self.rocks.write(self.name, encode_keys(ids), self.layout.to_values(rows))
-            self.counters["rows_written"] += len(ids)
+        """Write (id, row) pairs now (the GPU tier's path for victims and write-through rows)."""
+        self._write_now(np.concatenate(id_row_pairs[0::2]), np.concatenate(id_row_pairs[1::2]))
+
+    def _write_behind(self, ids: np.ndarray, rows: np.ndarray, what: str) -> WriteJob | None:
+        """Hand rows to the store's writer (waits while its queue is full); until written they
+        are served from `pending`. Call under the table lock, so queue order is change order."""
+        if not len(ids) or self._dropped:
+            return None
+        rows = np.ascontiguousarray(rows)
+        entry = self.pending.add(ids, rows)
+        rocks, family, layout, pending = self.rocks, self.family, self.layout, self.pending
+        job = WriteJob(rocks, lambda: rocks.write(family, encode_keys(ids), layout.to_values(rows)),
+                       f"{what} of table {self.name!r} ({len(ids)} rows)", len(ids),
+                       on_done=lambda: pending.remove(entry))
+        try:
+            self.writer.submit(job)
+        except BaseException:
+            pending.remove(entry)
+            raise
+        self.counters["rows_written"] += len(ids)
+        return job
+
+    def _run_job(self, perform: Callable[[], None], what: str, rows: int = 0) -> None:
+        """A maintenance write (sweep, archive, import) through the writer, waited for; queued
+        after this table's pending rows, so it sees them written."""
+        self.writer.run(WriteJob(self.rocks, perform, f"{what} of table {self.name!r}", rows))
 
     # --- writes ----------------------------------------------------------------
 
@@ -217,34 +329,32 @@ class Table:
         return rows, slots, new
 
     def _store_rows(self, ids: np.ndarray, rows: np.ndarray, slots: np.ndarray) -> None:
-        """Make `rows` the value of unique `ids` in every tier, as the write policy says."""
+        """Make `rows` the value of unique `ids` in every tier, as the write policy says:
+        the RocksDB writes first (in `_place`), then the cache."""
         header = self.layout.header(rows)
         header["last_access"] = int(self.clock())
         header["count"] += 1
         hit = slots >= 0
-        if self.write_through:
-            self._write_back(ids, rows)        # in RocksDB (and its WAL) before the cache changes
+        miss = ~hit
+        self._place(ids[miss], rows[miss], np.ones(int(miss.sum()), dtype=bool), ids[hit], rows[hit])
         cached = slice(None) if hit.all() else hit      # whole records through `put`, as `take` above
         record = f"V{self.layout.row_bytes}"
         self.cache.slab.view(record).reshape(-1).put(slots[cached], rows[cached].view(record))
         self.cache.dirty[slots[hit]] |= not self.write_through
         if self.write_through:
             self.eviction.synced(self.cache.slab, slots[hit])
-        self._admit(ids[~hit], rows[~hit], np.full(int((~hit).sum()), not self.write_through))
 
     def update(self, ids, weights, state=None, scores=None) -> int:
         """Overwrite weights (and optimizer state, and feature scores, when given); last write
         wins within the batch. An explicit write always stores the row (admission does not apply)."""
-        ids = self._ids(ids)
-        weights = self._matrix(weights, len(ids), self.config.dim, self.layout.dtype, "weights")
-        if state is not None:
-            state = self._matrix(state, len(ids), self.config.state_dim, np.dtype(np.float32), "state")
+        ids, weights, state = self.check_rows(ids, weights, state)
         scores = check_scores(scores, len(ids))
         last = len(ids) - 1 - np.unique(ids[::-1], return_index=True)[1]
         ids, weights = ids[last], weights[last]
         state = state[last] if state is not None else None
         scores = scores[last] if scores is not None else None
         with self._lock:
+            self._check_writable()
             self.cache.begin_batch()
             rows, slots, new = self._current_rows(ids, initialize=False)
             self.layout.weights(rows)[:] = weights
@@ -257,12 +367,18 @@ class Table:
             self.counters["rows_updated"] += len(ids)
         return len(ids)
 
+    def _check_writable(self) -> None:
+        self.writer.check()
+        if self._dropped:
+            raise FailedPrecondition(f"table: {self.name!r} was dropped")
+
     def apply_gradients(self, ids, grads, owner: str | None = None, scores=None) -> int:
         """Sum duplicate ids' gradients, then one optimizer step per unique row, atomically
         per batch. Missing rows are initialized first (as `init_insert`), unless admission
         has not admitted them yet: their gradients are dropped. `scores` (one per id; the
         highest wins for duplicates) become the rows' feature scores. Releases the prefetch
-        locks `owner` holds on these ids. Returns the number of unique rows."""
+        locks `owner` holds on these ids. A step that would leave NaN or Inf in a table that
+        does not allow them is refused. Returns the number of unique rows."""
         ids = self._ids(ids)
         grads = self._matrix(grads, len(ids), self.config.dim, np.dtype(np.float32), "grads", finite=False)
         scores = check_scores(scores, len(ids))
@@ -275,6 +391,7 @@ class Table:
         if scores is not None:
             scores = best[np.searchsorted(unique, ids)]
         with self._lock:
+            self._check_writable()
             self.cache.begin_batch()
             rows, slots, new = self._current_rows(ids, initialize=True)
             if new.any() and self.eviction.admission.sketch is not None:
@@ -285,13 +402,24 @@ class Table:
                 scores = scores[keep] if scores is not None else None
             if scores is not None:
                 self.layout.header(rows)["score"] = encode_scores(scores)
-            step_rows(self.optimizer, self.layout, rows, grads)
+            self._step(ids, rows, grads)
             self._store_rows(ids, rows, slots)
+            self.counters["rows_initialized"] += int(new.sum())
             self.eviction.created(int(new.sum()))
             if owner is not None:
                 self._release(ids, owner)
             self.counters["rows_stepped"] += len(ids)
         return len(ids)
+
+    def _step(self, ids: np.ndarray, rows: np.ndarray, grads: np.ndarray) -> None:
+        """One optimizer step on staged rows (copies: the table is unchanged if it is refused)."""
+        step_rows(self.optimizer, self.layout, rows, grads)
+        if not self.config.allow_nonfinite:
+            weights, state = self.layout.weights(rows), self.layout.state(rows)
+            bad = ~(np.isfinite(weights).all(axis=1) & np.isfinite(state).all(axis=1))
+            if bad.any():
+                raise InvalidArgument(f"grads: the step would write NaN or Inf into {int(bad.sum())} rows of "
+                                      f"table {self.name!r} (ids {ids[bad][:8].tolist()}); nothing was changed")
 
     # --- prefetch and locks ------------------------------------------------------
 
@@ -346,10 +474,12 @@ class Table:
         """Remove rows from every tier; absent ids are ignored. Returns unique ids processed."""
         ids = np.unique(self._ids(ids))
         with self._lock:
-            if self.eviction.counts_rows:
-                self.eviction.removed(int(self._existing(ids).sum()))
-            self.rocks.write(self.name, [], delete=encode_keys(ids))
+            self._check_writable()
+            exists = self._existing(ids) if self.eviction.counts_rows else None
+            self._write_now(_NO_IDS, self.layout.empty(0), deletes=ids)
             self.cache.invalidate(ids)
+            if exists is not None:
+                self.eviction.removed(int(exists.sum()))
             self.counters["rows_deleted"] += len(ids)
         return len(ids)
 
@@ -357,24 +487,205 @@ class Table:
         """Which unique ids have a row (cached or stored). Call under the lock."""
         exists = self.cache.probe(ids) >= 0
         if (~exists).any():
-            values = self.rocks.get(self.name, encode_keys(ids[~exists]))
-            exists[~exists] = np.fromiter((v is not None for v in values), dtype=bool, count=len(values))
+            exists[~exists] = self._stored_rows(ids[~exists])[1]
         return exists
 
-    # --- maintenance -----------------------------------------------------------
+    def _rows_now(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, cache slots, exists) of unique ids as they stand now. Call under the lock."""
+        slots = self.cache.probe(ids)
+        cached = slots >= 0
+        rows = self.layout.empty(len(ids))
+        rows[cached] = self.cache.slab[slots[cached]]
+        exists = cached.copy()
+        if (~cached).any():
+            rows[~cached], exists[~cached] = self._stored_rows(ids[~cached])
+        return rows, slots, exists
 
-    def flush(self) -> int:
-        """Write every dirty cached row (and clean rows with stale access metadata) to RocksDB;
-        returns dirty rows written."""
+    # --- flushing ----------------------------------------------------------------
+
+    def flush(self, slice_rows: int = FLUSH_SLICE) -> int:
+        """Hand every dirty cached row (and clean rows with stale access metadata) to the
+        writer, a slice per hold of the table lock, and wait until RocksDB has them all.
+        Returns the dirty rows written. Rows dirtied meanwhile wait for the next flush."""
+        with self._flush_lock:
+            started = time.monotonic()
+            with self._lock:
+                candidates = self._flush_candidates()
+            jobs, written = [], 0
+            for at in range(0, len(candidates), slice_rows):
+                with self._lock:
+                    if self._dropped:
+                        break
+                    job, dirty = self._hand_over(candidates[at:at + slice_rows], "flush")
+                    jobs.append(job)
+                    written += dirty
+                time.sleep(0)        # let a waiting caller take the lock between slices
+            for job in jobs:
+                if job is not None:
+                    job.wait()
+            self._save_row_count()
+            self.last_flush = started
+            return written
+
+    def _save_row_count(self) -> None:
+        rows = self.eviction.rows
+        if rows is not None and not self._dropped:
+            rocks, family = self.rocks, self.family
+            self._run_job(lambda: rocks.save_row_count(family, rows), "row count")
+
+    def _flush_candidates(self) -> np.ndarray:
+        clean = np.flatnonzero(self.cache.occupied & ~self.cache.dirty)
+        return np.concatenate([self.cache.dirty_slots(), clean[self.eviction.stale(self.cache.slab, clean)]])
+
+    def _hand_over(self, slots: np.ndarray, what: str) -> tuple[WriteJob | None, int]:
+        """Under the lock: give the rows of `slots` that are dirty or stale to the writer; they
+        are clean from now on (the eviction tracker hears they are synced)."""
+        slots = slots[self.cache.occupied[slots]]
+        dirty = self.cache.dirty[slots]
+        slots = slots[dirty | self.eviction.stale(self.cache.slab, slots)]
+        job = self._write_behind(self.cache.keys[slots], self.cache.slab[slots], what)
+        self.cache.dirty[slots] = False
+        self.eviction.synced(self.cache.slab, slots)
+        return job, int(dirty.sum())
+
+    def _settle(self) -> None:
+        """Under the lock: every change so far is in RocksDB when this returns (the part not yet
+        handed over is small after a `flush`, so the lock is held briefly)."""
+        self._hand_over(self._flush_candidates(), "flush")
+        self.pending.wait_for_all()
+
+    def settle(self) -> None:
+        """Write every change made so far to RocksDB, holding the table lock meanwhile (after a
+        `flush`, only the rows changed since). A snapshot calls it while writes are paused."""
         with self._lock:
-            slots = self.cache.dirty_slots()
-            clean = np.flatnonzero(self.cache.occupied & ~self.cache.dirty)
-            stale = clean[self.eviction.stale(self.cache.slab, clean)]
-            both = np.concatenate([slots, stale])
-            self._write_back(self.cache.keys[both], self.cache.slab[both])
-            self.cache.dirty[slots] = False
-            self.eviction.synced(self.cache.slab, both)
-            return len(slots)
+            self._settle()
+
+    def export_items(self):
+        """A RocksDB iterator over every row as it is now, in key order; later writes do not show.
+        The bulk of the flush happens before the table lock is taken for the small remainder."""
+        self.flush()
+        with self._lock:                          # no write lands between the last flush and the iterator
+            self._settle()
+            return self.rocks.consistent_items(self.family)
+
+    # --- bulk changes: import, sweeps, archive, drop --------------------------------
+
+    def ingest(self, files: list[str], replace: bool, rows: int) -> None:
+        """Apply staged SST files in one atomic ingest (after removing every row, with `replace`).
+        Cached changes reach RocksDB first, then the cache starts empty: imported rows win, no
+        list of imported ids is kept. The writer does the writes."""
+        self.flush()
+        with self._lock:
+            self._check_writable()
+            self._settle()
+            rocks, family = self.rocks, self.family
+
+            def perform() -> None:
+                if replace:
+                    rocks.delete_all(family)
+                if files:
+                    rocks.ingest(family, files)
+            self._run_job(perform, "import", rows)
+            self.cache.clear()
+            if self.eviction.counts_rows:          # exact row count for eviction triggers
+                self.eviction.rows = rocks.count_keys(family)
+                self._save_row_count()
+            self.counters["rows_imported"] += rows
+
+    def refresh_rows(self, ids: np.ndarray, rows: np.ndarray) -> None:
+        """Overwrite stored `rows` of `ids` with their cached copies, whose headers are fresher."""
+        with self._lock:
+            slots = self.cache.probe(ids)
+            cached = slots >= 0
+            rows[cached] = self.cache.slab[slots[cached]]
+
+    def sweep_rows(self, ids: np.ndarray, judged: np.ndarray, victim: np.ndarray, counts: np.ndarray,
+                   fingerprint: Callable[[np.ndarray], np.ndarray], now: float) -> np.ndarray:
+        """Apply a sweep's verdict on unique `ids`: remove `victim` rows (to the archive, when the
+        table keeps one) and write the decayed access `counts` of the others, each only if the
+        row is still byte for byte what the sweep judged (`fingerprint(row) == judged`): a row
+        written or read since is left alone. Returns which ids were removed."""
+        with self._lock:
+            self._check_writable()
+            current, slots, exists = self._rows_now(ids)
+            same = exists & (fingerprint(current) == judged)
+            gone, rewrite = same & victim, same & ~victim
+            self.layout.header(current)["count"][rewrite] = counts[rewrite]
+            self._sweep_write(ids[rewrite], current[rewrite], ids[gone], current[gone], now)
+            hit = slots[rewrite] >= 0            # publish: decayed headers, now in sync with RocksDB
+            in_cache = slots[rewrite][hit]
+            self.cache.slab[in_cache] = current[rewrite][hit]
+            self.cache.dirty[in_cache] = False
+            self.eviction.synced(self.cache.slab, in_cache)
+            self.cache.invalidate(ids[gone])
+            self.eviction.removed(int(gone.sum()))
+            return gone
+
+    def _sweep_write(self, ids, rows, victims, victim_rows, now: float) -> None:
+        if not len(ids) and not len(victims):
+            return
+        rocks, family, layout = self.rocks, self.family, self.layout
+        archive_rows = bool(self.config.eviction.archive_seconds and len(victims))
+
+        def perform() -> None:
+            if archive_rows:
+                rocks.write(self.archive_family, encode_keys(victims), archive.encode(victim_rows, now))
+            rocks.write(family, encode_keys(ids), layout.to_values(rows), encode_keys(victims))
+        self._run_job(perform, "sweep", len(ids) + len(victims))
+        if archive_rows:
+            self.counters["archived_rows"] += len(victims)
+
+    def purge_archive(self, keys: list[bytes]) -> None:
+        """Delete archived rows (their retention ended)."""
+        rocks, family = self.rocks, self.archive_family
+        self._run_job(lambda: rocks.write(family, [], delete=keys), "archive purge", len(keys))
+
+    def restore_archived(self, ids, now: float) -> int:
+        """Put archived rows of `ids` back, unless the id has a row again (a live row is never
+        overwritten). Restored rows count as accessed now. Returns rows restored."""
+        if not self.config.eviction.archive_seconds:
+            raise FailedPrecondition(f"table: {self.name!r} keeps no archive (eviction.archive_seconds is 0)")
+        ids = np.unique(self._ids(ids))
+        with self._lock:
+            self._check_writable()
+            ids = ids[~self._existing(ids)]
+            keys = encode_keys(ids)
+            values = self.rocks.get(self.archive_family, keys)
+            found = [i for i, v in enumerate(values) if v is not None]
+            if not found:
+                return 0
+            _, rows = archive.decode([values[i] for i in found], self.layout.row_bytes)
+            self.layout.header(rows)["last_access"] = int(now)
+            found_keys = [keys[i] for i in found]
+            rocks, family, archived = self.rocks, self.family, self.archive_family
+
+            def perform() -> None:
+                rocks.write(family, found_keys, self.layout.to_values(rows))
+                rocks.write(archived, [], delete=found_keys)
+            self._run_job(perform, "archive restore", len(found))
+            self.eviction.created(len(found))
+            self.counters["rows_restored"] += len(found)
+            return len(found)
+
+    def drop(self) -> None:
+        """Stop every write to this table and wait until the writer holds none of its rows;
+        the store then removes its column families."""
+        with self._lock:
+            self.writer.check()
+            self._dropped = True
+            self.pending.wait_for_all()
+
+    def add_counters(self, counts: dict[str, float], last: dict[str, float] | None = None) -> None:
+        """Add to the table's counters (and set `last` ones), e.g. from a sweep."""
+        with self._lock:
+            for key, value in counts.items():
+                self.counters[key] += value
+            for key, value in (last or {}).items():
+                self.counters[key] = value
+
+    def row_count(self) -> int | None:
+        """Exact rows of a table that counts them (a row limit or trigger), else None."""
+        return self.eviction.rows
 
     def stats(self) -> dict[str, float]:
         with self._lock:
@@ -383,18 +694,33 @@ class Table:
             counters["cache_capacity"] = float(self.cache.capacity)
             counters["cache_dirty_rows"] = float(len(self.cache.dirty_slots()))
             counters["cache_locked_rows"] = float((self.cache.locks > 0).sum())
-            counters["estimated_rows"] = float(self.rocks.estimate_rows(self.name))
+            counters["pending_rows"] = float(len(self.pending))
+            counters["estimated_rows"] = float(self.rocks.estimate_rows(self.family))
             if self.eviction.rows is not None:
                 counters["rows"] = float(self.eviction.rows)    # exact, for tables with a row limit
             return counters
 
 
-def open_table(config: TableConfig, rocks: RocksTier, clock: Callable[[], float] = time.time) -> Table:
+def cache_bytes(rows: int, row_bytes: int) -> int:
+    """Host bytes of a cache of `rows` slots at most: the slab, then per slot the key, probe hint
+    pair, fingerprint, stamps, lock count and flags."""
+    return rows * (row_bytes + 8 + 16 + 2 + 8 + 8 + 4 + 2)
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def open_table(config: TableConfig, rocks: RocksTier, writer: Writer, clock: Callable[[], float] = time.time,
+               family: str | None = None) -> Table:
     """A table whose cache tier is where `config.cache.device` says (host memory or a GPU)."""
     if config.cache.device == "cpu":
-        return Table(config, rocks, clock)
+        return Table(config, rocks, writer, clock, family)
     try:
         from .gpu_table import GpuTable
     except ImportError as exc:
         raise FailedPrecondition(f"cache.device: {config.cache.device!r} needs CuPy ({exc})") from None
-    return GpuTable(config, rocks, clock)
+    return GpuTable(config, rocks, writer, clock, family)

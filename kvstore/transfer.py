@@ -1,8 +1,8 @@
 """Export and import of whole tables as chunks of rows, in key order.
 
-An export reads from a RocksDB iterator (an implicit snapshot) made right after the table's dirty
-cache rows were flushed (both under the table lock), so writes made while the
-export streams do not tear it. An import stages every chunk into SST files,
+An export reads from a RocksDB iterator (an implicit snapshot) the table makes right after its
+dirty cache rows are written (the bulk before it takes its lock, the rest under it), so writes
+made while the export streams do not tear it. An import stages every chunk into SST files,
 validating each as it arrives, and changes the table only at `commit`: one
 atomic ingest (after dropping every row, in `replace` mode), so a bad chunk
 anywhere in the stream changes nothing.
@@ -25,7 +25,6 @@ from .table import Table
 IMPORT_MODES = ("replace", "merge")
 META_FIELDS = ("count", "last_access", "step")    # row header fields carried by export/import
 KEY_BYTES = 8
-INVALIDATE_SLICE = 1 << 16
 _SIGN = np.uint64(1 << 63)                         # keys are big-endian with the sign bit flipped
 SST_ROWS = 1 << 20                                 # rows per staged SST file at most
 
@@ -53,26 +52,6 @@ def default_chunk_rows(layout: RowLayout, target_bytes: int = 2 << 20) -> int:
     return max(1, target_bytes // layout.row_bytes)
 
 
-def flush_in_slices(table: Table, slice_rows: int = 4096) -> int:
-    """Write a table's dirty cached rows back a slice at a time, releasing the table lock between
-    slices so writers are not held up for the whole flush. Rows dirtied meanwhile may remain.
-    Tables with another cache tier (the GPU one) flush in one go."""
-    if type(table).flush is not Table.flush:
-        return table.flush()
-    written = 0
-    rounds = len(table.cache.dirty_slots()) // slice_rows + 1
-    for _ in range(rounds):
-        with table._lock:
-            slots = table.cache.dirty_slots()[:slice_rows]
-            if not len(slots):
-                break
-            table._write_back(table.cache.keys[slots], table.cache.slab[slots])
-            table.cache.dirty[slots] = False
-            written += len(slots)
-        time.sleep(0)          # hand the GIL over so a waiting writer gets the lock between slices
-    return written
-
-
 class TableExport:
     """Rows of one table at one instant, as an iterable of chunks. Call `close` when done."""
 
@@ -86,10 +65,8 @@ class TableExport:
         self.layout = table.layout
         self.chunk_rows = chunk_rows or default_chunk_rows(table.layout)
         self._on_close = on_close
-        with table._lock:                       # no write lands between the flush and the snapshot
-            table.flush()
-            self._items = table.rocks.consistent_items(table.name)
-        self.estimated_rows = table.rocks.estimate_rows(table.name)
+        self._items = table.export_items()
+        self.estimated_rows = table.rocks.estimate_rows(table.family)
         self.rows = 0
 
     def __iter__(self) -> Iterator[RowChunk]:
@@ -110,7 +87,7 @@ class TableExport:
         keys = np.ascontiguousarray(records[:, :KEY_BYTES]).view(">u8")[:, 0].astype(np.uint64)
         ids = (keys ^ _SIGN).view(np.int64)
         self.rows += len(batch)
-        self.table.counters["rows_exported"] += len(batch)
+        self.table.add_counters({"rows_exported": len(batch)})
         return rows_to_chunk(self.layout, ids, records[:, KEY_BYTES:])
 
     def close(self) -> None:
@@ -134,7 +111,6 @@ class ImportStager:
         self.dir = staging_dir
         os.makedirs(staging_dir, exist_ok=True)
         self.files: list[str] = []
-        self._ids: list[np.ndarray] = []
         self._writer = None
         self._writer_rows = 0
         self._last_id: int | None = None
@@ -156,19 +132,17 @@ class ImportStager:
         self.table.rocks.put_sst(self._writer, encode_keys(ids), self.layout.to_values(rows))
         self._writer_rows += len(ids)
         self._last_id = int(ids[-1])
-        self._ids.append(ids)
         self.rows += len(ids)
         return len(ids)
 
     def _encode(self, ids, weights, state, meta) -> tuple[np.ndarray, np.ndarray]:
-        table, layout = self.table, self.layout
-        ids = table._ids(ids)
+        layout = self.layout
+        ids, weights, state = self.table.check_rows(ids, weights, state)
         n = len(ids)
-        weights = table._matrix(weights, n, table.config.dim, layout.dtype, "weights")
         rows = layout.empty(n)
         layout.weights(rows)[:] = weights
         if state is not None:
-            layout.state(rows)[:] = table._matrix(state, n, table.config.state_dim, np.dtype(np.float32), "state")
+            layout.state(rows)[:] = state
         header = layout.header(rows)
         if meta is None:
             header["last_access"] = int(self.clock())
@@ -199,25 +173,11 @@ class ImportStager:
             self._writer = None
 
     def commit(self) -> int:
-        """Apply the staged rows: one atomic ingest; imported ids leave the cache. Returns rows."""
+        """Apply the staged rows: one atomic ingest by the table (which then starts with an empty
+        cache, so no list of imported ids is kept). Returns rows."""
         self._finish_file()
-        table = self.table
-        ids = np.concatenate(self._ids) if self._ids else np.zeros(0, np.int64)
         try:
-            with table._lock:
-                if self.mode == "replace":
-                    table.rocks.delete_all(table.name)
-                    table.cache.clear()
-                else:
-                    if table.eviction.counts_rows:
-                        table.flush()                   # rows only in the cache count too
-                    for start in range(0, len(ids), INVALIDATE_SLICE):   # bounded temporaries
-                        table.cache.invalidate(ids[start:start + INVALIDATE_SLICE])
-                if self.files:
-                    table.rocks.ingest(table.name, self.files)
-                if table.eviction.counts_rows:          # exact row count for eviction triggers
-                    table.eviction.rows = table.rocks.count_keys(table.name)
-                table.counters["rows_imported"] += self.rows
+            self.table.ingest(self.files, self.mode == "replace", self.rows)
         finally:
             self.abort()
         return self.rows

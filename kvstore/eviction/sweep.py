@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..initializer import splitmix64
-from ..rows import decode_keys, encode_keys
+from ..rows import decode_keys
 from . import archive
 from .rules import RowMeta
 
@@ -80,17 +80,14 @@ def _scan(table, limiter, chunk_rows, rules, gather, now, result, halted) -> lis
     gathered = []
     start = None
     while not halted():
-        keys, values = table.rocks.scan(table.name, start, chunk_rows)
+        keys, values = table.rocks.scan(table.family, start, chunk_rows)
         if not keys:
             break
         start = keys[-1] + b"\0"
         limiter.acquire(len(keys))
         ids = decode_keys(keys)
         rows = layout.from_values(values)
-        with table._lock:                      # cached copies carry the freshest headers
-            slots = table.cache.probe(ids)
-            cached = slots >= 0
-            rows[cached] = table.cache.slab[slots[cached]]
+        table.refresh_rows(ids, rows)           # cached copies carry the freshest headers
         prints = fingerprint(rows)
         meta = RowMeta.of(layout, ids, rows, with_norm)
         changed = np.zeros(len(ids), dtype=bool)
@@ -121,56 +118,16 @@ def _refreshed(prints, rows, changed, counts, layout) -> np.ndarray:
 
 
 def _apply(table, ids, prints, reason, changed, counts, now, result) -> np.ndarray:
-    """Under the table lock: remove victims and write decayed headers of rows still as judged.
-    Returns which rows were removed."""
-    layout = table.layout
+    """Remove victims and write decayed headers of rows still as judged (the table checks
+    that, under its lock). Returns which rows were removed."""
     victim = reason >= 0
-    touched = victim | changed
-    with table._lock:
-        current, slots, exists = _current_rows(table, ids[touched])
-        same = exists & (fingerprint(current) == prints[touched])
-        gone = same & victim[touched]
-        rewrite = same & ~victim[touched] & changed[touched]
-        # decayed headers: written to RocksDB and to the cached copy, which is then in sync
-        if rewrite.any():
-            layout.header(current)["count"][rewrite] = counts[touched][rewrite]
-            table.rocks.write(table.name, encode_keys(ids[touched][rewrite]), layout.to_values(current[rewrite]))
-            in_cache = slots[rewrite]
-            hit = in_cache >= 0
-            table.cache.slab[in_cache[hit]] = current[rewrite][hit]
-            table.cache.dirty[in_cache[hit]] = False
-            table.eviction.synced(table.cache.slab, in_cache[hit])
-        if gone.any():
-            victims = ids[touched][gone]
-            if table.config.eviction.archive_seconds:
-                table.rocks.write(archive.archive_family(table.name), encode_keys(victims),
-                                  archive.encode(current[gone], now))
-                table.counters["archived_rows"] += len(victims)
-            table.cache.invalidate(victims)
-            table.rocks.write(table.name, [], delete=encode_keys(victims))
-            table.eviction.removed(len(victims))
-            for code, n in zip(*np.unique(reason[touched][gone], return_counts=True), strict=True):
-                result.evicted[REASONS[code]] += int(n)
+    touched = np.flatnonzero(victim | changed)
+    gone = table.sweep_rows(ids[touched], prints[touched], victim[touched], counts[touched], fingerprint, now)
+    for code, n in zip(*np.unique(reason[touched][gone], return_counts=True), strict=True):
+        result.evicted[REASONS[code]] += int(n)
     removed = np.zeros(len(ids), dtype=bool)
-    removed[np.flatnonzero(touched)[gone]] = True
+    removed[touched[gone]] = True
     return removed
-
-
-def _current_rows(table, ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(rows, cache slots, exists) of `ids` as they stand now. Call under the table lock."""
-    rows = table.layout.empty(len(ids))
-    slots = table.cache.probe(ids)
-    cached = slots >= 0
-    rows[cached] = table.cache.slab[slots[cached]]
-    exists = cached.copy()
-    if (~cached).any():
-        values = table.rocks.get(table.name, encode_keys(ids[~cached]))
-        present = np.fromiter((v is not None for v in values), dtype=bool, count=len(values))
-        if present.any():
-            sub = np.flatnonzero(~cached)[present]
-            rows[sub] = table.layout.from_values([v for v in values if v is not None])
-        exists[np.flatnonzero(~cached)] = present
-    return rows, slots, exists
 
 
 def _table_pass(table, rules, gathered, now, result) -> None:
@@ -179,8 +136,8 @@ def _table_pass(table, rules, gathered, now, result) -> None:
     prints = np.concatenate([p for _, p in gathered]) if gathered else np.zeros(0, np.uint64)
     for rule in rules:
         for _ in range(4):                    # rows changed since the scan are skipped: pick others
-            with table._lock:
-                meta.total = table.eviction.rows if table.eviction.rows is not None else len(meta)
+            rows = table.row_count()
+            meta.total = rows if rows is not None else len(meta)
             pick = np.flatnonzero(rule.select(meta, now))
             if not len(pick):
                 break
@@ -199,13 +156,7 @@ def _table_pass(table, rules, gathered, now, result) -> None:
 
 
 def _record(table, result: SweepResult) -> None:
-    with table._lock:
-        counters = table.counters
-        for reason, n in result.evicted.items():
-            counters[f"evicted_{reason}"] += n
-            counters["evicted_rows"] += n
-        counters["sweeps"] += 1
-        counters["sweep_rows_scanned"] += result.scanned
-        counters["sweep_seconds_total"] += result.seconds
-        counters["sweep_seconds_last"] = result.seconds
-        counters["archive_purged"] += result.purged
+    counts = {f"evicted_{reason}": n for reason, n in result.evicted.items()}
+    counts.update(evicted_rows=sum(result.evicted.values()), sweeps=1, sweep_rows_scanned=result.scanned,
+                  sweep_seconds_total=result.seconds, archive_purged=result.purged)
+    table.add_counters(counts, last={"sweep_seconds_last": result.seconds})

@@ -71,7 +71,7 @@ class Sweeper:
             return "interval"
         if config.row_trigger and tracker.rows is not None and tracker.rows > config.row_trigger:
             return "rows"
-        if config.trigger_bytes and table.rocks.live_bytes(table.name) > config.trigger_bytes:
+        if config.trigger_bytes and table.rocks.live_bytes(table.family) > config.trigger_bytes:
             return "bytes"
         return None
 
@@ -84,10 +84,9 @@ class Sweeper:
                     why = self.due(table)
                     if why:
                         self.sweep(table)
-                        with table._lock:
-                            table.counters[f"sweeps_by_{why}"] += 1
+                        table.add_counters({f"sweeps_by_{why}": 1})
                 except Exception:  # a dropped table or a storage error: keep sweeping the others
-                    table.counters["sweep_errors"] += 1
+                    table.add_counters({"sweep_errors": 1})
                     log.exception("eviction sweep of table %r failed", table.name)
 
     def close(self) -> None:

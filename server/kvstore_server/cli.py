@@ -41,6 +41,10 @@ HELP = {
     "tls_key": "PEM private key of --tls-cert",
     "tls_client_ca": "PEM CA bundle: clients must present a certificate it signed (mutual TLS)",
     "log_format": "text or json (one JSON object per line)",
+    "rocksdb.durability": "wal (default: acknowledged writes survive kill -9 as each table's write mode promises), "
+                          "sync (also fsync before the reply: survives power loss), or none (no WAL: a crash "
+                          "loses every row written since RocksDB last flushed its memtables to SST files, "
+                          "up to write_buffer_bytes per table, even rows the server had written back)",
 }
 
 

@@ -44,6 +44,8 @@ STATUS: dict[type[Exception], grpc.StatusCode] = {
     store_errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     store_errors.StoreClosed: grpc.StatusCode.UNAVAILABLE,
     store_errors.StorageError: grpc.StatusCode.UNAVAILABLE,
+    store_errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    store_errors.StorageFault: grpc.StatusCode.UNAVAILABLE,    # writes refused in a storage fault; plain words
     WireError: grpc.StatusCode.INVALID_ARGUMENT,
 }
 _STORAGE_MESSAGE = "storage: the RocksDB tier failed; see the server log"

@@ -119,6 +119,7 @@ class KVStoreServer:
         self._lease_task = asyncio.create_task(self.service.expire_forever(interval))
         for service in ("", SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self.store.on_fault(lambda fault: self.set_serving(fault is None))   # NOT_SERVING until a fault clears
         return self.port
 
     def _bind(self, credentials) -> int:

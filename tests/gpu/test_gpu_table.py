@@ -58,7 +58,7 @@ def test_gpu_table_matches_host_table_through_evictions(store, write, optimizer)
     stored = {}
     for name in ("host", "gpu"):           # what RocksDB holds, headers included
         layout = store.table(name).layout
-        values = store.rocks.get(name, encode_keys(everything))
+        values = store.rocks.get(store.table(name).family, encode_keys(everything))
         present = np.array([v is not None for v in values])
         stored[name] = (present, layout.from_values([v for v in values if v is not None]), layout)
     np.testing.assert_array_equal(stored["gpu"][0], stored["host"][0])

@@ -21,7 +21,8 @@ def store(data_dir):
 
 def table_config(name: str = "t", dim: int = 8, rows: int = 64, ways: int = 4, **kwargs) -> TableConfig:
     """A small table; `rows`/`ways` size its cache, `policy`/`write` pass through to CacheConfig."""
-    cache_keys = {k: kwargs.pop(k) for k in ("policy", "write") if k in kwargs}
+    cache_keys = {k: kwargs.pop(k) for k in ("policy", "write", "flush_seconds") if k in kwargs}
+    cache_keys.setdefault("flush_seconds", 3600.0)   # write-back rows stay dirty until a test flushes
     return TableConfig(name=name, dim=dim, cache=CacheConfig(rows=rows, ways=ways, **cache_keys), **kwargs)
 
 
@@ -29,7 +30,8 @@ def stored_weights(store: Store, table: str, ids) -> list[np.ndarray | None]:
     """Weights as RocksDB holds them (read straight from the tier, bypassing the cache)."""
     config = store.describe_table(table)
     layout = RowLayout.of(config)
-    values = store.rocks.get(table, encode_keys(np.asarray(ids, dtype=np.int64)))
+    store.writer.drain()       # rows the writer holds are on their way: wait for them
+    values = store.rocks.get(store.table(table).family, encode_keys(np.asarray(ids, dtype=np.int64)))
     return [None if v is None else layout.weights(layout.from_values([v]))[0].copy() for v in values]
 
 

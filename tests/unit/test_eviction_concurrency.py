@@ -91,7 +91,7 @@ def test_the_sweeper_brings_a_table_back_under_max_rows_while_writes_go_on(data_
         assert stats["evicted_capacity"] >= 12_000 - max_rows
         assert stats["sweeps_by_rows"] >= 1
         store.flush()
-        assert store.rocks.count_keys("t") == table.eviction.rows
+        assert store.rocks.count_keys(table.family) == table.eviction.rows
 
 
 def test_the_interval_trigger_runs_a_sweep_on_the_store_clock(data_dir):

@@ -36,7 +36,8 @@ def store(data_dir, clock):
 def stored_headers(store: Store, table: str, ids) -> np.ndarray:
     """Headers as RocksDB holds them; every id must be stored."""
     layout = RowLayout.of(store.describe_table(table))
-    values = store.rocks.get(table, encode_keys(np.asarray(ids, dtype=np.int64)))
+    store.writer.drain()
+    values = store.rocks.get(store.table(table).family, encode_keys(np.asarray(ids, dtype=np.int64)))
     assert all(v is not None for v in values)
     return layout.header(layout.from_values(values)).copy()
 

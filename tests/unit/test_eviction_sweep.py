@@ -40,7 +40,7 @@ def present(store: Store, table: str, ids) -> np.ndarray:
 
 def stored_ids(store: Store, table: str) -> set[int]:
     store.flush()
-    keys, _ = store.rocks.scan(table, None, 1 << 40)
+    keys, _ = store.rocks.scan(store.table(table).family, None, 1 << 40)
     from kvstore.rows import decode_keys
 
     return set(decode_keys(keys).tolist()) if keys else set()
@@ -187,9 +187,10 @@ def test_without_an_archive_rows_are_deleted_and_restore_is_refused(store, clock
 
 def test_dropping_a_table_drops_its_archive(store):
     store.create_table(table_config(eviction=EvictionConfig(ttl_seconds=1, archive_seconds=60)))
-    assert "archive/t" in store.rocks.families()
+    family = store.table("t").archive_family
+    assert family in store.rocks.families()
     store.drop_table("t")
-    assert "archive/t" not in store.rocks.families()
+    assert family not in store.rocks.families()
 
 
 def test_eviction_config_persists_with_the_table(data_dir, clock):
