@@ -225,7 +225,7 @@ def bench_end_to_end(args, rows: list) -> None:
         layout.weights(cold_rows)[:] = rng.standard_normal((cold_n, DIM)).astype(np.float32)
         t0 = time.perf_counter()
         for i in range(0, cold_n, 50_000):
-            store.rocks.write("e2e", encode_keys(cold[i:i + 50_000]), layout.to_values(cold_rows[i:i + 50_000]))
+            store.rocks.write(table.family, encode_keys(cold[i:i + 50_000]), layout.to_values(cold_rows[i:i + 50_000]))
         store.rocks.flush()
         load_s = time.perf_counter() - t0
         n_cold = int(batch * 0.05)
