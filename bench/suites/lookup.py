@@ -79,7 +79,7 @@ def in_process_case(ctx: Context, store: Store, raw, weights: np.ndarray, case: 
     name = table_name(case["cache"], case["dim"])
     subject = Side("kvstore Store.lookup", SUBJECT, lambda b: store.lookup(name, b.ids, on_miss="error").weights)
     if case["cache"] == "cold":
-        family = raw.get_column_family(name)
+        family = raw.get_column_family(store.table(name).family)   # the table's incarnation
         layout = RowLayout.of(store.describe_table(name))
         limit = Side("rocksdict multi-get", LIMIT, lambda b: layout.weights(layout.from_values(family.get(b.keys))))
     else:

@@ -106,20 +106,21 @@ class EmbeddingStoreService(SnapshotRPCs, LeaseRPCs, ClusterRPCs, TrainingRPCs):
 
     async def Update(self, requests: AsyncIterator, context):
         staged = _Staged()
-        dim, with_state, score_parts, state_parts = 0, False, [], []
+        dim, dtype, with_state, score_parts, state_parts = 0, "", False, [], []
         async for request in whole_stream(requests, context):
             index = staged.next_chunk(request.table, request.idempotency_key)
             if index == 0:                              # unknown table: NOT_FOUND before buffering
-                dim = self.store.describe_table(staged.table).dim
+                config = self.store.describe_table(staged.table)
+                dim, dtype = config.dim, config.dtype
                 with_state = request.HasField("state")
             ids = staged.add_ids(decode_ids(request.ids, "ids"), self._count_rows)
-            weights = decode_tensor(request.weights, "weights")
+            weights = decode_tensor(request.weights, "weights", dtype)      # the table's dtype, or lossless
             _check_matrix(weights, len(ids), dim, "weights", staged.values)
             if request.HasField("state") != with_state:
                 raise InvalidArgument(f"state: chunk {index} {'lacks' if with_state else 'has'} state; "
                                       "give state in every chunk of an update or in none")
             if with_state:
-                state = decode_tensor(request.state, "state")
+                state = decode_tensor(request.state, "state", "float32")
                 _check_matrix(state, len(ids), None, "state", state_parts)
                 state_parts.append(state)
             _collect_scores(request, index, len(ids), score_parts)
@@ -158,7 +159,7 @@ class EmbeddingStoreService(SnapshotRPCs, LeaseRPCs, ClusterRPCs, TrainingRPCs):
         async for request in whole_stream(requests, context):
             index = staged.next_chunk(request.table, request.idempotency_key)
             ids = staged.add_ids(decode_ids(request.ids, "ids"), self._count_rows)
-            grads = decode_tensor(request.grads, "grads")
+            grads = decode_tensor(request.grads, "grads", "float32")
             if index == 0:
                 dim = self.store.describe_table(staged.table).dim
                 owner = request.owner

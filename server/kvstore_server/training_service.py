@@ -65,7 +65,7 @@ class TrainingRPCs:
             ids = decode_ids(piece.ids, f"{where}.ids")
             step.rows = self._count_rows(step.rows, len(ids))
             dim = self.store.describe_table(piece.table).dim          # NOT_FOUND before buffering
-            grads = decode_tensor(piece.values, f"{where}.values")
+            grads = decode_tensor(piece.values, f"{where}.values", "float32")
             if grads.shape != (len(ids), dim):
                 raise InvalidArgument(f"{where}.values: expected shape ({len(ids)}, {dim}) for {len(ids)} ids of "
                                       f"table {piece.table!r}, got {grads.shape}")

@@ -104,8 +104,9 @@ class SnapshotRPCs:
                 elif request.table and request.table != stager.table.name:
                     raise InvalidArgument(f"table: chunk {index} names {request.table!r} "
                                           f"but the stream began with {stager.table.name!r}")
-                await self.work(stager.add, decode_ids(request.ids, "ids"), decode_tensor(request.weights, "weights"),
-                                decode_tensor(request.state, "state") if request.HasField("state") else None,
+                await self.work(stager.add, decode_ids(request.ids, "ids"),
+                                decode_tensor(request.weights, "weights", stager.table.config.dtype),
+                                decode_tensor(request.state, "state", "float32") if request.HasField("state") else None,
                                 decode_tensor(request.meta, "meta") if request.HasField("meta") else None)
                 index += 1
             if stager is None:

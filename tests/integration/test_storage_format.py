@@ -25,8 +25,8 @@ def doc_recipe() -> str:
 
 def run_recipe(snapshot_db: Path, table: str) -> dict:
     code = doc_recipe().replace('"kvstore-data/snapshots/nightly/db"', repr(str(snapshot_db)))
-    code = code.replace('configs["items"]', f"configs[{table!r}]").replace('get_column_family("items")',
-                                                                        f"get_column_family({table!r})")
+    code = code.replace('configs["items"]', f"configs[{table!r}]").replace(
+        'db.get(b"family/items", b"items")', f"db.get({f'family/{table}'.encode()!r}, {table.encode()!r})")
     scope: dict = {}
     exec(compile(code, str(DOC), "exec"), scope)
     return scope
