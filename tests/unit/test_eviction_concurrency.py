@@ -87,6 +87,8 @@ def test_the_sweeper_brings_a_table_back_under_max_rows_while_writes_go_on(data_
             clock.now += 1
             store.lookup("t", np.arange(start, start + 1500))
             assert wait_for(lambda: table.eviction.rows <= max_rows, timeout=60), table.eviction.rows
+        settled = table.config.eviction.row_trigger          # below it no sweep starts; after one, counts are in
+        assert wait_for(lambda: table.eviction.rows <= settled and not table.eviction.sweep_lock.locked(), 60)
         stats = store.stats("t")
         assert stats["evicted_capacity"] >= 12_000 - max_rows
         assert stats["sweeps_by_rows"] >= 1
