@@ -80,6 +80,7 @@ class Table:
         if self.eviction.counts_rows:          # kept as rows come and go; saved at every flush
             saved = rocks.load_row_count(self.family)
             self.eviction.rows = rocks.count_keys(self.family) if saved is None else saved
+        self._saved_rows = self.eviction.rows
         if config.eviction.archive_seconds:
             rocks.create_family(self.archive_family)
         rocks.labels.update({self.family: self.name, self.archive_family: archive.archive_family(self.name)})
@@ -529,13 +530,19 @@ class Table:
 
     def _save_row_count(self) -> None:
         rows = self.eviction.rows
-        if rows is not None and not self._dropped:
+        if rows is not None and rows != self._saved_rows and not self._dropped:
             rocks, family = self.rocks, self.family
             self._run_job(lambda: rocks.save_row_count(family, rows), "row count")
+            self._saved_rows = rows
 
     def _flush_candidates(self) -> np.ndarray:
+        """Dirty slots, and clean ones whose access metadata RocksDB lacks (only tables with
+        eviction rules keep it: the others skip the scan of every clean slot)."""
+        dirty = self.cache.dirty_slots()
+        if not self.eviction.persist_touches:
+            return dirty
         clean = np.flatnonzero(self.cache.occupied & ~self.cache.dirty)
-        return np.concatenate([self.cache.dirty_slots(), clean[self.eviction.stale(self.cache.slab, clean)]])
+        return np.concatenate([dirty, clean[self.eviction.stale(self.cache.slab, clean)]])
 
     def _hand_over(self, slots: np.ndarray, what: str) -> tuple[WriteJob | None, int]:
         """Under the lock: give the rows of `slots` that are dirty or stale to the writer; they
