@@ -104,6 +104,7 @@ class _Call:
 
     async def __aenter__(self) -> _Call:
         self.start = time.perf_counter()
+        self.peer = self.context.peer()            # now: a cancelled call's context must not be asked later
         self._metadata = begin_call(self.context)     # sent while the call works: one round trip less
         refusal = self.gate.refusal()
         if refusal is not None:
@@ -154,7 +155,7 @@ class _Call:
     def _record(self) -> None:
         seconds = time.perf_counter() - self.start
         self.metrics.observe(self.name, self.code, seconds)
-        end_call(self.context, self.path, self.code, seconds)
+        end_call(self.peer, self.path, self.code, seconds)
 
 
 def _parser(method, index_label: bool) -> Callable[[bytes, int], Any]:
