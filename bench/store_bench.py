@@ -77,8 +77,12 @@ def load(store: Store, weights: np.ndarray, batch: int) -> float:
     return len(weights) / (time.perf_counter() - start)
 
 
-def open_raw(db_path: str, family: str, read_only: bool) -> tuple[rd.Rdict, rd.Rdict]:
-    """rocksdict handle on the store's database (raw mode), tuned like the store's RocksDB tier."""
+def open_raw(db_path: str, family: str = "", read_only: bool = False,
+             families: tuple[str, ...] = ()) -> tuple[rd.Rdict, rd.Rdict]:
+    """rocksdict handle on the store's database (raw mode), tuned like the store's RocksDB tier, with
+    the column families `families` (or `family`) open; returns the database and the first family's handle.
+    A table's rows live in its own family (`store.table(name).family`), not one named as the table."""
+    families = families or (family,)
     config = RocksConfig()
     cache = rd.Cache(config.block_cache_bytes)
 
@@ -92,8 +96,8 @@ def open_raw(db_path: str, family: str, read_only: bool) -> tuple[rd.Rdict, rd.R
         return opts
 
     access = rd.AccessType.read_only() if read_only else rd.AccessType.read_write()
-    db = rd.Rdict(db_path, options(), column_families={family: options()}, access_type=access)
-    return db, db.get_column_family(family)
+    db = rd.Rdict(db_path, options(), column_families={name: options() for name in families}, access_type=access)
+    return db, db.get_column_family(families[0])
 
 
 def compact(db_path: str, family_name: str) -> str:

@@ -79,15 +79,16 @@ def counts_agree(sides: list[Side], rows: int) -> None:
             raise Disagreement(f"{side.system}: {got} rows, expected {rows}")
 
 
-def in_process(ctx: Context, data_dir: Path, weights: np.ndarray, payload: int) -> tuple[list[Record], str]:
-    """Records, and the path of the database (the service then serves the same directory)."""
+def in_process(ctx: Context, data_dir: Path, weights: np.ndarray, payload: int) -> tuple[list[Record], str, str]:
+    """Records, the path of the database and the table's column family (the service then serves the
+    same directory)."""
     rows, dim = weights.shape
     config = TableConfig(TABLE, dim, cache=CacheConfig(rows=1 << 12))
     with Store(str(data_dir), sweeper=SweeperConfig(enabled=False)) as store:
         store.import_table(TABLE, [(np.arange(rows, dtype=np.int64), weights)], mode="replace", config=config)
         store.flush()
-        db_path = store.rocks.path
-        raw, family = store_bench.open_raw(db_path, read_only=True, families=(TABLE,))
+        db_path, family_name = store.rocks.path, store.table(TABLE).family
+        raw, family = store_bench.open_raw(db_path, read_only=True, families=(family_name,))
         try:
             sides = [Side("kvstore Store.export_table", SUBJECT,
                           lambda _: sum(len(chunk.ids) for chunk in store.export_table(TABLE))),
@@ -97,7 +98,7 @@ def in_process(ctx: Context, data_dir: Path, weights: np.ndarray, payload: int) 
         finally:
             raw.close()
     case = {"path": "in-process", "rows": rows, "dim": dim, "direction": "export"}
-    return records_from("export", case, sides, timings, "MiB/s"), db_path
+    return records_from("export", case, sides, timings, "MiB/s"), db_path, family_name
 
 
 def check_export_dir(path: Path, weights: np.ndarray) -> None:
@@ -109,7 +110,7 @@ def check_export_dir(path: Path, weights: np.ndarray) -> None:
 
 
 def service_export(ctx: Context, server: KvstoreServer, client: KVStoreClient, db_path: str,
-                   weights: np.ndarray, payload: int) -> list[Record]:
+                   family_name: str, weights: np.ndarray, payload: int) -> list[Record]:
     rows, dim = weights.shape
     out = ctx.tmpdir("export-out-")
 
@@ -117,7 +118,7 @@ def service_export(ctx: Context, server: KvstoreServer, client: KVStoreClient, d
         shutil.rmtree(out / str(n - 1), ignore_errors=True)
         kvstore_command(server.address, "export", TABLE, str(out / str(n)))
 
-    raw, family = store_bench.open_raw(db_path, read_only=True, families=(TABLE,))
+    raw, family = store_bench.open_raw(db_path, read_only=True, families=(family_name,))
     try:
         sides = [Side("kvstore export (command)", SUBJECT, Numbered(cli_export)),
                  Side("kvstore client export stream", SUBJECT,
@@ -193,14 +194,14 @@ def run(ctx: Context) -> list[Record]:
     weights = table_weights(rows, dim, seed=9)
     payload = rows * (8 + dim * 4)
     data_dir = ctx.tmpdir("export-")
-    found, db_path = in_process(ctx, data_dir, weights, payload)
+    found, db_path, family_name = in_process(ctx, data_dir, weights, payload)
     ctx.log.add(found)
     records = found
     ctx.log.note("export", f"MiB/s of ids and weights: {payload / 2**20:.1f} MiB per pass")
     server = KvstoreServer(data_dir)
     try:
         with KVStoreClient(server.address, timeout=600) as client:
-            for found in (service_export(ctx, server, client, db_path, weights, payload),
+            for found in (service_export(ctx, server, client, db_path, family_name, weights, payload),
                           service_import(ctx, server, client, weights, payload)):
                 ctx.log.add(found)
                 records += found

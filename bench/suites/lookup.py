@@ -118,7 +118,8 @@ def run_size(ctx: Context, plan: Plan, rows: int, first: bool) -> list[Record]:
         for dim, regimes in tables.items():
             arrays[dim] = table_weights(rows, dim, seed=dim)
             load_store(store, arrays[dim], regimes)
-        families = tuple(table_name("cold", dim) for dim, regimes in tables.items() if "cold" in regimes)
+        families = tuple(store.table(table_name("cold", dim)).family for dim, regimes in tables.items()
+                         if "cold" in regimes)
         raw, _ = store_bench.open_raw(store.rocks.path, read_only=True, families=families)
         try:
             for case, batches in cases_for_size(plan, rows, first, sampler):
