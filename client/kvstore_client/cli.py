@@ -99,6 +99,8 @@ def add_credential_flags(parser: argparse.ArgumentParser) -> None:
                                          "default $KVSTORE_TLS_CA)")
     parser.add_argument("--tls-cert", help="PEM client certificate, for mutual TLS (with --tls-key)")
     parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    parser.add_argument("--insecure", action="store_true",
+                        help="send the bearer token to another machine without TLS (refused otherwise)")
 
 
 def connect(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> KVStoreClient:
@@ -118,7 +120,7 @@ def connect(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -
     if not address.strip():
         raise InvalidArgumentError(message="address: empty (--address or KVSTORE_ADDRESS)")
     return KVStoreClient(address, timeout=args.timeout, token=token, root_certificates=ca,
-                         certificate_chain=cert, private_key=key, tls=tls)
+                         certificate_chain=cert, private_key=key, tls=tls, insecure=args.insecure)
 
 
 def _quiet_stdout() -> None:

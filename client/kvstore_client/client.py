@@ -54,10 +54,11 @@ class KVStoreClient(SnapshotMethods):
     def __init__(self, address: str, timeout: float = 30.0, max_message_bytes: int = 16 << 20,
                  chunk_bytes: int = 2 << 20, *, token: str | None = None, root_certificates: bytes | None = None,
                  certificate_chain: bytes | None = None, private_key: bytes | None = None,
-                 tls: bool | None = None):
+                 tls: bool | None = None, insecure: bool = False):
         """`token`: bearer token sent with every call. TLS is on when `tls` or any certificate is given:
         `root_certificates` (PEM CA bundle; system roots when None) checks the server,
-        `certificate_chain` and `private_key` (PEM) are the client's certificate for mutual TLS."""
+        `certificate_chain` and `private_key` (PEM) are the client's certificate for mutual TLS.
+        A token goes in clear only to this machine, unless `insecure`."""
         if chunk_bytes < 1 or chunk_bytes + MESSAGE_OVERHEAD > max_message_bytes:
             raise InvalidArgumentError(
                 message=f"chunk_bytes: must be in [1, max_message_bytes - {MESSAGE_OVERHEAD}], got {chunk_bytes}")
@@ -68,7 +69,7 @@ class KVStoreClient(SnapshotMethods):
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
         ], token=token, root_certificates=root_certificates, certificate_chain=certificate_chain,
-            private_key=private_key, tls=tls)
+            private_key=private_key, tls=tls, insecure=insecure)
         self._stub = pb_grpc.EmbeddingStoreStub(self._channel)
         # Lookup responses come as bytes and are read in place (decode_lookup_response)
         self._lookup = self._channel.stream_stream(

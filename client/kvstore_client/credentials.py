@@ -7,6 +7,7 @@ own call credentials refuse plaintext). Send tokens over plaintext only on loopb
 from __future__ import annotations
 
 import collections
+import ipaddress
 
 import grpc
 
@@ -26,13 +27,18 @@ def read_file(path: str, field: str) -> bytes:
 
 def open_channel(address: str, options: list[tuple[str, object]], token: str | None = None,
                  root_certificates: bytes | None = None, certificate_chain: bytes | None = None,
-                 private_key: bytes | None = None, tls: bool | None = None) -> grpc.Channel:
+                 private_key: bytes | None = None, tls: bool | None = None, insecure: bool = False) -> grpc.Channel:
     """A channel to `address`: TLS when `tls` or any certificate is given (system roots without
-    `root_certificates`), plaintext otherwise; every call carries `token` when given."""
+    `root_certificates`), plaintext otherwise; every call carries `token` when given. A token is
+    never sent in clear to another machine unless `insecure` says so."""
     if (certificate_chain is None) != (private_key is None):
         raise InvalidArgumentError(message="certificate_chain: a client certificate needs its private_key")
     if tls is None:
         tls = any(x is not None for x in (root_certificates, certificate_chain))
+    if token and not tls and not insecure and not is_loopback_address(address):
+        raise InvalidArgumentError(message=f"token: refusing to send the bearer token in clear to {address}; "
+                                           "use TLS (tls=True or root_certificates; --tls or --tls-ca) or say "
+                                           "insecure=True (--insecure)")
     if tls:
         credentials = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
         channel = grpc.secure_channel(address, credentials, options=options)
@@ -72,3 +78,16 @@ class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInter
 
     def intercept_stream_stream(self, continuation, details, request_iterator):
         return continuation(self._with_token(details), request_iterator)
+
+
+def is_loopback_address(address: str) -> bool:
+    """Whether `host:port` names this machine (localhost, 127.0.0.0/8, [::1], a unix socket)."""
+    if address.startswith("unix:"):
+        return True
+    host = (address.rpartition(":")[0] or address).strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -145,3 +145,25 @@ def test_token_without_tls_on_a_reachable_address_warns(start_server, tmp_path):
 def test_loopback_server_does_not_warn(start_server, tmp_path):
     server = start_server(data_dir=tmp_path / "quiet")
     assert "reachable from other machines" not in server.log.read_text()
+
+
+def test_client_refuses_to_send_a_token_in_clear_to_another_machine():
+    from kvstore_client import InvalidArgumentError, KVStoreClient
+
+    with pytest.raises(InvalidArgumentError, match="in clear"):
+        KVStoreClient("10.1.2.3:50051", token=TOKEN)
+    for local in ("127.0.0.1:50051", "localhost:50051", "[::1]:50051"):
+        KVStoreClient(local, token=TOKEN).close()                     # this machine: allowed
+    KVStoreClient("10.1.2.3:50051", token=TOKEN, insecure=True).close()   # said out loud: allowed
+    KVStoreClient("10.1.2.3:50051", token=TOKEN, tls=True).close()       # over TLS: allowed
+
+
+def test_cli_refuses_a_clear_text_token_to_a_remote_address_unless_insecure(tmp_path):
+    token = _token_file(tmp_path)
+    refused = run_cli("kvstore_client", "--address", "10.1.2.3:50051", "--timeout", "1", "--token-file", str(token),
+                      "tables")
+    assert refused.returncode == 1 and "in clear" in refused.stderr and "--insecure" in refused.stderr
+    assert TOKEN not in refused.stderr
+    tried = run_cli("kvstore_client", "--address", "10.1.2.3:50051", "--timeout", "1", "--token-file", str(token),
+                    "--insecure", "tables")
+    assert "in clear" not in tried.stderr                                  # it tried (and found no server)
