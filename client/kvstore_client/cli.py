@@ -13,6 +13,7 @@ import time
 
 from kvstore_proto.export_format import ExportFormatError, ExportReader, ExportWriter
 
+from . import replication
 from .client import KVStoreClient
 from .credentials import read_file
 from .errors import KVStoreError
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--mode", choices=("merge", "replace"), default="merge",
                       help="merge: keep rows not in the export (default); replace: drop them first")
     load.set_defaults(func=import_table)
+    replication.register(export, load)      # --since SEQ, sequences in manifests, chained imports
     return parser
 
 

@@ -105,7 +105,8 @@ class ExportWriter:
         self._chunks.append({"file": name, "rows": len(ids), "first_id": int(ids[0]), "last_id": int(ids[-1]),
                              "bytes": os.path.getsize(target), "sha256": _sha256(target)})
 
-    def close(self) -> dict[str, Any]:
+    def close(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Write the manifest (with `extra` fields, e.g. a delta's sequences) that makes the export complete."""
         self._write_file()
         stored = _STORED_AS.get(self.dtype)
         manifest = {
@@ -118,6 +119,7 @@ class ExportWriter:
                 "meta": {"dtype": "uint32", "shape": ["rows", 3], "fields": list(META_FIELDS)},
             },
             "chunks": self._chunks,
+            **(extra or {}),
         }
         tmp = os.path.join(self.path, MANIFEST + ".tmp")
         with open(tmp, "w") as out:

@@ -18,9 +18,11 @@ from typing import Any
 from kvstore import RocksConfig, SweeperConfig
 from kvstore.errors import InvalidArgument
 
+from .replica import ReplicationConfig
+
 ENV_PREFIX = "KVSTORE_"
 ENV_CONFIG = "KVSTORE_CONFIG"          # names the YAML file, like --config
-NESTED = {"rocksdb": RocksConfig, "sweeper": SweeperConfig}
+NESTED = {"rocksdb": RocksConfig, "sweeper": SweeperConfig, "replication": ReplicationConfig}
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -46,6 +48,8 @@ class ServerConfig:
     log_level: str = "info"              # debug logs every RPC; info logs failed ones
     rocksdb: RocksConfig = field(default_factory=RocksConfig)
     sweeper: SweeperConfig = field(default_factory=SweeperConfig)   # background eviction
+    replica_of: str = ""                 # primary's host:port: serve as its read-only replica (docs/replication.md)
+    replication: ReplicationConfig = field(default_factory=ReplicationConfig)   # change feed and following
 
     def __post_init__(self):
         for name in ("port", "metrics_port"):
@@ -62,7 +66,7 @@ class ServerConfig:
         for name in ("data_dir", "host"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise InvalidArgument(f"{name}: must be a non-empty string")
-        for name in ("auth_token_file", "tls_cert", "tls_key", "tls_client_ca"):
+        for name in ("auth_token_file", "tls_cert", "tls_key", "tls_client_ca", "replica_of"):
             if not isinstance(getattr(self, name), str):
                 raise InvalidArgument(f"{name}: must be a file path (a string)")
         if bool(self.tls_cert) != bool(self.tls_key):

@@ -21,6 +21,7 @@ from kvstore.errors import FailedPrecondition
 from .config import ServerConfig
 from .logs import RequestIdInterceptor
 from .metrics import Metrics
+from .replica_mode import changefeed_config, replica_interceptors, start_replication, stop_replication
 from .security import TokenAuthInterceptor, read_token, server_credentials
 from .service import EmbeddingStoreService
 
@@ -62,6 +63,7 @@ class KVStoreServer:
         self._grpc: grpc.Server | None = None
         self._health = health.HealthServicer()
         self._metrics_http = None
+        self._follower = None          # replica mode: the thread following the primary
 
     def start(self) -> int:
         """Open the store, bind and start serving; returns the bound port."""
@@ -72,7 +74,9 @@ class KVStoreServer:
             refused = self.metrics.auth_failures
             interceptors.append(TokenAuthInterceptor(read_token(config.auth_token_file),
                                                      on_refused=lambda method: refused.labels(method).inc()))
-        self.store = Store(config.data_dir, rocks=config.rocksdb, sweeper=config.sweeper)
+        interceptors += replica_interceptors(config)
+        self.store = Store(config.data_dir, rocks=config.rocksdb, sweeper=config.sweeper,
+                           changefeed=changefeed_config(config))
         self._grpc = grpc.server(
             self._executor,
             interceptors=interceptors,
@@ -102,6 +106,7 @@ class KVStoreServer:
             self.metrics.watch(self.store, config.data_dir)
             self._metrics_http = self.metrics.serve(config.host, config.metrics_port)
         self._grpc.start()
+        self._follower = start_replication(self)
         for service in ("", SERVICE_NAME):
             self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         return self.port
@@ -109,6 +114,7 @@ class KVStoreServer:
     def stop(self) -> None:
         """Drain and close; safe to call once after start."""
         self._health.enter_graceful_shutdown()
+        stop_replication(self, self._follower)
         if self._grpc is not None:
             self._grpc.stop(self.config.grace_seconds).wait()
         self._executor.shutdown(wait=True, cancel_futures=True)

@@ -17,6 +17,7 @@ from kvstore.errors import InvalidArgument, ResourceExhausted
 from .config import ServerConfig
 from .messages import concat, on_miss_name, table_config_from_proto, table_config_to_proto
 from .metrics import Metrics
+from .replication_service import ReplicationRPCs
 from .rpc import check_active, streaming, unary
 from .sessions import Sessions
 from .transfer_service import SnapshotRPCs
@@ -24,7 +25,7 @@ from .transfer_service import SnapshotRPCs
 MESSAGE_OVERHEAD = 4096   # room for framing and the non-tensor fields of a response
 
 
-class EmbeddingStoreService(SnapshotRPCs, pb_grpc.EmbeddingStoreServicer):
+class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, pb_grpc.EmbeddingStoreServicer):
     def __init__(self, store: Store, config: ServerConfig, metrics: Metrics):
         self.store = store
         self.config = config

@@ -65,9 +65,13 @@ class SnapshotRPCs:
     def Export(self, request, context):
         config = self.store.describe_table(request.table)
         chunk_rows = self._export_chunk_rows(config, request.chunk_rows)
+        if request.HasField("since_sequence"):          # replication: a delta export (replication_service.py)
+            yield from self.export_delta(request, chunk_rows, context)
+            return
         export = self.store.export_table(request.table, chunk_rows)
         try:
             header = {"config": table_config_to_proto(export.config), "estimated_rows": export.estimated_rows}
+            header.update(sequence=export.sequence, feed_id=self.store.changes.feed_id)   # replication
             for chunk in export:
                 check_active(context)
                 yield pb.ExportChunk(ids=encode_ids(chunk.ids), weights=encode_tensor(chunk.weights),

@@ -208,4 +208,5 @@ def test_export_during_restore_finishes_on_the_old_database(store):
     rest = list(chunks)
     assert len(first) + sum(len(c) for c in rest) == 300
     store._gens.join_retired()
-    assert sorted(os.listdir(store.data_dir)) == ["LIVE", "changefeed.json", "db-1", "snapshots"]   # removed once released
+    # the old database is removed once released
+    assert sorted(os.listdir(store.data_dir)) == ["LIVE", "changefeed.json", "db-1", "snapshots"]

@@ -1,0 +1,144 @@
+"""Replication RPCs, a mixin of the servicer: Subscribe, delta exports, ImportChain.
+
+Subscribe follows the store's change feed: it waits for changes, lets them
+gather for the request's interval, then sends the rows of every id changed as
+they are at that moment (a hot row once, with its latest value) and tombstones
+for ids that no longer exist, and finally a `batch_end` message carrying the
+sequence the subscriber now has everything up to. The first message is such an
+empty `batch_end` naming where the stream starts (the head for `from_sequence` < 0,
+which a bootstrapping follower uses before it exports). With nothing to send it sends
+a heartbeat (an empty `batch_end`) every `HEARTBEAT_SECONDS`, so a follower
+always knows the primary's head sequence and its own lag.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+
+import numpy as np
+from kvstore_proto.tensors import decode_ids, decode_tensor, encode_ids, encode_tensor
+from kvstore_proto.v1 import kvstore_pb2 as pb
+
+from kvstore import Store
+from kvstore.changefeed import Changes, OutsideWindow
+from kvstore.delta import DeltaChunk, ImportChains, commit_link, export_since, read_changes
+from kvstore.errors import FailedPrecondition, InvalidArgument, TableNotFound
+from kvstore.transfer import rows_to_chunk
+
+from .messages import concat, table_config_to_proto
+from .rpc import check_active, streaming, unary
+
+HEARTBEAT_SECONDS = 1.0
+DEFAULT_INTERVAL = 0.1
+MAX_INTERVAL = 60.0
+MESSAGE_BYTES = 2 << 20      # rows per Subscribe message: about this many bytes
+
+
+class ReplicationRPCs:
+    """Subscribe and ImportChain, and the delta form of Export (`since_sequence` set)."""
+
+    store: Store
+
+    @streaming
+    def Subscribe(self, request, context):
+        feed = self.store.changes
+        if request.feed_id and request.feed_id != feed.feed_id:
+            raise FailedPrecondition(f"feed_id: this server's change feed is {feed.feed_id!r}, not "
+                                     f"{request.feed_id!r} (another data directory); re-bootstrap")
+        interval = request.interval_seconds or DEFAULT_INTERVAL
+        if not 0 < interval <= MAX_INTERVAL:
+            raise InvalidArgument(f"interval_seconds: must be in (0, {MAX_INTERVAL}], got {interval}")
+        tables = list(request.tables) or None
+        for table in tables or ():
+            self.store.describe_table(table)                 # NOT_FOUND before subscribing
+        cursor = feed.subscribe(feed.last if request.from_sequence < 0 else request.from_sequence, tables)
+        dropped = False
+        try:
+            yield self._batch_end(cursor.sequence, None)        # subscribed: where the stream starts
+            while not feed.ending:
+                check_active(context)
+                if not feed.wait_beyond(cursor.sequence, HEARTBEAT_SECONDS):
+                    yield self._batch_end(cursor.sequence, None)
+                    continue
+                time.sleep(interval)                        # let changes gather: a hot row is sent once
+                try:
+                    changes = feed.changes(cursor.sequence, tables)
+                except OutsideWindow:
+                    dropped = True                           # fell behind the window: it must re-bootstrap
+                    raise
+                yield from self._batch(changes, request.weights_only, context)
+                cursor.sequence = changes.through
+        finally:
+            feed.unsubscribe(cursor, dropped)
+
+    def _batch(self, changes: Changes, weights_only: bool, context) -> Iterator[pb.SubscribeResponse]:
+        for name, ids in changes.ids.items():
+            try:
+                table = self.store.table(name)
+            except TableNotFound:                           # dropped since: nothing to send
+                continue
+            row_bytes = 8 + table.layout.row_bytes
+            for chunk in read_changes(table, ids, max(1, MESSAGE_BYTES // row_bytes)):
+                check_active(context)
+                rows = chunk.rows
+                yield pb.SubscribeResponse(
+                    table=name, ids=encode_ids(rows.ids), weights=encode_tensor(rows.weights),
+                    state=None if weights_only else encode_tensor(rows.state),
+                    tombstones=encode_ids(chunk.tombstones), sequence=changes.through)
+        yield self._batch_end(changes.through, changes.first_time)
+
+    def _batch_end(self, sequence: int, first_time: float | None) -> pb.SubscribeResponse:
+        feed = self.store.changes
+        return pb.SubscribeResponse(sequence=sequence, batch_end=True, head_sequence=feed.last,
+                                    oldest_change_time=first_time or 0.0, feed_id=feed.feed_id)
+
+    # --- delta export and chained import ---------------------------------------
+
+    def export_delta(self, request, chunk_rows: int | None, context) -> Iterator[pb.ExportChunk]:
+        """Export's stream when `since_sequence` is set: a header chunk without rows, then rows and tombstones."""
+        delta = export_since(self.store, request.table, request.since_sequence, chunk_rows)
+        layout = delta.table.layout
+        empty = DeltaChunk(rows_to_chunk(layout, np.zeros(0, np.int64), layout.empty(0)), np.zeros(0, np.int64))
+        header = {"config": table_config_to_proto(delta.config), "estimated_rows": len(delta.ids),
+                  "sequence": delta.sequence, "since_sequence": delta.since, "feed_id": self.store.changes.feed_id}
+        for chunk in itertools.chain([empty], delta):
+            check_active(context)
+            rows = chunk.rows
+            yield pb.ExportChunk(ids=encode_ids(rows.ids), weights=encode_tensor(rows.weights),
+                                 state=encode_tensor(rows.state), meta=encode_tensor(rows.meta.astype(np.int64)),
+                                 tombstones=encode_ids(chunk.tombstones), **header)
+            header = {}
+
+    @unary
+    def ImportChain(self, request_iterator, context):
+        stager, since, sequence, tombstones = None, None, 0, []
+        try:
+            for index, request in enumerate(request_iterator):
+                check_active(context)
+                rows = request.rows
+                if stager is None:
+                    sequence = request.sequence
+                    since = request.since_sequence if request.HasField("since_sequence") else None
+                    if since is not None:
+                        if rows.mode == pb.IMPORT_MODE_REPLACE:
+                            raise InvalidArgument("rows.mode: a delta is merged; replace is for full exports")
+                        ImportChains(self.store.data_dir).check(rows.table, since)   # refuse before staging
+                    stager = self._begin_import(rows)
+                elif rows.table and rows.table != stager.table.name:
+                    raise InvalidArgument(f"rows.table: chunk {index} names {rows.table!r} "
+                                          f"but the stream began with {stager.table.name!r}")
+                if rows.HasField("weights"):                  # messages of tombstones alone carry no rows
+                    stager.add(decode_ids(rows.ids, "rows.ids"), decode_tensor(rows.weights, "rows.weights"),
+                               decode_tensor(rows.state, "rows.state") if rows.HasField("state") else None,
+                               decode_tensor(rows.meta, "rows.meta") if rows.HasField("meta") else None)
+                tombstones.append(decode_ids(request.tombstones, "tombstones"))
+            if stager is None:
+                raise InvalidArgument("rows: the import stream had no chunk")
+            check_active(context)
+            created, committing, stager = stager.created, stager, None
+            count = commit_link(self.store, committing, sequence, since, concat(tombstones))
+            return pb.ImportResponse(rows=count, created=created)
+        finally:
+            if stager is not None:
+                self.store.abort_import(stager)
