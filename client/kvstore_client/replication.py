@@ -23,6 +23,7 @@ from kvstore_proto.v1 import kvstore_pb2 as pb
 from .errors import InternalError
 from .errors import rpc_errors as _rpc
 from .progress import Progress
+from .snapshots import IMPORT_MODES, ExportStream, _config_message
 
 TRANSFER_TIMEOUT = 24 * 3600.0
 TOMBSTONES_FILE = "tombstones.npy"
@@ -55,31 +56,28 @@ class DeltaPart:
     tombstones: np.ndarray
 
 
-class SequencedExport:
+class SequencedExport(ExportStream):
     """A full or delta export; `config`, `sequence`, `since_sequence`, `feed_id` are known before the first part."""
 
     def __init__(self, responses):
-        self._responses = responses
+        self._call = responses
         with _rpc():
             first = next(responses, None)
-        if first is None or not first.HasField("config"):
-            raise InternalError(message="export: the server sent no header chunk")
-        from .client import _to_dict
-
-        self.config = _to_dict(first.config)
+        super().__init__(itertools.chain([] if first is None else [first], responses))
+        self._head = first
         self.sequence = first.sequence
         self.since_sequence = first.since_sequence if first.HasField("since_sequence") else None
         self.feed_id = first.feed_id
-        self.estimated_rows = first.estimated_rows
-        self._first = _part(first)
-        self.state_dim = self._first.state.shape[1]
 
     def __iter__(self) -> Iterator[DeltaPart]:
         with _rpc():
-            for response in itertools.chain([None], self._responses):
-                part = self._first if response is None else _part(response)
+            for response in itertools.chain([self._head], self._responses):
+                part = _part(response)
                 if len(part.ids) or len(part.tombstones):
                     yield part
+
+    def cancel(self) -> None:
+        self._call.cancel()
 
 
 def _part(response: pb.ExportChunk) -> DeltaPart:
@@ -137,8 +135,6 @@ class ReplicationMethods:
                      mode: str = "merge", config: dict | None = None, timeout: float = TRANSFER_TIMEOUT) -> int:
         """Apply one link of a checkpoint chain: a full export (no `since_sequence`) or a delta, which the
         server refuses (FailedPreconditionError naming both sequences) unless it starts where the last ended."""
-        from .snapshots import IMPORT_MODES, _config_message
-
         header = pb.ImportRequest(table=table, mode=IMPORT_MODES.get(mode, pb.IMPORT_MODE_UNSPECIFIED))
         if config is not None:
             header.config.CopyFrom(_config_message(config))

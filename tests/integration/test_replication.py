@@ -30,6 +30,12 @@ def same_rows(primary: KVStoreClient, replica: KVStoreClient, table: str) -> boo
         return False
 
 
+def converges(primary_client: KVStoreClient, replica, table: str) -> bool:
+    """The replica's rows of `table` equal the primary's within the deadline."""
+    with KVStoreClient(replica.address, timeout=60.0) as replica_client:
+        return wait_until(lambda: same_rows(primary_client, replica_client, table), DEADLINE)
+
+
 def start_replica(start_server, primary, *args: str, data_dir=None):
     return start_server("--replica-of", primary.address, "--replication-checkpoint-seconds", "0.2", *args,
                         data_dir=data_dir, metrics_port=free_port())
@@ -101,7 +107,9 @@ def test_replica_equals_the_primary_after_continuous_gradient_writers_stop(start
             assert bootstraps(replica, "initial") == 1
             with pytest.raises(FailedPreconditionError, match=primary.address):
                 replica_client.apply_gradients("live", [1], np.ones((1, 8), np.float32))
-            assert same_rows(primary_client, replica_client, "live")      # the refused write changed nothing
+            unseen = replica_client.lookup("live", [987654])              # init_insert acts as init: not stored
+            assert (unseen == primary_client.lookup("live", [987654], on_miss="init")).all()
+            assert same_rows(primary_client, replica_client, "live")      # nothing the replica refused changed it
     finally:
         stop.set()
         for thread in writers:
@@ -112,13 +120,11 @@ def test_replica_killed_inside_the_window_resumes_without_bootstrap(start_server
     small_table(primary_client, "resume")
     primary_client.update("resume", np.arange(50), np.ones((50, 8), np.float32))
     replica = start_replica(start_server, primary)
-    with KVStoreClient(replica.address, timeout=60.0) as replica_client:
-        assert wait_until(lambda: same_rows(primary_client, replica_client, "resume"), DEADLINE)
+    assert converges(primary_client, replica, "resume")
     primary_client.update("resume", np.arange(25, 75), np.full((50, 8), 2.0, np.float32))
     replica = kill9_and_restart(start_server, replica, primary)
     primary_client.delete("resume", [0, 1])
-    with KVStoreClient(replica.address, timeout=60.0) as replica_client:
-        assert wait_until(lambda: same_rows(primary_client, replica_client, "resume"), DEADLINE)
+    assert converges(primary_client, replica, "resume")
     assert bootstraps(replica, "initial") == 0 and bootstraps(replica, "window") == 0
 
 
@@ -128,14 +134,12 @@ def test_replica_outside_the_window_rebootstraps_and_catches_up(start_server):
         small_table(primary_client, "far")
         primary_client.update("far", np.arange(10), np.ones((10, 8), np.float32))
         replica = start_replica(start_server, small_primary)
-        with KVStoreClient(replica.address, timeout=60.0) as replica_client:
-            assert wait_until(lambda: same_rows(primary_client, replica_client, "far"), DEADLINE)
+        assert converges(primary_client, replica, "far")
         replica.process.kill()
         for start in range(0, 1000, 50):                    # far more ids than the window holds
             primary_client.update("far", np.arange(start, start + 50), np.full((50, 8), start, np.float32))
         replica = kill9_and_restart(start_server, replica, small_primary)
-        with KVStoreClient(replica.address, timeout=60.0) as replica_client:
-            assert wait_until(lambda: same_rows(primary_client, replica_client, "far"), DEADLINE)
+        assert converges(primary_client, replica, "far")
         assert wait_until(lambda: bootstraps(replica, "window") == 1, DEADLINE)
         assert value(scrape(small_primary), "kvstore_subscribers_dropped_total") >= 1
 
