@@ -216,10 +216,10 @@ class Follower:
         for name in set(self.store.list_tables()) - set(names):
             self.store.drop_table(name)
         self._position = Position(start.feed_id, start.sequence)
+        self._checkpoint()                               # a restart from here resumes instead of copying again
         self.stats.applied_sequence = start.sequence
         self.stats.bootstrapped = True
         self.stats.counters[f"bootstraps_{reason}"] += 1
-        self._checkpoint()
 
     def _copy_table(self, name: str) -> None:
         responses = self._stub.Export(pb.ExportRequest(table=name), timeout=TRANSFER_TIMEOUT,

@@ -41,11 +41,12 @@ def start_replica(start_server, primary, *args: str, data_dir=None):
                         data_dir=data_dir, metrics_port=free_port())
 
 
-def kill9_and_restart(start_server, server, primary, *args: str):
-    server.process.kill()
-    server.process.wait()
-    server.process.stdout.close()
-    return start_replica(start_server, primary, *args, data_dir=server.data_dir)
+def kill9(replica) -> None:
+    """kill -9 once the replica has bootstrapped (and so saved a position)."""
+    assert wait_until(lambda: replica_value(replica, "kvstore_replica_bootstrapped") == 1, DEADLINE)
+    replica.process.kill()
+    replica.process.wait()
+    replica.process.stdout.close()
 
 
 def replica_value(replica, name: str, **labels: str) -> float:
@@ -122,7 +123,8 @@ def test_replica_killed_inside_the_window_resumes_without_bootstrap(start_server
     replica = start_replica(start_server, primary)
     assert converges(primary_client, replica, "resume")
     primary_client.update("resume", np.arange(25, 75), np.full((50, 8), 2.0, np.float32))
-    replica = kill9_and_restart(start_server, replica, primary)
+    kill9(replica)
+    replica = start_replica(start_server, primary, data_dir=replica.data_dir)
     primary_client.delete("resume", [0, 1])
     assert converges(primary_client, replica, "resume")
     assert bootstraps(replica, "initial") == 0 and bootstraps(replica, "window") == 0
@@ -135,10 +137,10 @@ def test_replica_outside_the_window_rebootstraps_and_catches_up(start_server):
         primary_client.update("far", np.arange(10), np.ones((10, 8), np.float32))
         replica = start_replica(start_server, small_primary)
         assert converges(primary_client, replica, "far")
-        replica.process.kill()
+        kill9(replica)
         for start in range(0, 1000, 50):                    # far more ids than the window holds
             primary_client.update("far", np.arange(start, start + 50), np.full((50, 8), start, np.float32))
-        replica = kill9_and_restart(start_server, replica, small_primary)
+        replica = start_replica(start_server, small_primary, data_dir=replica.data_dir)
         assert converges(primary_client, replica, "far")
         assert wait_until(lambda: bootstraps(replica, "window") == 1, DEADLINE)
         assert value(scrape(small_primary), "kvstore_subscribers_dropped_total") >= 1
