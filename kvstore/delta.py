@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import FailedPrecondition
+from .errors import FailedPrecondition, InvalidArgument
 from .eviction.sweep import _current_rows
 from .rows import encode_keys
 from .table import Table
@@ -69,6 +69,8 @@ class DeltaExport:
     """The changes of one table after `since`: iterate it for `DeltaChunk`s."""
 
     def __init__(self, store, table: str, since: int, chunk_rows: int | None = None):
+        if isinstance(since, bool) or not isinstance(since, (int, np.integer)) or since < 0:
+            raise InvalidArgument(f"since_sequence: must be a sequence number >= 0, got {since!r}")
         self.table = store.table(table)
         self.config = self.table.config
         self.since = since

@@ -226,8 +226,18 @@ class Follower:
                                       metadata=self._metadata)
         first = next(responses)
         config = replica_config(table_config_from_proto(first.config))
+        self._drop_if_incompatible(config)
         rows = self.store.import_table(name, _export_chunks(first, responses), mode="replace", config=config)
         self.stats.counters["rows_applied"] += rows
+
+    def _drop_if_incompatible(self, config: TableConfig) -> None:
+        """A local table whose rows have another shape than the primary's (recreated there) goes first."""
+        try:
+            local = self.store.describe_table(config.name)
+        except TableNotFound:
+            return
+        if (local.dim, local.dtype, local.state_dim) != (config.dim, config.dtype, config.state_dim):
+            self.store.drop_table(config.name)
 
     def _ensure_table(self, name: str) -> None:
         """A table created on the primary after the bootstrap: create it here from its config."""

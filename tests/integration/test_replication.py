@@ -222,3 +222,44 @@ def test_a_full_export_and_three_deltas_rebuild_the_primary_in_an_empty_server(s
         assert done.returncode == 0, done.stderr
     with KVStoreClient(empty.address, timeout=60.0) as rebuilt:
         assert rows_of(rebuilt, "chain") == rows_of(primary_client, "chain")
+
+
+def test_bad_replication_requests_get_clear_errors_and_change_nothing(primary, primary_client):
+    from kvstore_client import InvalidArgumentError, NotFoundError
+    from kvstore_client.replication import DeltaPart
+
+    small_table(primary_client, "strict")
+    primary_client.update("strict", [1, 2], np.ones((2, 8), np.float32))
+    before = rows_of(primary_client, "strict")
+    with pytest.raises(NotFoundError, match="no_such_table"):
+        next(primary_client.subscribe(["no_such_table"]))
+    with pytest.raises(InvalidArgumentError, match="interval_seconds"):
+        next(primary_client.subscribe(interval_seconds=-1.0))
+    with pytest.raises(InvalidArgumentError, match="since_sequence"):
+        primary_client.export_sequenced("strict", since_sequence=-5)
+    part = DeltaPart(np.array([3]), np.zeros((1, 8), np.float32), None, None, np.array([1]))
+    with pytest.raises(FailedPreconditionError, match="no import to continue"):
+        primary_client.import_chain("strict", [part], sequence=10, since_sequence=5)
+    with pytest.raises(InvalidArgumentError, match="rows.mode"):
+        primary_client.import_chain("strict", [part], sequence=10, since_sequence=5, mode="replace")
+    assert rows_of(primary_client, "strict") == before
+
+
+def test_a_subscriber_gets_changed_rows_with_their_latest_value_and_tombstones(primary, primary_client):
+    small_table(primary_client, "feed", optimizer={"name": "adagrad"})
+    primary_client.update("feed", [1, 2, 3], np.ones((3, 8), np.float32))
+    stream = primary_client.subscribe(["feed"], weights_only=True, interval_seconds=1.0, timeout=DEADLINE)
+    start = next(stream)
+    assert start.batch_end and start.table == ""
+    for step in range(5):                                     # one hot row, within one interval
+        primary_client.update("feed", [2], np.full((1, 8), step, np.float32))
+    primary_client.delete("feed", [3])
+    rows, tombstones = {}, []
+    for batch in stream:
+        if batch.table:
+            assert batch.state is None                        # weights_only
+            rows.update({int(i): w for i, w in zip(batch.ids, batch.weights, strict=True)})
+            tombstones += batch.tombstones.tolist()
+        if batch.batch_end and batch.sequence >= start.sequence + 6:
+            break
+    assert sorted(rows) == [2] and (rows[2] == 4).all() and tombstones == [3]
