@@ -25,7 +25,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -116,13 +116,16 @@ class Follower:
     """Keeps `store` a copy of the primary at `primary`; `start` it once, `stop` before the store closes."""
 
     def __init__(self, store: Store, primary: str, config: ReplicationConfig | None = None,
-                 token: str | None = None, max_message_bytes: int = 16 << 20):
+                 token: str | None = None, max_message_bytes: int = 16 << 20,
+                 on_bootstrapped: Callable[[], None] | None = None):
         self.store = store
         self.primary = primary
         self.config = config or ReplicationConfig()
         self.stats = FollowerStats()
         self._positions = PositionFile(store.data_dir)
         self._position = self._positions.load()
+        self.resumable = self._position is not None     # has a copy to serve before it reaches the primary
+        self._on_bootstrapped = on_bootstrapped
         self._checkpointed = self._position
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._channel = grpc.insecure_channel(primary, options=[
@@ -220,6 +223,8 @@ class Follower:
         self.stats.applied_sequence = start.sequence
         self.stats.bootstrapped = True
         self.stats.counters[f"bootstraps_{reason}"] += 1
+        if self._on_bootstrapped is not None:
+            self._on_bootstrapped()
 
     def _copy_table(self, name: str) -> None:
         responses = self._stub.Export(pb.ExportRequest(table=name), timeout=TRANSFER_TIMEOUT,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import grpc
+from grpc_health.v1 import health_pb2
 from kvstore_proto.v1 import kvstore_pb2 as pb
 from prometheus_client.core import Metric
 
@@ -16,7 +17,8 @@ from .metrics import _Families
 from .replica import Follower
 from .security import read_token
 
-SERVICE_PREFIX = f"/{pb.DESCRIPTOR.services_by_name['EmbeddingStore'].full_name}/"
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingStore"].full_name
+SERVICE_PREFIX = f"/{SERVICE_NAME}/"
 WRITE_METHODS = frozenset({"CreateTable", "DropTable", "Update", "Delete", "ApplyGradients", "Prefetch", "Import",
                            "ImportChain", "RestoreSnapshot", "Evict", "RestoreRows"})
 _INSERTING = (pb.ON_MISS_UNSPECIFIED, pb.ON_MISS_INIT_INSERT)
@@ -90,13 +92,22 @@ def replica_interceptors(config: ServerConfig) -> list[grpc.ServerInterceptor]:
     return [ReadOnlyInterceptor(config.replica_of)] if config.replica_of else []
 
 
-def start_replication(server) -> Follower | None:
-    """Start following the primary (replica mode only); its metrics join the server's registry."""
+def start_replication(server, health) -> Follower | None:
+    """Start following the primary (replica mode only); its metrics join the server's registry. A replica
+    without a saved position reports NOT_SERVING on `health` until its first bootstrap completed."""
     config = server.config
     if not config.replica_of:
         return None
     token = read_token(config.auth_token_file) if config.auth_token_file else None
-    follower = Follower(server.store, config.replica_of, config.replication, token, config.max_message_bytes)
+
+    def serving(status) -> None:
+        for service in ("", SERVICE_NAME):
+            health.set(service, status)
+
+    follower = Follower(server.store, config.replica_of, config.replication, token, config.max_message_bytes,
+                        on_bootstrapped=lambda: serving(health_pb2.HealthCheckResponse.SERVING))
+    if not follower.resumable:
+        serving(health_pb2.HealthCheckResponse.NOT_SERVING)
     server.metrics.registry.register(ReplicaCollector(follower))
     follower.start()
     return follower

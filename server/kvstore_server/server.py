@@ -106,9 +106,9 @@ class KVStoreServer:
             self.metrics.watch(self.store, config.data_dir)
             self._metrics_http = self.metrics.serve(config.host, config.metrics_port)
         self._grpc.start()
-        self._follower = start_replication(self)
         for service in ("", SERVICE_NAME):
             self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._follower = start_replication(self, self._health)   # replica: NOT_SERVING until its first copy
         return self.port
 
     def stop(self) -> None:

@@ -105,7 +105,7 @@ def test_replica_equals_the_primary_after_continuous_gradient_writers_stop(start
                 thread.join()
             assert wait_until(lambda: same_rows(primary_client, replica_client, "live"), DEADLINE)
             assert wait_until(lambda: caught_up(replica, primary), DEADLINE)
-            assert bootstraps(replica, "initial") == 1
+            assert bootstraps(replica, "initial") == 1 and replica_client.health() == "SERVING"
             with pytest.raises(FailedPreconditionError, match=primary.address):
                 replica_client.apply_gradients("live", [1], np.ones((1, 8), np.float32))
             unseen = replica_client.lookup("live", [987654])              # init_insert acts as init: not stored
@@ -263,3 +263,14 @@ def test_a_subscriber_gets_changed_rows_with_their_latest_value_and_tombstones(p
         if batch.batch_end and batch.sequence >= start.sequence + 6:
             break
     assert sorted(rows) == [2] and (rows[2] == 4).all() and tombstones == [3]
+
+
+def test_a_replica_that_never_reached_its_primary_is_not_serving_and_refuses_writes(start_server, tmp_path):
+    nowhere = f"127.0.0.1:{free_port()}"                      # nothing listens there
+    replica = start_server("--replica-of", nowhere, "--replication-retry-seconds", "0.5", metrics_port=free_port())
+    with KVStoreClient(replica.address, timeout=60.0) as replica_client:
+        assert replica_client.health() == "NOT_SERVING"
+        with pytest.raises(FailedPreconditionError, match=nowhere):
+            replica_client.create_table("x", 4)
+        assert replica_client.list_tables() == []
+    assert value(scrape(replica), "kvstore_replica_connected", primary=nowhere) == 0
