@@ -27,7 +27,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -65,16 +65,19 @@ class Entry:
     table: str
     ids: np.ndarray
     time: float
+    dropped: bool = False            # the table was dropped (ids empty): followers drop it too
 
 
 @dataclass
 class Changes:
-    """Ids changed per table in (since, through]; `first_time` is when the oldest of them was recorded."""
+    """Ids changed per table in (since, through]; `first_time` is when the oldest of them was recorded.
+    `dropped`: tables dropped in that range (a table of that name that exists now was created after)."""
 
     since: int
     through: int
     ids: dict[str, np.ndarray]
     first_time: float | None
+    dropped: set[str] = field(default_factory=set)
 
 
 class Cursor:
@@ -97,7 +100,7 @@ class ChangeFeed:
         self._cursors: set[Cursor] = set()
         self._closed = False
         self._ending = False                  # subscriptions end (server shutting down)
-        self.dropped = 0                      # subscribers refused or cut off: outside the window
+        self.subscribers_dropped = 0                      # subscribers refused or cut off: outside the window
         self.feed_id, self.last = self._load()
         self.floor = self.last
         self._reserved = self.last
@@ -138,15 +141,23 @@ class ChangeFeed:
         """Append one applied write of `ids` (call while holding the table's lock); returns its sequence."""
         if not len(ids):
             return self.last
+        return self._append(Entry(0, table, ids, 0.0))
+
+    def table_dropped(self, table: str) -> int:
+        """The table was dropped (call while holding its lock): followers drop their copy."""
+        return self._append(Entry(0, table, np.zeros(0, np.int64), 0.0, dropped=True))
+
+    def _append(self, entry: Entry) -> int:
         with self._cond:
             self._reserve(self.last + 1)
             self.last += 1
-            self._entries.append(Entry(self.last, table, ids, self.clock()))
-            self._rows += len(ids)
+            entry.sequence, entry.time = self.last, self.clock()
+            self._entries.append(entry)
+            self._rows += len(entry.ids)
             while self._rows > self.config.window_rows and len(self._entries) > 1:
-                dropped = self._entries.popleft()
-                self._rows -= len(dropped.ids)
-                self.floor = dropped.sequence
+                oldest = self._entries.popleft()
+                self._rows -= len(oldest.ids)
+                self.floor = oldest.sequence
             self._cond.notify_all()
             return self.last
 
@@ -199,10 +210,15 @@ class ChangeFeed:
             picked = [e for e in _islice(self._entries, start) if wanted is None or e.table in wanted]
         first_time = picked[0].time if picked else None
         by_table: dict[str, list[np.ndarray]] = {}
+        dropped = set()
         for entry in picked:
-            by_table.setdefault(entry.table, []).append(entry.ids)
-        ids = {table: np.unique(np.concatenate(parts)) for table, parts in by_table.items()}
-        return Changes(since, through, ids, first_time)
+            if entry.dropped:                   # rows before the drop belong to the old table: forget them
+                by_table[entry.table] = []
+                dropped.add(entry.table)
+            else:
+                by_table.setdefault(entry.table, []).append(entry.ids)
+        ids = {table: np.unique(np.concatenate(parts)) for table, parts in by_table.items() if parts}
+        return Changes(since, through, ids, first_time, dropped)
 
     def wait_beyond(self, sequence: int, timeout: float) -> bool:
         """Block until a change after `sequence` exists (True), the timeout passes or the feed closes."""
@@ -221,7 +237,7 @@ class ChangeFeed:
             try:
                 self.check(sequence)
             except OutsideWindow:
-                self.dropped += 1
+                self.subscribers_dropped += 1
                 raise
             cursor = Cursor(sequence, None if tables is None else frozenset(tables))
             self._cursors.add(cursor)
@@ -230,7 +246,7 @@ class ChangeFeed:
     def unsubscribe(self, cursor: Cursor, dropped: bool = False) -> None:
         with self._cond:
             self._cursors.discard(cursor)
-            self.dropped += int(dropped)
+            self.subscribers_dropped += int(dropped)
 
     def _pending_time(self, sequence: int) -> float | None:
         """When the oldest change after `sequence` was recorded (None: nothing pending or not held)."""
@@ -249,7 +265,7 @@ class ChangeFeed:
                 "subscribers": float(len(self._cursors)),
                 "replication_lag_seconds": max((now - t for t in lags if t is not None), default=0.0),
                 "replication_lag_sequences": float(max(behind, default=0)),
-                "subscribers_dropped": float(self.dropped),
+                "subscribers_dropped": float(self.subscribers_dropped),
                 "changefeed_sequence": float(self.last),
                 "changefeed_oldest_sequence": float(self.floor),
                 "changefeed_rows": float(self._rows),
@@ -266,6 +282,9 @@ class NullFeed:
 
     def imported(self, table: str, ids: np.ndarray, replaced: bool) -> None:
         pass
+
+    def table_dropped(self, table: str) -> int:
+        return 0
 
 
 NULL_FEED = NullFeed()

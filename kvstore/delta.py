@@ -76,6 +76,9 @@ class DeltaExport:
         self.since = since
         with self.table._lock:                        # no write of this table lands between the two reads
             changes = store.changes.changes(since, [table], field="since_sequence")
+        if table in changes.dropped:
+            raise FailedPrecondition(f"since_sequence: table {table!r} was dropped and created again after sequence "
+                                     f"{since}; take a full export")
         self.sequence = changes.through
         self.ids = changes.ids.get(table, np.zeros(0, np.int64))
         self.chunk_rows = chunk_rows or default_chunk_rows(self.table.layout)

@@ -112,6 +112,7 @@ class Store:
                 gen.rocks.drop_family(name)
                 gen.rocks.drop_family(archive.archive_family(name))
                 del gen.tables[name]
+                self.changes.table_dropped(name)      # followers drop their copy
 
     def list_tables(self) -> list[str]:
         return sorted(self._tables)

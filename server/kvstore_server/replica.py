@@ -217,7 +217,7 @@ class Follower:
         for name in names:
             self._copy_table(name)
         for name in set(self.store.list_tables()) - set(names):
-            self.store.drop_table(name)
+            self._drop(name)
         self._position = Position(start.feed_id, start.sequence)
         self._checkpoint()                               # a restart from here resumes instead of copying again
         self.stats.applied_sequence = start.sequence
@@ -260,7 +260,9 @@ class Follower:
         for message in responses:
             if self._stop.is_set():
                 return
-            if message.table:
+            if message.table_dropped:
+                self._drop(message.table)
+            elif message.table:
                 self._apply_rows(message)
             if message.batch_end:
                 self._batch_done(message)
@@ -279,6 +281,12 @@ class Follower:
         if len(tombstones):
             self.store.delete(message.table, tombstones)
             self.stats.counters["tombstones_applied"] += len(tombstones)
+
+    def _drop(self, name: str) -> None:
+        try:
+            self.store.drop_table(name)
+        except TableNotFound:
+            pass
 
     def _batch_done(self, message: pb.SubscribeResponse) -> None:
         stats = self.stats

@@ -73,6 +73,8 @@ class ReplicationRPCs:
             feed.unsubscribe(cursor, dropped)
 
     def _batch(self, changes: Changes, weights_only: bool, context) -> Iterator[pb.SubscribeResponse]:
+        for name in sorted(changes.dropped):             # before any row of a table created again since
+            yield pb.SubscribeResponse(table=name, table_dropped=True, sequence=changes.through)
         for name, ids in changes.ids.items():
             try:
                 table = self.store.table(name)

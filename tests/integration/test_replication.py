@@ -146,7 +146,7 @@ def test_replica_outside_the_window_rebootstraps_and_catches_up(start_server):
         assert value(scrape(small_primary), "kvstore_subscribers_dropped_total") >= 1
 
 
-def test_deletes_and_evictions_reach_the_replica(start_server, primary, primary_client):
+def test_deletes_evictions_and_drops_reach_the_replica(start_server, primary, primary_client):
     small_table(primary_client, "gone", eviction={"min_norm": 0.5})
     weights = np.ones((20, 8), np.float32)
     weights[10:] = 0.0                                       # rows 10..19 fall under the norm threshold
@@ -158,6 +158,8 @@ def test_deletes_and_evictions_reach_the_replica(start_server, primary, primary_
         primary_client.delete("gone", [0, 1, 2])
         assert wait_until(lambda: sorted(rows_of(replica_client, "gone")) == list(range(3, 10)), DEADLINE)
         assert replica_value(replica, "kvstore_replica_tombstones_applied_total") >= 13
+        primary_client.drop_table("gone")
+        assert wait_until(lambda: "gone" not in replica_client.list_tables(), DEADLINE)
 
 
 def test_replica_follows_across_a_primary_restart(start_server, primary, primary_client):

@@ -124,3 +124,16 @@ def test_a_full_export_and_three_deltas_rebuild_the_table_and_chains_are_checked
         for chunks, start, end in deltas:
             import_link(dst, "t", chunks, end, since=start)
         assert all_rows(dst, "t") == all_rows(src, "t")
+
+
+def test_a_dropped_table_is_in_the_feed_and_refuses_deltas_across_the_drop(store):
+    store.create_table(table_config())
+    store.update("t", [1, 2], np.ones((2, 8)))
+    since = store.changes.last
+    store.drop_table("t")
+    store.create_table(table_config())
+    store.update("t", [5], np.ones((1, 8)))
+    changes = store.changes.changes(since)
+    assert changes.dropped == {"t"} and changes.ids["t"].tolist() == [5]    # rows of the old table forgotten
+    with pytest.raises(FailedPrecondition, match="dropped and created again"):
+        export_since(store, "t", since)

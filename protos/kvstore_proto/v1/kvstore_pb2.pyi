@@ -505,7 +505,7 @@ class SubscribeRequest(_message.Message):
     def __init__(self, tables: _Optional[_Iterable[str]] = ..., from_sequence: _Optional[int] = ..., weights_only: _Optional[bool] = ..., interval_seconds: _Optional[float] = ..., feed_id: _Optional[str] = ...) -> None: ...
 
 class SubscribeResponse(_message.Message):
-    __slots__ = ("table", "ids", "weights", "state", "tombstones", "sequence", "batch_end", "head_sequence", "oldest_change_time", "feed_id")
+    __slots__ = ("table", "ids", "weights", "state", "tombstones", "sequence", "batch_end", "head_sequence", "oldest_change_time", "feed_id", "table_dropped")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
@@ -516,6 +516,7 @@ class SubscribeResponse(_message.Message):
     HEAD_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     OLDEST_CHANGE_TIME_FIELD_NUMBER: _ClassVar[int]
     FEED_ID_FIELD_NUMBER: _ClassVar[int]
+    TABLE_DROPPED_FIELD_NUMBER: _ClassVar[int]
     table: str
     ids: bytes
     weights: Tensor
@@ -526,4 +527,5 @@ class SubscribeResponse(_message.Message):
     head_sequence: int
     oldest_change_time: float
     feed_id: str
-    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., state: _Optional[_Union[Tensor, _Mapping]] = ..., tombstones: _Optional[bytes] = ..., sequence: _Optional[int] = ..., batch_end: _Optional[bool] = ..., head_sequence: _Optional[int] = ..., oldest_change_time: _Optional[float] = ..., feed_id: _Optional[str] = ...) -> None: ...
+    table_dropped: bool
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., state: _Optional[_Union[Tensor, _Mapping]] = ..., tombstones: _Optional[bytes] = ..., sequence: _Optional[int] = ..., batch_end: _Optional[bool] = ..., head_sequence: _Optional[int] = ..., oldest_change_time: _Optional[float] = ..., feed_id: _Optional[str] = ..., table_dropped: _Optional[bool] = ...) -> None: ...
