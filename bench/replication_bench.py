@@ -13,6 +13,8 @@ loopback, then measures, each beside its peer in the same run:
    for `--seconds`; the replica's `kvstore_replica_lag_seconds` and lag in
    sequences are sampled twice a second (median, p95, max), beside the
    coalescing interval they are bounded by.
+   Then the replica is stopped, `--rows` more rows written, and the replica started
+   again: it resumes and applies them as one backlog (rows/s including its start-up).
 3. delta export: after 1% of the rows changed, a delta export (`since_sequence`)
    against a full export of the same table: rows, bytes on the wire, seconds, ratios.
 """
@@ -57,11 +59,8 @@ class Server:
     def metric(self, name: str) -> float:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as response:
             text = response.read().decode()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name:
-                    return sample.value
-        return 0.0
+        return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+                   if sample.name == name)          # summed over label sets
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -79,17 +78,36 @@ def wait_caught_up(primary: Server, replica: Server, timeout: float = 600.0) -> 
     return time.perf_counter() - start
 
 
-def apply_rate(client: KVStoreClient, primary: Server, replica: Server, rows: int, dim: int) -> None:
+def write_rows(client: KVStoreClient, rows: int, dim: int, offset: int) -> float:
+    """Update `rows` new rows (ids from `offset`) in batches; returns the seconds it took."""
     block = np.random.default_rng(0).standard_normal((BATCH, dim)).astype(np.float32)
     start = time.perf_counter()
     for lo in range(0, rows, BATCH):
-        ids = np.arange(lo, min(rows, lo + BATCH), dtype=np.int64) + 10_000_000
+        ids = np.arange(lo, min(rows, lo + BATCH), dtype=np.int64) + offset
         client.update("t", ids, block[: len(ids)])
-    written = time.perf_counter() - start
+    return time.perf_counter() - start
+
+
+def apply_rate(client: KVStoreClient, primary: Server, replica: Server, rows: int, dim: int) -> None:
+    written = write_rows(client, rows, dim, 10_000_000)
     lag = wait_caught_up(primary, replica)
     write_rate, apply = rows / written, rows / (written + lag)
-    print(f"apply rate: primary Update {write_rate:,.0f} rows/s; replica applied {apply:,.0f} rows/s "
+    print(f"apply rate, following: primary Update {write_rate:,.0f} rows/s; replica applied {apply:,.0f} rows/s "
           f"(caught up {lag:.2f} s after the last write); replica/primary = {apply / write_rate:.2f}")
+
+
+def backlog_rate(client: KVStoreClient, primary: Server, replica: Server, root: str, rows: int, dim: int) -> Server:
+    """Stop the replica, write `rows` new rows, start it again: it resumes and applies them as one backlog
+    (its start-up time counted too). Returns the restarted replica."""
+    replica.stop()
+    written = write_rows(client, rows, dim, 20_000_000)
+    start = time.perf_counter()
+    replica = Server(f"{root}/replica", "--replica-of", primary.address)
+    took = time.perf_counter() - start + wait_caught_up(primary, replica)
+    print(f"apply rate, backlog after a restart: primary Update {rows / written:,.0f} rows/s; replica start + "
+          f"apply {rows / took:,.0f} rows/s ({took:.2f} s); replica/primary = {written / took:.2f}; "
+          f"bootstraps after the restart: {replica.metric('kvstore_replica_bootstraps_total'):.0f}")
+    return replica
 
 
 def steady_lag(address: str, primary: Server, replica: Server, rows: int, dim: int, rate: float,
@@ -167,6 +185,7 @@ def main() -> None:
             replica = Server(f"{root}/replica", "--replica-of", primary.address)
             wait_caught_up(primary, replica)
             apply_rate(client, primary, replica, args.rows, args.dim)
+            replica = backlog_rate(client, primary, replica, root, args.rows, args.dim)
             steady_lag(primary.address, primary, replica, args.rows, args.dim, args.rate, args.seconds)
             delta_vs_full(client, args.rows, args.dim)
     finally:
