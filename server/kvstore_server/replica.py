@@ -34,6 +34,7 @@ from kvstore_proto.v1 import kvstore_pb2 as pb
 from kvstore_proto.v1 import kvstore_pb2_grpc as pb_grpc
 
 from kvstore import EvictionConfig, Store, TableConfig
+from kvstore.changefeed import ChangeFeedConfig
 from kvstore.errors import InvalidArgument, KVStoreError, TableNotFound
 from kvstore.transfer import RowChunk
 
@@ -56,8 +57,10 @@ class ReplicationConfig:
     retry_seconds: float = 5.0           # replica: longest wait between reconnection attempts
 
     def __post_init__(self):
-        if isinstance(self.window_rows, bool) or not isinstance(self.window_rows, int) or self.window_rows < 1:
-            raise InvalidArgument(f"replication.window_rows: must be a positive integer, got {self.window_rows!r}")
+        try:
+            ChangeFeedConfig(window_rows=self.window_rows)
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"replication.{exc}") from None
         for name in ("interval_seconds", "checkpoint_seconds", "retry_seconds"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 < value <= 3600:

@@ -4,7 +4,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvstore import EvictionConfig, FailedPrecondition, OptimizerConfig, Store, SweeperConfig
+from kvstore import (
+    EvictionConfig,
+    FailedPrecondition,
+    InvalidArgument,
+    OptimizerConfig,
+    Store,
+    SweeperConfig,
+    changefeed,
+)
 from kvstore.changefeed import ChangeFeedConfig, OutsideWindow
 from kvstore.delta import export_since, import_link
 
@@ -137,3 +145,23 @@ def test_a_dropped_table_is_in_the_feed_and_refuses_deltas_across_the_drop(store
     assert changes.dropped == {"t"} and changes.ids["t"].tolist() == [5]    # rows of the old table forgotten
     with pytest.raises(FailedPrecondition, match="dropped and created again"):
         export_since(store, "t", since)
+
+
+def test_sequences_past_a_reservation_block_never_repeat_after_a_crash(data_dir, monkeypatch):
+    monkeypatch.setattr(changefeed, "RESERVE", 4)               # a new reservation every 4 sequences
+    store = Store(data_dir)
+    store.create_table(table_config())
+    for i in range(10):
+        store.update("t", [i], np.ones((1, 8)))
+    handed_out = store.changes.last
+    store.changes._closed = True                                 # killed: no clean close
+    store.close()
+    with Store(data_dir) as reopened:
+        assert reopened.changes.last > handed_out
+        reopened.update("t", [1], np.ones((1, 8)))
+        assert reopened.changes.last > handed_out + 1
+
+
+def test_a_bad_window_size_is_invalid_argument(tmp_path):
+    with pytest.raises(InvalidArgument, match="window_rows"):
+        Store(str(tmp_path / "d"), changefeed=ChangeFeedConfig(window_rows=0))
