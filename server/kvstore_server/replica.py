@@ -172,11 +172,14 @@ class Follower:
                 if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
                     log.warning("replica: the primary cannot resume us (%s): re-bootstrapping", exc.details())
                     self._forget("window")
+                    self._stop.wait(0.1)
                     continue
                 log.info("replica: primary %s unavailable (%s); retrying in %.1f s", self.primary,
                          exc.code().name, backoff)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self.config.retry_seconds)
+            except _Stopped:
+                break
             except Exception as exc:       # the thread must live: log, start over from a bootstrap
                 log.error("replica: following %s failed: %s; re-bootstrapping", self.primary, exc, exc_info=exc)
                 self._forget("error")
@@ -235,7 +238,7 @@ class Follower:
         first = next(responses)
         config = replica_config(table_config_from_proto(first.config))
         self._drop_if_incompatible(config)
-        rows = self.store.import_table(name, _export_chunks(first, responses), mode="replace", config=config)
+        rows = self.store.import_table(name, self._export_chunks(first, responses), mode="replace", config=config)
         self.stats.counters["rows_applied"] += rows
 
     def _drop_if_incompatible(self, config: TableConfig) -> None:
@@ -246,6 +249,16 @@ class Follower:
             return
         if (local.dim, local.dtype, local.state_dim) != (config.dim, config.dtype, config.state_dim):
             self.store.drop_table(config.name)
+
+    def _export_chunks(self, first: pb.ExportChunk, rest: Iterator[pb.ExportChunk]) -> Iterator[RowChunk]:
+        for message in itertools.chain([first], rest):
+            if self._stop.is_set():
+                rest.cancel()
+                raise _Stopped()
+            ids = decode_ids(message.ids, "ids")
+            if len(ids):
+                yield RowChunk(ids, decode_tensor(message.weights, "weights"), decode_tensor(message.state, "state"),
+                               decode_tensor(message.meta, "meta"))
 
     def _ensure_table(self, name: str) -> None:
         """A table created on the primary after the bootstrap: create it here from its config."""
@@ -316,9 +329,5 @@ def replica_config(config: TableConfig) -> TableConfig:
     return dataclasses.replace(config, eviction=EvictionConfig())
 
 
-def _export_chunks(first: pb.ExportChunk, rest: Iterator[pb.ExportChunk]) -> Iterator[RowChunk]:
-    for message in itertools.chain([first], rest):
-        ids = decode_ids(message.ids, "ids")
-        if len(ids):
-            yield RowChunk(ids, decode_tensor(message.weights, "weights"), decode_tensor(message.state, "state"),
-                           decode_tensor(message.meta, "meta"))
+class _Stopped(Exception):
+    """The follower was asked to stop in the middle of a bootstrap (the import is aborted)."""
