@@ -163,8 +163,10 @@ class Follower:
         backoff = 0.1
         while not self._stop.is_set():
             try:
-                self._follow_once()
+                self._follow_once()              # returns when the primary ends the stream (it is stopping)
                 backoff = 0.1
+                self.stats.connected = False
+                self._stop.wait(backoff)
             except grpc.RpcError as exc:
                 self.stats.connected = False
                 if self._stop.is_set():
