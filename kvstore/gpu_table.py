@@ -287,6 +287,7 @@ class GpuTable(Table):
                     self._write_scores(rows, None, scores)
                 self._store_rows(ids, rows, slots)
                 self.eviction.created(created)
+                self.changes.record(self.name, cupy.asnumpy(ids))
                 self.counters["rows_updated"] += len(ids)
             return len(ids)
 
@@ -318,6 +319,7 @@ class GpuTable(Table):
                     self.cache.optimizer_step(None, grads, self.config.optimizer, self.layout, rows=rows)
                     self._store_rows(ids, rows, slots)
                     self.eviction.created(created)
+                self.changes.record(self.name, cupy.asnumpy(ids))
                 if owner is not None:
                     self._release(cupy.asnumpy(ids), owner)
                 self.counters["rows_stepped"] += len(ids)

@@ -22,6 +22,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
 
+from .changefeed import ChangeFeed, ChangeFeedConfig
 from .config import RocksConfig, SweeperConfig, TableConfig, validate_name
 from .errors import FailedPrecondition, InvalidArgument, StorageError, TableExists, TableNotFound
 from .eviction import archive
@@ -38,7 +39,8 @@ STAGING_DIR = "staging"
 
 class Store:
     def __init__(self, data_dir: str, rocks: RocksConfig | None = None,
-                 clock: Callable[[], float] = time.time, sweeper: SweeperConfig | None = None):
+                 clock: Callable[[], float] = time.time, sweeper: SweeperConfig | None = None,
+                 changefeed: ChangeFeedConfig | None = None):
         self.data_dir = os.path.abspath(data_dir)
         self.clock = clock
         self.rocks_config = rocks
@@ -52,6 +54,7 @@ class Store:
         live = self.snapshots.live_db()
         self.snapshots.remove_stale(live)
         shutil.rmtree(os.path.join(self.data_dir, STAGING_DIR), ignore_errors=True)
+        self.changes = ChangeFeed(self.data_dir, changefeed, clock)    # replication and delta exports
         self._gens = Generations(self._open_generation(live))
         self.sweeper = Sweeper(lambda: list(self._tables.values()), sweeper, clock)
 
@@ -62,6 +65,7 @@ class Store:
             for name, blob in rocks.load_configs().items():
                 config = TableConfig.from_dict(json.loads(blob))
                 tables[name] = open_table(config, rocks, self.clock)
+                tables[name].changes = self.changes
         except BaseException:
             rocks.close()
             raise
@@ -94,6 +98,7 @@ class Store:
             except BaseException:
                 gen.rocks.drop_family(config.name)
                 raise
+            table.changes = self.changes
             gen.rocks.save_config(config.name, json.dumps(config.to_dict()).encode())
             gen.tables[config.name] = table
             return config
@@ -107,6 +112,7 @@ class Store:
                 gen.rocks.drop_family(name)
                 gen.rocks.drop_family(archive.archive_family(name))
                 del gen.tables[name]
+                self.changes.table_dropped(name)      # followers drop their copy
 
     def list_tables(self) -> list[str]:
         return sorted(self._tables)
@@ -159,7 +165,7 @@ class Store:
 
     def store_stats(self) -> dict[str, float]:
         """Store-wide counters: snapshots (count, last and total pause and duration), restores, imports."""
-        return {k: float(v) for k, v in self.counters.items()}
+        return {**{k: float(v) for k, v in self.counters.items()}, **self.changes.stats()}
 
     # --- snapshots -----------------------------------------------------------
 
@@ -223,6 +229,7 @@ class Store:
                     raise
                 old = self._gens.acquire()         # held until its eviction sweeps have stopped
                 self._gens.swap(gen)
+                self.changes.reset()            # every table changed: followers re-bootstrap
             try:
                 for table in list(old.tables.values()):
                     table.eviction.cancelled.set()
@@ -355,6 +362,7 @@ class Store:
             if gen is not None:
                 try:
                     self._flush(gen)
+                    self.changes.close()        # after the last flush: the sequence is clean
                 finally:
                     gen.close()
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .cache import SetAssociativeCache
+from .changefeed import NULL_FEED, ChangeLog
 from .config import TableConfig
 from .errors import FailedPrecondition, InvalidArgument, RowNotFound
 from .eviction.archive import archive_family
@@ -51,6 +52,7 @@ class Table:
         self.counters: Counter[str] = Counter()
         self._leases: dict[str, np.ndarray] = {}   # owner -> ids it holds prefetch locks on
         self._lock = threading.RLock()
+        self.changes: ChangeLog = NULL_FEED     # the store's change feed: every applied write is recorded
         self.eviction = EvictionTracker(config.eviction, self.layout, self.cache.capacity)
         if self.eviction.counts_rows:
             self.eviction.rows = rocks.count_keys(self.name)
@@ -247,6 +249,7 @@ class Table:
             if scores is not None:
                 self.layout.header(rows)["score"] = encode_scores(scores)
             self._store_rows(ids, rows, slots)
+            self.changes.record(self.name, ids)
             self.eviction.created(int(new.sum()))
             self.counters["rows_updated"] += len(ids)
         return len(ids)
@@ -285,6 +288,7 @@ class Table:
             self.optimizer.step(weights, state, grads, header["step"])
             self.layout.weights(rows)[:] = weights.astype(self.layout.dtype)
             self._store_rows(ids, rows, slots)
+            self.changes.record(self.name, ids)
             self.eviction.created(int(new.sum()))
             if owner is not None:
                 self._release(ids, owner)
@@ -348,6 +352,7 @@ class Table:
                 self.eviction.removed(int(self._existing(ids).sum()))
             self.rocks.write(self.name, [], delete=encode_keys(ids))
             self.cache.invalidate(ids)
+            self.changes.record(self.name, ids)
             self.counters["rows_deleted"] += len(ids)
         return len(ids)
 

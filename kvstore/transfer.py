@@ -89,6 +89,7 @@ class TableExport:
         with table._lock:                       # no write lands between the flush and the snapshot
             table.flush()
             self._items = table.rocks.consistent_items(table.name)
+            self.sequence = table.changes.last     # the change-feed sequence this export is consistent at
         self.estimated_rows = table.rocks.estimate_rows(table.name)
         self.rows = 0
 
@@ -217,6 +218,7 @@ class ImportStager:
                     table.rocks.ingest(table.name, self.files)
                 if table.eviction.counts_rows:          # exact row count for eviction triggers
                     table.eviction.rows = table.rocks.count_keys(table.name)
+                table.changes.imported(table.name, ids, replaced=self.mode == "replace")
                 table.counters["rows_imported"] += self.rows
         finally:
             self.abort()

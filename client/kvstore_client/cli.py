@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 from kvstore_proto.export_format import ExportFormatError
 
-from . import commands
+from . import commands, replication
 from .client import KVStoreClient
 from .credentials import read_file
 from .errors import InvalidArgumentError, KVStoreError
@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--mode", choices=("merge", "replace"), default="merge",
                       help="merge: keep rows not in the export (default); replace: drop them first")
     load.set_defaults(func=import_table)
+    replication.register(export, load)      # --since SEQ, sequences in manifests, chained imports
     return parser
 
 

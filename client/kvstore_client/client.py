@@ -24,6 +24,7 @@ from .credentials import open_channel
 from .errors import InternalError, InvalidArgumentError, KVStoreError
 from .errors import rpc_errors as _rpc
 from .leases import LeaseKeeper
+from .replication import ReplicationMethods
 from .snapshots import SnapshotMethods
 from .writes import streamed_write
 
@@ -41,7 +42,7 @@ ID_BYTES = 8
 MESSAGE_OVERHEAD = 1024   # bytes a message may carry beyond its chunk: table name, dtypes, shapes
 
 
-class KVStoreClient(SnapshotMethods):
+class KVStoreClient(ReplicationMethods, SnapshotMethods):
     def __init__(self, address: str, timeout: float = 30.0, max_message_bytes: int = 16 << 20,
                  chunk_bytes: int = 2 << 20, *, token: str | None = None, root_certificates: bytes | None = None,
                  certificate_chain: bytes | None = None, private_key: bytes | None = None,

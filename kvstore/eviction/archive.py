@@ -66,6 +66,7 @@ def restore(table, ids: np.ndarray, now: float) -> int:
         found_keys = [keys[i] for i in found]
         table.rocks.write(table.name, found_keys, table.layout.to_values(rows))
         table.rocks.write(family, [], delete=found_keys)
+        table.changes.record(table.name, ids[found])
         table.eviction.created(len(found))
         table.counters["rows_restored"] += len(found)
         return len(found)

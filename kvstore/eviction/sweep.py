@@ -148,6 +148,7 @@ def _apply(table, ids, prints, reason, changed, counts, now, result) -> np.ndarr
                 table.counters["archived_rows"] += len(victims)
             table.cache.invalidate(victims)
             table.rocks.write(table.name, [], delete=encode_keys(victims))
+            table.changes.record(table.name, victims)
             table.eviction.removed(len(victims))
             for code, n in zip(*np.unique(reason[touched][gone], return_counts=True), strict=True):
                 result.evicted[REASONS[code]] += int(n)

@@ -71,6 +71,15 @@ class _HashingFile(io.RawIOBase):
         self.out.flush()
 
 
+def file_sha256(path: str) -> str:
+    """The hex SHA-256 of a file's content (side files of an export, e.g. a delta's tombstones)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as src:
+        for block in iter(lambda: src.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _write_npz(out: io.RawIOBase, columns: dict[str, np.ndarray]) -> None:
     """What `np.savez` writes (an uncompressed zip of .npy members), with each array's bytes
     handed to zipfile as they are: savez copies every array once more on the way."""
@@ -138,7 +147,8 @@ class ExportWriter:
         self._chunks.append({"file": name, "rows": len(ids), "first_id": int(ids[0]), "last_id": int(ids[-1]),
                              "bytes": hashing.written, "sha256": hashing.digest.hexdigest()})
 
-    def close(self) -> dict[str, Any]:
+    def close(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Write the manifest (with `extra` fields, e.g. a delta's sequences) that makes the export complete."""
         self._write_file()
         stored = _STORED_AS.get(self.dtype)
         manifest = {
@@ -151,6 +161,7 @@ class ExportWriter:
                 "meta": {"dtype": "uint32", "shape": ["rows", 3], "fields": list(META_FIELDS)},
             },
             "chunks": self._chunks,
+            **(extra or {}),
         }
         tmp = os.path.join(self.path, MANIFEST + ".tmp")
         with open(tmp, "w") as out:

@@ -39,6 +39,7 @@ HELP = {
     "tls_key": "PEM private key of --tls-cert",
     "tls_client_ca": "PEM CA bundle: clients must present a certificate it signed (mutual TLS)",
     "log_format": "text or json (one JSON object per line)",
+    "replica_of": "primary host:port: serve as its read-only replica (docs/replication.md)",
 }
 
 

@@ -105,6 +105,7 @@ class _Call:
 
     async def __aenter__(self) -> _Call:
         self.start = time.perf_counter()
+        self.peer = self.context.peer()            # now: a cancelled call's context must not be asked later
         await begin_call(self.context)
         refusal = self.gate.refusal()
         if refusal is not None:
@@ -141,7 +142,7 @@ class _Call:
     def _record(self) -> None:
         seconds = time.perf_counter() - self.start
         self.metrics.observe(self.name, self.code, seconds)
-        end_call(self.context, self.path, self.code, seconds)
+        end_call(self.peer, self.path, self.code, seconds)
 
 
 def _parser(method, index_label: bool) -> Callable[[bytes, int], Any]:
@@ -165,16 +166,18 @@ async def _parsed(requests: AsyncIterator[bytes], parse: Callable[[bytes, int], 
         index += 1
 
 
-async def whole_stream(requests: AsyncIterator, context: grpc.aio.ServicerContext) -> AsyncIterator:
+async def whole_stream(requests: AsyncIterator, context: grpc.aio.ServicerContext,
+                       marks: Callable[[Any], Any] = lambda request: request) -> AsyncIterator:
     """The chunks of a streamed write; it ends normally only when the stream is complete. grpcio ends
     a cancelled stream the way it ends a finished one, so a keyed stream (idempotency_key on its
-    first chunk: a client that marks its final chunk `last`) is complete only after that chunk."""
+    first chunk: a client that marks its final chunk `last`) is complete only after that chunk.
+    `marks(request)` is the part of a request holding `idempotency_key` and `last`."""
     last, keyed, index = False, False, 0
     async for request in requests:
         if last:
             raise InvalidArgument(f"last: chunk {index} follows the chunk marked last")
-        keyed = keyed or (index == 0 and bool(request.idempotency_key))
-        last = request.last
+        keyed = keyed or (index == 0 and bool(marks(request).idempotency_key))
+        last = marks(request).last
         yield request
         index += 1
     if keyed and not last:

@@ -24,13 +24,14 @@ from .lease_service import LeaseRPCs
 from .messages import concat, on_miss_name, table_config_from_proto, table_config_to_proto
 from .metrics import Metrics
 from .races import on_table
+from .replication_service import ReplicationRPCs
 from .rpc import StoreWork, whole_stream
 from .transfer_service import SnapshotRPCs
 
 MESSAGE_OVERHEAD = 4096   # room for framing and the non-tensor fields of a response
 
 
-class EmbeddingStoreService(SnapshotRPCs, LeaseRPCs):
+class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs):
     def __init__(self, store: Store, config: ServerConfig, metrics: Metrics, work: StoreWork):
         self.store = store
         self.config = config
