@@ -184,6 +184,10 @@ class _ChainLink:
         rows = request.rows
         self.sequence = request.sequence
         self.since = request.since_sequence if request.HasField("since_sequence") else None
+        if self.sequence < 0:
+            raise InvalidArgument(f"sequence: must be a sequence number >= 0, got {self.sequence}")
+        if self.since is not None and not 0 <= self.since <= self.sequence:
+            raise InvalidArgument(f"since_sequence: must be in [0, sequence={self.sequence}], got {self.since}")
         if self.since is not None:
             if rows.mode == pb.IMPORT_MODE_REPLACE:
                 raise InvalidArgument("rows.mode: a delta is merged; replace is for full exports")
