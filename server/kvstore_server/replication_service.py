@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import numpy as np
 from kvstore_proto.tensors import decode_ids, decode_tensor, encode_ids, encode_tensor
@@ -26,6 +26,7 @@ from kvstore.delta import DeltaChunk, ImportChains, commit_link, export_since, r
 from kvstore.errors import FailedPrecondition, InvalidArgument, TableNotFound
 from kvstore.transfer import rows_to_chunk
 
+from .idempotency import RecentWrites
 from .messages import concat, table_config_to_proto
 from .rpc import StoreWork, whole_stream
 
@@ -80,6 +81,7 @@ class ReplicationRPCs:
 
     store: Store
     work: StoreWork
+    recent: RecentWrites
 
     async def Subscribe(self, request, context):
         feed = self.store.changes
@@ -162,7 +164,7 @@ class ReplicationRPCs:
             header = {}
 
     async def ImportChain(self, requests: AsyncIterator, context):
-        link = _ChainLink(self.store, self._begin_import)
+        link = _ChainLink(self.store, self._begin_import, lambda key: self.recent.known("ImportChain", key))
 
         async def commit(staged) -> pb.ImportResponse:
             rows = await self.on_table(staged.table.name, commit_link, self.store, staged, link.sequence, link.since,
@@ -176,8 +178,8 @@ class ReplicationRPCs:
 class _ChainLink:
     """One ImportChain call: the link's sequences (from the first request) and the tombstones it carries."""
 
-    def __init__(self, store: Store, begin_import):
-        self.store, self._begin_import = store, begin_import
+    def __init__(self, store: Store, begin_import, replayed: Callable[[str], bool]):
+        self.store, self._begin_import, self._replayed = store, begin_import, replayed
         self.sequence, self.since, self.tombstones = 0, None, []
 
     def begin(self, request: pb.ImportChainRequest):
@@ -191,7 +193,8 @@ class _ChainLink:
         if self.since is not None:
             if rows.mode == pb.IMPORT_MODE_REPLACE:
                 raise InvalidArgument("rows.mode: a delta is merged; replace is for full exports")
-            ImportChains(self.store.data_dir).check(rows.table, self.since)   # refuse before staging
+            if not self._replayed(rows.idempotency_key):       # a retry gets the first answer, not a refusal
+                ImportChains(self.store.data_dir).check(rows.table, self.since)   # refuse before staging
         return self._begin_import(rows)
 
     def add(self, stager, request: pb.ImportChainRequest) -> None:

@@ -276,3 +276,62 @@ def test_a_replica_that_never_reached_its_primary_is_not_serving_and_refuses_wri
             replica_client.create_table("x", 4)
         assert replica_client.list_tables() == []
     assert value(scrape(replica), "kvstore_replica_connected", primary=nowhere) == 0
+
+
+def _link(table: str, key: str, sequence: int, since: int | None, value: float) -> list:
+    """Three ImportChain chunks under `key`: two of rows (ids 10..13 = `value`), then tombstones of id 1."""
+    from kvstore_proto.tensors import encode_ids, encode_tensor
+    from kvstore_proto.v1 import kvstore_pb2 as pb
+
+    chunks = [pb.ImportChainRequest(rows=pb.ImportRequest(table=table, ids=encode_ids(np.arange(start, start + 2)),
+                                                          weights=encode_tensor(np.full((2, 8), value, np.float32))))
+              for start in (10, 12)]
+    chunks[0].rows.idempotency_key, chunks[0].sequence = key, sequence
+    if since is not None:
+        chunks[0].since_sequence = since
+    chunks.append(pb.ImportChainRequest(tombstones=encode_ids(np.array([1]))))
+    chunks[-1].rows.last = True
+    return chunks
+
+
+class _TwoThenHold:
+    """Yields two chunks, says so, then blocks until released (the third chunk never goes)."""
+
+    def __init__(self, chunks: list):
+        self.chunks, self.asked_for_third, self.release = chunks, threading.Event(), threading.Event()
+
+    def __iter__(self):
+        yield from self.chunks[:2]
+        self.asked_for_third.set()
+        self.release.wait(60)
+
+
+def test_a_chain_link_cancelled_before_its_last_chunk_applies_nothing_and_a_retried_link_applies_once(
+        primary, primary_client):
+    import grpc
+    from kvstore_proto.v1 import kvstore_pb2_grpc as pb_grpc
+
+    small_table(primary_client, "linked")
+    primary_client.update("linked", [1, 2], np.ones((2, 8), np.float32))
+    before = rows_of(primary_client, "linked")
+    stub = pb_grpc.EmbeddingStoreStub(primary_client._channel)
+    held = _TwoThenHold(_link("linked", "full-1", 5, None, 2.0))
+    call = stub.ImportChain.future(iter(held), timeout=60)
+    assert held.asked_for_third.wait(30)
+    call.cancel()
+    held.release.set()
+    with pytest.raises(grpc.FutureCancelledError):
+        call.result()
+    assert rows_of(primary_client, "linked") == before
+    with pytest.raises(grpc.RpcError) as refused:                                    # the chain did not start
+        stub.ImportChain(iter(_link("linked", "delta-1", 7, 5, 3.0)), timeout=60)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "no import to continue" in refused.value.details()
+
+    assert stub.ImportChain(iter(_link("linked", "full-1", 5, None, 2.0)), timeout=60).rows == 4
+    first = stub.ImportChain(iter(_link("linked", "delta-1", 7, 5, 3.0)), timeout=60)
+    again = stub.ImportChain(iter(_link("linked", "delta-1", 7, 5, 3.0)), timeout=60)   # not refused: 7 != 5
+    assert first.rows == again.rows == 4
+    rows = rows_of(primary_client, "linked")
+    assert 1 not in rows and rows[2] == before[2]
+    assert rows[10][:32] == np.full(8, 3.0, np.float32).tobytes()
