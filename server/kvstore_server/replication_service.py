@@ -171,7 +171,7 @@ class ReplicationRPCs:
                                        concat(link.tombstones))
             return pb.ImportResponse(rows=rows, created=staged.created)
 
-        return await self.staged_import("ImportChain", whole_stream(requests, context, lambda r: r.rows),
+        return await self.staged_import("ImportChain", whole_stream(requests, context, "rows"),
                                         link.begin, link.add, commit, rows_field="rows")
 
 

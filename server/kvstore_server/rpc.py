@@ -167,21 +167,24 @@ async def _parsed(requests: AsyncIterator[bytes], parse: Callable[[bytes, int], 
 
 
 async def whole_stream(requests: AsyncIterator, context: grpc.aio.ServicerContext,
-                       marks: Callable[[Any], Any] = lambda request: request) -> AsyncIterator:
+                       marks_field: str = "") -> AsyncIterator:
     """The chunks of a streamed write; it ends normally only when the stream is complete. grpcio ends
     a cancelled stream the way it ends a finished one, so a keyed stream (idempotency_key on its
     first chunk: a client that marks its final chunk `last`) is complete only after that chunk.
-    `marks(request)` is the part of a request holding `idempotency_key` and `last`."""
+    `marks_field` names the message inside each request that holds `idempotency_key` and `last`
+    (ImportChain: `rows`), if not the request itself."""
     last, keyed, index = False, False, 0
+    name = f"{marks_field}.last" if marks_field else "last"
     async for request in requests:
+        marks = getattr(request, marks_field) if marks_field else request
         if last:
-            raise InvalidArgument(f"last: chunk {index} follows the chunk marked last")
-        keyed = keyed or (index == 0 and bool(marks(request).idempotency_key))
-        last = marks(request).last
+            raise InvalidArgument(f"{name}: chunk {index} follows the chunk marked last")
+        keyed = keyed or (index == 0 and bool(marks.idempotency_key))
+        last = marks.last
         yield request
         index += 1
     if keyed and not last:
-        raise InvalidArgument("last: the stream ended before its chunk marked last (cancelled?); "
+        raise InvalidArgument(f"{name}: the stream ended before its chunk marked last (cancelled?); "
                               "nothing was applied")
     if not last and index:
         # A client predating `last`: the cancellation, if any, reaches this task within a few turns

@@ -347,6 +347,10 @@ REPLICATION_CASES = [
          C.INVALID_ARGUMENT, "tombstones"),
     Case("import_chain_mixed_tables", "ImportChain", lambda: [chain(), chain(import_chunk(SECOND))],
          C.INVALID_ARGUMENT, "rows.table", tables=(CANARY, SECOND)),
+    Case("import_chain_keyed_without_last", "ImportChain",
+         lambda: [chain(import_chunk(idempotency_key="cut-short")), chain()], C.INVALID_ARGUMENT, "rows.last"),
+    Case("import_chain_chunk_after_last", "ImportChain", lambda: [chain(import_chunk(last=True)), chain()],
+         C.INVALID_ARGUMENT, "rows.last"),
     Case("import_chain_malformed_second_chunk", "ImportChain", lambda: [chain(), TRUNCATED], C.INVALID_ARGUMENT,
          "ImportChain"),
 ]
