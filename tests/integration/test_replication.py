@@ -335,3 +335,17 @@ def test_a_chain_link_cancelled_before_its_last_chunk_applies_nothing_and_a_retr
     rows = rows_of(primary_client, "linked")
     assert 1 not in rows and rows[2] == before[2]
     assert rows[10][:32] == np.full(8, 3.0, np.float32).tobytes()
+
+
+def test_idle_subscribers_hold_no_store_thread(start_server):
+    server = start_server("--max-workers", "1")            # one store thread for every call
+    with KVStoreClient(server.address, timeout=DEADLINE) as client:
+        small_table(client, "idle")
+        streams = [client.subscribe(["idle"], interval_seconds=0.01, timeout=DEADLINE) for _ in range(4)]
+        starts = [next(stream) for stream in streams]          # all four subscribed and waiting
+        client.update("idle", [7], np.full((1, 8), 5.0, np.float32))     # runs on the one store thread
+        assert (client.lookup("idle", [7], on_miss="error") == 5.0).all()
+        for stream, start in zip(streams, starts, strict=True):
+            changed = next(batch for batch in stream if batch.table == "idle")
+            assert changed.ids.tolist() == [7] and changed.sequence > start.sequence
+            stream.close()
