@@ -274,6 +274,8 @@ def test_a_replica_that_never_reached_its_primary_is_not_serving_and_refuses_wri
         assert replica_client.health() == "NOT_SERVING"
         with pytest.raises(FailedPreconditionError, match=nowhere):
             replica_client.create_table("x", 4)
+        with pytest.raises(FailedPreconditionError, match=nowhere):              # a client-streamed write
+            replica_client.update("x", [1], np.ones((1, 4), np.float32))
         assert replica_client.list_tables() == []
     assert value(scrape(replica), "kvstore_replica_connected", primary=nowhere) == 0
 
