@@ -105,7 +105,7 @@ class ReplicationRPCs:
                         continue
                     await asyncio.sleep(interval)               # let changes gather: a hot row is sent once
                     try:
-                        changes = feed.changes(cursor.sequence, tables)
+                        changes = await self.work(feed.changes, cursor.sequence, tables)   # np.unique of a window
                     except OutsideWindow:
                         dropped = True                           # fell behind the window: it must re-bootstrap
                         raise
