@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--mode", choices=("merge", "replace"), default="merge",
                       help="merge: keep rows not in the export (default); replace: drop them first")
     load.set_defaults(func=import_table)
-    replication.register(export, load)      # --since SEQ, sequences in manifests, chained imports
+    replication.register(export)            # --since SEQ; sequences in manifests, chained imports
     return parser
 
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from kvstore_proto.export_format import ExportFormatError, ExportReader, ExportWriter, file_sha256
+from kvstore_proto.export_format import ExportFormatError, ExportReader, file_sha256
 from kvstore_proto.tensors import WireError, decode_ids, decode_tensor, encode_ids
 from kvstore_proto.v1 import kvstore_pb2 as pb
 
@@ -163,36 +163,22 @@ class ReplicationMethods:
 # --- CLI: `kvstore export --since`, chained `kvstore import` ----------------------------
 
 
-def register(export: argparse.ArgumentParser, load: argparse.ArgumentParser) -> None:
-    """Add `--since SEQ` to `kvstore export`; both commands record and check sequences."""
+def register(export: argparse.ArgumentParser) -> None:
+    """Add `--since SEQ` to `kvstore export` (transfer_commands records and checks the sequences)."""
     export.add_argument("--since", type=int, metavar="SEQ", default=None,
                         help="a delta: only rows changed after sequence SEQ (from an earlier export's manifest)")
-    export.set_defaults(func=export_sequenced)
-    load.set_defaults(func=import_sequenced)
 
 
-def export_sequenced(client, args: argparse.Namespace) -> int:
-    stream = client.export_sequenced(args.table, args.since)
-    config = stream.config
-    writer = ExportWriter(args.path, config, config["dim"], config["dtype"] or "float32", stream.state_dim)
-    progress = Progress(f"export {args.table}", stream.estimated_rows, enabled=not args.quiet)
-    tombstones = []
-    for part in stream:
-        writer.write(part.ids, part.weights, part.state, part.meta)
-        tombstones.append(part.tombstones)
-        progress.update(len(part.ids))
+def sequence_fields(path: str, stream: SequencedExport, tombstones: list[np.ndarray]) -> dict:
+    """The manifest fields of a sequenced export; a delta's tombstones are written beside its chunks."""
     extra = {"sequence": stream.sequence, "feed_id": stream.feed_id}
     if stream.since_sequence is not None:
         gone = np.concatenate(tombstones) if tombstones else _NO_IDS
-        path = os.path.join(args.path, TOMBSTONES_FILE)
-        np.save(path, gone.astype("<i8"))
+        target = os.path.join(path, TOMBSTONES_FILE)
+        np.save(target, gone.astype("<i8"))
         extra.update(since_sequence=stream.since_sequence,
-                     tombstones={"file": TOMBSTONES_FILE, "rows": len(gone), "sha256": file_sha256(path)})
-    manifest = writer.close(extra)
-    progress.done()
-    kind = f"delta since {stream.since_sequence}" if stream.since_sequence is not None else "full"
-    print(f"exported {manifest['rows']:,} rows of {args.table} to {args.path} ({kind}, sequence {stream.sequence})")
-    return 0
+                     tombstones={"file": TOMBSTONES_FILE, "rows": len(gone), "sha256": file_sha256(target)})
+    return extra
 
 
 def read_tombstones(reader: ExportReader) -> np.ndarray:
@@ -211,25 +197,20 @@ def read_tombstones(reader: ExportReader) -> np.ndarray:
     return gone.astype(np.int64)
 
 
-def import_sequenced(client, args: argparse.Namespace) -> int:
-    reader = ExportReader(args.path)
-    if "sequence" not in reader.manifest:                    # an export without sequences: a plain import
-        from .transfer_commands import import_table
-
-        return import_table(client, args)
+def import_sequenced(client, args: argparse.Namespace, reader: ExportReader) -> int:
+    """`kvstore import` of an export with sequences: one ImportChain call (a delta is merged)."""
     since = reader.manifest.get("since_sequence")
     gone = read_tombstones(reader)
-    progress = Progress(f"import {args.table}", reader.rows, enabled=not args.quiet)
+    with Progress(f"import {args.table}", reader.rows, enabled=not args.quiet) as progress:
 
-    def parts() -> Iterator[DeltaPart]:
-        for chunk in reader:
-            yield DeltaPart(chunk.ids, chunk.weights, chunk.state, chunk.meta, _NO_IDS)
-            progress.update(len(chunk.ids))
-        yield DeltaPart(_NO_IDS, None, None, None, gone)
+        def parts() -> Iterator[DeltaPart]:
+            for chunk in reader:
+                yield DeltaPart(chunk.ids, chunk.weights, chunk.state, chunk.meta, _NO_IDS)
+                progress.update(len(chunk.ids))
+            yield DeltaPart(_NO_IDS, None, None, None, gone)
 
-    rows = client.import_chain(args.table, parts(), int(reader.manifest["sequence"]), since,
-                               mode="merge" if since is not None else args.mode, config=reader.table)
-    progress.done()
+        rows = client.import_chain(args.table, parts(), int(reader.manifest["sequence"]), since,
+                                   mode="merge" if since is not None else args.mode, config=reader.table)
     kind = f"delta {since} -> {reader.manifest['sequence']}" if since is not None else "full"
     print(f"imported {rows:,} rows into {args.table} ({kind}, {len(gone):,} tombstones)")
     return 0
