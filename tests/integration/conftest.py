@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -123,3 +124,16 @@ def wait_until(predicate, timeout: float = 10.0) -> bool:
         time.sleep(0.05)
     return False
 
+
+class TwoThenHold:
+    """Yields two chunks, says so, then blocks until released (the third chunk never goes)."""
+
+    def __init__(self, chunks: list):
+        self.chunks = chunks
+        self.asked_for_third = threading.Event()
+        self.release = threading.Event()
+
+    def __iter__(self):
+        yield from self.chunks[:2]
+        self.asked_for_third.set()        # grpc asks for the next chunk once the previous one was sent
+        self.release.wait(60)

@@ -12,7 +12,7 @@ import pytest
 from kvstore_client import FailedPreconditionError, KVStoreClient
 from ops.conftest import scrape, value
 
-from .conftest import free_port, small_table, wait_until
+from .conftest import TwoThenHold, free_port, small_table, wait_until
 
 DEADLINE = 120.0          # generous: the machine is shared; every wait ends as soon as its condition holds
 
@@ -296,18 +296,6 @@ def _link(table: str, key: str, sequence: int, since: int | None, value: float) 
     return chunks
 
 
-class _TwoThenHold:
-    """Yields two chunks, says so, then blocks until released (the third chunk never goes)."""
-
-    def __init__(self, chunks: list):
-        self.chunks, self.asked_for_third, self.release = chunks, threading.Event(), threading.Event()
-
-    def __iter__(self):
-        yield from self.chunks[:2]
-        self.asked_for_third.set()
-        self.release.wait(60)
-
-
 def test_a_chain_link_cancelled_before_its_last_chunk_applies_nothing_and_a_retried_link_applies_once(
         primary, primary_client):
     import grpc
@@ -317,7 +305,7 @@ def test_a_chain_link_cancelled_before_its_last_chunk_applies_nothing_and_a_retr
     primary_client.update("linked", [1, 2], np.ones((2, 8), np.float32))
     before = rows_of(primary_client, "linked")
     stub = pb_grpc.EmbeddingStoreStub(primary_client._channel)
-    held = _TwoThenHold(_link("linked", "full-1", 5, None, 2.0))
+    held = TwoThenHold(_link("linked", "full-1", 5, None, 2.0))
     call = stub.ImportChain.future(iter(held), timeout=60)
     assert held.asked_for_third.wait(30)
     call.cancel()
