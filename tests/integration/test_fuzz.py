@@ -63,8 +63,6 @@ def test_well_formed_messages_get_a_mapped_code_and_leave_the_canary(fuzzed, met
     run()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12 item 3: undecodable request bytes get INTERNAL (and poison the "
-                                       "connection); fixed by the asyncio service (service-side parsing)")
 def test_random_bytes_get_a_mapped_code_and_leave_the_connection_usable(fuzzed):
     from hypothesis import strategies as st
 
@@ -76,8 +74,6 @@ def test_random_bytes_get_a_mapped_code_and_leave_the_connection_usable(fuzzed):
     run()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12 item 3: undecodable request bytes get INTERNAL and leave HTTP/2 "
-                                       "streams open; fixed by the asyncio service (service-side parsing)")
 @pytest.mark.parametrize("method", ["Update", "CreateTable", "Lookup"])
 def test_a_hundred_undecodable_requests_leave_the_channel_serving(fuzzed, method):
     with grpc.insecure_channel(fuzzed.client.address) as channel:
