@@ -49,6 +49,7 @@ def test_address_flag_wins_over_KVSTORE_ADDRESS(server):
 def test_token_comes_from_KVSTORE_TOKEN_FILE_or_KVSTORE_TOKEN(start_server, tmp_path):
     token = tmp_path / "token"
     token.write_text("s3cret-token\n")
+    token.chmod(0o600)                        # the server refuses a token file others can read
     guarded = start_server("--auth-token-file", str(token))
     env = {"KVSTORE_ADDRESS": guarded.address}
     refused = kvstore("tables", env=env)
