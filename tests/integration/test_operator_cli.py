@@ -48,14 +48,14 @@ def test_address_flag_wins_over_KVSTORE_ADDRESS(server):
 
 def test_token_comes_from_KVSTORE_TOKEN_FILE_or_KVSTORE_TOKEN(start_server, tmp_path):
     token = tmp_path / "token"
-    token.write_text("s3cret-token\n")
+    token.write_text("s3cret-token-of-24-bytes\n")
     token.chmod(0o600)                        # the server refuses a token file others can read
     guarded = start_server("--auth-token-file", str(token))
     env = {"KVSTORE_ADDRESS": guarded.address}
     refused = kvstore("tables", env=env)
     assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
     assert kvstore("tables", env={**env, "KVSTORE_TOKEN_FILE": str(token)}).returncode == 0
-    assert kvstore("tables", env={**env, "KVSTORE_TOKEN": "s3cret-token"}).returncode == 0
+    assert kvstore("tables", env={**env, "KVSTORE_TOKEN": "s3cret-token-of-24-bytes"}).returncode == 0
     missing = kvstore("tables", env={**env, "KVSTORE_TOKEN_FILE": str(tmp_path / "absent")})
     assert missing.returncode == 1 and "KVSTORE_TOKEN_FILE" in missing.stderr
 
