@@ -127,17 +127,22 @@ class _Call:
                 await self._abort(code, message, ((REASON_KEY, reason),))
         finally:
             if self.admitted:
-                self.admitted = False
-                self.gate.leave()
-                self.metrics.rpc_in_flight.labels(self.name).dec()
-                self._record()
+                self._finish()
 
     async def _abort(self, code: grpc.StatusCode, message: str, metadata: tuple) -> None:
         self.code = code
-        if not self.admitted:
+        if self.admitted:
+            self._finish()              # counted before the caller hears of it: a scrape right after sees it
+        else:
             self._record()
         self.context.set_trailing_metadata(metadata)
         await self.context.abort(code, message)
+
+    def _finish(self) -> None:
+        self.admitted = False
+        self.gate.leave()
+        self.metrics.rpc_in_flight.labels(self.name).dec()
+        self._record()
 
     def _record(self) -> None:
         seconds = time.perf_counter() - self.start
