@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -132,3 +133,17 @@ def completed(requests) -> list:
     if chunks and "last" in type(chunks[-1]).DESCRIPTOR.fields_by_name:
         chunks[-1].last = True
     return chunks
+
+
+class TwoThenHold:
+    """Yields two chunks, says so, then blocks until released (the third chunk never goes)."""
+
+    def __init__(self, chunks: list):
+        self.chunks = chunks
+        self.asked_for_third = threading.Event()
+        self.release = threading.Event()
+
+    def __iter__(self):
+        yield from self.chunks[:2]
+        self.asked_for_third.set()        # grpc asks for the next chunk once the previous one was sent
+        self.release.wait(60)

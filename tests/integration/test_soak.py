@@ -45,8 +45,6 @@ def test_final_state_equals_the_replay_of_acknowledged_calls(soak):
     assert replay_mismatches(client, result.workers) == []
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12 item 2: a write stream cancelled before its half-close is "
-                                       "sometimes applied; fixed by the asyncio service (all-or-nothing streams)")
 def test_cancelled_writes_leave_no_row(soak):
     _, client = soak
     assert cancelled_rows(client) == 0
