@@ -91,7 +91,7 @@ def test_a_delta_holds_changed_rows_with_their_latest_value_and_tombstones(store
     store.update("t", np.arange(10), np.zeros((10, 8)))
     since = store.changes.last
     for step in range(5):                                # a hot row: changed often, sent once
-        store.update("t", [3], np.full((1, 8), step))
+        store.update("t", [3], np.full((1, 8), step, np.float32))
     store.delete("t", [4])
     delta = export_since(store, "t", since)
     chunks = list(delta)
