@@ -345,13 +345,32 @@ REPLICATION_CASES = [
     Case("import_chain_tombstones_3_bytes", "ImportChain", lambda: [chain(), chain(tombstones=b"abc")],
          C.INVALID_ARGUMENT, "tombstones"),
     Case("import_chain_mixed_tables", "ImportChain", lambda: [chain(), chain(import_chunk(SECOND))],
-         C.INVALID_ARGUMENT, "rows.table", tables=(CANARY, SECOND)),
-    Case("import_chain_keyed_without_last", "ImportChain",
-         lambda: [chain(import_chunk(idempotency_key="cut-short")), chain()], C.INVALID_ARGUMENT, "rows.last"),
+         C.INVALID_ARGUMENT, "rows.table"),
     Case("import_chain_chunk_after_last", "ImportChain", lambda: [chain(import_chunk(last=True)), chain()],
          C.INVALID_ARGUMENT, "rows.last"),
     Case("import_chain_malformed_second_chunk", "ImportChain", lambda: [chain(), TRUNCATED], C.INVALID_ARGUMENT,
          "ImportChain"),
 ]
 
-CASES = [*NAME_CASES, *CONFIG_CASES, *TENSOR_CASES, *ROW_CASES, *SNAPSHOT_CASES, *LEASE_CASES, *REPLICATION_CASES]
+def train_rows(table: str = CANARY, n: int = 2, dim: int = DIM) -> pb.TableRows:
+    return pb.TableRows(table=table, ids=ids(*range(n)), values=tensor(rows(n, 0.5, dim=dim)))
+
+
+TRAINING_AND_CLUSTER_CASES = [
+    Case("train_on_miss_error", "Train", lambda: [pb.TrainRequest(lookups=[train_rows()], on_miss=pb.ON_MISS_ERROR)],
+         C.INVALID_ARGUMENT, "on_miss"),
+    Case("train_gradient_shape", "Train", lambda: [pb.TrainRequest(gradients=[train_rows(dim=DIM + 1)])],
+         C.INVALID_ARGUMENT, "gradients[0].values"),
+    Case("train_malformed", "Train", lambda: [TRUNCATED], C.INVALID_ARGUMENT, "Train"),
+    Case("set_manifest_no_shards", "SetClusterManifest",
+         lambda: pb.SetClusterManifestRequest(manifest=pb.ClusterManifest(cluster_id="c", function="hash")),
+         C.INVALID_ARGUMENT, "manifest.shards"),
+    Case("set_manifest_index_past_shards", "SetClusterManifest",
+         lambda: pb.SetClusterManifestRequest(manifest=pb.ClusterManifest(cluster_id="c", shards=2, shard_index=2,
+                                                                          function="hash")),
+         C.INVALID_ARGUMENT, "manifest.shard_index"),
+    Case("get_manifest_malformed", "GetClusterManifest", lambda: TRUNCATED, C.INVALID_ARGUMENT, "GetClusterManifest"),
+]
+
+CASES = [*NAME_CASES, *CONFIG_CASES, *TENSOR_CASES, *ROW_CASES, *SNAPSHOT_CASES, *LEASE_CASES, *REPLICATION_CASES,
+         *TRAINING_AND_CLUSTER_CASES]

@@ -130,8 +130,12 @@ def completed(requests) -> list:
     """The chunks of a streamed write with the final one marked `last`, as the client library sends
     them: the server applies a streamed write only after its chunk marked last."""
     chunks = list(requests)
-    if chunks and "last" in type(chunks[-1]).DESCRIPTOR.fields_by_name:
-        chunks[-1].last = True
+    final = chunks[-1] if chunks else None
+    fields = getattr(type(final), "DESCRIPTOR", None)          # raw bytes (a malformed chunk) have none
+    if fields is not None and "rows" in fields.fields_by_name:  # ImportChain: the mark is on its rows
+        final, fields = final.rows, final.rows.DESCRIPTOR
+    if fields is not None and "last" in fields.fields_by_name:
+        final.last = True
     return chunks
 
 
