@@ -165,3 +165,32 @@ def test_sequences_past_a_reservation_block_never_repeat_after_a_crash(data_dir,
 def test_a_bad_window_size_is_invalid_argument(tmp_path):
     with pytest.raises(InvalidArgument, match="window_rows"):
         Store(str(tmp_path / "d"), changefeed=ChangeFeedConfig(window_rows=0))
+
+
+def test_archive_restores_and_merge_imports_are_recorded_and_a_replace_import_resets(store):
+    store.create_table(table_config(eviction=EvictionConfig(min_norm=0.5, archive_seconds=1000)))
+    store.update("t", [1, 2], np.stack([np.zeros(8), np.ones(8)], dtype=np.float32))
+    assert store.evict("t")["norm"] == 1
+    since = store.changes.last
+    assert store.restore_rows("t", [1]) == 1
+    assert store.changes.changes(since).ids["t"].tolist() == [1]
+    since = store.changes.last
+    store.import_table("t", [(np.array([5, 6]), np.ones((2, 8), np.float32))], mode="merge")
+    assert store.changes.changes(since).ids["t"].tolist() == [5, 6]
+    since = store.changes.last
+    store.import_table("t", [(np.array([7]), np.ones((1, 8), np.float32))], mode="replace")
+    with pytest.raises(OutsideWindow):          # rows went that the log cannot list: followers re-bootstrap
+        store.changes.changes(since)
+
+
+def test_an_export_names_its_sequence_and_a_delta_read_counts_no_access(store):
+    store.create_table(table_config())
+    store.update("t", [1, 2], np.ones((2, 8), np.float32))
+    export = store.export_table("t")
+    assert export.sequence == store.changes.last
+    export.close()
+    before = store.table("t").read_rows(np.array([1, 2]))[0].copy()
+    since = store.changes.last - 1
+    assert len(list(export_since(store, "t", since))) == 1
+    after, exists = store.table("t").read_rows(np.array([1, 2]))
+    assert exists.all() and np.array_equal(before, after)          # headers (access count, time) unchanged
