@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import threading
 import time
@@ -35,6 +36,7 @@ from .errors import FailedPrecondition, InvalidArgument
 
 STATE_FILE = "changefeed.json"
 RESERVE = 1 << 20          # sequences handed out per persisted reservation
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -186,8 +188,11 @@ class ChangeFeed:
         with self._cond:
             if not self._closed:
                 self._closed = self._ending = True
-                if clean:
-                    self._save(self.last, clean=True)
+                try:
+                    if clean:
+                        self._save(self.last, clean=True)
+                except OSError as exc:      # e.g. a full disk: the next start re-bootstraps followers, as after a crash
+                    log.error("closing the change feed: cannot record its last sequence: %s", exc)
             self._notify()
 
     def end_subscriptions(self) -> None:
