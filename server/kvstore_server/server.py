@@ -87,6 +87,8 @@ class KVStoreServer:
         self._lease_task: asyncio.Task | None = None
         self._metrics_http = None
         self._follower = None          # replica mode: the thread following the primary
+        self._has_copy = True          # False: a replica before its first copy of the primary
+        self._fault: str | None = None  # a storage fault not yet recovered from
 
     async def start(self) -> int:
         """Open the store, bind and start serving; returns the bound port."""
@@ -126,7 +128,8 @@ class KVStoreServer:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", SERVICE_NAME):
             await self._health.set(service, status)
-        self.store.on_fault(lambda fault: self.set_serving(fault is None))   # NOT_SERVING until a fault clears
+        self._has_copy = serving
+        self.store.on_fault(self._storage_fault)          # NOT_SERVING until a fault clears
         start_replication(self._follower)
         return self.port
 
@@ -140,8 +143,18 @@ class KVStoreServer:
             self.store.close()
             raise FailedPrecondition(f"port: cannot bind {address}: {exc}") from None
 
+    def _storage_fault(self, fault: str | None) -> None:
+        self._fault = fault
+        self._publish_health()
+
     def set_serving(self, serving: bool) -> None:
-        """Health of the whole server, from any thread (e.g. NOT_SERVING while storage has failed)."""
+        """A replica has (or lost) a copy to serve; from any thread. Health is SERVING only with a
+        copy and no storage fault."""
+        self._has_copy = serving
+        self._publish_health()
+
+    def _publish_health(self) -> None:
+        serving = self._has_copy and self._fault is None
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", SERVICE_NAME):
             asyncio.run_coroutine_threadsafe(self._health.set(service, status), self._loop)
