@@ -77,12 +77,18 @@ def load(store: Store, weights: np.ndarray, batch: int) -> float:
     return len(weights) / (time.perf_counter() - start)
 
 
-def open_raw(db_path: str, family: str = "", read_only: bool = False,
-             families: tuple[str, ...] = ()) -> tuple[rd.Rdict, rd.Rdict]:
-    """rocksdict handle on the store's database (raw mode), tuned like the store's RocksDB tier, with
-    the column families `families` (or `family`) open; returns the database and the first family's handle.
-    A table's rows live in its own family (`store.table(name).family`), not one named as the table."""
-    families = families or (family,)
+def table_families(db_path: str, tables: tuple[str, ...]) -> list[str]:
+    """The column families holding `tables`' rows (one `name@hex` per incarnation; a fresh
+    bench directory holds one incarnation of each)."""
+    present = rd.Rdict.list_cf(db_path, rd.Options(raw_mode=True))
+    return [next(f for f in present if f == table or f.startswith(f"{table}@")) for table in tables]
+
+
+def open_raw(db_path: str, family: str | None = None, read_only: bool = False,
+             families: tuple[str, ...] = ()) -> tuple[rd.Rdict, rd.Rdict | None]:
+    """rocksdict handle on the store's database (raw mode), tuned like the store's RocksDB tier,
+    with `family` open, or the families of the tables named in `families` (the first is returned)."""
+    opened = ([family] if family else []) + table_families(db_path, families)
     config = RocksConfig()
     cache = rd.Cache(config.block_cache_bytes)
 
@@ -96,8 +102,8 @@ def open_raw(db_path: str, family: str = "", read_only: bool = False,
         return opts
 
     access = rd.AccessType.read_only() if read_only else rd.AccessType.read_write()
-    db = rd.Rdict(db_path, options(), column_families={name: options() for name in families}, access_type=access)
-    return db, db.get_column_family(families[0])
+    db = rd.Rdict(db_path, options(), column_families={name: options() for name in opened}, access_type=access)
+    return db, db.get_column_family(opened[0]) if opened else None
 
 
 def compact(db_path: str, family_name: str) -> str:

@@ -290,6 +290,7 @@ class GpuTable(Table):
                     self._write_scores(rows, None, scores)
                 self._store_rows(ids, rows, slots)
                 self.eviction.created(created)
+                self.changes.record(self.name, cupy.asnumpy(ids))
                 self.counters["rows_updated"] += len(ids)
             return len(ids)
 
@@ -323,6 +324,7 @@ class GpuTable(Table):
                     self._store_rows(ids, rows, slots)
                     self.counters["rows_initialized"] += created
                     self.eviction.created(created)
+                self.changes.record(self.name, cupy.asnumpy(ids))
                 if owner is not None:
                     self._release(cupy.asnumpy(ids), owner)
                 self.counters["rows_stepped"] += len(ids)
@@ -358,6 +360,13 @@ class GpuTable(Table):
         if (~exists).any():
             exists[~exists] = self._stored_rows(ids[~exists])[1]
         return exists
+
+    def read_rows(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, exists) of unique `ids` as they are now, without counting an access: the dirty
+        cached rows reach RocksDB first, which then has every row."""
+        with self._lock:
+            self._settle()
+            return self._stored_rows(ids)
 
     def flush(self, slice_rows: int = 0) -> int:
         """Hand every dirty cached row to the store's writer in one go and wait until RocksDB

@@ -32,6 +32,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
 
+from .changefeed import ChangeFeed, ChangeFeedConfig
 from .config import RocksConfig, SweeperConfig, TableConfig, validate_name
 from .errors import FailedPrecondition, InvalidArgument, KVStoreError, StorageError, TableExists, TableNotFound
 from .eviction import archive
@@ -52,7 +53,8 @@ log = logging.getLogger(__name__)
 
 class Store:
     def __init__(self, data_dir: str, rocks: RocksConfig | None = None,
-                 clock: Callable[[], float] = time.time, sweeper: SweeperConfig | None = None):
+                 clock: Callable[[], float] = time.time, sweeper: SweeperConfig | None = None,
+                 changefeed: ChangeFeedConfig | None = None):
         self.data_dir = os.path.abspath(data_dir)
         self.clock = clock
         self.rocks_config = rocks
@@ -66,6 +68,7 @@ class Store:
         live = self.snapshots.live_db()
         self.snapshots.remove_stale(live)
         shutil.rmtree(os.path.join(self.data_dir, STAGING_DIR), ignore_errors=True)
+        self.changes = ChangeFeed(self.data_dir, changefeed, clock)    # replication and delta exports
         self.writer = Writer()
         try:
             self._gens = Generations(self._open_generation(live))
@@ -89,6 +92,7 @@ class Store:
             for name, blob in rocks.load_configs().items():
                 config = TableConfig.from_dict(json.loads(blob))
                 tables[name] = open_table(config, rocks, self.writer, self.clock, families.get(name, name))
+                tables[name].changes = self.changes
             _drop_orphans(rocks, tables.values())
         except BaseException:
             rocks.close()
@@ -135,6 +139,7 @@ class Store:
                 gen.rocks.drop_family(family)
                 gen.rocks.drop_family(archive.archive_family(family))
                 raise
+            table.changes = self.changes
             gen.tables[config.name] = table
             return config
 
@@ -148,6 +153,7 @@ class Store:
                 del gen.tables[name]
                 gen.rocks.drop_family(table.family)
                 gen.rocks.drop_family(table.archive_family)
+                self.changes.table_dropped(name)      # followers drop their copy
 
     def list_tables(self) -> list[str]:
         return sorted(self._tables)
@@ -200,7 +206,7 @@ class Store:
 
     def store_stats(self) -> dict[str, float]:
         """Store-wide counters: snapshots (count, last and total pause and duration), restores, imports."""
-        return {k: float(v) for k, v in self.counters.items()}
+        return {**{k: float(v) for k, v in self.counters.items()}, **self.changes.stats()}
 
     # --- snapshots -----------------------------------------------------------
 
@@ -269,6 +275,7 @@ class Store:
                     raise
                 old = self._gens.acquire()         # held until its eviction sweeps have stopped
                 self._gens.swap(gen)
+                self.changes.reset()            # every table changed: followers re-bootstrap
             try:
                 for table in list(old.tables.values()):
                     table.eviction.cancelled.set()
@@ -403,15 +410,19 @@ class Store:
             if gen is None:
                 self.writer.close()
                 return
+            flushed = False
             try:
                 for table in list(gen.tables.values()):
                     table.flush()
                 self.writer.close()
                 gen.rocks.flush()
+                flushed = True
             except KVStoreError as exc:
                 log.error("closing the store: %s", exc)
             finally:
                 self.writer.close()
+                # after the last flush: the sequence is clean only if every row was saved
+                self.changes.close(clean=flushed and not self.writer.unsaved_rows)
                 if self.writer.unsaved_rows:
                     log.error("closing the store: %d rows could not be written (storage fault: %s)",
                               self.writer.unsaved_rows, self.writer.fault)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .cache import SetAssociativeCache
+from .changefeed import NULL_FEED, ChangeLog
 from .config import TableConfig
 from .errors import FailedPrecondition, InvalidArgument, ResourceExhausted, RowNotFound, StorageError
 from .eviction import archive
@@ -76,6 +77,7 @@ class Table:
         self._lock = threading.RLock()
         self._flush_lock = threading.Lock()       # one flush at a time
         self._dropped = False
+        self.changes: ChangeLog = NULL_FEED     # the store's change feed: every applied write is recorded
         self.eviction = EvictionTracker(config.eviction, self.layout, self.cache.capacity)
         if self.eviction.counts_rows:          # kept as rows come and go; saved at every flush
             saved = rocks.load_row_count(self.family)
@@ -364,6 +366,7 @@ class Table:
             if scores is not None:
                 self.layout.header(rows)["score"] = encode_scores(scores)
             self._store_rows(ids, rows, slots)
+            self.changes.record(self.name, ids)
             self.eviction.created(int(new.sum()))
             self.counters["rows_updated"] += len(ids)
         return len(ids)
@@ -405,6 +408,7 @@ class Table:
                 self.layout.header(rows)["score"] = encode_scores(scores)
             self._step(ids, rows, grads)
             self._store_rows(ids, rows, slots)
+            self.changes.record(self.name, ids)
             self.counters["rows_initialized"] += int(new.sum())
             self.eviction.created(int(new.sum()))
             if owner is not None:
@@ -479,6 +483,7 @@ class Table:
             exists = self._existing(ids) if self.eviction.counts_rows else None
             self._write_now(_NO_IDS, self.layout.empty(0), deletes=ids)
             self.cache.invalidate(ids)
+            self.changes.record(self.name, ids)
             if exists is not None:
                 self.eviction.removed(int(exists.sum()))
             self.counters["rows_deleted"] += len(ids)
@@ -568,19 +573,28 @@ class Table:
             self._settle()
 
     def export_items(self):
-        """A RocksDB iterator over every row as it is now, in key order; later writes do not show.
-        The bulk of the flush happens before the table lock is taken for the small remainder."""
+        """A RocksDB iterator over every row as it is now, in key order (later writes do not show),
+        and the change-feed sequence it is consistent at. The bulk of the flush happens before the
+        table lock is taken for the small remainder."""
         self.flush()
         with self._lock:                          # no write lands between the last flush and the iterator
             self._settle()
-            return self.rocks.consistent_items(self.family)
+            return self.rocks.consistent_items(self.family), self.changes.last
+
+    def read_rows(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, exists) of unique `ids` as they are now, read without counting an access (for
+        delta exports: reading a row to replicate it is not a use of it)."""
+        with self._lock:
+            rows, _slots, exists = self._rows_now(ids)
+            return rows, exists
 
     # --- bulk changes: import, sweeps, archive, drop --------------------------------
 
-    def ingest(self, files: list[str], replace: bool, rows: int) -> None:
+    def ingest(self, files: list[str], replace: bool, rows: int, ids: np.ndarray = _NO_IDS) -> None:
         """Apply staged SST files in one atomic ingest (after removing every row, with `replace`).
         Cached changes reach RocksDB first, then the cache starts empty: imported rows win, no
-        list of imported ids is kept. The writer does the writes."""
+        list of imported ids is kept. The writer does the writes. `ids` (the imported ones) go to
+        the change feed."""
         self.flush()
         with self._lock:
             self._check_writable()
@@ -597,6 +611,7 @@ class Table:
             if self.eviction.counts_rows:          # exact row count for eviction triggers
                 self.eviction.rows = rocks.count_keys(family)
                 self._save_row_count()
+            self.changes.imported(self.name, ids, replaced=replace)
             self.counters["rows_imported"] += rows
 
     def refresh_rows(self, ids: np.ndarray, rows: np.ndarray) -> None:
@@ -625,6 +640,7 @@ class Table:
             self.cache.dirty[in_cache] = False
             self.eviction.synced(self.cache.slab, in_cache)
             self.cache.invalidate(ids[gone])
+            self.changes.record(self.name, ids[gone])
             self.eviction.removed(int(gone.sum()))
             return gone
 
@@ -670,6 +686,7 @@ class Table:
                 rocks.write(family, found_keys, self.layout.to_values(rows))
                 rocks.write(archived, [], delete=found_keys)
             self._run_job(perform, "archive restore", len(found))
+            self.changes.record(self.name, ids[found])
             self.eviction.created(len(found))
             self.counters["rows_restored"] += len(found)
             return len(found)

@@ -65,7 +65,7 @@ class TableExport:
         self.layout = table.layout
         self.chunk_rows = chunk_rows or default_chunk_rows(table.layout)
         self._on_close = on_close
-        self._items = table.export_items()
+        self._items, self.sequence = table.export_items()   # sequence: the change feed's, for deltas
         self.estimated_rows = table.rocks.estimate_rows(table.family)
         self.rows = 0
 
@@ -114,6 +114,7 @@ class ImportStager:
         self._writer = None
         self._writer_rows = 0
         self._last_id: int | None = None
+        self._staged_ids: list[np.ndarray] = []
         self.rows = 0
         self.created = False        # the import created the table (dropped again on abort)
 
@@ -130,6 +131,7 @@ class ImportStager:
                 or self._writer_rows + len(ids) > SST_ROWS:
             self._next_file()                 # SST keys must increase; overlapping chunks get a new file
         self.table.rocks.put_sst(self._writer, encode_keys(ids), self.layout.to_values(rows))
+        self._staged_ids.append(ids)                 # for the change feed
         self._writer_rows += len(ids)
         self._last_id = int(ids[-1])
         self.rows += len(ids)
@@ -174,10 +176,11 @@ class ImportStager:
 
     def commit(self) -> int:
         """Apply the staged rows: one atomic ingest by the table (which then starts with an empty
-        cache, so no list of imported ids is kept). Returns rows."""
+        cache); the imported ids go to the change feed. Returns rows."""
         self._finish_file()
         try:
-            self.table.ingest(self.files, self.mode == "replace", self.rows)
+            ids = np.concatenate(self._staged_ids) if self._staged_ids else np.zeros(0, np.int64)
+            self.table.ingest(self.files, self.mode == "replace", self.rows, ids)
         finally:
             self.abort()
         return self.rows
@@ -186,4 +189,5 @@ class ImportStager:
         """Drop whatever was staged; the table is unchanged."""
         self._writer = None
         self.files = []
+        self._staged_ids = []
         shutil.rmtree(self.dir, ignore_errors=True)

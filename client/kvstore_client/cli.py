@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 from kvstore_proto.export_format import ExportFormatError
 
-from . import commands
+from . import commands, replication
 from .client import KVStoreClient
 from .credentials import read_file
 from .errors import InvalidArgumentError, KVStoreError
@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="merge: keep rows not in the export (default); replace: drop them first")
     load.set_defaults(func=import_table)
     add_reshard_command(subcommands)          # scale-out: reshard.py
+    replication.register(export)            # --since SEQ; sequences in manifests, chained imports
     return parser
 
 

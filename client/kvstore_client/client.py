@@ -24,6 +24,7 @@ from .credentials import open_channel
 from .errors import InternalError, InvalidArgumentError, KVStoreError
 from .errors import rpc_errors as _rpc
 from .leases import LeaseKeeper
+from .replication import ReplicationMethods
 from .snapshots import SnapshotMethods
 from .writes import streamed_write
 
@@ -41,7 +42,7 @@ ID_BYTES = 8
 MESSAGE_OVERHEAD = 1024   # bytes a message may carry beyond its chunk: table name, dtypes, shapes
 
 
-class KVStoreClient(SnapshotMethods):
+class KVStoreClient(ReplicationMethods, SnapshotMethods):
     def __new__(cls, address: Any = None, *args: Any, replicas: int | None = None, **kwargs: Any):
         """A list of addresses, a comma-separated string or `replicas=N` make a sharded client
         (kvstore_client.sharding.ShardedClient, docs/scale-out.md); one address stays one server."""

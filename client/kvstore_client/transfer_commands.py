@@ -17,6 +17,7 @@ from kvstore_proto.export_format import ExportChunk, ExportReader, ExportWriter
 
 from .client import KVStoreClient
 from .progress import Progress
+from .replication import import_sequenced, sequence_fields
 
 T = TypeVar("T")
 DEPTH = 3          # stream chunks (about 2 MiB each) in flight between the stages of an export
@@ -75,26 +76,33 @@ def read_ahead(items: Iterator[T], depth: int = DEPTH) -> Iterator[T]:
 
 
 def export_table(client: KVStoreClient, args: argparse.Namespace) -> int:
-    stream = client.export(args.table)
+    """A full export, or with `--since SEQ` a delta (rows changed after SEQ plus tombstones); both
+    record the change-feed sequence they hold every change up to (docs/replication.md)."""
+    stream = client.export_sequenced(args.table, getattr(args, "since", None))
     config = stream.config
     writer = ExportWriter(args.path, config, config["dim"], config["dtype"] or "float32", stream.state_dim)
+    tombstones = []
     with Progress(f"export {args.table}", stream.estimated_rows, enabled=not args.quiet) as progress:
         try:
             with Pipeline(lambda c: writer.write(c.ids, c.weights, c.state, c.meta)) as pipeline:
-                for chunk in stream:
-                    pipeline.put(chunk)
-                    progress.update(len(chunk.ids), chunk_bytes(chunk))
+                for part in stream:
+                    pipeline.put(part)
+                    tombstones.append(part.tombstones)
+                    progress.update(len(part.ids), chunk_bytes(part))
                 pipeline.finish()
         except BaseException:
             stream.cancel()
             raise
-        manifest = writer.close()
-    print(f"exported {manifest['rows']:,} rows of {args.table} to {args.path}")
+        manifest = writer.close(sequence_fields(args.path, stream, tombstones))
+    kind = f"delta since {stream.since_sequence}" if stream.since_sequence is not None else "full"
+    print(f"exported {manifest['rows']:,} rows of {args.table} to {args.path} ({kind}, sequence {stream.sequence})")
     return 0
 
 
 def import_table(client: KVStoreClient, args: argparse.Namespace) -> int:
     reader = ExportReader(args.path)
+    if "sequence" in reader.manifest:          # a link of a checkpoint chain: ImportChain
+        return import_sequenced(client, args, reader)
     with Progress(f"import {args.table}", reader.rows, enabled=not args.quiet) as progress:
 
         def chunks() -> Iterator[ExportChunk]:

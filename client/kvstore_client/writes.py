@@ -24,11 +24,13 @@ RETRIES = 2
 BACKOFF_SECONDS = 0.1
 
 
-def streamed_write(call: Callable, requests: Callable[[str], Iterator], timeout: float, retries: int = RETRIES) -> Any:
-    """`call(requests(key))` under a fresh key; retried with that key while the server is unavailable."""
+def streamed_write(call: Callable, requests: Callable[[str], Iterator], timeout: float, retries: int = RETRIES,
+                   marks: Callable[[Any], Any] = lambda request: request) -> Any:
+    """`call(requests(key))` under a fresh key; retried with that key while the server is unavailable.
+    `marks(request)` is the part of a request that holds `last` (ImportChain: its `rows`)."""
     key = uuid.uuid4().hex
     for attempt in range(retries + 1):
-        source = _Source(_mark_last(requests(key)))
+        source = _Source(_mark_last(requests(key), marks))
         try:
             with _rpc():
                 return call(iter(source), timeout=timeout)
@@ -41,7 +43,7 @@ def streamed_write(call: Callable, requests: Callable[[str], Iterator], timeout:
     raise AssertionError("unreachable")
 
 
-def _mark_last(requests: Iterator) -> Iterator:
+def _mark_last(requests: Iterator, marks: Callable[[Any], Any]) -> Iterator:
     """The requests, the final one marked `last`: the server applies the write only after it."""
     previous = None
     for request in requests:
@@ -49,7 +51,7 @@ def _mark_last(requests: Iterator) -> Iterator:
             yield previous
         previous = request
     if previous is not None:
-        previous.last = True
+        marks(previous).last = True
         yield previous
 
 

@@ -81,6 +81,11 @@ def _sha256(path: str) -> str:
             return hashlib.sha256(mapped).hexdigest()
 
 
+def file_sha256(path: str) -> str:
+    """The hex SHA-256 of a file's content (side files of an export, e.g. a delta's tombstones)."""
+    return _sha256(path)
+
+
 def _write_npz(out: io.RawIOBase, columns: dict[str, list[np.ndarray]]) -> None:
     """What `np.savez` writes of the concatenation of each column's parts (an uncompressed zip of
     .npy members), without building it: the parts' bytes go to zipfile one after the other, as
@@ -151,7 +156,8 @@ class ExportWriter:
                              "last_id": int(parts[-1].ids[-1]), "bytes": hashing.written,
                              "sha256": hashing.digest.hexdigest()})
 
-    def close(self) -> dict[str, Any]:
+    def close(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Write the manifest (with `extra` fields, e.g. a delta's sequences) that makes the export complete."""
         self._write_file()
         stored = _STORED_AS.get(self.dtype)
         manifest = {
@@ -164,6 +170,7 @@ class ExportWriter:
                 "meta": {"dtype": "uint32", "shape": ["rows", 3], "fields": list(META_FIELDS)},
             },
             "chunks": self._chunks,
+            **(extra or {}),
         }
         tmp = os.path.join(self.path, MANIFEST + ".tmp")
         with open(tmp, "w") as out:

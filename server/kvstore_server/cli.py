@@ -45,6 +45,7 @@ HELP = {
                           "sync (also fsync before the reply: survives power loss), or none (no WAL: a crash "
                           "loses every row written since RocksDB last flushed its memtables to SST files, "
                           "up to write_buffer_bytes per table, even rows the server had written back)",
+    "replica_of": "primary host:port: serve as its read-only replica (docs/replication.md)",
 }
 
 

@@ -19,9 +19,11 @@ from typing import Any
 from kvstore import RocksConfig, SweeperConfig
 from kvstore.errors import InvalidArgument
 
+from .replica import ReplicationConfig
+
 ENV_PREFIX = "KVSTORE_"
 ENV_CONFIG = "KVSTORE_CONFIG"          # names the YAML file, like --config
-NESTED = {"rocksdb": RocksConfig, "sweeper": SweeperConfig}
+NESTED = {"rocksdb": RocksConfig, "sweeper": SweeperConfig, "replication": ReplicationConfig}
 # the `kvstore` command's connection variables (kvstore_client.cli.ENVIRONMENT): not server keys, not errors
 CLIENT_VARIABLES = frozenset({"KVSTORE_ADDRESS", "KVSTORE_TOKEN", "KVSTORE_TOKEN_FILE", "KVSTORE_TLS_CA"})
 LOG_FORMATS = ("text", "json")
@@ -57,6 +59,8 @@ class ServerConfig:
     log_level: str = "info"              # debug logs every RPC; info logs failed ones
     rocksdb: RocksConfig = field(default_factory=RocksConfig)
     sweeper: SweeperConfig = field(default_factory=SweeperConfig)   # background eviction
+    replica_of: str = ""                 # primary's host:port: serve as its read-only replica (docs/replication.md)
+    replication: ReplicationConfig = field(default_factory=ReplicationConfig)   # change feed and following
 
     def __post_init__(self):
         for name in ("port", "metrics_port"):
@@ -88,7 +92,7 @@ class ServerConfig:
         for name in ("data_dir", "host", "metrics_host"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise InvalidArgument(f"{name}: must be a non-empty string")
-        for name in ("auth_token_file", "tls_cert", "tls_key", "tls_client_ca"):
+        for name in ("auth_token_file", "tls_cert", "tls_key", "tls_client_ca", "replica_of"):
             if not isinstance(getattr(self, name), str):
                 raise InvalidArgument(f"{name}: must be a file path (a string)")
         if bool(self.tls_cert) != bool(self.tls_key):

@@ -55,6 +55,12 @@ class RecentWrites:
             del self._running[slot]
             finished.set_result(None)
 
+    def known(self, method: str, key: str) -> bool:
+        """Whether a call with `key` committed recently or is committing now (a retry will be answered
+        with its response): checks that only hold for a first try must not refuse such a retry. Only
+        reads (safe from a store thread); a key past its time still counts until `once` drops it."""
+        return bool(key) and ((method, key) in self._done or (method, key) in self._running)
+
     def _drop_old(self) -> None:
         oldest = self._clock() - self.seconds
         while self._done and (len(self._done) > self.capacity or next(iter(self._done.values()))[0] < oldest):

@@ -84,6 +84,29 @@ FAMILIES = _families(
     Family("kvstore_snapshots_deleted", "counter", "Snapshots deleted."),
     Family("kvstore_subscribers", "gauge", "Replicas subscribed to update streams."),
     Family("kvstore_replication_lag_seconds", "gauge", "Age of the oldest update not yet sent to a subscriber."),
+    # --- replication: the change feed and its subscribers (primary), the follower (replica) ---
+    Family("kvstore_replication_lag_sequences", "gauge", "Sequences of the change feed not yet sent to the "
+           "furthest-behind subscriber."),
+    Family("kvstore_subscribers_dropped", "counter", "Subscribers refused or cut off because the sequence they "
+           "needed had left the change feed's window."),
+    Family("kvstore_changefeed_sequence", "gauge", "Latest sequence number of the change feed."),
+    Family("kvstore_changefeed_oldest_sequence", "gauge", "Oldest sequence a subscriber or delta export may "
+           "start from."),
+    Family("kvstore_changefeed_rows", "gauge", "Ids held in the change feed's window."),
+    Family("kvstore_replica_lag_seconds", "gauge", "Replica: age of the oldest change of the latest applied batch "
+           "when it was applied (0 when caught up).", ("primary",)),
+    Family("kvstore_replica_lag_sequences", "gauge", "Replica: primary's latest sequence minus the applied one.",
+           ("primary",)),
+    Family("kvstore_replica_applied_sequence", "gauge", "Replica: every change up to this primary sequence is "
+           "applied.", ("primary",)),
+    Family("kvstore_replica_connected", "gauge", "Replica: 1 while subscribed to the primary.", ("primary",)),
+    Family("kvstore_replica_bootstrapped", "gauge", "Replica: 1 once a bootstrap completed.", ("primary",)),
+    Family("kvstore_replica_rows_applied", "counter", "Replica: rows written from the primary (bootstrap and "
+           "stream).", ("primary",)),
+    Family("kvstore_replica_tombstones_applied", "counter", "Replica: rows deleted because the primary deleted or "
+           "evicted them.", ("primary",)),
+    Family("kvstore_replica_bootstraps", "counter", "Replica: full copies from the primary, by reason (initial, "
+           "window = the primary could not resume us, error).", ("primary", "reason")),
     Family("kvstore_disk_free_bytes", "gauge", "Free bytes on the file system of the data directory."),
     Family("kvstore_disk_capacity_bytes", "gauge", "Size of the file system of the data directory."),
 )
@@ -129,6 +152,12 @@ STORE_VALUES = {
     "subscribers": "kvstore_subscribers",
     "replication_lag_seconds": "kvstore_replication_lag_seconds",
     "snapshots_deleted": "kvstore_snapshots_deleted",
+    # replication (kvstore/changefeed.py)
+    "replication_lag_sequences": "kvstore_replication_lag_sequences",
+    "subscribers_dropped": "kvstore_subscribers_dropped",
+    "changefeed_sequence": "kvstore_changefeed_sequence",
+    "changefeed_oldest_sequence": "kvstore_changefeed_oldest_sequence",
+    "changefeed_rows": "kvstore_changefeed_rows",
 }
 STORE_SUMMARIES = {
     "kvstore_snapshot_duration_seconds": ("snapshots", "snapshot_seconds_total"),

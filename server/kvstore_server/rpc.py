@@ -179,20 +179,23 @@ async def _parsed(requests: AsyncIterator[bytes], parse: Callable[[bytes, int], 
         index += 1
 
 
-async def whole_stream(requests: AsyncIterator, context: grpc.aio.ServicerContext) -> AsyncIterator:
+async def whole_stream(requests: AsyncIterator, context: grpc.aio.ServicerContext,
+                       marks_field: str = "") -> AsyncIterator:
     """The chunks of a streamed write; it ends normally only when the stream is complete. grpcio ends
     a cancelled request stream the way it ends a finished one, so completeness is in the protocol:
     the final chunk carries `last` (the client library marks it). A stream that ends without it
-    was cancelled or cut, and is refused with nothing applied."""
+    was cancelled or cut, and is refused with nothing applied. `marks_field` names the message
+    inside each request that holds `last` (ImportChain: `rows`), if not the request itself."""
     last, index = False, 0
+    name = f"{marks_field}.last" if marks_field else "last"
     async for request in requests:
         if last:
-            raise InvalidArgument(f"last: chunk {index} follows the chunk marked last")
-        last = request.last
+            raise InvalidArgument(f"{name}: chunk {index} follows the chunk marked last")
+        last = (getattr(request, marks_field) if marks_field else request).last
         yield request
         index += 1
     if index and not last:
-        raise InvalidArgument("last: the stream ended before a chunk marked last (cancelled, or a client that "
+        raise InvalidArgument(f"{name}: the stream ended before a chunk marked last (cancelled, or a client that "
                               "does not mark its final chunk); nothing was applied")
 
 

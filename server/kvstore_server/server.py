@@ -25,6 +25,7 @@ from kvstore.errors import FailedPrecondition
 from .config import ServerConfig
 from .health_watch import BoundedHealthServicer
 from .metrics import Metrics
+from .replica_mode import changefeed_config, replica_follower, replica_interceptors, start_replication, stop_replication
 from .rpc import CallGate, StoreWork, bind, default_workers
 from .security import TokenAuthInterceptor, read_token, server_credentials
 from .service import EmbeddingStoreService
@@ -85,6 +86,9 @@ class KVStoreServer:
         self._gate: CallGate | None = None
         self._lease_task: asyncio.Task | None = None
         self._metrics_http = None
+        self._follower = None          # replica mode: the thread following the primary
+        self._has_copy = True          # False: a replica before its first copy of the primary
+        self._fault: str | None = None  # a storage fault not yet recovered from
 
     async def start(self) -> int:
         """Open the store, bind and start serving; returns the bound port."""
@@ -96,7 +100,9 @@ class KVStoreServer:
             refused = self.metrics.auth_failures
             interceptors.append(TokenAuthInterceptor(read_token(config.auth_token_file),
                                                      on_refused=lambda method: refused.labels(method).inc()))
-        self.store = await asyncio.to_thread(Store, config.data_dir, rocks=config.rocksdb, sweeper=config.sweeper)
+        interceptors += replica_interceptors(config)
+        self.store = await asyncio.to_thread(Store, config.data_dir, rocks=config.rocksdb, sweeper=config.sweeper,
+                                             changefeed=changefeed_config(config))
         self._gate = CallGate(config.max_concurrent_rpcs, config.retry_after_ms)
         self._grpc = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.so_reuseport", 0),
@@ -117,9 +123,14 @@ class KVStoreServer:
         await self._grpc.start()
         interval = min(max(config.lease_seconds / 4, 0.01), 5.0)
         self._lease_task = asyncio.create_task(self.service.expire_forever(interval))
+        self._follower = replica_follower(self)
+        serving = self._follower is None or self._follower.resumable     # a new replica: once its first copy is made
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", SERVICE_NAME):
-            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        self.store.on_fault(lambda fault: self.set_serving(fault is None))   # NOT_SERVING until a fault clears
+            await self._health.set(service, status)
+        self._has_copy = serving
+        self.store.on_fault(self._storage_fault)          # NOT_SERVING until a fault clears
+        start_replication(self._follower)
         return self.port
 
     def _bind(self, credentials) -> int:
@@ -132,8 +143,18 @@ class KVStoreServer:
             self.store.close()
             raise FailedPrecondition(f"port: cannot bind {address}: {exc}") from None
 
+    def _storage_fault(self, fault: str | None) -> None:
+        self._fault = fault
+        self._publish_health()
+
     def set_serving(self, serving: bool) -> None:
-        """Health of the whole server, from any thread (e.g. NOT_SERVING while storage has failed)."""
+        """A replica has (or lost) a copy to serve; from any thread. Health is SERVING only with a
+        copy and no storage fault."""
+        self._has_copy = serving
+        self._publish_health()
+
+    def _publish_health(self) -> None:
+        serving = self._has_copy and self._fault is None
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", SERVICE_NAME):
             asyncio.run_coroutine_threadsafe(self._health.set(service, status), self._loop)
@@ -141,6 +162,7 @@ class KVStoreServer:
     async def stop(self) -> None:
         """Drain and close; safe to call once after start."""
         await self._health.enter_graceful_shutdown()
+        await asyncio.to_thread(stop_replication, self, self._follower)   # open Subscribe streams end first
         if self._gate is not None and not await self._gate.drain(self.config.grace_seconds):
             log.warning("calls still running after the %ss grace period are cancelled", self.config.grace_seconds)
         if self._grpc is not None:

@@ -26,6 +26,7 @@ from .lease_service import LeaseRPCs
 from .messages import concat, on_miss_name, table_config_from_proto, table_config_to_proto
 from .metrics import Metrics
 from .races import on_table
+from .replication_service import ReplicationRPCs
 from .rpc import StoreWork, whole_stream
 from .training_service import TrainingRPCs
 from .transfer_service import SnapshotRPCs
@@ -34,7 +35,7 @@ MESSAGE_OVERHEAD = 4096   # room for framing and the non-tensor fields of a resp
 LOOKUP_AHEAD = 2          # chunks of one Lookup stream in the store while an earlier one is sent
 
 
-class EmbeddingStoreService(SnapshotRPCs, LeaseRPCs, ClusterRPCs, TrainingRPCs):
+class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPCs, TrainingRPCs):
     def __init__(self, store: Store, config: ServerConfig, metrics: Metrics, work: StoreWork):
         self.store = store
         self.config = config

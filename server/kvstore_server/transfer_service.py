@@ -9,7 +9,8 @@ call or a dropped connection changes nothing.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import numpy as np
 from kvstore_proto.tensors import decode_ids, decode_tensor, encode_ids, encode_tensor
@@ -69,9 +70,14 @@ class SnapshotRPCs:
     async def Export(self, request, context):
         config = self.store.describe_table(request.table)
         chunk_rows = self._export_chunk_rows(config, request.chunk_rows)
+        if request.HasField("since_sequence"):          # replication: a delta export (replication_service.py)
+            async for chunk in self.export_delta(request, chunk_rows):
+                yield chunk
+            return
         export = await self.on_table(request.table, self.store.export_table, request.table, chunk_rows)
         try:
-            header = {"config": table_config_to_proto(export.config), "estimated_rows": export.estimated_rows}
+            header = {"config": table_config_to_proto(export.config), "estimated_rows": export.estimated_rows,
+                      "sequence": export.sequence, "feed_id": self.store.changes.feed_id}
             chunks = iter(export)
             while (chunk := await self.on_table(request.table, next, chunks, None)) is not None:
                 yield pb.ExportChunk(ids=encode_ids(chunk.ids), weights=encode_tensor(chunk.weights),
@@ -95,34 +101,45 @@ class SnapshotRPCs:
         return requested or min(most, max(1, (2 << 20) // row_bytes))
 
     async def Import(self, requests: AsyncIterator, context):
-        stager, key = None, ""
+        async def commit(staged) -> pb.ImportResponse:
+            rows = await self.on_table(staged.table.name, self.store.commit_import, staged)
+            return pb.ImportResponse(rows=rows, created=staged.created)
+
+        return await self.staged_import("Import", whole_stream(requests, context), self._begin_import,
+                                        _add_import_chunk, commit)
+
+    async def staged_import(self, method: str, requests: AsyncIterator, begin: Callable[[Any], Any],
+                            add: Callable[[Any, Any], None], commit: Callable[[Any], Awaitable[pb.ImportResponse]],
+                            rows_field: str = "") -> pb.ImportResponse:
+        """The all-or-nothing import of a whole stream (Import, ImportChain): `begin(first request)` stages,
+        `add(stager, request)` adds each chunk, and only a complete stream is committed, once per
+        idempotency key (`rows_field` names the ImportRequest inside a request, if it is not one). A failed,
+        cancelled or replayed call drops what it staged."""
+        stager, key, prefix = None, "", f"{rows_field}." if rows_field else ""
         try:
             index = 0
-            async for request in whole_stream(requests, context):
+            async for request in requests:
+                rows = getattr(request, rows_field) if rows_field else request
                 if stager is None:
-                    stager, key = await self.work(self._begin_import, request), request.idempotency_key
-                elif request.table and request.table != stager.table.name:
-                    raise InvalidArgument(f"table: chunk {index} names {request.table!r} "
+                    stager, key = await self.work(begin, request), rows.idempotency_key
+                elif rows.table and rows.table != stager.table.name:
+                    raise InvalidArgument(f"{prefix}table: chunk {index} names {rows.table!r} "
                                           f"but the stream began with {stager.table.name!r}")
-                await self.work(stager.add, decode_ids(request.ids, "ids"),
-                                decode_tensor(request.weights, "weights", stager.table.config.dtype),
-                                decode_tensor(request.state, "state", "float32") if request.HasField("state") else None,
-                                decode_tensor(request.meta, "meta") if request.HasField("meta") else None)
+                await self.work(add, stager, request)
                 index += 1
             if stager is None:
-                raise InvalidArgument("table: the import stream had no chunk")
+                raise InvalidArgument(f"{prefix}table: the import stream had no chunk")
 
-            async def commit():
+            async def commit_once():
                 nonlocal stager
                 staged, stager = stager, None         # from here the commit owns the staged files
-                created, rows = staged.created, await self.on_table(staged.table.name, self.store.commit_import,
-                                                                    staged)
-                return pb.ImportResponse(rows=rows, created=created)
+                return await commit(staged)
 
-            return await self.recent.once("Import", key, commit)
+            return await self.recent.once(method, key, commit_once)
         finally:
             if stager is not None:                    # cancelled, failed or a replayed retry: drop the staging
                 await asyncio.shield(self.work(self.store.abort_import, stager))   # before the answer goes
+
     def _begin_import(self, request):
         mode = IMPORT_MODES.get(request.mode)
         if mode is None:
@@ -134,3 +151,15 @@ class SnapshotRPCs:
             message.name = request.table
             config = table_config_from_proto(message)
         return self.store.stage_import(request.table, mode, config)
+
+
+def _add_import_chunk(stager, request: pb.ImportRequest) -> None:
+    add_rows(stager, request)
+
+
+def add_rows(stager, rows: pb.ImportRequest, prefix: str = "") -> None:
+    """Stage one chunk of rows: weights in the table's dtype (or a lossless widening), state float32."""
+    stager.add(decode_ids(rows.ids, f"{prefix}ids"),
+               decode_tensor(rows.weights, f"{prefix}weights", stager.table.config.dtype),
+               decode_tensor(rows.state, f"{prefix}state", "float32") if rows.HasField("state") else None,
+               decode_tensor(rows.meta, f"{prefix}meta") if rows.HasField("meta") else None)

@@ -81,6 +81,19 @@ def import_chunk(table: str = CANARY, weights=None, **kwargs) -> pb.ImportReques
                             **kwargs)
 
 
+def chain(rows: pb.ImportRequest | None = None, sequence: int = 5, **kwargs) -> pb.ImportChainRequest:
+    """One ImportChain chunk: rows of the canary (a full link) unless `rows` says otherwise."""
+    return pb.ImportChainRequest(rows=import_chunk() if rows is None else rows, sequence=sequence, **kwargs)
+
+
+class Malformed(bytes):
+    """Bytes that are no protobuf message (a length running past the end), sent as they are."""
+
+    def SerializeToString(self) -> bytes:
+        return bytes(self)
+
+
+TRUNCATED = Malformed(b"\x0a\xff")
 LONG = "a" * 8192
 UNICODE = "表格-emb"
 
@@ -283,4 +296,81 @@ SNAPSHOT_CASES = [
          C.INVALID_ARGUMENT, "config.dim"),
 ]
 
-CASES = [*NAME_CASES, *CONFIG_CASES, *TENSOR_CASES, *ROW_CASES, *SNAPSHOT_CASES]
+LEASE_CASES = [
+    Case("grant_lease_malformed", "GrantLease", lambda: TRUNCATED, C.INVALID_ARGUMENT, "GrantLease"),
+    Case("keep_alive_no_lease", "KeepAlive", lambda: pb.KeepAliveRequest(), C.INVALID_ARGUMENT, "lease"),
+    Case("keep_alive_unknown_lease", "KeepAlive", lambda: pb.KeepAliveRequest(lease="never-granted"),
+         C.FAILED_PRECONDITION, "lease"),
+    Case("keep_alive_8KB_lease", "KeepAlive", lambda: pb.KeepAliveRequest(lease=LONG), C.FAILED_PRECONDITION,
+         "lease"),
+    Case("revoke_lease_no_lease", "RevokeLease", lambda: pb.RevokeLeaseRequest(), C.INVALID_ARGUMENT, "lease"),
+    Case("revoke_lease_unknown", "RevokeLease", lambda: pb.RevokeLeaseRequest(lease="never-granted"),
+         C.FAILED_PRECONDITION, "lease"),
+    Case("revoke_lease_malformed", "RevokeLease", lambda: TRUNCATED, C.INVALID_ARGUMENT, "RevokeLease"),
+]
+
+REPLICATION_CASES = [
+    Case("subscribe_interval_negative", "Subscribe", lambda: pb.SubscribeRequest(interval_seconds=-1),
+         C.INVALID_ARGUMENT, "interval_seconds"),
+    Case("subscribe_interval_nan", "Subscribe", lambda: pb.SubscribeRequest(interval_seconds=float("nan")),
+         C.INVALID_ARGUMENT, "interval_seconds"),
+    Case("subscribe_interval_1e9", "Subscribe", lambda: pb.SubscribeRequest(interval_seconds=1e9),
+         C.INVALID_ARGUMENT, "interval_seconds"),
+    Case("subscribe_unknown_table", "Subscribe", lambda: pb.SubscribeRequest(tables=[CANARY, "nope"]),
+         C.NOT_FOUND, "table"),
+    Case("subscribe_table_8KB", "Subscribe", lambda: pb.SubscribeRequest(tables=[LONG]), C.INVALID_ARGUMENT,
+         "table"),
+    Case("subscribe_other_feed", "Subscribe", lambda: pb.SubscribeRequest(feed_id="another-data-dir"),
+         C.FAILED_PRECONDITION, "feed_id"),
+    Case("subscribe_from_2_62", "Subscribe", lambda: pb.SubscribeRequest(from_sequence=2**62),
+         C.FAILED_PRECONDITION, "from_sequence"),
+    Case("export_since_negative", "Export", lambda: pb.ExportRequest(table=CANARY, since_sequence=-3),
+         C.INVALID_ARGUMENT, "since_sequence"),
+    Case("export_since_2_62", "Export", lambda: pb.ExportRequest(table=CANARY, since_sequence=2**62),
+         C.FAILED_PRECONDITION, "since_sequence"),
+    Case("import_chain_empty_stream", "ImportChain", lambda: [], C.INVALID_ARGUMENT, "rows.table"),
+    Case("import_chain_sequence_negative", "ImportChain", lambda: [chain(sequence=-1)], C.INVALID_ARGUMENT,
+         "sequence"),
+    Case("import_chain_since_after_sequence", "ImportChain", lambda: [chain(sequence=5, since_sequence=9)],
+         C.INVALID_ARGUMENT, "since_sequence"),
+    Case("import_chain_delta_replace", "ImportChain",
+         lambda: [chain(import_chunk(mode=pb.IMPORT_MODE_REPLACE), since_sequence=1)], C.INVALID_ARGUMENT,
+         "rows.mode"),
+    Case("import_chain_delta_without_full", "ImportChain", lambda: [chain(since_sequence=1)],
+         C.FAILED_PRECONDITION, "since_sequence"),
+    Case("import_chain_mode_7", "ImportChain", lambda: [chain(import_chunk(mode=7))], C.INVALID_ARGUMENT, "mode"),
+    Case("import_chain_unknown_table", "ImportChain", lambda: [chain(import_chunk("nope"))], C.NOT_FOUND, "table"),
+    Case("import_chain_nan_second_chunk", "ImportChain",
+         lambda: [chain(), chain(import_chunk(weights=tensor(rows(2, np.nan))))], C.INVALID_ARGUMENT, "weights"),
+    Case("import_chain_tombstones_3_bytes", "ImportChain", lambda: [chain(), chain(tombstones=b"abc")],
+         C.INVALID_ARGUMENT, "tombstones"),
+    Case("import_chain_mixed_tables", "ImportChain", lambda: [chain(), chain(import_chunk(SECOND))],
+         C.INVALID_ARGUMENT, "rows.table"),
+    Case("import_chain_chunk_after_last", "ImportChain", lambda: [chain(import_chunk(last=True)), chain()],
+         C.INVALID_ARGUMENT, "rows.last"),
+    Case("import_chain_malformed_second_chunk", "ImportChain", lambda: [chain(), TRUNCATED], C.INVALID_ARGUMENT,
+         "ImportChain"),
+]
+
+def train_rows(table: str = CANARY, n: int = 2, dim: int = DIM) -> pb.TableRows:
+    return pb.TableRows(table=table, ids=ids(*range(n)), values=tensor(rows(n, 0.5, dim=dim)))
+
+
+TRAINING_AND_CLUSTER_CASES = [
+    Case("train_on_miss_error", "Train", lambda: [pb.TrainRequest(lookups=[train_rows()], on_miss=pb.ON_MISS_ERROR)],
+         C.INVALID_ARGUMENT, "on_miss"),
+    Case("train_gradient_shape", "Train", lambda: [pb.TrainRequest(gradients=[train_rows(dim=DIM + 1)])],
+         C.INVALID_ARGUMENT, "gradients[0].values"),
+    Case("train_malformed", "Train", lambda: [TRUNCATED], C.INVALID_ARGUMENT, "Train"),
+    Case("set_manifest_no_shards", "SetClusterManifest",
+         lambda: pb.SetClusterManifestRequest(manifest=pb.ClusterManifest(cluster_id="c", function="hash")),
+         C.INVALID_ARGUMENT, "manifest.shards"),
+    Case("set_manifest_index_past_shards", "SetClusterManifest",
+         lambda: pb.SetClusterManifestRequest(manifest=pb.ClusterManifest(cluster_id="c", shards=2, shard_index=2,
+                                                                          function="hash")),
+         C.INVALID_ARGUMENT, "manifest.shard_index"),
+    Case("get_manifest_malformed", "GetClusterManifest", lambda: TRUNCATED, C.INVALID_ARGUMENT, "GetClusterManifest"),
+]
+
+CASES = [*NAME_CASES, *CONFIG_CASES, *TENSOR_CASES, *ROW_CASES, *SNAPSHOT_CASES, *LEASE_CASES, *REPLICATION_CASES,
+         *TRAINING_AND_CLUSTER_CASES]

@@ -29,6 +29,7 @@ SNAPSHOT_NAMES = ("fuzz-snap", "fuzz.snap2")
 MAX_DEPTH = 3
 MAX_CHUNKS = 3
 CALL_TIMEOUT = 20.0
+ENDLESS = {"Subscribe"}      # server streams that run until the client cancels
 FORBIDDEN = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
 CANARY_IDS = np.array([0, 7, -3, 2**40], dtype=np.int64)
 CANARY_ROWS = np.random.default_rng(3).standard_normal((len(CANARY_IDS), 8)).astype(np.float32)
@@ -143,7 +144,10 @@ def call(channel: grpc.Channel, method: str, payloads: list[bytes]) -> grpc.Stat
     try:
         result = multicallable(iter(payloads) if descriptor.client_streaming else payloads[0],
                                timeout=CALL_TIMEOUT)
-        if descriptor.server_streaming:
+        if method in ENDLESS:
+            next(result, None)            # a stream that never ends once accepted: its first message says so
+            result.cancel()
+        elif descriptor.server_streaming:
             for _ in result:
                 pass
     except grpc.RpcError as error:

@@ -2,8 +2,6 @@
 nothing; a retry carrying the first try's idempotency key is answered without applying again."""
 from __future__ import annotations
 
-import threading
-
 import grpc
 import numpy as np
 import pytest
@@ -13,7 +11,7 @@ from kvstore_proto.tensors import encode_ids, encode_tensor
 from kvstore_proto.v1 import kvstore_pb2 as pb
 from kvstore_proto.v1 import kvstore_pb2_grpc as pb_grpc
 
-from .conftest import small_table
+from .conftest import TwoThenHold, small_table
 
 DIM = 4
 TRIES = 5
@@ -33,20 +31,6 @@ def _chunks(method: str, table: str, key: str = "") -> list:
     return out
 
 
-class _TwoThenHold:
-    """Yields two chunks, says so, then blocks until released (the third chunk never goes)."""
-
-    def __init__(self, chunks: list):
-        self.chunks = chunks
-        self.asked_for_third = threading.Event()
-        self.release = threading.Event()
-
-    def __iter__(self):
-        yield from self.chunks[:2]
-        self.asked_for_third.set()        # grpc asks for the next chunk once the previous one was sent
-        self.release.wait(60)
-
-
 @pytest.mark.parametrize("method", ["Update", "ApplyGradients", "Delete", "Import"])
 def test_a_write_cancelled_after_two_of_three_chunks_applies_nothing(client, method):
     table = f"cancelled_{method.lower()}"
@@ -55,7 +39,7 @@ def test_a_write_cancelled_after_two_of_three_chunks_applies_nothing(client, met
     before = client.lookup(table, ROWS, on_miss="zeros")
     stub = pb_grpc.EmbeddingStoreStub(client._channel)
     for attempt in range(TRIES):
-        requests = _TwoThenHold(_chunks(method, table, key=f"try-{attempt}"))
+        requests = TwoThenHold(_chunks(method, table, key=f"try-{attempt}"))
         call = getattr(stub, method).future(iter(requests), timeout=60)
         assert requests.asked_for_third.wait(30)
         call.cancel()

@@ -188,5 +188,8 @@ def test_families_follow_the_naming_conventions():
     for family in FAMILIES.values():
         assert family.name.startswith("kvstore_")
         assert not family.name.endswith("_total"), "counters get _total on exposition"
-        if family.kind != "counter" and family.name != "kvstore_subscribers":
-            assert family.name.endswith(("_bytes", "_seconds", "_rows", "_keys")), f"{family.name}: no unit"
+        # counts and 0/1 states have no unit; change-feed positions are counted in sequence numbers
+        if family.kind != "counter" and family.name not in ("kvstore_subscribers", "kvstore_replica_connected",
+                                                            "kvstore_replica_bootstrapped"):
+            assert family.name.endswith(("_bytes", "_seconds", "_rows", "_keys", "_sequence", "_sequences")), \
+                f"{family.name}: no unit"

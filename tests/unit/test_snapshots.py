@@ -154,7 +154,7 @@ def test_snapshots_survive_a_restart_and_restore_survives_a_restart(tmp_path):
         assert [s.name for s in store.list_snapshots()] == ["keep"]
         assert (rows_of(store, "t", [1, 2]) == 1.0).all()
         assert (rows_of(store, "t", [3]) == 3.0).all()
-        assert sorted(os.listdir(path)) == ["LIVE", "db-1", "snapshots"]
+        assert sorted(os.listdir(path)) == ["LIVE", "changefeed.json", "db-1", "snapshots"]
 
 
 def test_list_and_delete(store):
@@ -218,4 +218,5 @@ def test_export_during_restore_finishes_on_the_old_database(store):
     rest = list(chunks)
     assert len(first) + sum(len(c) for c in rest) == 300
     store._gens.join_retired()
-    assert sorted(os.listdir(store.data_dir)) == ["LIVE", "db-1", "snapshots"]   # removed once released
+    # the old database is removed once released
+    assert sorted(os.listdir(store.data_dir)) == ["LIVE", "changefeed.json", "db-1", "snapshots"]

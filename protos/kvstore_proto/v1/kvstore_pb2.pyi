@@ -461,28 +461,38 @@ class RestoreSnapshotResponse(_message.Message):
     def __init__(self, snapshot: _Optional[_Union[SnapshotInfo, _Mapping]] = ..., duration_seconds: _Optional[float] = ...) -> None: ...
 
 class ExportRequest(_message.Message):
-    __slots__ = ("table", "chunk_rows")
+    __slots__ = ("table", "chunk_rows", "since_sequence")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     CHUNK_ROWS_FIELD_NUMBER: _ClassVar[int]
+    SINCE_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     table: str
     chunk_rows: int
-    def __init__(self, table: _Optional[str] = ..., chunk_rows: _Optional[int] = ...) -> None: ...
+    since_sequence: int
+    def __init__(self, table: _Optional[str] = ..., chunk_rows: _Optional[int] = ..., since_sequence: _Optional[int] = ...) -> None: ...
 
 class ExportChunk(_message.Message):
-    __slots__ = ("config", "estimated_rows", "ids", "weights", "state", "meta")
+    __slots__ = ("config", "estimated_rows", "ids", "weights", "state", "meta", "sequence", "since_sequence", "tombstones", "feed_id")
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     ESTIMATED_ROWS_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     META_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    SINCE_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    TOMBSTONES_FIELD_NUMBER: _ClassVar[int]
+    FEED_ID_FIELD_NUMBER: _ClassVar[int]
     config: TableConfig
     estimated_rows: int
     ids: bytes
     weights: Tensor
     state: Tensor
     meta: Tensor
-    def __init__(self, config: _Optional[_Union[TableConfig, _Mapping]] = ..., estimated_rows: _Optional[int] = ..., ids: _Optional[bytes] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., state: _Optional[_Union[Tensor, _Mapping]] = ..., meta: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    sequence: int
+    since_sequence: int
+    tombstones: bytes
+    feed_id: str
+    def __init__(self, config: _Optional[_Union[TableConfig, _Mapping]] = ..., estimated_rows: _Optional[int] = ..., ids: _Optional[bytes] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., state: _Optional[_Union[Tensor, _Mapping]] = ..., meta: _Optional[_Union[Tensor, _Mapping]] = ..., sequence: _Optional[int] = ..., since_sequence: _Optional[int] = ..., tombstones: _Optional[bytes] = ..., feed_id: _Optional[str] = ...) -> None: ...
 
 class ImportRequest(_message.Message):
     __slots__ = ("table", "mode", "config", "ids", "weights", "state", "meta", "idempotency_key", "last")
@@ -505,6 +515,18 @@ class ImportRequest(_message.Message):
     idempotency_key: str
     last: bool
     def __init__(self, table: _Optional[str] = ..., mode: _Optional[_Union[ImportMode, str]] = ..., config: _Optional[_Union[TableConfig, _Mapping]] = ..., ids: _Optional[bytes] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., state: _Optional[_Union[Tensor, _Mapping]] = ..., meta: _Optional[_Union[Tensor, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., last: _Optional[bool] = ...) -> None: ...
+
+class ImportChainRequest(_message.Message):
+    __slots__ = ("rows", "sequence", "since_sequence", "tombstones")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    SINCE_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    TOMBSTONES_FIELD_NUMBER: _ClassVar[int]
+    rows: ImportRequest
+    sequence: int
+    since_sequence: int
+    tombstones: bytes
+    def __init__(self, rows: _Optional[_Union[ImportRequest, _Mapping]] = ..., sequence: _Optional[int] = ..., since_sequence: _Optional[int] = ..., tombstones: _Optional[bytes] = ...) -> None: ...
 
 class ImportResponse(_message.Message):
     __slots__ = ("rows", "created")
@@ -598,3 +620,43 @@ class TrainResponse(_message.Message):
     stepped: _containers.ScalarMap[str, int]
     more: bool
     def __init__(self, rows: _Optional[_Iterable[_Union[TableRows, _Mapping]]] = ..., stepped: _Optional[_Mapping[str, int]] = ..., more: _Optional[bool] = ...) -> None: ...
+
+class SubscribeRequest(_message.Message):
+    __slots__ = ("tables", "from_sequence", "weights_only", "interval_seconds", "feed_id")
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    FROM_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_ONLY_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FEED_ID_FIELD_NUMBER: _ClassVar[int]
+    tables: _containers.RepeatedScalarFieldContainer[str]
+    from_sequence: int
+    weights_only: bool
+    interval_seconds: float
+    feed_id: str
+    def __init__(self, tables: _Optional[_Iterable[str]] = ..., from_sequence: _Optional[int] = ..., weights_only: _Optional[bool] = ..., interval_seconds: _Optional[float] = ..., feed_id: _Optional[str] = ...) -> None: ...
+
+class SubscribeResponse(_message.Message):
+    __slots__ = ("table", "ids", "weights", "state", "tombstones", "sequence", "batch_end", "head_sequence", "oldest_change_time", "feed_id", "table_dropped")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    TOMBSTONES_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_END_FIELD_NUMBER: _ClassVar[int]
+    HEAD_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    OLDEST_CHANGE_TIME_FIELD_NUMBER: _ClassVar[int]
+    FEED_ID_FIELD_NUMBER: _ClassVar[int]
+    TABLE_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    ids: bytes
+    weights: Tensor
+    state: Tensor
+    tombstones: bytes
+    sequence: int
+    batch_end: bool
+    head_sequence: int
+    oldest_change_time: float
+    feed_id: str
+    table_dropped: bool
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., state: _Optional[_Union[Tensor, _Mapping]] = ..., tombstones: _Optional[bytes] = ..., sequence: _Optional[int] = ..., batch_end: _Optional[bool] = ..., head_sequence: _Optional[int] = ..., oldest_change_time: _Optional[float] = ..., feed_id: _Optional[str] = ..., table_dropped: _Optional[bool] = ...) -> None: ...

@@ -159,6 +159,16 @@ class EmbeddingStoreStub:
                 request_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.TrainRequest.SerializeToString,
                 response_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.TrainResponse.FromString,
                 _registered_method=True)
+        self.Subscribe = channel.unary_stream(
+                '/kvstore.v1.EmbeddingStore/Subscribe',
+                request_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.SubscribeRequest.SerializeToString,
+                response_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.SubscribeResponse.FromString,
+                _registered_method=True)
+        self.ImportChain = channel.stream_unary(
+                '/kvstore.v1.EmbeddingStore/ImportChain',
+                request_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.ImportChainRequest.SerializeToString,
+                response_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.ImportResponse.FromString,
+                _registered_method=True)
 
 
 class EmbeddingStoreServicer:
@@ -314,6 +324,18 @@ class EmbeddingStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Subscribe(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportChain(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EmbeddingStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -441,6 +463,16 @@ def add_EmbeddingStoreServicer_to_server(servicer, server):
                     servicer.Train,
                     request_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.TrainRequest.FromString,
                     response_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.TrainResponse.SerializeToString,
+            ),
+            'Subscribe': grpc.unary_stream_rpc_method_handler(
+                    servicer.Subscribe,
+                    request_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.SubscribeRequest.FromString,
+                    response_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.SubscribeResponse.SerializeToString,
+            ),
+            'ImportChain': grpc.stream_unary_rpc_method_handler(
+                    servicer.ImportChain,
+                    request_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.ImportChainRequest.FromString,
+                    response_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.ImportResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1118,6 +1150,60 @@ class EmbeddingStore:
             '/kvstore.v1.EmbeddingStore/Train',
             kvstore__proto_dot_v1_dot_kvstore__pb2.TrainRequest.SerializeToString,
             kvstore__proto_dot_v1_dot_kvstore__pb2.TrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Subscribe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/kvstore.v1.EmbeddingStore/Subscribe',
+            kvstore__proto_dot_v1_dot_kvstore__pb2.SubscribeRequest.SerializeToString,
+            kvstore__proto_dot_v1_dot_kvstore__pb2.SubscribeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportChain(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/kvstore.v1.EmbeddingStore/ImportChain',
+            kvstore__proto_dot_v1_dot_kvstore__pb2.ImportChainRequest.SerializeToString,
+            kvstore__proto_dot_v1_dot_kvstore__pb2.ImportResponse.FromString,
             options,
             channel_credentials,
             insecure,
