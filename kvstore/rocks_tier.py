@@ -383,11 +383,16 @@ class RocksTier:
     # --- lifecycle ---------------------------------------------------------
 
     def flush(self) -> None:
-        """Flush the memtables of every column family (rocksdict's `flush` covers only one)."""
+        """Flush the memtables of every column family (rocksdict's `flush` covers only one). A family
+        dropped meanwhile (its table dropped during a snapshot) has nothing left to flush."""
         with self._use(), _guard("flush"):
             self._db.flush()
             for family in list(self._families.values()):
-                family.flush()
+                try:
+                    family.flush()
+                except Exception as exc:                 # rocksdict raises bare Exception
+                    if "Column family dropped" not in str(exc):
+                        raise
 
     def close(self) -> None:
         if self.closed:

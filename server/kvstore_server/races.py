@@ -23,20 +23,27 @@ def _unexpected(exc: BaseException) -> bool:
     return isinstance(exc, Exception) and (isinstance(exc, StorageError) or not isinstance(exc, KVStoreError))
 
 
-def _exists(store: Store, table: str) -> bool:
+def _incarnation(store: Store, table: str) -> str | None:
+    """The column family of `table`'s current incarnation (None: no such table). A table dropped and
+    created again under its name during a call has another one."""
     try:
-        store.describe_table(table)
+        return store.table(table).family
     except KVStoreError:
-        return False
-    return True
+        return None
+
+
+def _incarnations(store: Store) -> set[tuple[str, str | None]]:
+    return {(name, _incarnation(store, name)) for name in store.list_tables()}
 
 
 def on_table(store: Store, table: str, fn: Callable[..., T], *args: Any) -> T:
-    """`fn(*args)`, work on `table`; an unexpected failure of a table dropped meanwhile is TableNotFound."""
+    """`fn(*args)`, work on `table`; an unexpected failure of a table dropped meanwhile (even if created
+    again since) is TableNotFound."""
+    before = _incarnation(store, table)
     try:
         return fn(*args)
     except Exception as exc:
-        if _unexpected(exc) and not _exists(store, table):
+        if _unexpected(exc) and (before is None or _incarnation(store, table) != before):
             raise TableNotFound(f"table: {table[:128]!r} was dropped during the call") from exc
         raise
 
@@ -44,13 +51,13 @@ def on_table(store: Store, table: str, fn: Callable[..., T], *args: Any) -> T:
 def across_tables(store: Store, what: str, fn: Callable[..., T], *args: Any) -> T:
     """`fn(*args)`, work on every table; an unexpected failure while tables were dropped or created
     is FailedPrecondition naming them (the call left nothing behind and may be retried)."""
-    before = set(store.list_tables())
+    before = _incarnations(store)
     try:
         return fn(*args)
     except Exception as exc:
         if not _unexpected(exc):
             raise
-        changed = sorted(before ^ set(store.list_tables()))
+        changed = sorted(name for name, _ in before ^ _incarnations(store))
         if not changed:
             raise
         raise FailedPrecondition(f"{what}: table {changed[0][:128]!r} was dropped or created during the call; "

@@ -10,7 +10,6 @@ from collections import Counter
 
 import grpc
 import numpy as np
-import pytest
 from kvstore_client import KVStoreClient, KVStoreError
 
 from .conftest import random_rows, small_table
@@ -51,8 +50,6 @@ def worker(address: str, kind: int, stop: threading.Event, progress: threading.S
             progress.release()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12 item 4: calls racing a drop get INTERNAL, snapshots UNAVAILABLE "
-                                       "'storage: the RocksDB tier failed'; fixed by the store core")
 def test_calls_racing_a_drop_end_in_a_code_naming_the_table(server, client):
     small_table(client, KEPT)
     client.update(KEPT, KEPT_IDS, KEPT_ROWS)
