@@ -48,6 +48,8 @@ class ServerConfig:
     idempotency_seconds: float = 600.0   # ... for this long
     max_concurrent_streams: int = 32     # HTTP/2 streams one connection may open at once
     max_health_watches_per_peer: int = 16   # health Watch streams one address may hold (health needs no token)
+    max_tables: int = 1000               # CreateTable beyond it: RESOURCE_EXHAUSTED
+    max_cache_bytes: int = 0             # host cache memory of all tables together; 0 = half the machine's memory
     grace_seconds: float = 10.0          # in-flight calls may finish this long on shutdown
     max_request_rows: int = 1 << 22      # rows in one Update/Delete call, all chunks together
     max_chunk_rows: int = 1 << 20        # rows in one message of a stream
@@ -68,11 +70,14 @@ class ServerConfig:
             if not _is_int(value) or not 0 <= value <= 65535:
                 raise InvalidArgument(f"{name}: must be an integer in [0, 65535], got {value!r}")
         for name in ("max_message_bytes", "max_concurrent_rpcs", "max_concurrent_streams",
-                     "max_health_watches_per_peer", "max_request_rows", "max_chunk_rows", "retry_after_ms",
-                     "idempotency_keys"):
+                     "max_health_watches_per_peer", "max_tables", "max_request_rows", "max_chunk_rows",
+                     "retry_after_ms", "idempotency_keys"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise InvalidArgument(f"{name}: must be a positive integer, got {value!r}")
+        if not _is_int(self.max_cache_bytes) or self.max_cache_bytes < 0:
+            raise InvalidArgument(f"max_cache_bytes: must be 0 (half the machine's memory) or a positive integer, "
+                                  f"got {self.max_cache_bytes!r}")
         if not _is_int(self.max_workers) or self.max_workers < 0:
             raise InvalidArgument(f"max_workers: must be 0 (sized to the machine) or a positive integer, "
                                   f"got {self.max_workers!r}")

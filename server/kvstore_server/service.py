@@ -19,6 +19,7 @@ from kvstore import Store
 from kvstore.dtypes import weight_dtype
 from kvstore.errors import InvalidArgument, ResourceExhausted
 
+from .budgets import check_new_table, default_cache_budget
 from .cluster_service import ClusterRPCs
 from .config import ServerConfig
 from .idempotency import RecentWrites
@@ -42,12 +43,17 @@ class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPC
         self.metrics = metrics
         self.work = work
         self.recent = RecentWrites(config.idempotency_keys, config.idempotency_seconds)
+        self.cache_budget = config.max_cache_bytes or default_cache_budget()
+        self._creating = asyncio.Lock()
         LeaseRPCs.__init__(self, config.lease_seconds)
 
     # --- tables ----------------------------------------------------------------
 
     async def CreateTable(self, request, context):
-        config = await self.work(self.store.create_table, table_config_from_proto(request.config))
+        config = table_config_from_proto(request.config)
+        async with self._creating:               # budgets are checked and taken one table at a time
+            await self.work(check_new_table, self.store, config, self.config.max_tables, self.cache_budget)
+            config = await self.work(self.store.create_table, config)
         return pb.CreateTableResponse(config=table_config_to_proto(config))
 
     async def DropTable(self, request, context):

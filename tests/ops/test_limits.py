@@ -73,3 +73,28 @@ def test_calls_beyond_the_concurrency_limit_are_resource_exhausted(server, clien
             for call in held:
                 list(call)
     assert client.list_tables() == ["limited"]
+
+
+def test_tables_beyond_max_tables_are_refused_and_the_others_keep_serving(start_server):
+    server = start_server("--max-tables", "2")
+    with KVStoreClient(server.address, timeout=30) as client:
+        client.create_table("first", 4, cache={"rows": 64, "ways": 8})
+        client.create_table("second", 4, cache={"rows": 64, "ways": 8})
+        with pytest.raises(ResourceExhaustedError) as refused:
+            client.create_table("third", 4, cache={"rows": 64, "ways": 8})
+        assert refused.value.message.startswith("max_tables")
+        assert client.list_tables() == ["first", "second"]
+        client.drop_table("second")
+        client.create_table("third", 4, cache={"rows": 64, "ways": 8})       # room again
+
+
+def test_caches_beyond_max_cache_bytes_are_refused_naming_the_budget(start_server):
+    budget = 1 << 20
+    server = start_server("--max-cache-bytes", str(budget))
+    with KVStoreClient(server.address, timeout=30) as client:
+        client.create_table("small", 8, cache={"rows": 1024, "ways": 32})   # 1024 x (48 + 56) bytes: fits
+        with pytest.raises(ResourceExhaustedError) as refused:
+            client.create_table("big", 128, cache={"rows": 1 << 16, "ways": 32})
+        assert refused.value.message.startswith("cache.rows") and "max_cache_bytes" in refused.value.message
+        assert client.list_tables() == ["small"]
+        assert client.lookup("small", np.arange(4)).shape == (4, 8)
