@@ -253,7 +253,7 @@ def bench_end_to_end(args, rows: list) -> None:
         probe_keys = encode_keys(cold[:n_cold])
         t0 = time.perf_counter()
         for _ in range(5):
-            store.rocks.get("e2e", probe_keys)
+            store.rocks.get(table.family, probe_keys)
         get_rate = 5 * n_cold / (time.perf_counter() - t0)
         phases = ", ".join(f"{k} {v / len(profiled) * 1e3:.2f}" for k, v in sorted(table.phases.items()))
         rows.append(("e2e lookup 95% hits (rows/s)", rate, batch / ms * 1e3,
