@@ -3,9 +3,10 @@
 Generic handlers, raw bytes, no protobuf, pre-built replies. `Rows` answers each
 chunk of n ids (8 n bytes) with n rows of `row-bytes` zero bytes (the lookup
 pattern); `Sink` takes a stream of chunks and answers 8 bytes (the update and
-gradient-push pattern). Run as its own process:
+gradient-push pattern). The same handlers run on a threaded or an asyncio (grpc.aio)
+server, so kvstore's server of either kind has its ceiling. Run as its own process:
 
-    python -m bench.echo        # prints "listening on 127.0.0.1:PORT"
+    python -m bench.echo [--asyncio]     # prints "listening on 127.0.0.1:PORT"
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ GRPC_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_m
                 ("grpc.so_reuseport", 0)]
 
 
-def serve() -> None:
+def _reply_cache():
     replies: dict[int, bytes] = {}          # reply size -> zero bytes, built once
 
     def reply(size: int) -> bytes:
@@ -33,8 +34,26 @@ def serve() -> None:
             replies[size] = bytes(size)
         return replies[size]
 
+    return reply
+
+
+def _row_bytes(context) -> int:
+    return int(dict(context.invocation_metadata()).get("row-bytes", "0"))
+
+
+def _handler(rows, sink) -> grpc.GenericRpcHandler:
+    return grpc.method_handlers_generic_handler(SERVICE, {
+        "Rows": grpc.stream_stream_rpc_method_handler(rows),
+        "Sink": grpc.stream_unary_rpc_method_handler(sink),
+    })
+
+
+def serve() -> None:
+    """The echo service on a threaded gRPC server."""
+    reply = _reply_cache()
+
     def rows(request_iterator, context):
-        row_bytes = int(dict(context.invocation_metadata()).get("row-bytes", "0"))
+        row_bytes = _row_bytes(context)
         for request in request_iterator:
             yield reply((len(request) // 8) * row_bytes)
 
@@ -42,16 +61,40 @@ def serve() -> None:
         received = sum(len(request) for request in request_iterator)
         return received.to_bytes(8, "little")
 
-    handler = grpc.method_handlers_generic_handler(SERVICE, {
-        "Rows": grpc.stream_stream_rpc_method_handler(rows),
-        "Sink": grpc.stream_unary_rpc_method_handler(sink),
-    })
     server = grpc.server(futures.ThreadPoolExecutor(8), options=GRPC_OPTIONS)
-    server.add_generic_rpc_handlers((handler,))
+    server.add_generic_rpc_handlers((_handler(rows, sink),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     print(f"listening on 127.0.0.1:{port}", flush=True)
     server.wait_for_termination()
+
+
+def serve_asyncio() -> None:
+    """The same echo service on an asyncio gRPC server (grpc.aio)."""
+    import asyncio
+
+    reply = _reply_cache()
+
+    async def rows(request_iterator, context):
+        row_bytes = _row_bytes(context)
+        async for request in request_iterator:
+            yield reply((len(request) // 8) * row_bytes)
+
+    async def sink(request_iterator, context):
+        received = 0
+        async for request in request_iterator:
+            received += len(request)
+        return received.to_bytes(8, "little")
+
+    async def run() -> None:
+        server = grpc.aio.server(options=GRPC_OPTIONS)
+        server.add_generic_rpc_handlers((_handler(rows, sink),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        print(f"listening on 127.0.0.1:{port}", flush=True)
+        await server.wait_for_termination()
+
+    asyncio.run(run())
 
 
 def start_process(cmd: list[str]) -> tuple[subprocess.Popen, str]:
@@ -99,9 +142,9 @@ class EchoClient:
         self.channel.close()
 
 
-def start_echo() -> tuple[subprocess.Popen, str]:
-    return start_process([sys.executable, "-m", "bench.echo"])
+def start_echo(asyncio_server: bool = False) -> tuple[subprocess.Popen, str]:
+    return start_process([sys.executable, "-m", "bench.echo", *(["--asyncio"] if asyncio_server else [])])
 
 
 if __name__ == "__main__":
-    serve()
+    serve_asyncio() if "--asyncio" in sys.argv[1:] else serve()

@@ -18,57 +18,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent import futures
+from pathlib import Path
 
-import grpc
 import numpy as np
 
-ECHO_METHOD = "/bench.Echo/Rows"
-GRPC_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20),
-                ("grpc.so_reuseport", 0)]
-
-
-def echo_server(row_bytes: int) -> None:
-    """A bidi stream that answers n ids (8 n bytes) with n rows of zeros: a threaded gRPC server."""
-    blob = bytes(row_bytes * 65536)
-
-    def rows(request_iterator, context):
-        for request in request_iterator:
-            yield blob[: (len(request) // 8) * row_bytes]
-
-    server = grpc.server(futures.ThreadPoolExecutor(8), options=GRPC_OPTIONS)
-    server.add_generic_rpc_handlers((_echo_handler(rows),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    print(f"listening on 127.0.0.1:{port}", flush=True)
-    server.wait_for_termination()
-
-
-def asyncio_echo_server(row_bytes: int) -> None:
-    """The same echo stream on an asyncio gRPC server (grpc.aio)."""
-    import asyncio
-
-    blob = bytes(row_bytes * 65536)
-
-    async def rows(request_iterator, context):
-        async for request in request_iterator:
-            yield blob[: (len(request) // 8) * row_bytes]
-
-    async def serve() -> None:
-        server = grpc.aio.server(options=GRPC_OPTIONS)
-        server.add_generic_rpc_handlers((_echo_handler(rows),))
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        print(f"listening on 127.0.0.1:{port}", flush=True)
-        await server.wait_for_termination()
-
-    asyncio.run(serve())
-
-
-def _echo_handler(rows) -> grpc.GenericRpcHandler:
-    return grpc.method_handlers_generic_handler("bench.Echo", {
-        "Rows": grpc.stream_stream_rpc_method_handler(rows, request_deserializer=None, response_serializer=None),
-    })
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))       # run as a script: `bench` importable
+from bench.echo import EchoClient, start_echo  # noqa: E402
 
 
 def start(cmd: list[str], env: dict | None = None) -> tuple[subprocess.Popen, str]:
@@ -108,16 +63,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--echo-server", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--echo-asyncio", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
     parser.add_argument("--rounds", type=int, default=1, help="passes over each case's batches")
     parser.add_argument("--baseline", default="", help="checkout of an earlier kvstore to serve beside this one")
     args = parser.parse_args()
-    if args.echo_server:
-        return (asyncio_echo_server if args.echo_asyncio else echo_server)(args.echo_server)
-
-    row_bytes = args.dim * 4
     servers = {"kvstore": start(["kvstore-server", "--data-dir", tempfile.mkdtemp(prefix="kvbench-"), "--port", "0"])}
     if args.baseline:
         root = os.path.abspath(args.baseline)
@@ -125,8 +74,8 @@ def main() -> None:
                                                                                              "client"))}
         servers["baseline"] = start([sys.executable, "-m", "kvstore_server", "--data-dir",
                                      tempfile.mkdtemp(prefix="kvbench-base-"), "--port", "0"], env)
-    servers["echo threaded"] = start([sys.executable, __file__, "--echo-server", str(row_bytes)])
-    servers["echo asyncio"] = start([sys.executable, __file__, "--echo-server", str(row_bytes), "--echo-asyncio"])
+    servers["echo threaded"] = start_echo()
+    servers["echo asyncio"] = start_echo(asyncio_server=True)
     try:
         run(args, {name: address for name, (_, address) in servers.items()})
     finally:
@@ -143,9 +92,9 @@ def run(args, addresses: dict[str, str]) -> None:
     for name, client in zip(("kvstore", "baseline"), clients, strict=False):
         load(client, args.rows, args.dim, name)
         lookups[name] = lambda b, client=client: client.lookup("bench", b)
-    chunk_rows = max(1, clients[0].chunk_bytes // (args.dim * 4))
-    for name in ("echo threaded", "echo asyncio"):
-        lookups[name] = echo_lookup(addresses[name], args.dim, chunk_rows)
+    for name in ("echo threaded", "echo asyncio"):      # the same chunks up, the same bytes down
+        echo = EchoClient(addresses[name], clients[0].chunk_bytes)
+        lookups[name] = lambda b, echo=echo: echo.lookup(b, args.dim)
     rng = np.random.default_rng(1)
     perm = rng.permutation(args.rows)
     names = list(lookups)
@@ -180,24 +129,6 @@ def load(client, rows: int, dim: int, name: str) -> None:
         client.update("bench", ids[s:s + 262144], rng.standard_normal((len(ids[s:s + 262144]), dim),
                                                                      dtype=np.float32))
     print(f"{name}: loaded {rows} rows in {time.perf_counter() - t0:.1f}s", flush=True)
-
-
-def echo_lookup(address: str, dim: int, chunk_rows: int):
-    """A lookup against an echo server: the same chunks up, the same bytes down, placed the same way."""
-    channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
-    echo_call = channel.stream_stream(ECHO_METHOD)
-
-    def lookup(batch: np.ndarray) -> np.ndarray:
-        out = np.empty((len(batch), dim), np.float32)
-        reqs = (batch[i:i + chunk_rows].tobytes() for i in range(0, len(batch), chunk_rows))
-        pos = 0
-        for blob in echo_call(reqs):
-            part = np.frombuffer(blob, np.float32).reshape(-1, dim)
-            out[pos:pos + len(part)] = part
-            pos += len(part)
-        return out
-
-    return lookup
 
 
 if __name__ == "__main__":
