@@ -93,6 +93,8 @@ class CacheConfig:
     write: Literal["write_back", "write_through"] = "write_back"
     device: str = "cpu"           # where the cache lives: "cpu" (host memory) or "cuda:N" (GPU memory)
     flush_seconds: float = 1.0    # write_back: dirty rows reach RocksDB at least this often
+    host_rows: int = 0            # with a GPU device: slots of a host-memory tier under it (0 = none)
+    host_policy: Literal["lru", "lfu"] = "lru"   # victim order of that host tier
 
     def __post_init__(self):
         if (isinstance(self.flush_seconds, bool) or not isinstance(self.flush_seconds, (int, float))
@@ -116,8 +118,29 @@ class CacheConfig:
             raise InvalidArgument(
                 f"cache.write: expected 'write_back' or 'write_through', got {self.write!r}"
             )
+        self._check_host_tier()
+
+    def _check_host_tier(self) -> None:
+        if isinstance(self.host_rows, bool) or not isinstance(self.host_rows, int) or self.host_rows < 0:
+            raise InvalidArgument(f"cache.host_rows: must be an integer >= 0, got {self.host_rows!r}")
+        if self.host_rows and self.device == "cpu":
+            raise InvalidArgument("cache.host_rows: a host tier goes under a GPU tier; set cache.device to "
+                                  "'cuda' or 'cuda:N', or leave host_rows at 0")
+        if self.host_rows % HOST_TIER_WAYS or self.host_rows > 1 << 34:
+            raise InvalidArgument(f"cache.host_rows: must be a multiple of {HOST_TIER_WAYS} up to 2**34, "
+                                  f"got {self.host_rows!r}")
+        if self.host_policy not in ("lru", "lfu"):
+            raise InvalidArgument(f"cache.host_policy: expected 'lru' or 'lfu', got {self.host_policy!r}")
+
+    def host_tier(self) -> CacheConfig | None:
+        """The config of the host tier under a GPU tier, or None."""
+        if not self.host_rows:
+            return None
+        return CacheConfig(rows=self.host_rows, ways=HOST_TIER_WAYS, policy=self.host_policy, write=self.write,
+                           flush_seconds=self.flush_seconds)
 
 
+HOST_TIER_WAYS = 32
 CAPACITY_POLICIES = ("lru", "lfu", "score")
 
 
