@@ -245,9 +245,6 @@ class TableConfig:
         if isinstance(self.dim, bool) or not isinstance(self.dim, int) or not 1 <= self.dim <= MAX_DIM:
             raise InvalidArgument(f"dim: must be an integer in [1, {MAX_DIM}], got {self.dim!r}")
         weight_dtype(self.dtype, "dtype")
-        if self.cache.device != "cpu" and (self.eviction.sweeps or self.eviction.min_count > 1):
-            raise InvalidArgument("eviction: store eviction and admission need cache.device 'cpu' "
-                                  "(the GPU cache tier does not keep eviction metadata yet)")
 
     @property
     def state_dim(self) -> int:

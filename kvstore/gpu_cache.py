@@ -199,6 +199,22 @@ class GpuCache(SetAssociativeCache):
                                         now is not None)
 
 
+def sum_duplicates(cache: GpuCache, ids: cupy.ndarray, grads: cupy.ndarray
+                   ) -> tuple[cupy.ndarray, cupy.ndarray, cupy.ndarray]:
+    """Unique ids, the float32 sum of each one's gradient rows, and each id's position among
+    them, on the device (for callers holding device gradients). Unique ids come in the order
+    of their mix, which is the cache's set order: a step then walks the slab forward."""
+    mixed, inverse = cupy.unique(cache.mix(ids), return_inverse=True)
+    uniq, inverse = cache.unmix(mixed), inverse.reshape(-1)
+    if len(uniq) == len(ids):
+        out = cupy.empty_like(grads)
+        out[inverse] = grads
+        return uniq, out, inverse
+    out = cupy.zeros((len(uniq), grads.shape[1]), dtype=cupy.float32)
+    cupy.add.at(out, inverse, grads)
+    return uniq, out, inverse
+
+
 def dtype_name(dtype: np.dtype) -> str:
     from .dtypes import WEIGHT_DTYPES
 

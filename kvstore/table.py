@@ -28,16 +28,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .cache import SetAssociativeCache
+from . import arrays
 from .changefeed import NULL_FEED, ChangeLog
 from .config import TableConfig
 from .errors import FailedPrecondition, InvalidArgument, ResourceExhausted, RowNotFound, StorageError
 from .eviction import archive
 from .eviction.tracker import EvictionTracker, check_scores
 from .initializer import initial_weights
-from .optimizers import make_optimizer, step_rows, sum_duplicates
+from .optimizers import sum_duplicates
 from .rocks_tier import RocksTier
 from .rows import RowLayout, encode_keys, encode_scores
+from .tiers import make_tier
 from .validation import check_ids, check_matrix
 from .writer import PendingRows, WriteJob, Writer, fault_error
 
@@ -50,7 +51,6 @@ class LookupResult:
     state: np.ndarray | None = None  # [n, state_dim] float32 when asked for
 
 
-TAKE_ROWS_BYTES = 4 << 20    # lookups of up to this many row bytes gather whole rows first
 FLUSH_SLICE = 4096           # rows handed to the writer per hold of the table lock
 _NO_IDS = np.zeros(0, np.int64)
 
@@ -66,12 +66,11 @@ class Table:
         self.rocks = rocks
         self.writer = writer
         self.clock = clock
-        self.cache = self._make_cache()
+        self.cache = self._make_tier()
         self.write_through = config.cache.write == "write_through"
         self.flush_seconds = None if self.write_through else config.cache.flush_seconds
         self.last_flush = time.monotonic()        # when the last completed flush started
         self.pending = PendingRows()
-        self.optimizer = make_optimizer(config.optimizer, config.dim)
         self.counters: Counter[str] = Counter()
         self._leases: dict[str, np.ndarray] = {}   # owner -> ids it holds prefetch locks on
         self._lock = threading.RLock()
@@ -87,31 +86,31 @@ class Table:
             rocks.create_family(self.archive_family)
         rocks.labels.update({self.family: self.name, self.archive_family: archive.archive_family(self.name)})
 
-    def _make_cache(self) -> SetAssociativeCache:
-        """The host cache tier. Its arrays are zero-filled by the OS page by page as slots are used
-        (calloc), so memory grows with use up to the configured size; a size this machine could
-        never hold is refused up front, naming the bytes."""
-        need = cache_bytes(self.config.cache.rows, self.layout.row_bytes)
-        total = _physical_memory()
-        if total and need > total:
-            raise ResourceExhausted(f"cache.rows: {self.config.cache.rows} slots of {self.layout.row_bytes}-byte rows "
-                                    f"need {need} bytes; this machine has {total}")
+    def _make_tier(self):
+        """The cache tier the config names (`tiers.make_tier`). A host tier's memory grows with use
+        up to its size; a size this machine could never hold is refused up front, naming the bytes."""
+        if self.config.cache.device == "cpu":
+            need = cache_bytes(self.config.cache.rows, self.layout.row_bytes)
+            total = _physical_memory()
+            if total and need > total:
+                raise ResourceExhausted(f"cache.rows: {self.config.cache.rows} slots of {self.layout.row_bytes}-byte "
+                                        f"rows need {need} bytes; this machine has {total}")
         try:
-            return SetAssociativeCache(self.config.cache, self.layout.row_bytes)
+            return make_tier(self.config, self.layout)
         except MemoryError:
-            raise ResourceExhausted(f"cache.rows: cannot allocate {need} bytes for "
-                                    f"{self.config.cache.rows} cache slots") from None
+            raise ResourceExhausted(f"cache.rows: cannot allocate {self.config.cache.rows} cache slots of "
+                                    f"{self.layout.row_bytes}-byte rows") from None
 
     # --- validation ----------------------------------------------------------
 
     def _ids(self, ids) -> np.ndarray:
-        return check_ids(ids)
+        return check_ids(arrays.host(ids))
 
     def _matrix(self, values, n: int, width: int, dtype: np.dtype, field: str, finite: bool = True) -> np.ndarray:
         """`values` checked as check_matrix does; `finite=False` leaves the NaN/Inf check to the caller
         (apply_gradients checks the summed gradients: fewer rows, the same verdict)."""
         allow = self.config.allow_nonfinite or not finite
-        return check_matrix(values, n, width, dtype, field, allow, self.name)
+        return check_matrix(arrays.host(values), n, width, dtype, field, allow, self.name)
 
     def check_ids(self, ids) -> np.ndarray:
         """`ids` as int64, or InvalidArgument (for callers that stage rows, such as an import)."""
@@ -128,46 +127,33 @@ class Table:
     # --- reads -----------------------------------------------------------------
 
     def lookup(self, ids, on_miss: str = "init_insert", with_state: bool = False) -> LookupResult:
-        """Rows in request order, duplicates included; misses follow `on_miss`."""
+        """Rows in request order, duplicates included; misses follow `on_miss`. Results are the
+        kind of array `ids` is (NumPy, torch on the ids' device, or CuPy)."""
         if on_miss not in ON_MISS:
             raise InvalidArgument(f"on_miss: unknown mode {on_miss!r}; expected one of {list(ON_MISS)}")
-        ids = self._ids(ids)
+        result = self._lookup(self._ids(ids), on_miss, with_state)
+        if isinstance(ids, np.ndarray):
+            return result
+        return LookupResult(arrays.like(result.weights, ids), arrays.like(result.state, ids))
+
+    def _lookup(self, ids: np.ndarray, on_miss: str, with_state: bool) -> LookupResult:
         with self._lock:
             self.cache.begin_batch()
-            slots = self.cache.probe(ids)
+            slots = self.cache.probe_and_touch(ids, self.clock())   # hits: safe from this batch's evictions
             hit = slots >= 0
-            all_hit = bool(hit.all())
-            hit_slots = slots if all_hit else slots[hit]
-            self.cache.touch(hit_slots)                  # protects them from this batch's evictions
-            self.eviction.touch(self.cache.slab, hit_slots, self.clock())
-            self.counters["cache_hits"] += len(hit_slots)
-            if all_hit:                                  # every id cached: gather straight from the slab
-                return self._result(self.cache.slab, slots, with_state)
-            hit_at, miss_at = np.flatnonzero(hit), np.flatnonzero(~hit)
+            hits = int(np.count_nonzero(hit))
+            self.counters["cache_hits"] += hits
+            weights, state = self.cache.columns(slots, with_state)   # the hits' rows; misses next
+            if hits == len(ids):
+                return LookupResult(weights, state)
+            miss_at = np.flatnonzero(~hit)
             self.counters["cache_misses"] += len(miss_at)
             miss_ids, inverse = np.unique(ids[miss_at], return_inverse=True)
-            miss_rows = self._load(miss_ids, on_miss)   # hits were touched: no eviction moves them
-            weights = np.empty((len(ids), self.config.dim), dtype=self.layout.dtype)
-            weights[hit_at] = self.layout.weights(self.cache.slab)[slots[hit_at]]
+            miss_rows = self._load(miss_ids, on_miss)
             weights[miss_at] = self.layout.weights(miss_rows)[inverse]
-            state = None
             if with_state:
-                state = np.empty((len(ids), self.config.state_dim), dtype=np.float32)
-                state[hit_at] = self.layout.state(self.cache.slab)[slots[hit_at]]
                 state[miss_at] = self.layout.state(miss_rows)[inverse]
             return LookupResult(weights, state)
-
-    def _result(self, rows: np.ndarray, slots, with_state: bool) -> LookupResult:
-        """Weights (and state) of the given slab slots, as new contiguous arrays. Small batches
-        take whole rows first (one `take` of fixed-size records beats indexing a strided view
-        by about a quarter while the rows fit in the CPU cache), then copy the columns out."""
-        if len(slots) * self.layout.row_bytes <= TAKE_ROWS_BYTES:
-            rows = rows.view(f"V{self.layout.row_bytes}").reshape(-1).take(slots)
-            rows = rows.view(np.uint8).reshape(len(slots), self.layout.row_bytes)
-            slots = slice(None)
-        weights = np.ascontiguousarray(self.layout.weights(rows)[slots])
-        state = np.ascontiguousarray(self.layout.state(rows)[slots]) if with_state else None
-        return LookupResult(weights, state)
 
     def _load(self, ids: np.ndarray, on_miss: str) -> np.ndarray:
         """Rows of unique uncached ids from RocksDB or the initializer; caches what is stored."""
@@ -187,7 +173,7 @@ class Table:
         stored = present | new
         slots = self._place(ids[stored], rows[stored], new[stored])
         self.eviction.created(int(new.sum()))
-        self.eviction.touch(self.cache.slab, slots[slots >= 0], self.clock())
+        self.cache.access(slots[slots >= 0], self.clock())
         homeless = np.flatnonzero(stored)[(slots < 0) & present[stored]]   # stored rows no set had room for
         if len(homeless) and self.writer.fault is None:
             touched = rows[homeless]
@@ -245,7 +231,7 @@ class Table:
             self._write_behind(np.concatenate([victim_ids, stale_ids, ids[homeless]]),
                                np.concatenate([victim_rows, stale_rows, rows[homeless]]), "dirty victims")
         self.cache.fill(slots, ids, rows, changed & (not self.write_through))
-        self.eviction.synced(self.cache.slab, slots[cached])
+        self.eviction.synced(self.cache, slots[cached])
         return slots
 
     def _choose(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -255,7 +241,8 @@ class Table:
         slots = choice.slots
         if self.writer.fault is not None and len(choice.dirty_ids):
             taken = np.flatnonzero(slots >= 0)
-            busy = self.cache.occupied[slots[taken]] & self.cache.dirty[slots[taken]]
+            occupied, dirty = self.cache.flags(slots[taken])
+            busy = occupied & dirty
             slots = slots.copy()
             slots[taken[busy]] = -1
             return slots, _NO_IDS, self.layout.empty(0)
@@ -263,9 +250,12 @@ class Table:
 
     def _stale_rows(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Ids and rows of the clean occupied `slots` whose access metadata RocksDB lacks."""
-        slots = slots[self.cache.occupied[slots] & ~self.cache.dirty[slots]]
-        slots = slots[self.eviction.stale(self.cache.slab, slots)]
-        return self.cache.keys[slots], self.cache.slab[slots]
+        if not self.eviction.persist_touches or not len(slots):
+            return _NO_IDS, self.layout.empty(0)
+        occupied, dirty = self.cache.flags(slots)
+        slots = slots[occupied & ~dirty]
+        slots = slots[self.eviction.stale(self.cache, slots)]
+        return self.cache.keys_of(slots), self.cache.rows(slots)
 
     # --- RocksDB writes ------------------------------------------------------------
 
@@ -313,45 +303,46 @@ class Table:
 
     # --- writes ----------------------------------------------------------------
 
-    def _current_rows(self, ids: np.ndarray, initialize: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """[n, row_bytes] current rows of unique ids (cache, else RocksDB, else new), their
-        slots, and which ids have no row yet."""
+    def _current_rows(self, ids: np.ndarray, initialize: bool):
+        """Staged current rows of unique ids (cache, else RocksDB, else new; in the tier's
+        memory), their slots, and which ids have no row yet."""
         slots = self.cache.probe(ids)
         hit = slots >= 0
-        self.cache.touch(slots[hit])
-        if hit.all():              # whole records in one `take`: a third of masked indexing's cost
-            rows = self.cache.slab.view(f"V{self.layout.row_bytes}").reshape(-1).take(slots)
-            rows = rows.view(np.uint8).reshape(len(ids), self.layout.row_bytes)
-            return rows, slots, np.zeros(len(ids), dtype=bool)
-        rows = np.empty((len(ids), self.layout.row_bytes), dtype=np.uint8)
-        rows[hit] = self.cache.slab[slots[hit]]
+        all_hit = bool(hit.all())
+        self.cache.touch(slots if all_hit else slots[hit])
+        rows = self.cache.stage(slots)
         new = np.zeros(len(ids), dtype=bool)
-        if (~hit).any():
-            rows[~hit], present = self._fetch(ids[~hit], initialize)
-            new[~hit] = ~present
+        if not all_hit:
+            miss = np.flatnonzero(~hit)
+            fetched, present = self._fetch(ids[miss], initialize)
+            self.cache.load(rows, miss, fetched)
+            new[miss] = ~present
         return rows, slots, new
 
-    def _store_rows(self, ids: np.ndarray, rows: np.ndarray, slots: np.ndarray) -> None:
-        """Make `rows` the value of unique `ids` in every tier, as the write policy says:
+    def _store_rows(self, ids: np.ndarray, rows, slots: np.ndarray) -> None:
+        """Make staged `rows` the value of unique `ids` in every tier, as the write policy says:
         the RocksDB writes first (in `_place`), then the cache."""
-        header = self.layout.header(rows)
-        header["last_access"] = int(self.clock())
-        header["count"] += 1
+        self.cache.touch_staged(rows, self.clock())
         hit = slots >= 0
-        miss = ~hit
-        self._place(ids[miss], rows[miss], np.ones(int(miss.sum()), dtype=bool), ids[hit], rows[hit])
-        cached = slice(None) if hit.all() else hit      # whole records through `put`, as `take` above
-        record = f"V{self.layout.row_bytes}"
-        self.cache.slab.view(record).reshape(-1).put(slots[cached], rows[cached].view(record))
-        self.cache.dirty[slots[hit]] |= not self.write_through
+        all_hit = bool(hit.all())
+        at = slice(None) if all_hit else np.flatnonzero(hit)
+        miss = np.flatnonzero(~hit)
+        direct = self.cache.to_host(self.cache.select(rows, at)) if self.write_through else None
+        if len(miss) or direct is not None:
+            missed = self.cache.to_host(self.cache.select(rows, miss))
+            self._place(ids[miss], missed, np.ones(len(miss), dtype=bool), ids[at], direct)
+        cached_rows = rows if all_hit else self.cache.select(rows, at)
+        self.cache.publish(slots[at], cached_rows)
         if self.write_through:
-            self.eviction.synced(self.cache.slab, slots[hit])
+            self.eviction.synced(self.cache, slots[at])
+        else:
+            self.cache.set_dirty(slots[at], True)
 
     def update(self, ids, weights, state=None, scores=None) -> int:
         """Overwrite weights (and optimizer state, and feature scores, when given); last write
         wins within the batch. An explicit write always stores the row (admission does not apply)."""
         ids, weights, state = self.check_rows(ids, weights, state)
-        scores = check_scores(scores, len(ids))
+        scores = check_scores(arrays.host(scores), len(ids))
         last = len(ids) - 1 - np.unique(ids[::-1], return_index=True)[1]
         ids, weights = ids[last], weights[last]
         state = state[last] if state is not None else None
@@ -360,11 +351,9 @@ class Table:
             self._check_writable()
             self.cache.begin_batch()
             rows, slots, new = self._current_rows(ids, initialize=False)
-            self.layout.weights(rows)[:] = weights
-            if state is not None:
-                self.layout.state(rows)[:] = state
+            self.cache.set_columns(rows, weights, state)
             if scores is not None:
-                self.layout.header(rows)["score"] = encode_scores(scores)
+                self.cache.set_scores(rows, encode_scores(scores))
             self._store_rows(ids, rows, slots)
             self.changes.record(self.name, ids)
             self.eviction.created(int(new.sum()))
@@ -385,7 +374,7 @@ class Table:
         does not allow them is refused. Returns the number of unique rows."""
         ids = self._ids(ids)
         grads = self._matrix(grads, len(ids), self.config.dim, np.dtype(np.float32), "grads", finite=False)
-        scores = check_scores(scores, len(ids))
+        scores = check_scores(arrays.host(scores), len(ids))
         if scores is not None:
             unique, inverse = np.unique(ids, return_inverse=True)
             best = np.full(len(unique), -np.inf, dtype=np.float32)
@@ -402,10 +391,12 @@ class Table:
                 keep = ~new
                 keep[new] = self.eviction.admission.admitted(ids[new])
                 self.counters["admission_rejected"] += int((~keep).sum())
-                ids, grads, rows, slots, new = ids[keep], grads[keep], rows[keep], slots[keep], new[keep]
+                keep = np.flatnonzero(keep)
+                ids, grads, slots, new = ids[keep], grads[keep], slots[keep], new[keep]
+                rows = self.cache.select(rows, keep)
                 scores = scores[keep] if scores is not None else None
             if scores is not None:
-                self.layout.header(rows)["score"] = encode_scores(scores)
+                self.cache.set_scores(rows, encode_scores(scores))
             self._step(ids, rows, grads)
             self._store_rows(ids, rows, slots)
             self.changes.record(self.name, ids)
@@ -416,12 +407,10 @@ class Table:
             self.counters["rows_stepped"] += len(ids)
         return len(ids)
 
-    def _step(self, ids: np.ndarray, rows: np.ndarray, grads: np.ndarray) -> None:
+    def _step(self, ids: np.ndarray, rows, grads: np.ndarray) -> None:
         """One optimizer step on staged rows (copies: the table is unchanged if it is refused)."""
-        step_rows(self.optimizer, self.layout, rows, grads)
+        bad = self.cache.step(rows, grads)
         if not self.config.allow_nonfinite:
-            weights, state = self.layout.weights(rows), self.layout.state(rows)
-            bad = ~(np.isfinite(weights).all(axis=1) & np.isfinite(state).all(axis=1))
             if bad.any():
                 raise InvalidArgument(f"grads: the step would write NaN or Inf into {int(bad.sum())} rows of "
                                       f"table {self.name!r} (ids {ids[bad][:8].tolist()}); nothing was changed")
@@ -445,7 +434,7 @@ class Table:
             if lock:                                     # an owner pins a row at most once
                 held = self._leases.get(owner)
                 fresh = cached if held is None else cached & ~np.isin(ids, held, assume_unique=True)
-                self.cache.locks[slots[fresh]] += 1
+                self.cache.lock(slots[fresh])
                 self._leases[owner] = ids[fresh] if held is None else np.union1d(held, ids[fresh])
             return int(cached.sum())
 
@@ -466,8 +455,7 @@ class Table:
             return 0
         mine = np.intersect1d(ids, held, assume_unique=True)
         slots = self.cache.probe(mine)
-        slots = slots[slots >= 0]
-        self.cache.locks[slots] = self.cache.xp.maximum(self.cache.locks[slots] - 1, 0)
+        self.cache.unlock(slots[slots >= 0])
         rest = np.setdiff1d(held, mine, assume_unique=True)
         if len(rest):
             self._leases[owner] = rest
@@ -501,7 +489,7 @@ class Table:
         slots = self.cache.probe(ids)
         cached = slots >= 0
         rows = self.layout.empty(len(ids))
-        rows[cached] = self.cache.slab[slots[cached]]
+        rows[cached] = self.cache.rows(slots[cached])
         exists = cached.copy()
         if (~cached).any():
             rows[~cached], exists[~cached] = self._stored_rows(ids[~cached])
@@ -546,18 +534,18 @@ class Table:
         dirty = self.cache.dirty_slots()
         if not self.eviction.persist_touches:
             return dirty
-        clean = np.flatnonzero(self.cache.occupied & ~self.cache.dirty)
-        return np.concatenate([dirty, clean[self.eviction.stale(self.cache.slab, clean)]])
+        clean = self.cache.clean_slots()
+        return np.concatenate([dirty, clean[self.eviction.stale(self.cache, clean)]])
 
     def _hand_over(self, slots: np.ndarray, what: str) -> tuple[WriteJob | None, int]:
         """Under the lock: give the rows of `slots` that are dirty or stale to the writer; they
         are clean from now on (the eviction tracker hears they are synced)."""
-        slots = slots[self.cache.occupied[slots]]
-        dirty = self.cache.dirty[slots]
-        slots = slots[dirty | self.eviction.stale(self.cache.slab, slots)]
-        job = self._write_behind(self.cache.keys[slots], self.cache.slab[slots], what)
-        self.cache.dirty[slots] = False
-        self.eviction.synced(self.cache.slab, slots)
+        occupied, dirty = self.cache.flags(slots)
+        slots, dirty = slots[occupied], dirty[occupied]
+        slots = slots[dirty | self.eviction.stale(self.cache, slots)]
+        job = self._write_behind(self.cache.keys_of(slots), self.cache.rows(slots), what)
+        self.cache.set_dirty(slots, False)
+        self.eviction.synced(self.cache, slots)
         return job, int(dirty.sum())
 
     def _settle(self) -> None:
@@ -619,7 +607,7 @@ class Table:
         with self._lock:
             slots = self.cache.probe(ids)
             cached = slots >= 0
-            rows[cached] = self.cache.slab[slots[cached]]
+            rows[cached] = self.cache.rows(slots[cached])
 
     def sweep_rows(self, ids: np.ndarray, judged: np.ndarray, victim: np.ndarray, counts: np.ndarray,
                    fingerprint: Callable[[np.ndarray], np.ndarray], now: float) -> np.ndarray:
@@ -636,9 +624,9 @@ class Table:
             self._sweep_write(ids[rewrite], current[rewrite], ids[gone], current[gone], now)
             hit = slots[rewrite] >= 0            # publish: decayed headers, now in sync with RocksDB
             in_cache = slots[rewrite][hit]
-            self.cache.slab[in_cache] = current[rewrite][hit]
-            self.cache.dirty[in_cache] = False
-            self.eviction.synced(self.cache.slab, in_cache)
+            self.cache.write_rows(in_cache, current[rewrite][hit])
+            self.cache.set_dirty(in_cache, False)
+            self.eviction.synced(self.cache, in_cache)
             self.cache.invalidate(ids[gone])
             self.changes.record(self.name, ids[gone])
             self.eviction.removed(int(gone.sum()))
@@ -717,7 +705,7 @@ class Table:
             counters["cache_rows"] = float(self.cache.occupancy())
             counters["cache_capacity"] = float(self.cache.capacity)
             counters["cache_dirty_rows"] = float(len(self.cache.dirty_slots()))
-            counters["cache_locked_rows"] = float((self.cache.locks > 0).sum())
+            counters["cache_locked_rows"] = float(self.cache.locked_rows())
             counters["pending_rows"] = float(len(self.pending))
             counters["estimated_rows"] = float(self.rocks.estimate_rows(self.family))
             if self.eviction.rows is not None:
@@ -740,11 +728,5 @@ def _physical_memory() -> int:
 
 def open_table(config: TableConfig, rocks: RocksTier, writer: Writer, clock: Callable[[], float] = time.time,
                family: str | None = None) -> Table:
-    """A table whose cache tier is where `config.cache.device` says (host memory or a GPU)."""
-    if config.cache.device == "cpu":
-        return Table(config, rocks, writer, clock, family)
-    try:
-        from .gpu_table import GpuTable
-    except ImportError as exc:
-        raise FailedPrecondition(f"cache.device: {config.cache.device!r} needs CuPy ({exc})") from None
-    return GpuTable(config, rocks, writer, clock, family)
+    """A table over the cache tier `config.cache.device` names (host memory or a GPU)."""
+    return Table(config, rocks, writer, clock, family)

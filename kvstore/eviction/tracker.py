@@ -43,7 +43,7 @@ class EvictionTracker:
         self.cancelled = threading.Event()    # set when the table is dropped: sweeps stop
         self.last_sweep: float | None = None  # clock time the last sweep started
 
-    # Per-slot arrays, allocated on first use (a table whose cache is on a GPU never uses them).
+    # Per-slot host arrays, allocated on first use (only tables with eviction rules use them).
 
     @cached_property
     def synced_access(self) -> np.ndarray:     # last_access RocksDB holds for the cached row
@@ -59,24 +59,18 @@ class EvictionTracker:
 
     # --- access metadata ---------------------------------------------------------
 
-    def touch(self, slab: np.ndarray, slots: np.ndarray, now: float) -> None:
-        """Record an access in the headers of cached `slots` (duplicates count once)."""
-        if len(slots):
-            touch_headers(slab, slots, int(now))
+    def synced(self, tier, slots: np.ndarray) -> None:
+        """The rows in cache `slots` of `tier` now match RocksDB (just loaded or written back)."""
+        if not self.persist_touches or len(slots) == 0:
+            return
+        self.synced_access[slots], self.synced_count[slots] = tier.headers(slots)
 
-    def synced(self, slab: np.ndarray, slots: np.ndarray) -> None:
-        """The rows in `slots` now match RocksDB (just loaded or written back)."""
-        header = self.layout.header(slab)
-        self.synced_access[slots] = header["last_access"][slots]
-        self.synced_count[slots] = header["count"][slots]
-
-    def stale(self, slab: np.ndarray, slots: np.ndarray) -> np.ndarray:
-        """Which clean cached rows carry access metadata RocksDB should get."""
+    def stale(self, tier, slots: np.ndarray) -> np.ndarray:
+        """Which clean rows in cache `slots` of `tier` carry access metadata RocksDB should get."""
         if not self.persist_touches or len(slots) == 0:
             return np.zeros(len(slots), dtype=bool)
-        header = self.layout.header(slab)
-        return self._moved(header["last_access"][slots], header["count"][slots],
-                           self.synced_access[slots], self.synced_count[slots])
+        access, count = tier.headers(slots)
+        return self._moved(access, count, self.synced_access[slots], self.synced_count[slots])
 
     def touch_uncached(self, rows: np.ndarray, now: float) -> np.ndarray:
         """Record an access in rows read from RocksDB that found no cache slot; returns

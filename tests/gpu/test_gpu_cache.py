@@ -154,8 +154,8 @@ def test_gather_of_float_weights_writes_every_element():
 
 
 def test_summed_gradients_come_in_set_order():
-    """GpuTable steps unique rows in the cache's set order, so the slab is walked forward."""
-    from kvstore.gpu_table import sum_duplicates
+    """Device-summed gradients come in the cache's set order, so a step walks the slab forward."""
+    from kvstore.gpu_cache import sum_duplicates
 
     rng = np.random.default_rng(8)
     gpu = GpuCache(CacheConfig(rows=96 * 32, ways=32), 16)

@@ -199,7 +199,6 @@ def test_row_trigger_sits_between_the_limit_and_the_target():
     assert EvictionConfig().row_trigger == 0
 
 
-def test_eviction_on_a_gpu_cache_is_refused_until_that_tier_keeps_the_metadata():
-    with pytest.raises(InvalidArgument, match="eviction"):
-        TableConfig("t", 4, cache=CacheConfig(device="cuda"), eviction=EvictionConfig(ttl_seconds=5))
-    TableConfig("t", 4, cache=CacheConfig(device="cuda"))    # without eviction: fine
+def test_store_eviction_and_admission_are_valid_on_a_gpu_cache():
+    """The GPU tier keeps the same row headers, so its tables take every eviction rule."""
+    TableConfig("t", 4, cache=CacheConfig(device="cuda"), eviction=EvictionConfig(ttl_seconds=5, min_count=2))

@@ -1,0 +1,252 @@
+"""The cache tier in GPU memory: `tiers.HostTier`'s interface over a `GpuCache` in HBM.
+
+Ids, slots and rows cross the boundary as host arrays, through page-locked
+buffers from CuPy's pinned pool that belong to the call that asked (two calls
+never share one). Inside, everything runs on the device: probes and victim
+choice, gathers of the requested columns, and the fused optimizer kernels,
+which step a call's staged rows where they are. Row headers live in the slab
+as on the host, so TTL, capacity, norm, frequency and admission rules see the
+same access counts and times on either tier.
+"""
+from __future__ import annotations
+
+import cupy
+import cupyx
+import numpy as np
+
+from .arrays import BF16
+from .cache import Eviction
+from .config import CacheConfig, OptimizerConfig
+from .errors import FailedPrecondition
+from .gpu_cache import GpuCache
+from .rows import HEADER, HEADER_BYTES, RowLayout
+
+
+def device_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype an array of `dtype` has on the device (bfloat16, which CuPy lacks -> uint16 bits)."""
+    return np.dtype(np.uint16) if dtype == BF16 else np.dtype(dtype)
+
+
+def download(array: cupy.ndarray) -> np.ndarray:
+    """A host copy of a device array, in a page-locked buffer of its own (full PCIe speed)."""
+    out = cupyx.empty_pinned(array.shape, dtype=array.dtype)
+    if array.size:
+        cupy.ascontiguousarray(array).get(out=out)
+    return out
+
+
+def upload(host: np.ndarray) -> cupy.ndarray:
+    """A device copy of a host array, staged through a page-locked buffer of its own."""
+    host = np.ascontiguousarray(host)
+    if host.dtype == BF16:
+        host = host.view(np.uint16)
+    staged = cupyx.empty_pinned(host.shape, dtype=host.dtype)
+    np.copyto(staged, host)
+    out = cupy.empty(host.shape, dtype=host.dtype)
+    if host.size:
+        out.set(staged)
+    return out
+
+
+class GpuTier:
+    name = "gpu"
+
+    def __init__(self, config: CacheConfig, layout: RowLayout, optimizer: OptimizerConfig, device: int):
+        try:
+            count = cupy.cuda.runtime.getDeviceCount()
+        except cupy.cuda.runtime.CUDARuntimeError:
+            count = 0
+        if device >= count:
+            raise FailedPrecondition(f"cache.device: 'cuda:{device}' is not available ({count} CUDA devices)")
+        self.cache = GpuCache(config, layout.row_bytes, device)
+        self.device = self.cache.device
+        self.kernels = self.cache.kernels
+        self.layout = layout
+        self.optimizer = optimizer
+        self.capacity = self.cache.capacity
+        self.row_bytes = layout.row_bytes
+        self._weight_bytes = layout.dim * layout.dtype.itemsize
+        self._state_bytes = layout.state_dim * 4
+
+    def _d(self, index: np.ndarray) -> cupy.ndarray:
+        return cupy.asarray(np.ascontiguousarray(index, dtype=np.int64))
+
+    # --- reads ----------------------------------------------------------------------
+
+    def begin_batch(self) -> None:
+        self.cache.begin_batch()
+
+    def probe(self, ids: np.ndarray) -> np.ndarray:
+        with self.device:
+            return cupy.asnumpy(self.cache.probe(self._d(ids)))
+
+    def probe_and_touch(self, ids: np.ndarray, now: float) -> np.ndarray:
+        """Probe and, for hits, stamps and header access in one kernel (duplicates count once)."""
+        with self.device:
+            return cupy.asnumpy(self.cache.probe_and_touch(self._d(ids), now=int(now)))
+
+    def touch(self, slots: np.ndarray) -> None:
+        with self.device:
+            self.cache.touch(self._d(slots))
+
+    def access(self, slots: np.ndarray, now: float) -> None:
+        """Stamps and header access of unique cached slots."""
+        with self.device:
+            slots_d = self._d(slots)
+            self.cache.touch(slots_d)
+            self.kernels.touch_headers(self.cache.slab, self.row_bytes, slots_d, len(slots_d), int(now))
+
+    def columns(self, slots: np.ndarray, with_state: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """Weights (and state) of `slots` gathered on the device, copied out once; rows of slot
+        -1 hold garbage."""
+        with self.device:
+            slots_d = self._d(slots)
+            n = len(slots_d)
+            weights = cupy.empty((n, self.layout.dim), dtype=device_dtype(self.layout.dtype))
+            self.kernels.copy_rows(self.cache.slab, slots_d, self.row_bytes, self.layout.weight_offset, weights,
+                                   None, self._weight_bytes, 0, self._weight_bytes, n)
+            state = None
+            if with_state:
+                state = cupy.empty((n, self.layout.state_dim), dtype=cupy.float32)
+                self.kernels.copy_rows(self.cache.slab, slots_d, self.row_bytes, self.layout.state_offset, state,
+                                       None, self._state_bytes, 0, self._state_bytes, n)
+            host = download(weights)
+            return (host.view(BF16) if self.layout.dtype == BF16 else host,
+                    None if state is None else download(state))
+
+    def rows(self, slots: np.ndarray) -> np.ndarray:
+        with self.device:
+            return download(self.cache.gather_rows(self._d(slots)))
+
+    def keys_of(self, slots: np.ndarray) -> np.ndarray:
+        with self.device:
+            return cupy.asnumpy(self.cache.keys[self._d(slots)])
+
+    def flags(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with self.device:
+            slots_d = self._d(slots)
+            return cupy.asnumpy(self.cache.occupied[slots_d]), cupy.asnumpy(self.cache.dirty[slots_d])
+
+    def headers(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(last_access, count) of the rows in `slots`: only the 16 header bytes cross."""
+        with self.device:
+            slots_d = self._d(slots)
+            out = cupy.empty((len(slots_d), HEADER_BYTES), dtype=cupy.uint8)
+            self.kernels.copy_rows(self.cache.slab, slots_d, self.row_bytes, 0, out, None, HEADER_BYTES, 0,
+                                   HEADER_BYTES, len(slots_d))
+            header = download(out).view(HEADER)[:, 0]
+            return header["last_access"].copy(), header["count"].copy()
+
+    def dirty_slots(self) -> np.ndarray:
+        with self.device:
+            return cupy.asnumpy(cupy.flatnonzero(self.cache.dirty))
+
+    def clean_slots(self) -> np.ndarray:
+        with self.device:
+            return cupy.asnumpy(cupy.flatnonzero(self.cache.occupied & ~self.cache.dirty))
+
+    def occupancy(self) -> int:
+        with self.device:
+            return int(self.cache.occupied.sum())
+
+    def locked_rows(self) -> int:
+        with self.device:
+            return int((self.cache.locks > 0).sum())
+
+    # --- placement and changes of cached rows -------------------------------------------------
+
+    def choose_slots(self, ids: np.ndarray) -> Eviction:
+        with self.device:
+            choice = self.cache.choose_slots(self._d(ids))
+            return Eviction(cupy.asnumpy(choice.slots), cupy.asnumpy(choice.dirty_ids), download(choice.dirty_rows))
+
+    def fill(self, slots: np.ndarray, ids: np.ndarray, rows: np.ndarray, dirty) -> None:
+        with self.device:
+            flags = cupy.asarray(np.asarray(dirty, dtype=bool)) if getattr(dirty, "ndim", 0) else bool(dirty)
+            self.cache.fill(self._d(slots), self._d(ids), upload(rows), flags)
+
+    def write_rows(self, slots: np.ndarray, rows: np.ndarray) -> None:
+        with self.device:
+            self.cache.scatter_rows(self._d(slots), upload(rows))
+
+    def set_dirty(self, slots: np.ndarray, value: bool) -> None:
+        with self.device:
+            self.cache.dirty[self._d(slots)] = value
+
+    def lock(self, slots: np.ndarray) -> None:
+        with self.device:
+            cupy.add.at(self.cache.locks, self._d(slots), 1)
+
+    def unlock(self, slots: np.ndarray) -> None:
+        with self.device:
+            slots_d = self._d(slots)
+            self.cache.locks[slots_d] = cupy.maximum(self.cache.locks[slots_d] - 1, 0)
+
+    def invalidate(self, ids: np.ndarray) -> None:
+        with self.device:
+            self.cache.invalidate(self._d(ids))
+
+    def clear(self) -> None:
+        with self.device:
+            self.cache.clear()
+
+    # --- staged rows (device arrays) ------------------------------------------------------
+
+    def stage(self, slots: np.ndarray) -> cupy.ndarray:
+        """Device copies of the rows in `slots`; rows of slot -1 are unset (set them with `load`)."""
+        with self.device:
+            return self.cache.gather_rows(self._d(slots))
+
+    def load(self, staged: cupy.ndarray, index: np.ndarray, rows: np.ndarray) -> None:
+        with self.device:
+            staged[self._d(index)] = upload(rows)
+
+    def select(self, staged: cupy.ndarray, index) -> cupy.ndarray:
+        if isinstance(index, slice):
+            return staged[index]
+        with self.device:
+            return staged[self._d(index)]
+
+    def to_host(self, staged: cupy.ndarray) -> np.ndarray:
+        with self.device:
+            return download(staged)
+
+    def _put_columns(self, staged: cupy.ndarray, values: cupy.ndarray, offset: int, nbytes: int) -> None:
+        self.kernels.copy_rows(values, None, nbytes, 0, staged, None, self.row_bytes, offset, nbytes, len(values))
+
+    def set_columns(self, staged: cupy.ndarray, weights: np.ndarray, state: np.ndarray | None) -> None:
+        with self.device:
+            self._put_columns(staged, upload(weights), self.layout.weight_offset, self._weight_bytes)
+            if state is not None:
+                self._put_columns(staged, upload(state), self.layout.state_offset, self._state_bytes)
+
+    def set_scores(self, staged: cupy.ndarray, bits: np.ndarray) -> None:
+        with self.device:
+            self._put_columns(staged, upload(bits.astype(np.uint16)), 2, 2)
+
+    def touch_staged(self, staged: cupy.ndarray, now: float) -> None:
+        with self.device:
+            self.kernels.touch_headers(staged, self.row_bytes, None, len(staged), int(now))
+
+    def step(self, staged: cupy.ndarray, grads: np.ndarray) -> np.ndarray:
+        """The fused optimizer kernel on staged rows; returns which rows now hold NaN or Inf."""
+        with self.device:
+            self.cache.optimizer_step(None, upload(grads), self.optimizer, self.layout, rows=staged)
+            return cupy.asnumpy(self._nonfinite(staged))
+
+    def _nonfinite(self, staged: cupy.ndarray) -> cupy.ndarray:
+        layout = self.layout
+        weights = cupy.ascontiguousarray(staged[:, layout.weight_offset:layout.weight_offset + self._weight_bytes])
+        if layout.dtype == BF16:
+            bits = weights.view(cupy.uint16)
+            bad = ((bits & 0x7F80) == 0x7F80).any(axis=1)
+        else:
+            bad = ~cupy.isfinite(weights.view(device_dtype(layout.dtype))).all(axis=1)
+        if self._state_bytes:
+            state = cupy.ascontiguousarray(staged[:, layout.state_offset:layout.state_offset + self._state_bytes])
+            bad |= ~cupy.isfinite(state.view(cupy.float32)).all(axis=1)
+        return bad
+
+    def publish(self, slots: np.ndarray, staged: cupy.ndarray) -> None:
+        with self.device:
+            self.cache.scatter_rows(self._d(slots), staged)

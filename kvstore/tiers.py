@@ -1,0 +1,173 @@
+"""Cache tiers: the interface a `Table` drives, the host-memory tier, and the choice by config.
+
+A tier is a set-associative cache of rows in their stored byte layout (header,
+weights, optimizer state), with per-slot key, dirty bit, lock count and victim
+stamps. Two implementations keep the same semantics: `HostTier` (NumPy, host
+memory) and `GpuTier` (CuPy kernels, GPU memory, in `gpu_tier.py`). `make_tier`
+picks one from `cache.device`; shared code never asks which one it has.
+
+The boundary: ids, slots, masks and rows that cross it are host NumPy arrays,
+so the table's logic (RocksDB, writer, eviction metadata, admission) is the
+same for every tier. Rows a call is staging (a gradient step, an update) stay
+in the tier's own memory as "staged rows" (`stage`, `step`, `publish`): on a
+GPU the fused optimizer kernel steps them where they are and nothing crosses
+PCIe but the gradients in and, for write-through tables, the rows out.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .cache import SetAssociativeCache
+from .config import CacheConfig, TableConfig
+from .errors import FailedPrecondition, InvalidArgument
+from .eviction.rules import touch_headers
+from .optimizers import make_optimizer, step_rows
+from .rows import RowLayout
+
+TAKE_ROWS_BYTES = 4 << 20    # gathers of up to this many row bytes take whole rows first
+
+
+class HostTier(SetAssociativeCache):
+    """The cache tier in host memory. Its arrays are zero-filled by the OS page by page as
+    slots are used (calloc), so memory grows with use up to the configured size."""
+
+    name = "host"
+
+    def __init__(self, config: CacheConfig, layout: RowLayout, optimizer):
+        super().__init__(config, layout.row_bytes)
+        self.layout = layout
+        self.optimizer = optimizer
+
+    # --- reads ----------------------------------------------------------------------
+
+    def probe_and_touch(self, ids: np.ndarray, now: float) -> np.ndarray:
+        """Slot of each id (-1: not cached); hits are stamped as used by this batch (so no
+        eviction of the batch moves them) and their headers record the access."""
+        slots = self.probe(ids)
+        self.access(slots if (slots >= 0).all() else slots[slots >= 0], now)
+        return slots
+
+    def access(self, slots: np.ndarray, now: float) -> None:
+        """A use of cached slots: stamps, and count + 1 / last_access in headers (duplicates once)."""
+        self.touch(slots)
+        if len(slots):
+            touch_headers(self.slab, slots, int(now))
+
+    def columns(self, slots: np.ndarray, with_state: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """New contiguous weights (and state) of `slots`; rows of slot -1 hold garbage. Small
+        batches take whole rows first (one `take` of fixed-size records beats indexing a
+        strided view while the rows fit in the CPU cache), then copy the columns out."""
+        rows, index = self.slab, slots
+        if len(slots) * self.row_bytes <= TAKE_ROWS_BYTES:
+            rows, index = self.rows(slots), slice(None)
+        weights = np.ascontiguousarray(self.layout.weights(rows)[index])
+        state = np.ascontiguousarray(self.layout.state(rows)[index]) if with_state else None
+        return weights, state
+
+    def rows(self, slots: np.ndarray) -> np.ndarray:
+        """A host copy of the rows in `slots` ([n, row_bytes])."""
+        records = self.slab.view(f"V{self.row_bytes}").reshape(-1).take(slots)
+        return records.view(np.uint8).reshape(len(slots), self.row_bytes)
+
+    def keys_of(self, slots: np.ndarray) -> np.ndarray:
+        return self.keys[slots]
+
+    def flags(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(occupied, dirty) of `slots`."""
+        return self.occupied[slots], self.dirty[slots]
+
+    def headers(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(last_access, count) of the rows in `slots`."""
+        header = self.layout.header(self.slab)
+        return header["last_access"][slots], header["count"][slots]
+
+    def clean_slots(self) -> np.ndarray:
+        return np.flatnonzero(self.occupied & ~self.dirty)
+
+    def locked_rows(self) -> int:
+        return int((self.locks > 0).sum())
+
+    # --- changes of cached rows --------------------------------------------------------
+
+    def write_rows(self, slots: np.ndarray, rows: np.ndarray) -> None:
+        """Host rows into cached slots (whole records through `put`)."""
+        record = f"V{self.row_bytes}"
+        self.slab.view(record).reshape(-1).put(slots, np.ascontiguousarray(rows).view(record))
+
+    def set_dirty(self, slots: np.ndarray, value: bool) -> None:
+        self.dirty[slots] = value
+
+    def lock(self, slots: np.ndarray) -> None:
+        self.locks[slots] += 1
+
+    def unlock(self, slots: np.ndarray) -> None:
+        self.locks[slots] = np.maximum(self.locks[slots] - 1, 0)
+
+    # --- staged rows: a call's rows, computed before anything is published ----------------
+
+    def stage(self, slots: np.ndarray) -> np.ndarray:
+        """Staged copies of the rows in `slots`; rows of slot -1 are empty (set them with `load`)."""
+        if (slots >= 0).all():
+            return self.rows(slots)
+        rows = self.layout.empty(len(slots))
+        hit = np.flatnonzero(slots >= 0)
+        rows[hit] = self.slab[slots[hit]]
+        return rows
+
+    def load(self, staged: np.ndarray, index: np.ndarray, rows: np.ndarray) -> None:
+        """Host `rows` into staged rows `index`."""
+        staged[index] = rows
+
+    def select(self, staged: np.ndarray, index: np.ndarray) -> np.ndarray:
+        return staged[index]
+
+    def to_host(self, staged: np.ndarray) -> np.ndarray:
+        return staged
+
+    def set_columns(self, staged: np.ndarray, weights: np.ndarray, state: np.ndarray | None) -> None:
+        self.layout.weights(staged)[:] = weights
+        if state is not None:
+            self.layout.state(staged)[:] = state
+
+    def set_scores(self, staged: np.ndarray, bits: np.ndarray) -> None:
+        self.layout.header(staged)["score"] = bits
+
+    def touch_staged(self, staged: np.ndarray, now: float) -> None:
+        """A write is an access: count + 1, last_access = now in every staged row."""
+        header = self.layout.header(staged)
+        header["last_access"] = int(now)
+        header["count"] += 1
+
+    def step(self, staged: np.ndarray, grads: np.ndarray) -> np.ndarray:
+        """One optimizer step on staged rows with float32 `grads`; returns which rows now hold
+        NaN or Inf (the caller refuses the call when its table does not allow them)."""
+        step_rows(self.optimizer, self.layout, staged, grads)
+        weights, state = self.layout.weights(staged), self.layout.state(staged)
+        return ~(np.isfinite(weights).all(axis=1) & np.isfinite(state).all(axis=1))
+
+    def publish(self, slots: np.ndarray, staged: np.ndarray) -> None:
+        """Staged rows into their cached slots (every slot >= 0)."""
+        self.write_rows(slots, staged)
+
+
+def make_tier(config: TableConfig, layout: RowLayout):
+    """The cache tier `config.cache.device` names: host memory, or a GPU's memory."""
+    optimizer = make_optimizer(config.optimizer, config.dim)
+    device = config.cache.device
+    if device == "cpu":
+        return HostTier(config.cache, layout, optimizer)
+    try:
+        from .gpu_tier import GpuTier
+    except ImportError as exc:
+        raise FailedPrecondition(f"cache.device: {device!r} needs CuPy with a CUDA device ({exc})") from None
+    return GpuTier(config.cache, layout, config.optimizer, device_index(device))
+
+
+def device_index(device: str) -> int:
+    """'cuda' or 'cuda:N' -> N."""
+    if device == "cuda":
+        return 0
+    prefix, _, index = device.partition(":")
+    if prefix != "cuda" or not index.isdigit():
+        raise InvalidArgument(f"cache.device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    return int(index)

@@ -1,0 +1,195 @@
+"""One interface, two cache tiers: every test runs on the host tier, and on the GPU tier where
+CuPy and a CUDA device exist (skipped elsewhere)."""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from kvstore import CacheConfig, OptimizerConfig, TableConfig
+from kvstore.optimizers import make_optimizer, step_rows
+from kvstore.rows import RowLayout
+from kvstore.tiers import make_tier
+
+DIM = 8
+NOW = 1_700_000_000
+
+
+def _gpu_usable() -> bool:
+    if importlib.util.find_spec("cupy") is None:
+        return False
+    import cupy
+
+    try:
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # no driver: CuPy's runtime error
+        return False
+
+
+DEVICES = ["cpu", pytest.param("cuda:0", marks=pytest.mark.skipif(not _gpu_usable(), reason="no CUDA device"))]
+
+
+def config(device: str, rows: int = 64, policy: str = "lru", optimizer: str = "adam") -> TableConfig:
+    return TableConfig(name="t", dim=DIM, optimizer=OptimizerConfig(name=optimizer, lr=0.1),
+                       cache=CacheConfig(rows=rows, ways=32, policy=policy, device=device))
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    return request.param
+
+
+def tier_of(cfg: TableConfig):
+    layout = RowLayout.of(cfg)
+    return make_tier(cfg, layout), layout
+
+
+def rows_for(layout: RowLayout, ids: np.ndarray) -> np.ndarray:
+    rows = layout.empty(len(ids))
+    layout.weights(rows)[:] = ids[:, None] + np.arange(DIM, dtype=np.float32) / 10
+    layout.state(rows)[:] = np.abs(ids[:, None]).astype(np.float32) % 97   # accumulators are >= 0
+    return rows
+
+
+def insert(tier, layout, ids: np.ndarray, dirty: bool = False) -> np.ndarray:
+    tier.begin_batch()
+    choice = tier.choose_slots(ids)
+    tier.fill(choice.slots, ids, rows_for(layout, ids), dirty)
+    return choice.slots
+
+
+def test_filled_rows_are_found_and_gathered_column_by_column(device):
+    tier, layout = tier_of(config(device))
+    ids = np.array([7, -3, 1 << 40, 12], dtype=np.int64)
+    slots = insert(tier, layout, ids)
+    assert (slots >= 0).all() and len(set(slots.tolist())) == 4
+    np.testing.assert_array_equal(tier.probe(ids), slots)
+    assert (tier.probe(np.array([8, 9])) == -1).all()
+    query = np.array([12, 7, 12], dtype=np.int64)
+    weights, state = tier.columns(tier.probe(query), with_state=True)
+    expect = rows_for(layout, query)
+    np.testing.assert_array_equal(weights, layout.weights(expect))
+    np.testing.assert_array_equal(state, layout.state(expect))
+    np.testing.assert_array_equal(tier.rows(tier.probe(query)), expect)
+    np.testing.assert_array_equal(tier.keys_of(slots), ids)
+    assert tier.occupancy() == 4
+
+
+def test_a_crowded_batch_never_gives_one_slot_to_two_ids_and_returns_dirty_victims(device):
+    tier, layout = tier_of(config(device, rows=32))          # one set of 32 ways
+    first = np.arange(32, dtype=np.int64)
+    insert(tier, layout, first, dirty=True)
+    tier.begin_batch()
+    new = np.arange(100, 140, dtype=np.int64)                  # 40 new ids for 32 ways
+    choice = tier.choose_slots(new)
+    taken = choice.slots[choice.slots >= 0]
+    assert len(taken) == 32 and len(set(taken.tolist())) == 32
+    assert sorted(choice.dirty_ids.tolist()) == sorted(tier.keys_of(taken).tolist())
+    np.testing.assert_array_equal(choice.dirty_rows, rows_for(layout, choice.dirty_ids))
+
+
+def test_locked_slots_are_never_victims(device):
+    tier, layout = tier_of(config(device, rows=32))
+    held = np.arange(32, dtype=np.int64)
+    slots = insert(tier, layout, held)
+    tier.lock(slots[:10])
+    assert tier.locked_rows() == 10
+    tier.begin_batch()
+    choice = tier.choose_slots(np.arange(100, 132, dtype=np.int64))
+    assert not set(choice.slots.tolist()) & set(slots[:10].tolist())
+    tier.unlock(slots[:10])
+    assert tier.locked_rows() == 0
+
+
+def test_an_access_is_recorded_once_per_row_in_its_header(device):
+    tier, layout = tier_of(config(device))
+    ids = np.array([1, 2, 3], dtype=np.int64)
+    slots = insert(tier, layout, ids)
+    before_access, before_count = tier.headers(slots)
+    tier.begin_batch()
+    got = tier.probe_and_touch(np.array([1, 1, 2, 99], dtype=np.int64), NOW)
+    np.testing.assert_array_equal(got[:3], slots[[0, 0, 1]])
+    assert got[3] == -1
+    access, count = tier.headers(slots)
+    np.testing.assert_array_equal(count, before_count + np.array([1, 1, 0]))
+    np.testing.assert_array_equal(access, [NOW, NOW, before_access[2]])
+    tier.access(slots[2:], NOW + 5)
+    assert tier.headers(slots[2:])[0].tolist() == [NOW + 5]
+
+
+def test_dirty_bits_follow_set_dirty(device):
+    tier, layout = tier_of(config(device))
+    slots = insert(tier, layout, np.arange(6, dtype=np.int64), dirty=True)
+    assert sorted(tier.dirty_slots().tolist()) == sorted(slots.tolist())
+    tier.set_dirty(slots[:4], False)
+    occupied, dirty = tier.flags(slots)
+    assert occupied.all() and dirty.tolist() == [False] * 4 + [True] * 2
+    assert sorted(tier.clean_slots().tolist()) == sorted(slots[:4].tolist())
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "rowwise_adagrad", "adam", "partial_rowwise_adam"])
+def test_staged_rows_step_like_the_reference_and_publish_only_when_asked(device, optimizer):
+    cfg = config(device, optimizer=optimizer)
+    tier, layout = tier_of(cfg)
+    ids = np.array([4, 5, 6], dtype=np.int64)
+    slots = insert(tier, layout, ids)
+    probe = np.array([slots[0], -1, slots[2]])
+    staged = tier.stage(probe)
+    fresh = rows_for(layout, np.array([50], dtype=np.int64))
+    tier.load(staged, np.array([1]), fresh)
+    grads = np.random.default_rng(3).standard_normal((3, DIM)).astype(np.float32)
+    bad = tier.step(staged, grads)
+    assert not bad.any()
+    expect = np.concatenate([rows_for(layout, ids[:1]), fresh, rows_for(layout, ids[2:])])
+    step_rows(make_optimizer(cfg.optimizer, DIM), layout, expect, grads)
+    got = tier.to_host(staged)
+    np.testing.assert_allclose(layout.weights(got), layout.weights(expect), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layout.state(got), layout.state(expect), rtol=1e-5, atol=1e-6)
+    assert (layout.header(got)["step"] == 1).all()
+    np.testing.assert_array_equal(tier.rows(slots), rows_for(layout, ids))    # nothing published yet
+    tier.publish(slots[[0, 2]], tier.select(staged, np.array([0, 2])))
+    np.testing.assert_array_equal(tier.rows(slots[[0, 2]]), got[[0, 2]])
+
+
+def test_a_step_to_infinity_is_reported_per_row(device):
+    tier, layout = tier_of(config(device, optimizer="sgd"))
+    staged = tier.stage(insert(tier, layout, np.array([1, 2], dtype=np.int64)))
+    grads = np.zeros((2, DIM), dtype=np.float32)
+    grads[1, 0] = np.float32(3e38)
+    assert tier.step(staged, grads).tolist() == [False, False]
+    assert tier.step(staged, np.full((2, DIM), np.inf, np.float32)).all()
+
+
+def test_staged_columns_scores_and_touch(device):
+    tier, layout = tier_of(config(device))
+    slots = insert(tier, layout, np.array([1, 2], dtype=np.int64))
+    staged = tier.stage(slots)
+    weights = np.full((2, DIM), 2.5, dtype=np.float32)
+    state = np.full((2, cfg_state_dim()), 0.5, dtype=np.float32)
+    tier.set_columns(staged, weights, state)
+    tier.set_scores(staged, np.array([7, 9], dtype=np.uint16))
+    tier.touch_staged(staged, NOW)
+    got = tier.to_host(staged)
+    np.testing.assert_array_equal(layout.weights(got), weights)
+    np.testing.assert_array_equal(layout.state(got), state)
+    assert layout.header(got)["score"].tolist() == [7, 9]
+    assert layout.header(got)["last_access"].tolist() == [NOW, NOW]
+    assert layout.header(got)["count"].tolist() == [1, 1]
+
+
+def cfg_state_dim() -> int:
+    return config("cpu").state_dim
+
+
+def test_written_rows_invalidate_and_clear(device):
+    tier, layout = tier_of(config(device))
+    ids = np.arange(10, dtype=np.int64)
+    slots = insert(tier, layout, ids)
+    tier.write_rows(slots[:2], rows_for(layout, np.array([90, 91], dtype=np.int64)))
+    np.testing.assert_array_equal(tier.rows(slots[:2]), rows_for(layout, np.array([90, 91], dtype=np.int64)))
+    tier.invalidate(ids[:5])
+    assert (tier.probe(ids[:5]) == -1).all() and (tier.probe(ids[5:]) >= 0).all()
+    assert tier.occupancy() == 5
+    tier.clear()
+    assert tier.occupancy() == 0 and (tier.probe(ids) == -1).all()
