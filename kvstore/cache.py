@@ -67,6 +67,8 @@ class Eviction:
     slots: np.ndarray          # [n] slot per new id, -1 where its set had no free way
     dirty_ids: np.ndarray      # ids of displaced dirty rows: write them back before `fill`
     dirty_rows: np.ndarray     # [k, row_bytes] their rows
+    clean_ids: np.ndarray | None = None    # with `clean=True`: ids of displaced clean rows
+    clean_rows: np.ndarray | None = None   # and their rows (they may move down a tier)
 
 
 class SetAssociativeCache:
@@ -198,9 +200,10 @@ class SetAssociativeCache:
 
     # --- insert --------------------------------------------------------------
 
-    def choose_slots(self, ids) -> Eviction:
+    def choose_slots(self, ids, clean: bool = False) -> Eviction:
         """Pick a slot for each new (unique, uncached) id. Changes nothing yet:
-        the caller writes the dirty victims back, then calls `fill`."""
+        the caller writes the dirty victims back, then calls `fill`. With `clean`, the
+        displaced clean rows come too."""
         xp = self.xp
         n = len(ids)
         if n == 0:
@@ -237,9 +240,18 @@ class SetAssociativeCache:
             way[many] = ranked[row[set_pos[many]], xp.minimum(rank[many], self.ways - 1)]
         usable &= key[set_pos, way] != _NEVER
         slots = xp.where(usable, uniq_sets[set_pos] * self.ways + way, -1)
-        taken = slots[usable]
-        displaced = taken[self.occupied[taken] & self.dirty[taken]]
-        return Eviction(slots, self.keys[displaced].copy(), self.slab[displaced].copy())
+        return self._eviction(slots, clean)
+
+    def _eviction(self, slots, clean: bool) -> Eviction:
+        taken = slots[slots >= 0]
+        occupied = taken[self.occupied[taken]]
+        dirty = self.dirty[occupied]
+        displaced = occupied[dirty]
+        choice = Eviction(slots, self.keys[displaced].copy(), self.slab[displaced].copy())
+        if clean:
+            quiet = occupied[~dirty]
+            choice.clean_ids, choice.clean_rows = self.keys[quiet].copy(), self.slab[quiet].copy()
+        return choice
 
     def fill(self, slots, ids, rows, dirty) -> None:
         """Place rows in the slots `choose_slots` gave (entries of -1 are skipped)."""

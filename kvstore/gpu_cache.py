@@ -105,18 +105,17 @@ class GpuCache(SetAssociativeCache):
                                     self._epoch, slots)
         return slots, hit
 
-    def choose_slots(self, ids) -> Eviction:
+    def choose_slots(self, ids, clean: bool = False) -> Eviction:
         """Pick a slot for each new (unique, uncached) id. Changes nothing yet:
-        the caller writes the dirty victims back, then calls `fill`."""
+        the caller writes the dirty victims back, then calls `fill`. With `clean`, the
+        displaced clean rows come too."""
         with self.device:
             ids = self._ids(ids)
             if len(ids) == 0:
-                return Eviction(cupy.zeros(0, cupy.int64), cupy.zeros(0, cupy.int64),
-                                cupy.zeros((0, self.row_bytes), cupy.uint8))
-            slots = self._link(ids, ALL_NEW)[0]
-            taken = slots[slots >= 0]
-            displaced = taken[self.occupied[taken] & self.dirty[taken]]
-            return Eviction(slots, self.keys[displaced], self.gather_rows(displaced))
+                slots = cupy.zeros(0, cupy.int64)
+            else:
+                slots = self._link(ids, ALL_NEW)[0]
+            return self._eviction(slots, clean)
 
     def find_or_insert(self, ids, dirty: bool = False) -> Claim:
         """Probe unique ids, touch the hits and give each new id a slot (its key and
@@ -150,6 +149,17 @@ class GpuCache(SetAssociativeCache):
             self.kernels.fill_meta(slots, ids, self.keys, self.occupied, self.dirty,
                                    None if flags is None else cupy.asarray(flags, dtype=cupy.bool_),
                                    bool(dirty) if flags is None else False, self.last_used, self.uses, self.tick)
+
+    def _eviction(self, slots, clean: bool) -> Eviction:
+        taken = slots[slots >= 0]
+        occupied = taken[self.occupied[taken]]
+        dirty = self.dirty[occupied]
+        displaced = occupied[dirty]
+        choice = Eviction(slots, self.keys[displaced], self.gather_rows(displaced))
+        if clean:
+            quiet = occupied[~dirty]
+            choice.clean_ids, choice.clean_rows = self.keys[quiet], self.gather_rows(quiet)
+        return choice
 
     # --- rows ------------------------------------------------------------------
 

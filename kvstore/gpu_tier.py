@@ -155,10 +155,13 @@ class GpuTier:
 
     # --- placement and changes of cached rows -------------------------------------------------
 
-    def choose_slots(self, ids: np.ndarray) -> Eviction:
+    def choose_slots(self, ids: np.ndarray, clean: bool = False) -> Eviction:
         with self.device:
-            choice = self.cache.choose_slots(self._d(ids))
-            return Eviction(cupy.asnumpy(choice.slots), cupy.asnumpy(choice.dirty_ids), download(choice.dirty_rows))
+            choice = self.cache.choose_slots(self._d(ids), clean)
+            out = Eviction(cupy.asnumpy(choice.slots), cupy.asnumpy(choice.dirty_ids), download(choice.dirty_rows))
+            if clean:
+                out.clean_ids, out.clean_rows = cupy.asnumpy(choice.clean_ids), download(choice.clean_rows)
+            return out
 
     def fill(self, slots: np.ndarray, ids: np.ndarray, rows: np.ndarray, dirty) -> None:
         with self.device:

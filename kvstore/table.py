@@ -35,6 +35,7 @@ from .errors import FailedPrecondition, InvalidArgument, ResourceExhausted, RowN
 from .eviction import archive
 from .eviction.tracker import EvictionTracker, check_scores
 from .initializer import initial_weights
+from .lower_tier import lower_tier_of
 from .optimizers import sum_duplicates
 from .rocks_tier import RocksTier
 from .rows import RowLayout, encode_keys, encode_scores
@@ -67,6 +68,8 @@ class Table:
         self.writer = writer
         self.clock = clock
         self.cache = self._make_tier()
+        self.lower = lower_tier_of(config, self.layout)      # a host tier under a GPU tier, or none
+        self.has_lower_tier = bool(config.cache.host_rows)
         self.write_through = config.cache.write == "write_through"
         self.flush_seconds = None if self.write_through else config.cache.flush_seconds
         self.last_flush = time.monotonic()        # when the last completed flush started
@@ -157,7 +160,7 @@ class Table:
 
     def _load(self, ids: np.ndarray, on_miss: str) -> np.ndarray:
         """Rows of unique uncached ids from RocksDB or the initializer; caches what is stored."""
-        rows, present = self._fetch(ids, initialize=on_miss not in ("zeros", "error"))
+        rows, present, held_dirty = self._fetch(ids, initialize=on_miss not in ("zeros", "error"))
         absent = ~present
         if on_miss == "error" and absent.any():
             missing = ids[absent]
@@ -171,7 +174,7 @@ class Table:
             self.counters["admission_rejected"] += int((~admitted).sum())
             new[new] = admitted
         stored = present | new
-        slots = self._place(ids[stored], rows[stored], new[stored])
+        slots = self._place(ids[stored], rows[stored], (new | held_dirty)[stored])
         self.eviction.created(int(new.sum()))
         self.cache.access(slots[slots >= 0], self.clock())
         homeless = np.flatnonzero(stored)[(slots < 0) & present[stored]]   # stored rows no set had room for
@@ -181,10 +184,10 @@ class Table:
             self._write_behind(ids[homeless[moved]], touched[moved], "access metadata")
         return rows
 
-    def _fetch(self, ids: np.ndarray, initialize: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Stored rows of unique uncached ids, and a mask of those present. Absent ids get
-        the initializer's row (or zeros); nothing is cached or stored here."""
-        rows, present = self._stored_rows(ids)
+    def _fetch(self, ids: np.ndarray, initialize: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows of unique ids the top tier lacks, a mask of those present, and of those dirty in
+        the tier below. Absent ids get the initializer's row (or zeros); nothing moves here."""
+        rows, present, held_dirty = self._rows_below(ids)
         self.counters["rows_read"] += int(present.sum())
         absent = ~present
         if initialize and absent.any():
@@ -193,28 +196,43 @@ class Table:
             self.layout.weights(sub)[:] = fresh.astype(self.layout.dtype)
             self.layout.header(sub)["last_access"] = int(self.clock())
             rows[absent] = sub
-        return rows, present
+        return rows, present, held_dirty
 
     def _stored_rows(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Rows of uncached ids as the writer will leave them: pending ones, else RocksDB's.
-        (Pending rows are added only under the table lock, so none can appear meanwhile.)"""
+        """(rows, present) of unique ids the top tier lacks, as `_rows_below` finds them."""
+        return self._rows_below(ids)[:2]
+
+    def _rows_below(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows of unique ids the top tier lacks: from the tier below, else as the writer will
+        leave them (pending ones, else RocksDB's); with masks of those present and of those dirty
+        in the tier below. (Rows change only under the table lock: none can appear meanwhile.)"""
         rows = self.layout.empty(len(ids))
-        present = self.pending.find(ids, rows) if self.pending else np.zeros(len(ids), dtype=bool)
+        present, held_dirty = self.lower.read(ids, rows)
         rest = np.flatnonzero(~present)
+        if self.has_lower_tier:
+            self.counters["host_tier_reads"] += len(ids) - len(rest)
+        if len(rest) and self.pending:
+            sub = rows[rest]
+            found = self.pending.find(ids[rest], sub)
+            rows[rest[found]] = sub[found]
+            present[rest[found]] = True
+            rest = rest[~found]
         if len(rest):
             values = self.rocks.get(self.family, encode_keys(ids[rest]))
             found = np.fromiter((v is not None for v in values), dtype=bool, count=len(values))
             if found.any():
                 rows[rest[found]] = self.layout.from_values([v for v in values if v is not None])
             present[rest] = found
-        return rows, present
+        return rows, present, held_dirty
 
     def _place(self, ids: np.ndarray, rows: np.ndarray, changed: np.ndarray,
                direct_ids: np.ndarray = _NO_IDS, direct_rows: np.ndarray | None = None) -> np.ndarray:
         """Cache rows of unique uncached ids; returns the slot of each (-1: not cached).
         `changed` rows differ from RocksDB. Stage (choose slots: nothing changes), write
         (write-through: `direct_*` and changed rows now; dirty victims, stale clean victims and
-        write-back rows with no slot to the writer), then publish (fill the slots)."""
+        write-back rows with no slot to the writer), then publish (fill the slots). Displaced
+        rows move down a tier where the table has one; what leaves the last tier dirty is written.
+        The tier below forgets `ids`: they are now above, or written, or unchanged in RocksDB."""
         slots, victim_ids, victim_rows = self._choose(ids)
         cached = slots >= 0
         stale_ids, stale_rows = self._stale_rows(slots[cached])
@@ -232,12 +250,13 @@ class Table:
                                np.concatenate([victim_rows, stale_rows, rows[homeless]]), "dirty victims")
         self.cache.fill(slots, ids, rows, changed & (not self.write_through))
         self.eviction.synced(self.cache, slots[cached])
+        self.lower.forget(ids)
         return slots
 
     def _choose(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Slots for new ids and the dirty rows they displace. In a storage fault no dirty
         row is displaced (it could not be written): those ids stay uncached."""
-        choice = self.cache.choose_slots(ids)
+        choice = self.cache.choose_slots(ids, clean=self.has_lower_tier)
         slots = choice.slots
         if self.writer.fault is not None and len(choice.dirty_ids):
             taken = np.flatnonzero(slots >= 0)
@@ -246,7 +265,13 @@ class Table:
             slots = slots.copy()
             slots[taken[busy]] = -1
             return slots, _NO_IDS, self.layout.empty(0)
-        return slots, choice.dirty_ids, choice.dirty_rows
+        if not self.has_lower_tier:
+            return slots, choice.dirty_ids, choice.dirty_rows
+        moving = np.concatenate([choice.dirty_ids, choice.clean_ids])
+        dirty = np.arange(len(moving)) < len(choice.dirty_ids)
+        victim_ids, victim_rows = self.lower.take_victims(moving, np.concatenate([choice.dirty_rows,
+                                                                                  choice.clean_rows]), dirty)
+        return slots, victim_ids, victim_rows
 
     def _stale_rows(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Ids and rows of the clean occupied `slots` whose access metadata RocksDB lacks."""
@@ -314,7 +339,7 @@ class Table:
         new = np.zeros(len(ids), dtype=bool)
         if not all_hit:
             miss = np.flatnonzero(~hit)
-            fetched, present = self._fetch(ids[miss], initialize)
+            fetched, present, _ = self._fetch(ids[miss], initialize)
             self.cache.load(rows, miss, fetched)
             new[miss] = ~present
         return rows, slots, new
@@ -471,6 +496,7 @@ class Table:
             exists = self._existing(ids) if self.eviction.counts_rows else None
             self._write_now(_NO_IDS, self.layout.empty(0), deletes=ids)
             self.cache.invalidate(ids)
+            self.lower.forget(ids)
             self.changes.record(self.name, ids)
             if exists is not None:
                 self.eviction.removed(int(exists.sum()))
@@ -514,6 +540,10 @@ class Table:
                     jobs.append(job)
                     written += dirty
                 time.sleep(0)        # let a waiting caller take the lock between slices
+            with self._lock:
+                job, dirty = self._hand_over_lower()
+                jobs.append(job)
+                written += dirty
             for job in jobs:
                 if job is not None:
                     job.wait()
@@ -552,7 +582,15 @@ class Table:
         """Under the lock: every change so far is in RocksDB when this returns (the part not yet
         handed over is small after a `flush`, so the lock is held briefly)."""
         self._hand_over(self._flush_candidates(), "flush")
+        self._hand_over_lower()
         self.pending.wait_for_all()
+
+    def _hand_over_lower(self) -> tuple[WriteJob | None, int]:
+        """Under the lock: the dirty rows of the tier below to the writer."""
+        if self._dropped:
+            return None, 0
+        ids, rows = self.lower.take_dirty()
+        return self._write_behind(ids, rows, "flush"), len(ids)
 
     def settle(self) -> None:
         """Write every change made so far to RocksDB, holding the table lock meanwhile (after a
@@ -596,6 +634,7 @@ class Table:
                     rocks.ingest(family, files)
             self._run_job(perform, "import", rows)
             self.cache.clear()
+            self.lower.clear()
             if self.eviction.counts_rows:          # exact row count for eviction triggers
                 self.eviction.rows = rocks.count_keys(family)
                 self._save_row_count()
@@ -608,6 +647,10 @@ class Table:
             slots = self.cache.probe(ids)
             cached = slots >= 0
             rows[cached] = self.cache.rows(slots[cached])
+            rest = np.flatnonzero(~cached)
+            below = self.layout.empty(len(rest))
+            held, _ = self.lower.read(ids[rest], below)
+            rows[rest[held]] = below[held]
 
     def sweep_rows(self, ids: np.ndarray, judged: np.ndarray, victim: np.ndarray, counts: np.ndarray,
                    fingerprint: Callable[[np.ndarray], np.ndarray], now: float) -> np.ndarray:
@@ -628,6 +671,7 @@ class Table:
             self.cache.set_dirty(in_cache, False)
             self.eviction.synced(self.cache, in_cache)
             self.cache.invalidate(ids[gone])
+            self.lower.forget(ids[same])              # RocksDB now has what the tier below held
             self.changes.record(self.name, ids[gone])
             self.eviction.removed(int(gone.sum()))
             return gone
@@ -707,6 +751,7 @@ class Table:
             counters["cache_dirty_rows"] = float(len(self.cache.dirty_slots()))
             counters["cache_locked_rows"] = float(self.cache.locked_rows())
             counters["pending_rows"] = float(len(self.pending))
+            counters.update(self.lower.stats())
             counters["estimated_rows"] = float(self.rocks.estimate_rows(self.family))
             if self.eviction.rows is not None:
                 counters["rows"] = float(self.eviction.rows)    # exact, for tables with a row limit
