@@ -61,6 +61,11 @@ class LowerTier:
         self.tier.set_dirty(slots, False)
         return ids, rows
 
+    def peek_dirty(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, rows) of every dirty row here; they stay dirty."""
+        slots = self.tier.dirty_slots()
+        return self.tier.keys_of(slots), self.tier.rows(slots)
+
     def clear(self) -> None:
         self.tier.clear()
 
@@ -83,6 +88,8 @@ class NoLowerTier:
 
     def take_dirty(self) -> tuple[np.ndarray, np.ndarray]:
         return _NO_IDS, np.zeros((0, 0), np.uint8)
+
+    peek_dirty = take_dirty
 
     def clear(self) -> None:
         pass

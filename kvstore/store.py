@@ -32,6 +32,8 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
 
+import numpy as np
+
 from .changefeed import ChangeFeed, ChangeFeedConfig
 from .config import RocksConfig, SweeperConfig, TableConfig, validate_name
 from .errors import FailedPrecondition, InvalidArgument, KVStoreError, StorageError, TableExists, TableNotFound
@@ -39,6 +41,7 @@ from .eviction import archive
 from .eviction.sweeper import Sweeper
 from .generation import Generation, Generations
 from .rocks_tier import RocksTier
+from .rows import encode_keys
 from .snapshots import SnapshotDir, SnapshotInfo
 from .table import LookupResult, Table, open_table
 from .transfer import ImportStager, RowChunk, TableExport
@@ -227,12 +230,11 @@ class Store:
                     table.flush()
                 with self.gate.paused():
                     paused_at = time.perf_counter()
-                    for table in list(gen.tables.values()):
-                        table.settle()                      # only what changed since the flush above
-                    self.writer.drain()
+                    unsaved = {t.family: t.unsaved_rows() for t in gen.tables.values()}   # copies, no waits
                     configs = {n: t.config.to_dict() for n, t in gen.tables.items()}
                     _checkpoint(gen.rocks, os.path.join(tmp, "db"), name)
                     pause = time.perf_counter() - paused_at
+                _complete(os.path.join(tmp, "db"), gen.rocks.config, unsaved, name)
                 rows = {n: gen.rocks.estimate_rows(t.family) for n, t in gen.tables.items() if n in configs}
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -446,6 +448,25 @@ def _drop_orphans(rocks: RocksTier, tables) -> None:
     for family in rocks.families():
         if family not in used and (family.startswith(archive.archive_family("")) or "@" in family):
             rocks.drop_family(family)
+
+
+def _complete(path: str, config: RocksConfig, unsaved: dict[str, tuple[np.ndarray, np.ndarray]], name: str) -> None:
+    """Write into a fresh checkpoint the rows its tables had not yet written at the pause (queued
+    for the writer, or dirty in a cache tier; the newest last): the checkpoint then holds every
+    row as it was at the pause, whether or not the writer reached RocksDB before the checkpoint."""
+    if not any(len(ids) for ids, _ in unsaved.values()):
+        return
+    try:
+        copy = RocksTier(path, config)
+        try:
+            for family, (ids, rows) in unsaved.items():
+                if len(ids):
+                    values = np.ascontiguousarray(rows).view(f"V{rows.shape[1]}").ravel().tolist()
+                    copy.write(family, encode_keys(ids), values)
+        finally:
+            copy.close()
+    except StorageError as exc:
+        raise FailedPrecondition(f"name: cannot write snapshot {name!r}: {exc}") from None
 
 
 def _checkpoint(rocks: RocksTier, path: str, name: str) -> None:

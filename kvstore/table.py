@@ -592,6 +592,20 @@ class Table:
         ids, rows = self.lower.take_dirty()
         return self._write_behind(ids, rows, "flush"), len(ids)
 
+    def unsaved_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, rows) of every change RocksDB may not have yet, oldest first: rows queued for the
+        writer, then dirty rows of each tier. Nothing changes: a snapshot writes them into its
+        checkpoint, so its pause costs a copy of these rows, not a wait for RocksDB."""
+        with self._lock:
+            parts = [self.pending.all()]
+            slots = self.cache.dirty_slots()
+            parts.append((self.cache.keys_of(slots), self.cache.rows(slots)))
+            parts.append(self.lower.peek_dirty())
+            parts = [(ids, rows) for ids, rows in parts if len(ids)]
+            if not parts:
+                return _NO_IDS, self.layout.empty(0)
+            return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
     def settle(self) -> None:
         """Write every change made so far to RocksDB, holding the table lock meanwhile (after a
         `flush`, only the rows changed since). A snapshot calls it while writes are paused."""

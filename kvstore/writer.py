@@ -91,6 +91,19 @@ class PendingRows:
             found[want[hit]] = True
         return found
 
+    def all(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, rows) of every pending batch, oldest first (a later row of an id wins)."""
+        with self._cond:
+            batches = list(self._batches)
+        ids = []
+        for sorted_ids, order, _ in batches:
+            original = np.empty_like(sorted_ids)
+            original[order] = sorted_ids
+            ids.append(original)
+        if not batches:
+            return np.zeros(0, np.int64), np.zeros((0, 0), np.uint8)
+        return np.concatenate(ids), np.concatenate([rows for _, _, rows in batches])
+
     def wait_for_all(self) -> None:
         with self._cond:
             while self._batches:
