@@ -48,6 +48,9 @@ def upload(host: np.ndarray) -> cupy.ndarray:
     return out
 
 
+COPY_PIECE_ROWS = 16384     # rows per piece of a lookup's gather + copy-out pipeline
+
+
 class GpuTier:
     name = "gpu"
 
@@ -67,6 +70,8 @@ class GpuTier:
         self.row_bytes = layout.row_bytes
         self._weight_bytes = layout.dim * layout.dtype.itemsize
         self._state_bytes = layout.state_dim * 4
+        with self.device:
+            self._copy_stream = cupy.cuda.Stream(non_blocking=True)   # copies out, beside the gathers
 
     def _d(self, index: np.ndarray) -> cupy.ndarray:
         return cupy.asarray(np.ascontiguousarray(index, dtype=np.int64))
@@ -97,22 +102,31 @@ class GpuTier:
             self.kernels.touch_headers(self.cache.slab, self.row_bytes, slots_d, len(slots_d), int(now))
 
     def columns(self, slots: np.ndarray, with_state: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        """Weights (and state) of `slots` gathered on the device, copied out once; rows of slot
-        -1 hold garbage."""
+        """Weights (and state) of `slots` gathered on the device and copied out into page-locked
+        buffers of this call; rows of slot -1 hold garbage. Large batches go in pieces, each
+        piece's copy out on a second stream overlapping the gather of the next."""
         with self.device:
             slots_d = self._d(slots)
             n = len(slots_d)
-            weights = cupy.empty((n, self.layout.dim), dtype=device_dtype(self.layout.dtype))
-            self.kernels.copy_rows(self.cache.slab, slots_d, self.row_bytes, self.layout.weight_offset, weights,
-                                   None, self._weight_bytes, 0, self._weight_bytes, n)
-            state = None
+            parts = [(self.layout.weight_offset, self._weight_bytes, self.layout.dim,
+                      device_dtype(self.layout.dtype))]
             if with_state:
-                state = cupy.empty((n, self.layout.state_dim), dtype=cupy.float32)
-                self.kernels.copy_rows(self.cache.slab, slots_d, self.row_bytes, self.layout.state_offset, state,
-                                       None, self._state_bytes, 0, self._state_bytes, n)
-            host = download(weights)
-            return (host.view(BF16) if self.layout.dtype == BF16 else host,
-                    None if state is None else download(state))
+                parts.append((self.layout.state_offset, self._state_bytes, self.layout.state_dim,
+                              np.dtype(np.float32)))
+            device = [cupy.empty((n, width), dtype=dtype) for _, _, width, dtype in parts]
+            host = [cupyx.empty_pinned((n, width), dtype=dtype) for _, _, width, dtype in parts]
+            compute, copy = cupy.cuda.get_current_stream(), self._copy_stream
+            for at in range(0, n, COPY_PIECE_ROWS):
+                end = min(n, at + COPY_PIECE_ROWS)
+                for (offset, nbytes, _, _), dev in zip(parts, device, strict=True):
+                    self.kernels.copy_rows(self.cache.slab, slots_d[at:end], self.row_bytes, offset, dev[at:end],
+                                           None, nbytes, 0, nbytes, end - at)
+                copy.wait_event(compute.record())
+                for dev, out in zip(device, host, strict=True):
+                    dev[at:end].get(stream=copy, out=out[at:end], blocking=False)
+            copy.synchronize()
+            weights = host[0].view(BF16) if self.layout.dtype == BF16 else host[0]
+            return weights, (host[1] if with_state else None)
 
     def rows(self, slots: np.ndarray) -> np.ndarray:
         with self.device:

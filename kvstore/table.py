@@ -53,6 +53,7 @@ class LookupResult:
 
 
 FLUSH_SLICE = 4096           # rows handed to the writer per hold of the table lock
+WRITE_SLICE = 512            # rows per RocksDB write batch of the writer (it holds the GIL meanwhile)
 _NO_IDS = np.zeros(0, np.int64)
 
 
@@ -310,8 +311,14 @@ class Table:
         rows = np.ascontiguousarray(rows)
         entry = self.pending.add(ids, rows)
         rocks, family, layout, pending = self.rocks, self.family, self.layout, self.pending
-        job = WriteJob(rocks, lambda: rocks.write(family, encode_keys(ids), layout.to_values(rows)),
-                       f"{what} of table {self.name!r} ({len(ids)} rows)", len(ids),
+
+        def perform() -> None:
+            # rocksdict holds the GIL through a write batch: short batches, and a yield after
+            # each, keep request threads of every table running while the writer works
+            for at in range(0, len(ids), WRITE_SLICE):
+                rocks.write(family, encode_keys(ids[at:at + WRITE_SLICE]), layout.to_values(rows[at:at + WRITE_SLICE]))
+                time.sleep(0)
+        job = WriteJob(rocks, perform, f"{what} of table {self.name!r} ({len(ids)} rows)", len(ids),
                        on_done=lambda: pending.remove(entry))
         try:
             self.writer.submit(job)
