@@ -17,7 +17,7 @@ import numpy as np
 from .arrays import BF16
 from .cache import Eviction
 from .config import CacheConfig, OptimizerConfig
-from .errors import FailedPrecondition
+from .errors import FailedPrecondition, ResourceExhausted
 from .gpu_cache import GpuCache
 from .rows import HEADER, HEADER_BYTES, RowLayout
 
@@ -48,6 +48,7 @@ def upload(host: np.ndarray) -> cupy.ndarray:
     return out
 
 
+GPU_SLOT_METADATA = 31       # bytes per slot beside its row: key, stamps, lock count, flags, set lists
 COPY_PIECE_ROWS = 16384     # rows per piece of a lookup's gather + copy-out pipeline
 
 
@@ -61,6 +62,12 @@ class GpuTier:
             count = 0
         if device >= count:
             raise FailedPrecondition(f"cache.device: 'cuda:{device}' is not available ({count} CUDA devices)")
+        with cupy.cuda.Device(device):
+            free, total = cupy.cuda.runtime.memGetInfo()
+        need = config.rows * (layout.row_bytes + GPU_SLOT_METADATA)
+        if need > free:
+            raise ResourceExhausted(f"cache.rows: {config.rows} slots of {layout.row_bytes}-byte rows need {need} "
+                                    f"bytes of GPU memory; cuda:{device} has {free} free of {total}")
         self.cache = GpuCache(config, layout.row_bytes, device)
         self.device = self.cache.device
         self.kernels = self.cache.kernels

@@ -99,3 +99,13 @@ def test_three_tiers_keep_the_rows_a_host_table_keeps(tmp_path, write):
         np.testing.assert_allclose(reopened.lookup("tiers", everything, on_miss="zeros").weights,
                                    reopened.lookup("host", everything, on_miss="zeros").weights,
                                    rtol=1e-6, atol=1e-7)
+
+
+def test_a_gpu_cache_larger_than_the_device_is_resource_exhausted_naming_the_bytes(tmp_path):
+    from kvstore import ResourceExhausted
+
+    with Store(str(tmp_path / "data")) as store:
+        with pytest.raises(ResourceExhausted, match=r"cache.rows: 17179869184 slots .* bytes of GPU memory"):
+            store.create_table(config("huge", "cuda:0", 1 << 34))
+        assert store.list_tables() == []
+        store.create_table(config("fits", "cuda:0", 1 << 10))
