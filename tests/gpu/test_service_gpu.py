@@ -68,6 +68,12 @@ def client(server):
         yield opened
 
 
+def test_describe_shows_the_device_and_the_host_tier(client):
+    client.create_table("tiered", DIM, cache={"rows": 256, "ways": 32, "host_rows": 1024, "host_policy": "lfu"})
+    cache = client.describe_table("tiered")["cache"]
+    assert (cache["device"], cache["host_rows"], cache["host_policy"]) == ("cuda", 1024, "lfu")
+
+
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_gpu_table_matches_host_table_through_the_service(client, optimizer):
     gpu, host = create_pair(client, optimizer, optimizer, "write_back")
