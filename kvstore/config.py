@@ -14,6 +14,7 @@ from .dtypes import weight_dtype
 from .errors import InvalidArgument
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")     # where a cache lives: host memory, or a GPU
 MAX_DIM = 65536
 OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam", "partial_rowwise_adam")
 INITIALIZERS = ("uniform", "normal", "zeros")
@@ -100,7 +101,7 @@ class CacheConfig:
         if (isinstance(self.flush_seconds, bool) or not isinstance(self.flush_seconds, (int, float))
                 or not math.isfinite(self.flush_seconds) or not 0 < self.flush_seconds <= 86400):
             raise InvalidArgument(f"cache.flush_seconds: must be a number in (0, 86400], got {self.flush_seconds!r}")
-        if not isinstance(self.device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+        if not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device):
             raise InvalidArgument(f"cache.device: expected 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if not isinstance(self.ways, int) or not 1 <= self.ways <= 64:
             raise InvalidArgument(f"cache.ways: must be in [1, 64], got {self.ways!r}")

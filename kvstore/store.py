@@ -36,6 +36,7 @@ import numpy as np
 
 from .changefeed import ChangeFeed, ChangeFeedConfig
 from .config import RocksConfig, SweeperConfig, TableConfig, validate_name
+from .devices import placed_here
 from .errors import FailedPrecondition, InvalidArgument, KVStoreError, StorageError, TableExists, TableNotFound
 from .eviction import archive
 from .eviction.sweeper import Sweeper
@@ -93,7 +94,7 @@ class Store:
             families = rocks.load_families()
             tables = {}
             for name, blob in rocks.load_configs().items():
-                config = TableConfig.from_dict(json.loads(blob))
+                config = placed_here(TableConfig.from_dict(json.loads(blob)))   # the stored config keeps its device
                 tables[name] = open_table(config, rocks, self.writer, self.clock, families.get(name, name))
                 tables[name].changes = self.changes
             _drop_orphans(rocks, tables.values())
@@ -330,10 +331,11 @@ class Store:
     def stage_import(self, table: str, mode: str = "merge", config: TableConfig | None = None) -> ImportStager:
         """The streaming form of `import_table`: `add` chunks, then `commit_import` (or `abort_import`).
         With `config`, a missing table is created from it (and dropped again if the import is aborted);
-        an existing table must match its dim, dtype and optimizer state."""
+        an existing table must match its dim, dtype and optimizer state. A config from a machine with a
+        cache device this one lacks gets a host-memory cache here (`devices.placed_here`)."""
         created = False
         if config is not None:
-            config = TableConfig.from_dict({**config.to_dict(), "name": table})
+            config = placed_here(TableConfig.from_dict({**config.to_dict(), "name": table}))
             try:
                 self.create_table(config)
                 created = True

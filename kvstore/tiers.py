@@ -19,7 +19,8 @@ import numpy as np
 
 from .cache import SetAssociativeCache
 from .config import CacheConfig, TableConfig
-from .errors import FailedPrecondition, InvalidArgument
+from .devices import device_index
+from .errors import FailedPrecondition
 from .eviction.rules import touch_headers
 from .optimizers import make_optimizer, step_rows
 from .rows import RowLayout
@@ -162,12 +163,3 @@ def make_tier(config: TableConfig, layout: RowLayout):
         raise FailedPrecondition(f"cache.device: {device!r} needs CuPy with a CUDA device ({exc})") from None
     return GpuTier(config.cache, layout, config.optimizer, device_index(device))
 
-
-def device_index(device: str) -> int:
-    """'cuda' or 'cuda:N' -> N."""
-    if device == "cuda":
-        return 0
-    prefix, _, index = device.partition(":")
-    if prefix != "cuda" or not index.isdigit():
-        raise InvalidArgument(f"cache.device: expected 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    return int(index)

@@ -40,22 +40,32 @@ def print_table(header: Sequence[str], rows: list[Sequence[Any]], empty: str) ->
 
 # --- tables --------------------------------------------------------------------------------
 
-TABLE_COLUMNS = ("NAME", "DIM", "DTYPE", "OPTIMIZER", "CACHE_ROWS", "CACHE_POLICY", "WRITE")
+TABLE_COLUMNS = ("NAME", "DIM", "DTYPE", "OPTIMIZER", "CACHE_ROWS", "CACHE_POLICY", "WRITE", "DEVICE", "HOST_ROWS")
+
+
+def shown_config(config: dict) -> dict:
+    """A table config as operators read it: the host tier's fields only when the table has one."""
+    cache = dict(config["cache"])
+    if not cache.get("host_rows"):
+        cache.pop("host_rows", None)
+        cache.pop("host_policy", None)
+    return {**config, "cache": cache}
 
 
 def list_tables(client: KVStoreClient, args: argparse.Namespace) -> int:
-    configs = [client.describe_table(name) for name in client.list_tables()]
+    configs = [shown_config(client.describe_table(name)) for name in client.list_tables()]
     if args.json:
         print_json(configs)
         return 0
     rows = [(c["name"], c["dim"], c["dtype"] or "float32", c["optimizer"]["name"] or "sgd", c["cache"]["rows"],
-             c["cache"]["policy"] or "lru", c["cache"]["write"] or "write_back") for c in configs]
+             c["cache"]["policy"] or "lru", c["cache"]["write"] or "write_back", c["cache"]["device"] or "-",
+             c["cache"].get("host_rows", "-")) for c in configs]
     print_table(TABLE_COLUMNS, rows, "no tables")
     return 0
 
 
 def describe_table(client: KVStoreClient, args: argparse.Namespace) -> int:
-    print_json(client.describe_table(args.table))
+    print_json(shown_config(client.describe_table(args.table)))
     return 0
 
 

@@ -3,7 +3,8 @@
 A table's host cache costs its slots times (row bytes + 56 bytes of per-slot metadata) once it
 fills (docs/operations.md, "Memory"); the sum over tables must stay within `max_cache_bytes`,
 by default half the machine's memory, so no CreateTable can promise more memory than there is.
-GPU caches live in device memory and are not counted here.
+A GPU table's cache lives in device memory and is not counted here; its host tier
+(`cache.host_rows`) is.
 """
 from __future__ import annotations
 
@@ -28,10 +29,16 @@ def default_cache_budget() -> int:
     return machine_memory_bytes() // 2
 
 
+def host_slots(config: TableConfig) -> tuple[str, int]:
+    """The field naming a table's host-memory cache slots, and how many: a host table's cache, or a
+    GPU table's host tier (0 without one)."""
+    if config.cache.device == "cpu":
+        return "cache.rows", config.cache.rows
+    return "cache.host_rows", config.cache.host_rows
+
+
 def host_cache_bytes(config: TableConfig) -> int:
-    if config.cache.device != "cpu":
-        return 0
-    return config.cache.rows * (RowLayout.of(config).row_bytes + SLOT_METADATA_BYTES)
+    return host_slots(config)[1] * (RowLayout.of(config).row_bytes + SLOT_METADATA_BYTES)
 
 
 def check_new_table(store: Store, config: TableConfig, max_tables: int, max_cache_bytes: int) -> None:
@@ -49,7 +56,8 @@ def check_new_table(store: Store, config: TableConfig, max_tables: int, max_cach
             continue
     need = host_cache_bytes(config)
     if used + need > max_cache_bytes:
+        field, slots = host_slots(config)
         raise ResourceExhausted(
-            f"cache.rows: {config.cache.rows} slots of table {config.name[:128]!r} need {need:,} bytes of host "
+            f"{field}: {slots} slots of table {config.name[:128]!r} need {need:,} bytes of host "
             f"memory; with the {used:,} bytes of the other tables' caches that is over max_cache_bytes "
             f"({max_cache_bytes:,}); give the table a smaller cache or raise max_cache_bytes")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvstore import RocksConfig, SweeperConfig
+from kvstore.config import DEVICE_PATTERN
 from kvstore.errors import InvalidArgument
 
 from .replica import ReplicationConfig
@@ -50,6 +51,7 @@ class ServerConfig:
     max_health_watches_per_peer: int = 16   # health Watch streams one address may hold (health needs no token)
     max_tables: int = 1000               # CreateTable beyond it: RESOURCE_EXHAUSTED
     max_cache_bytes: int = 0             # host cache memory of all tables together; 0 = half the machine's memory
+    cache_device: str = "cpu"            # cache of a table created without cache.device: cpu | cuda | cuda:N
     grace_seconds: float = 10.0          # in-flight calls may finish this long on shutdown
     max_request_rows: int = 1 << 22      # rows in one Update/Delete call, all chunks together
     max_chunk_rows: int = 1 << 20        # rows in one message of a stream
@@ -104,6 +106,8 @@ class ServerConfig:
             raise InvalidArgument("tls_cert: tls_cert and tls_key must be given together")
         if self.tls_client_ca and not self.tls_cert:
             raise InvalidArgument("tls_client_ca: mutual TLS needs tls_cert and tls_key as well")
+        if not isinstance(self.cache_device, str) or not DEVICE_PATTERN.fullmatch(self.cache_device):
+            raise InvalidArgument(f"cache_device: expected 'cpu', 'cuda' or 'cuda:N', got {self.cache_device!r}")
         if self.log_format not in LOG_FORMATS:
             raise InvalidArgument(f"log_format: expected one of {list(LOG_FORMATS)}, got {self.log_format!r}")
         if self.log_level not in LOG_LEVELS:

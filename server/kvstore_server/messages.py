@@ -1,8 +1,10 @@
 """Conversions between wire messages and the store's types.
 
 Proto3 scalars cannot say "unset", so a field at its zero value means "use the
-default" (dtype "" -> float32, cache.rows 0 -> default, no optimizer -> sgd);
-`dim` is the exception: 0 is sent on to validation and rejected.
+default" (dtype "" -> float32, cache.rows 0 -> default, no optimizer -> sgd,
+cache.device "" -> the server's `cache_device`); `dim` is the exception: 0 is
+sent on to validation and rejected. Going out, a cache without a host tier
+sends host_policy empty, so only a table that has one shows its policy.
 """
 from __future__ import annotations
 
@@ -23,19 +25,24 @@ ON_MISS = {
 _NESTED = ("optimizer", "initializer", "cache", "eviction")
 
 
-def table_config_from_proto(message: pb.TableConfig) -> TableConfig:
+def table_config_from_proto(message: pb.TableConfig, cache_device: str = "cpu") -> TableConfig:
+    """The store's config of a wire config; a cache without a device gets `cache_device`."""
     raw = {f.name: value for f, value in message.ListFields() if f.name not in _NESTED}
     raw.setdefault("name", "")
     raw["dim"] = message.dim
     for key in _NESTED:
         if message.HasField(key):
             raw[key] = {f.name: value for f, value in getattr(message, key).ListFields()}
+    raw.setdefault("cache", {}).setdefault("device", cache_device)
     return TableConfig.from_dict(raw)
 
 
 def table_config_to_proto(config: TableConfig) -> pb.TableConfig:
-    """The wire form of a config; store-side settings the contract lacks (e.g. a cache device) stay behind."""
-    return _to_message(pb.TableConfig, config.to_dict())
+    """The wire form of a config, the cache's device and host tier included."""
+    raw = config.to_dict()
+    if not config.cache.host_rows:
+        raw["cache"]["host_policy"] = ""          # no host tier: no policy of one to show
+    return _to_message(pb.TableConfig, raw)
 
 
 def _to_message(kind: type, raw: dict):

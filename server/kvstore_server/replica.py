@@ -35,6 +35,7 @@ from kvstore_proto.v1 import kvstore_pb2_grpc as pb_grpc
 
 from kvstore import EvictionConfig, Store, TableConfig
 from kvstore.changefeed import ChangeFeedConfig
+from kvstore.devices import placed_here
 from kvstore.errors import InvalidArgument, KVStoreError, TableNotFound
 from kvstore.transfer import RowChunk
 
@@ -327,8 +328,9 @@ class Follower:
 
 
 def replica_config(config: TableConfig) -> TableConfig:
-    """The primary's table config without eviction rules: the primary evicts and sends tombstones."""
-    return dataclasses.replace(config, eviction=EvictionConfig())
+    """The primary's table config without eviction rules (the primary evicts and sends tombstones), its
+    cache on a device of this machine (`placed_here`: a primary's GPU this replica lacks -> host memory)."""
+    return placed_here(dataclasses.replace(config, eviction=EvictionConfig()))
 
 
 class _Stopped(Exception):

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection_pb2_grpc as reflection_grpc
 from kvstore_proto.v1 import kvstore_pb2 as pb
 
 from kvstore import Store
+from kvstore.devices import missing_device
 from kvstore.errors import FailedPrecondition
 
 from .config import ServerConfig
@@ -95,6 +96,9 @@ class KVStoreServer:
         config = self.config
         self._loop = asyncio.get_running_loop()
         credentials = server_credentials(config)      # bad TLS or token files fail before the store opens
+        missing = missing_device(config.cache_device)  # ... and so does a default device this machine lacks
+        if missing:
+            raise FailedPrecondition(f"cache_device: {config.cache_device!r} is not available ({missing})")
         interceptors = []
         if config.auth_token_file:
             refused = self.metrics.auth_failures

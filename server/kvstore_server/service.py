@@ -50,7 +50,7 @@ class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPC
     # --- tables ----------------------------------------------------------------
 
     async def CreateTable(self, request, context):
-        config = table_config_from_proto(request.config)
+        config = table_config_from_proto(request.config, self.config.cache_device)
         async with self._creating:               # budgets are checked and taken one table at a time
             await self.work(check_new_table, self.store, config, self.config.max_tables, self.cache_budget)
             config = await self.work(self.store.create_table, config)

@@ -149,7 +149,7 @@ class SnapshotRPCs:
             message = pb.TableConfig()
             message.CopyFrom(request.config)
             message.name = request.table
-            config = table_config_from_proto(message)
+            config = table_config_from_proto(message, self.config.cache_device)
         return self.store.stage_import(request.table, mode, config)
 
 

@@ -74,10 +74,13 @@ def test_tables_have_a_header_and_json_for_scripts(server, client):
     small_table(client, "listed_t", dim=12, optimizer={"name": "adagrad"})
     result = at(server, "tables")
     header, *rows = result.stdout.splitlines()
-    assert header.split() == ["NAME", "DIM", "DTYPE", "OPTIMIZER", "CACHE_ROWS", "CACHE_POLICY", "WRITE"]
-    assert ["listed_t", "12", "float32", "adagrad", "256", "lru", "write_back"] in [row.split() for row in rows]
+    assert header.split() == ["NAME", "DIM", "DTYPE", "OPTIMIZER", "CACHE_ROWS", "CACHE_POLICY", "WRITE", "DEVICE",
+                              "HOST_ROWS"]
+    assert (["listed_t", "12", "float32", "adagrad", "256", "lru", "write_back", "cpu", "-"]
+            in [row.split() for row in rows])
     configs = {c["name"]: c for c in json.loads(at(server, "tables", "--json").stdout)}
     assert configs["listed_t"]["dim"] == 12 and configs["listed_t"]["optimizer"]["name"] == "adagrad"
+    assert configs["listed_t"]["cache"]["device"] == "cpu" and "host_rows" not in configs["listed_t"]["cache"]
 
 
 def test_snapshot_list_json_for_scripts(server, client):

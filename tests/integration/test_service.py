@@ -23,7 +23,8 @@ def test_create_keeps_what_was_asked(client):
                                  initializer={"kind": "zeros"}, cache={"rows": 64, "ways": 4, "policy": "lfu",
                                                                       "write": "write_through"})
     assert config["dtype"] == "float16" and config["optimizer"]["lr"] == 0.5
-    assert config["cache"] == {"rows": 64, "ways": 4, "policy": "lfu", "write": "write_through", "flush_seconds": 1.0}
+    assert config["cache"] == {"rows": 64, "ways": 4, "policy": "lfu", "write": "write_through", "flush_seconds": 1.0,
+                               "device": "cpu", "host_rows": 0, "host_policy": ""}      # the server's default device
     np.testing.assert_array_equal(client.lookup("custom", [1, 2], on_miss="init"), np.zeros((2, 4)))
 
 

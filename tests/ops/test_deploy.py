@@ -133,6 +133,7 @@ def test_dockerfiles_run_the_server_unprivileged_on_all_interfaces(dockerfile):
     assert dict(instructions)["USER"] not in ("root", "0")
     assert "EXPOSE 50051 9090" in text and "KVSTORE_HOST=0.0.0.0" in text
     assert ("[server,gpu]" in text) == (dockerfile == "Dockerfile.gpu")
+    assert ("KVSTORE_CACHE_DEVICE=cuda" in text) == (dockerfile == "Dockerfile.gpu")   # GPU image: GPU tables
     ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
     assert not ignored & {"kvstore", "server", "client", "protos", "native", "pyproject.toml", "README.md"}
 

@@ -6,7 +6,8 @@ import threading
 import grpc
 import numpy as np
 import pytest
-from kvstore_client import KVStoreClient, ResourceExhaustedError
+from gpu.conftest import gpu_usable
+from kvstore_client import FailedPreconditionError, KVStoreClient, ResourceExhaustedError
 from kvstore_proto.tensors import encode_ids
 from kvstore_proto.v1 import kvstore_pb2 as pb
 from kvstore_proto.v1 import kvstore_pb2_grpc as pb_grpc
@@ -98,3 +99,16 @@ def test_caches_beyond_max_cache_bytes_are_refused_naming_the_budget(start_serve
         assert refused.value.message.startswith("cache.rows") and "max_cache_bytes" in refused.value.message
         assert client.list_tables() == ["small"]
         assert client.lookup("small", np.arange(4)).shape == (4, 8)
+
+
+def test_a_gpu_tables_host_tier_counts_against_max_cache_bytes_and_its_gpu_slots_do_not(start_server):
+    server = start_server("--max-cache-bytes", str(1 << 20))
+    with KVStoreClient(server.address, timeout=30) as client:
+        with pytest.raises(ResourceExhaustedError) as refused:     # 8192 x (528 + 56) bytes of host tier
+            client.create_table("tiered", 128, cache={"rows": 1024, "ways": 32, "device": "cuda", "host_rows": 8192})
+        assert refused.value.message.startswith("cache.host_rows") and "max_cache_bytes" in refused.value.message
+        try:                                         # 65536 GPU slots of 528 bytes: device memory, not counted
+            client.create_table("gpu_only", 128, cache={"rows": 1 << 16, "ways": 32, "device": "cuda"})
+        except FailedPreconditionError as missing:   # this machine has no GPU: refused for that, not the budget
+            assert not gpu_usable() and missing.message.startswith("cache.device")
+        assert "tiered" not in client.list_tables()

@@ -113,3 +113,27 @@ def test_a_long_dtype_name_is_shortened_in_the_error():
     with pytest.raises(WireError) as caught:
         decode_tensor(pb.Tensor(dtype="x" * 10_000, shape=[1], data=b"\0"), "grads")
     assert "(10000 chars)" in str(caught.value) and len(str(caught.value)) < 200
+
+
+def test_cache_device_and_host_tier_travel_both_ways():
+    from kvstore_server.messages import table_config_from_proto, table_config_to_proto
+
+    from kvstore import CacheConfig, TableConfig
+
+    config = TableConfig(name="g", dim=4, cache=CacheConfig(rows=256, device="cuda:1", host_rows=1024,
+                                                            host_policy="lfu"))
+    message = table_config_to_proto(config)
+    assert (message.cache.device, message.cache.host_rows, message.cache.host_policy) == ("cuda:1", 1024, "lfu")
+    assert table_config_from_proto(message, "cpu") == config
+    host = table_config_to_proto(TableConfig(name="h", dim=4))
+    assert (host.cache.device, host.cache.host_rows, host.cache.host_policy) == ("cpu", 0, "")   # no host tier
+
+
+def test_a_cache_without_a_device_gets_the_servers_default():
+    from kvstore_server.messages import table_config_from_proto
+
+    assert table_config_from_proto(pb.TableConfig(name="t", dim=4), "cuda:2").cache.device == "cuda:2"
+    with_rows = pb.TableConfig(name="t", dim=4, cache=pb.CacheConfig(rows=64))
+    assert table_config_from_proto(with_rows, "cuda").cache.device == "cuda"
+    chosen = pb.TableConfig(name="t", dim=4, cache=pb.CacheConfig(device="cpu"))
+    assert table_config_from_proto(chosen, "cuda").cache.device == "cpu"

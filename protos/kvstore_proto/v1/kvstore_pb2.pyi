@@ -66,18 +66,24 @@ class InitializerConfig(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., scale: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class CacheConfig(_message.Message):
-    __slots__ = ("rows", "ways", "policy", "write", "flush_seconds")
+    __slots__ = ("rows", "ways", "policy", "write", "flush_seconds", "device", "host_rows", "host_policy")
     ROWS_FIELD_NUMBER: _ClassVar[int]
     WAYS_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     WRITE_FIELD_NUMBER: _ClassVar[int]
     FLUSH_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    HOST_ROWS_FIELD_NUMBER: _ClassVar[int]
+    HOST_POLICY_FIELD_NUMBER: _ClassVar[int]
     rows: int
     ways: int
     policy: str
     write: str
     flush_seconds: float
-    def __init__(self, rows: _Optional[int] = ..., ways: _Optional[int] = ..., policy: _Optional[str] = ..., write: _Optional[str] = ..., flush_seconds: _Optional[float] = ...) -> None: ...
+    device: str
+    host_rows: int
+    host_policy: str
+    def __init__(self, rows: _Optional[int] = ..., ways: _Optional[int] = ..., policy: _Optional[str] = ..., write: _Optional[str] = ..., flush_seconds: _Optional[float] = ..., device: _Optional[str] = ..., host_rows: _Optional[int] = ..., host_policy: _Optional[str] = ...) -> None: ...
 
 class EvictionConfig(_message.Message):
     __slots__ = ("ttl_seconds", "max_rows", "headroom", "capacity_policy", "samples", "min_norm", "min_count", "sketch_width", "decay_rate", "count_threshold", "archive_seconds", "interval_seconds", "trigger_rows", "trigger_bytes", "touch_seconds")
