@@ -22,12 +22,14 @@ from kvstore.errors import InvalidArgument, ResourceExhausted
 from .budgets import check_new_table, default_cache_budget
 from .cluster_service import ClusterRPCs
 from .config import ServerConfig
+from .data_budget import DataBudget, default_data_budget, with_default_max_rows
 from .idempotency import RecentWrites
 from .lease_service import LeaseRPCs
 from .messages import concat, on_miss_name, table_config_from_proto, table_config_to_proto
 from .metrics import Metrics
 from .races import on_table
 from .replication_service import ReplicationRPCs
+from .request_budget import RequestMemory
 from .rpc import StoreWork, whole_stream
 from .training_service import TrainingRPCs
 from .transfer_service import SnapshotRPCs
@@ -44,13 +46,16 @@ class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPC
         self.work = work
         self.recent = RecentWrites(config.idempotency_keys, config.idempotency_seconds)
         self.cache_budget = config.max_cache_bytes or default_cache_budget()
+        self.request_memory = RequestMemory.from_options(config.max_buffered_bytes, config.max_buffered_bytes_per_peer)
+        self.data_budget = DataBudget(store, config.max_data_bytes or default_data_budget(config.data_dir))
+        metrics.watch_budgets(lambda: self.request_memory.used, lambda: self.data_budget.used)
         self._creating = asyncio.Lock()
         LeaseRPCs.__init__(self, config.lease_seconds)
 
     # --- tables ----------------------------------------------------------------
 
     async def CreateTable(self, request, context):
-        config = table_config_from_proto(request.config)
+        config = with_default_max_rows(table_config_from_proto(request.config), self.config.default_max_rows)
         async with self._creating:               # budgets are checked and taken one table at a time
             await self.work(check_new_table, self.store, config, self.config.max_tables, self.cache_budget)
             config = await self.work(self.store.create_table, config)
@@ -108,13 +113,17 @@ class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPC
         self._check_chunk(len(ids))
         on_miss = on_miss_name(request.on_miss)
         self._check_response_size(request.table, len(ids), request.with_state)
-        result = self.store.lookup(request.table, ids, on_miss, request.with_state)
+        result = self.data_budget.lookup(request.table, ids, on_miss, request.with_state)
         return encode_lookup_response(result.weights, result.state)
 
     async def Update(self, requests: AsyncIterator, context):
+        with self.request_memory.hold(context) as held:
+            return await self._update(held.chunks(whole_stream(requests, context)))
+
+    async def _update(self, requests: AsyncIterator):
         staged = _Staged()
         dim, dtype, with_state, score_parts, state_parts = 0, "", False, [], []
-        async for request in whole_stream(requests, context):
+        async for request in requests:
             index = staged.next_chunk(request.table, request.idempotency_key)
             if index == 0:                              # unknown table: NOT_FOUND before buffering
                 config = self.store.describe_table(staged.table)
@@ -134,19 +143,24 @@ class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPC
             staged.values.append(weights)
         if staged.table is None:
             return pb.UpdateResponse(rows=0)
-        state = concat(state_parts) if with_state else None
+        state = _take_concat(state_parts) if with_state else None
         scores = concat(score_parts) if score_parts else None
 
         async def commit():
+            self.data_budget.check("an update")
             rows = await self.on_table(staged.table, self.store.update, staged.table, staged.ids(),
-                                       concat(staged.values), state, scores)
+                                       _take_concat(staged.values), state, scores)
             return pb.UpdateResponse(rows=rows)
 
         return await self.recent.once("Update", staged.key, commit)
 
     async def Delete(self, requests: AsyncIterator, context):
+        with self.request_memory.hold(context) as held:
+            return await self._delete(held.chunks(whole_stream(requests, context)))
+
+    async def _delete(self, requests: AsyncIterator):
         staged = _Staged()
-        async for request in whole_stream(requests, context):
+        async for request in requests:
             if staged.next_chunk(request.table, request.idempotency_key) == 0:
                 self.store.describe_table(staged.table)        # unknown table: NOT_FOUND before buffering
             staged.add_ids(decode_ids(request.ids, "ids"), self._count_rows)
@@ -162,8 +176,12 @@ class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPC
     # --- training --------------------------------------------------------------------
 
     async def ApplyGradients(self, requests: AsyncIterator, context):
+        with self.request_memory.hold(context) as held:
+            return await self._apply_gradients(held.chunks(whole_stream(requests, context)))
+
+    async def _apply_gradients(self, requests: AsyncIterator):
         staged, dim, owner, score_parts = _Staged(), 0, "", []
-        async for request in whole_stream(requests, context):
+        async for request in requests:
             index = staged.next_chunk(request.table, request.idempotency_key)
             ids = staged.add_ids(decode_ids(request.ids, "ids"), self._count_rows)
             grads = decode_tensor(request.grads, "grads", "float32")
@@ -180,8 +198,8 @@ class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPC
         scores = concat(score_parts) if score_parts else None
 
         async def commit():
-            stepped = await self.on_table(staged.table, self.store.apply_gradients, staged.table, staged.ids(),
-                                          concat(staged.values), owner or None, scores)
+            stepped = await self.on_table(staged.table, self.data_budget.apply_gradients, staged.table, staged.ids(),
+                                          _take_concat(staged.values), owner or None, scores)
             return pb.ApplyGradientsResponse(rows=stepped)
 
         return await self.recent.once("ApplyGradients", staged.key, commit)
@@ -194,6 +212,7 @@ class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPC
     async def RestoreRows(self, request, context):
         ids = decode_ids(request.ids, "ids")
         self._count_rows(0, len(ids))
+        self.data_budget.check("restoring archived rows")
         return pb.RestoreRowsResponse(rows=await self.on_table(request.table, self.store.restore_rows,
                                                                request.table, ids))
 
@@ -264,6 +283,14 @@ class _Staged:
 
     def ids(self) -> np.ndarray:
         return concat(self.id_parts)
+
+
+def _take_concat(parts: list[np.ndarray]) -> np.ndarray:
+    """One array of the buffered chunks, which are let go at once: the store's work on the batch
+    does not run with a second copy of it held."""
+    whole = concat(parts)
+    parts.clear()
+    return whole
 
 
 def _check_matrix(values: np.ndarray, n: int, width: int | None, field: str, previous: list[np.ndarray]) -> None:
