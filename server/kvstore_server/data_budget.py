@@ -98,13 +98,17 @@ class DataBudget:
         except RowNotFound:
             raise self.refusal("a lookup with on_miss init_insert of ids the table lacks") from None
 
-    def apply_gradients(self, table: str, ids: np.ndarray, *args):
-        """`store.apply_gradients`; past the budget only when every row exists (a step creates missing ones)."""
+    def require_present(self, table: str, ids: np.ndarray, what: str) -> None:
+        """Past the budget: ResourceExhausted unless every id has a row (a read, nothing is created)."""
         if self.exhausted:
             try:
                 self.store.lookup(table, ids, "error", False)
             except RowNotFound:
-                raise self.refusal("a gradient step on ids the table lacks") from None
+                raise self.refusal(what) from None
+
+    def apply_gradients(self, table: str, ids: np.ndarray, *args):
+        """`store.apply_gradients`; past the budget only when every row exists (a step creates missing ones)."""
+        self.require_present(table, ids, "a gradient step on ids the table lacks")
         return self.store.apply_gradients(table, ids, *args)
 
     def check_import(self, stager) -> None:

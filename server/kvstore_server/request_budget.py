@@ -1,7 +1,8 @@
 """A memory budget for the request bytes the server buffers, server-wide and per connection.
 
 Streamed writes (Update, Delete, ApplyGradients) hold every chunk until the client
-half-closes, because they are all-or-nothing. Each chunk is charged as it arrives,
+half-closes, because they are all-or-nothing; a Train step holds its messages until
+the one that ends the step. Each chunk is charged as it arrives,
 before the handler decodes and keeps it: past `max_buffered_bytes` (all calls together)
 or `max_buffered_bytes_per_peer` (the calls of one connection) the call ends
 RESOURCE_EXHAUSTED naming the option, and nothing is applied. What a call holds is
@@ -84,6 +85,10 @@ class BufferedRequest:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Give back everything held so far (a stream of many calls' worth: after each one)."""
         if self.bytes:
             self.memory.give_back(self.peer, self.bytes)
             self.bytes = 0
