@@ -1,22 +1,25 @@
-"""Server memory of one large Update: the peak RSS a streamed write of N MiB adds, and its
-ratio to the payload (the limit: 1.0, the payload itself buffered once).
+"""Server memory of one large Update: the peak RSS a streamed write of N MiB adds, beside the
+same update made in-process on a `kvstore.Store` (the peer: no gRPC, the rows already in one
+array), each as a ratio to the payload (1.0 would be the payload held once, nothing more).
 
     python -m bench.update_memory --mib 256 [--dim 128]
 
-Starts a fresh `kvstore-server` (write_through table, host cache of 4096 slots, a request
-memory budget above the payload), reads its VmHWM (peak resident set) before and after the
-call, and prints the growth beside the payload. Linux only (/proc).
+Each side runs in a fresh process (write_through table, host cache of 4096 slots; the server
+with a request memory budget above the payload) and reads its VmHWM (peak resident set)
+before and after the call. Linux only (/proc).
 """
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from .echo import start_process
+from .echo import python_env, start_process
 from .services import stop_process
 
 
@@ -52,14 +55,39 @@ def measure(mib: int, dim: int) -> dict:
             "growth_mib": (after - before) / 2**20, "growth_per_payload": (after - before) / payload}
 
 
+def measure_store(mib: int, dim: int) -> float:
+    """In this process: peak RSS growth of `Store.update` over the payload, the rows already in memory."""
+    from kvstore import Store, TableConfig
+
+    rows = (mib << 20) // (dim * 4)
+    with tempfile.TemporaryDirectory(prefix="kvstore-update-memory-") as data_dir, Store(data_dir) as store:
+        store.create_table(TableConfig.from_dict({"name": "t", "dim": dim,
+                                                  "cache": {"rows": 4096, "write": "write_through"}}))
+        weights = np.random.default_rng(0).standard_normal((rows, dim), dtype=np.float32)
+        store.update("t", np.arange(8), weights[:8])
+        before = peak_rss_bytes(os.getpid())
+        store.update("t", np.arange(rows), weights)
+        return (peak_rss_bytes(os.getpid()) - before) / (rows * dim * 4)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=256, help="payload of the update (weights only)")
     parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--store-only", action="store_true", help=argparse.SUPPRESS)   # the peer's process
     args = parser.parse_args(argv)
+    if args.store_only:
+        print(measure_store(args.mib, args.dim))
+        return
     figures = measure(args.mib, args.dim)
+    store = float(subprocess.run([sys.executable, "-m", "bench.update_memory", "--store-only", "--mib",
+                                  str(args.mib), "--dim", str(args.dim)], capture_output=True, text=True,
+                                 check=True, env=python_env()).stdout.split()[-1])
     print("update of {payload_mib:.0f} MiB: server peak RSS {peak_before_mib:.0f} -> {peak_after_mib:.0f} MiB, "
-          "growth {growth_mib:.0f} MiB = {growth_per_payload:.2f}x the payload (limit 1.00x)".format(**figures))
+          "growth {growth_mib:.0f} MiB = {growth_per_payload:.2f}x the payload".format(**figures))
+    server = figures["growth_per_payload"]
+    print(f"in-process Store.update (peer): {store:.2f}x the payload; server / peer = {server / store:.2f}; "
+          f"the server's own share {server - store:.2f}x")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from .metrics import Metrics
 from .races import on_table
 from .replication_service import ReplicationRPCs
 from .request_budget import RequestMemory
+from .row_buffer import RowBuffer
 from .rpc import StoreWork, whole_stream
 from .training_service import TrainingRPCs
 from .transfer_service import SnapshotRPCs
@@ -122,7 +123,7 @@ class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPC
 
     async def _update(self, requests: AsyncIterator):
         staged = _Staged()
-        dim, dtype, with_state, score_parts, state_parts = 0, "", False, [], []
+        dim, dtype, with_state, score_parts, state_rows = 0, "", False, [], RowBuffer()
         async for request in requests:
             index = staged.next_chunk(request.table, request.idempotency_key)
             if index == 0:                              # unknown table: NOT_FOUND before buffering
@@ -131,25 +132,25 @@ class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPC
                 with_state = request.HasField("state")
             ids = staged.add_ids(decode_ids(request.ids, "ids"), self._count_rows)
             weights = decode_tensor(request.weights, "weights", dtype)      # the table's dtype, or lossless
-            _check_matrix(weights, len(ids), dim, "weights", staged.values)
+            _check_matrix(weights, len(ids), dim, "weights", staged.values.first)
             if request.HasField("state") != with_state:
                 raise InvalidArgument(f"state: chunk {index} {'lacks' if with_state else 'has'} state; "
                                       "give state in every chunk of an update or in none")
             if with_state:
                 state = decode_tensor(request.state, "state", "float32")
-                _check_matrix(state, len(ids), None, "state", state_parts)
-                state_parts.append(state)
+                _check_matrix(state, len(ids), None, "state", state_rows.first)
+                state_rows.append(state)
             _collect_scores(request, index, len(ids), score_parts)
             staged.values.append(weights)
         if staged.table is None:
             return pb.UpdateResponse(rows=0)
-        state = _take_concat(state_parts) if with_state else None
+        state = state_rows.take() if with_state else None
         scores = concat(score_parts) if score_parts else None
 
         async def commit():
             self.data_budget.check("an update")
             rows = await self.on_table(staged.table, self.store.update, staged.table, staged.ids(),
-                                       _take_concat(staged.values), state, scores)
+                                       staged.values.take(), state, scores)
             return pb.UpdateResponse(rows=rows)
 
         return await self.recent.once("Update", staged.key, commit)
@@ -188,7 +189,7 @@ class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPC
             if index == 0:
                 dim = self.store.describe_table(staged.table).dim
                 owner = request.owner
-            _check_matrix(grads, len(ids), dim, "grads", staged.values)
+            _check_matrix(grads, len(ids), dim, "grads", staged.values.first)
             _collect_scores(request, index, len(ids), score_parts)
             staged.values.append(grads)
         if staged.table is None:
@@ -199,7 +200,7 @@ class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPC
 
         async def commit():
             stepped = await self.on_table(staged.table, self.data_budget.apply_gradients, staged.table, staged.ids(),
-                                          _take_concat(staged.values), owner or None, scores)
+                                          staged.values.take(), owner or None, scores)
             return pb.ApplyGradientsResponse(rows=stepped)
 
         return await self.recent.once("ApplyGradients", staged.key, commit)
@@ -256,7 +257,7 @@ class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPC
 
 class _Staged:
     """The chunks of one streamed write, held until the client half-closes: the table named by the
-    first chunk, its idempotency key, the ids and one tensor per chunk."""
+    first chunk, its idempotency key, the ids of each chunk and the rows, held once (`RowBuffer`)."""
 
     def __init__(self):
         self.table: str | None = None
@@ -264,7 +265,7 @@ class _Staged:
         self.index = -1
         self.rows = 0
         self.id_parts: list[np.ndarray] = []
-        self.values: list[np.ndarray] = []
+        self.values = RowBuffer()
 
     def next_chunk(self, table: str, key: str) -> int:
         """Index of the chunk now arriving; later chunks repeat the table (or leave it empty)."""
@@ -285,24 +286,16 @@ class _Staged:
         return concat(self.id_parts)
 
 
-def _take_concat(parts: list[np.ndarray]) -> np.ndarray:
-    """One array of the buffered chunks, which are let go at once: the store's work on the batch
-    does not run with a second copy of it held."""
-    whole = concat(parts)
-    parts.clear()
-    return whole
-
-
-def _check_matrix(values: np.ndarray, n: int, width: int | None, field: str, previous: list[np.ndarray]) -> None:
+def _check_matrix(values: np.ndarray, n: int, width: int | None, field: str, first: np.ndarray | None) -> None:
     """One chunk's [n, width] tensor, consistent in dtype and width with earlier chunks."""
     if values.ndim != 2 or values.shape[0] != n:
         raise InvalidArgument(f"{field}: expected shape ({n}, {width if width is not None else 'k'}) "
                               f"for {n} ids, got {values.shape}")
     if width is not None and values.shape[1] != width:
         raise InvalidArgument(f"{field}: expected {width} columns (the table dim), got {values.shape[1]}")
-    if previous and (values.dtype != previous[0].dtype or values.shape[1] != previous[0].shape[1]):
+    if first is not None and (values.dtype != first.dtype or values.shape[1] != first.shape[1]):
         raise InvalidArgument(f"{field}: every chunk must have the dtype and width of the first "
-                              f"({previous[0].dtype}, {previous[0].shape[1]}), got ({values.dtype}, {values.shape[1]})")
+                              f"({first.dtype}, {first.shape[1]}), got ({values.dtype}, {values.shape[1]})")
 
 
 def _collect_scores(request, index: int, n: int, parts: list[np.ndarray]) -> None:
