@@ -7,8 +7,9 @@ The figure is refreshed in the background every `REFRESH_SECONDS`, so checking i
 costs a comparison; a burst of writes may pass the budget by what it adds in that time.
 
 Past the budget, calls that add rows are refused with RESOURCE_EXHAUSTED naming it:
-Update, Import and ImportChain, RestoreRows, ApplyGradients when a row is missing,
-and lookups with `init_insert` when an id is missing (present rows are still served).
+Update, Import and ImportChain, RestoreRows; ApplyGradients and Prefetch when a row is
+missing; lookups with `init_insert` when an id is missing (present rows are still served).
+A Train step's prefetches, a hint, are skipped.
 Reads, Delete, DropTable and DeleteSnapshot keep working, so an operator can make room.
 """
 from __future__ import annotations
@@ -110,6 +111,11 @@ class DataBudget:
         """`store.apply_gradients`; past the budget only when every row exists (a step creates missing ones)."""
         self.require_present(table, ids, "a gradient step on ids the table lacks")
         return self.store.apply_gradients(table, ids, *args)
+
+    def prefetch(self, table: str, ids: np.ndarray, *args):
+        """`store.prefetch`; past the budget only when every row exists (a prefetch stores missing ones)."""
+        self.require_present(table, ids, "a prefetch of ids the table lacks")
+        return self.store.prefetch(table, ids, *args)
 
     def check_import(self, stager) -> None:
         """The rows staged so far fit the table's `eviction.max_rows` and the disk budget's room."""

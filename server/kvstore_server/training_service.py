@@ -112,6 +112,8 @@ class TrainingRPCs:
                                                                        "the table lacks")
 
     def _prefetch(self, step: _Step) -> None:
+        if self.data_budget.exhausted:          # a hint that would store missing rows: skipped past the budget
+            return
         for table, parts in step.prefetches.items():
             self.store.prefetch(table, concat(parts))
 

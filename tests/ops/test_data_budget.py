@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from kvstore_client import KVStoreClient, NotFoundError, ResourceExhaustedError
+from kvstore_client.training_stream import TrainingStream
 
 from .conftest import free_port, scrape, value, wait_until
 
@@ -58,6 +59,29 @@ def test_gradient_steps_past_the_budget_run_on_present_rows_only(client):
     np.testing.assert_array_equal(client.lookup("full", [6]), before)
     with pytest.raises(NotFoundError):
         client.lookup("full", [FILLED + 9], on_miss="error")
+
+
+def test_prefetches_past_the_budget_warm_present_rows_only(client):
+    assert client.prefetch("full", [7, 8]) == 2
+    assert _refused(client.prefetch, "full", [7, FILLED + 11]).startswith("max_data_bytes")
+    with pytest.raises(NotFoundError):
+        client.lookup("full", [FILLED + 11], on_miss="error")
+
+
+def test_training_steps_past_the_budget_refuse_to_create_rows_and_change_nothing(client):
+    stream = TrainingStream(client)
+    try:
+        assert stream.send({"full": ([10], np.ones((1, DIM), np.float32))}, {"full": [10]}).result()[0] == {"full": 1}
+        before = client.lookup("full", [11])
+        step = stream.send({"full": ([11], np.ones((1, DIM), np.float32))}, {"full": [FILLED + 13]})
+        with pytest.raises(ResourceExhaustedError) as refused:
+            step.result()
+        assert refused.value.message.startswith("max_data_bytes")
+    finally:
+        stream.close()
+    np.testing.assert_array_equal(client.lookup("full", [11]), before)        # the step's gradient not applied
+    with pytest.raises(NotFoundError):
+        client.lookup("full", [FILLED + 13], on_miss="error")
 
 
 def test_imports_past_the_budget_are_refused_and_reads_and_deletes_keep_working(client):

@@ -75,3 +75,8 @@ def test_replica_tls_files_that_cannot_be_read_refuse_the_start(tmp_path):
                      str(tmp_path / "missing.crt"), "--port", str(free_port()), "--data-dir", str(tmp_path / "d"))
     assert result.returncode == 2
     assert result.stderr.strip().startswith("kvstore-server: replication.tls_ca: cannot read")
+
+
+def test_a_replica_client_certificate_needs_its_key_and_a_ca():
+    result = run_cli("kvstore_server", "--replication-tls-cert", "client.crt", "--print-config")
+    assert result.returncode == 2 and result.stderr.startswith("kvstore-server: replication.tls_cert")

@@ -13,7 +13,7 @@ from kvstore_proto.tensors import encode_ids, encode_tensor
 from kvstore_proto.v1 import kvstore_pb2 as pb
 from kvstore_proto.v1 import kvstore_pb2_grpc as pb_grpc
 
-from .conftest import free_port, scrape, value, wait_until
+from .conftest import free_port, run_cli, scrape, value, wait_until
 
 DIM = 256                       # 1 KiB rows
 PER_PEER = 1_500_000
@@ -106,3 +106,17 @@ def test_a_cancelled_write_gives_its_bytes_back(server, client):
         held.close()
     assert client.update("budgeted", *rows(HELD_ROWS, 4.0, start=50_000)) == HELD_ROWS   # the budget is free again
     assert not client.lookup("budgeted", [40_000], on_miss="zeros").any()               # nothing of the cancelled one
+
+
+@pytest.mark.parametrize("option", ["max-buffered-bytes", "max-buffered-bytes-per-peer", "max-data-bytes",
+                                    "default-max-rows"])
+def test_a_negative_budget_is_refused_naming_the_option(option):
+    result = run_cli("kvstore_server", f"--{option}", "-1", "--print-config")
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"kvstore-server: {option.replace('-', '_')}: must be 0")
+
+
+def test_the_budgets_are_printed_with_the_effective_config():
+    printed = run_cli("kvstore_server", "--max-buffered-bytes", "1000", "--print-config").stdout
+    assert 'max_buffered_bytes: 1000  # --max-buffered-bytes' in printed
+    assert "max_data_bytes: 0  # default" in printed and "default_max_rows: 0  # default" in printed
