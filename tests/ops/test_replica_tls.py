@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from kvstore_client import KVStoreClient
 
-from .conftest import free_port, run_cli, wait_until
+from .conftest import free_port, private_token_file, run_cli, wait_until
 from .test_tls import TOKEN, pki  # noqa: F401 - the fixture
 
 DEADLINE = 120.0
@@ -14,10 +14,7 @@ DEADLINE = 120.0
 
 @pytest.fixture(scope="module")
 def token_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("replica-auth") / "token"
-    path.write_text(TOKEN)
-    path.chmod(0o600)
-    return path
+    return private_token_file(tmp_path_factory.mktemp("replica-auth"), TOKEN)
 
 
 def _primary_rows(server, pki, name: str) -> np.ndarray:  # noqa: F811
