@@ -52,6 +52,11 @@ class ServerConfig:
     max_tables: int = 1000               # CreateTable beyond it: RESOURCE_EXHAUSTED
     max_cache_bytes: int = 0             # host cache memory of all tables together; 0 = half the machine's memory
     cache_device: str = "cpu"            # cache of a table created without cache.device: cpu | cuda | cuda:N
+    max_buffered_bytes: int = 0          # request bytes all streamed writes may buffer; 0 = 1/8 of the memory
+    max_buffered_bytes_per_peer: int = 0   # ... one connection's streamed writes; 0 = a quarter of the above
+    max_data_bytes: int = 0              # live database size past which row-adding writes are refused;
+                                         # 0 = 80% of the data directory's file system
+    default_max_rows: int = 0            # eviction.max_rows of tables created without one; 0 = none
     grace_seconds: float = 10.0          # in-flight calls may finish this long on shutdown
     max_request_rows: int = 1 << 22      # rows in one Update/Delete call, all chunks together
     max_chunk_rows: int = 1 << 20        # rows in one message of a stream
@@ -77,9 +82,13 @@ class ServerConfig:
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise InvalidArgument(f"{name}: must be a positive integer, got {value!r}")
-        if not _is_int(self.max_cache_bytes) or self.max_cache_bytes < 0:
-            raise InvalidArgument(f"max_cache_bytes: must be 0 (half the machine's memory) or a positive integer, "
-                                  f"got {self.max_cache_bytes!r}")
+        for name, zero in (("max_cache_bytes", "half the machine's memory"),
+                           ("max_buffered_bytes", "1/8 of the machine's memory"),
+                           ("max_buffered_bytes_per_peer", "a quarter of max_buffered_bytes"),
+                           ("max_data_bytes", "80% of the file system"), ("default_max_rows", "no limit")):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                raise InvalidArgument(f"{name}: must be 0 ({zero}) or a positive integer, got {value!r}")
         if not _is_int(self.max_workers) or self.max_workers < 0:
             raise InvalidArgument(f"max_workers: must be 0 (sized to the machine) or a positive integer, "
                                   f"got {self.max_workers!r}")

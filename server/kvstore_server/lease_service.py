@@ -18,6 +18,7 @@ from kvstore_proto.v1 import kvstore_pb2 as pb
 from kvstore import Store
 from kvstore.errors import InvalidArgument
 
+from .data_budget import DataBudget
 from .leases import Leases
 from .messages import concat
 from .metrics import Metrics
@@ -32,6 +33,7 @@ class LeaseRPCs:
     store: Store
     work: StoreWork
     metrics: Metrics
+    data_budget: DataBudget
 
     def __init__(self, lease_seconds: float):
         self.leases = Leases(lease_seconds)
@@ -64,7 +66,7 @@ class LeaseRPCs:
             rows = self._count_rows(rows, len(ids_parts[-1]))
         if table is None:
             return pb.PrefetchResponse(cached=0)
-        cached = await self.on_table(table, self.store.prefetch, table, concat(ids_parts), lock, owner)
+        cached = await self.on_table(table, self.data_budget.prefetch, table, concat(ids_parts), lock, owner)
         if lock and not self.leases.is_live(owner):     # lapsed meanwhile: what was just taken goes too
             await self.work(self.store.release_owner, owner)
         return pb.PrefetchResponse(cached=cached)

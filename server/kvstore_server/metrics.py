@@ -190,6 +190,13 @@ class Metrics:
     def watch(self, store: Store, data_dir: str | None = None) -> None:
         self.registry.register(StoreCollector(store, data_dir))
 
+    def watch_budgets(self, buffered_bytes, database_bytes) -> None:
+        """Gauges of the request-memory and disk budgets, read at scrape time from the two callables."""
+        Gauge("kvstore_buffered_request_bytes", "Request bytes streamed writes in progress hold now.",
+              registry=self.registry).set_function(buffered_bytes)
+        Gauge("kvstore_database_bytes", "Live database size (SST files and memtables) the disk budget compares.",
+              registry=self.registry).set_function(database_bytes)
+
     def watch_leases(self, leases: LeaseCounts) -> None:
         self.registry.register(LeaseCollector(leases))
 
@@ -323,4 +330,5 @@ def declared_names() -> set[str]:
     """Every family name as it appears in the exposition (counters with `_total`)."""
     names = {f"{f.name}_total" if f.kind == "counter" else f.name for f in FAMILIES.values()}
     return names | {"kvstore_rpc_duration_seconds", "kvstore_rpc_in_flight", "kvstore_auth_failures_total",
-                     "kvstore_leases", "kvstore_leases_expired_total"}
+                     "kvstore_leases", "kvstore_leases_expired_total", "kvstore_buffered_request_bytes",
+                     "kvstore_database_bytes"}

@@ -56,6 +56,10 @@ class ReplicationConfig:
     interval_seconds: float = 0.1        # replica: changes gathered per batch by the primary
     checkpoint_seconds: float = 5.0      # replica: flush and save its position this often
     retry_seconds: float = 5.0           # replica: longest wait between reconnection attempts
+    tls_ca: str = ""                     # replica: PEM CA bundle of the primary's certificate; set = TLS
+    tls_cert: str = ""                   # replica: client certificate for a primary with mutual TLS ...
+    tls_key: str = ""                    # ... and its key
+    insecure: bool = False               # replica: may send the token in clear to a non-loopback primary
 
     def __post_init__(self):
         try:
@@ -66,6 +70,16 @@ class ReplicationConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0 < value <= 3600:
                 raise InvalidArgument(f"replication.{name}: must be a number in (0, 3600], got {value!r}")
+        for name in ("tls_ca", "tls_cert", "tls_key"):
+            if not isinstance(getattr(self, name), str):
+                raise InvalidArgument(f"replication.{name}: must be a file path (a string)")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise InvalidArgument("replication.tls_cert: replication.tls_cert and replication.tls_key must be "
+                                  "given together")
+        if self.tls_cert and not self.tls_ca:
+            raise InvalidArgument("replication.tls_cert: a client certificate needs replication.tls_ca (TLS)")
+        if not isinstance(self.insecure, bool):
+            raise InvalidArgument(f"replication.insecure: must be true or false, got {self.insecure!r}")
 
 
 @dataclass
@@ -121,7 +135,8 @@ class Follower:
 
     def __init__(self, store: Store, primary: str, config: ReplicationConfig | None = None,
                  token: str | None = None, max_message_bytes: int = 16 << 20,
-                 on_bootstrapped: Callable[[], None] | None = None):
+                 on_bootstrapped: Callable[[], None] | None = None,
+                 credentials: grpc.ChannelCredentials | None = None):
         self.store = store
         self.primary = primary
         self.config = config or ReplicationConfig()
@@ -132,9 +147,10 @@ class Follower:
         self._on_bootstrapped = on_bootstrapped
         self._checkpointed = self._position
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
-        self._channel = grpc.insecure_channel(primary, options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes)])
+        options = [("grpc.max_receive_message_length", max_message_bytes),
+                   ("grpc.max_send_message_length", max_message_bytes)]
+        self._channel = (grpc.secure_channel(primary, credentials, options=options) if credentials is not None
+                         else grpc.insecure_channel(primary, options=options))
         self._stub = pb_grpc.EmbeddingStoreStub(self._channel)
         self._stop = threading.Event()
         self._call = None

@@ -10,12 +10,13 @@ from kvstore_proto.v1 import kvstore_pb2 as pb
 from prometheus_client.core import Metric
 
 from kvstore.changefeed import ChangeFeedConfig
+from kvstore.errors import FailedPrecondition
 
 from .config import ServerConfig
 from .errors import REASON_KEY
 from .metrics import _Families
 from .replica import Follower
-from .security import read_token
+from .security import is_loopback, read_secret, read_token
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingStore"].full_name
 SERVICE_PREFIX = f"/{SERVICE_NAME}/"
@@ -113,6 +114,25 @@ def replica_interceptors(config: ServerConfig) -> list[grpc.ServerInterceptor]:
     return [ReadOnlyInterceptor(config.replica_of)] if config.replica_of else []
 
 
+def primary_credentials(config: ServerConfig) -> grpc.ChannelCredentials | None:
+    """How a replica connects to its primary: TLS with `replication.tls_ca` (and the client certificate of
+    `replication.tls_cert`/`tls_key` for mutual TLS), else plaintext. Like the client, it never sends the
+    token in clear to another machine unless `replication.insecure` says so: such a replica refuses to start."""
+    replication = config.replication
+    if not config.replica_of or not replication.tls_ca:
+        primary_host = config.replica_of.rpartition(":")[0] or config.replica_of
+        if config.replica_of and config.auth_token_file and not replication.insecure \
+                and not is_loopback(primary_host):
+            raise FailedPrecondition(
+                f"replication.tls_ca: refusing to send the bearer token in clear to the primary {config.replica_of}; "
+                "set replication.tls_ca (TLS to the primary) or replication.insecure: true")
+        return None
+    ca = read_secret(replication.tls_ca, "replication.tls_ca")
+    cert = read_secret(replication.tls_cert, "replication.tls_cert") if replication.tls_cert else None
+    key = read_secret(replication.tls_key, "replication.tls_key") if replication.tls_key else None
+    return grpc.ssl_channel_credentials(ca, key, cert)
+
+
 def replica_follower(server) -> Follower | None:
     """The follower of the primary (replica mode only; started with `start_replication`); its metrics
     join the server's registry. It reports SERVING through `server.set_serving` once bootstrapped."""
@@ -121,7 +141,7 @@ def replica_follower(server) -> Follower | None:
         return None
     token = read_token(config.auth_token_file) if config.auth_token_file else None
     follower = Follower(server.store, config.replica_of, config.replication, token, config.max_message_bytes,
-                        on_bootstrapped=lambda: server.set_serving(True))
+                        on_bootstrapped=lambda: server.set_serving(True), credentials=primary_credentials(config))
     server.metrics.registry.register(ReplicaCollector(follower))
     return follower
 

@@ -24,9 +24,17 @@ from kvstore.devices import missing_device
 from kvstore.errors import FailedPrecondition
 
 from .config import ServerConfig
+from .data_paths import check_data_dir
 from .health_watch import BoundedHealthServicer
 from .metrics import Metrics
-from .replica_mode import changefeed_config, replica_follower, replica_interceptors, start_replication, stop_replication
+from .replica_mode import (
+    changefeed_config,
+    primary_credentials,
+    replica_follower,
+    replica_interceptors,
+    start_replication,
+    stop_replication,
+)
 from .rpc import CallGate, StoreWork, bind, default_workers
 from .security import TokenAuthInterceptor, read_token, server_credentials
 from .service import EmbeddingStoreService
@@ -86,6 +94,7 @@ class KVStoreServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._gate: CallGate | None = None
         self._lease_task: asyncio.Task | None = None
+        self._budget_task: asyncio.Task | None = None
         self._metrics_http = None
         self._follower = None          # replica mode: the thread following the primary
         self._has_copy = True          # False: a replica before its first copy of the primary
@@ -99,12 +108,14 @@ class KVStoreServer:
         missing = missing_device(config.cache_device)  # ... and so does a default device this machine lacks
         if missing:
             raise FailedPrecondition(f"cache_device: {config.cache_device!r} is not available ({missing})")
+        primary_credentials(config)                   # a replica: its TLS files, no token in clear to the primary
         interceptors = []
         if config.auth_token_file:
             refused = self.metrics.auth_failures
             interceptors.append(TokenAuthInterceptor(read_token(config.auth_token_file),
                                                      on_refused=lambda method: refused.labels(method).inc()))
         interceptors += replica_interceptors(config)
+        await asyncio.to_thread(check_data_dir, config.data_dir)    # no link planted in it leads outside
         self.store = await asyncio.to_thread(Store, config.data_dir, rocks=config.rocksdb, sweeper=config.sweeper,
                                              changefeed=changefeed_config(config))
         self._gate = CallGate(config.max_concurrent_rpcs, config.retry_after_ms)
@@ -127,6 +138,7 @@ class KVStoreServer:
         await self._grpc.start()
         interval = min(max(config.lease_seconds / 4, 0.01), 5.0)
         self._lease_task = asyncio.create_task(self.service.expire_forever(interval))
+        self._budget_task = asyncio.create_task(self.service.data_budget.refresh_forever(self.work))
         self._follower = replica_follower(self)
         serving = self._follower is None or self._follower.resumable     # a new replica: once its first copy is made
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -171,8 +183,9 @@ class KVStoreServer:
             log.warning("calls still running after the %ss grace period are cancelled", self.config.grace_seconds)
         if self._grpc is not None:
             await self._grpc.stop(0)
-        if self._lease_task is not None:
-            self._lease_task.cancel()
+        for task in (self._lease_task, self._budget_task):
+            if task is not None:
+                task.cancel()
         await asyncio.to_thread(self.work.shutdown)
         if self.store is not None:
             await asyncio.to_thread(self.store.close)

@@ -22,12 +22,15 @@ from kvstore.errors import InvalidArgument, ResourceExhausted
 from .budgets import check_new_table, default_cache_budget
 from .cluster_service import ClusterRPCs
 from .config import ServerConfig
+from .data_budget import DataBudget, default_data_budget, with_default_max_rows
 from .idempotency import RecentWrites
 from .lease_service import LeaseRPCs
 from .messages import concat, on_miss_name, table_config_from_proto, table_config_to_proto
 from .metrics import Metrics
 from .races import on_table
 from .replication_service import ReplicationRPCs
+from .request_budget import RequestMemory
+from .row_buffer import RowBuffer
 from .rpc import StoreWork, whole_stream
 from .training_service import TrainingRPCs
 from .transfer_service import SnapshotRPCs
@@ -44,6 +47,9 @@ class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPC
         self.work = work
         self.recent = RecentWrites(config.idempotency_keys, config.idempotency_seconds)
         self.cache_budget = config.max_cache_bytes or default_cache_budget()
+        self.request_memory = RequestMemory.from_options(config.max_buffered_bytes, config.max_buffered_bytes_per_peer)
+        self.data_budget = DataBudget(store, config.max_data_bytes or default_data_budget(config.data_dir))
+        metrics.watch_budgets(lambda: self.request_memory.used, lambda: self.data_budget.used)
         self._creating = asyncio.Lock()
         LeaseRPCs.__init__(self, config.lease_seconds)
 
@@ -51,6 +57,7 @@ class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPC
 
     async def CreateTable(self, request, context):
         config = table_config_from_proto(request.config, self.config.cache_device)
+        config = with_default_max_rows(config, self.config.default_max_rows)
         async with self._creating:               # budgets are checked and taken one table at a time
             await self.work(check_new_table, self.store, config, self.config.max_tables, self.cache_budget)
             config = await self.work(self.store.create_table, config)
@@ -108,13 +115,17 @@ class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPC
         self._check_chunk(len(ids))
         on_miss = on_miss_name(request.on_miss)
         self._check_response_size(request.table, len(ids), request.with_state)
-        result = self.store.lookup(request.table, ids, on_miss, request.with_state)
+        result = self.data_budget.lookup(request.table, ids, on_miss, request.with_state)
         return encode_lookup_response(result.weights, result.state)
 
     async def Update(self, requests: AsyncIterator, context):
+        with self.request_memory.hold(context) as held:
+            return await self._update(held.chunks(whole_stream(requests, context)))
+
+    async def _update(self, requests: AsyncIterator):
         staged = _Staged()
-        dim, dtype, with_state, score_parts, state_parts = 0, "", False, [], []
-        async for request in whole_stream(requests, context):
+        dim, dtype, with_state, score_parts, state_rows = 0, "", False, [], RowBuffer()
+        async for request in requests:
             index = staged.next_chunk(request.table, request.idempotency_key)
             if index == 0:                              # unknown table: NOT_FOUND before buffering
                 config = self.store.describe_table(staged.table)
@@ -122,31 +133,36 @@ class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPC
                 with_state = request.HasField("state")
             ids = staged.add_ids(decode_ids(request.ids, "ids"), self._count_rows)
             weights = decode_tensor(request.weights, "weights", dtype)      # the table's dtype, or lossless
-            _check_matrix(weights, len(ids), dim, "weights", staged.values)
+            _check_matrix(weights, len(ids), dim, "weights", staged.values.first)
             if request.HasField("state") != with_state:
                 raise InvalidArgument(f"state: chunk {index} {'lacks' if with_state else 'has'} state; "
                                       "give state in every chunk of an update or in none")
             if with_state:
                 state = decode_tensor(request.state, "state", "float32")
-                _check_matrix(state, len(ids), None, "state", state_parts)
-                state_parts.append(state)
+                _check_matrix(state, len(ids), None, "state", state_rows.first)
+                state_rows.append(state)
             _collect_scores(request, index, len(ids), score_parts)
             staged.values.append(weights)
         if staged.table is None:
             return pb.UpdateResponse(rows=0)
-        state = concat(state_parts) if with_state else None
+        state = state_rows.take() if with_state else None
         scores = concat(score_parts) if score_parts else None
 
         async def commit():
+            self.data_budget.check("an update")
             rows = await self.on_table(staged.table, self.store.update, staged.table, staged.ids(),
-                                       concat(staged.values), state, scores)
+                                       staged.values.take(), state, scores)
             return pb.UpdateResponse(rows=rows)
 
         return await self.recent.once("Update", staged.key, commit)
 
     async def Delete(self, requests: AsyncIterator, context):
+        with self.request_memory.hold(context) as held:
+            return await self._delete(held.chunks(whole_stream(requests, context)))
+
+    async def _delete(self, requests: AsyncIterator):
         staged = _Staged()
-        async for request in whole_stream(requests, context):
+        async for request in requests:
             if staged.next_chunk(request.table, request.idempotency_key) == 0:
                 self.store.describe_table(staged.table)        # unknown table: NOT_FOUND before buffering
             staged.add_ids(decode_ids(request.ids, "ids"), self._count_rows)
@@ -162,15 +178,19 @@ class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPC
     # --- training --------------------------------------------------------------------
 
     async def ApplyGradients(self, requests: AsyncIterator, context):
+        with self.request_memory.hold(context) as held:
+            return await self._apply_gradients(held.chunks(whole_stream(requests, context)))
+
+    async def _apply_gradients(self, requests: AsyncIterator):
         staged, dim, owner, score_parts = _Staged(), 0, "", []
-        async for request in whole_stream(requests, context):
+        async for request in requests:
             index = staged.next_chunk(request.table, request.idempotency_key)
             ids = staged.add_ids(decode_ids(request.ids, "ids"), self._count_rows)
             grads = decode_tensor(request.grads, "grads", "float32")
             if index == 0:
                 dim = self.store.describe_table(staged.table).dim
                 owner = request.owner
-            _check_matrix(grads, len(ids), dim, "grads", staged.values)
+            _check_matrix(grads, len(ids), dim, "grads", staged.values.first)
             _collect_scores(request, index, len(ids), score_parts)
             staged.values.append(grads)
         if staged.table is None:
@@ -180,8 +200,8 @@ class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPC
         scores = concat(score_parts) if score_parts else None
 
         async def commit():
-            stepped = await self.on_table(staged.table, self.store.apply_gradients, staged.table, staged.ids(),
-                                          concat(staged.values), owner or None, scores)
+            stepped = await self.on_table(staged.table, self.data_budget.apply_gradients, staged.table, staged.ids(),
+                                          staged.values.take(), owner or None, scores)
             return pb.ApplyGradientsResponse(rows=stepped)
 
         return await self.recent.once("ApplyGradients", staged.key, commit)
@@ -194,6 +214,7 @@ class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPC
     async def RestoreRows(self, request, context):
         ids = decode_ids(request.ids, "ids")
         self._count_rows(0, len(ids))
+        self.data_budget.check("restoring archived rows")
         return pb.RestoreRowsResponse(rows=await self.on_table(request.table, self.store.restore_rows,
                                                                request.table, ids))
 
@@ -237,7 +258,7 @@ class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPC
 
 class _Staged:
     """The chunks of one streamed write, held until the client half-closes: the table named by the
-    first chunk, its idempotency key, the ids and one tensor per chunk."""
+    first chunk, its idempotency key, the ids of each chunk and the rows, held once (`RowBuffer`)."""
 
     def __init__(self):
         self.table: str | None = None
@@ -245,7 +266,7 @@ class _Staged:
         self.index = -1
         self.rows = 0
         self.id_parts: list[np.ndarray] = []
-        self.values: list[np.ndarray] = []
+        self.values = RowBuffer()
 
     def next_chunk(self, table: str, key: str) -> int:
         """Index of the chunk now arriving; later chunks repeat the table (or leave it empty)."""
@@ -266,16 +287,16 @@ class _Staged:
         return concat(self.id_parts)
 
 
-def _check_matrix(values: np.ndarray, n: int, width: int | None, field: str, previous: list[np.ndarray]) -> None:
+def _check_matrix(values: np.ndarray, n: int, width: int | None, field: str, first: np.ndarray | None) -> None:
     """One chunk's [n, width] tensor, consistent in dtype and width with earlier chunks."""
     if values.ndim != 2 or values.shape[0] != n:
         raise InvalidArgument(f"{field}: expected shape ({n}, {width if width is not None else 'k'}) "
                               f"for {n} ids, got {values.shape}")
     if width is not None and values.shape[1] != width:
         raise InvalidArgument(f"{field}: expected {width} columns (the table dim), got {values.shape[1]}")
-    if previous and (values.dtype != previous[0].dtype or values.shape[1] != previous[0].shape[1]):
+    if first is not None and (values.dtype != first.dtype or values.shape[1] != first.shape[1]):
         raise InvalidArgument(f"{field}: every chunk must have the dtype and width of the first "
-                              f"({previous[0].dtype}, {previous[0].shape[1]}), got ({values.dtype}, {values.shape[1]})")
+                              f"({first.dtype}, {first.shape[1]}), got ({values.dtype}, {values.shape[1]})")
 
 
 def _collect_scores(request, index: int, n: int, parts: list[np.ndarray]) -> None:

@@ -20,7 +20,9 @@ from kvstore_proto.v1 import kvstore_pb2 as pb
 from kvstore import Store
 from kvstore.errors import InvalidArgument
 
+from .data_budget import DataBudget
 from .messages import concat, on_miss_name
+from .request_budget import RequestMemory
 from .rpc import StoreWork
 
 RESPONSE_BYTES = 4 << 20      # rows per response message: gRPC streams 1-4 MiB messages best
@@ -42,18 +44,22 @@ class TrainingRPCs:
 
     store: Store
     work: StoreWork
+    request_memory: RequestMemory
+    data_budget: DataBudget
 
     async def Train(self, requests, context):
-        step = _Step()
-        async for request in requests:
-            self._add_pieces(step, request)
-            if request.more:
-                continue
-            for response in await self.work(self._run_step, step):
-                yield response
-            if step.prefetches:                          # while the answer travels; the next step waits
-                await self.work(self._prefetch, step)
+        with self.request_memory.hold(context) as held:    # a step's messages count until it has run
             step = _Step()
+            async for request in held.chunks(requests):
+                self._add_pieces(step, request)
+                if request.more:
+                    continue
+                for response in await self.work(self._run_step, step):
+                    yield response
+                held.release()
+                if step.prefetches:                          # while the answer travels; the next step waits
+                    await self.work(self._prefetch, step)
+                step = _Step()
 
     def _add_pieces(self, step: _Step, request: pb.TrainRequest) -> None:
         step.on_miss = on_miss_name(request.on_miss)
@@ -90,12 +96,24 @@ class TrainingRPCs:
             # here first, so a bad table anywhere in the step changes no table
             if not self.store.describe_table(table).allow_nonfinite and not np.isfinite(grads).all():
                 raise InvalidArgument(f"gradients: contain NaN or Inf for table {table!r} (it does not allow them)")
+        self._check_data_budget(step, gradients)
         stepped = {table: self.store.apply_gradients(table, ids, grads) for table, (ids, grads) in gradients.items()}
         rows = [(table, self.store.lookup(table, concat(parts), step.on_miss).weights)
                 for table, parts in step.lookups.items()]
         return list(_responses(rows, stepped))
 
+    def _check_data_budget(self, step: _Step, gradients: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        """Past the disk budget a step that would create rows is refused before any table changes."""
+        for table, (ids, _) in gradients.items():
+            self.data_budget.require_present(table, ids, "a gradient step on ids the table lacks")
+        if step.on_miss == "init_insert":
+            for table, parts in step.lookups.items():
+                self.data_budget.require_present(table, concat(parts), "a lookup with on_miss init_insert of ids "
+                                                                       "the table lacks")
+
     def _prefetch(self, step: _Step) -> None:
+        if self.data_budget.exhausted:          # a hint that would store missing rows: skipped past the budget
+            return
         for table, parts in step.prefetches.items():
             self.store.prefetch(table, concat(parts))
 

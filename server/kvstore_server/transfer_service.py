@@ -21,6 +21,9 @@ from kvstore.dtypes import weight_dtype
 from kvstore.errors import InvalidArgument
 from kvstore.snapshots import SnapshotInfo
 
+from .budgets import check_new_table
+from .data_budget import DataBudget, with_default_max_rows
+from .data_paths import check_snapshot, check_staging
 from .idempotency import RecentWrites
 from .messages import table_config_from_proto, table_config_to_proto
 from .races import across_tables
@@ -48,20 +51,25 @@ class SnapshotRPCs:
     store: Store
     work: StoreWork
     recent: RecentWrites
+    data_budget: DataBudget
 
     async def CreateSnapshot(self, request, context):
+        await self.work(check_snapshot, self.store.data_dir, request.name)
         info = await self.work(across_tables, self.store, "name", self.store.create_snapshot, request.name)
         return pb.CreateSnapshotResponse(snapshot=snapshot_to_proto(info))
 
     async def ListSnapshots(self, request, context):
+        await self.work(check_snapshot, self.store.data_dir)
         snapshots = await self.work(self.store.list_snapshots)
         return pb.ListSnapshotsResponse(snapshots=[snapshot_to_proto(s) for s in snapshots])
 
     async def DeleteSnapshot(self, request, context):
+        await self.work(check_snapshot, self.store.data_dir, request.name)
         await self.work(self.store.delete_snapshot, request.name)
         return pb.DeleteSnapshotResponse()
 
     async def RestoreSnapshot(self, request, context):
+        await self.work(check_snapshot, self.store.data_dir, request.name)
         info = await self.work(self.store.restore_snapshot, request.name)
         stats = self.store.store_stats()
         return pb.RestoreSnapshotResponse(snapshot=snapshot_to_proto(info),
@@ -125,7 +133,7 @@ class SnapshotRPCs:
                 elif rows.table and rows.table != stager.table.name:
                     raise InvalidArgument(f"{prefix}table: chunk {index} names {rows.table!r} "
                                           f"but the stream began with {stager.table.name!r}")
-                await self.work(add, stager, request)
+                await self.work(_add_counted, add, stager, request, self.data_budget)
                 index += 1
             if stager is None:
                 raise InvalidArgument(f"{prefix}table: the import stream had no chunk")
@@ -141,6 +149,8 @@ class SnapshotRPCs:
                 await asyncio.shield(self.work(self.store.abort_import, stager))   # before the answer goes
 
     def _begin_import(self, request):
+        self.data_budget.check("an import")
+        check_staging(self.store.data_dir)
         mode = IMPORT_MODES.get(request.mode)
         if mode is None:
             raise InvalidArgument(f"mode: unknown import mode {request.mode}; expected one of {sorted(IMPORT_MODES)}")
@@ -150,7 +160,16 @@ class SnapshotRPCs:
             message.CopyFrom(request.config)
             message.name = request.table
             config = table_config_from_proto(message, self.config.cache_device)
+            config = with_default_max_rows(config, self.config.default_max_rows)
+            if request.table not in self.store.list_tables():    # the import creates it: the table budgets apply
+                check_new_table(self.store, config, self.config.max_tables, self.cache_budget)
         return self.store.stage_import(request.table, mode, config)
+
+
+def _add_counted(add: Callable[[Any, Any], None], stager, request, budget: DataBudget) -> None:
+    """`add` one chunk, then refuse the import once its rows pass the table's max_rows or the disk budget."""
+    add(stager, request)
+    budget.check_import(stager)
 
 
 def _add_import_chunk(stager, request: pb.ImportRequest) -> None:

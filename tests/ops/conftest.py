@@ -41,6 +41,14 @@ def value(text_or_samples, name: str, **labels: str) -> float:
     return parsed.get((name, frozenset(labels.items())), 0.0)
 
 
+def private_token_file(directory: Path, token: str) -> Path:
+    """`directory`/token holding `token`, mode 0600 (as the server requires)."""
+    path = directory / "token"
+    path.write_text(token)
+    path.chmod(0o600)
+    return path
+
+
 def run_cli(module: str, *args: str, env: dict[str, str] | None = None, timeout: float = 60):
     """`python -m <module> args` with the environment `env` (defaults to a copy without KVSTORE_*)."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}

@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from .conftest import free_port, needs_promtool
+from .conftest import free_port, needs_promtool, private_token_file
 
 pytest.importorskip("cryptography.x509", reason="the cryptography package makes the test certificates")
 from .test_tls import Authority  # noqa: E402
@@ -43,10 +43,7 @@ def _scrape(url: str, token: str | None = None, context: ssl.SSLContext | None =
 
 @pytest.fixture(scope="module")
 def token_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("metrics-auth") / "token"
-    path.write_text(TOKEN)
-    path.chmod(0o600)
-    return path
+    return private_token_file(tmp_path_factory.mktemp("metrics-auth"), TOKEN)
 
 
 def test_metrics_bind_loopback_even_when_grpc_binds_every_address(start_server, token_file):
