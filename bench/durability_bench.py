@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -96,7 +97,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=300_000)
     parser.add_argument("--dim", type=int, default=16)
     parser.add_argument("--dir", default=None)
+    parser.add_argument("--switch-interval", type=float, default=None,
+                        help="sys.setswitchinterval in seconds (how soon a thread waiting for the GIL gets it)")
     args = parser.parse_args()
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
+    print(f"GIL switch interval {sys.getswitchinterval() * 1e3:.2f} ms")
     for run in (lambda d: snapshot_stall(d, args.rows, args.dim, False),
                 lambda d: snapshot_stall(d, args.rows, args.dim, True),
                 lambda d: export_stall(d, args.rows, args.dim)):
