@@ -40,11 +40,15 @@ class RowChunk:
         return len(self.ids)
 
 
-def rows_to_chunk(layout: RowLayout, ids: np.ndarray, rows: np.ndarray) -> RowChunk:
+def rows_to_chunk(layout: RowLayout, ids: np.ndarray, rows: np.ndarray, contiguous: bool = True) -> RowChunk:
+    """The columns of stored `rows`; not `contiguous`: weights and state are strided views of
+    `rows` (an export copies them once, straight into its messages or files)."""
     header = layout.header(rows)
     meta = np.stack([header[f] for f in META_FIELDS], axis=1).astype(np.uint32)
-    return RowChunk(ids, np.ascontiguousarray(layout.weights(rows)),
-                    np.ascontiguousarray(layout.state(rows)), meta)
+    weights, state = layout.weights(rows), layout.state(rows)
+    if contiguous:
+        weights, state = np.ascontiguousarray(weights), np.ascontiguousarray(state)
+    return RowChunk(ids, weights, state, meta)
 
 
 def default_chunk_rows(layout: RowLayout, target_bytes: int = 2 << 20) -> int:
@@ -53,7 +57,8 @@ def default_chunk_rows(layout: RowLayout, target_bytes: int = 2 << 20) -> int:
 
 
 class TableExport:
-    """Rows of one table at one instant, as an iterable of chunks. Call `close` when done."""
+    """Rows of one table at one instant, as an iterable of chunks (weights and state are
+    read-only strided views of the rows read). Call `close` when done."""
 
     def __init__(self, table: Table, chunk_rows: int | None = None,
                  on_close: Callable[[], None] | None = None):
@@ -88,7 +93,7 @@ class TableExport:
         ids = (keys ^ _SIGN).view(np.int64)
         self.rows += len(batch)
         self.table.add_counters({"rows_exported": len(batch)})
-        return rows_to_chunk(self.layout, ids, records[:, KEY_BYTES:])
+        return rows_to_chunk(self.layout, ids, records[:, KEY_BYTES:], contiguous=False)
 
     def close(self) -> None:
         self._items = None

@@ -65,15 +65,32 @@ def _tensor_parts(array: np.ndarray) -> list:
     return [head + b"\x1a" + _varint(array.nbytes), array.reshape(-1).view(np.uint8).data]
 
 
-def encode_lookup_response(weights: np.ndarray, state: np.ndarray | None = None) -> bytes:
-    """A serialized `LookupResponse`, built with one copy of the rows. Building the message
-    and serializing it copies 2 MiB of rows three times (bytes, message, serialization)."""
-    parts: list = []
-    for tag, array in ((b"\x0a", weights), (b"\x12", state)):
+def _part_bytes(parts: list) -> int:
+    return sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
+
+
+def encode_message(tensors: dict[int, np.ndarray | None], packed: dict[int, np.ndarray] | None = None,
+                   prefix: bytes = b"") -> bytes:
+    """A serialized message built with one copy of its arrays: `tensors` are `Tensor` fields by
+    field number, `packed` are bytes fields of packed int64 (ids), `prefix` an already serialized
+    part (e.g. header fields). Building a message and serializing it copies each array three
+    times (bytes, message, serialization); a strided view (columns of stored rows) is copied once
+    more, to make it contiguous."""
+    parts: list = [prefix] if prefix else []
+    for number, array in sorted((packed or {}).items()):
+        data = np.ascontiguousarray(array, dtype="<i8").reshape(-1).view(np.uint8).data
+        if data.nbytes:
+            parts += [_varint(number << 3 | 2) + _varint(data.nbytes), data]
+    for number, array in sorted(tensors.items()):
         if array is not None:
             tensor = _tensor_parts(array)
-            parts += [tag + _varint(sum(len(p) if isinstance(p, bytes) else p.nbytes for p in tensor)), *tensor]
+            parts += [_varint(number << 3 | 2) + _varint(_part_bytes(tensor)), *tensor]
     return b"".join(parts)
+
+
+def encode_lookup_response(weights: np.ndarray, state: np.ndarray | None = None) -> bytes:
+    """A serialized `LookupResponse`, built with one copy of the rows (see `encode_message`)."""
+    return encode_message({1: weights, 2: state})
 
 
 def encode_tensor(array: np.ndarray) -> dict:

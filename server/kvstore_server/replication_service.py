@@ -13,7 +13,6 @@ always knows the primary's head sequence and its own lag.
 from __future__ import annotations
 
 import asyncio
-import itertools
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import numpy as np
@@ -29,7 +28,7 @@ from kvstore.transfer import rows_to_chunk
 from .idempotency import RecentWrites
 from .messages import concat, table_config_to_proto
 from .rpc import StoreWork, whole_stream
-from .transfer_service import add_rows
+from .transfer_service import add_rows, encode_export_chunk
 
 HEARTBEAT_SECONDS = 1.0
 DEFAULT_INTERVAL = 0.1
@@ -154,15 +153,13 @@ class ReplicationRPCs:
                                     chunk_rows)
         layout = delta.table.layout
         empty = DeltaChunk(rows_to_chunk(layout, np.zeros(0, np.int64), layout.empty(0)), np.zeros(0, np.int64))
-        header = {"config": table_config_to_proto(delta.config), "estimated_rows": len(delta.ids),
-                  "sequence": delta.sequence, "since_sequence": delta.since, "feed_id": self.store.changes.feed_id}
-        chunks = itertools.chain([empty], delta)
-        while (chunk := await self.on_table(request.table, next, chunks, None)) is not None:
-            rows = chunk.rows
-            yield pb.ExportChunk(ids=encode_ids(rows.ids), weights=encode_tensor(rows.weights),
-                                 state=encode_tensor(rows.state), meta=encode_tensor(rows.meta.astype(np.int64)),
-                                 tombstones=encode_ids(chunk.tombstones), **header)
-            header = {}
+        header = pb.ExportChunk(config=table_config_to_proto(delta.config), estimated_rows=len(delta.ids),
+                                sequence=delta.sequence, since_sequence=delta.since,
+                                feed_id=self.store.changes.feed_id).SerializeToString()
+        yield encode_export_chunk(empty.rows, header, empty.tombstones)
+        chunks = (encode_export_chunk(chunk.rows, b"", chunk.tombstones) for chunk in delta)
+        while (message := await self.on_table(request.table, next, chunks, None)) is not None:
+            yield message
 
     async def ImportChain(self, requests: AsyncIterator, context):
         link = _ChainLink(self.store, self._begin_import, lambda key: self.recent.known("ImportChain", key))
