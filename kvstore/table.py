@@ -34,6 +34,7 @@ from .config import TableConfig
 from .errors import FailedPrecondition, InvalidArgument, ResourceExhausted, RowNotFound, StorageError
 from .eviction import archive
 from .eviction.tracker import EvictionTracker, check_scores
+from .id_ranges import NO_RANGES, covers
 from .initializer import initial_weights
 from .optimizers import make_optimizer, step_rows, sum_duplicates
 from .rocks_tier import RocksTier
@@ -590,11 +591,11 @@ class Table:
 
     # --- bulk changes: import, sweeps, archive, drop --------------------------------
 
-    def ingest(self, files: list[str], replace: bool, rows: int, ids: np.ndarray = _NO_IDS) -> None:
+    def ingest(self, files: list[str], replace: bool, rows: int, ranges: np.ndarray = NO_RANGES) -> None:
         """Apply staged SST files in one atomic ingest (after removing every row, with `replace`).
-        Cached changes reach RocksDB first, then the cache starts empty: imported rows win, no
-        list of imported ids is kept. The writer does the writes. `ids` (the imported ones) go to
-        the change feed."""
+        Cached changes reach RocksDB first; then imported rows win: cached copies of ids in the
+        imported `ranges` are dropped (every cached row, with `replace`), and the change feed
+        records the ranges. The writer does the writes."""
         self.flush()
         with self._lock:
             self._check_writable()
@@ -607,11 +608,15 @@ class Table:
                 if files:
                     rocks.ingest(family, files)
             self._run_job(perform, "import", rows)
-            self.cache.clear()
+            if replace:
+                self.cache.clear()
+            else:
+                cached = self.cache.keys[self.cache.occupied]
+                self.cache.invalidate(cached[covers(ranges, cached)])
             if self.eviction.counts_rows:          # exact row count for eviction triggers
                 self.eviction.rows = rocks.count_keys(family)
                 self._save_row_count()
-            self.changes.imported(self.name, ids, replaced=replace)
+            self.changes.imported(self.name, ranges, replaced=replace)
             self.counters["rows_imported"] += rows
 
     def refresh_rows(self, ids: np.ndarray, rows: np.ndarray) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from kvstore_proto.export_format import ExportFormatError, ExportReader, file_sha256
+from kvstore_proto.export_format import ExportChunk, ExportFormatError, ExportReader, file_sha256
 from kvstore_proto.tensors import WireError, decode_ids, decode_tensor, encode_ids
 from kvstore_proto.v1 import kvstore_pb2 as pb
 
@@ -150,8 +150,8 @@ class ReplicationMethods:
             for part in parts:
                 tombstones.append(part.tombstones)
                 if len(part.ids):
-                    for request in self._import_requests((part.ids, part.weights, part.state, part.meta)):
-                        yield pb.ImportChainRequest(rows=request)
+                    for fields in self._import_fields((part.ids, part.weights, part.state, part.meta)):
+                        yield pb.ImportChainRequest(rows=fields)
             gone = np.concatenate(tombstones) if tombstones else _NO_IDS
             for start in range(0, len(gone), TOMBSTONES_PER_MESSAGE):
                 yield pb.ImportChainRequest(tombstones=encode_ids(gone[start:start + TOMBSTONES_PER_MESSAGE]))
@@ -197,14 +197,16 @@ def read_tombstones(reader: ExportReader) -> np.ndarray:
     return gone.astype(np.int64)
 
 
-def import_sequenced(client, args: argparse.Namespace, reader: ExportReader) -> int:
-    """`kvstore import` of an export with sequences: one ImportChain call (a delta is merged)."""
+def import_sequenced(client, args: argparse.Namespace, reader: ExportReader,
+                     chunks: Iterable[ExportChunk] | None = None) -> int:
+    """`kvstore import` of an export with sequences: one ImportChain call (a delta is merged).
+    `chunks`: the reader's chunks (e.g. read ahead on another thread); by default read in turn."""
     since = reader.manifest.get("since_sequence")
     gone = read_tombstones(reader)
     with Progress(f"import {args.table}", reader.rows, enabled=not args.quiet) as progress:
 
         def parts() -> Iterator[DeltaPart]:
-            for chunk in reader:
+            for chunk in reader if chunks is None else chunks:
                 yield DeltaPart(chunk.ids, chunk.weights, chunk.state, chunk.meta, _NO_IDS)
                 progress.update(len(chunk.ids))
             yield DeltaPart(_NO_IDS, None, None, None, gone)

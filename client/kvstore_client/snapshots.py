@@ -135,7 +135,8 @@ class SnapshotMethods:
             first = header
             first.idempotency_key = key
             for part in parts:
-                for request in self._import_requests(part):
+                for fields in self._import_fields(part):
+                    request = pb.ImportRequest(**fields)
                     if first is not None:
                         request.MergeFrom(first)
                         first = None
@@ -145,7 +146,9 @@ class SnapshotMethods:
 
         return streamed_write(self._stub.Import, requests, timeout, retries=0 if _one_pass(parts) else RETRIES).rows
 
-    def _import_requests(self, part) -> Iterator[pb.ImportRequest]:
+    def _import_fields(self, part) -> Iterator[dict]:
+        """The fields of each ImportRequest of one part, as constructor arguments: a message built
+        from them is built in place (a built ImportRequest given to a constructor is copied)."""
         if isinstance(part, ExportChunk):
             part = (part.ids, part.weights, part.state, part.meta)
         ids = as_ids(part[0])
@@ -154,10 +157,9 @@ class SnapshotMethods:
         meta = None if len(part) < 4 or part[3] is None else as_rows(part[3], len(ids), "meta").astype(np.int64)
         row_bytes = 8 + weights[:1].nbytes + (0 if state is None else state[:1].nbytes) + 24
         for start, stop in chunks(len(ids), row_bytes, self.chunk_bytes):
-            yield pb.ImportRequest(
-                ids=encode_ids(ids[start:stop]), weights=_tensor(weights[start:stop], "weights"),
-                state=None if state is None else _tensor(state[start:stop], "state"),
-                meta=None if meta is None else _tensor(meta[start:stop], "meta"))
+            yield {"ids": encode_ids(ids[start:stop]), "weights": _tensor(weights[start:stop], "weights"),
+                   "state": None if state is None else _tensor(state[start:stop], "state"),
+                   "meta": None if meta is None else _tensor(meta[start:stop], "meta")}
 
     def import_table(self, table: str, ids: Any, weights: Any, state: Any = None, mode: str = "merge",
                      meta: Any = None, config: dict | None = None) -> int:

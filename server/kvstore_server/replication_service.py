@@ -21,8 +21,9 @@ from kvstore_proto.v1 import kvstore_pb2 as pb
 
 from kvstore import Store
 from kvstore.changefeed import ChangeFeed, Changes, OutsideWindow
-from kvstore.delta import DeltaChunk, ImportChains, commit_link, export_since, read_changes
+from kvstore.delta import DeltaChunk, ImportChains, commit_link, export_since, read_table_changes
 from kvstore.errors import FailedPrecondition, InvalidArgument, TableNotFound
+from kvstore.id_ranges import NO_RANGES
 from kvstore.transfer import rows_to_chunk
 
 from .idempotency import RecentWrites
@@ -31,6 +32,7 @@ from .rpc import StoreWork, whole_stream
 from .transfer_service import add_rows, encode_export_chunk
 
 HEARTBEAT_SECONDS = 1.0
+NO_IDS_ARRAY = np.zeros(0, np.int64)
 DEFAULT_INTERVAL = 0.1
 MAX_INTERVAL = 60.0
 MESSAGE_BYTES = 2 << 20      # rows per Subscribe message: about this many bytes
@@ -118,13 +120,14 @@ class ReplicationRPCs:
     async def _batch(self, changes: Changes, weights_only: bool) -> AsyncIterator[pb.SubscribeResponse]:
         for name in sorted(changes.dropped):             # before any row of a table created again since
             yield pb.SubscribeResponse(table=name, table_dropped=True, sequence=changes.through)
-        for name, ids in changes.ids.items():
+        for name in changes.tables():
             try:
                 table = self.store.table(name)
             except TableNotFound:                           # dropped since: nothing to send
                 continue
             row_bytes = 8 + table.layout.row_bytes
-            chunks = read_changes(table, ids, max(1, MESSAGE_BYTES // row_bytes))
+            chunks = read_table_changes(table, changes.ids.get(name, NO_IDS_ARRAY), changes.ranges.get(name, NO_RANGES),
+                                        max(1, MESSAGE_BYTES // row_bytes))
             while (chunk := await self._next_on(name, chunks)) is not None:
                 rows = chunk.rows
                 yield pb.SubscribeResponse(
