@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 from kvstore_proto.export_format import ExportChunk, ExportFormatError, ExportReader, file_sha256
-from kvstore_proto.tensors import WireError, decode_ids, decode_tensor, encode_ids
+from kvstore_proto.tensors import WireError, decode_ids, decode_tensor, encode_ids, encode_message
 from kvstore_proto.v1 import kvstore_pb2 as pb
 
-from .errors import InternalError
+from .errors import InternalError, InvalidArgumentError
 from .errors import rpc_errors as _rpc
 from .progress import Progress
 from .snapshots import IMPORT_MODES, ExportStream, _config_message, _one_pass
@@ -30,6 +30,7 @@ TRANSFER_TIMEOUT = 24 * 3600.0
 TOMBSTONES_FILE = "tombstones.npy"
 TOMBSTONES_PER_MESSAGE = 1 << 18
 _NO_IDS = np.zeros(0, np.int64)
+_LAST_ROWS = pb.ImportChainRequest(rows=pb.ImportRequest(last=True)).SerializeToString()   # appended: merged
 
 
 @dataclass
@@ -101,6 +102,14 @@ def _batch(response: pb.SubscribeResponse) -> ChangeBatch:
         raise InternalError(message=f"subscribe: malformed message: {exc}") from None
 
 
+def _rows_request(ids: np.ndarray, weights: np.ndarray, state, meta) -> bytes:
+    """A serialized ImportChainRequest of rows, with one copy of them (tensors.encode_message)."""
+    try:
+        return encode_message({5: weights, 6: state, 7: meta}, {4: ids}, within=1)
+    except WireError as exc:
+        raise InvalidArgumentError(message=f"weights: {exc}") from None
+
+
 def _link(sequence: int, since_sequence: int | None) -> pb.ImportChainRequest:
     link = pb.ImportChainRequest(sequence=sequence)
     if since_sequence is not None:
@@ -141,23 +150,25 @@ class ReplicationMethods:
             header.config.CopyFrom(_config_message(config))
         link = _link(sequence, since_sequence)
 
-        def requests(key: str) -> Iterator[pb.ImportChainRequest]:
+        def requests(key: str) -> Iterator[bytes]:
             first = pb.ImportChainRequest(rows=header)    # the header travels alone: it carries no rows
             first.MergeFrom(link)
             first.rows.idempotency_key = key
-            yield first
+            yield first.SerializeToString()
             tombstones = []
             for part in parts:
                 tombstones.append(part.tombstones)
                 if len(part.ids):
-                    for fields in self._import_fields((part.ids, part.weights, part.state, part.meta)):
-                        yield pb.ImportChainRequest(rows=fields)
+                    for ids, weights, state, meta in self._import_slices((part.ids, part.weights, part.state,
+                                                                          part.meta)):
+                        yield _rows_request(ids, weights, state, meta)
             gone = np.concatenate(tombstones) if tombstones else _NO_IDS
             for start in range(0, len(gone), TOMBSTONES_PER_MESSAGE):
-                yield pb.ImportChainRequest(tombstones=encode_ids(gone[start:start + TOMBSTONES_PER_MESSAGE]))
+                yield pb.ImportChainRequest(
+                    tombstones=encode_ids(gone[start:start + TOMBSTONES_PER_MESSAGE])).SerializeToString()
 
-        return streamed_write(self._stub.ImportChain, requests, timeout, retries=0 if _one_pass(parts) else RETRIES,
-                              marks=lambda request: request.rows).rows
+        return streamed_write(self._import_chain, requests, timeout, retries=0 if _one_pass(parts) else RETRIES,
+                              marks=lambda request: request + _LAST_ROWS).rows
 
 
 # --- CLI: `kvstore export --since`, chained `kvstore import` ----------------------------

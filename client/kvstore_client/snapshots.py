@@ -149,6 +149,13 @@ class SnapshotMethods:
     def _import_fields(self, part) -> Iterator[dict]:
         """The fields of each ImportRequest of one part, as constructor arguments: a message built
         from them is built in place (a built ImportRequest given to a constructor is copied)."""
+        for ids, weights, state, meta in self._import_slices(part):
+            yield {"ids": encode_ids(ids), "weights": _tensor(weights, "weights"),
+                   "state": None if state is None else _tensor(state, "state"),
+                   "meta": None if meta is None else _tensor(meta, "meta")}
+
+    def _import_slices(self, part) -> Iterator[tuple]:
+        """(ids, weights, state, meta) of each import message of one part, about `chunk_bytes` each."""
         if isinstance(part, ExportChunk):
             part = (part.ids, part.weights, part.state, part.meta)
         ids = as_ids(part[0])
@@ -157,9 +164,8 @@ class SnapshotMethods:
         meta = None if len(part) < 4 or part[3] is None else as_rows(part[3], len(ids), "meta").astype(np.int64)
         row_bytes = 8 + weights[:1].nbytes + (0 if state is None else state[:1].nbytes) + 24
         for start, stop in chunks(len(ids), row_bytes, self.chunk_bytes):
-            yield {"ids": encode_ids(ids[start:stop]), "weights": _tensor(weights[start:stop], "weights"),
-                   "state": None if state is None else _tensor(state[start:stop], "state"),
-                   "meta": None if meta is None else _tensor(meta[start:stop], "meta")}
+            yield (ids[start:stop], weights[start:stop], None if state is None else state[start:stop],
+                   None if meta is None else meta[start:stop])
 
     def import_table(self, table: str, ids: Any, weights: Any, state: Any = None, mode: str = "merge",
                      meta: Any = None, config: dict | None = None) -> int:

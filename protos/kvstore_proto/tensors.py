@@ -70,12 +70,13 @@ def _part_bytes(parts: list) -> int:
 
 
 def encode_message(tensors: dict[int, np.ndarray | None], packed: dict[int, np.ndarray] | None = None,
-                   prefix: bytes = b"") -> bytes:
+                   prefix: bytes = b"", within: int | None = None) -> bytes:
     """A serialized message built with one copy of its arrays: `tensors` are `Tensor` fields by
     field number, `packed` are bytes fields of packed int64 (ids), `prefix` an already serialized
-    part (e.g. header fields). Building a message and serializing it copies each array three
-    times (bytes, message, serialization); a strided view (columns of stored rows) is copied once
-    more, to make it contiguous."""
+    part (e.g. header fields); `within`: the message is field `within` of an outer one (returns
+    the outer message). Building a message and serializing it copies each array three times
+    (bytes, message, serialization); a strided view (columns of stored rows) is copied once more,
+    to make it contiguous."""
     parts: list = [prefix] if prefix else []
     for number, array in sorted((packed or {}).items()):
         data = np.ascontiguousarray(array, dtype="<i8").reshape(-1).view(np.uint8).data
@@ -85,6 +86,8 @@ def encode_message(tensors: dict[int, np.ndarray | None], packed: dict[int, np.n
         if array is not None:
             tensor = _tensor_parts(array)
             parts += [_varint(number << 3 | 2) + _varint(_part_bytes(tensor)), *tensor]
+    if within is not None:
+        parts.insert(0, _varint(within << 3 | 2) + _varint(_part_bytes(parts)))
     return b"".join(parts)
 
 
