@@ -23,7 +23,7 @@ from kvstore_proto.v1 import kvstore_pb2 as pb
 from .errors import InternalError, InvalidArgumentError
 from .errors import rpc_errors as _rpc
 from .progress import Progress
-from .snapshots import IMPORT_MODES, ExportStream, _config_message, _one_pass
+from .snapshots import IMPORT_MODES, ExportStream, _chunk, _config_message, _one_pass, decoded
 from .writes import RETRIES, streamed_write
 
 TRANSFER_TIMEOUT = 24 * 3600.0
@@ -66,15 +66,15 @@ class SequencedExport(ExportStream):
         with _rpc():
             first = next(responses, None)
         super().__init__(itertools.chain([] if first is None else [first], responses))
-        self._head = first
-        self.sequence = first.sequence
-        self.since_sequence = first.since_sequence if first.HasField("since_sequence") else None
-        self.feed_id = first.feed_id
+        self._first_response = first
+        self.sequence = self._head.sequence
+        self.since_sequence = self._head.since_sequence if self._head.HasField("since_sequence") else None
+        self.feed_id = self._head.feed_id
 
     def __iter__(self) -> Iterator[DeltaPart]:
         with _rpc():
-            for response in itertools.chain([self._head], self._responses):
-                part = _part(response)
+            for response in itertools.chain([self._first_response], self._responses):
+                part = _part(decoded(response)[1])
                 if len(part.ids) or len(part.tombstones):
                     yield part
 
@@ -82,13 +82,9 @@ class SequencedExport(ExportStream):
         self._call.cancel()
 
 
-def _part(response: pb.ExportChunk) -> DeltaPart:
-    try:
-        return DeltaPart(decode_ids(response.ids, "ids"), decode_tensor(response.weights, "weights"),
-                         decode_tensor(response.state, "state"), decode_tensor(response.meta, "meta").astype(np.uint32),
-                         decode_ids(response.tombstones, "tombstones"))
-    except WireError as exc:
-        raise InternalError(message=f"export: malformed chunk: {exc}") from None
+def _part(arrays: dict[str, np.ndarray]) -> DeltaPart:
+    rows = _chunk(arrays)
+    return DeltaPart(rows.ids, rows.weights, rows.state, rows.meta, arrays.get("tombstones", _NO_IDS))
 
 
 def _batch(response: pb.SubscribeResponse) -> ChangeBatch:
@@ -139,7 +135,7 @@ class ReplicationMethods:
         request = pb.ExportRequest(table=table, chunk_rows=chunk_rows)
         if since_sequence is not None:
             request.since_sequence = since_sequence
-        return SequencedExport(self._stub.Export(request, timeout=timeout))
+        return SequencedExport(self._export(request, timeout=timeout))
 
     def import_chain(self, table: str, parts: Iterable[DeltaPart], sequence: int, since_sequence: int | None = None,
                      mode: str = "merge", config: dict | None = None, timeout: float = TRANSFER_TIMEOUT) -> int:

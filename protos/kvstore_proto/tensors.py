@@ -185,26 +185,28 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(buf: memoryview, start: int, end: int):
+def _fields(buf: memoryview, start: int, end: int, spans: bool = False):
     """(field number, value) of each field in buf[start:end]: an int for varints, a
-    (start, end) span for length-delimited fields; fixed-width fields are skipped."""
+    (start, end) span for length-delimited fields; fixed-width fields are skipped.
+    `spans`: (field number, value, start, end) with the span of the whole field, tag included."""
     pos = start
     while pos < end:
+        first = pos
         key, pos = _read_varint(buf, pos)
         number, wire_type = key >> 3, key & 7
         if wire_type == 0:
             value, pos = _read_varint(buf, pos)
-            yield number, value
         elif wire_type == 2:
             size, pos = _read_varint(buf, pos)
             if pos + size > end:
                 raise WireError(f"message: field {number} runs past the end")
-            yield number, (pos, pos + size)
-            pos += size
+            value, pos = (pos, pos + size), pos + size
         elif wire_type in (1, 5):
             pos += 8 if wire_type == 1 else 4
+            continue
         else:
             raise WireError(f"message: unsupported wire type {wire_type} in field {number}")
+        yield (number, value, first, pos) if spans else (number, value)
 
 
 def _int64(value: int) -> int:
@@ -238,3 +240,28 @@ def decode_lookup_response(blob: bytes) -> tuple[np.ndarray | None, np.ndarray |
         if number in (1, 2) and isinstance(value, tuple):
             tensors[number] = _tensor_view(blob, buf, *value, "weights" if number == 1 else "state")
     return tensors.get(1), tensors.get(2)
+
+
+EXPORT_TENSORS = {4: "weights", 5: "state", 6: "meta"}
+EXPORT_PACKED = {3: "ids", 62: "tombstones"}
+
+
+def decode_export_chunk(blob: bytes) -> tuple[pb.ExportChunk, dict[str, np.ndarray]]:
+    """A serialized `ExportChunk`: its other fields as a message (the header: config, sequences),
+    and its rows as read-only views of `blob` by name (ids, weights, state, meta, tombstones; an
+    absent one is left out). Parsing it into a message and reading the fields would copy the
+    rows twice more."""
+    buf = memoryview(blob)
+    header: list = []
+    arrays: dict[str, np.ndarray] = {}
+    for number, value, start, end in _fields(buf, 0, len(buf), spans=True):
+        if isinstance(value, tuple) and number in EXPORT_TENSORS:
+            arrays[EXPORT_TENSORS[number]] = _tensor_view(blob, buf, *value, EXPORT_TENSORS[number])
+        elif isinstance(value, tuple) and number in EXPORT_PACKED:
+            size = value[1] - value[0]
+            if size % 8:
+                raise WireError(f"{EXPORT_PACKED[number]}: {size} bytes is not a multiple of 8 (packed int64)")
+            arrays[EXPORT_PACKED[number]] = np.frombuffer(blob, "<i8", size // 8, value[0])
+        else:
+            header.append(buf[start:end])
+    return pb.ExportChunk.FromString(b"".join(header)), arrays
