@@ -2,7 +2,8 @@
 
 Each applied write (update, apply_gradients, delete, import commit, store
 eviction, archive restore) appends one entry (sequence, table, ids, time) while
-it still holds its table's lock, so a reader that takes the table lock and reads
+it still holds its table's lock (an import: the id ranges it covered, not its
+ids, so its memory does not grow with its rows), so a reader that takes the table lock and reads
 `last` knows every change of that table up to `last` is in the table. Rows are
 not kept: a subscriber or a delta export reads them when it sends, so a hot row
 changed many times in an interval is sent once, with its latest value (or as a
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import FailedPrecondition, InvalidArgument
+from .id_ranges import NO_RANGES, coalesce
 
 STATE_FILE = "changefeed.json"
 RESERVE = 1 << 20          # sequences handed out per persisted reservation
@@ -68,18 +70,30 @@ class Entry:
     ids: np.ndarray
     time: float
     dropped: bool = False            # the table was dropped (ids empty): followers drop it too
+    ranges: np.ndarray = field(default_factory=lambda: NO_RANGES)   # [R, 2] id ranges of a merge import
+
+    @property
+    def size(self) -> int:
+        """What the entry holds, in ids (a range counts as one), for the window."""
+        return len(self.ids) + len(self.ranges)
 
 
 @dataclass
 class Changes:
     """Ids changed per table in (since, through]; `first_time` is when the oldest of them was recorded.
-    `dropped`: tables dropped in that range (a table of that name that exists now was created after)."""
+    `dropped`: tables dropped in that range (a table of that name that exists now was created after).
+    `ranges`: per table, [R, 2] id ranges merge imports covered: any id in them may have changed."""
 
     since: int
     through: int
     ids: dict[str, np.ndarray]
     first_time: float | None
     dropped: set[str] = field(default_factory=set)
+    ranges: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def tables(self) -> list[str]:
+        """Tables with changed rows (ids or ranges), sorted."""
+        return sorted(set(self.ids) | set(self.ranges))
 
 
 class Cursor:
@@ -156,20 +170,21 @@ class ChangeFeed:
             self.last += 1
             entry.sequence, entry.time = self.last, self.clock()
             self._entries.append(entry)
-            self._rows += len(entry.ids)
+            self._rows += entry.size
             while self._rows > self.config.window_rows and len(self._entries) > 1:
                 oldest = self._entries.popleft()
-                self._rows -= len(oldest.ids)
+                self._rows -= oldest.size
                 self.floor = oldest.sequence
             self._notify()
             return self.last
 
-    def imported(self, table: str, ids: np.ndarray, replaced: bool) -> None:
-        """An import commit: its ids changed; a replace import also removed rows the log cannot list."""
-        if replaced or len(ids) > self.config.window_rows:     # more than the window could hold
+    def imported(self, table: str, ranges: np.ndarray, replaced: bool) -> None:
+        """An import commit: one entry of the id ranges it covered (readers re-read those rows),
+        whatever its size; a replace import also removed rows the log cannot list."""
+        if replaced:
             self.reset()
-        else:
-            self.record(table, ids)
+        elif len(ranges):
+            self._append(Entry(0, table, np.zeros(0, np.int64), 0.0, ranges=ranges))
 
     def reset(self) -> None:
         """Every table may have changed in ways the log cannot list (a snapshot restore, a replace
@@ -218,15 +233,19 @@ class ChangeFeed:
             picked = [e for e in _islice(self._entries, start) if wanted is None or e.table in wanted]
         first_time = picked[0].time if picked else None
         by_table: dict[str, list[np.ndarray]] = {}
+        spans: dict[str, list[np.ndarray]] = {}
         dropped = set()
         for entry in picked:
             if entry.dropped:                   # rows before the drop belong to the old table: forget them
-                by_table[entry.table] = []
+                by_table[entry.table], spans[entry.table] = [], []
                 dropped.add(entry.table)
+            elif len(entry.ranges):
+                spans.setdefault(entry.table, []).append(entry.ranges)
             else:
                 by_table.setdefault(entry.table, []).append(entry.ids)
         ids = {table: np.unique(np.concatenate(parts)) for table, parts in by_table.items() if parts}
-        return Changes(since, through, ids, first_time, dropped)
+        ranges = {table: coalesce(np.concatenate(parts)) for table, parts in spans.items() if parts}
+        return Changes(since, through, ids, first_time, dropped, ranges)
 
     def wait_beyond(self, sequence: int, timeout: float) -> bool:
         """Block until a change after `sequence` exists (True), the timeout passes or the feed closes."""
@@ -304,7 +323,7 @@ class NullFeed:
     def record(self, table: str, ids: np.ndarray) -> int:
         return 0
 
-    def imported(self, table: str, ids: np.ndarray, replaced: bool) -> None:
+    def imported(self, table: str, ranges: np.ndarray, replaced: bool) -> None:
         pass
 
     def table_dropped(self, table: str) -> int:

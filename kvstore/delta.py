@@ -2,7 +2,8 @@
 
 A delta export lists the ids the change feed recorded for a table after
 `since_sequence` (up to `sequence`, the feed's last at the start of the export,
-read under the table lock) and reads each one as it is now: a row that exists
+read under the table lock), and the stored ids inside the id ranges merge imports
+recorded, and reads each one as it is now: a row that exists
 is sent with its current value, one that does not (deleted, evicted) as a
 tombstone. Rows are read a slice at a time, so a row changed after `sequence`
 may already show its newer value; the next delta sends it again, so applying
@@ -25,6 +26,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import FailedPrecondition, InvalidArgument
+from .id_ranges import NO_RANGES
+from .rocks_tier import FamilyNotFound
+from .rows import decode_keys, encode_keys
 from .table import Table
 from .transfer import ImportStager, RowChunk, default_chunk_rows, rows_to_chunk
 
@@ -48,6 +52,28 @@ def read_changes(table: Table, ids: np.ndarray, slice_rows: int = READ_SLICE) ->
         yield DeltaChunk(rows_to_chunk(table.layout, part[exists], rows[exists]), part[~exists])
 
 
+def read_table_changes(table: Table, ids: np.ndarray, ranges: np.ndarray = NO_RANGES,
+                       slice_rows: int = READ_SLICE) -> Iterator[DeltaChunk]:
+    """The changes of one table the feed recorded as `ids` and as id `ranges` (merge imports): the
+    ids first, then every stored row in the ranges that is not among them, a slice at a time.
+    Every imported row reached RocksDB at its commit, so a scan of the ranges finds it (or it was
+    deleted or written since, and is among `ids`)."""
+    yield from read_changes(table, ids, slice_rows)
+    for lo, hi in ranges.tolist():
+        start = lo
+        while True:
+            try:
+                keys, _ = table.rocks.scan(table.family, encode_keys(np.array([start], np.int64))[0], slice_rows)
+            except FamilyNotFound:          # dropped meanwhile: the feed says so
+                return
+            found = decode_keys(keys) if keys else ids[:0]
+            inside = found[found <= hi]
+            yield from read_changes(table, inside[~np.isin(inside, ids)], slice_rows)
+            if len(inside) < slice_rows or inside[-1] == hi:
+                break
+            start = int(inside[-1]) + 1
+
+
 class DeltaExport:
     """The changes of one table after `since`: iterate it for `DeltaChunk`s."""
 
@@ -64,12 +90,13 @@ class DeltaExport:
                                      f"{since}; take a full export")
         self.sequence = changes.through
         self.ids = changes.ids.get(table, np.zeros(0, np.int64))
+        self.ranges = changes.ranges.get(table, NO_RANGES)
         self.chunk_rows = chunk_rows or default_chunk_rows(self.table.layout)
         self.rows = 0
         self.tombstones = 0
 
     def __iter__(self) -> Iterator[DeltaChunk]:
-        for chunk in read_changes(self.table, self.ids, min(self.chunk_rows, READ_SLICE)):
+        for chunk in read_table_changes(self.table, self.ids, self.ranges, min(self.chunk_rows, READ_SLICE)):
             self.rows += len(chunk.rows)
             self.tombstones += len(chunk.tombstones)
             self.table.counters["rows_exported"] += len(chunk.rows)

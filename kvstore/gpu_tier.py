@@ -166,6 +166,10 @@ class GpuTier:
         with self.device:
             return cupy.asnumpy(cupy.flatnonzero(self.cache.occupied & ~self.cache.dirty))
 
+    def cached_ids(self) -> np.ndarray:
+        with self.device:
+            return cupy.asnumpy(self.cache.keys[self.cache.occupied])
+
     def occupancy(self) -> int:
         with self.device:
             return int(self.cache.occupied.sum())

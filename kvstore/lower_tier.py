@@ -49,6 +49,12 @@ class LowerTier:
         return (np.concatenate([choice.dirty_ids, ids[homeless]]),
                 np.concatenate([choice.dirty_rows, rows[homeless]]))
 
+    def cached_ids(self) -> np.ndarray:
+        return self.tier.cached_ids()
+
+    def invalidate(self, ids: np.ndarray) -> None:
+        self.forget(ids)
+
     def forget(self, ids: np.ndarray) -> None:
         """Drop rows that moved up, were rewritten above, or were deleted."""
         if len(ids):
@@ -85,6 +91,11 @@ class NoLowerTier:
 
     def forget(self, ids: np.ndarray) -> None:
         pass
+
+    invalidate = forget
+
+    def cached_ids(self) -> np.ndarray:
+        return _NO_IDS
 
     def take_dirty(self) -> tuple[np.ndarray, np.ndarray]:
         return _NO_IDS, np.zeros((0, 0), np.uint8)

@@ -34,6 +34,7 @@ from .config import TableConfig
 from .errors import FailedPrecondition, InvalidArgument, ResourceExhausted, RowNotFound, StorageError
 from .eviction import archive
 from .eviction.tracker import EvictionTracker, check_scores
+from .id_ranges import NO_RANGES, covers
 from .initializer import initial_weights
 from .lower_tier import lower_tier_of
 from .optimizers import sum_duplicates
@@ -637,11 +638,11 @@ class Table:
 
     # --- bulk changes: import, sweeps, archive, drop --------------------------------
 
-    def ingest(self, files: list[str], replace: bool, rows: int, ids: np.ndarray = _NO_IDS) -> None:
+    def ingest(self, files: list[str], replace: bool, rows: int, ranges: np.ndarray = NO_RANGES) -> None:
         """Apply staged SST files in one atomic ingest (after removing every row, with `replace`).
-        Cached changes reach RocksDB first, then the cache starts empty: imported rows win, no
-        list of imported ids is kept. The writer does the writes. `ids` (the imported ones) go to
-        the change feed."""
+        Cached changes reach RocksDB first; then imported rows win: cached copies of ids in the
+        imported `ranges` are dropped (every cached row, with `replace`), and the change feed
+        records the ranges. The writer does the writes."""
         self.flush()
         with self._lock:
             self._check_writable()
@@ -654,12 +655,17 @@ class Table:
                 if files:
                     rocks.ingest(family, files)
             self._run_job(perform, "import", rows)
-            self.cache.clear()
-            self.lower.clear()
+            if replace:
+                self.cache.clear()
+                self.lower.clear()
+            else:                                  # a merge: only the cached copies it overwrote go
+                for tier in (self.cache, self.lower):
+                    cached = tier.cached_ids()
+                    tier.invalidate(cached[covers(ranges, cached)])
             if self.eviction.counts_rows:          # exact row count for eviction triggers
                 self.eviction.rows = rocks.count_keys(family)
                 self._save_row_count()
-            self.changes.imported(self.name, ids, replaced=replace)
+            self.changes.imported(self.name, ranges, replaced=replace)
             self.counters["rows_imported"] += rows
 
     def refresh_rows(self, ids: np.ndarray, rows: np.ndarray) -> None:

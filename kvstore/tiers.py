@@ -85,6 +85,9 @@ class HostTier(SetAssociativeCache):
     def clean_slots(self) -> np.ndarray:
         return np.flatnonzero(self.occupied & ~self.dirty)
 
+    def cached_ids(self) -> np.ndarray:
+        return self.keys[self.occupied]
+
     def locked_rows(self) -> int:
         return int((self.locks > 0).sum())
 

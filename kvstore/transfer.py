@@ -5,7 +5,8 @@ dirty cache rows are written (the bulk before it takes its lock, the rest under 
 made while the export streams do not tear it. An import stages every chunk into SST files,
 validating each as it arrives, and changes the table only at `commit`: one
 atomic ingest (after dropping every row, in `replace` mode), so a bad chunk
-anywhere in the stream changes nothing.
+anywhere in the stream changes nothing. What an import keeps in memory besides
+its current chunk is the list of its SST files and the id ranges they cover.
 """
 from __future__ import annotations
 
@@ -19,12 +20,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import InvalidArgument, StorageError
-from .rows import RowLayout, encode_keys
+from .id_ranges import MAX_RANGES, coalesce
+from .rows import HEADER, RowLayout, encode_keys
 from .table import Table
 
 IMPORT_MODES = ("replace", "merge")
 META_FIELDS = ("count", "last_access", "step")    # row header fields carried by export/import
 KEY_BYTES = 8
+_META_START = HEADER.fields[META_FIELDS[0]][1]
+if [HEADER.fields[f][1] for f in META_FIELDS] != [_META_START + 4 * i for i in range(len(META_FIELDS))]:
+    raise ImportError("kvstore.rows.HEADER: the exported fields must be consecutive uint32s")
 _SIGN = np.uint64(1 << 63)                         # keys are big-endian with the sign bit flipped
 SST_ROWS = 1 << 20                                 # rows per staged SST file at most
 
@@ -40,11 +45,14 @@ class RowChunk:
         return len(self.ids)
 
 
-def rows_to_chunk(layout: RowLayout, ids: np.ndarray, rows: np.ndarray) -> RowChunk:
-    header = layout.header(rows)
-    meta = np.stack([header[f] for f in META_FIELDS], axis=1).astype(np.uint32)
-    return RowChunk(ids, np.ascontiguousarray(layout.weights(rows)),
-                    np.ascontiguousarray(layout.state(rows)), meta)
+def rows_to_chunk(layout: RowLayout, ids: np.ndarray, rows: np.ndarray, contiguous: bool = True) -> RowChunk:
+    """The columns of stored `rows`; not `contiguous`: weights and state are strided views of
+    `rows` (an export copies them once, straight into its messages or files)."""
+    meta = rows[:, _META_START:_META_START + 4 * len(META_FIELDS)].view("<u4")   # the fields lie side by side
+    weights, state = layout.weights(rows), layout.state(rows)
+    if contiguous:
+        meta, weights, state = (np.ascontiguousarray(a) for a in (meta, weights, state))
+    return RowChunk(ids, weights, state, meta)
 
 
 def default_chunk_rows(layout: RowLayout, target_bytes: int = 2 << 20) -> int:
@@ -53,7 +61,8 @@ def default_chunk_rows(layout: RowLayout, target_bytes: int = 2 << 20) -> int:
 
 
 class TableExport:
-    """Rows of one table at one instant, as an iterable of chunks. Call `close` when done."""
+    """Rows of one table at one instant, as an iterable of chunks (weights and state are
+    read-only strided views of the rows read). Call `close` when done."""
 
     def __init__(self, table: Table, chunk_rows: int | None = None,
                  on_close: Callable[[], None] | None = None):
@@ -88,7 +97,7 @@ class TableExport:
         ids = (keys ^ _SIGN).view(np.int64)
         self.rows += len(batch)
         self.table.add_counters({"rows_exported": len(batch)})
-        return rows_to_chunk(self.layout, ids, records[:, KEY_BYTES:])
+        return rows_to_chunk(self.layout, ids, records[:, KEY_BYTES:], contiguous=False)
 
     def close(self) -> None:
         self._items = None
@@ -114,7 +123,7 @@ class ImportStager:
         self._writer = None
         self._writer_rows = 0
         self._last_id: int | None = None
-        self._staged_ids: list[np.ndarray] = []
+        self._ranges: list[list[int]] = []    # [first, last] id of each ascending run: for the change feed
         self.rows = 0
         self.created = False        # the import created the table (dropped again on abort)
 
@@ -131,7 +140,12 @@ class ImportStager:
                 or self._writer_rows + len(ids) > SST_ROWS:
             self._next_file()                 # SST keys must increase; overlapping chunks get a new file
         self.table.rocks.put_sst(self._writer, encode_keys(ids), self.layout.to_values(rows))
-        self._staged_ids.append(ids)                 # for the change feed
+        if self._ranges and ids[0] > self._ranges[-1][1]:
+            self._ranges[-1][1] = int(ids[-1])       # the run goes on: one range, whatever its rows
+        else:
+            self._ranges.append([int(ids[0]), int(ids[-1])])
+            if len(self._ranges) > MAX_RANGES:         # keep memory flat: merge overlapping runs now
+                self._ranges = coalesce(self._ranges).tolist()
         self._writer_rows += len(ids)
         self._last_id = int(ids[-1])
         self.rows += len(ids)
@@ -175,12 +189,11 @@ class ImportStager:
             self._writer = None
 
     def commit(self) -> int:
-        """Apply the staged rows: one atomic ingest by the table (which then starts with an empty
-        cache); the imported ids go to the change feed. Returns rows."""
+        """Apply the staged rows: one atomic ingest by the table, which drops its cached copies of
+        the imported id ranges and records the ranges in the change feed. Returns rows."""
         self._finish_file()
         try:
-            ids = np.concatenate(self._staged_ids) if self._staged_ids else np.zeros(0, np.int64)
-            self.table.ingest(self.files, self.mode == "replace", self.rows, ids)
+            self.table.ingest(self.files, self.mode == "replace", self.rows, coalesce(self._ranges))
         finally:
             self.abort()
         return self.rows
@@ -189,5 +202,5 @@ class ImportStager:
         """Drop whatever was staged; the table is unchanged."""
         self._writer = None
         self.files = []
-        self._staged_ids = []
+        self._ranges = []
         shutil.rmtree(self.dir, ignore_errors=True)

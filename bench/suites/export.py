@@ -3,7 +3,8 @@
 In process: `Store.export_table` beside a bare rocksdict scan of the same column family
 (the limit). Through the service, on the same data directory: the `kvstore export` command
 (a process writing the export directory, as operators run it) and the client's export stream,
-beside the same bare scan and Redis dumping the same rows with SCAN + MGET (the peer). Then
+beside the same bare scan, plain writes of as many bytes to 64 MiB files (what the disk allows
+the command) and Redis dumping the same rows with SCAN + MGET (the peer). Then
 `kvstore import` of the export into a new table, beside SstFileWriter + ingest of the same
 rows pre-encoded (the limit). Each copy is checked: row counts everywhere, the export
 directory read back row for row, the imported table sampled.
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import rocksdict as rd
 from kvstore_client import KVStoreClient
-from kvstore_proto.export_format import ExportReader
+from kvstore_proto.export_format import FILE_BYTES, ExportReader
 
 from kvstore import CacheConfig, Store, SweeperConfig, TableConfig
 from kvstore.rows import RowLayout, encode_keys
@@ -109,6 +110,22 @@ def check_export_dir(path: Path, weights: np.ndarray) -> None:
         raise Disagreement("kvstore export: the export directory does not hold the table's rows")
 
 
+def file_writes(out: Path, payload: int) -> Numbered:
+    """Writing `payload` bytes as 64 MiB files into a new directory (the previous one removed, as
+    the command's side does): what the disk and page cache allow an export directory."""
+    block = np.random.default_rng(0).integers(0, 255, FILE_BYTES, dtype=np.uint8)
+
+    def write(n: int) -> None:
+        shutil.rmtree(out / str(n - 1), ignore_errors=True)
+        (out / str(n)).mkdir(parents=True)
+        for index, start in enumerate(range(0, payload, FILE_BYTES)):
+            with open(out / str(n) / f"{index:06d}", "wb") as file:
+                file.write(block[:min(FILE_BYTES, payload - start)].data)
+        return None
+
+    return Numbered(write)
+
+
 def service_export(ctx: Context, server: KvstoreServer, client: KVStoreClient, db_path: str,
                    family_name: str, weights: np.ndarray, payload: int) -> list[Record]:
     rows, dim = weights.shape
@@ -123,7 +140,8 @@ def service_export(ctx: Context, server: KvstoreServer, client: KVStoreClient, d
         sides = [Side("kvstore export (command)", SUBJECT, Numbered(cli_export)),
                  Side("kvstore client export stream", SUBJECT,
                       lambda _: sum(len(chunk.ids) for chunk in client.export(TABLE))),
-                 Side("rocksdict scan", LIMIT, lambda _: raw_scan(family))]
+                 Side("rocksdict scan", LIMIT, lambda _: raw_scan(family)),
+                 Side("files written, 64 MiB each", LIMIT, file_writes(ctx.tmpdir("export-files-"), payload))]
         redis = ctx.redis("export")
         if redis:
             redis.load(np.arange(rows, dtype=np.int64), weights)

@@ -76,6 +76,14 @@ class KVStoreClient(ReplicationMethods, SnapshotMethods):
         self._lookup = self._channel.stream_stream(
             f"/{pb.DESCRIPTOR.services_by_name['EmbeddingStore'].full_name}/Lookup",
             request_serializer=pb.LookupRequest.SerializeToString, response_deserializer=None)
+        # Export responses arrive as bytes, read in place (snapshots.decoded)
+        self._export = self._channel.unary_stream(
+            f"/{pb.DESCRIPTOR.services_by_name['EmbeddingStore'].full_name}/Export",
+            request_serializer=pb.ExportRequest.SerializeToString, response_deserializer=None)
+        # ImportChain requests go as bytes built with one copy of the rows (replication._rows_request)
+        self._import_chain = self._channel.stream_unary(
+            f"/{pb.DESCRIPTOR.services_by_name['EmbeddingStore'].full_name}/ImportChain",
+            request_serializer=None, response_deserializer=pb.ImportResponse.FromString)
         self._row_shapes: dict[str, tuple[int, int]] = {}   # table -> (dim, weight itemsize)
         self._lease = LeaseKeeper(self._stub, timeout)     # holds this client's prefetch locks
 

@@ -16,20 +16,21 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from kvstore_proto.export_format import ExportFormatError, ExportReader, file_sha256
-from kvstore_proto.tensors import WireError, decode_ids, decode_tensor, encode_ids
+from kvstore_proto.export_format import ExportChunk, ExportFormatError, ExportReader, file_sha256
+from kvstore_proto.tensors import WireError, decode_ids, decode_tensor, encode_ids, encode_message
 from kvstore_proto.v1 import kvstore_pb2 as pb
 
-from .errors import InternalError
+from .errors import InternalError, InvalidArgumentError
 from .errors import rpc_errors as _rpc
 from .progress import Progress
-from .snapshots import IMPORT_MODES, ExportStream, _config_message, _one_pass
+from .snapshots import IMPORT_MODES, ExportStream, _chunk, _config_message, _one_pass, decoded
 from .writes import RETRIES, streamed_write
 
 TRANSFER_TIMEOUT = 24 * 3600.0
 TOMBSTONES_FILE = "tombstones.npy"
 TOMBSTONES_PER_MESSAGE = 1 << 18
 _NO_IDS = np.zeros(0, np.int64)
+_LAST_ROWS = pb.ImportChainRequest(rows=pb.ImportRequest(last=True)).SerializeToString()   # appended: merged
 
 
 @dataclass
@@ -65,15 +66,15 @@ class SequencedExport(ExportStream):
         with _rpc():
             first = next(responses, None)
         super().__init__(itertools.chain([] if first is None else [first], responses))
-        self._head = first
-        self.sequence = first.sequence
-        self.since_sequence = first.since_sequence if first.HasField("since_sequence") else None
-        self.feed_id = first.feed_id
+        self._first_response = first
+        self.sequence = self._head.sequence
+        self.since_sequence = self._head.since_sequence if self._head.HasField("since_sequence") else None
+        self.feed_id = self._head.feed_id
 
     def __iter__(self) -> Iterator[DeltaPart]:
         with _rpc():
-            for response in itertools.chain([self._head], self._responses):
-                part = _part(response)
+            for response in itertools.chain([self._first_response], self._responses):
+                part = _part(decoded(response)[1])
                 if len(part.ids) or len(part.tombstones):
                     yield part
 
@@ -81,13 +82,9 @@ class SequencedExport(ExportStream):
         self._call.cancel()
 
 
-def _part(response: pb.ExportChunk) -> DeltaPart:
-    try:
-        return DeltaPart(decode_ids(response.ids, "ids"), decode_tensor(response.weights, "weights"),
-                         decode_tensor(response.state, "state"), decode_tensor(response.meta, "meta").astype(np.uint32),
-                         decode_ids(response.tombstones, "tombstones"))
-    except WireError as exc:
-        raise InternalError(message=f"export: malformed chunk: {exc}") from None
+def _part(arrays: dict[str, np.ndarray]) -> DeltaPart:
+    rows = _chunk(arrays)
+    return DeltaPart(rows.ids, rows.weights, rows.state, rows.meta, arrays.get("tombstones", _NO_IDS))
 
 
 def _batch(response: pb.SubscribeResponse) -> ChangeBatch:
@@ -99,6 +96,14 @@ def _batch(response: pb.SubscribeResponse) -> ChangeBatch:
                            response.head_sequence, response.oldest_change_time, response.feed_id)
     except WireError as exc:
         raise InternalError(message=f"subscribe: malformed message: {exc}") from None
+
+
+def _rows_request(ids: np.ndarray, weights: np.ndarray, state, meta) -> bytes:
+    """A serialized ImportChainRequest of rows, with one copy of them (tensors.encode_message)."""
+    try:
+        return encode_message({5: weights, 6: state, 7: meta}, {4: ids}, within=1)
+    except WireError as exc:
+        raise InvalidArgumentError(message=f"weights: {exc}") from None
 
 
 def _link(sequence: int, since_sequence: int | None) -> pb.ImportChainRequest:
@@ -130,7 +135,7 @@ class ReplicationMethods:
         request = pb.ExportRequest(table=table, chunk_rows=chunk_rows)
         if since_sequence is not None:
             request.since_sequence = since_sequence
-        return SequencedExport(self._stub.Export(request, timeout=timeout))
+        return SequencedExport(self._export(request, timeout=timeout))
 
     def import_chain(self, table: str, parts: Iterable[DeltaPart], sequence: int, since_sequence: int | None = None,
                      mode: str = "merge", config: dict | None = None, timeout: float = TRANSFER_TIMEOUT) -> int:
@@ -141,23 +146,25 @@ class ReplicationMethods:
             header.config.CopyFrom(_config_message(config))
         link = _link(sequence, since_sequence)
 
-        def requests(key: str) -> Iterator[pb.ImportChainRequest]:
+        def requests(key: str) -> Iterator[bytes]:
             first = pb.ImportChainRequest(rows=header)    # the header travels alone: it carries no rows
             first.MergeFrom(link)
             first.rows.idempotency_key = key
-            yield first
+            yield first.SerializeToString()
             tombstones = []
             for part in parts:
                 tombstones.append(part.tombstones)
                 if len(part.ids):
-                    for request in self._import_requests((part.ids, part.weights, part.state, part.meta)):
-                        yield pb.ImportChainRequest(rows=request)
+                    for ids, weights, state, meta in self._import_slices((part.ids, part.weights, part.state,
+                                                                          part.meta)):
+                        yield _rows_request(ids, weights, state, meta)
             gone = np.concatenate(tombstones) if tombstones else _NO_IDS
             for start in range(0, len(gone), TOMBSTONES_PER_MESSAGE):
-                yield pb.ImportChainRequest(tombstones=encode_ids(gone[start:start + TOMBSTONES_PER_MESSAGE]))
+                yield pb.ImportChainRequest(
+                    tombstones=encode_ids(gone[start:start + TOMBSTONES_PER_MESSAGE])).SerializeToString()
 
-        return streamed_write(self._stub.ImportChain, requests, timeout, retries=0 if _one_pass(parts) else RETRIES,
-                              marks=lambda request: request.rows).rows
+        return streamed_write(self._import_chain, requests, timeout, retries=0 if _one_pass(parts) else RETRIES,
+                              marks=lambda request: request + _LAST_ROWS).rows
 
 
 # --- CLI: `kvstore export --since`, chained `kvstore import` ----------------------------
@@ -197,14 +204,16 @@ def read_tombstones(reader: ExportReader) -> np.ndarray:
     return gone.astype(np.int64)
 
 
-def import_sequenced(client, args: argparse.Namespace, reader: ExportReader) -> int:
-    """`kvstore import` of an export with sequences: one ImportChain call (a delta is merged)."""
+def import_sequenced(client, args: argparse.Namespace, reader: ExportReader,
+                     chunks: Iterable[ExportChunk] | None = None) -> int:
+    """`kvstore import` of an export with sequences: one ImportChain call (a delta is merged).
+    `chunks`: the reader's chunks (e.g. read ahead on another thread); by default read in turn."""
     since = reader.manifest.get("since_sequence")
     gone = read_tombstones(reader)
     with Progress(f"import {args.table}", reader.rows, enabled=not args.quiet) as progress:
 
         def parts() -> Iterator[DeltaPart]:
-            for chunk in reader:
+            for chunk in reader if chunks is None else chunks:
                 yield DeltaPart(chunk.ids, chunk.weights, chunk.state, chunk.meta, _NO_IDS)
                 progress.update(len(chunk.ids))
             yield DeltaPart(_NO_IDS, None, None, None, gone)

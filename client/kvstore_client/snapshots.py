@@ -10,8 +10,9 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
+from google.protobuf.message import DecodeError
 from kvstore_proto.export_format import ExportChunk
-from kvstore_proto.tensors import WireError, decode_ids, decode_tensor, encode_ids, encode_tensor
+from kvstore_proto.tensors import WireError, decode_export_chunk, encode_ids, encode_tensor
 from kvstore_proto.v1 import kvstore_pb2 as pb
 
 from .arrays import as_ids, as_rows, chunks, to_numpy
@@ -21,6 +22,7 @@ from .writes import RETRIES, streamed_write
 
 IMPORT_MODES = {"merge": pb.IMPORT_MODE_MERGE, "replace": pb.IMPORT_MODE_REPLACE}
 TRANSFER_TIMEOUT = 24 * 3600.0
+_NO_IDS = np.zeros(0, np.int64)
 
 
 
@@ -41,19 +43,21 @@ def _snapshot_dict(info: pb.SnapshotInfo) -> dict:
 
 
 class ExportStream:
-    """Chunks of one table in key order; `config` and `estimated_rows` are known before the first."""
+    """Chunks of one table in key order; `config` and `estimated_rows` are known before the first.
+    Responses arrive as bytes and are read in place (tensors.decode_export_chunk)."""
 
-    def __init__(self, responses: Iterator[pb.ExportChunk]):
+    def __init__(self, responses: Iterator[bytes]):
         self._responses = responses
         with _rpc():
             first = next(responses, None)
-        if first is None or not first.HasField("config"):
+        self._head, arrays = decoded(first if first is not None else b"")
+        if not self._head.HasField("config"):
             raise InternalError(message="export: the server sent no header chunk")
         from .client import _to_dict
 
-        self.config = _to_dict(first.config)
-        self.estimated_rows = first.estimated_rows
-        self._first = _chunk(first)
+        self.config = _to_dict(self._head.config)
+        self.estimated_rows = self._head.estimated_rows
+        self._first = _chunk(arrays)
         self.state_dim = self._first.state.shape[1]
 
     def __iter__(self) -> Iterator[ExportChunk]:
@@ -61,19 +65,25 @@ class ExportStream:
             yield self._first
         with _rpc():
             for response in self._responses:
-                yield _chunk(response)
+                yield _chunk(decoded(response)[1])
 
     def cancel(self) -> None:
         self._responses.cancel()
 
 
-def _chunk(response: pb.ExportChunk) -> ExportChunk:
+def decoded(response: bytes) -> tuple[pb.ExportChunk, dict[str, np.ndarray]]:
+    """(header fields, row arrays) of one serialized ExportChunk; a malformed one is InternalError."""
     try:
-        ids = decode_ids(response.ids, "ids")
-        weights, state = decode_tensor(response.weights, "weights"), decode_tensor(response.state, "state")
-        meta = decode_tensor(response.meta, "meta")
-    except WireError as exc:
+        return decode_export_chunk(response)
+    except (WireError, DecodeError) as exc:
         raise InternalError(message=f"export: malformed chunk: {exc}") from None
+
+
+def _chunk(arrays: dict[str, np.ndarray]) -> ExportChunk:
+    ids = arrays.get("ids", _NO_IDS)
+    weights, state, meta = (arrays.get(name) for name in ("weights", "state", "meta"))
+    if weights is None or state is None or meta is None:
+        raise InternalError(message="export: a chunk lacks weights, state or meta")
     if weights.shape[0] != len(ids) or state.shape[0] != len(ids) or meta.shape != (len(ids), 3):
         raise InternalError(message="export: a chunk's tensors disagree with its ids")
     return ExportChunk(ids, weights, state, meta.astype(np.uint32))
@@ -108,7 +118,7 @@ class SnapshotMethods:
 
     def export(self, table: str, chunk_rows: int = 0, timeout: float = TRANSFER_TIMEOUT) -> ExportStream:
         """Stream every row of `table` as it was at this call, in increasing id order."""
-        responses = self._stub.Export(pb.ExportRequest(table=table, chunk_rows=chunk_rows), timeout=timeout)
+        responses = self._export(pb.ExportRequest(table=table, chunk_rows=chunk_rows), timeout=timeout)
         return ExportStream(responses)
 
     def export_table(self, table: str) -> ExportChunk:
@@ -135,7 +145,8 @@ class SnapshotMethods:
             first = header
             first.idempotency_key = key
             for part in parts:
-                for request in self._import_requests(part):
+                for fields in self._import_fields(part):
+                    request = pb.ImportRequest(**fields)
                     if first is not None:
                         request.MergeFrom(first)
                         first = None
@@ -145,7 +156,16 @@ class SnapshotMethods:
 
         return streamed_write(self._stub.Import, requests, timeout, retries=0 if _one_pass(parts) else RETRIES).rows
 
-    def _import_requests(self, part) -> Iterator[pb.ImportRequest]:
+    def _import_fields(self, part) -> Iterator[dict]:
+        """The fields of each ImportRequest of one part, as constructor arguments: a message built
+        from them is built in place (a built ImportRequest given to a constructor is copied)."""
+        for ids, weights, state, meta in self._import_slices(part):
+            yield {"ids": encode_ids(ids), "weights": _tensor(weights, "weights"),
+                   "state": None if state is None else _tensor(state, "state"),
+                   "meta": None if meta is None else _tensor(meta, "meta")}
+
+    def _import_slices(self, part) -> Iterator[tuple]:
+        """(ids, weights, state, meta) of each import message of one part, about `chunk_bytes` each."""
         if isinstance(part, ExportChunk):
             part = (part.ids, part.weights, part.state, part.meta)
         ids = as_ids(part[0])
@@ -154,10 +174,8 @@ class SnapshotMethods:
         meta = None if len(part) < 4 or part[3] is None else as_rows(part[3], len(ids), "meta").astype(np.int64)
         row_bytes = 8 + weights[:1].nbytes + (0 if state is None else state[:1].nbytes) + 24
         for start, stop in chunks(len(ids), row_bytes, self.chunk_bytes):
-            yield pb.ImportRequest(
-                ids=encode_ids(ids[start:stop]), weights=_tensor(weights[start:stop], "weights"),
-                state=None if state is None else _tensor(state[start:stop], "state"),
-                meta=None if meta is None else _tensor(meta[start:stop], "meta"))
+            yield (ids[start:stop], weights[start:stop], None if state is None else state[start:stop],
+                   None if meta is None else meta[start:stop])
 
     def import_table(self, table: str, ids: Any, weights: Any, state: Any = None, mode: str = "merge",
                      meta: Any = None, config: dict | None = None) -> int:

@@ -27,7 +27,8 @@ BACKOFF_SECONDS = 0.1
 def streamed_write(call: Callable, requests: Callable[[str], Iterator], timeout: float, retries: int = RETRIES,
                    marks: Callable[[Any], Any] = lambda request: request) -> Any:
     """`call(requests(key))` under a fresh key; retried with that key while the server is unavailable.
-    `marks(request)` is the part of a request that holds `last` (ImportChain: its `rows`)."""
+    `marks(request)` is the part of a request that holds `last` (ImportChain: its `rows`); for
+    requests serialized beforehand (bytes), `marks(request)` returns the request marked `last`."""
     key = uuid.uuid4().hex
     for attempt in range(retries + 1):
         source = _Source(_mark_last(requests(key), marks))
@@ -51,6 +52,9 @@ def _mark_last(requests: Iterator, marks: Callable[[Any], Any]) -> Iterator:
             yield previous
         previous = request
     if previous is not None:
+        if isinstance(previous, bytes):
+            yield marks(previous)
+            return
         marks(previous).last = True
         yield previous
 

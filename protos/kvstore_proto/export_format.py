@@ -15,6 +15,7 @@ import io
 import json
 import mmap
 import os
+import struct
 import time
 import zipfile
 from collections.abc import Iterator
@@ -79,6 +80,77 @@ def _sha256(path: str) -> str:
             return hashlib.sha256().hexdigest()
         with mmap.mmap(src.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
             return hashlib.sha256(mapped).hexdigest()
+
+
+def _map(path: str) -> mmap.mmap | bytes:
+    """The file's bytes, mapped read-only (arrays viewing them keep the mapping alive)."""
+    with open(path, "rb") as src:
+        if os.fstat(src.fileno()).st_size == 0:
+            return b""
+        return mmap.mmap(src.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+_LOCAL_HEADER = struct.Struct("<4s22xHH")   # signature ... file name length, extra field length
+
+
+def _npz_views(mapped, name: str) -> dict[str, np.ndarray]:
+    """Read-only arrays viewing the members of an uncompressed .npz in place (the checksum
+    already covers its bytes): no read into a buffer, no copy out of it, as np.load makes."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(mapped) if isinstance(mapped, bytes) else _MappedFile(mapped)) as archive:
+            members = archive.infolist()
+        arrays = {}
+        for info in members:
+            if info.compress_type != zipfile.ZIP_STORED or not info.filename.endswith(".npy"):
+                raise ExportFormatError(f"{name}: member {info.filename!r} is not an uncompressed .npy")
+            signature, name_len, extra_len = _LOCAL_HEADER.unpack_from(mapped, info.header_offset)
+            if signature != b"PK\x03\x04":
+                raise ExportFormatError(f"{name}: member {info.filename!r} has no local header")
+            start = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+            member = io.BytesIO(mapped[start:start + min(info.file_size, 1 << 16)])
+            version = npy.read_magic(member)
+            read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+            shape, fortran, dtype = read_header(member)
+            if fortran or dtype.hasobject:
+                raise ExportFormatError(f"{name}: member {info.filename!r} is not a C-ordered numeric array")
+            count = int(np.prod(shape))
+            if member.tell() + count * dtype.itemsize > info.file_size:
+                raise ExportFormatError(f"{name}: member {info.filename!r} is shorter than its shape {shape}")
+            arrays[info.filename[:-4]] = np.frombuffer(mapped, dtype, count, start + member.tell()).reshape(shape)
+    except (zipfile.BadZipFile, struct.error, ValueError) as exc:
+        if isinstance(exc, ExportFormatError):
+            raise
+        raise ExportFormatError(f"{name}: not a valid .npz: {exc}") from None
+    missing = {"ids", "weights", "state", "meta"} - set(arrays)
+    if missing:
+        raise ExportFormatError(f"{name}: missing member {sorted(missing)[0]}.npy")
+    return arrays
+
+
+class _MappedFile(io.RawIOBase):
+    """A seekable read-only file over a mapping, for zipfile's central-directory read."""
+
+    def __init__(self, mapped: mmap.mmap):
+        self.mapped, self.position = mapped, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.position = offset + (0, self.position, len(self.mapped))[whence]
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+    def readinto(self, buffer) -> int:
+        data = self.mapped[self.position:self.position + len(buffer)]
+        memoryview(buffer)[:len(data)] = data
+        self.position += len(data)
+        return len(data)
 
 
 def file_sha256(path: str) -> str:
@@ -220,10 +292,10 @@ class ExportReader:
         path = os.path.join(self.path, name)
         if not os.path.isfile(path):
             raise ExportFormatError(f"{name}: missing")
-        if _sha256(path) != entry.get("sha256"):
+        mapped = _map(path)
+        if hashlib.sha256(mapped).hexdigest() != entry.get("sha256"):
             raise ExportFormatError(f"{name}: checksum mismatch (corrupt or changed)")
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in ("ids", "weights", "state", "meta")}
+        arrays = _npz_views(mapped, name)
         stored = _STORED_AS.get(self.dtype)
         weights = arrays["weights"].view(_WEIGHT_DTYPES[self.dtype]) if stored is not None else arrays["weights"]
         n = int(entry["rows"])

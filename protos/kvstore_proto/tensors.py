@@ -65,15 +65,35 @@ def _tensor_parts(array: np.ndarray) -> list:
     return [head + b"\x1a" + _varint(array.nbytes), array.reshape(-1).view(np.uint8).data]
 
 
-def encode_lookup_response(weights: np.ndarray, state: np.ndarray | None = None) -> bytes:
-    """A serialized `LookupResponse`, built with one copy of the rows. Building the message
-    and serializing it copies 2 MiB of rows three times (bytes, message, serialization)."""
-    parts: list = []
-    for tag, array in ((b"\x0a", weights), (b"\x12", state)):
+def _part_bytes(parts: list) -> int:
+    return sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
+
+
+def encode_message(tensors: dict[int, np.ndarray | None], packed: dict[int, np.ndarray] | None = None,
+                   prefix: bytes = b"", within: int | None = None) -> bytes:
+    """A serialized message built with one copy of its arrays: `tensors` are `Tensor` fields by
+    field number, `packed` are bytes fields of packed int64 (ids), `prefix` an already serialized
+    part (e.g. header fields); `within`: the message is field `within` of an outer one (returns
+    the outer message). Building a message and serializing it copies each array three times
+    (bytes, message, serialization); a strided view (columns of stored rows) is copied once more,
+    to make it contiguous."""
+    parts: list = [prefix] if prefix else []
+    for number, array in sorted((packed or {}).items()):
+        data = np.ascontiguousarray(array, dtype="<i8").reshape(-1).view(np.uint8).data
+        if data.nbytes:
+            parts += [_varint(number << 3 | 2) + _varint(data.nbytes), data]
+    for number, array in sorted(tensors.items()):
         if array is not None:
             tensor = _tensor_parts(array)
-            parts += [tag + _varint(sum(len(p) if isinstance(p, bytes) else p.nbytes for p in tensor)), *tensor]
+            parts += [_varint(number << 3 | 2) + _varint(_part_bytes(tensor)), *tensor]
+    if within is not None:
+        parts.insert(0, _varint(within << 3 | 2) + _varint(_part_bytes(parts)))
     return b"".join(parts)
+
+
+def encode_lookup_response(weights: np.ndarray, state: np.ndarray | None = None) -> bytes:
+    """A serialized `LookupResponse`, built with one copy of the rows (see `encode_message`)."""
+    return encode_message({1: weights, 2: state})
 
 
 def encode_tensor(array: np.ndarray) -> dict:
@@ -165,26 +185,28 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(buf: memoryview, start: int, end: int):
+def _fields(buf: memoryview, start: int, end: int, spans: bool = False):
     """(field number, value) of each field in buf[start:end]: an int for varints, a
-    (start, end) span for length-delimited fields; fixed-width fields are skipped."""
+    (start, end) span for length-delimited fields; fixed-width fields are skipped.
+    `spans`: (field number, value, start, end) with the span of the whole field, tag included."""
     pos = start
     while pos < end:
+        first = pos
         key, pos = _read_varint(buf, pos)
         number, wire_type = key >> 3, key & 7
         if wire_type == 0:
             value, pos = _read_varint(buf, pos)
-            yield number, value
         elif wire_type == 2:
             size, pos = _read_varint(buf, pos)
             if pos + size > end:
                 raise WireError(f"message: field {number} runs past the end")
-            yield number, (pos, pos + size)
-            pos += size
+            value, pos = (pos, pos + size), pos + size
         elif wire_type in (1, 5):
             pos += 8 if wire_type == 1 else 4
+            continue
         else:
             raise WireError(f"message: unsupported wire type {wire_type} in field {number}")
+        yield (number, value, first, pos) if spans else (number, value)
 
 
 def _int64(value: int) -> int:
@@ -218,3 +240,28 @@ def decode_lookup_response(blob: bytes) -> tuple[np.ndarray | None, np.ndarray |
         if number in (1, 2) and isinstance(value, tuple):
             tensors[number] = _tensor_view(blob, buf, *value, "weights" if number == 1 else "state")
     return tensors.get(1), tensors.get(2)
+
+
+EXPORT_TENSORS = {4: "weights", 5: "state", 6: "meta"}
+EXPORT_PACKED = {3: "ids", 62: "tombstones"}
+
+
+def decode_export_chunk(blob: bytes) -> tuple[pb.ExportChunk, dict[str, np.ndarray]]:
+    """A serialized `ExportChunk`: its other fields as a message (the header: config, sequences),
+    and its rows as read-only views of `blob` by name (ids, weights, state, meta, tombstones; an
+    absent one is left out). Parsing it into a message and reading the fields would copy the
+    rows twice more."""
+    buf = memoryview(blob)
+    header: list = []
+    arrays: dict[str, np.ndarray] = {}
+    for number, value, start, end in _fields(buf, 0, len(buf), spans=True):
+        if isinstance(value, tuple) and number in EXPORT_TENSORS:
+            arrays[EXPORT_TENSORS[number]] = _tensor_view(blob, buf, *value, EXPORT_TENSORS[number])
+        elif isinstance(value, tuple) and number in EXPORT_PACKED:
+            size = value[1] - value[0]
+            if size % 8:
+                raise WireError(f"{EXPORT_PACKED[number]}: {size} bytes is not a multiple of 8 (packed int64)")
+            arrays[EXPORT_PACKED[number]] = np.frombuffer(blob, "<i8", size // 8, value[0])
+        else:
+            header.append(buf[start:end])
+    return pb.ExportChunk.FromString(b"".join(header)), arrays

@@ -13,7 +13,6 @@ always knows the primary's head sequence and its own lag.
 from __future__ import annotations
 
 import asyncio
-import itertools
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import numpy as np
@@ -22,16 +21,18 @@ from kvstore_proto.v1 import kvstore_pb2 as pb
 
 from kvstore import Store
 from kvstore.changefeed import ChangeFeed, Changes, OutsideWindow
-from kvstore.delta import DeltaChunk, ImportChains, commit_link, export_since, read_changes
+from kvstore.delta import DeltaChunk, ImportChains, commit_link, export_since, read_table_changes
 from kvstore.errors import FailedPrecondition, InvalidArgument, TableNotFound
+from kvstore.id_ranges import NO_RANGES
 from kvstore.transfer import rows_to_chunk
 
 from .idempotency import RecentWrites
 from .messages import concat, table_config_to_proto
 from .rpc import StoreWork, whole_stream
-from .transfer_service import add_rows
+from .transfer_service import add_rows, encode_export_chunk
 
 HEARTBEAT_SECONDS = 1.0
+NO_IDS_ARRAY = np.zeros(0, np.int64)
 DEFAULT_INTERVAL = 0.1
 MAX_INTERVAL = 60.0
 MESSAGE_BYTES = 2 << 20      # rows per Subscribe message: about this many bytes
@@ -119,13 +120,14 @@ class ReplicationRPCs:
     async def _batch(self, changes: Changes, weights_only: bool) -> AsyncIterator[pb.SubscribeResponse]:
         for name in sorted(changes.dropped):             # before any row of a table created again since
             yield pb.SubscribeResponse(table=name, table_dropped=True, sequence=changes.through)
-        for name, ids in changes.ids.items():
+        for name in changes.tables():
             try:
                 table = self.store.table(name)
             except TableNotFound:                           # dropped since: nothing to send
                 continue
             row_bytes = 8 + table.layout.row_bytes
-            chunks = read_changes(table, ids, max(1, MESSAGE_BYTES // row_bytes))
+            chunks = read_table_changes(table, changes.ids.get(name, NO_IDS_ARRAY), changes.ranges.get(name, NO_RANGES),
+                                        max(1, MESSAGE_BYTES // row_bytes))
             while (chunk := await self._next_on(name, chunks)) is not None:
                 rows = chunk.rows
                 yield pb.SubscribeResponse(
@@ -154,15 +156,13 @@ class ReplicationRPCs:
                                     chunk_rows)
         layout = delta.table.layout
         empty = DeltaChunk(rows_to_chunk(layout, np.zeros(0, np.int64), layout.empty(0)), np.zeros(0, np.int64))
-        header = {"config": table_config_to_proto(delta.config), "estimated_rows": len(delta.ids),
-                  "sequence": delta.sequence, "since_sequence": delta.since, "feed_id": self.store.changes.feed_id}
-        chunks = itertools.chain([empty], delta)
-        while (chunk := await self.on_table(request.table, next, chunks, None)) is not None:
-            rows = chunk.rows
-            yield pb.ExportChunk(ids=encode_ids(rows.ids), weights=encode_tensor(rows.weights),
-                                 state=encode_tensor(rows.state), meta=encode_tensor(rows.meta.astype(np.int64)),
-                                 tombstones=encode_ids(chunk.tombstones), **header)
-            header = {}
+        header = pb.ExportChunk(config=table_config_to_proto(delta.config), estimated_rows=len(delta.ids),
+                                sequence=delta.sequence, since_sequence=delta.since,
+                                feed_id=self.store.changes.feed_id).SerializeToString()
+        yield encode_export_chunk(empty.rows, header, empty.tombstones)
+        chunks = (encode_export_chunk(chunk.rows, b"", chunk.tombstones) for chunk in delta)
+        while (message := await self.on_table(request.table, next, chunks, None)) is not None:
+            yield message
 
     async def ImportChain(self, requests: AsyncIterator, context):
         link = _ChainLink(self.store, self._begin_import, lambda key: self.recent.known("ImportChain", key))

@@ -43,7 +43,7 @@ log = logging.getLogger("kvstore_server")
 SERVICE = pb.DESCRIPTOR.services_by_name["EmbeddingStore"]
 SERVICE_NAME = SERVICE.full_name
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"   # the same messages as v1alpha, another name
-PRESERIALIZED = {"Lookup"}   # methods whose handlers yield wire bytes (see encode_lookup_response)
+PRESERIALIZED = {"Lookup", "Export"}   # methods whose handlers yield wire bytes (tensors.encode_message)
 _KINDS = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
           (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
 

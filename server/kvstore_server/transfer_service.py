@@ -13,13 +13,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import numpy as np
-from kvstore_proto.tensors import decode_ids, decode_tensor, encode_ids, encode_tensor
+from kvstore_proto.tensors import decode_ids, decode_tensor, encode_message
 from kvstore_proto.v1 import kvstore_pb2 as pb
 
 from kvstore import Store, TableConfig
 from kvstore.dtypes import weight_dtype
 from kvstore.errors import InvalidArgument
 from kvstore.snapshots import SnapshotInfo
+from kvstore.transfer import rows_to_chunk
 
 from .budgets import check_new_table
 from .data_budget import DataBudget, with_default_max_rows
@@ -84,19 +85,13 @@ class SnapshotRPCs:
             return
         export = await self.on_table(request.table, self.store.export_table, request.table, chunk_rows)
         try:
-            header = {"config": table_config_to_proto(export.config), "estimated_rows": export.estimated_rows,
-                      "sequence": export.sequence, "feed_id": self.store.changes.feed_id}
-            chunks = iter(export)
-            while (chunk := await self.on_table(request.table, next, chunks, None)) is not None:
-                yield pb.ExportChunk(ids=encode_ids(chunk.ids), weights=encode_tensor(chunk.weights),
-                                     state=encode_tensor(chunk.state),
-                                     meta=encode_tensor(chunk.meta.astype(np.int64)), **header)
-                header = {}
-            if header:                                    # an empty table: the header alone
-                yield pb.ExportChunk(
-                    ids=b"", weights=encode_tensor(np.zeros((0, config.dim), weight_dtype(config.dtype))),
-                    state=encode_tensor(np.zeros((0, config.state_dim), np.float32)),
-                    meta=encode_tensor(np.zeros((0, 3), np.int64)), **header)
+            header = pb.ExportChunk(config=table_config_to_proto(export.config), estimated_rows=export.estimated_rows,
+                                    sequence=export.sequence, feed_id=self.store.changes.feed_id).SerializeToString()
+            empty = rows_to_chunk(export.layout, np.zeros(0, np.int64), export.layout.empty(0))
+            yield encode_export_chunk(empty, header)      # the header travels alone, before any row is read
+            chunks = map(encode_export_chunk, export)     # encoded in the executor, beside the read
+            while (message := await self.on_table(request.table, next, chunks, None)) is not None:
+                yield message
         finally:
             await asyncio.shield(self.work(export.close))
 
@@ -170,6 +165,15 @@ def _add_counted(add: Callable[[Any, Any], None], stager, request, budget: DataB
     """`add` one chunk, then refuse the import once its rows pass the table's max_rows or the disk budget."""
     add(stager, request)
     budget.check_import(stager)
+
+
+def encode_export_chunk(chunk, header: bytes = b"", tombstones: np.ndarray | None = None) -> bytes:
+    """A serialized `ExportChunk` of a chunk of rows (and a delta's tombstones), with `header` (the
+    serialized header fields of the first chunk) in front: one copy of the rows (the method is
+    pre-serialized, server.PRESERIALIZED)."""
+    tensors = {4: chunk.weights, 5: chunk.state, 6: chunk.meta.astype(np.int64)}
+    packed = {3: chunk.ids} if tombstones is None else {3: chunk.ids, 62: tombstones}
+    return encode_message(tensors, packed, header)
 
 
 def _add_import_chunk(stager, request: pb.ImportRequest) -> None:

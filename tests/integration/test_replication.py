@@ -162,6 +162,19 @@ def test_deletes_evictions_and_drops_reach_the_replica(start_server, primary, pr
         assert wait_until(lambda: "gone" not in replica_client.list_tables(), DEADLINE)
 
 
+def test_a_merge_import_on_the_primary_reaches_the_replica_without_a_rebootstrap(start_server, primary,
+                                                                                   primary_client):
+    small_table(primary_client, "merged")
+    primary_client.update("merged", np.arange(0, 3000), np.ones((3000, 8), np.float32))
+    replica = start_replica(start_server, primary)
+    assert converges(primary_client, replica, "merged")
+    rng = np.random.default_rng(5)
+    ids = rng.choice(20000, 5000, replace=False)               # over the old rows and beyond them
+    primary_client.import_table("merged", ids, rng.standard_normal((5000, 8)).astype(np.float32), mode="merge")
+    assert converges(primary_client, replica, "merged")
+    assert bootstraps(replica, "initial") == 1 and bootstraps(replica, "window") == 0
+
+
 def test_replica_follows_across_a_primary_restart(start_server, primary, primary_client):
     small_table(primary_client, "restart")
     primary_client.update("restart", np.arange(30), np.ones((30, 8), np.float32))

@@ -176,7 +176,7 @@ def test_archive_restores_and_merge_imports_are_recorded_and_a_replace_import_re
     assert store.changes.changes(since).ids["t"].tolist() == [1]
     since = store.changes.last
     store.import_table("t", [(np.array([5, 6]), np.ones((2, 8), np.float32))], mode="merge")
-    assert store.changes.changes(since).ids["t"].tolist() == [5, 6]
+    assert store.changes.changes(since).ranges["t"].tolist() == [[5, 6]]
     since = store.changes.last
     store.import_table("t", [(np.array([7]), np.ones((1, 8), np.float32))], mode="replace")
     with pytest.raises(OutsideWindow):          # rows went that the log cannot list: followers re-bootstrap
@@ -194,3 +194,44 @@ def test_an_export_names_its_sequence_and_a_delta_read_counts_no_access(store):
     assert len(list(export_since(store, "t", since))) == 1
     after, exists = store.table("t").read_rows(np.array([1, 2]))
     assert exists.all() and np.array_equal(before, after)          # headers (access count, time) unchanged
+
+
+def test_a_merge_import_is_one_feed_entry_of_its_id_ranges_whatever_its_rows(tmp_path):
+    with Store(str(tmp_path / "d"), changefeed=ChangeFeedConfig(window_rows=16)) as store:
+        store.create_table(table_config())
+        since = store.changes.last
+        chunks = [(np.arange(start, start + 1000), np.ones((1000, 8), np.float32)) for start in (0, 1000, 5000)]
+        chunks.append((np.arange(100, 200), np.zeros((100, 8), np.float32)))      # out of order: a second run
+        store.import_table("t", chunks, mode="merge")
+        assert store.changes.last == since + 1 and store.changes.floor <= since   # 30k ids, a window of 16
+        assert store.changes.stats()["changefeed_rows"] <= 2
+        assert store.changes.changes(since).ranges["t"].tolist() == [[0, 5999]]
+
+
+def test_a_delta_after_a_merge_import_carries_every_imported_row_and_later_changes(store):
+    store.create_table(table_config())
+    store.update("t", np.arange(0, 50), np.full((50, 8), 3, np.float32))
+    since = store.changes.last
+    store.import_table("t", [(np.arange(10, 30), np.full((20, 8), 7, np.float32)),
+                             (np.arange(40, 45), np.full((5, 8), 9, np.float32))], mode="merge")
+    store.update("t", [12, 100], np.full((2, 8), 5, np.float32))   # after the import: inside and outside its range
+    store.delete("t", [20])
+    delta = export_since(store, "t", since, chunk_rows=4)
+    chunks = list(delta)
+    ids = np.concatenate([c.rows.ids for c in chunks])
+    tombstones = np.concatenate([c.tombstones for c in chunks])
+    weights = np.concatenate([c.rows.weights for c in chunks])
+    assert sorted(ids.tolist()) == sorted(set(range(10, 45)) - {20} | {100})    # the range's stored rows, once each
+    assert tombstones.tolist() == [20]
+    by_id = dict(zip(ids.tolist(), weights[:, 0].tolist(), strict=True))
+    assert by_id[12] == 5 and by_id[11] == 7 and by_id[41] == 9 and by_id[35] == 3 and by_id[100] == 5
+
+
+def test_a_merge_import_drops_only_cached_copies_of_the_imported_ranges(store):
+    store.create_table(table_config())
+    store.update("t", np.arange(0, 100), np.ones((100, 8), np.float32))
+    store.lookup("t", np.arange(0, 100))                                     # all cached
+    before = store.table("t").stats()
+    store.import_table("t", [(np.arange(10, 20), np.full((10, 8), 2, np.float32))], mode="merge")
+    assert store.table("t").stats()["cache_rows"] == before["cache_rows"] - 10
+    assert (rows(store, "t", np.arange(10, 20)) == 2).all() and (rows(store, "t", [9, 20]) == 1).all()

@@ -1,4 +1,4 @@
-"""The lookup response fast paths speak exactly the protobuf wire format."""
+"""The lookup and export fast paths speak exactly the protobuf wire format."""
 from __future__ import annotations
 
 import ml_dtypes
@@ -7,9 +7,12 @@ import pytest
 from kvstore_proto.tensors import (
     WIRE_DTYPES,
     WireError,
+    decode_export_chunk,
+    decode_ids,
     decode_lookup_response,
     decode_tensor,
     encode_lookup_response,
+    encode_message,
     encode_tensor,
 )
 from kvstore_proto.v1 import kvstore_pb2 as pb
@@ -137,3 +140,37 @@ def test_a_cache_without_a_device_gets_the_servers_default():
     assert table_config_from_proto(with_rows, "cuda").cache.device == "cuda"
     chosen = pb.TableConfig(name="t", dim=4, cache=pb.CacheConfig(device="cpu"))
     assert table_config_from_proto(chosen, "cuda").cache.device == "cpu"
+
+
+def export_chunk_fields(weights: np.ndarray, state: np.ndarray) -> dict:
+    n = len(weights)
+    return {"ids": np.arange(n, dtype=np.int64) * 7 - 3, "weights": weights,
+            "state": state if state is not None else np.zeros((n, 0), np.float32),
+            "meta": np.arange(n * 3, dtype=np.int64).reshape(n, 3), "tombstones": np.arange(n % 3, dtype=np.int64)}
+
+
+@pytest.mark.parametrize("weights,state", CASES)
+def test_a_preserialized_export_chunk_and_its_in_place_decoding_agree_with_protobuf(weights, state):
+    fields = export_chunk_fields(weights, state)
+    head = pb.ExportChunk(estimated_rows=9, sequence=41, since_sequence=0, feed_id="f").SerializeToString()
+    blob = encode_message({4: fields["weights"], 5: fields["state"], 6: fields["meta"]},
+                          {3: fields["ids"], 62: fields["tombstones"]}, head)
+    parsed = pb.ExportChunk.FromString(blob)
+    assert (parsed.sequence, parsed.since_sequence, parsed.feed_id) == (41, 0, "f")
+    assert parsed.HasField("since_sequence")
+    assert parsed.ids == fields["ids"].astype("<i8").tobytes()
+    assert parsed.weights.data == np.ascontiguousarray(weights, WIRE_DTYPES[parsed.weights.dtype]).tobytes()
+    header, arrays = decode_export_chunk(blob)
+    assert header == pb.ExportChunk(estimated_rows=9, sequence=41, since_sequence=0, feed_id="f")
+    for name, expected in fields.items():
+        got = arrays.get(name, np.zeros(0, np.int64))          # an empty bytes field is left out
+        assert got.shape == expected.shape and (name not in arrays or not got.flags.writeable)
+        np.testing.assert_array_equal(got, expected.astype(got.dtype))
+
+
+def test_a_chunk_field_nested_in_an_outer_message_parses_as_protobuf_nests_it():
+    weights = np.arange(6, dtype=np.float32).reshape(2, 3)
+    blob = encode_message({5: weights}, {4: np.array([5, -1])}, within=1)
+    parsed = pb.ImportChainRequest.FromString(blob + pb.ImportChainRequest(rows={"last": True}).SerializeToString())
+    assert parsed.rows.last and decode_ids(parsed.rows.ids).tolist() == [5, -1]
+    np.testing.assert_array_equal(decode_tensor(parsed.rows.weights, "weights"), weights)
