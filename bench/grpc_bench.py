@@ -129,6 +129,17 @@ def load(client, rows: int, dim: int, name: str) -> None:
         client.update("bench", ids[s:s + 262144], rng.standard_normal((len(ids[s:s + 262144]), dim),
                                                                      dtype=np.float32))
     print(f"{name}: loaded {rows} rows in {time.perf_counter() - t0:.1f}s", flush=True)
+    settle(client)
+
+
+def settle(client, poll: float = 0.2) -> None:
+    """Wait until the loaded rows are flushed: a server still writing them back spends CPU (and
+    takes its table lock) during the first timed batches, which would bias whichever loaded last."""
+    while True:
+        stats = client.stats("bench")
+        if not stats.get("cache_dirty_rows", 0) and not stats.get("pending_rows", 0):
+            return
+        time.sleep(poll)
 
 
 if __name__ == "__main__":

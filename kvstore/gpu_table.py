@@ -166,6 +166,10 @@ class GpuTable(Table):
         state = None if state is None else from_device(state, kind, np.dtype(np.float32))
         return LookupResult(from_device(weights, kind, self.layout.dtype), state)
 
+    def lookup_if_cached(self, ids, with_state: bool = False) -> LookupResult | None:
+        """None: a device lookup waits for the device, so it always runs where waiting is allowed."""
+        return None
+
     def _gather(self, rows: cupy.ndarray, index: cupy.ndarray, weights: cupy.ndarray, state) -> None:
         """Weights (and state) of rows[index[i]] into row i of the outputs; index -1 skips."""
         self.kernels.copy_rows(rows, index, self.layout.row_bytes, self.layout.weight_offset, weights, None,

@@ -157,6 +157,25 @@ class Table:
                 state[miss_at] = self.layout.state(miss_rows)[inverse]
             return LookupResult(weights, state)
 
+    def lookup_if_cached(self, ids, with_state: bool = False) -> LookupResult | None:
+        """`lookup(ids)` when the table lock is free right now and every id is cached, else None
+        with nothing changed. Never waits and never reads RocksDB: its cost is a probe and a
+        gather of len(ids) cached rows, so a server may run it where it must not block."""
+        ids = self._ids(ids)
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            slots = self.cache.probe(ids)
+            if not bool((slots >= 0).all()):               # probe is pure: a miss changes nothing
+                return None
+            self.cache.begin_batch()                        # from here on: lookup's all-hit path
+            self.cache.touch(slots)
+            self.eviction.touch(self.cache.slab, slots, self.clock())
+            self.counters["cache_hits"] += len(slots)
+            return self._result(self.cache.slab, slots, with_state)
+        finally:
+            self._lock.release()
+
     def _result(self, rows: np.ndarray, slots, with_state: bool) -> LookupResult:
         """Weights (and state) of the given slab slots, as new contiguous arrays. Small batches
         take whole rows first (one `take` of fixed-size records beats indexing a strided view
