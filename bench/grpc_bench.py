@@ -6,9 +6,11 @@ echo server answers each chunk with pre-built bytes of the right size, so it is
 the transport's ceiling for this message pattern; it runs twice, as a threaded
 and as an asyncio gRPC server, and the faster one is the reference. Prints rows/s
 and the ratio. With `--baseline DIR` (a checkout of an earlier kvstore) that
-version's server serves the same table in the same run, for a before/after.
+version's server serves the same table in the same run, for a before/after; with
+`--executor-too` this server also runs with `--inline-lookup-bytes 0` (every chunk
+in a store thread, none on the event loop), for the gain of serving cached rows on the loop.
 
-    python bench/grpc_bench.py [--rows 1000000] [--dim 128] [--baseline DIR]
+    python bench/grpc_bench.py [--rows 1000000] [--dim 128] [--baseline DIR] [--executor-too]
 """
 from __future__ import annotations
 
@@ -66,8 +68,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
     parser.add_argument("--rounds", type=int, default=1, help="passes over each case's batches")
     parser.add_argument("--baseline", default="", help="checkout of an earlier kvstore to serve beside this one")
+    parser.add_argument("--executor-too", action="store_true",
+                        help="also serve with --inline-lookup-bytes 0 (every chunk in a store thread), as 'executor'")
     args = parser.parse_args()
     servers = {"kvstore": start(["kvstore-server", "--data-dir", tempfile.mkdtemp(prefix="kvbench-"), "--port", "0"])}
+    if args.executor_too:
+        servers["executor"] = start(["kvstore-server", "--data-dir", tempfile.mkdtemp(prefix="kvbench-x-"), "--port",
+                                     "0", "--inline-lookup-bytes", "0"])
     if args.baseline:
         root = os.path.abspath(args.baseline)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(os.path.join(root, p) for p in ("", "protos", "server",
@@ -88,8 +95,9 @@ def run(args, addresses: dict[str, str]) -> None:
     from kvstore_client import KVStoreClient
 
     lookups = {}
-    clients = [KVStoreClient(addresses[name], timeout=600) for name in ("kvstore", "baseline") if name in addresses]
-    for name, client in zip(("kvstore", "baseline"), clients, strict=False):
+    served = [name for name in ("kvstore", "executor", "baseline") if name in addresses]
+    clients = [KVStoreClient(addresses[name], timeout=600) for name in served]
+    for name, client in zip(served, clients, strict=True):
         load(client, args.rows, args.dim, name)
         lookups[name] = lambda b, client=client: client.lookup("bench", b)
     for name in ("echo threaded", "echo asyncio"):      # the same chunks up, the same bytes down
@@ -99,7 +107,8 @@ def run(args, addresses: dict[str, str]) -> None:
     perm = rng.permutation(args.rows)
     names = list(lookups)
     print(f"{'ids':8} {'batch':>7} " + " ".join(f"{n + ' rows/s':>22}" for n in names)
-          + f" {'ratio':>6}" + (f" {'vs baseline':>11}" if "baseline" in lookups else ""))
+          + f" {'ratio':>6}" + (f" {'vs baseline':>11}" if "baseline" in lookups else "")
+          + (f" {'vs executor':>11}" if "executor" in lookups else ""))
     for dist in ("uniform", "zipf"):
         for batch in (4096, 65536):
             count = max(3, int(args.seconds * 2e6 / batch))
@@ -109,8 +118,9 @@ def run(args, addresses: dict[str, str]) -> None:
             rates = timed_side_by_side(lookups, batches, args.rounds)
             ratio = rates["kvstore"] / max(rates["echo threaded"], rates["echo asyncio"])
             line = f"{dist:8} {batch:>7} " + " ".join(f"{rates[n]:>22,.0f}" for n in names) + f" {ratio:>6.2f}"
-            if "baseline" in rates:
-                line += f" {rates['kvstore'] / rates['baseline']:>11.2f}"
+            for other in ("baseline", "executor"):
+                if other in rates:
+                    line += f" {rates['kvstore'] / rates[other]:>11.2f}"
             print(line, flush=True)
     stats = clients[0].stats("bench")
     print(f"cache hits {stats.get('cache_hits', 0):,.0f} misses {stats.get('cache_misses', 0):,.0f}")
