@@ -8,9 +8,10 @@ and as an asyncio gRPC server, and the faster one is the reference. Prints rows/
 and the ratio. With `--baseline DIR` (a checkout of an earlier kvstore) that
 version's server serves the same table in the same run, for a before/after; with
 `--executor-too` this server also runs with `--inline-lookup-bytes 0` (every chunk
-in a store thread, none on the event loop), for the gain of serving cached rows on the loop.
+in a store thread, none on the event loop), for the gain of serving cached rows on the loop;
+`--cpu` adds each server process's CPU time per call.
 
-    python bench/grpc_bench.py [--rows 1000000] [--dim 128] [--baseline DIR] [--executor-too]
+    python bench/grpc_bench.py [--rows 1000000] [--dim 128] [--baseline DIR] [--executor-too] [--cpu]
 """
 from __future__ import annotations
 
@@ -43,22 +44,34 @@ def zipf_ids(rng, n: int, rows: int, perm: np.ndarray) -> np.ndarray:
     return perm[rng.choice(rows, size=n, p=p)]
 
 
-def timed_side_by_side(lookups: dict, batches: list, rounds: int) -> dict[str, float]:
+def process_seconds(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far, from /proc (Linux)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed_side_by_side(lookups: dict, batches: list, rounds: int,
+                       pids: dict[str, int] | None = None) -> tuple[dict[str, float], dict[str, float]]:
     """Rows/s of each lookup over the same batches, taken batch by batch in rotating order, so a
-    noisy neighbour on a shared machine slows every contender alike instead of one window of one."""
+    noisy neighbour on a shared machine slows every contender alike instead of one window of one;
+    with `pids`, also each server's CPU milliseconds per call."""
     for lookup in lookups.values():
         lookup(batches[0])                    # warm-up
     names = list(lookups)
-    seconds = dict.fromkeys(names, 0.0)
+    seconds, cpu = dict.fromkeys(names, 0.0), dict.fromkeys(pids or (), 0.0)
     for round_ in range(rounds):
         for index, batch in enumerate(batches[1:]):
             shift = (index + round_) % len(names)
             for name in names[shift:] + names[:shift]:
+                used = process_seconds(pids[name]) if name in cpu else 0.0
                 start = time.perf_counter()
                 lookups[name](batch)
                 seconds[name] += time.perf_counter() - start
-    rows = rounds * sum(len(b) for b in batches[1:])
-    return {name: rows / seconds[name] for name in names}
+                if name in cpu:
+                    cpu[name] += process_seconds(pids[name]) - used
+    rows, calls = rounds * sum(len(b) for b in batches[1:]), rounds * (len(batches) - 1)
+    return {name: rows / seconds[name] for name in names}, {name: 1e3 * cpu[name] / calls for name in cpu}
 
 
 def main() -> None:
@@ -68,13 +81,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
     parser.add_argument("--rounds", type=int, default=1, help="passes over each case's batches")
     parser.add_argument("--baseline", default="", help="checkout of an earlier kvstore to serve beside this one")
+    parser.add_argument("--cpu", action="store_true", help="also print each server's CPU ms per call (Linux)")
     parser.add_argument("--executor-too", action="store_true",
                         help="also serve with --inline-lookup-bytes 0 (every chunk in a store thread), as 'executor'")
     args = parser.parse_args()
-    servers = {"kvstore": start(["kvstore-server", "--data-dir", tempfile.mkdtemp(prefix="kvbench-"), "--port", "0"])}
+    server = [sys.executable, "-m", "kvstore_server", "--port", "0", "--data-dir"]     # the pid is the server's
+    servers = {"kvstore": start([*server, tempfile.mkdtemp(prefix="kvbench-")])}
     if args.executor_too:
-        servers["executor"] = start(["kvstore-server", "--data-dir", tempfile.mkdtemp(prefix="kvbench-x-"), "--port",
-                                     "0", "--inline-lookup-bytes", "0"])
+        servers["executor"] = start([*server, tempfile.mkdtemp(prefix="kvbench-x-"), "--inline-lookup-bytes", "0"])
     if args.baseline:
         root = os.path.abspath(args.baseline)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(os.path.join(root, p) for p in ("", "protos", "server",
@@ -84,14 +98,15 @@ def main() -> None:
     servers["echo threaded"] = start_echo()
     servers["echo asyncio"] = start_echo(asyncio_server=True)
     try:
-        run(args, {name: address for name, (_, address) in servers.items()})
+        run(args, {name: address for name, (_, address) in servers.items()},
+            {name: proc.pid for name, (proc, _) in servers.items()} if args.cpu else None)
     finally:
         for proc, _ in servers.values():
             proc.terminate()
             proc.wait(timeout=60)
 
 
-def run(args, addresses: dict[str, str]) -> None:
+def run(args, addresses: dict[str, str], pids: dict[str, int] | None) -> None:
     from kvstore_client import KVStoreClient
 
     lookups = {}
@@ -115,13 +130,15 @@ def run(args, addresses: dict[str, str]) -> None:
             batches = [rng.integers(0, args.rows, batch) if dist == "uniform" else zipf_ids(rng, batch, args.rows,
                                                                                               perm)
                        for _ in range(count)]
-            rates = timed_side_by_side(lookups, batches, args.rounds)
+            rates, cpu = timed_side_by_side(lookups, batches, args.rounds, pids)
             ratio = rates["kvstore"] / max(rates["echo threaded"], rates["echo asyncio"])
             line = f"{dist:8} {batch:>7} " + " ".join(f"{rates[n]:>22,.0f}" for n in names) + f" {ratio:>6.2f}"
             for other in ("baseline", "executor"):
                 if other in rates:
                     line += f" {rates['kvstore'] / rates[other]:>11.2f}"
             print(line, flush=True)
+            if cpu:
+                print(f"{'':8} {'':>7} " + " ".join(f"{f'{cpu[n]:.2f} ms CPU/call':>22}" for n in names), flush=True)
     stats = clients[0].stats("bench")
     print(f"cache hits {stats.get('cache_hits', 0):,.0f} misses {stats.get('cache_misses', 0):,.0f}")
     for client in clients:
