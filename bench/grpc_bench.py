@@ -6,9 +6,12 @@ echo server answers each chunk with pre-built bytes of the right size, so it is
 the transport's ceiling for this message pattern; it runs twice, as a threaded
 and as an asyncio gRPC server, and the faster one is the reference. Prints rows/s
 and the ratio. With `--baseline DIR` (a checkout of an earlier kvstore) that
-version's server serves the same table in the same run, for a before/after.
+version's server serves the same table in the same run, for a before/after; with
+`--executor-too` this server also runs with `--inline-lookup-bytes 0` (every chunk
+in a store thread, none on the event loop), for the gain of serving cached rows on the loop;
+`--cpu` adds each server process's CPU time per call.
 
-    python bench/grpc_bench.py [--rows 1000000] [--dim 128] [--baseline DIR]
+    python bench/grpc_bench.py [--rows 1000000] [--dim 128] [--baseline DIR] [--executor-too] [--cpu]
 """
 from __future__ import annotations
 
@@ -41,22 +44,34 @@ def zipf_ids(rng, n: int, rows: int, perm: np.ndarray) -> np.ndarray:
     return perm[rng.choice(rows, size=n, p=p)]
 
 
-def timed_side_by_side(lookups: dict, batches: list, rounds: int) -> dict[str, float]:
+def process_seconds(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far, from /proc (Linux)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed_side_by_side(lookups: dict, batches: list, rounds: int,
+                       pids: dict[str, int] | None = None) -> tuple[dict[str, float], dict[str, float]]:
     """Rows/s of each lookup over the same batches, taken batch by batch in rotating order, so a
-    noisy neighbour on a shared machine slows every contender alike instead of one window of one."""
+    noisy neighbour on a shared machine slows every contender alike instead of one window of one;
+    with `pids`, also each server's CPU milliseconds per call."""
     for lookup in lookups.values():
         lookup(batches[0])                    # warm-up
     names = list(lookups)
-    seconds = dict.fromkeys(names, 0.0)
+    seconds, cpu = dict.fromkeys(names, 0.0), dict.fromkeys(pids or (), 0.0)
     for round_ in range(rounds):
         for index, batch in enumerate(batches[1:]):
             shift = (index + round_) % len(names)
             for name in names[shift:] + names[:shift]:
+                used = process_seconds(pids[name]) if name in cpu else 0.0
                 start = time.perf_counter()
                 lookups[name](batch)
                 seconds[name] += time.perf_counter() - start
-    rows = rounds * sum(len(b) for b in batches[1:])
-    return {name: rows / seconds[name] for name in names}
+                if name in cpu:
+                    cpu[name] += process_seconds(pids[name]) - used
+    rows, calls = rounds * sum(len(b) for b in batches[1:]), rounds * (len(batches) - 1)
+    return {name: rows / seconds[name] for name in names}, {name: 1e3 * cpu[name] / calls for name in cpu}
 
 
 def main() -> None:
@@ -66,8 +81,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
     parser.add_argument("--rounds", type=int, default=1, help="passes over each case's batches")
     parser.add_argument("--baseline", default="", help="checkout of an earlier kvstore to serve beside this one")
+    parser.add_argument("--cpu", action="store_true", help="also print each server's CPU ms per call (Linux)")
+    parser.add_argument("--executor-too", action="store_true",
+                        help="also serve with --inline-lookup-bytes 0 (every chunk in a store thread), as 'executor'")
     args = parser.parse_args()
-    servers = {"kvstore": start(["kvstore-server", "--data-dir", tempfile.mkdtemp(prefix="kvbench-"), "--port", "0"])}
+    server = [sys.executable, "-m", "kvstore_server", "--port", "0", "--data-dir"]     # the pid is the server's
+    servers = {"kvstore": start([*server, tempfile.mkdtemp(prefix="kvbench-")])}
+    if args.executor_too:
+        servers["executor"] = start([*server, tempfile.mkdtemp(prefix="kvbench-x-"), "--inline-lookup-bytes", "0"])
     if args.baseline:
         root = os.path.abspath(args.baseline)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(os.path.join(root, p) for p in ("", "protos", "server",
@@ -77,19 +98,21 @@ def main() -> None:
     servers["echo threaded"] = start_echo()
     servers["echo asyncio"] = start_echo(asyncio_server=True)
     try:
-        run(args, {name: address for name, (_, address) in servers.items()})
+        run(args, {name: address for name, (_, address) in servers.items()},
+            {name: proc.pid for name, (proc, _) in servers.items()} if args.cpu else None)
     finally:
         for proc, _ in servers.values():
             proc.terminate()
             proc.wait(timeout=60)
 
 
-def run(args, addresses: dict[str, str]) -> None:
+def run(args, addresses: dict[str, str], pids: dict[str, int] | None) -> None:
     from kvstore_client import KVStoreClient
 
     lookups = {}
-    clients = [KVStoreClient(addresses[name], timeout=600) for name in ("kvstore", "baseline") if name in addresses]
-    for name, client in zip(("kvstore", "baseline"), clients, strict=False):
+    served = [name for name in ("kvstore", "executor", "baseline") if name in addresses]
+    clients = [KVStoreClient(addresses[name], timeout=600) for name in served]
+    for name, client in zip(served, clients, strict=True):
         load(client, args.rows, args.dim, name)
         lookups[name] = lambda b, client=client: client.lookup("bench", b)
     for name in ("echo threaded", "echo asyncio"):      # the same chunks up, the same bytes down
@@ -99,19 +122,23 @@ def run(args, addresses: dict[str, str]) -> None:
     perm = rng.permutation(args.rows)
     names = list(lookups)
     print(f"{'ids':8} {'batch':>7} " + " ".join(f"{n + ' rows/s':>22}" for n in names)
-          + f" {'ratio':>6}" + (f" {'vs baseline':>11}" if "baseline" in lookups else ""))
+          + f" {'ratio':>6}" + (f" {'vs baseline':>11}" if "baseline" in lookups else "")
+          + (f" {'vs executor':>11}" if "executor" in lookups else ""))
     for dist in ("uniform", "zipf"):
         for batch in (4096, 65536):
             count = max(3, int(args.seconds * 2e6 / batch))
             batches = [rng.integers(0, args.rows, batch) if dist == "uniform" else zipf_ids(rng, batch, args.rows,
                                                                                               perm)
                        for _ in range(count)]
-            rates = timed_side_by_side(lookups, batches, args.rounds)
+            rates, cpu = timed_side_by_side(lookups, batches, args.rounds, pids)
             ratio = rates["kvstore"] / max(rates["echo threaded"], rates["echo asyncio"])
             line = f"{dist:8} {batch:>7} " + " ".join(f"{rates[n]:>22,.0f}" for n in names) + f" {ratio:>6.2f}"
-            if "baseline" in rates:
-                line += f" {rates['kvstore'] / rates['baseline']:>11.2f}"
+            for other in ("baseline", "executor"):
+                if other in rates:
+                    line += f" {rates['kvstore'] / rates[other]:>11.2f}"
             print(line, flush=True)
+            if cpu:
+                print(f"{'':8} {'':>7} " + " ".join(f"{f'{cpu[n]:.2f} ms CPU/call':>22}" for n in names), flush=True)
     stats = clients[0].stats("bench")
     print(f"cache hits {stats.get('cache_hits', 0):,.0f} misses {stats.get('cache_misses', 0):,.0f}")
     for client in clients:
@@ -129,6 +156,17 @@ def load(client, rows: int, dim: int, name: str) -> None:
         client.update("bench", ids[s:s + 262144], rng.standard_normal((len(ids[s:s + 262144]), dim),
                                                                      dtype=np.float32))
     print(f"{name}: loaded {rows} rows in {time.perf_counter() - t0:.1f}s", flush=True)
+    settle(client)
+
+
+def settle(client, poll: float = 0.2) -> None:
+    """Wait until the loaded rows are flushed: a server still writing them back spends CPU (and
+    takes its table lock) during the first timed batches, which would bias whichever loaded last."""
+    while True:
+        stats = client.stats("bench")
+        if not stats.get("cache_dirty_rows", 0) and not stats.get("pending_rows", 0):
+            return
+        time.sleep(poll)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ COPY_PIECE_ROWS = 16384     # rows per piece of a lookup's gather + copy-out pip
 
 class GpuTier:
     name = "gpu"
+    waits_for_device = True       # reads wait for the device: never on a server's event loop
 
     def __init__(self, config: CacheConfig, layout: RowLayout, optimizer: OptimizerConfig, device: int):
         try:
@@ -102,9 +103,9 @@ class GpuTier:
             self.cache.touch(self._d(slots))
 
     def access(self, slots: np.ndarray, now: float) -> None:
-        """Stamps and header access of unique cached slots."""
+        """Stamps and header access of cached slots (duplicates count once)."""
         with self.device:
-            slots_d = self._d(slots)
+            slots_d = cupy.unique(self._d(slots))
             self.cache.touch(slots_d)
             self.kernels.touch_headers(self.cache.slab, self.row_bytes, slots_d, len(slots_d), int(now))
 

@@ -160,6 +160,27 @@ class Table:
                 state[miss_at] = self.layout.state(miss_rows)[inverse]
             return LookupResult(weights, state)
 
+    def lookup_if_cached(self, ids, with_state: bool = False) -> LookupResult | None:
+        """`lookup(ids)` when the table lock is free right now and every id is cached, else None
+        with nothing changed. Never waits and never reads RocksDB: its cost is a probe and a
+        gather of len(ids) cached rows, so a server may run it where it must not block. A tier
+        whose reads wait for a device always answers None."""
+        if self.cache.waits_for_device:
+            return None
+        ids = self._ids(ids)
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            slots = self.cache.probe(ids)
+            if not bool((slots >= 0).all()):               # probe is pure: a miss changes nothing
+                return None
+            self.cache.begin_batch()                        # from here on: lookup's all-hit path
+            self.cache.access(slots, self.clock())
+            self.counters["cache_hits"] += len(slots)
+            return LookupResult(*self.cache.columns(slots, with_state))
+        finally:
+            self._lock.release()
+
     def _load(self, ids: np.ndarray, on_miss: str) -> np.ndarray:
         """Rows of unique uncached ids from RocksDB or the initializer; caches what is stored."""
         rows, present, held_dirty = self._fetch(ids, initialize=on_miss not in ("zeros", "error"))

@@ -33,6 +33,7 @@ class HostTier(SetAssociativeCache):
     slots are used (calloc), so memory grows with use up to the configured size."""
 
     name = "host"
+    waits_for_device = False      # reads are plain memory reads: fine on a server's event loop
 
     def __init__(self, config: CacheConfig, layout: RowLayout, optimizer):
         super().__init__(config, layout.row_bytes)

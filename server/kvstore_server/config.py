@@ -60,6 +60,7 @@ class ServerConfig:
     grace_seconds: float = 10.0          # in-flight calls may finish this long on shutdown
     max_request_rows: int = 1 << 22      # rows in one Update/Delete call, all chunks together
     max_chunk_rows: int = 1 << 20        # rows in one message of a stream
+    inline_lookup_bytes: int = 4 << 20   # cached-row lookups up to this response size run on the event loop; 0 = never
     auth_token_file: str = ""            # file holding the bearer token; empty = no auth
     tls_cert: str = ""                   # PEM certificate chain; with tls_key turns TLS on
     tls_key: str = ""                    # PEM private key
@@ -89,6 +90,9 @@ class ServerConfig:
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
                 raise InvalidArgument(f"{name}: must be 0 ({zero}) or a positive integer, got {value!r}")
+        if not _is_int(self.inline_lookup_bytes) or self.inline_lookup_bytes < 0:
+            raise InvalidArgument(f"inline_lookup_bytes: must be 0 (every lookup in the store threads) or a positive "
+                                  f"integer, got {self.inline_lookup_bytes!r}")
         if not _is_int(self.max_workers) or self.max_workers < 0:
             raise InvalidArgument(f"max_workers: must be 0 (sized to the machine) or a positive integer, "
                                   f"got {self.max_workers!r}")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -82,8 +84,10 @@ def grpc_address(host: str, port: int) -> str:
 
 
 class KVStoreServer:
-    def __init__(self, config: ServerConfig, metrics: Metrics | None = None):
+    def __init__(self, config: ServerConfig, metrics: Metrics | None = None,
+                 store_clock: Callable[[], float] = time.time):
         self.config = config
+        self.store_clock = store_clock        # the Store's clock (row access times, TTL): tests pass their own
         self.metrics = metrics or Metrics()
         self.store: Store | None = None
         self.service: EmbeddingStoreService | None = None
@@ -117,7 +121,7 @@ class KVStoreServer:
         interceptors += replica_interceptors(config)
         await asyncio.to_thread(check_data_dir, config.data_dir)    # no link planted in it leads outside
         self.store = await asyncio.to_thread(Store, config.data_dir, rocks=config.rocksdb, sweeper=config.sweeper,
-                                             changefeed=changefeed_config(config))
+                                             changefeed=changefeed_config(config), clock=self.store_clock)
         self._gate = CallGate(config.max_concurrent_rpcs, config.retry_after_ms)
         self._grpc = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.so_reuseport", 0),

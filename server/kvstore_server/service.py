@@ -1,6 +1,11 @@
 """The servicer: converts messages, calls the Store in the bounded executor, lets `rpc` map the errors.
 
 Every handler is a coroutine that gets parsed requests (see `rpc.bind`).
+Store work runs in the executor, with one exception: a Lookup chunk whose rows
+are all cached, at most `inline_lookup_bytes` of them, and whose table lock is
+free right now is served on the event loop (`Store.lookup_if_cached`:
+a probe and a gather, no waiting, no RocksDB), which saves two thread hand-offs
+per chunk; anything else goes to the executor as before.
 Streamed writes (Update, Delete, ApplyGradients) stage every chunk and commit
 once, after the chunk marked `last` and a clean half-close (`rpc.whole_stream`):
 a bad chunk, a cancellation or a broken connection at any point applies nothing. Their idempotency key makes a
@@ -80,29 +85,28 @@ class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPC
     # --- rows --------------------------------------------------------------------
 
     async def Lookup(self, requests: AsyncIterator, context):
-        """Each chunk is looked up as soon as it arrives, up to LOOKUP_AHEAD chunks ahead of the one
-        being sent: the store gathers chunk i+1 while grpc writes chunk i. Responses keep request order."""
+        """Each chunk is looked up as soon as it arrives (`_lookup_now`: on the loop or in the executor),
+        up to LOOKUP_AHEAD chunks ahead of the one being sent: chunk i+1 is gathered while grpc writes
+        chunk i. Responses keep request order."""
         ahead: asyncio.Queue = asyncio.Queue(LOOKUP_AHEAD)
         reader = asyncio.create_task(self._lookups_ahead(requests, ahead))
         try:
-            while (job := await ahead.get()) is not None:
-                yield await job                                   # serialized: one copy of the rows
+            while (answer := await ahead.get()) is not None:
+                yield answer if isinstance(answer, bytes) else await answer    # serialized: one copy of the rows
             await reader                                          # a malformed chunk ends the stream here
         finally:
             reader.cancel()
             while not ahead.empty():
-                job = ahead.get_nowait()
-                if job is not None:
-                    job.cancel()
+                answer = ahead.get_nowait()
+                if isinstance(answer, asyncio.Future):
+                    answer.cancel()
 
     async def _lookups_ahead(self, requests: AsyncIterator, ahead: asyncio.Queue) -> None:
         """Start the lookup of every chunk that arrives; None once the requests end (or fail: the
         error is this task's, raised where Lookup awaits it)."""
         try:
             async for request in requests:
-                if request.lease:
-                    self.leases.renew_if_live(request.lease)      # a lookup never fails over its lease
-                await ahead.put(asyncio.ensure_future(self.on_table(request.table, self._lookup_chunk, request)))
+                await ahead.put(self._lookup_now(request))
         except asyncio.CancelledError:
             raise                                                 # Lookup is gone: nobody waits for the end
         except BaseException:
@@ -110,12 +114,25 @@ class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPC
             raise
         await ahead.put(None)
 
-    def _lookup_chunk(self, request: pb.LookupRequest) -> bytes:
+    def _lookup_now(self, request: pb.LookupRequest) -> bytes | asyncio.Future:
+        """The response to one chunk when it can be served here on the loop (every row cached, at most
+        `inline_lookup_bytes` of rows, the table free now), else its lookup started in the executor."""
+        if request.lease:
+            self.leases.renew_if_live(request.lease)              # a lookup never fails over its lease
         ids = decode_ids(request.ids, "ids")
         self._check_chunk(len(ids))
         on_miss = on_miss_name(request.on_miss)
-        self._check_response_size(request.table, len(ids), request.with_state)
-        result = self.data_budget.lookup(request.table, ids, on_miss, request.with_state)
+        row_bytes = self._check_response_size(request.table, len(ids), request.with_state)
+        if row_bytes <= self.config.inline_lookup_bytes:
+            result = on_table(self.store, request.table, self.store.lookup_if_cached, request.table, ids,
+                              request.with_state)
+            if result is not None:
+                return encode_lookup_response(result.weights, result.state)
+        return asyncio.ensure_future(self.on_table(request.table, self._lookup_chunk, request.table, ids, on_miss,
+                                                   request.with_state))
+
+    def _lookup_chunk(self, table: str, ids: np.ndarray, on_miss: str, with_state: bool) -> bytes:
+        result = self.data_budget.lookup(table, ids, on_miss, with_state)
         return encode_lookup_response(result.weights, result.state)
 
     async def Update(self, requests: AsyncIterator, context):
@@ -241,7 +258,8 @@ class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPC
             )
         return total
 
-    def _check_response_size(self, table: str, n: int, with_state: bool) -> None:
+    def _check_response_size(self, table: str, n: int, with_state: bool) -> int:
+        """The bytes of the rows answering n ids (RESOURCE_EXHAUSTED when their message is over the limit)."""
         config = self.store.describe_table(table)
         row_bytes = config.dim * weight_dtype(config.dtype).itemsize + (config.state_dim * 4 if with_state else 0)
         size = n * row_bytes + MESSAGE_OVERHEAD
@@ -251,6 +269,7 @@ class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPC
                 f"{self.config.max_message_bytes} bytes; send at most {self._rows_per_message(row_bytes)} ids "
                 "per chunk"
             )
+        return n * row_bytes
 
     def _rows_per_message(self, row_bytes: int) -> int:
         return max(1, (self.config.max_message_bytes - MESSAGE_OVERHEAD) // max(1, row_bytes))

@@ -81,6 +81,7 @@ def test_unknown_config_key_is_an_error_naming_it(tmp_path, source, name):
     (["--port", "fifty"], None, "--port"),
     ([], {"KVSTORE_GRACE_SECONDS": "soon"}, "KVSTORE_GRACE_SECONDS"),
     (["--log-format", "xml"], None, "log_format"),
+    (["--inline-lookup-bytes", "-1"], None, "inline_lookup_bytes"),
 ])
 def test_badly_typed_values_name_their_source(args, env, name):
     result = run_cli("kvstore_server", *args, "--print-config", env=env)

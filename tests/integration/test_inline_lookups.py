@@ -1,0 +1,141 @@
+"""Lookups of cached rows served on the event loop (`inline_lookup_bytes`) never make the loop wait.
+
+These tests run `KVStoreServer` (what `kvstore-server` runs: real gRPC on a loopback port, real
+Store and RocksDB) on an event loop thread of the test process rather than in a child process,
+because they hand the store a clock they can stop inside (`HeldClock`: a lookup stopped there
+holds its table's lock for as long as the test wants) and count the jobs that reach the store
+threads. Everything is ordered by events; nothing sleeps.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+from held_clock import HeldClock
+from kvstore_client import KVStoreClient
+from kvstore_server.config import ServerConfig
+from kvstore_server.rpc import StoreWork
+from kvstore_server.server import KVStoreServer
+
+from kvstore import SweeperConfig
+
+from .conftest import random_rows
+
+DIM = 8                                  # float32: 32 bytes of weights per row
+WRITE_THROUGH = {"rows": 256, "ways": 8, "write": "write_through"}   # no dirty rows: no flush takes the lock
+
+
+class CountedWork(StoreWork):
+    """The server's store threads, counting the jobs handed to them."""
+
+    def __init__(self, workers: int):
+        super().__init__(workers)
+        self.jobs = 0
+        self._counted = threading.Condition()
+
+    async def __call__(self, fn, *args):
+        with self._counted:
+            self.jobs += 1
+            self._counted.notify_all()
+        return await super().__call__(fn, *args)
+
+    def wait_for(self, jobs: int) -> bool:
+        with self._counted:
+            return self._counted.wait_for(lambda: self.jobs >= jobs, 60)
+
+
+class LoopServer:
+    """A KVStoreServer on its own event loop thread, with the store clock and the store threads given."""
+
+    def __init__(self, data_dir, clock, **settings):
+        config = ServerConfig(data_dir=str(data_dir), port=0, sweeper=SweeperConfig(enabled=False), **settings)
+        self.server = KVStoreServer(config, store_clock=clock)
+        self.work = self.server.work = CountedWork(4)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="test-server-loop", daemon=True)
+        self.thread.start()
+        self.address = f"127.0.0.1:{self._run(self.server.start())}"
+
+    def _run(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(60)
+
+    def stop(self) -> None:
+        self._run(self.server.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(60)
+        self.loop.close()
+
+
+@pytest.fixture
+def start_loop_server(tmp_path):
+    started = []
+
+    def start(clock=None, **settings) -> LoopServer:
+        server = LoopServer(tmp_path / f"data{len(started)}", clock or HeldClock(), **settings)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def _table(client: KVStoreClient, name: str, rows: int = 16) -> np.ndarray:
+    client.create_table(name, DIM, cache=WRITE_THROUGH)
+    weights = random_rows(rows, DIM, seed=len(name))
+    client.update(name, np.arange(rows), weights)
+    return weights
+
+
+def test_a_lookup_waiting_for_a_busy_table_leaves_health_and_other_tables_answering(start_loop_server):
+    """One lookup holds table `busy` (stopped inside its lock); a lookup of cached rows of `busy`, which
+    would be served on the loop were the table free, goes to a store thread instead of waiting on
+    the loop: health and a lookup of another table are answered meanwhile, and both lookups finish
+    with the right rows once the table is free."""
+    clock = HeldClock()
+    server = start_loop_server(clock)
+    results = {}
+    with KVStoreClient(server.address, timeout=60) as client:
+        busy, free = _table(client, "busy"), _table(client, "free")
+        jobs = server.work.jobs
+        clock.arm(lambda thread: thread.name.startswith("kvstore-store"))
+        holder = threading.Thread(target=lambda: results.update(holder=client.lookup("busy", [1000])))
+        waiter = threading.Thread(target=lambda: results.update(waiter=client.lookup("busy", [1, 2])))
+        holder.start()
+        try:
+            assert clock.holding.wait(60)                  # a miss went to a store thread and holds `busy`
+            waiter.start()
+            assert server.work.wait_for(jobs + 2)         # the cached lookup was handed off, not run or waited on
+            assert client.health() == "SERVING"
+            np.testing.assert_array_equal(client.lookup("free", [3, 4]), free[[3, 4]])
+            assert waiter.is_alive() and holder.is_alive()
+        finally:
+            clock.release()
+            holder.join(60)
+            waiter.join(60)
+    np.testing.assert_array_equal(results["waiter"], busy[[1, 2]])
+    assert results["holder"].shape == (1, DIM)
+
+
+def test_cached_rows_up_to_the_bound_are_served_without_a_store_thread(start_loop_server):
+    server = start_loop_server(inline_lookup_bytes=10 * DIM * 4)      # ten rows of weights
+    with KVStoreClient(server.address, timeout=60) as client:
+        weights = _table(client, "t", rows=32)
+        jobs = server.work.jobs
+        np.testing.assert_array_equal(client.lookup("t", np.arange(10)), weights[:10])
+        assert server.work.jobs == jobs                    # served on the loop
+        np.testing.assert_array_equal(client.lookup("t", np.arange(11)), weights[:11])
+        assert server.work.jobs == jobs + 1                # over the bound: a store thread
+        client.lookup("t", [5, 100])
+        assert server.work.jobs == jobs + 2                # a miss reads RocksDB: a store thread
+
+
+def test_inline_lookup_bytes_0_sends_every_lookup_to_the_store_threads(start_loop_server):
+    server = start_loop_server(inline_lookup_bytes=0)
+    with KVStoreClient(server.address, timeout=60) as client:
+        weights = _table(client, "t")
+        jobs = server.work.jobs
+        np.testing.assert_array_equal(client.lookup("t", [1, 2]), weights[[1, 2]])
+        assert server.work.jobs == jobs + 1
