@@ -56,13 +56,15 @@ def paired(sharded, plain, batches) -> tuple[float, float]:
     return spent[0] / len(batches), spent[1] / len(batches)
 
 
-def split_and_gather(client, batch: np.ndarray, dim: int) -> None:
-    """What a sharded lookup does besides its RPCs: split the ids by shard, put the rows back in order."""
-    from kvstore_client.sharding import _gather
+def split_and_gather(client, batch: np.ndarray, dim: int, answers: dict[int, np.ndarray]) -> None:
+    """What a sharded lookup does besides its RPCs: split the ids by shard, copy each shard's
+    answer (here a ready array, as the received bytes are) once, to its rows' places."""
+    from kvstore_client.reassembly import Reassembly
 
     parts = client._split(batch)
-    rows = {i: np.empty((len(at), dim), np.float32) for i, at in parts.items()}
-    _gather(len(batch), parts, rows)
+    result = Reassembly(len(batch))
+    for i, at in parts.items():
+        result.sink(at)(0, len(at), answers[i][:len(at)], None)
 
 
 def measure(shards: int, args, batches: list[np.ndarray]) -> dict[str, float]:
@@ -81,7 +83,8 @@ def measure(shards: int, args, batches: list[np.ndarray]) -> dict[str, float]:
             grads = np.full((args.batch, args.dim), 1e-3, np.float32)
             lookup = timed(lambda b: client.lookup("bench", b), batches)
             step = timed(lambda b: (client.lookup("bench", b), client.apply_gradients("bench", b, grads)), batches)
-            split = timed(lambda b: split_and_gather(client, b, args.dim), batches) if shards > 1 else 0.0
+            answers = {i: np.ones((args.batch, args.dim), np.float32) for i in range(shards)}
+            split = timed(lambda b: split_and_gather(client, b, args.dim, answers), batches) if shards > 1 else 0.0
             single = paired(lambda b: client.lookup("bench", b), lambda b: client.shards[0].lookup("bench", b),
                             batches) if shards == 1 else None
     finally:

@@ -14,9 +14,22 @@ sees them applied. Results are exactly those of a loop that waits (`pipeline=Fal
 Call `flush()` before reading the tables another way (evaluation from another
 client; `state_dict` flushes itself). A failed gradient push is raised by the next
 forward or `flush()`.
+
+`staleness=k` (default 0: exact) lets a forward run up to k steps ahead of the
+gradient pushes: its lookups go on a second stream and wait only until the pushes
+of all steps but the last k are applied, so the server's optimizer step of step i
+no longer lies between step i's backward and step i+1's forward. A row then reads
+as of some step between i-k and i (each row whole: its update is atomic); the
+losses differ from the exact loop's. Over a ShardedClient, each shard has its own
+streams and the same promises hold per row (sharded_training.py).
+
+For a model on a GPU, rows land in pinned host memory and go up without blocking;
+pooling runs on the device, and gradients come down into pinned memory
+(host_staging.py).
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,8 +38,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .client import KVStoreClient
+from .host_staging import HostStaging, to_host
+from .sharded_training import open_training_stream
 from .torch_modules import load_table, save_table
-from .training_stream import TrainingStream, TrainStep
+from .training_stream import TrainStep
 
 MODES = ("sum", "mean")
 
@@ -47,7 +62,10 @@ class RemoteEmbeddingBagCollection(nn.Module):
     """Pooled embeddings of several features over kvstore tables; one request per step each way."""
 
     def __init__(self, client: KVStoreClient, features: list[Feature], on_miss: str = "init_insert",
-                 pipeline: bool = True):
+                 pipeline: bool = True, staleness: int = 0):
+        """`client`: one server or a ShardedClient. `pipeline`: backward does not wait for the
+        server (results unchanged). `staleness`: steps a forward may run ahead of the gradient
+        pushes (0, the default, is exact; more needs `pipeline`)."""
         super().__init__()
         names = [f.name for f in features]
         if not features or len(set(names)) != len(names):
@@ -57,9 +75,17 @@ class RemoteEmbeddingBagCollection(nn.Module):
                 raise ValueError(f"features[{feature.name!r}].mode: expected one of {MODES}, got {feature.mode!r}")
         self.features = list(features)
         self.tables = list(dict.fromkeys(f.table for f in features))
+        if isinstance(staleness, bool) or not isinstance(staleness, int) or staleness < 0:
+            raise ValueError(f"staleness: expected a non-negative integer, got {staleness!r}")
+        if staleness and not pipeline:
+            raise ValueError("staleness: needs pipeline=True (a loop that waits for every push is exact)")
         self.on_miss = on_miss
         self.pipeline = pipeline
-        self.stream = TrainingStream(client)
+        self.staleness = staleness
+        self.stream = open_training_stream(client)                  # gradients, prefetches (and lookups when exact)
+        self._reads = open_training_stream(client) if staleness else self.stream
+        self._pushes: deque[TrainStep] = deque()                   # unanswered pushes, with staleness
+        self._staging: HostStaging | None = None                   # pinned buffers, for CUDA features
         self._grads: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}   # gradients not sent yet
         self._waiting = 0                     # leaves of the last forward whose gradients are due
 
@@ -72,13 +98,20 @@ class RemoteEmbeddingBagCollection(nn.Module):
         self._waiting = 0
         flat = {f.name: _flat_ids(batch[f.name]) for f in self.features}
         uniq, inverse = self._dedupe(flat)
-        _, rows = self.stream.send(lookups=uniq, on_miss=self.on_miss).result()
-        weights = {table: self._leaf(table, uniq[table], rows[table]) for table in self.tables}
+        while len(self._pushes) > self.staleness:                 # at most `staleness` pushes unapplied
+            self._pushes.popleft().wait()
+        devices = {f.table: flat[f.name][3] for f in reversed(self.features)}    # a table's first feature's
+        staging = self._host_staging(devices.values())
+        step = self._reads.send(lookups=uniq, on_miss=self.on_miss)
+        _, rows = step.result(staging.allocate) if staging else step.result()
+        weights = {table: self._leaf(table, uniq[table], rows[table], devices[table]) for table in self.tables}
         out = {}
         for feature in self.features:
             _, offsets, shape, device = flat[feature.name]
-            index = torch.from_numpy(inverse[feature.name]).reshape(shape)
-            out[feature.name] = F.embedding_bag(index, weights[feature.table], offsets, mode=feature.mode).to(device)
+            weight = weights[feature.table]
+            index = torch.from_numpy(inverse[feature.name]).reshape(shape).to(weight.device)
+            offsets = None if offsets is None else offsets.to(weight.device)
+            out[feature.name] = F.embedding_bag(index, weight, offsets, mode=feature.mode).to(device)
         return out
 
     def prefetch(self, batch: dict[str, FeatureIds]) -> None:
@@ -90,11 +123,16 @@ class RemoteEmbeddingBagCollection(nn.Module):
     def flush(self) -> None:
         """Send gradients still held and wait until the server has applied every step."""
         self._push()
+        self._pushes.clear()
         self.stream.flush()
+        if self._reads is not self.stream:
+            self._reads.flush()
 
     def close(self) -> None:
         self.flush()
         self.stream.close()
+        if self._reads is not self.stream:
+            self._reads.close()
 
     # --- checkpoints: each table's rows under `<prefix><table>.`, as RemoteEmbeddingBag keeps them ---
 
@@ -122,10 +160,22 @@ class RemoteEmbeddingBagCollection(nn.Module):
                 inverse[name] = index[start:stop].astype(np.int64, copy=False)
         return uniq, inverse
 
-    def _leaf(self, table: str, ids: np.ndarray, rows: np.ndarray) -> torch.Tensor:
-        if not rows.flags.writeable or rows.dtype != np.float32:     # decoded in place from the answer
+    def _host_staging(self, devices) -> HostStaging | None:
+        """Pinned buffers when a feature is on a GPU; last forward's are let go first."""
+        if self._staging is not None:
+            self._staging.release()
+        if not any(device.type == "cuda" for device in devices):
+            return None
+        self._staging = self._staging or HostStaging()
+        return self._staging
+
+    def _leaf(self, table: str, ids: np.ndarray, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+        """The rows as a tensor that collects their gradient, on the device of the table's feature."""
+        if rows.dtype != np.float32:                      # float16/bfloat16 tables: float32 for the model
             rows = rows.astype(np.float32)
         weight = torch.from_numpy(rows)
+        if device.type == "cuda" and self._staging is not None:
+            weight = self._staging.upload(weight, device)
         if torch.is_grad_enabled():
             weight.requires_grad_(True)
             weight.register_hook(lambda grad: self._collect(table, ids, grad))
@@ -135,7 +185,7 @@ class RemoteEmbeddingBagCollection(nn.Module):
     def _collect(self, table: str, ids: np.ndarray, grad: torch.Tensor) -> None:
         """A leaf's gradient; the step's request goes once every leaf of the forward has one
         (several forwards before one backward: every gradient is kept and sent)."""
-        self._grads.setdefault(table, []).append((ids, grad.detach().cpu().numpy()))
+        self._grads.setdefault(table, []).append((ids, to_host(grad)))
         self._waiting -= 1
         if self._waiting <= 0:
             self._push()
@@ -148,7 +198,9 @@ class RemoteEmbeddingBagCollection(nn.Module):
         grads = {table: _joined(parts) for table, parts in held.items()}     # the server sums duplicates
         step = self.stream.send(gradients=grads)
         if not self.pipeline:
-            step.result()
+            step.wait()
+        elif self.staleness:
+            self._pushes.append(step)
         return step
 
 
@@ -162,11 +214,11 @@ def _flat_ids(ids: FeatureIds) -> tuple[np.ndarray, torch.Tensor | None, tuple, 
     """(flat int64 ids, offsets or None, the index shape for embedding_bag, the ids' device)."""
     if isinstance(ids, tuple):
         values, offsets = ids
-        return _numpy_ids(values).ravel(), offsets.cpu(), (values.numel(),), values.device
+        return _numpy_ids(values).ravel(), offsets, (values.numel(),), values.device
     if ids.dim() != 2:
         raise ValueError(f"batch: ids must be [batch, bag] or (flat ids, offsets), got shape {tuple(ids.shape)}")
     return _numpy_ids(ids).ravel(), None, tuple(ids.shape), ids.device
 
 
 def _numpy_ids(ids: torch.Tensor) -> np.ndarray:
-    return ids.detach().cpu().numpy().astype(np.int64, copy=False)
+    return to_host(ids).astype(np.int64, copy=False)
