@@ -15,7 +15,6 @@ import numpy as np
 
 from .arrays import as_ids, as_rows
 from .errors import KVStoreError
-from .fanout import shard_error
 from .reassembly import Allocate, Reassembly
 from .sharding import ShardedClient
 from .training_stream import TrainingStream, TrainStep
@@ -33,12 +32,9 @@ class ShardedTrainStep:
         self.lookups = lookups               # table -> (rows expected, positions per shard)
 
     def wait(self) -> None:
-        """Wait for every shard's answer; raises the first failure, naming its shard."""
-        for index, step in self.steps.items():
-            try:
-                step.wait()
-            except KVStoreError as error:
-                raise shard_error(error, index, self._stream.client.addresses[index]) from None
+        """Wait for every shard's answer (so every failed stream is ended: the next step opens a new
+        one); raises the first failure, naming every shard that failed."""
+        self._stream.client.fan.raise_failures({index: _waited(step) for index, step in self.steps.items()})
 
     def result(self, allocate: Allocate = np.empty) -> tuple[dict[str, int], dict[str, np.ndarray]]:
         """As TrainStep.result: unique rows stepped per table (summed over shards) and the
@@ -93,11 +89,7 @@ class ShardedTrainingStream:
 
     def flush(self) -> None:
         """Wait until every shard has answered every step sent so far; raises the first error."""
-        for index, stream in enumerate(self._streams):
-            try:
-                stream.flush()
-            except KVStoreError as error:
-                raise shard_error(error, index, self.client.addresses[index]) from None
+        self.client.fan.raise_failures({index: _waited(stream, "flush") for index, stream in enumerate(self._streams)})
 
     def close(self) -> None:
         for stream in self._streams:
@@ -105,6 +97,14 @@ class ShardedTrainingStream:
 
     def _split(self, id_array: np.ndarray) -> Positions:
         return self.client._split(id_array)
+
+
+def _waited(waitable: Any, method: str = "wait") -> KVStoreError | None:
+    try:
+        getattr(waitable, method)()
+    except KVStoreError as error:
+        return error
+    return None
 
 
 def open_training_stream(client: Any) -> TrainingStream | ShardedTrainingStream:
