@@ -5,9 +5,12 @@ nn.EmbeddingBag (sparse gradients, torch.optim.Adagrad), (2) one RemoteEmbedding
 per table against a server on loopback, (3) the same with its prefetch pipeline,
 (4) RemoteEmbeddingBagCollection waiting for each step's gradients, (5) the
 collection pipelined (gradients of step i travel while the dense step runs and
-batch i+1 is prepared). Prints steps/s, ids/s and the ratio to local.
+batch i+1 is prepared), exact, (6) the same with bounded staleness (`--staleness`,
+default 1: a forward may read rows that miss the last k steps' gradients, so the
+server's optimizer step overlaps the next forward). Prints steps/s, ids/s and the
+ratio to local; rows (5) and (6) side by side are the cost of exactness.
 
-    python bench/training_bench.py [--steps 200] [--batches 1024,8192]
+    python bench/training_bench.py [--steps 200] [--batches 1024,8192] [--staleness 1]
 """
 from __future__ import annotations
 
@@ -85,7 +88,7 @@ def run(model: Model, data, steps: int, batch: int, prefetch: bool, sparse_opt=N
 
 def remote_runs(client: KVStoreClient, args, data, batch: int) -> dict[str, float]:
     results = {}
-    for kind in ("plain", "prefetch", "collection", "pipelined"):
+    for kind in ("plain", "prefetch", "collection", "pipelined", "stale"):
         tables = {name: f"{kind}_{batch}_{name}" for name in ("users", "items")}
         for table in tables.values():
             client.create_table(table, dim=args.dim, cache={"rows": 1 << 18},
@@ -97,9 +100,10 @@ def remote_runs(client: KVStoreClient, args, data, batch: int) -> dict[str, floa
         else:
             collection = RemoteEmbeddingBagCollection(
                 client, [Feature("user", tables["users"], "sum"), Feature("item", tables["items"], "mean")],
-                pipeline=kind == "pipelined")
+                pipeline=kind != "collection", staleness=args.staleness if kind == "stale" else 0)
             model = CollectionModel(collection, args.dim)
-            label = f"Collection ({'pipelined' if kind == 'pipelined' else 'waits'})"
+            label = {"collection": "Collection (waits)", "pipelined": "Collection (pipelined, exact)",
+                     "stale": f"Collection (staleness {args.staleness})"}[kind]
         results[label] = run(model, data, args.steps, batch, kind == "prefetch")
     return results
 
@@ -111,6 +115,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--users", type=int, default=1_000_000)
     parser.add_argument("--items", type=int, default=100_000)
+    parser.add_argument("--staleness", type=int, default=1, help="k of the bounded-staleness row (default 1)")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     keep_freed_memory()     # in this (client) process too, as kvstore-server does in its own

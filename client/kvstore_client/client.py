@@ -23,6 +23,8 @@ from .arrays import as_ids, as_rows, chunks, like, to_numpy
 from .credentials import open_channel
 from .errors import InternalError, InvalidArgumentError, KVStoreError
 from .errors import rpc_errors as _rpc
+from .gradient_messages import GradientChunk
+from .gradient_messages import serialize as serialize_gradients
 from .leases import LeaseKeeper
 from .reassembly import Place, Reassembly
 from .replication import ReplicationMethods
@@ -77,6 +79,10 @@ class KVStoreClient(ReplicationMethods, SnapshotMethods):
         self._lookup = self._channel.stream_stream(
             f"/{pb.DESCRIPTOR.services_by_name['EmbeddingStore'].full_name}/Lookup",
             request_serializer=pb.LookupRequest.SerializeToString, response_deserializer=None)
+        # ApplyGradients requests go as bytes built with one copy of the rows (gradient_messages.py)
+        self._apply_gradients = self._channel.stream_unary(
+            f"/{pb.DESCRIPTOR.services_by_name['EmbeddingStore'].full_name}/ApplyGradients",
+            request_serializer=serialize_gradients, response_deserializer=pb.ApplyGradientsResponse.FromString)
         self._row_shapes: dict[str, tuple[int, int]] = {}   # table -> (dim, weight itemsize)
         self._lease = LeaseKeeper(self._stub, timeout)     # holds this client's prefetch locks
 
@@ -230,14 +236,12 @@ class KVStoreClient(ReplicationMethods, SnapshotMethods):
         def rows(array: np.ndarray, start: int, stop: int) -> np.ndarray:
             return array[start:stop] if positions is None else array[positions[start:stop]]
 
-        def requests(key: str) -> Iterator[pb.ApplyGradientsRequest]:
+        def requests(key: str) -> Iterator[GradientChunk]:
             for start, stop in ranges:
-                yield pb.ApplyGradientsRequest(
-                    table=table, ids=encode_ids(rows(id_array, start, stop)),
-                    grads=_encode(rows(grad_array, start, stop), "grads"), owner=owner, idempotency_key=key,
-                    scores=None if score_array is None else _encode(rows(score_array, start, stop), "scores"))
+                yield GradientChunk(table, rows(id_array, start, stop), rows(grad_array, start, stop), owner, key,
+                                    None if score_array is None else rows(score_array, start, stop))
 
-        return streamed_write(self._stub.ApplyGradients, requests, self.timeout).rows
+        return streamed_write(self._apply_gradients, requests, self.timeout).rows
 
     def prefetch(self, table: str, ids: Any, lock: bool = False) -> int:
         """Warm the server's cache with these rows (initializing missing ones). With `lock`, pin them
