@@ -147,10 +147,13 @@ class KVStoreClient(ReplicationMethods, SnapshotMethods):
 
     # --- rows --------------------------------------------------------------------
 
-    def lookup(self, table: str, ids: Any, on_miss: str = "init_insert", with_state: bool = False):
-        """Rows of `ids` in request order: weights [n, dim], or (weights, state) when with_state."""
+    def lookup(self, table: str, ids: Any, on_miss: str = "init_insert", with_state: bool = False,
+               out: np.ndarray | None = None):
+        """Rows of `ids` in request order: weights [n, dim], or (weights, state) when with_state.
+        `out`: a writable [n, dim] array of the table's dtype that receives the weights (a buffer a
+        training loop reuses, or pinned memory): no result is allocated, no page is faulted in."""
         id_array = as_ids(ids)
-        result = Reassembly(len(id_array), with_state)
+        result = Reassembly(len(id_array), with_state, out=out)
         self.lookup_into(table, id_array, result.sink(), on_miss, with_state)
         if with_state:
             return like(result.weights, ids), like(result.state, ids)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .errors import InternalError
+from .errors import InternalError, InvalidArgumentError
 
 # place(start, stop, weights, state): rows [start, stop) of one call's ids arrived
 Place = Callable[[int, int, np.ndarray, "np.ndarray | None"], None]
@@ -26,10 +26,14 @@ Allocate = Callable[[tuple, np.dtype], np.ndarray]
 class Reassembly:
     """Weights [n, dim] (and state [n, state_dim]) of n requested ids, in request order."""
 
-    def __init__(self, n: int, with_state: bool = False, allocate: Allocate = np.empty):
+    def __init__(self, n: int, with_state: bool = False, allocate: Allocate = np.empty,
+                 out: np.ndarray | None = None):
+        """`out`: the caller's array for the weights (checked here for its shape, and against the
+        answer's width and dtype when the first chunk comes); else `allocate` makes one."""
         self.n = n
         self.with_state = with_state
         self.allocate = allocate
+        self.out = None if out is None else _checked_out(out, n)
         self.weights: np.ndarray | None = None
         self.state: np.ndarray | None = None
         self._lock = threading.Lock()
@@ -60,7 +64,11 @@ class Reassembly:
                 return
             if self.with_state:
                 self.state = self.allocate((self.n, state.shape[1]), state.dtype)
-            self.weights = self.allocate((self.n, weights.shape[1]), weights.dtype)   # published last
+            if self.out is not None and (self.out.shape[1] != weights.shape[1] or self.out.dtype != weights.dtype):
+                raise InvalidArgumentError(message=f"out: expected a ({self.n}, {weights.shape[1]}) {weights.dtype} "
+                                                   f"array for this table, got {self.out.shape} {self.out.dtype}")
+            weights_out = self.out if self.out is not None else self.allocate((self.n, weights.shape[1]), weights.dtype)
+            self.weights = weights_out                                                # published last
 
 
 def _put(out: np.ndarray, at: slice | np.ndarray, rows: np.ndarray, field: str) -> None:
@@ -68,3 +76,11 @@ def _put(out: np.ndarray, at: slice | np.ndarray, rows: np.ndarray, field: str) 
         raise InternalError(message=f"lookup: answer {field} of {rows.dtype} {rows.shape[1:]} per row where "
                                     f"another answer had {out.dtype} {out.shape[1:]} (do the shards' tables differ?)")
     out[at] = rows
+
+
+def _checked_out(out: np.ndarray, n: int) -> np.ndarray:
+    if not isinstance(out, np.ndarray) or out.ndim != 2 or len(out) != n or not out.flags.writeable:
+        shape = getattr(out, "shape", None)
+        raise InvalidArgumentError(message=f"out: expected a writable NumPy array of shape ({n}, dim), "
+                                           f"got {type(out).__name__} of shape {shape}")
+    return out

@@ -127,14 +127,16 @@ class ShardedClient(ClusterTransferMethods):
 
     # --- rows --------------------------------------------------------------------
 
-    def lookup(self, table: str, ids: Any, on_miss: str = "init_insert", with_state: bool = False):
-        """Rows of `ids` in request order, from the shards that own them."""
+    def lookup(self, table: str, ids: Any, on_miss: str = "init_insert", with_state: bool = False,
+               out: np.ndarray | None = None):
+        """Rows of `ids` in request order, from the shards that own them (`out` as in KVStoreClient)."""
         id_array = as_ids(ids)
         parts = self._split(id_array)
         if len(parts) == 1:                              # one shard owns every id: its answer is the answer
             (index,) = parts
-            return self.fan.each(lambda i: self.shards[i].lookup(table, ids, on_miss, with_state), [index])[index]
-        result = Reassembly(len(id_array), with_state)   # each shard's answer is copied once, to its place
+            return self.fan.each(lambda i: self.shards[i].lookup(table, ids, on_miss, with_state, out),
+                                 [index])[index]
+        result = Reassembly(len(id_array), with_state, out=out)   # each shard's answer copied once, to its place
         self.fan.each(lambda i: self.shards[i].lookup_into(table, id_array[parts[i]], result.sink(parts[i]),
                                                            on_miss, with_state), list(parts))
         if with_state:

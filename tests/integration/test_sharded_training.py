@@ -115,3 +115,23 @@ def test_bad_staleness_is_refused(client, options, message):
 def test_exact_is_the_default(client):
     collection = RemoteEmbeddingBagCollection(client, [Feature("f", "any")])
     assert collection.staleness == 0 and collection._reads is collection.stream
+
+
+@pytest.mark.parametrize("where", ["one", "cluster"])
+def test_a_lookup_fills_the_callers_buffer_in_request_order(client, sharded, where):
+    target = client if where == "one" else sharded
+    small_table(target, f"into_{where}", DIM, initializer={"kind": "uniform", "scale": 0.1, "seed": 4})
+    ids = np.random.default_rng(5).integers(-300, 300, 500)
+    buffer = np.full((len(ids), DIM), np.nan, np.float32)
+    got = target.lookup(f"into_{where}", ids, out=buffer)
+    assert got is buffer
+    np.testing.assert_array_equal(buffer, target.lookup(f"into_{where}", ids))
+
+
+@pytest.mark.parametrize("bad", [np.zeros((499, DIM), np.float32), np.zeros((500, DIM + 1), np.float32),
+                                 np.zeros((500, DIM), np.float64), [[0.0] * DIM] * 500])
+def test_a_buffer_that_does_not_fit_is_invalid_argument_naming_out(sharded, bad):
+    if "into_bad" not in sharded.list_tables():
+        small_table(sharded, "into_bad", DIM)
+    with pytest.raises(InvalidArgumentError, match="out: expected"):
+        sharded.lookup("into_bad", np.arange(500), out=bad)
