@@ -88,6 +88,7 @@ class RemoteEmbeddingBagCollection(nn.Module):
         self._staging: HostStaging | None = None                   # pinned buffers, for CUDA features
         self._grads: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}   # gradients not sent yet
         self._waiting = 0                     # leaves of the last forward whose gradients are due
+        self._ahead: _Ahead | None = None     # the next forward's batch, named by next_batch
 
     def forward(self, batch: dict[str, FeatureIds]) -> dict[str, torch.Tensor]:
         """Pooled embeddings [B, dim] per feature, on the device of the feature's ids."""
@@ -97,12 +98,9 @@ class RemoteEmbeddingBagCollection(nn.Module):
         self._push()                          # gradients held back (a backward that left some leaf out)
         self._waiting = 0
         flat = {f.name: _flat_ids(batch[f.name]) for f in self.features}
-        uniq, inverse = self._dedupe(flat)
-        while len(self._pushes) > self.staleness:                 # at most `staleness` pushes unapplied
-            self._pushes.popleft().wait()
+        uniq, inverse, step = self._lookup(flat)
         devices = {f.table: flat[f.name][3] for f in reversed(self.features)}    # a table's first feature's
         staging = self._host_staging(devices.values())
-        step = self._reads.send(lookups=uniq, on_miss=self.on_miss)
         _, rows = step.result(staging.allocate) if staging else step.result()
         weights = {table: self._leaf(table, uniq[table], rows[table], devices[table]) for table in self.tables}
         out = {}
@@ -113,6 +111,16 @@ class RemoteEmbeddingBagCollection(nn.Module):
             offsets = None if offsets is None else offsets.to(weight.device)
             out[feature.name] = F.embedding_bag(index, weight, offsets, mode=feature.mode).to(device)
         return out
+
+    def next_batch(self, batch: dict[str, FeatureIds]) -> None:
+        """Name the next forward's batch (call after this step's forward): its lookup is sent right
+        behind this step's gradients, so the server answers it while the caller runs its dense step
+        and the next forward finds the rows on their way. Exact: on the stream, the lookup still
+        comes after the gradients. A next forward with other ids looks them up as usual."""
+        flat = {f.name: _flat_ids(batch[f.name]) for f in self.features}
+        self._ahead = _Ahead(flat, *self._dedupe(flat))
+        if self._waiting <= 0:                # no gradients due from this step: nothing to wait for
+            self._send_ahead()
 
     def prefetch(self, batch: dict[str, FeatureIds]) -> None:
         """Warm the server's cache with the rows of a later batch (say step i+2's), behind the
@@ -147,6 +155,28 @@ class RemoteEmbeddingBagCollection(nn.Module):
         self.flush()
         for table in self.tables:
             load_table(self.stream.client, table, state_dict, f"{prefix}{table}.", missing_keys)
+
+    def _lookup(self, flat: dict) -> tuple[dict, dict, TrainStep]:
+        """Unique ids, inverse indices and the lookup step of a forward's batch: the one sent ahead
+        by `next_batch` when its ids are these, else one sent now."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead.same_ids(flat):
+            if ahead.step is None:
+                self._send_ahead(ahead)
+            return ahead.uniq, ahead.inverse, ahead.step
+        if ahead is not None and ahead.step is not None:
+            ahead.step.wait()                 # an answer nobody reads: consumed in order, errors raised
+        uniq, inverse = self._dedupe(flat)
+        while len(self._pushes) > self.staleness:                 # at most `staleness` pushes unapplied
+            self._pushes.popleft().wait()
+        return uniq, inverse, self._reads.send(lookups=uniq, on_miss=self.on_miss)
+
+    def _send_ahead(self, ahead: _Ahead | None = None) -> None:
+        ahead = ahead or self._ahead
+        if ahead is not None and ahead.step is None:
+            while len(self._pushes) > self.staleness:
+                self._pushes.popleft().wait()
+            ahead.step = self._reads.send(lookups=ahead.uniq, on_miss=self.on_miss)
 
     def _dedupe(self, flat: dict) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Unique ids per table, and each feature's index into its table's unique rows."""
@@ -201,7 +231,27 @@ class RemoteEmbeddingBagCollection(nn.Module):
             step.wait()
         elif self.staleness:
             self._pushes.append(step)
+        if self._waiting <= 0:
+            self._send_ahead()                # the next batch's lookup, right behind these gradients
         return step
+
+
+@dataclass
+class _Ahead:
+    """The next forward's batch: its ids per feature, deduplicated, and its lookup once sent."""
+
+    flat: dict
+    uniq: dict[str, np.ndarray]
+    inverse: dict[str, np.ndarray]
+    step: TrainStep | None = None
+
+    def same_ids(self, flat: dict) -> bool:
+        return all(np.array_equal(self.flat[name][0], ids) and _same_offsets(self.flat[name][1], offsets)
+                   and self.flat[name][2] == shape for name, (ids, offsets, shape, _) in flat.items())
+
+
+def _same_offsets(mine: torch.Tensor | None, theirs: torch.Tensor | None) -> bool:
+    return (mine is None) == (theirs is None) and (mine is None or torch.equal(mine.cpu(), theirs.cpu()))
 
 
 def _joined(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
