@@ -15,6 +15,10 @@ Call `flush()` before reading the tables another way (evaluation from another
 client; `state_dict` flushes itself). A failed gradient push is raised by the next
 forward or `flush()`.
 
+`next_batch(batch)`, called after a step's forward, sends the next forward's lookup
+right behind the step's gradients, so the server answers it while the caller runs its
+dense step; still exact.
+
 `staleness=k` (default 0: exact) lets a forward run up to k steps ahead of the
 gradient pushes: its lookups go on a second stream and wait only until the pushes
 of all steps but the last k are applied, so the server's optimizer step of step i
