@@ -58,7 +58,6 @@ class ShardedTrainingStream:
 
     def __init__(self, client: ShardedClient):
         self.client = client
-        self.chunk_bytes = client.shards[0].chunk_bytes
         self._streams = [TrainingStream(shard) for shard in client.shards]
 
     def send(self, gradients: dict[str, tuple[Any, Any]] | None = None, lookups: dict[str, Any] | None = None,
