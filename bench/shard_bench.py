@@ -5,6 +5,7 @@ most), a table of `--rows` rows of dim `--dim` loaded and cached on every shard
 (cache load 0.5), then from this process through one ShardedClient:
 - lookup rows/s (Zipf ids, batch `--batch`), and the ratio to 1 shard in the same run;
 - training steps/s (lookup + apply_gradients, rowwise Adagrad), and the ratio to 1 shard;
+- this (client) process's CPU time per lookup and per step: the client is the first limit;
 - the cost of the client's split and reassembly alone (no RPC: the same numpy work a
   sharded lookup does around its calls) against one lookup of the batch on one shard through a
   plain KVStoreClient; with 1 shard, the ShardedClient against that plain client (no split).
@@ -23,6 +24,7 @@ import time
 
 import numpy as np
 from grpc_bench import zipf_ids  # Zipf(1.05) ids, as the other lookup benchmarks draw them
+from kvstore_server.allocator import keep_freed_memory
 
 
 def start(shards: int, data_dir: str) -> tuple[subprocess.Popen, str]:
@@ -34,13 +36,13 @@ def start(shards: int, data_dir: str) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("kvstore-server --shards did not start")
 
 
-def timed(fn, batches) -> float:
-    """Seconds per batch, after one warm-up batch."""
+def timed(fn, batches) -> tuple[float, float]:
+    """Seconds per batch, and this (client) process's CPU seconds per batch, after one warm-up batch."""
     fn(batches[0])
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for batch in batches[1:]:
         fn(batch)
-    return (time.perf_counter() - start) / (len(batches) - 1)
+    return (time.perf_counter() - start) / (len(batches) - 1), (time.process_time() - cpu) / (len(batches) - 1)
 
 
 def paired(sharded, plain, batches) -> tuple[float, float]:
@@ -56,13 +58,15 @@ def paired(sharded, plain, batches) -> tuple[float, float]:
     return spent[0] / len(batches), spent[1] / len(batches)
 
 
-def split_and_gather(client, batch: np.ndarray, dim: int) -> None:
-    """What a sharded lookup does besides its RPCs: split the ids by shard, put the rows back in order."""
-    from kvstore_client.sharding import _gather
+def split_and_gather(client, batch: np.ndarray, dim: int, answers: dict[int, np.ndarray]) -> None:
+    """What a sharded lookup does besides its RPCs: split the ids by shard, copy each shard's
+    answer (here a ready array, as the received bytes are) once, to its rows' places."""
+    from kvstore_client.reassembly import Reassembly
 
     parts = client._split(batch)
-    rows = {i: np.empty((len(at), dim), np.float32) for i, at in parts.items()}
-    _gather(len(batch), parts, rows)
+    result = Reassembly(len(batch))
+    for i, at in parts.items():
+        result.sink(at)(0, len(at), answers[i][:len(at)], None)
 
 
 def measure(shards: int, args, batches: list[np.ndarray]) -> dict[str, float]:
@@ -79,15 +83,18 @@ def measure(shards: int, args, batches: list[np.ndarray]) -> dict[str, float]:
             for s in range(0, args.rows, 131072):
                 client.lookup("bench", ids[s:s + 131072])                # initialize and cache every row
             grads = np.full((args.batch, args.dim), 1e-3, np.float32)
-            lookup = timed(lambda b: client.lookup("bench", b), batches)
-            step = timed(lambda b: (client.lookup("bench", b), client.apply_gradients("bench", b, grads)), batches)
-            split = timed(lambda b: split_and_gather(client, b, args.dim), batches) if shards > 1 else 0.0
+            lookup, lookup_cpu = timed(lambda b: client.lookup("bench", b), batches)
+            step, step_cpu = timed(lambda b: (client.lookup("bench", b), client.apply_gradients("bench", b, grads)),
+                                   batches)
+            answers = {i: np.ones((args.batch, args.dim), np.float32) for i in range(shards)}
+            split = timed(lambda b: split_and_gather(client, b, args.dim, answers), batches)[0] if shards > 1 else 0.0
             single = paired(lambda b: client.lookup("bench", b), lambda b: client.shards[0].lookup("bench", b),
                             batches) if shards == 1 else None
     finally:
         server.terminate()
         server.wait(timeout=120)
-    return {"lookup": args.batch / lookup, "steps": 1 / step, "split": split, "single": single}
+    return {"lookup": args.batch / lookup, "steps": 1 / step, "split": split, "single": single,
+            "lookup_cpu": lookup_cpu, "step_cpu": step_cpu}
 
 
 def main() -> None:
@@ -109,10 +116,12 @@ def main() -> None:
         if shards + 1 > (os.cpu_count() or 1):
             print(f"  ({shards} shards + the client on {os.cpu_count()} cores: they share cores)")
     base = results[counts[0]]
-    print(f"{'shards':>6} {'lookup rows/s':>14} {'x':>5} {'steps/s':>8} {'x':>5} {'split+gather ms':>16}")
+    print(f"{'shards':>6} {'lookup rows/s':>14} {'x':>5} {'steps/s':>8} {'x':>5} {'split+gather ms':>16} "
+          f"{'client cpu ms/lookup':>21} {'client cpu ms/step':>19}")
     for shards, r in results.items():
         print(f"{shards:>6} {r['lookup']:>14,.0f} {r['lookup'] / base['lookup']:>5.2f} {r['steps']:>8.2f} "
-              f"{r['steps'] / base['steps']:>5.2f} {1000 * r['split']:>16.2f}")
+              f"{r['steps'] / base['steps']:>5.2f} {1000 * r['split']:>16.2f} {1000 * r['lookup_cpu']:>21.1f} "
+              f"{1000 * r['step_cpu']:>19.1f}")
     if 1 in results:
         sharded, single = results[1]["single"]
         print(f"one lookup of {args.batch:,} ids on one shard through KVStoreClient: {1000 * single:.1f} ms; "
@@ -125,4 +134,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    keep_freed_memory()     # in this (client) process too, as kvstore-server does in its own: see docs/scale-out.md
     main()

@@ -5,9 +5,15 @@ nn.EmbeddingBag (sparse gradients, torch.optim.Adagrad), (2) one RemoteEmbedding
 per table against a server on loopback, (3) the same with its prefetch pipeline,
 (4) RemoteEmbeddingBagCollection waiting for each step's gradients, (5) the
 collection pipelined (gradients of step i travel while the dense step runs and
-batch i+1 is prepared). Prints steps/s, ids/s and the ratio to local.
+batch i+1 is prepared), exact, (6) the same naming each next batch
+(`next_batch`: its lookup goes right behind the step's gradients and is answered
+while the dense step runs), still exact, (7) bounded staleness (`--staleness`,
+default 1: a forward may read rows that miss the last k steps' gradients, so the
+server's optimizer step overlaps the next forward). Prints steps/s, ids/s and the
+ratio to local: rows (5)-(7) side by side show what each change buys. The models take
+turns, `--turn` steps each, so that other load on the machine weighs on all alike.
 
-    python bench/training_bench.py [--steps 200] [--batches 1024,8192]
+    python bench/training_bench.py [--steps 200] [--batches 1024,8192] [--staleness 1] [--turn 10]
 """
 from __future__ import annotations
 
@@ -56,36 +62,56 @@ class CollectionModel(Model):
         return out["user"], out["item"]
 
 
-def run(model: Model, data, steps: int, batch: int, prefetch: bool, sparse_opt=None) -> float:
-    users, items, labels = data
-    dense = torch.optim.Adam(model.mlp.parameters(), lr=3e-3)
-    loss_fn = nn.BCEWithLogitsLoss()
-    start = None
-    for step in range(steps + 5):
-        if step == 5:
-            start = time.perf_counter()          # after warm-up
-        b = slice(step * batch, (step + 1) * batch)
+class Trainer:
+    """One model's training loop, run a slice of steps at a time, so that the variants take turns
+    and drifts in the machine's load weigh on all of them alike."""
+
+    def __init__(self, model: Model, data, batch: int, prefetch: bool, sparse_opt=None):
+        self.model, self.data, self.batch, self.prefetch, self.sparse_opt = model, data, batch, prefetch, sparse_opt
+        self.dense = torch.optim.Adam(model.mlp.parameters(), lr=3e-3)
+        self.loss_fn = nn.BCEWithLogitsLoss()
+        self.step = 0
+
+    def run(self, steps: int) -> float:
+        """Seconds for the next `steps` steps."""
+        start = time.perf_counter()
+        for _ in range(steps):
+            self._one()
+        return time.perf_counter() - start
+
+    def close(self) -> float:
+        """Seconds to finish: a collection flushes, so every step is applied before its clock stops."""
+        start = time.perf_counter()
+        if isinstance(self.model, CollectionModel):
+            self.model.collection.close()
+        return time.perf_counter() - start
+
+    def _one(self) -> None:
+        users, items, labels = self.data
+        model, batch = self.model, self.batch
+        b = slice(self.step * batch, (self.step + 1) * batch)
+        nxt = slice((self.step + 1) * batch, (self.step + 2) * batch)
+        self.step += 1
         logits = model(torch.from_numpy(users[b]), torch.from_numpy(items[b]))
-        if prefetch:
-            nxt = slice((step + 1) * batch, (step + 2) * batch)
+        if self.prefetch and isinstance(model, CollectionModel):   # the next batch's lookup goes behind the gradients
+            model.collection.next_batch({"user": torch.from_numpy(users[nxt])[:, None],
+                                         "item": torch.from_numpy(items[nxt])})
+        elif self.prefetch:
             model.users.prefetch(torch.from_numpy(users[nxt])[:, None])
             model.items.prefetch(torch.from_numpy(items[nxt]))
-        loss = loss_fn(logits, torch.from_numpy(labels[b]))
-        dense.zero_grad()
-        if sparse_opt:
-            sparse_opt.zero_grad()
+        loss = self.loss_fn(logits, torch.from_numpy(labels[b]))
+        self.dense.zero_grad()
+        if self.sparse_opt:
+            self.sparse_opt.zero_grad()
         loss.backward()
-        dense.step()
-        if sparse_opt:
-            sparse_opt.step()
-    if isinstance(model, CollectionModel):
-        model.collection.close()                 # flushes: every step applied before the clock stops
-    return steps / (time.perf_counter() - start)
+        self.dense.step()
+        if self.sparse_opt:
+            self.sparse_opt.step()
 
 
-def remote_runs(client: KVStoreClient, args, data, batch: int) -> dict[str, float]:
-    results = {}
-    for kind in ("plain", "prefetch", "collection", "pipelined"):
+def remote_trainers(client: KVStoreClient, args, data, batch: int) -> dict[str, Trainer]:
+    trainers = {}
+    for kind in ("plain", "prefetch", "collection", "pipelined", "ahead", "stale"):
         tables = {name: f"{kind}_{batch}_{name}" for name in ("users", "items")}
         for table in tables.values():
             client.create_table(table, dim=args.dim, cache={"rows": 1 << 18},
@@ -97,11 +123,29 @@ def remote_runs(client: KVStoreClient, args, data, batch: int) -> dict[str, floa
         else:
             collection = RemoteEmbeddingBagCollection(
                 client, [Feature("user", tables["users"], "sum"), Feature("item", tables["items"], "mean")],
-                pipeline=kind == "pipelined")
+                pipeline=kind != "collection", staleness=args.staleness if kind == "stale" else 0)
             model = CollectionModel(collection, args.dim)
-            label = f"Collection ({'pipelined' if kind == 'pipelined' else 'waits'})"
-        results[label] = run(model, data, args.steps, batch, kind == "prefetch")
-    return results
+            label = {"collection": "Collection (waits)", "pipelined": "Collection (pipelined, exact)",
+                     "ahead": "Collection (+ next_batch, exact)",
+                     "stale": f"Collection (staleness {args.staleness})"}[kind]
+        trainers[label] = Trainer(model, data, batch, kind in ("prefetch", "ahead"))
+    return trainers
+
+
+def taking_turns(trainers: dict[str, Trainer], steps: int, turn: int) -> dict[str, float]:
+    """Steps/s of each trainer: 5 warm-up steps each, then `turn` steps each in turn until `steps`."""
+    spent = dict.fromkeys(trainers, 0.0)
+    for trainer in trainers.values():
+        trainer.run(5)
+    done = 0
+    while done < steps:
+        count = min(turn, steps - done)
+        for name, trainer in trainers.items():
+            spent[name] += trainer.run(count)
+        done += count
+    for name, trainer in trainers.items():
+        spent[name] += trainer.close()
+    return {name: steps / seconds for name, seconds in spent.items()}
 
 
 def main() -> None:
@@ -111,6 +155,8 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--users", type=int, default=1_000_000)
     parser.add_argument("--items", type=int, default=100_000)
+    parser.add_argument("--staleness", type=int, default=1, help="k of the bounded-staleness row (default 1)")
+    parser.add_argument("--turn", type=int, default=10, help="steps each model runs before the next takes its turn")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     keep_freed_memory()     # in this (client) process too, as kvstore-server does in its own
@@ -129,8 +175,11 @@ def main() -> None:
                 local_items = nn.EmbeddingBag(args.items + 50, args.dim, mode="mean", sparse=True)
                 sparse_opt = torch.optim.Adagrad(list(local_users.parameters()) + list(local_items.parameters()),
                                                  lr=0.1)
-                local = run(Model(local_users, local_items, args.dim), data, args.steps, batch, False, sparse_opt)
-                results = {"local nn.EmbeddingBag": local, **remote_runs(client, args, data, batch)}
+                trainers = {"local nn.EmbeddingBag": Trainer(Model(local_users, local_items, args.dim), data, batch,
+                                                             False, sparse_opt),
+                            **remote_trainers(client, args, data, batch)}
+                results = taking_turns(trainers, args.steps, args.turn)
+                local = results["local nn.EmbeddingBag"]
                 print(f"\nbatch {batch}: {batch * 3} ids per step")
                 print(f"{'model':34} {'steps/s':>8} {'ids/s':>10} {'vs local':>8}")
                 for name, rate in results.items():

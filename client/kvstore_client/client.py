@@ -23,7 +23,10 @@ from .arrays import as_ids, as_rows, chunks, like, to_numpy
 from .credentials import open_channel
 from .errors import InternalError, InvalidArgumentError, KVStoreError
 from .errors import rpc_errors as _rpc
+from .gradient_messages import GradientChunk
+from .gradient_messages import serialize as serialize_gradients
 from .leases import LeaseKeeper
+from .reassembly import Place, Reassembly
 from .replication import ReplicationMethods
 from .snapshots import SnapshotMethods
 from .writes import streamed_write
@@ -84,6 +87,10 @@ class KVStoreClient(ReplicationMethods, SnapshotMethods):
         self._import_chain = self._channel.stream_unary(
             f"/{pb.DESCRIPTOR.services_by_name['EmbeddingStore'].full_name}/ImportChain",
             request_serializer=None, response_deserializer=pb.ImportResponse.FromString)
+        # ApplyGradients requests go as bytes built with one copy of the rows (gradient_messages.py)
+        self._apply_gradients = self._channel.stream_unary(
+            f"/{pb.DESCRIPTOR.services_by_name['EmbeddingStore'].full_name}/ApplyGradients",
+            request_serializer=serialize_gradients, response_deserializer=pb.ApplyGradientsResponse.FromString)
         self._row_shapes: dict[str, tuple[int, int]] = {}   # table -> (dim, weight itemsize)
         self._lease = LeaseKeeper(self._stub, timeout)     # holds this client's prefetch locks
 
@@ -148,18 +155,30 @@ class KVStoreClient(ReplicationMethods, SnapshotMethods):
 
     # --- rows --------------------------------------------------------------------
 
-    def lookup(self, table: str, ids: Any, on_miss: str = "init_insert", with_state: bool = False):
-        """Rows of `ids` in request order: weights [n, dim], or (weights, state) when with_state."""
+    def lookup(self, table: str, ids: Any, on_miss: str = "init_insert", with_state: bool = False,
+               out: np.ndarray | None = None):
+        """Rows of `ids` in request order: weights [n, dim], or (weights, state) when with_state.
+        `out`: a writable [n, dim] array of the table's dtype that receives the weights (a buffer a
+        training loop reuses, or pinned memory): no result is allocated, no page is faulted in."""
+        id_array = as_ids(ids)
+        result = Reassembly(len(id_array), with_state, out=out)
+        self.lookup_into(table, id_array, result.sink(), on_miss, with_state)
+        if with_state:
+            return like(result.weights, ids), like(result.state, ids)
+        return like(result.weights, ids)
+
+    def lookup_into(self, table: str, id_array: np.ndarray, place: Place, on_miss: str = "init_insert",
+                    with_state: bool = False) -> None:
+        """Look up int64 `id_array`, handing each answer chunk to `place(start, stop, weights, state)`
+        as read-only views of the received bytes (reassembly.py copies them once, to their place)."""
         if on_miss not in ON_MISS:
             raise InvalidArgumentError(message=f"on_miss: unknown mode {on_miss!r}; expected one of {list(ON_MISS)}")
-        id_array = as_ids(ids)
         ranges = chunks(len(id_array), self._response_row_bytes(table, with_state), self.chunk_bytes)
         requests = (
             pb.LookupRequest(table=table, ids=encode_ids(id_array[start:stop]), on_miss=ON_MISS[on_miss],
                              with_state=with_state, lease=self._lease.current)
             for start, stop in ranges
         )
-        weights_out = state_out = None
         index = -1
         try:
             with _rpc():
@@ -167,20 +186,14 @@ class KVStoreClient(ReplicationMethods, SnapshotMethods):
                 try:
                     for index, response in enumerate(responses):
                         start, stop = _range(ranges, index)
-                        weights, state = _decode(response, stop - start, with_state)
-                        weights_out = _place(weights_out, weights, len(id_array), start)
-                        if with_state:
-                            state_out = _place(state_out, state, len(id_array), start)
+                        place(start, stop, *_decode(response, stop - start, with_state))
                 finally:
                     responses.cancel()           # a no-op once the call is done; ends it on our own errors
         except KVStoreError:
             self._row_shapes.pop(table, None)   # the table may have changed under us
             raise
-        if weights_out is None or (with_state and state_out is None) or index != len(ranges) - 1:
+        if index != len(ranges) - 1:
             raise InternalError(message=f"lookup: the server answered {index + 1} of {len(ranges)} chunks")
-        if with_state:
-            return like(weights_out, ids), like(state_out, ids)
-        return like(weights_out, ids)
 
     def update(self, table: str, ids: Any, weights: Any, state: Any = None, scores: Any = None) -> int:
         """Overwrite rows (and optimizer state, and per-id feature scores for eviction, when given);
@@ -221,18 +234,25 @@ class KVStoreClient(ReplicationMethods, SnapshotMethods):
         `scores` (one per id) become the rows' feature scores for eviction. Returns the unique rows stepped."""
         id_array = as_ids(ids)
         grad_array = as_rows(grads, len(id_array), "grads").astype(np.float32, copy=False)
-        score_array = _as_scores(scores, len(id_array))
+        return self.push_gradients(table, id_array, grad_array, None, release, _as_scores(scores, len(id_array)))
+
+    def push_gradients(self, table: str, id_array: np.ndarray, grad_array: np.ndarray, positions: np.ndarray | None,
+                       release: bool = False, score_array: np.ndarray | None = None) -> int:
+        """apply_gradients of the rows at `positions` (all rows when None) of checked int64 ids and
+        float32 gradients: each message gathers its own rows, so a shard's part is never copied whole."""
         owner = self._lease.acquire() if release else ""
-        ranges = chunks(len(id_array), ID_BYTES + grad_array[:1].nbytes + 4, self.chunk_bytes)
+        n = len(id_array) if positions is None else len(positions)
+        ranges = chunks(n, ID_BYTES + grad_array[:1].nbytes + 4, self.chunk_bytes)
 
-        def requests(key: str) -> Iterator[pb.ApplyGradientsRequest]:
+        def rows(array: np.ndarray, start: int, stop: int) -> np.ndarray:
+            return array[start:stop] if positions is None else array[positions[start:stop]]
+
+        def requests(key: str) -> Iterator[GradientChunk]:
             for start, stop in ranges:
-                yield pb.ApplyGradientsRequest(
-                    table=table, ids=encode_ids(id_array[start:stop]), grads=_encode(grad_array[start:stop], "grads"),
-                    owner=owner, idempotency_key=key,
-                    scores=None if score_array is None else _encode(score_array[start:stop], "scores"))
+                yield GradientChunk(table, rows(id_array, start, stop), rows(grad_array, start, stop), owner, key,
+                                    None if score_array is None else rows(score_array, start, stop))
 
-        return streamed_write(self._stub.ApplyGradients, requests, self.timeout).rows
+        return streamed_write(self._apply_gradients, requests, self.timeout).rows
 
     def prefetch(self, table: str, ids: Any, lock: bool = False) -> int:
         """Warm the server's cache with these rows (initializing missing ones). With `lock`, pin them
@@ -323,14 +343,6 @@ def _decode(response: bytes, rows: int, with_state: bool) -> tuple[np.ndarray, n
             shape = None if array is None else array.shape
             raise InternalError(message=f"lookup: response {field} has shape {shape}, expected {rows} rows")
     return weights, state
-
-
-def _place(out: np.ndarray | None, part: np.ndarray, n: int, start: int) -> np.ndarray:
-    """Copy one response chunk into the (lazily allocated, writable) result."""
-    if out is None:
-        out = np.empty((n, part.shape[1]), dtype=part.dtype)
-    out[start:start + len(part)] = part
-    return out
 
 
 def _range(ranges: list[tuple[int, int]], index: int) -> tuple[int, int]:

@@ -14,9 +14,26 @@ sees them applied. Results are exactly those of a loop that waits (`pipeline=Fal
 Call `flush()` before reading the tables another way (evaluation from another
 client; `state_dict` flushes itself). A failed gradient push is raised by the next
 forward or `flush()`.
+
+`next_batch(batch)`, called after a step's forward, sends the next forward's lookup
+right behind the step's gradients, so the server answers it while the caller runs its
+dense step; still exact.
+
+`staleness=k` (default 0: exact) lets a forward run up to k steps ahead of the
+gradient pushes: its lookups go on a second stream and wait only until the pushes
+of all steps but the last k are applied, so the server's optimizer step of step i
+no longer lies between step i's backward and step i+1's forward. A row then reads
+as of some step between i-k and i (each row whole: its update is atomic); the
+losses differ from the exact loop's. Over a ShardedClient, each shard has its own
+streams and the same promises hold per row (sharded_training.py).
+
+For a model on a GPU, rows land in pinned host memory and go up without blocking;
+pooling runs on the device, and gradients come down into pinned memory
+(host_staging.py).
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,8 +42,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .client import KVStoreClient
+from .host_staging import HostStaging, to_host
+from .sharded_training import open_training_stream
 from .torch_modules import load_table, save_table
-from .training_stream import TrainingStream, TrainStep
+from .training_stream import TrainStep
 
 MODES = ("sum", "mean")
 
@@ -47,7 +66,10 @@ class RemoteEmbeddingBagCollection(nn.Module):
     """Pooled embeddings of several features over kvstore tables; one request per step each way."""
 
     def __init__(self, client: KVStoreClient, features: list[Feature], on_miss: str = "init_insert",
-                 pipeline: bool = True):
+                 pipeline: bool = True, staleness: int = 0):
+        """`client`: one server or a ShardedClient. `pipeline`: backward does not wait for the
+        server (results unchanged). `staleness`: steps a forward may run ahead of the gradient
+        pushes (0, the default, is exact; more needs `pipeline`)."""
         super().__init__()
         names = [f.name for f in features]
         if not features or len(set(names)) != len(names):
@@ -57,11 +79,20 @@ class RemoteEmbeddingBagCollection(nn.Module):
                 raise ValueError(f"features[{feature.name!r}].mode: expected one of {MODES}, got {feature.mode!r}")
         self.features = list(features)
         self.tables = list(dict.fromkeys(f.table for f in features))
+        if isinstance(staleness, bool) or not isinstance(staleness, int) or staleness < 0:
+            raise ValueError(f"staleness: expected a non-negative integer, got {staleness!r}")
+        if staleness and not pipeline:
+            raise ValueError("staleness: needs pipeline=True (a loop that waits for every push is exact)")
         self.on_miss = on_miss
         self.pipeline = pipeline
-        self.stream = TrainingStream(client)
+        self.staleness = staleness
+        self.stream = open_training_stream(client)                  # gradients, prefetches (and lookups when exact)
+        self._reads = open_training_stream(client) if staleness else self.stream
+        self._pushes: deque[TrainStep] = deque()                   # unanswered pushes, with staleness
+        self._staging: HostStaging | None = None                   # pinned buffers, for CUDA features
         self._grads: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}   # gradients not sent yet
         self._waiting = 0                     # leaves of the last forward whose gradients are due
+        self._ahead: _Ahead | None = None     # the next forward's batch, named by next_batch
 
     def forward(self, batch: dict[str, FeatureIds]) -> dict[str, torch.Tensor]:
         """Pooled embeddings [B, dim] per feature, on the device of the feature's ids."""
@@ -71,15 +102,29 @@ class RemoteEmbeddingBagCollection(nn.Module):
         self._push()                          # gradients held back (a backward that left some leaf out)
         self._waiting = 0
         flat = {f.name: _flat_ids(batch[f.name]) for f in self.features}
-        uniq, inverse = self._dedupe(flat)
-        _, rows = self.stream.send(lookups=uniq, on_miss=self.on_miss).result()
-        weights = {table: self._leaf(table, uniq[table], rows[table]) for table in self.tables}
+        uniq, inverse, step = self._lookup(flat)
+        devices = {f.table: flat[f.name][3] for f in reversed(self.features)}    # a table's first feature's
+        staging = self._host_staging(devices.values())
+        _, rows = step.result(staging.allocate) if staging else step.result()
+        weights = {table: self._leaf(table, uniq[table], rows[table], devices[table]) for table in self.tables}
         out = {}
         for feature in self.features:
             _, offsets, shape, device = flat[feature.name]
-            index = torch.from_numpy(inverse[feature.name]).reshape(shape)
-            out[feature.name] = F.embedding_bag(index, weights[feature.table], offsets, mode=feature.mode).to(device)
+            weight = weights[feature.table]
+            index = torch.from_numpy(inverse[feature.name]).reshape(shape).to(weight.device)
+            offsets = None if offsets is None else offsets.to(weight.device)
+            out[feature.name] = F.embedding_bag(index, weight, offsets, mode=feature.mode).to(device)
         return out
+
+    def next_batch(self, batch: dict[str, FeatureIds]) -> None:
+        """Name the next forward's batch (call after this step's forward): its lookup is sent right
+        behind this step's gradients, so the server answers it while the caller runs its dense step
+        and the next forward finds the rows on their way. Exact: on the stream, the lookup still
+        comes after the gradients. A next forward with other ids looks them up as usual."""
+        flat = {f.name: _flat_ids(batch[f.name]) for f in self.features}
+        self._ahead = _Ahead(flat, *self._dedupe(flat))
+        if self._waiting <= 0:                # no gradients due from this step: nothing to wait for
+            self._send_ahead()
 
     def prefetch(self, batch: dict[str, FeatureIds]) -> None:
         """Warm the server's cache with the rows of a later batch (say step i+2's), behind the
@@ -90,11 +135,16 @@ class RemoteEmbeddingBagCollection(nn.Module):
     def flush(self) -> None:
         """Send gradients still held and wait until the server has applied every step."""
         self._push()
+        self._pushes.clear()
         self.stream.flush()
+        if self._reads is not self.stream:
+            self._reads.flush()
 
     def close(self) -> None:
         self.flush()
         self.stream.close()
+        if self._reads is not self.stream:
+            self._reads.close()
 
     # --- checkpoints: each table's rows under `<prefix><table>.`, as RemoteEmbeddingBag keeps them ---
 
@@ -110,6 +160,28 @@ class RemoteEmbeddingBagCollection(nn.Module):
         for table in self.tables:
             load_table(self.stream.client, table, state_dict, f"{prefix}{table}.", missing_keys)
 
+    def _lookup(self, flat: dict) -> tuple[dict, dict, TrainStep]:
+        """Unique ids, inverse indices and the lookup step of a forward's batch: the one sent ahead
+        by `next_batch` when its ids are these, else one sent now."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead.same_ids(flat):
+            if ahead.step is None:
+                self._send_ahead(ahead)
+            return ahead.uniq, ahead.inverse, ahead.step
+        if ahead is not None and ahead.step is not None:
+            ahead.step.wait()                 # an answer nobody reads: consumed in order, errors raised
+        uniq, inverse = self._dedupe(flat)
+        while len(self._pushes) > self.staleness:                 # at most `staleness` pushes unapplied
+            self._pushes.popleft().wait()
+        return uniq, inverse, self._reads.send(lookups=uniq, on_miss=self.on_miss)
+
+    def _send_ahead(self, ahead: _Ahead | None = None) -> None:
+        ahead = ahead or self._ahead
+        if ahead is not None and ahead.step is None:
+            while len(self._pushes) > self.staleness:
+                self._pushes.popleft().wait()
+            ahead.step = self._reads.send(lookups=ahead.uniq, on_miss=self.on_miss)
+
     def _dedupe(self, flat: dict) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Unique ids per table, and each feature's index into its table's unique rows."""
         uniq, inverse = {}, {}
@@ -122,10 +194,22 @@ class RemoteEmbeddingBagCollection(nn.Module):
                 inverse[name] = index[start:stop].astype(np.int64, copy=False)
         return uniq, inverse
 
-    def _leaf(self, table: str, ids: np.ndarray, rows: np.ndarray) -> torch.Tensor:
-        if not rows.flags.writeable or rows.dtype != np.float32:     # decoded in place from the answer
+    def _host_staging(self, devices) -> HostStaging | None:
+        """Pinned buffers when a feature is on a GPU; last forward's are let go first."""
+        if self._staging is not None:
+            self._staging.release()
+        if not any(device.type == "cuda" for device in devices):
+            return None
+        self._staging = self._staging or HostStaging()
+        return self._staging
+
+    def _leaf(self, table: str, ids: np.ndarray, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+        """The rows as a tensor that collects their gradient, on the device of the table's feature."""
+        if rows.dtype != np.float32:                      # float16/bfloat16 tables: float32 for the model
             rows = rows.astype(np.float32)
         weight = torch.from_numpy(rows)
+        if device.type == "cuda" and self._staging is not None:
+            weight = self._staging.upload(weight, device)
         if torch.is_grad_enabled():
             weight.requires_grad_(True)
             weight.register_hook(lambda grad: self._collect(table, ids, grad))
@@ -135,7 +219,7 @@ class RemoteEmbeddingBagCollection(nn.Module):
     def _collect(self, table: str, ids: np.ndarray, grad: torch.Tensor) -> None:
         """A leaf's gradient; the step's request goes once every leaf of the forward has one
         (several forwards before one backward: every gradient is kept and sent)."""
-        self._grads.setdefault(table, []).append((ids, grad.detach().cpu().numpy()))
+        self._grads.setdefault(table, []).append((ids, to_host(grad)))
         self._waiting -= 1
         if self._waiting <= 0:
             self._push()
@@ -148,8 +232,30 @@ class RemoteEmbeddingBagCollection(nn.Module):
         grads = {table: _joined(parts) for table, parts in held.items()}     # the server sums duplicates
         step = self.stream.send(gradients=grads)
         if not self.pipeline:
-            step.result()
+            step.wait()
+        elif self.staleness:
+            self._pushes.append(step)
+        if self._waiting <= 0:
+            self._send_ahead()                # the next batch's lookup, right behind these gradients
         return step
+
+
+@dataclass
+class _Ahead:
+    """The next forward's batch: its ids per feature, deduplicated, and its lookup once sent."""
+
+    flat: dict
+    uniq: dict[str, np.ndarray]
+    inverse: dict[str, np.ndarray]
+    step: TrainStep | None = None
+
+    def same_ids(self, flat: dict) -> bool:
+        return all(np.array_equal(self.flat[name][0], ids) and _same_offsets(self.flat[name][1], offsets)
+                   and self.flat[name][2] == shape for name, (ids, offsets, shape, _) in flat.items())
+
+
+def _same_offsets(mine: torch.Tensor | None, theirs: torch.Tensor | None) -> bool:
+    return (mine is None) == (theirs is None) and (mine is None or torch.equal(mine.cpu(), theirs.cpu()))
 
 
 def _joined(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
@@ -162,11 +268,11 @@ def _flat_ids(ids: FeatureIds) -> tuple[np.ndarray, torch.Tensor | None, tuple, 
     """(flat int64 ids, offsets or None, the index shape for embedding_bag, the ids' device)."""
     if isinstance(ids, tuple):
         values, offsets = ids
-        return _numpy_ids(values).ravel(), offsets.cpu(), (values.numel(),), values.device
+        return _numpy_ids(values).ravel(), offsets, (values.numel(),), values.device
     if ids.dim() != 2:
         raise ValueError(f"batch: ids must be [batch, bag] or (flat ids, offsets), got shape {tuple(ids.shape)}")
     return _numpy_ids(ids).ravel(), None, tuple(ids.shape), ids.device
 
 
 def _numpy_ids(ids: torch.Tensor) -> np.ndarray:
-    return ids.detach().cpu().numpy().astype(np.int64, copy=False)
+    return to_host(ids).astype(np.int64, copy=False)

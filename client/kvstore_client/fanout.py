@@ -26,7 +26,8 @@ def shard_error(error: KVStoreError, index: int, address: str, others: Sequence[
 
 
 class FanOut:
-    """Runs one function per shard on a pool of one thread per shard (gRPC releases the GIL while waiting)."""
+    """Runs one function per shard concurrently: the calling thread makes one call, a pool the others
+    (a blocking gRPC call releases the GIL while it waits, NumPy while it copies)."""
 
     def __init__(self, addresses: Sequence[str]):
         self.addresses = list(addresses)
@@ -38,11 +39,14 @@ class FanOut:
     def settle(self, call: Callable[[int], T], shards: Sequence[int] | None = None) -> dict[int, T | KVStoreError]:
         """call(i) for every shard in `shards` (default all), concurrently; each result or its KVStoreError."""
         indices = range(len(self.addresses)) if shards is None else shards
-        if len(indices) == 1:                      # no thread hop for the one-shard case
-            (index,) = indices
-            return {index: _outcome(call, index)}
-        futures: dict[int, Future] = {i: self._pool.submit(_outcome, call, i) for i in indices}
-        return {i: future.result() for i, future in futures.items()}
+        if not indices:
+            return {}
+        *others, last = indices                    # the calling thread makes the last call itself
+        futures: dict[int, Future] = {i: self._pool.submit(_outcome, call, i) for i in others}
+        mine = _outcome(call, last)
+        outcomes = {i: future.result() for i, future in futures.items()}
+        outcomes[last] = mine
+        return {i: outcomes[i] for i in indices}
 
     def each(self, call: Callable[[int], T], shards: Sequence[int] | None = None) -> dict[int, T]:
         """Like `settle`, but the first failing shard's error is raised, naming every shard that failed."""

@@ -71,7 +71,8 @@ class ShardMap:
         if self.shards <= 1 << 16:                       # a stable sort of 16-bit keys is a radix sort: O(n)
             owner = owner.astype(np.uint16)
         order = np.argsort(owner, kind="stable")
-        bounds = np.searchsorted(owner[order], np.arange(self.shards + 1))
+        bounds = np.zeros(self.shards + 1, np.int64)
+        np.cumsum(np.bincount(owner, minlength=self.shards), out=bounds[1:])
         return [order[bounds[i]:bounds[i + 1]] for i in range(self.shards)]
 
     def manifest(self, shard_index: int, cluster_id: str) -> dict:

@@ -22,6 +22,7 @@ from .cluster_manifest import join_cluster
 from .cluster_transfer import ClusterTransferMethods
 from .errors import FailedPreconditionError, InvalidArgumentError, KVStoreError, NotFoundError
 from .fanout import FanOut
+from .reassembly import Reassembly
 from .shard_map import ShardMap, shard_addresses
 
 _MAXIMA = ("_last", "_max")      # stats counters that do not add up across shards
@@ -126,18 +127,21 @@ class ShardedClient(ClusterTransferMethods):
 
     # --- rows --------------------------------------------------------------------
 
-    def lookup(self, table: str, ids: Any, on_miss: str = "init_insert", with_state: bool = False):
-        """Rows of `ids` in request order, from the shards that own them."""
+    def lookup(self, table: str, ids: Any, on_miss: str = "init_insert", with_state: bool = False,
+               out: np.ndarray | None = None):
+        """Rows of `ids` in request order, from the shards that own them (`out` as in KVStoreClient)."""
         id_array = as_ids(ids)
         parts = self._split(id_array)
         if len(parts) == 1:                              # one shard owns every id: its answer is the answer
             (index,) = parts
-            return self.fan.each(lambda i: self.shards[i].lookup(table, ids, on_miss, with_state), [index])[index]
-        found = self.fan.each(lambda i: self.shards[i].lookup(table, id_array[parts[i]], on_miss, with_state),
-                              list(parts))
-        outputs = [_gather(len(id_array), parts, {i: r[k] for i, r in found.items()}) for k in range(2)] \
-            if with_state else [_gather(len(id_array), parts, found)]
-        return tuple(like(out, ids) for out in outputs) if with_state else like(outputs[0], ids)
+            return self.fan.each(lambda i: self.shards[i].lookup(table, ids, on_miss, with_state, out),
+                                 [index])[index]
+        result = Reassembly(len(id_array), with_state, out=out)   # each shard's answer copied once, to its place
+        self.fan.each(lambda i: self.shards[i].lookup_into(table, id_array[parts[i]], result.sink(parts[i]),
+                                                           on_miss, with_state), list(parts))
+        if with_state:
+            return like(result.weights, ids), like(result.state, ids)
+        return like(result.weights, ids)
 
     def update(self, table: str, ids: Any, weights: Any, state: Any = None, scores: Any = None) -> int:
         id_array = as_ids(ids)
@@ -153,10 +157,10 @@ class ShardedClient(ClusterTransferMethods):
 
     def apply_gradients(self, table: str, ids: Any, grads: Any, release: bool = False, scores: Any = None) -> int:
         id_array = as_ids(ids)
-        grad_array = as_rows(grads, len(id_array), "grads")
+        grad_array = as_rows(grads, len(id_array), "grads").astype(np.float32, copy=False)
         score_array = _as_scores(scores, len(id_array))
-        return self._rows_call(id_array, lambda i, at: self.shards[i].apply_gradients(
-            table, id_array[at], grad_array[at], release, _take(score_array, at)))
+        return self._rows_call(id_array, lambda i, at: self.shards[i].push_gradients(
+            table, id_array, grad_array, at, release, score_array))
 
     def prefetch(self, table: str, ids: Any, lock: bool = False) -> int:
         id_array = as_ids(ids)
@@ -199,12 +203,3 @@ class ShardedClient(ClusterTransferMethods):
 
 def _take(array: np.ndarray | None, at: np.ndarray) -> np.ndarray | None:
     return None if array is None else array[at]
-
-
-def _gather(n: int, parts: dict[int, np.ndarray], results: dict[int, np.ndarray]) -> np.ndarray:
-    """One [n, k] array with each shard's rows put back at its ids' positions."""
-    first = next(iter(results.values()))
-    out = np.empty((n, first.shape[1]), dtype=first.dtype)
-    for index, rows in results.items():
-        out[parts[index]] = rows
-    return out

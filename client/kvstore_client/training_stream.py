@@ -26,6 +26,7 @@ from .arrays import as_ids, as_rows, chunks
 from .client import ON_MISS, KVStoreClient
 from .errors import InternalError, InvalidArgumentError, KVStoreError
 from .errors import rpc_errors as _rpc
+from .reassembly import Allocate, Place, Reassembly
 
 TRAIN_METHOD = f"/{pb.DESCRIPTOR.services_by_name['EmbeddingStore'].full_name}/Train"
 
@@ -41,12 +42,35 @@ class TrainStep:
         self.stepped: dict[str, int] = {}
         self.rows: dict[str, list[np.ndarray]] = {table: [] for table in lookups}
 
-    def result(self) -> tuple[dict[str, int], dict[str, np.ndarray]]:
-        """(unique rows stepped per table, looked-up weights per table); raises the step's error."""
+    def result(self, allocate: Allocate = np.empty) -> tuple[dict[str, int], dict[str, np.ndarray]]:
+        """(unique rows stepped per table, looked-up weights per table); raises the step's error.
+        The weights are copied once from the answer into arrays made by `allocate(shape, dtype)`
+        (pinned host memory for a CUDA model, say)."""
+        self.wait()
+        rows = {}
+        for table, n in self.lookups.items():
+            result = Reassembly(n, allocate=allocate)
+            self.place_rows(table, result.sink())
+            rows[table] = result.result()
+        return self.stepped, rows
+
+    def wait(self) -> None:
+        """Wait for the answer; raises the step's error."""
         self._stream._wait(self)
         if self.error is not None:
             raise self.error
-        return self.stepped, {table: _joined(parts, self.lookups[table], table) for table, parts in self.rows.items()}
+
+    def place_rows(self, table: str, place: Place) -> None:
+        """Hand the answered rows of `table` to `place(start, stop, weights, None)`, as read-only views."""
+        start, expected = 0, self.lookups[table]
+        for part in self.rows[table]:
+            if part.ndim != 2 or start + len(part) > expected:
+                raise InternalError(message=f"train: the answer for table {table!r} has rows of shape {part.shape} "
+                                            f"after {start} rows, expected {expected} rows in all")
+            place(start, start + len(part), part, None)
+            start += len(part)
+        if start != expected or not self.rows[table]:
+            raise InternalError(message=f"train: the answer for table {table!r} has {start} rows, expected {expected}")
 
 
 class TrainingStream:
@@ -142,14 +166,6 @@ def _absorb(step: TrainStep, response: pb.TrainResponse) -> None:
             step.rows[entry.table].append(decode_tensor(entry.values, "rows.values"))
         except WireError as exc:
             raise InternalError(message=f"train: malformed answer: {exc}") from None
-
-
-def _joined(parts: list[np.ndarray], n: int, table: str) -> np.ndarray:
-    rows = parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else None
-    if rows is None or rows.ndim != 2 or len(rows) != n:
-        raise InternalError(message=f"train: the answer for table {table!r} has "
-                                    f"{0 if rows is None else len(rows)} rows, expected {n}")
-    return rows
 
 
 def _step_messages(gradients: dict, id_fields: dict[str, dict], on_miss: int,
