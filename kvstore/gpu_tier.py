@@ -230,6 +230,10 @@ class GpuTier:
         with self.device:
             staged[self._d(index)] = upload(rows)
 
+    def from_host(self, rows: np.ndarray) -> cupy.ndarray:
+        with self.device:
+            return upload(rows)
+
     def select(self, staged: cupy.ndarray, index) -> cupy.ndarray:
         if isinstance(index, slice):
             return staged[index]

@@ -262,8 +262,9 @@ class Table:
         if direct_rows is None:
             direct_rows = self.layout.empty(0)
         if self.write_through:
-            self._write_now(np.concatenate([direct_ids, ids[changed], stale_ids]),
-                            np.concatenate([direct_rows, rows[changed], stale_rows]))
+            changed_rows = rows if changed.all() else rows[changed]
+            self._write_now(_join([direct_ids, ids[changed], stale_ids]),
+                            _join([direct_rows, changed_rows, stale_rows]))
             self._write_behind(victim_ids, victim_rows, "dirty victims")
         else:
             homeless = changed & ~cached
@@ -315,7 +316,8 @@ class Table:
         if self.pending:
             self.pending.wait_for(np.concatenate([ids, deletes]))
         try:
-            self.rocks.write(self.family, encode_keys(ids), self.layout.to_values(rows), encode_keys(deletes))
+            self.rocks.write(self.family, _keys_by_slice(ids), _values_by_slice(self.layout, rows),
+                             encode_keys(deletes))
         except StorageError as exc:
             self.writer.report(self.rocks, exc)
             raise fault_error(str(exc)) from None
@@ -364,8 +366,11 @@ class Table:
         hit = slots >= 0
         all_hit = bool(hit.all())
         self.cache.touch(slots if all_hit else slots[hit])
-        rows = self.cache.stage(slots)
         new = np.zeros(len(ids), dtype=bool)
+        if not hit.any():                          # nothing cached: the fetched rows are the staged ones
+            fetched, present, _ = self._fetch(ids, initialize)
+            return self.cache.from_host(fetched), slots, ~present
+        rows = self.cache.stage(slots)
         if not all_hit:
             miss = np.flatnonzero(~hit)
             fetched, present, _ = self._fetch(ids[miss], initialize)
@@ -383,7 +388,7 @@ class Table:
         miss = np.flatnonzero(~hit)
         direct = self.cache.to_host(self.cache.select(rows, at)) if self.write_through else None
         if len(miss) or direct is not None:
-            missed = self.cache.to_host(self.cache.select(rows, miss))
+            missed = self.cache.to_host(rows if len(miss) == len(ids) else self.cache.select(rows, miss))
             self._place(ids[miss], missed, np.ones(len(miss), dtype=bool), ids[at], direct)
         cached_rows = rows if all_hit else self.cache.select(rows, at)
         self.cache.publish(slots[at], cached_rows)
@@ -398,9 +403,10 @@ class Table:
         ids, weights, state = self.check_rows(ids, weights, state)
         scores = check_scores(arrays.host(scores), len(ids))
         last = len(ids) - 1 - np.unique(ids[::-1], return_index=True)[1]
-        ids, weights = ids[last], weights[last]
-        state = state[last] if state is not None else None
-        scores = scores[last] if scores is not None else None
+        if len(last) < len(ids):                   # duplicates: keep each id's last row (no copy otherwise)
+            ids, weights = ids[last], weights[last]
+            state = state[last] if state is not None else None
+            scores = scores[last] if scores is not None else None
         with self._lock:
             self._check_writable()
             self.cache.begin_batch()
@@ -804,6 +810,23 @@ class Table:
             if self.eviction.rows is not None:
                 counters["rows"] = float(self.eviction.rows)    # exact, for tables with a row limit
             return counters
+
+
+def _join(parts: list[np.ndarray]) -> np.ndarray:
+    """np.concatenate, without a copy when only one part has rows."""
+    full = [part for part in parts if len(part)]
+    return full[0] if len(full) == 1 else np.concatenate(parts)
+
+
+def _keys_by_slice(ids: np.ndarray, step: int = 8192):
+    """RocksDB keys of `ids`, made a slice at a time (a large batch never holds them all as objects)."""
+    for at in range(0, len(ids), step):
+        yield from encode_keys(ids[at:at + step])
+
+
+def _values_by_slice(layout: RowLayout, rows: np.ndarray, step: int = 8192):
+    for at in range(0, len(rows), step):
+        yield from layout.to_values(rows[at:at + step])
 
 
 def cache_bytes(rows: int, row_bytes: int) -> int:
