@@ -35,6 +35,15 @@ class Claim:
     victim_dirty: cupy.ndarray   # [n] bool: its slot held a dirty row, which must be written back
 
 
+@dataclass
+class _Victims:
+    """Where a claiming victim choice records what each claimed slot held."""
+
+    victim_keys: cupy.ndarray
+    victim_dirty: cupy.ndarray
+    mark: bool                   # claimed slots start dirty
+
+
 class GpuCache(SetAssociativeCache):
     def __init__(self, config: CacheConfig, row_bytes: int, device: int = 0):
         if config.ways > 32:
@@ -89,9 +98,10 @@ class GpuCache(SetAssociativeCache):
 
     # --- insert --------------------------------------------------------------
 
-    def _link(self, ids, flags: int):
+    def _link(self, ids, flags: int, claim: _Victims | None = None):
         """Probe with new ids linked into per-set lists, then choose their victims;
-        returns (slots, hit). Reads the victims' metadata only: nothing is claimed."""
+        returns (slots, hit). Without `claim`, reads the victims' metadata only; with it,
+        claims the chosen slots in the same kernel (recording what they held in `claim`)."""
         n = len(ids)
         self._epoch += 1
         slots = cupy.empty(n, dtype=cupy.int64)
@@ -102,7 +112,9 @@ class GpuCache(SetAssociativeCache):
                            heads=self._heads, next_=next_, epoch=self._epoch)
         self.kernels.choose_victims(ids, self.keys, self.occupied, self.locks, self.last_used, self.uses,
                                     self.num_sets, self.ways, self.lfu, self.tick, self._heads, next_, hit,
-                                    self._epoch, slots)
+                                    self._epoch, slots, dirty=self.dirty, mark_dirty=claim is not None and claim.mark,
+                                    victim_keys=None if claim is None else claim.victim_keys,
+                                    victim_dirty=None if claim is None else claim.victim_dirty)
         return slots, hit
 
     def choose_slots(self, ids, clean: bool = False) -> Eviction:
@@ -124,12 +136,9 @@ class GpuCache(SetAssociativeCache):
         with self.device:
             ids = self._ids(ids)
             n = len(ids)
-            slots, hit = self._link(ids, self._touch)
-            victim_keys = cupy.empty(n, dtype=cupy.int64)
-            victim_dirty = cupy.zeros(n, dtype=cupy.bool_)
-            self.kernels.claim_slots(ids, hit, slots, self.keys, self.occupied, self.dirty, self.last_used,
-                                     self.uses, self.tick, dirty, victim_keys, victim_dirty)
-            return Claim(slots, hit, victim_keys, victim_dirty)
+            victims = _Victims(cupy.empty(n, dtype=cupy.int64), cupy.zeros(n, dtype=cupy.bool_), dirty)
+            slots, hit = self._link(ids, self._touch, victims)
+            return Claim(slots, hit, victims.victim_keys, victims.victim_dirty)
 
     def displaced_rows(self, claim: Claim) -> tuple[cupy.ndarray, cupy.ndarray]:
         """(ids, rows) of the dirty rows a claim displaced, in batch order."""
@@ -213,16 +222,25 @@ def sum_duplicates(cache: GpuCache, ids: cupy.ndarray, grads: cupy.ndarray
                    ) -> tuple[cupy.ndarray, cupy.ndarray, cupy.ndarray]:
     """Unique ids, the float32 sum of each one's gradient rows, and each id's position among
     them, on the device (for callers holding device gradients). Unique ids come in the order
-    of their mix, which is the cache's set order: a step then walks the slab forward."""
-    mixed, inverse = cupy.unique(cache.mix(ids), return_inverse=True)
-    uniq, inverse = cache.unmix(mixed), inverse.reshape(-1)
-    if len(uniq) == len(ids):
-        out = cupy.empty_like(grads)
-        out[inverse] = grads
+    of their mix, which is the cache's set order: a step then walks the slab forward.
+    One radix sort of the mixed ids; each id's gradient rows are then summed by one warp
+    (a segmented sum: no atomics, and unique ids cost one row copy)."""
+    with cache.device:
+        ids = cache._ids(ids)
+        grads = cupy.ascontiguousarray(cupy.asarray(grads), dtype=cupy.float32)
+        mixed = cache.mix(ids)
+        order = cupy.argsort(mixed)
+        mixed = mixed[order]
+        head = cupy.empty(len(ids), dtype=cupy.bool_)
+        head[:1] = True
+        cupy.not_equal(mixed[1:], mixed[:-1], out=head[1:])
+        starts = cupy.flatnonzero(head)
+        uniq = cache.unmix(mixed[starts])
+        inverse = cupy.empty(len(ids), dtype=cupy.int64)
+        inverse[order] = cupy.cumsum(head, dtype=cupy.int64) - 1
+        out = cupy.empty((len(starts), grads.shape[1]), dtype=cupy.float32)
+        cache.kernels.sum_segments(grads, order, starts, out)
         return uniq, out, inverse
-    out = cupy.zeros((len(uniq), grads.shape[1]), dtype=cupy.float32)
-    cupy.add.at(out, inverse, grads)
-    return uniq, out, inverse
 
 
 def dtype_name(dtype: np.dtype) -> str:

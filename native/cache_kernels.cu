@@ -118,90 +118,97 @@ __global__ void probe(const i64* __restrict__ keys, const bool* __restrict__ occ
     }
 }
 
-// --- victim choice -----------------------------------------------------------
+// --- victim choice and slot claims ---------------------------------------------
 //
-// One warp per missed id (hits skip). Its rank among the batch's new ids of its set is the
-// number of earlier batch positions in the set's list (the host ranks new ids
-// of a set in batch order). Ways are ordered by (key, way): empty first, then
-// the policy's key; locked slots and slots this batch used are never victims.
-// The id of rank r takes the way of rank r, so no slot goes to two ids.
-// Reads only: claims happen in claim_slots, after every warp has chosen.
+// One warp per set with new ids: the warp of the set's list head (the last new id the
+// probe linked) ranks the set's new ids in batch order and its ways in (key, way) order:
+// empty first, then the policy's key; locked slots and slots this batch used are never
+// victims. The id of rank r takes the way of rank r, so no slot goes to two ids; ids
+// left without a way keep the probe's -1. Only this warp touches the set, so with
+// `claim` it also records what each slot held (for write-back) and gives it to its id.
 
-extern "C" __global__ void choose_victims(const i64* __restrict__ ids, const i64* __restrict__ keys,
-                               const bool* __restrict__ occupied, const int* __restrict__ locks,
-                               const i64* __restrict__ last_used, const i64* __restrict__ uses,
-                               i64 num_sets, int ways, int lfu, i64 tick,
-                               const u64* __restrict__ heads, const int* __restrict__ next,
-                               const bool* __restrict__ hit, i64 n, u64 epoch, i64* __restrict__ slots_out) {
-    const int lane = threadIdx.x & 31;
-    for (i64 i = warp_id_global(); i < n; i += warps_total()) {
-        if (hit[i]) continue;   // warp-uniform
-        const i64 set = set_of(ids[i], num_sets);
-        i64 key = NEVER;             // this lane's way: its eviction key (loads issued before the walk)
-        if (lane < ways) {
-            const i64 slot = set * ways + lane;
-            const bool occ = occupied[slot];
-            const i64 lu = last_used[slot];
-            if (!occ) key = EMPTY;
-            else if (lfu) key = (min(uses[slot], LFU_CAP) << 32) | (lu & 0xffffffffll);
-            else key = lu;
-            if (locks[slot] > 0 || (occ && lu == tick)) key = NEVER;
-        }
-        int rank = 0;
-        if (lane == 0) {
-            const u64 h = heads[set];
-            int node = (h >> 32) == epoch ? (int)(h & 0xffffffffu) - 1 : -1;
-            while (node >= 0 && rank < ways) {
-                rank += node < i;
-                node = next[node];
-            }
-        }
-        rank = __shfl_sync(FULL, rank, 0);
-        // The way of rank `rank` in (key, way) order: take the smallest rank + 1 times.
-        i64 slot = -1;
-        if (rank < ways) {
-            bool taken = false;
-            i64 best_key = NEVER;
-            int best_way = 0;
-            for (int step = 0; step <= rank; ++step) {
-                best_key = taken ? NEVER : key;
-                best_way = (taken || lane >= ways) ? 64 + lane : lane;
-#pragma unroll
-                for (int o = 16; o > 0; o >>= 1) {
-                    const i64 other_key = __shfl_xor_sync(FULL, best_key, o);
-                    const int other_way = __shfl_xor_sync(FULL, best_way, o);
-                    if (other_key < best_key || (other_key == best_key && other_way < best_way)) {
-                        best_key = other_key;
-                        best_way = other_way;
-                    }
-                }
-                taken |= lane == best_way;
-            }
-            if (best_key != NEVER && best_way < ways) slot = set * ways + best_way;
-        }
-        if (lane == 0) slots_out[i] = slot;
+// The list's 32 smallest batch positions, ascending across the warp (INT_MAX: none).
+__device__ __forceinline__ int first_positions(int node, const int* __restrict__ next, int lane) {
+    int pos = 0x7fffffff;
+    while (node >= 0) {   // warp-uniform: every lane follows the same list
+        const int below = __popc(__ballot_sync(FULL, pos < node));
+        const int up = __shfl_up_sync(FULL, pos, 1);
+        if (lane > below) pos = up;
+        else if (lane == below) pos = node;
+        node = next[node];
     }
+    return pos;
 }
 
-// --- slot claims and fills ----------------------------------------------------
+struct SetMeta {
+    i64* keys;
+    bool* occupied;
+    bool* dirty;
+    const int* locks;
+    i64* last_used;
+    i64* uses;
+};
 
-// One thread per missed id: record what its slot held (for write-back), then
-// give the slot to the id. Runs after choose_victims, so every choice saw the
-// set as it was before the batch's claims.
-extern "C" __global__ void claim_slots(const i64* __restrict__ ids, const bool* __restrict__ hit, i64 n,
-                            const i64* __restrict__ slots, i64* keys, bool* occupied, bool* dirty,
-                            i64* last_used, i64* uses, i64 tick, bool mark_dirty,
-                            i64* __restrict__ victim_keys, bool* __restrict__ victim_dirty) {
-    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
-        const i64 slot = slots[i];
-        if (hit[i] || slot < 0) continue;
-        victim_keys[i] = keys[slot];
-        victim_dirty[i] = occupied[slot] && dirty[slot];
-        keys[slot] = ids[i];
-        occupied[slot] = true;
-        dirty[slot] = mark_dirty;
-        last_used[slot] = tick;
-        uses[slot] = 1;
+__device__ __forceinline__ void choose_in_set(const SetMeta& m, const i64* __restrict__ ids, i64 set, int ways,
+                                              int lfu, i64 tick, int head, const int* __restrict__ next,
+                                              i64* __restrict__ slots_out, int claim, bool mark_dirty,
+                                              i64* __restrict__ victim_keys, bool* __restrict__ victim_dirty,
+                                              int lane) {
+    const i64 slot = set * ways + lane;
+    i64 key = NEVER;             // this lane's way: its eviction key (loads issued before the walk)
+    bool occ = false;
+    if (lane < ways) {
+        occ = m.occupied[slot];
+        const i64 lu = m.last_used[slot];
+        if (!occ) key = EMPTY;
+        else if (lfu) key = (min(m.uses[slot], LFU_CAP) << 32) | (lu & 0xffffffffll);
+        else key = lu;
+        if (m.locks[slot] > 0 || (occ && lu == tick)) key = NEVER;
+    }
+    const int pos = first_positions(head, next, lane);
+    int rank = 0;   // of this way in (key, way) order
+#pragma unroll
+    for (int o = 0; o < 32; ++o) {
+        const i64 other = __shfl_sync(FULL, key, o);
+        rank += other < key || (other == key && o < lane);
+    }
+    const int node = __shfl_sync(FULL, pos, rank);   // the new id of the same rank
+    if (lane >= ways || key == NEVER || node == 0x7fffffff) return;
+    slots_out[node] = slot;
+    if (!claim) return;
+    victim_keys[node] = m.keys[slot];
+    victim_dirty[node] = occ && m.dirty[slot];
+    m.keys[slot] = ids[node];
+    m.occupied[slot] = true;
+    m.dirty[slot] = mark_dirty;
+    m.last_used[slot] = tick;
+    m.uses[slot] = 1;
+}
+
+// Lane l of a warp checks id base + l; the warp then serves the sets those ids lead.
+extern "C" __global__ void choose_victims(const i64* __restrict__ ids, i64* keys, bool* occupied,
+                                          const int* __restrict__ locks, i64* last_used, i64* uses,
+                                          i64 num_sets, int ways, int lfu, i64 tick,
+                                          const u64* __restrict__ heads, const int* __restrict__ next,
+                                          const bool* __restrict__ hit, i64 n, u64 epoch,
+                                          i64* __restrict__ slots_out, int claim, bool* dirty, bool mark_dirty,
+                                          i64* __restrict__ victim_keys, bool* __restrict__ victim_dirty) {
+    const int lane = threadIdx.x & 31;
+    const SetMeta m = {keys, occupied, dirty, locks, last_used, uses};
+    for (i64 base = warp_id_global() * 32; base < n; base += warps_total() * 32) {
+        const i64 i = base + lane;
+        i64 set = 0;
+        bool lead = false;
+        if (i < n && !hit[i]) {
+            set = set_of(ids[i], num_sets);
+            lead = heads[set] == ((epoch << 32) | (u64)(i + 1));
+        }
+        for (unsigned todo = __ballot_sync(FULL, lead); todo; todo &= todo - 1) {
+            const int src = __ffs(todo) - 1;
+            const i64 s = __shfl_sync(FULL, set, src);
+            choose_in_set(m, ids, s, ways, lfu, tick, (int)(base + src), next, slots_out, claim, mark_dirty,
+                          victim_keys, victim_dirty, lane);
+        }
     }
 }
 
@@ -233,35 +240,105 @@ extern "C" __global__ void touch_headers(char* rows, i64 row_bytes, const i64* _
 
 // --- row copies ---------------------------------------------------------------
 //
-// Copies `units` T-sized units from row src_idx[r] of src to row dst_idx[r] of
-// dst (a null index means r; a negative index skips the row). Gather, scatter,
-// write-back extraction and fills are all this one kernel. 2^lg threads per row,
-// two rows in flight per group.
+// Copies `units` T-sized units from row src_idx[r] of src to row dst_idx[r] of dst (a
+// null index means r; a negative index skips the row). Gather, scatter, write-back
+// extraction and fills are all this one kernel. 2^lg threads per row, R rows in flight
+// per group, and the next round's row indices loaded while this round's bytes move.
 
-template <typename T>
-__global__ void copy_rows(const char* __restrict__ src, const i64* __restrict__ src_idx, i64 src_stride,
+template <int R>
+__device__ __forceinline__ void row_indices(const i64* __restrict__ idx, i64 r, i64 groups, i64 n, i64* out) {
+#pragma unroll
+    for (int k = 0; k < R; ++k) {
+        const i64 row = r + k * groups;
+        out[k] = row < n ? (idx ? idx[row] : row) : -1;
+    }
+}
+
+template <typename T, int R>
+__global__ void __launch_bounds__(256, 4) copy_rows(const char* __restrict__ src, const i64* __restrict__ src_idx, i64 src_stride,
                           i64 src_off, char* __restrict__ dst, const i64* __restrict__ dst_idx,
                           i64 dst_stride, i64 dst_off, int units, i64 n, int lg) {
     const int sub = threadIdx.x & ((1 << lg) - 1);
     const i64 groups = ((i64)gridDim.x * blockDim.x) >> lg;
-    for (i64 r = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> lg; r < n; r += 2 * groups) {
-        const i64 r2 = r + groups;
-        const i64 s1 = src_idx ? src_idx[r] : r;
-        const i64 d1 = dst_idx ? dst_idx[r] : r;
-        const bool ok2 = r2 < n;
-        const i64 s2 = ok2 ? (src_idx ? src_idx[r2] : r2) : -1;
-        const i64 d2 = ok2 ? (dst_idx ? dst_idx[r2] : r2) : -1;
-        const bool go1 = s1 >= 0 && d1 >= 0, go2 = s2 >= 0 && d2 >= 0;
-        const T* from1 = reinterpret_cast<const T*>(src + s1 * src_stride + src_off);
-        const T* from2 = reinterpret_cast<const T*>(src + s2 * src_stride + src_off);
-        T* to1 = reinterpret_cast<T*>(dst + d1 * dst_stride + dst_off);
-        T* to2 = reinterpret_cast<T*>(dst + d2 * dst_stride + dst_off);
+    i64 r = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> lg;
+    i64 s[R], d[R];
+    row_indices<R>(src_idx, r, groups, n, s);
+    row_indices<R>(dst_idx, r, groups, n, d);
+    for (; r < n; r += R * groups) {
+        const T* from[R];
+        T* to[R];
+        bool go[R];
+#pragma unroll
+        for (int k = 0; k < R; ++k) {
+            go[k] = s[k] >= 0 && d[k] >= 0;
+            from[k] = reinterpret_cast<const T*>(src + s[k] * src_stride + src_off);
+            to[k] = reinterpret_cast<T*>(dst + d[k] * dst_stride + dst_off);
+        }
+        row_indices<R>(src_idx, r + R * groups, groups, n, s);
+        row_indices<R>(dst_idx, r + R * groups, groups, n, d);
         for (int u = sub; u < units; u += 1 << lg) {
-            T a, b;
-            if (go1) a = from1[u];
-            if (go2) b = from2[u];
-            if (go1) to1[u] = a;
-            if (go2) to2[u] = b;
+            T v[R];
+#pragma unroll
+            for (int k = 0; k < R; ++k)
+                if (go[k]) v[k] = __ldcs(from[k] + u);
+#pragma unroll
+            for (int k = 0; k < R; ++k)
+                if (go[k]) __stcs(to[k] + u, v[k]);
+        }
+    }
+}
+
+// --- duplicate sums -------------------------------------------------------------
+//
+// out[u] = the sum of gradient rows grads[order[j]], j in [starts[u], starts[u + 1]) (the
+// last segment ends at n): rows sorted by id, one segment per id. One warp per segment,
+// SEGS segments a warp in flight. VEC (dim % 4 == 0, dim <= 128, rows 16-byte aligned):
+// lane l sums elements 4l..4l+3 as one vector.
+
+__device__ __forceinline__ void add4(float4& acc, const float4 g) {
+    acc.x += g.x; acc.y += g.y; acc.z += g.z; acc.w += g.w;
+}
+
+#define SEGS 4
+
+extern "C" __global__ void __launch_bounds__(256, 4) sum_segments(const float* __restrict__ grads, const i64* __restrict__ order,
+                                        const i64* __restrict__ starts, i64 segments, i64 n, int dim, int vec,
+                                        float* __restrict__ out) {
+    const int lane = threadIdx.x & 31;
+    const i64 stride = warps_total();
+    if (!vec) {
+        for (i64 u = warp_id_global(); u < segments; u += stride) {
+            const i64 begin = starts[u], end = u + 1 < segments ? starts[u + 1] : n;
+            for (int d = lane; d < dim; d += 32) {
+                float acc = 0.f;
+                for (i64 j = begin; j < end; ++j) acc += grads[order[j] * dim + d];
+                out[u * dim + d] = acc;
+            }
+        }
+        return;
+    }
+    const int d = 4 * lane;
+    for (i64 u = warp_id_global(); u < segments; u += SEGS * stride) {
+        i64 begin[SEGS], end[SEGS];
+        float4 acc[SEGS];
+#pragma unroll
+        for (int k = 0; k < SEGS; ++k) {
+            const i64 s = u + k * stride;
+            begin[k] = s < segments ? starts[s] : n;
+            end[k] = s + 1 < segments ? starts[s + 1] : n;
+        }
+#pragma unroll
+        for (int k = 0; k < SEGS; ++k) {
+            acc[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (begin[k] < end[k] && d < dim)
+                acc[k] = __ldcs(reinterpret_cast<const float4*>(grads + order[begin[k]] * dim + d));
+        }
+#pragma unroll
+        for (int k = 0; k < SEGS; ++k) {
+            if (begin[k] >= end[k]) continue;
+            for (i64 j = begin[k] + 1; j < end[k]; ++j)
+                if (d < dim) add4(acc[k], __ldcs(reinterpret_cast<const float4*>(grads + order[j] * dim + d)));
+            if (d < dim) *reinterpret_cast<float4*>(out + (u + k * stride) * dim + d) = acc[k];
         }
     }
 }

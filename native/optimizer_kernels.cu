@@ -284,8 +284,9 @@ __device__ void step_wide_row(const StepArgs& a, Coeffs c, i64 r, int lane) {
     if (lane == 0) finish_header<OPT>(a, base, st, row, t, count, c.row_state);
 }
 
-template <typename W, int OPT, int VEC>
-__global__ void optimizer_step(char* rows, i64 row_bytes, const i64* __restrict__ idx,
+// ROWS rows a warp in flight; the next round's slots load while this round's rows step.
+template <typename W, int OPT, int VEC, int ROWS>
+__global__ void __launch_bounds__(256, 4) optimizer_step(char* rows, i64 row_bytes, const i64* __restrict__ idx,
                                const float* __restrict__ grads, i64 n, int dim, i64 state_off,
                                float lr, float eps, float beta1, float beta2, float one_minus_beta1,
                                float one_minus_beta2, double lr64, double beta1_64, double beta2_64,
@@ -296,15 +297,16 @@ __global__ void optimizer_step(char* rows, i64 row_bytes, const i64* __restrict_
                         touch};
     const i64 stride = warps_total();
     if (VEC || dim <= 32 * REG_ELEMS) {
-        for (i64 r = warp_id_global(); r < n; r += 2 * stride) {
-            RowStep<W, OPT, VEC> first, second;
-            const i64 r2 = r + stride;
-            const i64 slot1 = idx ? idx[r] : r;
-            const i64 slot2 = r2 < n ? (idx ? idx[r2] : r2) : -1;
-            first.load(a, r, slot1, lane);
-            second.load(a, r2, slot2, lane);
-            first.finish(a, c, lane);
-            second.finish(a, c, lane);
+        i64 r = warp_id_global();
+        i64 slot[ROWS];
+        row_indices<ROWS>(idx, r, stride, n, slot);
+        for (; r < n; r += ROWS * stride) {
+            RowStep<W, OPT, VEC> step[ROWS];
+#pragma unroll
+            for (int k = 0; k < ROWS; ++k) step[k].load(a, r + k * stride, slot[k], lane);
+            row_indices<ROWS>(idx, r + ROWS * stride, stride, n, slot);
+#pragma unroll
+            for (int k = 0; k < ROWS; ++k) step[k].finish(a, c, lane);
         }
     } else {
         for (i64 r = warp_id_global(); r < n; r += stride) step_wide_row<W, OPT>(a, c, r, lane);
