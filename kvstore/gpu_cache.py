@@ -228,19 +228,19 @@ def sum_duplicates(cache: GpuCache, ids: cupy.ndarray, grads: cupy.ndarray
     with cache.device:
         ids = cache._ids(ids)
         grads = cupy.ascontiguousarray(cupy.asarray(grads), dtype=cupy.float32)
-        mixed = cache.mix(ids)
+        n, k = len(ids), cache.kernels
+        mixed = cupy.empty(n, dtype=cupy.uint64)
+        k.mix_ids(ids, mixed)
         order = cupy.argsort(mixed)
-        mixed = mixed[order]
-        head = cupy.empty(len(ids), dtype=cupy.bool_)
-        head[:1] = True
-        cupy.not_equal(mixed[1:], mixed[:-1], out=head[1:])
-        starts = cupy.flatnonzero(head)
-        uniq = cache.unmix(mixed[starts])
-        inverse = cupy.empty(len(ids), dtype=cupy.int64)
-        inverse[order] = cupy.cumsum(head, dtype=cupy.int64) - 1
-        out = cupy.empty((len(starts), grads.shape[1]), dtype=cupy.float32)
-        cache.kernels.sum_segments(grads, order, starts, out)
-        return uniq, out, inverse
+        heads = cupy.empty(n, dtype=cupy.int64)
+        k.segment_heads(mixed, order, heads)
+        ends = cupy.cumsum(heads)
+        starts, uniq, inverse = (cupy.empty(n, dtype=cupy.int64) for _ in range(3))
+        k.segment_index(ids, order, heads, ends, starts, uniq, inverse)
+        segments = int(ends[-1]) if n else 0
+        out = cupy.empty((segments, grads.shape[1]), dtype=cupy.float32)
+        k.sum_segments(grads, order, starts[:segments], out)
+        return uniq[:segments], out, inverse
 
 
 def dtype_name(dtype: np.dtype) -> str:

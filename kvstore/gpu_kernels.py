@@ -20,7 +20,7 @@ OPTIMIZER_CODES = {"sgd": 0, "adagrad": 1, "rowwise_adagrad": 2, "adam": 3, "par
 WEIGHT_TYPES = {"float32": "float", "float64": "double", "float16": "half_t", "bfloat16": "bf16_t"}
 COPY_TYPES = {16: "uint4", 8: "unsigned long long", 4: "unsigned int", 2: "unsigned short", 1: "unsigned char"}
 PROBE_TYPES = {"generic": "probe<32, 1>", "ways32": "probe<8, 4>"}
-COPY_ROWS_IN_FLIGHT = 4              # rows a thread group copies at once (2 also compiled, for comparison)
+COPY_ROWS_IN_FLIGHT = 2              # rows a thread group copies at once (4 also compiled, for comparison)
 STEP_ROWS_IN_FLIGHT = 2              # rows a warp steps at once
 NULL = np.uint64(0)                  # a null pointer argument
 
@@ -31,7 +31,7 @@ TOUCH, LINK, ALL_NEW, COUNT_USES, HEADERS = 1, 2, 4, 8, 16
 def _names() -> list[str]:
     names = list(PROBE_TYPES.values())
     names += [f"copy_rows<{t}, {COPY_ROWS_IN_FLIGHT}>" for t in COPY_TYPES.values()]
-    names += [f"copy_rows<{COPY_TYPES[16]}, 2>"]
+    names += [f"copy_rows<{COPY_TYPES[16]}, 4>"]
     names += [f"optimizer_step<{w}, {code}, {vec}, {STEP_ROWS_IN_FLIGHT}>" for w in WEIGHT_TYPES.values()
               for code in OPTIMIZER_CODES.values() for vec in (0, 1)]
     return names
@@ -160,6 +160,21 @@ class Kernels:
         vec = dim % 4 == 0 and dim <= 128 and grads.data.ptr % 16 == 0 and out.data.ptr % 16 == 0
         self._fn("sum_segments")(self._grid(-(-segments // 4) * 32 if vec else segments * 32), (THREADS,), (
             grads, order, starts, np.int64(segments), np.int64(len(order)), np.int32(dim), np.int32(vec), out))
+
+    def _each(self, name: str, n: int, *args) -> None:
+        """A grid-stride kernel over n items."""
+        if n:
+            self._fn(name)(self._grid(n), (THREADS,), args)
+
+    def mix_ids(self, ids, out) -> None:
+        self._each("mix_ids", len(ids), ids, np.int64(len(ids)), out)
+
+    def segment_heads(self, mixed, order, heads) -> None:
+        self._each("segment_heads", len(order), mixed, order, np.int64(len(order)), heads)
+
+    def segment_index(self, ids, order, heads, ends, starts, uniq, inverse) -> None:
+        self._each("segment_index", len(order), ids, order, heads, ends, np.int64(len(order)), starts, uniq,
+                   inverse)
 
     def sets_of(self, ids, num_sets: int, out) -> None:
         if len(ids):

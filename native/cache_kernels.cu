@@ -19,12 +19,16 @@
 typedef long long i64;
 typedef unsigned long long u64;
 
-__device__ __forceinline__ i64 set_of(i64 id, i64 num_sets) {
+__device__ __forceinline__ u64 mix_of(i64 id) {   // the host cache's mix
     u64 h = (u64)id * GOLDEN;
     h ^= h >> 32;
     h *= MIX;
     h ^= h >> 32;
-    return (i64)(((h >> 32) * (u64)num_sets) >> 32);   // top 32 bits scaled: sets grow with h
+    return h;
+}
+
+__device__ __forceinline__ i64 set_of(i64 id, i64 num_sets) {
+    return (i64)(((mix_of(id) >> 32) * (u64)num_sets) >> 32);   // top 32 bits scaled: sets grow with the mix
 }
 
 // The set of each id (the host cache's set_of; a test keeps the two equal).
@@ -149,43 +153,79 @@ struct SetMeta {
     i64* uses;
 };
 
-__device__ __forceinline__ void choose_in_set(const SetMeta& m, const i64* __restrict__ ids, i64 set, int ways,
-                                              int lfu, i64 tick, int head, const int* __restrict__ next,
-                                              i64* __restrict__ slots_out, int claim, bool mark_dirty,
-                                              i64* __restrict__ victim_keys, bool* __restrict__ victim_dirty,
-                                              int lane) {
-    const i64 slot = set * ways + lane;
-    i64 key = NEVER;             // this lane's way: its eviction key (loads issued before the walk)
-    bool occ = false;
-    if (lane < ways) {
+// One way of a set as read before the choice: loads issued together, the key computed later.
+struct Way {
+    bool occ;
+    int lock;
+    i64 lu, uses;
+
+    __device__ __forceinline__ void load(const SetMeta& m, i64 slot, bool valid, int lfu) {
+        occ = false; lock = 0; lu = 0; uses = 0;
+        if (!valid) return;
         occ = m.occupied[slot];
-        const i64 lu = m.last_used[slot];
-        if (!occ) key = EMPTY;
-        else if (lfu) key = (min(m.uses[slot], LFU_CAP) << 32) | (lu & 0xffffffffll);
-        else key = lu;
-        if (m.locks[slot] > 0 || (occ && lu == tick)) key = NEVER;
+        lu = m.last_used[slot];
+        lock = m.locks[slot];
+        if (lfu) uses = m.uses[slot];
     }
-    const int pos = first_positions(head, next, lane);
-    int rank = 0;   // of this way in (key, way) order
+
+    // Eviction key: empty first, then the policy's; locked slots and slots this batch used never.
+    __device__ __forceinline__ i64 key(bool valid, int lfu, i64 tick) const {
+        if (!valid || lock > 0 || (occ && lu == tick)) return NEVER;
+        if (!occ) return EMPTY;
+        return lfu ? (min(uses, LFU_CAP) << 32) | (lu & 0xffffffffll) : lu;
+    }
+};
+
+struct Choice {
+    int ways, lfu, claim;
+    i64 tick;
+    bool mark_dirty;
+    const i64* ids;
+    const int* next;
+    i64* slots_out;
+    i64* victim_keys;
+    bool* victim_dirty;
+};
+
+// The new id of rank r takes the way of rank r in (key, way) order: r + 1 rounds of taking
+// the smallest (most sets get one or two new ids a batch).
+__device__ __forceinline__ void choose_in_set(const SetMeta& m, const Choice& c, i64 set, const Way& way,
+                                              int head, int lane) {
+    const i64 slot = set * c.ways + lane;
+    const i64 key = way.key(lane < c.ways, c.lfu, c.tick);
+    const int pos = first_positions(head, c.next, lane);
+    const int count = min(__popc(__ballot_sync(FULL, pos != 0x7fffffff)), c.ways);
+    bool taken = false;
+    for (int r = 0; r < count; ++r) {
+        i64 best_key = taken ? NEVER : key;
+        int best_way = taken ? 64 + lane : lane;
 #pragma unroll
-    for (int o = 0; o < 32; ++o) {
-        const i64 other = __shfl_sync(FULL, key, o);
-        rank += other < key || (other == key && o < lane);
+        for (int o = 16; o > 0; o >>= 1) {
+            const i64 other_key = __shfl_xor_sync(FULL, best_key, o);
+            const int other_way = __shfl_xor_sync(FULL, best_way, o);
+            if (other_key < best_key || (other_key == best_key && other_way < best_way)) {
+                best_key = other_key;
+                best_way = other_way;
+            }
+        }
+        if (best_key == NEVER) break;   // warp-uniform: no usable way left
+        const int node = __shfl_sync(FULL, pos, r);
+        if (lane != best_way) continue;
+        taken = true;
+        c.slots_out[node] = slot;
+        if (!c.claim) continue;
+        c.victim_keys[node] = m.keys[slot];
+        c.victim_dirty[node] = way.occ && m.dirty[slot];
+        m.keys[slot] = c.ids[node];
+        m.occupied[slot] = true;
+        m.dirty[slot] = c.mark_dirty;
+        m.last_used[slot] = c.tick;
+        m.uses[slot] = 1;
     }
-    const int node = __shfl_sync(FULL, pos, rank);   // the new id of the same rank
-    if (lane >= ways || key == NEVER || node == 0x7fffffff) return;
-    slots_out[node] = slot;
-    if (!claim) return;
-    victim_keys[node] = m.keys[slot];
-    victim_dirty[node] = occ && m.dirty[slot];
-    m.keys[slot] = ids[node];
-    m.occupied[slot] = true;
-    m.dirty[slot] = mark_dirty;
-    m.last_used[slot] = tick;
-    m.uses[slot] = 1;
 }
 
-// Lane l of a warp checks id base + l; the warp then serves the sets those ids lead.
+// Lane l of a warp checks id base + l; the warp then serves the sets those ids lead, the
+// next set's ways loading while it chooses in this one.
 extern "C" __global__ void choose_victims(const i64* __restrict__ ids, i64* keys, bool* occupied,
                                           const int* __restrict__ locks, i64* last_used, i64* uses,
                                           i64 num_sets, int ways, int lfu, i64 tick,
@@ -195,6 +235,7 @@ extern "C" __global__ void choose_victims(const i64* __restrict__ ids, i64* keys
                                           i64* __restrict__ victim_keys, bool* __restrict__ victim_dirty) {
     const int lane = threadIdx.x & 31;
     const SetMeta m = {keys, occupied, dirty, locks, last_used, uses};
+    const Choice c = {ways, lfu, claim, tick, mark_dirty, ids, next, slots_out, victim_keys, victim_dirty};
     for (i64 base = warp_id_global() * 32; base < n; base += warps_total() * 32) {
         const i64 i = base + lane;
         i64 set = 0;
@@ -203,14 +244,29 @@ extern "C" __global__ void choose_victims(const i64* __restrict__ ids, i64* keys
             set = set_of(ids[i], num_sets);
             lead = heads[set] == ((epoch << 32) | (u64)(i + 1));
         }
-        for (unsigned todo = __ballot_sync(FULL, lead); todo; todo &= todo - 1) {
-            const int src = __ffs(todo) - 1;
-            const i64 s = __shfl_sync(FULL, set, src);
-            choose_in_set(m, ids, s, ways, lfu, tick, (int)(base + src), next, slots_out, claim, mark_dirty,
-                          victim_keys, victim_dirty, lane);
+        unsigned todo = __ballot_sync(FULL, lead);
+        if (!todo) continue;
+        int src = __ffs(todo) - 1;
+        i64 s = __shfl_sync(FULL, set, src);
+        Way way;
+        way.load(m, s * ways + lane, lane < ways, lfu);
+        while (true) {
+            todo &= todo - 1;
+            const int cur_src = src;
+            const i64 cur_set = s;
+            const Way cur = way;
+            if (todo) {
+                src = __ffs(todo) - 1;
+                s = __shfl_sync(FULL, set, src);
+                way.load(m, s * ways + lane, lane < ways, lfu);
+            }
+            choose_in_set(m, c, cur_set, cur, (int)(base + cur_src), lane);
+            if (!todo) break;
         }
     }
 }
+
+// --- slot fills and header touches ---------------------------------------------
 
 // Metadata of filled slots (entries of -1 skipped); dirty_src may be null (then dirty_value).
 extern "C" __global__ void fill_meta(const i64* __restrict__ slots, const i64* __restrict__ ids, i64 n,
@@ -289,6 +345,37 @@ __global__ void __launch_bounds__(256, 4) copy_rows(const char* __restrict__ src
 }
 
 // --- duplicate sums -------------------------------------------------------------
+//
+// Ids sorted by their mix (the cache's set order), then one segment per id: mix_ids,
+// a radix sort, segment_heads (1 where a sorted id differs from the one before), a scan of
+// the heads, segment_index, then sum_segments.
+
+extern "C" __global__ void mix_ids(const i64* __restrict__ ids, i64 n, u64* __restrict__ out) {
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
+        out[i] = mix_of(ids[i]);
+}
+
+extern "C" __global__ void segment_heads(const u64* __restrict__ mixed, const i64* __restrict__ order, i64 n,
+                                         i64* __restrict__ heads) {
+    for (i64 j = (i64)blockIdx.x * blockDim.x + threadIdx.x; j < n; j += (i64)gridDim.x * blockDim.x)
+        heads[j] = j == 0 || mixed[order[j]] != mixed[order[j - 1]];
+}
+
+// ends[j] = heads[0] + ... + heads[j] (inclusive scan): sorted position j is in segment
+// ends[j] - 1; a head records its segment's start and id.
+extern "C" __global__ void segment_index(const i64* __restrict__ ids, const i64* __restrict__ order,
+                                         const i64* __restrict__ heads, const i64* __restrict__ ends, i64 n,
+                                         i64* __restrict__ starts, i64* __restrict__ uniq,
+                                         i64* __restrict__ inverse) {
+    for (i64 j = (i64)blockIdx.x * blockDim.x + threadIdx.x; j < n; j += (i64)gridDim.x * blockDim.x) {
+        const i64 u = ends[j] - 1, at = order[j];
+        inverse[at] = u;
+        if (heads[j]) {
+            starts[u] = j;
+            uniq[u] = ids[at];
+        }
+    }
+}
 //
 // out[u] = the sum of gradient rows grads[order[j]], j in [starts[u], starts[u + 1]) (the
 // last segment ends at n): rows sorted by id, one segment per id. One warp per segment,

@@ -286,7 +286,7 @@ __device__ void step_wide_row(const StepArgs& a, Coeffs c, i64 r, int lane) {
 
 // ROWS rows a warp in flight; the next round's slots load while this round's rows step.
 template <typename W, int OPT, int VEC, int ROWS>
-__global__ void __launch_bounds__(256, 4) optimizer_step(char* rows, i64 row_bytes, const i64* __restrict__ idx,
+__global__ void optimizer_step(char* rows, i64 row_bytes, const i64* __restrict__ idx,
                                const float* __restrict__ grads, i64 n, int dim, i64 state_off,
                                float lr, float eps, float beta1, float beta2, float one_minus_beta1,
                                float one_minus_beta2, double lr64, double beta1_64, double beta2_64,
