@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import cupy
+import cupyx
 import numpy as np
 
 from .cache import Eviction, SetAssociativeCache
@@ -217,17 +218,39 @@ class GpuCache(SetAssociativeCache):
                                         grads, n, layout.dim, layout.state_offset, dirty, now or 0,
                                         now is not None)
 
+    def apply_gradients(self, ids, grads, optimizer: OptimizerConfig, layout: RowLayout,
+                        now: int | None = None) -> tuple[cupy.ndarray, cupy.ndarray]:
+        """Gradient rows of a batch (duplicate ids allowed) applied to the cached rows: the
+        ids grouped by a sort, the unique ids probed (+touch), and one fused step per cached
+        row that sums the id's gradient rows as it reads them (no summed copy in memory).
+        Returns the unique ids in set order and their slots (-1: not cached, not stepped)."""
+        with self.device:
+            ids = self._ids(ids)
+            grads = cupy.ascontiguousarray(cupy.asarray(grads), dtype=cupy.float32)
+            if grads.shape != (len(ids), layout.dim):
+                raise InvalidArgument(f"grads: expected shape ({len(ids)}, {layout.dim}), got {grads.shape}")
+            seg = segments_of(self, ids)
+            slots = self.probe_and_touch(seg.uniq)     # the step records the access in the header
+            self.kernels.optimizer_step(optimizer, dtype_name(layout.dtype), self.slab, layout.row_bytes, slots,
+                                        grads, len(slots), layout.dim, layout.state_offset, self.dirty, now or 0,
+                                        now is not None, segments=(seg.order, seg.starts))
+            return seg.uniq, slots
 
-def sum_duplicates(cache: GpuCache, ids: cupy.ndarray, grads: cupy.ndarray
-                   ) -> tuple[cupy.ndarray, cupy.ndarray, cupy.ndarray]:
-    """Unique ids, the float32 sum of each one's gradient rows, and each id's position among
-    them, on the device (for callers holding device gradients). Unique ids come in the order
-    of their mix, which is the cache's set order: a step then walks the slab forward.
-    One radix sort of the mixed ids; each id's gradient rows are then summed by one warp
-    (a segmented sum: no atomics, and unique ids cost one row copy)."""
+
+@dataclass
+class Segments:
+    """A batch's ids grouped by id: sorted by their mix (the cache's set order)."""
+
+    uniq: cupy.ndarray      # [u] the unique ids, in set order
+    order: cupy.ndarray     # [n] batch positions sorted by id
+    starts: cupy.ndarray    # [u] where each id's positions begin in `order`
+    inverse: cupy.ndarray   # [n] each batch position's index in `uniq`
+
+
+def segments_of(cache: GpuCache, ids: cupy.ndarray) -> Segments:
+    """One radix sort of the mixed ids and three small kernels; one wait, for the count
+    of unique ids, read through a pinned buffer."""
     with cache.device:
-        ids = cache._ids(ids)
-        grads = cupy.ascontiguousarray(cupy.asarray(grads), dtype=cupy.float32)
         n, k = len(ids), cache.kernels
         mixed = cupy.empty(n, dtype=cupy.uint64)
         k.mix_ids(ids, mixed)
@@ -237,10 +260,26 @@ def sum_duplicates(cache: GpuCache, ids: cupy.ndarray, grads: cupy.ndarray
         ends = cupy.cumsum(heads)
         starts, uniq, inverse = (cupy.empty(n, dtype=cupy.int64) for _ in range(3))
         k.segment_index(ids, order, heads, ends, starts, uniq, inverse)
-        segments = int(ends[-1]) if n else 0
-        out = cupy.empty((segments, grads.shape[1]), dtype=cupy.float32)
-        k.sum_segments(grads, order, starts[:segments], out)
-        return uniq[:segments], out, inverse
+        count = 0
+        if n:
+            pinned = cupyx.empty_pinned(1, dtype=np.int64)
+            ends[-1:].get(out=pinned)
+            count = int(pinned[0])
+        return Segments(uniq[:count], order, starts[:count], inverse)
+
+
+def sum_duplicates(cache: GpuCache, ids: cupy.ndarray, grads: cupy.ndarray
+                   ) -> tuple[cupy.ndarray, cupy.ndarray, cupy.ndarray]:
+    """Unique ids, the float32 sum of each one's gradient rows, and each id's position among
+    them, on the device (for callers holding device gradients). Unique ids come in the order
+    of their mix, which is the cache's set order: a step then walks the slab forward.
+    Each id's rows are summed by one warp (a segmented sum: no atomics)."""
+    with cache.device:
+        seg = segments_of(cache, cache._ids(ids))
+        grads = cupy.ascontiguousarray(cupy.asarray(grads), dtype=cupy.float32)
+        out = cupy.empty((len(seg.uniq), grads.shape[1]), dtype=cupy.float32)
+        cache.kernels.sum_segments(grads, seg.order, seg.starts, out)
+        return seg.uniq, out, seg.inverse
 
 
 def dtype_name(dtype: np.dtype) -> str:

@@ -32,8 +32,8 @@ def _names() -> list[str]:
     names = list(PROBE_TYPES.values())
     names += [f"copy_rows<{t}, {COPY_ROWS_IN_FLIGHT}>" for t in COPY_TYPES.values()]
     names += [f"copy_rows<{COPY_TYPES[16]}, 4>"]
-    names += [f"optimizer_step<{w}, {code}, {vec}, {STEP_ROWS_IN_FLIGHT}>" for w in WEIGHT_TYPES.values()
-              for code in OPTIMIZER_CODES.values() for vec in (0, 1)]
+    names += [f"optimizer_step<{w}, {code}, {vec}, {STEP_ROWS_IN_FLIGHT}, {seg}>" for w in WEIGHT_TYPES.values()
+              for code in OPTIMIZER_CODES.values() for vec in (0, 1) for seg in (0, 1)]
     return names
 
 
@@ -136,18 +136,23 @@ class Kernels:
             np.int64(dst_stride), np.int64(dst_off), np.int32(units), np.int64(n), np.int32(lg)))
 
     def optimizer_step(self, optimizer, dtype: str, rows, row_bytes: int, idx, grads, n: int, dim: int,
-                       state_off: int, dirty, now: int, touch: bool) -> None:
+                       state_off: int, dirty, now: int, touch: bool, segments=None) -> None:
         """One fused step of `optimizer` (an OptimizerConfig) on rows idx[r] of `rows`.
-        Coefficients are rounded as the host optimizers round them."""
+        Coefficients are rounded as the host optimizers round them. With `segments`
+        (order, starts), row r's gradient is the sum of grads[order[j]] over segment r."""
         if n == 0:
             return
         c = optimizer
         # four elements a lane, moved as one vector: every row and gradient row 16-byte aligned
         vec = dim % 4 == 0 and dim <= 128 and all(v % 16 == 0 for v in (
             rows.data.ptr, row_bytes, state_off, grads.data.ptr))
-        name = f"optimizer_step<{WEIGHT_TYPES[dtype]}, {OPTIMIZER_CODES[c.name]}, {int(vec)}, {STEP_ROWS_IN_FLIGHT}>"
+        seg = segments is not None
+        order, starts = segments if seg else (None, None)
+        name = (f"optimizer_step<{WEIGHT_TYPES[dtype]}, {OPTIMIZER_CODES[c.name]}, {int(vec)}, "
+                f"{STEP_ROWS_IN_FLIGHT}, {int(seg)}>")
         self._fn(name)(self._grid(-(-n // STEP_ROWS_IN_FLIGHT) * 32), (THREADS,), (
-            rows, np.int64(row_bytes), _ptr(idx), grads, np.int64(n), np.int32(dim), np.int64(state_off),
+            rows, np.int64(row_bytes), _ptr(idx), grads, _ptr(order), _ptr(starts),
+            np.int64(len(order) if seg else n), np.int64(n), np.int32(dim), np.int64(state_off),
             np.float32(c.lr), np.float32(c.eps), np.float32(c.beta1), np.float32(c.beta2),
             np.float32(1 - c.beta1), np.float32(1 - c.beta2), np.float64(c.lr), np.float64(c.beta1),
             np.float64(c.beta2), np.float32(c.weight_decay), _ptr(dirty), np.uint32(now), np.int32(touch)))

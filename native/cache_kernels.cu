@@ -67,10 +67,14 @@ __global__ void probe(const i64* __restrict__ keys, const bool* __restrict__ occ
     const int group = lane / G;
     const int sub = lane % G;
     const int per_warp = 32 / G;
-    for (i64 base = warp_id_global() * per_warp; base < n; base += warps_total() * per_warp) {
+    const i64 step = warps_total() * per_warp;
+    i64 base = warp_id_global() * per_warp;
+    i64 coming = base + group < n ? ids[base + group] : 0;   // the next round's id, loaded a round ahead
+    for (; base < n; base += step) {
         const i64 i = base + group;
         const bool valid = i < n;
-        const i64 id = valid ? ids[i] : 0;
+        const i64 id = valid ? coming : 0;
+        coming = i + step < n ? ids[i + step] : 0;
         const i64 set = set_of(id, num_sets);
         const i64 first = set * ways;
         int local = WPL;    // first matching way of this lane's ways
@@ -131,15 +135,15 @@ __global__ void probe(const i64* __restrict__ keys, const bool* __restrict__ occ
 // left without a way keep the probe's -1. Only this warp touches the set, so with
 // `claim` it also records what each slot held (for write-back) and gives it to its id.
 
-// The list's 32 smallest batch positions, ascending across the warp (INT_MAX: none).
-__device__ __forceinline__ int first_positions(int node, const int* __restrict__ next, int lane) {
-    int pos = 0x7fffffff;
-    while (node >= 0) {   // warp-uniform: every lane follows the same list
+// The list's 32 smallest batch positions, ascending across the warp (INT_MAX: none); the
+// list is head, then hop (= next[head], loaded ahead), then on through next.
+__device__ __forceinline__ int first_positions(int head, int hop, const int* __restrict__ next, int lane) {
+    int pos = lane == 0 ? head : 0x7fffffff;
+    for (int node = hop; node >= 0; node = next[node]) {   // warp-uniform: every lane follows the list
         const int below = __popc(__ballot_sync(FULL, pos < node));
         const int up = __shfl_up_sync(FULL, pos, 1);
         if (lane > below) pos = up;
         else if (lane == below) pos = node;
-        node = next[node];
     }
     return pos;
 }
@@ -155,17 +159,23 @@ struct SetMeta {
 
 // One way of a set as read before the choice: loads issued together, the key computed later.
 struct Way {
-    bool occ;
-    int lock;
-    i64 lu, uses;
+    bool occ, dirty;
+    int lock, hop;   // hop: the set's second new id (next[head]), the same in every lane
+    i64 lu, uses, key_held;
 
-    __device__ __forceinline__ void load(const SetMeta& m, i64 slot, bool valid, int lfu) {
-        occ = false; lock = 0; lu = 0; uses = 0;
+    __device__ __forceinline__ void load(const SetMeta& m, i64 slot, bool valid, int lfu, int claim,
+                                         const int* __restrict__ next, int head) {
+        occ = dirty = false; lock = 0; lu = uses = key_held = 0;
+        hop = next[head];
         if (!valid) return;
         occ = m.occupied[slot];
         lu = m.last_used[slot];
         lock = m.locks[slot];
         if (lfu) uses = m.uses[slot];
+        if (claim) {   // what a claim records, read with the rest
+            key_held = m.keys[slot];
+            dirty = m.dirty[slot];
+        }
     }
 
     // Eviction key: empty first, then the policy's; locked slots and slots this batch used never.
@@ -193,7 +203,7 @@ __device__ __forceinline__ void choose_in_set(const SetMeta& m, const Choice& c,
                                               int head, int lane) {
     const i64 slot = set * c.ways + lane;
     const i64 key = way.key(lane < c.ways, c.lfu, c.tick);
-    const int pos = first_positions(head, c.next, lane);
+    const int pos = first_positions(head, way.hop, c.next, lane);
     const int count = min(__popc(__ballot_sync(FULL, pos != 0x7fffffff)), c.ways);
     bool taken = false;
     for (int r = 0; r < count; ++r) {
@@ -214,8 +224,8 @@ __device__ __forceinline__ void choose_in_set(const SetMeta& m, const Choice& c,
         taken = true;
         c.slots_out[node] = slot;
         if (!c.claim) continue;
-        c.victim_keys[node] = m.keys[slot];
-        c.victim_dirty[node] = way.occ && m.dirty[slot];
+        c.victim_keys[node] = way.key_held;
+        c.victim_dirty[node] = way.occ && way.dirty;
         m.keys[slot] = c.ids[node];
         m.occupied[slot] = true;
         m.dirty[slot] = c.mark_dirty;
@@ -249,7 +259,7 @@ extern "C" __global__ void choose_victims(const i64* __restrict__ ids, i64* keys
         int src = __ffs(todo) - 1;
         i64 s = __shfl_sync(FULL, set, src);
         Way way;
-        way.load(m, s * ways + lane, lane < ways, lfu);
+        way.load(m, s * ways + lane, lane < ways, lfu, claim, next, (int)(base + src));
         while (true) {
             todo &= todo - 1;
             const int cur_src = src;
@@ -258,7 +268,7 @@ extern "C" __global__ void choose_victims(const i64* __restrict__ ids, i64* keys
             if (todo) {
                 src = __ffs(todo) - 1;
                 s = __shfl_sync(FULL, set, src);
-                way.load(m, s * ways + lane, lane < ways, lfu);
+                way.load(m, s * ways + lane, lane < ways, lfu, claim, next, (int)(base + src));
             }
             choose_in_set(m, c, cur_set, cur, (int)(base + cur_src), lane);
             if (!todo) break;

@@ -109,3 +109,52 @@ def test_fused_step_on_unaligned_gradients_equals_aligned():
     np.testing.assert_array_equal(results[0][:, :16], results[1][:, :16])
     assert rel_err(layout.weights(results[1]), layout.weights(results[0])) <= 1e-6
     assert rel_err(layout.state(results[1]), layout.state(results[0])) <= 1e-6
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("dim", [128, 37, 200])   # vector path, scalar, wide
+def test_apply_gradients_sums_each_ids_rows_then_steps_like_the_host(name, dim):
+    from kvstore.optimizers import sum_duplicates
+
+    rng = np.random.default_rng(zlib.crc32(f"apply-{name}-{dim}".encode()))
+    optimizer = OptimizerConfig(name=name, lr=0.05, weight_decay=0.01)
+    config = TableConfig(name="t", dim=dim, optimizer=optimizer, cache=CacheConfig(rows=4096, ways=32))
+    layout = RowLayout.of(config)
+    gpu = GpuCache(config.cache, layout.row_bytes)
+    cached = rng.choice(2**40, 1500, replace=False).astype(np.int64)
+    gpu.begin_batch()
+    claim = gpu.find_or_insert(cached)
+    assert bool((claim.slots >= 0).all())
+    rows = random_rows(layout, len(cached), rng)
+    gpu.scatter_rows(claim.slots, cupy.asarray(rows))
+    uncached = np.arange(2**41, 2**41 + 50, dtype=np.int64)
+    ids = rng.permutation(np.concatenate([rng.choice(cached, 3000), uncached]))   # duplicates and misses
+    grads = rng.standard_normal((len(ids), dim)).astype(np.float32)
+    gpu.begin_batch()
+    uniq, slots = gpu.apply_gradients(cupy.asarray(ids), cupy.asarray(grads), optimizer, layout, now=77)
+    uniq, slots = uniq.get(), slots.get()
+    assert sorted(uniq.tolist()) == sorted(set(ids.tolist()))
+    assert (np.diff(gpu.set_of(uniq).get()) >= 0).all()
+    assert ((slots < 0) == np.isin(uniq, uncached)).all()
+
+    summed_ids, summed = sum_duplicates(ids, grads)
+    stepped = np.isin(summed_ids, cached)
+    where = {int(i): k for k, i in enumerate(cached)}
+    at = np.array([where[int(i)] for i in summed_ids[stepped]])
+    sub = rows[at]
+    weights = layout.weights(sub).astype(np.float32)
+    state = layout.state(sub).copy()
+    header = layout.header(sub)
+    header["step"] += 1
+    header["count"] += 1
+    header["last_access"] = 77
+    make_optimizer(optimizer, dim).step(weights, state, summed[stepped], header["step"])
+    layout.weights(sub)[:] = weights.astype(layout.dtype)
+    layout.state(sub)[:] = state
+    rows[at] = sub
+    got = gpu.gather_rows(claim.slots).get()
+    assert rel_err(layout.weights(got), layout.weights(rows)) <= 1e-6
+    if layout.state_dim:
+        assert rel_err(layout.state(got), layout.state(rows)) <= 1e-6
+    np.testing.assert_array_equal(got[:, :16], rows[:, :16])
+    assert int(gpu.dirty.sum()) == int(stepped.sum())
