@@ -234,8 +234,64 @@ __device__ __forceinline__ void choose_in_set(const SetMeta& m, const Choice& c,
     }
 }
 
-// Lane l of a warp checks id base + l; the warp then serves the sets those ids lead, the
-// next set's ways loading while it chooses in this one.
+// Eviction key of one way read on its own (the thread path below).
+__device__ __forceinline__ i64 way_key(const SetMeta& m, i64 slot, int lfu, i64 tick) {
+    Way way;
+    way.occ = m.occupied[slot];
+    way.lu = m.last_used[slot];
+    way.lock = m.locks[slot];
+    way.uses = lfu ? m.uses[slot] : 0;
+    return way.key(true, lfu, tick);
+}
+
+#define SMALL 4   // sets with at most this many new ids are chosen by one thread
+
+// One thread for a set with L <= SMALL new ids (node[0..L), any order): the new id of rank r
+// takes the way found by the r-th pass over the set's ways, each pass taking the smallest
+// (key, way) not taken yet: the warp path's choice, with the sets of a warp in parallel.
+__device__ void choose_small(const SetMeta& m, const Choice& c, i64 set, const int* node, int count) {
+    int rank[SMALL];
+#pragma unroll
+    for (int k = 0; k < SMALL; ++k) {
+        rank[k] = 0;
+#pragma unroll
+        for (int j = 0; j < SMALL; ++j) rank[k] += j < count && node[j] < node[k];
+    }
+    unsigned taken = 0;
+    for (int r = 0; r < count && r < c.ways; ++r) {
+        i64 best = NEVER;
+        int best_way = -1;
+#pragma unroll 8
+        for (int w = 0; w < c.ways; ++w) {
+            const i64 key = (taken >> w) & 1 ? NEVER : way_key(m, set * c.ways + w, c.lfu, c.tick);
+            if (key < best) {
+                best = key;
+                best_way = w;
+            }
+        }
+        if (best_way < 0) return;   // no usable way left
+        taken |= 1u << best_way;
+        int id_at = node[0];
+#pragma unroll
+        for (int k = 1; k < SMALL; ++k)
+            if (k < count && rank[k] == r) id_at = node[k];
+        const i64 slot = set * c.ways + best_way;
+        c.slots_out[id_at] = slot;
+        if (!c.claim) continue;
+        const bool occ = m.occupied[slot];
+        c.victim_keys[id_at] = m.keys[slot];
+        c.victim_dirty[id_at] = occ && m.dirty[slot];
+        m.keys[slot] = c.ids[id_at];
+        m.occupied[slot] = true;
+        m.dirty[slot] = c.mark_dirty;
+        m.last_used[slot] = c.tick;
+        m.uses[slot] = 1;
+    }
+}
+
+// Lane l of a warp checks id base + l; a set it leads with few new ids it serves alone
+// (choose_small); the warp then serves the other sets together, the next set's ways loading
+// while it chooses in this one.
 extern "C" __global__ void choose_victims(const i64* __restrict__ ids, i64* keys, bool* occupied,
                                           const int* __restrict__ locks, i64* last_used, i64* uses,
                                           i64 num_sets, int ways, int lfu, i64 tick,
@@ -254,7 +310,16 @@ extern "C" __global__ void choose_victims(const i64* __restrict__ ids, i64* keys
             set = set_of(ids[i], num_sets);
             lead = heads[set] == ((epoch << 32) | (u64)(i + 1));
         }
-        unsigned todo = __ballot_sync(FULL, lead);
+        int node[SMALL], count = 0, hop = lead ? (int)i : -1;
+#pragma unroll
+        for (int k = 0; k <= SMALL; ++k) {   // the set's list, up to one past SMALL
+            if (hop < 0) break;
+            if (k < SMALL) node[k] = hop;
+            count = k + 1;
+            hop = k < SMALL ? next[hop] : -1;
+        }
+        if (lead && count <= SMALL) choose_small(m, c, set, node, count);
+        unsigned todo = __ballot_sync(FULL, lead && count > SMALL);
         if (!todo) continue;
         int src = __ffs(todo) - 1;
         i64 s = __shfl_sync(FULL, set, src);
