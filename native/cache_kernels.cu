@@ -289,9 +289,102 @@ __device__ void choose_small(const SetMeta& m, const Choice& c, i64 set, const i
     }
 }
 
-// Lane l of a warp checks id base + l; a set it leads with few new ids it serves alone
-// (choose_small); the warp then serves the other sets together, the next set's ways loading
-// while it chooses in this one.
+// Eight lanes for a set of 32 ways with at most SMALL new ids (node[0..count), any order; count
+// 0: an idle group), four ways a lane read as vectors; a warp serves four such sets at once.
+// The same choice as the other paths: rank r takes the r-th smallest (key, way) not taken.
+__device__ void choose_group(const SetMeta& m, const Choice& c, i64 set, const int* node, int count, int lane) {
+    const int sub = lane & 7;
+    const i64 first = set * 32 + sub * 4;
+    i64 key[4], held[4];
+    unsigned occ = 0, dirt = 0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) key[j] = held[j] = NEVER;
+    if (count > 0) {
+        const longlong2 lu0 = reinterpret_cast<const longlong2*>(m.last_used + first)[0];
+        const longlong2 lu1 = reinterpret_cast<const longlong2*>(m.last_used + first)[1];
+        const int4 lock = *reinterpret_cast<const int4*>(m.locks + first);
+        occ = *reinterpret_cast<const unsigned*>(m.occupied + first);
+        longlong2 u0 = {0, 0}, u1 = {0, 0};
+        if (c.lfu) {
+            u0 = reinterpret_cast<const longlong2*>(m.uses + first)[0];
+            u1 = reinterpret_cast<const longlong2*>(m.uses + first)[1];
+        }
+        if (c.claim) {
+            const longlong2 k0 = reinterpret_cast<const longlong2*>(m.keys + first)[0];
+            const longlong2 k1 = reinterpret_cast<const longlong2*>(m.keys + first)[1];
+            held[0] = k0.x; held[1] = k0.y; held[2] = k1.x; held[3] = k1.y;
+            dirt = *reinterpret_cast<const unsigned*>(m.dirty + first);
+        }
+        const i64 lu[4] = {lu0.x, lu0.y, lu1.x, lu1.y}, uses[4] = {u0.x, u0.y, u1.x, u1.y};
+        const int locks[4] = {lock.x, lock.y, lock.z, lock.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            Way way;
+            way.occ = (occ >> (8 * j)) & 0xff;
+            way.lu = lu[j];
+            way.lock = locks[j];
+            way.uses = uses[j];
+            key[j] = way.key(true, c.lfu, c.tick);
+        }
+    }
+    int rank[SMALL];
+#pragma unroll
+    for (int k = 0; k < SMALL; ++k) {
+        rank[k] = 0;
+#pragma unroll
+        for (int j = 0; j < SMALL; ++j) rank[k] += j < count && node[j] < node[k];
+    }
+    int rounds = count;
+    rounds = max(rounds, __shfl_xor_sync(FULL, rounds, 8));
+    rounds = max(rounds, __shfl_xor_sync(FULL, rounds, 16));
+    unsigned taken = 0;
+    bool done = count == 0;
+    for (int r = 0; r < rounds; ++r) {   // warp-uniform: every lane takes part in the shuffles
+        i64 best_key = NEVER;
+        int best_way = 64 + lane;
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+            if (!((taken >> j) & 1) && key[j] < best_key) {
+                best_key = key[j];
+                best_way = sub * 4 + j;
+            }
+#pragma unroll
+        for (int o = 4; o > 0; o >>= 1) {   // within the group of eight
+            const i64 other_key = __shfl_xor_sync(FULL, best_key, o);
+            const int other_way = __shfl_xor_sync(FULL, best_way, o);
+            if (other_key < best_key || (other_key == best_key && other_way < best_way)) {
+                best_key = other_key;
+                best_way = other_way;
+            }
+        }
+        done |= r >= count || best_key == NEVER;
+        if (done || (best_way >> 2) != sub) continue;
+        const int j = best_way & 3;
+        taken |= 1u << j;
+        int id_at = node[0];
+#pragma unroll
+        for (int k = 1; k < SMALL; ++k)
+            if (k < count && rank[k] == r) id_at = node[k];
+        const i64 slot = set * 32 + best_way;
+        c.slots_out[id_at] = slot;
+        if (!c.claim) continue;
+        i64 was = 0;
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+            if (q == j) was = held[q];
+        c.victim_keys[id_at] = was;
+        c.victim_dirty[id_at] = ((occ >> (8 * j)) & 0xff) && ((dirt >> (8 * j)) & 0xff);
+        m.keys[slot] = c.ids[id_at];
+        m.occupied[slot] = true;
+        m.dirty[slot] = c.mark_dirty;
+        m.last_used[slot] = c.tick;
+        m.uses[slot] = 1;
+    }
+}
+
+// Lane l of a warp checks id base + l. Sets it leads with few new ids are served by groups
+// of eight lanes, four at once (32 ways), or by the lane alone (other way counts); the warp
+// then serves the other sets together, the next set's ways loading while it chooses in this one.
 extern "C" __global__ void choose_victims(const i64* __restrict__ ids, i64* keys, bool* occupied,
                                           const int* __restrict__ locks, i64* last_used, i64* uses,
                                           i64 num_sets, int ways, int lfu, i64 tick,
@@ -310,7 +403,7 @@ extern "C" __global__ void choose_victims(const i64* __restrict__ ids, i64* keys
             set = set_of(ids[i], num_sets);
             lead = heads[set] == ((epoch << 32) | (u64)(i + 1));
         }
-        int node[SMALL], count = 0, hop = lead ? (int)i : -1;
+        int node[SMALL] = {-1, -1, -1, -1}, count = 0, hop = lead ? (int)i : -1;
 #pragma unroll
         for (int k = 0; k <= SMALL; ++k) {   // the set's list, up to one past SMALL
             if (hop < 0) break;
@@ -318,7 +411,25 @@ extern "C" __global__ void choose_victims(const i64* __restrict__ ids, i64* keys
             count = k + 1;
             hop = k < SMALL ? next[hop] : -1;
         }
-        if (lead && count <= SMALL) choose_small(m, c, set, node, count);
+        if (ways == 32) {
+            for (unsigned small = __ballot_sync(FULL, lead && count <= SMALL); small;) {
+                int src = -1;   // group g serves the g-th set of the round
+#pragma unroll
+                for (int g = 0; g < 4; ++g) {
+                    if (g == (lane >> 3) && small) src = __ffs(small) - 1;
+                    small &= small ? small - 1 : 0;
+                }
+                const int from = src < 0 ? 0 : src;
+                const i64 s = __shfl_sync(FULL, set, from);
+                const int cnt = __shfl_sync(FULL, count, from);
+                int group_node[SMALL];
+#pragma unroll
+                for (int k = 0; k < SMALL; ++k) group_node[k] = __shfl_sync(FULL, node[k], from);
+                choose_group(m, c, s, group_node, src < 0 ? 0 : cnt, lane);
+            }
+        } else if (lead && count <= SMALL) {
+            choose_small(m, c, set, node, count);
+        }
         unsigned todo = __ballot_sync(FULL, lead && count > SMALL);
         if (!todo) continue;
         int src = __ffs(todo) - 1;
