@@ -110,7 +110,8 @@ class GpuCache(SetAssociativeCache):
         next_ = cupy.empty(n, dtype=cupy.int32)
         self.kernels.probe(self.keys, self.occupied, ids, self.num_sets, self.ways, slots, hit_out=hit,
                            last_used=self.last_used, uses=self.uses, tick=self.tick, flags=flags | LINK,
-                           heads=self._heads, next_=next_, epoch=self._epoch)
+                           heads=self._heads, next_=next_, epoch=self._epoch,
+                           cleared=None if claim is None else claim.victim_dirty)
         self.kernels.choose_victims(ids, self.keys, self.occupied, self.locks, self.last_used, self.uses,
                                     self.num_sets, self.ways, self.lfu, self.tick, self._heads, next_, hit,
                                     self._epoch, slots, dirty=self.dirty, mark_dirty=claim is not None and claim.mark,
@@ -137,7 +138,7 @@ class GpuCache(SetAssociativeCache):
         with self.device:
             ids = self._ids(ids)
             n = len(ids)
-            victims = _Victims(cupy.empty(n, dtype=cupy.int64), cupy.zeros(n, dtype=cupy.bool_), dirty)
+            victims = _Victims(cupy.empty(n, dtype=cupy.int64), cupy.empty(n, dtype=cupy.bool_), dirty)
             slots, hit = self._link(ids, self._touch, victims)
             return Claim(slots, hit, victims.victim_keys, victims.victim_dirty)
 

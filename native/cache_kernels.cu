@@ -54,6 +54,7 @@ __device__ __forceinline__ i64 warps_total() {
 //        (count + 1, saturating; last_access = now; once per slot per tick),
 //        2 = link misses into per-set lists (for victim choice),
 //        4 = treat every id as new (choose_slots on ids known to be uncached).
+// cleared (may be null): set to false for every id.
 // Per-set lists: head[set] = (epoch << 32) | (position + 1) of the last miss
 // linked; a head with another epoch is empty, so heads need no clearing.
 
@@ -62,7 +63,8 @@ __global__ void probe(const i64* __restrict__ keys, const bool* __restrict__ occ
                       const i64* __restrict__ ids, i64 n, i64 num_sets, int ways,
                       i64* __restrict__ slots_out, bool* __restrict__ hit_out,
                       i64* last_used, i64* uses, i64 tick, int flags,
-                      u64* heads, int* next, u64 epoch, char* slab, i64 row_bytes, unsigned now) {
+                      u64* heads, int* next, u64 epoch, char* slab, i64 row_bytes, unsigned now,
+                      bool* __restrict__ cleared) {
     const int lane = threadIdx.x & 31;
     const int group = lane / G;
     const int sub = lane % G;
@@ -100,6 +102,7 @@ __global__ void probe(const i64* __restrict__ keys, const bool* __restrict__ occ
         const int src = mine ? __ffs(mine) - 1 : 0;
         const int src_local = __shfl_sync(FULL, local, group * G + src);
         if (!valid || sub != 0) continue;
+        if (cleared) cleared[i] = false;   // a per-id flag a later kernel sets (no memset launch)
         if (mine) {
             const i64 slot = first + src * WPL + src_local;
             slots_out[i] = slot;
