@@ -200,6 +200,38 @@ struct Choice {
     bool* victim_dirty;
 };
 
+#define SMALL 4   // sets with at most this many new ids are chosen by one thread or eight lanes
+
+// Gives `slot` to the new id at batch position id_at, recording what the slot held.
+__device__ __forceinline__ void claim_slot(const SetMeta& m, const Choice& c, i64 slot, int id_at, i64 held_key,
+                                           bool held_dirty) {
+    c.victim_keys[id_at] = held_key;
+    c.victim_dirty[id_at] = held_dirty;
+    m.keys[slot] = c.ids[id_at];
+    m.occupied[slot] = true;
+    m.dirty[slot] = c.mark_dirty;
+    m.last_used[slot] = c.tick;
+    m.uses[slot] = 1;
+}
+
+// Batch-order ranks of a set's new ids node[0..count) (at most SMALL, any order).
+__device__ __forceinline__ void ranks_of(const int* node, int count, int* rank) {
+#pragma unroll
+    for (int k = 0; k < SMALL; ++k) {
+        rank[k] = 0;
+#pragma unroll
+        for (int j = 0; j < SMALL; ++j) rank[k] += j < count && node[j] < node[k];
+    }
+}
+
+__device__ __forceinline__ int node_of_rank(const int* node, const int* rank, int count, int r) {
+    int id_at = node[0];
+#pragma unroll
+    for (int k = 1; k < SMALL; ++k)
+        if (k < count && rank[k] == r) id_at = node[k];
+    return id_at;
+}
+
 // The new id of rank r takes the way of rank r in (key, way) order: r + 1 rounds of taking
 // the smallest (most sets get one or two new ids a batch).
 __device__ __forceinline__ void choose_in_set(const SetMeta& m, const Choice& c, i64 set, const Way& way,
@@ -226,14 +258,7 @@ __device__ __forceinline__ void choose_in_set(const SetMeta& m, const Choice& c,
         if (lane != best_way) continue;
         taken = true;
         c.slots_out[node] = slot;
-        if (!c.claim) continue;
-        c.victim_keys[node] = way.key_held;
-        c.victim_dirty[node] = way.occ && way.dirty;
-        m.keys[slot] = c.ids[node];
-        m.occupied[slot] = true;
-        m.dirty[slot] = c.mark_dirty;
-        m.last_used[slot] = c.tick;
-        m.uses[slot] = 1;
+        if (c.claim) claim_slot(m, c, slot, node, way.key_held, way.occ && way.dirty);
     }
 }
 
@@ -247,19 +272,12 @@ __device__ __forceinline__ i64 way_key(const SetMeta& m, i64 slot, int lfu, i64 
     return way.key(true, lfu, tick);
 }
 
-#define SMALL 4   // sets with at most this many new ids are chosen by one thread
-
 // One thread for a set with L <= SMALL new ids (node[0..L), any order): the new id of rank r
 // takes the way found by the r-th pass over the set's ways, each pass taking the smallest
 // (key, way) not taken yet: the warp path's choice, with the sets of a warp in parallel.
 __device__ void choose_small(const SetMeta& m, const Choice& c, i64 set, const int* node, int count) {
     int rank[SMALL];
-#pragma unroll
-    for (int k = 0; k < SMALL; ++k) {
-        rank[k] = 0;
-#pragma unroll
-        for (int j = 0; j < SMALL; ++j) rank[k] += j < count && node[j] < node[k];
-    }
+    ranks_of(node, count, rank);
     unsigned taken = 0;
     for (int r = 0; r < count && r < c.ways; ++r) {
         i64 best = NEVER;
@@ -274,21 +292,12 @@ __device__ void choose_small(const SetMeta& m, const Choice& c, i64 set, const i
         }
         if (best_way < 0) return;   // no usable way left
         taken |= 1u << best_way;
-        int id_at = node[0];
-#pragma unroll
-        for (int k = 1; k < SMALL; ++k)
-            if (k < count && rank[k] == r) id_at = node[k];
+        const int id_at = node_of_rank(node, rank, count, r);
         const i64 slot = set * c.ways + best_way;
         c.slots_out[id_at] = slot;
         if (!c.claim) continue;
         const bool occ = m.occupied[slot];
-        c.victim_keys[id_at] = m.keys[slot];
-        c.victim_dirty[id_at] = occ && m.dirty[slot];
-        m.keys[slot] = c.ids[id_at];
-        m.occupied[slot] = true;
-        m.dirty[slot] = c.mark_dirty;
-        m.last_used[slot] = c.tick;
-        m.uses[slot] = 1;
+        claim_slot(m, c, slot, id_at, m.keys[slot], occ && m.dirty[slot]);
     }
 }
 
@@ -331,12 +340,7 @@ __device__ void choose_group(const SetMeta& m, const Choice& c, i64 set, const i
         }
     }
     int rank[SMALL];
-#pragma unroll
-    for (int k = 0; k < SMALL; ++k) {
-        rank[k] = 0;
-#pragma unroll
-        for (int j = 0; j < SMALL; ++j) rank[k] += j < count && node[j] < node[k];
-    }
+    ranks_of(node, count, rank);
     int rounds = count;
     rounds = max(rounds, __shfl_xor_sync(FULL, rounds, 8));
     rounds = max(rounds, __shfl_xor_sync(FULL, rounds, 16));
@@ -364,10 +368,7 @@ __device__ void choose_group(const SetMeta& m, const Choice& c, i64 set, const i
         if (done || (best_way >> 2) != sub) continue;
         const int j = best_way & 3;
         taken |= 1u << j;
-        int id_at = node[0];
-#pragma unroll
-        for (int k = 1; k < SMALL; ++k)
-            if (k < count && rank[k] == r) id_at = node[k];
+        const int id_at = node_of_rank(node, rank, count, r);
         const i64 slot = set * 32 + best_way;
         c.slots_out[id_at] = slot;
         if (!c.claim) continue;
@@ -375,13 +376,7 @@ __device__ void choose_group(const SetMeta& m, const Choice& c, i64 set, const i
 #pragma unroll
         for (int q = 0; q < 4; ++q)
             if (q == j) was = held[q];
-        c.victim_keys[id_at] = was;
-        c.victim_dirty[id_at] = ((occ >> (8 * j)) & 0xff) && ((dirt >> (8 * j)) & 0xff);
-        m.keys[slot] = c.ids[id_at];
-        m.occupied[slot] = true;
-        m.dirty[slot] = c.mark_dirty;
-        m.last_used[slot] = c.tick;
-        m.uses[slot] = 1;
+        claim_slot(m, c, slot, id_at, was, ((occ >> (8 * j)) & 0xff) && ((dirt >> (8 * j)) & 0xff));
     }
 }
 

@@ -23,6 +23,19 @@ def rel_err(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.linalg.norm(got.astype(np.float64) - want) / max(np.linalg.norm(want), 1e-30))
 
 
+def host_step(layout: RowLayout, optimizer: OptimizerConfig, sub: np.ndarray, grads: np.ndarray, now: int) -> None:
+    """What a fused step with `now` does to rows `sub`, by the host optimizer (in place)."""
+    weights = layout.weights(sub).astype(np.float32)
+    state = layout.state(sub).copy()
+    header = layout.header(sub)
+    header["step"] += 1
+    header["count"] += 1
+    header["last_access"] = now
+    make_optimizer(optimizer, layout.dim).step(weights, state, grads, header["step"])
+    layout.weights(sub)[:] = weights.astype(layout.dtype)
+    layout.state(sub)[:] = state
+
+
 def random_rows(layout: RowLayout, n: int, rng) -> np.ndarray:
     rows = layout.empty(n)
     layout.weights(rows)[:] = rng.standard_normal((n, layout.dim)).astype(layout.dtype)
@@ -42,20 +55,11 @@ def test_fused_step_equals_host_optimizer(name, dim, weight_decay):
     gpu = GpuCache(config.cache, layout.row_bytes)
     rows = random_rows(layout, 4096, rng)
     gpu.slab[:] = cupy.asarray(rows)
-    host = make_optimizer(optimizer, dim)
     for step in range(3):
         slots = rng.permutation(4096)[:3000]
         grads = rng.standard_normal((3000, dim)).astype(np.float32)
         sub = rows[slots]
-        weights = layout.weights(sub).astype(np.float32)
-        state = layout.state(sub).copy()
-        header = layout.header(sub)
-        header["step"] += 1
-        header["count"] += 1
-        header["last_access"] = 1000 + step
-        host.step(weights, state, grads, header["step"])
-        layout.weights(sub)[:] = weights.astype(layout.dtype)
-        layout.state(sub)[:] = state
+        host_step(layout, optimizer, sub, grads, 1000 + step)
         rows[slots] = sub
         gpu.dirty[:] = False
         gpu.optimizer_step(slots, grads, optimizer, layout, now=1000 + step)
@@ -142,15 +146,7 @@ def test_apply_gradients_sums_each_ids_rows_then_steps_like_the_host(name, dim):
     where = {int(i): k for k, i in enumerate(cached)}
     at = np.array([where[int(i)] for i in summed_ids[stepped]])
     sub = rows[at]
-    weights = layout.weights(sub).astype(np.float32)
-    state = layout.state(sub).copy()
-    header = layout.header(sub)
-    header["step"] += 1
-    header["count"] += 1
-    header["last_access"] = 77
-    make_optimizer(optimizer, dim).step(weights, state, summed[stepped], header["step"])
-    layout.weights(sub)[:] = weights.astype(layout.dtype)
-    layout.state(sub)[:] = state
+    host_step(layout, optimizer, sub, summed[stepped], 77)
     rows[at] = sub
     got = gpu.gather_rows(claim.slots).get()
     assert rel_err(layout.weights(got), layout.weights(rows)) <= 1e-6
