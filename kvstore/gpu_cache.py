@@ -65,7 +65,7 @@ class GpuCache(SetAssociativeCache):
         self.hints = None
 
     def _ids(self, ids) -> cupy.ndarray:
-        return cupy.ascontiguousarray(cupy.asarray(ids), dtype=cupy.int64)
+        return device_ids(ids)
 
     def set_of(self, ids):
         """The host cache's set function, computed by the kernels' own copy of it."""
@@ -276,11 +276,16 @@ def sum_duplicates(cache: GpuCache, ids: cupy.ndarray, grads: cupy.ndarray
     of their mix, which is the cache's set order: a step then walks the slab forward.
     Each id's rows are summed by one warp (a segmented sum: no atomics)."""
     with cache.device:
-        seg = segments_of(cache, cache._ids(ids))
+        seg = segments_of(cache, device_ids(ids))
         grads = cupy.ascontiguousarray(cupy.asarray(grads), dtype=cupy.float32)
         out = cupy.empty((len(seg.uniq), grads.shape[1]), dtype=cupy.float32)
         cache.kernels.sum_segments(grads, seg.order, seg.starts, out)
         return seg.uniq, out, seg.inverse
+
+
+def device_ids(ids) -> cupy.ndarray:
+    """Ids (NumPy or CuPy, any integer dtype) as a contiguous int64 array on the current device."""
+    return cupy.ascontiguousarray(cupy.asarray(ids), dtype=cupy.int64)
 
 
 def dtype_name(dtype: np.dtype) -> str:
