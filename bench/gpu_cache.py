@@ -19,6 +19,7 @@ import numpy as np
 
 from kvstore import CacheConfig, OptimizerConfig, Store, TableConfig
 from kvstore.gpu_cache import GpuCache, sum_duplicates
+from kvstore.gpu_kernels import COPY_ROWS_IN_FLIGHT
 from kvstore.rows import RowLayout, encode_keys
 
 ROTATE = 4
@@ -132,8 +133,12 @@ def bench_kernels(args, copy_gbs: float, rows: list) -> None:
     slab_t = torch.from_dlpack(cache.slab).view(torch.float32)[:, 4:4 + DIM]
     idx_t = [torch.from_dlpack(s) for s in slot_sets]
     ms_t = median_ms(lambda i: torch.index_select(slab_t, 0, i), idx_t, args.reps)
+    cache.kernels.copy_rows_in_flight = 4                   # the same kernel with 4 rows a group in flight
+    ms_4 = median_ms(lambda s: cache.gather(s, 16, DIM * 4, out.view(cupy.uint8)), slot_sets, args.reps)
+    cache.kernels.copy_rows_in_flight = COPY_ROWS_IN_FLIGHT
     rows.append(("gather 1M x 128 f32 (GB/s)", gbs, copy_gbs, f"{gbs / copy_gbs:.2f} of copy; "
-                 f"torch.index_select {2 * n * DIM * 4 / ms_t / 1e6:.0f} GB/s ({ms:.3f} vs {ms_t:.3f} ms)"))
+                 f"torch.index_select {2 * n * DIM * 4 / ms_t / 1e6:.0f} GB/s ({ms:.3f} vs {ms_t:.3f} ms); "
+                 f"4 rows in flight {ms_4:.3f} ms"))
 
     # probe at ~90% load
     t0 = time.perf_counter()
@@ -191,6 +196,28 @@ def bench_kernels(args, copy_gbs: float, rows: list) -> None:
     front_ms = median_ms(lambda p: cache.probe_and_touch(sum_duplicates(cache, *p)[0]),
                          list(zip(id_sets, grads, strict=True)), args.reps)
     print("rowwise adagrad breakdown:", breakdown(cache, step, table_slots, lambda i: None))
+    with_dups = [(ids[cupy.asarray(rng.integers(0, n, n))], g) for ids, g in zip(id_sets, grads, strict=True)]
+
+    def apply(pair):   # the whole device apply_gradients: group by id, probe (+touch), steps summing as they read
+        cache.apply_gradients(*pair, opt, layout, now=1)
+
+    def composed(pair):   # the same from parts: summed gradients written out, then probe and step
+        uniq, summed, _ = sum_duplicates(cache, *pair)
+        cache.optimizer_step(cache.probe_and_touch(uniq), summed, opt, layout, now=1)
+
+    apply_ms = median_ms(apply, list(zip(id_sets, grads, strict=True)), args.reps)
+    dups_ms = median_ms(apply, with_dups, args.reps)
+    composed_ms = median_ms(composed, with_dups, args.reps)
+    print("apply_gradients breakdown:", breakdown(cache, apply, with_dups, lambda i: None))
+    uniq_dups = int(len(cupy.unique(with_dups[0][0])))
+    # what the call must move: ids and gradient rows in, each unique row read and written once
+    row_io = DIM * 4 * 2 + 4 * 2 + 16 * 2 + 1 + 8
+    apply_gbs = n * (8 + DIM * 4 + row_io) / apply_ms / 1e6
+    dups_gbs = (n * (8 + DIM * 4) + uniq_dups * row_io) / dups_ms / 1e6
+    rows.append(("apply_gradients 1M unique ids (GB/s)", apply_gbs, copy_gbs,
+                 f"{apply_gbs / copy_gbs:.2f} of copy; {apply_ms:.3f} ms (group, probe, summing steps); "
+                 f"1M rows over {uniq_dups} ids: {dups_gbs / copy_gbs:.2f} of copy ({dups_ms:.3f} ms; "
+                 f"sum_duplicates + probe + step {composed_ms:.3f} ms)"))
     moved = n * (DIM * 4 * 3 + 4 * 2 + 16 * 2 + 1 + 8)   # grads + weights r/w + G r/w + header r/w + dirty + slot
     gbs, random_gbs = moved / ms / 1e6, moved / random_ms / 1e6
     # the same rows read and written in place, nothing else: the access pattern's own ceiling

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import cupy
+import cupyx
 import numpy as np
 
 from .cache import Eviction, SetAssociativeCache
@@ -33,6 +34,15 @@ class Claim:
     hit: cupy.ndarray            # [n] bool: the id was cached before the call
     victim_keys: cupy.ndarray    # [n] per new id: the key its slot held before (where victim_dirty)
     victim_dirty: cupy.ndarray   # [n] bool: its slot held a dirty row, which must be written back
+
+
+@dataclass
+class _Victims:
+    """Where a claiming victim choice records what each claimed slot held."""
+
+    victim_keys: cupy.ndarray
+    victim_dirty: cupy.ndarray
+    mark: bool                   # claimed slots start dirty
 
 
 class GpuCache(SetAssociativeCache):
@@ -55,7 +65,7 @@ class GpuCache(SetAssociativeCache):
         self.hints = None
 
     def _ids(self, ids) -> cupy.ndarray:
-        return cupy.ascontiguousarray(cupy.asarray(ids), dtype=cupy.int64)
+        return device_ids(ids)
 
     def set_of(self, ids):
         """The host cache's set function, computed by the kernels' own copy of it."""
@@ -89,9 +99,10 @@ class GpuCache(SetAssociativeCache):
 
     # --- insert --------------------------------------------------------------
 
-    def _link(self, ids, flags: int):
+    def _link(self, ids, flags: int, claim: _Victims | None = None):
         """Probe with new ids linked into per-set lists, then choose their victims;
-        returns (slots, hit). Reads the victims' metadata only: nothing is claimed."""
+        returns (slots, hit). Without `claim`, reads the victims' metadata only; with it,
+        claims the chosen slots in the same kernel (recording what they held in `claim`)."""
         n = len(ids)
         self._epoch += 1
         slots = cupy.empty(n, dtype=cupy.int64)
@@ -99,10 +110,13 @@ class GpuCache(SetAssociativeCache):
         next_ = cupy.empty(n, dtype=cupy.int32)
         self.kernels.probe(self.keys, self.occupied, ids, self.num_sets, self.ways, slots, hit_out=hit,
                            last_used=self.last_used, uses=self.uses, tick=self.tick, flags=flags | LINK,
-                           heads=self._heads, next_=next_, epoch=self._epoch)
+                           heads=self._heads, next_=next_, epoch=self._epoch,
+                           cleared=None if claim is None else claim.victim_dirty)
         self.kernels.choose_victims(ids, self.keys, self.occupied, self.locks, self.last_used, self.uses,
                                     self.num_sets, self.ways, self.lfu, self.tick, self._heads, next_, hit,
-                                    self._epoch, slots)
+                                    self._epoch, slots, dirty=self.dirty, mark_dirty=claim is not None and claim.mark,
+                                    victim_keys=None if claim is None else claim.victim_keys,
+                                    victim_dirty=None if claim is None else claim.victim_dirty)
         return slots, hit
 
     def choose_slots(self, ids, clean: bool = False) -> Eviction:
@@ -124,12 +138,9 @@ class GpuCache(SetAssociativeCache):
         with self.device:
             ids = self._ids(ids)
             n = len(ids)
-            slots, hit = self._link(ids, self._touch)
-            victim_keys = cupy.empty(n, dtype=cupy.int64)
-            victim_dirty = cupy.zeros(n, dtype=cupy.bool_)
-            self.kernels.claim_slots(ids, hit, slots, self.keys, self.occupied, self.dirty, self.last_used,
-                                     self.uses, self.tick, dirty, victim_keys, victim_dirty)
-            return Claim(slots, hit, victim_keys, victim_dirty)
+            victims = _Victims(cupy.empty(n, dtype=cupy.int64), cupy.empty(n, dtype=cupy.bool_), dirty)
+            slots, hit = self._link(ids, self._touch, victims)
+            return Claim(slots, hit, victims.victim_keys, victims.victim_dirty)
 
     def displaced_rows(self, claim: Claim) -> tuple[cupy.ndarray, cupy.ndarray]:
         """(ids, rows) of the dirty rows a claim displaced, in batch order."""
@@ -208,21 +219,73 @@ class GpuCache(SetAssociativeCache):
                                         grads, n, layout.dim, layout.state_offset, dirty, now or 0,
                                         now is not None)
 
+    def apply_gradients(self, ids, grads, optimizer: OptimizerConfig, layout: RowLayout,
+                        now: int | None = None) -> tuple[cupy.ndarray, cupy.ndarray]:
+        """Gradient rows of a batch (duplicate ids allowed) applied to the cached rows: the
+        ids grouped by a sort, the unique ids probed (+touch), and one fused step per cached
+        row that sums the id's gradient rows as it reads them (no summed copy in memory).
+        Returns the unique ids in set order and their slots (-1: not cached, not stepped)."""
+        with self.device:
+            ids = self._ids(ids)
+            grads = cupy.ascontiguousarray(cupy.asarray(grads), dtype=cupy.float32)
+            if grads.shape != (len(ids), layout.dim):
+                raise InvalidArgument(f"grads: expected shape ({len(ids)}, {layout.dim}), got {grads.shape}")
+            seg = segments_of(self, ids)
+            slots = self.probe_and_touch(seg.uniq)     # the step records the access in the header
+            self.kernels.optimizer_step(optimizer, dtype_name(layout.dtype), self.slab, layout.row_bytes, slots,
+                                        grads, len(slots), layout.dim, layout.state_offset, self.dirty, now or 0,
+                                        now is not None, segments=(seg.order, seg.starts))
+            return seg.uniq, slots
+
+
+@dataclass
+class Segments:
+    """A batch's ids grouped by id: sorted by their mix (the cache's set order)."""
+
+    uniq: cupy.ndarray      # [u] the unique ids, in set order
+    order: cupy.ndarray     # [n] batch positions sorted by id
+    starts: cupy.ndarray    # [u] where each id's positions begin in `order`
+    inverse: cupy.ndarray   # [n] each batch position's index in `uniq`
+
+
+def segments_of(cache: GpuCache, ids: cupy.ndarray) -> Segments:
+    """One radix sort of the mixed ids and three small kernels; one wait, for the count
+    of unique ids, read through a pinned buffer."""
+    with cache.device:
+        n, k = len(ids), cache.kernels
+        mixed = cupy.empty(n, dtype=cupy.uint64)
+        k.mix_ids(ids, mixed)
+        order = cupy.argsort(mixed)
+        heads = cupy.empty(n, dtype=cupy.int64)
+        k.segment_heads(mixed, order, heads)
+        ends = cupy.cumsum(heads)
+        starts, uniq, inverse = (cupy.empty(n, dtype=cupy.int64) for _ in range(3))
+        k.segment_index(ids, order, heads, ends, starts, uniq, inverse)
+        count = 0
+        if n:
+            pinned = cupyx.empty_pinned(1, dtype=np.int64)
+            ends[-1:].get(out=pinned)
+            count = int(pinned[0])
+        return Segments(uniq[:count], order, starts[:count], inverse)
+
 
 def sum_duplicates(cache: GpuCache, ids: cupy.ndarray, grads: cupy.ndarray
                    ) -> tuple[cupy.ndarray, cupy.ndarray, cupy.ndarray]:
     """Unique ids, the float32 sum of each one's gradient rows, and each id's position among
     them, on the device (for callers holding device gradients). Unique ids come in the order
-    of their mix, which is the cache's set order: a step then walks the slab forward."""
-    mixed, inverse = cupy.unique(cache.mix(ids), return_inverse=True)
-    uniq, inverse = cache.unmix(mixed), inverse.reshape(-1)
-    if len(uniq) == len(ids):
-        out = cupy.empty_like(grads)
-        out[inverse] = grads
-        return uniq, out, inverse
-    out = cupy.zeros((len(uniq), grads.shape[1]), dtype=cupy.float32)
-    cupy.add.at(out, inverse, grads)
-    return uniq, out, inverse
+    of their mix, which is the cache's set order: a step then walks the slab forward.
+    Each id's rows are summed by one warp (a segmented sum: no atomics)."""
+    with cache.device:
+        seg = segments_of(cache, device_ids(ids))
+        grads = cupy.ascontiguousarray(cupy.asarray(grads), dtype=cupy.float32)
+        out = cupy.empty((len(seg.uniq), grads.shape[1]), dtype=cupy.float32)
+        cache.kernels.sum_segments(grads, seg.order, seg.starts, out)
+        return seg.uniq, out, seg.inverse
+
+
+def device_ids(ids) -> cupy.ndarray:
+    """Ids (NumPy or CuPy, any integer dtype) as a contiguous int64 array on the current device."""
+    return cupy.ascontiguousarray(cupy.asarray(ids), dtype=cupy.int64)
 
 
 def dtype_name(dtype: np.dtype) -> str:

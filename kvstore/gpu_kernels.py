@@ -20,6 +20,8 @@ OPTIMIZER_CODES = {"sgd": 0, "adagrad": 1, "rowwise_adagrad": 2, "adam": 3, "par
 WEIGHT_TYPES = {"float32": "float", "float64": "double", "float16": "half_t", "bfloat16": "bf16_t"}
 COPY_TYPES = {16: "uint4", 8: "unsigned long long", 4: "unsigned int", 2: "unsigned short", 1: "unsigned char"}
 PROBE_TYPES = {"generic": "probe<32, 1>", "ways32": "probe<8, 4>"}
+COPY_ROWS_IN_FLIGHT = 2              # rows a thread group copies at once (4 also compiled, for comparison)
+STEP_ROWS_IN_FLIGHT = 2              # rows a warp steps at once
 NULL = np.uint64(0)                  # a null pointer argument
 
 # probe flags (see the kernel)
@@ -28,9 +30,10 @@ TOUCH, LINK, ALL_NEW, COUNT_USES, HEADERS = 1, 2, 4, 8, 16
 
 def _names() -> list[str]:
     names = list(PROBE_TYPES.values())
-    names += [f"copy_rows<{t}>" for t in COPY_TYPES.values()]
-    names += [f"optimizer_step<{w}, {code}, {vec}>" for w in WEIGHT_TYPES.values()
-              for code in OPTIMIZER_CODES.values() for vec in (0, 1)]
+    names += [f"copy_rows<{t}, {COPY_ROWS_IN_FLIGHT}>" for t in COPY_TYPES.values()]
+    names += [f"copy_rows<{COPY_TYPES[16]}, 4>"]
+    names += [f"optimizer_step<{w}, {code}, {vec}, {STEP_ROWS_IN_FLIGHT}, {seg}>" for w in WEIGHT_TYPES.values()
+              for code in OPTIMIZER_CODES.values() for vec in (0, 1) for seg in (0, 1)]
     return names
 
 
@@ -59,16 +62,21 @@ class Kernels:
         self.device_id = device_id
         self.module = _module(device_id)
         self.max_blocks = _sm_count(device_id) * (2048 // THREADS) * 4
+        self.copy_rows_in_flight = COPY_ROWS_IN_FLIGHT
 
     def _fn(self, name: str):
         return self.module.get_function(name)
 
     def _grid(self, threads_needed: int) -> tuple[int]:
-        return (max(1, min(self.max_blocks, -(-threads_needed // THREADS))),)
+        """Blocks for a grid-stride loop: at most max_blocks, and as few as give every
+        block the same number of rounds (no last round with most of the grid idle)."""
+        blocks = max(1, -(-threads_needed // THREADS))
+        rounds = -(-blocks // self.max_blocks)
+        return (-(-blocks // rounds),)
 
     def probe(self, keys, occupied, ids, num_sets: int, ways: int, slots_out, hit_out=None,
               last_used=None, uses=None, tick: int = 0, flags: int = 0, heads=None, next_=None,
-              epoch: int = 0, slab=None, row_bytes: int = 0, now: int = 0) -> None:
+              epoch: int = 0, slab=None, row_bytes: int = 0, now: int = 0, cleared=None) -> None:
         n = len(ids)
         if n == 0:
             return
@@ -78,25 +86,21 @@ class Kernels:
         self._fn(name)(self._grid(-(-n // per_warp) * 32), (THREADS,), (
             keys, occupied, ids, np.int64(n), np.int64(num_sets), np.int32(ways), slots_out, _ptr(hit_out),
             _ptr(last_used), _ptr(uses), np.int64(tick), np.int32(flags), _ptr(heads), _ptr(next_),
-            np.uint64(epoch), _ptr(slab), np.int64(row_bytes), np.uint32(now)))
+            np.uint64(epoch), _ptr(slab), np.int64(row_bytes), np.uint32(now), _ptr(cleared)))
 
     def choose_victims(self, ids, keys, occupied, locks, last_used, uses, num_sets: int, ways: int,
-                       lfu: bool, tick: int, heads, next_, hit, epoch: int, slots_out) -> None:
+                       lfu: bool, tick: int, heads, next_, hit, epoch: int, slots_out, dirty=None,
+                       mark_dirty: bool = False, victim_keys=None, victim_dirty=None) -> None:
+        """Slots for the new ids the probe linked; given victim_keys and victim_dirty, also
+        claims them (what each slot held recorded, then its key and stamps set)."""
         n = len(ids)
         if n == 0:
             return
-        self._fn("choose_victims")(self._grid(n * 32), (THREADS,), (
+        claim = victim_keys is not None
+        self._fn("choose_victims")(self._grid(n), (THREADS,), (
             ids, keys, occupied, locks, last_used, uses, np.int64(num_sets), np.int32(ways), np.int32(lfu),
-            np.int64(tick), heads, next_, hit, np.int64(n), np.uint64(epoch), slots_out))
-
-    def claim_slots(self, ids, hit, slots, keys, occupied, dirty, last_used, uses, tick: int, mark_dirty: bool,
-                    victim_keys, victim_dirty) -> None:
-        n = len(ids)
-        if n == 0:
-            return
-        self._fn("claim_slots")(self._grid(n), (THREADS,), (
-            ids, hit, np.int64(n), slots, keys, occupied, dirty, last_used, uses, np.int64(tick),
-            np.bool_(mark_dirty), victim_keys, victim_dirty))
+            np.int64(tick), heads, next_, hit, np.int64(n), np.uint64(epoch), slots_out, np.int32(claim),
+            _ptr(dirty), np.bool_(mark_dirty), _ptr(victim_keys), _ptr(victim_dirty)))
 
     def fill_meta(self, slots, ids, keys, occupied, dirty, dirty_src, dirty_value: bool, last_used, uses,
                   tick: int) -> None:
@@ -126,26 +130,56 @@ class Kernels:
                 unit //= 2
         units = nbytes // unit
         lg = min(5, max(0, (units - 1).bit_length()))
-        self._fn(f"copy_rows<{COPY_TYPES[unit]}>")(self._grid(-(-n // 2) << lg), (THREADS,), (
+        rows = self.copy_rows_in_flight if unit == 16 else COPY_ROWS_IN_FLIGHT
+        self._fn(f"copy_rows<{COPY_TYPES[unit]}, {rows}>")(self._grid(-(-n // rows) << lg), (THREADS,), (
             src, _ptr(src_idx), np.int64(src_stride), np.int64(src_off), dst, _ptr(dst_idx),
             np.int64(dst_stride), np.int64(dst_off), np.int32(units), np.int64(n), np.int32(lg)))
 
     def optimizer_step(self, optimizer, dtype: str, rows, row_bytes: int, idx, grads, n: int, dim: int,
-                       state_off: int, dirty, now: int, touch: bool) -> None:
+                       state_off: int, dirty, now: int, touch: bool, segments=None) -> None:
         """One fused step of `optimizer` (an OptimizerConfig) on rows idx[r] of `rows`.
-        Coefficients are rounded as the host optimizers round them."""
+        Coefficients are rounded as the host optimizers round them. With `segments`
+        (order, starts), row r's gradient is the sum of grads[order[j]] over segment r."""
         if n == 0:
             return
         c = optimizer
         # four elements a lane, moved as one vector: every row and gradient row 16-byte aligned
         vec = dim % 4 == 0 and dim <= 128 and all(v % 16 == 0 for v in (
             rows.data.ptr, row_bytes, state_off, grads.data.ptr))
-        name = f"optimizer_step<{WEIGHT_TYPES[dtype]}, {OPTIMIZER_CODES[c.name]}, {int(vec)}>"
-        self._fn(name)(self._grid(n * 32), (THREADS,), (
-            rows, np.int64(row_bytes), _ptr(idx), grads, np.int64(n), np.int32(dim), np.int64(state_off),
+        seg = segments is not None
+        order, starts = segments if seg else (None, None)
+        name = (f"optimizer_step<{WEIGHT_TYPES[dtype]}, {OPTIMIZER_CODES[c.name]}, {int(vec)}, "
+                f"{STEP_ROWS_IN_FLIGHT}, {int(seg)}>")
+        self._fn(name)(self._grid(-(-n // STEP_ROWS_IN_FLIGHT) * 32), (THREADS,), (
+            rows, np.int64(row_bytes), _ptr(idx), grads, _ptr(order), _ptr(starts),
+            np.int64(len(order) if seg else n), np.int64(n), np.int32(dim), np.int64(state_off),
             np.float32(c.lr), np.float32(c.eps), np.float32(c.beta1), np.float32(c.beta2),
             np.float32(1 - c.beta1), np.float32(1 - c.beta2), np.float64(c.lr), np.float64(c.beta1),
             np.float64(c.beta2), np.float32(c.weight_decay), _ptr(dirty), np.uint32(now), np.int32(touch)))
+
+    def sum_segments(self, grads, order, starts, out) -> None:
+        """out[u] = sum of grads[order[j]] for j in segment u (starts[u] up to the next start)."""
+        segments, dim = out.shape
+        if segments == 0:
+            return
+        vec = dim % 4 == 0 and dim <= 128 and grads.data.ptr % 16 == 0 and out.data.ptr % 16 == 0
+        self._fn("sum_segments")(self._grid(-(-segments // 4) * 32 if vec else segments * 32), (THREADS,), (
+            grads, order, starts, np.int64(segments), np.int64(len(order)), np.int32(dim), np.int32(vec), out))
+
+    def _each(self, name: str, n: int, *args) -> None:
+        """A grid-stride kernel over n items."""
+        if n:
+            self._fn(name)(self._grid(n), (THREADS,), args)
+
+    def mix_ids(self, ids, out) -> None:
+        self._each("mix_ids", len(ids), ids, np.int64(len(ids)), out)
+
+    def segment_heads(self, mixed, order, heads) -> None:
+        self._each("segment_heads", len(order), mixed, order, np.int64(len(order)), heads)
+
+    def segment_index(self, ids, order, heads, ends, starts, uniq, inverse) -> None:
+        self._each("segment_index", len(order), ids, order, heads, ends, np.int64(len(order)), starts, uniq,
+                   inverse)
 
     def sets_of(self, ids, num_sets: int, out) -> None:
         if len(ids):

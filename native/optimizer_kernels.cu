@@ -120,6 +120,9 @@ struct StepArgs {
     i64 row_bytes;
     const i64* idx;
     const float* grads;
+    const i64* order;    // not null: row r's gradient is the sum of rows order[j], j in segment r
+    const i64* starts;   // of the segments, each up to the next start (the last up to total)
+    i64 total;
     i64 n;
     int dim;
     i64 state_off;
@@ -128,6 +131,32 @@ struct StepArgs {
     unsigned now;
     int touch;
 };
+
+// Gradient rows of row r: itself, or the rows of its segment (duplicate ids summed in the step).
+template <int SEG>
+__device__ __forceinline__ void grad_rows(const StepArgs& a, i64 r, i64& begin, i64& end) {
+    if (!SEG) {
+        begin = r;
+        end = r + 1;
+        return;
+    }
+    begin = a.starts[r];
+    end = r + 1 < a.n ? a.starts[r + 1] : a.total;
+}
+
+template <int SEG>
+__device__ __forceinline__ const float* grad_row(const StepArgs& a, i64 j) {
+    return a.grads + (SEG ? a.order[j] : j) * a.dim;
+}
+
+template <int SEG>
+__device__ __forceinline__ float grad_at(const StepArgs& a, i64 r, int d) {
+    i64 begin, end;
+    grad_rows<SEG>(a, r, begin, end);
+    float g = grad_row<SEG>(a, begin)[d];
+    for (i64 j = begin + 1; j < end; ++j) g += grad_row<SEG>(a, j)[d];
+    return g;
+}
 
 template <int OPT>
 __device__ __forceinline__ void finish_header(const StepArgs& a, char* base, float* st, i64 row, unsigned t,
@@ -147,7 +176,7 @@ __device__ __forceinline__ void finish_header(const StepArgs& a, char* base, flo
 // VEC (dim % 4 == 0, dim <= 128, buffers 16-byte aligned): lane l holds elements 4l..4l+3,
 // moved as vectors. A template argument, not a flag: the vector kernels carry no code of the
 // other paths, so they need fewer registers and keep more warps (more loads) in flight.
-template <typename W, int OPT, int VEC>
+template <typename W, int OPT, int VEC, int SEG>
 struct RowStep {
     bool active;
     char* base;
@@ -166,7 +195,6 @@ struct RowStep {
         base = a.rows + row * a.row_bytes;
         const W* w = reinterpret_cast<const W*>(base + 16);
         const float* st = reinterpret_cast<const float*>(base + a.state_off);
-        const float* g = a.grads + r * a.dim;
         t = count = 0;
         old = 0.f;
         if (lane == 0) {
@@ -181,7 +209,15 @@ struct RowStep {
             const int d = 4 * lane;
             if (d < a.dim) {
                 load4(w + d, wv);
-                load4(g + d, gp);
+                i64 begin, end;
+                grad_rows<SEG>(a, r, begin, end);
+                load4(grad_row<SEG>(a, begin) + d, gp);
+                for (i64 j = begin + 1; j < end; ++j) {
+                    float more[4];
+                    load4(grad_row<SEG>(a, j) + d, more);
+#pragma unroll
+                    for (int q = 0; q < 4; ++q) gp[q] += more[q];
+                }
                 if (OPT == 1 || OPT >= 3) load4(st + d, s1);
                 if (OPT == 3) load4(st + a.dim + d, s2);
             }
@@ -192,7 +228,7 @@ struct RowStep {
             const int d = lane + 32 * k;
             if (d < a.dim) {
                 wv[k] = load_w(w + d);
-                gp[k] = g[d];
+                gp[k] = grad_at<SEG>(a, r, d);
                 load_state<OPT>(st, d, a.dim, s1[k], s2[k]);
             }
         }
@@ -243,14 +279,13 @@ struct RowStep {
 };
 
 // Rows wider than the registers path: element loops, one row at a time.
-template <typename W, int OPT>
+template <typename W, int OPT, int SEG>
 __device__ void step_wide_row(const StepArgs& a, Coeffs c, i64 r, int lane) {
     const i64 row = a.idx ? a.idx[r] : r;
     if (row < 0) return;
     char* base = a.rows + row * a.row_bytes;
     W* w = reinterpret_cast<W*>(base + 16);
     float* st = reinterpret_cast<float*>(base + a.state_off);
-    const float* g = a.grads + r * a.dim;
     unsigned t = 0, count = 0;
     float old = 0.f;
     if (lane == 0) {
@@ -267,7 +302,7 @@ __device__ void step_wide_row(const StepArgs& a, Coeffs c, i64 r, int lane) {
     if (OPT == 2 || OPT == 4) {
         float sq = 0.f;
         for (int d = lane; d < a.dim; d += 32) {
-            const float x = g[d] + c.wd * load_w(w + d);
+            const float x = grad_at<SEG>(a, r, d) + c.wd * load_w(w + d);
             sq += x * x;
         }
         const float mean = warp_sum(sq) / (float)a.dim;
@@ -278,35 +313,39 @@ __device__ void step_wide_row(const StepArgs& a, Coeffs c, i64 r, int lane) {
         const float x = load_w(w + d);
         float s1 = 0.f, s2 = 0.f;
         load_state<OPT>(st, d, a.dim, s1, s2);
-        store_w(w + d, step_element<OPT>(x, g[d] + c.wd * x, s1, s2, c));
+        store_w(w + d, step_element<OPT>(x, grad_at<SEG>(a, r, d) + c.wd * x, s1, s2, c));
         store_state<OPT>(st, d, a.dim, s1, s2);
     }
     if (lane == 0) finish_header<OPT>(a, base, st, row, t, count, c.row_state);
 }
 
-template <typename W, int OPT, int VEC>
+// ROWS rows a warp in flight; the next round's slots load while this round's rows step.
+// SEG: row r's gradient is the sum of a segment of gradient rows (see StepArgs).
+template <typename W, int OPT, int VEC, int ROWS, int SEG>
 __global__ void optimizer_step(char* rows, i64 row_bytes, const i64* __restrict__ idx,
-                               const float* __restrict__ grads, i64 n, int dim, i64 state_off,
+                               const float* __restrict__ grads, const i64* __restrict__ order,
+                               const i64* __restrict__ starts, i64 total, i64 n, int dim, i64 state_off,
                                float lr, float eps, float beta1, float beta2, float one_minus_beta1,
                                float one_minus_beta2, double lr64, double beta1_64, double beta2_64,
                                float wd, bool* dirty, unsigned now, int touch) {
     const int lane = threadIdx.x & 31;
     const Coeffs c = {lr, eps, beta1, beta2, one_minus_beta1, one_minus_beta2, wd, 0.f, 1.f, 0.f};
-    const StepArgs a = {rows, row_bytes, idx, grads, n, dim, state_off, lr64, beta1_64, beta2_64, dirty, now,
+    const StepArgs a = {rows, row_bytes, idx, grads, order, starts, total, n, dim, state_off, lr64, beta1_64, beta2_64, dirty, now,
                         touch};
     const i64 stride = warps_total();
     if (VEC || dim <= 32 * REG_ELEMS) {
-        for (i64 r = warp_id_global(); r < n; r += 2 * stride) {
-            RowStep<W, OPT, VEC> first, second;
-            const i64 r2 = r + stride;
-            const i64 slot1 = idx ? idx[r] : r;
-            const i64 slot2 = r2 < n ? (idx ? idx[r2] : r2) : -1;
-            first.load(a, r, slot1, lane);
-            second.load(a, r2, slot2, lane);
-            first.finish(a, c, lane);
-            second.finish(a, c, lane);
+        i64 r = warp_id_global();
+        i64 slot[ROWS];
+        row_indices<ROWS>(idx, r, stride, n, slot);
+        for (; r < n; r += ROWS * stride) {
+            RowStep<W, OPT, VEC, SEG> step[ROWS];
+#pragma unroll
+            for (int k = 0; k < ROWS; ++k) step[k].load(a, r + k * stride, slot[k], lane);
+            row_indices<ROWS>(idx, r + ROWS * stride, stride, n, slot);
+#pragma unroll
+            for (int k = 0; k < ROWS; ++k) step[k].finish(a, c, lane);
         }
     } else {
-        for (i64 r = warp_id_global(); r < n; r += stride) step_wide_row<W, OPT>(a, c, r, lane);
+        for (i64 r = warp_id_global(); r < n; r += stride) step_wide_row<W, OPT, SEG>(a, c, r, lane);
     }
 }

@@ -23,6 +23,19 @@ def rel_err(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.linalg.norm(got.astype(np.float64) - want) / max(np.linalg.norm(want), 1e-30))
 
 
+def host_step(layout: RowLayout, optimizer: OptimizerConfig, sub: np.ndarray, grads: np.ndarray, now: int) -> None:
+    """What a fused step with `now` does to rows `sub`, by the host optimizer (in place)."""
+    weights = layout.weights(sub).astype(np.float32)
+    state = layout.state(sub).copy()
+    header = layout.header(sub)
+    header["step"] += 1
+    header["count"] += 1
+    header["last_access"] = now
+    make_optimizer(optimizer, layout.dim).step(weights, state, grads, header["step"])
+    layout.weights(sub)[:] = weights.astype(layout.dtype)
+    layout.state(sub)[:] = state
+
+
 def random_rows(layout: RowLayout, n: int, rng) -> np.ndarray:
     rows = layout.empty(n)
     layout.weights(rows)[:] = rng.standard_normal((n, layout.dim)).astype(layout.dtype)
@@ -42,20 +55,11 @@ def test_fused_step_equals_host_optimizer(name, dim, weight_decay):
     gpu = GpuCache(config.cache, layout.row_bytes)
     rows = random_rows(layout, 4096, rng)
     gpu.slab[:] = cupy.asarray(rows)
-    host = make_optimizer(optimizer, dim)
     for step in range(3):
         slots = rng.permutation(4096)[:3000]
         grads = rng.standard_normal((3000, dim)).astype(np.float32)
         sub = rows[slots]
-        weights = layout.weights(sub).astype(np.float32)
-        state = layout.state(sub).copy()
-        header = layout.header(sub)
-        header["step"] += 1
-        header["count"] += 1
-        header["last_access"] = 1000 + step
-        host.step(weights, state, grads, header["step"])
-        layout.weights(sub)[:] = weights.astype(layout.dtype)
-        layout.state(sub)[:] = state
+        host_step(layout, optimizer, sub, grads, 1000 + step)
         rows[slots] = sub
         gpu.dirty[:] = False
         gpu.optimizer_step(slots, grads, optimizer, layout, now=1000 + step)
@@ -109,3 +113,44 @@ def test_fused_step_on_unaligned_gradients_equals_aligned():
     np.testing.assert_array_equal(results[0][:, :16], results[1][:, :16])
     assert rel_err(layout.weights(results[1]), layout.weights(results[0])) <= 1e-6
     assert rel_err(layout.state(results[1]), layout.state(results[0])) <= 1e-6
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("dim", [128, 37, 200])   # vector path, scalar, wide
+def test_apply_gradients_sums_each_ids_rows_then_steps_like_the_host(name, dim):
+    from kvstore.optimizers import sum_duplicates
+
+    rng = np.random.default_rng(zlib.crc32(f"apply-{name}-{dim}".encode()))
+    optimizer = OptimizerConfig(name=name, lr=0.05, weight_decay=0.01)
+    config = TableConfig(name="t", dim=dim, optimizer=optimizer, cache=CacheConfig(rows=4096, ways=32))
+    layout = RowLayout.of(config)
+    gpu = GpuCache(config.cache, layout.row_bytes)
+    cached = rng.choice(2**40, 1500, replace=False).astype(np.int64)
+    gpu.begin_batch()
+    claim = gpu.find_or_insert(cached)
+    assert bool((claim.slots >= 0).all())
+    rows = random_rows(layout, len(cached), rng)
+    gpu.scatter_rows(claim.slots, cupy.asarray(rows))
+    uncached = np.arange(2**41, 2**41 + 50, dtype=np.int64)
+    ids = rng.permutation(np.concatenate([rng.choice(cached, 3000), uncached]))   # duplicates and misses
+    grads = rng.standard_normal((len(ids), dim)).astype(np.float32)
+    gpu.begin_batch()
+    uniq, slots = gpu.apply_gradients(cupy.asarray(ids), cupy.asarray(grads), optimizer, layout, now=77)
+    uniq, slots = uniq.get(), slots.get()
+    assert sorted(uniq.tolist()) == sorted(set(ids.tolist()))
+    assert (np.diff(gpu.set_of(uniq).get()) >= 0).all()
+    assert ((slots < 0) == np.isin(uniq, uncached)).all()
+
+    summed_ids, summed = sum_duplicates(ids, grads)
+    stepped = np.isin(summed_ids, cached)
+    where = {int(i): k for k, i in enumerate(cached)}
+    at = np.array([where[int(i)] for i in summed_ids[stepped]])
+    sub = rows[at]
+    host_step(layout, optimizer, sub, summed[stepped], 77)
+    rows[at] = sub
+    got = gpu.gather_rows(claim.slots).get()
+    assert rel_err(layout.weights(got), layout.weights(rows)) <= 1e-6
+    if layout.state_dim:
+        assert rel_err(layout.state(got), layout.state(rows)) <= 1e-6
+    np.testing.assert_array_equal(got[:, :16], rows[:, :16])
+    assert int(gpu.dirty.sum()) == int(stepped.sum())
