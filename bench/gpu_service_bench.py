@@ -46,7 +46,7 @@ def cached_lookups(client, addresses: dict[str, str], args) -> None:
     rng = np.random.default_rng(1)
     for batch in (4096, 65536):
         batches = [rng.integers(0, args.rows, batch) for _ in range(max(3, int(args.seconds * 2e6 / batch)))]
-        rates = timed_side_by_side(lookups, batches, 1)
+        rates, _ = timed_side_by_side(lookups, batches, 1)
         echo = max(rates["echo threaded"], rates["echo asyncio"])
         gpu, host = rates["gpu table"], rates["host table"]
         print(f"cached lookups, batch {batch:>6}: gpu {gpu:>12,.0f} rows/s, host {host:>12,.0f}, echo {echo:>12,.0f}; "
@@ -65,7 +65,7 @@ def three_tiers(client, args) -> None:
         client.lookup("tiers", batch)
         client.lookup("one", batch)
     before = {name: client.stats(name) for name in ("tiers", "one")}
-    rates = timed_side_by_side({"tiers": lambda b: client.lookup("tiers", b),
+    rates, _ = timed_side_by_side({"tiers": lambda b: client.lookup("tiers", b),
                                 "one": lambda b: client.lookup("one", b)}, batches, 1)
     after = {name: client.stats(name) for name in ("tiers", "one")}
 
