@@ -51,7 +51,7 @@ from .writer import Flusher, Writer
 
 STAGING_DIR = "staging"
 PRE_FLUSH_ROUNDS = 4     # flushes before a snapshot's pause, at most ...
-PAUSE_ROWS = 4096        # ... until one writes no more than this (the rest is written inside the pause)
+PAUSE_ROWS = 4096        # ... until one writes no more than this (the rest is copied in the pause)
 log = logging.getLogger(__name__)
 
 
@@ -220,8 +220,10 @@ class Store:
     # --- snapshots -----------------------------------------------------------
 
     def create_snapshot(self, name: str) -> SnapshotInfo:
-        """A point-in-time copy of every table. Writes wait only for the checkpoint itself:
-        dirty rows and memtables are flushed once before the pause, then again (few) inside it."""
+        """A point-in-time copy of every table. Dirty rows and memtables are flushed before the pause
+        (writes keep flowing); the pause copies what RocksDB may still lack (rows queued for the
+        writer, dirty rows of every tier) and takes the checkpoint; those rows are then written
+        into the checkpoint, so the pause never waits for the writer."""
         validate_name(name, "name")
         with self._admin, self._gens.pin() as gen:
             start = time.perf_counter()
