@@ -472,6 +472,7 @@ def _complete(path: str, config: RocksConfig, unsaved: dict[str, tuple[np.ndarra
                 if len(ids):
                     values = np.ascontiguousarray(rows).view(f"V{rows.shape[1]}").ravel().tolist()
                     copy.write(family, encode_keys(ids), values)
+            copy.flush()                     # into SST files, whatever the WAL setting
         finally:
             copy.close()
     except StorageError as exc:
