@@ -2,10 +2,9 @@
 CuPy and a CUDA device exist (skipped elsewhere)."""
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
+from gpu.conftest import gpu_usable
 
 from kvstore import CacheConfig, OptimizerConfig, TableConfig
 from kvstore.optimizers import make_optimizer, step_rows
@@ -16,18 +15,7 @@ DIM = 8
 NOW = 1_700_000_000
 
 
-def _gpu_usable() -> bool:
-    if importlib.util.find_spec("cupy") is None:
-        return False
-    import cupy
-
-    try:
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:  # no driver: CuPy's runtime error
-        return False
-
-
-DEVICES = ["cpu", pytest.param("cuda:0", marks=pytest.mark.skipif(not _gpu_usable(), reason="no CUDA device"))]
+DEVICES = ["cpu", pytest.param("cuda:0", marks=pytest.mark.skipif(not gpu_usable(), reason="no CUDA device"))]
 
 
 def config(device: str, rows: int = 64, policy: str = "lru", optimizer: str = "adam") -> TableConfig:
