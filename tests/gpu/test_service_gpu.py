@@ -100,3 +100,20 @@ def test_gpu_table_keeps_acknowledged_writes_through_kill_9_with_write_through(s
         np.testing.assert_array_equal(state, acknowledged[1])
         same_rows(client, gpu, host, touched, on_miss="error")
         train(client, gpu, host, batches=3, seed=100)               # and it trains on after the restart
+
+
+def test_three_tiers_and_a_snapshot_through_the_service(client):
+    """A 64-slot GPU tier over a 128-slot host tier keeps a host table's rows through the service;
+    a snapshot taken meanwhile brings both back to the same rows."""
+    options = {"optimizer": {"name": "adagrad", "lr": 0.05}, "initializer": {"kind": "uniform", "scale": 0.1}}
+    client.create_table("tiers3", DIM, cache={"rows": 64, "ways": 32, "host_rows": 128}, **options)
+    client.create_table("tiers3_host", DIM, cache={"rows": 1024, "ways": 32, "device": "cpu"}, **options)
+    touched = train(client, "tiers3", "tiers3_host", 12, seed=5)
+    stats = client.stats("tiers3")
+    assert stats["host_tier_rows"] > 0 and stats["host_tier_reads"] > 0
+    client.create_snapshot("three_tiers")
+    kept = client.lookup("tiers3", touched, on_miss="zeros")
+    train(client, "tiers3", "tiers3_host", 3, seed=6)
+    client.restore_snapshot("three_tiers")
+    close(client.lookup("tiers3", touched, on_miss="zeros"), kept)
+    same_rows(client, "tiers3", "tiers3_host", touched, on_miss="zeros")
