@@ -83,6 +83,7 @@ class RocksTier:
         self._active = 0
         self._reopening = False
         self.reopens = 0
+        self.rows_read = 0                     # keys asked of `get` (approximate under concurrent calls)
         self.labels: dict[str, str] = {}      # column family -> the table name gauges are reported under
         self._held_above: dict[str, int] = {}  # column family -> rows of the cache above it (`hold_above`)
         self._skipping: dict[str, rd.Rdict] = {}  # column family -> a handle whose reads skip the block cache
@@ -237,6 +238,7 @@ class RocksTier:
         """Multi-get in key order of `keys`; None for absent keys. Large batches use several threads."""
         with self._use(), _guard(f"multi-get on {family!r}"):
             cf = self._reader(family)
+            self.rows_read += len(keys)
             if len(keys) < PARALLEL_GET_MIN:
                 return cf.get(keys)
             parts = max(1, min(self.config.read_threads, len(keys) // MIN_PART_KEYS))

@@ -202,3 +202,16 @@ def test_a_chunk_field_nested_in_an_outer_message_parses_as_protobuf_nests_it():
     parsed = pb.ImportChainRequest.FromString(blob + pb.ImportChainRequest(rows={"last": True}).SerializeToString())
     assert parsed.rows.last and decode_ids(parsed.rows.ids).tolist() == [5, -1]
     np.testing.assert_array_equal(decode_tensor(parsed.rows.weights, "weights"), weights)
+
+
+def test_freed_memory_is_returned_once_per_many_rows_read_from_disk():
+    from kvstore_server.allocator import DiskReads
+
+    reads = DiskReads(rows_per_trim=1000)
+    assert not reads.due(0)
+    assert not reads.due(999)           # cached lookups read nothing: their buffers stay for reuse
+    assert reads.due(1000)
+    assert not reads.due(1500)          # counted from the last trim
+    assert reads.due(2000)
+    assert not reads.due(10)            # a new database counts from zero again
+    assert reads.due(1000)
