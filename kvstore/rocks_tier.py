@@ -83,7 +83,12 @@ class RocksTier:
         self._active = 0
         self._reopening = False
         self.reopens = 0
+        self.rows_read = 0                     # keys asked of `get` (approximate under concurrent calls)
         self.labels: dict[str, str] = {}      # column family -> the table name gauges are reported under
+        self._held_above: dict[str, int] = {}  # column family -> rows of the cache above it (`hold_above`)
+        self._skipping: dict[str, rd.Rdict] = {}  # column family -> a handle whose reads skip the block cache
+        self._skip_block_cache = rd.ReadOptions()
+        self._skip_block_cache.fill_cache(False)
         self.closed = False
         self._open()
 
@@ -99,6 +104,7 @@ class RocksTier:
             self._db.set_write_options(self._write_opts)
         self._families = {name: self._db.get_column_family(name) for name in families}
         self._handles = {name: self._db.get_column_family_handle(name) for name in families}
+        self._skipping = {name: self._skipping_handle(name) for name in self._held_above if name in families}
 
     @contextlib.contextmanager
     def _use(self) -> Iterator[None]:
@@ -135,7 +141,7 @@ class RocksTier:
         try:
             with self._lock:
                 old, self._db = self._db, None
-                self._families, self._handles = {}, {}
+                self._families, self._handles, self._skipping = {}, {}, {}
                 try:
                     old.close()
                 except Exception:  # noqa: BLE001 - the error that made us reopen; nothing to save
@@ -196,14 +202,43 @@ class RocksTier:
         with self._use(), self._lock, _guard(f"drop column family {name!r}"):
             if name in self._families:
                 del self._families[name], self._handles[name]
+                self._held_above.pop(name, None)
+                self._skipping.pop(name, None)
                 self._db.drop_column_family(name)
 
     # --- rows --------------------------------------------------------------
 
+    def hold_above(self, family: str, rows: int) -> None:
+        """A cache of `rows` rows sits above `family`. While the family has no more rows than
+        that, the rows read land in that cache (all but the few whose set is full), so reads
+        skip the block cache: its blocks would be a second copy of the cache's rows in memory.
+        Once the family outgrows its cache, reads fill the block cache again."""
+        with self._use(), self._lock, _guard(f"read options of {family!r}"):
+            self._held_above[family] = rows
+            self._skipping.pop(family, None)
+            if family in self._families:
+                self._skipping[family] = self._skipping_handle(family)
+
+    def _skipping_handle(self, family: str) -> rd.Rdict:
+        # rocksdict's multi-get ignores a `read_opt` argument but honours a handle's preset
+        # options: reads that skip the block cache go through a second handle of the family.
+        handle = self._db.get_column_family(family)
+        handle.set_read_options(self._skip_block_cache)
+        return handle
+
+    def _reader(self, family: str) -> rd.Rdict:
+        cf = self._family(family)
+        skipping = self._skipping.get(family)
+        held = self._held_above.get(family, 0)
+        if skipping is not None and int(cf.property_int_value("rocksdb.estimate-num-keys") or 0) <= held:
+            return skipping
+        return cf
+
     def get(self, family: str, keys: list[bytes]) -> list[bytes | None]:
         """Multi-get in key order of `keys`; None for absent keys. Large batches use several threads."""
         with self._use(), _guard(f"multi-get on {family!r}"):
-            cf = self._family(family)
+            cf = self._reader(family)
+            self.rows_read += len(keys)
             if len(keys) < PARALLEL_GET_MIN:
                 return cf.get(keys)
             parts = max(1, min(self.config.read_threads, len(keys) // MIN_PART_KEYS))
@@ -402,4 +437,5 @@ class RocksTier:
         with self._use(), _guard("close"):
             self._families.clear()
             self._handles.clear()
+            self._skipping.clear()
             self._db.close()

@@ -96,6 +96,7 @@ class Store:
             for name, blob in rocks.load_configs().items():
                 config = placed_here(TableConfig.from_dict(json.loads(blob)))   # the stored config keeps its device
                 tables[name] = open_table(config, rocks, self.writer, self.clock, families.get(name, name))
+                rocks.hold_above(tables[name].family, _cached_rows(config))
                 tables[name].changes = self.changes
             _drop_orphans(rocks, tables.values())
         except BaseException:
@@ -138,6 +139,7 @@ class Store:
             gen.rocks.create_family(family)
             try:
                 table = open_table(config, gen.rocks, self.writer, self.clock, family)   # e.g. no CUDA device
+                gen.rocks.hold_above(family, _cached_rows(config))
                 gen.rocks.save_config(config.name, json.dumps(config.to_dict()).encode(), family)
             except BaseException:
                 gen.rocks.drop_family(family)
@@ -484,3 +486,8 @@ def _checkpoint(rocks: RocksTier, path: str, name: str) -> None:
         rocks.checkpoint(path)
     except StorageError as exc:      # a full or failing disk: say so, the live data is untouched
         raise FailedPrecondition(f"name: cannot write snapshot {name!r}: {exc}") from None
+
+
+def _cached_rows(config: TableConfig) -> int:
+    """Rows the table's cache tiers hold together (the device tier and a host tier under it)."""
+    return config.cache.rows + config.cache.host_rows

@@ -22,8 +22,9 @@ from kvstore_proto.v1 import kvstore_pb2 as pb
 
 from kvstore import Store
 from kvstore.dtypes import weight_dtype
-from kvstore.errors import InvalidArgument, ResourceExhausted
+from kvstore.errors import InvalidArgument, KVStoreError, ResourceExhausted
 
+from .allocator import DiskReads, return_freed_memory
 from .budgets import check_new_table, default_cache_budget
 from .cluster_service import ClusterRPCs
 from .config import ServerConfig
@@ -56,6 +57,7 @@ class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPC
         self.data_budget = DataBudget(store, config.max_data_bytes or default_data_budget(config.data_dir))
         metrics.watch_budgets(lambda: self.request_memory.used, lambda: self.data_budget.used)
         self._creating = asyncio.Lock()
+        self._disk_reads = DiskReads()
         LeaseRPCs.__init__(self, config.lease_seconds)
 
     # --- tables ----------------------------------------------------------------
@@ -94,12 +96,23 @@ class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPC
             while (answer := await ahead.get()) is not None:
                 yield answer if isinstance(answer, bytes) else await answer    # serialized: one copy of the rows
             await reader                                          # a malformed chunk ends the stream here
+            await self._after_reads()
         finally:
             reader.cancel()
             while not ahead.empty():
                 answer = ahead.get_nowait()
                 if isinstance(answer, asyncio.Future):
                     answer.cancel()
+
+    async def _after_reads(self) -> None:
+        """Return the memory that many reads from RocksDB freed (a few ms, off the loop, once per
+        `allocator.ROWS_READ_PER_TRIM` rows read: seconds of reads)."""
+        try:
+            due = self._disk_reads.due(self.store.rocks.rows_read)
+        except KVStoreError:                                      # closed: nothing to return
+            return
+        if due:
+            await asyncio.to_thread(return_freed_memory)
 
     async def _lookups_ahead(self, requests: AsyncIterator, ahead: asyncio.Queue) -> None:
         """Start the lookup of every chunk that arrives; None once the requests end (or fail: the

@@ -22,6 +22,7 @@ from kvstore.errors import InvalidArgument
 from kvstore.snapshots import SnapshotInfo
 from kvstore.transfer import rows_to_chunk
 
+from .allocator import return_freed_memory
 from .budgets import check_new_table
 from .data_budget import DataBudget, with_default_max_rows
 from .data_paths import check_snapshot, check_staging
@@ -142,6 +143,7 @@ class SnapshotRPCs:
         finally:
             if stager is not None:                    # cancelled, failed or a replayed retry: drop the staging
                 await asyncio.shield(self.work(self.store.abort_import, stager))   # before the answer goes
+            await asyncio.to_thread(return_freed_memory)   # the chunks and memtables this import freed
 
     def _begin_import(self, request):
         self.data_budget.check("an import")

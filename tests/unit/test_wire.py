@@ -1,6 +1,10 @@
 """The lookup and export fast paths speak exactly the protobuf wire format."""
 from __future__ import annotations
 
+import platform
+import subprocess
+import sys
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -73,12 +77,36 @@ def test_malformed_responses_raise_wire_errors_naming_the_field(blob, names):
 
 
 def test_the_server_allocator_keeps_freed_memory_on_glibc():
-    import platform
-
     from kvstore_server.allocator import keep_freed_memory
 
     libc = platform.libc_ver()[0]
     assert keep_freed_memory() is (libc == "glibc")
+
+
+FREED_AFTER_BULK = """
+import ctypes
+from kvstore_server.allocator import keep_freed_memory, return_freed_memory
+
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+
+keep_freed_memory()
+blocks = [ctypes.create_string_buffer(1 << 20) for _ in range(128)]   # heap blocks: below the mmap threshold
+for block in blocks:
+    ctypes.memset(block, 1, len(block))
+del blocks
+kept = rss()
+print(return_freed_memory(), kept - rss())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="malloc_trim is glibc's")
+def test_memory_freed_by_a_bulk_operation_goes_back_to_the_system():
+    out = subprocess.run([sys.executable, "-c", FREED_AFTER_BULK], capture_output=True, text=True, check=True)
+    trimmed, released = out.stdout.split()
+    assert trimmed == "True"
+    assert int(released) >= 64 << 20     # most of the 128 MiB the bulk operation had freed
 
 
 @pytest.mark.parametrize("shape, data, names", [
@@ -174,3 +202,16 @@ def test_a_chunk_field_nested_in_an_outer_message_parses_as_protobuf_nests_it():
     parsed = pb.ImportChainRequest.FromString(blob + pb.ImportChainRequest(rows={"last": True}).SerializeToString())
     assert parsed.rows.last and decode_ids(parsed.rows.ids).tolist() == [5, -1]
     np.testing.assert_array_equal(decode_tensor(parsed.rows.weights, "weights"), weights)
+
+
+def test_freed_memory_is_returned_once_per_many_rows_read_from_disk():
+    from kvstore_server.allocator import DiskReads
+
+    reads = DiskReads(rows_per_trim=1000)
+    assert not reads.due(0)
+    assert not reads.due(999)           # cached lookups read nothing: their buffers stay for reuse
+    assert reads.due(1000)
+    assert not reads.due(1500)          # counted from the last trim
+    assert reads.due(2000)
+    assert not reads.due(10)            # a new database counts from zero again
+    assert reads.due(1000)
