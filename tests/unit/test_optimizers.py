@@ -202,6 +202,22 @@ def test_sum_duplicates_adds_every_gradient_of_each_id(n, distinct):
         _close(summed, np.array([expected[i] for i in uniq.tolist()]))
 
 
+def test_sum_duplicates_of_sorted_distinct_ids_keeps_each_gradient_and_gives_fresh_ids():
+    """A de-duplicating client's batch (sorted, distinct) skips the sort: same answer, and the
+    ids returned are not the caller's array (a change feed may keep them)."""
+    from kvstore.optimizers import sum_duplicates
+
+    ids = np.array([-9, -2, 0, 5, 7919, 2**40], dtype=np.int64)
+    grads = np.random.default_rng(5).standard_normal((6, 4)).astype(np.float32)
+    uniq, summed = sum_duplicates(ids, grads)
+    np.testing.assert_array_equal(uniq, ids)
+    np.testing.assert_array_equal(summed, grads)
+    ids[0] = 123
+    assert uniq[0] == -9
+    uniq, summed = sum_duplicates(np.array([3, 3, 4]), np.ones((3, 2), np.float64))   # a tie is not distinct
+    assert uniq.tolist() == [3, 4] and summed.tolist() == [[2, 2], [1, 1]] and summed.dtype == np.float32
+
+
 def test_sum_duplicates_is_the_same_for_the_same_batch():
     """The order of additions is fixed (request order): replaying a batch gives the same bits."""
     from kvstore.optimizers import sum_duplicates

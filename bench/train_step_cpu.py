@@ -1,0 +1,113 @@
+"""Server CPU per training step on the Train stream, with and without new rows, side by side.
+
+One pipelined `RemoteEmbeddingBagCollection` per server drives the example recommender's
+two features (user: a bag of 1, item: a bag of 2 in a shared table; dim 64, Adagrad) with
+the bench's synthetic clicks; a step is the gradients of batch i and the lookup of batch
+i+1 on one stream. Two servers run the same steps in turns, in the same run:
+"new rows" draws users uniformly from `--users` (most of a batch's users are new, so the
+server reads RocksDB for them, initializes and stores them), "cached" draws them from
+`--cached-users` (after the warm-up every row is in the cache: what is left is decode,
+dispatch, the optimizer step, the cache's gather and scatter, and encode). Prints each
+server's CPU ms per step (user + system, all its threads, from /proc) and the ratio.
+With `--baseline DIR` (a checkout of an earlier kvstore) that version's servers run the
+same steps in the same turns, for a before/after.
+
+    python bench/train_step_cpu.py [--batches 1024,8192] [--steps 40] [--rounds 2] [--baseline DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))       # run as a script: `bench` importable
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+from kvstore_client import KVStoreClient  # noqa: E402
+from kvstore_client.collection import Feature, RemoteEmbeddingBagCollection  # noqa: E402
+from train_recsys import synthetic_clicks  # noqa: E402
+
+from bench.grpc_bench import process_seconds, start  # noqa: E402
+
+
+def server_env(tree: str | None) -> dict | None:
+    """The environment that runs the server of checkout `tree` (None: this one)."""
+    if tree is None:
+        return None
+    tree = str(Path(tree).resolve())
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([tree, f"{tree}/protos", f"{tree}/server", f"{tree}/client"]))
+
+
+class Driver:
+    """One server and one collection over it, stepping through its own data a slice at a time."""
+
+    def __init__(self, env: dict | None, data, batch: int):
+        cmd = [sys.executable, "-m", "kvstore_server", "--data-dir", tempfile.mkdtemp(prefix="kvstep-"),
+               "--port", "0"]
+        self.proc, address = start(cmd, env)
+        self.client = KVStoreClient(address, timeout=300)
+        for table in ("users", "items"):
+            self.client.create_table(table, dim=64, cache={"rows": 1 << 18}, optimizer={"name": "adagrad", "lr": 0.1})
+        self.collection = RemoteEmbeddingBagCollection(
+            self.client, [Feature("user", "users", "sum"), Feature("item", "items", "mean")])
+        self.data, self.batch, self.done = data, batch, 0
+
+    def cpu_ms_per_step(self, steps: int) -> float:
+        """Run `steps` steps (all applied when it returns); the server's CPU ms per step."""
+        users, items, _ = self.data
+        used = process_seconds(self.proc.pid)
+        for _ in range(steps):
+            b = slice(self.done * self.batch, (self.done + 1) * self.batch)
+            self.done += 1
+            out = self.collection({"user": torch.from_numpy(users[b])[:, None], "item": torch.from_numpy(items[b])})
+            (out["user"].sum() + out["item"].square().sum()).backward()
+        self.collection.flush()
+        return 1e3 * (process_seconds(self.proc.pid) - used) / steps
+
+    def close(self) -> None:
+        self.collection.close()
+        self.client.close()
+        self.proc.terminate()
+        self.proc.wait(300)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batches", default="1024,8192")
+    parser.add_argument("--steps", type=int, default=40, help="steps per turn")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--users", type=int, default=1_000_000)
+    parser.add_argument("--cached-users", type=int, default=20_000)
+    parser.add_argument("--baseline", help="an earlier kvstore checkout whose servers run beside this one's")
+    args = parser.parse_args()
+    trees = {"this": None, **({"baseline": args.baseline} if args.baseline else {})}
+    print(f"train step CPU bench: {os.cpu_count()} CPUs, load average {os.getloadavg()}")
+    for batch in (int(b) for b in args.batches.split(",")):
+        total = (args.steps * args.rounds + 10) * batch
+        data = {"new rows": synthetic_clicks(total, args.users, 100_000, 8, seed=0),
+                "cached": synthetic_clicks(total, args.cached_users, 100_000, 8, seed=0)}
+        drivers = {(tree, kind): Driver(server_env(path), data[kind], batch)
+                   for tree, path in trees.items() for kind in data}
+        try:
+            for driver in drivers.values():
+                driver.cpu_ms_per_step(5)                          # warm-up
+            cpu = {key: [] for key in drivers}
+            for _ in range(args.rounds):                           # in turns: load drifts weigh on all alike
+                for key, driver in drivers.items():
+                    cpu[key].append(driver.cpu_ms_per_step(args.steps))
+        finally:
+            for driver in drivers.values():
+                driver.close()
+        print(f"\nbatch {batch} ({3 * batch} ids per step), {args.rounds} turns of {args.steps} steps, "
+              f"load average {os.getloadavg()}")
+        for tree in trees:
+            new, cached = (cpu[tree, kind] for kind in data)
+            print(f"{tree:9} server CPU ms/step: new rows {' '.join(f'{c:6.1f}' for c in new)}   "
+                  f"cached {' '.join(f'{c:6.1f}' for c in cached)}   new/cached {sum(new) / sum(cached):.2f}")
+
+
+if __name__ == "__main__":
+    main()
