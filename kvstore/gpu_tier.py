@@ -53,7 +53,6 @@ COPY_PIECE_ROWS = 16384     # rows per piece of a lookup's gather + copy-out pip
 
 
 class GpuTier:
-    name = "gpu"
     waits_for_device = True       # reads wait for the device: never on a server's event loop
 
     def __init__(self, config: CacheConfig, layout: RowLayout, optimizer: OptimizerConfig, device: int):

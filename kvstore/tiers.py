@@ -32,7 +32,6 @@ class HostTier(SetAssociativeCache):
     """The cache tier in host memory. Its arrays are zero-filled by the OS page by page as
     slots are used (calloc), so memory grows with use up to the configured size."""
 
-    name = "host"
     waits_for_device = False      # reads are plain memory reads: fine on a server's event loop
 
     def __init__(self, config: CacheConfig, layout: RowLayout, optimizer):
