@@ -19,7 +19,7 @@ from kvstore_proto.tensors import (
 from kvstore_proto.v1 import kvstore_pb2 as pb
 from kvstore_proto.v1 import kvstore_pb2_grpc as pb_grpc
 
-from .arrays import as_ids, as_rows, chunks, like, to_numpy
+from .arrays import as_ids, as_rows, chunks, like, take_rows, to_numpy
 from .credentials import open_channel
 from .errors import InternalError, InvalidArgumentError, KVStoreError
 from .errors import rpc_errors as _rpc
@@ -245,7 +245,7 @@ class KVStoreClient(ReplicationMethods, SnapshotMethods):
         ranges = chunks(n, ID_BYTES + grad_array[:1].nbytes + 4, self.chunk_bytes)
 
         def rows(array: np.ndarray, start: int, stop: int) -> np.ndarray:
-            return array[start:stop] if positions is None else array[positions[start:stop]]
+            return array[start:stop] if positions is None else take_rows(array, positions[start:stop])
 
         def requests(key: str) -> Iterator[GradientChunk]:
             for start, stop in ranges:

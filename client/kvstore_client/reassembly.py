@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .arrays import put_rows
 from .errors import InternalError, InvalidArgumentError
 
 # place(start, stop, weights, state): rows [start, stop) of one call's ids arrived
@@ -75,7 +76,10 @@ def _put(out: np.ndarray, at: slice | np.ndarray, rows: np.ndarray, field: str) 
     if rows.shape[1:] != out.shape[1:] or rows.dtype != out.dtype:
         raise InternalError(message=f"lookup: answer {field} of {rows.dtype} {rows.shape[1:]} per row where "
                                     f"another answer had {out.dtype} {out.shape[1:]} (do the shards' tables differ?)")
-    out[at] = rows
+    if isinstance(at, slice):
+        out[at] = rows
+    else:
+        put_rows(out, at, rows)
 
 
 def _checked_out(out: np.ndarray, n: int) -> np.ndarray:
