@@ -273,6 +273,32 @@ class SetAssociativeCache:
 
     # --- maintenance ---------------------------------------------------------
 
+    def keys_of(self, slots):
+        return self.keys[slots]
+
+    def flags(self, slots):
+        """(occupied, dirty) of `slots`."""
+        return self.occupied[slots], self.dirty[slots]
+
+    def clean_slots(self):
+        return self.xp.flatnonzero(self.occupied & ~self.dirty)
+
+    def cached_ids(self):
+        return self.keys[self.occupied]
+
+    def locked_rows(self) -> int:
+        return int((self.locks > 0).sum())
+
+    def set_dirty(self, slots, value: bool) -> None:
+        self.dirty[slots] = value
+
+    def lock(self, slots) -> None:
+        """Pin unique cached slots (a prefetch lock): they are never victims until unlocked."""
+        self.locks[slots] += 1
+
+    def unlock(self, slots) -> None:
+        self.locks[slots] = self.xp.maximum(self.locks[slots] - 1, 0)
+
     def dirty_slots(self):
         return self.xp.nonzero(self.dirty)[0]
 

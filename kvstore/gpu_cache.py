@@ -183,6 +183,12 @@ class GpuCache(SetAssociativeCache):
                                    len(slots))
             return out
 
+    def touch_headers(self, slots, now: int) -> None:
+        """Record an access (count + 1, last_access = now) in the headers of unique cached `slots`."""
+        with self.device:
+            slots = self._ids(slots)
+            self.kernels.touch_headers(self.slab, self.row_bytes, slots, len(slots), now)
+
     def gather_rows(self, slots) -> cupy.ndarray:
         out = cupy.empty((len(slots), self.row_bytes), dtype=cupy.uint8)
         return self.gather(slots, 0, self.row_bytes, out)

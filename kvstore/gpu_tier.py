@@ -106,7 +106,7 @@ class GpuTier:
         with self.device:
             slots_d = cupy.unique(self._d(slots))
             self.cache.touch(slots_d)
-            self.kernels.touch_headers(self.cache.slab, self.row_bytes, slots_d, len(slots_d), int(now))
+            self.cache.touch_headers(slots_d, int(now))
 
     def columns(self, slots: np.ndarray, with_state: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """Weights (and state) of `slots` gathered on the device and copied out into page-locked
@@ -126,8 +126,7 @@ class GpuTier:
             for at in range(0, n, COPY_PIECE_ROWS):
                 end = min(n, at + COPY_PIECE_ROWS)
                 for (offset, nbytes, _, _), dev in zip(parts, device, strict=True):
-                    self.kernels.copy_rows(self.cache.slab, slots_d[at:end], self.row_bytes, offset, dev[at:end],
-                                           None, nbytes, 0, nbytes, end - at)
+                    self.cache.gather(slots_d[at:end], offset, nbytes, dev[at:end])
                 copy.wait_event(compute.record())
                 for dev, out in zip(device, host, strict=True):
                     dev[at:end].get(stream=copy, out=out[at:end], blocking=False)
@@ -141,42 +140,40 @@ class GpuTier:
 
     def keys_of(self, slots: np.ndarray) -> np.ndarray:
         with self.device:
-            return cupy.asnumpy(self.cache.keys[self._d(slots)])
+            return cupy.asnumpy(self.cache.keys_of(self._d(slots)))
 
     def flags(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with self.device:
-            slots_d = self._d(slots)
-            return cupy.asnumpy(self.cache.occupied[slots_d]), cupy.asnumpy(self.cache.dirty[slots_d])
+            occupied, dirty = self.cache.flags(self._d(slots))
+            return cupy.asnumpy(occupied), cupy.asnumpy(dirty)
 
     def headers(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(last_access, count) of the rows in `slots`: only the 16 header bytes cross."""
         with self.device:
             slots_d = self._d(slots)
-            out = cupy.empty((len(slots_d), HEADER_BYTES), dtype=cupy.uint8)
-            self.kernels.copy_rows(self.cache.slab, slots_d, self.row_bytes, 0, out, None, HEADER_BYTES, 0,
-                                   HEADER_BYTES, len(slots_d))
+            out = self.cache.gather(slots_d, 0, HEADER_BYTES, cupy.empty((len(slots_d), HEADER_BYTES), cupy.uint8))
             header = download(out).view(HEADER)[:, 0]
             return header["last_access"].copy(), header["count"].copy()
 
     def dirty_slots(self) -> np.ndarray:
         with self.device:
-            return cupy.asnumpy(cupy.flatnonzero(self.cache.dirty))
+            return cupy.asnumpy(self.cache.dirty_slots())
 
     def clean_slots(self) -> np.ndarray:
         with self.device:
-            return cupy.asnumpy(cupy.flatnonzero(self.cache.occupied & ~self.cache.dirty))
+            return cupy.asnumpy(self.cache.clean_slots())
 
     def cached_ids(self) -> np.ndarray:
         with self.device:
-            return cupy.asnumpy(self.cache.keys[self.cache.occupied])
+            return cupy.asnumpy(self.cache.cached_ids())
 
     def occupancy(self) -> int:
         with self.device:
-            return int(self.cache.occupied.sum())
+            return self.cache.occupancy()
 
     def locked_rows(self) -> int:
         with self.device:
-            return int((self.cache.locks > 0).sum())
+            return self.cache.locked_rows()
 
     # --- placement and changes of cached rows -------------------------------------------------
 
@@ -199,16 +196,15 @@ class GpuTier:
 
     def set_dirty(self, slots: np.ndarray, value: bool) -> None:
         with self.device:
-            self.cache.dirty[self._d(slots)] = value
+            self.cache.set_dirty(self._d(slots), value)
 
     def lock(self, slots: np.ndarray) -> None:
         with self.device:
-            cupy.add.at(self.cache.locks, self._d(slots), 1)
+            self.cache.lock(self._d(slots))
 
     def unlock(self, slots: np.ndarray) -> None:
         with self.device:
-            slots_d = self._d(slots)
-            self.cache.locks[slots_d] = cupy.maximum(self.cache.locks[slots_d] - 1, 0)
+            self.cache.unlock(self._d(slots))
 
     def invalidate(self, ids: np.ndarray) -> None:
         with self.device:

@@ -70,26 +70,10 @@ class HostTier(SetAssociativeCache):
         records = self.slab.view(f"V{self.row_bytes}").reshape(-1).take(slots)
         return records.view(np.uint8).reshape(len(slots), self.row_bytes)
 
-    def keys_of(self, slots: np.ndarray) -> np.ndarray:
-        return self.keys[slots]
-
-    def flags(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(occupied, dirty) of `slots`."""
-        return self.occupied[slots], self.dirty[slots]
-
     def headers(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(last_access, count) of the rows in `slots`."""
         header = self.layout.header(self.slab)
         return header["last_access"][slots], header["count"][slots]
-
-    def clean_slots(self) -> np.ndarray:
-        return np.flatnonzero(self.occupied & ~self.dirty)
-
-    def cached_ids(self) -> np.ndarray:
-        return self.keys[self.occupied]
-
-    def locked_rows(self) -> int:
-        return int((self.locks > 0).sum())
 
     # --- changes of cached rows --------------------------------------------------------
 
@@ -97,15 +81,6 @@ class HostTier(SetAssociativeCache):
         """Host rows into cached slots (whole records through `put`)."""
         record = f"V{self.row_bytes}"
         self.slab.view(record).reshape(-1).put(slots, np.ascontiguousarray(rows).view(record))
-
-    def set_dirty(self, slots: np.ndarray, value: bool) -> None:
-        self.dirty[slots] = value
-
-    def lock(self, slots: np.ndarray) -> None:
-        self.locks[slots] += 1
-
-    def unlock(self, slots: np.ndarray) -> None:
-        self.locks[slots] = np.maximum(self.locks[slots] - 1, 0)
 
     # --- staged rows: a call's rows, computed before anything is published ----------------
 
