@@ -14,6 +14,7 @@ ratio to local: rows (5)-(7) side by side show what each change buys. The models
 turns, `--turn` steps each, so that other load on the machine weighs on all alike.
 
     python bench/training_bench.py [--steps 200] [--batches 1024,8192] [--staleness 1] [--turn 10]
+                                   [--models pipelined,ahead] [--torch-threads 8]
 """
 from __future__ import annotations
 
@@ -109,9 +110,12 @@ class Trainer:
             self.sparse_opt.step()
 
 
+REMOTE_KINDS = ("plain", "prefetch", "collection", "pipelined", "ahead", "stale")
+
+
 def remote_trainers(client: KVStoreClient, args, data, batch: int) -> dict[str, Trainer]:
     trainers = {}
-    for kind in ("plain", "prefetch", "collection", "pipelined", "ahead", "stale"):
+    for kind in args.models.split(","):
         tables = {name: f"{kind}_{batch}_{name}" for name in ("users", "items")}
         for table in tables.values():
             client.create_table(table, dim=args.dim, cache={"rows": 1 << 18},
@@ -157,7 +161,14 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=100_000)
     parser.add_argument("--staleness", type=int, default=1, help="k of the bounded-staleness row (default 1)")
     parser.add_argument("--turn", type=int, default=10, help="steps each model runs before the next takes its turn")
+    parser.add_argument("--models", default=",".join(REMOTE_KINDS),
+                        help=f"remote variants to run beside local (default all: {','.join(REMOTE_KINDS)})")
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="torch's intra-op threads for every model, local included (default: torch's own "
+                             "choice, one per core; on a trainer host its embedding server needs cores too)")
     args = parser.parse_args()
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     batches = [int(b) for b in args.batches.split(",")]
     keep_freed_memory()     # in this (client) process too, as kvstore-server does in its own
     print(f"training bench: dim {args.dim}, {args.steps} steps, {os.cpu_count()} CPUs, torch {torch.__version__}, "
