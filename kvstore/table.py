@@ -146,11 +146,11 @@ class Table(TableUpkeep):
     def _lookup(self, ids: np.ndarray, on_miss: str, with_state: bool) -> LookupResult:
         with self._lock:
             self.cache.begin_batch()
-            slots = self.cache.probe_and_touch(ids, self.clock())   # hits: safe from this batch's evictions
+            # hits are stamped (safe from this batch's evictions) and their rows gathered; misses next
+            slots, weights, state = self.cache.probe_touch_columns(ids, self.clock(), with_state)
             hit = slots >= 0
             hits = int(np.count_nonzero(hit))
             self.counters["cache_hits"] += hits
-            weights, state = self.cache.columns(slots, with_state)   # the hits' rows; misses next
             if hits == len(ids):
                 return LookupResult(weights, state)
             miss_at = np.flatnonzero(~hit)

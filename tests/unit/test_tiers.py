@@ -106,6 +106,28 @@ def test_an_access_is_recorded_once_per_row_in_its_header(device):
     assert tier.headers(slots[2:])[0].tolist() == [NOW + 5]
 
 
+@pytest.mark.parametrize("with_state", [False, True])
+def test_a_lookups_probe_touch_and_gather_in_one_call_equal_the_three_steps(device, with_state):
+    tier, layout = tier_of(config(device))
+    ids = np.array([4, 5, 6], dtype=np.int64)
+    slots = insert(tier, layout, ids)
+    _, before_count = tier.headers(slots)
+    tier.begin_batch()
+    query = np.array([6, 99, 4, 6], dtype=np.int64)
+    got, weights, state = tier.probe_touch_columns(query, NOW, with_state)
+    np.testing.assert_array_equal(got, [slots[2], -1, slots[0], slots[2]])
+    expect = rows_for(layout, query)
+    hit = got >= 0
+    np.testing.assert_array_equal(weights[hit], layout.weights(expect)[hit])
+    if with_state:
+        np.testing.assert_array_equal(state[hit], layout.state(expect)[hit])
+    else:
+        assert state is None
+    access, count = tier.headers(slots)
+    np.testing.assert_array_equal(count, before_count + np.array([1, 0, 1]))   # duplicates once
+    assert access[[0, 2]].tolist() == [NOW, NOW]
+
+
 def test_dirty_bits_follow_set_dirty(device):
     tier, layout = tier_of(config(device))
     slots = insert(tier, layout, np.arange(6, dtype=np.int64), dirty=True)
