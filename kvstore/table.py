@@ -242,11 +242,11 @@ class Table(TableUpkeep):
             rows[rest[found]] = sub[found]
             present[rest[found]] = True
             rest = rest[~found]
-        if len(rest):
-            values = self.rocks.get(self.family, encode_keys(ids[rest]))
-            found = np.fromiter((v is not None for v in values), dtype=bool, count=len(values))
-            if found.any():
-                rows[rest[found]] = self.layout.from_values([v for v in values if v is not None])
+        if len(rest):                  # RocksDB writes straight into `rows` when every id is read from it
+            target = rows if len(rest) == len(ids) else rows[rest]
+            found = self.rocks.read_rows(self.family, encode_keys(ids[rest]), target)
+            if target is not rows:
+                rows[rest[found]] = target[found]
             present[rest] = found
         return rows, present, held_dirty
 
