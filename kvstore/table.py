@@ -199,9 +199,13 @@ class Table(TableUpkeep):
             self.counters["admission_rejected"] += int((~admitted).sum())
             new[new] = admitted
         stored = present | new
-        slots = self._place(ids[stored], rows[stored], (new | held_dirty)[stored])
+        every = bool(stored.all())                   # the usual case: no copies of the rows to place
+        slots = (self._place(ids, rows, new | held_dirty) if every else
+                 self._place(ids[stored], rows[stored], (new | held_dirty)[stored]))
         self.eviction.created(int(new.sum()))
         self.cache.access(slots[slots >= 0], self.clock())
+        if not self.eviction.persist_touches:        # an uncached row's access reaches RocksDB only for sweeps
+            return rows
         homeless = np.flatnonzero(stored)[(slots < 0) & present[stored]]   # stored rows no set had room for
         if len(homeless) and self.writer.fault is None:
             touched = rows[homeless]
