@@ -94,6 +94,9 @@ class RocksTier:
         with _guard("open"):
             os.makedirs(path, exist_ok=True)   # a regular file here is a StorageError too
         self._block_cache = rd.Cache(self.config.block_cache_bytes)
+        # RocksDB fills the row cache on every point read, whatever ReadOptions.fill_cache says
+        # (so `hold_above` cannot keep cached tables' reads out of it); iterators never use it
+        self._row_cache = rd.Cache(self.config.row_cache_bytes) if self.config.row_cache_bytes else None
         self._lock = threading.Lock()          # guards column-family creation and drop
         self._readers = ThreadPoolExecutor(self.config.read_threads, thread_name_prefix="rocks-read")
         self._write_opts = rd.WriteOptions()
@@ -187,6 +190,8 @@ class RocksTier:
         table.set_bloom_filter(self.config.bloom_bits_per_key, False)
         table.set_cache_index_and_filter_blocks(True)
         opts.set_block_based_table_factory(table)
+        if self._row_cache is not None:
+            opts.set_row_cache(self._row_cache)
         return opts
 
     # --- column families -------------------------------------------------
@@ -358,6 +363,8 @@ class RocksTier:
             return {}
         with self._use(), _guard("read properties"):
             out = {"": {key: int(self._db.property_int_value(prop) or 0) for key, prop in _DB_PROPERTIES.items()}}
+            if self._row_cache is not None:
+                out[""]["row_cache_usage_bytes"] = int(self._row_cache.get_usage())
             for name, cf in list(self._families.items()):
                 out[self.labels.get(name, name)] = {
                     key: int(cf.property_int_value(prop) or 0) for key, prop in _FAMILY_PROPERTIES.items()}
