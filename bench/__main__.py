@@ -4,7 +4,8 @@
     python -m bench plot --in DIR [--out docs/benchmarks]
     python -m bench table --in DIR                       saved results as Markdown
     python -m bench script NAME [ARGS...]               store_bench, grpc_bench, snapshot_bench, eviction_bench,
-                                                        training_bench, gpu_cache
+                                                        training_bench, gpu_cache, cold_lookup_bench,
+                                                        lookup_scaling
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from .harness import Disagreement
 from .report import ResultLog, environment, environment_line, markdown
 from .suites import SUITES, runner
 
-SCRIPTS = ("store_bench", "grpc_bench", "snapshot_bench", "eviction_bench", "training_bench", "gpu_cache")
+SCRIPTS = ("store_bench", "grpc_bench", "snapshot_bench", "eviction_bench", "training_bench", "gpu_cache",
+           "cold_lookup_bench", "lookup_scaling")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 

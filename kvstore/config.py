@@ -289,6 +289,7 @@ class RocksConfig:
     max_background_jobs: int = 4
     durability: Literal["none", "wal", "sync"] = "wal"
     read_threads: int = 4                # parallel multi-get for large batches
+    row_cache_bytes: int = 0             # RocksDB's row cache (0: none): rows, not blocks, for point reads
 
     def __post_init__(self):
         if self.durability not in ("none", "wal", "sync"):
@@ -299,3 +300,6 @@ class RocksConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise InvalidArgument(f"rocksdb.{name}: must be a positive integer, got {value!r}")
+        if not isinstance(self.row_cache_bytes, int) or self.row_cache_bytes < 0:
+            raise InvalidArgument(f"rocksdb.row_cache_bytes: must be 0 (no row cache) or a positive integer, "
+                                  f"got {self.row_cache_bytes!r}")

@@ -15,11 +15,13 @@ from __future__ import annotations
 import collections
 import contextlib
 import itertools
+import operator
 import os
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import rocksdict as rd
 
 from .config import RocksConfig
@@ -47,6 +49,26 @@ _FAMILY_PROPERTIES = {
 }
 
 
+def _pack(cf: rd.Rdict, keys: list[bytes], out: np.ndarray) -> np.ndarray:
+    """One multi-get into `out`'s rows: the found values joined once (a C loop, no list of them)
+    and copied in with one assignment; returns the found mask."""
+    values = cf.get(keys)
+    found = np.fromiter(map(operator.is_not, values, itertools.repeat(None)), dtype=bool, count=len(values))
+    count = int(np.count_nonzero(found))
+    if not count:
+        return found
+    whole = count == len(values)
+    packed = b"".join(values if whole else itertools.compress(values, found))
+    if len(packed) != count * out.shape[1]:
+        raise StorageError(f"stored rows have an unexpected size (expected {out.shape[1]} bytes each)")
+    rows = np.frombuffer(packed, dtype=np.uint8).reshape(count, out.shape[1])
+    if whole:
+        out[:] = rows
+    else:
+        out[found] = rows
+    return found
+
+
 class FamilyNotFound(NotFound):
     """A write or read of a column family that was dropped (its table is gone)."""
 
@@ -72,6 +94,9 @@ class RocksTier:
         with _guard("open"):
             os.makedirs(path, exist_ok=True)   # a regular file here is a StorageError too
         self._block_cache = rd.Cache(self.config.block_cache_bytes)
+        # RocksDB fills the row cache on every point read, whatever ReadOptions.fill_cache says
+        # (so `hold_above` cannot keep cached tables' reads out of it); iterators never use it
+        self._row_cache = rd.Cache(self.config.row_cache_bytes) if self.config.row_cache_bytes else None
         self._lock = threading.Lock()          # guards column-family creation and drop
         self._readers = ThreadPoolExecutor(self.config.read_threads, thread_name_prefix="rocks-read")
         self._write_opts = rd.WriteOptions()
@@ -165,6 +190,8 @@ class RocksTier:
         table.set_bloom_filter(self.config.bloom_bits_per_key, False)
         table.set_cache_index_and_filter_blocks(True)
         opts.set_block_based_table_factory(table)
+        if self._row_cache is not None:
+            opts.set_row_cache(self._row_cache)
         return opts
 
     # --- column families -------------------------------------------------
@@ -241,13 +268,39 @@ class RocksTier:
             self.rows_read += len(keys)
             if len(keys) < PARALLEL_GET_MIN:
                 return cf.get(keys)
-            parts = max(1, min(self.config.read_threads, len(keys) // MIN_PART_KEYS))
-            step = min(-(-len(keys) // parts), GET_CHUNK)
-            parts = [keys[i:i + step] for i in range(0, len(keys), step)]
             out: list[bytes | None] = []
-            for part in (self._readers.map if self.config.read_threads > 1 else map)(cf.get, parts):
+            for part in self._map(cf.get, self._parts(keys)):
                 out.extend(part)
             return out
+
+    def read_rows(self, family: str, keys: list[bytes], out: np.ndarray) -> np.ndarray:
+        """Multi-get of fixed-width values straight into the rows of `out` ([len(keys), width]
+        uint8; rows of absent keys are left as they are); returns the mask of keys found. Each
+        read thread packs its own part (one join, one copy into `out`), so no list of all the
+        values is ever built and the packing overlaps the other threads' reads."""
+        if out.shape[0] != len(keys):
+            raise ValueError(f"read_rows: {len(keys)} keys for {out.shape[0]} rows")
+        with self._use(), _guard(f"multi-get on {family!r}"):
+            cf = self._reader(family)
+            self.rows_read += len(keys)
+            if len(keys) < PARALLEL_GET_MIN:
+                return _pack(cf, keys, out)
+            step = self._step(len(keys))
+            found = self._map(lambda lo: _pack(cf, keys[lo:lo + step], out[lo:lo + step]),
+                              range(0, len(keys), step))
+            return np.concatenate(list(found))
+
+    def _step(self, n: int) -> int:
+        """Keys per multi-get call when a batch of `n` keys is split across the read threads."""
+        parts = max(1, min(self.config.read_threads, n // MIN_PART_KEYS))
+        return min(-(-n // parts), GET_CHUNK)
+
+    def _parts(self, keys: list[bytes]) -> list[list[bytes]]:
+        step = self._step(len(keys))
+        return [keys[i:i + step] for i in range(0, len(keys), step)]
+
+    def _map(self, fn, parts):
+        return (self._readers.map if self.config.read_threads > 1 else map)(fn, parts)
 
     def write(self, family: str, keys: list[bytes], values: list[bytes] | None = None,
               delete: list[bytes] = ()) -> None:
@@ -310,6 +363,8 @@ class RocksTier:
             return {}
         with self._use(), _guard("read properties"):
             out = {"": {key: int(self._db.property_int_value(prop) or 0) for key, prop in _DB_PROPERTIES.items()}}
+            if self._row_cache is not None:
+                out[""]["row_cache_usage_bytes"] = int(self._row_cache.get_usage())
             for name, cf in list(self._families.items()):
                 out[self.labels.get(name, name)] = {
                     key: int(cf.property_int_value(prop) or 0) for key, prop in _FAMILY_PROPERTIES.items()}

@@ -199,9 +199,13 @@ class Table(TableUpkeep):
             self.counters["admission_rejected"] += int((~admitted).sum())
             new[new] = admitted
         stored = present | new
-        slots = self._place(ids[stored], rows[stored], (new | held_dirty)[stored])
+        every = bool(stored.all())                   # the usual case: no copies of the rows to place
+        slots = (self._place(ids, rows, new | held_dirty) if every else
+                 self._place(ids[stored], rows[stored], (new | held_dirty)[stored]))
         self.eviction.created(int(new.sum()))
         self.cache.access(slots[slots >= 0], self.clock())
+        if not self.eviction.persist_touches:        # an uncached row's access reaches RocksDB only for sweeps
+            return rows
         homeless = np.flatnonzero(stored)[(slots < 0) & present[stored]]   # stored rows no set had room for
         if len(homeless) and self.writer.fault is None:
             touched = rows[homeless]
@@ -242,11 +246,11 @@ class Table(TableUpkeep):
             rows[rest[found]] = sub[found]
             present[rest[found]] = True
             rest = rest[~found]
-        if len(rest):
-            values = self.rocks.get(self.family, encode_keys(ids[rest]))
-            found = np.fromiter((v is not None for v in values), dtype=bool, count=len(values))
-            if found.any():
-                rows[rest[found]] = self.layout.from_values([v for v in values if v is not None])
+        if len(rest):                  # RocksDB writes straight into `rows` when every id is read from it
+            target = rows if len(rest) == len(ids) else rows[rest]
+            found = self.rocks.read_rows(self.family, encode_keys(ids[rest]), target)
+            if target is not rows:
+                rows[rest[found]] = target[found]
             present[rest] = found
         return rows, present, held_dirty
 

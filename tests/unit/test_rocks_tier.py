@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvstore import RocksConfig, StorageError
+from kvstore import InvalidArgument, RocksConfig, StorageError
 from kvstore.rocks_tier import PARALLEL_GET_MIN, RocksTier
 from kvstore.rows import decode_keys, encode_keys
 
@@ -114,3 +114,54 @@ def test_open_on_a_corrupt_database_raises_storage_error(tmp_path):
     (path / "CURRENT").write_bytes(b"garbage")
     with pytest.raises(StorageError):
         RocksTier(str(path))
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+@pytest.mark.parametrize("absent_every", [0, 3])
+def test_read_rows_writes_found_values_in_request_order_and_leaves_absent_rows(tmp_path, threads, absent_every):
+    tier = RocksTier(str(tmp_path / "db"), RocksConfig(read_threads=threads))
+    try:
+        tier.create_family("rows")
+        ids = np.arange(PARALLEL_GET_MIN * 3, dtype=np.int64)
+        stored = ids[ids % absent_every != 0] if absent_every else ids
+        values = np.random.default_rng(0).integers(0, 256, (len(ids), 24), dtype=np.uint8)
+        tier.write("rows", encode_keys(stored), [values[i].tobytes() for i in stored])
+        for request in (np.random.default_rng(1).permutation(ids), ids[:100]):   # parallel, then one call
+            out = np.full((len(request), 24), 7, dtype=np.uint8)
+            found = tier.read_rows("rows", encode_keys(request), out)
+            expected = np.isin(request, stored)
+            np.testing.assert_array_equal(found, expected)
+            np.testing.assert_array_equal(out[found], values[request[found]])
+            assert (out[~found] == 7).all()
+    finally:
+        tier.close()
+
+
+def test_read_rows_of_the_wrong_width_is_a_storage_error(tier):
+    tier.write("rows", [b"a", b"b"], [b"12345678", b"1234567"])
+    with pytest.raises(StorageError, match="unexpected size"):
+        tier.read_rows("rows", [b"a", b"b"], np.zeros((2, 8), dtype=np.uint8))
+
+
+def test_reads_through_a_row_cache_see_every_later_write_and_delete(tmp_path):
+    tier = RocksTier(str(tmp_path / "db"), RocksConfig(row_cache_bytes=1 << 20))
+    try:
+        tier.create_family("rows")
+        keys = encode_keys(np.arange(PARALLEL_GET_MIN * 2, dtype=np.int64))
+        tier.write("rows", keys, [b"old-" + k for k in keys])
+        tier.flush()                                   # rows in an SST file: the row cache applies
+        out = np.zeros((len(keys), 12), dtype=np.uint8)
+        assert tier.read_rows("rows", keys, out).all()
+        assert tier.properties()[""]["row_cache_usage_bytes"] > 0
+        tier.write("rows", keys[:10], [b"new-" + k for k in keys[:10]], delete=keys[10:20])
+        assert tier.get("rows", keys[:20]) == [b"new-" + k for k in keys[:10]] + [None] * 10
+        tier.flush()
+        assert tier.get("rows", keys[:21]) == [b"new-" + k for k in keys[:10]] + [None] * 10 + [b"old-" + keys[20]]
+    finally:
+        tier.close()
+
+
+@pytest.mark.parametrize("size", [-1, 1.5, "1"])
+def test_row_cache_size_must_be_a_natural_number(size):
+    with pytest.raises(InvalidArgument, match="rocksdb.row_cache_bytes"):
+        RocksConfig(row_cache_bytes=size)
