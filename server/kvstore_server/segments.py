@@ -163,7 +163,7 @@ def region(segment: Segment, spec: pb.SharedArray, field: str, shape: tuple[int 
     if dtype is not None and (spec.dtype != dtype if exact else not _widens(spec.dtype, dtype, field)):
         raise InvalidArgument(f"{field}.dtype: expected {dtype!r}, got {spec.dtype!r}")
     sent = tuple(spec.shape)
-    if len(sent) != len(shape) or any(want is not None and got != want for got, want in zip(sent, shape)):
+    if len(sent) != len(shape) or any(want is not None and got != want for got, want in zip(sent, shape, strict=True)):
         expected = "(" + ", ".join("k" if want is None else str(want) for want in shape) + ")"
         raise InvalidArgument(f"{field}.shape: expected {expected}, got {sent[:8]}")
     try:
