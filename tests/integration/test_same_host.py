@@ -1,0 +1,178 @@
+"""The same-host path through a real server on loopback: results equal the network path's, it falls
+back where it cannot be had, and hostile segment requests are refused without harm."""
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import pytest
+from kvstore_client import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    KVStoreClient,
+    NotFoundError,
+    UnauthenticatedError,
+)
+
+from .conftest import random_rows, small_table
+
+DIM = 8
+IDS = np.array([5, 1, 5, 9, -3, 1, 1, 2**40, 7, 5], dtype=np.int64)     # duplicates on purpose
+
+
+@pytest.fixture(scope="module")
+def shm(server):
+    with KVStoreClient(server.address, same_host=True) as opened:
+        yield opened
+
+
+@pytest.fixture(scope="module")
+def net(server):
+    with KVStoreClient(server.address, same_host=False) as opened:
+        yield opened
+
+
+def test_a_loopback_client_uses_shared_memory_and_a_forced_off_one_does_not(shm, net, server):
+    assert shm.same_host.usable() and shm.same_host.active
+    assert not net.same_host.usable()
+    with KVStoreClient(server.address) as auto:
+        assert auto.same_host.usable()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
+def test_lookups_equal_the_network_path_duplicates_and_every_miss_mode(shm, net, dtype):
+    small_table(shm, f"look_{dtype}", DIM, dtype=dtype)
+    for on_miss in ("zeros", "init", "init_insert"):
+        via_shm = shm.lookup(f"look_{dtype}", IDS, on_miss=on_miss)
+        via_net = net.lookup(f"look_{dtype}", IDS, on_miss=on_miss)
+        assert via_shm.dtype == via_net.dtype
+        assert np.array_equal(via_shm.view(np.uint8), via_net.view(np.uint8))
+
+
+def test_lookup_into_a_callers_buffer_and_of_no_ids(shm, net):
+    small_table(shm, "look_out", DIM)
+    out = np.empty((len(IDS), DIM), np.float32)
+    shm.lookup("look_out", IDS, out=out)
+    assert np.array_equal(out, net.lookup("look_out", IDS))
+    assert shm.lookup("look_out", np.zeros(0, np.int64)).shape == (0, DIM)
+
+
+def test_lookup_of_missing_ids_with_error_mode_is_not_found_and_the_next_call_works(shm):
+    small_table(shm, "look_err", DIM)
+    with pytest.raises(NotFoundError):
+        shm.lookup("look_err", [404], on_miss="error")
+    assert shm.lookup("look_err", IDS).shape == (len(IDS), DIM)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "rowwise_adagrad", "adam", "partial_rowwise_adam"])
+def test_gradient_steps_equal_the_network_path(shm, net, optimizer):
+    for client, name in ((shm, f"grad_shm_{optimizer}"), (net, f"grad_net_{optimizer}")):
+        small_table(client, name, DIM, optimizer={"name": optimizer, "lr": 0.05})
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        grads = rng.standard_normal((len(IDS), DIM)).astype(np.float32)
+        assert shm.apply_gradients(f"grad_shm_{optimizer}", IDS, grads) == \
+            net.apply_gradients(f"grad_net_{optimizer}", IDS, grads)
+    weights_shm, state_shm = net.lookup(f"grad_shm_{optimizer}", IDS, with_state=True)
+    weights_net, state_net = net.lookup(f"grad_net_{optimizer}", IDS, with_state=True)
+    assert np.array_equal(weights_shm, weights_net) and np.array_equal(state_shm, state_net)
+    assert np.array_equal(shm.lookup(f"grad_shm_{optimizer}", IDS), weights_net)
+
+
+def test_updates_equal_the_network_path_last_write_wins_state_and_scores(shm, net):
+    for client, name in ((shm, "upd_shm"), (net, "upd_net")):
+        small_table(client, name, DIM, optimizer={"name": "adagrad", "lr": 0.1})
+        weights = random_rows(len(IDS), DIM, seed=4)
+        state = random_rows(len(IDS), DIM, seed=5)
+        client.update(name, IDS, weights, state=state, scores=np.arange(len(IDS), dtype=np.float32))
+        client.update(name, IDS[:3], random_rows(3, DIM, "float16", seed=6))          # widened to float32
+    for with_state in (False, True):
+        left, right = net.lookup("upd_shm", IDS, with_state=with_state), net.lookup("upd_net", IDS,
+                                                                                    with_state=with_state)
+        assert all(np.array_equal(a, b) for a, b in zip(left, right, strict=True))
+
+
+def test_nonfinite_gradients_are_invalid_argument_and_change_nothing(shm):
+    small_table(shm, "nan_grads", DIM)
+    before = shm.lookup("nan_grads", IDS)
+    grads = np.ones((len(IDS), DIM), np.float32)
+    grads[3, 2] = np.nan
+    with pytest.raises(InvalidArgumentError, match="NaN"):
+        shm.apply_gradients("nan_grads", IDS, grads)
+    assert np.array_equal(shm.lookup("nan_grads", IDS), before)
+
+
+def test_sharded_client_over_shared_memory_equals_the_network_path(start_server):
+    servers = [start_server() for _ in range(2)]
+    addresses = [s.address for s in servers]
+    with KVStoreClient(addresses, same_host=True) as shm, KVStoreClient(addresses, same_host=False) as net:
+        assert all(shard.same_host.usable() for shard in shm.shards)
+        shm.create_table("sharded", DIM, optimizer={"name": "rowwise_adagrad", "lr": 0.1})
+        net.create_table("sharded_net", DIM, optimizer={"name": "rowwise_adagrad", "lr": 0.1})
+        grads = random_rows(len(IDS), DIM, seed=7)
+        assert shm.apply_gradients("sharded", IDS, grads) == net.apply_gradients("sharded_net", IDS, grads)
+        assert np.array_equal(shm.lookup("sharded", IDS), net.lookup("sharded_net", IDS))
+
+
+def test_concurrent_calls_of_one_client_use_separate_segments(shm, net):
+    small_table(shm, "concurrent_shm", DIM)
+    id_sets = [np.arange(i * 100, i * 100 + 50) for i in range(4)]
+    expected = [net.lookup("concurrent_shm", ids) for ids in id_sets]
+    barrier = threading.Barrier(len(id_sets))
+    results: dict[int, list[bool]] = {}
+
+    def worker(index: int) -> None:
+        barrier.wait()
+        results[index] = [np.array_equal(shm.lookup("concurrent_shm", id_sets[index]), expected[index])
+                          for _ in range(20)]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(id_sets))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(all(done) for done in results.values()) and len(results) == len(id_sets)
+
+
+def test_a_call_that_failed_retires_its_segment(shm):
+    small_table(shm, "retire", DIM)
+    shm.lookup("retire", IDS)
+    before = {s.name for s in shm.same_host.pool._free}
+    with pytest.raises(NotFoundError):
+        shm.lookup("retire", [404, 405], on_miss="error")
+    gone = before - {s.name for s in shm.same_host.pool._free}
+    assert gone and not any(os.path.exists(f"/dev/shm/{name}") for name in gone)
+    assert shm.lookup("retire", IDS).shape == (len(IDS), DIM)
+
+
+def test_close_unlinks_the_clients_segments(server):
+    client = KVStoreClient(server.address, same_host=True)
+    small_table(client, "closing", DIM)
+    client.lookup("closing", IDS)
+    names = [s.name for s in client.same_host.pool._free]
+    client.close()
+    assert names and not any(os.path.exists(f"/dev/shm/{name}") for name in names)
+
+
+def test_a_server_with_the_path_off_gets_the_network_path(start_server):
+    off = start_server("--same-host", "false")
+    with KVStoreClient(off.address) as auto, KVStoreClient(off.address, same_host=False) as net:
+        small_table(auto, "fallback", DIM, optimizer={"name": "sgd", "lr": 1.0})
+        auto.apply_gradients("fallback", IDS, np.ones((len(IDS), DIM), np.float32))
+        assert not auto.same_host.active and "off" in auto.same_host.reason
+        assert np.array_equal(auto.lookup("fallback", IDS), net.lookup("fallback", IDS))
+    with KVStoreClient(off.address, same_host=True) as forced, pytest.raises(FailedPreconditionError):
+        forced.lookup("fallback", IDS)
+
+
+def test_the_token_still_guards_the_header_calls(start_server, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-token-of-32-characters-xx\n")
+    token_file.chmod(0o600)
+    guarded = start_server("--auth-token-file", str(token_file))
+    with KVStoreClient(guarded.address, same_host=True) as anonymous, pytest.raises(UnauthenticatedError):
+        anonymous.lookup("any", IDS)
+    with KVStoreClient(guarded.address, token="s3cret-token-of-32-characters-xx", same_host=True) as allowed:
+        small_table(allowed, "guarded", DIM)
+        assert allowed.lookup("guarded", IDS).shape == (len(IDS), DIM) and allowed.same_host.active
