@@ -27,7 +27,7 @@ from .credentials import is_loopback_address
 from .errors import FailedPreconditionError, InvalidArgumentError, KVStoreError, UnavailableError
 from .errors import rpc_errors as _rpc
 from .reassembly import Place
-from .shared_memory import NotAttached, SegmentPool, region_bytes
+from .shared_memory import NotAttached, Segment, SegmentPool, region_bytes
 from .writes import BACKOFF_SECONDS, RETRIES
 
 MODES = (True, False, "auto")
@@ -127,6 +127,40 @@ class SameHostPath:
 
         return self._write("SharedApplyGradients", arrays.values(), request)
 
+    def step_request(self, gradients: dict[str, tuple[np.ndarray, np.ndarray]], lookups: dict[str, np.ndarray],
+                     prefetches: dict[str, np.ndarray], message: pb.TrainRequest) -> tuple[Segment, dict]:
+        """Put one Train step's gradients (checked ids, [n, dim] rows), lookup and prefetch ids in a
+        segment of its own and describe them in `message`; returns the segment (held until the step's answer:
+        given back once answered, retired if not) and, per looked-up table, the view its rows will be written to."""
+        shapes = {table: self._table(table) for table in lookups}
+        nbytes = region_bytes(*((a.shape, a.itemsize) for ids, grads in gradients.values() for a in (ids, grads)),
+                              *(((len(ids),), 8) for ids in (*lookups.values(), *prefetches.values())),
+                              *(((len(ids), dim), WIRE_DTYPES[dtype].itemsize)
+                                for ids, (dim, dtype) in zip(lookups.values(), shapes.values(), strict=True)))
+        segment = self.pool.take(nbytes)
+        try:
+            message.segment = segment.name
+            for table, (ids, grads) in gradients.items():
+                message.gradients.add(table=table, shared_ids=segment.put(ids, f"gradients[{table!r}].ids"),
+                                      shared_values=segment.put(grads, f"gradients[{table!r}]"))
+            places = {}
+            for table, ids in lookups.items():
+                id_spec = segment.put(ids, f"lookups[{table!r}]")
+                places[table], row_spec = segment.array((len(ids), shapes[table][0]), shapes[table][1])
+                message.lookups.add(table=table, shared_ids=id_spec, shared_values=row_spec)
+            for table, ids in prefetches.items():
+                message.prefetches.add(table=table, shared_ids=segment.put(ids, f"prefetches[{table!r}]"))
+        except BaseException:
+            self.pool.give(segment)           # nothing was sent: the server never saw it
+            raise
+        return segment, places
+
+    def _table(self, table: str) -> tuple[int, str]:
+        if table not in self._tables:
+            config = self._describe(table)
+            self._tables[table] = (config["dim"], config["dtype"] or "float32")
+        return self._tables[table]
+
     def _write(self, method: str, arrays, request: Callable) -> int:
         """One write under a fresh idempotency key, retried with it while the server is unavailable
         (as the network path's streamed writes are); the segment is held until the answer."""
@@ -148,11 +182,8 @@ class SameHostPath:
         """`call(dim, dtype)` with the table's shape; once more with a fresh one if the table was
         re-created with another shape since it was read."""
         for attempt in range(2):
-            if table not in self._tables:
-                config = self._describe(table)
-                self._tables[table] = (config["dim"], config["dtype"] or "float32")
             try:
-                return call(*self._tables[table])
+                return call(*self._table(table))
             except KVStoreError as exc:
                 self._tables.pop(table, None)
                 if attempt or not (isinstance(exc, InvalidArgumentError) and exc.message.startswith("weights.")):

@@ -103,17 +103,29 @@ class SegmentPool:
     def lease(self, nbytes: int) -> Iterator[Segment]:
         """A segment of at least `nbytes`, this call's alone. Back to the pool when the block ends
         normally; retired (never reused) when it raises: the server may still be writing into it."""
-        segment = self._take(nbytes)
+        segment = self.take(nbytes)
         try:
             yield segment
         except BaseException:
-            self._retire(segment)
+            self.retire(segment)
             raise
+        self.give(segment)
+
+    def give(self, segment: Segment) -> None:
+        """Back to the pool: its call was answered, the server is done with it."""
         with self._lock:
             if not self._closed:
                 self._free.append(segment)
                 return
-        self._retire(segment)
+        self.retire(segment)
+
+    def retire(self, segment: Segment) -> None:
+        """Detached and unlinked, never reused (its call may still be running on the server)."""
+        try:
+            self._detach(segment.name)
+        except Exception:            # noqa: BLE001 - best effort: the server also drops unlinked segments
+            pass
+        segment.close()
 
     def check(self) -> None:
         """Make (or reuse) a small segment the server has attached; NotAttached says why not."""
@@ -124,9 +136,10 @@ class SegmentPool:
         with self._lock:
             self._closed, free, self._free = True, self._free, []
         for segment in free:
-            self._retire(segment)
+            self.retire(segment)
 
-    def _take(self, nbytes: int) -> Segment:
+    def take(self, nbytes: int) -> Segment:
+        """A free segment of at least `nbytes` (a new one, attached, if none fits); `give` or `retire` it."""
         with self._lock:
             fits = [s for s in self._free if s.size >= nbytes]
             if fits:
@@ -136,7 +149,7 @@ class SegmentPool:
                 return segment
             small = self._free.pop() if self._free else None     # outgrown: replaced by a larger one
         if small is not None:
-            self._retire(small)
+            self.retire(small)
         return self._new(max(MIN_SEGMENT_BYTES, 1 << (nbytes - 1).bit_length()))
 
     def _new(self, nbytes: int) -> Segment:
@@ -152,10 +165,3 @@ class SegmentPool:
             segment.close()
             raise NotAttached(reason)
         return segment
-
-    def _retire(self, segment: Segment) -> None:
-        try:
-            self._detach(segment.name)
-        except Exception:            # noqa: BLE001 - best effort: the server also drops unlinked segments
-            pass
-        segment.close()

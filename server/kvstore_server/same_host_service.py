@@ -65,6 +65,10 @@ class SameHostRPCs:
             self.segments.detach(request.segment)
         return pb.DetachSegmentResponse()
 
+    def train_segment(self, request: pb.TrainRequest, context) -> Segment | None:
+        """The segment a Train message's shared arrays lie in, or None when it names none."""
+        return self._segment(request.segment, context) if request.segment else None
+
     def _segment(self, name: str, context) -> Segment:
         if self.segments is None:
             raise FailedPrecondition("segment: the same-host path is off on this server (same_host: false); "
@@ -166,6 +170,22 @@ class SameHostRPCs:
             raise ResourceExhausted(f"{field}: {len(view)} rows in one call exceed the server limit of "
                                     f"{self.config.max_request_rows} (max_request_rows); split the batch")
         return view.copy()
+
+
+def shared_piece_ids(segment: Segment, piece: pb.TableRows, where: str) -> np.ndarray:
+    """A Train piece's ids from the segment, as the server's own copy."""
+    return region(segment, piece.shared_ids, f"{where}.shared_ids", (None,), "int64", exact=True).copy()
+
+
+def shared_piece_grads(segment: Segment, piece: pb.TableRows, where: str, n: int, dim: int) -> np.ndarray:
+    """A Train piece's [n, dim] gradients from the segment, as the server's own float32 copy."""
+    view = region(segment, piece.shared_values, f"{where}.shared_values", (n, dim), "float32")
+    return np.array(view, dtype=np.float32)
+
+
+def shared_piece_rows(segment: Segment, piece: pb.TableRows, where: str, n: int, dim: int, dtype: str) -> np.ndarray:
+    """Where a Train lookup piece's [n, dim] rows go in the segment (the table's dtype exactly)."""
+    return region(segment, piece.shared_values, f"{where}.shared_values", (n, dim), dtype, exact=True)
 
 
 def _copied(held, view: np.ndarray, dtype=None) -> np.ndarray:

@@ -1,0 +1,84 @@
+"""Lookups of cached rows through the same-host path, beside the network path and a bare gRPC stream.
+
+One kvstore server process serves one table (every row cached); in this process a
+client with `same_host=True` (ids and rows through shared memory, gRPC carries the
+headers) and one with `same_host=False` (the network path) look up the same batches,
+beside the echo servers of bench/echo.py streaming the same bytes (ids up, rows down,
+in the client's chunks): the transport's ceiling for the network path. Batches are
+timed in rotating order (grpc_bench.timed_side_by_side). Prints rows/s and the ratios
+shm / best echo (the issue's target: >= 2) and shm / network.
+
+    python bench/same_host_bench.py [--rows 262144] [--dim 128] [--seconds 3]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))       # run as a script: `bench` importable
+from bench.echo import EchoClient, start_echo  # noqa: E402
+from bench.grpc_bench import load, start, timed_side_by_side, zipf_ids  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=262_144)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--seconds", type=float, default=3.0, help="about this long per batch size")
+    parser.add_argument("--rounds", type=int, default=1, help="passes over each case's batches")
+    args = parser.parse_args()
+    servers = {"kvstore": start([sys.executable, "-m", "kvstore_server", "--port", "0", "--data-dir",
+                                 tempfile.mkdtemp(prefix="kvbench-shm-")]),
+               "echo threaded": start_echo(), "echo asyncio": start_echo(asyncio_server=True)}
+    try:
+        run(args, {name: address for name, (_, address) in servers.items()})
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(timeout=60)
+
+
+def run(args, addresses: dict[str, str]) -> None:
+    from kvstore_client import KVStoreClient
+
+    shm = KVStoreClient(addresses["kvstore"], timeout=600, same_host=True)
+    net = KVStoreClient(addresses["kvstore"], timeout=600, same_host=False)
+    load(net, args.rows, args.dim, "kvstore")
+    lookups = {"shm": lambda b: shm.lookup("bench", b), "network": lambda b: net.lookup("bench", b)}
+    echoes = {name: EchoClient(addresses[name], net.chunk_bytes) for name in ("echo threaded", "echo asyncio")}
+    for name, echo in echoes.items():
+        lookups[name] = lambda b, echo=echo: echo.lookup(b, args.dim)
+    rng = np.random.default_rng(1)
+    perm = rng.permutation(args.rows)
+    first = rng.integers(0, args.rows, 1000)
+    if not np.array_equal(shm.lookup("bench", first), net.lookup("bench", first)):
+        raise SystemExit("the shm and network paths disagree")
+    names = list(lookups)
+    print(f"load average {os.getloadavg()[0]:.1f}, {os.cpu_count()} cores; dim {args.dim}, {args.rows:,} rows cached")
+    print(f"{'ids':8} {'batch':>7} " + " ".join(f"{n + ' rows/s':>20}" for n in names)
+          + f" {'shm/echo':>9} {'shm/net':>8} {'net/echo':>9}")
+    for dist in ("uniform", "zipf"):
+        for batch in (4096, 65536):
+            count = max(3, int(args.seconds * 2e6 / batch))
+            batches = [rng.integers(0, args.rows, batch) if dist == "uniform" else zipf_ids(rng, batch, args.rows,
+                                                                                              perm)
+                       for _ in range(count)]
+            rates, _ = timed_side_by_side(lookups, batches, args.rounds)
+            echo = max(rates["echo threaded"], rates["echo asyncio"])
+            print(f"{dist:8} {batch:>7} " + " ".join(f"{rates[n]:>20,.0f}" for n in names)
+                  + f" {rates['shm'] / echo:>9.2f} {rates['shm'] / rates['network']:>8.2f}"
+                  + f" {rates['network'] / echo:>9.2f}", flush=True)
+    stats = net.stats("bench")
+    print(f"cache hits {stats.get('cache_hits', 0):,.0f} misses {stats.get('cache_misses', 0):,.0f}")
+    for client in (shm, net, *echoes.values()):
+        client.close()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
