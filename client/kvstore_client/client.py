@@ -59,13 +59,13 @@ class KVStoreClient(ReplicationMethods, SnapshotMethods):
     def __init__(self, address: str, timeout: float = 30.0, max_message_bytes: int = 16 << 20,
                  chunk_bytes: int = 2 << 20, *, token: str | None = None, root_certificates: bytes | None = None,
                  certificate_chain: bytes | None = None, private_key: bytes | None = None,
-                 tls: bool | None = None, insecure: bool = False, same_host: bool | str = "auto"):
+                 tls: bool | None = None, insecure: bool = False, same_host: bool | str = False):
         """`token`: bearer token sent with every call. TLS is on when `tls` or any certificate is given:
         `root_certificates` (PEM CA bundle; system roots when None) checks the server,
         `certificate_chain` and `private_key` (PEM) are the client's certificate for mutual TLS.
         A token goes in clear only to this machine, unless `insecure`.
         `same_host`: move rows through shared memory with a server on this machine ("auto": when it
-        can, else the network path; True: required; False: never; docs/same-host.md)."""
+        can, else the network path; True: required; False, the default: never; docs/same-host.md)."""
         if chunk_bytes < 1 or chunk_bytes + MESSAGE_OVERHEAD > max_message_bytes:
             raise InvalidArgumentError(
                 message=f"chunk_bytes: must be in [1, max_message_bytes - {MESSAGE_OVERHEAD}], got {chunk_bytes}")

@@ -5,11 +5,12 @@ client's shared-memory segments (shared_memory.py) and gRPC carries only the
 request and reply headers (SharedLookup, SharedUpdate, SharedApplyGradients). The
 server runs the very store calls of the network path, so results are the same.
 
-`same_host` of the client: "auto" (the default) uses it when the address is a
+`same_host` of the client: "auto" uses it when the address is a
 loopback one or a unix socket and the server attaches this client's first segment
 (it has the path on and maps the segment: same host, same IPC namespace, same user),
 and takes the network path otherwise; True requires it (FAILED_PRECONDITION saying
-why, when it cannot be had); False never uses it. Lookups with optimizer state go
+why, when it cannot be had); False (the default, so that existing deployments see the
+same calls, metrics and figures) never uses it. Lookups with optimizer state go
 over the network (their width is the server's to know).
 """
 from __future__ import annotations
@@ -154,6 +155,10 @@ class SameHostPath:
             self.pool.give(segment)           # nothing was sent: the server never saw it
             raise
         return segment, places
+
+    def forget_tables(self) -> None:
+        """Read table shapes afresh (after a failed call: a table may have been re-created)."""
+        self._tables.clear()
 
     def _table(self, table: str) -> tuple[int, str]:
         if table not in self._tables:

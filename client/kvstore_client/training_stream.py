@@ -172,6 +172,8 @@ class TrainingStream:
 
     def _end(self, error: KVStoreError | None) -> None:
         """End the stream; every unanswered step fails with `error` (or as cancelled)."""
+        if error is not None:
+            self.client.same_host.forget_tables()
         if self._call is not None:
             self._requests.put(None)
             self._call.cancel()

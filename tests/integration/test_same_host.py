@@ -3,8 +3,10 @@ back where it cannot be had, and hostile segment requests are refused without ha
 from __future__ import annotations
 
 import os
+import socket
 import threading
 
+import grpc
 import numpy as np
 import pytest
 from kvstore_client import (
@@ -14,6 +16,8 @@ from kvstore_client import (
     NotFoundError,
     UnauthenticatedError,
 )
+from kvstore_proto.v1 import kvstore_pb2 as pb
+from kvstore_proto.v1 import kvstore_pb2_grpc as pb_grpc
 
 from .conftest import random_rows, small_table
 
@@ -36,8 +40,8 @@ def net(server):
 def test_a_loopback_client_uses_shared_memory_and_a_forced_off_one_does_not(shm, net, server):
     assert shm.same_host.usable() and shm.same_host.active
     assert not net.same_host.usable()
-    with KVStoreClient(server.address) as auto:
-        assert auto.same_host.usable()
+    with KVStoreClient(server.address, same_host="auto") as auto, KVStoreClient(server.address) as default:
+        assert auto.same_host.usable() and not default.same_host.usable()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
@@ -157,7 +161,7 @@ def test_close_unlinks_the_clients_segments(server):
 
 def test_a_server_with_the_path_off_gets_the_network_path(start_server):
     off = start_server("--same-host", "false")
-    with KVStoreClient(off.address) as auto, KVStoreClient(off.address, same_host=False) as net:
+    with KVStoreClient(off.address, same_host="auto") as auto, KVStoreClient(off.address) as net:
         small_table(auto, "fallback", DIM, optimizer={"name": "sgd", "lr": 1.0})
         auto.apply_gradients("fallback", IDS, np.ones((len(IDS), DIM), np.float32))
         assert not auto.same_host.active and "off" in auto.same_host.reason
@@ -176,3 +180,40 @@ def test_the_token_still_guards_the_header_calls(start_server, tmp_path):
     with KVStoreClient(guarded.address, token="s3cret-token-of-32-characters-xx", same_host=True) as allowed:
         small_table(allowed, "guarded", DIM)
         assert allowed.lookup("guarded", IDS).shape == (len(IDS), DIM) and allowed.same_host.active
+
+
+def test_auto_takes_the_network_path_for_an_address_that_is_not_loopback():
+    with KVStoreClient("192.0.2.1:1", same_host="auto") as remote:       # never dialled: decided by the address
+        assert not remote.same_host.usable() and "loopback" in remote.same_host.reason
+
+
+def test_an_unknown_same_host_mode_is_invalid_argument(server):
+    with pytest.raises(InvalidArgumentError, match="same_host"):
+        KVStoreClient(server.address, same_host="yes")
+
+
+def _external_address() -> str | None:
+    """An address of this machine that is not loopback, if it has one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("192.0.2.1", 9))              # no packet is sent: picks the outgoing interface
+            address = probe.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
+def test_a_peer_that_is_not_on_loopback_is_refused_the_shared_calls(start_server, shm):
+    address = _external_address()
+    if address is None:
+        pytest.skip("this machine has no address besides loopback")
+    exposed = start_server("--host", "0.0.0.0")
+    port = exposed.address.rsplit(":", 1)[1]
+    with grpc.insecure_channel(f"{address}:{port}") as channel:
+        stub = pb_grpc.EmbeddingStoreStub(channel)
+        answer = stub.AttachSegment(pb.AttachSegmentRequest(segment="kvstore-" + "1" * 32, token=b"t" * 16))
+        assert not answer.attached and "not on the server's machine" in answer.reason
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.SharedLookup(pb.SharedLookupRequest(table="t", segment="kvstore-" + "1" * 32))
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert caught.value.details().startswith("segment")
