@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 
 import numpy as np
@@ -32,7 +33,9 @@ from .shared_memory import NotAttached, Segment, SegmentPool, region_bytes
 from .writes import BACKOFF_SECONDS, RETRIES
 
 MODES = (True, False, "auto")
-LOOKUP_CALL_ROWS = 1 << 20            # ids per SharedLookup call (a lookup is not atomic: split freely)
+LOOKUP_CALL_ROWS = 1 << 20            # ids per segment lease (a lookup is not atomic: split freely)
+PIECE_BYTES = 4 << 20                 # rows per SharedLookup call of a large lookup ...
+PIECES_AHEAD = 1                      # ... and calls in flight beyond the one being copied
 _SERVICE = f"/{pb.DESCRIPTOR.services_by_name['EmbeddingStore'].full_name}/"
 
 
@@ -93,16 +96,42 @@ class SameHostPath:
                 table, ids, start, place, on_miss, lease, dim, dtype))
 
     def _lookup(self, table, ids, start, place, on_miss, lease, dim, dtype) -> None:
-        n = len(ids)
-        with self.pool.lease(region_bytes(((n,), 8), ((n, dim), WIRE_DTYPES[dtype].itemsize))) as segment:
+        """One segment for the whole lookup; pieces of about PIECE_BYTES of rows are asked for up to
+        PIECES_AHEAD at a time, so the server gathers piece i+1 while this client copies piece i."""
+        n, itemsize = len(ids), WIRE_DTYPES[dtype].itemsize
+        step = max(1, PIECE_BYTES // max(1, dim * itemsize))
+        with self.pool.lease(region_bytes(((n,), 8), ((n, dim), itemsize))) as segment:
             id_spec = segment.put(ids, "ids")
             rows, row_spec = segment.array((n, dim), dtype)
-            request = pb.SharedLookupRequest(table=table, segment=segment.name, ids=id_spec, weights=row_spec,
-                                             on_miss=on_miss, lease=lease)
-            with _rpc():
-                self._calls["SharedLookup"](request, timeout=self.timeout)
             rows.flags.writeable = False
-            place(start, start + n, rows, None)
+
+            def request(first: int, last: int) -> pb.SharedLookupRequest:
+                return pb.SharedLookupRequest(
+                    table=table, segment=segment.name, on_miss=on_miss, lease=lease,
+                    ids=pb.SharedArray(dtype="int64", shape=[last - first], offset=id_spec.offset + 8 * first),
+                    weights=pb.SharedArray(dtype=dtype, shape=[last - first, dim],
+                                           offset=row_spec.offset + first * dim * itemsize))
+
+            pieces = [(first, min(n, first + step)) for first in range(0, n, step)] or [(0, 0)]
+            waiting: deque = deque()
+
+            def place_oldest() -> None:
+                first, last, call = waiting.popleft()
+                with _rpc():
+                    call.result()
+                place(start + first, start + last, rows[first:last], None)
+
+            try:
+                for first, last in pieces:
+                    waiting.append((first, last, self._calls["SharedLookup"].future(request(first, last),
+                                                                                    timeout=self.timeout)))
+                    if len(waiting) > PIECES_AHEAD:
+                        place_oldest()
+                while waiting:
+                    place_oldest()
+            finally:
+                for _, _, call in waiting:       # an error: the others end too (the segment is retired)
+                    call.cancel()
 
     def update(self, table: str, id_array: np.ndarray, weights: np.ndarray, state: np.ndarray | None,
                scores: np.ndarray | None) -> int:

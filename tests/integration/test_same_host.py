@@ -217,3 +217,10 @@ def test_a_peer_that_is_not_on_loopback_is_refused_the_shared_calls(start_server
             stub.SharedLookup(pb.SharedLookupRequest(table="t", segment="kvstore-" + "1" * 32))
         assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert caught.value.details().startswith("segment")
+
+
+def test_a_lookup_of_several_pieces_in_flight_equals_the_network_path(shm, net):
+    small_table(shm, "pieces", 128)
+    ids = np.random.default_rng(8).integers(-10**6, 10**6, 20_000)       # three 4 MiB pieces, duplicates too
+    for on_miss in ("init", "init_insert"):
+        assert np.array_equal(shm.lookup("pieces", ids, on_miss=on_miss), net.lookup("pieces", ids, on_miss=on_miss))
