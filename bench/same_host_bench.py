@@ -8,7 +8,9 @@ in the client's chunks): the transport's ceiling for the network path. Batches a
 timed in rotating order (grpc_bench.timed_side_by_side). Prints rows/s and the ratios
 shm / best echo (the issue's target: >= 2) and shm / network.
 
-    python bench/same_host_bench.py [--rows 262144] [--dim 128] [--seconds 3]
+    python bench/same_host_bench.py [--rows 262144] [--dim 128] [--seconds 3] [--rounds 1] [--cpu]
+
+`--cpu` adds each server process's CPU time per call (shm and network: the kvstore server's).
 """
 from __future__ import annotations
 
@@ -31,19 +33,23 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--seconds", type=float, default=3.0, help="about this long per batch size")
     parser.add_argument("--rounds", type=int, default=1, help="passes over each case's batches")
+    parser.add_argument("--cpu", action="store_true", help="also print each server's CPU ms per call (Linux)")
     args = parser.parse_args()
     servers = {"kvstore": start([sys.executable, "-m", "kvstore_server", "--port", "0", "--data-dir",
                                  tempfile.mkdtemp(prefix="kvbench-shm-")]),
                "echo threaded": start_echo(), "echo asyncio": start_echo(asyncio_server=True)}
     try:
-        run(args, {name: address for name, (_, address) in servers.items()})
+        pids = {name: proc.pid for name, (proc, _) in servers.items()}
+        run(args, {name: address for name, (_, address) in servers.items()},
+            {"shm": pids["kvstore"], "network": pids["kvstore"], "echo threaded": pids["echo threaded"],
+             "echo asyncio": pids["echo asyncio"]} if args.cpu else None)
     finally:
         for proc, _ in servers.values():
             proc.terminate()
             proc.wait(timeout=60)
 
 
-def run(args, addresses: dict[str, str]) -> None:
+def run(args, addresses: dict[str, str], pids: dict[str, int] | None) -> None:
     from kvstore_client import KVStoreClient
 
     shm = KVStoreClient(addresses["kvstore"], timeout=600, same_host=True)
@@ -68,11 +74,13 @@ def run(args, addresses: dict[str, str]) -> None:
             batches = [rng.integers(0, args.rows, batch) if dist == "uniform" else zipf_ids(rng, batch, args.rows,
                                                                                               perm)
                        for _ in range(count)]
-            rates, _ = timed_side_by_side(lookups, batches, args.rounds)
+            rates, cpu = timed_side_by_side(lookups, batches, args.rounds, pids)
             echo = max(rates["echo threaded"], rates["echo asyncio"])
             print(f"{dist:8} {batch:>7} " + " ".join(f"{rates[n]:>20,.0f}" for n in names)
                   + f" {rates['shm'] / echo:>9.2f} {rates['shm'] / rates['network']:>8.2f}"
                   + f" {rates['network'] / echo:>9.2f}", flush=True)
+            if cpu:
+                print(f"{'':8} {'':>7} " + " ".join(f"{f'{cpu[n]:.2f} ms CPU/call':>20}" for n in names), flush=True)
     stats = net.stats("bench")
     print(f"cache hits {stats.get('cache_hits', 0):,.0f} misses {stats.get('cache_misses', 0):,.0f}")
     for client in (shm, net, *echoes.values()):
