@@ -14,7 +14,6 @@ shm / best echo (the issue's target: >= 2) and shm / network.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -24,17 +23,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))       # run as a script: `bench` importable
 from bench.echo import EchoClient, start_echo  # noqa: E402
-from bench.grpc_bench import load, start, timed_side_by_side, zipf_ids  # noqa: E402
+from bench.grpc_bench import id_batches, load, lookup_arguments, start, timed_side_by_side  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", type=int, default=262_144)
-    parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--seconds", type=float, default=3.0, help="about this long per batch size")
-    parser.add_argument("--rounds", type=int, default=1, help="passes over each case's batches")
-    parser.add_argument("--cpu", action="store_true", help="also print each server's CPU ms per call (Linux)")
-    args = parser.parse_args()
+    args = lookup_arguments(rows=262_144).parse_args()
     servers = {"kvstore": start([sys.executable, "-m", "kvstore_server", "--port", "0", "--data-dir",
                                  tempfile.mkdtemp(prefix="kvbench-shm-")]),
                "echo threaded": start_echo(), "echo asyncio": start_echo(asyncio_server=True)}
@@ -70,10 +63,7 @@ def run(args, addresses: dict[str, str], pids: dict[str, int] | None) -> None:
           + f" {'shm/echo':>9} {'shm/net':>8} {'net/echo':>9}")
     for dist in ("uniform", "zipf"):
         for batch in (4096, 65536):
-            count = max(3, int(args.seconds * 2e6 / batch))
-            batches = [rng.integers(0, args.rows, batch) if dist == "uniform" else zipf_ids(rng, batch, args.rows,
-                                                                                              perm)
-                       for _ in range(count)]
+            batches = id_batches(rng, dist, batch, args.rows, perm, args.seconds)
             rates, cpu = timed_side_by_side(lookups, batches, args.rounds, pids)
             echo = max(rates["echo threaded"], rates["echo asyncio"])
             print(f"{dist:8} {batch:>7} " + " ".join(f"{rates[n]:>20,.0f}" for n in names)

@@ -8,33 +8,15 @@ import pytest
 
 torch = pytest.importorskip("torch")
 from kvstore_client import KVStoreClient  # noqa: E402
-from kvstore_client.collection import Feature, RemoteEmbeddingBagCollection  # noqa: E402
-from kvstore_client.torch_modules import RemoteEmbeddingBag  # noqa: E402
-from torch import nn  # noqa: E402
 
-from .test_torch_modules import TwoFeatures, _tables, _train_two  # noqa: E402
+from .test_torch_modules import assert_collection_equals_loop  # noqa: E402
 
 
 @pytest.mark.parametrize("pipeline", [False, True, "prefetch"])
 def test_collection_over_shared_memory_equals_the_plain_network_loop(server, pipeline):
-    with KVStoreClient(server.address, same_host=True) as shm, KVStoreClient(server.address, same_host=False) as net:
-        plain = _tables(net, f"shm_plain_{pipeline}")
-        together = _tables(net, f"shm_coll_{pipeline}")
-        loop = TwoFeatures(nn.ModuleDict({"user": RemoteEmbeddingBag(net, plain[0][0], mode="sum"),
-                                          "item": RemoteEmbeddingBag(net, plain[1][0], mode="mean")}))
-        collection = RemoteEmbeddingBagCollection(
-            shm, [Feature("user", together[0][0], "sum"), Feature("item", together[1][0], "mean")],
-            pipeline=bool(pipeline))
-        expected = _train_two(loop)
-        got = _train_two(TwoFeatures(collection), prefetch=pipeline == "prefetch")
-        assert shm.same_host.active and not net.same_host.active
-        assert got == expected and expected[-1] != expected[0]
-        for (mine, _), (theirs, _) in zip(together, plain, strict=True):
-            for with_state in (False, True):
-                left = net.lookup(mine, np.arange(30), with_state=with_state)
-                right = net.lookup(theirs, np.arange(30), with_state=with_state)
-                assert all(np.array_equal(a, b) for a, b in zip(left, right, strict=True))
-        collection.close()
+    with KVStoreClient(server.address, same_host=True) as shm, KVStoreClient(server.address) as net:
+        assert_collection_equals_loop(net, shm, "shm_coll", pipeline)
+        assert shm.same_host.active and shm.same_host.pool._free and not net.same_host.active
 
 
 def test_a_closed_stream_retires_the_segments_of_unanswered_steps(server):
