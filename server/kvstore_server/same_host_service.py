@@ -29,7 +29,7 @@ from .health_watch import peer_address
 from .idempotency import RecentWrites
 from .messages import on_miss_name
 from .races import on_table
-from .request_budget import RequestMemory
+from .request_budget import BufferedRequest, RequestMemory
 from .security import is_loopback
 from .segments import Segment, Segments, region
 
@@ -126,12 +126,12 @@ class SameHostRPCs:
         config = self.store.describe_table(request.table)
         n = len(ids)
         with self.request_memory.hold(context) as held:
-            weights = _copied(held, region(segment, request.weights, "weights", (n, config.dim), config.dtype))
+            weights = copied(held, region(segment, request.weights, "weights", (n, config.dim), config.dtype))
             state = scores = None
             if request.HasField("state"):
-                state = _copied(held, region(segment, request.state, "state", (n, None), "float32"))
+                state = copied(held, region(segment, request.state, "state", (n, None), "float32"))
             if request.HasField("scores"):
-                scores = _copied(held, region(segment, request.scores, "scores", (n,)))
+                scores = copied(held, region(segment, request.scores, "scores", (n,)))
 
             async def commit():
                 self.data_budget.check("an update")
@@ -147,10 +147,10 @@ class SameHostRPCs:
         dim = self.store.describe_table(request.table).dim
         n = len(ids)
         with self.request_memory.hold(context) as held:
-            grads = _copied(held, region(segment, request.grads, "grads", (n, dim), "float32"), np.float32)
+            grads = copied(held, region(segment, request.grads, "grads", (n, dim), "float32"), np.float32)
             scores = None
             if request.HasField("scores"):
-                scores = _copied(held, region(segment, request.scores, "scores", (n,)))
+                scores = copied(held, region(segment, request.scores, "scores", (n,)))
             if request.owner:
                 self.leases.renew_if_live(request.owner)
 
@@ -177,10 +177,12 @@ def shared_piece_ids(segment: Segment, piece: pb.TableRows, where: str) -> np.nd
     return region(segment, piece.shared_ids, f"{where}.shared_ids", (None,), "int64", exact=True).copy()
 
 
-def shared_piece_grads(segment: Segment, piece: pb.TableRows, where: str, n: int, dim: int) -> np.ndarray:
-    """A Train piece's [n, dim] gradients from the segment, as the server's own float32 copy."""
-    view = region(segment, piece.shared_values, f"{where}.shared_values", (n, dim), "float32")
-    return np.array(view, dtype=np.float32)
+def shared_piece_grads(segment: Segment, piece: pb.TableRows, where: str, n: int, dim: int,
+                       held: BufferedRequest) -> np.ndarray:
+    """A Train piece's [n, dim] gradients from the segment, as the server's own float32 copy
+    (charged to the step's request memory, as the gradients of a message are)."""
+    return copied(held, region(segment, piece.shared_values, f"{where}.shared_values", (n, dim), "float32"),
+                  np.float32)
 
 
 def shared_piece_rows(segment: Segment, piece: pb.TableRows, where: str, n: int, dim: int, dtype: str) -> np.ndarray:
@@ -188,11 +190,12 @@ def shared_piece_rows(segment: Segment, piece: pb.TableRows, where: str, n: int,
     return region(segment, piece.shared_values, f"{where}.shared_values", (n, dim), dtype, exact=True)
 
 
-def _copied(held, view: np.ndarray, dtype=None) -> np.ndarray:
-    """The server's own copy of a region, charged to the call's request memory while it runs."""
-    held.memory.take(held.peer, view.nbytes)
-    held.bytes += view.nbytes
-    return np.array(view, dtype=dtype or view.dtype)
+def copied(held: BufferedRequest, view: np.ndarray, dtype=None) -> np.ndarray:
+    """The server's own copy of a region, charged to the call's request memory (before it is made)."""
+    dtype = np.dtype(dtype or view.dtype)
+    held.memory.take(held.peer, view.size * dtype.itemsize)
+    held.bytes += view.size * dtype.itemsize
+    return np.array(view, dtype=dtype)
 
 
 def _write(result, weights: np.ndarray, state: np.ndarray | None) -> None:

@@ -25,7 +25,7 @@ from kvstore.errors import InvalidArgument
 
 from .data_budget import DataBudget
 from .messages import concat, on_miss_name
-from .request_budget import RequestMemory
+from .request_budget import BufferedRequest, RequestMemory
 from .rpc import StoreWork
 from .same_host_service import shared_piece_grads, shared_piece_ids, shared_piece_rows
 from .segments import Segment
@@ -57,7 +57,7 @@ class TrainingRPCs:
         with self.request_memory.hold(context) as held:    # a step's messages count until it has run
             step = _Step()
             async for request in held.chunks(requests):
-                self._add_pieces(step, request, self.train_segment(request, context))
+                self._add_pieces(step, request, self.train_segment(request, context), held)
                 if request.more:
                     continue
                 for response in await self.work(self._run_step, step):
@@ -67,7 +67,8 @@ class TrainingRPCs:
                     await self.work(self._prefetch, step)
                 step = _Step()
 
-    def _add_pieces(self, step: _Step, request: pb.TrainRequest, segment: Segment | None) -> None:
+    def _add_pieces(self, step: _Step, request: pb.TrainRequest, segment: Segment | None,
+                    held: BufferedRequest) -> None:
         step.on_miss = on_miss_name(request.on_miss)
         if step.on_miss == "error":
             raise InvalidArgument("on_miss: 'error' is not accepted in Train (the step's gradients would "
@@ -77,7 +78,7 @@ class TrainingRPCs:
             ids = self._piece_ids(step, segment, piece, where)
             dim = self.store.describe_table(piece.table).dim          # NOT_FOUND before buffering
             if _shared(segment, piece, where, "shared_values"):
-                grads = shared_piece_grads(segment, piece, where, len(ids), dim)
+                grads = shared_piece_grads(segment, piece, where, len(ids), dim, held)
             else:
                 grads = decode_tensor(piece.values, f"{where}.values", "float32")
             if grads.shape != (len(ids), dim):

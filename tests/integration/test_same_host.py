@@ -14,6 +14,7 @@ from kvstore_client import (
     InvalidArgumentError,
     KVStoreClient,
     NotFoundError,
+    ResourceExhaustedError,
     UnauthenticatedError,
 )
 from kvstore_proto.v1 import kvstore_pb2 as pb
@@ -224,3 +225,16 @@ def test_a_lookup_of_several_pieces_in_flight_equals_the_network_path(shm, net):
     ids = np.random.default_rng(8).integers(-10**6, 10**6, 20_000)       # three 4 MiB pieces, duplicates too
     for on_miss in ("init", "init_insert"):
         assert np.array_equal(shm.lookup("pieces", ids, on_miss=on_miss), net.lookup("pieces", ids, on_miss=on_miss))
+
+
+def test_copies_of_shared_inputs_count_against_the_request_memory_budget(start_server):
+    tight = start_server("--max-buffered-bytes", str(1 << 16))
+    with KVStoreClient(tight.address, same_host=True) as shm:
+        small_table(shm, "budget", 128, optimizer={"name": "sgd", "lr": 1.0})
+        ids = np.arange(1000)
+        before = shm.lookup("budget", ids)
+        with pytest.raises(ResourceExhaustedError, match="max_buffered_bytes"):
+            shm.apply_gradients("budget", ids, np.ones((1000, 128), np.float32))
+        with pytest.raises(ResourceExhaustedError, match="max_buffered_bytes"):
+            shm.update("budget", ids, np.ones((1000, 128), np.float32))
+        assert np.array_equal(shm.lookup("budget", ids), before)

@@ -142,3 +142,31 @@ def test_attach_with_the_wrong_token_or_an_absent_segment_answers_no(stub, segme
 def test_clients_still_work_after_the_hostile_requests(server, canary):
     with KVStoreClient(server.address, same_host=True) as fresh:
         assert np.array_equal(fresh.lookup(CANARY, CANARY_IDS), canary)
+
+
+TRAIN = {    # name -> (the step's TableRows fields, whether it names the segment, the field the message starts with)
+    "grads_past_the_end": ({"gradients": [{"shared_ids": array(), "shared_values": array(
+        "float32", (2, DIM), SEGMENT_BYTES - 16)}]}, True, "gradients[0].shared_values"),
+    "grads_nan": ({"gradients": [{"shared_ids": array(), "shared_values": array(
+        "float32", (2, DIM), ROWS_AT + 8192)}]}, True, "grads"),           # the store's check, as on the wire
+    "ids_without_segment": ({"gradients": [{"shared_ids": array(), "shared_values": array(
+        "float32", (2, DIM), ROWS_AT)}]}, False, "gradients[0].shared_ids"),
+    "rows_wrong_dtype": ({"gradients": [{"shared_ids": array(), "shared_values": array("float32", (2, DIM), ROWS_AT)}],
+                          "lookups": [{"shared_ids": array(), "shared_values": array("float64", (2, DIM), ROWS_AT)}]},
+                         True, "lookups[0].shared_values.dtype"),
+    "rows_offset_wraps": ({"gradients": [{"shared_ids": array(), "shared_values": array("float32", (2, DIM), ROWS_AT)}],
+                           "lookups": [{"shared_ids": array(), "shared_values": array("float32", (2, DIM), U64 - 3)}]},
+                          True, "lookups[0].shared_values"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TRAIN))
+def test_hostile_train_step_is_invalid_argument_and_applies_nothing(stub, segment, server, client, canary, case):
+    np.ndarray((2, DIM), np.float32, buffer=segment.buf, offset=ROWS_AT + 8192)[:] = np.nan
+    np.ndarray((2, DIM), np.float32, buffer=segment.buf, offset=ROWS_AT)[:] = 1.0
+    pieces, named, field = TRAIN[case]
+    request = pb.TrainRequest(segment=segment.name if named else "", **{
+        kind: [pb.TableRows(table=CANARY, **fields) for fields in rows] for kind, rows in pieces.items()})
+    with pytest.raises(grpc.RpcError) as caught:
+        list(stub.Train(iter([request])))
+    assert_harmless(caught.value, field, server, client, canary)
