@@ -6,7 +6,8 @@ headers) and one with `same_host=False` (the network path) look up the same batc
 beside the echo servers of bench/echo.py streaming the same bytes (ids up, rows down,
 in the client's chunks): the transport's ceiling for the network path. Batches are
 timed in rotating order (grpc_bench.timed_side_by_side). Prints rows/s and the ratios
-shm / best echo (the issue's target: >= 2) and shm / network.
+shm / best echo (the issue's target: >= 2) and shm / network; then a training step (lookup and
+apply_gradients, rowwise Adagrad, Zipf ids) through each path.
 
     python bench/same_host_bench.py [--rows 262144] [--dim 128] [--seconds 3] [--rounds 1] [--cpu]
 
@@ -71,10 +72,27 @@ def run(args, addresses: dict[str, str], pids: dict[str, int] | None) -> None:
                   + f" {rates['network'] / echo:>9.2f}", flush=True)
             if cpu:
                 print(f"{'':8} {'':>7} " + " ".join(f"{f'{cpu[n]:.2f} ms CPU/call':>20}" for n in names), flush=True)
+    training_steps(args, shm, net, rng, perm)
     stats = net.stats("bench")
     print(f"cache hits {stats.get('cache_hits', 0):,.0f} misses {stats.get('cache_misses', 0):,.0f}")
     for client in (shm, net, *echoes.values()):
         client.close()
+
+
+def training_steps(args, shm, net, rng, perm) -> None:
+    """A training step, lookup then apply_gradients (rowwise Adagrad, Zipf ids), through each path."""
+    net.create_table("steps", dim=args.dim, optimizer={"name": "rowwise_adagrad", "lr": 0.01},
+                     cache={"rows": -(-args.rows * 2 // 32) * 32})
+    print(f"{'step':8} {'batch':>7} {'shm steps/s':>14} {'network steps/s':>16} {'shm/net':>8}")
+    for batch in (4096, 65536):
+        grads = np.full((batch, args.dim), 1e-3, np.float32)
+        steps = {name: lambda b, client=client, grads=grads: (client.lookup("steps", b),
+                                                              client.apply_gradients("steps", b, grads))
+                 for name, client in (("shm", shm), ("network", net))}
+        rates, _ = timed_side_by_side(steps, id_batches(rng, "zipf", batch, args.rows, perm, args.seconds / 4),
+                                      args.rounds)
+        print(f"{'zipf':8} {batch:>7} {rates['shm'] / batch:>14.1f} {rates['network'] / batch:>16.1f}"
+              f" {rates['shm'] / rates['network']:>8.2f}", flush=True)
 
 
 if __name__ == "__main__":

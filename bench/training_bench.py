@@ -13,7 +13,7 @@ server's optimizer step overlaps the next forward). Prints steps/s, ids/s and th
 ratio to local: rows (5)-(7) side by side show what each change buys. The models take
 turns, `--turn` steps each, so that other load on the machine weighs on all alike.
 
-    python bench/training_bench.py [--steps 200] [--batches 1024,8192] [--staleness 1] [--turn 10]
+    python bench/training_bench.py [--steps 200] [--batches 1024,8192] [--staleness 1] [--turn 10] [--same-host on]
 """
 from __future__ import annotations
 
@@ -157,6 +157,8 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=100_000)
     parser.add_argument("--staleness", type=int, default=1, help="k of the bounded-staleness row (default 1)")
     parser.add_argument("--turn", type=int, default=10, help="steps each model runs before the next takes its turn")
+    parser.add_argument("--same-host", choices=("off", "auto", "on"), default="off",
+                        help="the remote models' rows and gradients through shared memory (docs/same-host.md)")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     keep_freed_memory()     # in this (client) process too, as kvstore-server does in its own
@@ -167,7 +169,8 @@ def main() -> None:
                               stdout=subprocess.PIPE, text=True)
     address = server.stdout.readline().strip().rsplit(" ", 1)[-1]
     try:
-        with KVStoreClient(address, timeout=300) as client:
+        same_host = {"off": False, "auto": "auto", "on": True}[args.same_host]
+        with KVStoreClient(address, timeout=300, same_host=same_host) as client:
             for batch in batches:
                 torch.manual_seed(0)
                 data = synthetic_clicks((args.steps + 7) * batch, args.users, args.items, 8, seed=0)
