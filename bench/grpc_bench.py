@@ -51,6 +51,13 @@ def process_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def id_batches(rng, dist: str, batch: int, rows: int, perm: np.ndarray, seconds: float) -> list[np.ndarray]:
+    """Batches of `batch` ids ("uniform" or "zipf" over `rows`), about `seconds` of work at 2 M ids/s."""
+    count = max(3, int(seconds * 2e6 / batch))
+    return [rng.integers(0, rows, batch) if dist == "uniform" else zipf_ids(rng, batch, rows, perm)
+            for _ in range(count)]
+
+
 def timed_side_by_side(lookups: dict, batches: list, rounds: int,
                        pids: dict[str, int] | None = None) -> tuple[dict[str, float], dict[str, float]]:
     """Rows/s of each lookup over the same batches, taken batch by batch in rotating order, so a
@@ -74,14 +81,20 @@ def timed_side_by_side(lookups: dict, batches: list, rounds: int,
     return {name: rows / seconds[name] for name in names}, {name: 1e3 * cpu[name] / calls for name in cpu}
 
 
-def main() -> None:
+def lookup_arguments(rows: int) -> argparse.ArgumentParser:
+    """The options every lookup-beside-echo bench takes (this one, same_host_bench.py)."""
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--rows", type=int, default=rows)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
     parser.add_argument("--rounds", type=int, default=1, help="passes over each case's batches")
-    parser.add_argument("--baseline", default="", help="checkout of an earlier kvstore to serve beside this one")
     parser.add_argument("--cpu", action="store_true", help="also print each server's CPU ms per call (Linux)")
+    return parser
+
+
+def main() -> None:
+    parser = lookup_arguments(rows=1_000_000)
+    parser.add_argument("--baseline", default="", help="checkout of an earlier kvstore to serve beside this one")
     parser.add_argument("--executor-too", action="store_true",
                         help="also serve with --inline-lookup-bytes 0 (every chunk in a store thread), as 'executor'")
     args = parser.parse_args()
@@ -126,10 +139,7 @@ def run(args, addresses: dict[str, str], pids: dict[str, int] | None) -> None:
           + (f" {'vs executor':>11}" if "executor" in lookups else ""))
     for dist in ("uniform", "zipf"):
         for batch in (4096, 65536):
-            count = max(3, int(args.seconds * 2e6 / batch))
-            batches = [rng.integers(0, args.rows, batch) if dist == "uniform" else zipf_ids(rng, batch, args.rows,
-                                                                                              perm)
-                       for _ in range(count)]
+            batches = id_batches(rng, dist, batch, args.rows, perm, args.seconds)
             rates, cpu = timed_side_by_side(lookups, batches, args.rounds, pids)
             ratio = rates["kvstore"] / max(rates["echo threaded"], rates["echo asyncio"])
             line = f"{dist:8} {batch:>7} " + " ".join(f"{rates[n]:>22,.0f}" for n in names) + f" {ratio:>6.2f}"

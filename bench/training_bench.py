@@ -14,7 +14,7 @@ ratio to local: rows (5)-(7) side by side show what each change buys. The models
 turns, `--turn` steps each, so that other load on the machine weighs on all alike.
 
     python bench/training_bench.py [--steps 200] [--batches 1024,8192] [--staleness 1] [--turn 10]
-                                   [--models pipelined,ahead] [--torch-threads 8]
+                                   [--models pipelined,ahead] [--torch-threads 8] [--same-host on]
 """
 from __future__ import annotations
 
@@ -166,6 +166,8 @@ def main() -> None:
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="torch's intra-op threads for every model, local included (default: torch's own "
                              "choice, one per core; on a trainer host its embedding server needs cores too)")
+    parser.add_argument("--same-host", choices=("off", "auto", "on"), default="off",
+                        help="the remote models' rows and gradients through shared memory (docs/same-host.md)")
     args = parser.parse_args()
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
@@ -178,7 +180,8 @@ def main() -> None:
                               stdout=subprocess.PIPE, text=True)
     address = server.stdout.readline().strip().rsplit(" ", 1)[-1]
     try:
-        with KVStoreClient(address, timeout=300) as client:
+        same_host = {"off": False, "auto": "auto", "on": True}[args.same_host]
+        with KVStoreClient(address, timeout=300, same_host=same_host) as client:
             for batch in batches:
                 torch.manual_seed(0)
                 data = synthetic_clicks((args.steps + 7) * batch, args.users, args.items, 8, seed=0)

@@ -28,6 +28,7 @@ from .gradient_messages import serialize as serialize_gradients
 from .leases import LeaseKeeper
 from .reassembly import Place, Reassembly
 from .replication import ReplicationMethods
+from .same_host import SameHostPath
 from .snapshots import SnapshotMethods
 from .writes import streamed_write
 
@@ -58,11 +59,13 @@ class KVStoreClient(ReplicationMethods, SnapshotMethods):
     def __init__(self, address: str, timeout: float = 30.0, max_message_bytes: int = 16 << 20,
                  chunk_bytes: int = 2 << 20, *, token: str | None = None, root_certificates: bytes | None = None,
                  certificate_chain: bytes | None = None, private_key: bytes | None = None,
-                 tls: bool | None = None, insecure: bool = False):
+                 tls: bool | None = None, insecure: bool = False, same_host: bool | str = False):
         """`token`: bearer token sent with every call. TLS is on when `tls` or any certificate is given:
         `root_certificates` (PEM CA bundle; system roots when None) checks the server,
         `certificate_chain` and `private_key` (PEM) are the client's certificate for mutual TLS.
-        A token goes in clear only to this machine, unless `insecure`."""
+        A token goes in clear only to this machine, unless `insecure`.
+        `same_host`: move rows through shared memory with a server on this machine ("auto": when it
+        can, else the network path; True: required; False, the default: never; docs/same-host.md)."""
         if chunk_bytes < 1 or chunk_bytes + MESSAGE_OVERHEAD > max_message_bytes:
             raise InvalidArgumentError(
                 message=f"chunk_bytes: must be in [1, max_message_bytes - {MESSAGE_OVERHEAD}], got {chunk_bytes}")
@@ -93,8 +96,10 @@ class KVStoreClient(ReplicationMethods, SnapshotMethods):
             request_serializer=serialize_gradients, response_deserializer=pb.ApplyGradientsResponse.FromString)
         self._row_shapes: dict[str, tuple[int, int]] = {}   # table -> (dim, weight itemsize)
         self._lease = LeaseKeeper(self._stub, timeout)     # holds this client's prefetch locks
+        self.same_host = SameHostPath(self._channel, address, same_host, timeout, self.describe_table)
 
     def close(self) -> None:
+        self.same_host.close()              # segments detached and unlinked
         self._lease.close()                 # the server releases this client's locks now
         self._channel.close()
 
@@ -173,6 +178,8 @@ class KVStoreClient(ReplicationMethods, SnapshotMethods):
         as read-only views of the received bytes (reassembly.py copies them once, to their place)."""
         if on_miss not in ON_MISS:
             raise InvalidArgumentError(message=f"on_miss: unknown mode {on_miss!r}; expected one of {list(ON_MISS)}")
+        if not with_state and self.same_host.usable():
+            return self.same_host.lookup_into(table, id_array, place, ON_MISS[on_miss], self._lease.current)
         ranges = chunks(len(id_array), self._response_row_bytes(table, with_state), self.chunk_bytes)
         requests = (
             pb.LookupRequest(table=table, ids=encode_ids(id_array[start:stop]), on_miss=ON_MISS[on_miss],
@@ -202,6 +209,8 @@ class KVStoreClient(ReplicationMethods, SnapshotMethods):
         weight_array = as_rows(weights, len(id_array), "weights")
         state_array = None if state is None else as_rows(state, len(id_array), "state")
         score_array = _as_scores(scores, len(id_array))
+        if self.same_host.usable():
+            return self.same_host.update(table, id_array, weight_array, state_array, score_array)
         row_bytes = ID_BYTES + weight_array[:1].nbytes + (0 if state_array is None else state_array[:1].nbytes) + 4
         ranges = chunks(len(id_array), row_bytes, self.chunk_bytes)
 
@@ -241,6 +250,8 @@ class KVStoreClient(ReplicationMethods, SnapshotMethods):
         """apply_gradients of the rows at `positions` (all rows when None) of checked int64 ids and
         float32 gradients: each message gathers its own rows, so a shard's part is never copied whole."""
         owner = self._lease.acquire() if release else ""
+        if self.same_host.usable():
+            return self.same_host.push_gradients(table, id_array, grad_array, positions, owner, score_array)
         n = len(id_array) if positions is None else len(positions)
         ranges = chunks(n, ID_BYTES + grad_array[:1].nbytes + 4, self.chunk_bytes)
 

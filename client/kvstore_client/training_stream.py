@@ -27,6 +27,7 @@ from .client import ON_MISS, KVStoreClient
 from .errors import InternalError, InvalidArgumentError, KVStoreError
 from .errors import rpc_errors as _rpc
 from .reassembly import Allocate, Place, Reassembly
+from .shared_memory import Segment
 
 TRAIN_METHOD = f"/{pb.DESCRIPTOR.services_by_name['EmbeddingStore'].full_name}/Train"
 
@@ -41,6 +42,8 @@ class TrainStep:
         self.error: KVStoreError | None = None
         self.stepped: dict[str, int] = {}
         self.rows: dict[str, list[np.ndarray]] = {table: [] for table in lookups}
+        self.segment: Segment | None = None     # same-host: the step's shared memory, until answered
+        self.places: dict[str, np.ndarray] = {}  # ... and where in it each table's rows are written
 
     def result(self, allocate: Allocate = np.empty) -> tuple[dict[str, int], dict[str, np.ndarray]]:
         """(unique rows stepped per table, looked-up weights per table); raises the step's error.
@@ -88,9 +91,12 @@ class TrainingStream:
         server's cache after the answer. Returns at once; `.result()` waits for the answer."""
         if on_miss not in ON_MISS or on_miss == "error":
             raise InvalidArgumentError(message=f"on_miss: expected init_insert, init or zeros, got {on_miss!r}")
-        messages = _step_messages(gradients or {}, {"lookups": lookups or {}, "prefetches": prefetches or {}},
-                                  ON_MISS[on_miss], self.client.chunk_bytes)
         step = TrainStep(self, {table: len(as_ids(ids)) for table, ids in (lookups or {}).items()})
+        if self.client.same_host.usable():
+            messages = [self._shared_message(step, gradients or {}, lookups or {}, prefetches or {}, on_miss)]
+        else:
+            messages = _step_messages(gradients or {}, {"lookups": lookups or {}, "prefetches": prefetches or {}},
+                                      ON_MISS[on_miss], self.client.chunk_bytes)
         with self._lock:
             if self._call is None:
                 self._open()
@@ -98,6 +104,19 @@ class TrainingStream:
             for message in messages:
                 self._requests.put(message)
         return step
+
+    def _shared_message(self, step: TrainStep, gradients: dict, lookups: dict, prefetches: dict,
+                        on_miss: str) -> pb.TrainRequest:
+        """The step as one message whose ids and rows lie in a segment the step holds (same-host path)."""
+        checked = {}
+        for table, (ids, grads) in gradients.items():
+            id_array = as_ids(ids)
+            checked[table] = (id_array, as_rows(grads, len(id_array), f"gradients[{table!r}]"))
+        message = pb.TrainRequest(on_miss=ON_MISS[on_miss])
+        step.segment, step.places = self.client.same_host.step_request(
+            checked, {table: as_ids(ids) for table, ids in lookups.items()},
+            {table: as_ids(ids) for table, ids in prefetches.items()}, message)
+        return message
 
     def flush(self) -> None:
         """Wait until every step sent so far is answered; raises the first error."""
@@ -142,17 +161,29 @@ class TrainingStream:
         except KVStoreError as exc:
             self._end(exc)
             return
+        if head.segment is not None:          # answered: the rows are in place, the segment is free again
+            for table, rows in head.places.items():
+                head.rows[table] = [rows.copy()]
+            head.places = {}
+            self.client.same_host.pool.give(head.segment)
+            head.segment = None
         head.done = True
         self._pending.popleft()
 
     def _end(self, error: KVStoreError | None) -> None:
         """End the stream; every unanswered step fails with `error` (or as cancelled)."""
+        if error is not None:
+            self.client.same_host.forget_tables()
         if self._call is not None:
             self._requests.put(None)
             self._call.cancel()
         self._call = self._requests = None
         while self._pending:
             step = self._pending.popleft()
+            if step.segment is not None:      # unanswered: the server may still write into it
+                step.places = {}
+                self.client.same_host.pool.retire(step.segment)
+                step.segment = None
             step.error = error or InternalError(message="train: the stream was closed before this step's answer")
             step.done = True
 

@@ -61,6 +61,7 @@ class ServerConfig:
     max_request_rows: int = 1 << 22      # rows in one Update/Delete call, all chunks together
     max_chunk_rows: int = 1 << 20        # rows in one message of a stream
     inline_lookup_bytes: int = 4 << 20   # cached-row lookups up to this response size run on the event loop; 0 = never
+    same_host: bool = True               # clients on this machine may move rows through shared memory
     auth_token_file: str = ""            # file holding the bearer token; empty = no auth
     tls_cert: str = ""                   # PEM certificate chain; with tls_key turns TLS on
     tls_key: str = ""                    # PEM private key
@@ -102,7 +103,7 @@ class ServerConfig:
                 raise InvalidArgument(f"{name}: must be a number in [0, {most}], got {value!r}")
         if self.lease_seconds <= 0:
             raise InvalidArgument(f"lease_seconds: must be positive, got {self.lease_seconds!r}")
-        for name in ("metrics_auth", "metrics_tls"):
+        for name in ("metrics_auth", "metrics_tls", "same_host"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidArgument(f"{name}: must be true or false, got {getattr(self, name)!r}")
         if self.metrics_auth and not self.auth_token_file:

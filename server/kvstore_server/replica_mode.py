@@ -21,7 +21,8 @@ from .security import is_loopback, read_secret, read_token
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingStore"].full_name
 SERVICE_PREFIX = f"/{SERVICE_NAME}/"
 WRITE_METHODS = frozenset({"CreateTable", "DropTable", "Update", "Delete", "ApplyGradients", "Prefetch", "Import",
-                           "ImportChain", "RestoreSnapshot", "Evict", "RestoreRows"})
+                           "ImportChain", "RestoreSnapshot", "Evict", "RestoreRows", "SharedUpdate",
+                           "SharedApplyGradients"})
 _INSERTING = (pb.ON_MISS_UNSPECIFIED, pb.ON_MISS_INIT_INSERT)
 
 

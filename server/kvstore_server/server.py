@@ -187,6 +187,8 @@ class KVStoreServer:
             log.warning("calls still running after the %ss grace period are cancelled", self.config.grace_seconds)
         if self._grpc is not None:
             await self._grpc.stop(0)
+        if self.service is not None and self.service.segments is not None:
+            self.service.segments.close()               # clients' shared-memory segments unmapped
         for task in (self._lease_task, self._budget_task):
             if task is not None:
                 task.cancel()

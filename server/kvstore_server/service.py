@@ -38,6 +38,7 @@ from .replication_service import ReplicationRPCs
 from .request_budget import RequestMemory
 from .row_buffer import RowBuffer
 from .rpc import StoreWork, whole_stream
+from .same_host_service import SameHostRPCs
 from .training_service import TrainingRPCs
 from .transfer_service import SnapshotRPCs
 
@@ -45,7 +46,7 @@ MESSAGE_OVERHEAD = 4096   # room for framing and the non-tensor fields of a resp
 LOOKUP_AHEAD = 2          # chunks of one Lookup stream in the store while an earlier one is sent
 
 
-class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPCs, TrainingRPCs):
+class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPCs, TrainingRPCs, SameHostRPCs):
     def __init__(self, store: Store, config: ServerConfig, metrics: Metrics, work: StoreWork):
         self.store = store
         self.config = config
@@ -59,6 +60,7 @@ class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPC
         self._creating = asyncio.Lock()
         self._disk_reads = DiskReads()
         LeaseRPCs.__init__(self, config.lease_seconds)
+        SameHostRPCs.__init__(self, config.same_host)
 
     # --- tables ----------------------------------------------------------------
 

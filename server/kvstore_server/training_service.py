@@ -8,6 +8,9 @@ round trip. One step is one message (or several, for large batches); it is
 validated whole before anything changes, its gradients are applied, then its
 lookups are read. An open stream holds no thread: each step runs in the store's
 executor and the stream waits for the next step as a coroutine.
+A client on the server's machine may put a step's ids and gradients in its shared-memory
+segment and name where each lookup's rows go (same_host_service.py): those rows are
+written there, in the executor, before the step's answer, and are not in the answer.
 """
 from __future__ import annotations
 
@@ -22,8 +25,10 @@ from kvstore.errors import InvalidArgument
 
 from .data_budget import DataBudget
 from .messages import concat, on_miss_name
-from .request_budget import RequestMemory
+from .request_budget import BufferedRequest, RequestMemory
 from .rpc import StoreWork
+from .same_host_service import shared_piece_grads, shared_piece_ids, shared_piece_rows
+from .segments import Segment
 
 RESPONSE_BYTES = 4 << 20      # rows per response message: gRPC streams 1-4 MiB messages best
 
@@ -37,6 +42,7 @@ class _Step:
     prefetches: dict[str, list[np.ndarray]] = field(default_factory=dict)
     on_miss: str = "init_insert"
     rows: int = 0
+    destinations: dict[str, list[np.ndarray | None]] = field(default_factory=dict)   # same-host: rows' places
 
 
 class TrainingRPCs:
@@ -51,7 +57,7 @@ class TrainingRPCs:
         with self.request_memory.hold(context) as held:    # a step's messages count until it has run
             step = _Step()
             async for request in held.chunks(requests):
-                self._add_pieces(step, request)
+                self._add_pieces(step, request, self.train_segment(request, context), held)
                 if request.more:
                     continue
                 for response in await self.work(self._run_step, step):
@@ -61,17 +67,20 @@ class TrainingRPCs:
                     await self.work(self._prefetch, step)
                 step = _Step()
 
-    def _add_pieces(self, step: _Step, request: pb.TrainRequest) -> None:
+    def _add_pieces(self, step: _Step, request: pb.TrainRequest, segment: Segment | None,
+                    held: BufferedRequest) -> None:
         step.on_miss = on_miss_name(request.on_miss)
         if step.on_miss == "error":
             raise InvalidArgument("on_miss: 'error' is not accepted in Train (the step's gradients would "
                                   "already be applied when a lookup fails); use Lookup")
         for index, piece in enumerate(request.gradients):
             where = f"gradients[{index}]"
-            ids = decode_ids(piece.ids, f"{where}.ids")
-            step.rows = self._count_rows(step.rows, len(ids))
+            ids = self._piece_ids(step, segment, piece, where)
             dim = self.store.describe_table(piece.table).dim          # NOT_FOUND before buffering
-            grads = decode_tensor(piece.values, f"{where}.values", "float32")
+            if _shared(segment, piece, where, "shared_values"):
+                grads = shared_piece_grads(segment, piece, where, len(ids), dim, held)
+            else:
+                grads = decode_tensor(piece.values, f"{where}.values", "float32")
             if grads.shape != (len(ids), dim):
                 raise InvalidArgument(f"{where}.values: expected shape ({len(ids)}, {dim}) for {len(ids)} ids of "
                                       f"table {piece.table!r}, got {grads.shape}")
@@ -83,10 +92,32 @@ class TrainingRPCs:
         for kind, pieces, into in (("lookups", request.lookups, step.lookups),
                                    ("prefetches", request.prefetches, step.prefetches)):
             for index, piece in enumerate(pieces):
-                ids = decode_ids(piece.ids, f"{kind}[{index}].ids")
-                step.rows = self._count_rows(step.rows, len(ids))
-                self.store.describe_table(piece.table)
+                where = f"{kind}[{index}]"
+                ids = self._piece_ids(step, segment, piece, where)
+                config = self.store.describe_table(piece.table)
+                if kind == "lookups":
+                    self._add_destination(step, segment, piece, where, len(ids), config)
                 into.setdefault(piece.table, []).append(ids)
+
+    def _piece_ids(self, step: _Step, segment: Segment | None, piece: pb.TableRows, where: str) -> np.ndarray:
+        if _shared(segment, piece, where, "shared_ids"):
+            ids = shared_piece_ids(segment, piece, where)
+        else:
+            ids = decode_ids(piece.ids, f"{where}.ids")
+        step.rows = self._count_rows(step.rows, len(ids))
+        return ids
+
+    @staticmethod
+    def _add_destination(step: _Step, segment: Segment | None, piece: pb.TableRows, where: str, n: int,
+                         config) -> None:
+        """Where a lookup piece's rows go: into the segment, or (None) into the answer; one way per table."""
+        shared = _shared(segment, piece, where, "shared_values")
+        rows = shared_piece_rows(segment, piece, where, n, config.dim, config.dtype) if shared else None
+        parts = step.destinations.setdefault(piece.table, [])
+        if parts and (parts[0] is None) != (rows is None):
+            raise InvalidArgument(f"{where}.shared_values: every lookup piece of table {piece.table!r} in a step "
+                                  "must name where its rows go, or none may")
+        parts.append(rows)
 
     def _run_step(self, step: _Step) -> list[pb.TrainResponse]:
         """Validate, step, look up: the step's answer, in messages."""
@@ -98,8 +129,16 @@ class TrainingRPCs:
                 raise InvalidArgument(f"gradients: contain NaN or Inf for table {table!r} (it does not allow them)")
         self._check_data_budget(step, gradients)
         stepped = {table: self.store.apply_gradients(table, ids, grads) for table, (ids, grads) in gradients.items()}
-        rows = [(table, self.store.lookup(table, concat(parts), step.on_miss).weights)
-                for table, parts in step.lookups.items()]
+        rows = []
+        for table, parts in step.lookups.items():
+            weights = self.store.lookup(table, concat(parts), step.on_miss).weights
+            places = step.destinations.get(table)
+            if places and places[0] is not None:           # same-host: into the client's segment, not the answer
+                bounds = np.cumsum([0] + [len(part) for part in parts])
+                for place, start, stop in zip(places, bounds[:-1], bounds[1:], strict=True):
+                    place[...] = weights[start:stop]
+            else:
+                rows.append((table, weights))
         return list(_responses(rows, stepped))
 
     def _check_data_budget(self, step: _Step, gradients: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
@@ -116,6 +155,15 @@ class TrainingRPCs:
             return
         for table, parts in step.prefetches.items():
             self.store.prefetch(table, concat(parts))
+
+
+def _shared(segment: Segment | None, piece: pb.TableRows, where: str, field_name: str) -> bool:
+    """Whether a piece's `field_name` lies in the segment (which the message must then name)."""
+    if not piece.HasField(field_name):
+        return False
+    if segment is None:
+        raise InvalidArgument(f"{where}.{field_name}: a shared array needs the message's segment")
+    return True
 
 
 def _responses(rows: list[tuple[str, np.ndarray]], stepped: dict[str, int]):

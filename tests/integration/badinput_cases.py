@@ -372,5 +372,23 @@ TRAINING_AND_CLUSTER_CASES = [
     Case("get_manifest_malformed", "GetClusterManifest", lambda: TRUNCATED, C.INVALID_ARGUMENT, "GetClusterManifest"),
 ]
 
+ABSENT_SEGMENT = "kvstore-" + "0" * 32          # well formed, never created
+SHARED_IDS = pb.SharedArray(dtype="int64", shape=[2])
+SAME_HOST_CASES = [       # hostile regions of a real segment: tests/integration/test_same_host_hostile.py
+    Case("attach_segment_path", "AttachSegment", lambda: pb.AttachSegmentRequest(segment="../../etc/passwd",
+                                                                                token=b"t" * 16),
+         C.INVALID_ARGUMENT, "segment"),
+    Case("detach_segment_8KB", "DetachSegment", lambda: pb.DetachSegmentRequest(segment=LONG), C.INVALID_ARGUMENT,
+         "segment"),
+    Case("shared_lookup_uppercase_segment", "SharedLookup",
+         lambda: pb.SharedLookupRequest(table=CANARY, segment="kvstore-" + "A" * 32, ids=SHARED_IDS),
+         C.INVALID_ARGUMENT, "segment"),
+    Case("shared_update_absent_segment", "SharedUpdate",
+         lambda: pb.SharedUpdateRequest(table=CANARY, segment=ABSENT_SEGMENT, ids=SHARED_IDS),
+         C.INVALID_ARGUMENT, "segment"),
+    Case("shared_gradients_no_segment", "SharedApplyGradients",
+         lambda: pb.SharedApplyGradientsRequest(table=CANARY, ids=SHARED_IDS), C.INVALID_ARGUMENT, "segment"),
+]
+
 CASES = [*NAME_CASES, *CONFIG_CASES, *TENSOR_CASES, *ROW_CASES, *SNAPSHOT_CASES, *LEASE_CASES, *REPLICATION_CASES,
-         *TRAINING_AND_CLUSTER_CASES]
+         *TRAINING_AND_CLUSTER_CASES, *SAME_HOST_CASES]

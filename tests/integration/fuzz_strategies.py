@@ -75,7 +75,8 @@ SCALARS = {F.TYPE_INT64: ints64, F.TYPE_SINT64: ints64, F.TYPE_SFIXED64: ints64,
            F.TYPE_STRING: texts, F.TYPE_BYTES: st.binary(max_size=80), F.TYPE_ENUM: ints32}
 enum_values = st.one_of(st.integers(-1, 5), ints32)
 NAMED = {"table": table_names, "ids": id_bytes, "owner": st.one_of(texts, st.just("f" * 32)),
-         "on_miss": enum_values, "mode": enum_values, "dim": st.one_of(st.just(FUZZ_DIM), ints32)}
+         "on_miss": enum_values, "mode": enum_values, "dim": st.one_of(st.just(FUZZ_DIM), ints32),
+         "segment": st.one_of(texts, st.just("kvstore-" + "0" * 32))}      # same-host: absent or malformed
 
 
 def field_values(field: FieldDescriptor, depth: int, message_name: str):
@@ -103,7 +104,7 @@ def messages(draw, descriptor, depth: int = 0) -> dict:
     for field in descriptor.fields:
         if draw(st.integers(0, 9)) < (8 if field.name in NAMED else 5):
             values[field.name] = draw(field_values(field, depth, descriptor.name))
-    if "ids" in values and len(values["ids"]) % 8 == 0 and draw(st.booleans()):
+    if isinstance(values.get("ids"), bytes) and len(values["ids"]) % 8 == 0 and draw(st.booleans()):
         rows = len(values["ids"]) // 8
         for name in ("weights", "grads"):
             if name in descriptor.fields_by_name:

@@ -183,26 +183,32 @@ def _tables(client, run: str) -> list[tuple[str, str]]:
     return names
 
 
-@pytest.mark.parametrize("pipeline", [False, True, "prefetch"])
-def test_collection_gives_exactly_the_per_table_loop_result(client, pipeline):
-    """Losses and final rows equal the loop of one RemoteEmbeddingBag per table, bit for bit."""
+def assert_collection_equals_loop(loop_client, collection_client, run: str, pipeline) -> None:
+    """Losses and final rows of the collection (on `collection_client`) equal the loop of one
+    RemoteEmbeddingBag per table (on `loop_client`), bit for bit."""
     from kvstore_client.collection import Feature, RemoteEmbeddingBagCollection
 
-    plain = _tables(client, f"coll_plain_{pipeline}")
-    together = _tables(client, f"coll_{pipeline}")
-    loop = TwoFeatures(nn.ModuleDict({"user": RemoteEmbeddingBag(client, plain[0][0], mode="sum"),
-                                      "item": RemoteEmbeddingBag(client, plain[1][0], mode="mean")}))
+    plain = _tables(loop_client, f"{run}_plain_{pipeline}")
+    together = _tables(loop_client, f"{run}_{pipeline}")
+    loop = TwoFeatures(nn.ModuleDict({"user": RemoteEmbeddingBag(loop_client, plain[0][0], mode="sum"),
+                                      "item": RemoteEmbeddingBag(loop_client, plain[1][0], mode="mean")}))
     collection = RemoteEmbeddingBagCollection(
-        client, [Feature("user", together[0][0], "sum"), Feature("item", together[1][0], "mean")],
+        collection_client, [Feature("user", together[0][0], "sum"), Feature("item", together[1][0], "mean")],
         pipeline=bool(pipeline))
     expected = _train_two(loop)
     got = _train_two(TwoFeatures(collection), prefetch=pipeline == "prefetch")
     assert got == expected and expected[-1] != expected[0]
     for (mine, _), (theirs, _) in zip(together, plain, strict=True):
-        np.testing.assert_array_equal(client.lookup(mine, np.arange(30), with_state=True)[1],
-                                      client.lookup(theirs, np.arange(30), with_state=True)[1])
-        np.testing.assert_array_equal(client.lookup(mine, np.arange(30)), client.lookup(theirs, np.arange(30)))
+        np.testing.assert_array_equal(loop_client.lookup(mine, np.arange(30), with_state=True)[1],
+                                      loop_client.lookup(theirs, np.arange(30), with_state=True)[1])
+        np.testing.assert_array_equal(loop_client.lookup(mine, np.arange(30)),
+                                      loop_client.lookup(theirs, np.arange(30)))
     collection.close()
+
+
+@pytest.mark.parametrize("pipeline", [False, True, "prefetch"])
+def test_collection_gives_exactly_the_per_table_loop_result(client, pipeline):
+    assert_collection_equals_loop(client, client, "coll", pipeline)
 
 
 def test_collection_features_sharing_a_table_look_it_up_once(client):

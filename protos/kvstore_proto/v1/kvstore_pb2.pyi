@@ -587,28 +587,34 @@ class SetClusterManifestResponse(_message.Message):
     def __init__(self, manifest: _Optional[_Union[ClusterManifest, _Mapping]] = ...) -> None: ...
 
 class TableRows(_message.Message):
-    __slots__ = ("table", "ids", "values")
+    __slots__ = ("table", "ids", "values", "shared_ids", "shared_values")
     TABLE_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
+    SHARED_IDS_FIELD_NUMBER: _ClassVar[int]
+    SHARED_VALUES_FIELD_NUMBER: _ClassVar[int]
     table: str
     ids: bytes
     values: Tensor
-    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    shared_ids: SharedArray
+    shared_values: SharedArray
+    def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., shared_ids: _Optional[_Union[SharedArray, _Mapping]] = ..., shared_values: _Optional[_Union[SharedArray, _Mapping]] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
-    __slots__ = ("gradients", "lookups", "on_miss", "more", "prefetches")
+    __slots__ = ("gradients", "lookups", "on_miss", "more", "prefetches", "segment")
     GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     LOOKUPS_FIELD_NUMBER: _ClassVar[int]
     ON_MISS_FIELD_NUMBER: _ClassVar[int]
     MORE_FIELD_NUMBER: _ClassVar[int]
     PREFETCHES_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
     gradients: _containers.RepeatedCompositeFieldContainer[TableRows]
     lookups: _containers.RepeatedCompositeFieldContainer[TableRows]
     on_miss: OnMiss
     more: bool
     prefetches: _containers.RepeatedCompositeFieldContainer[TableRows]
-    def __init__(self, gradients: _Optional[_Iterable[_Union[TableRows, _Mapping]]] = ..., lookups: _Optional[_Iterable[_Union[TableRows, _Mapping]]] = ..., on_miss: _Optional[_Union[OnMiss, str]] = ..., more: _Optional[bool] = ..., prefetches: _Optional[_Iterable[_Union[TableRows, _Mapping]]] = ...) -> None: ...
+    segment: str
+    def __init__(self, gradients: _Optional[_Iterable[_Union[TableRows, _Mapping]]] = ..., lookups: _Optional[_Iterable[_Union[TableRows, _Mapping]]] = ..., on_miss: _Optional[_Union[OnMiss, str]] = ..., more: _Optional[bool] = ..., prefetches: _Optional[_Iterable[_Union[TableRows, _Mapping]]] = ..., segment: _Optional[str] = ...) -> None: ...
 
 class TrainResponse(_message.Message):
     __slots__ = ("rows", "stepped", "more")
@@ -666,3 +672,99 @@ class SubscribeResponse(_message.Message):
     feed_id: str
     table_dropped: bool
     def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., state: _Optional[_Union[Tensor, _Mapping]] = ..., tombstones: _Optional[bytes] = ..., sequence: _Optional[int] = ..., batch_end: _Optional[bool] = ..., head_sequence: _Optional[int] = ..., oldest_change_time: _Optional[float] = ..., feed_id: _Optional[str] = ..., table_dropped: _Optional[bool] = ...) -> None: ...
+
+class SharedArray(_message.Message):
+    __slots__ = ("dtype", "shape", "offset")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    offset: int
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class AttachSegmentRequest(_message.Message):
+    __slots__ = ("segment", "token")
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    segment: str
+    token: bytes
+    def __init__(self, segment: _Optional[str] = ..., token: _Optional[bytes] = ...) -> None: ...
+
+class AttachSegmentResponse(_message.Message):
+    __slots__ = ("attached", "reason")
+    ATTACHED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    attached: bool
+    reason: str
+    def __init__(self, attached: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class DetachSegmentRequest(_message.Message):
+    __slots__ = ("segment",)
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    segment: str
+    def __init__(self, segment: _Optional[str] = ...) -> None: ...
+
+class DetachSegmentResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SharedLookupRequest(_message.Message):
+    __slots__ = ("table", "segment", "ids", "weights", "state", "on_miss", "lease")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ON_MISS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    segment: str
+    ids: SharedArray
+    weights: SharedArray
+    state: SharedArray
+    on_miss: OnMiss
+    lease: str
+    def __init__(self, table: _Optional[str] = ..., segment: _Optional[str] = ..., ids: _Optional[_Union[SharedArray, _Mapping]] = ..., weights: _Optional[_Union[SharedArray, _Mapping]] = ..., state: _Optional[_Union[SharedArray, _Mapping]] = ..., on_miss: _Optional[_Union[OnMiss, str]] = ..., lease: _Optional[str] = ...) -> None: ...
+
+class SharedLookupResponse(_message.Message):
+    __slots__ = ("rows",)
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    rows: int
+    def __init__(self, rows: _Optional[int] = ...) -> None: ...
+
+class SharedUpdateRequest(_message.Message):
+    __slots__ = ("table", "segment", "ids", "weights", "state", "scores", "idempotency_key")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    segment: str
+    ids: SharedArray
+    weights: SharedArray
+    state: SharedArray
+    scores: SharedArray
+    idempotency_key: str
+    def __init__(self, table: _Optional[str] = ..., segment: _Optional[str] = ..., ids: _Optional[_Union[SharedArray, _Mapping]] = ..., weights: _Optional[_Union[SharedArray, _Mapping]] = ..., state: _Optional[_Union[SharedArray, _Mapping]] = ..., scores: _Optional[_Union[SharedArray, _Mapping]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+
+class SharedApplyGradientsRequest(_message.Message):
+    __slots__ = ("table", "segment", "ids", "grads", "scores", "owner", "idempotency_key")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    GRADS_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    segment: str
+    ids: SharedArray
+    grads: SharedArray
+    scores: SharedArray
+    owner: str
+    idempotency_key: str
+    def __init__(self, table: _Optional[str] = ..., segment: _Optional[str] = ..., ids: _Optional[_Union[SharedArray, _Mapping]] = ..., grads: _Optional[_Union[SharedArray, _Mapping]] = ..., scores: _Optional[_Union[SharedArray, _Mapping]] = ..., owner: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...

@@ -169,6 +169,31 @@ class EmbeddingStoreStub:
                 request_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.ImportChainRequest.SerializeToString,
                 response_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.ImportResponse.FromString,
                 _registered_method=True)
+        self.AttachSegment = channel.unary_unary(
+                '/kvstore.v1.EmbeddingStore/AttachSegment',
+                request_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.AttachSegmentRequest.SerializeToString,
+                response_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.AttachSegmentResponse.FromString,
+                _registered_method=True)
+        self.DetachSegment = channel.unary_unary(
+                '/kvstore.v1.EmbeddingStore/DetachSegment',
+                request_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.DetachSegmentRequest.SerializeToString,
+                response_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.DetachSegmentResponse.FromString,
+                _registered_method=True)
+        self.SharedLookup = channel.unary_unary(
+                '/kvstore.v1.EmbeddingStore/SharedLookup',
+                request_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.SharedLookupRequest.SerializeToString,
+                response_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.SharedLookupResponse.FromString,
+                _registered_method=True)
+        self.SharedUpdate = channel.unary_unary(
+                '/kvstore.v1.EmbeddingStore/SharedUpdate',
+                request_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.SharedUpdateRequest.SerializeToString,
+                response_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.UpdateResponse.FromString,
+                _registered_method=True)
+        self.SharedApplyGradients = channel.unary_unary(
+                '/kvstore.v1.EmbeddingStore/SharedApplyGradients',
+                request_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.SharedApplyGradientsRequest.SerializeToString,
+                response_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.ApplyGradientsResponse.FromString,
+                _registered_method=True)
 
 
 class EmbeddingStoreServicer:
@@ -336,6 +361,36 @@ class EmbeddingStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AttachSegment(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DetachSegment(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SharedLookup(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SharedUpdate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SharedApplyGradients(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EmbeddingStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -473,6 +528,31 @@ def add_EmbeddingStoreServicer_to_server(servicer, server):
                     servicer.ImportChain,
                     request_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.ImportChainRequest.FromString,
                     response_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.ImportResponse.SerializeToString,
+            ),
+            'AttachSegment': grpc.unary_unary_rpc_method_handler(
+                    servicer.AttachSegment,
+                    request_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.AttachSegmentRequest.FromString,
+                    response_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.AttachSegmentResponse.SerializeToString,
+            ),
+            'DetachSegment': grpc.unary_unary_rpc_method_handler(
+                    servicer.DetachSegment,
+                    request_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.DetachSegmentRequest.FromString,
+                    response_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.DetachSegmentResponse.SerializeToString,
+            ),
+            'SharedLookup': grpc.unary_unary_rpc_method_handler(
+                    servicer.SharedLookup,
+                    request_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.SharedLookupRequest.FromString,
+                    response_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.SharedLookupResponse.SerializeToString,
+            ),
+            'SharedUpdate': grpc.unary_unary_rpc_method_handler(
+                    servicer.SharedUpdate,
+                    request_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.SharedUpdateRequest.FromString,
+                    response_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.UpdateResponse.SerializeToString,
+            ),
+            'SharedApplyGradients': grpc.unary_unary_rpc_method_handler(
+                    servicer.SharedApplyGradients,
+                    request_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.SharedApplyGradientsRequest.FromString,
+                    response_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.ApplyGradientsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1204,6 +1284,141 @@ class EmbeddingStore:
             '/kvstore.v1.EmbeddingStore/ImportChain',
             kvstore__proto_dot_v1_dot_kvstore__pb2.ImportChainRequest.SerializeToString,
             kvstore__proto_dot_v1_dot_kvstore__pb2.ImportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AttachSegment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.EmbeddingStore/AttachSegment',
+            kvstore__proto_dot_v1_dot_kvstore__pb2.AttachSegmentRequest.SerializeToString,
+            kvstore__proto_dot_v1_dot_kvstore__pb2.AttachSegmentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DetachSegment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.EmbeddingStore/DetachSegment',
+            kvstore__proto_dot_v1_dot_kvstore__pb2.DetachSegmentRequest.SerializeToString,
+            kvstore__proto_dot_v1_dot_kvstore__pb2.DetachSegmentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SharedLookup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.EmbeddingStore/SharedLookup',
+            kvstore__proto_dot_v1_dot_kvstore__pb2.SharedLookupRequest.SerializeToString,
+            kvstore__proto_dot_v1_dot_kvstore__pb2.SharedLookupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SharedUpdate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.EmbeddingStore/SharedUpdate',
+            kvstore__proto_dot_v1_dot_kvstore__pb2.SharedUpdateRequest.SerializeToString,
+            kvstore__proto_dot_v1_dot_kvstore__pb2.UpdateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SharedApplyGradients(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.EmbeddingStore/SharedApplyGradients',
+            kvstore__proto_dot_v1_dot_kvstore__pb2.SharedApplyGradientsRequest.SerializeToString,
+            kvstore__proto_dot_v1_dot_kvstore__pb2.ApplyGradientsResponse.FromString,
             options,
             channel_credentials,
             insecure,

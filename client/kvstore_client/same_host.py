@@ -1,0 +1,237 @@
+"""The same-host path of one KVStoreClient: lookups, updates and gradient pushes through shared memory.
+
+When the client and its server share a machine, ids and rows go through this
+client's shared-memory segments (shared_memory.py) and gRPC carries only the
+request and reply headers (SharedLookup, SharedUpdate, SharedApplyGradients). The
+server runs the very store calls of the network path, so results are the same.
+
+`same_host` of the client: "auto" uses it when the address is a
+loopback one or a unix socket and the server attaches this client's first segment
+(it has the path on and maps the segment: same host, same IPC namespace, same user),
+and takes the network path otherwise; True requires it (FAILED_PRECONDITION saying
+why, when it cannot be had); False (the default, so that existing deployments see the
+same calls, metrics and figures) never uses it. Lookups with optimizer state go
+over the network (their width is the server's to know).
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+
+import numpy as np
+from kvstore_proto.tensors import WIRE_DTYPES
+from kvstore_proto.v1 import kvstore_pb2 as pb
+
+from .arrays import take_rows
+from .credentials import is_loopback_address
+from .errors import FailedPreconditionError, InvalidArgumentError, KVStoreError, UnavailableError
+from .errors import rpc_errors as _rpc
+from .reassembly import Place
+from .shared_memory import NotAttached, Segment, SegmentPool, region_bytes
+from .writes import BACKOFF_SECONDS, RETRIES
+
+MODES = (True, False, "auto")
+LOOKUP_CALL_ROWS = 1 << 20            # ids per segment lease (a lookup is not atomic: split freely)
+PIECE_BYTES = 16 << 20                # rows per SharedLookup call of a large lookup (a call: ~1 ms of CPU) ...
+PIECES_AHEAD = 1                      # ... and calls in flight beyond the one being copied
+_SERVICE = f"/{pb.DESCRIPTOR.services_by_name['EmbeddingStore'].full_name}/"
+
+
+class SameHostPath:
+    """Whether this client uses shared memory with its server, and the calls that do."""
+
+    def __init__(self, channel, address: str, mode: bool | str, timeout: float,
+                 describe: Callable[[str], dict]):
+        if mode not in MODES or isinstance(mode, int) and not isinstance(mode, bool):
+            raise InvalidArgumentError(message=f"same_host: expected True, False or 'auto', got {mode!r}")
+        self.mode = mode
+        self.timeout = timeout
+        self._describe = describe
+        self._tables: dict[str, tuple[int, str]] = {}       # table -> (dim, dtype name)
+        self._calls = {name: channel.unary_unary(_SERVICE + name, request_serializer=kind.SerializeToString,
+                                                 response_deserializer=answer.FromString)
+                       for name, kind, answer in (
+                           ("AttachSegment", pb.AttachSegmentRequest, pb.AttachSegmentResponse),
+                           ("DetachSegment", pb.DetachSegmentRequest, pb.DetachSegmentResponse),
+                           ("SharedLookup", pb.SharedLookupRequest, pb.SharedLookupResponse),
+                           ("SharedUpdate", pb.SharedUpdateRequest, pb.UpdateResponse),
+                           ("SharedApplyGradients", pb.SharedApplyGradientsRequest, pb.ApplyGradientsResponse))}
+        self.pool = SegmentPool(self._attach, self._detach)
+        self.active: bool | None = None if mode else False      # None: not asked yet
+        self.reason = "" if mode else "same_host=False"
+        if mode == "auto" and not is_loopback_address(address):
+            self.active, self.reason = False, f"{address} is not a loopback address or unix socket"
+
+    def usable(self) -> bool:
+        """Whether calls go through shared memory (asks the server once)."""
+        if self.active is None:
+            try:
+                self.pool.check()
+                self.active = True
+            except NotAttached as exc:
+                self._refuse(str(exc))
+            except KVStoreError as exc:
+                if exc.code.name != "UNIMPLEMENTED":
+                    raise
+                self._refuse("the server has no same-host path (an older version)")
+        return self.active
+
+    def _refuse(self, reason: str) -> None:
+        self.active, self.reason = False, reason
+        if self.mode is True:
+            raise FailedPreconditionError(message=f"same_host: {reason}")
+
+    def close(self) -> None:
+        self.pool.close()
+
+    # --- calls ----------------------------------------------------------------------
+
+    def lookup_into(self, table: str, id_array: np.ndarray, place: Place, on_miss: int, lease: str) -> None:
+        """Rows of `id_array` handed to `place(start, stop, weights, None)` as read-only views of the segment."""
+        for start in range(0, max(1, len(id_array)), LOOKUP_CALL_ROWS):
+            ids = id_array[start:start + LOOKUP_CALL_ROWS]
+            self._with_table(table, lambda dim, dtype, ids=ids, start=start: self._lookup(
+                table, ids, start, place, on_miss, lease, dim, dtype))
+
+    def _lookup(self, table, ids, start, place, on_miss, lease, dim, dtype) -> None:
+        """One segment for the whole lookup; pieces of about PIECE_BYTES of rows are asked for up to
+        PIECES_AHEAD at a time, so the server gathers piece i+1 while this client copies piece i."""
+        n, itemsize = len(ids), WIRE_DTYPES[dtype].itemsize
+        step = max(1, PIECE_BYTES // max(1, dim * itemsize))
+        with self.pool.lease(region_bytes(((n,), 8), ((n, dim), itemsize))) as segment:
+            id_spec = segment.put(ids, "ids")
+            rows, row_spec = segment.array((n, dim), dtype)
+            rows.flags.writeable = False
+
+            def request(first: int, last: int) -> pb.SharedLookupRequest:
+                return pb.SharedLookupRequest(
+                    table=table, segment=segment.name, on_miss=on_miss, lease=lease,
+                    ids=pb.SharedArray(dtype="int64", shape=[last - first], offset=id_spec.offset + 8 * first),
+                    weights=pb.SharedArray(dtype=dtype, shape=[last - first, dim],
+                                           offset=row_spec.offset + first * dim * itemsize))
+
+            pieces = [(first, min(n, first + step)) for first in range(0, n, step)] or [(0, 0)]
+            waiting: deque = deque()
+
+            def place_oldest() -> None:
+                first, last, call = waiting.popleft()
+                with _rpc():
+                    call.result()
+                place(start + first, start + last, rows[first:last], None)
+
+            try:
+                for first, last in pieces:
+                    waiting.append((first, last, self._calls["SharedLookup"].future(request(first, last),
+                                                                                    timeout=self.timeout)))
+                    if len(waiting) > PIECES_AHEAD:
+                        place_oldest()
+                while waiting:
+                    place_oldest()
+            finally:
+                for _, _, call in waiting:       # an error: the others end too (the segment is retired)
+                    call.cancel()
+
+    def update(self, table: str, id_array: np.ndarray, weights: np.ndarray, state: np.ndarray | None,
+               scores: np.ndarray | None) -> int:
+        arrays = {"ids": id_array, "weights": weights, "state": state, "scores": scores}
+
+        def request(segment, key: str) -> pb.SharedUpdateRequest:
+            specs = {field: segment.put(array, field) for field, array in arrays.items() if array is not None}
+            return pb.SharedUpdateRequest(table=table, segment=segment.name, idempotency_key=key, **specs)
+
+        return self._write("SharedUpdate", arrays.values(), request)
+
+    def push_gradients(self, table: str, id_array: np.ndarray, grad_array: np.ndarray, positions: np.ndarray | None,
+                       owner: str, score_array: np.ndarray | None) -> int:
+        if positions is not None:
+            id_array, grad_array = take_rows(id_array, positions), take_rows(grad_array, positions)
+            score_array = None if score_array is None else score_array[positions]
+        arrays = {"ids": id_array, "grads": grad_array, "scores": score_array}
+
+        def request(segment, key: str) -> pb.SharedApplyGradientsRequest:
+            specs = {field: segment.put(array, field) for field, array in arrays.items() if array is not None}
+            return pb.SharedApplyGradientsRequest(table=table, segment=segment.name, owner=owner,
+                                                  idempotency_key=key, **specs)
+
+        return self._write("SharedApplyGradients", arrays.values(), request)
+
+    def step_request(self, gradients: dict[str, tuple[np.ndarray, np.ndarray]], lookups: dict[str, np.ndarray],
+                     prefetches: dict[str, np.ndarray], message: pb.TrainRequest) -> tuple[Segment, dict]:
+        """Put one Train step's gradients (checked ids, [n, dim] rows), lookup and prefetch ids in a
+        segment of its own and describe them in `message`; returns the segment (held until the step's answer:
+        given back once answered, retired if not) and, per looked-up table, the view its rows will be written to."""
+        shapes = {table: self._table(table) for table in lookups}
+        nbytes = region_bytes(*((a.shape, a.itemsize) for ids, grads in gradients.values() for a in (ids, grads)),
+                              *(((len(ids),), 8) for ids in (*lookups.values(), *prefetches.values())),
+                              *(((len(ids), dim), WIRE_DTYPES[dtype].itemsize)
+                                for ids, (dim, dtype) in zip(lookups.values(), shapes.values(), strict=True)))
+        segment = self.pool.take(nbytes)
+        try:
+            message.segment = segment.name
+            for table, (ids, grads) in gradients.items():
+                message.gradients.add(table=table, shared_ids=segment.put(ids, f"gradients[{table!r}].ids"),
+                                      shared_values=segment.put(grads, f"gradients[{table!r}]"))
+            places = {}
+            for table, ids in lookups.items():
+                id_spec = segment.put(ids, f"lookups[{table!r}]")
+                places[table], row_spec = segment.array((len(ids), shapes[table][0]), shapes[table][1])
+                message.lookups.add(table=table, shared_ids=id_spec, shared_values=row_spec)
+            for table, ids in prefetches.items():
+                message.prefetches.add(table=table, shared_ids=segment.put(ids, f"prefetches[{table!r}]"))
+        except BaseException:
+            self.pool.give(segment)           # nothing was sent: the server never saw it
+            raise
+        return segment, places
+
+    def forget_tables(self) -> None:
+        """Read table shapes afresh (after a failed call: a table may have been re-created)."""
+        self._tables.clear()
+
+    def _table(self, table: str) -> tuple[int, str]:
+        if table not in self._tables:
+            config = self._describe(table)
+            self._tables[table] = (config["dim"], config["dtype"] or "float32")
+        return self._tables[table]
+
+    def _write(self, method: str, arrays, request: Callable) -> int:
+        """One write under a fresh idempotency key, retried with it while the server is unavailable
+        (as the network path's streamed writes are); the segment is held until the answer."""
+        key = uuid.uuid4().hex
+        nbytes = region_bytes(*((a.shape, a.itemsize) for a in arrays if a is not None))
+        with self.pool.lease(nbytes) as segment:
+            message = request(segment, key)
+            for attempt in range(RETRIES + 1):
+                try:
+                    with _rpc():
+                        return self._calls[method](message, timeout=self.timeout).rows
+                except UnavailableError:
+                    if attempt == RETRIES:
+                        raise
+                time.sleep(BACKOFF_SECONDS * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def _with_table(self, table: str, call: Callable[[int, str], None]) -> None:
+        """`call(dim, dtype)` with the table's shape; once more with a fresh one if the table was
+        re-created with another shape since it was read."""
+        for attempt in range(2):
+            try:
+                return call(*self._table(table))
+            except KVStoreError as exc:
+                self._tables.pop(table, None)
+                if attempt or not (isinstance(exc, InvalidArgumentError) and exc.message.startswith("weights.")):
+                    raise
+
+    # --- segments --------------------------------------------------------------------
+
+    def _attach(self, name: str, token: bytes) -> str:
+        with _rpc():
+            answer = self._calls["AttachSegment"](pb.AttachSegmentRequest(segment=name, token=token),
+                                                  timeout=self.timeout)
+        return "" if answer.attached else answer.reason or "the server did not attach the segment"
+
+    def _detach(self, name: str) -> None:
+        with _rpc():
+            self._calls["DetachSegment"](pb.DetachSegmentRequest(segment=name), timeout=self.timeout)
+

@@ -1,0 +1,167 @@
+"""This client's shared-memory segments for the same-host path: created, lent one call at a time, unlinked.
+
+A segment is a POSIX shared-memory block (`multiprocessing.shared_memory`) named
+`kvstore-` and 32 random hex digits. The client owns it: it creates it, writes its
+inputs there, reads the rows the server wrote, and unlinks it on close (or, if the
+process dies, Python's resource tracker does). Before a segment's first use the
+server proves it can map it (AttachSegment: it must find the token the client wrote
+at its start), so a server on another host, container or IPC namespace answers no
+and the client takes the network path.
+
+One call holds one segment at a time (`SegmentPool.lease`), so concurrent calls of
+one client never share a region. A segment goes back to the pool only after its
+call was answered, which the server does only once it has written every row; a call
+that ends any other way (cancelled, timed out, the connection lost) may leave the
+server still writing, so its segment is retired: detached and unlinked, never reused.
+"""
+from __future__ import annotations
+
+import secrets
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from multiprocessing import shared_memory
+
+import numpy as np
+from kvstore_proto.tensors import WIRE_DTYPES
+from kvstore_proto.v1 import kvstore_pb2 as pb
+
+from .errors import InvalidArgumentError
+
+PREFIX = "kvstore-"
+TOKEN_BYTES = 16
+ALIGN = 64                   # arrays start on cache lines
+MIN_SEGMENT_BYTES = 1 << 20
+_NAMES = {dtype: name for name, dtype in WIRE_DTYPES.items()}
+
+
+class NotAttached(Exception):
+    """The server cannot use this client's segments; the message says why."""
+
+
+def wire_dtype(array: np.ndarray, field: str) -> str:
+    name = _NAMES.get(array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype)
+    if name is None:
+        raise InvalidArgumentError(message=f"{field}: unsupported dtype {array.dtype}; expected one of "
+                                           f"{sorted(WIRE_DTYPES)}")
+    return name
+
+
+class Segment:
+    """One shared-memory segment, filled front to back by the call that holds it."""
+
+    def __init__(self, nbytes: int):
+        self.shm = shared_memory.SharedMemory(name=PREFIX + secrets.token_hex(16), create=True, size=nbytes)
+        self.name = self.shm.name.lstrip("/")
+        self.size = self.shm.size
+        self.used = 0
+
+    def array(self, shape: tuple[int, ...], dtype: str) -> tuple[np.ndarray, pb.SharedArray]:
+        """A fresh region of the segment: a writable view and its description for the server."""
+        wire = WIRE_DTYPES[dtype]
+        offset = -(-self.used // ALIGN) * ALIGN
+        nbytes = int(np.prod(shape, dtype=np.int64)) * wire.itemsize
+        if offset + nbytes > self.size:
+            raise ValueError(f"segment {self.name}: {nbytes} bytes at {offset} exceed its {self.size}")
+        self.used = offset + nbytes
+        view = np.ndarray(shape, wire, buffer=self.shm.buf, offset=offset)
+        return view, pb.SharedArray(dtype=dtype, shape=shape, offset=offset)
+
+    def put(self, array: np.ndarray, field: str) -> pb.SharedArray:
+        """`array` copied into a fresh region."""
+        view, spec = self.array(array.shape, wire_dtype(array, field))
+        view[...] = array
+        return spec
+
+    def close(self) -> None:
+        try:
+            self.shm.close()
+        except BufferError:      # a caller still holds a view: the mapping goes when it lets go
+            pass
+        try:
+            self.shm.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def region_bytes(*arrays: tuple[tuple[int, ...], int]) -> int:
+    """Bytes a segment needs for arrays of these (shape, itemsize), each aligned."""
+    return sum(int(np.prod(shape, dtype=np.int64)) * itemsize + ALIGN for shape, itemsize in arrays)
+
+
+class SegmentPool:
+    """Free segments of one client; each call takes one (`lease`) and gives it back when answered."""
+
+    def __init__(self, attach: Callable[[str, bytes], str], detach: Callable[[str], None]):
+        self._attach = attach           # (name, token) -> "" when the server can use it, else why not
+        self._detach = detach
+        self._free: list[Segment] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @contextmanager
+    def lease(self, nbytes: int) -> Iterator[Segment]:
+        """A segment of at least `nbytes`, this call's alone. Back to the pool when the block ends
+        normally; retired (never reused) when it raises: the server may still be writing into it."""
+        segment = self.take(nbytes)
+        try:
+            yield segment
+        except BaseException:
+            self.retire(segment)
+            raise
+        self.give(segment)
+
+    def give(self, segment: Segment) -> None:
+        """Back to the pool: its call was answered, the server is done with it."""
+        with self._lock:
+            if not self._closed:
+                self._free.append(segment)
+                return
+        self.retire(segment)
+
+    def retire(self, segment: Segment) -> None:
+        """Detached and unlinked, never reused (its call may still be running on the server)."""
+        try:
+            self._detach(segment.name)
+        except Exception:            # noqa: BLE001 - best effort: the server also drops unlinked segments
+            pass
+        segment.close()
+
+    def check(self) -> None:
+        """Make (or reuse) a small segment the server has attached; NotAttached says why not."""
+        with self.lease(MIN_SEGMENT_BYTES):
+            pass
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed, free, self._free = True, self._free, []
+        for segment in free:
+            self.retire(segment)
+
+    def take(self, nbytes: int) -> Segment:
+        """A free segment of at least `nbytes` (a new one, attached, if none fits); `give` or `retire` it."""
+        with self._lock:
+            fits = [s for s in self._free if s.size >= nbytes]
+            if fits:
+                segment = min(fits, key=lambda s: s.size)
+                self._free.remove(segment)
+                segment.used = 0
+                return segment
+            small = self._free.pop() if self._free else None     # outgrown: replaced by a larger one
+        if small is not None:
+            self.retire(small)
+        return self._new(max(MIN_SEGMENT_BYTES, 1 << (nbytes - 1).bit_length()))
+
+    def _new(self, nbytes: int) -> Segment:
+        segment = Segment(nbytes)
+        token = secrets.token_bytes(TOKEN_BYTES)
+        segment.shm.buf[:TOKEN_BYTES] = token
+        try:
+            reason = self._attach(segment.name, token)
+        except BaseException:
+            segment.close()
+            raise
+        if reason:
+            segment.close()
+            raise NotAttached(reason)
+        return segment

@@ -1,0 +1,204 @@
+"""The same-host path: a mixin of the servicer (AttachSegment, SharedLookup, SharedUpdate, ...).
+
+A client on this machine puts ids and rows in its own shared-memory segment
+(segments.py); these calls carry where they lie, and the answers carry counts. The
+semantics are those of Lookup, Update and ApplyGradients exactly, through the same
+store calls; only the bytes travel differently:
+- inputs (ids, weights, gradients, state, scores) are copied out of the segment
+  before anything is checked or applied, so a client writing its segment during the
+  call cannot slip unchecked values past validation;
+- a lookup writes its rows into the client's region, chunk by chunk, and answers
+  only after the last byte is written. A call the client abandons (cancelled, timed
+  out) may still be writing when the client stops waiting: the client never reuses
+  a region whose call did not answer (kvstore_client/shared_memory.py retires it).
+Only peers on this machine (loopback or unix socket) may use it, and only while the
+server's `same_host` setting is on; otherwise FAILED_PRECONDITION (AttachSegment
+answers `attached: false`, so the client takes the network path).
+"""
+from __future__ import annotations
+
+import numpy as np
+from kvstore_proto.v1 import kvstore_pb2 as pb
+
+from kvstore import Store
+from kvstore.dtypes import weight_dtype
+from kvstore.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+
+from .data_budget import DataBudget
+from .health_watch import peer_address
+from .idempotency import RecentWrites
+from .messages import on_miss_name
+from .races import on_table
+from .request_budget import BufferedRequest, RequestMemory
+from .security import is_loopback
+from .segments import Segment, Segments, region
+
+LOOKUP_PIECE_BYTES = 4 << 20      # rows looked up (and written to the segment) per store call
+
+
+def _is_local(peer: str) -> bool:
+    return peer.startswith("unix") or is_loopback(peer_address(peer))
+
+
+class SameHostRPCs:
+    """Lookups, updates and gradient steps whose rows move through the client's shared memory."""
+
+    store: Store
+    data_budget: DataBudget
+    request_memory: RequestMemory
+    recent: RecentWrites
+
+    def __init__(self, enabled: bool):
+        self.segments = Segments() if enabled else None
+
+    async def AttachSegment(self, request, context):
+        """Whether the same-host path works for this client and segment (never an error for 'no')."""
+        if self.segments is None:
+            return pb.AttachSegmentResponse(reason="the same-host path is off on this server (same_host: false)")
+        if not _is_local(context.peer()):
+            return pb.AttachSegmentResponse(reason="the client is not on the server's machine")
+        reason = self.segments.attach(request.segment, request.token)
+        return pb.AttachSegmentResponse(attached=not reason, reason=reason)
+
+    async def DetachSegment(self, request, context):
+        if self.segments is not None:
+            self.segments.detach(request.segment)
+        return pb.DetachSegmentResponse()
+
+    def train_segment(self, request: pb.TrainRequest, context) -> Segment | None:
+        """The segment a Train message's shared arrays lie in, or None when it names none."""
+        return self._segment(request.segment, context) if request.segment else None
+
+    def _segment(self, name: str, context) -> Segment:
+        if self.segments is None:
+            raise FailedPrecondition("segment: the same-host path is off on this server (same_host: false); "
+                                     "use Lookup, Update and ApplyGradients")
+        if not _is_local(context.peer()):
+            raise FailedPrecondition("segment: the same-host path needs a client on the server's machine")
+        return self.segments.get(name)
+
+    # --- lookup ------------------------------------------------------------------------
+
+    async def SharedLookup(self, request, context):
+        segment = self._segment(request.segment, context)
+        ids = self._shared_ids(segment, request, "ids")
+        config = self.store.describe_table(request.table)
+        if request.lease:
+            self.leases.renew_if_live(request.lease)
+        on_miss = on_miss_name(request.on_miss)
+        if on_miss == "init_insert" and self.config.replica_of:
+            on_miss = "init"                          # a replica never stores rows (as its Lookup)
+        n = len(ids)
+        weights = region(segment, request.weights, "weights", (n, config.dim), config.dtype, exact=True)
+        state = None
+        if request.HasField("state"):
+            state = region(segment, request.state, "state", (n, config.state_dim), "float32", exact=True)
+        row_bytes = config.dim * weight_dtype(config.dtype).itemsize + (config.state_dim * 4 if state is not None
+                                                                          else 0)
+        step = max(1, LOOKUP_PIECE_BYTES // max(1, row_bytes))
+        for start in range(0, n, step):
+            stop = min(n, start + step)
+            state_part = None if state is None else state[start:stop]
+            if not self._lookup_cached_into(request.table, ids[start:stop], weights[start:stop], state_part):
+                await self.on_table(request.table, self._lookup_into, request.table, ids[start:stop], on_miss,
+                                    weights[start:stop], state_part)
+        return pb.SharedLookupResponse(rows=n)
+
+    def _lookup_cached_into(self, table: str, ids: np.ndarray, weights: np.ndarray, state: np.ndarray | None) -> bool:
+        """On the event loop, when every row is cached and the table free now (as Lookup's inline path)."""
+        if weights.nbytes + (0 if state is None else state.nbytes) > self.config.inline_lookup_bytes:
+            return False
+        result = on_table(self.store, table, self.store.lookup_if_cached, table, ids, state is not None)
+        if result is None:
+            return False
+        _write(result, weights, state)
+        return True
+
+    def _lookup_into(self, table: str, ids: np.ndarray, on_miss: str, weights: np.ndarray,
+                     state: np.ndarray | None) -> None:
+        _write(self.data_budget.lookup(table, ids, on_miss, state is not None), weights, state)
+
+    # --- writes ------------------------------------------------------------------------
+
+    async def SharedUpdate(self, request, context):
+        segment = self._segment(request.segment, context)
+        ids = self._shared_ids(segment, request, "ids")
+        config = self.store.describe_table(request.table)
+        n = len(ids)
+        with self.request_memory.hold(context) as held:
+            weights = copied(held, region(segment, request.weights, "weights", (n, config.dim), config.dtype))
+            state = scores = None
+            if request.HasField("state"):
+                state = copied(held, region(segment, request.state, "state", (n, None), "float32"))
+            if request.HasField("scores"):
+                scores = copied(held, region(segment, request.scores, "scores", (n,)))
+
+            async def commit():
+                self.data_budget.check("an update")
+                rows = await self.on_table(request.table, self.store.update, request.table, ids, weights, state,
+                                           scores)
+                return pb.UpdateResponse(rows=rows)
+
+            return await self.recent.once("Update", request.idempotency_key, commit)
+
+    async def SharedApplyGradients(self, request, context):
+        segment = self._segment(request.segment, context)
+        ids = self._shared_ids(segment, request, "ids")
+        dim = self.store.describe_table(request.table).dim
+        n = len(ids)
+        with self.request_memory.hold(context) as held:
+            grads = copied(held, region(segment, request.grads, "grads", (n, dim), "float32"), np.float32)
+            scores = None
+            if request.HasField("scores"):
+                scores = copied(held, region(segment, request.scores, "scores", (n,)))
+            if request.owner:
+                self.leases.renew_if_live(request.owner)
+
+            async def commit():
+                stepped = await self.on_table(request.table, self.data_budget.apply_gradients, request.table, ids,
+                                              grads, request.owner or None, scores)
+                return pb.ApplyGradientsResponse(rows=stepped)
+
+            return await self.recent.once("ApplyGradients", request.idempotency_key, commit)
+
+    def _shared_ids(self, segment: Segment, request, field: str) -> np.ndarray:
+        """A private copy of the request's ids (the client may write its segment meanwhile)."""
+        if not request.HasField(field):
+            raise InvalidArgument(f"{field}: missing (a shared array of int64 ids)")
+        view = region(segment, getattr(request, field), field, (None,), "int64", exact=True)
+        if len(view) > self.config.max_request_rows:
+            raise ResourceExhausted(f"{field}: {len(view)} rows in one call exceed the server limit of "
+                                    f"{self.config.max_request_rows} (max_request_rows); split the batch")
+        return view.copy()
+
+
+def shared_piece_ids(segment: Segment, piece: pb.TableRows, where: str) -> np.ndarray:
+    """A Train piece's ids from the segment, as the server's own copy."""
+    return region(segment, piece.shared_ids, f"{where}.shared_ids", (None,), "int64", exact=True).copy()
+
+
+def shared_piece_grads(segment: Segment, piece: pb.TableRows, where: str, n: int, dim: int,
+                       held: BufferedRequest) -> np.ndarray:
+    """A Train piece's [n, dim] gradients from the segment, as the server's own float32 copy
+    (charged to the step's request memory, as the gradients of a message are)."""
+    return copied(held, region(segment, piece.shared_values, f"{where}.shared_values", (n, dim), "float32"),
+                  np.float32)
+
+
+def shared_piece_rows(segment: Segment, piece: pb.TableRows, where: str, n: int, dim: int, dtype: str) -> np.ndarray:
+    """Where a Train lookup piece's [n, dim] rows go in the segment (the table's dtype exactly)."""
+    return region(segment, piece.shared_values, f"{where}.shared_values", (n, dim), dtype, exact=True)
+
+
+def copied(held: BufferedRequest, view: np.ndarray, dtype=None) -> np.ndarray:
+    """The server's own copy of a region, charged to the call's request memory (before it is made)."""
+    dtype = np.dtype(dtype or view.dtype)
+    held.memory.take(held.peer, view.size * dtype.itemsize)
+    held.bytes += view.size * dtype.itemsize
+    return np.array(view, dtype=dtype)
+
+
+def _write(result, weights: np.ndarray, state: np.ndarray | None) -> None:
+    weights[...] = result.weights
+    if state is not None:
+        state[...] = result.state
