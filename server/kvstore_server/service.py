@@ -87,16 +87,30 @@ class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPC
     # --- rows --------------------------------------------------------------------
 
     async def Lookup(self, requests: AsyncIterator, context):
-        """Each chunk is looked up as soon as it arrives (`_lookup_now`: on the loop or in the executor),
-        up to LOOKUP_AHEAD chunks ahead of the one being sent: chunk i+1 is gathered while grpc writes
-        chunk i. Responses keep request order."""
+        """Each chunk is looked up as soon as it arrives (`_lookup_now`: on the loop or in the executor).
+        The first chunk is answered directly, so a one-chunk stream (a batch under the client's
+        chunk size) costs no task and no queue; from the second chunk on, `_pipelined` reads and
+        looks up to LOOKUP_AHEAD chunks ahead of the one being sent (chunk i+1 is gathered while
+        grpc writes chunk i). Responses keep request order."""
+        request = await anext(requests, None)
+        if request is not None:
+            answer = self._lookup_now(request)
+            yield answer if isinstance(answer, bytes) else await answer    # serialized: one copy of the rows
+            request = await anext(requests, None)
+            if request is not None:
+                async for answer in self._pipelined(self._lookup_now(request), requests):
+                    yield answer
+        await self._after_reads()
+
+    async def _pipelined(self, first: bytes | asyncio.Future, requests: AsyncIterator) -> AsyncIterator[bytes]:
+        """The answers to `first` and to every later chunk, each looked up as soon as it arrives."""
         ahead: asyncio.Queue = asyncio.Queue(LOOKUP_AHEAD)
+        ahead.put_nowait(first)
         reader = asyncio.create_task(self._lookups_ahead(requests, ahead))
         try:
             while (answer := await ahead.get()) is not None:
-                yield answer if isinstance(answer, bytes) else await answer    # serialized: one copy of the rows
+                yield answer if isinstance(answer, bytes) else await answer
             await reader                                          # a malformed chunk ends the stream here
-            await self._after_reads()
         finally:
             reader.cancel()
             while not ahead.empty():
