@@ -25,8 +25,6 @@ from .eviction.rules import touch_headers
 from .optimizers import make_optimizer, step_rows
 from .rows import RowLayout
 
-TAKE_ROWS_BYTES = 4 << 20    # gathers of up to this many row bytes take whole rows first
-
 
 class HostTier(SetAssociativeCache):
     """The cache tier in host memory. Its arrays are zero-filled by the OS page by page as
@@ -62,15 +60,21 @@ class HostTier(SetAssociativeCache):
             touch_headers(self.slab, slots, int(now))
 
     def columns(self, slots: np.ndarray, with_state: bool) -> tuple[np.ndarray, np.ndarray | None]:
-        """New contiguous weights (and state) of `slots`; rows of slot -1 hold garbage. Small
-        batches take whole rows first (one `take` of fixed-size records beats indexing a
-        strided view while the rows fit in the CPU cache), then copy the columns out."""
-        rows, index = self.slab, slots
-        if len(slots) * self.row_bytes <= TAKE_ROWS_BYTES:
-            rows, index = self.rows(slots), slice(None)
-        weights = np.ascontiguousarray(self.layout.weights(rows)[index])
-        state = np.ascontiguousarray(self.layout.state(rows)[index]) if with_state else None
+        """New contiguous weights (and state) of `slots`; rows of slot -1 hold garbage. Each column
+        is one gather from the slab seen as records of that column's bytes (`_column`): each row's
+        bytes are copied once, straight to their place (taking whole rows first and copying the
+        column out of them costs a second copy, about 1.4x the time)."""
+        layout = self.layout
+        weights = self._column(slots, layout.weight_offset, layout.dim, layout.dtype)
+        state = self._column(slots, layout.state_offset, layout.state_dim, np.dtype(np.float32)) if with_state else None
         return weights, state
+
+    def _column(self, slots: np.ndarray, offset: int, width: int, dtype: np.dtype) -> np.ndarray:
+        nbytes = width * dtype.itemsize
+        if not nbytes:
+            return np.empty((len(slots), width), dtype)
+        records = self.slab[:, offset:offset + nbytes].view(f"V{nbytes}")[:, 0]     # strided: one per slot
+        return records[slots].view(dtype).reshape(len(slots), width)
 
     def rows(self, slots: np.ndarray) -> np.ndarray:
         """A host copy of the rows in `slots` ([n, row_bytes])."""

@@ -28,6 +28,7 @@ from kvstore.errors import FailedPrecondition, InvalidArgument, KVStoreError
 from .allocator import keep_freed_memory
 from .cluster_service import check_shard_index, shard_index_of
 from .config import ENV_CONFIG, ServerConfig, parse_value, resolve, settable_keys, to_yaml
+from .event_loop import run_event_loop
 from .shards import run_shards
 
 log = logging.getLogger("kvstore_server")
@@ -129,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2 if isinstance(exc, InvalidArgument) else 1
     os.umask(0o077)          # the data directory and everything in it: private to the server's user
     keep_freed_memory()
-    return asyncio.run(serve(config))
+    try:
+        return run_event_loop(serve(config), config.event_loop)
+    except KVStoreError as exc:
+        print(f"kvstore-server: {exc}", file=sys.stderr)
+        return 1
 
 
 async def serve(config: ServerConfig) -> int:

@@ -29,6 +29,7 @@ NESTED = {"rocksdb": RocksConfig, "sweeper": SweeperConfig, "replication": Repli
 CLIENT_VARIABLES = frozenset({"KVSTORE_ADDRESS", "KVSTORE_TOKEN", "KVSTORE_TOKEN_FILE", "KVSTORE_TLS_CA"})
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class ServerConfig:
     tls_cert: str = ""                   # PEM certificate chain; with tls_key turns TLS on
     tls_key: str = ""                    # PEM private key
     tls_client_ca: str = ""              # PEM CA bundle; set = mutual TLS, clients must present a cert
+    event_loop: str = "auto"             # auto (uvloop when installed) | uvloop | asyncio
     log_format: str = "text"             # text | json (one JSON object per line)
     log_level: str = "info"              # debug logs every RPC; info logs failed ones
     rocksdb: RocksConfig = field(default_factory=RocksConfig)
@@ -122,6 +124,8 @@ class ServerConfig:
             raise InvalidArgument("tls_client_ca: mutual TLS needs tls_cert and tls_key as well")
         if not isinstance(self.cache_device, str) or not DEVICE_PATTERN.fullmatch(self.cache_device):
             raise InvalidArgument(f"cache_device: expected 'cpu', 'cuda' or 'cuda:N', got {self.cache_device!r}")
+        if self.event_loop not in EVENT_LOOPS:
+            raise InvalidArgument(f"event_loop: expected one of {list(EVENT_LOOPS)}, got {self.event_loop!r}")
         if self.log_format not in LOG_FORMATS:
             raise InvalidArgument(f"log_format: expected one of {list(LOG_FORMATS)}, got {self.log_format!r}")
         if self.log_level not in LOG_LEVELS:

@@ -89,16 +89,30 @@ class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPC
     # --- rows --------------------------------------------------------------------
 
     async def Lookup(self, requests: AsyncIterator, context):
-        """Each chunk is looked up as soon as it arrives (`_lookup_now`: on the loop or in the executor),
-        up to LOOKUP_AHEAD chunks ahead of the one being sent: chunk i+1 is gathered while grpc writes
-        chunk i. Responses keep request order."""
+        """Each chunk is looked up as soon as it arrives (`_lookup_now`: on the loop or in the executor).
+        The first chunk is answered directly, so a one-chunk stream (a batch under the client's
+        chunk size) costs no task and no queue; from the second chunk on, `_pipelined` reads and
+        looks up to LOOKUP_AHEAD chunks ahead of the one being sent (chunk i+1 is gathered while
+        grpc writes chunk i). Responses keep request order."""
+        request = await anext(requests, None)
+        if request is not None:
+            answer = self._lookup_now(request)
+            yield answer if isinstance(answer, bytes) else await answer    # serialized: one copy of the rows
+            request = await anext(requests, None)
+            if request is not None:
+                async for answer in self._pipelined(self._lookup_now(request), requests):
+                    yield answer
+        await self._after_reads()
+
+    async def _pipelined(self, first: bytes | asyncio.Future, requests: AsyncIterator) -> AsyncIterator[bytes]:
+        """The answers to `first` and to every later chunk, each looked up as soon as it arrives."""
         ahead: asyncio.Queue = asyncio.Queue(LOOKUP_AHEAD)
+        ahead.put_nowait(first)
         reader = asyncio.create_task(self._lookups_ahead(requests, ahead))
         try:
             while (answer := await ahead.get()) is not None:
-                yield answer if isinstance(answer, bytes) else await answer    # serialized: one copy of the rows
+                yield answer if isinstance(answer, bytes) else await answer
             await reader                                          # a malformed chunk ends the stream here
-            await self._after_reads()
         finally:
             reader.cancel()
             while not ahead.empty():
@@ -119,9 +133,11 @@ class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPC
     async def _lookups_ahead(self, requests: AsyncIterator, ahead: asyncio.Queue) -> None:
         """Start the lookup of every chunk that arrives; None once the requests end (or fail: the
         error is this task's, raised where Lookup awaits it)."""
+        previous = None
         try:
             async for request in requests:
-                await ahead.put(self._lookup_now(request))
+                previous = self._lookup_now(request, previous)
+                await ahead.put(previous)
         except asyncio.CancelledError:
             raise                                                 # Lookup is gone: nobody waits for the end
         except BaseException:
@@ -129,22 +145,37 @@ class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPC
             raise
         await ahead.put(None)
 
-    def _lookup_now(self, request: pb.LookupRequest) -> bytes | asyncio.Future:
+    def _lookup_now(self, request: pb.LookupRequest, previous: bytes | asyncio.Future | None = None
+                    ) -> bytes | asyncio.Future:
         """The response to one chunk when it can be served here on the loop (every row cached, at most
-        `inline_lookup_bytes` of rows, the table free now), else its lookup started in the executor."""
+        `inline_lookup_bytes` of rows, the table free now), else its lookup started in the executor.
+        `previous`: the answer to the stream's chunk before this one. While that one is still in a
+        store thread it holds the table lock, so this chunk would find the lock taken and follow it
+        there; it waits for it instead and is then served like a chunk just arrived (a chunk with one
+        uncached row sends that chunk to the store threads, not every chunk read ahead behind it)."""
         if request.lease:
             self.leases.renew_if_live(request.lease)              # a lookup never fails over its lease
         ids = decode_ids(request.ids, "ids")
         self._check_chunk(len(ids))
         on_miss = on_miss_name(request.on_miss)
         row_bytes = self._check_response_size(request.table, len(ids), request.with_state)
+        chunk = (request.table, ids, on_miss, request.with_state)
+        if isinstance(previous, asyncio.Future) and not previous.done():
+            return asyncio.ensure_future(self._lookup_after(previous, row_bytes, *chunk))
+        return self._lookup_started(row_bytes, *chunk)
+
+    def _lookup_started(self, row_bytes: int, table: str, ids: np.ndarray, on_miss: str,
+                        with_state: bool) -> bytes | asyncio.Future:
         if row_bytes <= self.config.inline_lookup_bytes:
-            result = on_table(self.store, request.table, self.store.lookup_if_cached, request.table, ids,
-                              request.with_state)
+            result = on_table(self.store, table, self.store.lookup_if_cached, table, ids, with_state)
             if result is not None:
                 return encode_lookup_response(result.weights, result.state)
-        return asyncio.ensure_future(self.on_table(request.table, self._lookup_chunk, request.table, ids, on_miss,
-                                                   request.with_state))
+        return asyncio.ensure_future(self.on_table(table, self._lookup_chunk, table, ids, on_miss, with_state))
+
+    async def _lookup_after(self, previous: asyncio.Future, row_bytes: int, *chunk) -> bytes:
+        await asyncio.wait((previous,))              # its outcome is its own chunk's: only its end counts here
+        answer = self._lookup_started(row_bytes, *chunk)
+        return answer if isinstance(answer, bytes) else await answer
 
     def _lookup_chunk(self, table: str, ids: np.ndarray, on_miss: str, with_state: bool) -> bytes:
         result = self.data_budget.lookup(table, ids, on_miss, with_state)

@@ -57,6 +57,40 @@ def test_a_malformed_lookup_chunk_is_invalid_argument(server):
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "Lookup" in raised.value.details()
 
 
+@pytest.mark.parametrize("good_before", [1, 3])       # the second chunk is read directly, later ones ahead
+def test_a_malformed_later_lookup_chunk_ends_the_stream_invalid_argument_after_the_earlier_answers(server,
+                                                                                                   good_before):
+    with KVStoreClient(server.address) as client:
+        small_table(client, f"later_garbage_{good_before}", dim=4)
+    good = pb.LookupRequest(table=f"later_garbage_{good_before}", ids=encode_ids(np.arange(3))).SerializeToString()
+    with grpc.insecure_channel(server.address) as channel:
+        lookup = channel.stream_stream(SERVICE + "Lookup", request_serializer=None, response_deserializer=None)
+        responses = lookup(iter([good] * good_before + [MALFORMED, good]), timeout=10)
+        answers = [next(responses) for _ in range(good_before)]
+        with pytest.raises(grpc.RpcError) as raised:
+            next(responses)
+    assert all(pb.LookupResponse.FromString(a).weights.shape == [3, 4] for a in answers)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"chunk {good_before}" in raised.value.details()
+
+
+def test_lookup_chunks_keep_request_order_when_some_go_to_store_threads_and_others_are_served_on_the_loop(server):
+    """Chunks of unseen ids go to the store threads (they are initialized), cached ones are answered
+    on the event loop: whichever way each chunk went, the answers come back in request order."""
+    with KVStoreClient(server.address) as client:
+        small_table(client, "mixed_chunks", dim=4, cache={"rows": 4096, "ways": 32})
+        cached = np.arange(100, dtype=np.int64)
+        client.update("mixed_chunks", cached, np.arange(400, dtype=np.float32).reshape(100, 4))
+        fresh = np.arange(10_000, 10_100, dtype=np.int64)
+        ids = np.concatenate([fresh[:25], cached[:25], fresh[25:50], cached[25:50], cached[50:], fresh[50:]])
+        with KVStoreClient(server.address, chunk_bytes=25 * 16) as tiny:     # 25 rows per chunk
+            first = tiny.lookup("mixed_chunks", ids)
+        again = client.lookup("mixed_chunks", ids, on_miss="error")     # all stored and cached by now
+    np.testing.assert_array_equal(first, again)
+    where = np.isin(ids, cached)
+    np.testing.assert_array_equal(first[where], np.arange(400, dtype=np.float32).reshape(100, 4)[ids[where]])
+
+
 def test_calls_beyond_the_limit_are_resource_exhausted_with_a_retry_hint_and_health_still_answers(start_server):
     server = start_server("--max-concurrent-rpcs", "2", "--retry-after-ms", "75")
     release = threading.Event()

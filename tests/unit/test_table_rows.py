@@ -234,12 +234,8 @@ def test_lookup_with_state_returns_state_in_request_order(store):
     np.testing.assert_array_equal(result.state, [[2.0], [1.0], [2.0], [0.0]])
 
 
-@pytest.mark.parametrize("take_rows_bytes", [0, 1 << 30])
-def test_cached_lookups_equal_on_both_gather_paths(store, monkeypatch, take_rows_bytes):
-    """Small batches gather whole rows first, large ones index the strided columns: same rows."""
-    import kvstore.tiers
-
-    monkeypatch.setattr(kvstore.tiers, "TAKE_ROWS_BYTES", take_rows_bytes)
+def test_cached_lookups_gather_contiguous_columns_in_request_order(store):
+    """Weights and state come out as their own contiguous arrays, duplicates included."""
     store.create_table(table_config(dim=3, optimizer=OptimizerConfig(name="adam")))
     ids = np.arange(50, dtype=np.int64)
     weights = np.random.default_rng(1).standard_normal((50, 3)).astype(np.float32)
