@@ -93,13 +93,14 @@ class TableUpkeep:
         ids, rows = self.lower.take_dirty()
         return self._write_behind(ids, rows, "flush"), len(ids)
 
-    def unsaved_rows(self) -> tuple[np.ndarray, np.ndarray]:
+    def unsaved_rows(self, touched: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(ids, rows) of every change RocksDB may not have yet, oldest first: rows queued for the
-        writer, then dirty rows of each tier. Nothing changes: a snapshot writes them into its
+        writer, then dirty rows of each tier (with `touched`, also clean cached rows whose access
+        metadata RocksDB lacks). Nothing changes: a snapshot or an export writes them over its
         checkpoint, so its pause costs a copy of these rows, not a wait for RocksDB."""
         with self._lock:
             parts = [self.pending.all()]
-            slots = self.cache.dirty_slots()
+            slots = self._flush_candidates() if touched else self.cache.dirty_slots()
             parts.append((self.cache.keys_of(slots), self.cache.rows(slots)))
             parts.append(self.lower.peek_dirty())
             parts = [(ids, rows) for ids, rows in parts if len(ids)]
@@ -113,14 +114,15 @@ class TableUpkeep:
         with self._lock:
             self._settle()
 
-    def export_items(self):
-        """A RocksDB iterator over every row as it is now, in key order (later writes do not show),
-        and the change-feed sequence it is consistent at. The bulk of the flush happens before the
-        table lock is taken for the small remainder."""
-        self.flush()
-        with self._lock:                          # no write lands between the last flush and the iterator
-            self._settle()
-            return self.rocks.consistent_items(self.family), self.changes.last
+    def export_cut(self, checkpoint: Callable[[], None]) -> tuple[np.ndarray, np.ndarray, int]:
+        """The table at this instant for an export, without writing anything: under the table
+        lock, a copy of its unsaved rows (`unsaved_rows(touched=True)`) and `checkpoint()` (a
+        RocksDB checkpoint, which holds whatever the writer had written of them). Returns the
+        rows and the change-feed sequence the export is consistent at."""
+        with self._lock:
+            ids, rows = self.unsaved_rows(touched=True)
+            checkpoint()
+            return ids, rows, self.changes.last
 
     def read_rows(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(rows, exists) of unique `ids` as they are now, read without counting an access (for

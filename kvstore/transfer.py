@@ -1,16 +1,15 @@
 """Export and import of whole tables as chunks of rows, in key order.
 
-An export reads from a RocksDB iterator (an implicit snapshot) the table makes right after its
-dirty cache rows are written (the bulk before it takes its lock, the rest under it), so writes
-made while the export streams do not tear it. An import stages every chunk into SST files,
-validating each as it arrives, and changes the table only at `commit`: one
+An export reads a RocksDB checkpoint cut at one instant together with the rows the table had not
+written yet (`export_process`), in a worker process, so writes made while the export streams do
+not tear it and the export holds no lock or GIL of the server while it reads. An import stages
+every chunk into SST files, validating each as it arrives, and changes the table only at `commit`: one
 atomic ingest (after dropping every row, in `replace` mode), so a bad chunk
 anywhere in the stream changes nothing. What an import keeps in memory besides
 its current chunk is the list of its SST files and the id ranges they cover.
 """
 from __future__ import annotations
 
-import itertools
 import os
 import shutil
 import time
@@ -19,7 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InvalidArgument, StorageError
+from .errors import InvalidArgument
+from .export_process import ExportCut, WorkerStream, layout_fields
 from .id_ranges import MAX_RANGES, coalesce
 from .rows import HEADER, RowLayout, encode_keys
 from .table import Table
@@ -30,7 +30,6 @@ KEY_BYTES = 8
 _META_START = HEADER.fields[META_FIELDS[0]][1]
 if [HEADER.fields[f][1] for f in META_FIELDS] != [_META_START + 4 * i for i in range(len(META_FIELDS))]:
     raise ImportError("kvstore.rows.HEADER: the exported fields must be consecutive uint32s")
-_SIGN = np.uint64(1 << 63)                         # keys are big-endian with the sign bit flipped
 SST_ROWS = 1 << 20                                 # rows per staged SST file at most
 
 
@@ -61,11 +60,13 @@ def default_chunk_rows(layout: RowLayout, target_bytes: int = 2 << 20) -> int:
 
 
 class TableExport:
-    """Rows of one table at one instant, as an iterable of chunks (weights and state are
-    read-only strided views of the rows read). Call `close` when done."""
+    """Rows of one table at one instant, read by a worker process from a checkpoint
+    (`export_process`): `messages()` gives the chunks as the bytes `encoder` (a "module:function"
+    the worker imports, see `export_worker.raw_rows`) made; iterating gives `RowChunk`s
+    (weights and state are read-only strided views of the rows read). Call `close` when done."""
 
-    def __init__(self, table: Table, chunk_rows: int | None = None,
-                 on_close: Callable[[], None] | None = None):
+    def __init__(self, table: Table, staging_dir: str, chunk_rows: int | None = None,
+                 on_close: Callable[[], None] | None = None, encoder: str = ""):
         if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int)
                                        or chunk_rows < 1):
             raise InvalidArgument(f"chunk_rows: must be a positive integer, got {chunk_rows!r}")
@@ -74,33 +75,34 @@ class TableExport:
         self.layout = table.layout
         self.chunk_rows = chunk_rows or default_chunk_rows(table.layout)
         self._on_close = on_close
-        self._items, self.sequence = table.export_items()   # sequence: the change feed's, for deltas
         self.estimated_rows = table.rocks.estimate_rows(table.family)
         self.rows = 0
+        cut = ExportCut(staging_dir, table)           # each part removes what it made if it fails
+        self.sequence = cut.sequence                  # the change feed's, for deltas
+        self._stream = WorkerStream(cut, layout_fields(self.layout, self.config.dtype), self.chunk_rows, encoder)
 
-    def __iter__(self) -> Iterator[RowChunk]:
+    def messages(self) -> Iterator[bytes]:
+        """The encoded chunks, in key order."""
         try:
-            for batch in self.table.rocks.batches(self._items, self.chunk_rows):
-                yield self._chunk(batch)
+            for rows, payload in self._stream:
+                self.rows += rows
+                self.table.add_counters({"rows_exported": rows})
+                yield payload
         finally:
             self.close()
 
-    def _chunk(self, batch: list[tuple[bytes, bytes]]) -> RowChunk:
-        # Keys (8 bytes) and values (row_bytes) have fixed sizes: one join gives [n, 8 + row_bytes].
+    def __iter__(self) -> Iterator[RowChunk]:
         width = KEY_BYTES + self.layout.row_bytes
-        flat = np.frombuffer(b"".join(itertools.chain.from_iterable(batch)), dtype=np.uint8)
-        if flat.size != len(batch) * width:
-            raise StorageError(f"table: stored rows of {self.table.name!r} have an unexpected size "
-                               f"(expected {self.layout.row_bytes} bytes each)")
-        records = flat.reshape(len(batch), width)
-        keys = np.ascontiguousarray(records[:, :KEY_BYTES]).view(">u8")[:, 0].astype(np.uint64)
-        ids = (keys ^ _SIGN).view(np.int64)
-        self.rows += len(batch)
-        self.table.add_counters({"rows_exported": len(batch)})
-        return rows_to_chunk(self.layout, ids, records[:, KEY_BYTES:], contiguous=False)
+        for payload in self.messages():
+            n = len(payload) // width
+            ids = np.frombuffer(payload, np.int64, n)
+            rows = np.frombuffer(payload, np.uint8, n * self.layout.row_bytes, n * KEY_BYTES)
+            yield rows_to_chunk(self.layout, ids, rows.reshape(n, self.layout.row_bytes), contiguous=False)
 
     def close(self) -> None:
-        self._items = None
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.close()
         on_close, self._on_close = self._on_close, None
         if on_close is not None:
             on_close()

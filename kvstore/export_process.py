@@ -1,0 +1,141 @@
+"""Exports read by worker processes from a checkpoint: the server's interpreter only forwards bytes.
+
+Iterating RocksDB makes Python objects per row and holds the GIL for hundreds of microseconds
+at a time, which stalls every other call of the server (lookups of other tables). So an export
+is cut like a snapshot (`Table.export_cut`: in one hold of the table's lock, a copy of the rows
+RocksDB lacks and a RocksDB checkpoint, hard links to the SST files), the copied rows are saved
+beside the checkpoint, and a worker process (`export_worker.py`) reads the checkpoint in key
+order, merges the saved rows in and writes ready-made chunks (bytes from an encoder it imports
+by name) to a pipe. Nothing is flushed or written to the live database.
+
+Everything lives in one directory under the store's staging directory, removed on `close`
+(the store removes leftovers of a killed server when it opens). A worker exits when its stdin
+reaches end of file, so it never outlives its server, even one killed with SIGKILL.
+"""
+from __future__ import annotations
+
+import fcntl
+import itertools
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import numpy as np
+
+from .errors import StorageError
+from .rows import HEADER, RowLayout
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "export_worker.py")
+FRAME = struct.Struct("<cQQ")            # as export_worker.FRAME: kind, rows, payload bytes
+PIPE_BYTES = 1 << 20                     # pipe buffer asked for (Linux allows up to 1 MiB unprivileged)
+_F_SETPIPE_SZ = 1031
+_META_OFFSET = HEADER.fields["count"][1]
+
+
+def layout_fields(layout: RowLayout, dtype: str) -> dict:
+    """Where each column lies in a stored row, for the worker's encoder (which never imports the store)."""
+    return {"row_bytes": layout.row_bytes, "dim": layout.dim, "dtype": dtype, "weight_offset": layout.weight_offset,
+            "itemsize": layout.dtype.itemsize, "state_dim": layout.state_dim, "state_offset": layout.state_offset,
+            "meta_offset": _META_OFFSET}
+
+
+class ExportCut:
+    """A table frozen at one instant in `directory`: a checkpoint of the database and the table's
+    unsaved rows (`unsaved`-ids.npy / -rows.npy). The table's calls wait only for the copy and the
+    checkpoint (memtables are flushed before, with the GIL released, so it has little to flush)."""
+
+    def __init__(self, directory: str, table):
+        self.directory = directory
+        self.checkpoint = os.path.join(directory, "db")
+        self.family = table.family
+        self.unsaved: str | None = None
+        try:
+            os.makedirs(directory)
+            table.rocks.flush()
+            ids, rows, self.sequence = table.export_cut(lambda: table.rocks.checkpoint(self.checkpoint))
+            if len(ids):
+                self.unsaved = os.path.join(directory, "unsaved")
+                np.save(self.unsaved + "-ids.npy", ids)
+                np.save(self.unsaved + "-rows.npy", rows)
+        except OSError as exc:
+            self.remove()
+            raise StorageError(f"table: cannot prepare the export of {table.name!r}: {exc}") from None
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class WorkerStream:
+    """The chunks of an export as (rows, bytes), read in key order from worker processes, one per
+    id range (`bounds`: the ranges' inner edges, ascending). `close` ends the workers and removes
+    the cut."""
+
+    def __init__(self, cut: ExportCut, layout: dict, chunk_rows: int, encoder: str = "",
+                 bounds: list[int] = ()):
+        self.cut = cut
+        edges = [None, *bounds, None]
+        base = {"checkpoint": cut.checkpoint, "family": cut.family, "unsaved": cut.unsaved, "layout": layout,
+                "chunk_rows": chunk_rows, "encoder": encoder}
+        self._workers: list[subprocess.Popen] = []
+        try:
+            for lo, hi in itertools.pairwise(edges):
+                self._workers.append(_start_worker({**base, "lo": lo, "hi": hi}))
+        except BaseException:
+            self.close()
+            raise
+
+    def __iter__(self) -> Iterator[tuple[int, bytes]]:
+        for worker in self._workers:
+            while True:
+                kind, rows, size = FRAME.unpack(_read(worker, FRAME.size))
+                payload = _read(worker, size)
+                if kind == b"C":
+                    yield rows, payload
+                elif kind == b"E":
+                    raise StorageError(f"export: reading the checkpoint failed: {payload.decode(errors='replace')}")
+                else:
+                    break
+
+    def close(self) -> None:
+        for worker in self._workers:
+            if worker.poll() is None:
+                worker.kill()
+            worker.wait()
+            for pipe in (worker.stdin, worker.stdout):
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
+        self._workers = []
+        self.cut.remove()
+
+
+def _start_worker(job: dict) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}   # the encoder's package too
+    try:
+        worker = subprocess.Popen([sys.executable, "-P", WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  env=env, close_fds=True)
+    except OSError as exc:
+        raise StorageError(f"export: cannot start a worker process: {exc}") from None
+    try:
+        fcntl.fcntl(worker.stdout.fileno(), _F_SETPIPE_SZ, PIPE_BYTES)
+    except OSError:
+        pass                                  # a smaller pipe only means more reads
+    worker.stdin.write(json.dumps(job).encode() + b"\n")
+    worker.stdin.flush()                      # stdin stays open: the worker exits when it closes
+    return worker
+
+
+def _read(worker: subprocess.Popen, size: int) -> bytes:
+    """`size` bytes from the worker (read straight into one bytes object, the GIL released while waiting)."""
+    data = worker.stdout.read(size) if size else b""
+    if len(data) != size:
+        raise StorageError(f"export: the worker process ended early (exit code {worker.wait()})")
+    return data
