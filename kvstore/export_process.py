@@ -26,7 +26,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from .errors import StorageError
+from .errors import StorageError, Unavailable
 from .rows import HEADER, RowLayout
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "export_worker.py")
@@ -137,5 +137,6 @@ def _read(worker: subprocess.Popen, size: int) -> bytes:
     """`size` bytes from the worker (read straight into one bytes object, the GIL released while waiting)."""
     data = worker.stdout.read(size) if size else b""
     if len(data) != size:
-        raise StorageError(f"export: the worker process ended early (exit code {worker.wait()})")
+        raise Unavailable(f"export: the worker process reading the export ended early (exit code {worker.wait()}); "
+                          "nothing changed, the export may be retried")
     return data
