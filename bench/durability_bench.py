@@ -95,8 +95,9 @@ def export_stall(directory: str, rows: int, dim: int) -> None:
 
 
 def service_export_stall(directory: str, rows: int, dim: int) -> None:
-    from bench.services import KvstoreServer
     from kvstore_client import KVStoreClient
+
+    from bench.services import KvstoreServer
 
     server = KvstoreServer(directory)
     try:
