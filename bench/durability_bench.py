@@ -120,7 +120,8 @@ def service_export_stall(directory: str, rows: int, dim: int) -> None:
         server.stop()
     print(f"service: lookup of table a while `kvstore export` exports table b ({rows} dirty rows): p99 idle "
           f"{percentile(idle, 99):.2f} ms, during {percentile(busy, 99):.2f} ms "
-          f"(ratio {percentile(busy, 99) / percentile(idle, 99):.2f}, max {max(busy) * 1000:.1f} ms, {len(busy)} lookups)")
+          f"(ratio {percentile(busy, 99) / percentile(idle, 99):.2f}, max {max(busy) * 1000:.1f} ms, "
+          f"{len(busy)} lookups)")
 
 
 def main() -> None:
