@@ -156,6 +156,7 @@ def main() -> int:
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
-    except BrokenPipeError:
-        os._exit(0)
+        code = main()
+    except BrokenPipeError:          # the server closed our stdout: it wants no more
+        code = 0
+    os._exit(code)                   # not sys.exit: interpreter shutdown would wait on the stdin reader
