@@ -1,7 +1,7 @@
 """Export and import of whole tables as chunks of rows, in key order.
 
 An export reads a RocksDB checkpoint cut at one instant together with the rows the table had not
-written yet (`export_process`), in a worker process, so writes made while the export streams do
+written yet (`transfer_process`), in a worker process, so writes made while the export streams do
 not tear it and the export holds no lock or GIL of the server while it reads. An import stages
 every chunk into SST files, validating each as it arrives, and changes the table only at `commit`: one
 atomic ingest (after dropping every row, in `replace` mode), so a bad chunk
@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import InvalidArgument
-from .export_process import ExportCut, WorkerStream, layout_fields
 from .id_ranges import MAX_RANGES, coalesce
 from .rows import HEADER, RowLayout, encode_keys
 from .table import Table
+from .transfer_process import ExportCut, SstWorker, WorkerStream, layout_fields
 
 IMPORT_MODES = ("replace", "merge")
 META_FIELDS = ("count", "last_access", "step")    # row header fields carried by export/import
@@ -31,6 +31,7 @@ _META_START = HEADER.fields[META_FIELDS[0]][1]
 if [HEADER.fields[f][1] for f in META_FIELDS] != [_META_START + 4 * i for i in range(len(META_FIELDS))]:
     raise ImportError("kvstore.rows.HEADER: the exported fields must be consecutive uint32s")
 SST_ROWS = 1 << 20                                 # rows per staged SST file at most
+WORKER_ROWS = 1 << 16      # an import past this many rows writes its further SST files in a worker process
 
 
 @dataclass
@@ -61,8 +62,8 @@ def default_chunk_rows(layout: RowLayout, target_bytes: int = 2 << 20) -> int:
 
 class TableExport:
     """Rows of one table at one instant, read by a worker process from a checkpoint
-    (`export_process`): `messages()` gives the chunks as the bytes `encoder` (a "module:function"
-    the worker imports, see `export_worker.raw_rows`) made; iterating gives `RowChunk`s
+    (`transfer_process`): `messages()` gives the chunks as the bytes `encoder` (a "module:function"
+    the worker imports, see `transfer_worker.raw_rows`) made; iterating gives `RowChunk`s
     (weights and state are read-only strided views of the rows read). Call `close` when done."""
 
     def __init__(self, table: Table, staging_dir: str, chunk_rows: int | None = None,
@@ -122,7 +123,8 @@ class ImportStager:
         self.dir = staging_dir
         os.makedirs(staging_dir, exist_ok=True)
         self.files: list[str] = []
-        self._writer = None
+        self._writer = None                   # the current file's: an SstFileWriter, or the worker's
+        self._worker: SstWorker | None = None
         self._writer_rows = 0
         self._last_id: int | None = None
         self._ranges: list[list[int]] = []    # [first, last] id of each ascending run: for the change feed
@@ -139,9 +141,12 @@ class ImportStager:
             # rows are padded to 16 bytes: gathering them as uint64 is ~10x faster than as uint8
             ids, rows = ids[keep], rows.view(np.uint64)[keep].view(np.uint8)
         if self._writer is None or self._last_id is None or ids[0] <= self._last_id \
-                or self._writer_rows + len(ids) > SST_ROWS:
+                or self._writer_rows + len(ids) > SST_ROWS or (self.rows >= WORKER_ROWS and not self._in_worker):
             self._next_file()                 # SST keys must increase; overlapping chunks get a new file
-        self.table.rocks.put_sst(self._writer, encode_keys(ids), self.layout.to_values(rows))
+        if self._in_worker:
+            self._worker.put(ids, rows)
+        else:
+            self.table.rocks.put_sst(self._writer, encode_keys(ids), self.layout.to_values(rows))
         if self._ranges and ids[0] > self._ranges[-1][1]:
             self._ranges[-1][1] = int(ids[-1])       # the run goes on: one range, whatever its rows
         else:
@@ -175,19 +180,32 @@ class ImportStager:
                 header[name] = meta[:, i]
         return ids, rows
 
+    @property
+    def _in_worker(self) -> bool:
+        return self._writer is not None and self._writer is self._worker
+
     def _next_file(self) -> None:
+        """Small imports write their files here; past WORKER_ROWS rows a worker process writes them
+        (it costs a process start, and takes the per-row work off this interpreter)."""
         self._finish_file()
         path = os.path.join(self.dir, f"{len(self.files):06d}.sst")
-        self._writer = self.table.rocks.sst_writer(path)
+        if self.rows >= WORKER_ROWS:
+            if self._worker is None:
+                self._worker = SstWorker(self.layout.row_bytes, self.table.rocks.config.bloom_bits_per_key)
+            self._worker.open(path)
+            self._writer = self._worker
+        else:
+            self._writer = self.table.rocks.sst_writer(path)
         self.files.append(path)
         self._writer_rows = 0
 
     def _finish_file(self) -> None:
+        """Finish the current file (the worker finishes its own when told of the next, or at the end)."""
         if self._writer is not None:
-            if self._writer_rows:
-                self._writer.finish()
-            else:
+            if not self._writer_rows:
                 self.files.pop()
+            elif not self._in_worker:
+                self._writer.finish()
             self._writer = None
 
     def commit(self) -> int:
@@ -195,6 +213,8 @@ class ImportStager:
         the imported id ranges and records the ranges in the change feed. Returns rows."""
         self._finish_file()
         try:
+            if self._worker is not None:
+                self._worker.finish()             # every file it wrote is complete
             self.table.ingest(self.files, self.mode == "replace", self.rows, coalesce(self._ranges))
         finally:
             self.abort()
@@ -202,6 +222,9 @@ class ImportStager:
 
     def abort(self) -> None:
         """Drop whatever was staged; the table is unchanged."""
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.close()
         self._writer = None
         self.files = []
         self._ranges = []

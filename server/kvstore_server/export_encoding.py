@@ -1,6 +1,6 @@
 """Export chunks as `ExportChunk` bytes, made where the rows are read.
 
-Imported by the server and, by name, by the export's worker process (`kvstore/export_worker.py`),
+Imported by the server and, by name, by the export's worker process (`kvstore/transfer_worker.py`),
 which encodes the rows it reads from the checkpoint so the server only forwards bytes: this
 module needs numpy and the wire codec only, never the store or gRPC.
 """
@@ -25,7 +25,7 @@ def encode_export_chunk(chunk, header: bytes = b"", tombstones: np.ndarray | Non
 
 def encode_stored_rows(layout: dict, ids: np.ndarray, rows: np.ndarray) -> bytes:
     """The `ExportChunk` of stored rows ([n, row_bytes] uint8 as in RocksDB), `layout` as
-    `kvstore.export_process.layout_fields` describes it."""
+    `kvstore.transfer_process.layout_fields` describes it."""
     weights_at, state_at, meta_at = layout["weight_offset"], layout["state_offset"], layout["meta_offset"]
     weights = rows[:, weights_at:weights_at + layout["dim"] * layout["itemsize"]].view(WIRE_DTYPES[layout["dtype"]])
     state = rows[:, state_at:state_at + layout["state_dim"] * 4].view("<f4")

@@ -1,6 +1,7 @@
-"""Exports read by worker processes from a checkpoint, through a real server: what they hold,
-what they write (nothing), and that a finished, cancelled, failed or orphaned export leaves no
-worker process and no file behind."""
+"""Exports read by worker processes from a checkpoint and large imports whose SST files a worker
+process writes, through a real server: what they hold, what an export writes (nothing), and
+that a finished, cancelled, failed or orphaned export or import leaves no worker process and no
+file behind."""
 from __future__ import annotations
 
 import os
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from kvstore_client import KVStoreClient, UnavailableError
+from kvstore_client import InvalidArgumentError, KVStoreClient, NotFoundError, UnavailableError
 
 from .conftest import random_rows, small_table, wait_until
 
@@ -18,12 +19,12 @@ ROWS = 20_000          # several MiB of chunks: more than the pipe and gRPC buff
 
 
 def export_workers(pid: int) -> list[int]:
-    """Pids of the export worker processes of the server process `pid`."""
+    """Pids of the transfer worker processes (exports, imports) of the server process `pid`."""
     children = []
     for task in os.listdir(f"/proc/{pid}/task"):
         with open(f"/proc/{pid}/task/{task}/children") as listing:
             children += [int(child) for child in listing.read().split()]
-    return [child for child in children if b"export_worker.py" in _cmdline(child)]
+    return [child for child in children if b"transfer_worker.py" in _cmdline(child)]
 
 
 def _cmdline(pid: int) -> bytes:
@@ -111,3 +112,62 @@ def test_export_worker_exits_with_its_killed_server_and_the_restart_removes_the_
     assert staging_left(server.data_dir) == []
     with KVStoreClient(server.address, timeout=30.0) as client:
         assert np.array_equal(client.export_table("exw_orphan").weights, weights)
+
+
+IMPORT_ROWS = 20_000      # rows per chunk of the large imports: the fifth passes the store's WORKER_ROWS
+
+
+def large_import(server, client: KVStoreClient, table: str, last_chunk):
+    """Chunks of an import that, once the server writes with a worker, yield `last_chunk()` (the
+    client sends a chunk once it has the next, to mark the final one: one small chunk follows the
+    large ones before the wait)."""
+    weights = random_rows(5 * IMPORT_ROWS, 8, seed=5)
+    for index in range(5):
+        part = slice(index * IMPORT_ROWS, (index + 1) * IMPORT_ROWS)
+        yield np.arange(part.start, part.stop), weights[part]
+    yield np.arange(10**6 - 10, 10**6), np.zeros((10, 8), np.float32)
+    assert wait_until(lambda: export_workers(server.process.pid)), "no worker wrote the large import"
+    yield last_chunk(weights)
+
+
+def test_large_import_written_by_a_worker_is_bit_exact_and_leaves_nothing(client, server):
+    small_table(client, "imw_ok")
+    extra = np.arange(10**6, 10**6 + 10)
+    rows = client.import_chunks("imw_ok", large_import(
+        server, client, "imw_ok", lambda w: (extra, np.ones((10, 8), np.float32))))
+    assert rows == 5 * IMPORT_ROWS + 20
+    got = client.export_table("imw_ok")
+    assert np.array_equal(got.weights[:5 * IMPORT_ROWS], random_rows(5 * IMPORT_ROWS, 8, seed=5))
+    assert got.ids[-10:].tolist() == extra.tolist() and len(got.ids) == 5 * IMPORT_ROWS + 20
+    assert wait_until(lambda: not export_workers(server.process.pid) and not staging_left(server.data_dir))
+
+
+def test_failed_large_import_changes_nothing_and_stops_its_worker(client, server):
+    with pytest.raises(InvalidArgumentError, match="weights"):
+        client.import_chunks("imw_bad", large_import(
+            server, client, "imw_bad", lambda w: (np.arange(10**6, 10**6 + 10), np.ones((10, 3), np.float32))),
+            config={"name": "imw_bad", "dim": 8})
+    assert wait_until(lambda: not export_workers(server.process.pid) and not staging_left(server.data_dir))
+    with pytest.raises(NotFoundError):
+        client.describe_table("imw_bad")            # the table the import created is gone again
+
+
+def test_import_worker_exits_with_its_killed_server(start_server):
+    server = start_server()
+    with KVStoreClient(server.address, timeout=30.0) as client:
+        small_table(client, "imw_orphan")
+        seen: list[int] = []
+
+        def kill_server(_weights):
+            seen.extend(export_workers(server.process.pid))
+            server.process.kill()
+            server.process.wait()
+            return np.arange(10**6, 10**6 + 10), np.ones((10, 8), np.float32)
+
+        with pytest.raises(UnavailableError):
+            client.import_chunks("imw_orphan", large_import(server, client, "imw_orphan", kill_server))
+        assert seen and wait_until(lambda: all(gone(pid) for pid in seen)), "an import worker outlived its server"
+    server.start()
+    assert staging_left(server.data_dir) == []
+    with KVStoreClient(server.address, timeout=30.0) as client:
+        assert len(client.export_table("imw_orphan").ids) == 0     # nothing of the import was applied

@@ -1,16 +1,22 @@
-"""Exports read by worker processes from a checkpoint: the server's interpreter only forwards bytes.
+"""Worker processes for exports and imports (`transfer_worker.py`): the per-row work off the GIL.
+
+Exports are read by worker processes from a checkpoint: the server's interpreter only forwards bytes.
 
 Iterating RocksDB makes Python objects per row and holds the GIL for hundreds of microseconds
 at a time, which stalls every other call of the server (lookups of other tables). So an export
 is cut like a snapshot (`Table.export_cut`: in one hold of the table's lock, a copy of the rows
 RocksDB lacks and a RocksDB checkpoint, hard links to the SST files), the copied rows are saved
-beside the checkpoint, and a worker process (`export_worker.py`) reads the checkpoint in key
+beside the checkpoint, and a worker process (`transfer_worker.py`) reads the checkpoint in key
 order, merges the saved rows in and writes ready-made chunks (bytes from an encoder it imports
 by name) to a pipe. Nothing is flushed or written to the live database.
 
 Everything lives in one directory under the store's staging directory, removed on `close`
 (the store removes leftovers of a killed server when it opens). A worker exits when its stdin
 reaches end of file, so it never outlives its server, even one killed with SIGKILL.
+
+Imports send their validated rows to a worker process (`SstWorker`) that writes the SST files
+the table then ingests: turning each row into a key and a value object for the SST writer is
+the per-row part of an import.
 """
 from __future__ import annotations
 
@@ -29,8 +35,8 @@ import numpy as np
 from .errors import StorageError, Unavailable
 from .rows import HEADER, RowLayout
 
-WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "export_worker.py")
-FRAME = struct.Struct("<cQQ")            # as export_worker.FRAME: kind, rows, payload bytes
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "transfer_worker.py")
+FRAME = struct.Struct("<cQQ")            # as transfer_worker.FRAME: kind, rows, payload bytes
 PIPE_BYTES = 1 << 20                     # pipe buffer asked for (Linux allows up to 1 MiB unprivileged)
 _F_SETPIPE_SZ = 1031
 _META_OFFSET = HEADER.fields["count"][1]
@@ -81,8 +87,8 @@ class WorkerStream:
                  bounds: list[int] = ()):
         self.cut = cut
         edges = [None, *bounds, None]
-        base = {"checkpoint": cut.checkpoint, "family": cut.family, "unsaved": cut.unsaved, "layout": layout,
-                "chunk_rows": chunk_rows, "encoder": encoder}
+        base = {"task": "export", "checkpoint": cut.checkpoint, "family": cut.family, "unsaved": cut.unsaved,
+                "layout": layout, "chunk_rows": chunk_rows, "encoder": encoder}
         self._workers: list[subprocess.Popen] = []
         try:
             for lo, hi in itertools.pairwise(edges):
@@ -105,16 +111,59 @@ class WorkerStream:
 
     def close(self) -> None:
         for worker in self._workers:
-            if worker.poll() is None:
-                worker.kill()
-            worker.wait()
-            for pipe in (worker.stdin, worker.stdout):
-                try:
-                    pipe.close()
-                except OSError:
-                    pass
+            _stop(worker)
         self._workers = []
         self.cut.remove()
+
+
+class SstWorker:
+    """Writes an import's SST files in a worker process: `open` a file, `put` sorted rows into it,
+    `finish` (every file complete, or the worker's error raised). `close` stops the worker."""
+
+    def __init__(self, row_bytes: int, bloom_bits: int):
+        self._worker = _start_worker({"task": "sst", "row_bytes": row_bytes, "bloom_bits": bloom_bits})
+
+    def open(self, path: str) -> None:
+        self._send(b"F", 0, [path.encode()])
+
+    def put(self, ids: np.ndarray, rows: np.ndarray) -> None:
+        self._send(b"R", len(ids), [np.ascontiguousarray(ids, "<i8").data, np.ascontiguousarray(rows).data])
+
+    def finish(self) -> None:
+        self._send(b"E", 0, [])
+        self._reply()
+
+    def _send(self, kind: bytes, rows: int, parts: list) -> None:
+        try:
+            pipe = self._worker.stdin
+            pipe.write(FRAME.pack(kind, rows, sum(memoryview(p).nbytes for p in parts)))
+            for part in parts:
+                pipe.write(part)
+            pipe.flush()
+        except BrokenPipeError:
+            self._reply()                   # the worker's error, if it said one
+            raise Unavailable("import: the worker process writing its files ended early; nothing changed, "
+                              "the import may be retried") from None
+
+    def _reply(self) -> None:
+        kind, _, size = FRAME.unpack(_read(self._worker, FRAME.size))
+        payload = _read(self._worker, size)
+        if kind == b"E":
+            raise StorageError(f"import: writing SST files failed: {payload.decode(errors='replace')}")
+
+    def close(self) -> None:
+        _stop(self._worker)
+
+
+def _stop(worker: subprocess.Popen) -> None:
+    if worker.poll() is None:
+        worker.kill()
+    worker.wait()
+    for pipe in (worker.stdin, worker.stdout):
+        try:
+            pipe.close()
+        except OSError:
+            pass
 
 
 def _start_worker(job: dict) -> subprocess.Popen:
@@ -137,6 +186,6 @@ def _read(worker: subprocess.Popen, size: int) -> bytes:
     """`size` bytes from the worker (read straight into one bytes object, the GIL released while waiting)."""
     data = worker.stdout.read(size) if size else b""
     if len(data) != size:
-        raise Unavailable(f"export: the worker process reading the export ended early (exit code {worker.wait()}); "
-                          "nothing changed, the export may be retried")
+        raise Unavailable(f"the worker process of an export or import ended early (exit code {worker.wait()}); "
+                          "nothing changed, it may be retried")
     return data

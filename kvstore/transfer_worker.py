@@ -1,18 +1,24 @@
-"""The process that reads an export: one key range of one table from a RocksDB checkpoint.
+"""The process that does the per-row work of an export or an import, off the server's GIL.
 
-Run by path (`python -P export_worker.py`), not as part of the package: it imports only
+Run by path (`python -P transfer_worker.py`), not as part of the package: it imports only
 numpy and rocksdict (and the encoder it is told to use), so it starts in a fraction of the
 time the store takes to import, and its per-row Python work never holds the server's GIL.
 
-It reads one JSON line from stdin (the job, see `export_process.job`), then writes frames
-to stdout: `<c kind><Q rows><Q length>` and `length` bytes. Kinds: C a chunk (bytes made by
-the encoder), E an error (UTF-8 text), D done. Rows the table had not yet written to RocksDB
-at the cut (saved beside the checkpoint as two .npy files) are merged in, in key order, the
-newer one winning. It exits when stdin reaches end of file (its server is gone, even by kill
--9) or stdout is closed.
+It reads one JSON line from stdin (the job, see `transfer_process`), then, as frames of
+`<c kind><Q rows><Q length>` and `length` bytes:
+- task "export": reads one key range of one table from a RocksDB checkpoint and writes frames
+  to stdout: C a chunk (bytes made by the encoder), E an error (UTF-8 text), D done. Rows the
+  table had not yet written to RocksDB at the cut (saved beside the checkpoint as two .npy
+  files) are merged in, in key order, the newer one winning.
+- task "sst": reads frames from stdin: F path (start an SST file, finishing the one before),
+  R rows (ids then stored rows, in increasing id order), E end (finish the last file), and
+  answers the end with D (or E, an error) on stdout.
+It exits when stdin reaches end of file (its server is gone, even by kill -9, or gave the work
+up) or stdout is closed.
 """
 from __future__ import annotations
 
+import collections
 import importlib
 import itertools
 import json
@@ -122,6 +128,65 @@ def _write(out, kind: bytes, rows: int, parts: list) -> None:
         out.write(part)
 
 
+class SstFiles:
+    """The SST files of an import, written as the server sends their rows (`write` runs the frames)."""
+
+    def __init__(self, job: dict):
+        self.row_bytes = int(job["row_bytes"])
+        self.options = rd.Options(raw_mode=True)
+        table = rd.BlockBasedOptions()                # as the database's own files (RocksTier._options)
+        table.set_bloom_filter(int(job["bloom_bits"]), False)
+        table.set_cache_index_and_filter_blocks(True)
+        self.options.set_block_based_table_factory(table)
+        self.writer, self.path, self.rows = None, "", 0
+
+    def write(self, src) -> None:
+        while True:
+            kind, rows, size = FRAME.unpack(_read_exactly(src, FRAME.size))
+            payload = _read_exactly(src, size)
+            if kind == b"R":
+                self._put(payload, rows)
+                continue
+            self._finish()
+            if kind != b"F":
+                return
+            self.path, self.rows = payload.decode(), 0
+            self.writer = rd.SstFileWriter(self.options)
+            self.writer.open(self.path)
+
+    def _put(self, payload: bytes, n: int) -> None:
+        ids = np.frombuffer(payload, np.int64, n)
+        rows = np.frombuffer(payload, np.uint8, n * self.row_bytes, n * KEY_BYTES)
+        keys = ((ids.view(np.uint64) ^ _SIGN).astype(">u8")).view("V8").tolist()   # as kvstore.rows.encode_keys
+        values = rows.view(f"V{self.row_bytes}").tolist()
+        collections.deque(map(self.writer.__setitem__, keys, values), maxlen=0)
+        self.rows += n
+
+    def _finish(self) -> None:
+        if self.writer is not None and self.rows:
+            self.writer.finish()
+        self.writer = None
+
+
+def _read_exactly(src, size: int) -> bytes:
+    data = src.read(size) if size else b""
+    if len(data) != size:            # the server is gone or gave the import up: nothing to finish
+        os._exit(0)
+    return data
+
+
+def export_range(job: dict, out) -> None:
+    module, _, name = job.get("encoder", "").rpartition(":")
+    encode = getattr(importlib.import_module(module), name) if module else raw_rows
+    reader = RangeReader(job)
+    try:
+        for ids, rows in reader.batches():
+            encoded = encode(job["layout"], ids, rows)
+            _write(out, b"C", len(ids), encoded if isinstance(encoded, list) else [encoded])
+    finally:
+        reader.close()
+
+
 def _exit_at_eof() -> None:
     """The server holds our stdin open while it wants us: end of file means it is gone."""
     while sys.stdin.buffer.read(1 << 16):
@@ -130,19 +195,14 @@ def _exit_at_eof() -> None:
 
 
 def main() -> int:
-    out = sys.stdout.buffer
-    job = json.loads(sys.stdin.buffer.readline())
-    threading.Thread(target=_exit_at_eof, daemon=True).start()
-    module, _, name = job.get("encoder", "").rpartition(":")
+    out, src = sys.stdout.buffer, sys.stdin.buffer
+    job = json.loads(src.readline())
     try:
-        encode = getattr(importlib.import_module(module), name) if module else raw_rows
-        reader = RangeReader(job)
-        try:
-            for ids, rows in reader.batches():
-                encoded = encode(job["layout"], ids, rows)
-                _write(out, b"C", len(ids), encoded if isinstance(encoded, list) else [encoded])
-        finally:
-            reader.close()
+        if job["task"] == "sst":
+            SstFiles(job).write(src)
+        else:
+            threading.Thread(target=_exit_at_eof, daemon=True).start()
+            export_range(job, out)
     except BrokenPipeError:
         return 0
     except Exception as exc:  # noqa: BLE001 - reported to the server, which raises it as a StorageError
