@@ -133,11 +133,14 @@ class TableUpkeep:
 
     # --- bulk changes: import, sweeps, archive, drop --------------------------------
 
-    def ingest(self, files: list[str], replace: bool, rows: int, ranges: np.ndarray = NO_RANGES) -> None:
+    def ingest(self, files: list[str], replace: bool, rows: int, ranges: np.ndarray = NO_RANGES,
+               distinct: bool = False) -> None:
         """Apply staged SST files in one atomic ingest (after removing every row, with `replace`).
         Cached changes reach RocksDB first; then imported rows win: cached copies of ids in the
         imported `ranges` are dropped (every cached row, with `replace`), and the change feed
-        records the ranges. The writer does the writes."""
+        records the ranges. The writer does the writes. `distinct`: the `rows` have distinct ids,
+        so a table that counts rows and had none left (`replace`, or empty) now has exactly
+        `rows`, no key scan needed."""
         self.flush()
         with self._lock:
             self._check_writable()
@@ -158,7 +161,8 @@ class TableUpkeep:
                     cached = tier.cached_ids()
                     tier.invalidate(cached[covers(ranges, cached)])
             if self.eviction.counts_rows:          # exact row count for eviction triggers
-                self.eviction.rows = rocks.count_keys(family)
+                empty_before = replace or self.eviction.rows == 0
+                self.eviction.rows = rows if distinct and empty_before else rocks.count_keys(family)
                 self._save_row_count()
             self.changes.imported(self.name, ranges, replaced=replace)
             self.counters["rows_imported"] += rows

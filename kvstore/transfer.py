@@ -215,7 +215,8 @@ class ImportStager:
         try:
             if self._worker is not None:
                 self._worker.finish()             # every file it wrote is complete
-            self.table.ingest(self.files, self.mode == "replace", self.rows, coalesce(self._ranges))
+            distinct = len(self._ranges) <= 1        # one ascending run of chunks: no id came twice
+            self.table.ingest(self.files, self.mode == "replace", self.rows, coalesce(self._ranges), distinct)
         finally:
             self.abort()
         return self.rows
