@@ -32,7 +32,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from .errors import StorageError, Unavailable
+from .errors import FailedPrecondition, StorageError, Unavailable
 from .rows import HEADER, RowLayout
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "transfer_worker.py")
@@ -67,9 +67,10 @@ class ExportCut:
                 self.unsaved = os.path.join(directory, "unsaved")
                 np.save(self.unsaved + "-ids.npy", ids)
                 np.save(self.unsaved + "-rows.npy", rows)
-        except OSError as exc:
+        except (OSError, StorageError) as exc:     # a full or failing disk under the staging directory
             self.remove()
-            raise StorageError(f"table: cannot prepare the export of {table.name!r}: {exc}") from None
+            raise FailedPrecondition(f"table: cannot prepare the export of {table.name!r} in the staging "
+                                     f"directory: {exc}") from None
         except BaseException:
             self.remove()
             raise
