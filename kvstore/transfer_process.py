@@ -39,6 +39,9 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "transfer_work
 FRAME = struct.Struct("<cQQ")            # as transfer_worker.FRAME: kind, rows, payload bytes
 PIPE_BYTES = 1 << 20                     # pipe buffer asked for (Linux allows up to 1 MiB unprivileged)
 _F_SETPIPE_SZ = 1031
+# Runs the worker script without putting its directory (this package's, whose module names could
+# shadow others) or the working directory on the path (`python -P` does that from 3.11 only).
+_BOOT = "import runpy, sys; sys.path[:] = [p for p in sys.path if p]; runpy.run_path(sys.argv[1], run_name='__main__')"
 _META_OFFSET = HEADER.fields["count"][1]
 
 
@@ -170,7 +173,7 @@ def _stop(worker: subprocess.Popen) -> None:
 def _start_worker(job: dict) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}   # the encoder's package too
     try:
-        worker = subprocess.Popen([sys.executable, "-P", WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        worker = subprocess.Popen([sys.executable, "-c", _BOOT, WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                   env=env, close_fds=True)
     except OSError as exc:
         raise StorageError(f"export: cannot start a worker process: {exc}") from None

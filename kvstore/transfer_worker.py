@@ -1,6 +1,6 @@
 """The process that does the per-row work of an export or an import, off the server's GIL.
 
-Run by path (`python -P transfer_worker.py`), not as part of the package: it imports only
+Run by path (`transfer_process._BOOT`), not as part of the package: it imports only
 numpy and rocksdict (and the encoder it is told to use), so it starts in a fraction of the
 time the store takes to import, and its per-row Python work never holds the server's GIL.
 
