@@ -8,12 +8,14 @@
    without and with an eviction rule (ttl_seconds, which makes the tracker take part in flushes).
 2. Cross-table stall: table B holds `rows` dirty rows; lookups of 512 cached rows of table A run
    while B's export starts and streams. Prints A's lookup p99 during the export beside its idle
-   p99 (target: within 2x).
+   p99 (target: within 2x): in process (`Store.export_table`), and through a server process
+   (client lookups of A from this process while the `kvstore export` command exports B).
 """
 from __future__ import annotations
 
 import argparse
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -92,20 +94,53 @@ def export_stall(directory: str, rows: int, dim: int) -> None:
               f"max {max(busy) * 1000:.1f} ms, {len(busy)} lookups)")
 
 
+def service_export_stall(directory: str, rows: int, dim: int) -> None:
+    from kvstore_client import KVStoreClient
+
+    from bench.services import KvstoreServer
+
+    server = KvstoreServer(directory)
+    try:
+        with KVStoreClient(server.address, timeout=600) as client:
+            client.create_table("a", dim, cache={"rows": 4096})
+            hot = np.arange(512)
+            client.update("a", hot, np.ones((512, dim), np.float32))
+            client.create_table("b", dim, cache={"rows": 1 << (rows * 2 - 1).bit_length(), "flush_seconds": 3600.0})
+            for start in range(0, rows, 65536):
+                ids = np.arange(start, min(rows, start + 65536))
+                client.update("b", ids, np.ones((len(ids), dim), np.float32))
+            out = f"{directory}/export-b"
+
+            def export() -> int:
+                subprocess.run([sys.executable, "-m", "kvstore_client", "--address", server.address, "--quiet",
+                                "export", "b", out], check=True, stdout=subprocess.DEVNULL)
+                return rows
+            idle, busy, _ = during(export, lambda: client.lookup("a", hot))
+    finally:
+        server.stop()
+    print(f"service: lookup of table a while `kvstore export` exports table b ({rows} dirty rows): p99 idle "
+          f"{percentile(idle, 99):.2f} ms, during {percentile(busy, 99):.2f} ms "
+          f"(ratio {percentile(busy, 99) / percentile(idle, 99):.2f}, max {max(busy) * 1000:.1f} ms, "
+          f"{len(busy)} lookups)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=300_000)
     parser.add_argument("--dim", type=int, default=16)
     parser.add_argument("--dir", default=None)
+    parser.add_argument("--only", choices=("snapshot", "export", "service"), default=None, help="run one part")
     parser.add_argument("--switch-interval", type=float, default=None,
                         help="sys.setswitchinterval in seconds (how soon a thread waiting for the GIL gets it)")
     args = parser.parse_args()
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
     print(f"GIL switch interval {sys.getswitchinterval() * 1e3:.2f} ms")
-    for run in (lambda d: snapshot_stall(d, args.rows, args.dim, False),
-                lambda d: snapshot_stall(d, args.rows, args.dim, True),
-                lambda d: export_stall(d, args.rows, args.dim)):
+    parts = {"snapshot": [lambda d: snapshot_stall(d, args.rows, args.dim, False),
+                          lambda d: snapshot_stall(d, args.rows, args.dim, True)],
+             "export": [lambda d: export_stall(d, args.rows, args.dim)],
+             "service": [lambda d: service_export_stall(d, args.rows, args.dim)]}
+    for run in parts[args.only] if args.only else [run for runs in parts.values() for run in runs]:
         directory = tempfile.mkdtemp(dir=args.dir)
         try:
             run(directory)

@@ -426,26 +426,6 @@ class RocksTier:
         with self._use(), _guard(f"checkpoint to {path!r}"):
             rd.Checkpoint(self._db).create_checkpoint(path)
 
-    def consistent_items(self, family: str):
-        """An iterator over one table's (key, value) pairs in key order, as they are now: later
-        writes and ingests do not show. The RocksDB iterator is created here and pins its own
-        implicit snapshot (rocksdict's `Snapshot.items` does not honour the snapshot)."""
-        opts = rd.ReadOptions()
-        opts.fill_cache(False)                 # a full scan must not evict the hot blocks
-        opts.set_readahead_size(2 << 20)
-        with self._use(), _guard(f"iterate {family!r}"):
-            return self._family(family).items(read_opt=opts)
-
-    @staticmethod
-    def batches(items, rows: int) -> Iterator[list[tuple[bytes, bytes]]]:
-        """Lists of up to `rows` (key, value) pairs from `consistent_items` (no Python loop per row)."""
-        while True:
-            with _guard("iterate"):
-                batch = list(itertools.islice(items, rows))
-            if not batch:
-                return
-            yield batch
-
     def put_sst(self, writer: rd.SstFileWriter, keys: list[bytes], values: list[bytes]) -> None:
         """Add sorted pairs to an SST file writer."""
         with self._use(), _guard("write SST file"):

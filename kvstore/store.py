@@ -310,12 +310,16 @@ class Store:
 
     # --- export and import ---------------------------------------------------
 
-    def export_table(self, table: str, chunk_rows: int | None = None) -> TableExport:
-        """Every row of `table` at this instant, in key order, as an iterable of `RowChunk`.
-        Iterate it to the end or call `close()`: it pins the database until then."""
+    def export_table(self, table: str, chunk_rows: int | None = None, encoder: str = "") -> TableExport:
+        """Every row of `table` at this instant, in key order, as an iterable of `RowChunk` (or with
+        `encoder`, "module:function", its `messages()` as that function encodes them in the worker
+        process that reads the export). Iterate it to the end or call `close()`: until then it
+        keeps a checkpoint and a worker process."""
         gen = self._gens.acquire()
         try:
-            return TableExport(self._table(gen, table), chunk_rows, on_close=lambda: self._gens.release(gen))
+            staging = os.path.join(self.data_dir, STAGING_DIR, f"export-{uuid.uuid4().hex}")
+            return TableExport(self._table(gen, table), staging, chunk_rows,
+                               on_close=lambda: self._gens.release(gen), encoder=encoder)
         except BaseException:
             self._gens.release(gen)
             raise

@@ -93,13 +93,14 @@ class TableUpkeep:
         ids, rows = self.lower.take_dirty()
         return self._write_behind(ids, rows, "flush"), len(ids)
 
-    def unsaved_rows(self) -> tuple[np.ndarray, np.ndarray]:
+    def unsaved_rows(self, touched: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(ids, rows) of every change RocksDB may not have yet, oldest first: rows queued for the
-        writer, then dirty rows of each tier. Nothing changes: a snapshot writes them into its
+        writer, then dirty rows of each tier (with `touched`, also clean cached rows whose access
+        metadata RocksDB lacks). Nothing changes: a snapshot or an export writes them over its
         checkpoint, so its pause costs a copy of these rows, not a wait for RocksDB."""
         with self._lock:
             parts = [self.pending.all()]
-            slots = self.cache.dirty_slots()
+            slots = self._flush_candidates() if touched else self.cache.dirty_slots()
             parts.append((self.cache.keys_of(slots), self.cache.rows(slots)))
             parts.append(self.lower.peek_dirty())
             parts = [(ids, rows) for ids, rows in parts if len(ids)]
@@ -113,14 +114,15 @@ class TableUpkeep:
         with self._lock:
             self._settle()
 
-    def export_items(self):
-        """A RocksDB iterator over every row as it is now, in key order (later writes do not show),
-        and the change-feed sequence it is consistent at. The bulk of the flush happens before the
-        table lock is taken for the small remainder."""
-        self.flush()
-        with self._lock:                          # no write lands between the last flush and the iterator
-            self._settle()
-            return self.rocks.consistent_items(self.family), self.changes.last
+    def export_cut(self, checkpoint: Callable[[], None]) -> tuple[np.ndarray, np.ndarray, int]:
+        """The table at this instant for an export, without writing anything: under the table
+        lock, a copy of its unsaved rows (`unsaved_rows(touched=True)`) and `checkpoint()` (a
+        RocksDB checkpoint, which holds whatever the writer had written of them). Returns the
+        rows and the change-feed sequence the export is consistent at."""
+        with self._lock:
+            ids, rows = self.unsaved_rows(touched=True)
+            checkpoint()
+            return ids, rows, self.changes.last
 
     def read_rows(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(rows, exists) of unique `ids` as they are now, read without counting an access (for
@@ -131,11 +133,14 @@ class TableUpkeep:
 
     # --- bulk changes: import, sweeps, archive, drop --------------------------------
 
-    def ingest(self, files: list[str], replace: bool, rows: int, ranges: np.ndarray = NO_RANGES) -> None:
+    def ingest(self, files: list[str], replace: bool, rows: int, ranges: np.ndarray = NO_RANGES,
+               distinct: bool = False) -> None:
         """Apply staged SST files in one atomic ingest (after removing every row, with `replace`).
         Cached changes reach RocksDB first; then imported rows win: cached copies of ids in the
         imported `ranges` are dropped (every cached row, with `replace`), and the change feed
-        records the ranges. The writer does the writes."""
+        records the ranges. The writer does the writes. `distinct`: the `rows` have distinct ids,
+        so a table that counts rows and had none left (`replace`, or empty) now has exactly
+        `rows`, no key scan needed."""
         self.flush()
         with self._lock:
             self._check_writable()
@@ -156,7 +161,8 @@ class TableUpkeep:
                     cached = tier.cached_ids()
                     tier.invalidate(cached[covers(ranges, cached)])
             if self.eviction.counts_rows:          # exact row count for eviction triggers
-                self.eviction.rows = rocks.count_keys(family)
+                empty_before = replace or self.eviction.rows == 0
+                self.eviction.rows = rows if distinct and empty_before else rocks.count_keys(family)
                 self._save_row_count()
             self.changes.imported(self.name, ranges, replaced=replace)
             self.counters["rows_imported"] += rows

@@ -1,16 +1,15 @@
 """Export and import of whole tables as chunks of rows, in key order.
 
-An export reads from a RocksDB iterator (an implicit snapshot) the table makes right after its
-dirty cache rows are written (the bulk before it takes its lock, the rest under it), so writes
-made while the export streams do not tear it. An import stages every chunk into SST files,
-validating each as it arrives, and changes the table only at `commit`: one
+An export reads a RocksDB checkpoint cut at one instant together with the rows the table had not
+written yet (`transfer_process`), in a worker process, so writes made while the export streams do
+not tear it and the export holds no lock or GIL of the server while it reads. An import stages
+every chunk into SST files, validating each as it arrives, and changes the table only at `commit`: one
 atomic ingest (after dropping every row, in `replace` mode), so a bad chunk
 anywhere in the stream changes nothing. What an import keeps in memory besides
 its current chunk is the list of its SST files and the id ranges they cover.
 """
 from __future__ import annotations
 
-import itertools
 import os
 import shutil
 import time
@@ -19,10 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InvalidArgument, StorageError
+from .errors import InvalidArgument
 from .id_ranges import MAX_RANGES, coalesce
 from .rows import HEADER, RowLayout, encode_keys
 from .table import Table
+from .transfer_process import ExportCut, SstWorker, WorkerStream, layout_fields
 
 IMPORT_MODES = ("replace", "merge")
 META_FIELDS = ("count", "last_access", "step")    # row header fields carried by export/import
@@ -30,8 +30,8 @@ KEY_BYTES = 8
 _META_START = HEADER.fields[META_FIELDS[0]][1]
 if [HEADER.fields[f][1] for f in META_FIELDS] != [_META_START + 4 * i for i in range(len(META_FIELDS))]:
     raise ImportError("kvstore.rows.HEADER: the exported fields must be consecutive uint32s")
-_SIGN = np.uint64(1 << 63)                         # keys are big-endian with the sign bit flipped
 SST_ROWS = 1 << 20                                 # rows per staged SST file at most
+WORKER_ROWS = 1 << 16      # an import past this many rows writes its further SST files in a worker process
 
 
 @dataclass
@@ -61,11 +61,13 @@ def default_chunk_rows(layout: RowLayout, target_bytes: int = 2 << 20) -> int:
 
 
 class TableExport:
-    """Rows of one table at one instant, as an iterable of chunks (weights and state are
-    read-only strided views of the rows read). Call `close` when done."""
+    """Rows of one table at one instant, read by a worker process from a checkpoint
+    (`transfer_process`): `messages()` gives the chunks as the bytes `encoder` (a "module:function"
+    the worker imports, see `transfer_worker.raw_rows`) made; iterating gives `RowChunk`s
+    (weights and state are read-only strided views of the rows read). Call `close` when done."""
 
-    def __init__(self, table: Table, chunk_rows: int | None = None,
-                 on_close: Callable[[], None] | None = None):
+    def __init__(self, table: Table, staging_dir: str, chunk_rows: int | None = None,
+                 on_close: Callable[[], None] | None = None, encoder: str = ""):
         if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int)
                                        or chunk_rows < 1):
             raise InvalidArgument(f"chunk_rows: must be a positive integer, got {chunk_rows!r}")
@@ -74,33 +76,34 @@ class TableExport:
         self.layout = table.layout
         self.chunk_rows = chunk_rows or default_chunk_rows(table.layout)
         self._on_close = on_close
-        self._items, self.sequence = table.export_items()   # sequence: the change feed's, for deltas
         self.estimated_rows = table.rocks.estimate_rows(table.family)
         self.rows = 0
+        cut = ExportCut(staging_dir, table)           # each part removes what it made if it fails
+        self.sequence = cut.sequence                  # the change feed's, for deltas
+        self._stream = WorkerStream(cut, layout_fields(self.layout, self.config.dtype), self.chunk_rows, encoder)
 
-    def __iter__(self) -> Iterator[RowChunk]:
+    def messages(self) -> Iterator[bytes]:
+        """The encoded chunks, in key order."""
         try:
-            for batch in self.table.rocks.batches(self._items, self.chunk_rows):
-                yield self._chunk(batch)
+            for rows, payload in self._stream:
+                self.rows += rows
+                self.table.add_counters({"rows_exported": rows})
+                yield payload
         finally:
             self.close()
 
-    def _chunk(self, batch: list[tuple[bytes, bytes]]) -> RowChunk:
-        # Keys (8 bytes) and values (row_bytes) have fixed sizes: one join gives [n, 8 + row_bytes].
+    def __iter__(self) -> Iterator[RowChunk]:
         width = KEY_BYTES + self.layout.row_bytes
-        flat = np.frombuffer(b"".join(itertools.chain.from_iterable(batch)), dtype=np.uint8)
-        if flat.size != len(batch) * width:
-            raise StorageError(f"table: stored rows of {self.table.name!r} have an unexpected size "
-                               f"(expected {self.layout.row_bytes} bytes each)")
-        records = flat.reshape(len(batch), width)
-        keys = np.ascontiguousarray(records[:, :KEY_BYTES]).view(">u8")[:, 0].astype(np.uint64)
-        ids = (keys ^ _SIGN).view(np.int64)
-        self.rows += len(batch)
-        self.table.add_counters({"rows_exported": len(batch)})
-        return rows_to_chunk(self.layout, ids, records[:, KEY_BYTES:], contiguous=False)
+        for payload in self.messages():
+            n = len(payload) // width
+            ids = np.frombuffer(payload, np.int64, n)
+            rows = np.frombuffer(payload, np.uint8, n * self.layout.row_bytes, n * KEY_BYTES)
+            yield rows_to_chunk(self.layout, ids, rows.reshape(n, self.layout.row_bytes), contiguous=False)
 
     def close(self) -> None:
-        self._items = None
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.close()
         on_close, self._on_close = self._on_close, None
         if on_close is not None:
             on_close()
@@ -120,7 +123,8 @@ class ImportStager:
         self.dir = staging_dir
         os.makedirs(staging_dir, exist_ok=True)
         self.files: list[str] = []
-        self._writer = None
+        self._writer = None                   # the current file's: an SstFileWriter, or the worker's
+        self._worker: SstWorker | None = None
         self._writer_rows = 0
         self._last_id: int | None = None
         self._ranges: list[list[int]] = []    # [first, last] id of each ascending run: for the change feed
@@ -137,9 +141,12 @@ class ImportStager:
             # rows are padded to 16 bytes: gathering them as uint64 is ~10x faster than as uint8
             ids, rows = ids[keep], rows.view(np.uint64)[keep].view(np.uint8)
         if self._writer is None or self._last_id is None or ids[0] <= self._last_id \
-                or self._writer_rows + len(ids) > SST_ROWS:
+                or self._writer_rows + len(ids) > SST_ROWS or (self.rows >= WORKER_ROWS and not self._in_worker):
             self._next_file()                 # SST keys must increase; overlapping chunks get a new file
-        self.table.rocks.put_sst(self._writer, encode_keys(ids), self.layout.to_values(rows))
+        if self._in_worker:
+            self._worker.put(ids, rows)
+        else:
+            self.table.rocks.put_sst(self._writer, encode_keys(ids), self.layout.to_values(rows))
         if self._ranges and ids[0] > self._ranges[-1][1]:
             self._ranges[-1][1] = int(ids[-1])       # the run goes on: one range, whatever its rows
         else:
@@ -173,19 +180,32 @@ class ImportStager:
                 header[name] = meta[:, i]
         return ids, rows
 
+    @property
+    def _in_worker(self) -> bool:
+        return self._writer is not None and self._writer is self._worker
+
     def _next_file(self) -> None:
+        """Small imports write their files here; past WORKER_ROWS rows a worker process writes them
+        (it costs a process start, and takes the per-row work off this interpreter)."""
         self._finish_file()
         path = os.path.join(self.dir, f"{len(self.files):06d}.sst")
-        self._writer = self.table.rocks.sst_writer(path)
+        if self.rows >= WORKER_ROWS:
+            if self._worker is None:
+                self._worker = SstWorker(self.layout.row_bytes, self.table.rocks.config.bloom_bits_per_key)
+            self._worker.open(path)
+            self._writer = self._worker
+        else:
+            self._writer = self.table.rocks.sst_writer(path)
         self.files.append(path)
         self._writer_rows = 0
 
     def _finish_file(self) -> None:
+        """Finish the current file (the worker finishes its own when told of the next, or at the end)."""
         if self._writer is not None:
-            if self._writer_rows:
-                self._writer.finish()
-            else:
+            if not self._writer_rows:
                 self.files.pop()
+            elif not self._in_worker:
+                self._writer.finish()
             self._writer = None
 
     def commit(self) -> int:
@@ -193,13 +213,19 @@ class ImportStager:
         the imported id ranges and records the ranges in the change feed. Returns rows."""
         self._finish_file()
         try:
-            self.table.ingest(self.files, self.mode == "replace", self.rows, coalesce(self._ranges))
+            if self._worker is not None:
+                self._worker.finish()             # every file it wrote is complete
+            distinct = len(self._ranges) <= 1        # one ascending run of chunks: no id came twice
+            self.table.ingest(self.files, self.mode == "replace", self.rows, coalesce(self._ranges), distinct)
         finally:
             self.abort()
         return self.rows
 
     def abort(self) -> None:
         """Drop whatever was staged; the table is unchanged."""
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.close()
         self._writer = None
         self.files = []
         self._ranges = []

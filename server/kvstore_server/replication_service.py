@@ -26,10 +26,11 @@ from kvstore.errors import FailedPrecondition, InvalidArgument, TableNotFound
 from kvstore.id_ranges import NO_RANGES
 from kvstore.transfer import rows_to_chunk
 
+from .export_encoding import encode_export_chunk
 from .idempotency import RecentWrites
 from .messages import concat, table_config_to_proto
 from .rpc import StoreWork, whole_stream
-from .transfer_service import add_rows, encode_export_chunk
+from .transfer_service import add_rows
 
 HEARTBEAT_SECONDS = 1.0
 NO_IDS_ARRAY = np.zeros(0, np.int64)

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import numpy as np
-from kvstore_proto.tensors import decode_ids, decode_tensor, encode_message
+from kvstore_proto.tensors import decode_ids, decode_tensor
 from kvstore_proto.v1 import kvstore_pb2 as pb
 
 from kvstore import Store, TableConfig
@@ -26,6 +26,7 @@ from .allocator import return_freed_memory
 from .budgets import check_new_table
 from .data_budget import DataBudget, with_default_max_rows
 from .data_paths import check_snapshot, check_staging
+from .export_encoding import ENCODER, encode_export_chunk
 from .idempotency import RecentWrites
 from .messages import table_config_from_proto, table_config_to_proto
 from .races import across_tables
@@ -84,13 +85,13 @@ class SnapshotRPCs:
             async for chunk in self.export_delta(request, chunk_rows):
                 yield chunk
             return
-        export = await self.on_table(request.table, self.store.export_table, request.table, chunk_rows)
+        export = await self.on_table(request.table, self.store.export_table, request.table, chunk_rows, ENCODER)
         try:
             header = pb.ExportChunk(config=table_config_to_proto(export.config), estimated_rows=export.estimated_rows,
                                     sequence=export.sequence, feed_id=self.store.changes.feed_id).SerializeToString()
             empty = rows_to_chunk(export.layout, np.zeros(0, np.int64), export.layout.empty(0))
             yield encode_export_chunk(empty, header)      # the header travels alone, before any row is read
-            chunks = map(encode_export_chunk, export)     # encoded in the executor, beside the read
+            chunks = export.messages()                    # encoded by the worker process that reads them
             while (message := await self.on_table(request.table, next, chunks, None)) is not None:
                 yield message
         finally:
@@ -167,15 +168,6 @@ def _add_counted(add: Callable[[Any, Any], None], stager, request, budget: DataB
     """`add` one chunk, then refuse the import once its rows pass the table's max_rows or the disk budget."""
     add(stager, request)
     budget.check_import(stager)
-
-
-def encode_export_chunk(chunk, header: bytes = b"", tombstones: np.ndarray | None = None) -> bytes:
-    """A serialized `ExportChunk` of a chunk of rows (and a delta's tombstones), with `header` (the
-    serialized header fields of the first chunk) in front: one copy of the rows (the method is
-    pre-serialized, server.PRESERIALIZED)."""
-    tensors = {4: chunk.weights, 5: chunk.state, 6: chunk.meta.astype(np.int64)}
-    packed = {3: chunk.ids} if tombstones is None else {3: chunk.ids, 62: tombstones}
-    return encode_message(tensors, packed, header)
 
 
 def _add_import_chunk(stager, request: pb.ImportRequest) -> None:

@@ -218,8 +218,9 @@ def test_export_during_restore_finishes_on_the_old_database(store):
     rest = list(chunks)
     assert len(first) + sum(len(c) for c in rest) == 300
     store._gens.join_retired()
-    # the old database is removed once released
-    assert sorted(os.listdir(store.data_dir)) == ["LIVE", "changefeed.json", "db-1", "snapshots"]
+    # the old database is removed once released, and the export's checkpoint once it ended
+    assert sorted(os.listdir(store.data_dir)) == ["LIVE", "changefeed.json", "db-1", "snapshots", "staging"]
+    assert os.listdir(os.path.join(store.data_dir, "staging")) == []
 
 
 @pytest.mark.parametrize("durability", ["none", "wal"])

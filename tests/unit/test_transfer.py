@@ -136,6 +136,7 @@ def test_bad_mode_and_unknown_table(store):
 
 
 def test_import_keeps_the_exact_row_count_of_tables_with_a_row_limit(store):
+    """Counted without a key scan where the import's ids are distinct and the table had no row left."""
     from kvstore.config import EvictionConfig
 
     store.create_table(TableConfig(name="capped", dim=8, cache=CacheConfig(rows=64, ways=4),
@@ -145,6 +146,17 @@ def test_import_keeps_the_exact_row_count_of_tables_with_a_row_limit(store):
     assert store.stats("capped")["rows"] == 50
     store.import_table("capped", [(np.arange(5), np.ones((5, 8)))], mode="replace")
     assert store.stats("capped")["rows"] == 5
+    ascending = [(np.arange(0, 40), np.ones((40, 8))), (np.arange(40, 70), np.ones((30, 8)))]
+    store.import_table("capped", ascending, mode="replace")
+    assert store.stats("capped")["rows"] == 70
+    overlapping = [(np.arange(0, 40), np.ones((40, 8))), (np.arange(30, 45), np.ones((15, 8)))]
+    store.import_table("capped", overlapping, mode="replace")
+    assert store.stats("capped")["rows"] == 45
+    store.create_table(TableConfig(name="fresh", dim=8, eviction=EvictionConfig(max_rows=10_000)))
+    store.import_table("fresh", ascending, mode="merge")
+    assert store.stats("fresh")["rows"] == 70
+    store.import_table("fresh", [(np.arange(60, 90), np.ones((30, 8)))], mode="merge")
+    assert store.stats("fresh")["rows"] == 90
 
 
 def test_import_across_a_restore_is_refused_and_imports_nothing(store):

@@ -1,0 +1,195 @@
+"""Worker processes for exports and imports (`transfer_worker.py`): the per-row work off the GIL.
+
+Exports are read by worker processes from a checkpoint: the server's interpreter only forwards bytes.
+
+Iterating RocksDB makes Python objects per row and holds the GIL for hundreds of microseconds
+at a time, which stalls every other call of the server (lookups of other tables). So an export
+is cut like a snapshot (`Table.export_cut`: in one hold of the table's lock, a copy of the rows
+RocksDB lacks and a RocksDB checkpoint, hard links to the SST files), the copied rows are saved
+beside the checkpoint, and a worker process (`transfer_worker.py`) reads the checkpoint in key
+order, merges the saved rows in and writes ready-made chunks (bytes from an encoder it imports
+by name) to a pipe. Nothing is flushed or written to the live database.
+
+Everything lives in one directory under the store's staging directory, removed on `close`
+(the store removes leftovers of a killed server when it opens). A worker exits when its stdin
+reaches end of file, so it never outlives its server, even one killed with SIGKILL.
+
+Imports send their validated rows to a worker process (`SstWorker`) that writes the SST files
+the table then ingests: turning each row into a key and a value object for the SST writer is
+the per-row part of an import.
+"""
+from __future__ import annotations
+
+import fcntl
+import itertools
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import numpy as np
+
+from .errors import FailedPrecondition, StorageError, Unavailable
+from .rows import HEADER, RowLayout
+
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "transfer_worker.py")
+FRAME = struct.Struct("<cQQ")            # as transfer_worker.FRAME: kind, rows, payload bytes
+PIPE_BYTES = 1 << 20                     # pipe buffer asked for (Linux allows up to 1 MiB unprivileged)
+_F_SETPIPE_SZ = 1031
+# Runs the worker script without putting its directory (this package's, whose module names could
+# shadow others) or the working directory on the path (`python -P` does that from 3.11 only).
+_BOOT = "import runpy, sys; sys.path[:] = [p for p in sys.path if p]; runpy.run_path(sys.argv[1], run_name='__main__')"
+_META_OFFSET = HEADER.fields["count"][1]
+
+
+def layout_fields(layout: RowLayout, dtype: str) -> dict:
+    """Where each column lies in a stored row, for the worker's encoder (which never imports the store)."""
+    return {"row_bytes": layout.row_bytes, "dim": layout.dim, "dtype": dtype, "weight_offset": layout.weight_offset,
+            "itemsize": layout.dtype.itemsize, "state_dim": layout.state_dim, "state_offset": layout.state_offset,
+            "meta_offset": _META_OFFSET}
+
+
+class ExportCut:
+    """A table frozen at one instant in `directory`: a checkpoint of the database and the table's
+    unsaved rows (`unsaved`-ids.npy / -rows.npy). The table's calls wait only for the copy and the
+    checkpoint (memtables are flushed before, with the GIL released, so it has little to flush)."""
+
+    def __init__(self, directory: str, table):
+        self.directory = directory
+        self.checkpoint = os.path.join(directory, "db")
+        self.family = table.family
+        self.unsaved: str | None = None
+        try:
+            os.makedirs(directory)
+            table.rocks.flush()
+            ids, rows, self.sequence = table.export_cut(lambda: table.rocks.checkpoint(self.checkpoint))
+            if len(ids):
+                self.unsaved = os.path.join(directory, "unsaved")
+                np.save(self.unsaved + "-ids.npy", ids)
+                np.save(self.unsaved + "-rows.npy", rows)
+        except (OSError, StorageError) as exc:     # a full or failing disk under the staging directory
+            self.remove()
+            raise FailedPrecondition(f"table: cannot prepare the export of {table.name!r} in the staging "
+                                     f"directory: {exc}") from None
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class WorkerStream:
+    """The chunks of an export as (rows, bytes), read in key order from worker processes, one per
+    id range (`bounds`: the ranges' inner edges, ascending). `close` ends the workers and removes
+    the cut."""
+
+    def __init__(self, cut: ExportCut, layout: dict, chunk_rows: int, encoder: str = "",
+                 bounds: list[int] = ()):
+        self.cut = cut
+        edges = [None, *bounds, None]
+        base = {"task": "export", "checkpoint": cut.checkpoint, "family": cut.family, "unsaved": cut.unsaved,
+                "layout": layout, "chunk_rows": chunk_rows, "encoder": encoder}
+        self._workers: list[subprocess.Popen] = []
+        try:
+            for lo, hi in itertools.pairwise(edges):
+                self._workers.append(_start_worker({**base, "lo": lo, "hi": hi}))
+        except BaseException:
+            self.close()
+            raise
+
+    def __iter__(self) -> Iterator[tuple[int, bytes]]:
+        for worker in self._workers:
+            while True:
+                kind, rows, size = FRAME.unpack(_read(worker, FRAME.size))
+                payload = _read(worker, size)
+                if kind == b"C":
+                    yield rows, payload
+                elif kind == b"E":
+                    raise StorageError(f"export: reading the checkpoint failed: {payload.decode(errors='replace')}")
+                else:
+                    break
+
+    def close(self) -> None:
+        for worker in self._workers:
+            _stop(worker)
+        self._workers = []
+        self.cut.remove()
+
+
+class SstWorker:
+    """Writes an import's SST files in a worker process: `open` a file, `put` sorted rows into it,
+    `finish` (every file complete, or the worker's error raised). `close` stops the worker."""
+
+    def __init__(self, row_bytes: int, bloom_bits: int):
+        self._worker = _start_worker({"task": "sst", "row_bytes": row_bytes, "bloom_bits": bloom_bits})
+
+    def open(self, path: str) -> None:
+        self._send(b"F", 0, [path.encode()])
+
+    def put(self, ids: np.ndarray, rows: np.ndarray) -> None:
+        self._send(b"R", len(ids), [np.ascontiguousarray(ids, "<i8").data, np.ascontiguousarray(rows).data])
+
+    def finish(self) -> None:
+        self._send(b"E", 0, [])
+        self._reply()
+
+    def _send(self, kind: bytes, rows: int, parts: list) -> None:
+        try:
+            pipe = self._worker.stdin
+            pipe.write(FRAME.pack(kind, rows, sum(memoryview(p).nbytes for p in parts)))
+            for part in parts:
+                pipe.write(part)
+            pipe.flush()
+        except BrokenPipeError:
+            self._reply()                   # the worker's error, if it said one
+            raise Unavailable("import: the worker process writing its files ended early; nothing changed, "
+                              "the import may be retried") from None
+
+    def _reply(self) -> None:
+        kind, _, size = FRAME.unpack(_read(self._worker, FRAME.size))
+        payload = _read(self._worker, size)
+        if kind == b"E":
+            raise StorageError(f"import: writing SST files failed: {payload.decode(errors='replace')}")
+
+    def close(self) -> None:
+        _stop(self._worker)
+
+
+def _stop(worker: subprocess.Popen) -> None:
+    if worker.poll() is None:
+        worker.kill()
+    worker.wait()
+    for pipe in (worker.stdin, worker.stdout):
+        try:
+            pipe.close()
+        except OSError:
+            pass
+
+
+def _start_worker(job: dict) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}   # the encoder's package too
+    try:
+        worker = subprocess.Popen([sys.executable, "-c", _BOOT, WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  env=env, close_fds=True)
+    except OSError as exc:
+        raise StorageError(f"export: cannot start a worker process: {exc}") from None
+    try:
+        fcntl.fcntl(worker.stdout.fileno(), _F_SETPIPE_SZ, PIPE_BYTES)
+    except OSError:
+        pass                                  # a smaller pipe only means more reads
+    worker.stdin.write(json.dumps(job).encode() + b"\n")
+    worker.stdin.flush()                      # stdin stays open: the worker exits when it closes
+    return worker
+
+
+def _read(worker: subprocess.Popen, size: int) -> bytes:
+    """`size` bytes from the worker (read straight into one bytes object, the GIL released while waiting)."""
+    data = worker.stdout.read(size) if size else b""
+    if len(data) != size:
+        raise Unavailable(f"the worker process of an export or import ended early (exit code {worker.wait()}); "
+                          "nothing changed, it may be retried")
+    return data

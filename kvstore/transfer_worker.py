@@ -1,0 +1,224 @@
+"""The process that does the per-row work of an export or an import, off the server's GIL.
+
+Run by path (`transfer_process._BOOT`), not as part of the package: it imports only
+numpy and rocksdict (and the encoder it is told to use), so it starts in a fraction of the
+time the store takes to import, and its per-row Python work never holds the server's GIL.
+
+It reads one JSON line from stdin (the job, see `transfer_process`), then, as frames of
+`<c kind><Q rows><Q length>` and `length` bytes:
+- task "export": reads one key range of one table from a RocksDB checkpoint and writes frames
+  to stdout: C a chunk (bytes made by the encoder), E an error (UTF-8 text), D done. Rows the
+  table had not yet written to RocksDB at the cut (saved beside the checkpoint as two .npy
+  files) are merged in, in key order, the newer one winning.
+- task "sst": reads frames from stdin: F path (start an SST file, finishing the one before),
+  R rows (ids then stored rows, in increasing id order), E end (finish the last file), and
+  answers the end with D (or E, an error) on stdout.
+It exits when stdin reaches end of file (its server is gone, even by kill -9, or gave the work
+up) or stdout is closed.
+"""
+from __future__ import annotations
+
+import collections
+import importlib
+import itertools
+import json
+import os
+import struct
+import sys
+import threading
+import traceback
+
+import numpy as np
+import rocksdict as rd
+
+FRAME = struct.Struct("<cQQ")
+NICENESS = 10          # bulk work: where cores are scarce, the server's own calls (lookups) go first
+KEY_BYTES = 8
+_SIGN = np.uint64(1 << 63)
+
+
+def raw_rows(layout: dict, ids: np.ndarray, rows: np.ndarray) -> list:
+    """The in-process encoding: ids (int64) then the rows as stored; the store decodes it in place."""
+    return [np.ascontiguousarray(ids, "<i8").data, np.ascontiguousarray(rows).data]
+
+
+def _ids_of(keys: np.ndarray) -> np.ndarray:
+    return (keys.view(">u8")[:, 0].astype(np.uint64) ^ _SIGN).view(np.int64)
+
+
+def _key(id_: int) -> bytes:
+    return ((int(id_) + (1 << 63)) % (1 << 64)).to_bytes(8, "big")     # the sign bit flipped, big-endian
+
+
+class RangeReader:
+    """Chunks of the rows with ids in [lo, hi) of a checkpoint's column family, merged with
+    the unsaved rows of that range."""
+
+    def __init__(self, job: dict):
+        self.job = job
+        self.row_bytes = int(job["layout"]["row_bytes"])
+        self.chunk_rows = int(job["chunk_rows"])
+        self.lo, self.hi = job.get("lo"), job.get("hi")
+        opts = rd.Options(raw_mode=True)
+        self.db = rd.Rdict(job["checkpoint"], opts, column_families={job["family"]: rd.Options(raw_mode=True)},
+                           access_type=rd.AccessType.read_only())
+        self.unsaved_ids, self.unsaved_rows = self._unsaved()
+
+    def _unsaved(self) -> tuple[np.ndarray, np.ndarray]:
+        """The unsaved rows of this range, sorted by id, the newest copy of each id."""
+        if not self.job.get("unsaved"):
+            return np.zeros(0, np.int64), np.zeros((0, self.row_bytes), np.uint8)
+        ids = np.load(self.job["unsaved"] + "-ids.npy", mmap_mode="r")
+        rows = np.load(self.job["unsaved"] + "-rows.npy", mmap_mode="r")
+        keep = np.ones(len(ids), bool)
+        if self.lo is not None:
+            keep &= ids >= self.lo
+        if self.hi is not None:
+            keep &= ids < self.hi
+        picked = np.flatnonzero(keep)
+        ids = np.asarray(ids[picked])
+        newest = len(ids) - 1 - np.unique(ids[::-1], return_index=True)[1]    # sorted, the last copy wins
+        return ids[newest], np.asarray(rows[picked[newest]])
+
+    def batches(self):
+        """(ids, rows) of stored rows in key order, `chunk_rows` at a time, unsaved rows merged in."""
+        opts = rd.ReadOptions()
+        opts.fill_cache(False)
+        opts.set_readahead_size(2 << 20)
+        family = self.db.get_column_family(self.job["family"])
+        items = family.items(read_opt=opts) if self.lo is None else family.items(from_key=_key(self.lo),
+                                                                                read_opt=opts)
+        width = KEY_BYTES + self.row_bytes
+        taken = 0                                   # unsaved rows merged so far
+        while True:
+            batch = list(itertools.islice(items, self.chunk_rows))
+            flat = np.frombuffer(b"".join(itertools.chain.from_iterable(batch)), np.uint8)
+            if flat.size != len(batch) * width:
+                raise ValueError(f"stored rows have an unexpected size (expected {self.row_bytes} bytes each)")
+            records = flat.reshape(len(batch), width)
+            ids = _ids_of(records[:, :KEY_BYTES])
+            last = len(batch) < self.chunk_rows
+            if self.hi is not None and len(ids) and ids[-1] >= self.hi:
+                cut = int(np.searchsorted(ids, self.hi))
+                ids, records, last = ids[:cut], records[:cut], True
+            upto = len(self.unsaved_ids) if last else int(np.searchsorted(self.unsaved_ids, ids[-1], "right"))
+            yield from self._merged(ids, records[:, KEY_BYTES:], taken, upto)
+            taken = upto
+            if last:
+                return
+
+    def _merged(self, ids: np.ndarray, rows: np.ndarray, start: int, end: int):
+        if end > start:
+            ids = np.concatenate([ids, self.unsaved_ids[start:end]])
+            rows = np.concatenate([rows, self.unsaved_rows[start:end]])
+            order = np.argsort(ids, kind="stable")           # an unsaved copy sorts after the stored one
+            ids, rows = ids[order], rows[order]
+            newest = np.append(ids[1:] != ids[:-1], True)
+            ids, rows = ids[newest], rows[newest]
+        for at in range(0, len(ids), self.chunk_rows):
+            yield ids[at:at + self.chunk_rows], rows[at:at + self.chunk_rows]
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def _write(out, kind: bytes, rows: int, parts: list) -> None:
+    size = sum(memoryview(p).nbytes for p in parts)
+    out.write(FRAME.pack(kind, rows, size))
+    for part in parts:
+        out.write(part)
+
+
+class SstFiles:
+    """The SST files of an import, written as the server sends their rows (`write` runs the frames)."""
+
+    def __init__(self, job: dict):
+        self.row_bytes = int(job["row_bytes"])
+        self.options = rd.Options(raw_mode=True)
+        table = rd.BlockBasedOptions()                # as the database's own files (RocksTier._options)
+        table.set_bloom_filter(int(job["bloom_bits"]), False)
+        table.set_cache_index_and_filter_blocks(True)
+        self.options.set_block_based_table_factory(table)
+        self.writer, self.path, self.rows = None, "", 0
+
+    def write(self, src) -> None:
+        while True:
+            kind, rows, size = FRAME.unpack(_read_exactly(src, FRAME.size))
+            payload = _read_exactly(src, size)
+            if kind == b"R":
+                self._put(payload, rows)
+                continue
+            self._finish()
+            if kind != b"F":
+                return
+            self.path, self.rows = payload.decode(), 0
+            self.writer = rd.SstFileWriter(self.options)
+            self.writer.open(self.path)
+
+    def _put(self, payload: bytes, n: int) -> None:
+        ids = np.frombuffer(payload, np.int64, n)
+        rows = np.frombuffer(payload, np.uint8, n * self.row_bytes, n * KEY_BYTES)
+        keys = ((ids.view(np.uint64) ^ _SIGN).astype(">u8")).view("V8").tolist()   # as kvstore.rows.encode_keys
+        values = rows.view(f"V{self.row_bytes}").tolist()
+        collections.deque(map(self.writer.__setitem__, keys, values), maxlen=0)
+        self.rows += n
+
+    def _finish(self) -> None:
+        if self.writer is not None and self.rows:
+            self.writer.finish()
+        self.writer = None
+
+
+def _read_exactly(src, size: int) -> bytes:
+    data = src.read(size) if size else b""
+    if len(data) != size:            # the server is gone or gave the import up: nothing to finish
+        os._exit(0)
+    return data
+
+
+def export_range(job: dict, out) -> None:
+    module, _, name = job.get("encoder", "").rpartition(":")
+    encode = getattr(importlib.import_module(module), name) if module else raw_rows
+    reader = RangeReader(job)
+    try:
+        for ids, rows in reader.batches():
+            encoded = encode(job["layout"], ids, rows)
+            _write(out, b"C", len(ids), encoded if isinstance(encoded, list) else [encoded])
+    finally:
+        reader.close()
+
+
+def _exit_at_eof() -> None:
+    """The server holds our stdin open while it wants us: end of file means it is gone."""
+    while sys.stdin.buffer.read(1 << 16):
+        pass
+    os._exit(0)
+
+
+def main() -> int:
+    out, src = sys.stdout.buffer, sys.stdin.buffer
+    os.nice(NICENESS)
+    job = json.loads(src.readline())
+    try:
+        if job["task"] == "sst":
+            SstFiles(job).write(src)
+        else:
+            threading.Thread(target=_exit_at_eof, daemon=True).start()
+            export_range(job, out)
+    except BrokenPipeError:
+        return 0
+    except Exception as exc:  # noqa: BLE001 - reported to the server, which raises it as a StorageError
+        traceback.print_exc(file=sys.stderr)
+        _write(out, b"E", 0, [f"{type(exc).__name__}: {exc}".encode()])
+    else:
+        _write(out, b"D", 0, [])
+    out.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        code = main()
+    except BrokenPipeError:          # the server closed our stdout: it wants no more
+        code = 0
+    os._exit(code)                   # not sys.exit: interpreter shutdown would wait on the stdin reader
