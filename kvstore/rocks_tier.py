@@ -348,6 +348,18 @@ class RocksTier:
         with self._use(), _guard(f"count keys of {family!r}"):
             return sum(1 for _ in self._family(family).keys())
 
+    def count_keys_in(self, family: str, bounds: list[tuple[bytes, bytes]]) -> int:
+        """Keys k with lo <= k <= hi for each (lo, hi) of `bounds` (disjoint): a scan of those key
+        ranges only, not of the family."""
+        with self._use(), _guard(f"count keys of {family!r}"):
+            cf, total = self._family(family), 0
+            for lo, hi in bounds:
+                options = rd.ReadOptions()
+                options.fill_cache(False)
+                keys = cf.keys(from_key=lo, read_opt=options)
+                total += sum(1 for _ in itertools.takewhile(lambda key, hi=hi: key <= hi, keys))
+            return total
+
     def live_bytes(self, family: str) -> int:
         with self._use(), _guard("read property"):
             return int(self._family(family).property_int_value("rocksdb.live-sst-files-size") or 0)

@@ -147,6 +147,12 @@ class TableUpkeep:
             self._settle()
             rocks, family = self.rocks, self.family
 
+            # a merge into a table that counts rows: the count moves by the keys the import's
+            # ranges gained (scanned before and after; the rest of the table is not read)
+            merging = self.eviction.counts_rows and not replace and self.eviction.rows > 0
+            bounds = _key_bounds(ranges) if merging else []
+            before = rocks.count_keys_in(family, bounds) if merging else 0
+
             def perform() -> None:
                 if replace:
                     rocks.delete_all(family)
@@ -161,8 +167,10 @@ class TableUpkeep:
                     cached = tier.cached_ids()
                     tier.invalidate(cached[covers(ranges, cached)])
             if self.eviction.counts_rows:          # exact row count for eviction triggers
-                empty_before = replace or self.eviction.rows == 0
-                self.eviction.rows = rows if distinct and empty_before else rocks.count_keys(family)
+                if merging:
+                    self.eviction.rows += rocks.count_keys_in(family, bounds) - before
+                else:                              # the table is now the import's rows alone
+                    self.eviction.rows = rows if distinct else rocks.count_keys(family)
                 self._save_row_count()
             self.changes.imported(self.name, ranges, replaced=replace)
             self.counters["rows_imported"] += rows
@@ -282,3 +290,10 @@ class TableUpkeep:
             if self.eviction.rows is not None:
                 counters["rows"] = float(self.eviction.rows)    # exact, for tables with a row limit
             return counters
+
+
+def _key_bounds(ranges: np.ndarray) -> list[tuple[bytes, bytes]]:
+    """RocksDB key bounds (lo, hi) of closed id ranges (keys sort as their ids do)."""
+    if not len(ranges):
+        return []
+    return list(zip(encode_keys(ranges[:, 0]), encode_keys(ranges[:, 1]), strict=True))

@@ -159,6 +159,24 @@ def test_import_keeps_the_exact_row_count_of_tables_with_a_row_limit(store):
     assert store.stats("fresh")["rows"] == 90
 
 
+def test_a_merge_into_a_counted_table_counts_only_the_rows_it_adds(store):
+    """The count moves by the keys the import's ranges gained: rows inside a range the import did
+    not bring (gaps), rows it overwrote, negative ids, and rows outside every range all count right."""
+    from kvstore.config import EvictionConfig
+
+    store.create_table(TableConfig(name="capped", dim=8, cache=CacheConfig(rows=64, ways=4),
+                                   eviction=EvictionConfig(max_rows=100_000)))
+    existing = np.array([-500, -7, 3, 10, 11, 400, 1 << 40], dtype=np.int64)
+    store.update("capped", existing, np.ones((len(existing), 8)))
+    imported = np.array([-7, -6, 4, 10, 12, 399, 1 << 41], dtype=np.int64)    # -7 and 10 exist
+    store.import_table("capped", [(imported, np.full((len(imported), 8), 2.0))], mode="merge")
+    expect = len(np.union1d(existing, imported))
+    assert store.stats("capped")["rows"] == expect
+    assert sum(len(chunk) for chunk in store.export_table("capped")) == expect
+    store.import_table("capped", [(np.array([3, 4]), np.ones((2, 8)))], mode="merge")   # nothing new
+    assert store.stats("capped")["rows"] == expect
+
+
 def test_import_across_a_restore_is_refused_and_imports_nothing(store):
     from kvstore import FailedPrecondition
 
