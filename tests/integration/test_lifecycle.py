@@ -30,7 +30,7 @@ def serving(address: str) -> bool:
 def test_sigterm_lets_an_in_flight_stream_finish(start_server):
     from kvstore_client import KVStoreClient
 
-    server = start_server()
+    server = start_server("--grace-seconds", "600")   # the stream ends when the test says, however slow the machine
     with KVStoreClient(server.address) as client:
         small_table(client, "live", dim=4)
         client.update("live", [1, 2], np.ones((2, 4), np.float32))
