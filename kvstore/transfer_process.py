@@ -1,7 +1,5 @@
 """Worker processes for exports and imports (`transfer_worker.py`): the per-row work off the GIL.
 
-Exports are read by worker processes from a checkpoint: the server's interpreter only forwards bytes.
-
 Iterating RocksDB makes Python objects per row and holds the GIL for hundreds of microseconds
 at a time, which stalls every other call of the server (lookups of other tables). So an export
 is cut like a snapshot (`Table.export_cut`: in one hold of the table's lock, a copy of the rows
@@ -21,7 +19,6 @@ the per-row part of an import.
 from __future__ import annotations
 
 import fcntl
-import itertools
 import json
 import os
 import shutil
@@ -83,40 +80,35 @@ class ExportCut:
 
 
 class WorkerStream:
-    """The chunks of an export as (rows, bytes), read in key order from worker processes, one per
-    id range (`bounds`: the ranges' inner edges, ascending). `close` ends the workers and removes
-    the cut."""
+    """The chunks of an export as (rows, bytes), read in key order from a worker process. `close`
+    ends the worker and removes the cut."""
 
-    def __init__(self, cut: ExportCut, layout: dict, chunk_rows: int, encoder: str = "",
-                 bounds: list[int] = ()):
+    def __init__(self, cut: ExportCut, layout: dict, chunk_rows: int, encoder: str = ""):
         self.cut = cut
-        edges = [None, *bounds, None]
-        base = {"task": "export", "checkpoint": cut.checkpoint, "family": cut.family, "unsaved": cut.unsaved,
-                "layout": layout, "chunk_rows": chunk_rows, "encoder": encoder}
-        self._workers: list[subprocess.Popen] = []
+        self._worker: subprocess.Popen | None = None
         try:
-            for lo, hi in itertools.pairwise(edges):
-                self._workers.append(_start_worker({**base, "lo": lo, "hi": hi}))
+            self._worker = _start_worker({"task": "export", "checkpoint": cut.checkpoint, "family": cut.family,
+                                          "unsaved": cut.unsaved, "layout": layout, "chunk_rows": chunk_rows,
+                                          "encoder": encoder})
         except BaseException:
             self.close()
             raise
 
     def __iter__(self) -> Iterator[tuple[int, bytes]]:
-        for worker in self._workers:
-            while True:
-                kind, rows, size = FRAME.unpack(_read(worker, FRAME.size))
-                payload = _read(worker, size)
-                if kind == b"C":
-                    yield rows, payload
-                elif kind == b"E":
-                    raise StorageError(f"export: reading the checkpoint failed: {payload.decode(errors='replace')}")
-                else:
-                    break
+        while True:
+            kind, rows, size = FRAME.unpack(_read(self._worker, FRAME.size))
+            payload = _read(self._worker, size)
+            if kind == b"C":
+                yield rows, payload
+            elif kind == b"E":
+                raise StorageError(f"export: reading the checkpoint failed: {payload.decode(errors='replace')}")
+            else:
+                return
 
     def close(self) -> None:
-        for worker in self._workers:
-            _stop(worker)
-        self._workers = []
+        if self._worker is not None:
+            _stop(self._worker)
+            self._worker = None
         self.cut.remove()
 
 

@@ -6,7 +6,7 @@ time the store takes to import, and its per-row Python work never holds the serv
 
 It reads one JSON line from stdin (the job, see `transfer_process`), then, as frames of
 `<c kind><Q rows><Q length>` and `length` bytes:
-- task "export": reads one key range of one table from a RocksDB checkpoint and writes frames
+- task "export": reads one table from a RocksDB checkpoint, in key order, and writes frames
   to stdout: C a chunk (bytes made by the encoder), E an error (UTF-8 text), D done. Rows the
   table had not yet written to RocksDB at the cut (saved beside the checkpoint as two .npy
   files) are merged in, in key order, the newer one winning.
@@ -46,39 +46,27 @@ def _ids_of(keys: np.ndarray) -> np.ndarray:
     return (keys.view(">u8")[:, 0].astype(np.uint64) ^ _SIGN).view(np.int64)
 
 
-def _key(id_: int) -> bytes:
-    return ((int(id_) + (1 << 63)) % (1 << 64)).to_bytes(8, "big")     # the sign bit flipped, big-endian
-
-
-class RangeReader:
-    """Chunks of the rows with ids in [lo, hi) of a checkpoint's column family, merged with
-    the unsaved rows of that range."""
+class CheckpointReader:
+    """Chunks of the rows of a checkpoint's column family, merged with the table's unsaved rows."""
 
     def __init__(self, job: dict):
         self.job = job
         self.row_bytes = int(job["layout"]["row_bytes"])
         self.chunk_rows = int(job["chunk_rows"])
-        self.lo, self.hi = job.get("lo"), job.get("hi")
         opts = rd.Options(raw_mode=True)
         self.db = rd.Rdict(job["checkpoint"], opts, column_families={job["family"]: rd.Options(raw_mode=True)},
                            access_type=rd.AccessType.read_only())
         self.unsaved_ids, self.unsaved_rows = self._unsaved()
 
     def _unsaved(self) -> tuple[np.ndarray, np.ndarray]:
-        """The unsaved rows of this range, sorted by id, the newest copy of each id."""
+        """The unsaved rows, sorted by id, the newest copy of each id."""
         if not self.job.get("unsaved"):
             return np.zeros(0, np.int64), np.zeros((0, self.row_bytes), np.uint8)
         ids = np.load(self.job["unsaved"] + "-ids.npy", mmap_mode="r")
         rows = np.load(self.job["unsaved"] + "-rows.npy", mmap_mode="r")
-        keep = np.ones(len(ids), bool)
-        if self.lo is not None:
-            keep &= ids >= self.lo
-        if self.hi is not None:
-            keep &= ids < self.hi
-        picked = np.flatnonzero(keep)
-        ids = np.asarray(ids[picked])
+        ids = np.asarray(ids)
         newest = len(ids) - 1 - np.unique(ids[::-1], return_index=True)[1]    # sorted, the last copy wins
-        return ids[newest], np.asarray(rows[picked[newest]])
+        return ids[newest], np.asarray(rows[newest])
 
     def batches(self):
         """(ids, rows) of stored rows in key order, `chunk_rows` at a time, unsaved rows merged in."""
@@ -86,8 +74,7 @@ class RangeReader:
         opts.fill_cache(False)
         opts.set_readahead_size(2 << 20)
         family = self.db.get_column_family(self.job["family"])
-        items = family.items(read_opt=opts) if self.lo is None else family.items(from_key=_key(self.lo),
-                                                                                read_opt=opts)
+        items = family.items(read_opt=opts)
         width = KEY_BYTES + self.row_bytes
         taken = 0                                   # unsaved rows merged so far
         while True:
@@ -98,9 +85,6 @@ class RangeReader:
             records = flat.reshape(len(batch), width)
             ids = _ids_of(records[:, :KEY_BYTES])
             last = len(batch) < self.chunk_rows
-            if self.hi is not None and len(ids) and ids[-1] >= self.hi:
-                cut = int(np.searchsorted(ids, self.hi))
-                ids, records, last = ids[:cut], records[:cut], True
             upto = len(self.unsaved_ids) if last else int(np.searchsorted(self.unsaved_ids, ids[-1], "right"))
             yield from self._merged(ids, records[:, KEY_BYTES:], taken, upto)
             taken = upto
@@ -179,7 +163,7 @@ def _read_exactly(src, size: int) -> bytes:
 def export_range(job: dict, out) -> None:
     module, _, name = job.get("encoder", "").rpartition(":")
     encode = getattr(importlib.import_module(module), name) if module else raw_rows
-    reader = RangeReader(job)
+    reader = CheckpointReader(job)
     try:
         for ids, rows in reader.batches():
             encoded = encode(job["layout"], ids, rows)
