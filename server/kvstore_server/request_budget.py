@@ -93,10 +93,13 @@ class BufferedRequest:
             self.memory.give_back(self.peer, self.bytes)
             self.bytes = 0
 
+    def charge(self, size: int) -> None:
+        """Hold `size` more bytes for this call (ResourceExhausted past the budgets, nothing held then)."""
+        self.memory.take(self.peer, size)
+        self.bytes += size
+
     async def chunks(self, requests: AsyncIterator) -> AsyncIterator:
         """The parsed requests of a stream, each charged at its wire size before it is handed on."""
         async for request in requests:
-            size = request.ByteSize()
-            self.memory.take(self.peer, size)
-            self.bytes += size
+            self.charge(request.ByteSize())
             yield request

@@ -28,7 +28,6 @@ from .data_budget import DataBudget
 from .health_watch import peer_address
 from .idempotency import RecentWrites
 from .messages import on_miss_name
-from .races import on_table
 from .request_budget import BufferedRequest, RequestMemory
 from .security import is_loopback
 from .segments import Segment, Segments, region
@@ -105,10 +104,9 @@ class SameHostRPCs:
         return pb.SharedLookupResponse(rows=n)
 
     def _lookup_cached_into(self, table: str, ids: np.ndarray, weights: np.ndarray, state: np.ndarray | None) -> bool:
-        """On the event loop, when every row is cached and the table free now (as Lookup's inline path)."""
-        if weights.nbytes + (0 if state is None else state.nbytes) > self.config.inline_lookup_bytes:
-            return False
-        result = on_table(self.store, table, self.store.lookup_if_cached, table, ids, state is not None)
+        """On the event loop, when Lookup's inline path would serve it there."""
+        result = self._inline_lookup(table, ids, state is not None,
+                                     weights.nbytes + (0 if state is None else state.nbytes))
         if result is None:
             return False
         _write(result, weights, state)
@@ -193,8 +191,7 @@ def shared_piece_rows(segment: Segment, piece: pb.TableRows, where: str, n: int,
 def copied(held: BufferedRequest, view: np.ndarray, dtype=None) -> np.ndarray:
     """The server's own copy of a region, charged to the call's request memory (before it is made)."""
     dtype = np.dtype(dtype or view.dtype)
-    held.memory.take(held.peer, view.size * dtype.itemsize)
-    held.bytes += view.size * dtype.itemsize
+    held.charge(view.size * dtype.itemsize)
     return np.array(view, dtype=dtype)
 
 

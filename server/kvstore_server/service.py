@@ -166,11 +166,17 @@ class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPC
 
     def _lookup_started(self, row_bytes: int, table: str, ids: np.ndarray, on_miss: str,
                         with_state: bool) -> bytes | asyncio.Future:
-        if row_bytes <= self.config.inline_lookup_bytes:
-            result = on_table(self.store, table, self.store.lookup_if_cached, table, ids, with_state)
-            if result is not None:
-                return encode_lookup_response(result.weights, result.state)
+        result = self._inline_lookup(table, ids, with_state, row_bytes)
+        if result is not None:
+            return encode_lookup_response(result.weights, result.state)
         return asyncio.ensure_future(self.on_table(table, self._lookup_chunk, table, ids, on_miss, with_state))
+
+    def _inline_lookup(self, table: str, ids: np.ndarray, with_state: bool, nbytes: int):
+        """The rows, read here on the event loop, when every one is cached, they are at most
+        `inline_lookup_bytes`, and the table is free now; else None (the store threads take it)."""
+        if nbytes > self.config.inline_lookup_bytes:
+            return None
+        return on_table(self.store, table, self.store.lookup_if_cached, table, ids, with_state)
 
     async def _lookup_after(self, previous: asyncio.Future, row_bytes: int, *chunk) -> bytes:
         await asyncio.wait((previous,))              # its outcome is its own chunk's: only its end counts here
