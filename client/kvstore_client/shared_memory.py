@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from multiprocessing import shared_memory
 
 import numpy as np
-from kvstore_proto.tensors import WIRE_DTYPES
+from kvstore_proto.tensors import WIRE_DTYPES, WireError, wire_name
 from kvstore_proto.v1 import kvstore_pb2 as pb
 
 from .errors import InvalidArgumentError
@@ -32,7 +32,6 @@ PREFIX = "kvstore-"
 TOKEN_BYTES = 16
 ALIGN = 64                   # arrays start on cache lines
 MIN_SEGMENT_BYTES = 1 << 20
-_NAMES = {dtype: name for name, dtype in WIRE_DTYPES.items()}
 
 
 class NotAttached(Exception):
@@ -40,11 +39,10 @@ class NotAttached(Exception):
 
 
 def wire_dtype(array: np.ndarray, field: str) -> str:
-    name = _NAMES.get(array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype)
-    if name is None:
-        raise InvalidArgumentError(message=f"{field}: unsupported dtype {array.dtype}; expected one of "
-                                           f"{sorted(WIRE_DTYPES)}")
-    return name
+    try:
+        return wire_name(array.dtype, field)
+    except WireError as exc:
+        raise InvalidArgumentError(message=str(exc)) from None
 
 
 class Segment:

@@ -34,12 +34,18 @@ def decode_ids(blob: bytes, field: str = "ids") -> np.ndarray:
     return np.frombuffer(blob, dtype="<i8")
 
 
+def wire_name(dtype: np.dtype, field: str = "tensor") -> str:
+    """The wire name of a NumPy dtype (either byte order), or WireError naming `field`."""
+    name = _NAMES.get(dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype)
+    if name is None:
+        raise WireError(f"{field}: unsupported dtype {dtype}; expected one of {sorted(WIRE_DTYPES)}")
+    return name
+
+
 def _wire_array(array: np.ndarray) -> tuple[str, np.ndarray]:
     """The wire dtype name of an array and the array as contiguous little-endian values."""
     array = np.asarray(array)
-    name = _NAMES.get(array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype)
-    if name is None:
-        raise WireError(f"tensor: unsupported dtype {array.dtype}; expected one of {sorted(WIRE_DTYPES)}")
+    name = wire_name(array.dtype)
     return name, np.ascontiguousarray(array, dtype=WIRE_DTYPES[name])
 
 
