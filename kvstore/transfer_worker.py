@@ -160,7 +160,7 @@ def _read_exactly(src, size: int) -> bytes:
     return data
 
 
-def export_range(job: dict, out) -> None:
+def export_checkpoint(job: dict, out) -> None:
     module, _, name = job.get("encoder", "").rpartition(":")
     encode = getattr(importlib.import_module(module), name) if module else raw_rows
     reader = CheckpointReader(job)
@@ -188,7 +188,7 @@ def main() -> int:
             SstFiles(job).write(src)
         else:
             threading.Thread(target=_exit_at_eof, daemon=True).start()
-            export_range(job, out)
+            export_checkpoint(job, out)
     except BrokenPipeError:
         return 0
     except Exception as exc:  # noqa: BLE001 - reported to the server, which raises it as a StorageError
