@@ -53,8 +53,6 @@ COPY_PIECE_ROWS = 16384     # rows per piece of a lookup's gather + copy-out pip
 
 
 class GpuTier:
-    waits_for_device = True       # reads wait for the device: never on a server's event loop
-
     def __init__(self, config: CacheConfig, layout: RowLayout, optimizer: OptimizerConfig, device: int):
         try:
             count = cupy.cuda.runtime.getDeviceCount()
@@ -107,6 +105,22 @@ class GpuTier:
             slots_d = cupy.unique(self._d(slots))
             self.cache.touch(slots_d)
             self.cache.touch_headers(slots_d, int(now))
+
+    def cached_columns(self, ids: np.ndarray, now: float, with_state: bool
+                       ) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """`HostTier.cached_columns` on the device: a pure probe and one wait to see that every id
+        is cached, then touch and gather. None, with nothing changed, when any id is not cached or
+        the device still has queued work (a caller that must not block, such as a server's event
+        loop, then waits only for this call's own few kernels and copies)."""
+        with self.device:
+            if not cupy.cuda.get_current_stream().done:
+                return None
+            ids_d = self._d(ids)
+            if not bool((self.cache.probe(ids_d) >= 0).all()):
+                return None
+            self.cache.begin_batch()
+            slots_d = self.cache.probe_and_touch(ids_d, now=int(now))
+            return self._columns(slots_d, with_state)
 
     def probe_touch_columns(self, ids: np.ndarray, now: float, with_state: bool
                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

@@ -164,22 +164,18 @@ class Table(TableUpkeep):
 
     def lookup_if_cached(self, ids, with_state: bool = False) -> LookupResult | None:
         """`lookup(ids)` when the table lock is free right now and every id is cached, else None
-        with nothing changed. Never waits and never reads RocksDB: its cost is a probe and a
-        gather of len(ids) cached rows, so a server may run it where it must not block. A tier
-        whose reads wait for a device always answers None."""
-        if self.cache.waits_for_device:
-            return None
+        with nothing changed. Never waits for a lock and never reads RocksDB: its cost is a probe
+        and a gather of len(ids) cached rows (`cached_columns`; a GPU tier also answers None
+        while its device is busy), so a server may run it where it must not block."""
         ids = self._ids(ids)
         if not self._lock.acquire(blocking=False):
             return None
         try:
-            slots = self.cache.probe(ids)
-            if not bool((slots >= 0).all()):               # probe is pure: a miss changes nothing
+            columns = self.cache.cached_columns(ids, self.clock(), with_state)
+            if columns is None:
                 return None
-            self.cache.begin_batch()                        # from here on: lookup's all-hit path
-            self.cache.access(slots, self.clock())
-            self.counters["cache_hits"] += len(slots)
-            return LookupResult(*self.cache.columns(slots, with_state))
+            self.counters["cache_hits"] += len(ids)
+            return LookupResult(*columns)
         finally:
             self._lock.release()
 

@@ -30,8 +30,6 @@ class HostTier(SetAssociativeCache):
     """The cache tier in host memory. Its arrays are zero-filled by the OS page by page as
     slots are used (calloc), so memory grows with use up to the configured size."""
 
-    waits_for_device = False      # reads are plain memory reads: fine on a server's event loop
-
     def __init__(self, config: CacheConfig, layout: RowLayout, optimizer):
         super().__init__(config, layout.row_bytes)
         self.layout = layout
@@ -52,6 +50,17 @@ class HostTier(SetAssociativeCache):
         call (a GPU tier answers it with one trip across PCIe instead of two)."""
         slots = self.probe_and_touch(ids, now)
         return (slots, *self.columns(slots, with_state))
+
+    def cached_columns(self, ids: np.ndarray, now: float, with_state: bool
+                       ) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """A lookup that finds every id cached: a new batch, the access recorded, the columns
+        gathered. None, with nothing changed, when any id is not cached (the probe is pure)."""
+        slots = self.probe(ids)
+        if not bool((slots >= 0).all()):
+            return None
+        self.begin_batch()
+        self.access(slots, now)
+        return self.columns(slots, with_state)
 
     def access(self, slots: np.ndarray, now: float) -> None:
         """A use of cached slots: stamps, and count + 1 / last_access in headers (duplicates once)."""

@@ -86,6 +86,28 @@ def test_lookup_modes_and_delete_match_host(store):
                                   store.lookup("host", ids, on_miss="zeros").weights)
 
 
+def test_a_cached_lookup_without_waiting_equals_the_host_tables(store):
+    """`lookup_if_cached` (what a server serves on its event loop) on a GPU table: the rows and
+    access counts a host table gives; one uncached id gives None and changes nothing."""
+    ids = np.arange(100)
+    weights = np.random.default_rng(5).standard_normal((100, 16)).astype(np.float32)
+    for name, device in (("host", "cpu"), ("gpu", "cuda:0")):
+        store.create_table(config(name, device))
+        store.update(name, ids, weights)
+    query = np.array([7, 3, 7, 99])
+    host, gpu = store.lookup_if_cached("host", query, True), store.lookup_if_cached("gpu", query, True)
+    np.testing.assert_array_equal(gpu.weights, host.weights)
+    np.testing.assert_array_equal(gpu.state, host.state)
+    counted = ("cache_hits", "cache_misses", "rows_initialized", "rows_read")
+
+    def counts(name):
+        return [store.stats(name).get(key, 0) for key in counted]
+    assert counts("gpu") == counts("host")
+    assert store.lookup_if_cached("gpu", [1, 5000]) is None
+    assert store.lookup_if_cached("host", [1, 5000]) is None
+    assert counts("gpu") == counts("host")   # neither counted the refused lookup
+
+
 def test_torch_cuda_tensors_in_and_out(store):
     torch = pytest.importorskip("torch")
     store.create_table(config("gpu", "cuda:0"))

@@ -128,6 +128,28 @@ def test_a_lookups_probe_touch_and_gather_in_one_call_equal_the_three_steps(devi
     assert access[[0, 2]].tolist() == [NOW, NOW]
 
 
+@pytest.mark.parametrize("with_state", [False, True])
+def test_a_lookup_of_cached_ids_records_each_access_once_and_one_miss_changes_nothing(device, with_state):
+    tier, layout = tier_of(config(device))
+    ids = np.array([4, 5, 6], dtype=np.int64)
+    slots = insert(tier, layout, ids)
+    _, before_count = tier.headers(slots)
+    query = np.array([6, 4, 6], dtype=np.int64)
+    weights, state = tier.cached_columns(query, NOW, with_state)
+    expect = rows_for(layout, query)
+    np.testing.assert_array_equal(weights, layout.weights(expect))
+    if with_state:
+        np.testing.assert_array_equal(state, layout.state(expect))
+    else:
+        assert state is None
+    access, count = tier.headers(slots)
+    np.testing.assert_array_equal(count, before_count + np.array([1, 0, 1]))   # duplicates once
+    assert access[[0, 2]].tolist() == [NOW, NOW]
+    assert tier.cached_columns(np.array([5, 99], dtype=np.int64), NOW + 9, with_state) is None
+    assert tier.headers(slots)[0].tolist() == access.tolist()                   # the miss touched nothing
+    np.testing.assert_array_equal(tier.headers(slots)[1], count)
+
+
 def test_dirty_bits_follow_set_dirty(device):
     tier, layout = tier_of(config(device))
     slots = insert(tier, layout, np.arange(6, dtype=np.int64), dirty=True)
