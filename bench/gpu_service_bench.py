@@ -4,13 +4,14 @@ bare gRPC stream of the same bytes, side by side in one run; then a 95%-hit run 
 1. One server holds two tables with the same rows, one cached in host memory and one in GPU
    memory; the client looks up the same batches from both and from the faster of two echo
    servers (the transport's ceiling). Prints rows/s and GPU / host (target >= 0.9: the device
-   adds no bottleneck) and GPU / echo.
+   adds no bottleneck) and GPU / echo, twice: with the contenders alternating call by call (each
+   GPU call then starts from an idle device) and taking turns of `--block` calls (steady traffic).
 2. Three tiers: a table of `--rows` rows with a GPU tier of a quarter of them over a host tier of
    another quarter over RocksDB, Zipf lookups, beside a host table whose one tier has the same
    total slots. Prints rows/s of each and where the rows came from (GPU hits, host-tier reads,
    RocksDB reads).
 
-    python bench/gpu_service_bench.py [--rows 1000000] [--dim 128]
+    python bench/gpu_service_bench.py [--rows 1000000] [--dim 128] [--seconds 3] [--block 10]
 """
 from __future__ import annotations
 
@@ -46,11 +47,14 @@ def cached_lookups(client, addresses: dict[str, str], args) -> None:
     rng = np.random.default_rng(1)
     for batch in (4096, 65536):
         batches = [rng.integers(0, args.rows, batch) for _ in range(max(3, int(args.seconds * 2e6 / batch)))]
-        rates, _ = timed_side_by_side(lookups, batches, 1)
-        echo = max(rates["echo threaded"], rates["echo asyncio"])
-        gpu, host = rates["gpu table"], rates["host table"]
-        print(f"cached lookups, batch {batch:>6}: gpu {gpu:>12,.0f} rows/s, host {host:>12,.0f}, echo {echo:>12,.0f}; "
-              f"gpu/host {gpu / host:.2f}, gpu/echo {gpu / echo:.2f}, host/echo {host / echo:.2f}", flush=True)
+        for block in (1, args.block):
+            rates, _ = timed_side_by_side(lookups, batches, 1, block=block)
+            echo = max(rates["echo threaded"], rates["echo asyncio"])
+            gpu, host = rates["gpu table"], rates["host table"]
+            turns = "alternating calls" if block == 1 else f"turns of {block} calls"
+            print(f"cached lookups, batch {batch:>6}, {turns:>17}: gpu {gpu:>12,.0f} rows/s, host {host:>12,.0f}, "
+                  f"echo {echo:>12,.0f}; gpu/host {gpu / host:.2f}, gpu/echo {gpu / echo:.2f}, "
+                  f"host/echo {host / echo:.2f}", flush=True)
     np.testing.assert_array_equal(client.lookup("gpu", batches[0]), client.lookup("host", batches[0]))
 
 
@@ -86,6 +90,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--block", type=int, default=10,
+                        help="calls each contender makes in a row in the second measurement (default 10): "
+                             "steady traffic, where strict alternation leaves the GPU idle between its calls")
     args = parser.parse_args()
     servers = {"kvstore": start(["kvstore-server", "--data-dir", tempfile.mkdtemp(prefix="kvbench-"), "--port", "0"]),
                "echo threaded": start_echo(), "echo asyncio": start_echo(asyncio_server=True)}

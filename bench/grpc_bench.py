@@ -58,26 +58,31 @@ def id_batches(rng, dist: str, batch: int, rows: int, perm: np.ndarray, seconds:
             for _ in range(count)]
 
 
-def timed_side_by_side(lookups: dict, batches: list, rounds: int,
-                       pids: dict[str, int] | None = None) -> tuple[dict[str, float], dict[str, float]]:
-    """Rows/s of each lookup over the same batches, taken batch by batch in rotating order, so a
-    noisy neighbour on a shared machine slows every contender alike instead of one window of one;
-    with `pids`, also each server's CPU milliseconds per call."""
+def timed_side_by_side(lookups: dict, batches: list, rounds: int, pids: dict[str, int] | None = None,
+                       block: int = 1) -> tuple[dict[str, float], dict[str, float]]:
+    """Rows/s of each lookup over the same batches, taken in rotating order, so a noisy neighbour
+    on a shared machine slows every contender alike instead of one window of one; with `pids`,
+    also each server's CPU milliseconds per call. `block`: batches a contender runs in a row
+    before the next one's turn (1: strict alternation, which leaves each contender idle between
+    its calls; a GPU then starts every call from idle clocks)."""
     for lookup in lookups.values():
         lookup(batches[0])                    # warm-up
     names = list(lookups)
+    timed = batches[1:]
+    groups = [timed[i:i + block] for i in range(0, len(timed), block)]
     seconds, cpu = dict.fromkeys(names, 0.0), dict.fromkeys(pids or (), 0.0)
     for round_ in range(rounds):
-        for index, batch in enumerate(batches[1:]):
+        for index, group in enumerate(groups):
             shift = (index + round_) % len(names)
             for name in names[shift:] + names[:shift]:
                 used = process_seconds(pids[name]) if name in cpu else 0.0
                 start = time.perf_counter()
-                lookups[name](batch)
+                for batch in group:
+                    lookups[name](batch)
                 seconds[name] += time.perf_counter() - start
                 if name in cpu:
                     cpu[name] += process_seconds(pids[name]) - used
-    rows, calls = rounds * sum(len(b) for b in batches[1:]), rounds * (len(batches) - 1)
+    rows, calls = rounds * sum(len(b) for b in timed), rounds * len(timed)
     return {name: rows / seconds[name] for name in names}, {name: 1e3 * cpu[name] / calls for name in cpu}
 
 
