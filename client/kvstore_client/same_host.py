@@ -113,6 +113,11 @@ class SameHostPath:
                                            offset=row_spec.offset + first * dim * itemsize))
 
             pieces = [(first, min(n, first + step)) for first in range(0, n, step)] or [(0, 0)]
+            if len(pieces) == 1:                 # a blocking call: a future would start grpc's spin thread per call
+                with _rpc():
+                    self._calls["SharedLookup"](request(0, n), timeout=self.timeout)
+                place(start, start + n, rows, None)
+                return
             waiting: deque = deque()
 
             def place_oldest() -> None:
