@@ -340,13 +340,17 @@ class Table(TableUpkeep):
             return None
         rows = np.ascontiguousarray(rows)
         entry = self.pending.add(ids, rows)
+        sorted_ids, order, _ = entry
         rocks, family, layout, pending = self.rocks, self.family, self.layout, self.pending
 
         def perform() -> None:
             # rocksdict holds the GIL through a write batch: short batches, and a yield after
-            # each, keep request threads of every table running while the writer works
+            # each, keep request threads of every table running while the writer works. Key
+            # order: each memtable insert starts from where the last one went (RocksDB's skip
+            # list keeps that splice), about a third less time per row than random keys
             for at in range(0, len(ids), WRITE_SLICE):
-                rocks.write(family, encode_keys(ids[at:at + WRITE_SLICE]), layout.to_values(rows[at:at + WRITE_SLICE]))
+                part = order[at:at + WRITE_SLICE]
+                rocks.write(family, encode_keys(sorted_ids[at:at + WRITE_SLICE]), layout.to_values(rows[part]))
                 time.sleep(0)
         job = WriteJob(rocks, perform, f"{what} of table {self.name!r} ({len(ids)} rows)", len(ids),
                        on_done=lambda: pending.remove(entry))
