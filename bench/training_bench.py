@@ -14,9 +14,11 @@ ratio to local: rows (5)-(7) side by side show what each change buys. The models
 turns, `--turn` steps each, so that other load on the machine weighs on all alike.
 Beside steps/s it prints the server process's CPU milliseconds per step (user + system,
 from /proc, all its threads) spent during each model's turns: the server's cost of a step,
-which other load on a shared machine disturbs far less than steps/s. Work a model leaves
-behind (write-back flushes, writes of evicted rows) may land in the next model's turn; run
-one remote model (`--models pipelined`) to charge it all to that model and local.
+which other load on a shared machine disturbs far less than steps/s, and the RocksDB rows
+each remote model's tables read (found there) and wrote per step. Work a model leaves behind
+(write-back flushes, writes of evicted rows) may land in the next model's turn: the last line
+charges the server's CPU over the whole run to the remote models, which is exact with one
+(`--models pipelined`).
 
     python bench/training_bench.py [--steps 200] [--batches 1024,8192] [--staleness 1] [--turn 10]
                                    [--models pipelined,ahead] [--torch-threads 8] [--same-host on]
@@ -157,7 +159,7 @@ def remote_trainers(client: KVStoreClient, args, data, batch: int) -> dict[str, 
 
 
 def storage_per_step(client: KVStoreClient, trainer: Trainer) -> str:
-    """RocksDB rows read and written per step by a remote model's tables (its counters over every
+    """RocksDB rows read (found there) and written per step by a remote model's tables (its counters over every
     step it ran, warm-up included): the storage work behind its server CPU."""
     stats = [client.stats(table) for table in trainer.tables]
     read, written = (sum(s.get(key, 0) for s in stats) / trainer.step for key in ("rows_read", "rows_written"))
@@ -227,7 +229,9 @@ def main() -> None:
                 trainers = {"local nn.EmbeddingBag": Trainer(Model(local_users, local_items, args.dim), data, batch,
                                                              False, sparse_opt),
                             **remote_trainers(client, args, data, batch)}
+                start_cpu = process_cpu_seconds(server.pid)
                 results = taking_turns(trainers, args.steps, args.turn, server.pid)
+                run_cpu = process_cpu_seconds(server.pid) - start_cpu
                 local = results["local nn.EmbeddingBag"][0]
                 print(f"\nbatch {batch}: {batch * 3} ids per step")
                 print(f"{'model':34} {'steps/s':>8} {'ids/s':>10} {'vs local':>8} {'server ms/step':>14} "
@@ -236,6 +240,9 @@ def main() -> None:
                     storage = storage_per_step(client, trainers[name]) if trainers[name].tables else ""
                     print(f"{name:34} {rate:>8.1f} {rate * batch * 3:>10,.0f} {rate / local:>8.2f} "
                           f"{server_ms:>14.1f} {storage}")
+                remote = len(trainers) - 1
+                print(f"server CPU over the whole run, every turn included: {run_cpu:.1f} s, "
+                      f"{1000 * run_cpu / (args.steps * remote):.1f} ms per step of each of {remote} remote models")
     finally:
         server.terminate()
         server.wait(300)                         # a loaded machine drains and flushes slowly

@@ -12,7 +12,7 @@ from .conftest import stored_weights, table_config
 
 def test_evicted_rows_keep_their_last_values_whatever_order_their_ids_come_in(data_dir):
     rng = np.random.default_rng(7)
-    ids = rng.permutation(np.arange(-3000, 3000, 3, dtype=np.int64))      # negative ids too: keys with the sign bit flipped
+    ids = rng.permutation(np.arange(-3000, 3000, 3, dtype=np.int64))      # negative ids: sign bit flipped in keys
     last = {}
     with Store(data_dir) as store:
         store.create_table(table_config(rows=128, ways=4))                 # tiny cache: nearly every row is evicted
