@@ -44,7 +44,7 @@ from .rocks_tier import RocksTier
 from .rows import RowLayout, encode_keys, encode_scores
 from .table_upkeep import TableUpkeep
 from .tiers import make_tier
-from .validation import check_ids, check_matrix
+from .validation import check_ids, check_matrix, sorted_distinct
 from .writer import PendingRows, WriteJob, Writer, fault_error
 
 ON_MISS = ("init_insert", "init", "zeros", "error")
@@ -155,7 +155,10 @@ class Table(TableUpkeep):
                 return LookupResult(weights, state)
             miss_at = np.flatnonzero(~hit)
             self.counters["cache_misses"] += len(miss_at)
-            miss_ids, inverse = np.unique(ids[miss_at], return_inverse=True)
+            miss_ids = ids[miss_at]
+            inverse = slice(None)                   # de-duplicated ids: each miss is its own row
+            if not sorted_distinct(miss_ids):
+                miss_ids, inverse = np.unique(miss_ids, return_inverse=True)
             miss_rows = self._load(miss_ids, on_miss)
             weights[miss_at] = self.layout.weights(miss_rows)[inverse]
             if with_state:
