@@ -12,6 +12,13 @@ default 1: a forward may read rows that miss the last k steps' gradients, so the
 server's optimizer step overlaps the next forward). Prints steps/s, ids/s and the
 ratio to local: rows (5)-(7) side by side show what each change buys. The models take
 turns, `--turn` steps each, so that other load on the machine weighs on all alike.
+Beside steps/s it prints the server process's CPU milliseconds per step (user + system,
+from /proc, all its threads) spent during each model's turns: the server's cost of a step,
+which other load on a shared machine disturbs far less than steps/s, and the RocksDB rows
+each remote model's tables read (found there) and wrote per step. Work a model leaves behind
+(write-back flushes, writes of evicted rows) may land in the next model's turn: the last line
+charges the server's CPU over the whole run to the remote models, which is exact with one
+(`--models pipelined`).
 
     python bench/training_bench.py [--steps 200] [--batches 1024,8192] [--staleness 1] [--turn 10]
                                    [--models pipelined,ahead] [--torch-threads 8] [--same-host on]
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -63,6 +71,18 @@ class CollectionModel(Model):
         return out["user"], out["item"]
 
 
+def process_cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of process `pid` so far, all threads (0 where /proc has none)."""
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Trainer:
     """One model's training loop, run a slice of steps at a time, so that the variants take turns
     and drifts in the machine's load weigh on all of them alike."""
@@ -72,6 +92,7 @@ class Trainer:
         self.dense = torch.optim.Adam(model.mlp.parameters(), lr=3e-3)
         self.loss_fn = nn.BCEWithLogitsLoss()
         self.step = 0
+        self.tables: list[str] = []          # a remote model's kvstore tables
 
     def run(self, steps: int) -> float:
         """Seconds for the next `steps` steps."""
@@ -133,23 +154,39 @@ def remote_trainers(client: KVStoreClient, args, data, batch: int) -> dict[str, 
                      "ahead": "Collection (+ next_batch, exact)",
                      "stale": f"Collection (staleness {args.staleness})"}[kind]
         trainers[label] = Trainer(model, data, batch, kind in ("prefetch", "ahead"))
+        trainers[label].tables = list(tables.values())
     return trainers
 
 
-def taking_turns(trainers: dict[str, Trainer], steps: int, turn: int) -> dict[str, float]:
-    """Steps/s of each trainer: 5 warm-up steps each, then `turn` steps each in turn until `steps`."""
+def storage_per_step(client: KVStoreClient, trainer: Trainer) -> str:
+    """RocksDB rows read (found there) and written per step by a remote model's tables (its counters over every
+    step it ran, warm-up included): the storage work behind its server CPU."""
+    stats = [client.stats(table) for table in trainer.tables]
+    read, written = (sum(s.get(key, 0) for s in stats) / trainer.step for key in ("rows_read", "rows_written"))
+    return f"{read:>9,.0f} {written:>12,.0f}"
+
+
+def taking_turns(trainers: dict[str, Trainer], steps: int, turn: int,
+                 server_pid: int | None = None) -> dict[str, tuple[float, float]]:
+    """(steps/s, server CPU ms per step) of each trainer: 5 warm-up steps each, then `turn` steps
+    each in turn until `steps`; the server's CPU is read before and after each turn."""
     spent = dict.fromkeys(trainers, 0.0)
+    cpu = dict.fromkeys(trainers, 0.0)
     for trainer in trainers.values():
         trainer.run(5)
     done = 0
     while done < steps:
         count = min(turn, steps - done)
         for name, trainer in trainers.items():
+            before = process_cpu_seconds(server_pid)
             spent[name] += trainer.run(count)
+            cpu[name] += process_cpu_seconds(server_pid) - before
         done += count
     for name, trainer in trainers.items():
+        before = process_cpu_seconds(server_pid)
         spent[name] += trainer.close()
-    return {name: steps / seconds for name, seconds in spent.items()}
+        cpu[name] += process_cpu_seconds(server_pid) - before
+    return {name: (steps / spent[name], 1000 * cpu[name] / steps) for name in trainers}
 
 
 def main() -> None:
@@ -192,15 +229,24 @@ def main() -> None:
                 trainers = {"local nn.EmbeddingBag": Trainer(Model(local_users, local_items, args.dim), data, batch,
                                                              False, sparse_opt),
                             **remote_trainers(client, args, data, batch)}
-                results = taking_turns(trainers, args.steps, args.turn)
-                local = results["local nn.EmbeddingBag"]
+                start_cpu = process_cpu_seconds(server.pid)
+                results = taking_turns(trainers, args.steps, args.turn, server.pid)
+                run_cpu = process_cpu_seconds(server.pid) - start_cpu
+                local = results["local nn.EmbeddingBag"][0]
                 print(f"\nbatch {batch}: {batch * 3} ids per step")
-                print(f"{'model':34} {'steps/s':>8} {'ids/s':>10} {'vs local':>8}")
-                for name, rate in results.items():
-                    print(f"{name:34} {rate:>8.1f} {rate * batch * 3:>10,.0f} {rate / local:>8.2f}")
+                print(f"{'model':34} {'steps/s':>8} {'ids/s':>10} {'vs local':>8} {'server ms/step':>14} "
+                      f"{'read/step':>9} {'written/step':>12}")
+                for name, (rate, server_ms) in results.items():
+                    storage = storage_per_step(client, trainers[name]) if trainers[name].tables else ""
+                    print(f"{name:34} {rate:>8.1f} {rate * batch * 3:>10,.0f} {rate / local:>8.2f} "
+                          f"{server_ms:>14.1f} {storage}")
+                remote = len(trainers) - 1
+                print(f"server CPU over the whole run, every turn included: {run_cpu:.1f} s, "
+                      f"{1000 * run_cpu / (args.steps * remote):.1f} ms per step of each of {remote} remote models")
     finally:
         server.terminate()
         server.wait(300)                         # a loaded machine drains and flushes slowly
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

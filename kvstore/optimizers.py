@@ -20,6 +20,7 @@ import scipy.sparse
 
 from .config import OptimizerConfig
 from .rows import RowLayout
+from .validation import sorted_distinct
 
 
 class Optimizer:
@@ -139,7 +140,7 @@ def sum_duplicates(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.n
     collection does) are returned as they are, with `grads` itself when it is float32 and
     contiguous: one comparison pass instead of a sort, an inverse and a scatter of every row."""
     grads = np.ascontiguousarray(grads, dtype=np.float32)
-    if len(ids) < 2 or bool((ids[1:] > ids[:-1]).all()):
+    if sorted_distinct(ids):
         return ids.copy(), grads         # a fresh ids array, as np.unique's: a change feed may keep it
     uniq, inverse = np.unique(ids, return_inverse=True)
     n = len(ids)

@@ -37,6 +37,11 @@ MIN_PART_KEYS = 1024         # smaller parts cost more in hand-off than they gai
 GET_CHUNK = 4096             # keys per multi-get call for large batches: in bench/store_bench.py one
                              # call of 65,536 keys read about 5x slower per key than 4,096-key calls
 REOPEN_SPARE_BYTES = 1 << 20   # room a reopen needs beyond one memtable's worth
+MEMTABLE_BLOOM_RATIO = 0.01  # a whole-key bloom filter in each memtable, this share of its size (0.64 MiB
+                             # at 64 MiB, about 24 bits a 288-byte row; allocated with a table's first
+                             # write): a read of a key the memtable lacks skips its skip-list search.
+                             # Reads of new ids (every lookup that creates rows) cost about 5x less and
+                             # reads of older rows about a quarter less (docs/benchmarks.md)
 _DB_PROPERTIES = {
     "block_cache_usage_bytes": "rocksdb.block-cache-usage",
     "block_cache_capacity_bytes": "rocksdb.block-cache-capacity",
@@ -185,6 +190,8 @@ class RocksTier:
         opts.create_missing_column_families(True)
         opts.set_max_background_jobs(self.config.max_background_jobs)
         opts.set_write_buffer_size(self.config.write_buffer_bytes)
+        opts.set_memtable_prefix_bloom_ratio(MEMTABLE_BLOOM_RATIO)
+        opts.set_memtable_whole_key_filtering(True)
         table = rd.BlockBasedOptions()
         table.set_block_cache(self._block_cache)
         table.set_bloom_filter(self.config.bloom_bits_per_key, False)

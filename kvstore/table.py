@@ -44,7 +44,7 @@ from .rocks_tier import RocksTier
 from .rows import RowLayout, encode_keys, encode_scores
 from .table_upkeep import TableUpkeep
 from .tiers import make_tier
-from .validation import check_ids, check_matrix
+from .validation import check_ids, check_matrix, sorted_distinct
 from .writer import PendingRows, WriteJob, Writer, fault_error
 
 ON_MISS = ("init_insert", "init", "zeros", "error")
@@ -155,7 +155,10 @@ class Table(TableUpkeep):
                 return LookupResult(weights, state)
             miss_at = np.flatnonzero(~hit)
             self.counters["cache_misses"] += len(miss_at)
-            miss_ids, inverse = np.unique(ids[miss_at], return_inverse=True)
+            miss_ids = ids[miss_at]
+            inverse = slice(None)                   # de-duplicated ids: each miss is its own row
+            if not sorted_distinct(miss_ids):
+                miss_ids, inverse = np.unique(miss_ids, return_inverse=True)
             miss_rows = self._load(miss_ids, on_miss)
             weights[miss_at] = self.layout.weights(miss_rows)[inverse]
             if with_state:
@@ -336,13 +339,17 @@ class Table(TableUpkeep):
             return None
         rows = np.ascontiguousarray(rows)
         entry = self.pending.add(ids, rows)
+        sorted_ids, order, _ = entry
         rocks, family, layout, pending = self.rocks, self.family, self.layout, self.pending
 
         def perform() -> None:
             # rocksdict holds the GIL through a write batch: short batches, and a yield after
-            # each, keep request threads of every table running while the writer works
+            # each, keep request threads of every table running while the writer works. Key
+            # order: each memtable insert starts from where the last one went (RocksDB's skip
+            # list keeps that splice), about a third less time per row than random keys
             for at in range(0, len(ids), WRITE_SLICE):
-                rocks.write(family, encode_keys(ids[at:at + WRITE_SLICE]), layout.to_values(rows[at:at + WRITE_SLICE]))
+                part = order[at:at + WRITE_SLICE]
+                rocks.write(family, encode_keys(sorted_ids[at:at + WRITE_SLICE]), layout.to_values(rows[part]))
                 time.sleep(0)
         job = WriteJob(rocks, perform, f"{what} of table {self.name!r} ({len(ids)} rows)", len(ids),
                        on_done=lambda: pending.remove(entry))

@@ -53,3 +53,9 @@ def check_matrix(values, n: int, width: int, dtype: np.dtype, field: str,
     if not allow_nonfinite and not np.isfinite(values).all():
         raise InvalidArgument(f"{field}: contains NaN or Inf (table {table!r} does not allow them)")
     return values
+
+
+def sorted_distinct(ids: np.ndarray) -> bool:
+    """Whether `ids` are already sorted and distinct, as a client that de-duplicated sends them
+    (the training collection does): then they need no sort, no inverse and no scatter."""
+    return len(ids) < 2 or bool((ids[1:] > ids[:-1]).all())

@@ -64,7 +64,9 @@ class PendingRows:
     def __bool__(self) -> bool:
         return bool(self._batches)
 
-    def add(self, ids: np.ndarray, rows: np.ndarray) -> object:
+    def add(self, ids: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Queue a batch; returns its entry: (ids sorted, the order that sorts them, rows). The
+        sort is stable: an id's rows keep their order, so writing in key order, the last still wins."""
         order = np.argsort(ids, kind="stable")
         entry = (ids[order], order, rows)
         with self._cond:

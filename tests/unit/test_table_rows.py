@@ -246,3 +246,14 @@ def test_cached_lookups_gather_contiguous_columns_in_request_order(store):
     assert result.weights.flags.c_contiguous and result.state.flags.c_contiguous
     np.testing.assert_array_equal(result.weights, weights[request])
     np.testing.assert_array_equal(result.state, state[request])
+
+
+def test_lookup_of_sorted_distinct_ids_returns_each_ids_own_row_from_every_tier(data_dir):
+    with Store(data_dir) as store:
+        store.create_table(table_config(rows=64, ways=4))         # 64 slots: most stored rows are evicted
+        stored = np.arange(0, 400, 2, dtype=np.int64)
+        store.update("t", stored, np.repeat(stored[:, None], 8, axis=1).astype(np.float32))
+        ids = np.arange(-10, 420, dtype=np.int64)                  # sorted, distinct: cached, stored, absent
+        weights = store.lookup("t", ids, on_miss="zeros").weights
+    expected = np.where(np.isin(ids, stored) & (ids >= 0), ids, 0).astype(np.float32)
+    np.testing.assert_array_equal(weights, np.repeat(expected[:, None], 8, axis=1))
