@@ -4,7 +4,8 @@ Run by path (`transfer_process._BOOT`), not as part of the package: it imports o
 numpy and rocksdict (and the encoder it is told to use), so it starts in a fraction of the
 time the store takes to import, and its per-row Python work never holds the server's GIL.
 
-It reads one JSON line from stdin (the job, see `transfer_process`), then, as frames of
+It starts ahead of its job (`transfer_process._Spare`), at a lowered priority (`_BOOT`), and
+waits for one JSON line on stdin (the job, see `transfer_process`), then, as frames of
 `<c kind><Q rows><Q length>` and `length` bytes:
 - task "export": reads one table from a RocksDB checkpoint, in key order, and writes frames
   to stdout: C a chunk (bytes made by the encoder), E an error (UTF-8 text), D done. Rows the
@@ -19,6 +20,7 @@ up) or stdout is closed.
 from __future__ import annotations
 
 import collections
+import gc
 import importlib
 import itertools
 import json
@@ -32,7 +34,6 @@ import numpy as np
 import rocksdict as rd
 
 FRAME = struct.Struct("<cQQ")
-NICENESS = 10          # bulk work: where cores are scarce, the server's own calls (lookups) go first
 KEY_BYTES = 8
 _SIGN = np.uint64(1 << 63)
 
@@ -181,8 +182,11 @@ def _exit_at_eof() -> None:
 
 def main() -> int:
     out, src = sys.stdout.buffer, sys.stdin.buffer
-    os.nice(NICENESS)
-    job = json.loads(src.readline())
+    gc.disable()            # one short job, no reference cycles: collections would only rescan its row tuples
+    line = src.readline()
+    if not line:            # the server is gone before it had a job for this (waiting) worker
+        return 0
+    job = json.loads(line)
     try:
         if job["task"] == "sst":
             SstFiles(job).write(src)

@@ -83,6 +83,13 @@ def encode_message(tensors: dict[int, np.ndarray | None], packed: dict[int, np.n
     the outer message). Building a message and serializing it copies each array three times
     (bytes, message, serialization); a strided view (columns of stored rows) is copied once more,
     to make it contiguous."""
+    return b"".join(message_parts(tensors, packed, prefix, within))
+
+
+def message_parts(tensors: dict[int, np.ndarray | None], packed: dict[int, np.ndarray] | None = None,
+                  prefix: bytes = b"", within: int | None = None) -> list:
+    """The serialized message of `encode_message` as a list of parts (bytes and views of the
+    arrays, made contiguous) to write one after the other, with no copy into one buffer."""
     parts: list = [prefix] if prefix else []
     for number, array in sorted((packed or {}).items()):
         data = np.ascontiguousarray(array, dtype="<i8").reshape(-1).view(np.uint8).data
@@ -94,7 +101,7 @@ def encode_message(tensors: dict[int, np.ndarray | None], packed: dict[int, np.n
             parts += [_varint(number << 3 | 2) + _varint(_part_bytes(tensor)), *tensor]
     if within is not None:
         parts.insert(0, _varint(within << 3 | 2) + _varint(_part_bytes(parts)))
-    return b"".join(parts)
+    return parts
 
 
 def encode_lookup_response(weights: np.ndarray, state: np.ndarray | None = None) -> bytes:
