@@ -18,6 +18,7 @@ import os
 import struct
 import time
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +30,8 @@ import numpy.lib.format as npy
 from .direct_files import HashedFile, StagingBuffer
 
 FORMAT = "kvstore-table-export"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2             # 2: chunk files checked by CRC-32; 1 (SHA-256) is still read
+READ_VERSIONS = {1: "sha256", 2: "crc32"}    # the checksum field of a chunk entry, by format version
 MANIFEST = "manifest.json"
 META_FIELDS = ("count", "last_access", "step")
 FILE_BYTES = 64 << 20          # target size of one chunk file
@@ -130,6 +132,13 @@ class _MappedFile(io.RawIOBase):
         return len(data)
 
 
+def _checksum(kind: str, mapped) -> str:
+    """The hex checksum of a chunk file's bytes as its format version records it."""
+    if kind == "crc32":
+        return f"{zlib.crc32(mapped):08x}"
+    return hashlib.sha256(mapped).hexdigest()
+
+
 def file_sha256(path: str) -> str:
     """The hex SHA-256 of a file's content (side files of an export, e.g. a delta's tombstones)."""
     return _sha256(path)
@@ -205,7 +214,7 @@ class ExportWriter:
             _write_npz(out, columns)
         self._chunks.append({"file": name, "rows": sum(len(c.ids) for c in parts), "first_id": int(parts[0].ids[0]),
                              "last_id": int(parts[-1].ids[-1]), "bytes": out.written,
-                             "sha256": out.digest.hexdigest()})
+                             "crc32": out.checksum})
 
     def close(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Write the manifest (with `extra` fields, e.g. a delta's sequences) that makes the export complete."""
@@ -248,9 +257,10 @@ class ExportReader:
         m = self.manifest
         if m.get("format") != FORMAT:
             raise ExportFormatError(f"{MANIFEST}.format: expected {FORMAT!r}, got {m.get('format')!r}")
-        if m.get("format_version") != FORMAT_VERSION:
-            raise ExportFormatError(
-                f"{MANIFEST}.format_version: this reader knows {FORMAT_VERSION}, got {m.get('format_version')!r}")
+        if m.get("format_version") not in READ_VERSIONS:
+            raise ExportFormatError(f"{MANIFEST}.format_version: this reader knows {sorted(READ_VERSIONS)}, "
+                                    f"got {m.get('format_version')!r}")
+        self.checksum = READ_VERSIONS[m["format_version"]]
         try:
             weights = m["columns"]["weights"]
             self.dtype = weights["dtype"]
@@ -275,7 +285,7 @@ class ExportReader:
         if not os.path.isfile(path):
             raise ExportFormatError(f"{name}: missing")
         mapped = _map(path)
-        if hashlib.sha256(mapped).hexdigest() != entry.get("sha256"):
+        if _checksum(self.checksum, mapped) != entry.get(self.checksum):
             raise ExportFormatError(f"{name}: checksum mismatch (corrupt or changed)")
         arrays = _npz_views(mapped, name)
         stored = _STORED_AS.get(self.dtype)

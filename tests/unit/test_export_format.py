@@ -1,8 +1,10 @@
 """The export directory format: round trips, and every kind of damage is a clear error."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import zlib
 
 import ml_dtypes
 import numpy as np
@@ -50,6 +52,47 @@ def test_corrupt_chunk_is_a_checksum_error(tmp_path):
         f.seek(200)
         f.write(b"\x00\x01\x02")
     with pytest.raises(ExportFormatError, match="chunk-000001.npz: checksum"):
+        list(ExportReader(path))
+
+
+def as_version_1(path: str) -> None:
+    """Rewrite an export's manifest as format version 1 wrote it: the same chunk files, each
+    checked by SHA-256 instead of CRC-32."""
+    manifest_path = os.path.join(path, "manifest.json")
+    with open(manifest_path) as src:
+        manifest = json.load(src)
+    manifest["format_version"] = 1
+    for entry in manifest["chunks"]:
+        del entry["crc32"]
+        with open(os.path.join(path, entry["file"]), "rb") as chunk:
+            entry["sha256"] = hashlib.sha256(chunk.read()).hexdigest()
+    with open(manifest_path, "w") as out:
+        json.dump(manifest, out)
+
+
+def test_export_is_version_2_with_a_crc32_per_chunk_file(tmp_path):
+    path = str(tmp_path / "exp")
+    write_export(path)
+    manifest = ExportReader(path).manifest
+    assert manifest["format_version"] == 2
+    for entry in manifest["chunks"]:
+        with open(os.path.join(path, entry["file"]), "rb") as chunk:
+            data = chunk.read()
+        assert entry["crc32"] == f"{zlib.crc32(data):08x}" and entry["bytes"] == len(data)
+
+
+def test_version_1_exports_are_still_read_and_their_damage_found(tmp_path):
+    path = str(tmp_path / "exp")
+    expected = write_export(path)
+    as_version_1(path)
+    chunks = list(ExportReader(path))
+    assert np.concatenate([c.weights for c in chunks]).tobytes() == expected[1].tobytes()
+    with open(os.path.join(path, "chunk-000000.npz"), "r+b") as f:
+        f.seek(300)
+        byte = f.read(1)[0]
+        f.seek(300)
+        f.write(bytes([byte ^ 1]))
+    with pytest.raises(ExportFormatError, match="chunk-000000.npz: checksum"):
         list(ExportReader(path))
 
 
