@@ -8,9 +8,11 @@ It starts ahead of its job (`transfer_process._Spare`), at a lowered priority (`
 waits for one JSON line on stdin (the job, see `transfer_process`), then, as frames of
 `<c kind><Q rows><Q length>` and `length` bytes:
 - task "export": reads one table from a RocksDB checkpoint, in key order, and writes frames
-  to stdout: C a chunk (bytes made by the encoder), E an error (UTF-8 text), D done. Rows the
-  table had not yet written to RocksDB at the cut (saved beside the checkpoint as two .npy
-  files) are merged in, in key order, the newer one winning.
+  to stdout: S a chunk (bytes made by the encoder) put in the next slot of the shared memory
+  the job names (`Ring`), C a chunk sent in the frame (no ring, or too large for a slot), E an
+  error (UTF-8 text), D done. Each byte on stdin frees the oldest slot. Rows the table had not
+  yet written to RocksDB at the cut (saved beside the checkpoint as two .npy files) are merged
+  in, in key order, the newer one winning.
 - task "sst": reads frames from stdin: F path (start an SST file, finishing the one before),
   R rows (ids then stored rows, in increasing id order), E end (finish the last file), and
   answers the end with D (or E, an error) on stdout.
@@ -24,6 +26,7 @@ import gc
 import importlib
 import itertools
 import json
+import mmap
 import os
 import struct
 import sys
@@ -161,22 +164,56 @@ def _read_exactly(src, size: int) -> bytes:
     return data
 
 
+class Ring:
+    """The shared memory an export's chunks go through: slots filled in turn, each filled again
+    only after the server said (a byte on stdin) it read what the slot held."""
+
+    def __init__(self, spec: dict):
+        self.slots, self.slot_bytes = int(spec["slots"]), int(spec["slot_bytes"])
+        self.memory = mmap.mmap(int(spec["fd"]), self.slots * self.slot_bytes)
+        self.free = threading.Semaphore(self.slots)
+        self.next = 0
+
+    def put(self, parts: list) -> int | None:
+        """Bytes of `parts` copied into the next slot once it is free; None when they do not fit."""
+        size = sum(memoryview(p).nbytes for p in parts)
+        if size > self.slot_bytes:
+            return None
+        self.free.acquire()
+        at = (self.next % self.slots) * self.slot_bytes
+        for part in parts:
+            part = memoryview(part).cast("B")
+            self.memory[at:at + part.nbytes] = part
+            at += part.nbytes
+        self.next += 1
+        return size
+
+
 def export_checkpoint(job: dict, out) -> None:
     module, _, name = job.get("encoder", "").rpartition(":")
     encode = getattr(importlib.import_module(module), name) if module else raw_rows
+    ring = Ring(job["ring"]) if job.get("ring") else None
+    threading.Thread(target=_read_answers, args=(ring,), daemon=True).start()
     reader = CheckpointReader(job)
     try:
         for ids, rows in reader.batches():
             encoded = encode(job["layout"], ids, rows)
-            _write(out, b"C", len(ids), encoded if isinstance(encoded, list) else [encoded])
+            parts = encoded if isinstance(encoded, list) else [encoded]
+            size = ring.put(parts) if ring is not None else None
+            if size is None:
+                _write(out, b"C", len(ids), parts)
+            else:
+                out.write(FRAME.pack(b"S", len(ids), size))
+                out.flush()
     finally:
         reader.close()
 
 
-def _exit_at_eof() -> None:
-    """The server holds our stdin open while it wants us: end of file means it is gone."""
-    while sys.stdin.buffer.read(1 << 16):
-        pass
+def _read_answers(ring: Ring | None) -> None:
+    """Each byte the server sends frees a slot; end of file means it is gone (or wants no more)."""
+    while answers := sys.stdin.buffer.read1(1 << 16):
+        for _ in range(len(answers) if ring is not None else 0):
+            ring.free.release()
     os._exit(0)
 
 
@@ -191,7 +228,6 @@ def main() -> int:
         if job["task"] == "sst":
             SstFiles(job).write(src)
         else:
-            threading.Thread(target=_exit_at_eof, daemon=True).start()
             export_checkpoint(job, out)
     except BrokenPipeError:
         return 0
