@@ -14,8 +14,9 @@ waits for one JSON line on stdin (the job, see `transfer_process`), then, as fra
   yet written to RocksDB at the cut (saved beside the checkpoint as two .npy files) are merged
   in, in key order, the newer one winning.
 - task "sst": reads frames from stdin: F path (start an SST file, finishing the one before),
-  R rows (ids then stored rows, in increasing id order), E end (finish the last file), and
-  answers the end with D (or E, an error) on stdout.
+  S rows in the next slot of the shared memory (ids then stored rows, in increasing id order;
+  answered with A once the slot is free again), R such rows in the frame, E end (finish the
+  last file), and answers the end with D (or E, an error) on stdout.
 It exits when stdin reaches end of file (its server is gone, even by kill -9, or gave the work
 up) or stdout is closed.
 """
@@ -120,7 +121,7 @@ def _write(out, kind: bytes, rows: int, parts: list) -> None:
 class SstFiles:
     """The SST files of an import, written as the server sends their rows (`write` runs the frames)."""
 
-    def __init__(self, job: dict):
+    def __init__(self, job: dict, out):
         self.row_bytes = int(job["row_bytes"])
         self.options = rd.Options(raw_mode=True)
         table = rd.BlockBasedOptions()                # as the database's own files (RocksTier._options)
@@ -128,13 +129,22 @@ class SstFiles:
         table.set_cache_index_and_filter_blocks(True)
         self.options.set_block_based_table_factory(table)
         self.writer, self.path, self.rows = None, "", 0
+        self.ring, self.out = (Ring(job["ring"]) if job.get("ring") else None), out
 
     def write(self, src) -> None:
         while True:
             kind, rows, size = FRAME.unpack(_read_exactly(src, FRAME.size))
+            if kind == b"S":                  # rows in the next slot of the shared memory
+                at = (self.ring.next % self.ring.slots) * self.ring.slot_bytes
+                items = self._items(self.ring.memory, rows, at)
+                self.ring.next += 1
+                _write(self.out, b"A", 0, [])         # the slot is free again: the rows are copied out
+                self.out.flush()
+                self._add(*items)
+                continue
             payload = _read_exactly(src, size)
             if kind == b"R":
-                self._put(payload, rows)
+                self._add(*self._items(payload, rows))
                 continue
             self._finish()
             if kind != b"F":
@@ -143,13 +153,16 @@ class SstFiles:
             self.writer = rd.SstFileWriter(self.options)
             self.writer.open(self.path)
 
-    def _put(self, payload: bytes, n: int) -> None:
-        ids = np.frombuffer(payload, np.int64, n)
-        rows = np.frombuffer(payload, np.uint8, n * self.row_bytes, n * KEY_BYTES)
+    def _items(self, buffer, n: int, at: int = 0) -> tuple[list, list]:
+        """Keys and values of `n` rows lying in `buffer` from `at`: ids (int64), then stored rows."""
+        ids = np.frombuffer(buffer, np.int64, n, at)
+        rows = np.frombuffer(buffer, np.uint8, n * self.row_bytes, at + n * KEY_BYTES)
         keys = ((ids.view(np.uint64) ^ _SIGN).astype(">u8")).view("V8").tolist()   # as kvstore.rows.encode_keys
-        values = rows.view(f"V{self.row_bytes}").tolist()
+        return keys, rows.view(f"V{self.row_bytes}").tolist()
+
+    def _add(self, keys: list, values: list) -> None:
         collections.deque(map(self.writer.__setitem__, keys, values), maxlen=0)
-        self.rows += n
+        self.rows += len(keys)
 
     def _finish(self) -> None:
         if self.writer is not None and self.rows:
@@ -226,7 +239,7 @@ def main() -> int:
     job = json.loads(line)
     try:
         if job["task"] == "sst":
-            SstFiles(job).write(src)
+            SstFiles(job, out).write(src)
         else:
             export_checkpoint(job, out)
     except BrokenPipeError:
