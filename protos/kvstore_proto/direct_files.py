@@ -26,8 +26,8 @@ _O_DIRECT = getattr(os, "O_DIRECT", 0)
 class StagingBuffer:
     """A page-aligned buffer reused by every file of one export (fresh memory costs a VM dearly)."""
 
-    def __init__(self, size: int = BUFFER_BYTES):
-        self.mapping = mmap.mmap(-1, size)
+    def __init__(self, size: int | None = None):
+        self.mapping = mmap.mmap(-1, size or BUFFER_BYTES)
         self.array = np.frombuffer(self.mapping, np.uint8)
 
     def close(self) -> None:

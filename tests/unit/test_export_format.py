@@ -1,6 +1,7 @@
 """The export directory format: round trips, and every kind of damage is a clear error."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -9,6 +10,7 @@ import zlib
 import ml_dtypes
 import numpy as np
 import pytest
+from kvstore_proto import direct_files
 from kvstore_proto.export_format import ExportFormatError, ExportReader, ExportWriter
 
 from kvstore import CacheConfig, OptimizerConfig, Store, TableConfig
@@ -138,3 +140,39 @@ def test_store_to_directory_to_another_store_is_bit_exact(tmp_path):
         copy = b.lookup("t", ids, on_miss="error", with_state=True)
     assert copy.weights.tobytes() == original.weights.tobytes()
     assert copy.state.tobytes() == original.state.tobytes()
+
+
+def chunk_files(path: str) -> dict[str, bytes]:
+    names = sorted(n for n in os.listdir(path) if n.startswith("chunk-"))
+    return {n: open(os.path.join(path, n), "rb").read() for n in names}
+
+
+def test_files_written_past_the_page_cache_hold_the_bytes_of_buffered_ones(tmp_path, monkeypatch):
+    monkeypatch.setattr(direct_files, "BUFFER_BYTES", 8192)       # files of several buffers and a part one
+    write_export(str(tmp_path / "direct"), rows=700, file_bytes=20_000)
+    monkeypatch.setattr(direct_files, "_O_DIRECT", 0)
+    write_export(str(tmp_path / "buffered"), rows=700, file_bytes=20_000)
+    direct, buffered = chunk_files(str(tmp_path / "direct")), chunk_files(str(tmp_path / "buffered"))
+    assert len(direct) > 1 and direct == buffered
+    assert any(len(data) % direct_files.ALIGN for data in direct.values())     # the tails were cut back
+    assert ExportReader(str(tmp_path / "direct")).manifest["chunks"] == \
+        ExportReader(str(tmp_path / "buffered")).manifest["chunks"]
+
+
+def test_a_file_system_refusing_direct_writes_gets_the_same_bytes_through_the_page_cache(tmp_path, monkeypatch):
+    write_export(str(tmp_path / "expected"), rows=700, file_bytes=20_000)
+    write = os.write
+    refused = []
+
+    def refuse_direct(fd, data):
+        if direct_files._O_DIRECT and os.get_blocking(fd) and \
+                direct_files.fcntl.fcntl(fd, direct_files.fcntl.F_GETFL) & direct_files._O_DIRECT:
+            refused.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return write(fd, data)
+
+    monkeypatch.setattr(direct_files.os, "write", refuse_direct)
+    write_export(str(tmp_path / "refused"), rows=700, file_bytes=20_000)
+    assert refused or not direct_files._O_DIRECT
+    assert chunk_files(str(tmp_path / "refused")) == chunk_files(str(tmp_path / "expected"))
+    assert len(list(ExportReader(str(tmp_path / "refused")))) == len(chunk_files(str(tmp_path / "expected")))
