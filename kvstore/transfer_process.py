@@ -52,6 +52,7 @@ FRAME = struct.Struct("<cQQ")            # as transfer_worker.FRAME: kind, rows,
 PIPE_BYTES = 1 << 20                     # pipe buffer asked for (Linux allows up to 1 MiB unprivileged)
 RING_SLOTS = 4                           # chunks one side may be ahead of the other in shared memory
 SST_SLOT_BYTES = 4 << 20                 # a slot of an import's rows (a larger chunk takes several)
+MAX_SLOT_BYTES = 64 << 20                # an export's slots at most (the ring holds RING_SLOTS of them)
 KEY_BYTES = 8
 _F_SETPIPE_SZ = 1031
 NICENESS = 10                            # bulk work: where cores are scarce, the server's own calls go first
@@ -110,8 +111,10 @@ class WorkerStream:
         self.cut = cut
         self._worker: _WorkerProcess | None = None
         self._slot = 0                       # the ring slot the next chunk in shared memory lies in
-        # a chunk's message: its rows (meta as int64) and the message's own fields
+        # a chunk's message: its rows (meta as int64) and the message's own fields; chunks larger
+        # than MAX_SLOT_BYTES (only in process: the service's messages are smaller) take the pipe
         slot_bytes = -(-(chunk_rows * (8 + int(layout["row_bytes"]) + 24) + 4096) // mmap.PAGESIZE) * mmap.PAGESIZE
+        slot_bytes = slot_bytes if slot_bytes <= MAX_SLOT_BYTES else 0
         try:
             self._worker = _start_worker({"task": "export", "checkpoint": cut.checkpoint, "family": cut.family,
                                           "unsaved": cut.unsaved, "layout": layout, "chunk_rows": chunk_rows,

@@ -224,3 +224,12 @@ def test_transfers_without_shared_memory_go_through_the_pipes_bit_exact(store, m
     store.create_table(adam_table())
     sent = import_in_parts(store, "t", [70_000, 100_000, 30_000])
     assert_exports_as(store, "t", sent)
+
+
+def test_export_chunks_too_large_for_a_ring_slot_go_through_the_pipe_bit_exact(store, monkeypatch):
+    from kvstore import transfer_process
+
+    store.create_table(adam_table())
+    sent = import_in_parts(store, "t", [70_000, 30_000])
+    monkeypatch.setattr(transfer_process, "MAX_SLOT_BYTES", 4096)
+    assert_exports_as(store, "t", sent)
