@@ -4,24 +4,30 @@ Run by path (`transfer_process._BOOT`), not as part of the package: it imports o
 numpy and rocksdict (and the encoder it is told to use), so it starts in a fraction of the
 time the store takes to import, and its per-row Python work never holds the server's GIL.
 
-It reads one JSON line from stdin (the job, see `transfer_process`), then, as frames of
+It starts ahead of its job (`transfer_process._Spare`), at a lowered priority (`_BOOT`), and
+waits for one JSON line on stdin (the job, see `transfer_process`), then, as frames of
 `<c kind><Q rows><Q length>` and `length` bytes:
 - task "export": reads one table from a RocksDB checkpoint, in key order, and writes frames
-  to stdout: C a chunk (bytes made by the encoder), E an error (UTF-8 text), D done. Rows the
-  table had not yet written to RocksDB at the cut (saved beside the checkpoint as two .npy
-  files) are merged in, in key order, the newer one winning.
+  to stdout: S a chunk (bytes made by the encoder) put in the next slot of the shared memory
+  the job names (`Ring`), C a chunk sent in the frame (no ring, or too large for a slot), E an
+  error (UTF-8 text), D done. Each byte on stdin frees the oldest slot. Rows the table had not
+  yet written to RocksDB at the cut (saved beside the checkpoint as two .npy files) are merged
+  in, in key order, the newer one winning.
 - task "sst": reads frames from stdin: F path (start an SST file, finishing the one before),
-  R rows (ids then stored rows, in increasing id order), E end (finish the last file), and
-  answers the end with D (or E, an error) on stdout.
+  S rows in the next slot of the shared memory (ids then stored rows, in increasing id order;
+  answered with A once the slot is free again), R such rows in the frame, E end (finish the
+  last file), and answers the end with D (or E, an error) on stdout.
 It exits when stdin reaches end of file (its server is gone, even by kill -9, or gave the work
 up) or stdout is closed.
 """
 from __future__ import annotations
 
 import collections
+import gc
 import importlib
 import itertools
 import json
+import mmap
 import os
 import struct
 import sys
@@ -32,7 +38,6 @@ import numpy as np
 import rocksdict as rd
 
 FRAME = struct.Struct("<cQQ")
-NICENESS = 10          # bulk work: where cores are scarce, the server's own calls (lookups) go first
 KEY_BYTES = 8
 _SIGN = np.uint64(1 << 63)
 
@@ -116,7 +121,7 @@ def _write(out, kind: bytes, rows: int, parts: list) -> None:
 class SstFiles:
     """The SST files of an import, written as the server sends their rows (`write` runs the frames)."""
 
-    def __init__(self, job: dict):
+    def __init__(self, job: dict, out):
         self.row_bytes = int(job["row_bytes"])
         self.options = rd.Options(raw_mode=True)
         table = rd.BlockBasedOptions()                # as the database's own files (RocksTier._options)
@@ -124,13 +129,22 @@ class SstFiles:
         table.set_cache_index_and_filter_blocks(True)
         self.options.set_block_based_table_factory(table)
         self.writer, self.path, self.rows = None, "", 0
+        self.ring, self.out = (Ring(job["ring"]) if job.get("ring") else None), out
 
     def write(self, src) -> None:
         while True:
             kind, rows, size = FRAME.unpack(_read_exactly(src, FRAME.size))
+            if kind == b"S":                  # rows in the next slot of the shared memory
+                at = (self.ring.next % self.ring.slots) * self.ring.slot_bytes
+                items = self._items(self.ring.memory, rows, at)
+                self.ring.next += 1
+                _write(self.out, b"A", 0, [])         # the slot is free again: the rows are copied out
+                self.out.flush()
+                self._add(*items)
+                continue
             payload = _read_exactly(src, size)
             if kind == b"R":
-                self._put(payload, rows)
+                self._add(*self._items(payload, rows))
                 continue
             self._finish()
             if kind != b"F":
@@ -139,13 +153,16 @@ class SstFiles:
             self.writer = rd.SstFileWriter(self.options)
             self.writer.open(self.path)
 
-    def _put(self, payload: bytes, n: int) -> None:
-        ids = np.frombuffer(payload, np.int64, n)
-        rows = np.frombuffer(payload, np.uint8, n * self.row_bytes, n * KEY_BYTES)
+    def _items(self, buffer, n: int, at: int = 0) -> tuple[list, list]:
+        """Keys and values of `n` rows lying in `buffer` from `at`: ids (int64), then stored rows."""
+        ids = np.frombuffer(buffer, np.int64, n, at)
+        rows = np.frombuffer(buffer, np.uint8, n * self.row_bytes, at + n * KEY_BYTES)
         keys = ((ids.view(np.uint64) ^ _SIGN).astype(">u8")).view("V8").tolist()   # as kvstore.rows.encode_keys
-        values = rows.view(f"V{self.row_bytes}").tolist()
+        return keys, rows.view(f"V{self.row_bytes}").tolist()
+
+    def _add(self, keys: list, values: list) -> None:
         collections.deque(map(self.writer.__setitem__, keys, values), maxlen=0)
-        self.rows += n
+        self.rows += len(keys)
 
     def _finish(self) -> None:
         if self.writer is not None and self.rows:
@@ -160,34 +177,70 @@ def _read_exactly(src, size: int) -> bytes:
     return data
 
 
+class Ring:
+    """The shared memory an export's chunks go through: slots filled in turn, each filled again
+    only after the server said (a byte on stdin) it read what the slot held."""
+
+    def __init__(self, spec: dict):
+        self.slots, self.slot_bytes = int(spec["slots"]), int(spec["slot_bytes"])
+        self.memory = mmap.mmap(int(spec["fd"]), self.slots * self.slot_bytes)
+        self.free = threading.Semaphore(self.slots)
+        self.next = 0
+
+    def put(self, parts: list) -> int | None:
+        """Bytes of `parts` copied into the next slot once it is free; None when they do not fit."""
+        size = sum(memoryview(p).nbytes for p in parts)
+        if size > self.slot_bytes:
+            return None
+        self.free.acquire()
+        at = (self.next % self.slots) * self.slot_bytes
+        for part in parts:
+            part = memoryview(part).cast("B")
+            self.memory[at:at + part.nbytes] = part
+            at += part.nbytes
+        self.next += 1
+        return size
+
+
 def export_checkpoint(job: dict, out) -> None:
     module, _, name = job.get("encoder", "").rpartition(":")
     encode = getattr(importlib.import_module(module), name) if module else raw_rows
+    ring = Ring(job["ring"]) if job.get("ring") else None
+    threading.Thread(target=_read_answers, args=(ring,), daemon=True).start()
     reader = CheckpointReader(job)
     try:
         for ids, rows in reader.batches():
             encoded = encode(job["layout"], ids, rows)
-            _write(out, b"C", len(ids), encoded if isinstance(encoded, list) else [encoded])
+            parts = encoded if isinstance(encoded, list) else [encoded]
+            size = ring.put(parts) if ring is not None else None
+            if size is None:
+                _write(out, b"C", len(ids), parts)
+            else:
+                out.write(FRAME.pack(b"S", len(ids), size))
+                out.flush()
     finally:
         reader.close()
 
 
-def _exit_at_eof() -> None:
-    """The server holds our stdin open while it wants us: end of file means it is gone."""
-    while sys.stdin.buffer.read(1 << 16):
-        pass
+def _read_answers(ring: Ring | None) -> None:
+    """Each byte the server sends frees a slot; end of file means it is gone (or wants no more)."""
+    while answers := sys.stdin.buffer.read1(1 << 16):
+        for _ in range(len(answers) if ring is not None else 0):
+            ring.free.release()
     os._exit(0)
 
 
 def main() -> int:
     out, src = sys.stdout.buffer, sys.stdin.buffer
-    os.nice(NICENESS)
-    job = json.loads(src.readline())
+    gc.disable()            # one short job, no reference cycles: collections would only rescan its row tuples
+    line = src.readline()
+    if not line:            # the server is gone before it had a job for this (waiting) worker
+        return 0
+    job = json.loads(line)
     try:
         if job["task"] == "sst":
-            SstFiles(job).write(src)
+            SstFiles(job, out).write(src)
         else:
-            threading.Thread(target=_exit_at_eof, daemon=True).start()
             export_checkpoint(job, out)
     except BrokenPipeError:
         return 0

@@ -86,7 +86,10 @@ class KVStoreClient(ReplicationMethods, SnapshotMethods):
         self._export = self._channel.unary_stream(
             f"/{pb.DESCRIPTOR.services_by_name['EmbeddingStore'].full_name}/Export",
             request_serializer=pb.ExportRequest.SerializeToString, response_deserializer=None)
-        # ImportChain requests go as bytes built with one copy of the rows (replication._rows_request)
+        # Import and ImportChain requests go as bytes built with one copy of the rows (snapshots.rows_request)
+        self._import = self._channel.stream_unary(
+            f"/{pb.DESCRIPTOR.services_by_name['EmbeddingStore'].full_name}/Import",
+            request_serializer=None, response_deserializer=pb.ImportResponse.FromString)
         self._import_chain = self._channel.stream_unary(
             f"/{pb.DESCRIPTOR.services_by_name['EmbeddingStore'].full_name}/ImportChain",
             request_serializer=None, response_deserializer=pb.ImportResponse.FromString)

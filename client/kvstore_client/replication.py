@@ -17,13 +17,13 @@ from dataclasses import dataclass
 
 import numpy as np
 from kvstore_proto.export_format import ExportChunk, ExportFormatError, ExportReader, file_sha256
-from kvstore_proto.tensors import WireError, decode_ids, decode_tensor, encode_ids, encode_message
+from kvstore_proto.tensors import WireError, decode_ids, decode_tensor, encode_ids
 from kvstore_proto.v1 import kvstore_pb2 as pb
 
-from .errors import InternalError, InvalidArgumentError
+from .errors import InternalError
 from .errors import rpc_errors as _rpc
 from .progress import Progress
-from .snapshots import IMPORT_MODES, ExportStream, _chunk, _config_message, _one_pass, decoded
+from .snapshots import IMPORT_MODES, ExportStream, _chunk, _config_message, _one_pass, decoded, rows_request
 from .writes import RETRIES, streamed_write
 
 TRANSFER_TIMEOUT = 24 * 3600.0
@@ -98,14 +98,6 @@ def _batch(response: pb.SubscribeResponse) -> ChangeBatch:
         raise InternalError(message=f"subscribe: malformed message: {exc}") from None
 
 
-def _rows_request(ids: np.ndarray, weights: np.ndarray, state, meta) -> bytes:
-    """A serialized ImportChainRequest of rows, with one copy of them (tensors.encode_message)."""
-    try:
-        return encode_message({5: weights, 6: state, 7: meta}, {4: ids}, within=1)
-    except WireError as exc:
-        raise InvalidArgumentError(message=f"weights: {exc}") from None
-
-
 def _link(sequence: int, since_sequence: int | None) -> pb.ImportChainRequest:
     link = pb.ImportChainRequest(sequence=sequence)
     if since_sequence is not None:
@@ -157,7 +149,7 @@ class ReplicationMethods:
                 if len(part.ids):
                     for ids, weights, state, meta in self._import_slices((part.ids, part.weights, part.state,
                                                                           part.meta)):
-                        yield _rows_request(ids, weights, state, meta)
+                        yield rows_request(ids, weights, state, meta, within=1)
             gone = np.concatenate(tombstones) if tombstones else _NO_IDS
             for start in range(0, len(gone), TOMBSTONES_PER_MESSAGE):
                 yield pb.ImportChainRequest(

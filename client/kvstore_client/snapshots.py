@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from google.protobuf.message import DecodeError
 from kvstore_proto.export_format import ExportChunk
-from kvstore_proto.tensors import WireError, decode_export_chunk, encode_ids, encode_tensor
+from kvstore_proto.tensors import WireError, decode_export_chunk, encode_message, wire_name
 from kvstore_proto.v1 import kvstore_pb2 as pb
 
 from .arrays import as_ids, as_rows, chunks, to_numpy
@@ -23,6 +23,7 @@ from .writes import RETRIES, streamed_write
 IMPORT_MODES = {"merge": pb.IMPORT_MODE_MERGE, "replace": pb.IMPORT_MODE_REPLACE}
 TRANSFER_TIMEOUT = 24 * 3600.0
 _NO_IDS = np.zeros(0, np.int64)
+_LAST = pb.ImportRequest(last=True).SerializeToString()     # appended to the final request: merged into it
 
 
 
@@ -141,28 +142,18 @@ class SnapshotMethods:
         if config is not None:
             header.config.CopyFrom(_config_message(config))
 
-        def requests(key: str) -> Iterator[pb.ImportRequest]:
-            first = header
-            first.idempotency_key = key
+        def requests(key: str) -> Iterator[bytes]:
+            header.idempotency_key = key
+            first = header.SerializeToString()       # the header fields travel with the first rows
             for part in parts:
-                for fields in self._import_fields(part):
-                    request = pb.ImportRequest(**fields)
-                    if first is not None:
-                        request.MergeFrom(first)
-                        first = None
-                    yield request
-            if first is not None:
+                for ids, weights, state, meta in self._import_slices(part):
+                    yield rows_request(ids, weights, state, meta, first)
+                    first = b""
+            if first:
                 yield first
 
-        return streamed_write(self._stub.Import, requests, timeout, retries=0 if _one_pass(parts) else RETRIES).rows
-
-    def _import_fields(self, part) -> Iterator[dict]:
-        """The fields of each ImportRequest of one part, as constructor arguments: a message built
-        from them is built in place (a built ImportRequest given to a constructor is copied)."""
-        for ids, weights, state, meta in self._import_slices(part):
-            yield {"ids": encode_ids(ids), "weights": _tensor(weights, "weights"),
-                   "state": None if state is None else _tensor(state, "state"),
-                   "meta": None if meta is None else _tensor(meta, "meta")}
+        return streamed_write(self._import, requests, timeout, retries=0 if _one_pass(parts) else RETRIES,
+                              marks=lambda request: request + _LAST).rows
 
     def _import_slices(self, part) -> Iterator[tuple]:
         """(ids, weights, state, meta) of each import message of one part, about `chunk_bytes` each."""
@@ -191,11 +182,18 @@ class SnapshotMethods:
         return self.import_chunks(table, [ordered], mode=mode, config=config)
 
 
-def _tensor(array: np.ndarray, field: str) -> dict:
-    try:
-        return encode_tensor(array)
-    except WireError as exc:
-        raise InvalidArgumentError(message=f"{field}: {exc}") from None
+def rows_request(ids: np.ndarray, weights: np.ndarray, state, meta, prefix: bytes = b"",
+                 within: int | None = None) -> bytes:
+    """A serialized ImportRequest of rows after the serialized fields `prefix` (within field `within`
+    of an outer message: ImportChainRequest), built with one copy of the rows (tensors.encode_message):
+    a message built from arrays, then serialized, copies them three times."""
+    for array, field in ((weights, "weights"), (state, "state"), (meta, "meta")):
+        if array is not None:
+            try:
+                wire_name(np.asarray(array).dtype, field)
+            except WireError as exc:
+                raise InvalidArgumentError(message=str(exc)) from None
+    return encode_message({5: weights, 6: state, 7: meta}, {4: ids}, prefix, within)
 
 
 def _config_message(config: dict) -> pb.TableConfig:

@@ -14,6 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 from kvstore_proto.export_format import ExportChunk, ExportReader, ExportWriter
+from kvstore_proto.freed_memory import keep_freed_memory
 
 from .client import KVStoreClient
 from .progress import Progress
@@ -79,6 +80,7 @@ def read_ahead(items: Iterator[T], depth: int = DEPTH) -> Iterator[T]:
 def export_table(client: KVStoreClient, args: argparse.Namespace) -> int:
     """A full export, or with `--since SEQ` a delta (rows changed after SEQ plus tombstones); both
     record the change-feed sequence they hold every change up to (docs/replication.md)."""
+    keep_freed_memory()          # each received message reuses freed memory instead of faulting in fresh pages
     stream = client.export_sequenced(args.table, getattr(args, "since", None))
     config = stream.config
     writer = ExportWriter(args.path, config, config["dim"], config["dtype"] or "float32", stream.state_dim)
@@ -101,6 +103,7 @@ def export_table(client: KVStoreClient, args: argparse.Namespace) -> int:
 
 
 def import_table(client: KVStoreClient, args: argparse.Namespace) -> int:
+    keep_freed_memory()          # each message sent reuses freed memory instead of faulting in fresh pages
     reader = ExportReader(args.path)
     if "sequence" in reader.manifest:          # a link of a checkpoint chain: ImportChain
         return import_sequenced(client, args, reader, read_ahead(iter(reader), depth=FILES_AHEAD))

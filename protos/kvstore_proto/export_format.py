@@ -18,6 +18,7 @@ import os
 import struct
 import time
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,8 +27,11 @@ import ml_dtypes
 import numpy as np
 import numpy.lib.format as npy
 
+from .direct_files import HashedFile, StagingBuffer
+
 FORMAT = "kvstore-table-export"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2             # 2: chunk files checked by CRC-32; 1 (SHA-256) is still read
+READ_VERSIONS = {1: "sha256", 2: "crc32"}    # the checksum field of a chunk entry, by format version
 MANIFEST = "manifest.json"
 META_FIELDS = ("count", "last_access", "step")
 FILE_BYTES = 64 << 20          # target size of one chunk file
@@ -46,31 +50,6 @@ class ExportChunk:
     weights: np.ndarray    # [n, dim] in `dtype`
     state: np.ndarray      # [n, state_dim] float32
     meta: np.ndarray       # [n, 3] uint32: count, last_access, step
-
-
-class _HashingFile(io.RawIOBase):
-    """A write-only file that hashes the bytes as they pass, so a chunk file is never read back.
-    It says it cannot seek, so zipfile writes each member's sizes after its data instead of
-    going back to patch its header (standard zip data descriptors; every reader handles them)."""
-
-    def __init__(self, out: io.BufferedWriter):
-        self.out, self.digest, self.written = out, hashlib.sha256(), 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data) -> int:
-        size = memoryview(data).nbytes
-        self.digest.update(data)
-        self.out.write(data)
-        self.written += size
-        return size
-
-    def tell(self) -> int:
-        return self.written
-
-    def flush(self) -> None:
-        self.out.flush()
 
 
 def _sha256(path: str) -> str:
@@ -153,6 +132,13 @@ class _MappedFile(io.RawIOBase):
         return len(data)
 
 
+def _checksum(kind: str, mapped) -> str:
+    """The hex checksum of a chunk file's bytes as its format version records it."""
+    if kind == "crc32":
+        return f"{zlib.crc32(mapped):08x}"
+    return hashlib.sha256(mapped).hexdigest()
+
+
 def file_sha256(path: str) -> str:
     """The hex SHA-256 of a file's content (side files of an export, e.g. a delta's tombstones)."""
     return _sha256(path)
@@ -192,6 +178,7 @@ class ExportWriter:
         self._pending: list[ExportChunk] = []
         self._pending_rows = 0
         self._last_id: int | None = None
+        self._buffer: StagingBuffer | None = None     # made at the first file, reused by the next ones
 
     def write(self, ids, weights, state, meta) -> None:
         chunk = ExportChunk(np.asarray(ids, dtype="<i8"), np.asarray(weights, dtype=_WEIGHT_DTYPES[self.dtype]),
@@ -221,16 +208,20 @@ class ExportWriter:
         columns = {"ids": [c.ids for c in parts],
                    "weights": [c.weights.view(stored) if stored is not None else c.weights for c in parts],
                    "state": [c.state for c in parts], "meta": [c.meta for c in parts]}
-        with open(os.path.join(self.path, name), "wb") as out:
-            hashing = _HashingFile(out)
-            _write_npz(hashing, columns)
+        if self._buffer is None:
+            self._buffer = StagingBuffer()
+        with HashedFile(os.path.join(self.path, name), self._buffer) as out:
+            _write_npz(out, columns)
         self._chunks.append({"file": name, "rows": sum(len(c.ids) for c in parts), "first_id": int(parts[0].ids[0]),
-                             "last_id": int(parts[-1].ids[-1]), "bytes": hashing.written,
-                             "sha256": hashing.digest.hexdigest()})
+                             "last_id": int(parts[-1].ids[-1]), "bytes": out.written,
+                             "crc32": out.checksum})
 
     def close(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Write the manifest (with `extra` fields, e.g. a delta's sequences) that makes the export complete."""
         self._write_file()
+        if self._buffer is not None:
+            self._buffer.close()
+            self._buffer = None
         stored = _STORED_AS.get(self.dtype)
         manifest = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "created_at": time.time(),
@@ -266,9 +257,10 @@ class ExportReader:
         m = self.manifest
         if m.get("format") != FORMAT:
             raise ExportFormatError(f"{MANIFEST}.format: expected {FORMAT!r}, got {m.get('format')!r}")
-        if m.get("format_version") != FORMAT_VERSION:
-            raise ExportFormatError(
-                f"{MANIFEST}.format_version: this reader knows {FORMAT_VERSION}, got {m.get('format_version')!r}")
+        if m.get("format_version") not in READ_VERSIONS:
+            raise ExportFormatError(f"{MANIFEST}.format_version: this reader knows {sorted(READ_VERSIONS)}, "
+                                    f"got {m.get('format_version')!r}")
+        self.checksum = READ_VERSIONS[m["format_version"]]
         try:
             weights = m["columns"]["weights"]
             self.dtype = weights["dtype"]
@@ -293,7 +285,7 @@ class ExportReader:
         if not os.path.isfile(path):
             raise ExportFormatError(f"{name}: missing")
         mapped = _map(path)
-        if hashlib.sha256(mapped).hexdigest() != entry.get("sha256"):
+        if _checksum(self.checksum, mapped) != entry.get(self.checksum):
             raise ExportFormatError(f"{name}: checksum mismatch (corrupt or changed)")
         arrays = _npz_views(mapped, name)
         stored = _STORED_AS.get(self.dtype)

@@ -83,6 +83,13 @@ def encode_message(tensors: dict[int, np.ndarray | None], packed: dict[int, np.n
     the outer message). Building a message and serializing it copies each array three times
     (bytes, message, serialization); a strided view (columns of stored rows) is copied once more,
     to make it contiguous."""
+    return b"".join(message_parts(tensors, packed, prefix, within))
+
+
+def message_parts(tensors: dict[int, np.ndarray | None], packed: dict[int, np.ndarray] | None = None,
+                  prefix: bytes = b"", within: int | None = None) -> list:
+    """The serialized message of `encode_message` as a list of parts (bytes and views of the
+    arrays, made contiguous) to write one after the other, with no copy into one buffer."""
     parts: list = [prefix] if prefix else []
     for number, array in sorted((packed or {}).items()):
         data = np.ascontiguousarray(array, dtype="<i8").reshape(-1).view(np.uint8).data
@@ -94,7 +101,7 @@ def encode_message(tensors: dict[int, np.ndarray | None], packed: dict[int, np.n
             parts += [_varint(number << 3 | 2) + _varint(_part_bytes(tensor)), *tensor]
     if within is not None:
         parts.insert(0, _varint(within << 3 | 2) + _varint(_part_bytes(parts)))
-    return b"".join(parts)
+    return parts
 
 
 def encode_lookup_response(weights: np.ndarray, state: np.ndarray | None = None) -> bytes:
@@ -221,6 +228,20 @@ def _int64(value: int) -> int:
 
 
 def _tensor_view(blob: bytes, buf: memoryview, start: int, end: int, field: str) -> np.ndarray:
+    tensor = _tensor_fields(buf, start, end)
+    return _tensor_array(blob, tensor.data_at, len(tensor.data), tensor.dtype, tensor.shape, field)
+
+
+class WireTensor:
+    """A `Tensor` field read in place: dtype name, shape and `data` (a memoryview of the message)."""
+
+    __slots__ = ("dtype", "shape", "data", "data_at")
+
+    def __init__(self, dtype: str, shape: tuple, data: memoryview, data_at: int):
+        self.dtype, self.shape, self.data, self.data_at = dtype, shape, data, data_at
+
+
+def _tensor_fields(buf: memoryview, start: int, end: int) -> WireTensor:
     dtype_name, shape, data = "", [], (0, 0)
     for number, value in _fields(buf, start, end):
         if number == 1 and isinstance(value, tuple):
@@ -234,7 +255,7 @@ def _tensor_view(blob: bytes, buf: memoryview, start: int, end: int, field: str)
             shape.append(_int64(value))
         elif number == 3 and isinstance(value, tuple):
             data = value
-    return _tensor_array(blob, data[0], data[1] - data[0], dtype_name, tuple(shape), field)
+    return WireTensor(dtype_name, tuple(shape), buf[data[0]:data[1]], data[0])
 
 
 def decode_lookup_response(blob: bytes) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -271,3 +292,36 @@ def decode_export_chunk(blob: bytes) -> tuple[pb.ExportChunk, dict[str, np.ndarr
         else:
             header.append(buf[start:end])
     return pb.ExportChunk.FromString(b"".join(header)), arrays
+
+
+IMPORT_TENSORS = {5: "weights", 6: "state", 7: "meta"}
+IMPORT_IDS = 4
+
+
+class InPlaceImportRequest:
+    """A serialized `ImportRequest` read in place: `ids` (a memoryview) and the `Tensor` fields
+    (`WireTensor`s viewing the message), the other fields from a message of them alone. Reads like
+    the message (`decode_tensor` takes its tensors); parsing it into a message and reading the
+    fields would copy the rows twice."""
+
+    def __init__(self, blob: bytes):
+        buf = memoryview(blob)
+        header: list = []
+        self.ids: memoryview = buf[0:0]
+        self._tensors: dict[str, WireTensor] = {}
+        for number, value, start, end in _fields(buf, 0, len(buf), spans=True):
+            if isinstance(value, tuple) and number in IMPORT_TENSORS:
+                self._tensors[IMPORT_TENSORS[number]] = _tensor_fields(buf, *value)
+            elif isinstance(value, tuple) and number == IMPORT_IDS:
+                self.ids = buf[value[0]:value[1]]
+            else:
+                header.append(buf[start:end])
+        self.header = pb.ImportRequest.FromString(b"".join(header))
+
+    def HasField(self, name: str) -> bool:  # noqa: N802 - the protobuf message method it stands for
+        return name in self._tensors if name in IMPORT_TENSORS.values() else self.header.HasField(name)
+
+    def __getattr__(self, name: str):
+        if name in IMPORT_TENSORS.values():
+            return self._tensors.get(name) or WireTensor("", (), memoryview(b""), 0)
+        return getattr(self.header, name)

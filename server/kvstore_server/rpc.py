@@ -158,12 +158,13 @@ class _Call:
         end_call(self.peer, self.path, self.code, seconds)
 
 
-def _parser(method, index_label: bool) -> Callable[[bytes, int], Any]:
+def _parser(method, index_label: bool, decode: Callable[[bytes], Any] | None = None) -> Callable[[bytes, int], Any]:
     kind = GetMessageClass(method.input_type)
+    decode = decode or kind.FromString
 
     def parse(raw: bytes, index: int = 0):
         try:
-            return kind.FromString(raw)
+            return decode(raw)
         except (DecodeError, RuntimeError, ValueError):
             where = f" (chunk {index})" if index_label else ""
             raise InvalidArgument(f"{method.name}: the request{where} is not a valid {kind.__name__} "
@@ -199,10 +200,11 @@ async def whole_stream(requests: AsyncIterator, context: grpc.aio.ServicerContex
                               "does not mark its final chunk); nothing was applied")
 
 
-def bind(method, handler: Callable, gate: CallGate, metrics: Metrics):
-    """The grpc behavior of one service method: bytes in, the handler's result out, through a `_Call`."""
+def bind(method, handler: Callable, gate: CallGate, metrics: Metrics, decode: Callable[[bytes], Any] | None = None):
+    """The grpc behavior of one service method: bytes in, the handler's result out, through a `_Call`.
+    `decode`: how a request is read, where not into its message (server.IN_PLACE)."""
     streaming_request = method.client_streaming
-    parse = _parser(method, streaming_request)
+    parse = _parser(method, streaming_request, decode)
 
     def argument(request):
         return _parsed(request, parse) if streaming_request else parse(request)

@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from grpc_reflection.v1alpha import reflection_pb2_grpc as reflection_grpc
+from kvstore_proto.tensors import InPlaceImportRequest
 from kvstore_proto.v1 import kvstore_pb2 as pb
 
 from kvstore import Store
@@ -46,6 +47,7 @@ SERVICE = pb.DESCRIPTOR.services_by_name["EmbeddingStore"]
 SERVICE_NAME = SERVICE.full_name
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"   # the same messages as v1alpha, another name
 PRESERIALIZED = {"Lookup", "Export"}   # methods whose handlers yield wire bytes (tensors.encode_message)
+IN_PLACE = {"Import": InPlaceImportRequest}   # requests read in place: their rows are not copied out
 _KINDS = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
           (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
 
@@ -55,7 +57,7 @@ def add_service(servicer: EmbeddingStoreService, server: grpc.aio.Server, gate: 
     `rpc.bind`); responses of PRESERIALIZED methods pass through as bytes."""
     handlers = {}
     for method in SERVICE.methods:
-        behavior = bind(method, getattr(servicer, method.name), gate, servicer.metrics)
+        behavior = bind(method, getattr(servicer, method.name), gate, servicer.metrics, IN_PLACE.get(method.name))
         serializer = None if method.name in PRESERIALIZED else _serializer(method)
         handlers[method.name] = _KINDS[method.client_streaming, method.server_streaming](
             behavior, request_deserializer=None, response_serializer=serializer)

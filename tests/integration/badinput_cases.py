@@ -350,6 +350,10 @@ REPLICATION_CASES = [
          C.INVALID_ARGUMENT, "rows.last"),
     Case("import_chain_malformed_second_chunk", "ImportChain", lambda: [chain(), TRUNCATED], C.INVALID_ARGUMENT,
          "ImportChain"),
+    Case("import_malformed_second_chunk", "Import", lambda: [import_chunk(), TRUNCATED], C.INVALID_ARGUMENT,
+         "Import"),
+    Case("import_malformed_weights_tensor", "Import", lambda: [import_chunk(), Malformed(b"\x2a\x03\x0a\x05a")],
+         C.INVALID_ARGUMENT, "Import"),
 ]
 
 def train_rows(table: str = CANARY, n: int = 2, dim: int = DIM) -> pb.TableRows:

@@ -1,7 +1,7 @@
 """Exports read by worker processes from a checkpoint and large imports whose SST files a worker
 process writes, through a real server: what they hold, what an export writes (nothing), and
-that a finished, cancelled, failed or orphaned export or import leaves no worker process and no
-file behind."""
+that a finished, cancelled, failed or orphaned export or import leaves no worker at work and no
+file behind (one started worker waits, holding nothing, for the next transfer)."""
 from __future__ import annotations
 
 import os
@@ -25,6 +25,27 @@ def export_workers(pid: int) -> list[int]:
         with open(f"/proc/{pid}/task/{task}/children") as listing:
             children += [int(child) for child in listing.read().split()]
     return [child for child in children if b"transfer_worker.py" in _cmdline(child)]
+
+
+def busy_workers(server) -> list[int]:
+    """The workers holding a file of the server's staging directory open (a checkpoint they read,
+    an SST file they write): the worker waiting for the next transfer holds none."""
+    staging = os.path.realpath(server.data_dir / "staging") + os.sep
+    return [pid for pid in export_workers(server.process.pid) if any(path.startswith(staging)
+                                                                     for path in _open_files(pid))]
+
+
+def _open_files(pid: int) -> list[str]:
+    paths = []
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                paths.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            except FileNotFoundError:
+                pass
+    except FileNotFoundError:
+        pass
+    return paths
 
 
 def _cmdline(pid: int) -> bytes:
@@ -70,16 +91,29 @@ def test_export_holds_unsaved_rows_at_its_instant_and_writes_none(client, server
     assert np.concatenate([p.ids for p in parts]).tolist() == ids.tolist()
     assert (np.concatenate([p.weights for p in parts]) == 1.0).all()
     assert client.stats("exw_dirty")["cache_dirty_rows"] == dirty, "the export wrote dirty rows back"
-    assert wait_until(lambda: not export_workers(server.process.pid) and not staging_left(server.data_dir))
+    assert wait_until(lambda: not busy_workers(server) and not staging_left(server.data_dir))
+
+
+def test_next_export_is_read_by_the_worker_started_ahead_of_it_which_held_nothing(client, server):
+    weights = loaded_table(client, "exw_spare")
+    assert np.array_equal(client.export_table("exw_spare").weights, weights)
+    assert wait_until(lambda: len(export_workers(server.process.pid)) == 1 and not busy_workers(server))
+    (waiting,) = export_workers(server.process.pid)        # started during the export, for the next one
+    stream = client.export("exw_spare", chunk_rows=64)
+    chunks = iter(stream)
+    first = next(chunks)
+    assert busy_workers(server) == [waiting]
+    assert np.array_equal(np.concatenate([first.weights, *(c.weights for c in chunks)]), weights)
+    assert wait_until(lambda: not busy_workers(server) and len(export_workers(server.process.pid)) == 1)
 
 
 def test_cancelled_export_stops_its_worker_and_removes_its_checkpoint(client, server):
     loaded_table(client, "exw_cancel")
     stream = client.export("exw_cancel", chunk_rows=64)
     next(iter(stream))
-    assert export_workers(server.process.pid), "the worker finished before the test could cancel it"
+    assert busy_workers(server), "the worker finished before the test could cancel it"
     stream.cancel()
-    assert wait_until(lambda: not export_workers(server.process.pid) and not staging_left(server.data_dir))
+    assert wait_until(lambda: not busy_workers(server) and not staging_left(server.data_dir))
     assert len(client.export_table("exw_cancel").ids) == ROWS        # the server exports as before
 
 
@@ -88,11 +122,11 @@ def test_export_whose_worker_dies_fails_with_unavailable_and_leaves_nothing(clie
     stream = client.export("exw_killed", chunk_rows=64)
     chunks = iter(stream)
     next(chunks)
-    (worker,) = export_workers(server.process.pid)
+    (worker,) = busy_workers(server)
     os.kill(worker, signal.SIGKILL)
     with pytest.raises(UnavailableError, match="worker"):
         list(chunks)
-    assert wait_until(lambda: not export_workers(server.process.pid) and not staging_left(server.data_dir))
+    assert wait_until(lambda: not busy_workers(server) and not staging_left(server.data_dir))
     again = client.export_table("exw_killed")
     assert np.array_equal(again.weights, weights)
 
@@ -126,7 +160,7 @@ def large_import(server, client: KVStoreClient, table: str, last_chunk):
         part = slice(index * IMPORT_ROWS, (index + 1) * IMPORT_ROWS)
         yield np.arange(part.start, part.stop), weights[part]
     yield np.arange(10**6 - 10, 10**6), np.zeros((10, 8), np.float32)
-    assert wait_until(lambda: export_workers(server.process.pid)), "no worker wrote the large import"
+    assert wait_until(lambda: busy_workers(server)), "no worker wrote the large import"
     yield last_chunk(weights)
 
 
@@ -139,7 +173,7 @@ def test_large_import_written_by_a_worker_is_bit_exact_and_leaves_nothing(client
     got = client.export_table("imw_ok")
     assert np.array_equal(got.weights[:5 * IMPORT_ROWS], random_rows(5 * IMPORT_ROWS, 8, seed=5))
     assert got.ids[-10:].tolist() == extra.tolist() and len(got.ids) == 5 * IMPORT_ROWS + 20
-    assert wait_until(lambda: not export_workers(server.process.pid) and not staging_left(server.data_dir))
+    assert wait_until(lambda: not busy_workers(server) and not staging_left(server.data_dir))
 
 
 def test_failed_large_import_changes_nothing_and_stops_its_worker(client, server):
@@ -147,7 +181,7 @@ def test_failed_large_import_changes_nothing_and_stops_its_worker(client, server
         client.import_chunks("imw_bad", large_import(
             server, client, "imw_bad", lambda w: (np.arange(10**6, 10**6 + 10), np.ones((10, 3), np.float32))),
             config={"name": "imw_bad", "dim": 8})
-    assert wait_until(lambda: not export_workers(server.process.pid) and not staging_left(server.data_dir))
+    assert wait_until(lambda: not busy_workers(server) and not staging_left(server.data_dir))
     with pytest.raises(NotFoundError):
         client.describe_table("imw_bad")            # the table the import created is gone again
 

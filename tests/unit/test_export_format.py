@@ -1,12 +1,16 @@
 """The export directory format: round trips, and every kind of damage is a clear error."""
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import zlib
 
 import ml_dtypes
 import numpy as np
 import pytest
+from kvstore_proto import direct_files
 from kvstore_proto.export_format import ExportFormatError, ExportReader, ExportWriter
 
 from kvstore import CacheConfig, OptimizerConfig, Store, TableConfig
@@ -53,6 +57,47 @@ def test_corrupt_chunk_is_a_checksum_error(tmp_path):
         list(ExportReader(path))
 
 
+def as_version_1(path: str) -> None:
+    """Rewrite an export's manifest as format version 1 wrote it: the same chunk files, each
+    checked by SHA-256 instead of CRC-32."""
+    manifest_path = os.path.join(path, "manifest.json")
+    with open(manifest_path) as src:
+        manifest = json.load(src)
+    manifest["format_version"] = 1
+    for entry in manifest["chunks"]:
+        del entry["crc32"]
+        with open(os.path.join(path, entry["file"]), "rb") as chunk:
+            entry["sha256"] = hashlib.sha256(chunk.read()).hexdigest()
+    with open(manifest_path, "w") as out:
+        json.dump(manifest, out)
+
+
+def test_export_is_version_2_with_a_crc32_per_chunk_file(tmp_path):
+    path = str(tmp_path / "exp")
+    write_export(path)
+    manifest = ExportReader(path).manifest
+    assert manifest["format_version"] == 2
+    for entry in manifest["chunks"]:
+        with open(os.path.join(path, entry["file"]), "rb") as chunk:
+            data = chunk.read()
+        assert entry["crc32"] == f"{zlib.crc32(data):08x}" and entry["bytes"] == len(data)
+
+
+def test_version_1_exports_are_still_read_and_their_damage_found(tmp_path):
+    path = str(tmp_path / "exp")
+    expected = write_export(path)
+    as_version_1(path)
+    chunks = list(ExportReader(path))
+    assert np.concatenate([c.weights for c in chunks]).tobytes() == expected[1].tobytes()
+    with open(os.path.join(path, "chunk-000000.npz"), "r+b") as f:
+        f.seek(300)
+        byte = f.read(1)[0]
+        f.seek(300)
+        f.write(bytes([byte ^ 1]))
+    with pytest.raises(ExportFormatError, match="chunk-000000.npz: checksum"):
+        list(ExportReader(path))
+
+
 def test_incomplete_or_foreign_directories_are_rejected(tmp_path):
     with pytest.raises(ExportFormatError, match="manifest.json"):
         ExportReader(str(tmp_path))
@@ -95,3 +140,39 @@ def test_store_to_directory_to_another_store_is_bit_exact(tmp_path):
         copy = b.lookup("t", ids, on_miss="error", with_state=True)
     assert copy.weights.tobytes() == original.weights.tobytes()
     assert copy.state.tobytes() == original.state.tobytes()
+
+
+def chunk_files(path: str) -> dict[str, bytes]:
+    names = sorted(n for n in os.listdir(path) if n.startswith("chunk-"))
+    return {n: open(os.path.join(path, n), "rb").read() for n in names}
+
+
+def test_files_written_past_the_page_cache_hold_the_bytes_of_buffered_ones(tmp_path, monkeypatch):
+    monkeypatch.setattr(direct_files, "BUFFER_BYTES", 8192)       # files of several buffers and a part one
+    write_export(str(tmp_path / "direct"), rows=700, file_bytes=20_000)
+    monkeypatch.setattr(direct_files, "_O_DIRECT", 0)
+    write_export(str(tmp_path / "buffered"), rows=700, file_bytes=20_000)
+    direct, buffered = chunk_files(str(tmp_path / "direct")), chunk_files(str(tmp_path / "buffered"))
+    assert len(direct) > 1 and direct == buffered
+    assert any(len(data) % direct_files.ALIGN for data in direct.values())     # the tails were cut back
+    assert ExportReader(str(tmp_path / "direct")).manifest["chunks"] == \
+        ExportReader(str(tmp_path / "buffered")).manifest["chunks"]
+
+
+def test_a_file_system_refusing_direct_writes_gets_the_same_bytes_through_the_page_cache(tmp_path, monkeypatch):
+    write_export(str(tmp_path / "expected"), rows=700, file_bytes=20_000)
+    write = os.write
+    refused = []
+
+    def refuse_direct(fd, data):
+        if direct_files._O_DIRECT and os.get_blocking(fd) and \
+                direct_files.fcntl.fcntl(fd, direct_files.fcntl.F_GETFL) & direct_files._O_DIRECT:
+            refused.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return write(fd, data)
+
+    monkeypatch.setattr(direct_files.os, "write", refuse_direct)
+    write_export(str(tmp_path / "refused"), rows=700, file_bytes=20_000)
+    assert refused or not direct_files._O_DIRECT
+    assert chunk_files(str(tmp_path / "refused")) == chunk_files(str(tmp_path / "expected"))
+    assert len(list(ExportReader(str(tmp_path / "refused")))) == len(chunk_files(str(tmp_path / "expected")))

@@ -188,3 +188,48 @@ def test_import_across_a_restore_is_refused_and_imports_nothing(store):
     with pytest.raises(FailedPrecondition, match="restored"):
         store.commit_import(stager)
     assert sum(len(c) for c in store.export_table("t")) == 0
+
+
+def import_in_parts(store: Store, table: str, sizes: list[int]) -> RowChunk:
+    """Import rows in chunks of `sizes` rows (the first ones written here, the rest past the store's
+    WORKER_ROWS by its worker process); returns what was sent."""
+    rng = np.random.default_rng(7)
+    ids = np.arange(sum(sizes)) * 3 - 1000
+    weights = rng.standard_normal((len(ids), 8)).astype(np.float32)
+    state = rng.random((len(ids), 16)).astype(np.float32)
+    meta = rng.integers(0, 2**32, (len(ids), 3), dtype=np.uint64).astype(np.uint32)
+    bounds = np.cumsum([0, *sizes])
+    parts = [(ids[a:b], weights[a:b], state[a:b], meta[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    assert store.import_table(table, iter(parts), mode="replace") == len(ids)
+    return RowChunk(ids, weights, state, meta)
+
+
+def assert_exports_as(store: Store, table: str, sent: RowChunk) -> None:
+    got = collect(store.export_table(table, chunk_rows=20_000))
+    for f in ("ids", "weights", "state", "meta"):
+        assert getattr(got, f).tobytes() == getattr(sent, f).tobytes(), f
+
+
+def test_import_chunk_larger_than_several_shared_memory_slots_is_bit_exact(store):
+    store.create_table(adam_table())
+    # the 200,000-row chunk (21 MiB of stored rows) takes six 4 MiB slots: more than the worker has
+    sent = import_in_parts(store, "t", [70_000, 200_000, 5, 30_000])
+    assert_exports_as(store, "t", sent)
+
+
+def test_transfers_without_shared_memory_go_through_the_pipes_bit_exact(store, monkeypatch):
+    from kvstore import transfer_process
+
+    monkeypatch.setattr(transfer_process._WorkerProcess, "map_ring", lambda worker, slot_bytes: None)
+    store.create_table(adam_table())
+    sent = import_in_parts(store, "t", [70_000, 100_000, 30_000])
+    assert_exports_as(store, "t", sent)
+
+
+def test_export_chunks_too_large_for_a_ring_slot_go_through_the_pipe_bit_exact(store, monkeypatch):
+    from kvstore import transfer_process
+
+    store.create_table(adam_table())
+    sent = import_in_parts(store, "t", [70_000, 30_000])
+    monkeypatch.setattr(transfer_process, "MAX_SLOT_BYTES", 4096)
+    assert_exports_as(store, "t", sent)

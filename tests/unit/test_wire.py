@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from kvstore_proto.tensors import (
     WIRE_DTYPES,
+    InPlaceImportRequest,
     WireError,
     decode_export_chunk,
     decode_ids,
@@ -194,6 +195,32 @@ def test_a_preserialized_export_chunk_and_its_in_place_decoding_agree_with_proto
         got = arrays.get(name, np.zeros(0, np.int64))          # an empty bytes field is left out
         assert got.shape == expected.shape and (name not in arrays or not got.flags.writeable)
         np.testing.assert_array_equal(got, expected.astype(got.dtype))
+
+
+@pytest.mark.parametrize("weights,state", CASES)
+def test_an_import_request_read_in_place_reads_as_its_protobuf_message(weights, state):
+    ids = np.arange(len(weights)) * 5 - 3
+    meta = np.arange(len(weights) * 3, dtype=np.int64).reshape(-1, 3)
+    header = pb.ImportRequest(table="t", mode=pb.IMPORT_MODE_REPLACE, idempotency_key="k", last=True,
+                              config=pb.TableConfig(name="t", dim=3))
+    blob = encode_message({5: weights, 6: state, 7: meta}, {4: ids}, header.SerializeToString())
+    message, in_place = pb.ImportRequest.FromString(blob), InPlaceImportRequest(blob)
+    for field in ("table", "mode", "idempotency_key", "last", "config"):
+        assert getattr(in_place, field) == getattr(message, field), field
+    for field in ("config", "weights", "state", "meta"):
+        assert in_place.HasField(field) == message.HasField(field), field
+    assert decode_ids(in_place.ids).tolist() == decode_ids(message.ids).tolist()
+    for field in ("weights", "state", "meta"):
+        if message.HasField(field):
+            got = decode_tensor(getattr(in_place, field), field)
+            assert not got.flags.writeable                      # a view of the request, not a copy
+            np.testing.assert_array_equal(got, decode_tensor(getattr(message, field), field))
+
+
+def test_a_malformed_import_request_read_in_place_is_a_value_error():
+    blob = encode_message({5: np.ones((2, 3), np.float32)}, {4: np.arange(2)})
+    with pytest.raises(ValueError):
+        InPlaceImportRequest(blob[:-5] + b"\x2a\xff")          # weights cut short, then a truncated field
 
 
 def test_a_chunk_field_nested_in_an_outer_message_parses_as_protobuf_nests_it():
