@@ -34,7 +34,6 @@ def lookup_ms(rows: int, batches: list[int], huge: bool, rng) -> dict[int, float
                 ids = np.arange(start, min(rows, start + 65536))
                 store.update("t", ids, rng.standard_normal((len(ids), DIM), dtype=np.float32))
             store.lookup("t", np.arange(rows))
-            store.flush()                       # written back: no flusher at work while timing
             cached = np.flatnonzero(store.table("t").cache.probe(np.arange(rows)) >= 0)
             medians = {}
             for batch in batches:
