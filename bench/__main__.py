@@ -5,7 +5,7 @@
     python -m bench table --in DIR                       saved results as Markdown
     python -m bench script NAME [ARGS...]               store_bench, grpc_bench, snapshot_bench, eviction_bench,
                                                         training_bench, gpu_cache, cold_lookup_bench,
-                                                        lookup_scaling, huge_pages_bench
+                                                        lookup_scaling
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from .report import ResultLog, environment, environment_line, markdown
 from .suites import SUITES, runner
 
 SCRIPTS = ("store_bench", "grpc_bench", "snapshot_bench", "eviction_bench", "training_bench", "gpu_cache",
-           "cold_lookup_bench", "lookup_scaling", "huge_pages_bench")
+           "cold_lookup_bench", "lookup_scaling")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
