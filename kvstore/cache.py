@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import huge_pages
 from .config import CacheConfig
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -81,15 +80,14 @@ class SetAssociativeCache:
         self.row_bytes = row_bytes
         self.order = POLICIES[config.policy]()
         n = config.rows
-        zeros = self._zeros = huge_pages.zeros if xp is np else xp.zeros   # host: random reads, huge pages
-        self.keys = zeros(n, dtype=xp.int64)
+        self.keys = xp.zeros(n, dtype=xp.int64)
         self._probe_index(n)
-        self.occupied = zeros(n, dtype=bool)
-        self.dirty = zeros(n, dtype=bool)
-        self.locks = zeros(n, dtype=xp.int32)
-        self.last_used = zeros(n, dtype=xp.int64)   # batch tick of the last use
-        self.uses = zeros(n, dtype=xp.int64)
-        self.slab = zeros((n, row_bytes), dtype=xp.uint8)
+        self.occupied = xp.zeros(n, dtype=bool)
+        self.dirty = xp.zeros(n, dtype=bool)
+        self.locks = xp.zeros(n, dtype=xp.int32)
+        self.last_used = xp.zeros(n, dtype=xp.int64)   # batch tick of the last use
+        self.uses = xp.zeros(n, dtype=xp.int64)
+        self.slab = xp.zeros((n, row_bytes), dtype=xp.uint8)
         self.tick = 0
 
     def _probe_index(self, n: int) -> None:
@@ -99,9 +97,8 @@ class SetAssociativeCache:
         16-byte record per id instead of the key and occupied bit of a guessed slot. Then
         `fingerprints`: 16 hash bits of each slot's key, for the set probe."""
         self.hint_mask = np.uint64((1 << (n - 1).bit_length()) - 1)
-        self.hints = self._zeros((int(self.hint_mask) + 1, 2), dtype=self.xp.int64)
-        self.hints.fill(-1)
-        self.fingerprints = self._zeros(n, dtype=self.xp.uint16)
+        self.hints = self.xp.full((int(self.hint_mask) + 1, 2), -1, dtype=self.xp.int64)
+        self.fingerprints = self.xp.zeros(n, dtype=self.xp.uint16)
 
     def _hint(self, ids, mixed, slots) -> None:
         """Record where cached ids are (whole pairs: with colliding ids one pair wins)."""
