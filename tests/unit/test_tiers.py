@@ -106,45 +106,45 @@ def test_an_access_is_recorded_once_per_row_in_its_header(device):
     assert tier.headers(slots[2:])[0].tolist() == [NOW + 5]
 
 
+def cached_4_5_6(device):
+    """A tier holding ids 4, 5, 6: (tier, layout, their slots, their access counts)."""
+    tier, layout = tier_of(config(device))
+    slots = insert(tier, layout, np.array([4, 5, 6], dtype=np.int64))
+    return tier, layout, slots, tier.headers(slots)[1]
+
+
+def assert_rows_of_4_and_6_looked_up(tier, layout, slots, before_count, query, hit, weights, state):
+    """A lookup of ids 4 and 6 (of cached 4, 5, 6; duplicates allowed) gave the hits' stored rows,
+    state only when asked for, and counted each id's access once; returns the headers."""
+    expect = rows_for(layout, query)
+    np.testing.assert_array_equal(weights[hit], layout.weights(expect)[hit])
+    if state is not None:
+        np.testing.assert_array_equal(state[hit], layout.state(expect)[hit])
+    access, count = tier.headers(slots)
+    np.testing.assert_array_equal(count, before_count + np.array([1, 0, 1]))   # duplicates once
+    assert access[[0, 2]].tolist() == [NOW, NOW]
+    return access, count
+
+
 @pytest.mark.parametrize("with_state", [False, True])
 def test_a_lookups_probe_touch_and_gather_in_one_call_equal_the_three_steps(device, with_state):
-    tier, layout = tier_of(config(device))
-    ids = np.array([4, 5, 6], dtype=np.int64)
-    slots = insert(tier, layout, ids)
-    _, before_count = tier.headers(slots)
+    tier, layout, slots, before_count = cached_4_5_6(device)
     tier.begin_batch()
     query = np.array([6, 99, 4, 6], dtype=np.int64)
     got, weights, state = tier.probe_touch_columns(query, NOW, with_state)
     np.testing.assert_array_equal(got, [slots[2], -1, slots[0], slots[2]])
-    expect = rows_for(layout, query)
-    hit = got >= 0
-    np.testing.assert_array_equal(weights[hit], layout.weights(expect)[hit])
-    if with_state:
-        np.testing.assert_array_equal(state[hit], layout.state(expect)[hit])
-    else:
-        assert state is None
-    access, count = tier.headers(slots)
-    np.testing.assert_array_equal(count, before_count + np.array([1, 0, 1]))   # duplicates once
-    assert access[[0, 2]].tolist() == [NOW, NOW]
+    assert (state is not None) == with_state
+    assert_rows_of_4_and_6_looked_up(tier, layout, slots, before_count, query, got >= 0, weights, state)
 
 
 @pytest.mark.parametrize("with_state", [False, True])
 def test_a_lookup_of_cached_ids_records_each_access_once_and_one_miss_changes_nothing(device, with_state):
-    tier, layout = tier_of(config(device))
-    ids = np.array([4, 5, 6], dtype=np.int64)
-    slots = insert(tier, layout, ids)
-    _, before_count = tier.headers(slots)
+    tier, layout, slots, before_count = cached_4_5_6(device)
     query = np.array([6, 4, 6], dtype=np.int64)
     weights, state = tier.cached_columns(query, NOW, with_state)
-    expect = rows_for(layout, query)
-    np.testing.assert_array_equal(weights, layout.weights(expect))
-    if with_state:
-        np.testing.assert_array_equal(state, layout.state(expect))
-    else:
-        assert state is None
-    access, count = tier.headers(slots)
-    np.testing.assert_array_equal(count, before_count + np.array([1, 0, 1]))   # duplicates once
-    assert access[[0, 2]].tolist() == [NOW, NOW]
+    assert (state is not None) == with_state
+    access, count = assert_rows_of_4_and_6_looked_up(tier, layout, slots, before_count, query,
+                                                     np.ones(len(query), bool), weights, state)
     assert tier.cached_columns(np.array([5, 99], dtype=np.int64), NOW + 9, with_state) is None
     assert tier.headers(slots)[0].tolist() == access.tolist()                   # the miss touched nothing
     np.testing.assert_array_equal(tier.headers(slots)[1], count)
