@@ -483,7 +483,9 @@ extern "C" __global__ void touch_headers(char* rows, i64 row_bytes, const i64* _
 // Copies `units` T-sized units from row src_idx[r] of src to row dst_idx[r] of dst (a
 // null index means r; a negative index skips the row). Gather, scatter, write-back
 // extraction and fills are all this one kernel. 2^lg threads per row, R rows in flight
-// per group, and the next round's row indices loaded while this round's bytes move.
+// per group, and the next round's row indices loaded while this round's bytes move. Plain
+// loads and stores: with evict-first hints (__ldcs/__stcs) a gather of 1M random 512-byte rows
+// ran at 0.78 of copy bandwidth against 0.81 without (H200, same run).
 
 template <int R>
 __device__ __forceinline__ void row_indices(const i64* __restrict__ idx, i64 r, i64 groups, i64 n, i64* out) {
@@ -520,10 +522,10 @@ __global__ void __launch_bounds__(256, 4) copy_rows(const char* __restrict__ src
             T v[R];
 #pragma unroll
             for (int k = 0; k < R; ++k)
-                if (go[k]) v[k] = __ldcs(from[k] + u);
+                if (go[k]) v[k] = from[k][u];
 #pragma unroll
             for (int k = 0; k < R; ++k)
-                if (go[k]) __stcs(to[k] + u, v[k]);
+                if (go[k]) to[k][u] = v[k];
         }
     }
 }
