@@ -23,6 +23,7 @@ from .id_ranges import MAX_RANGES, coalesce
 from .rows import HEADER, RowLayout, encode_keys
 from .table import Table
 from .transfer_process import ExportCut, SstWorker, WorkerStream, layout_fields
+from .validation import sorted_distinct
 
 IMPORT_MODES = ("replace", "merge")
 META_FIELDS = ("count", "last_access", "step")    # row header fields carried by export/import
@@ -136,7 +137,7 @@ class ImportStager:
         ids, rows = self._encode(ids, weights, state, meta)
         if not len(ids):
             return 0
-        if len(ids) > 1 and not (ids[1:] > ids[:-1]).all():       # not already sorted and unique
+        if not sorted_distinct(ids):
             keep = len(ids) - 1 - np.unique(ids[::-1], return_index=True)[1]   # last write wins, sorted
             # rows are padded to 16 bytes: gathering them as uint64 is ~10x faster than as uint8
             ids, rows = ids[keep], rows.view(np.uint64)[keep].view(np.uint8)
