@@ -22,7 +22,7 @@ import numpy as np
 from .cache import Eviction, SetAssociativeCache
 from .config import CacheConfig, OptimizerConfig
 from .errors import InvalidArgument
-from .gpu_kernels import ALL_NEW, COUNT_USES, HEADERS, LINK, TOUCH, kernels_for
+from .gpu_kernels import ALL_NEW, COUNT_USES, HEADERS, LINK, MARK, TOUCH, kernels_for
 from .rows import RowLayout
 
 
@@ -56,6 +56,7 @@ class GpuCache(SetAssociativeCache):
             super().__init__(config, row_bytes, xp=cupy)
             self.kernels = kernels_for(self.device.id)
             self._heads = cupy.zeros(self.num_sets, dtype=cupy.uint64)   # per-set lists of a batch's new ids
+            self._marks = cupy.zeros(self.capacity, dtype=cupy.uint32)   # slots a gradient batch hit (by epoch)
             self._epoch = 0
         self.lfu = config.policy == "lfu"
         self._touch = COUNT_USES if self.lfu else TOUCH   # LRU reads only the age stamp
@@ -227,21 +228,97 @@ class GpuCache(SetAssociativeCache):
 
     def apply_gradients(self, ids, grads, optimizer: OptimizerConfig, layout: RowLayout,
                         now: int | None = None) -> tuple[cupy.ndarray, cupy.ndarray]:
-        """Gradient rows of a batch (duplicate ids allowed) applied to the cached rows: the
-        ids grouped by a sort, the unique ids probed (+touch), and one fused step per cached
-        row that sums the id's gradient rows as it reads them (no summed copy in memory).
-        Returns the unique ids in set order and their slots (-1: not cached, not stepped)."""
+        """Gradient rows of a batch (duplicate ids allowed) applied to the cached rows.
+        Every position is probed (+touch), marking its slot; a batch whose ids are unique
+        (what a client that de-duplicates sends) is then stepped row by row, with no grouping
+        and no wait before the step. Otherwise that step does nothing and the positions are
+        grouped by slot (`slot_groups`), each cached slot's gradient rows summed, in batch
+        order, by the fused step as it reads them (no summed copy in memory).
+        Returns the unique ids and their slots (-1: not cached, not stepped): a unique batch
+        in batch order; else the cached ids in slot order, then the uncached ones."""
         with self.device:
             ids = self._ids(ids)
             grads = cupy.ascontiguousarray(cupy.asarray(grads), dtype=cupy.float32)
             if grads.shape != (len(ids), layout.dim):
                 raise InvalidArgument(f"grads: expected shape ({len(ids)}, {layout.dim}), got {grads.shape}")
-            seg = segments_of(self, ids)
-            slots = self.probe_and_touch(seg.uniq)     # the step records the access in the header
-            self.kernels.optimizer_step(optimizer, dtype_name(layout.dtype), self.slab, layout.row_bytes, slots,
-                                        grads, len(slots), layout.dim, layout.state_offset, self.dirty, now or 0,
-                                        now is not None, segments=(seg.order, seg.starts))
-            return seg.uniq, slots
+            if len(ids) == 0:
+                return ids, cupy.zeros(0, dtype=cupy.int64)
+            self._epoch += 1
+            slots = cupy.empty(len(ids), dtype=cupy.int64)
+            repeated = cupy.zeros(2, dtype=cupy.int32)   # a cached slot hit twice; an uncached id
+            self.kernels.probe(self.keys, self.occupied, ids, self.num_sets, self.ways, slots,
+                               last_used=self.last_used, uses=self.uses, tick=self.tick, flags=self._touch | MARK,
+                               epoch=self._epoch, marks=self._marks, repeated=repeated)
+
+            def step(idx, segments=None, skip=None):     # the step records the access in the header
+                self.kernels.optimizer_step(optimizer, dtype_name(layout.dtype), self.slab, layout.row_bytes, idx,
+                                            grads, len(ids), layout.dim, layout.state_offset, self.dirty, now or 0,
+                                            now is not None, segments=segments, skip=skip)
+
+            step(slots, skip=repeated)
+            twice, missed = _read(repeated)              # the one wait, with the step already queued
+            if not twice:
+                return _unique_misses(ids, slots) if missed else (ids, slots)
+            groups = slot_groups(self, ids, slots)
+            step(groups.slots, segments=(groups.order, groups.starts))
+            return groups.unique(ids, slots)
+
+
+@dataclass
+class SlotGroups:
+    """A batch's positions grouped by the slot their id has (-1, uncached, sorts first).
+    Arrays are batch-sized: `slots` is -1 and `starts` is n past the last group, so a step
+    over all n entries needs no count from the device."""
+
+    order: cupy.ndarray     # [n] batch positions sorted by slot (stable: batch order within a slot)
+    starts: cupy.ndarray    # [n] where each group's positions begin in `order`
+    slots: cupy.ndarray     # [n] each group's slot
+    uniq: cupy.ndarray      # [n] each group's id
+    ends: cupy.ndarray      # [n] the inclusive scan of group heads: ends[-1] groups
+
+    def unique(self, ids: cupy.ndarray, slots_at: cupy.ndarray) -> tuple[cupy.ndarray, cupy.ndarray]:
+        """(unique ids, their slots): the cached groups, then the uncached ids made unique.
+        The one wait of the call: the group count and the first group's slot."""
+        count, first = (int(v) for v in _read(cupy.stack((self.ends[-1], self.slots[0]))))
+        if first >= 0:
+            return self.uniq[:count], self.slots[:count]
+        return _unique_misses(ids, slots_at, self.uniq[1:count], self.slots[1:count])   # misses: group 0
+
+
+def _unique_misses(ids: cupy.ndarray, slots: cupy.ndarray, cached_ids: cupy.ndarray | None = None,
+                   cached_slots: cupy.ndarray | None = None) -> tuple[cupy.ndarray, cupy.ndarray]:
+    """(ids, slots) of the cached ids (given, or those of `slots` >= 0), then each uncached id once."""
+    if cached_ids is None:
+        hit = slots >= 0
+        cached_ids, cached_slots = ids[hit], slots[hit]
+    missing = cupy.unique(ids[slots < 0])
+    return (cupy.concatenate((cached_ids, missing)),
+            cupy.concatenate((cached_slots, cupy.full(len(missing), -1, dtype=cupy.int64))))
+
+
+def slot_groups(cache: GpuCache, ids: cupy.ndarray, slots_at: cupy.ndarray) -> SlotGroups:
+    """Group batch positions by slot: a radix sort of the slots as 32-bit keys (half the
+    passes of the 64-bit mixed ids `segments_of` sorts) and two small kernels; no wait."""
+    with cache.device:
+        n, k = len(ids), cache.kernels
+        keys = slots_at.astype(cupy.int32) if cache.capacity < 2**31 else slots_at
+        order = cupy.argsort(keys)
+        heads = cupy.empty(n, dtype=cupy.int64)
+        k.segment_heads(slots_at.view(cupy.uint64), order, heads)
+        ends = cupy.cumsum(heads)
+        starts = cupy.full(n, n, dtype=cupy.int64)
+        slots = cupy.full(n, -1, dtype=cupy.int64)
+        uniq = cupy.empty(n, dtype=cupy.int64)
+        k.segment_index(ids, order, heads, ends, starts, uniq, None, values=slots_at, uniq_values=slots)
+        return SlotGroups(order, starts, slots, uniq, ends)
+
+
+def _read(values: cupy.ndarray) -> np.ndarray:
+    """A small device array on the host, through a page-locked buffer (a plain `.get()`
+    stages through pageable memory, which is slower for a few bytes)."""
+    pinned = cupyx.empty_pinned(values.shape, dtype=values.dtype)
+    values.get(out=pinned)
+    return pinned
 
 
 @dataclass
@@ -267,11 +344,7 @@ def segments_of(cache: GpuCache, ids: cupy.ndarray) -> Segments:
         ends = cupy.cumsum(heads)
         starts, uniq, inverse = (cupy.empty(n, dtype=cupy.int64) for _ in range(3))
         k.segment_index(ids, order, heads, ends, starts, uniq, inverse)
-        count = 0
-        if n:
-            pinned = cupyx.empty_pinned(1, dtype=np.int64)
-            ends[-1:].get(out=pinned)
-            count = int(pinned[0])
+        count = int(_read(ends[-1:])[0]) if n else 0
         return Segments(uniq[:count], order, starts[:count], inverse)
 
 

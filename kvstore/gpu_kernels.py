@@ -25,7 +25,7 @@ STEP_ROWS_IN_FLIGHT = 2              # rows a warp steps at once
 NULL = np.uint64(0)                  # a null pointer argument
 
 # probe flags (see the kernel)
-TOUCH, LINK, ALL_NEW, COUNT_USES, HEADERS = 1, 2, 4, 8, 16
+TOUCH, LINK, ALL_NEW, COUNT_USES, HEADERS, MARK = 1, 2, 4, 8, 16, 32
 
 
 def _names() -> list[str]:
@@ -76,7 +76,8 @@ class Kernels:
 
     def probe(self, keys, occupied, ids, num_sets: int, ways: int, slots_out, hit_out=None,
               last_used=None, uses=None, tick: int = 0, flags: int = 0, heads=None, next_=None,
-              epoch: int = 0, slab=None, row_bytes: int = 0, now: int = 0, cleared=None) -> None:
+              epoch: int = 0, slab=None, row_bytes: int = 0, now: int = 0, cleared=None, marks=None,
+              repeated=None) -> None:
         n = len(ids)
         if n == 0:
             return
@@ -86,7 +87,8 @@ class Kernels:
         self._fn(name)(self._grid(-(-n // per_warp) * 32), (THREADS,), (
             keys, occupied, ids, np.int64(n), np.int64(num_sets), np.int32(ways), slots_out, _ptr(hit_out),
             _ptr(last_used), _ptr(uses), np.int64(tick), np.int32(flags), _ptr(heads), _ptr(next_),
-            np.uint64(epoch), _ptr(slab), np.int64(row_bytes), np.uint32(now), _ptr(cleared)))
+            np.uint64(epoch), _ptr(slab), np.int64(row_bytes), np.uint32(now), _ptr(cleared), _ptr(marks),
+            _ptr(repeated)))
 
     def choose_victims(self, ids, keys, occupied, locks, last_used, uses, num_sets: int, ways: int,
                        lfu: bool, tick: int, heads, next_, hit, epoch: int, slots_out, dirty=None,
@@ -136,10 +138,11 @@ class Kernels:
             np.int64(dst_stride), np.int64(dst_off), np.int32(units), np.int64(n), np.int32(lg)))
 
     def optimizer_step(self, optimizer, dtype: str, rows, row_bytes: int, idx, grads, n: int, dim: int,
-                       state_off: int, dirty, now: int, touch: bool, segments=None) -> None:
+                       state_off: int, dirty, now: int, touch: bool, segments=None, skip=None) -> None:
         """One fused step of `optimizer` (an OptimizerConfig) on rows idx[r] of `rows`.
         Coefficients are rounded as the host optimizers round them. With `segments`
-        (order, starts), row r's gradient is the sum of grads[order[j]] over segment r."""
+        (order, starts), row r's gradient is the sum of grads[order[j]] over segment r.
+        `skip`: a device int32 that, when set by earlier work, makes the launch do nothing."""
         if n == 0:
             return
         c = optimizer
@@ -155,7 +158,8 @@ class Kernels:
             np.int64(len(order) if seg else n), np.int64(n), np.int32(dim), np.int64(state_off),
             np.float32(c.lr), np.float32(c.eps), np.float32(c.beta1), np.float32(c.beta2),
             np.float32(1 - c.beta1), np.float32(1 - c.beta2), np.float64(c.lr), np.float64(c.beta1),
-            np.float64(c.beta2), np.float32(c.weight_decay), _ptr(dirty), np.uint32(now), np.int32(touch)))
+            np.float64(c.beta2), np.float32(c.weight_decay), _ptr(dirty), np.uint32(now), np.int32(touch),
+            _ptr(skip)))
 
     def sum_segments(self, grads, order, starts, out) -> None:
         """out[u] = sum of grads[order[j]] for j in segment u (starts[u] up to the next start)."""
@@ -177,9 +181,9 @@ class Kernels:
     def segment_heads(self, mixed, order, heads) -> None:
         self._each("segment_heads", len(order), mixed, order, np.int64(len(order)), heads)
 
-    def segment_index(self, ids, order, heads, ends, starts, uniq, inverse) -> None:
+    def segment_index(self, ids, order, heads, ends, starts, uniq, inverse, values=None, uniq_values=None) -> None:
         self._each("segment_index", len(order), ids, order, heads, ends, np.int64(len(order)), starts, uniq,
-                   inverse)
+                   _ptr(inverse), _ptr(values), _ptr(uniq_values))
 
     def sets_of(self, ids, num_sets: int, out) -> None:
         if len(ids):

@@ -53,7 +53,10 @@ __device__ __forceinline__ i64 warps_total() {
 //        once per slot per tick), 16 = touch and record the access in the row header
 //        (count + 1, saturating; last_access = now; once per slot per tick),
 //        2 = link misses into per-set lists (for victim choice),
-//        4 = treat every id as new (choose_slots on ids known to be uncached).
+//        4 = treat every id as new (choose_slots on ids known to be uncached),
+//        32 = mark each hit's slot with `epoch` (marks[slot]) and set repeated[0] when a slot
+//        was already marked with it (a batch whose cached ids are unique needs no grouping);
+//        set repeated[1] when an id is not cached.
 // cleared (may be null): set to false for every id.
 // Per-set lists: head[set] = (epoch << 32) | (position + 1) of the last miss
 // linked; a head with another epoch is empty, so heads need no clearing.
@@ -64,7 +67,7 @@ __global__ void probe(const i64* __restrict__ keys, const bool* __restrict__ occ
                       i64* __restrict__ slots_out, bool* __restrict__ hit_out,
                       i64* last_used, i64* uses, i64 tick, int flags,
                       u64* heads, int* next, u64 epoch, char* slab, i64 row_bytes, unsigned now,
-                      bool* __restrict__ cleared) {
+                      bool* __restrict__ cleared, unsigned* marks, int* repeated) {
     const int lane = threadIdx.x & 31;
     const int group = lane / G;
     const int sub = lane % G;
@@ -118,9 +121,11 @@ __global__ void probe(const i64* __restrict__ keys, const bool* __restrict__ occ
             } else if (flags & 1) {
                 last_used[slot] = tick;
             }
+            if ((flags & 32) && atomicExch(marks + slot, (unsigned)epoch) == (unsigned)epoch) *repeated = 1;
         } else {
             slots_out[i] = -1;
             if (hit_out) hit_out[i] = false;
+            if (flags & 32) repeated[1] = 1;
             if (flags & 2) {
                 const u64 prev = atomicExch(heads + set, (epoch << 32) | (u64)(i + 1));
                 next[i] = (prev >> 32) == epoch ? (int)(prev & 0xffffffffu) - 1 : -1;
@@ -548,17 +553,20 @@ extern "C" __global__ void segment_heads(const u64* __restrict__ mixed, const i6
 }
 
 // ends[j] = heads[0] + ... + heads[j] (inclusive scan): sorted position j is in segment
-// ends[j] - 1; a head records its segment's start and id.
+// ends[j] - 1; a head records its segment's start and id (and, given `values`, the value
+// at its position: the slot when grouping by slot). `inverse` may be null.
 extern "C" __global__ void segment_index(const i64* __restrict__ ids, const i64* __restrict__ order,
                                          const i64* __restrict__ heads, const i64* __restrict__ ends, i64 n,
                                          i64* __restrict__ starts, i64* __restrict__ uniq,
-                                         i64* __restrict__ inverse) {
+                                         i64* __restrict__ inverse, const i64* __restrict__ values,
+                                         i64* __restrict__ uniq_values) {
     for (i64 j = (i64)blockIdx.x * blockDim.x + threadIdx.x; j < n; j += (i64)gridDim.x * blockDim.x) {
         const i64 u = ends[j] - 1, at = order[j];
-        inverse[at] = u;
+        if (inverse) inverse[at] = u;
         if (heads[j]) {
             starts[u] = j;
             uniq[u] = ids[at];
+            if (values) uniq_values[u] = values[at];
         }
     }
 }

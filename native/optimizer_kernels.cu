@@ -321,13 +321,15 @@ __device__ void step_wide_row(const StepArgs& a, Coeffs c, i64 r, int lane) {
 
 // ROWS rows a warp in flight; the next round's slots load while this round's rows step.
 // SEG: row r's gradient is the sum of a segment of gradient rows (see StepArgs).
+// skip (may be null): when *skip is set, the kernel does nothing.
 template <typename W, int OPT, int VEC, int ROWS, int SEG>
 __global__ void optimizer_step(char* rows, i64 row_bytes, const i64* __restrict__ idx,
                                const float* __restrict__ grads, const i64* __restrict__ order,
                                const i64* __restrict__ starts, i64 total, i64 n, int dim, i64 state_off,
                                float lr, float eps, float beta1, float beta2, float one_minus_beta1,
                                float one_minus_beta2, double lr64, double beta1_64, double beta2_64,
-                               float wd, bool* dirty, unsigned now, int touch) {
+                               float wd, bool* dirty, unsigned now, int touch, const int* __restrict__ skip) {
+    if (skip && *skip) return;   // a flag an earlier kernel set: this step is not to run
     const int lane = threadIdx.x & 31;
     const Coeffs c = {lr, eps, beta1, beta2, one_minus_beta1, one_minus_beta2, wd, 0.f, 1.f, 0.f};
     const StepArgs a = {rows, row_bytes, idx, grads, order, starts, total, n, dim, state_off, lr64, beta1_64, beta2_64, dirty, now,

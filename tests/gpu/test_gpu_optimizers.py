@@ -138,8 +138,9 @@ def test_apply_gradients_sums_each_ids_rows_then_steps_like_the_host(name, dim):
     uniq, slots = gpu.apply_gradients(cupy.asarray(ids), cupy.asarray(grads), optimizer, layout, now=77)
     uniq, slots = uniq.get(), slots.get()
     assert sorted(uniq.tolist()) == sorted(set(ids.tolist()))
-    assert (np.diff(gpu.set_of(uniq).get()) >= 0).all()
     assert ((slots < 0) == np.isin(uniq, uncached)).all()
+    hits = int((slots >= 0).sum())
+    assert (slots[:hits] >= 0).all() and (np.diff(slots[:hits]) > 0).all()   # cached first, in slot order
 
     summed_ids, summed = sum_duplicates(ids, grads)
     stepped = np.isin(summed_ids, cached)
@@ -154,3 +155,45 @@ def test_apply_gradients_sums_each_ids_rows_then_steps_like_the_host(name, dim):
         assert rel_err(layout.state(got), layout.state(rows)) <= 1e-6
     np.testing.assert_array_equal(got[:, :16], rows[:, :16])
     assert int(gpu.dirty.sum()) == int(stepped.sum())
+
+
+UNCACHED = np.arange(10_000, 10_050)
+BATCHES = {                                  # of the 100 cached ids 100..199 (and uncached ones)
+    "unique, cached and not": np.concatenate([np.arange(100, 200), UNCACHED]),
+    "unique cached, uncached three times": np.concatenate([np.arange(100, 200), np.repeat(UNCACHED, 3)]),
+    "cached three times": np.repeat(np.arange(100, 200), 3),
+    "uncached three times": np.repeat(np.arange(10_000, 10_100), 3),
+}
+
+
+@pytest.mark.parametrize("batch", list(BATCHES))
+def test_apply_gradients_sums_repeats_and_reports_each_id_once(batch):
+    optimizer = OptimizerConfig(name="sgd", lr=1.0)
+    config = TableConfig(name="t", dim=8, optimizer=optimizer, cache=CacheConfig(rows=1024, ways=32))
+    layout = RowLayout.of(config)
+    gpu = GpuCache(config.cache, layout.row_bytes)
+    gpu.begin_batch()
+    cached = np.arange(100, 200, dtype=np.int64)
+    claim = gpu.find_or_insert(cached)
+    gpu.scatter_rows(claim.slots, cupy.zeros((len(cached), layout.row_bytes), dtype=cupy.uint8))
+    ids = np.random.default_rng(3).permutation(BATCHES[batch])
+    gpu.begin_batch()
+    uniq, slots = gpu.apply_gradients(cupy.asarray(ids), cupy.ones((len(ids), 8), dtype=cupy.float32),
+                                      optimizer, layout)
+    uniq, slots = uniq.get(), slots.get()
+    assert sorted(uniq.tolist()) == sorted(set(ids.tolist()))
+    assert ((slots >= 0) == np.isin(uniq, cached)).all()
+    times = {int(i): int((ids == i).sum()) for i in cached}
+    weights = layout.weights(gpu.gather_rows(claim.slots).get())
+    expected = -np.array([times[int(i)] for i in cached], np.float32)[:, None] * np.ones(8, np.float32)
+    np.testing.assert_array_equal(weights, expected)       # each cached id stepped once, with its rows summed
+    np.testing.assert_array_equal(gpu.dirty[claim.slots].get(), [times[int(i)] > 0 for i in cached])
+
+
+def test_apply_gradients_of_no_rows_changes_nothing():
+    optimizer = OptimizerConfig(name="sgd", lr=1.0)
+    config = TableConfig(name="t", dim=8, optimizer=optimizer, cache=CacheConfig(rows=1024, ways=32))
+    gpu = GpuCache(config.cache, RowLayout.of(config).row_bytes)
+    uniq, slots = gpu.apply_gradients(cupy.zeros(0, dtype=cupy.int64), cupy.zeros((0, 8), dtype=cupy.float32),
+                                      optimizer, RowLayout.of(config))
+    assert len(uniq) == len(slots) == 0 and int(gpu.dirty.sum()) == 0
