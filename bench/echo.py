@@ -108,12 +108,15 @@ def start_process(cmd: list[str]) -> tuple[subprocess.Popen, str]:
 
 
 class EchoClient:
-    """Streams the same bytes a kvstore client would, in chunks of `chunk_bytes`."""
+    """Streams the same bytes a kvstore client would, in chunks of `chunk_bytes`; a call of one
+    chunk goes as a unary call, as the kvstore client sends it (`kvstore_client.writes.ClientStream`)."""
 
     def __init__(self, address: str, chunk_bytes: int):
         self.channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
         self._rows = self.channel.stream_stream(ROWS_METHOD)
+        self._rows_one = self.channel.unary_unary(ROWS_METHOD)
         self._sink = self.channel.stream_unary(SINK_METHOD)
+        self._sink_one = self.channel.unary_unary(SINK_METHOD)
         self.chunk_bytes = chunk_bytes
 
     def lookup(self, ids: np.ndarray, dim: int, dtype=np.float32) -> np.ndarray:
@@ -121,9 +124,13 @@ class EchoClient:
         row_bytes = dim * np.dtype(dtype).itemsize
         per_chunk = max(1, self.chunk_bytes // row_bytes)
         out = np.empty((len(ids), dim), dtype)
+        metadata = (("row-bytes", str(row_bytes)),)
+        if len(ids) <= per_chunk:
+            out[:] = np.frombuffer(self._rows_one(ids.tobytes(), metadata=metadata), dtype).reshape(-1, dim)
+            return out
         requests = (ids[i:i + per_chunk].tobytes() for i in range(0, len(ids), per_chunk))
         pos = 0
-        for blob in self._rows(requests, metadata=(("row-bytes", str(row_bytes)),)):
+        for blob in self._rows(requests, metadata=metadata):
             part = np.frombuffer(blob, dtype).reshape(-1, dim)
             out[pos:pos + len(part)] = part
             pos += len(part)
@@ -135,6 +142,8 @@ class EchoClient:
         n = len(arrays[0])
         row_bytes = sum(a[:1].nbytes for a in arrays)
         per_chunk = max(1, self.chunk_bytes // row_bytes)
+        if n <= per_chunk:
+            return int.from_bytes(self._sink_one(b"".join(a.tobytes() for a in arrays)), "little")
         requests = (b"".join(a[i:i + per_chunk].tobytes() for a in arrays) for i in range(0, n, per_chunk))
         return int.from_bytes(self._sink(requests), "little")
 

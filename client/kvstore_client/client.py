@@ -30,7 +30,7 @@ from .reassembly import Place, Reassembly
 from .replication import ReplicationMethods
 from .same_host import SameHostPath
 from .snapshots import SnapshotMethods
-from .writes import streamed_write
+from .writes import ClientStream, streamed_write
 
 ON_MISS = {
     "init_insert": pb.ON_MISS_INIT_INSERT,
@@ -78,25 +78,25 @@ class KVStoreClient(ReplicationMethods, SnapshotMethods):
         ], token=token, root_certificates=root_certificates, certificate_chain=certificate_chain,
             private_key=private_key, tls=tls, insecure=insecure)
         self._stub = pb_grpc.EmbeddingStoreStub(self._channel)
-        # Lookup responses come as bytes and are read in place (decode_lookup_response)
+        # Lookup responses come as bytes and are read in place (decode_lookup_response); a lookup of
+        # one chunk is sent as a unary call (the same on the wire, no thread per call; see ClientStream)
         self._lookup = self._channel.stream_stream(
-            f"/{pb.DESCRIPTOR.services_by_name['EmbeddingStore'].full_name}/Lookup",
-            request_serializer=pb.LookupRequest.SerializeToString, response_deserializer=None)
+            _method("Lookup"), request_serializer=pb.LookupRequest.SerializeToString, response_deserializer=None)
+        self._lookup_one = self._channel.unary_unary(
+            _method("Lookup"), request_serializer=pb.LookupRequest.SerializeToString, response_deserializer=None)
         # Export responses arrive as bytes, read in place (snapshots.decoded)
         self._export = self._channel.unary_stream(
-            f"/{pb.DESCRIPTOR.services_by_name['EmbeddingStore'].full_name}/Export",
-            request_serializer=pb.ExportRequest.SerializeToString, response_deserializer=None)
+            _method("Export"), request_serializer=pb.ExportRequest.SerializeToString, response_deserializer=None)
         # Import and ImportChain requests go as bytes built with one copy of the rows (snapshots.rows_request)
-        self._import = self._channel.stream_unary(
-            f"/{pb.DESCRIPTOR.services_by_name['EmbeddingStore'].full_name}/Import",
-            request_serializer=None, response_deserializer=pb.ImportResponse.FromString)
-        self._import_chain = self._channel.stream_unary(
-            f"/{pb.DESCRIPTOR.services_by_name['EmbeddingStore'].full_name}/ImportChain",
-            request_serializer=None, response_deserializer=pb.ImportResponse.FromString)
+        self._import = ClientStream(self._channel, _method("Import"), None, pb.ImportResponse.FromString)
+        self._import_chain = ClientStream(self._channel, _method("ImportChain"), None, pb.ImportResponse.FromString)
         # ApplyGradients requests go as bytes built with one copy of the rows (gradient_messages.py)
-        self._apply_gradients = self._channel.stream_unary(
-            f"/{pb.DESCRIPTOR.services_by_name['EmbeddingStore'].full_name}/ApplyGradients",
-            request_serializer=serialize_gradients, response_deserializer=pb.ApplyGradientsResponse.FromString)
+        self._apply_gradients = ClientStream(self._channel, _method("ApplyGradients"), serialize_gradients,
+                                             pb.ApplyGradientsResponse.FromString)
+        self._update = ClientStream(self._channel, _method("Update"), pb.UpdateRequest.SerializeToString,
+                                    pb.UpdateResponse.FromString)
+        self._delete = ClientStream(self._channel, _method("Delete"), pb.DeleteRequest.SerializeToString,
+                                    pb.DeleteResponse.FromString)
         self._row_shapes: dict[str, tuple[int, int]] = {}   # table -> (dim, weight itemsize)
         self._lease = LeaseKeeper(self._stub, timeout)     # holds this client's prefetch locks
         self.same_host = SameHostPath(self._channel, address, same_host, timeout, self.describe_table)
@@ -192,6 +192,12 @@ class KVStoreClient(ReplicationMethods, SnapshotMethods):
         index = -1
         try:
             with _rpc():
+                if len(ranges) == 1:             # one chunk: one answer, as a unary call
+                    (start, stop), = ranges
+                    response = self._lookup_one(next(requests), timeout=self.timeout)
+                    index = 0
+                    place(start, stop, *_decode(response, stop - start, with_state))
+                    return
                 responses = self._lookup(requests, timeout=self.timeout)
                 try:
                     for index, response in enumerate(responses):
@@ -225,7 +231,7 @@ class KVStoreClient(ReplicationMethods, SnapshotMethods):
                     state=None if state_array is None else _encode(state_array[start:stop], "state"),
                     scores=None if score_array is None else _encode(score_array[start:stop], "scores"))
 
-        return streamed_write(self._stub.Update, requests, self.timeout).rows
+        return streamed_write(self._update, requests, self.timeout).rows
 
     def delete(self, table: str, ids: Any) -> int:
         """Remove rows from every tier; returns the unique ids processed (absent ones included)."""
@@ -236,7 +242,7 @@ class KVStoreClient(ReplicationMethods, SnapshotMethods):
             for start, stop in ranges:
                 yield pb.DeleteRequest(table=table, ids=encode_ids(id_array[start:stop]), idempotency_key=key)
 
-        return streamed_write(self._stub.Delete, requests, self.timeout).rows
+        return streamed_write(self._delete, requests, self.timeout).rows
 
     # --- training --------------------------------------------------------------------
 
@@ -357,6 +363,11 @@ def _decode(response: bytes, rows: int, with_state: bool) -> tuple[np.ndarray, n
             shape = None if array is None else array.shape
             raise InternalError(message=f"lookup: response {field} has shape {shape}, expected {rows} rows")
     return weights, state
+
+
+def _method(name: str) -> str:
+    """The gRPC path of an EmbeddingStore method."""
+    return f"/{pb.DESCRIPTOR.services_by_name['EmbeddingStore'].full_name}/{name}"
 
 
 def _range(ranges: list[tuple[int, int]], index: int) -> tuple[int, int]:
