@@ -16,6 +16,7 @@ server still writing, so its segment is retired: detached and unlinked, never re
 """
 from __future__ import annotations
 
+import math
 import secrets
 import threading
 from collections.abc import Callable, Iterator
@@ -58,7 +59,7 @@ class Segment:
         """A fresh region of the segment: a writable view and its description for the server."""
         wire = WIRE_DTYPES[dtype]
         offset = -(-self.used // ALIGN) * ALIGN
-        nbytes = int(np.prod(shape, dtype=np.int64)) * wire.itemsize
+        nbytes = math.prod(shape) * wire.itemsize      # Python ints: no overflow, no array per call
         if offset + nbytes > self.size:
             raise ValueError(f"segment {self.name}: {nbytes} bytes at {offset} exceed its {self.size}")
         self.used = offset + nbytes
@@ -84,7 +85,7 @@ class Segment:
 
 def region_bytes(*arrays: tuple[tuple[int, ...], int]) -> int:
     """Bytes a segment needs for arrays of these (shape, itemsize), each aligned."""
-    return sum(int(np.prod(shape, dtype=np.int64)) * itemsize + ALIGN for shape, itemsize in arrays)
+    return sum(math.prod(shape) * itemsize + ALIGN for shape, itemsize in arrays)
 
 
 class SegmentPool:
