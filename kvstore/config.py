@@ -279,6 +279,9 @@ def _build(kind: type, raw: dict[str, Any], prefix: str):
         raise InvalidArgument(f"{prefix or 'config'}: {exc}") from None
 
 
+COMPRESSIONS = ("none", "snappy", "lz4", "zstd")     # RocksConfig.compression, as rocksdict names them
+
+
 @dataclass(frozen=True)
 class RocksConfig:
     """The RocksDB tier of one store."""
@@ -290,6 +293,9 @@ class RocksConfig:
     durability: Literal["none", "wal", "sync"] = "wal"
     read_threads: int = 4                # parallel multi-get for large batches
     row_cache_bytes: int = 0             # RocksDB's row cache (0: none): rows, not blocks, for point reads
+    # block compression of SST files (flushes, compactions, imports): rows of trained floats do not
+    # compress, so by default no block is tried (a snappy attempt costs an import 0.15 µs a row)
+    compression: Literal["none", "snappy", "lz4", "zstd"] = "none"
 
     def __post_init__(self):
         if self.durability not in ("none", "wal", "sync"):
@@ -303,3 +309,6 @@ class RocksConfig:
         if not isinstance(self.row_cache_bytes, int) or self.row_cache_bytes < 0:
             raise InvalidArgument(f"rocksdb.row_cache_bytes: must be 0 (no row cache) or a positive integer, "
                                   f"got {self.row_cache_bytes!r}")
+        if self.compression not in COMPRESSIONS:
+            raise InvalidArgument(f"rocksdb.compression: expected one of {list(COMPRESSIONS)}, "
+                                  f"got {self.compression!r}")

@@ -192,7 +192,7 @@ class ImportStager:
         path = os.path.join(self.dir, f"{len(self.files):06d}.sst")
         if self.rows >= WORKER_ROWS:
             if self._worker is None:
-                self._worker = SstWorker(self.layout.row_bytes, self.table.rocks.config.bloom_bits_per_key)
+                self._worker = SstWorker(self.layout.row_bytes, self.table.rocks.config)
             self._worker.open(path)
             self._writer = self._worker
         else:

@@ -165,3 +165,27 @@ def test_reads_through_a_row_cache_see_every_later_write_and_delete(tmp_path):
 def test_row_cache_size_must_be_a_natural_number(size):
     with pytest.raises(InvalidArgument, match="rocksdb.row_cache_bytes"):
         RocksConfig(row_cache_bytes=size)
+
+
+@pytest.mark.parametrize("compression", ["snappy", "lz4", "zstd"])
+def test_compressed_files_are_smaller_than_uncompressed_ones_and_read_back_the_same(tmp_path, compression):
+    keys = encode_keys(np.arange(20_000, dtype=np.int64))
+    values = [bytes(512)] * len(keys)                  # zeros: any compression shrinks them
+    sizes = {}
+    for name in ("none", compression):
+        tier = RocksTier(str(tmp_path / name), RocksConfig(compression=name))
+        try:
+            tier.create_family("rows")
+            tier.write("rows", keys, values)
+            tier.flush()
+            sizes[name] = tier.properties()["rows"]["live_sst_bytes"]
+            assert tier.get("rows", keys[::997]) == values[::997]
+        finally:
+            tier.close()
+    assert sizes["none"] > len(keys) * 512 > 4 * sizes[compression]
+
+
+@pytest.mark.parametrize("compression", ["", "gzip", None, 1])
+def test_unknown_compression_is_invalid_argument_naming_it(compression):
+    with pytest.raises(InvalidArgument, match="rocksdb.compression"):
+        RocksConfig(compression=compression)

@@ -233,3 +233,22 @@ def test_export_chunks_too_large_for_a_ring_slot_go_through_the_pipe_bit_exact(s
     sent = import_in_parts(store, "t", [70_000, 30_000])
     monkeypatch.setattr(transfer_process, "MAX_SLOT_BYTES", 4096)
     assert_exports_as(store, "t", sent)
+
+
+@pytest.mark.parametrize("compression", ["none", "lz4"])
+def test_imported_files_are_compressed_as_the_store_is_configured(tmp_path, compression):
+    from kvstore import RocksConfig
+    from kvstore.transfer import WORKER_ROWS
+
+    rows = 3 * WORKER_ROWS                  # files written in this process and by the worker process
+    with Store(str(tmp_path / "data"), RocksConfig(compression=compression)) as store:
+        store.create_table(adam_table())
+        ids = np.arange(rows, dtype=np.int64)
+        parts = [(ids[at:at + 20_000], np.zeros((len(ids[at:at + 20_000]), 8), np.float32))
+                 for at in range(0, rows, 20_000)]
+        assert store.import_table("t", iter(parts), mode="replace") == rows
+        stored = store.rocks.properties()["t"]["live_sst_bytes"]
+        row_bytes = store.table("t").layout.row_bytes
+        assert (stored > rows * row_bytes) if compression == "none" else (stored * 4 < rows * row_bytes)
+        got = collect(store.export_table("t"))
+        assert got.ids.tobytes() == ids.tobytes() and not got.weights.any()
