@@ -296,6 +296,9 @@ class RocksConfig:
     # block compression of SST files (flushes, compactions, imports): rows of trained floats do not
     # compress, so by default no block is tried (a snappy attempt costs an import 0.15 µs a row)
     compression: Literal["none", "snappy", "lz4", "zstd"] = "none"
+    # point reads straight from memory-mapped SST files: no read() call and no copy per block
+    # (a third less CPU per row read from RocksDB); a disk read error then ends the process (SIGBUS)
+    mmap_reads: bool = True
 
     def __post_init__(self):
         if self.durability not in ("none", "wal", "sync"):
@@ -309,6 +312,8 @@ class RocksConfig:
         if not isinstance(self.row_cache_bytes, int) or self.row_cache_bytes < 0:
             raise InvalidArgument(f"rocksdb.row_cache_bytes: must be 0 (no row cache) or a positive integer, "
                                   f"got {self.row_cache_bytes!r}")
+        if not isinstance(self.mmap_reads, bool):
+            raise InvalidArgument(f"rocksdb.mmap_reads: must be true or false, got {self.mmap_reads!r}")
         if self.compression not in COMPRESSIONS:
             raise InvalidArgument(f"rocksdb.compression: expected one of {list(COMPRESSIONS)}, "
                                   f"got {self.compression!r}")
