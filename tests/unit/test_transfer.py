@@ -252,3 +252,20 @@ def test_imported_files_are_compressed_as_the_store_is_configured(tmp_path, comp
         assert (stored > rows * row_bytes) if compression == "none" else (stored * 4 < rows * row_bytes)
         got = collect(store.export_table("t"))
         assert got.ids.tobytes() == ids.tobytes() and not got.weights.any()
+
+
+def test_wide_rows_past_the_waiting_bytes_go_to_the_worker_and_the_last_write_wins(store):
+    from kvstore.transfer import WORKER_BYTES, WORKER_ROWS
+
+    dim = 4096                                        # 16 KiB rows: the bytes, not the rows, start the worker
+    store.create_table(TableConfig(name="wide", dim=dim, cache=CacheConfig(rows=64, ways=4)))
+    rows = WORKER_BYTES // (dim * 4) * 2
+    assert rows < WORKER_ROWS
+    ids = np.arange(rows, dtype=np.int64)
+    weights = np.random.default_rng(3).standard_normal((rows, dim)).astype(np.float32)
+    half = rows // 2
+    chunks = [(ids[:half], weights[:half] + 1), (ids[half:], weights[half:]),
+              (ids[:half][::-1], weights[:half][::-1])]          # overlaps the first: it wins
+    assert store.import_table("wide", iter(chunks), mode="replace") == rows + half
+    got = collect(store.export_table("wide"))
+    assert got.ids.tobytes() == ids.tobytes() and got.weights.tobytes() == weights.tobytes()
