@@ -1,6 +1,6 @@
 """The block cache holds what the table caches above it do not: rows a table's cache has room
-for are not kept twice in memory. With memory-mapped reads (the default) the data blocks stay
-in the page cache, and the block cache holds index and filter blocks only."""
+for are not kept twice in memory. With memory-mapped reads (`rocksdb.mmap_reads`) the data
+blocks stay in the page cache, and the block cache holds index and filter blocks only."""
 from __future__ import annotations
 
 import numpy as np
