@@ -197,6 +197,8 @@ class RocksTier:
         table.set_bloom_filter(self.config.bloom_bits_per_key, False)
         table.set_cache_index_and_filter_blocks(True)
         opts.set_block_based_table_factory(table)
+        opts.set_compression_type(getattr(rd.DBCompressionType, self.config.compression)())
+        opts.set_allow_mmap_reads(self.config.mmap_reads)
         if self._row_cache is not None:
             opts.set_row_cache(self._row_cache)
         return opts

@@ -6,7 +6,8 @@ not tear it and the export holds no lock or GIL of the server while it reads. An
 every chunk into SST files, validating each as it arrives, and changes the table only at `commit`: one
 atomic ingest (after dropping every row, in `replace` mode), so a bad chunk
 anywhere in the stream changes nothing. What an import keeps in memory besides
-its current chunk is the list of its SST files and the id ranges they cover.
+its current chunk is its first rows until it knows who writes its files (at most WORKER_BYTES),
+the list of its SST files and the id ranges they cover.
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ _META_START = HEADER.fields[META_FIELDS[0]][1]
 if [HEADER.fields[f][1] for f in META_FIELDS] != [_META_START + 4 * i for i in range(len(META_FIELDS))]:
     raise ImportError("kvstore.rows.HEADER: the exported fields must be consecutive uint32s")
 SST_ROWS = 1 << 20                                 # rows per staged SST file at most
-WORKER_ROWS = 1 << 16      # an import past this many rows writes its further SST files in a worker process
+WORKER_ROWS = 1 << 16      # an import past this many rows (or WORKER_BYTES of them) writes its SST files in a
+WORKER_BYTES = 32 << 20    # worker process; until then its rows wait in memory
 
 
 @dataclass
@@ -111,7 +113,12 @@ class TableExport:
 
 
 class ImportStager:
-    """Validates chunks and stages them as SST files; `commit` applies them in one ingest."""
+    """Validates chunks and stages them as SST files; `commit` applies them in one ingest.
+
+    The first rows wait in memory (up to WORKER_ROWS rows or WORKER_BYTES bytes): an import that
+    ends there writes its one file here at `commit`; one that goes past hands them, and every
+    later chunk, to a worker process (`SstWorker`), which writes the files while this process
+    receives and checks the next chunks, never holding the GIL for a row's key and value."""
 
     def __init__(self, table: Table, staging_dir: str, mode: str = "merge",
                  clock: Callable[[], float] = time.time):
@@ -124,6 +131,8 @@ class ImportStager:
         self.dir = staging_dir
         os.makedirs(staging_dir, exist_ok=True)
         self.files: list[str] = []
+        self._waiting: list[tuple[np.ndarray, np.ndarray]] | None = []   # rows not yet given to a writer
+        self._waiting_bytes = 0
         self._writer = None                   # the current file's: an SstFileWriter, or the worker's
         self._worker: SstWorker | None = None
         self._writer_rows = 0
@@ -141,23 +150,40 @@ class ImportStager:
             keep = len(ids) - 1 - np.unique(ids[::-1], return_index=True)[1]   # last write wins, sorted
             # rows are padded to 16 bytes: gathering them as uint64 is ~10x faster than as uint8
             ids, rows = ids[keep], rows.view(np.uint64)[keep].view(np.uint8)
-        if self._writer is None or self._last_id is None or ids[0] <= self._last_id \
-                or self._writer_rows + len(ids) > SST_ROWS or (self.rows >= WORKER_ROWS and not self._in_worker):
-            self._next_file()                 # SST keys must increase; overlapping chunks get a new file
-        if self._in_worker:
-            self._worker.put(ids, rows)
-        else:
-            self.table.rocks.put_sst(self._writer, encode_keys(ids), self.layout.to_values(rows))
         if self._ranges and ids[0] > self._ranges[-1][1]:
             self._ranges[-1][1] = int(ids[-1])       # the run goes on: one range, whatever its rows
         else:
             self._ranges.append([int(ids[0]), int(ids[-1])])
             if len(self._ranges) > MAX_RANGES:         # keep memory flat: merge overlapping runs now
                 self._ranges = coalesce(self._ranges).tolist()
+        self.rows += len(ids)
+        if self._waiting is None:
+            self._write(ids, rows)
+            return len(ids)
+        self._waiting.append((np.array(ids), rows))    # ids may view the request: keep a copy
+        self._waiting_bytes += rows.nbytes
+        if self.rows > WORKER_ROWS or self._waiting_bytes > WORKER_BYTES:
+            self._worker = SstWorker(self.layout.row_bytes, self.table.rocks.config)
+            self._write_waiting()
+        return len(ids)
+
+    def _write_waiting(self) -> None:
+        waiting, self._waiting, self._waiting_bytes = self._waiting or [], None, 0
+        for ids, rows in waiting:
+            self._write(ids, rows)
+
+    def _write(self, ids: np.ndarray, rows: np.ndarray) -> None:
+        """Add sorted rows to the current file, or to a new one (SST keys must increase: a chunk
+        overlapping the one before starts a file; so does a full file)."""
+        if self._writer is None or self._last_id is None or ids[0] <= self._last_id \
+                or self._writer_rows + len(ids) > SST_ROWS:
+            self._next_file()
+        if self._worker is not None:
+            self._worker.put(ids, rows)
+        else:
+            self.table.rocks.put_sst(self._writer, encode_keys(ids), self.layout.to_values(rows))
         self._writer_rows += len(ids)
         self._last_id = int(ids[-1])
-        self.rows += len(ids)
-        return len(ids)
 
     def _encode(self, ids, weights, state, meta) -> tuple[np.ndarray, np.ndarray]:
         layout = self.layout
@@ -181,18 +207,13 @@ class ImportStager:
                 header[name] = meta[:, i]
         return ids, rows
 
-    @property
-    def _in_worker(self) -> bool:
-        return self._writer is not None and self._writer is self._worker
-
     def _next_file(self) -> None:
-        """Small imports write their files here; past WORKER_ROWS rows a worker process writes them
-        (it costs a process start, and takes the per-row work off this interpreter)."""
-        self._finish_file()
+        """Finish the current file and start the next (the worker finishes its own when told of
+        the next, or at the end)."""
+        if self._writer is not None and self._worker is None:
+            self._writer.finish()
         path = os.path.join(self.dir, f"{len(self.files):06d}.sst")
-        if self.rows >= WORKER_ROWS:
-            if self._worker is None:
-                self._worker = SstWorker(self.layout.row_bytes, self.table.rocks.config.bloom_bits_per_key)
+        if self._worker is not None:
             self._worker.open(path)
             self._writer = self._worker
         else:
@@ -200,21 +221,14 @@ class ImportStager:
         self.files.append(path)
         self._writer_rows = 0
 
-    def _finish_file(self) -> None:
-        """Finish the current file (the worker finishes its own when told of the next, or at the end)."""
-        if self._writer is not None:
-            if not self._writer_rows:
-                self.files.pop()
-            elif not self._in_worker:
-                self._writer.finish()
-            self._writer = None
-
     def commit(self) -> int:
         """Apply the staged rows: one atomic ingest by the table, which drops its cached copies of
         the imported id ranges and records the ranges in the change feed. Returns rows."""
-        self._finish_file()
         try:
-            if self._worker is not None:
+            self._write_waiting()
+            if self._worker is None and self._writer is not None:
+                self._writer.finish()
+            elif self._worker is not None:
                 self._worker.finish()             # every file it wrote is complete
             distinct = len(self._ranges) <= 1        # one ascending run of chunks: no id came twice
             self.table.ingest(self.files, self.mode == "replace", self.rows, coalesce(self._ranges), distinct)
@@ -227,7 +241,7 @@ class ImportStager:
         worker, self._worker = self._worker, None
         if worker is not None:
             worker.close()
-        self._writer = None
+        self._writer, self._waiting = None, None
         self.files = []
         self._ranges = []
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -44,6 +44,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from .config import RocksConfig
 from .errors import FailedPrecondition, StorageError, Unavailable
 from .rows import HEADER, RowLayout
 
@@ -154,10 +155,10 @@ class SstWorker:
     `finish` (every file complete, or the worker's error raised). `close` stops the worker. Rows
     go through the worker's shared memory, a slot at a time, where it has one."""
 
-    def __init__(self, row_bytes: int, bloom_bits: int):
+    def __init__(self, row_bytes: int, rocks: RocksConfig):
         self.row_bytes = row_bytes
-        self._worker = _start_worker({"task": "sst", "row_bytes": row_bytes, "bloom_bits": bloom_bits},
-                                     SST_SLOT_BYTES)
+        self._worker = _start_worker({"task": "sst", "row_bytes": row_bytes, "bloom_bits": rocks.bloom_bits_per_key,
+                                      "compression": rocks.compression}, SST_SLOT_BYTES)
         self._ring = None if self._worker.ring is None else np.frombuffer(self._worker.ring, np.uint8)
         self._slot, self._in_flight = 0, 0       # slots used so far; those the worker has not freed yet
 

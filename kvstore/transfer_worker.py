@@ -128,6 +128,7 @@ class SstFiles:
         table.set_bloom_filter(int(job["bloom_bits"]), False)
         table.set_cache_index_and_filter_blocks(True)
         self.options.set_block_based_table_factory(table)
+        self.options.set_compression_type(getattr(rd.DBCompressionType, job["compression"])())
         self.writer, self.path, self.rows = None, "", 0
         self.ring, self.out = (Ring(job["ring"]) if job.get("ring") else None), out
 

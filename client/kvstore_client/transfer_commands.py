@@ -103,14 +103,17 @@ def export_table(client: KVStoreClient, args: argparse.Namespace) -> int:
 
 
 def import_table(client: KVStoreClient, args: argparse.Namespace) -> int:
+    """Each chunk file is checked against its checksum as the next is read (`ExportReader.streamed`):
+    its bytes are read once, while they are sent, and the import is applied only after the
+    final message, which goes once every file is checked; a damaged file fails it, changing nothing."""
     keep_freed_memory()          # each message sent reuses freed memory instead of faulting in fresh pages
     reader = ExportReader(args.path)
     if "sequence" in reader.manifest:          # a link of a checkpoint chain: ImportChain
-        return import_sequenced(client, args, reader, read_ahead(iter(reader), depth=FILES_AHEAD))
+        return import_sequenced(client, args, reader, read_ahead(reader.streamed(), depth=FILES_AHEAD))
     with Progress(f"import {args.table}", reader.rows, enabled=not args.quiet) as progress:
 
         def chunks() -> Iterator[ExportChunk]:
-            for chunk in read_ahead(iter(reader), depth=FILES_AHEAD):
+            for chunk in read_ahead(reader.streamed(), depth=FILES_AHEAD):
                 yield chunk
                 progress.update(len(chunk.ids), chunk_bytes(chunk))
 

@@ -73,8 +73,9 @@ _LOCAL_HEADER = struct.Struct("<4s22xHH")   # signature ... file name length, ex
 
 
 def _npz_views(mapped, name: str) -> dict[str, np.ndarray]:
-    """Read-only arrays viewing the members of an uncompressed .npz in place (the checksum
-    already covers its bytes): no read into a buffer, no copy out of it, as np.load makes."""
+    """Read-only arrays viewing the members of an uncompressed .npz in place: no read into a
+    buffer, no copy out of it, as np.load makes. Damage in its layout is an ExportFormatError
+    (`ExportReader.streamed` reads the layout before the checksum is checked)."""
     try:
         with zipfile.ZipFile(io.BytesIO(mapped) if isinstance(mapped, bytes) else _MappedFile(mapped)) as archive:
             members = archive.infolist()
@@ -275,18 +276,41 @@ class ExportReader:
 
     def __iter__(self) -> Iterator[ExportChunk]:
         for entry in self.manifest["chunks"]:
-            yield self._read(entry)
+            name, mapped = self._open(entry)
+            self._check(entry, name, mapped)
+            yield self._chunk(entry, name, mapped)
 
-    def _read(self, entry: dict[str, Any]) -> ExportChunk:
+    def streamed(self) -> Iterator[ExportChunk]:
+        """The chunks as `iter` gives them, but each checked against its checksum only when the
+        next one is asked for (the last one before the iteration ends), so its bytes are read
+        from disk while the consumer sends them, not twice before. Its layout and shapes are
+        checked first. Only for consumers whose work takes effect after a clean end: an import,
+        which the server applies only after its final message (sent once no chunk follows)."""
+        unchecked = None
+        for entry in self.manifest["chunks"]:
+            name, mapped = self._open(entry)
+            chunk = self._chunk(entry, name, mapped)
+            if unchecked is not None:
+                self._check(*unchecked)
+            unchecked = (entry, name, mapped)
+            yield chunk
+        if unchecked is not None:
+            self._check(*unchecked)
+
+    def _open(self, entry: dict[str, Any]) -> tuple[str, Any]:
         name = entry.get("file", "")
         if os.path.basename(name) != name or not name.endswith(".npz"):
             raise ExportFormatError(f"{MANIFEST}.chunks.file: {name!r} is not a chunk file name")
         path = os.path.join(self.path, name)
         if not os.path.isfile(path):
             raise ExportFormatError(f"{name}: missing")
-        mapped = _map(path)
+        return name, _map(path)
+
+    def _check(self, entry: dict[str, Any], name: str, mapped) -> None:
         if _checksum(self.checksum, mapped) != entry.get(self.checksum):
             raise ExportFormatError(f"{name}: checksum mismatch (corrupt or changed)")
+
+    def _chunk(self, entry: dict[str, Any], name: str, mapped) -> ExportChunk:
         arrays = _npz_views(mapped, name)
         stored = _STORED_AS.get(self.dtype)
         weights = arrays["weights"].view(_WEIGHT_DTYPES[self.dtype]) if stored is not None else arrays["weights"]

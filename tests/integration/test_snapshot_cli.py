@@ -59,3 +59,44 @@ def test_export_then_import_into_a_new_table(server, client, tmp_path):
     assert again.returncode == 1 and "already holds an export" in again.stderr
     missing = kvstore(server, "import", "cli_copy", str(tmp_path / "nothing"))
     assert missing.returncode == 1 and "manifest.json" in missing.stderr
+
+
+def damage_chunk(path, name: str) -> None:
+    chunk = path / name
+    with open(chunk, "r+b") as f:
+        f.seek(chunk.stat().st_size // 2)             # rows, not the layout: found by the checksum alone
+        f.write(b"\x00\x01\x02")
+
+
+def test_import_of_an_export_whose_last_file_is_damaged_fails_and_changes_nothing(server, client, tmp_path):
+    client.create_table("cli_dmg", 4, cache={"rows": 64, "ways": 8})
+    ids = np.arange(3000) * 7
+    weights = np.random.default_rng(1).standard_normal((3000, 4)).astype(np.float32)
+    client.update("cli_dmg", ids, weights)
+    path = tmp_path / "export"
+    assert kvstore(server, "export", "cli_dmg", str(path)).returncode == 0
+    last = json.loads((path / "manifest.json").read_text())["chunks"][-1]["file"]
+    damage_chunk(path, last)
+    client.update("cli_dmg", ids, weights + 1)
+    for table in ("cli_dmg", "cli_dmg_new"):
+        failed = kvstore(server, "import", table, str(path), "--mode", "replace")
+        assert failed.returncode == 1 and f"{last}: checksum" in failed.stderr, failed.stderr
+    assert client.export_table("cli_dmg").weights.tobytes() == (weights + 1).tobytes()
+    assert "cli_dmg_new" not in client.list_tables()
+
+
+def test_import_of_several_files_with_a_damaged_one_fails_and_creates_nothing(server, client, tmp_path):
+    from kvstore_proto.export_format import ExportWriter
+
+    path = tmp_path / "export"
+    writer = ExportWriter(str(path), {"name": "cli_many", "dim": 4}, dim=4, dtype="float32", state_dim=0,
+                          file_bytes=8192)
+    for start in range(0, 1200, 300):
+        writer.write(np.arange(start, start + 300), np.ones((300, 4), np.float32), np.zeros((300, 0), np.float32),
+                     np.zeros((300, 3), np.uint32))
+    names = [entry["file"] for entry in writer.close()["chunks"]]
+    assert len(names) > 2
+    damage_chunk(path, names[-1])
+    failed = kvstore(server, "import", "cli_many", str(path))
+    assert failed.returncode == 1 and f"{names[-1]}: checksum" in failed.stderr, failed.stderr
+    assert "cli_many" not in client.list_tables()

@@ -57,6 +57,45 @@ def test_corrupt_chunk_is_a_checksum_error(tmp_path):
         list(ExportReader(path))
 
 
+def damage(path: str, name: str, at: int = 200) -> None:
+    with open(os.path.join(path, name), "r+b") as f:
+        f.seek(at)
+        f.write(b"\x00\x01\x02")
+
+
+def test_streamed_chunks_are_the_chunks_of_iter(tmp_path):
+    path = str(tmp_path / "exp")
+    expected = write_export(path)
+    chunks = list(ExportReader(path).streamed())
+    for i, field in enumerate(("ids", "weights", "state", "meta")):
+        assert np.concatenate([getattr(c, field) for c in chunks]).tobytes() == expected[i].tobytes(), field
+
+
+@pytest.mark.parametrize("damaged", [0, 2])
+def test_streamed_damage_is_a_checksum_error_before_the_iteration_ends(tmp_path, damaged):
+    path = str(tmp_path / "exp")
+    write_export(path)
+    names = [entry["file"] for entry in ExportReader(path).manifest["chunks"]]
+    damage(path, names[damaged])
+    given = []
+    with pytest.raises(ExportFormatError, match=f"{names[damaged]}: checksum"):
+        for chunk in ExportReader(path).streamed():
+            given.append(chunk)
+    assert len(given) == damaged + 1            # found when the next chunk, or the end, is asked for
+
+
+def test_streamed_damaged_layout_is_a_format_error_before_the_chunk_is_given(tmp_path):
+    path = str(tmp_path / "exp")
+    write_export(path)
+    name = ExportReader(path).manifest["chunks"][1]["file"]
+    damage(path, name, at=0)                     # the first member's local header
+    given = []
+    with pytest.raises(ExportFormatError, match=name):
+        for chunk in ExportReader(path).streamed():
+            given.append(chunk)
+    assert len(given) == 1
+
+
 def as_version_1(path: str) -> None:
     """Rewrite an export's manifest as format version 1 wrote it: the same chunk files, each
     checked by SHA-256 instead of CRC-32."""

@@ -1,6 +1,8 @@
 """The RocksDB tier: multi-get, write batches, column families, key order, errors."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -165,3 +167,57 @@ def test_reads_through_a_row_cache_see_every_later_write_and_delete(tmp_path):
 def test_row_cache_size_must_be_a_natural_number(size):
     with pytest.raises(InvalidArgument, match="rocksdb.row_cache_bytes"):
         RocksConfig(row_cache_bytes=size)
+
+
+@pytest.mark.parametrize("compression", ["snappy", "lz4", "zstd"])
+def test_compressed_files_are_smaller_than_uncompressed_ones_and_read_back_the_same(tmp_path, compression):
+    keys = encode_keys(np.arange(20_000, dtype=np.int64))
+    values = [bytes(512)] * len(keys)                  # zeros: any compression shrinks them
+    sizes = {}
+    for name in ("none", compression):
+        tier = RocksTier(str(tmp_path / name), RocksConfig(compression=name))
+        try:
+            tier.create_family("rows")
+            tier.write("rows", keys, values)
+            tier.flush()
+            sizes[name] = tier.properties()["rows"]["live_sst_bytes"]
+            assert tier.get("rows", keys[::997]) == values[::997]
+        finally:
+            tier.close()
+    assert sizes["none"] > len(keys) * 512 > 4 * sizes[compression]
+
+
+@pytest.mark.parametrize("compression", ["", "gzip", None, 1])
+def test_unknown_compression_is_invalid_argument_naming_it(compression):
+    with pytest.raises(InvalidArgument, match="rocksdb.compression"):
+        RocksConfig(compression=compression)
+
+
+def _mapped_sst_files(path: str) -> set[str]:
+    with open("/proc/self/maps") as maps:
+        return {line.split()[-1] for line in maps if line.rstrip().endswith(".sst") and path in line}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc to see mappings")
+@pytest.mark.parametrize("mmap_reads", [True, False])
+def test_mmap_reads_map_the_files_read_and_return_the_same_rows(tmp_path, mmap_reads):
+    path = str(tmp_path / "db")
+    keys = encode_keys(np.arange(PARALLEL_GET_MIN * 2, dtype=np.int64))
+    tier = RocksTier(path, RocksConfig(mmap_reads=mmap_reads))
+    try:
+        tier.create_family("rows")
+        tier.write("rows", keys, [b"row-" + k for k in keys])
+        tier.flush()                                   # rows in an SST file, read from there
+        out = np.zeros((len(keys), 12), dtype=np.uint8)
+        assert tier.read_rows("rows", keys, out).all()
+        assert [bytes(row) for row in out] == [b"row-" + k for k in keys]
+        assert tier.get("rows", [keys[3], b"absent"]) == [b"row-" + keys[3], None]
+        assert bool(_mapped_sst_files(path)) == mmap_reads
+    finally:
+        tier.close()
+
+
+@pytest.mark.parametrize("value", [1, "yes", None])
+def test_mmap_reads_must_be_a_boolean(value):
+    with pytest.raises(InvalidArgument, match="rocksdb.mmap_reads"):
+        RocksConfig(mmap_reads=value)

@@ -233,3 +233,39 @@ def test_export_chunks_too_large_for_a_ring_slot_go_through_the_pipe_bit_exact(s
     sent = import_in_parts(store, "t", [70_000, 30_000])
     monkeypatch.setattr(transfer_process, "MAX_SLOT_BYTES", 4096)
     assert_exports_as(store, "t", sent)
+
+
+@pytest.mark.parametrize("compression", ["none", "lz4"])
+def test_imported_files_are_compressed_as_the_store_is_configured(tmp_path, compression):
+    from kvstore import RocksConfig
+    from kvstore.transfer import WORKER_ROWS
+
+    rows = 3 * WORKER_ROWS                  # files written in this process and by the worker process
+    with Store(str(tmp_path / "data"), RocksConfig(compression=compression)) as store:
+        store.create_table(adam_table())
+        ids = np.arange(rows, dtype=np.int64)
+        parts = [(ids[at:at + 20_000], np.zeros((len(ids[at:at + 20_000]), 8), np.float32))
+                 for at in range(0, rows, 20_000)]
+        assert store.import_table("t", iter(parts), mode="replace") == rows
+        stored = store.rocks.properties()["t"]["live_sst_bytes"]
+        row_bytes = store.table("t").layout.row_bytes
+        assert (stored > rows * row_bytes) if compression == "none" else (stored * 4 < rows * row_bytes)
+        got = collect(store.export_table("t"))
+        assert got.ids.tobytes() == ids.tobytes() and not got.weights.any()
+
+
+def test_wide_rows_past_the_waiting_bytes_go_to_the_worker_and_the_last_write_wins(store):
+    from kvstore.transfer import WORKER_BYTES, WORKER_ROWS
+
+    dim = 4096                                        # 16 KiB rows: the bytes, not the rows, start the worker
+    store.create_table(TableConfig(name="wide", dim=dim, cache=CacheConfig(rows=64, ways=4)))
+    rows = WORKER_BYTES // (dim * 4) * 2
+    assert rows < WORKER_ROWS
+    ids = np.arange(rows, dtype=np.int64)
+    weights = np.random.default_rng(3).standard_normal((rows, dim)).astype(np.float32)
+    half = rows // 2
+    chunks = [(ids[:half], weights[:half] + 1), (ids[half:], weights[half:]),
+              (ids[:half][::-1], weights[:half][::-1])]          # overlaps the first: it wins
+    assert store.import_table("wide", iter(chunks), mode="replace") == rows + half
+    got = collect(store.export_table("wide"))
+    assert got.ids.tobytes() == ids.tobytes() and got.weights.tobytes() == weights.tobytes()
