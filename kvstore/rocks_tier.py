@@ -42,6 +42,11 @@ MEMTABLE_BLOOM_RATIO = 0.01  # a whole-key bloom filter in each memtable, this s
                              # write): a read of a key the memtable lacks skips its skip-list search.
                              # Reads of new ids (every lookup that creates rows) cost about 5x less and
                              # reads of older rows about a quarter less (docs/benchmarks.md)
+# No block compression: stored rows are float weights and optimizer state, which Snappy cannot
+# shrink (an SST of 20,000 random dim-128 rows came out 4% larger than the rows), yet every
+# memtable flush and compaction paid to try and every block read from disk paid to undo it
+# (about a third of the flush threads' CPU in a training run; docs/benchmarks.md, stop 14).
+COMPRESSION = rd.DBCompressionType.none()
 _DB_PROPERTIES = {
     "block_cache_usage_bytes": "rocksdb.block-cache-usage",
     "block_cache_capacity_bytes": "rocksdb.block-cache-capacity",
@@ -192,6 +197,7 @@ class RocksTier:
         opts.set_write_buffer_size(self.config.write_buffer_bytes)
         opts.set_memtable_prefix_bloom_ratio(MEMTABLE_BLOOM_RATIO)
         opts.set_memtable_whole_key_filtering(True)
+        opts.set_compression_type(COMPRESSION)
         table = rd.BlockBasedOptions()
         table.set_block_cache(self._block_cache)
         table.set_bloom_filter(self.config.bloom_bits_per_key, False)
@@ -324,10 +330,9 @@ class RocksTier:
         try:
             batch = rd.WriteBatch(raw_mode=True)
             batch.set_default_column_family(handle)
-            for key, value in zip(keys, values or (), strict=True):
-                batch.put(key, value)
-            for key in delete:
-                batch.delete(key)
+            # map/starmap drained by a zero-length deque: the puts run from C, no Python frame per row
+            collections.deque(itertools.starmap(batch.put, zip(keys, values or (), strict=True)), maxlen=0)
+            collections.deque(map(batch.delete, delete), maxlen=0)
             self._db.write(batch)
         except Exception as exc:  # noqa: BLE001 - rocksdict's only error type; a reopen needs the handle gone
             return str(exc)
