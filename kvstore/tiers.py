@@ -144,6 +144,13 @@ class HostTier(SetAssociativeCache):
         NaN or Inf (the caller refuses the call when its table does not allow them)."""
         step_rows(self.optimizer, self.layout, staged, grads)
         weights, state = self.layout.weights(staged), self.layout.state(staged)
+        with np.errstate(over="ignore", invalid="ignore"):
+            finite = bool(np.isfinite(weights.sum()) and np.isfinite(state.sum()))
+        if finite:
+            # NaN and Inf carry through a sum, so a finite total proves every row finite (about half
+            # the cost of the per-row test, which runs only when a sum is not finite: a bad row, or
+            # finite values whose total overflowed)
+            return np.zeros(len(staged), dtype=bool)
         return ~(np.isfinite(weights).all(axis=1) & np.isfinite(state).all(axis=1))
 
     def publish(self, slots: np.ndarray, staged: np.ndarray) -> None:
