@@ -43,9 +43,9 @@ MEMTABLE_BLOOM_RATIO = 0.01  # a whole-key bloom filter in each memtable, this s
                              # Reads of new ids (every lookup that creates rows) cost about 5x less and
                              # reads of older rows about a quarter less (docs/benchmarks.md)
 # No block compression: stored rows are float weights and optimizer state, which Snappy cannot
-# shrink (an SST of 20,000 random dim-128 rows came out 4% larger than the rows), yet every
-# memtable flush and compaction paid to try and every block read from disk paid to undo it
-# (about a third of the flush threads' CPU in a training run; docs/benchmarks.md, stop 14).
+# shrink (an SST of 20,000 random dim-128 rows came out about 4% larger than the rows), yet every
+# memtable flush and compaction paid to try, block by block (a fifth to a third of the memtable
+# flushes' CPU in a training run; docs/benchmarks.md, stop 14). Older compressed files still read.
 COMPRESSION = rd.DBCompressionType.none()
 _DB_PROPERTIES = {
     "block_cache_usage_bytes": "rocksdb.block-cache-usage",
