@@ -9,6 +9,7 @@ its CPU per row: where a server's CPU per step goes, with the gRPC path left out
 `--baseline DIR` (a checkout of an earlier kvstore) that tree runs the same steps in turns.
 
     python bench/store_step_threads.py [--batch 8192] [--steps 80] [--warmup 40] [--pairs 2] [--baseline DIR]
+                                       [--write-buffer-bytes 67108864]
 """
 from __future__ import annotations
 
@@ -50,12 +51,13 @@ def measure(args) -> None:
     from kvstore_server.allocator import keep_freed_memory
     from train_recsys import synthetic_clicks
 
-    from kvstore import Store, TableConfig
+    from kvstore import RocksConfig, Store, TableConfig
 
     keep_freed_memory()                              # as kvstore-server does
     users, items, _ = synthetic_clicks((args.warmup + args.steps) * args.batch, args.users, 100_000, 8, seed=0)
     rng = np.random.default_rng(0)
-    with tempfile.TemporaryDirectory(prefix="kvsteps-") as data_dir, Store(data_dir) as store:
+    rocks = RocksConfig(write_buffer_bytes=args.write_buffer_bytes)
+    with tempfile.TemporaryDirectory(prefix="kvsteps-") as data_dir, Store(data_dir, rocks=rocks) as store:
         for table in TABLES:
             store.create_table(TableConfig.from_dict({"name": table, "dim": 64, "cache": {"rows": 1 << 18},
                                                       "optimizer": {"name": "adagrad", "lr": 0.1}}))
@@ -95,6 +97,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=40)
     parser.add_argument("--users", type=int, default=1_000_000)
     parser.add_argument("--pairs", type=int, default=2, help="turns of each tree")
+    parser.add_argument("--write-buffer-bytes", type=int, default=64 << 20, help="RocksDB memtable size per table")
     parser.add_argument("--baseline", help="an earlier kvstore checkout run in turns with this one")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)    # a single run, this process
     args = parser.parse_args()
