@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -45,8 +46,8 @@ class Driver:
     """One server and one collection over it, stepping through its own data a slice at a time."""
 
     def __init__(self, env: dict | None, data, batch: int):
-        cmd = [sys.executable, "-m", "kvstore_server", "--data-dir", tempfile.mkdtemp(prefix="kvstep-"),
-               "--port", "0"]
+        self.data_dir = tempfile.mkdtemp(prefix="kvstep-")
+        cmd = [sys.executable, "-m", "kvstore_server", "--data-dir", self.data_dir, "--port", "0"]
         self.proc, address = start(cmd, env)
         self.client = KVStoreClient(address, timeout=300)
         for table in ("users", "items"):
@@ -72,6 +73,7 @@ class Driver:
         self.client.close()
         self.proc.terminate()
         self.proc.wait(300)
+        shutil.rmtree(self.data_dir, ignore_errors=True)     # a run leaves about 1 GiB per server otherwise
 
 
 def main() -> None:

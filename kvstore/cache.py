@@ -247,11 +247,26 @@ class SetAssociativeCache:
         occupied = taken[self.occupied[taken]]
         dirty = self.dirty[occupied]
         displaced = occupied[dirty]
-        choice = Eviction(slots, self.keys[displaced].copy(), self.slab[displaced].copy())
+        choice = Eviction(slots, self.keys[displaced], self.take_rows(displaced))   # gathers copy
         if clean:
             quiet = occupied[~dirty]
-            choice.clean_ids, choice.clean_rows = self.keys[quiet].copy(), self.slab[quiet].copy()
+            choice.clean_ids, choice.clean_rows = self.keys[quiet], self.take_rows(quiet)
         return choice
+
+    # --- whole rows of the slab (host memory; the GPU cache has its own kernels) ------------
+
+    def _records(self):
+        """The slab as one void record per slot: a gather or scatter of records copies each row
+        as one block (about 1.6x faster than fancy indexing of the [slots, row_bytes] matrix)."""
+        return self.slab.view(f"V{self.row_bytes}").reshape(-1)
+
+    def take_rows(self, slots) -> np.ndarray:
+        """A copy of the rows in `slots` ([n, row_bytes])."""
+        return self._records().take(slots).view(np.uint8).reshape(len(slots), self.row_bytes)
+
+    def put_rows(self, slots, rows) -> None:
+        """Rows ([n, row_bytes]) into `slots`."""
+        self._records().put(slots, np.ascontiguousarray(rows).view(f"V{self.row_bytes}"))
 
     def fill(self, slots, ids, rows, dirty) -> None:
         """Place rows in the slots `choose_slots` gave (entries of -1 are skipped)."""
@@ -266,7 +281,7 @@ class SetAssociativeCache:
         self.fingerprints[slots] = self._fingerprint_from(mixed)
         self._hint(ids, mixed, slots)
         self.occupied[slots] = True
-        self.slab[slots] = rows
+        self.put_rows(slots, rows)
         self.dirty[slots] = dirty if getattr(dirty, "ndim", 0) else bool(dirty)
         self.last_used[slots] = self.tick
         self.order.on_insert(self, slots)

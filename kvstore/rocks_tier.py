@@ -326,10 +326,9 @@ class RocksTier:
         try:
             batch = rd.WriteBatch(raw_mode=True)
             batch.set_default_column_family(handle)
-            for key, value in zip(keys, values or (), strict=True):
-                batch.put(key, value)
-            for key in delete:
-                batch.delete(key)
+            # map/starmap drained by a zero-length deque: the puts run from C, no Python frame per row
+            collections.deque(itertools.starmap(batch.put, zip(keys, values or (), strict=True)), maxlen=0)
+            collections.deque(map(batch.delete, delete), maxlen=0)
             self._db.write(batch)
         except Exception as exc:  # noqa: BLE001 - rocksdict's only error type; a reopen needs the handle gone
             return str(exc)

@@ -90,9 +90,15 @@ class RowLayout:
             )
         return flat.reshape(len(values), self.row_bytes)
 
+    def records(self, rows: np.ndarray) -> np.ndarray:
+        """[n] void records of row_bytes each over [n, row_bytes] rows (a copy only when they are
+        not contiguous): a gather or scatter of records moves each row as one block, several
+        times faster than fancy indexing of a uint8 matrix."""
+        return np.ascontiguousarray(rows).view(f"V{self.row_bytes}").reshape(-1)
+
     def to_values(self, rows: np.ndarray) -> list[bytes]:
         # a void view's tolist() makes one bytes object per row in C, keeping zero bytes
-        return np.ascontiguousarray(rows).view(f"V{self.row_bytes}").ravel().tolist()
+        return self.records(rows).tolist()
 
 
 def encode_scores(scores: np.ndarray) -> np.ndarray:

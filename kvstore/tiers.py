@@ -87,8 +87,7 @@ class HostTier(SetAssociativeCache):
 
     def rows(self, slots: np.ndarray) -> np.ndarray:
         """A host copy of the rows in `slots` ([n, row_bytes])."""
-        records = self.slab.view(f"V{self.row_bytes}").reshape(-1).take(slots)
-        return records.view(np.uint8).reshape(len(slots), self.row_bytes)
+        return self.take_rows(slots)
 
     def headers(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(last_access, count) of the rows in `slots`."""
@@ -99,8 +98,7 @@ class HostTier(SetAssociativeCache):
 
     def write_rows(self, slots: np.ndarray, rows: np.ndarray) -> None:
         """Host rows into cached slots (whole records through `put`)."""
-        record = f"V{self.row_bytes}"
-        self.slab.view(record).reshape(-1).put(slots, np.ascontiguousarray(rows).view(record))
+        self.put_rows(slots, rows)
 
     # --- staged rows: a call's rows, computed before anything is published ----------------
 
@@ -110,7 +108,7 @@ class HostTier(SetAssociativeCache):
             return self.rows(slots)
         rows = self.layout.empty(len(slots))
         hit = np.flatnonzero(slots >= 0)
-        rows[hit] = self.slab[slots[hit]]
+        rows[hit] = self.take_rows(slots[hit])
         return rows
 
     def load(self, staged: np.ndarray, index: np.ndarray, rows: np.ndarray) -> None:
@@ -146,6 +144,13 @@ class HostTier(SetAssociativeCache):
         NaN or Inf (the caller refuses the call when its table does not allow them)."""
         step_rows(self.optimizer, self.layout, staged, grads)
         weights, state = self.layout.weights(staged), self.layout.state(staged)
+        with np.errstate(over="ignore", invalid="ignore"):
+            finite = bool(np.isfinite(weights.sum()) and np.isfinite(state.sum()))
+        if finite:
+            # NaN and Inf carry through a sum, so a finite total proves every row finite (about half
+            # the cost of the per-row test, which runs only when a sum is not finite: a bad row, or
+            # finite values whose total overflowed)
+            return np.zeros(len(staged), dtype=bool)
         return ~(np.isfinite(weights).all(axis=1) & np.isfinite(state).all(axis=1))
 
     def publish(self, slots: np.ndarray, staged: np.ndarray) -> None:

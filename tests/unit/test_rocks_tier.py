@@ -221,3 +221,37 @@ def test_mmap_reads_map_the_files_read_and_return_the_same_rows(tmp_path, mmap_r
 def test_mmap_reads_must_be_a_boolean(value):
     with pytest.raises(InvalidArgument, match="rocksdb.mmap_reads"):
         RocksConfig(mmap_reads=value)
+
+
+def test_rows_in_compressed_files_of_earlier_versions_still_read_and_take_writes(tmp_path):
+    """Earlier versions wrote Snappy-compressed SST files; stored rows are now written
+    uncompressed, and a database holding both kinds reads them all."""
+    import rocksdict as rd
+
+    path = str(tmp_path / "db")
+    options = rd.Options(raw_mode=True)
+    options.create_if_missing(True)
+    options.create_missing_column_families(True)
+    options.set_compression_type(rd.DBCompressionType.snappy())
+    old = rd.Rdict(path, options, column_families={"rows": options})
+    family = old.get_column_family("rows")
+    keys = encode_keys(np.arange(-500, 500, dtype=np.int64))
+    values = [bytes([i % 251]) * 64 for i in range(len(keys))]      # compressible: the files really are compressed
+    for key, value in zip(keys, values, strict=True):
+        family[key] = value
+    family.flush()
+    del family
+    old.close()
+    tier = RocksTier(path)
+    try:
+        assert tier.get("rows", keys) == values
+        tier.write("rows", keys[:10], [b"new" * 20] * 10)
+        tier.flush()
+        assert tier.get("rows", keys[:12]) == [b"new" * 20] * 10 + values[10:12]
+    finally:
+        tier.close()
+    reopened = RocksTier(path)
+    try:
+        assert reopened.get("rows", keys[8:]) == [b"new" * 20] * 2 + values[10:]
+    finally:
+        reopened.close()

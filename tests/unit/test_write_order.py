@@ -43,3 +43,23 @@ def test_new_ids_read_as_initial_rows_while_their_neighbours_sit_in_the_memtable
     np.testing.assert_array_equal(store.lookup("t", fresh).weights, initial)      # init_insert stores them
     store.flush()
     np.testing.assert_array_equal(np.stack(stored_weights(store, "t", mixed)), np.concatenate([initial, weights]))
+
+
+def test_a_flush_of_many_write_slices_stores_every_row_and_reopens_intact(data_dir):
+    from kvstore.table import WRITE_SLICE
+
+    rng = np.random.default_rng(11)
+    ids = rng.permutation(np.arange(-5 * WRITE_SLICE, 5 * WRITE_SLICE, 3, dtype=np.int64))   # one job, 7 slices
+    with Store(data_dir) as store:
+        store.create_table(table_config(rows=8192, ways=8))
+        first = rng.standard_normal((len(ids), 8)).astype(np.float32)
+        store.update("t", ids, first)
+        store.flush()
+        last = first.copy()
+        again = rng.permutation(len(ids))[:len(ids) // 2]        # half the rows change once more before close
+        last[again] = first[again] + 1
+        store.update("t", ids[again], last[again])
+        np.testing.assert_array_equal(np.stack(stored_weights(store, "t", ids[again])), first[again])
+    with Store(data_dir) as store:
+        np.testing.assert_array_equal(store.lookup("t", ids, on_miss="error").weights, last)
+        np.testing.assert_array_equal(np.stack(stored_weights(store, "t", ids)), last)
