@@ -116,16 +116,18 @@ def make_optimizer(config: OptimizerConfig, dim: int) -> Optimizer:
 def step_rows(optimizer: Optimizer, layout: RowLayout, rows: np.ndarray, grads: np.ndarray) -> None:
     """One optimizer step on stored rows ([n, row_bytes], in place): step counts, weights and
     state. float32 weights are stepped where they lie; other dtypes through a float32 copy,
-    rounded back once."""
+    rounded back once. A step that overflows gives Inf without a warning: the table checks the
+    stepped rows and refuses such a step by name (or keeps it, where NaN/Inf are allowed)."""
     header = layout.header(rows)
     header["step"] += 1
     weights = layout.weights(rows)
-    if weights.dtype == np.float32:
-        optimizer.step(weights, layout.state(rows), grads, header["step"])
-        return
-    work = weights.astype(np.float32)
-    optimizer.step(work, layout.state(rows), grads, header["step"])
-    weights[:] = work.astype(layout.dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if weights.dtype == np.float32:
+            optimizer.step(weights, layout.state(rows), grads, header["step"])
+            return
+        work = weights.astype(np.float32)
+        optimizer.step(work, layout.state(rows), grads, header["step"])
+        weights[:] = work.astype(layout.dtype)
 
 
 def sum_duplicates(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
