@@ -8,6 +8,9 @@ gradients (rowwise Adagrad, dim 128):
   rows, sums duplicate gradients, steps them in NumPy and MSETs them back.
 - kvstore (plain): `KVStoreClient.lookup` of the unique ids, then
   `apply_gradients` with the raw ids and gradients (the server sums and steps).
+- kvstore (summed): as plain, with the duplicate gradients summed in the client first, by
+  the same function as the Redis loop's, so only unique rows cross the wire (the server's
+  own sum of the same rows gives the same bits).
 - kvstore (stream): the same step on one `TrainingStream` (the `Train` RPC): the
   lookup, then the gradients, and the step ends when the server has applied them.
 
@@ -40,6 +43,7 @@ from store_bench import IdSampler
 from kvstore.optimizers import sum_duplicates
 
 LR, EPS, TABLE = 0.01, 1e-8, "ps"
+SIDES = ("plain", "summed", "stream")     # the kvstore tables, one per way of stepping
 
 
 def start_redis() -> tuple[subprocess.Popen, redis.Redis]:
@@ -90,6 +94,12 @@ def kvstore_plain(client: KVStoreClient, ids: np.ndarray, grads: np.ndarray) -> 
     client.apply_gradients(f"{TABLE}_plain", ids, grads)
 
 
+def kvstore_summed(client: KVStoreClient, ids: np.ndarray, grads: np.ndarray) -> None:
+    uniq, summed = sum_duplicates(ids, grads)
+    client.lookup(f"{TABLE}_summed", uniq)
+    client.apply_gradients(f"{TABLE}_summed", uniq, summed)
+
+
 def kvstore_stream(stream: TrainingStream, ids: np.ndarray, grads: np.ndarray) -> None:
     stream.send(lookups={f"{TABLE}_stream": np.unique(ids)}).result()
     stream.send(gradients={f"{TABLE}_stream": (ids, grads)})
@@ -99,7 +109,7 @@ def kvstore_stream(stream: TrainingStream, ids: np.ndarray, grads: np.ndarray) -
 def check_same_rows(db: redis.Redis, client: KVStoreClient, ids: np.ndarray, dim: int) -> float:
     """Largest difference between the Redis rows and each kvstore table's (all applied the same steps)."""
     rows = np.frombuffer(b"".join(db.mget(RedisPS.keys(ids))), np.float32).reshape(len(ids), dim + 1)[:, :dim]
-    return max(float(np.abs(client.lookup(f"{TABLE}_{side}", ids) - rows).max()) for side in ("plain", "stream"))
+    return max(float(np.abs(client.lookup(f"{TABLE}_{side}", ids) - rows).max()) for side in SIDES)
 
 
 def settle(client: KVStoreClient, tables: list[str], timeout: float = 120.0) -> None:
@@ -154,18 +164,19 @@ def main() -> None:
         ps.load(weights)
         with KVStoreClient(address, timeout=300) as client:
             cache_rows = args.cache_rows or 32 * int(2 ** np.ceil(np.log2(max(1, 2 * args.rows // 32))))
-            for side in ("plain", "stream"):
+            for side in SIDES:
                 client.create_table(f"{TABLE}_{side}", args.dim, cache={"rows": cache_rows},
                                     optimizer={"name": "rowwise_adagrad", "lr": LR, "eps": EPS})
                 for lo in range(0, args.rows, 50000):
                     client.update(f"{TABLE}_{side}", np.arange(lo, min(lo + 50000, args.rows)), weights[lo:lo + 50000])
-            settle(client, [f"{TABLE}_{side}" for side in ("plain", "stream")])
+            settle(client, [f"{TABLE}_{side}" for side in SIDES])
             stream = TrainingStream(client)
             sides = {"redis": ps.step, "kvstore plain": lambda i, g: kvstore_plain(client, i, g),
+                     "kvstore summed": lambda i, g: kvstore_summed(client, i, g),
                      "kvstore stream": lambda i, g: kvstore_stream(stream, i, g)}
             sampler = IdSampler(args.rows, 1.05, seed=1)
-            print(f"{'batch':>8} {'redis ms':>9} {'plain ms':>9} {'stream ms':>10} {'plain/redis':>12} "
-                  f"{'stream/redis':>13} {'kvstore hits':>13}")
+            print(f"{'batch':>8} {'redis ms':>9} {'plain ms':>9} {'summed ms':>10} {'stream ms':>10} "
+                  f"{'plain/redis':>12} {'summed/redis':>13} {'stream/redis':>13} {'kvstore hits':>13}")
             for batch in (int(b) for b in args.batches.split(",")):
                 rng = np.random.default_rng(batch)
                 batches = [(ids, rng.standard_normal((batch, args.dim), dtype=np.float32))
@@ -173,8 +184,9 @@ def main() -> None:
                 bench(sides, batches[:2], 1)                                  # warm-up
                 before = client.stats(f"{TABLE}_plain")
                 ms = {k: v * 1e3 for k, v in bench(sides, batches, args.rounds).items()}
-                print(f"{batch:>8,} {ms['redis']:>9.2f} {ms['kvstore plain']:>9.2f} {ms['kvstore stream']:>10.2f} "
-                      f"{ms['redis'] / ms['kvstore plain']:>11.2f}x {ms['redis'] / ms['kvstore stream']:>12.2f}x "
+                print(f"{batch:>8,} {ms['redis']:>9.2f} {ms['kvstore plain']:>9.2f} {ms['kvstore summed']:>10.2f} "
+                      f"{ms['kvstore stream']:>10.2f} {ms['redis'] / ms['kvstore plain']:>11.2f}x "
+                      f"{ms['redis'] / ms['kvstore summed']:>12.2f}x {ms['redis'] / ms['kvstore stream']:>12.2f}x "
                       f"{hit_rate(before, client.stats(f'{TABLE}_plain')):>13.1%}")
             stream.close()
             stepped = np.unique(np.concatenate([ids for ids, _ in batches]))
