@@ -90,15 +90,17 @@ class RowLayout:
             )
         return flat.reshape(len(values), self.row_bytes)
 
-    def records(self, rows: np.ndarray) -> np.ndarray:
-        """[n] void records of row_bytes each over [n, row_bytes] rows (a copy only when they are
-        not contiguous): a gather or scatter of records moves each row as one block, several
-        times faster than fancy indexing of a uint8 matrix."""
-        return np.ascontiguousarray(rows).view(f"V{self.row_bytes}").reshape(-1)
-
     def to_values(self, rows: np.ndarray) -> list[bytes]:
         # a void view's tolist() makes one bytes object per row in C, keeping zero bytes
-        return self.records(rows).tolist()
+        return row_records(rows).tolist()
+
+
+def row_records(rows: np.ndarray) -> np.ndarray:
+    """[n] void records over [n, k] rows of bytes, one record per row (a copy only when the rows
+    are not contiguous): a gather or scatter of records moves each row as one block, several
+    times faster than fancy indexing of a uint8 matrix."""
+    rows = np.ascontiguousarray(rows)
+    return rows.view(f"V{rows.shape[1]}").reshape(-1)
 
 
 def encode_scores(scores: np.ndarray) -> np.ndarray:

@@ -42,7 +42,7 @@ from .eviction import archive
 from .eviction.sweeper import Sweeper
 from .generation import Generation, Generations
 from .rocks_tier import RocksTier
-from .rows import encode_keys
+from .rows import encode_keys, row_records
 from .snapshots import SnapshotDir, SnapshotInfo
 from .table import LookupResult, Table, open_table
 from .transfer import ImportStager, RowChunk, TableExport
@@ -476,7 +476,7 @@ def _complete(path: str, config: RocksConfig, unsaved: dict[str, tuple[np.ndarra
         try:
             for family, (ids, rows) in unsaved.items():
                 if len(ids):
-                    values = np.ascontiguousarray(rows).view(f"V{rows.shape[1]}").ravel().tolist()
+                    values = row_records(rows).tolist()
                     copy.write(family, encode_keys(ids), values)
             copy.flush()                     # into SST files, whatever the WAL setting
         finally:

@@ -41,7 +41,7 @@ from .initializer import initial_weights
 from .lower_tier import lower_tier_of
 from .optimizers import sum_duplicates
 from .rocks_tier import RocksTier
-from .rows import RowLayout, encode_keys, encode_scores
+from .rows import RowLayout, encode_keys, encode_scores, row_records
 from .table_upkeep import TableUpkeep
 from .tiers import make_tier
 from .validation import check_ids, check_matrix, sorted_distinct
@@ -340,7 +340,7 @@ class Table(TableUpkeep):
         rows = np.ascontiguousarray(rows)
         entry = self.pending.add(ids, rows)
         sorted_ids, order, _ = entry
-        rocks, family, layout, pending = self.rocks, self.family, self.layout, self.pending
+        rocks, family, pending = self.rocks, self.family, self.pending
 
         def perform() -> None:
             # rocksdict holds the GIL through a write batch: short batches, and a yield after
@@ -349,7 +349,7 @@ class Table(TableUpkeep):
             # list keeps that splice), about a third less time per row than random keys.
             # The keys are made once per job and each slice's values with one gather of whole
             # row records: NumPy's cost per call, not per row, is what a 512-row slice pays
-            keys, records = encode_keys(sorted_ids), layout.records(rows)
+            keys, records = encode_keys(sorted_ids), row_records(rows)
             for at in range(0, len(ids), WRITE_SLICE):
                 rocks.write(family, keys[at:at + WRITE_SLICE], records.take(order[at:at + WRITE_SLICE]).tolist())
                 time.sleep(0)
