@@ -139,7 +139,7 @@ def remote_trainers(client: KVStoreClient, args, data, batch: int) -> dict[str, 
     for kind in args.models.split(","):
         tables = {name: f"{kind}_{batch}_{name}" for name in ("users", "items")}
         for table in tables.values():
-            client.create_table(table, dim=args.dim, cache={"rows": 1 << 18},
+            client.create_table(table, dim=args.dim, cache={"rows": args.cache_rows, "flush_seconds": args.flush_seconds},
                                 optimizer={"name": "adagrad", "lr": 0.1})
         if kind in ("plain", "prefetch"):
             model = Model(RemoteEmbeddingBag(client, tables["users"], mode="sum"),
@@ -194,6 +194,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batches", default="1024,8192")
     parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--cache-rows", type=int, default=1 << 18, help="cache slots of each remote table")
+    parser.add_argument("--flush-seconds", type=float, default=1.0,
+                        help="write-back interval of each remote table (cache.flush_seconds)")
     parser.add_argument("--users", type=int, default=1_000_000)
     parser.add_argument("--items", type=int, default=100_000)
     parser.add_argument("--staleness", type=int, default=1, help="k of the bounded-staleness row (default 1)")
