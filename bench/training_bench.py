@@ -87,8 +87,9 @@ class Trainer:
     """One model's training loop, run a slice of steps at a time, so that the variants take turns
     and drifts in the machine's load weigh on all of them alike."""
 
-    def __init__(self, model: Model, data, batch: int, prefetch: bool, sparse_opt=None):
+    def __init__(self, model: Model, data, batch: int, prefetch: bool, sparse_opt=None, warm: bool = False):
         self.model, self.data, self.batch, self.prefetch, self.sparse_opt = model, data, batch, prefetch, sparse_opt
+        self.warm = warm                      # a collection warms the server's cache with step i+2's rows
         self.dense = torch.optim.Adam(model.mlp.parameters(), lr=3e-3)
         self.loss_fn = nn.BCEWithLogitsLoss()
         self.step = 0
@@ -113,8 +114,12 @@ class Trainer:
         model, batch = self.model, self.batch
         b = slice(self.step * batch, (self.step + 1) * batch)
         nxt = slice((self.step + 1) * batch, (self.step + 2) * batch)
+        after = slice((self.step + 2) * batch, (self.step + 3) * batch)
         self.step += 1
         logits = model(torch.from_numpy(users[b]), torch.from_numpy(items[b]))
+        if self.warm:
+            model.collection.prefetch({"user": torch.from_numpy(users[after])[:, None],
+                                       "item": torch.from_numpy(items[after])})
         if self.prefetch and isinstance(model, CollectionModel):   # the next batch's lookup goes behind the gradients
             model.collection.next_batch({"user": torch.from_numpy(users[nxt])[:, None],
                                          "item": torch.from_numpy(items[nxt])})
@@ -131,7 +136,7 @@ class Trainer:
             self.sparse_opt.step()
 
 
-REMOTE_KINDS = ("plain", "prefetch", "collection", "pipelined", "ahead", "stale")
+REMOTE_KINDS = ("plain", "prefetch", "collection", "pipelined", "ahead", "warm", "stale")
 
 
 def remote_trainers(client: KVStoreClient, args, data, batch: int) -> dict[str, Trainer]:
@@ -152,8 +157,9 @@ def remote_trainers(client: KVStoreClient, args, data, batch: int) -> dict[str, 
             model = CollectionModel(collection, args.dim)
             label = {"collection": "Collection (waits)", "pipelined": "Collection (pipelined, exact)",
                      "ahead": "Collection (+ next_batch, exact)",
+                     "warm": "Collection (+ prefetch of i+2, exact)",
                      "stale": f"Collection (staleness {args.staleness})"}[kind]
-        trainers[label] = Trainer(model, data, batch, kind in ("prefetch", "ahead"))
+        trainers[label] = Trainer(model, data, batch, kind in ("prefetch", "ahead"), warm=kind == "warm")
         trainers[label].tables = list(tables.values())
     return trainers
 
