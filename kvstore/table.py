@@ -219,11 +219,13 @@ class Table(TableUpkeep):
         self.counters["rows_read"] += int(present.sum())
         absent = ~present
         if initialize and absent.any():
-            fresh = initial_weights(self.config.initializer, ids[absent], self.config.dim)
-            sub = rows[absent]
-            self.layout.weights(sub)[:] = fresh.astype(self.layout.dtype)
+            every = bool(absent.all())                   # all new (a fresh table's usual case): no copies
+            fresh = initial_weights(self.config.initializer, ids if every else ids[absent], self.config.dim)
+            sub = rows if every else rows[absent]
+            self.layout.weights(sub)[:] = fresh            # cast to the table's dtype as it is copied
             self.layout.header(sub)["last_access"] = int(self.clock())
-            rows[absent] = sub
+            if not every:
+                rows[absent] = sub
         return rows, present, held_dirty
 
     def _stored_rows(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,6 +1,8 @@
 """Rows of a table: miss modes, deterministic init, dtypes, updates, deletes, validation."""
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 
@@ -77,6 +79,25 @@ def test_same_id_gets_same_initial_row_across_reopen_and_stores(tmp_path, kind):
     np.testing.assert_array_equal(init_rows(str(tmp_path / "b"), seed=3, kind=kind), first)   # another store
     assert not np.array_equal(init_rows(str(tmp_path / "c"), seed=4, kind=kind), first)
     assert len(np.unique(first)) == first.size                                               # no repeats
+
+
+PINNED_IDS = np.array([5, -3, 1 << 50, 0, 123456789], dtype=np.int64)
+
+
+def test_initial_rows_are_pinned_across_versions():
+    """Rows not yet stored are created on first use, so the initializer's output is part of the
+    stored data: a new version must give every id the row an older one would have. Uniform rows
+    are integer hashing and exact float steps (compared bit for bit); normal rows also go through
+    log and cos, whose last bit may differ between CPUs' vector code."""
+    uniform = initial_weights(InitializerConfig(kind="uniform", scale=0.01, seed=0), PINNED_IDS, 24)
+    assert hashlib.sha256(uniform.tobytes()).hexdigest()[:32] == "61a6966dd6d0c7e6d090ae2bfb896712"
+    uniform = initial_weights(InitializerConfig(kind="uniform", scale=0.5, seed=7), PINNED_IDS, 24)
+    assert hashlib.sha256(uniform.tobytes()).hexdigest()[:32] == "5e04669356bc7505860bdc66750a0926"
+    normal = initial_weights(InitializerConfig(kind="normal", scale=0.02, seed=3), PINNED_IDS, 24)
+    np.testing.assert_allclose(normal[[0, 2, 4]][:, [0, 5, 23]], [
+        [0.023934954533198653, 0.0240430776751572, 0.01004584694439591],
+        [-0.03550936735634987, -0.022350257186430952, -0.013004635238571633],
+        [0.012461015582775506, -0.014070250656594676, -0.00993827815687144]], rtol=1e-12)
 
 
 def test_uniform_init_lies_within_scale(store):
