@@ -144,8 +144,8 @@ def remote_trainers(client: KVStoreClient, args, data, batch: int) -> dict[str, 
     for kind in args.models.split(","):
         tables = {name: f"{kind}_{batch}_{name}" for name in ("users", "items")}
         for table in tables.values():
-            client.create_table(table, dim=args.dim, cache={"rows": args.cache_rows, "flush_seconds": args.flush_seconds},
-                                optimizer={"name": "adagrad", "lr": 0.1})
+            client.create_table(table, dim=args.dim, optimizer={"name": "adagrad", "lr": 0.1},
+                                cache={"rows": args.cache_rows, "flush_seconds": args.flush_seconds})
         if kind in ("plain", "prefetch"):
             model = Model(RemoteEmbeddingBag(client, tables["users"], mode="sum"),
                           RemoteEmbeddingBag(client, tables["items"], mode="mean"), args.dim)
