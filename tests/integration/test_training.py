@@ -250,6 +250,38 @@ def test_a_bad_table_anywhere_in_a_step_changes_no_table(client):
     stream.close()
 
 
+def test_a_large_step_over_two_tables_equals_its_tables_stepped_alone_and_is_refused_whole(client):
+    """A step of 2 x 12,000 gradient rows and their lookups (past PARALLEL_STEP_ROWS: each table's
+    part runs in its own store thread): each table ends as if stepped alone, each lookup sees its
+    table's gradients; NaN in the first table's gradients changes neither table."""
+    from kvstore_server.training_service import PARALLEL_STEP_ROWS
+
+    n = 12_000
+    assert 2 * n >= PARALLEL_STEP_ROWS
+    for name in ("wide_a", "wide_b", "alone_a", "alone_b"):
+        small_table(client, name, DIM, optimizer={"name": "adagrad", "lr": 0.1}, cache={"rows": 1 << 15})
+    rng = np.random.default_rng(3)
+    ids = {"a": rng.integers(0, 20_000, n), "b": rng.integers(0, 20_000, n)}       # duplicates included
+    grads = {key: rng.standard_normal((n, DIM)).astype(np.float32) for key in ids}
+    stream = _stream(client)
+    nan = grads["a"].copy()
+    nan[n // 2, 3] = np.nan
+    with pytest.raises(InvalidArgumentError, match="wide_a"):
+        stream.send(gradients={"wide_a": (ids["a"], nan), "wide_b": (ids["b"], grads["b"])},
+                    lookups={"wide_a": ids["a"][:5], "wide_b": ids["b"][:5]}).result()
+    for key in ("a", "b"):        # refused whole: neither table has rows yet (a lookup with init creates none)
+        assert client.stats(f"wide_{key}").get("cache_rows", 0) == 0
+    stepped, rows = stream.send(gradients={"wide_a": (ids["a"], grads["a"]), "wide_b": (ids["b"], grads["b"])},
+                                lookups={"wide_b": ids["b"], "wide_a": ids["a"]}).result()
+    assert stepped == {"wide_a": len(np.unique(ids["a"])), "wide_b": len(np.unique(ids["b"]))}
+    for key in ("a", "b"):
+        stream.send(gradients={f"alone_{key}": (ids[key], grads[key])}).result()
+        alone = client.lookup(f"alone_{key}", ids[key])
+        np.testing.assert_array_equal(rows[f"wide_{key}"], alone)
+        np.testing.assert_array_equal(client.lookup(f"wide_{key}", ids[key]), alone)
+    stream.close()
+
+
 def test_train_refuses_on_miss_error(client):
     small_table(client, "stream_miss", DIM)
     stream = _stream(client)
