@@ -14,7 +14,6 @@ written there, in the executor, before the step's answer, and are not in the ans
 """
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,7 +31,6 @@ from .same_host_service import shared_piece_grads, shared_piece_ids, shared_piec
 from .segments import Segment
 
 RESPONSE_BYTES = 4 << 20      # rows per response message: gRPC streams 1-4 MiB messages best
-PARALLEL_STEP_ROWS = 16384    # steps of this many rows or more run each table's part in its own thread
 
 
 @dataclass
@@ -62,7 +60,7 @@ class TrainingRPCs:
                 self._add_pieces(step, request, self.train_segment(request, context), held)
                 if request.more:
                     continue
-                for response in await self._run_step(step):
+                for response in await self.work(self._run_step, step):
                     yield response
                 held.release()
                 if step.prefetches:                          # while the answer travels; the next step waits
@@ -121,57 +119,27 @@ class TrainingRPCs:
                                   "must name where its rows go, or none may")
         parts.append(rows)
 
-    async def _run_step(self, step: _Step) -> list[pb.TrainResponse]:
-        """Validate, then each table's part: its gradients applied, then its lookups read. A step
-        of PARALLEL_STEP_ROWS rows or more runs each table's part in a store thread of its own
-        (tables have their own locks: a step over a large and a small table then takes about as
-        long as the large one's part, not the sum); a smaller one runs whole in one thread, where
-        a second thread's hand-off would cost more than it saves. Every part has ended before
-        the step answers, or raises the first part's error."""
-        if step.rows < PARALLEL_STEP_ROWS or len(step.gradients.keys() | step.lookups.keys()) < 2:
-            return await self.work(self._run_step_here, step)
-        gradients = await self.work(self._checked_gradients, step, True)
-        tables = list(dict.fromkeys([*gradients, *step.lookups]))
-        parts = await asyncio.gather(*(self.work(self._table_part, step, table, gradients.get(table))
-                                       for table in tables), return_exceptions=True)
-        for part in parts:
-            if isinstance(part, BaseException):
-                raise part
-        return _answer(step, gradients, dict(zip(tables, parts, strict=True)))
-
-    def _run_step_here(self, step: _Step) -> list[pb.TrainResponse]:
-        gradients = self._checked_gradients(step)
-        tables = dict.fromkeys([*gradients, *step.lookups])
-        return _answer(step, gradients, {table: self._table_part(step, table, gradients.get(table))
-                                         for table in tables})
-
-    def _checked_gradients(self, step: _Step, every_table: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """The step's gradients per table, refused as a whole (no table changed) when any table's
-        are not finite where it forbids that, or the step would create rows past the disk budget.
-        The store checks the table it steps before changing it, so when the tables are stepped one
-        after the other the first needs no check here; `every_table` when they run at once."""
+    def _run_step(self, step: _Step) -> list[pb.TrainResponse]:
+        """Validate, step, look up: the step's answer, in messages."""
         gradients = {table: (concat(ids), concat(grads)) for table, (ids, grads) in step.gradients.items()}
-        for table, (_, grads) in list(gradients.items())[0 if every_table else 1:]:
+        for table, (_, grads) in list(gradients.items())[1:]:
+            # the store checks the table it steps before changing it; the others are checked
+            # here first, so a bad table anywhere in the step changes no table
             if not self.store.describe_table(table).allow_nonfinite and not np.isfinite(grads).all():
                 raise InvalidArgument(f"gradients: contain NaN or Inf for table {table!r} (it does not allow them)")
         self._check_data_budget(step, gradients)
-        return gradients
-
-    def _table_part(self, step: _Step, table: str, gradients: tuple[np.ndarray, np.ndarray] | None
-                    ) -> tuple[int | None, np.ndarray | None]:
-        """One table's part of a step: (rows stepped or None, looked-up rows for the answer or None)."""
-        stepped = self.store.apply_gradients(table, *gradients) if gradients is not None else None
-        parts = step.lookups.get(table)
-        if not parts:
-            return stepped, None
-        weights = self.store.lookup(table, concat(parts), step.on_miss).weights
-        places = step.destinations.get(table)
-        if places and places[0] is not None:               # same-host: into the client's segment, not the answer
-            bounds = np.cumsum([0] + [len(part) for part in parts])
-            for place, start, stop in zip(places, bounds[:-1], bounds[1:], strict=True):
-                place[...] = weights[start:stop]
-            return stepped, None
-        return stepped, weights
+        stepped = {table: self.store.apply_gradients(table, ids, grads) for table, (ids, grads) in gradients.items()}
+        rows = []
+        for table, parts in step.lookups.items():
+            weights = self.store.lookup(table, concat(parts), step.on_miss).weights
+            places = step.destinations.get(table)
+            if places and places[0] is not None:           # same-host: into the client's segment, not the answer
+                bounds = np.cumsum([0] + [len(part) for part in parts])
+                for place, start, stop in zip(places, bounds[:-1], bounds[1:], strict=True):
+                    place[...] = weights[start:stop]
+            else:
+                rows.append((table, weights))
+        return list(_responses(rows, stepped))
 
     def _check_data_budget(self, step: _Step, gradients: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
         """Past the disk budget a step that would create rows is refused before any table changes."""
@@ -196,14 +164,6 @@ def _shared(segment: Segment | None, piece: pb.TableRows, where: str, field_name
     if segment is None:
         raise InvalidArgument(f"{where}.{field_name}: a shared array needs the message's segment")
     return True
-
-
-def _answer(step: _Step, gradients: dict, done: dict[str, tuple[int | None, np.ndarray | None]]
-            ) -> list[pb.TrainResponse]:
-    """The step's answer from each table's part: rows stepped per table, looked-up rows in request order."""
-    stepped = {table: done[table][0] for table in gradients}
-    rows = [(table, done[table][1]) for table in step.lookups if done[table][1] is not None]
-    return list(_responses(rows, stepped))
 
 
 def _responses(rows: list[tuple[str, np.ndarray]], stepped: dict[str, int]):
