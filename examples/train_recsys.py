@@ -137,7 +137,8 @@ def prepare_tables(client: KVStoreClient, args: argparse.Namespace) -> None:
             print(f"training table {table} further (from an earlier run; --reset starts fresh)")
             continue
         client.create_table(table, dim=args.dim, optimizer={"name": "rowwise_adagrad", "lr": 0.1},
-                            initializer={"kind": "normal", "scale": 0.1, "seed": 1})
+                            initializer={"kind": "normal", "scale": 0.1, "seed": 1},
+                            cache={"flush_seconds": 60})     # trained rows reach RocksDB once a minute
 
 
 if __name__ == "__main__":
