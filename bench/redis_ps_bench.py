@@ -14,6 +14,15 @@ gradients (rowwise Adagrad, dim 128):
 - kvstore (stream): the same step on one `TrainingStream` (the `Train` RPC): the
   lookup, then the gradients, and the step ends when the server has applied them.
 
+Two more sides run the loop a trainer runs, where a step's rows are read before its gradients
+exist, so a step's update can travel with the next step's read (one round trip a step):
+- Redis (pipelined): one pipeline per step, the MSET of the previous step's stepped rows,
+  then the MGET of this step's (a second Redis database, loaded with the same rows).
+- kvstore (pipelined): one `Train` message per step, the previous step's summed gradients
+  (applied first), then the lookup of this step's unique ids.
+The last step's update goes in a final round trip, timed with the rest. Every side ends with
+the same rows.
+
 Debian's redis-server is started on loopback (no persistence); kvstore-server too.
 Every row is loaded into both before timing. By default kvstore's cache holds every
 row; `--cache-rows N` gives its tables a smaller cache, so part of each step's rows come
@@ -43,7 +52,7 @@ from store_bench import IdSampler
 from kvstore.optimizers import sum_duplicates
 
 LR, EPS, TABLE = 0.01, 1e-8, "ps"
-SIDES = ("plain", "summed", "stream")     # the kvstore tables, one per way of stepping
+SIDES = ("plain", "summed", "stream", "pipelined")     # the kvstore tables, one per way of stepping
 
 
 def start_redis() -> tuple[subprocess.Popen, redis.Redis]:
@@ -89,6 +98,53 @@ class RedisPS:
         return weights
 
 
+class RedisPipelinedPS(RedisPS):
+    """The Redis loop with each step's MSET sent in the next step's pipeline, before its MGET."""
+
+    def __init__(self, db: redis.Redis, dim: int):
+        super().__init__(db, dim)
+        self.unwritten: dict | None = None
+
+    def step(self, ids: np.ndarray, grads: np.ndarray) -> np.ndarray:
+        uniq, summed = sum_duplicates(ids, grads)
+        keys = self.keys(uniq)
+        pipe = self.db.pipeline(transaction=False)
+        if self.unwritten:
+            pipe.mset(self.unwritten)
+        pipe.mget(keys)
+        values = pipe.execute()[-1]
+        rows = np.frombuffer(b"".join(values), np.float32).reshape(len(uniq), self.dim + 1).copy()
+        weights, acc = rows[:, :self.dim], rows[:, self.dim:]
+        acc[:, 0] += (summed * summed).mean(axis=1)
+        weights -= np.float32(LR) * summed / (np.sqrt(acc) + np.float32(EPS))
+        self.unwritten = dict(zip(keys, rows.view(f"V{rows[:1].nbytes}").ravel().tolist(), strict=True))
+        return weights
+
+    def finish(self) -> None:
+        if self.unwritten:
+            self.db.mset(self.unwritten)
+            self.unwritten = None
+
+
+class KVStorePipelined:
+    """The kvstore loop with each step's summed gradients sent with the next step's lookup."""
+
+    def __init__(self, stream: TrainingStream, table: str):
+        self.stream, self.table = stream, table
+        self.unsent: tuple[np.ndarray, np.ndarray] | None = None
+
+    def step(self, ids: np.ndarray, grads: np.ndarray) -> None:
+        uniq, summed = sum_duplicates(ids, grads)
+        gradients = {self.table: self.unsent} if self.unsent is not None else None
+        self.stream.send(gradients=gradients, lookups={self.table: uniq}).result()
+        self.unsent = (uniq, summed)
+
+    def finish(self) -> None:
+        if self.unsent is not None:
+            self.stream.send(gradients={self.table: self.unsent}).result()
+            self.unsent = None
+
+
 def kvstore_plain(client: KVStoreClient, ids: np.ndarray, grads: np.ndarray) -> None:
     client.lookup(f"{TABLE}_plain", np.unique(ids))
     client.apply_gradients(f"{TABLE}_plain", ids, grads)
@@ -106,10 +162,16 @@ def kvstore_stream(stream: TrainingStream, ids: np.ndarray, grads: np.ndarray) -
     stream.flush()         # the step's time includes its gradients being applied
 
 
-def check_same_rows(db: redis.Redis, client: KVStoreClient, ids: np.ndarray, dim: int) -> float:
-    """Largest difference between the Redis rows and each kvstore table's (all applied the same steps)."""
-    rows = np.frombuffer(b"".join(db.mget(RedisPS.keys(ids))), np.float32).reshape(len(ids), dim + 1)[:, :dim]
-    return max(float(np.abs(client.lookup(f"{TABLE}_{side}", ids) - rows).max()) for side in SIDES)
+def redis_rows(db: redis.Redis, ids: np.ndarray, dim: int) -> np.ndarray:
+    return np.frombuffer(b"".join(db.mget(RedisPS.keys(ids))), np.float32).reshape(len(ids), dim + 1)[:, :dim]
+
+
+def check_same_rows(dbs: list[redis.Redis], client: KVStoreClient, ids: np.ndarray, dim: int) -> float:
+    """Largest difference between the first Redis database's rows and those of the other Redis
+    databases and of each kvstore table (all applied the same steps)."""
+    rows = redis_rows(dbs[0], ids, dim)
+    others = [redis_rows(db, ids, dim) for db in dbs[1:]] + [client.lookup(f"{TABLE}_{side}", ids) for side in SIDES]
+    return max(float(np.abs(other - rows).max()) for other in others)
 
 
 def settle(client: KVStoreClient, tables: list[str], timeout: float = 120.0) -> None:
@@ -129,7 +191,9 @@ def hit_rate(before: dict, after: dict) -> float:
     return hits / max(1.0, hits + change("cache_misses"))
 
 
-def bench(sides: dict, batches: list, rounds: int) -> dict[str, float]:
+def bench(sides: dict, batches: list, rounds: int, finish: dict | None = None) -> dict[str, float]:
+    """Seconds per step of each side, the same batches in turns; `finish` {side: call} ends a
+    pipelined side's run (its last update), timed as part of that side."""
     seconds = dict.fromkeys(sides, 0.0)
     for _ in range(rounds):
         for ids, grads in batches:
@@ -137,6 +201,10 @@ def bench(sides: dict, batches: list, rounds: int) -> dict[str, float]:
                 start = time.perf_counter()
                 run(ids, grads)
                 seconds[name] += time.perf_counter() - start
+    for name, call in (finish or {}).items():
+        start = time.perf_counter()
+        call()
+        seconds[name] += time.perf_counter() - start
     return {name: s / (rounds * len(batches)) for name, s in seconds.items()}
 
 
@@ -162,6 +230,9 @@ def main() -> None:
         weights = np.random.default_rng(0).standard_normal((args.rows, args.dim), dtype=np.float32)
         ps = RedisPS(db, args.dim)
         ps.load(weights)
+        db_pipelined = redis.Redis(port=db.connection_pool.connection_kwargs["port"], db=1)
+        ps_pipelined = RedisPipelinedPS(db_pipelined, args.dim)
+        ps_pipelined.load(weights)
         with KVStoreClient(address, timeout=300) as client:
             cache_rows = args.cache_rows or 32 * int(2 ** np.ceil(np.log2(max(1, 2 * args.rows // 32))))
             for side in SIDES:
@@ -170,27 +241,33 @@ def main() -> None:
                 for lo in range(0, args.rows, 50000):
                     client.update(f"{TABLE}_{side}", np.arange(lo, min(lo + 50000, args.rows)), weights[lo:lo + 50000])
             settle(client, [f"{TABLE}_{side}" for side in SIDES])
-            stream = TrainingStream(client)
+            stream, pipelined_stream = TrainingStream(client), TrainingStream(client)
+            pipelined = KVStorePipelined(pipelined_stream, f"{TABLE}_pipelined")
             sides = {"redis": ps.step, "kvstore plain": lambda i, g: kvstore_plain(client, i, g),
                      "kvstore summed": lambda i, g: kvstore_summed(client, i, g),
-                     "kvstore stream": lambda i, g: kvstore_stream(stream, i, g)}
+                     "kvstore stream": lambda i, g: kvstore_stream(stream, i, g),
+                     "redis pipelined": ps_pipelined.step, "kvstore pipelined": pipelined.step}
+            finish = {"redis pipelined": ps_pipelined.finish, "kvstore pipelined": pipelined.finish}
             sampler = IdSampler(args.rows, 1.05, seed=1)
             print(f"{'batch':>8} {'redis ms':>9} {'plain ms':>9} {'summed ms':>10} {'stream ms':>10} "
-                  f"{'plain/redis':>12} {'summed/redis':>13} {'stream/redis':>13} {'kvstore hits':>13}")
+                  f"{'plain/redis':>12} {'summed/redis':>13} {'stream/redis':>13} {'kvstore hits':>13} "
+                  f"{'redis pipe ms':>14} {'kv pipe ms':>11} {'pipelined: kv/redis':>20}")
             for batch in (int(b) for b in args.batches.split(",")):
                 rng = np.random.default_rng(batch)
                 batches = [(ids, rng.standard_normal((batch, args.dim), dtype=np.float32))
                            for ids in sampler.batches("zipf", batch, args.count)]
-                bench(sides, batches[:2], 1)                                  # warm-up
+                bench(sides, batches[:2], 1, finish)                          # warm-up
                 before = client.stats(f"{TABLE}_plain")
-                ms = {k: v * 1e3 for k, v in bench(sides, batches, args.rounds).items()}
+                ms = {k: v * 1e3 for k, v in bench(sides, batches, args.rounds, finish).items()}
                 print(f"{batch:>8,} {ms['redis']:>9.2f} {ms['kvstore plain']:>9.2f} {ms['kvstore summed']:>10.2f} "
                       f"{ms['kvstore stream']:>10.2f} {ms['redis'] / ms['kvstore plain']:>11.2f}x "
                       f"{ms['redis'] / ms['kvstore summed']:>12.2f}x {ms['redis'] / ms['kvstore stream']:>12.2f}x "
-                      f"{hit_rate(before, client.stats(f'{TABLE}_plain')):>13.1%}")
+                      f"{hit_rate(before, client.stats(f'{TABLE}_plain')):>13.1%} {ms['redis pipelined']:>14.2f} "
+                      f"{ms['kvstore pipelined']:>11.2f} {ms['redis pipelined'] / ms['kvstore pipelined']:>19.2f}x")
             stream.close()
+            pipelined_stream.close()
             stepped = np.unique(np.concatenate([ids for ids, _ in batches]))
-            difference = check_same_rows(db, client, stepped, args.dim)
+            difference = check_same_rows([db, db_pipelined], client, stepped, args.dim)
             print(f"rows after the run, Redis against kvstore: max |difference| {difference:.2e}")
     finally:
         server.terminate()
