@@ -84,18 +84,27 @@ class RedisPS:
         for lo in range(0, len(weights), batch):
             rows = np.zeros((min(batch, len(weights) - lo), self.dim + 1), np.float32)
             rows[:, :self.dim] = weights[lo:lo + len(rows)]
-            self.db.mset(dict(zip(self.keys(np.arange(lo, lo + len(rows))), rows.view(f"V{rows[:1].nbytes}")
-                                  .ravel().tolist(), strict=True)))
+            self.db.mset(self.entries(self.keys(np.arange(lo, lo + len(rows))), rows))
 
     def step(self, ids: np.ndarray, grads: np.ndarray) -> np.ndarray:
         uniq, summed = sum_duplicates(ids, grads)
         keys = self.keys(uniq)
-        rows = np.frombuffer(b"".join(self.db.mget(keys)), np.float32).reshape(len(uniq), self.dim + 1).copy()
+        rows = self.stepped(self.db.mget(keys), summed)
+        self.db.mset(self.entries(keys, rows))
+        return rows[:, :self.dim]
+
+    def stepped(self, values: list[bytes], summed: np.ndarray) -> np.ndarray:
+        """The rows of `values` (weights, then the accumulator) after one rowwise Adagrad step."""
+        rows = np.frombuffer(b"".join(values), np.float32).reshape(len(summed), self.dim + 1).copy()
         weights, acc = rows[:, :self.dim], rows[:, self.dim:]
         acc[:, 0] += (summed * summed).mean(axis=1)
         weights -= np.float32(LR) * summed / (np.sqrt(acc) + np.float32(EPS))
-        self.db.mset(dict(zip(keys, rows.view(f"V{rows[:1].nbytes}").ravel().tolist(), strict=True)))
-        return weights
+        return rows
+
+    @staticmethod
+    def entries(keys: list[bytes], rows: np.ndarray) -> dict[bytes, bytes]:
+        """An MSET's key -> value mapping, one binary value per row."""
+        return dict(zip(keys, rows.view(f"V{rows[:1].nbytes}").ravel().tolist(), strict=True))
 
 
 class RedisPipelinedPS(RedisPS):
@@ -112,13 +121,9 @@ class RedisPipelinedPS(RedisPS):
         if self.unwritten:
             pipe.mset(self.unwritten)
         pipe.mget(keys)
-        values = pipe.execute()[-1]
-        rows = np.frombuffer(b"".join(values), np.float32).reshape(len(uniq), self.dim + 1).copy()
-        weights, acc = rows[:, :self.dim], rows[:, self.dim:]
-        acc[:, 0] += (summed * summed).mean(axis=1)
-        weights -= np.float32(LR) * summed / (np.sqrt(acc) + np.float32(EPS))
-        self.unwritten = dict(zip(keys, rows.view(f"V{rows[:1].nbytes}").ravel().tolist(), strict=True))
-        return weights
+        rows = self.stepped(pipe.execute()[-1], summed)
+        self.unwritten = self.entries(keys, rows)
+        return rows[:, :self.dim]
 
     def finish(self) -> None:
         if self.unwritten:
