@@ -30,13 +30,16 @@ _EMPTY = np.int64(-1)                # sort key of an empty slot: taken first
 
 
 class VictimOrder:
-    """Ranks occupied slots for eviction: smaller key leaves first."""
+    """Ranks occupied slots for eviction: smaller key leaves first. `counts_uses`: the order
+    reads a use count per slot (`cache.uses`, 8 bytes a slot, allocated only for such orders)."""
+
+    counts_uses = False
 
     def on_insert(self, cache: SetAssociativeCache, slots) -> None:
-        cache.uses[slots] = 1
+        pass
 
     def on_hit(self, cache: SetAssociativeCache, slots) -> None:
-        cache.uses[slots] += 1
+        pass
 
     def key(self, cache: SetAssociativeCache, sets, last_used):
         """[len(sets), ways] eviction keys of the ways of `sets`; `last_used` is theirs, gathered."""
@@ -44,14 +47,19 @@ class VictimOrder:
 
 
 class LRU(VictimOrder):
-    def on_hit(self, cache, slots) -> None:
-        pass                     # the age stamp `touch` writes is all LRU reads
-
     def key(self, cache, sets, last_used):
-        return last_used
+        return last_used           # the age stamp `touch` writes is all LRU reads
 
 
 class LFU(VictimOrder):
+    counts_uses = True
+
+    def on_insert(self, cache, slots) -> None:
+        cache.uses[slots] = 1
+
+    def on_hit(self, cache, slots) -> None:
+        cache.uses[slots] += 1
+
     def key(self, cache, sets, last_used):
         # fewest uses first, ties broken by age; counts saturate at 2**30
         uses = cache.xp.minimum(cache.set_rows(cache.uses, sets), (1 << 30) - 1)
@@ -87,7 +95,7 @@ class SetAssociativeCache:
         self.dirty = xp.zeros(n, dtype=bool)
         self.locks = xp.zeros(n, dtype=xp.int32)
         self.last_used = xp.zeros(n, dtype=xp.int64)   # batch tick of the last use
-        self.uses = xp.zeros(n, dtype=xp.int64)
+        self.uses = xp.zeros(n, dtype=xp.int64) if self.order.counts_uses else None
         self.slab = xp.zeros((n, row_bytes), dtype=xp.uint8)
         self.tick = 0
 

@@ -54,6 +54,8 @@ class GpuCache(SetAssociativeCache):
         self.device = cupy.cuda.Device(device)
         with self.device:
             super().__init__(config, row_bytes, xp=cupy)
+            if self.uses is None:                 # the kernels take a use count per slot whatever the order
+                self.uses = cupy.zeros(self.capacity, dtype=cupy.int64)
             self.kernels = kernels_for(self.device.id)
             self._heads = cupy.zeros(self.num_sets, dtype=cupy.uint64)   # per-set lists of a batch's new ids
             self._marks = cupy.zeros(self.capacity, dtype=cupy.uint32)   # slots a gradient batch hit (by epoch)

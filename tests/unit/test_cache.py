@@ -102,6 +102,13 @@ def test_lfu_least_frequently_used_leave_first():
     np.testing.assert_array_equal(cached(cache, [a, b, d, e, f]), [True, True, False, True, True])
 
 
+def test_only_lfu_keeps_a_use_count_per_slot():
+    """LRU reads only the age stamp, so its caches spend no 8 bytes a slot on use counts."""
+    assert make_cache(policy="lru").uses is None
+    lfu = make_cache(policy="lfu")
+    assert lfu.uses is not None and lfu.uses.shape == (lfu.capacity,)
+
+
 # --- many misses to one set ----------------------------------------------------------
 
 
