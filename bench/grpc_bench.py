@@ -94,6 +94,7 @@ def lookup_arguments(rows: int) -> argparse.ArgumentParser:
     parser.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
     parser.add_argument("--rounds", type=int, default=1, help="passes over each case's batches")
     parser.add_argument("--cpu", action="store_true", help="also print each server's CPU ms per call (Linux)")
+    parser.add_argument("--chunk-bytes", type=int, default=2 << 20, help="the clients' message size (chunk_bytes)")
     return parser
 
 
@@ -129,7 +130,7 @@ def run(args, addresses: dict[str, str], pids: dict[str, int] | None) -> None:
 
     lookups = {}
     served = [name for name in ("kvstore", "executor", "baseline") if name in addresses]
-    clients = [KVStoreClient(addresses[name], timeout=600) for name in served]
+    clients = [KVStoreClient(addresses[name], timeout=600, chunk_bytes=args.chunk_bytes) for name in served]
     for name, client in zip(served, clients, strict=True):
         load(client, args.rows, args.dim, name)
         lookups[name] = lambda b, client=client: client.lookup("bench", b)
