@@ -7,7 +7,7 @@ threshold and the trim threshold lets malloc reuse freed heap memory instead. Th
 this at start, and so do the `kvstore export` and `kvstore import` commands (about 0.1 s of
 CPU less per 500 MiB). Only glibc has `mallopt`; elsewhere this does nothing.
 
-Kept memory is kept per malloc arena, and glibc gives threads up to 8 arenas per core: the
+Freed memory is kept per malloc arena, and glibc gives threads up to 8 arenas per core: the
 server's store and RocksDB read threads each held tens of MiB of freed buffers in their own
 arena (47 MiB over five arenas, about 50 bytes per cached row, with a 1M-row cache full).
 `ARENAS` arenas share that memory instead (bench/suites/memory.py measured 630 against
