@@ -95,11 +95,16 @@ class RedisPS:
 
     def stepped(self, values: list[bytes], summed: np.ndarray) -> np.ndarray:
         """The rows of `values` (weights, then the accumulator) after one rowwise Adagrad step."""
-        rows = np.frombuffer(b"".join(values), np.float32).reshape(len(summed), self.dim + 1).copy()
+        rows = self.rows_of(values, self.dim).copy()
         weights, acc = rows[:, :self.dim], rows[:, self.dim:]
         acc[:, 0] += (summed * summed).mean(axis=1)
         weights -= np.float32(LR) * summed / (np.sqrt(acc) + np.float32(EPS))
         return rows
+
+    @staticmethod
+    def rows_of(values: list[bytes], dim: int) -> np.ndarray:
+        """The rows (weights, then the accumulator) that MGET `values` hold, read-only."""
+        return np.frombuffer(b"".join(values), np.float32).reshape(len(values), dim + 1)
 
     @staticmethod
     def entries(keys: list[bytes], rows: np.ndarray) -> dict[bytes, bytes]:
@@ -168,7 +173,7 @@ def kvstore_stream(stream: TrainingStream, ids: np.ndarray, grads: np.ndarray) -
 
 
 def redis_rows(db: redis.Redis, ids: np.ndarray, dim: int) -> np.ndarray:
-    return np.frombuffer(b"".join(db.mget(RedisPS.keys(ids))), np.float32).reshape(len(ids), dim + 1)[:, :dim]
+    return RedisPS.rows_of(db.mget(RedisPS.keys(ids)), dim)[:, :dim]
 
 
 def check_same_rows(dbs: list[redis.Redis], client: KVStoreClient, ids: np.ndarray, dim: int) -> float:
