@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import CacheConfig
+from .host_kernels import gather_rows, probe_slots
 from .rows import row_records
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -167,40 +168,12 @@ class SetAssociativeCache:
     def probe(self, ids):
         """Slot of each id, -1 where it is not cached. Pure: changes no stamp.
 
-        One gather of (key, slot) hints finds most cached ids. The rest (a hint lost to
-        another id, or a real miss) are probed by set: first on 2-byte fingerprints, verified
-        against the key of the one candidate slot, then on full keys for the few whose
-        candidate fails. Ids found that way are hinted again."""
-        xp = self.xp
-        mixed = self.mix(ids)
-        entries = self.hints.take(mixed & self.hint_mask, axis=0)   # take: faster than a[idx]
-        slots = entries[:, 1].copy()
-        found = (entries[:, 0] == ids) & (slots >= 0)
-        if found.all():
-            return slots
-        again = xp.flatnonzero(~found)
-        slots[again] = self._probe_sets(ids[again], mixed[again])
-        again = again[slots[again] >= 0]
-        self._hint(ids[again], mixed[again], slots[again])
-        return slots
-
-    def _probe_sets(self, ids, mixed):
-        sets = self._set_from(mixed)
-        way = (self.set_rows(self.fingerprints, sets) == self._fingerprint_from(mixed)[:, None]).argmax(axis=1)
-        slots = sets * self.ways + way
-        found = (self.keys[slots] == ids) & self.occupied[slots]
-        if found.all():
-            return slots
-        again = self.xp.flatnonzero(~found)
-        slots[again] = self._probe_keys(ids[again], sets[again])
-        return slots
-
-    def _probe_keys(self, ids, sets):
-        match = self.set_rows(self.keys, sets) == ids[:, None]
-        match &= self.set_rows(self.occupied, sets)
-        way = match.argmax(axis=1)
-        found = match[self.xp.arange(len(ids)), way]
-        return self.xp.where(found, sets * self.ways + way, -1)
+        The id's (key, slot) hint finds most cached ids. The rest (a hint lost to another id,
+        or a real miss) are probed by set: on 2-byte fingerprints, verified against the key,
+        then on full keys if a fingerprint is stale. Ids found that way are hinted again.
+        One loop that prefetches the hints ahead (`host_kernels.probe_slots`)."""
+        return probe_slots(self.hints, self.hint_mask, self.keys, self.occupied, self.fingerprints, self.ways,
+                     ids, self.mix(ids))[0]
 
     def touch(self, slots) -> None:
         """Record a use of cached slots (duplicates allowed)."""
@@ -265,8 +238,8 @@ class SetAssociativeCache:
     # --- whole rows of the slab (host memory; the GPU cache has its own kernels) ------------
 
     def take_rows(self, slots) -> np.ndarray:
-        """A copy of the rows in `slots` ([n, row_bytes]), moved as whole records (`row_records`)."""
-        return row_records(self.slab).take(slots).view(np.uint8).reshape(len(slots), self.row_bytes)
+        """A copy of the rows in `slots` ([n, row_bytes]), each row prefetched ahead and moved whole."""
+        return gather_rows(self.slab, slots)
 
     def put_rows(self, slots, rows) -> None:
         """Rows ([n, row_bytes]) into `slots`, moved as whole records."""

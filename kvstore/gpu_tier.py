@@ -106,7 +106,7 @@ class GpuTier:
             self.cache.touch(slots_d)
             self.cache.touch_headers(slots_d, int(now))
 
-    def cached_columns(self, ids: np.ndarray, now: float, with_state: bool
+    def cached_columns(self, ids: np.ndarray, now: float, with_state: bool, out: np.ndarray | None = None
                        ) -> tuple[np.ndarray, np.ndarray | None] | None:
         """`HostTier.cached_columns` on the device: a pure probe and one wait to see that every id
         is cached, then touch and gather. None, with nothing changed, when any id is not cached or
@@ -120,7 +120,11 @@ class GpuTier:
                 return None
             self.cache.begin_batch()
             slots_d = self.cache.probe_and_touch(ids_d, now=int(now))
-            return self._columns(slots_d, with_state)
+            weights, state = self._columns(slots_d, with_state)
+            if out is None:
+                return weights, state
+            out[...] = weights
+            return out, state
 
     def probe_touch_columns(self, ids: np.ndarray, now: float, with_state: bool
                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

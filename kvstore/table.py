@@ -165,16 +165,21 @@ class Table(TableUpkeep):
                 state[miss_at] = self.layout.state(miss_rows)[inverse]
             return LookupResult(weights, state)
 
-    def lookup_if_cached(self, ids, with_state: bool = False) -> LookupResult | None:
+    def lookup_if_cached(self, ids, with_state: bool = False, out: np.ndarray | None = None
+                         ) -> LookupResult | None:
         """`lookup(ids)` when the table lock is free right now and every id is cached, else None
         with nothing changed. Never waits for a lock and never reads RocksDB: its cost is a probe
         and a gather of len(ids) cached rows (`cached_columns`; a GPU tier also answers None
-        while its device is busy), so a server may run it where it must not block."""
+        while its device is busy), so a server may run it where it must not block. `out`: where
+        the weights go, [len(ids), dim] of the table's dtype (else None: the table is not the
+        one the caller sized it for, e.g. dropped and created again)."""
         ids = self._ids(ids)
+        if out is not None and (out.shape != (len(ids), self.config.dim) or out.dtype != self.layout.dtype):
+            return None
         if not self._lock.acquire(blocking=False):
             return None
         try:
-            columns = self.cache.cached_columns(ids, self.clock(), with_state)
+            columns = self.cache.cached_columns(ids, self.clock(), with_state, out)
             if columns is None:
                 return None
             self.counters["cache_hits"] += len(ids)

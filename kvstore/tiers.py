@@ -21,9 +21,10 @@ from .cache import SetAssociativeCache
 from .config import CacheConfig, TableConfig
 from .devices import device_index
 from .errors import FailedPrecondition
-from .eviction.rules import touch_headers
+from .eviction.rules import COUNT_WORD, touch_headers
+from .host_kernels import gather_rows, read_hits
 from .optimizers import make_optimizer, step_rows
-from .rows import RowLayout
+from .rows import MAX_COUNT, RowLayout
 
 
 class HostTier(SetAssociativeCache):
@@ -51,16 +52,22 @@ class HostTier(SetAssociativeCache):
         slots = self.probe_and_touch(ids, now)
         return (slots, *self.columns(slots, with_state))
 
-    def cached_columns(self, ids: np.ndarray, now: float, with_state: bool
+    def cached_columns(self, ids: np.ndarray, now: float, with_state: bool, out: np.ndarray | None = None
                        ) -> tuple[np.ndarray, np.ndarray | None] | None:
         """A lookup that finds every id cached: a new batch, the access recorded, the columns
-        gathered. None, with nothing changed, when any id is not cached (the probe is pure)."""
+        gathered (the weights into `out`, [n, dim] of the table's dtype, when given). None, with
+        nothing changed, when any id is not cached (the probe is pure). The access and the
+        gather are one pass over the rows (`host_kernels.read_hits`)."""
         slots = self.probe(ids)
         if not bool((slots >= 0).all()):
             return None
         self.begin_batch()
-        self.access(slots, now)
-        return self.columns(slots, with_state)
+        layout = self.layout
+        weights = np.empty((len(ids), layout.dim), layout.dtype) if out is None else out
+        state = np.empty((len(ids), layout.state_dim), np.float32) if with_state else None
+        read_hits(self.slab, COUNT_WORD, MAX_COUNT, int(now), self.last_used, self.tick, self.uses, slots,
+                  (layout.weight_offset, weights), (layout.state_offset, state) if with_state else None)
+        return weights, state
 
     def access(self, slots: np.ndarray, now: float) -> None:
         """A use of cached slots: stamps, and count + 1 / last_access in headers (duplicates once)."""
@@ -70,9 +77,9 @@ class HostTier(SetAssociativeCache):
 
     def columns(self, slots: np.ndarray, with_state: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """New contiguous weights (and state) of `slots`; rows of slot -1 hold garbage. Each column
-        is one gather from the slab seen as records of that column's bytes (`_column`): each row's
-        bytes are copied once, straight to their place (taking whole rows first and copying the
-        column out of them costs a second copy, about 1.4x the time)."""
+        is one gather of that column's bytes (`host_kernels.gather_rows`): each row's bytes are
+        copied once, straight to their place (taking whole rows first and copying the column
+        out of them costs a second copy, about 1.4x the time)."""
         layout = self.layout
         weights = self._column(slots, layout.weight_offset, layout.dim, layout.dtype)
         state = self._column(slots, layout.state_offset, layout.state_dim, np.dtype(np.float32)) if with_state else None
@@ -82,8 +89,7 @@ class HostTier(SetAssociativeCache):
         nbytes = width * dtype.itemsize
         if not nbytes:
             return np.empty((len(slots), width), dtype)
-        records = self.slab[:, offset:offset + nbytes].view(f"V{nbytes}")[:, 0]     # strided: one per slot
-        return records[slots].view(dtype).reshape(len(slots), width)
+        return gather_rows(self.slab, slots, offset, nbytes).view(dtype)
 
     def rows(self, slots: np.ndarray) -> np.ndarray:
         """A host copy of the rows in `slots` ([n, row_bytes])."""

@@ -5,6 +5,8 @@ Shared by client and server so both sides agree byte for byte. Only numpy
 """
 from __future__ import annotations
 
+import ctypes
+
 import ml_dtypes
 import numpy as np
 
@@ -107,6 +109,37 @@ def message_parts(tensors: dict[int, np.ndarray | None], packed: dict[int, np.nd
 def encode_lookup_response(weights: np.ndarray, state: np.ndarray | None = None) -> bytes:
     """A serialized `LookupResponse`, built with one copy of the rows (see `encode_message`)."""
     return encode_message({1: weights, 2: state})
+
+
+def lookup_response_into(n: int, dim: int, dtype: np.dtype) -> tuple[bytes, np.ndarray] | None:
+    """A serialized `LookupResponse` of n rows of `dim` values of `dtype` (no state) whose rows
+    are still to be written, and a writable [n, dim] view of them: a gather can write the rows
+    straight into the message, saving `encode_lookup_response`'s copy. None when the dtype has
+    no wire name in this byte order or there are no rows (encode those the usual way).
+
+    The message is a bytes object made by `PyBytes_FromStringAndSize(NULL, size)`; CPython's C
+    API lets its creator fill such an object until it is shared. So: write the view, drop it,
+    then hand the bytes on; the bytes must not be shared while the view is written."""
+    name = _NAMES.get(np.dtype(dtype))
+    if name is None or not n or not dim:
+        return None
+    data = n * dim * WIRE_DTYPES[name].itemsize
+    shape = _varint(n) + _varint(dim)
+    tensor = (b"\x0a" + _varint(len(name)) + name.encode() + b"\x12" + _varint(len(shape)) + shape
+              + b"\x1a" + _varint(data))
+    head = b"\x0a" + _varint(len(tensor) + data) + tensor
+    message = _new_bytes(None, len(head) + data)
+    memory = (ctypes.c_char * len(message)).from_address(_bytes_data(message))
+    memory._message = message                  # the view keeps the message alive
+    view = np.frombuffer(memory, np.uint8)
+    view[:len(head)] = np.frombuffer(head, np.uint8)
+    return message, view[len(head):].view(WIRE_DTYPES[name]).reshape(n, dim)
+
+
+_new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+_new_bytes.restype, _new_bytes.argtypes = ctypes.py_object, (ctypes.c_void_p, ctypes.c_ssize_t)
+_bytes_data = ctypes.pythonapi.PyBytes_AsString
+_bytes_data.restype, _bytes_data.argtypes = ctypes.c_void_p, (ctypes.py_object,)
 
 
 def encode_tensor(array: np.ndarray) -> dict:

@@ -17,7 +17,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import numpy as np
-from kvstore_proto.tensors import decode_ids, decode_tensor, encode_lookup_response
+from kvstore_proto.tensors import decode_ids, decode_tensor, encode_lookup_response, lookup_response_into
 from kvstore_proto.v1 import kvstore_pb2 as pb
 
 from kvstore import Store
@@ -166,17 +166,27 @@ class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPC
 
     def _lookup_started(self, row_bytes: int, table: str, ids: np.ndarray, on_miss: str,
                         with_state: bool) -> bytes | asyncio.Future:
-        result = self._inline_lookup(table, ids, with_state, row_bytes)
-        if result is not None:
-            return encode_lookup_response(result.weights, result.state)
+        response = self._inline_lookup(table, ids, with_state, row_bytes)
+        if response is not None:
+            return response
         return asyncio.ensure_future(self.on_table(table, self._lookup_chunk, table, ids, on_miss, with_state))
 
-    def _inline_lookup(self, table: str, ids: np.ndarray, with_state: bool, nbytes: int):
-        """The rows, read here on the event loop, when every one is cached, they are at most
-        `inline_lookup_bytes`, and the table is free now; else None (the store threads take it)."""
+    def _inline_lookup(self, table: str, ids: np.ndarray, with_state: bool, nbytes: int) -> bytes | None:
+        """The response, read here on the event loop, when every row is cached, they are at most
+        `inline_lookup_bytes`, and the table is free now; else None (the store threads take it).
+        Weights alone are gathered straight into the response message (`lookup_response_into`)."""
         if nbytes > self.config.inline_lookup_bytes:
             return None
-        return on_table(self.store, table, self.store.lookup_if_cached, table, ids, with_state)
+        into = None if with_state else lookup_response_into(len(ids), *self._row_shape(table))
+        result = on_table(self.store, table, self.store.lookup_if_cached, table, ids, with_state,
+                          into and into[1])
+        if result is None:
+            return None
+        return into[0] if into else encode_lookup_response(result.weights, result.state)
+
+    def _row_shape(self, table: str) -> tuple[int, np.dtype]:
+        config = self.store.describe_table(table)
+        return config.dim, weight_dtype(config.dtype)
 
     async def _lookup_after(self, previous: asyncio.Future, row_bytes: int, *chunk) -> bytes:
         await asyncio.wait((previous,))              # its outcome is its own chunk's: only its end counts here
