@@ -18,7 +18,6 @@ read more distinct rows than the row cache holds (uniform ids), which is the fai
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from bench import store_bench
 from bench.context import Context, table_weights
 from bench.echo import start_process
 from bench.harness import LIMIT, PEER, SUBJECT, Side, compare
-from bench.report import ResultLog, environment
+from bench.report import ResultLog, environment, python_env
 from bench.services import stop_process
 from bench.suites.common import make_batches
 from bench.suites.lookup_service import load_server
@@ -43,9 +42,7 @@ def server_command(data_dir: Path, extra: list[str], checkout: str | None) -> li
            "--metrics-port", "0", *extra]
     if checkout is None:
         return cmd
-    root = Path(checkout).resolve()
-    path = os.pathsep.join(str(root / sub) for sub in ("", "protos", "server", "client"))
-    return ["env", f"PYTHONPATH={path}", *cmd]
+    return ["env", f"PYTHONPATH={python_env(checkout)['PYTHONPATH']}", *cmd]
 
 
 def main() -> None:

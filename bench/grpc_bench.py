@@ -27,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))       # run as a script: `bench` importable
 from bench.echo import EchoClient, start_echo  # noqa: E402
+from bench.report import python_env  # noqa: E402
 
 
 def start(cmd: list[str], env: dict | None = None) -> tuple[subprocess.Popen, str]:
@@ -109,9 +110,7 @@ def main() -> None:
     if args.executor_too:
         servers["executor"] = start([*server, tempfile.mkdtemp(prefix="kvbench-x-"), "--inline-lookup-bytes", "0"])
     if args.baseline:
-        root = os.path.abspath(args.baseline)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(os.path.join(root, p) for p in ("", "protos", "server",
-                                                                                             "client"))}
+        env = python_env(args.baseline)
         servers["baseline"] = start([sys.executable, "-m", "kvstore_server", "--data-dir",
                                      tempfile.mkdtemp(prefix="kvbench-base-"), "--port", "0"], env)
     servers["echo threaded"] = start_echo()

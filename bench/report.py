@@ -145,9 +145,12 @@ def _cell(r: dict) -> str:
     return f"{r['system']}: {format_value(r['value'], r['unit'])}{ratio}{note}"
 
 
-def python_env() -> dict:
-    """Environment for child processes: this checkout's packages first on the path."""
-    paths = [str(ROOT), str(ROOT / "protos"), str(ROOT / "server"), str(ROOT / "client")]
+def python_env(root: str | Path = ROOT) -> dict:
+    """Environment for child processes that run the packages of the checkout at `root` (this one
+    by default): its packages first on the path, then the path this process was given (where
+    packages installed outside the environment, such as carried wheels, are found)."""
+    root = Path(root).resolve()
+    paths = [str(root), str(root / "protos"), str(root / "server"), str(root / "client")]
     existing = os.environ.get("PYTHONPATH", "")
     return {**os.environ, "PYTHONPATH": os.pathsep.join(paths + ([existing] if existing else [])),
             "PYTHONUNBUFFERED": "1"}

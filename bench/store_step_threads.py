@@ -86,10 +86,6 @@ def measure(args) -> None:
                            if ms >= 0.05))
 
 
-def tree_env(tree: Path) -> dict:
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(str(tree / part) for part in ("", "protos", "server", "client")))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=8192)
@@ -104,6 +100,8 @@ def main() -> None:
     if args.one:
         measure(args)
         return
+    sys.path.insert(0, str(ROOT))               # the runs below import the tree they measure; this one, bench
+    from bench.report import python_env
     print(f"store step threads: batch {args.batch}, {args.steps} steps after {args.warmup}, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()}; CPU ms per step by thread")
     trees = [("this", ROOT)] + ([("baseline", Path(args.baseline).resolve())] if args.baseline else [])
@@ -112,7 +110,7 @@ def main() -> None:
         for label, tree in trees:
             print(f"{label} (turn {turn + 1}):", flush=True)
             subprocess.run([sys.executable, str(Path(__file__).resolve()), *forwarded, "--one"],
-                           env=tree_env(tree), check=True)
+                           env=python_env(tree), check=True)
 
 
 if __name__ == "__main__":

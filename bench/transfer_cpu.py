@@ -28,6 +28,7 @@ import time
 import numpy as np
 from kvstore_client import KVStoreClient
 
+from bench.report import python_env
 from bench.services import stop_process
 
 
@@ -41,13 +42,6 @@ def process_cpu(pid: int) -> float:
 def children_cpu() -> float:
     times = os.times()
     return times.children_user + times.children_system
-
-
-def tree_env(root: str) -> dict:
-    """The environment that runs the packages of the checkout at `root`."""
-    root = os.path.abspath(root)
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(os.path.join(root, p) for p in ("", "protos", "server",
-                                                                                         "client"))}
 
 
 def start_server(data: str, env: dict) -> tuple[subprocess.Popen, str]:
@@ -150,8 +144,8 @@ def main() -> None:
     data = args.dir or tempfile.mkdtemp()
     out = tempfile.mkdtemp()
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    trees = {"baseline": tree_env(args.baseline)} if args.baseline else {}
-    trees["this tree"] = tree_env(here)
+    trees = {"baseline": python_env(args.baseline)} if args.baseline else {}
+    trees["this tree"] = python_env(here)
     results: dict[str, dict[str, list[dict]]] = {tree: {"export": [], "import": []} for tree in trees}
     try:
         for _ in range(args.rounds if args.baseline else 1):

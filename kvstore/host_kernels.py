@@ -20,7 +20,8 @@ from numba.extending import intrinsic
 
 PREFETCH_ROWS = 8          # rows asked for ahead of the one being copied (4-16 measured alike)
 CACHE_LINE = 64
-_PREFETCH = "llvm.prefetch.p0" if llvmlite.binding.llvm_version_info >= (16,) else "llvm.prefetch.p0i8"   # opaque pointers
+OPAQUE_POINTERS = llvmlite.binding.llvm_version_info >= (16,)      # the intrinsic's name follows the pointer model
+_PREFETCH = "llvm.prefetch.p0" if OPAQUE_POINTERS else "llvm.prefetch.p0i8"
 
 
 @intrinsic
