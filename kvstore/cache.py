@@ -169,8 +169,8 @@ class SetAssociativeCache:
         """Slot of each id, -1 where it is not cached. Pure: changes no stamp.
 
         The id's (key, slot) hint finds most cached ids. The rest (a hint lost to another id,
-        or a real miss) are probed by set: on 2-byte fingerprints, verified against the key,
-        then on full keys if a fingerprint is stale. Ids found that way are hinted again.
+        or a real miss) are probed by set: on 2-byte fingerprints, each match verified against
+        the key. Ids found that way are hinted again.
         One loop that prefetches the hints ahead (`host_kernels.probe_slots`)."""
         return probe_slots(self.hints, self.hint_mask, self.keys, self.occupied, self.fingerprints, self.ways,
                      ids, self.mix(ids))[0]

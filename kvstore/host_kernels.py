@@ -70,6 +70,13 @@ def _gather(slab, row_bytes, offset, nbytes, slots, out):
     return -1
 
 
+def _flat_bytes(out: np.ndarray) -> np.ndarray:
+    """The bytes of an output array as a flat view (a reshape of a strided array would copy)."""
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError("out: the rows' destination must be a writable C-contiguous array")
+    return out.reshape(-1).view(np.uint8)
+
+
 def gather_rows(slab: np.ndarray, slots: np.ndarray, offset: int = 0, nbytes: int | None = None,
                 out: np.ndarray | None = None) -> np.ndarray:
     """Bytes [offset, offset + nbytes) of the rows `slots` of `slab` (C-contiguous [capacity,
@@ -82,7 +89,7 @@ def gather_rows(slab: np.ndarray, slots: np.ndarray, offset: int = 0, nbytes: in
     slots = np.ascontiguousarray(slots, dtype=np.int64)
     if out is None:
         out = np.empty((len(slots), nbytes), np.uint8)
-    flat = out.reshape(-1).view(np.uint8)            # a view: raises if out is not contiguous
+    flat = _flat_bytes(out)
     if flat.nbytes != len(slots) * nbytes:
         raise ValueError(f"gather_rows: out holds {flat.nbytes} bytes, the rows {len(slots) * nbytes}")
     if len(slots) and nbytes:
@@ -108,15 +115,10 @@ def _probe(hints, mask, keys, occupied, fingerprints, ways, num_sets, ids, mixed
         first = np.int64(((mixed[i] >> np.uint64(32)) * num_sets) >> np.uint64(32)) * ways
         fingerprint = np.uint16(mixed[i] & np.uint64(0xFFFF))
         slot = -1
-        for way in range(first, first + ways):        # the way whose fingerprint matches, verified
+        for way in range(first, first + ways):        # a way whose fingerprint matches, verified
             if fingerprints[way] == fingerprint and keys[way] == ids[i] and occupied[way]:
                 slot = way
                 break
-        if slot < 0:
-            for way in range(first, first + ways):    # a stale fingerprint: every way's key
-                if keys[way] == ids[i] and occupied[way]:
-                    slot = way
-                    break
         slots[i] = slot
         if slot >= 0:                                 # hinted again for the next probe
             hints[at] = ids[i]
@@ -130,7 +132,8 @@ def probe_slots(hints: np.ndarray, mask: np.uint64, keys: np.ndarray, occupied: 
     """(slot of each id in the set-associative cache, -1 where it is not cached; how many found).
     First the id's (key, slot) pair in `hints` ([size, 2] int64, at `mixed & mask`); failing
     that, the ways of its set (from the top bits of `mixed`) by 16-bit fingerprint (its low
-    bits), verified against `keys` and `occupied`; an id found that way is hinted again."""
+    bits; `fill` writes a slot's key and fingerprint together), verified against `keys` and
+    `occupied`; an id found that way is hinted again."""
     slots = np.empty(len(ids), np.int64)
     found = _probe(hints.reshape(-1), np.uint64(mask), keys, occupied, fingerprints, np.int64(ways),
                    np.uint64(len(keys) // ways), np.ascontiguousarray(ids, np.int64),
@@ -183,7 +186,7 @@ def read_hits(slab: np.ndarray, header_word: int, max_count: int, now: int, last
     slots = np.ascontiguousarray(slots, dtype=np.int64)
     columns = []
     for offset, out in (weights, state or (0, np.empty((len(slots), 0), np.uint8))):
-        flat = out.reshape(-1).view(np.uint8)
+        flat = _flat_bytes(out)
         nbytes = flat.nbytes // max(1, len(slots))
         if flat.nbytes != len(slots) * nbytes or offset + nbytes > row_bytes:
             raise ValueError(f"read_hits: out of {flat.nbytes} bytes for {len(slots)} rows at offset {offset}")

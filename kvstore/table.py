@@ -174,7 +174,8 @@ class Table(TableUpkeep):
         the weights go, [len(ids), dim] of the table's dtype (else None: the table is not the
         one the caller sized it for, e.g. dropped and created again)."""
         ids = self._ids(ids)
-        if out is not None and (out.shape != (len(ids), self.config.dim) or out.dtype != self.layout.dtype):
+        if out is not None and (out.shape != (len(ids), self.config.dim) or out.dtype != self.layout.dtype
+                                or not out.flags.c_contiguous):
             return None
         if not self._lock.acquire(blocking=False):
             return None

@@ -104,9 +104,10 @@ class SameHostRPCs:
         return pb.SharedLookupResponse(rows=n)
 
     def _lookup_cached_into(self, table: str, ids: np.ndarray, weights: np.ndarray, state: np.ndarray | None) -> bool:
-        """On the event loop, when Lookup's inline path would serve it there."""
+        """On the event loop, when Lookup's inline path would serve it there (the weights gathered
+        straight into the segment)."""
         result = self._inline_lookup(table, ids, state is not None,
-                                     weights.nbytes + (0 if state is None else state.nbytes))
+                                     weights.nbytes + (0 if state is None else state.nbytes), weights)
         if result is None:
             return False
         _write(result, weights, state)
@@ -196,6 +197,7 @@ def copied(held: BufferedRequest, view: np.ndarray, dtype=None) -> np.ndarray:
 
 
 def _write(result, weights: np.ndarray, state: np.ndarray | None) -> None:
-    weights[...] = result.weights
+    if result.weights is not weights:
+        weights[...] = result.weights
     if state is not None:
         state[...] = result.state

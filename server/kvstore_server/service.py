@@ -166,23 +166,30 @@ class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPC
 
     def _lookup_started(self, row_bytes: int, table: str, ids: np.ndarray, on_miss: str,
                         with_state: bool) -> bytes | asyncio.Future:
-        response = self._inline_lookup(table, ids, with_state, row_bytes)
+        response = self._inline_response(table, ids, with_state, row_bytes)
         if response is not None:
             return response
         return asyncio.ensure_future(self.on_table(table, self._lookup_chunk, table, ids, on_miss, with_state))
 
-    def _inline_lookup(self, table: str, ids: np.ndarray, with_state: bool, nbytes: int) -> bytes | None:
-        """The response, read here on the event loop, when every row is cached, they are at most
-        `inline_lookup_bytes`, and the table is free now; else None (the store threads take it).
-        Weights alone are gathered straight into the response message (`lookup_response_into`)."""
+    def _inline_response(self, table: str, ids: np.ndarray, with_state: bool, nbytes: int) -> bytes | None:
+        """The serialized response when `_inline_lookup` serves the chunk, else None. Weights
+        alone are gathered straight into the message (`lookup_response_into`): no copy after."""
         if nbytes > self.config.inline_lookup_bytes:
             return None
         into = None if with_state else lookup_response_into(len(ids), *self._row_shape(table))
-        result = on_table(self.store, table, self.store.lookup_if_cached, table, ids, with_state,
-                          into and into[1])
+        result = self._inline_lookup(table, ids, with_state, nbytes, into and into[1])
         if result is None:
             return None
         return into[0] if into else encode_lookup_response(result.weights, result.state)
+
+    def _inline_lookup(self, table: str, ids: np.ndarray, with_state: bool, nbytes: int,
+                       out: np.ndarray | None = None):
+        """The rows, read here on the event loop, when every one is cached, they are at most
+        `inline_lookup_bytes`, and the table is free now; else None (the store threads take it).
+        `out`: where the weights go (see `Store.lookup_if_cached`)."""
+        if nbytes > self.config.inline_lookup_bytes:
+            return None
+        return on_table(self.store, table, self.store.lookup_if_cached, table, ids, with_state, out)
 
     def _row_shape(self, table: str) -> tuple[int, np.dtype]:
         config = self.store.describe_table(table)

@@ -1,0 +1,114 @@
+"""The host cache's compiled loops (`kvstore.host_kernels`) against NumPy references, and the
+rows of a cached lookup written into a caller's array (the server's response message)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from kvstore_proto.tensors import WIRE_DTYPES, encode_lookup_response, lookup_response_into
+
+from kvstore import OptimizerConfig
+from kvstore.eviction.rules import COUNT_WORD, touch_headers
+from kvstore.host_kernels import gather_rows, read_hits
+from kvstore.rows import MAX_COUNT
+
+from .conftest import table_config
+
+
+def _slab(rng, slots: int = 300, row_bytes: int = 48) -> np.ndarray:
+    return rng.integers(0, 256, (slots, row_bytes), dtype=np.uint8)
+
+
+@pytest.mark.parametrize(("offset", "nbytes"), [(0, 48), (16, 32), (8, 4), (47, 1)])
+def test_gather_rows_equals_numpy_indexing(offset, nbytes):
+    rng = np.random.default_rng(1)
+    slab = _slab(rng)
+    slots = rng.integers(0, len(slab), 1000)         # repeats, any order, more than the prefetch distance
+    np.testing.assert_array_equal(gather_rows(slab, slots, offset, nbytes), slab[slots, offset:offset + nbytes])
+
+
+def test_gather_rows_leaves_rows_of_negative_slots_and_refuses_slots_past_the_end():
+    slab = _slab(np.random.default_rng(2))
+    out = np.full((3, 48), 7, np.uint8)
+    gather_rows(slab, np.array([4, -1, 9]), out=out)
+    np.testing.assert_array_equal(out[[0, 2]], slab[[4, 9]])
+    assert (out[1] == 7).all()
+    with pytest.raises(IndexError, match="slot 300"):
+        gather_rows(slab, np.array([1, 300]))
+
+
+def test_gather_rows_refuses_an_out_it_cannot_write_in_place():
+    slab = _slab(np.random.default_rng(3))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        gather_rows(slab, np.array([1, 2]), 0, 8, out=np.zeros((2, 16), np.uint8)[:, ::2])
+    with pytest.raises(ValueError, match="holds"):
+        gather_rows(slab, np.array([1, 2]), 0, 8, out=np.zeros((2, 4), np.uint8))
+
+
+@pytest.mark.parametrize("count_uses", [False, True])
+def test_read_hits_records_each_slot_once_and_gathers_like_numpy(count_uses):
+    """The fused pass equals stamps (`touch`), header counts (`touch_headers`) and two column
+    gathers, duplicates counted once and counts saturating."""
+    rng = np.random.default_rng(4)
+    slab = _slab(rng, row_bytes=64)
+    words = slab.view(np.uint32)
+    words[:5, COUNT_WORD] = MAX_COUNT                 # saturated counts stay saturated
+    last_used = rng.integers(0, 5, len(slab)).astype(np.int64)
+    uses = rng.integers(0, 9, len(slab)).astype(np.int64) if count_uses else None
+    slots = np.concatenate([rng.integers(0, len(slab), 500), [0, 1, 1, 2]])
+    want_slab, want_last, want_uses = slab.copy(), last_used.copy(), None if uses is None else uses.copy()
+    touch_headers(want_slab, slots, 1234)
+    want_last[slots] = 9
+    if want_uses is not None:
+        want_uses[slots] += 1
+    weights, state = np.empty((len(slots), 8), np.float32), np.empty((len(slots), 2), np.float32)
+    read_hits(slab, COUNT_WORD, MAX_COUNT, 1234, last_used, 9, uses, slots, (16, weights), (48, state))
+    np.testing.assert_array_equal(slab, want_slab)
+    np.testing.assert_array_equal(last_used, want_last)
+    if uses is not None:
+        np.testing.assert_array_equal(uses, want_uses)
+    np.testing.assert_array_equal(weights.view(np.uint8), want_slab[slots, 16:48])
+    np.testing.assert_array_equal(state.view(np.uint8), want_slab[slots, 48:56])
+
+
+def test_read_hits_refuses_slots_outside_the_cache_and_changes_nothing():
+    rng = np.random.default_rng(5)
+    slab = _slab(rng, row_bytes=64)
+    before, last_used = slab.copy(), np.zeros(len(slab), np.int64)
+    for bad in (-1, len(slab)):
+        with pytest.raises(IndexError, match="not a cached slot"):
+            read_hits(slab, COUNT_WORD, MAX_COUNT, 5, last_used, 1, None, np.array([3, bad]),
+                      (16, np.empty((2, 4), np.float32)))
+    np.testing.assert_array_equal(slab, before)
+    assert not last_used.any()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_a_lookup_response_filled_in_place_is_the_encoded_response(dtype):
+    rows = np.random.default_rng(6).standard_normal((37, 5)).astype(np.float32)
+    rows = rows.astype(WIRE_DTYPES[dtype])
+    message, view = lookup_response_into(37, 5, rows.dtype)
+    view[...] = rows
+    assert message == encode_lookup_response(rows)
+    assert lookup_response_into(0, 5, rows.dtype) is None                  # nothing to fill: encode it
+    assert lookup_response_into(3, 5, np.dtype(">f4")) is None             # no wire name in that order
+
+
+def test_a_cached_lookup_writes_its_weights_into_out(store):
+    store.create_table(table_config("t", dim=4, optimizer=OptimizerConfig(name="adagrad", lr=0.1)))
+    store.apply_gradients("t", [1, 2, 3], np.ones((3, 4), np.float32))
+    expected = store.lookup("t", [3, 1, 3], with_state=True)
+    out = np.zeros((3, 4), np.float32)
+    found = store.lookup_if_cached("t", [3, 1, 3], with_state=True, out=out)
+    assert found.weights is out
+    np.testing.assert_array_equal(out, expected.weights)
+    np.testing.assert_array_equal(found.state, expected.state)
+
+
+@pytest.mark.parametrize("out", [np.zeros((2, 4), np.float32), np.zeros((3, 5), np.float32),
+                                 np.zeros((3, 4), np.float64), np.zeros((3, 8), np.float32)[:, ::2]])
+def test_an_out_of_another_shape_dtype_or_layout_gives_none_and_changes_nothing(store, out):
+    store.create_table(table_config("t", dim=4))
+    store.update("t", [1, 2, 3], np.ones((3, 4), np.float32))
+    before = store.stats("t")
+    assert store.lookup_if_cached("t", [1, 2, 3], out=out) is None
+    assert not out.any() and store.stats("t") == before
