@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -22,7 +23,7 @@ from grpc_reflection.v1alpha import reflection_pb2_grpc as reflection_grpc
 from kvstore_proto.tensors import InPlaceImportRequest
 from kvstore_proto.v1 import kvstore_pb2 as pb
 
-from kvstore import Store
+from kvstore import Store, host_kernels
 from kvstore.devices import missing_device
 from kvstore.errors import FailedPrecondition
 
@@ -81,6 +82,15 @@ def add_reflection(server: grpc.aio.Server, names: tuple[str, ...]) -> None:
         REFLECTION_V1, {"ServerReflectionInfo": v1}),))
 
 
+def _warm_host_kernels() -> None:
+    """Load the host cache's compiled loops beside the store's opening, so that the first lookup
+    does not wait about a second for them (a lookup that comes sooner waits for this)."""
+    try:
+        host_kernels.warm()
+    except Exception:                      # the first lookup will meet the same error and report it
+        log.exception("could not load the host cache's compiled loops")
+
+
 def grpc_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
@@ -122,6 +132,7 @@ class KVStoreServer:
                                                      on_refused=lambda method: refused.labels(method).inc()))
         interceptors += replica_interceptors(config)
         await asyncio.to_thread(check_data_dir, config.data_dir)    # no link planted in it leads outside
+        threading.Thread(target=_warm_host_kernels, name="kvstore-warm", daemon=True).start()
         self.store = await asyncio.to_thread(Store, config.data_dir, rocks=config.rocksdb, sweeper=config.sweeper,
                                              changefeed=changefeed_config(config), clock=self.store_clock)
         self._gate = CallGate(config.max_concurrent_rpcs, config.retry_after_ms)

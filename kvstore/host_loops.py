@@ -1,0 +1,120 @@
+"""The Numba loops behind `host_kernels` (imported on first use: Numba's import and the
+set-up of its compiler cost about a second of CPU per process, which a process that never
+touches a host cache, such as a command-line tool, should not pay)."""
+from __future__ import annotations
+
+import llvmlite.binding
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+PREFETCH_ROWS = 8          # rows asked for ahead of the one being copied (4-16 measured alike)
+CACHE_LINE = 64
+OPAQUE_POINTERS = llvmlite.binding.llvm_version_info >= (16,)      # the intrinsic's name follows the pointer model
+_PREFETCH = "llvm.prefetch.p0" if OPAQUE_POINTERS else "llvm.prefetch.p0i8"
+
+
+@intrinsic
+def _prefetch(typingctx, array, index):
+    """Ask for the cache line holding array[index] (a read, kept briefly: locality 0)."""
+    def codegen(context, builder, signature, args):
+        array_type = signature.args[0]
+        view = context.make_array(array_type)(context, builder, args[0])
+        pointer = cgutils.get_item_pointer(context, builder, array_type, view, [args[1]], wraparound=False)
+        byte_pointer, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        function = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer, i32, i32, i32]), _PREFETCH)
+        builder.call(function, [builder.bitcast(pointer, byte_pointer), i32(0), i32(0), i32(1)])
+        return context.get_dummy_value()
+    return types.void(array, index), codegen
+
+
+@intrinsic
+def _copy(typingctx, dst, dst_index, src, src_index, nbytes):
+    """memcpy(&dst[dst_index], &src[src_index], nbytes) on flat uint8 arrays."""
+    def codegen(context, builder, signature, args):
+        dst_type, _, src_type, _, _ = signature.args
+        to = cgutils.get_item_pointer(context, builder, dst_type, context.make_array(dst_type)(
+            context, builder, args[0]), [args[1]], wraparound=False)
+        of = cgutils.get_item_pointer(context, builder, src_type, context.make_array(src_type)(
+            context, builder, args[2]), [args[3]], wraparound=False)
+        cgutils.raw_memcpy(builder, to, of, args[4], 1)
+        return context.get_dummy_value()
+    return types.void(dst, dst_index, src, src_index, nbytes), codegen
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def gather(slab, row_bytes, offset, nbytes, slots, out):
+    n, capacity = len(slots), len(slab) // row_bytes
+    for i in range(n):
+        if slots[i] >= capacity:
+            return i                                     # the caller raises, naming the slot
+    for i in range(n):
+        ahead = i + PREFETCH_ROWS
+        if ahead < n and slots[ahead] >= 0:
+            start = slots[ahead] * row_bytes + offset
+            for line in range(start, start + nbytes, CACHE_LINE):
+                _prefetch(slab, line)
+        if slots[i] >= 0:
+            _copy(out, i * nbytes, slab, slots[i] * row_bytes + offset, nbytes)
+    return -1
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def probe(hints, mask, keys, occupied, fingerprints, ways, num_sets, ids, mixed, slots):
+    n, found = len(ids), 0
+    for i in range(n):
+        ahead = i + PREFETCH_ROWS
+        if ahead < n:
+            _prefetch(hints, np.int64(mixed[ahead] & mask) * 2)
+        at = np.int64(mixed[i] & mask) * 2
+        slot = hints[at + 1]
+        if hints[at] == ids[i] and slot >= 0:
+            slots[i] = slot
+            found += 1
+            continue
+        first = np.int64(((mixed[i] >> np.uint64(32)) * num_sets) >> np.uint64(32)) * ways
+        fingerprint = np.uint16(mixed[i] & np.uint64(0xFFFF))
+        slot = -1
+        for way in range(first, first + ways):        # a way whose fingerprint matches, verified
+            if fingerprints[way] == fingerprint and keys[way] == ids[i] and occupied[way]:
+                slot = way
+                break
+        slots[i] = slot
+        if slot >= 0:                                 # hinted again for the next probe
+            hints[at] = ids[i]
+            hints[at + 1] = slot
+            found += 1
+    return found
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def read_hits(slab, words, row_bytes, header_word, max_count, now, last_used, tick, uses, count_uses,
+               slots, weight_offset, weight_bytes, weights, state_offset, state_bytes, state):
+    n, capacity = len(slots), len(last_used)
+    for i in range(n):
+        if slots[i] < 0 or slots[i] >= capacity:
+            return i
+    row_words = row_bytes // 4
+    for i in range(n):
+        ahead = i + PREFETCH_ROWS
+        if ahead < n:
+            row = slots[ahead] * row_bytes
+            _prefetch(last_used, slots[ahead])
+            _prefetch(slab, row)
+            for line in range(row + weight_offset, row + weight_offset + weight_bytes, CACHE_LINE):
+                _prefetch(slab, line)
+        slot = slots[i]
+        if last_used[slot] != tick:                  # the batch's first use of the slot: counts once
+            last_used[slot] = tick
+            if count_uses:
+                uses[slot] += 1
+            at = slot * row_words + header_word
+            words[at] = min(words[at], max_count) + 1
+            words[at + 1] = now
+        _copy(weights, i * weight_bytes, slab, slot * row_bytes + weight_offset, weight_bytes)
+        if state_bytes:
+            _copy(state, i * state_bytes, slab, slot * row_bytes + state_offset, state_bytes)
+    return -1
