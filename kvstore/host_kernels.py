@@ -85,7 +85,9 @@ def read_hits(slab: np.ndarray, header_word: int, max_count: int, now: int, last
     (saturating at `max_count`) and last_access = `now` (uint32 words `header_word`, + 1),
     each once per slot however often it repeats, as `touch` and `touch_headers` do; then bytes
     [offset, offset + out's row size) of each row into `weights` = (offset, [n, k] out) and
-    likewise `state`. Every slot must be a cached one (0 <= slot < capacity)."""
+    likewise `state`. A negative slot (not cached) is skipped: nothing recorded, its rows in the
+    outs left as they were. Once per slot holds for a batch's first call (the slots stamped
+    `tick` before it are taken as counted), so call it right after `begin_batch`."""
     capacity, row_bytes = slab.shape
     if not (slab.flags.c_contiguous and slab.dtype == np.uint8 and row_bytes % 4 == 0):
         raise ValueError("read_hits: slab must be C-contiguous uint8 rows of a multiple of 4 bytes")
@@ -104,4 +106,4 @@ def read_hits(slab: np.ndarray, header_word: int, max_count: int, now: int, last
                      last_used, np.int64(tick), uses if uses is not None else np.empty(0, np.int64),
                      uses is not None, slots, *columns)
     if bad >= 0:
-        raise IndexError(f"slots: slot {slots[bad]} is not a cached slot of {capacity}")
+        raise IndexError(f"slots: slot {slots[bad]} is outside a cache of {capacity} slots")

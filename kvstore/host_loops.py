@@ -95,18 +95,20 @@ def read_hits(slab, words, row_bytes, header_word, max_count, now, last_used, ti
                slots, weight_offset, weight_bytes, weights, state_offset, state_bytes, state):
     n, capacity = len(slots), len(last_used)
     for i in range(n):
-        if slots[i] < 0 or slots[i] >= capacity:
+        if slots[i] >= capacity:
             return i
     row_words = row_bytes // 4
     for i in range(n):
         ahead = i + PREFETCH_ROWS
-        if ahead < n:
+        if ahead < n and slots[ahead] >= 0:
             row = slots[ahead] * row_bytes
             _prefetch(last_used, slots[ahead])
             _prefetch(slab, row)
             for line in range(row + weight_offset, row + weight_offset + weight_bytes, CACHE_LINE):
                 _prefetch(slab, line)
         slot = slots[i]
+        if slot < 0:                                 # not cached: its rows are the caller's to fill
+            continue
         if last_used[slot] != tick:                  # the batch's first use of the slot: counts once
             last_used[slot] = tick
             if count_uses:

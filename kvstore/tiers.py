@@ -48,9 +48,10 @@ class HostTier(SetAssociativeCache):
     def probe_touch_columns(self, ids: np.ndarray, now: float, with_state: bool
                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """`probe_and_touch`, then `columns` of the slots found: a lookup's cached part in one
-        call (a GPU tier answers it with one trip across PCIe instead of two)."""
-        slots = self.probe_and_touch(ids, now)
-        return (slots, *self.columns(slots, with_state))
+        call, first thing in its batch (a GPU tier answers it with one trip across PCIe instead
+        of two; here the access and the gather are one pass, `host_kernels.read_hits`)."""
+        slots = self.probe(ids)
+        return (slots, *self._read_hits(slots, now, with_state))
 
     def cached_columns(self, ids: np.ndarray, now: float, with_state: bool, out: np.ndarray | None = None
                        ) -> tuple[np.ndarray, np.ndarray | None] | None:
@@ -62,9 +63,15 @@ class HostTier(SetAssociativeCache):
         if not bool((slots >= 0).all()):
             return None
         self.begin_batch()
+        return self._read_hits(slots, now, with_state, out)
+
+    def _read_hits(self, slots: np.ndarray, now: float, with_state: bool, out: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray | None]:
+        """The access of a batch's cached slots recorded and their columns gathered (rows of
+        slot -1 left unwritten), in one pass."""
         layout = self.layout
-        weights = np.empty((len(ids), layout.dim), layout.dtype) if out is None else out
-        state = np.empty((len(ids), layout.state_dim), np.float32) if with_state else None
+        weights = np.empty((len(slots), layout.dim), layout.dtype) if out is None else out
+        state = np.empty((len(slots), layout.state_dim), np.float32) if with_state else None
         read_hits(self.slab, COUNT_WORD, MAX_COUNT, int(now), self.last_used, self.tick, self.uses, slots,
                   (layout.weight_offset, weights), (layout.state_offset, state) if with_state else None)
         return weights, state

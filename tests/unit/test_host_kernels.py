@@ -70,16 +70,19 @@ def test_read_hits_records_each_slot_once_and_gathers_like_numpy(count_uses):
     np.testing.assert_array_equal(state.view(np.uint8), want_slab[slots, 48:56])
 
 
-def test_read_hits_refuses_slots_outside_the_cache_and_changes_nothing():
+def test_read_hits_skips_uncached_slots_and_refuses_slots_past_the_end():
     rng = np.random.default_rng(5)
     slab = _slab(rng, row_bytes=64)
     before, last_used = slab.copy(), np.zeros(len(slab), np.int64)
-    for bad in (-1, len(slab)):
-        with pytest.raises(IndexError, match="not a cached slot"):
-            read_hits(slab, COUNT_WORD, MAX_COUNT, 5, last_used, 1, None, np.array([3, bad]),
-                      (16, np.empty((2, 4), np.float32)))
-    np.testing.assert_array_equal(slab, before)
+    with pytest.raises(IndexError, match="outside a cache of 300"):
+        read_hits(slab, COUNT_WORD, MAX_COUNT, 5, last_used, 1, None, np.array([3, len(slab)]),
+                  (16, np.empty((2, 4), np.float32)))
+    np.testing.assert_array_equal(slab, before)          # nothing recorded before the refusal
     assert not last_used.any()
+    weights = np.full((2, 4), 7, np.float32)
+    read_hits(slab, COUNT_WORD, MAX_COUNT, 5, last_used, 1, None, np.array([-1, 3]), (16, weights))
+    assert (weights[0] == 7).all() and (weights[1].view(np.uint8) == slab[3, 16:32]).all()
+    assert list(np.flatnonzero(last_used)) == [3]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
