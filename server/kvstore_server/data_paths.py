@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 
+from kvstore.config import validate_name
 from kvstore.errors import FailedPrecondition
 
 SNAPSHOTS_DIR = "snapshots"       # kvstore.snapshots.SNAPSHOTS_DIR
@@ -62,7 +63,10 @@ def check_data_dir(data_dir: str) -> None:
 
 
 def check_snapshot(data_dir: str, name: str = "") -> None:
-    """Before a snapshot is made, restored or deleted: the snapshots directory and the snapshot's tree."""
+    """Before a snapshot is made, restored or deleted: the snapshots directory and the snapshot's tree
+    (a name that is not a valid one is refused first: no path is made of it)."""
+    if name:
+        validate_name(name, "name")
     check_inside(data_dir, SNAPSHOTS_DIR, deep=False)
     if name:
         check_inside(data_dir, os.path.join(SNAPSHOTS_DIR, os.path.basename(name)))

@@ -269,6 +269,11 @@ SNAPSHOT_CASES = [
          C.NOT_FOUND, "name"),
     Case("snapshot_restore_bad_name", "RestoreSnapshot", lambda: pb.RestoreSnapshotRequest(name="../x"),
          C.INVALID_ARGUMENT, "name"),
+    *[Case(f"snapshot_{method.lower()}_nul_in_name", method, lambda m=message: m(name="y\x00"),
+           C.INVALID_ARGUMENT, "name")       # no path is made of a name that is not one (the fuzz found INTERNAL)
+      for method, message in (("CreateSnapshot", pb.CreateSnapshotRequest),
+                              ("DeleteSnapshot", pb.DeleteSnapshotRequest),
+                              ("RestoreSnapshot", pb.RestoreSnapshotRequest))],
     Case("export_unknown", "Export", lambda: pb.ExportRequest(table="nope"), C.NOT_FOUND, "table"),
     Case("export_chunk_rows_negative", "Export", lambda: pb.ExportRequest(table=CANARY, chunk_rows=-1),
          C.INVALID_ARGUMENT, "chunk_rows"),
