@@ -64,17 +64,17 @@ def gather_rows(slab: np.ndarray, slots: np.ndarray, offset: int = 0, nbytes: in
 
 
 def probe_slots(hints: np.ndarray, mask: np.uint64, keys: np.ndarray, occupied: np.ndarray, fingerprints: np.ndarray,
-          ways: int, ids: np.ndarray, mixed: np.ndarray) -> tuple[np.ndarray, int]:
-    """(slot of each id in the set-associative cache, -1 where it is not cached; how many found).
+                ways: int, ids: np.ndarray, mixed: np.ndarray) -> np.ndarray:
+    """The slot of each id in the set-associative cache, -1 where it is not cached.
     First the id's (key, slot) pair in `hints` ([size, 2] int64, at `mixed & mask`); failing
     that, the ways of its set (from the top bits of `mixed`) by 16-bit fingerprint (its low
     bits; `fill` writes a slot's key and fingerprint together), verified against `keys` and
     `occupied`; an id found that way is hinted again."""
     slots = np.empty(len(ids), np.int64)
-    found = _loops().probe(hints.reshape(-1), np.uint64(mask), keys, occupied, fingerprints, np.int64(ways),
+    _loops().probe(hints.reshape(-1), np.uint64(mask), keys, occupied, fingerprints, np.int64(ways),
                    np.uint64(len(keys) // ways), np.ascontiguousarray(ids, np.int64),
                    np.ascontiguousarray(mixed, np.uint64), slots)
-    return slots, found
+    return slots
 
 
 def read_hits(slab: np.ndarray, header_word: int, max_count: int, now: int, last_used: np.ndarray, tick: int,
@@ -102,8 +102,8 @@ def read_hits(slab: np.ndarray, header_word: int, max_count: int, now: int, last
     if not len(slots):
         return
     flat = slab.reshape(-1)
-    bad = _loops().read_hits(flat, flat.view(np.uint32), row_bytes, header_word, np.uint32(max_count), np.uint32(now),
-                     last_used, np.int64(tick), uses if uses is not None else np.empty(0, np.int64),
-                     uses is not None, slots, *columns)
+    bad = _loops().read_hits(flat, flat.view(np.uint32), row_bytes, header_word, np.uint32(max_count),
+                             np.uint32(now), last_used, np.int64(tick),
+                             uses if uses is not None else np.empty(0, np.int64), uses is not None, slots, *columns)
     if bad >= 0:
         raise IndexError(f"slots: slot {slots[bad]} is outside a cache of {capacity} slots")

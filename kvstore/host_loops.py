@@ -64,7 +64,8 @@ def gather(slab, row_bytes, offset, nbytes, slots, out):
 
 @njit(nogil=True, cache=True, boundscheck=False)
 def probe(hints, mask, keys, occupied, fingerprints, ways, num_sets, ids, mixed, slots):
-    n, found = len(ids), 0
+    """The set and fingerprint are `SetAssociativeCache._set_from` and `_fingerprint_from`."""
+    n = len(ids)
     for i in range(n):
         ahead = i + PREFETCH_ROWS
         if ahead < n:
@@ -73,7 +74,6 @@ def probe(hints, mask, keys, occupied, fingerprints, ways, num_sets, ids, mixed,
         slot = hints[at + 1]
         if hints[at] == ids[i] and slot >= 0:
             slots[i] = slot
-            found += 1
             continue
         first = np.int64(((mixed[i] >> np.uint64(32)) * num_sets) >> np.uint64(32)) * ways
         fingerprint = np.uint16(mixed[i] & np.uint64(0xFFFF))
@@ -86,13 +86,11 @@ def probe(hints, mask, keys, occupied, fingerprints, ways, num_sets, ids, mixed,
         if slot >= 0:                                 # hinted again for the next probe
             hints[at] = ids[i]
             hints[at + 1] = slot
-            found += 1
-    return found
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
 def read_hits(slab, words, row_bytes, header_word, max_count, now, last_used, tick, uses, count_uses,
-               slots, weight_offset, weight_bytes, weights, state_offset, state_bytes, state):
+              slots, weight_offset, weight_bytes, weights, state_offset, state_bytes, state):
     n, capacity = len(slots), len(last_used)
     for i in range(n):
         if slots[i] >= capacity:

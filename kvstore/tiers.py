@@ -3,8 +3,9 @@
 A tier is a set-associative cache of rows in their stored byte layout (header,
 weights, optimizer state), with per-slot key, dirty bit, lock count and victim
 stamps. Two implementations keep the same semantics: `HostTier` (NumPy and the
-Numba loops of `host_kernels`, host memory) and `GpuTier` (CuPy kernels, GPU memory, in `gpu_tier.py`). `make_tier`
-picks one from `cache.device`; shared code never asks which one it has.
+Numba loops of `host_kernels`, host memory) and `GpuTier` (CuPy kernels, GPU
+memory, in `gpu_tier.py`). `make_tier` picks one from `cache.device`; shared
+code never asks which one it has.
 
 The boundary: ids, slots, masks and rows that cross it are host NumPy arrays,
 so the table's logic (RocksDB, writer, eviction metadata, admission) is the

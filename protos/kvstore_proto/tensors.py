@@ -64,13 +64,17 @@ def _tensor_parts(array: np.ndarray) -> list:
     """A `Tensor` message in wire format as [header, data] parts (data: a view, not a copy),
     the bytes `pb.Tensor.SerializeToString` writes: fields in order, an empty one left out."""
     name, array = _wire_array(array)
-    shape = b"".join(_varint(d) for d in array.shape)
+    head = _tensor_head(name, array.shape, array.nbytes)
+    return [head, array.reshape(-1).view(np.uint8).data] if array.nbytes else [head]
+
+
+def _tensor_head(name: str, shape: tuple, nbytes: int) -> bytes:
+    """A `Tensor` message's fields up to its data: dtype, shape, and the data's tag and length."""
+    dims = b"".join(_varint(d) for d in shape)
     head = b"\x0a" + _varint(len(name)) + name.encode()
-    if shape:
-        head += b"\x12" + _varint(len(shape)) + shape
-    if not array.nbytes:
-        return [head]
-    return [head + b"\x1a" + _varint(array.nbytes), array.reshape(-1).view(np.uint8).data]
+    if dims:
+        head += b"\x12" + _varint(len(dims)) + dims
+    return head + b"\x1a" + _varint(nbytes) if nbytes else head
 
 
 def _part_bytes(parts: list) -> int:
@@ -124,9 +128,7 @@ def lookup_response_into(n: int, dim: int, dtype: np.dtype) -> tuple[bytes, np.n
     if name is None or not n or not dim:
         return None
     data = n * dim * WIRE_DTYPES[name].itemsize
-    shape = _varint(n) + _varint(dim)
-    tensor = (b"\x0a" + _varint(len(name)) + name.encode() + b"\x12" + _varint(len(shape)) + shape
-              + b"\x1a" + _varint(data))
+    tensor = _tensor_head(name, (n, dim), data)
     head = b"\x0a" + _varint(len(tensor) + data) + tensor
     message = _new_bytes(None, len(head) + data)
     memory = (ctypes.c_char * len(message)).from_address(_bytes_data(message))
