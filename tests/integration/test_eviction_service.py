@@ -10,7 +10,10 @@ from kvstore_client import FailedPreconditionError, InvalidArgumentError, NotFou
 
 from .conftest import random_rows, small_table
 
-EVICTION = {"max_rows": 100, "headroom": 0.0, "capacity_policy": "score", "samples": 64, "archive_seconds": 3600.0}
+# trigger_rows far above max_rows: only the test's Evict calls evict, never the background sweeper
+# between its steps (which, once restored rows make 150 again, could evict them at any time)
+EVICTION = {"max_rows": 100, "headroom": 0.0, "capacity_policy": "score", "samples": 64, "archive_seconds": 3600.0,
+            "trigger_rows": 1 << 40}
 
 
 def test_the_eviction_config_travels_and_is_kept(client):
