@@ -98,8 +98,15 @@ class BufferedRequest:
         self.memory.take(self.peer, size)
         self.bytes += size
 
-    async def chunks(self, requests: AsyncIterator) -> AsyncIterator:
-        """The parsed requests of a stream, each charged at its wire size before it is handed on."""
+    async def chunks(self, requests: AsyncIterator, wire: object = None) -> AsyncIterator:
+        """The parsed requests of a stream, each charged at its wire size before it is handed on.
+        `wire`: the stream's `rpc.ParsedRequests` (`requests` may wrap it), whose byte count gives
+        each chunk's size; without it a chunk is sized with `ByteSize()`."""
+        charged = 0
         async for request in requests:
-            self.charge(request.ByteSize())
+            if wire is None:
+                self.charge(request.ByteSize())
+            else:
+                self.charge(wire.wire_bytes - charged)
+                charged = wire.wire_bytes
             yield request

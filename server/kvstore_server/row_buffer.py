@@ -1,8 +1,9 @@
 """One growing array for the row chunks of a streamed write, so the payload is held once.
 
-Keeping each chunk and concatenating them at the end holds the payload twice; and
+A call of one chunk (most calls) keeps that chunk as it is: no copy at all. Keeping each
+of several chunks and concatenating them at the end holds the payload twice; and
 the chunks, a few MiB each, come from the heap, which keeps their pages after they
-are freed. Here each chunk is copied into one array as it arrives; the array's
+are freed. Here, from the second chunk on, each is copied into one array as it arrives; the array's
 capacity doubles when full, and being large it is its own memory mapping: pages
 never written are not resident, and an outgrown (or cancelled) buffer goes back to
 the system at once. bench/update_memory.py measures the difference.
@@ -20,6 +21,7 @@ class RowBuffer:
     def __init__(self):
         self._rows: np.ndarray | None = None
         self.filled = 0
+        self._own = False       # whether `_rows` is this buffer's array, not the first chunk itself
 
     @property
     def first(self) -> np.ndarray | None:
@@ -28,8 +30,14 @@ class RowBuffer:
 
     def append(self, chunk: np.ndarray) -> None:
         n = len(chunk)
-        if self._rows is None:
-            self._rows = np.empty((max(n, FIRST_CAPACITY_ROWS),) + chunk.shape[1:], chunk.dtype)
+        if self._rows is None:          # held as it is: a call of one chunk copies nothing
+            self._rows, self.filled, self._own = chunk, n, False
+            return
+        if not self._own:               # a second chunk: from now on the rows are copied into one array
+            first = self._rows[:self.filled]
+            self._rows = np.empty((max(self.filled + n, FIRST_CAPACITY_ROWS),) + first.shape[1:], first.dtype)
+            self._rows[:self.filled] = first
+            self._own = True
         elif self.filled + n > len(self._rows):
             grown = np.empty((max(self.filled + n, 2 * len(self._rows)),) + self._rows.shape[1:], self._rows.dtype)
             grown[:self.filled] = self._rows[:self.filled]
@@ -38,6 +46,7 @@ class RowBuffer:
         self.filled += n
 
     def take(self) -> np.ndarray:
-        """The rows appended, as one array; the buffer lets go of them."""
+        """The rows appended, as one array (the chunk itself when only one came: read-only if it
+        is a view of the request); the buffer lets go of them."""
         rows, self._rows = self._rows, None
         return rows[:self.filled]

@@ -173,11 +173,25 @@ def _parser(method, index_label: bool, decode: Callable[[bytes], Any] | None = N
     return parse
 
 
-async def _parsed(requests: AsyncIterator[bytes], parse: Callable[[bytes, int], Any]) -> AsyncIterator[Any]:
-    index = 0
-    async for raw in requests:
-        yield parse(raw, index)
-        index += 1
+class ParsedRequests:
+    """The parsed chunks of a request stream. `wire_bytes` counts the bytes of the chunks parsed so
+    far: what holding them costs, known without `ByteSize()`, which encodes a message again to size it."""
+
+    def __init__(self, requests: AsyncIterator[bytes], parse: Callable[[bytes, int], Any]):
+        self._requests = aiter(requests)
+        self._parse = parse
+        self._index = 0
+        self.wire_bytes = 0
+
+    def __aiter__(self) -> ParsedRequests:
+        return self
+
+    async def __anext__(self) -> Any:
+        raw = await anext(self._requests)
+        message = self._parse(raw, self._index)
+        self._index += 1
+        self.wire_bytes += len(raw)
+        return message
 
 
 async def whole_stream(requests: AsyncIterator, context: grpc.aio.ServicerContext,
@@ -207,7 +221,7 @@ def bind(method, handler: Callable, gate: CallGate, metrics: Metrics, decode: Ca
     parse = _parser(method, streaming_request, decode)
 
     def argument(request):
-        return _parsed(request, parse) if streaming_request else parse(request)
+        return ParsedRequests(request, parse) if streaming_request else parse(request)
 
     if method.server_streaming:
         async def stream(request, context: grpc.aio.ServicerContext):

@@ -206,7 +206,7 @@ class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPC
 
     async def Update(self, requests: AsyncIterator, context):
         with self.request_memory.hold(context) as held:
-            return await self._update(held.chunks(whole_stream(requests, context)))
+            return await self._update(held.chunks(whole_stream(requests, context), requests))
 
     async def _update(self, requests: AsyncIterator):
         staged = _Staged()
@@ -244,7 +244,7 @@ class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPC
 
     async def Delete(self, requests: AsyncIterator, context):
         with self.request_memory.hold(context) as held:
-            return await self._delete(held.chunks(whole_stream(requests, context)))
+            return await self._delete(held.chunks(whole_stream(requests, context), requests))
 
     async def _delete(self, requests: AsyncIterator):
         staged = _Staged()
@@ -265,7 +265,7 @@ class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPC
 
     async def ApplyGradients(self, requests: AsyncIterator, context):
         with self.request_memory.hold(context) as held:
-            return await self._apply_gradients(held.chunks(whole_stream(requests, context)))
+            return await self._apply_gradients(held.chunks(whole_stream(requests, context), requests))
 
     async def _apply_gradients(self, requests: AsyncIterator):
         staged, dim, owner, score_parts = _Staged(), 0, "", []

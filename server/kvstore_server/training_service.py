@@ -56,7 +56,7 @@ class TrainingRPCs:
     async def Train(self, requests, context):
         with self.request_memory.hold(context) as held:    # a step's messages count until it has run
             step = _Step()
-            async for request in held.chunks(requests):
+            async for request in held.chunks(requests, requests):
                 self._add_pieces(step, request, self.train_segment(request, context), held)
                 if request.more:
                     continue

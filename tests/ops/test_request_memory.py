@@ -96,6 +96,18 @@ def test_writes_over_the_server_budget_are_refused_while_others_are_served(serve
     np.testing.assert_array_equal(client.lookup("budgeted", [10_000, 30_000]), [[7.0] * DIM, [2.0] * DIM])
 
 
+def test_a_held_write_is_charged_the_bytes_it_sent(server, client):
+    held = HeldUpdate(server.address, HELD_ROWS, start=60_000)
+    try:
+        sent = sum(len(chunk.SerializeToString()) for chunk in held.chunks[:-1])   # all but the held last chunk
+        assert wait_until(lambda: buffered(server) == sent, 30)
+        held.release.set()
+        assert held.call.result(timeout=60).rows == HELD_ROWS
+    finally:
+        held.close()
+    assert wait_until(lambda: buffered(server) == 0)
+
+
 def test_a_cancelled_write_gives_its_bytes_back(server, client):
     held = HeldUpdate(server.address, HELD_ROWS, start=40_000)
     try:

@@ -285,3 +285,25 @@ def test_freed_memory_is_returned_once_per_many_rows_read_from_disk():
     assert reads.due(2000)
     assert not reads.due(10)            # a new database counts from zero again
     assert reads.due(1000)
+
+
+def test_a_row_buffer_keeps_one_chunk_as_it_is_and_copies_from_the_second_on():
+    from kvstore_server.row_buffer import RowBuffer
+
+    first = np.frombuffer(np.arange(12, dtype=np.float32).tobytes(), np.float32).reshape(3, 4)  # read-only, as decoded
+    one = RowBuffer()
+    one.append(first)
+    assert one.first.shape == (0, 4) and one.first.dtype == np.float32
+    taken = one.take()
+    assert np.shares_memory(taken, first)             # a call of one chunk copies nothing
+    np.testing.assert_array_equal(taken, first)
+
+    many = RowBuffer()
+    many.append(first)
+    for fill in (7.0, 8.0):
+        many.append(np.full((1500, 4), fill, np.float32))    # past the first capacity: the buffer grows
+    rows = many.take()
+    assert rows.shape == (3003, 4) and not np.shares_memory(rows, first)
+    np.testing.assert_array_equal(rows[:3], first)
+    assert (rows[3:1503] == 7.0).all() and (rows[1503:] == 8.0).all()
+    np.testing.assert_array_equal(first, np.arange(12, dtype=np.float32).reshape(3, 4))   # the chunk is unchanged
