@@ -34,7 +34,7 @@ class TableUpkeep:
                 candidates = self._flush_candidates()
                 # in id order (RocksDB's key order): each slice's keys then sit close together in the
                 # memtable, and its inserts cost less than those of keys from all over the table
-                candidates = candidates[np.argsort(self.cache.keys_of(candidates), kind="stable")]
+                candidates = candidates[np.argsort(self.cache.keys_of(candidates))]
             jobs, written = [], 0
             for at in range(0, len(candidates), slice_rows):
                 with self._lock:

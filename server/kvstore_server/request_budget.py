@@ -98,15 +98,12 @@ class BufferedRequest:
         self.memory.take(self.peer, size)
         self.bytes += size
 
-    async def chunks(self, requests: AsyncIterator, wire: object = None) -> AsyncIterator:
+    async def chunks(self, requests: AsyncIterator, wire) -> AsyncIterator:
         """The parsed requests of a stream, each charged at its wire size before it is handed on.
         `wire`: the stream's `rpc.ParsedRequests` (`requests` may wrap it), whose byte count gives
-        each chunk's size; without it a chunk is sized with `ByteSize()`."""
+        each chunk's size."""
         charged = 0
         async for request in requests:
-            if wire is None:
-                self.charge(request.ByteSize())
-            else:
-                self.charge(wire.wire_bytes - charged)
-                charged = wire.wire_bytes
+            self.charge(wire.wire_bytes - charged)
+            charged = wire.wire_bytes
             yield request
