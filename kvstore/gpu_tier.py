@@ -53,6 +53,8 @@ COPY_PIECE_ROWS = 16384     # rows per piece of a lookup's gather + copy-out pip
 
 
 class GpuTier:
+    gathers_to_device = True       # cached_columns' `out` may be a CuPy array (see _gather_to_device)
+
     def __init__(self, config: CacheConfig, layout: RowLayout, optimizer: OptimizerConfig, device: int):
         try:
             count = cupy.cuda.runtime.getDeviceCount()
@@ -120,11 +122,26 @@ class GpuTier:
                 return None
             self.cache.begin_batch()
             slots_d = self.cache.probe_and_touch(ids_d, now=int(now))
+            if isinstance(out, cupy.ndarray):
+                return self._gather_to_device(slots_d, out), (self._columns(slots_d, True)[1] if with_state
+                                                              else None)
             weights, state = self._columns(slots_d, with_state)
             if out is None:
                 return weights, state
             out[...] = weights
             return out, state
+
+    def _gather_to_device(self, slots_d: cupy.ndarray, out: cupy.ndarray) -> cupy.ndarray:
+        """Weights of `slots_d` gathered into `out` (a device array, such as a client's GPU buffer
+        opened by CUDA IPC), finished before this returns."""
+        if out.device.id == self.device.id:
+            self.cache.gather(slots_d, self.layout.weight_offset, self._weight_bytes, out)
+        else:
+            rows = self.cache.gather(slots_d, self.layout.weight_offset, self._weight_bytes,
+                                     cupy.empty(out.shape, out.dtype))
+            cupy.cuda.runtime.memcpyPeer(out.data.ptr, out.device.id, rows.data.ptr, self.device.id, rows.nbytes)
+        cupy.cuda.get_current_stream().synchronize()
+        return out
 
     def probe_touch_columns(self, ids: np.ndarray, now: float, with_state: bool
                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

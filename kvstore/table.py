@@ -172,10 +172,10 @@ class Table(TableUpkeep):
         and a gather of len(ids) cached rows (`cached_columns`; a GPU tier also answers None
         while its device is busy), so a server may run it where it must not block. `out`: where
         the weights go, [len(ids), dim] of the table's dtype (else None: the table is not the
-        one the caller sized it for, e.g. dropped and created again)."""
+        one the caller sized it for, e.g. dropped and created again). A GPU table also takes a CuPy
+        `out` (bfloat16 as uint16 bits): its rows are gathered there on the device."""
         ids = self._ids(ids)
-        if out is not None and (out.shape != (len(ids), self.config.dim) or out.dtype != self.layout.dtype
-                                or not out.flags.c_contiguous):
+        if out is not None and not self._fits(out, len(ids)):
             return None
         if not self._lock.acquire(blocking=False):
             return None
@@ -187,6 +187,15 @@ class Table(TableUpkeep):
             return LookupResult(*columns)
         finally:
             self._lock.release()
+
+    def _fits(self, out, n: int) -> bool:
+        """Whether lookup_if_cached can put `n` rows' weights into `out`."""
+        if out.shape != (n, self.config.dim) or not out.flags.c_contiguous:
+            return False
+        if isinstance(out, np.ndarray):
+            return out.dtype == self.layout.dtype
+        device_dtype = np.dtype(np.uint16) if self.layout.dtype == arrays.BF16 else self.layout.dtype
+        return self.cache.gathers_to_device and out.dtype == device_dtype
 
     def _load(self, ids: np.ndarray, on_miss: str) -> np.ndarray:
         """Rows of unique uncached ids from RocksDB or the initializer; caches what is stored."""

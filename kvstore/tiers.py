@@ -32,6 +32,8 @@ class HostTier(SetAssociativeCache):
     """The cache tier in host memory. Its arrays are zero-filled by the OS page by page as
     slots are used (calloc), so memory grows with use up to the configured size."""
 
+    gathers_to_device = False      # cached_columns' `out` is a NumPy array
+
     def __init__(self, config: CacheConfig, layout: RowLayout, optimizer):
         super().__init__(config, layout.row_bytes)
         self.layout = layout

@@ -31,6 +31,14 @@ def to_numpy(value: Any, field: str) -> np.ndarray:
     return tensor.numpy()
 
 
+def cuda_device(*values: Any):
+    """The device of the first CUDA torch tensor among `values`, else None."""
+    for value in values:
+        if is_torch(value) and value.is_cuda:
+            return value.device
+    return None
+
+
 def like(array: np.ndarray, template: Any) -> Any:
     """`array` as the caller's kind: a torch tensor on the template's device, or NumPy."""
     if not is_torch(template):

@@ -19,7 +19,7 @@ from kvstore_proto.tensors import (
 from kvstore_proto.v1 import kvstore_pb2 as pb
 from kvstore_proto.v1 import kvstore_pb2_grpc as pb_grpc
 
-from .arrays import as_ids, as_rows, chunks, like, take_rows, to_numpy
+from .arrays import as_ids, as_rows, chunks, cuda_device, like, take_rows, to_numpy
 from .credentials import open_channel
 from .errors import InternalError, InvalidArgumentError, KVStoreError
 from .errors import rpc_errors as _rpc
@@ -167,8 +167,21 @@ class KVStoreClient(ReplicationMethods, SnapshotMethods):
                out: np.ndarray | None = None):
         """Rows of `ids` in request order: weights [n, dim], or (weights, state) when with_state.
         `out`: a writable [n, dim] array of the table's dtype that receives the weights (a buffer a
-        training loop reuses, or pinned memory): no result is allocated, no page is faulted in."""
+        training loop reuses, or pinned memory): no result is allocated, no page is faulted in.
+        With CUDA tensors (`ids` or `out`) the rows come back on their GPU; on the same-host path
+        a GPU table's server writes them there itself (CUDA IPC, docs/same-host.md)."""
         id_array = as_ids(ids)
+        device = cuda_device(ids, out)
+        if device is not None:
+            if not with_state and self.same_host.usable():
+                rows = self.same_host.lookup_to_device(table, id_array, device, out, ON_MISS[on_miss],
+                                                       self._lease.current)
+                if rows is not None:
+                    return rows
+            if out is not None:                  # through the host, then to the caller's tensor
+                weights = self.lookup(table, id_array, on_miss, with_state)
+                out.copy_(like(weights[0] if with_state else weights, out))
+                return (out, like(weights[1], out)) if with_state else out
         result = Reassembly(len(id_array), with_state, out=out)
         self.lookup_into(table, id_array, result.sink(), on_miss, with_state)
         if with_state:
@@ -215,6 +228,12 @@ class KVStoreClient(ReplicationMethods, SnapshotMethods):
         """Overwrite rows (and optimizer state, and per-id feature scores for eviction, when given);
         returns the unique rows written."""
         id_array = as_ids(ids)
+        if cuda_device(weights) is not None and self.same_host.usable():
+            written = self.same_host.update_from_device(
+                table, id_array, weights, None if state is None else as_rows(state, len(id_array), "state"),
+                _as_scores(scores, len(id_array)))
+            if written is not None:
+                return written
         weight_array = as_rows(weights, len(id_array), "weights")
         state_array = None if state is None else as_rows(state, len(id_array), "state")
         score_array = _as_scores(scores, len(id_array))
@@ -251,6 +270,12 @@ class KVStoreClient(ReplicationMethods, SnapshotMethods):
         server. With `release`, this client's prefetch locks on these ids are released too.
         `scores` (one per id) become the rows' feature scores for eviction. Returns the unique rows stepped."""
         id_array = as_ids(ids)
+        if cuda_device(grads) is not None and self.same_host.usable():
+            stepped = self.same_host.push_device_gradients(
+                table, id_array, grads.float(), self._lease.acquire() if release else "",
+                _as_scores(scores, len(id_array)))
+            if stepped is not None:
+                return stepped
         grad_array = as_rows(grads, len(id_array), "grads").astype(np.float32, copy=False)
         return self.push_gradients(table, id_array, grad_array, None, release, _as_scores(scores, len(id_array)))
 

@@ -72,6 +72,13 @@ class Segment:
         view[...] = array
         return spec
 
+    def write_token(self, token: bytes) -> None:
+        self.shm.buf[:len(token)] = token
+
+    def abandon(self) -> None:
+        """Retired without the server's word that it let go: the server also drops unlinked segments."""
+        self.close()
+
     def close(self) -> None:
         try:
             self.shm.close()
@@ -91,9 +98,11 @@ def region_bytes(*arrays: tuple[tuple[int, ...], int]) -> int:
 class SegmentPool:
     """Free segments of one client; each call takes one (`lease`) and gives it back when answered."""
 
-    def __init__(self, attach: Callable[[str, bytes], str], detach: Callable[[str], None]):
-        self._attach = attach           # (name, token) -> "" when the server can use it, else why not
+    def __init__(self, attach: Callable[[Segment, bytes], str], detach: Callable[[str], None],
+                 make: Callable[[int], Segment] = Segment):
+        self._attach = attach           # (segment, token) -> "" when the server can use it, else why not
         self._detach = detach
+        self._make = make               # bytes -> a new segment (or GPU buffer: device_memory.py)
         self._free: list[Segment] = []
         self._lock = threading.Lock()
         self._closed = False
@@ -122,8 +131,9 @@ class SegmentPool:
         """Detached and unlinked, never reused (its call may still be running on the server)."""
         try:
             self._detach(segment.name)
-        except Exception:            # noqa: BLE001 - best effort: the server also drops unlinked segments
-            pass
+        except Exception:            # noqa: BLE001 - best effort: see `abandon`
+            segment.abandon()
+            return
         segment.close()
 
     def check(self) -> None:
@@ -152,11 +162,11 @@ class SegmentPool:
         return self._new(max(MIN_SEGMENT_BYTES, 1 << (nbytes - 1).bit_length()))
 
     def _new(self, nbytes: int) -> Segment:
-        segment = Segment(nbytes)
+        segment = self._make(nbytes)
         token = secrets.token_bytes(TOKEN_BYTES)
-        segment.shm.buf[:TOKEN_BYTES] = token
         try:
-            reason = self._attach(segment.name, token)
+            segment.write_token(token)
+            reason = self._attach(segment, token)
         except BaseException:
             segment.close()
             raise

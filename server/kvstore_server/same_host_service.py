@@ -14,8 +14,15 @@ store calls; only the bytes travel differently:
 Only peers on this machine (loopback or unix socket) may use it, and only while the
 server's `same_host` setting is on; otherwise FAILED_PRECONDITION (AttachSegment
 answers `attached: false`, so the client takes the network path).
+
+A client whose rows live on a GPU may also name regions of its GPU buffers
+(device_buffers.py, CUDA IPC) for a lookup's rows, an update's weights and the
+gradients: a GPU table's cached rows are gathered straight into the client's
+memory, and every device write is finished before the answer.
 """
 from __future__ import annotations
+
+import asyncio
 
 import numpy as np
 from kvstore_proto.v1 import kvstore_pb2 as pb
@@ -25,6 +32,7 @@ from kvstore.dtypes import weight_dtype
 from kvstore.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 
 from .data_budget import DataBudget
+from .device_buffers import DeviceBuffers, device_region
 from .health_watch import peer_address
 from .idempotency import RecentWrites
 from .messages import on_miss_name
@@ -49,6 +57,7 @@ class SameHostRPCs:
 
     def __init__(self, enabled: bool):
         self.segments = Segments() if enabled else None
+        self.device_buffers = DeviceBuffers() if enabled else None
 
     async def AttachSegment(self, request, context):
         """Whether the same-host path works for this client and segment (never an error for 'no')."""
@@ -62,7 +71,18 @@ class SameHostRPCs:
     async def DetachSegment(self, request, context):
         if self.segments is not None:
             self.segments.detach(request.segment)
+            await self.device_buffers.detach(request.segment)
         return pb.DetachSegmentResponse()
+
+    async def AttachDeviceBuffer(self, request, context):
+        """Whether this server can read and write the client's GPU buffer (never an error for 'no')."""
+        if self.device_buffers is None:
+            return pb.AttachSegmentResponse(reason="the same-host path is off on this server (same_host: false)")
+        if not _is_local(context.peer()):
+            return pb.AttachSegmentResponse(reason="the client is not on the server's machine")
+        reason = await self.device_buffers.attach(request.buffer, request.handle, request.size, request.device_uuid,
+                                                  request.token)
+        return pb.AttachSegmentResponse(attached=not reason, reason=reason)
 
     def train_segment(self, request: pb.TrainRequest, context) -> Segment | None:
         """The segment a Train message's shared arrays lie in, or None when it names none."""
@@ -88,6 +108,14 @@ class SameHostRPCs:
         if on_miss == "init_insert" and self.config.replica_of:
             on_miss = "init"                          # a replica never stores rows (as its Lookup)
         n = len(ids)
+        if request.weights.device_buffer:
+            if request.HasField("state"):
+                raise InvalidArgument("state: a lookup into a GPU buffer gives weights only; ask for state "
+                                      "through the segment")
+            with self._device_buffer(request.weights, "weights", context) as buffer:
+                weights = device_region(buffer, request.weights, "weights", (n, config.dim), config.dtype, exact=True)
+                await self._lookup_to_device(request.table, ids, on_miss, weights)
+            return pb.SharedLookupResponse(rows=n)
         weights = region(segment, request.weights, "weights", (n, config.dim), config.dtype, exact=True)
         state = None
         if request.HasField("state"):
@@ -117,6 +145,23 @@ class SameHostRPCs:
                      state: np.ndarray | None) -> None:
         _write(self.data_budget.lookup(table, ids, on_miss, state is not None), weights, state)
 
+    async def _lookup_to_device(self, table: str, ids: np.ndarray, on_miss: str, weights) -> None:
+        """Rows of `ids` into `weights`, a region of a client's GPU buffer: a GPU table's cached rows
+        gathered there on the event loop, the rest looked up in the store threads and copied up."""
+        step = max(1, LOOKUP_PIECE_BYTES // max(1, weights.itemsize * weights.shape[1]))
+        for start in range(0, len(ids), step):
+            part, piece = weights[start:start + step], ids[start:start + step]
+            if self._inline_lookup(table, piece, False, part.nbytes, part) is None:
+                await to_the_end(self.on_table(table, self._lookup_and_upload, table, piece, on_miss, part))
+
+    def _lookup_and_upload(self, table: str, ids: np.ndarray, on_miss: str, out) -> None:
+        if self.store.lookup_if_cached(table, ids, False, out) is not None:     # gathered into `out`
+            return
+        rows = self.data_budget.lookup(table, ids, on_miss, False).weights
+        with out.device:
+            out.set(np.ascontiguousarray(rows).view(out.dtype))
+            out.device.synchronize()
+
     # --- writes ------------------------------------------------------------------------
 
     async def SharedUpdate(self, request, context):
@@ -125,7 +170,7 @@ class SameHostRPCs:
         config = self.store.describe_table(request.table)
         n = len(ids)
         with self.request_memory.hold(context) as held:
-            weights = copied(held, region(segment, request.weights, "weights", (n, config.dim), config.dtype))
+            weights = self._input(held, segment, request.weights, "weights", (n, config.dim), config.dtype, context)
             state = scores = None
             if request.HasField("state"):
                 state = copied(held, region(segment, request.state, "state", (n, None), "float32"))
@@ -146,7 +191,7 @@ class SameHostRPCs:
         dim = self.store.describe_table(request.table).dim
         n = len(ids)
         with self.request_memory.hold(context) as held:
-            grads = copied(held, region(segment, request.grads, "grads", (n, dim), "float32"), np.float32)
+            grads = self._input(held, segment, request.grads, "grads", (n, dim), "float32", context, np.float32)
             scores = None
             if request.HasField("scores"):
                 scores = copied(held, region(segment, request.scores, "scores", (n,)))
@@ -159,6 +204,25 @@ class SameHostRPCs:
                 return pb.ApplyGradientsResponse(rows=stepped)
 
             return await self.recent.once("ApplyGradients", request.idempotency_key, commit)
+
+    def _input(self, held: BufferedRequest, segment: Segment, spec: pb.SharedArray, field: str, shape: tuple,
+               dtype: str, context, convert=None) -> np.ndarray:
+        """The server's own host copy of an input array, from the segment or the client's GPU buffer."""
+        if not spec.device_buffer:
+            return copied(held, region(segment, spec, field, shape, dtype), convert)
+        with self._device_buffer(spec, field, context) as buffer:
+            view = device_region(buffer, spec, field, shape, dtype)
+            held.charge(view.size * np.dtype(convert or view.dtype).itemsize)
+            with view.device:
+                host = view.get()
+            if spec.dtype == "bfloat16":
+                host = host.view(weight_dtype("bfloat16"))
+            return host.astype(convert, copy=False) if convert else host
+
+    def _device_buffer(self, spec: pb.SharedArray, field: str, context):
+        if not _is_local(context.peer()):       # as _segment: checked again for every call
+            raise FailedPrecondition("segment: the same-host path needs a client on the server's machine")
+        return self.device_buffers.using(spec.device_buffer, field)
 
     def _shared_ids(self, segment: Segment, request, field: str) -> np.ndarray:
         """A private copy of the request's ids (the client may write its segment meanwhile)."""
@@ -194,6 +258,23 @@ def copied(held: BufferedRequest, view: np.ndarray, dtype=None) -> np.ndarray:
     dtype = np.dtype(dtype or view.dtype)
     held.charge(view.size * dtype.itemsize)
     return np.array(view, dtype=dtype)
+
+
+async def to_the_end(work):
+    """Await `work`; if this call is cancelled meanwhile, wait for it to finish before raising: a
+    store thread may still be writing into a client's GPU buffer, which must not be closed under it."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        while not task.done():
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                continue
+            except Exception:            # noqa: BLE001 - its outcome no longer has a caller
+                break
+        raise
 
 
 def _write(result, weights: np.ndarray, state: np.ndarray | None) -> None:

@@ -157,6 +157,15 @@ def region(segment: Segment, spec: pb.SharedArray, field: str, shape: tuple[int 
     """A view of the array `spec` names in `segment`, checked: rank and the given dims of `shape`
     (None: any), dtype `dtype` (exactly, or one that widens to it losslessly unless `exact`), an
     offset aligned to the dtype, and every byte inside the segment."""
+    if spec.device_buffer:
+        raise InvalidArgument(f"{field}.device_buffer: this array must lie in the segment, not in a GPU buffer")
+    sent, wire, offset = checked_span(spec, field, shape, dtype, exact, segment.size, "the segment")
+    return np.ndarray(sent, wire, buffer=segment.mapping, offset=offset)
+
+
+def checked_span(spec: pb.SharedArray, field: str, shape: tuple[int | None, ...], dtype: str | None, exact: bool,
+                 size: int, where: str) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, offset) of `spec` once checked as `region` says, against `size` bytes of `where`."""
     wire = WIRE_DTYPES.get(spec.dtype)
     if wire is None:
         raise InvalidArgument(f"{field}.dtype: {spec.dtype[:32]!r} is not one of {sorted(WIRE_DTYPES)}")
@@ -174,10 +183,9 @@ def region(segment: Segment, spec: pb.SharedArray, field: str, shape: tuple[int 
     if offset % wire.itemsize:
         raise InvalidArgument(f"{field}.offset: {offset} is not a multiple of the {spec.dtype} size "
                               f"({wire.itemsize})")
-    if offset > segment.size or nbytes > segment.size - offset:
-        raise InvalidArgument(f"{field}: bytes [{offset}, {offset + nbytes}) lie outside the segment's "
-                              f"{segment.size} bytes")
-    return np.ndarray(sent, wire, buffer=segment.mapping, offset=offset)
+    if offset > size or nbytes > size - offset:
+        raise InvalidArgument(f"{field}: bytes [{offset}, {offset + nbytes}) lie outside {where}'s {size} bytes")
+    return sent, wire, offset
 
 
 def _widens(sent: str, stored: str, field: str) -> bool:

@@ -202,6 +202,7 @@ class KVStoreServer:
             await self._grpc.stop(0)
         if self.service is not None and self.service.segments is not None:
             self.service.segments.close()               # clients' shared-memory segments unmapped
+            self.service.device_buffers.close()         # and their GPU buffers closed
         for task in (self._lease_task, self._budget_task):
             if task is not None:
                 task.cancel()

@@ -45,8 +45,11 @@ def canary(client):
     return rows
 
 
-def array(dtype="int64", shape=(2,), offset=64) -> pb.SharedArray:
-    return pb.SharedArray(dtype=dtype, shape=list(shape), offset=offset)
+def array(dtype="int64", shape=(2,), offset=64, device_buffer="") -> pb.SharedArray:
+    return pb.SharedArray(dtype=dtype, shape=list(shape), offset=offset, device_buffer=device_buffer)
+
+
+UNATTACHED_BUFFER = "kvstore-" + "b" * 32
 
 
 ROWS_AT = 1024
@@ -72,6 +75,11 @@ LOOKUPS = {   # name -> (SharedLookupRequest fields replacing the good ones, the
     "segment_33_hex": ({"segment": "kvstore-" + "a" * 33}, "segment"),
     "segment_absent": ({"segment": "kvstore-" + "f" * 32}, "segment"),
     "segment_nul": ({"segment": "kvstore-\x00" + "a" * 31}, "segment"),
+    "ids_in_a_gpu_buffer": ({"ids": array(device_buffer=UNATTACHED_BUFFER)}, "ids.device_buffer"),
+    "rows_to_an_unattached_gpu_buffer": ({"weights": array("float32", (2, DIM), 0, UNATTACHED_BUFFER)},
+                                         "weights.device_buffer"),
+    "state_beside_rows_to_a_gpu_buffer": ({"weights": array("float32", (2, DIM), 0, UNATTACHED_BUFFER),
+                                           "state": array("float32", (2, 1), ROWS_AT)}, "state"),
 }
 
 
@@ -109,6 +117,9 @@ GRADIENTS = {
     "grads_wrong_dim": ({"grads": array("float32", (2, 3), ROWS_AT)}, "grads.shape"),
     "scores_wrong_count": ({"scores": array("float32", (5,), ROWS_AT + 4096)}, "scores.shape"),
     "grads_nan": ({"grads": array("float32", (2, DIM), ROWS_AT + 8192)}, "grads"),
+    "grads_from_an_unattached_gpu_buffer": ({"grads": array("float32", (2, DIM), 0, UNATTACHED_BUFFER)},
+                                            "grads.device_buffer"),
+    "scores_in_a_gpu_buffer": ({"scores": array("float32", (2,), 0, UNATTACHED_BUFFER)}, "scores.device_buffer"),
 }
 
 
@@ -169,4 +180,28 @@ def test_hostile_train_step_is_invalid_argument_and_applies_nothing(stub, segmen
         kind: [pb.TableRows(table=CANARY, **fields) for fields in rows] for kind, rows in pieces.items()})
     with pytest.raises(grpc.RpcError) as caught:
         list(stub.Train(iter([request])))
+    assert_harmless(caught.value, field, server, client, canary)
+
+
+def test_a_gpu_buffer_the_server_cannot_open_answers_no_with_the_reason(stub):
+    """Where the server has no CuPy or no GPU (CI), or the handle is not one the driver knows, the
+    client is told why and keeps its rows in the segment."""
+    answer = stub.AttachDeviceBuffer(pb.AttachDeviceBufferRequest(
+        buffer=UNATTACHED_BUFFER, handle=b"h" * 64, size=1 << 20, device_uuid=b"u" * 16, token=b"t" * 16))
+    assert not answer.attached
+    assert any(word in answer.reason for word in ("CuPy", "CUDA", "GPU")), answer.reason
+
+
+@pytest.mark.parametrize("fields, field", [
+    ({"buffer": "../etc/passwd"}, "buffer"),
+    ({"handle": b"h" * 63}, "handle"),
+    ({"device_uuid": b""}, "device_uuid"),
+    ({"token": b"t" * 17}, "token"),
+    ({"size": 8}, "size"),
+])
+def test_a_malformed_gpu_buffer_attach_is_invalid_argument(stub, server, client, canary, fields, field):
+    request = {"buffer": UNATTACHED_BUFFER, "handle": b"h" * 64, "size": 1 << 20, "device_uuid": b"u" * 16,
+               "token": b"t" * 16, **fields}
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.AttachDeviceBuffer(pb.AttachDeviceBufferRequest(**request))
     assert_harmless(caught.value, field, server, client, canary)

@@ -674,14 +674,16 @@ class SubscribeResponse(_message.Message):
     def __init__(self, table: _Optional[str] = ..., ids: _Optional[bytes] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., state: _Optional[_Union[Tensor, _Mapping]] = ..., tombstones: _Optional[bytes] = ..., sequence: _Optional[int] = ..., batch_end: _Optional[bool] = ..., head_sequence: _Optional[int] = ..., oldest_change_time: _Optional[float] = ..., feed_id: _Optional[str] = ..., table_dropped: _Optional[bool] = ...) -> None: ...
 
 class SharedArray(_message.Message):
-    __slots__ = ("dtype", "shape", "offset")
+    __slots__ = ("dtype", "shape", "offset", "device_buffer")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_BUFFER_FIELD_NUMBER: _ClassVar[int]
     dtype: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     offset: int
-    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ...) -> None: ...
+    device_buffer: str
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., device_buffer: _Optional[str] = ...) -> None: ...
 
 class AttachSegmentRequest(_message.Message):
     __slots__ = ("segment", "token")
@@ -704,6 +706,20 @@ class DetachSegmentRequest(_message.Message):
     SEGMENT_FIELD_NUMBER: _ClassVar[int]
     segment: str
     def __init__(self, segment: _Optional[str] = ...) -> None: ...
+
+class AttachDeviceBufferRequest(_message.Message):
+    __slots__ = ("buffer", "handle", "size", "device_uuid", "token")
+    BUFFER_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    buffer: str
+    handle: bytes
+    size: int
+    device_uuid: bytes
+    token: bytes
+    def __init__(self, buffer: _Optional[str] = ..., handle: _Optional[bytes] = ..., size: _Optional[int] = ..., device_uuid: _Optional[bytes] = ..., token: _Optional[bytes] = ...) -> None: ...
 
 class DetachSegmentResponse(_message.Message):
     __slots__ = ()

@@ -179,6 +179,11 @@ class EmbeddingStoreStub:
                 request_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.DetachSegmentRequest.SerializeToString,
                 response_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.DetachSegmentResponse.FromString,
                 _registered_method=True)
+        self.AttachDeviceBuffer = channel.unary_unary(
+                '/kvstore.v1.EmbeddingStore/AttachDeviceBuffer',
+                request_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.AttachDeviceBufferRequest.SerializeToString,
+                response_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.AttachSegmentResponse.FromString,
+                _registered_method=True)
         self.SharedLookup = channel.unary_unary(
                 '/kvstore.v1.EmbeddingStore/SharedLookup',
                 request_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.SharedLookupRequest.SerializeToString,
@@ -373,6 +378,12 @@ class EmbeddingStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AttachDeviceBuffer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SharedLookup(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -538,6 +549,11 @@ def add_EmbeddingStoreServicer_to_server(servicer, server):
                     servicer.DetachSegment,
                     request_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.DetachSegmentRequest.FromString,
                     response_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.DetachSegmentResponse.SerializeToString,
+            ),
+            'AttachDeviceBuffer': grpc.unary_unary_rpc_method_handler(
+                    servicer.AttachDeviceBuffer,
+                    request_deserializer=kvstore__proto_dot_v1_dot_kvstore__pb2.AttachDeviceBufferRequest.FromString,
+                    response_serializer=kvstore__proto_dot_v1_dot_kvstore__pb2.AttachSegmentResponse.SerializeToString,
             ),
             'SharedLookup': grpc.unary_unary_rpc_method_handler(
                     servicer.SharedLookup,
@@ -1338,6 +1354,33 @@ class EmbeddingStore:
             '/kvstore.v1.EmbeddingStore/DetachSegment',
             kvstore__proto_dot_v1_dot_kvstore__pb2.DetachSegmentRequest.SerializeToString,
             kvstore__proto_dot_v1_dot_kvstore__pb2.DetachSegmentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AttachDeviceBuffer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.EmbeddingStore/AttachDeviceBuffer',
+            kvstore__proto_dot_v1_dot_kvstore__pb2.AttachDeviceBufferRequest.SerializeToString,
+            kvstore__proto_dot_v1_dot_kvstore__pb2.AttachSegmentResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,151 @@
+"""CUDA IPC on the same-host path: a trainer's CUDA tensors and a GPU table's server on one machine.
+
+Lookups of CUDA ids come back as CUDA tensors the server wrote through a GPU buffer of the client's;
+gradients and updates of CUDA tensors are read by the server from one. Rows equal those of a host
+table driven by a network client with the same inputs. Hostile attaches are refused with a reason,
+and a client killed with its buffers open leaves the server serving."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import grpc
+import numpy as np
+import pytest
+from integration.conftest import start_server  # noqa: F401 - the fixture
+from kvstore_client import KVStoreClient
+from kvstore_proto.v1 import kvstore_pb2 as pb
+from kvstore_proto.v1 import kvstore_pb2_grpc as pb_grpc
+
+from .conftest import require_gpu
+from .test_service_gpu import DIM, IDS, close, create_pair
+
+require_gpu()
+torch = pytest.importorskip("torch")
+if not torch.cuda.is_available():
+    pytest.skip("torch has no CUDA here", allow_module_level=True)
+
+from kvstore_client.device_memory import DeviceBuffer  # noqa: E402 - after the skips
+
+CUDA = torch.device("cuda:0")
+
+
+@pytest.fixture(scope="module")
+def server(start_server):  # noqa: F811 - the imported fixture
+    return start_server("--cache-device", "cuda")
+
+
+@pytest.fixture(scope="module")
+def trainer(server):
+    """A client next to the server, with CUDA tensors: rows through GPU buffers."""
+    with KVStoreClient(server.address, timeout=60, same_host=True) as opened:
+        yield opened
+
+
+@pytest.fixture(scope="module")
+def remote(server):
+    """The same inputs over the network, as NumPy arrays, to a host table."""
+    with KVStoreClient(server.address, timeout=60) as opened:
+        yield opened
+
+
+def gpu_buffers_in_use(client: KVStoreClient) -> int:
+    pool = client.same_host.device_pool(CUDA)
+    assert pool is not None, client.same_host.device_reason
+    return len(pool._free)
+
+
+@pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "adam"])
+def test_cuda_tensors_train_a_gpu_table_as_numpy_trains_a_host_table(trainer, remote, optimizer):
+    gpu, host = create_pair(trainer, f"ipc_{optimizer}", optimizer, "write_back")
+    rng = np.random.default_rng(3)
+    touched = []
+    for step in range(12):
+        ids = rng.integers(-IDS, IDS, 700)                 # duplicates, misses and evictions (256 slots)
+        touched.append(ids)
+        rows = trainer.lookup(gpu, torch.from_numpy(ids).to(CUDA))
+        assert rows.is_cuda and rows.dtype == torch.float32
+        close(rows.cpu().numpy(), remote.lookup(host, ids))
+        grads = rng.standard_normal((len(ids), DIM)).astype(np.float32)
+        assert (trainer.apply_gradients(gpu, torch.from_numpy(ids).to(CUDA), torch.from_numpy(grads).to(CUDA))
+                == remote.apply_gradients(host, ids, grads))
+        if step % 4 == 1:
+            new = rng.standard_normal((50, DIM)).astype(np.float32)
+            assert trainer.update(gpu, torch.from_numpy(ids[:50]).to(CUDA), torch.from_numpy(new).to(CUDA)) == \
+                remote.update(host, ids[:50], new)
+    assert gpu_buffers_in_use(trainer) >= 1 and trainer.same_host.device_reason == ""
+    touched = np.unique(np.concatenate(touched))
+    out = torch.empty((len(touched), DIM), device=CUDA)
+    assert trainer.lookup(gpu, torch.from_numpy(touched).to(CUDA), on_miss="error", out=out) is out
+    close(out.cpu().numpy(), remote.lookup(host, touched, on_miss="error"))
+
+
+def test_cached_rows_come_back_exactly_and_bfloat16_keeps_its_bits(trainer, remote):
+    trainer.create_table("ipc_bf16", DIM, dtype="bfloat16", cache={"rows": 4096, "ways": 32},
+                         initializer={"kind": "uniform", "scale": 0.5})
+    ids = np.arange(-500, 1500, 3)
+    first = trainer.lookup("ipc_bf16", torch.from_numpy(ids).to(CUDA))          # misses: created, copied up
+    again = trainer.lookup("ipc_bf16", torch.from_numpy(ids).to(CUDA))          # hits: gathered into the buffer
+    assert first.dtype == torch.bfloat16 and torch.equal(first, again)
+    over_network = remote.lookup("ipc_bf16", ids)
+    assert np.array_equal(again.view(torch.int16).cpu().numpy(), over_network.view(np.int16))
+
+
+def test_a_host_table_answers_cuda_ids_on_the_gpu_through_the_segment(trainer, remote):
+    trainer.create_table("ipc_host", DIM, cache={"rows": 256, "ways": 8, "device": "cpu"})
+    ids = np.arange(100)
+    rows = trainer.lookup("ipc_host", torch.from_numpy(ids).to(CUDA))
+    assert rows.is_cuda
+    assert np.array_equal(rows.cpu().numpy(), remote.lookup("ipc_host", ids))
+
+
+def attach(stub, buffer: DeviceBuffer, **changes) -> pb.AttachSegmentResponse:
+    token = b"0123456789abcdef"
+    buffer.write_token(token)
+    fields = {"buffer": buffer.name, "handle": buffer.handle, "size": buffer.size, "device_uuid": buffer.uuid,
+              "token": token, **changes}
+    return stub.AttachDeviceBuffer(pb.AttachDeviceBufferRequest(**fields))
+
+
+def test_a_buffer_claimed_larger_than_allocated_or_without_its_token_is_refused(server, trainer):
+    buffer = DeviceBuffer(1 << 20, CUDA)
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.EmbeddingStoreStub(channel)
+            larger = attach(stub, buffer, size=1 << 30)
+            wrong_token = attach(stub, buffer, token=b"x" * 16)
+            other_gpu = attach(stub, buffer, device_uuid=b"\x01" * 16)
+            good = attach(stub, buffer)
+            stub.DetachSegment(pb.DetachSegmentRequest(segment=buffer.name))
+    finally:
+        buffer.close()
+    assert not larger.attached and "spans" in larger.reason
+    assert not wrong_token.attached and "token" in wrong_token.reason
+    assert not other_gpu.attached and "not one this server sees" in other_gpu.reason
+    assert good.attached, good.reason
+    assert trainer.lookup("ipc_bf16", torch.arange(10, device=CUDA)).is_cuda       # the server serves on
+
+
+KILLED_TRAINER = textwrap.dedent("""
+    import sys, torch
+    from kvstore_client import KVStoreClient
+    kv = KVStoreClient(sys.argv[1], same_host=True)
+    rows = kv.lookup("ipc_bf16", torch.arange(64, device="cuda"))
+    assert kv.same_host.device_pool(torch.device("cuda:0")) is not None, kv.same_host.device_reason
+    print("attached", flush=True)
+    sys.stdin.read()
+""")
+
+
+def test_a_trainer_killed_with_its_gpu_buffers_open_leaves_the_server_serving(server, trainer):
+    child = subprocess.Popen([sys.executable, "-c", KILLED_TRAINER, server.address], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "attached"
+    finally:
+        child.kill()                                  # kill -9: no detach, its memory goes with it
+        child.wait(60)
+    ids = torch.arange(-200, 200, device=CUDA)
+    assert torch.equal(trainer.lookup("ipc_bf16", ids), trainer.lookup("ipc_bf16", ids))
+    assert server.alive()
