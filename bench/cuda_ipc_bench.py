@@ -52,12 +52,12 @@ def run(args, address: str, pids: dict[str, int] | None) -> None:
     local = torch.from_numpy(clients["network"].lookup("bench", np.arange(args.rows), on_miss="error")).to(cuda)
     rng = np.random.default_rng(1)
     perm = rng.permutation(args.rows)
-    on_gpu: dict[int, object] = {}
+    on_gpu: dict[int, tuple] = {}           # id -> (the batch, kept alive so its id is not reused; its copy)
 
     def gpu(batch: np.ndarray):
         if id(batch) not in on_gpu:
-            on_gpu[id(batch)] = torch.from_numpy(batch).to(cuda)
-        return on_gpu[id(batch)]
+            on_gpu[id(batch)] = (batch, torch.from_numpy(batch).to(cuda))
+        return on_gpu[id(batch)][1]
 
     lookups = {name: (lambda b, client=client: client.lookup("bench", gpu(b))) for name, client in clients.items()}
 
