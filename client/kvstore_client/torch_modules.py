@@ -9,6 +9,11 @@ Forward fetches each unique id once. With `prefetch(next_input)`, batch i+1's
 rows are fetched in the background while batch i trains; rows that batch i's
 gradients changed after that early read are fetched again before use, so the
 result equals the unpipelined one.
+
+Rows live on the input's device: with CUDA inputs they are fetched as CUDA tensors
+(for a GPU table next to its server, written into this process's GPU memory by the
+server itself: CUDA IPC, docs/same-host.md), pooled there, and their gradients are
+pushed from there.
 """
 from __future__ import annotations
 
@@ -52,15 +57,20 @@ class _RemoteRows(nn.Module):
         ids = np.unique(input.detach().cpu().numpy().astype(np.int64, copy=False).ravel())
         with self._lock:
             early = np.setdiff1d(ids, self._in_flight, assume_unique=True)
-            self._pending = _Prefetched(ids, early, self._pool.submit(self._fetch, early))
+            self._pending = _Prefetched(ids, early, self._pool.submit(self._fetch, early, input.device))
 
-    def _fetch(self, ids: np.ndarray) -> np.ndarray:
+    def _fetch(self, ids: np.ndarray, device: torch.device) -> torch.Tensor:
         if self.pin:
             self.client.prefetch(self.table, ids, lock=True)
-        return self.client.lookup(self.table, ids, on_miss=self.on_miss)
+        return self._lookup(ids, device)
 
-    def _rows(self, flat_ids: np.ndarray) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-        """A leaf tensor of the unique rows, the unique ids, and each input id's index into them."""
+    def _lookup(self, ids: np.ndarray, device: torch.device) -> torch.Tensor:
+        """Rows of `ids` as float32 on `device` (CUDA ids bring CUDA rows: client.lookup)."""
+        rows = self.client.lookup(self.table, torch.from_numpy(ids).to(device), on_miss=self.on_miss)
+        return rows.to(torch.float32)
+
+    def _rows(self, flat_ids: np.ndarray, device: torch.device) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """A leaf tensor of the unique rows on `device`, the unique ids, and each input id's index into them."""
         uniq, inverse = np.unique(flat_ids, return_inverse=True)
         with self._lock:
             pending, self._pending = self._pending, None
@@ -68,18 +78,19 @@ class _RemoteRows(nn.Module):
             early_rows = pending.future.result()
             stale = np.concatenate(pending.stale) if pending.stale else np.zeros(0, np.int64)
             ready = np.isin(uniq, pending.early, assume_unique=True) & ~np.isin(uniq, stale)
-            rows = np.empty((len(uniq), early_rows.shape[1]), np.float32)
-            rows[ready] = early_rows[np.searchsorted(pending.early, uniq[ready])]
+            rows = torch.empty((len(uniq), early_rows.shape[1]), dtype=torch.float32, device=device)
+            at = torch.from_numpy(np.flatnonzero(ready)).to(device)
+            rows[at] = early_rows[torch.from_numpy(np.searchsorted(pending.early, uniq[ready])).to(device)]
             if not ready.all():
-                rows[~ready] = self.client.lookup(self.table, uniq[~ready], on_miss=self.on_miss)
+                rows[torch.from_numpy(np.flatnonzero(~ready)).to(device)] = self._lookup(uniq[~ready], device)
         else:
             if pending is not None:
                 pending.future.result()     # let a mismatched prefetch finish before reading
-            rows = np.asarray(self.client.lookup(self.table, uniq, on_miss=self.on_miss), dtype=np.float32)
+            rows = self._lookup(uniq, device)
         if torch.is_grad_enabled():
             with self._lock:
                 self._in_flight = uniq      # their gradients are on the way
-        weight = torch.from_numpy(rows).requires_grad_(True)
+        weight = rows.requires_grad_(True)
         weight.register_hook(lambda grad, ids=uniq: self._push(ids, grad))
         return weight, uniq, inverse
 
@@ -88,8 +99,8 @@ class _RemoteRows(nn.Module):
             if self._pending is not None:
                 self._pending.stale.append(ids)
             self._in_flight = np.zeros(0, np.int64)
-        self.client.apply_gradients(self.table, ids, grad.detach().cpu().numpy().astype(np.float32, copy=False),
-                                    release=self.pin)
+        grad = grad.detach().to(torch.float32)
+        self.client.apply_gradients(self.table, ids, grad if grad.is_cuda else grad.numpy(), release=self.pin)
 
 
     # --- checkpoints: the table's rows travel through export/import -----------------
@@ -110,9 +121,9 @@ class RemoteEmbedding(_RemoteRows):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         flat = input.detach().cpu().numpy().astype(np.int64, copy=False).ravel()
-        weight, _, inverse = self._rows(flat)
-        index = torch.from_numpy(inverse.astype(np.int64)).reshape(input.shape)
-        return F.embedding(index, weight).to(input.device)
+        weight, _, inverse = self._rows(flat, input.device)
+        index = torch.from_numpy(inverse.astype(np.int64)).reshape(input.shape).to(input.device)
+        return F.embedding(index, weight)
 
 
 class RemoteEmbeddingBag(_RemoteRows):
@@ -128,12 +139,9 @@ class RemoteEmbeddingBag(_RemoteRows):
     def forward(self, input: torch.Tensor, offsets: torch.Tensor | None = None,
                 per_sample_weights: torch.Tensor | None = None) -> torch.Tensor:
         flat = input.detach().cpu().numpy().astype(np.int64, copy=False).ravel()
-        weight, _, inverse = self._rows(flat)
-        index = torch.from_numpy(inverse.astype(np.int64)).reshape(input.shape)
-        out = F.embedding_bag(index, weight, offsets.cpu() if offsets is not None else None, mode=self.mode,
-                              per_sample_weights=per_sample_weights.cpu() if per_sample_weights is not None
-                              else None)
-        return out.to(input.device)
+        weight, _, inverse = self._rows(flat, input.device)
+        index = torch.from_numpy(inverse.astype(np.int64)).reshape(input.shape).to(input.device)
+        return F.embedding_bag(index, weight, offsets, mode=self.mode, per_sample_weights=per_sample_weights)
 
 
 STATE_KEYS = ("ids", "weight", "optimizer_state", "row_meta")
