@@ -29,7 +29,9 @@ streams and the same promises hold per row (sharded_training.py).
 
 For a model on a GPU, rows land in pinned host memory and go up without blocking;
 pooling runs on the device, and gradients come down into pinned memory
-(host_staging.py).
+(host_staging.py). A GPU table on a server on the same machine (`same_host`) skips
+the host: the server writes the rows into this process's GPU memory and reads the
+gradients from it (CUDA IPC, docs/same-host.md).
 """
 from __future__ import annotations
 
@@ -90,7 +92,8 @@ class RemoteEmbeddingBagCollection(nn.Module):
         self._reads = open_training_stream(client) if staleness else self.stream
         self._pushes: deque[TrainStep] = deque()                   # unanswered pushes, with staleness
         self._staging: HostStaging | None = None                   # pinned buffers, for CUDA features
-        self._grads: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}   # gradients not sent yet
+        self._grads: dict[str, list[tuple[np.ndarray, np.ndarray | torch.Tensor]]] = {}   # not sent yet
+        self._on_device: dict[tuple[str, torch.device], bool] = {}      # (table, device) -> through CUDA IPC
         self._waiting = 0                     # leaves of the last forward whose gradients are due
         self._ahead: _Ahead | None = None     # the next forward's batch, named by next_batch
 
@@ -173,14 +176,14 @@ class RemoteEmbeddingBagCollection(nn.Module):
         uniq, inverse = self._dedupe(flat)
         while len(self._pushes) > self.staleness:                 # at most `staleness` pushes unapplied
             self._pushes.popleft().wait()
-        return uniq, inverse, self._reads.send(lookups=uniq, on_miss=self.on_miss)
+        return uniq, inverse, self._reads.send(lookups=uniq, on_miss=self.on_miss, device=_gpu(flat))
 
     def _send_ahead(self, ahead: _Ahead | None = None) -> None:
         ahead = ahead or self._ahead
         if ahead is not None and ahead.step is None:
             while len(self._pushes) > self.staleness:
                 self._pushes.popleft().wait()
-            ahead.step = self._reads.send(lookups=ahead.uniq, on_miss=self.on_miss)
+            ahead.step = self._reads.send(lookups=ahead.uniq, on_miss=self.on_miss, device=_gpu(ahead.flat))
 
     def _dedupe(self, flat: dict) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Unique ids per table, and each feature's index into its table's unique rows."""
@@ -203,13 +206,17 @@ class RemoteEmbeddingBagCollection(nn.Module):
         self._staging = self._staging or HostStaging()
         return self._staging
 
-    def _leaf(self, table: str, ids: np.ndarray, rows: np.ndarray, device: torch.device) -> torch.Tensor:
-        """The rows as a tensor that collects their gradient, on the device of the table's feature."""
-        if rows.dtype != np.float32:                      # float16/bfloat16 tables: float32 for the model
-            rows = rows.astype(np.float32)
-        weight = torch.from_numpy(rows)
-        if device.type == "cuda" and self._staging is not None:
-            weight = self._staging.upload(weight, device)
+    def _leaf(self, table: str, ids: np.ndarray, rows, device: torch.device) -> torch.Tensor:
+        """The rows as a tensor that collects their gradient, on the device of the table's feature
+        (rows the server wrote into GPU memory are there already)."""
+        if isinstance(rows, torch.Tensor):
+            weight = rows.to(device=device, dtype=torch.float32)
+        else:
+            if rows.dtype != np.float32:                  # float16/bfloat16 tables: float32 for the model
+                rows = rows.astype(np.float32)
+            weight = torch.from_numpy(rows)
+            if device.type == "cuda" and self._staging is not None:
+                weight = self._staging.upload(weight, device)
         if torch.is_grad_enabled():
             weight.requires_grad_(True)
             weight.register_hook(lambda grad: self._collect(table, ids, grad))
@@ -219,10 +226,20 @@ class RemoteEmbeddingBagCollection(nn.Module):
     def _collect(self, table: str, ids: np.ndarray, grad: torch.Tensor) -> None:
         """A leaf's gradient; the step's request goes once every leaf of the forward has one
         (several forwards before one backward: every gradient is kept and sent)."""
-        self._grads.setdefault(table, []).append((ids, to_host(grad)))
+        keep = grad.is_cuda and self._through_ipc(table, grad.device)
+        self._grads.setdefault(table, []).append((ids, grad.detach().float() if keep else to_host(grad)))
         self._waiting -= 1
         if self._waiting <= 0:
             self._push()
+
+    def _through_ipc(self, table: str, device: torch.device) -> bool:
+        """Whether `table`'s gradients on `device` go to the server through a GPU buffer (CUDA IPC)."""
+        key = (table, device)
+        if key not in self._on_device:
+            same_host = getattr(self.stream.client, "same_host", None)       # a ShardedClient has none
+            self._on_device[key] = bool(same_host is not None and same_host.usable() and same_host.gpu_table(table)
+                                        and same_host.device_pool(device) is not None)
+        return self._on_device[key]
 
     def _push(self) -> TrainStep | None:
         """One request with every table's gradients of the step; waits for it unless pipelining."""
@@ -258,10 +275,18 @@ def _same_offsets(mine: torch.Tensor | None, theirs: torch.Tensor | None) -> boo
     return (mine is None) == (theirs is None) and (mine is None or torch.equal(mine.cpu(), theirs.cpu()))
 
 
-def _joined(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+def _joined(parts: list[tuple[np.ndarray, np.ndarray | torch.Tensor]]) -> tuple[np.ndarray, np.ndarray | torch.Tensor]:
     if len(parts) == 1:
         return parts[0]
-    return np.concatenate([ids for ids, _ in parts]), np.concatenate([grads for _, grads in parts])
+    ids = np.concatenate([ids for ids, _ in parts])
+    if all(isinstance(grads, torch.Tensor) for _, grads in parts):
+        return ids, torch.cat([grads for _, grads in parts])
+    return ids, np.concatenate([to_host(grads) if isinstance(grads, torch.Tensor) else grads for _, grads in parts])
+
+
+def _gpu(flat: dict) -> torch.device | None:
+    """The CUDA device of a batch's features (the first one's), where its rows are wanted; None on the CPU."""
+    return next((device for _, _, _, device in flat.values() if device.type == "cuda"), None)
 
 
 def _flat_ids(ids: FeatureIds) -> tuple[np.ndarray, torch.Tensor | None, tuple, torch.device]:

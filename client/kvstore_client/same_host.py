@@ -20,12 +20,13 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from kvstore_proto.tensors import WIRE_DTYPES
 from kvstore_proto.v1 import kvstore_pb2 as pb
 
-from .arrays import take_rows
+from .arrays import as_rows, cuda_device, take_rows
 from .credentials import is_loopback_address
 from .errors import FailedPreconditionError, InvalidArgumentError, KVStoreError, UnavailableError
 from .errors import rpc_errors as _rpc
@@ -173,33 +174,72 @@ class SameHostPath:
 
         return self._write("SharedApplyGradients", arrays.values(), request)
 
-    def step_request(self, gradients: dict[str, tuple[np.ndarray, np.ndarray]], lookups: dict[str, np.ndarray],
-                     prefetches: dict[str, np.ndarray], message: pb.TrainRequest) -> tuple[Segment, dict]:
-        """Put one Train step's gradients (checked ids, [n, dim] rows), lookup and prefetch ids in a
-        segment of its own and describe them in `message`; returns the segment (held until the step's answer:
-        given back once answered, retired if not) and, per looked-up table, the view its rows will be written to."""
+    def step_request(self, gradients: dict[str, tuple[np.ndarray, Any]], lookups: dict[str, np.ndarray],
+                     prefetches: dict[str, np.ndarray], message: pb.TrainRequest, device=None
+                     ) -> tuple[Segment, dict, Any]:
+        """Put one Train step's gradients (checked ids, [n, dim] rows: NumPy, or CUDA tensors), lookup
+        and prefetch ids in a segment of its own and describe them in `message`; returns the segment
+        (held until the step's answer: given back once answered, retired if not), per looked-up table
+        the view its rows will be written to, and the GPU buffer the step holds (or None).
+        With `device` (a CUDA device) a GPU table's rows are written into a GPU buffer there (CUDA IPC)
+        and its CUDA gradients read from one, when the server can open it."""
+        gpu_grads, gpu_rows = self._gpu_parts(gradients, lookups, device)
+        gradients = {table: (ids, grads if table in gpu_grads else as_rows(grads, len(ids), f"gradients[{table!r}]"))
+                     for table, (ids, grads) in gradients.items()}
         shapes = {table: self._table(table) for table in lookups}
-        nbytes = region_bytes(*((a.shape, a.itemsize) for ids, grads in gradients.values() for a in (ids, grads)),
+        host_rows = [table for table in lookups if table not in gpu_rows]
+        nbytes = region_bytes(*((ids.shape, 8) for ids, _ in gradients.values()),
+                              *((g.shape, g.itemsize) for table, (_, g) in gradients.items() if table not in gpu_grads),
                               *(((len(ids),), 8) for ids in (*lookups.values(), *prefetches.values())),
-                              *(((len(ids), dim), WIRE_DTYPES[dtype].itemsize)
-                                for ids, (dim, dtype) in zip(lookups.values(), shapes.values(), strict=True)))
-        segment = self.pool.take(nbytes)
+                              *(((len(lookups[t]), shapes[t][0]), WIRE_DTYPES[shapes[t][1]].itemsize)
+                                for t in host_rows))
+        segment, buffer = self.pool.take(nbytes), None
         try:
+            if gpu_grads or gpu_rows:
+                buffer = self.device_pool(device).take(region_bytes(
+                    *((tuple(g.shape), 4) for table, (_, g) in gradients.items() if table in gpu_grads),
+                    *(((len(lookups[t]), shapes[t][0]), WIRE_DTYPES[shapes[t][1]].itemsize) for t in gpu_rows)))
             message.segment = segment.name
             for table, (ids, grads) in gradients.items():
+                if table in gpu_grads:
+                    view, spec = buffer.array(tuple(grads.shape), "float32")
+                    view.copy_(grads)
+                else:
+                    spec = segment.put(grads, f"gradients[{table!r}]")
                 message.gradients.add(table=table, shared_ids=segment.put(ids, f"gradients[{table!r}].ids"),
-                                      shared_values=segment.put(grads, f"gradients[{table!r}]"))
+                                      shared_values=spec)
+            if buffer is not None:
+                _synchronize(buffer.device)          # the gradients are in the buffer before the server reads
             places = {}
             for table, ids in lookups.items():
                 id_spec = segment.put(ids, f"lookups[{table!r}]")
-                places[table], row_spec = segment.array((len(ids), shapes[table][0]), shapes[table][1])
+                shape = (len(ids), shapes[table][0])
+                places[table], row_spec = (buffer if table in gpu_rows else segment).array(shape, shapes[table][1])
                 message.lookups.add(table=table, shared_ids=id_spec, shared_values=row_spec)
             for table, ids in prefetches.items():
                 message.prefetches.add(table=table, shared_ids=segment.put(ids, f"prefetches[{table!r}]"))
         except BaseException:
-            self.pool.give(segment)           # nothing was sent: the server never saw it
+            self.pool.give(segment)           # nothing was sent: the server never saw them
+            if buffer is not None:
+                self.device_pool(device).give(buffer)
             raise
-        return segment, places
+        return segment, places, buffer
+
+    def _gpu_parts(self, gradients: dict, lookups: dict, device) -> tuple[set[str], set[str]]:
+        """The tables of a step whose gradients, and whose looked-up rows, go through a GPU buffer on
+        `device` (GPU tables, CUDA float32 gradients on that device)."""
+        if device is None or device.type != "cuda" or self.device_pool(device) is None:
+            return set(), set()
+        grads = {table for table, (_, g) in gradients.items()
+                 if cuda_device(g) == device and g.dtype == _torch_float32() and self.gpu_table(table)}
+        return grads, {table for table in lookups if self.gpu_table(table)}
+
+    def give_buffer(self, buffer) -> None:
+        """A step's GPU buffer, answered and copied out, back to its pool."""
+        self.device_pool(buffer.device).give(buffer)
+
+    def retire_buffer(self, buffer) -> None:
+        self.device_pool(buffer.device).retire(buffer)
 
     def forget_tables(self) -> None:
         """Read table shapes afresh (after a failed call: a table may have been re-created)."""
@@ -387,3 +427,15 @@ class SameHostPath:
         with _rpc():
             self._calls["DetachSegment"](pb.DetachSegmentRequest(segment=name), timeout=self.timeout)
 
+
+
+def _synchronize(device) -> None:
+    import torch
+
+    torch.cuda.current_stream(device).synchronize()
+
+
+def _torch_float32():
+    import torch
+
+    return torch.float32

@@ -61,8 +61,10 @@ class ShardedTrainingStream:
         self._streams = [TrainingStream(shard) for shard in client.shards]
 
     def send(self, gradients: dict[str, tuple[Any, Any]] | None = None, lookups: dict[str, Any] | None = None,
-             on_miss: str = "init_insert", prefetches: dict[str, Any] | None = None) -> ShardedTrainStep:
-        """As TrainingStream.send; each shard gets the part of the step it owns."""
+             on_miss: str = "init_insert", prefetches: dict[str, Any] | None = None,
+             device=None) -> ShardedTrainStep:
+        """As TrainingStream.send; each shard gets the part of the step it owns. Rows come back as
+        NumPy arrays (`device` is not used: the shards' parts are put together on the host)."""
         per_shard: dict[int, dict[str, dict]] = {}
 
         def add(index: int, kind: str, table: str, piece: Any) -> None:

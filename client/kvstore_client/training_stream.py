@@ -22,7 +22,7 @@ import numpy as np
 from kvstore_proto.tensors import WireError, decode_tensor, encode_ids, encode_tensor
 from kvstore_proto.v1 import kvstore_pb2 as pb
 
-from .arrays import as_ids, as_rows, chunks
+from .arrays import as_ids, as_rows, chunks, cuda_device, is_torch
 from .client import ON_MISS, KVStoreClient
 from .errors import InternalError, InvalidArgumentError, KVStoreError
 from .errors import rpc_errors as _rpc
@@ -43,15 +43,20 @@ class TrainStep:
         self.stepped: dict[str, int] = {}
         self.rows: dict[str, list[np.ndarray]] = {table: [] for table in lookups}
         self.segment: Segment | None = None     # same-host: the step's shared memory, until answered
-        self.places: dict[str, np.ndarray] = {}  # ... and where in it each table's rows are written
+        self.buffer = None                       # ... and its GPU buffer (CUDA IPC), if any
+        self.places: dict[str, Any] = {}         # ... and where each table's rows are written
 
     def result(self, allocate: Allocate = np.empty) -> tuple[dict[str, int], dict[str, np.ndarray]]:
         """(unique rows stepped per table, looked-up weights per table); raises the step's error.
         The weights are copied once from the answer into arrays made by `allocate(shape, dtype)`
-        (pinned host memory for a CUDA model, say)."""
+        (pinned host memory for a CUDA model, say). Rows the server wrote into this client's GPU
+        memory (a GPU table, `send(device=...)` on the same host) come as CUDA tensors instead."""
         self.wait()
         rows = {}
         for table, n in self.lookups.items():
+            if len(self.rows[table]) == 1 and is_torch(self.rows[table][0]):    # written on the GPU (CUDA IPC)
+                rows[table] = self.rows[table][0]
+                continue
             result = Reassembly(n, allocate=allocate)
             self.place_rows(table, result.sink())
             rows[table] = result.result()
@@ -85,15 +90,18 @@ class TrainingStream:
         self._call = None
 
     def send(self, gradients: dict[str, tuple[Any, Any]] | None = None, lookups: dict[str, Any] | None = None,
-             on_miss: str = "init_insert", prefetches: dict[str, Any] | None = None) -> TrainStep:
+             on_miss: str = "init_insert", prefetches: dict[str, Any] | None = None, device=None) -> TrainStep:
         """Queue one step: `gradients` {table: (ids, grads [n, dim])}, applied first (duplicates
         summed), then `lookups` {table: ids}; `prefetches` {table: ids} are warmed into the
-        server's cache after the answer. Returns at once; `.result()` waits for the answer."""
+        server's cache after the answer. Returns at once; `.result()` waits for the answer.
+        `device`: a CUDA device the looked-up rows are wanted on; on the same-host path a GPU
+        table's rows are then written there by the server (CUDA IPC), and CUDA gradients read there."""
         if on_miss not in ON_MISS or on_miss == "error":
             raise InvalidArgumentError(message=f"on_miss: expected init_insert, init or zeros, got {on_miss!r}")
         step = TrainStep(self, {table: len(as_ids(ids)) for table, ids in (lookups or {}).items()})
         if self.client.same_host.usable():
-            messages = [self._shared_message(step, gradients or {}, lookups or {}, prefetches or {}, on_miss)]
+            messages = [self._shared_message(step, gradients or {}, lookups or {}, prefetches or {}, on_miss,
+                                             device)]
         else:
             messages = _step_messages(gradients or {}, {"lookups": lookups or {}, "prefetches": prefetches or {}},
                                       ON_MISS[on_miss], self.client.chunk_bytes)
@@ -106,16 +114,15 @@ class TrainingStream:
         return step
 
     def _shared_message(self, step: TrainStep, gradients: dict, lookups: dict, prefetches: dict,
-                        on_miss: str) -> pb.TrainRequest:
-        """The step as one message whose ids and rows lie in a segment the step holds (same-host path)."""
-        checked = {}
-        for table, (ids, grads) in gradients.items():
-            id_array = as_ids(ids)
-            checked[table] = (id_array, as_rows(grads, len(id_array), f"gradients[{table!r}]"))
+                        on_miss: str, device) -> pb.TrainRequest:
+        """The step as one message whose ids and rows lie in a segment (and a GPU buffer) the step
+        holds (same-host path)."""
+        device = device or cuda_device(*(grads for _, grads in gradients.values()))
         message = pb.TrainRequest(on_miss=ON_MISS[on_miss])
-        step.segment, step.places = self.client.same_host.step_request(
-            checked, {table: as_ids(ids) for table, ids in lookups.items()},
-            {table: as_ids(ids) for table, ids in prefetches.items()}, message)
+        step.segment, step.places, step.buffer = self.client.same_host.step_request(
+            {table: (as_ids(ids), grads) for table, (ids, grads) in gradients.items()},
+            {table: as_ids(ids) for table, ids in lookups.items()},
+            {table: as_ids(ids) for table, ids in prefetches.items()}, message, device)
         return message
 
     def flush(self) -> None:
@@ -163,10 +170,14 @@ class TrainingStream:
             return
         if head.segment is not None:          # answered: the rows are in place, the segment is free again
             for table, rows in head.places.items():
-                head.rows[table] = [rows.copy()]
+                head.rows[table] = [rows.clone() if is_torch(rows) else rows.copy()]
             head.places = {}
             self.client.same_host.pool.give(head.segment)
             head.segment = None
+            if head.buffer is not None:
+                _finish_copies(head.buffer.device)             # the clones are made before the buffer is lent
+                self.client.same_host.give_buffer(head.buffer)
+                head.buffer = None
         head.done = True
         self._pending.popleft()
 
@@ -184,6 +195,9 @@ class TrainingStream:
                 step.places = {}
                 self.client.same_host.pool.retire(step.segment)
                 step.segment = None
+            if step.buffer is not None:
+                self.client.same_host.retire_buffer(step.buffer)
+                step.buffer = None
             step.error = error or InternalError(message="train: the stream was closed before this step's answer")
             step.done = True
 
@@ -225,3 +239,9 @@ def _step_messages(gradients: dict, id_fields: dict[str, dict], on_miss: int,
         getattr(messages[-1], kind).add(table=table, ids=encode_ids(ids), **values)
         size += nbytes
     return messages
+
+
+def _finish_copies(device) -> None:
+    import torch
+
+    torch.cuda.current_stream(device).synchronize()

@@ -23,6 +23,7 @@ memory, and every device write is finished before the answer.
 from __future__ import annotations
 
 import asyncio
+from contextlib import ExitStack
 
 import numpy as np
 from kvstore_proto.v1 import kvstore_pb2 as pb
@@ -170,7 +171,8 @@ class SameHostRPCs:
         config = self.store.describe_table(request.table)
         n = len(ids)
         with self.request_memory.hold(context) as held:
-            weights = self._input(held, segment, request.weights, "weights", (n, config.dim), config.dtype, context)
+            weights = self.shared_input(held, segment, request.weights, "weights", (n, config.dim), config.dtype,
+                                        context)
             state = scores = None
             if request.HasField("state"):
                 state = copied(held, region(segment, request.state, "state", (n, None), "float32"))
@@ -191,7 +193,7 @@ class SameHostRPCs:
         dim = self.store.describe_table(request.table).dim
         n = len(ids)
         with self.request_memory.hold(context) as held:
-            grads = self._input(held, segment, request.grads, "grads", (n, dim), "float32", context, np.float32)
+            grads = self.shared_input(held, segment, request.grads, "grads", (n, dim), "float32", context, np.float32)
             scores = None
             if request.HasField("scores"):
                 scores = copied(held, region(segment, request.scores, "scores", (n,)))
@@ -205,8 +207,8 @@ class SameHostRPCs:
 
             return await self.recent.once("ApplyGradients", request.idempotency_key, commit)
 
-    def _input(self, held: BufferedRequest, segment: Segment, spec: pb.SharedArray, field: str, shape: tuple,
-               dtype: str, context, convert=None) -> np.ndarray:
+    def shared_input(self, held: BufferedRequest, segment: Segment, spec: pb.SharedArray, field: str, shape: tuple,
+                     dtype: str, context, convert=None) -> np.ndarray:
         """The server's own host copy of an input array, from the segment or the client's GPU buffer."""
         if not spec.device_buffer:
             return copied(held, region(segment, spec, field, shape, dtype), convert)
@@ -218,6 +220,15 @@ class SameHostRPCs:
             if spec.dtype == "bfloat16":
                 host = host.view(weight_dtype("bfloat16"))
             return host.astype(convert, copy=False) if convert else host
+
+    def shared_output(self, held_buffers: ExitStack, segment: Segment, spec: pb.SharedArray, field: str,
+                      shape: tuple, dtype: str, context):
+        """Where a Train lookup's rows go: a view of the segment, or of a client's GPU buffer kept
+        open in `held_buffers` until the step has run."""
+        if not spec.device_buffer:
+            return region(segment, spec, field, shape, dtype, exact=True)
+        buffer = held_buffers.enter_context(self._device_buffer(spec, field, context))
+        return device_region(buffer, spec, field, shape, dtype, exact=True)
 
     def _device_buffer(self, spec: pb.SharedArray, field: str, context):
         if not _is_local(context.peer()):       # as _segment: checked again for every call
@@ -238,19 +249,6 @@ class SameHostRPCs:
 def shared_piece_ids(segment: Segment, piece: pb.TableRows, where: str) -> np.ndarray:
     """A Train piece's ids from the segment, as the server's own copy."""
     return region(segment, piece.shared_ids, f"{where}.shared_ids", (None,), "int64", exact=True).copy()
-
-
-def shared_piece_grads(segment: Segment, piece: pb.TableRows, where: str, n: int, dim: int,
-                       held: BufferedRequest) -> np.ndarray:
-    """A Train piece's [n, dim] gradients from the segment, as the server's own float32 copy
-    (charged to the step's request memory, as the gradients of a message are)."""
-    return copied(held, region(segment, piece.shared_values, f"{where}.shared_values", (n, dim), "float32"),
-                  np.float32)
-
-
-def shared_piece_rows(segment: Segment, piece: pb.TableRows, where: str, n: int, dim: int, dtype: str) -> np.ndarray:
-    """Where a Train lookup piece's [n, dim] rows go in the segment (the table's dtype exactly)."""
-    return region(segment, piece.shared_values, f"{where}.shared_values", (n, dim), dtype, exact=True)
 
 
 def copied(held: BufferedRequest, view: np.ndarray, dtype=None) -> np.ndarray:

@@ -11,9 +11,12 @@ executor and the stream waits for the next step as a coroutine.
 A client on the server's machine may put a step's ids and gradients in its shared-memory
 segment and name where each lookup's rows go (same_host_service.py): those rows are
 written there, in the executor, before the step's answer, and are not in the answer.
+Gradients and lookup rows may also lie in the client's GPU buffers (CUDA IPC): a step
+keeps the buffers it names open until it has run, even if the stream is cancelled.
 """
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,7 +30,7 @@ from .data_budget import DataBudget
 from .messages import concat, on_miss_name
 from .request_budget import BufferedRequest, RequestMemory
 from .rpc import StoreWork
-from .same_host_service import shared_piece_grads, shared_piece_ids, shared_piece_rows
+from .same_host_service import shared_piece_ids, to_the_end
 from .segments import Segment
 
 RESPONSE_BYTES = 4 << 20      # rows per response message: gRPC streams 1-4 MiB messages best
@@ -43,6 +46,7 @@ class _Step:
     on_miss: str = "init_insert"
     rows: int = 0
     destinations: dict[str, list[np.ndarray | None]] = field(default_factory=dict)   # same-host: rows' places
+    buffers: ExitStack = field(default_factory=ExitStack)     # GPU buffers the step writes, open until it ran
 
 
 class TrainingRPCs:
@@ -56,19 +60,24 @@ class TrainingRPCs:
     async def Train(self, requests, context):
         with self.request_memory.hold(context) as held:    # a step's messages count until it has run
             step = _Step()
-            async for request in held.chunks(requests, requests):
-                self._add_pieces(step, request, self.train_segment(request, context), held)
-                if request.more:
-                    continue
-                for response in await self.work(self._run_step, step):
-                    yield response
-                held.release()
-                if step.prefetches:                          # while the answer travels; the next step waits
-                    await self.work(self._prefetch, step)
-                step = _Step()
+            try:
+                async for request in held.chunks(requests, requests):
+                    self._add_pieces(step, request, self.train_segment(request, context), held, context)
+                    if request.more:
+                        continue
+                    responses = await to_the_end(self.work(self._run_step, step))
+                    step.buffers.close()
+                    for response in responses:
+                        yield response
+                    held.release()
+                    if step.prefetches:                          # while the answer travels; the next step waits
+                        await self.work(self._prefetch, step)
+                    step = _Step()
+            finally:
+                step.buffers.close()
 
     def _add_pieces(self, step: _Step, request: pb.TrainRequest, segment: Segment | None,
-                    held: BufferedRequest) -> None:
+                    held: BufferedRequest, context) -> None:
         step.on_miss = on_miss_name(request.on_miss)
         if step.on_miss == "error":
             raise InvalidArgument("on_miss: 'error' is not accepted in Train (the step's gradients would "
@@ -78,7 +87,8 @@ class TrainingRPCs:
             ids = self._piece_ids(step, segment, piece, where)
             dim = self.store.describe_table(piece.table).dim          # NOT_FOUND before buffering
             if _shared(segment, piece, where, "shared_values"):
-                grads = shared_piece_grads(segment, piece, where, len(ids), dim, held)
+                grads = self.shared_input(held, segment, piece.shared_values, f"{where}.shared_values",
+                                          (len(ids), dim), "float32", context, np.float32)
             else:
                 grads = decode_tensor(piece.values, f"{where}.values", "float32")
             if grads.shape != (len(ids), dim):
@@ -96,7 +106,7 @@ class TrainingRPCs:
                 ids = self._piece_ids(step, segment, piece, where)
                 config = self.store.describe_table(piece.table)
                 if kind == "lookups":
-                    self._add_destination(step, segment, piece, where, len(ids), config)
+                    self._add_destination(step, segment, piece, where, len(ids), config, context)
                 into.setdefault(piece.table, []).append(ids)
 
     def _piece_ids(self, step: _Step, segment: Segment | None, piece: pb.TableRows, where: str) -> np.ndarray:
@@ -107,16 +117,18 @@ class TrainingRPCs:
         step.rows = self._count_rows(step.rows, len(ids))
         return ids
 
-    @staticmethod
-    def _add_destination(step: _Step, segment: Segment | None, piece: pb.TableRows, where: str, n: int,
-                         config) -> None:
-        """Where a lookup piece's rows go: into the segment, or (None) into the answer; one way per table."""
-        shared = _shared(segment, piece, where, "shared_values")
-        rows = shared_piece_rows(segment, piece, where, n, config.dim, config.dtype) if shared else None
+    def _add_destination(self, step: _Step, segment: Segment | None, piece: pb.TableRows, where: str, n: int,
+                         config, context) -> None:
+        """Where a lookup piece's rows go: into the segment or a GPU buffer, or (None) into the answer;
+        one way per table."""
+        rows = None
+        if _shared(segment, piece, where, "shared_values"):
+            rows = self.shared_output(step.buffers, segment, piece.shared_values, f"{where}.shared_values",
+                                      (n, config.dim), config.dtype, context)
         parts = step.destinations.setdefault(piece.table, [])
-        if parts and (parts[0] is None) != (rows is None):
+        if parts and _kind(parts[0]) != _kind(rows):
             raise InvalidArgument(f"{where}.shared_values: every lookup piece of table {piece.table!r} in a step "
-                                  "must name where its rows go, or none may")
+                                  "must send its rows the same way (the answer, the segment or a GPU buffer)")
         parts.append(rows)
 
     def _run_step(self, step: _Step) -> list[pb.TrainResponse]:
@@ -131,8 +143,11 @@ class TrainingRPCs:
         stepped = {table: self.store.apply_gradients(table, ids, grads) for table, (ids, grads) in gradients.items()}
         rows = []
         for table, parts in step.lookups.items():
-            weights = self.store.lookup(table, concat(parts), step.on_miss).weights
             places = step.destinations.get(table)
+            if places and _kind(places[0]) == "device":
+                self._lookup_to_device(table, parts, places, step.on_miss)
+                continue
+            weights = self.store.lookup(table, concat(parts), step.on_miss).weights
             if places and places[0] is not None:           # same-host: into the client's segment, not the answer
                 bounds = np.cumsum([0] + [len(part) for part in parts])
                 for place, start, stop in zip(places, bounds[:-1], bounds[1:], strict=True):
@@ -140,6 +155,17 @@ class TrainingRPCs:
             else:
                 rows.append((table, weights))
         return list(_responses(rows, stepped))
+
+    def _lookup_to_device(self, table: str, parts: list[np.ndarray], places: list, on_miss: str) -> None:
+        """Each part's rows into its place in a client's GPU buffer: a GPU table's cached rows
+        gathered there, others looked up on the host and copied up; finished before the answer."""
+        for ids, place in zip(parts, places, strict=True):
+            if self.store.lookup_if_cached(table, ids, False, place) is None:
+                rows = self.store.lookup(table, ids, on_miss).weights
+                with place.device:
+                    place.set(np.ascontiguousarray(rows).view(place.dtype))
+        for place in places:
+            place.device.synchronize()
 
     def _check_data_budget(self, step: _Step, gradients: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
         """Past the disk budget a step that would create rows is refused before any table changes."""
@@ -164,6 +190,11 @@ def _shared(segment: Segment | None, piece: pb.TableRows, where: str, field_name
     if segment is None:
         raise InvalidArgument(f"{where}.{field_name}: a shared array needs the message's segment")
     return True
+
+
+def _kind(place) -> str:
+    """How a lookup piece's rows travel: in the answer, into the segment, or into a GPU buffer."""
+    return "answer" if place is None else "segment" if isinstance(place, np.ndarray) else "device"
 
 
 def _responses(rows: list[tuple[str, np.ndarray]], stepped: dict[str, int]):

@@ -149,3 +149,59 @@ def test_a_trainer_killed_with_its_gpu_buffers_open_leaves_the_server_serving(se
     ids = torch.arange(-200, 200, device=CUDA)
     assert torch.equal(trainer.lookup("ipc_bf16", ids), trainer.lookup("ipc_bf16", ids))
     assert server.alive()
+
+
+def train_collection(client: KVStoreClient, table: str, device: str, pipeline: bool) -> tuple[list[float], object]:
+    """20 steps of a collection (two features, one table) with a dense head; its losses."""
+    from kvstore_client.collection import Feature, RemoteEmbeddingBagCollection
+
+    collection = RemoteEmbeddingBagCollection(client, [Feature("a", table, "sum"), Feature("b", table, "mean")],
+                                              pipeline=pipeline)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(2 * DIM, 1).to(device)
+    dense = torch.optim.SGD(head.parameters(), lr=0.1)
+    rng, losses = np.random.default_rng(1), []
+    for _ in range(20):
+        batch = {name: torch.from_numpy(rng.integers(-IDS, IDS, (64, 3))).to(device) for name in ("a", "b")}
+        out = collection(batch)
+        loss = (head(torch.cat([out["a"], out["b"]], dim=1)) ** 2).mean()
+        dense.zero_grad()
+        loss.backward()
+        dense.step()
+        losses.append(loss.item())
+    collection.flush()
+    return losses, collection
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_the_collection_trains_a_gpu_table_through_cuda_ipc_as_a_host_table_over_the_network(trainer, remote,
+                                                                                              pipeline):
+    gpu, host = create_pair(trainer, f"ipc_coll_{pipeline}", "adagrad", "write_back")
+    through_ipc, collection = train_collection(trainer, gpu, "cuda", pipeline)
+    over_network, _ = train_collection(remote, host, "cuda", pipeline)
+    assert collection._on_device == {(gpu, CUDA): True}          # gradients went up through a GPU buffer
+    np.testing.assert_allclose(through_ipc, over_network, rtol=1e-4)
+    ids = np.arange(-IDS, IDS)
+    close(trainer.lookup(gpu, ids, on_miss="zeros"), remote.lookup(host, ids, on_miss="zeros"))
+
+
+def test_remote_embedding_bag_on_cuda_trains_a_gpu_table_as_a_host_table(trainer, remote):
+    from kvstore_client.torch_modules import RemoteEmbeddingBag
+
+    gpu, host = create_pair(trainer, "ipc_bag", "rowwise_adagrad", "write_back")
+    losses = {}
+    for name, client, table in (("ipc", trainer, gpu), ("network", remote, host)):
+        bag = RemoteEmbeddingBag(client, table, mode="sum")
+        torch.manual_seed(0)
+        head = torch.nn.Linear(DIM, 1).to(CUDA)
+        rng, losses[name] = np.random.default_rng(7), []
+        for _ in range(15):
+            ids = torch.from_numpy(rng.integers(-IDS, IDS, (32, 4))).to(CUDA)
+            out = bag(ids)
+            assert out.is_cuda
+            loss = (head(out) ** 2).mean()
+            loss.backward()
+            losses[name].append(loss.item())
+    np.testing.assert_allclose(losses["ipc"], losses["network"], rtol=1e-4)
+    ids = np.arange(-IDS, IDS)
+    close(trainer.lookup(gpu, ids, on_miss="zeros"), remote.lookup(host, ids, on_miss="zeros"))
