@@ -145,7 +145,7 @@ class TrainingRPCs:
         for table, parts in step.lookups.items():
             places = step.destinations.get(table)
             if places and _kind(places[0]) == "device":
-                self._lookup_to_device(table, parts, places, step.on_miss)
+                self._rows_to_gpu_buffers(table, parts, places, step.on_miss)
                 continue
             weights = self.store.lookup(table, concat(parts), step.on_miss).weights
             if places and places[0] is not None:           # same-host: into the client's segment, not the answer
@@ -156,7 +156,7 @@ class TrainingRPCs:
                 rows.append((table, weights))
         return list(_responses(rows, stepped))
 
-    def _lookup_to_device(self, table: str, parts: list[np.ndarray], places: list, on_miss: str) -> None:
+    def _rows_to_gpu_buffers(self, table: str, parts: list[np.ndarray], places: list, on_miss: str) -> None:
         """Each part's rows into its place in a client's GPU buffer: a GPU table's cached rows
         gathered there, others looked up on the host and copied up; finished before the answer."""
         for ids, place in zip(parts, places, strict=True):
