@@ -22,6 +22,11 @@ charges the server's CPU over the whole run to the remote models, which is exact
 
     python bench/training_bench.py [--steps 200] [--batches 1024,8192] [--staleness 1] [--turn 10]
                                    [--models pipelined,ahead] [--torch-threads 8] [--same-host on]
+                                   [--device cuda --cache-device cuda [--cuda-ipc off]]
+
+`--device cuda` trains every model on the GPU (the local bags too); `--cache-device cuda` puts the
+remote tables' caches in the server's GPU memory, and with `--same-host on` their rows and
+gradients then go through CUDA IPC unless `--cuda-ipc off` (docs/same-host.md).
 """
 from __future__ import annotations
 
@@ -87,8 +92,11 @@ class Trainer:
     """One model's training loop, run a slice of steps at a time, so that the variants take turns
     and drifts in the machine's load weigh on all of them alike."""
 
-    def __init__(self, model: Model, data, batch: int, prefetch: bool, sparse_opt=None, warm: bool = False):
+    def __init__(self, model: Model, data, batch: int, prefetch: bool, sparse_opt=None, warm: bool = False,
+                 device: str = "cpu"):
         self.model, self.data, self.batch, self.prefetch, self.sparse_opt = model, data, batch, prefetch, sparse_opt
+        self.device = torch.device(device)
+        model.to(self.device)
         self.warm = warm                      # a collection warms the server's cache with step i+2's rows
         self.dense = torch.optim.Adam(model.mlp.parameters(), lr=3e-3)
         self.loss_fn = nn.BCEWithLogitsLoss()
@@ -116,17 +124,19 @@ class Trainer:
         nxt = slice((self.step + 1) * batch, (self.step + 2) * batch)
         after = slice((self.step + 2) * batch, (self.step + 3) * batch)
         self.step += 1
-        logits = model(torch.from_numpy(users[b]), torch.from_numpy(items[b]))
+
+        def tensor(array):
+            return torch.from_numpy(array).to(self.device)
+
+        logits = model(tensor(users[b]), tensor(items[b]))
         if self.warm:
-            model.collection.prefetch({"user": torch.from_numpy(users[after])[:, None],
-                                       "item": torch.from_numpy(items[after])})
+            model.collection.prefetch({"user": tensor(users[after])[:, None], "item": tensor(items[after])})
         if self.prefetch and isinstance(model, CollectionModel):   # the next batch's lookup goes behind the gradients
-            model.collection.next_batch({"user": torch.from_numpy(users[nxt])[:, None],
-                                         "item": torch.from_numpy(items[nxt])})
+            model.collection.next_batch({"user": tensor(users[nxt])[:, None], "item": tensor(items[nxt])})
         elif self.prefetch:
-            model.users.prefetch(torch.from_numpy(users[nxt])[:, None])
-            model.items.prefetch(torch.from_numpy(items[nxt]))
-        loss = self.loss_fn(logits, torch.from_numpy(labels[b]))
+            model.users.prefetch(tensor(users[nxt])[:, None])
+            model.items.prefetch(tensor(items[nxt]))
+        loss = self.loss_fn(logits, tensor(labels[b]))
         self.dense.zero_grad()
         if self.sparse_opt:
             self.sparse_opt.zero_grad()
@@ -145,7 +155,8 @@ def remote_trainers(client: KVStoreClient, args, data, batch: int) -> dict[str, 
         tables = {name: f"{kind}_{batch}_{name}" for name in ("users", "items")}
         for table in tables.values():
             client.create_table(table, dim=args.dim, optimizer={"name": "adagrad", "lr": 0.1},
-                                cache={"rows": args.cache_rows, "flush_seconds": args.flush_seconds})
+                                cache={"rows": args.cache_rows, "flush_seconds": args.flush_seconds,
+                                       "device": args.cache_device})
         if kind in ("plain", "prefetch"):
             model = Model(RemoteEmbeddingBag(client, tables["users"], mode="sum"),
                           RemoteEmbeddingBag(client, tables["items"], mode="mean"), args.dim)
@@ -159,7 +170,8 @@ def remote_trainers(client: KVStoreClient, args, data, batch: int) -> dict[str, 
                      "ahead": "Collection (+ next_batch, exact)",
                      "warm": "Collection (+ prefetch of i+2, exact)",
                      "stale": f"Collection (staleness {args.staleness})"}[kind]
-        trainers[label] = Trainer(model, data, batch, kind in ("prefetch", "ahead"), warm=kind == "warm")
+        trainers[label] = Trainer(model, data, batch, kind in ("prefetch", "ahead"), warm=kind == "warm",
+                                  device=args.device)
         trainers[label].tables = list(tables.values())
     return trainers
 
@@ -214,13 +226,18 @@ def main() -> None:
                              "choice, one per core; on a trainer host its embedding server needs cores too)")
     parser.add_argument("--same-host", choices=("off", "auto", "on"), default="off",
                         help="the remote models' rows and gradients through shared memory (docs/same-host.md)")
+    parser.add_argument("--device", default="cpu", help="where every model trains: cpu or cuda")
+    parser.add_argument("--cache-device", default="cpu", help="the remote tables' cache.device: cpu or cuda")
+    parser.add_argument("--cuda-ipc", choices=("on", "off"), default="on",
+                        help="with --same-host: a GPU table's rows and gradients through CUDA IPC")
     args = parser.parse_args()
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     batches = [int(b) for b in args.batches.split(",")]
     keep_freed_memory()     # in this (client) process too, as kvstore-server does in its own
     print(f"training bench: dim {args.dim}, {args.steps} steps, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} torch threads, {time.strftime('%Y-%m-%d %H:%M')}")
+          f"{torch.get_num_threads()} torch threads, models on {args.device}, remote caches on {args.cache_device}, "
+          f"same-host {args.same_host}, CUDA IPC {args.cuda_ipc}, {time.strftime('%Y-%m-%d %H:%M')}")
     data_dir = tempfile.mkdtemp(prefix="kvtrain-")
     server = subprocess.Popen([sys.executable, "-m", "kvstore_server", "--data-dir", data_dir, "--port", "0"],
                               stdout=subprocess.PIPE, text=True)
@@ -228,6 +245,7 @@ def main() -> None:
     try:
         same_host = {"off": False, "auto": "auto", "on": True}[args.same_host]
         with KVStoreClient(address, timeout=300, same_host=same_host) as client:
+            client.same_host.cuda_ipc = args.cuda_ipc == "on"
             for batch in batches:
                 torch.manual_seed(0)
                 data = synthetic_clicks((args.steps + 7) * batch, args.users, args.items, 8, seed=0)
@@ -236,7 +254,7 @@ def main() -> None:
                 sparse_opt = torch.optim.Adagrad(list(local_users.parameters()) + list(local_items.parameters()),
                                                  lr=0.1)
                 trainers = {"local nn.EmbeddingBag": Trainer(Model(local_users, local_items, args.dim), data, batch,
-                                                             False, sparse_opt),
+                                                             False, sparse_opt, device=args.device),
                             **remote_trainers(client, args, data, batch)}
                 start_cpu = process_cpu_seconds(server.pid)
                 results = taking_turns(trainers, args.steps, args.turn, server.pid)
