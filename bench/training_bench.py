@@ -249,8 +249,8 @@ def main() -> None:
             for batch in batches:
                 torch.manual_seed(0)
                 data = synthetic_clicks((args.steps + 7) * batch, args.users, args.items, 8, seed=0)
-                local_users = nn.EmbeddingBag(args.users, args.dim, mode="sum", sparse=True)
-                local_items = nn.EmbeddingBag(args.items + 50, args.dim, mode="mean", sparse=True)
+                local_users = nn.EmbeddingBag(args.users, args.dim, mode="sum", sparse=True).to(args.device)
+                local_items = nn.EmbeddingBag(args.items + 50, args.dim, mode="mean", sparse=True).to(args.device)
                 sparse_opt = torch.optim.Adagrad(list(local_users.parameters()) + list(local_items.parameters()),
                                                  lr=0.1)
                 trainers = {"local nn.EmbeddingBag": Trainer(Model(local_users, local_items, args.dim), data, batch,
