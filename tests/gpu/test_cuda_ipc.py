@@ -205,3 +205,24 @@ def test_remote_embedding_bag_on_cuda_trains_a_gpu_table_as_a_host_table(trainer
     np.testing.assert_allclose(losses["ipc"], losses["network"], rtol=1e-4)
     ids = np.arange(-IDS, IDS)
     close(trainer.lookup(gpu, ids, on_miss="zeros"), remote.lookup(host, ids, on_miss="zeros"))
+
+
+def test_a_buffer_freed_by_its_client_while_attached_leaves_the_server_serving(server, trainer):
+    """A client that frees a buffer the server still has open (a bug, or hostile) and then names it
+    in a lookup: the server's mapping keeps the memory until it closes it, so the call writes into
+    pages nobody reads and the server's CUDA context stays sound."""
+    buffer = DeviceBuffer(1 << 20, CUDA)
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.EmbeddingStoreStub(channel)
+        assert attach(stub, buffer).attached
+        buffer.close()                                  # freed without DetachSegment
+        with trainer.same_host.pool.lease(1 << 20) as segment:
+            ids = segment.put(np.arange(64, dtype=np.int64), "ids")
+            answer = stub.SharedLookup(pb.SharedLookupRequest(
+                table="ipc_bf16", segment=segment.name, ids=ids,
+                weights=pb.SharedArray(dtype="bfloat16", shape=[64, DIM], offset=0, device_buffer=buffer.name)))
+        assert answer.rows == 64
+        stub.DetachSegment(pb.DetachSegmentRequest(segment=buffer.name))
+    ids = torch.arange(-300, 300, device=CUDA)
+    assert torch.equal(trainer.lookup("ipc_bf16", ids), trainer.lookup("ipc_bf16", ids))
+    assert server.alive()
