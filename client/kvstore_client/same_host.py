@@ -259,15 +259,19 @@ class SameHostPath:
         key = uuid.uuid4().hex
         nbytes = region_bytes(*((a.shape, a.itemsize) for a in arrays if a is not None))
         with self.pool.lease(nbytes) as segment:
-            message = request(segment, key)
-            for attempt in range(RETRIES + 1):
-                try:
-                    with _rpc():
-                        return self._calls[method](message, timeout=self.timeout).rows
-                except UnavailableError:
-                    if attempt == RETRIES:
-                        raise
-                time.sleep(BACKOFF_SECONDS * (attempt + 1))
+            return self._send_retried(method, request(segment, key))
+
+    def _send_retried(self, method: str, message) -> int:
+        """A write's rows count; the same message again while the server is unavailable (its
+        idempotency key keeps a retry from applying twice)."""
+        for attempt in range(RETRIES + 1):
+            try:
+                with _rpc():
+                    return self._calls[method](message, timeout=self.timeout).rows
+            except UnavailableError:
+                if attempt == RETRIES:
+                    raise
+            time.sleep(BACKOFF_SECONDS * (attempt + 1))
         raise AssertionError("unreachable")
 
     def _with_table(self, table: str, call: Callable[[int, str], None]) -> None:
@@ -384,16 +388,8 @@ class SameHostPath:
                 with torch.cuda.device(tensor.device):
                     view.copy_(tensor)
                     torch.cuda.current_stream().synchronize()     # written before the server reads
-                message = kind(table=table, segment=segment.name, idempotency_key=key, **specs, **extra)
-                for attempt in range(RETRIES + 1):
-                    try:
-                        with _rpc():
-                            return self._calls[method](message, timeout=self.timeout).rows
-                    except UnavailableError:
-                        if attempt == RETRIES:
-                            raise
-                    time.sleep(BACKOFF_SECONDS * (attempt + 1))
-            raise AssertionError("unreachable")
+                return self._send_retried(method, kind(table=table, segment=segment.name, idempotency_key=key,
+                                                       **specs, **extra))
 
         return self._through_buffer(pool, send, region_bytes((tuple(tensor.shape), tensor.element_size())))
 
