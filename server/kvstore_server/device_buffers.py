@@ -40,6 +40,22 @@ def device_region(buffer: DeviceBuffer, spec, field: str, shape: tuple[int | Non
     return buffer.view(sent, "uint16" if wire.name == "bfloat16" else wire, offset)
 
 
+def upload(out, rows) -> None:
+    """Host `rows` into `out`, a region of a client's GPU buffer, finished before this returns
+    (the call's answer may follow at once)."""
+    import numpy as np
+
+    with out.device:
+        out.set(np.ascontiguousarray(rows).view(out.dtype))
+        _finish_stream()
+
+
+def _finish_stream() -> None:
+    import cupy
+
+    cupy.cuda.get_current_stream().synchronize()
+
+
 class Unopenable(Exception):
     """A buffer this server cannot open; the message says why (the client uses its segment instead)."""
 

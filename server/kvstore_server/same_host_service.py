@@ -33,7 +33,7 @@ from kvstore.dtypes import weight_dtype
 from kvstore.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 
 from .data_budget import DataBudget
-from .device_buffers import DeviceBuffers, device_region
+from .device_buffers import DeviceBuffers, device_region, upload
 from .health_watch import peer_address
 from .idempotency import RecentWrites
 from .messages import on_miss_name
@@ -158,10 +158,7 @@ class SameHostRPCs:
     def _lookup_and_upload(self, table: str, ids: np.ndarray, on_miss: str, out) -> None:
         if self.store.lookup_if_cached(table, ids, False, out) is not None:     # gathered into `out`
             return
-        rows = self.data_budget.lookup(table, ids, on_miss, False).weights
-        with out.device:
-            out.set(np.ascontiguousarray(rows).view(out.dtype))
-            out.device.synchronize()
+        upload(out, self.data_budget.lookup(table, ids, on_miss, False).weights)
 
     # --- writes ------------------------------------------------------------------------
 
