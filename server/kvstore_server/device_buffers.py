@@ -163,6 +163,9 @@ class DeviceBuffers:
         self._open: OrderedDict[str, DeviceBuffer] = OrderedDict()
         self._unavailable: str | None = None
 
+    def __len__(self) -> int:
+        return len(self._open)
+
     async def attach(self, name: str, handle: bytes, size: int, uuid: bytes, token: bytes) -> str:
         """Open `name` and check it (the driver's work in a thread); "" when usable, else why not."""
         check_name(name, "buffer")

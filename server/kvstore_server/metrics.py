@@ -197,6 +197,13 @@ class Metrics:
         Gauge("kvstore_database_bytes", "Live database size (SST files and memtables) the disk budget compares.",
               registry=self.registry).set_function(database_bytes)
 
+    def watch_same_host(self, segments, gpu_buffers) -> None:
+        """Gauges of the same-host path: clients' segments mapped and GPU buffers open, read at scrape time."""
+        Gauge("kvstore_same_host_segments", "Clients' shared-memory segments this server has mapped now.",
+              registry=self.registry).set_function(segments)
+        Gauge("kvstore_same_host_gpu_buffers", "Clients' GPU buffers this server has open now (CUDA IPC).",
+              registry=self.registry).set_function(gpu_buffers)
+
     def watch_leases(self, leases: LeaseCounts) -> None:
         self.registry.register(LeaseCollector(leases))
 

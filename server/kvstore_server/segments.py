@@ -103,6 +103,9 @@ class Segments:
         self.max_mapped = max_mapped
         self._mapped: OrderedDict[str, Segment] = OrderedDict()
 
+    def __len__(self) -> int:
+        return len(self._mapped)
+
     def attach(self, name: str, token: bytes) -> str:
         """Map `name` and check that it starts with `token`; "" when usable, else why not."""
         check_name(name)

@@ -61,6 +61,8 @@ class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPC
         self._disk_reads = DiskReads()
         LeaseRPCs.__init__(self, config.lease_seconds)
         SameHostRPCs.__init__(self, config.same_host)
+        if self.segments is not None:
+            metrics.watch_same_host(lambda: len(self.segments), lambda: len(self.device_buffers))
 
     # --- tables ----------------------------------------------------------------
 

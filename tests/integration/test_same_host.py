@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import urllib.request
 
 import grpc
 import numpy as np
@@ -19,6 +20,7 @@ from kvstore_client import (
 )
 from kvstore_proto.v1 import kvstore_pb2 as pb
 from kvstore_proto.v1 import kvstore_pb2_grpc as pb_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import random_rows, small_table
 
@@ -156,8 +158,20 @@ def test_close_unlinks_the_clients_segments(server):
     small_table(client, "closing", DIM)
     client.lookup("closing", IDS)
     names = [s.name for s in client.same_host.pool._free]
+    mapped = metric(server, "kvstore_same_host_segments")
     client.close()
     assert names and not any(os.path.exists(f"/dev/shm/{name}") for name in names)
+    assert metric(server, "kvstore_same_host_segments") == mapped - len(names)      # detached on close
+    assert metric(server, "kvstore_same_host_gpu_buffers") == 0                       # no CUDA tensors here
+
+
+def metric(server, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
+        for family in text_string_to_metric_families(response.read().decode()):
+            for sample in family.samples:
+                if sample.name == name:
+                    return sample.value
+    raise AssertionError(f"{name} is not exposed")
 
 
 def test_a_server_with_the_path_off_gets_the_network_path(start_server):
