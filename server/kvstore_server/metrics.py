@@ -338,4 +338,4 @@ def declared_names() -> set[str]:
     names = {f"{f.name}_total" if f.kind == "counter" else f.name for f in FAMILIES.values()}
     return names | {"kvstore_rpc_duration_seconds", "kvstore_rpc_in_flight", "kvstore_auth_failures_total",
                      "kvstore_leases", "kvstore_leases_expired_total", "kvstore_buffered_request_bytes",
-                     "kvstore_database_bytes"}
+                     "kvstore_database_bytes", "kvstore_same_host_segments", "kvstore_same_host_gpu_buffers"}
