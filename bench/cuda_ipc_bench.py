@@ -9,7 +9,9 @@ tensors back:
   are copied up to the GPU by the client;
 - `network`: rows in the gRPC answer, copied up by the client;
 beside the limit of the same work in the trainer's own process: `torch.index_select` on a
-copy of the table in its GPU memory (no service, no copies between processes). Batches are
+copy of the table in its GPU memory (no service, no copies between processes), and the bare
+gRPC stream of the same bytes (bench/echo.py, threaded and asyncio servers, the faster counts;
+its rows stay on the host, so it is the transport's ceiling without the copy to the GPU). Batches are
 timed in rotating order (grpc_bench.timed_side_by_side). Then a training step (lookup, then
 apply_gradients of CUDA gradients; rowwise Adagrad, Zipf ids) through the three clients.
 
@@ -25,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))       # run as a script: `bench` importable
+from bench.echo import EchoClient, start_echo  # noqa: E402
 from bench.grpc_bench import id_batches, load, lookup_arguments, start, timed_side_by_side  # noqa: E402
 
 
@@ -32,14 +35,19 @@ def main() -> None:
     args = lookup_arguments(rows=262_144).parse_args()
     proc, address = start([sys.executable, "-m", "kvstore_server", "--port", "0", "--cache-device", "cuda",
                            "--data-dir", tempfile.mkdtemp(prefix="kvbench-ipc-")])
+    echoes = {"echo threaded": start_echo(), "echo asyncio": start_echo(asyncio_server=True)}
     try:
-        run(args, address, {name: proc.pid for name in ("ipc", "shm", "network")} if args.cpu else None)
+        pids = {name: proc.pid for name in ("ipc", "shm", "network")}
+        pids.update({name: echo.pid for name, (echo, _) in echoes.items()})
+        run(args, address, {name: echo_address for name, (_, echo_address) in echoes.items()},
+            pids if args.cpu else None)
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        for process in (proc, *(echo for echo, _ in echoes.values())):
+            process.terminate()
+            process.wait(timeout=60)
 
 
-def run(args, address: str, pids: dict[str, int] | None) -> None:
+def run(args, address: str, echo_addresses: dict[str, str], pids: dict[str, int] | None) -> None:
     import torch
     from kvstore_client import KVStoreClient
 
@@ -73,22 +81,27 @@ def run(args, address: str, pids: dict[str, int] | None) -> None:
             raise SystemExit(f"{name} disagrees with the table's rows")
     if clients["ipc"].same_host.device_pool(cuda) is None:
         raise SystemExit(f"no CUDA IPC: {clients['ipc'].same_host.device_reason}")
+    echoes = {name: EchoClient(echo_address, clients["network"].chunk_bytes)
+              for name, echo_address in echo_addresses.items()}
+    for name, echo in echoes.items():                       # zero rows: the transport, not the values
+        lookups[name] = lambda b, echo=echo: echo.lookup(b, args.dim)
     names = list(lookups)
     print(f"load average {os.getloadavg()[0]:.1f}, {os.cpu_count()} cores, {torch.cuda.get_device_name(cuda)}; "
           f"dim {args.dim}, {args.rows:,} rows cached in GPU memory; CUDA ids in, CUDA rows out")
     print(f"{'ids':8} {'batch':>7} " + " ".join(f"{n + ' rows/s':>20}" for n in names)
-          + f" {'ipc/shm':>8} {'ipc/net':>8} {'ipc/local':>10}")
+          + f" {'ipc/shm':>8} {'ipc/net':>8} {'ipc/local':>10} {'ipc/echo':>9}")
     for dist in ("uniform", "zipf"):
         for batch in (4096, 65536, 262144):
             batches = id_batches(rng, dist, batch, args.rows, perm, args.seconds)
             rates, cpu = timed_side_by_side(lookups, batches, args.rounds, pids)
+            echo = max(rates[name] for name in echoes)
             print(f"{dist:8} {batch:>7} " + " ".join(f"{rates[n]:>20,.0f}" for n in names)
                   + f" {rates['ipc'] / rates['shm']:>8.2f} {rates['ipc'] / rates['network']:>8.2f}"
-                  + f" {rates['ipc'] / rates['index_select']:>10.2f}", flush=True)
+                  + f" {rates['ipc'] / rates['index_select']:>10.2f} {rates['ipc'] / echo:>9.2f}", flush=True)
             if cpu:
-                print(f"{'':8} {'':>7} " + " ".join(f"{f'{cpu[n]:.2f} ms CPU/call':>20}" for n in cpu), flush=True)
+                print(f"{'':8} server ms CPU per call: " + ", ".join(f"{n} {cpu[n]:.2f}" for n in cpu), flush=True)
     training_steps(args, clients, gpu, rng, perm, cuda)
-    for client in clients.values():
+    for client in (*clients.values(), *echoes.values()):
         client.close()
 
 
