@@ -252,3 +252,15 @@ def test_copies_of_shared_inputs_count_against_the_request_memory_budget(start_s
         with pytest.raises(ResourceExhaustedError, match="max_buffered_bytes"):
             shm.update("budget", ids, np.ones((1000, 128), np.float32))
         assert np.array_equal(shm.lookup("budget", ids), before)
+
+
+def test_without_a_gpu_cuda_ipc_is_refused_with_the_reason_and_the_segment_path_stays(shm):
+    """No CUDA driver here (CI): asking for GPU buffers answers None with the reason, and the
+    client's calls keep working through its segments."""
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: tests/gpu/test_cuda_ipc.py covers CUDA IPC")
+    assert shm.same_host.device_pool(torch.device("cuda:0")) is None
+    assert "CUDA" in shm.same_host.device_reason
+    small_table(shm, "no_gpu", DIM)
+    assert shm.lookup("no_gpu", torch.from_numpy(IDS)).shape == (len(IDS), DIM)
