@@ -209,7 +209,9 @@ class SameHostPath:
                 message.gradients.add(table=table, shared_ids=segment.put(ids, f"gradients[{table!r}].ids"),
                                       shared_values=spec)
             if buffer is not None:
-                _synchronize(buffer.device)          # the gradients are in the buffer before the server reads
+                import torch
+
+                torch.cuda.current_stream(buffer.device).synchronize()   # gradients written before the server reads
             places = {}
             for table, ids in lookups.items():
                 id_spec = segment.put(ids, f"lookups[{table!r}]")
@@ -230,8 +232,10 @@ class SameHostPath:
         `device` (GPU tables, CUDA float32 gradients on that device)."""
         if device is None or device.type != "cuda" or self.device_pool(device) is None:
             return set(), set()
+        import torch
+
         grads = {table for table, (_, g) in gradients.items()
-                 if cuda_device(g) == device and g.dtype == _torch_float32() and self.gpu_table(table)}
+                 if cuda_device(g) == device and g.dtype == torch.float32 and self.gpu_table(table)}
         return grads, {table for table in lookups if self.gpu_table(table)}
 
     def give_buffer(self, buffer) -> None:
@@ -422,16 +426,3 @@ class SameHostPath:
     def _detach(self, name: str) -> None:
         with _rpc():
             self._calls["DetachSegment"](pb.DetachSegmentRequest(segment=name), timeout=self.timeout)
-
-
-
-def _synchronize(device) -> None:
-    import torch
-
-    torch.cuda.current_stream(device).synchronize()
-
-
-def _torch_float32():
-    import torch
-
-    return torch.float32
