@@ -141,7 +141,9 @@ class RemoteEmbeddingBag(_RemoteRows):
         flat = input.detach().cpu().numpy().astype(np.int64, copy=False).ravel()
         weight, _, inverse = self._rows(flat, input.device)
         index = torch.from_numpy(inverse.astype(np.int64)).reshape(input.shape).to(input.device)
-        return F.embedding_bag(index, weight, offsets, mode=self.mode, per_sample_weights=per_sample_weights)
+        return F.embedding_bag(index, weight, None if offsets is None else offsets.to(input.device), mode=self.mode,
+                               per_sample_weights=None if per_sample_weights is None
+                               else per_sample_weights.to(input.device))
 
 
 STATE_KEYS = ("ids", "weight", "optimizer_state", "row_meta")
