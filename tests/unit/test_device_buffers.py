@@ -80,3 +80,31 @@ def test_a_call_naming_an_unknown_buffer_is_invalid_argument_naming_the_field():
     with pytest.raises(InvalidArgument, match="^weights.device_buffer: no GPU buffer"):
         with DeviceBuffers().using(NAMES[0], "weights"):
             pass
+
+
+def test_a_cancelled_call_still_waits_for_its_store_work_before_it_ends():
+    """`to_the_end`: the store thread may be writing into a client's GPU buffer; the call's end (which
+    lets the buffer close) comes only after that work, even when the call is cancelled."""
+    import threading
+
+    from kvstore_server.same_host_service import to_the_end
+
+    async def run():
+        release, finished = threading.Event(), threading.Event()
+
+        def store_work():
+            release.wait()
+            finished.set()
+            return "rows written"
+
+        call = asyncio.create_task(to_the_end(asyncio.get_running_loop().run_in_executor(None, store_work)))
+        await asyncio.sleep(0)                     # one turn of the loop (no clock): the call awaits its work
+        call.cancel()
+        await asyncio.sleep(0)
+        assert not call.done()                     # cancelled, yet waiting for the thread
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert finished.is_set()
+
+    asyncio.run(run())
