@@ -182,6 +182,10 @@ class KVStoreClient(ReplicationMethods, SnapshotMethods):
                 weights = self.lookup(table, id_array, on_miss, with_state)
                 out.copy_(like(weights[0] if with_state else weights, out))
                 return (out, like(weights[1], out)) if with_state else out
+        if out is None and not with_state and on_miss in ON_MISS and self.same_host.usable():
+            rows = self.same_host.lookup_owned(table, id_array, ON_MISS[on_miss], self._lease.current)
+            if rows is not None:                 # over the segment the server wrote: no copy
+                return like(rows, ids)
         result = Reassembly(len(id_array), with_state, out=out)
         self.lookup_into(table, id_array, result.sink(), on_miss, with_state)
         if with_state:

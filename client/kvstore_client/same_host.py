@@ -104,12 +104,23 @@ class SameHostPath(CudaIpcCalls):
             self._with_table(table, lambda dim, dtype, ids=ids, start=start: self._lookup(
                 table, ids, start, place, on_miss, lease, dim, dtype))
 
-    def _lookup(self, table, ids, start, place, on_miss, lease, dim, dtype) -> None:
+    def lookup_owned(self, table: str, id_array: np.ndarray, on_miss: int, lease: str) -> np.ndarray | None:
+        """The rows of `id_array` as an array over the segment the server wrote them into: no copy.
+        The segment is that array's until it and every view of it are gone, then back to the pool
+        (SegmentPool.lend). None for no ids or more than one segment's LOOKUP_CALL_ROWS."""
+        if not 0 < len(id_array) <= LOOKUP_CALL_ROWS:
+            return None
+        return self._with_table(table, lambda dim, dtype: self._lookup(table, id_array, 0, None, on_miss, lease,
+                                                                      dim, dtype))
+
+    def _lookup(self, table, ids, start, place, on_miss, lease, dim, dtype) -> np.ndarray | None:
         """One segment for the whole lookup; pieces of about PIECE_BYTES of rows are asked for up to
-        PIECES_AHEAD at a time, so the server gathers piece i+1 while this client copies piece i."""
+        PIECES_AHEAD at a time, so the server gathers piece i+1 while this client copies piece i.
+        With `place` None nothing is copied: the rows are returned over the segment, lent to them."""
         n, itemsize = len(ids), WIRE_DTYPES[dtype].itemsize
         step = max(1, PIECE_BYTES // max(1, dim * itemsize))
-        with self.pool.lease(region_bytes(((n,), 8), ((n, dim), itemsize))) as segment:
+        segment = self.pool.take(region_bytes(((n,), 8), ((n, dim), itemsize)))
+        try:
             id_spec = segment.put(ids, "ids")
             rows, row_spec = segment.array((n, dim), dtype)
             rows.flags.writeable = False
@@ -125,27 +136,40 @@ class SameHostPath(CudaIpcCalls):
             if len(pieces) == 1:                 # a blocking call: a future would start grpc's spin thread per call
                 with _rpc():
                     self._calls["SharedLookup"](request(0, n), timeout=self.timeout)
-                place(start, start + n, rows, None)
-                return
-            waiting: deque = deque()
+                if place is not None:
+                    place(start, start + n, rows, None)
+            else:
+                self._lookup_pieces(pieces, request, lambda first, last: place is None or place(
+                    start + first, start + last, rows[first:last], None))
+        except BaseException:
+            self.pool.retire(segment)            # the server may still be writing into it
+            raise
+        if place is not None:
+            self.pool.give(segment)
+            return None
+        return self.pool.lend(segment, row_spec.offset, (n, dim), dtype)
 
-            def place_oldest() -> None:
-                first, last, call = waiting.popleft()
-                with _rpc():
-                    call.result()
-                place(start + first, start + last, rows[first:last], None)
+    def _lookup_pieces(self, pieces: list[tuple[int, int]], request: Callable, placed: Callable) -> None:
+        """Every piece asked for, PIECES_AHEAD beyond the one being placed; an error ends the others."""
+        waiting: deque = deque()
 
-            try:
-                for first, last in pieces:
-                    waiting.append((first, last, self._calls["SharedLookup"].future(request(first, last),
-                                                                                    timeout=self.timeout)))
-                    if len(waiting) > PIECES_AHEAD:
-                        place_oldest()
-                while waiting:
+        def place_oldest() -> None:
+            first, last, call = waiting.popleft()
+            with _rpc():
+                call.result()
+            placed(first, last)
+
+        try:
+            for first, last in pieces:
+                waiting.append((first, last, self._calls["SharedLookup"].future(request(first, last),
+                                                                                timeout=self.timeout)))
+                if len(waiting) > PIECES_AHEAD:
                     place_oldest()
-            finally:
-                for _, _, call in waiting:       # an error: the others end too (the segment is retired)
-                    call.cancel()
+            while waiting:
+                place_oldest()
+        finally:
+            for _, _, call in waiting:
+                call.cancel()
 
     def update(self, table: str, id_array: np.ndarray, weights: np.ndarray, state: np.ndarray | None,
                scores: np.ndarray | None) -> int:
@@ -257,7 +281,7 @@ class SameHostPath(CudaIpcCalls):
             time.sleep(BACKOFF_SECONDS * (attempt + 1))
         raise AssertionError("unreachable")
 
-    def _with_table(self, table: str, call: Callable[[int, str], None]) -> None:
+    def _with_table(self, table: str, call: Callable[[int, str], Any]) -> Any:
         """`call(dim, dtype)` with the table's shape; once more with a fresh one if the table was
         re-created with another shape since it was read."""
         for attempt in range(2):

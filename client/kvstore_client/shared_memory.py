@@ -16,9 +16,12 @@ server still writing, so its segment is retired: detached and unlinked, never re
 """
 from __future__ import annotations
 
+import ctypes
 import math
+import queue
 import secrets
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from multiprocessing import shared_memory
@@ -33,6 +36,9 @@ PREFIX = "kvstore-"
 TOKEN_BYTES = 16
 ALIGN = 64                   # arrays start on cache lines
 MIN_SEGMENT_BYTES = 1 << 20
+
+
+_ORPHANED: list = []             # segments lent past their pool's close: kept mapped until exit
 
 
 class NotAttached(Exception):
@@ -72,6 +78,15 @@ class Segment:
         view[...] = array
         return spec
 
+    def orphan(self) -> None:
+        """Unlinked now, unmapped when this process ends: a lent array's segment that came back
+        after its pool closed, while the array's memory is still being let go."""
+        try:
+            self.shm.unlink()
+        except FileNotFoundError:
+            pass
+        _ORPHANED.append(self)
+
     def write_token(self, token: bytes) -> None:
         self.shm.buf[:len(token)] = token
 
@@ -104,6 +119,7 @@ class SegmentPool:
         self._detach = detach
         self._make = make               # bytes -> a new segment (or GPU buffer: device_memory.py)
         self._free: list[Segment] = []
+        self._returned: queue.SimpleQueue[Segment] = queue.SimpleQueue()   # lent segments, their arrays gone
         self._lock = threading.Lock()
         self._closed = False
 
@@ -127,6 +143,22 @@ class SegmentPool:
                 return
         self.retire(segment)
 
+    def lend(self, segment: Segment, offset: int, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+        """A writable array of `shape` over `segment` from `offset`, which owns the segment: it comes
+        back to the pool once that array and every view of it (a torch tensor over it too) are gone.
+        The array's memory is a ctypes object exported from the segment, the one base all views keep."""
+        wire = WIRE_DTYPES[dtype]
+        owner = (ctypes.c_char * (math.prod(shape) * wire.itemsize)).from_buffer(segment.shm.buf, offset)
+        weakref.finalize(owner, self._come_back, segment)
+        return np.frombuffer(owner, dtype=wire).reshape(shape)
+
+    def _come_back(self, segment: Segment) -> None:
+        """A lent segment whose array is gone (a finalizer: any thread, any moment, so no lock)."""
+        if self._closed:
+            segment.orphan()                 # unlinked; the server drops unlinked segments
+        else:
+            self._returned.put(segment)
+
     def retire(self, segment: Segment) -> None:
         """Detached and unlinked, never reused (its call may still be running on the server)."""
         try:
@@ -143,13 +175,23 @@ class SegmentPool:
 
     def close(self) -> None:
         with self._lock:
+            self._collect_returned()
             self._closed, free, self._free = True, self._free, []
         for segment in free:
             self.retire(segment)
 
+    def _collect_returned(self) -> None:
+        """Lent segments that came back join the free ones (call with the lock held)."""
+        while True:
+            try:
+                self._free.append(self._returned.get_nowait())
+            except queue.Empty:
+                return
+
     def take(self, nbytes: int) -> Segment:
         """A free segment of at least `nbytes` (a new one, attached, if none fits); `give` or `retire` it."""
         with self._lock:
+            self._collect_returned()
             fits = [s for s in self._free if s.size >= nbytes]
             if fits:
                 segment = min(fits, key=lambda s: s.size)

@@ -2,6 +2,7 @@
 back where it cannot be had, and hostile segment requests are refused without harm."""
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import threading
@@ -153,16 +154,21 @@ def test_a_call_that_failed_retires_its_segment(shm):
     assert shm.lookup("retire", IDS).shape == (len(IDS), DIM)
 
 
-def test_close_unlinks_the_clients_segments(server):
+def test_close_unlinks_the_clients_segments_and_a_result_still_held_keeps_its_rows(server):
+    before = set(os.listdir("/dev/shm"))
     client = KVStoreClient(server.address, same_host=True)
     small_table(client, "closing", DIM)
-    client.lookup("closing", IDS)
-    names = [s.name for s in client.same_host.pool._free]
-    mapped = metric(server, "kvstore_same_host_segments")
-    client.close()
-    assert names and not any(os.path.exists(f"/dev/shm/{name}") for name in names)
-    assert metric(server, "kvstore_same_host_segments") == mapped - len(names)      # detached on close
+    client.update("closing", IDS, random_rows(len(IDS), DIM, seed=4))
+    held = client.lookup("closing", IDS)                     # over a segment lent to it
+    expected = held.copy()
+    names = {name for name in set(os.listdir("/dev/shm")) - before if name.startswith("kvstore-")}
+    assert names and metric(server, "kvstore_same_host_segments") >= len(names)     # mapped by the server
     assert metric(server, "kvstore_same_host_gpu_buffers") == 0                       # no CUDA tensors here
+    client.close()
+    assert np.array_equal(held, expected)                    # the held result is intact after close
+    del held
+    gc.collect()
+    assert not any(os.path.exists(f"/dev/shm/{name}") for name in names)
 
 
 def metric(server, name: str) -> float:
@@ -264,3 +270,27 @@ def test_without_a_gpu_cuda_ipc_is_refused_with_the_reason_and_the_segment_path_
     assert "CUDA" in shm.same_host.device_reason
     small_table(shm, "no_gpu", DIM)
     assert shm.lookup("no_gpu", torch.from_numpy(IDS)).shape == (len(IDS), DIM)
+
+
+def test_a_lookup_result_owns_its_segment_until_it_and_its_views_are_gone(shm, net):
+    """Lookups return rows over the segment the server wrote (no copy): a view or tensor kept from
+    a result keeps its rows through later lookups, and results let go are recycled, not piled up."""
+    small_table(net, "lent", DIM)
+    first_ids, other_ids = np.arange(0, 64), np.arange(1000, 1064)
+    net.update("lent", first_ids, random_rows(64, DIM, seed=5))
+    net.update("lent", other_ids, random_rows(64, DIM, seed=6))
+    result = shm.lookup("lent", first_ids)
+    view = result[3:9]
+    kept = view.copy()
+    del result
+    before = {n for n in os.listdir("/dev/shm") if n.startswith("kvstore-")}
+    for _ in range(50):                          # results dropped at once: their segments come back
+        assert np.array_equal(shm.lookup("lent", other_ids), net.lookup("lent", other_ids))
+    assert np.array_equal(view, kept)            # the view's segment was not reused meanwhile
+    made = {n for n in os.listdir("/dev/shm") if n.startswith("kvstore-")} - before
+    assert len(made) <= 2, made
+    torch = pytest.importorskip("torch")
+    tensor = torch.from_numpy(shm.lookup("lent", first_ids))
+    for _ in range(5):
+        shm.lookup("lent", other_ids)
+    assert np.array_equal(tensor.numpy(), net.lookup("lent", first_ids))
