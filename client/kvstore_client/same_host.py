@@ -201,7 +201,8 @@ class SameHostPath(CudaIpcCalls):
         """Put one Train step's gradients (checked ids, [n, dim] rows: NumPy, or CUDA tensors), lookup
         and prefetch ids in a segment of its own and describe them in `message`; returns the segment
         (held until the step's answer: given back once answered, retired if not), per looked-up table
-        the view its rows will be written to, and the GPU buffer the step holds (or None).
+        where its rows will be written (the SharedArray of a segment region, or a GPU buffer's tensor
+        view), and the GPU buffer the step holds (or None).
         With `device` (a CUDA device) a GPU table's rows are written into a GPU buffer there (CUDA IPC)
         and its CUDA gradients read from one, when the server can open it."""
         gpu_grads, gpu_rows = self._gpu_parts(gradients, lookups, device)
@@ -237,7 +238,8 @@ class SameHostPath(CudaIpcCalls):
             for table, ids in lookups.items():
                 id_spec = segment.put(ids, f"lookups[{table!r}]")
                 shape = (len(ids), shapes[table][0])
-                places[table], row_spec = (buffer if table in gpu_rows else segment).array(shape, shapes[table][1])
+                view, row_spec = (buffer if table in gpu_rows else segment).array(shape, shapes[table][1])
+                places[table] = view if table in gpu_rows else row_spec     # the segment's rows: lent on answer
                 message.lookups.add(table=table, shared_ids=id_spec, shared_values=row_spec)
             for table, ids in prefetches.items():
                 message.prefetches.add(table=table, shared_ids=segment.put(ids, f"prefetches[{table!r}]"))

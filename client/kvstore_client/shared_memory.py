@@ -145,12 +145,20 @@ class SegmentPool:
 
     def lend(self, segment: Segment, offset: int, shape: tuple[int, ...], dtype: str) -> np.ndarray:
         """A writable array of `shape` over `segment` from `offset`, which owns the segment: it comes
-        back to the pool once that array and every view of it (a torch tensor over it too) are gone.
-        The array's memory is a ctypes object exported from the segment, the one base all views keep."""
-        wire = WIRE_DTYPES[dtype]
-        owner = (ctypes.c_char * (math.prod(shape) * wire.itemsize)).from_buffer(segment.shm.buf, offset)
+        back to the pool once that array and every view of it (a torch tensor over it too) are gone."""
+        return self.lend_regions(segment, [(offset, shape, dtype)])[0]
+
+    def lend_regions(self, segment: Segment, regions: list[tuple[int, tuple[int, ...], str]]) -> list[np.ndarray]:
+        """Writable arrays over `segment`, one per (offset, shape, dtype), which together own it: it
+        comes back to the pool once all of them and their views are gone. Their memory is one ctypes
+        object exported from the segment, the base every view keeps."""
+        owner = (ctypes.c_char * segment.size).from_buffer(segment.shm.buf)
         weakref.finalize(owner, self._come_back, segment)
-        return np.frombuffer(owner, dtype=wire).reshape(shape)
+        arrays = []
+        for offset, shape, dtype in regions:
+            wire = WIRE_DTYPES[dtype]
+            arrays.append(np.frombuffer(owner, dtype=wire, count=math.prod(shape), offset=offset).reshape(shape))
+        return arrays
 
     def _come_back(self, segment: Segment) -> None:
         """A lent segment whose array is gone (a finalizer: any thread, any moment, so no lock)."""

@@ -45,6 +45,7 @@ class TrainStep:
         self.segment: Segment | None = None     # same-host: the step's shared memory, until answered
         self.buffer = None                       # ... and its GPU buffer (CUDA IPC), if any
         self.places: dict[str, Any] = {}         # ... and where each table's rows are written
+        self.lent: set[str] = set()              # tables whose rows are arrays over the segment (writable)
 
     def result(self, allocate: Allocate = np.empty) -> tuple[dict[str, int], dict[str, np.ndarray]]:
         """(unique rows stepped per table, looked-up weights per table); raises the step's error.
@@ -54,8 +55,9 @@ class TrainStep:
         self.wait()
         rows = {}
         for table, n in self.lookups.items():
-            if len(self.rows[table]) == 1 and is_torch(self.rows[table][0]):    # written on the GPU (CUDA IPC)
-                rows[table] = self.rows[table][0]
+            written_here = table in self.lent and allocate is np.empty
+            if len(self.rows[table]) == 1 and (written_here or is_torch(self.rows[table][0])):
+                rows[table] = self.rows[table][0]      # where the server wrote it (the segment, the GPU)
                 continue
             result = Reassembly(n, allocate=allocate)
             self.place_rows(table, result.sink())
@@ -168,11 +170,20 @@ class TrainingStream:
         except KVStoreError as exc:
             self._end(exc)
             return
-        if head.segment is not None:          # answered: the rows are in place, the segment is free again
+        if head.segment is not None:          # answered: the rows are in place
+            in_segment = {table: spec for table, spec in head.places.items() if not is_torch(spec)}
             for table, rows in head.places.items():
-                head.rows[table] = [rows.clone() if is_torch(rows) else rows.copy()]
+                if is_torch(rows):
+                    head.rows[table] = [rows.clone()]
+            if in_segment:                    # the rows, over the segment, own it now (no copy)
+                lent = self.client.same_host.pool.lend_regions(
+                    head.segment, [(spec.offset, tuple(spec.shape), spec.dtype) for spec in in_segment.values()])
+                for table, rows in zip(in_segment, lent, strict=True):
+                    head.rows[table] = [rows]
+                head.lent.update(in_segment)
+            else:
+                self.client.same_host.pool.give(head.segment)
             head.places = {}
-            self.client.same_host.pool.give(head.segment)
             head.segment = None
             if head.buffer is not None:
                 _finish_copies(head.buffer.device)             # the clones are made before the buffer is lent

@@ -1,6 +1,7 @@
 """The training collection over the same-host path: exactly the plain loop's losses and rows."""
 from __future__ import annotations
 
+import gc
 import os
 
 import numpy as np
@@ -26,11 +27,33 @@ def test_a_closed_stream_retires_the_segments_of_unanswered_steps(server):
         shm.create_table("shm_stream", 8)
         stream = TrainingStream(shm)
         first = stream.send(lookups={"shm_stream": np.arange(10)})
+        first_segment = first.segment.name
         _, rows = first.result()
-        assert rows["shm_stream"].shape == (10, 8)
-        reused = {s.name for s in shm.same_host.pool._free}
+        assert rows["shm_stream"].shape == (10, 8)       # over the segment, which it owns
+        del rows, first
+        gc.collect()                                     # let go: the segment is the pool's again
         pending = stream.send(lookups={"shm_stream": np.arange(20)})
         held = pending.segment.name
         stream.close()
-        assert held in reused and pending.error is not None
+        assert held == first_segment and pending.error is not None
         assert held not in {s.name for s in shm.same_host.pool._free} and not os.path.exists(f"/dev/shm/{held}")
+
+
+def test_looked_up_rows_of_a_step_stay_as_read_while_later_steps_run(server):
+    """A step's rows are arrays over its segment (no copy): later steps, which change those rows on
+    the server and write newer rows, never reuse a segment whose rows are still held."""
+    from kvstore_client.training_stream import TrainingStream
+
+    with KVStoreClient(server.address, same_host=True) as shm, KVStoreClient(server.address) as net:
+        shm.create_table("shm_lent", 8, optimizer={"name": "sgd", "lr": 0.5})
+        stream = TrainingStream(shm)
+        ids = np.arange(32)
+        _, first = stream.send(lookups={"shm_lent": ids}).result()
+        as_read = first["shm_lent"].copy()
+        for _ in range(10):
+            grads = np.ones((len(ids), 8), np.float32)
+            _, later = stream.send(gradients={"shm_lent": (ids, grads)}, lookups={"shm_lent": ids}).result()
+        stream.close()
+        assert np.array_equal(first["shm_lent"], as_read)
+        assert np.array_equal(later["shm_lent"], net.lookup("shm_lent", ids))
+        assert np.allclose(as_read - later["shm_lent"], 0.5 * 10)       # ten SGD steps of 0.5 * 1 apart
