@@ -29,7 +29,10 @@ row; `--cache-rows N` gives its tables a smaller cache, so part of each step's r
 from RocksDB (the hit rate of the timed lookups is printed; Redis keeps every row in
 memory either way). Ratio = Redis time / kvstore time.
 
-    python bench/redis_ps_bench.py [--rows 1000000] [--batches 4096,65536] [--cache-rows N]
+    python bench/redis_ps_bench.py [--rows 1000000] [--batches 4096,65536] [--cache-rows N] [--same-host]
+
+`--same-host`: the kvstore client moves ids, rows and gradients through shared memory
+(docs/same-host.md), as a trainer next to its server would; Redis stays on its TCP socket.
 """
 from __future__ import annotations
 
@@ -227,9 +230,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cache-rows", type=int, default=0,
                         help="cache slots of each kvstore table (default: twice the rows, all cached)")
+    parser.add_argument("--same-host", action="store_true", help="kvstore through shared memory (same host)")
     args = parser.parse_args()
     keep_freed_memory()     # in this (client) process too, as kvstore-server does in its own
     print(f"redis ps bench: rows={args.rows:,} dim={args.dim} rowwise_adagrad zipf 1.05; {os.cpu_count()} CPUs, "
+          f"kvstore {'through shared memory' if args.same_host else 'over loopback TCP'}, "
           f"{time.strftime('%Y-%m-%d %H:%M')}")
     work = tempfile.mkdtemp(prefix="ps-bench-")
     redis_proc, db = start_redis()
@@ -243,7 +248,7 @@ def main() -> None:
         db_pipelined = redis.Redis(port=db.connection_pool.connection_kwargs["port"], db=1)
         ps_pipelined = RedisPipelinedPS(db_pipelined, args.dim)
         ps_pipelined.load(weights)
-        with KVStoreClient(address, timeout=300) as client:
+        with KVStoreClient(address, timeout=300, same_host=args.same_host) as client:
             cache_rows = args.cache_rows or 32 * int(2 ** np.ceil(np.log2(max(1, 2 * args.rows // 32))))
             for side in SIDES:
                 client.create_table(f"{TABLE}_{side}", args.dim, cache={"rows": cache_rows},
