@@ -32,7 +32,7 @@ from .cuda_ipc import CudaIpcCalls
 from .errors import FailedPreconditionError, InvalidArgumentError, KVStoreError, UnavailableError
 from .errors import rpc_errors as _rpc
 from .reassembly import Place
-from .shared_memory import NotAttached, Segment, SegmentPool, region_bytes
+from .shared_memory import MAX_LENT, NotAttached, Segment, SegmentPool, region_bytes
 from .writes import BACKOFF_SECONDS, RETRIES
 
 MODES = (True, False, "auto")
@@ -107,8 +107,9 @@ class SameHostPath(CudaIpcCalls):
     def lookup_owned(self, table: str, id_array: np.ndarray, on_miss: int, lease: str) -> np.ndarray | None:
         """The rows of `id_array` as an array over the segment the server wrote them into: no copy.
         The segment is that array's until it and every view of it are gone, then back to the pool
-        (SegmentPool.lend). None for no ids or more than one segment's LOOKUP_CALL_ROWS."""
-        if not 0 < len(id_array) <= LOOKUP_CALL_ROWS:
+        (SegmentPool.lend). None for no ids, more than one segment's LOOKUP_CALL_ROWS, or MAX_LENT
+        segments already lent to results still alive (the caller copies then)."""
+        if not 0 < len(id_array) <= LOOKUP_CALL_ROWS or self.pool.lent() >= MAX_LENT:
             return None
         return self._with_table(table, lambda dim, dtype: self._lookup(table, id_array, 0, None, on_miss, lease,
                                                                       dim, dtype))

@@ -17,6 +17,7 @@ server still writing, so its segment is retired: detached and unlinked, never re
 from __future__ import annotations
 
 import ctypes
+import itertools
 import math
 import queue
 import secrets
@@ -36,6 +37,7 @@ PREFIX = "kvstore-"
 TOKEN_BYTES = 16
 ALIGN = 64                   # arrays start on cache lines
 MIN_SEGMENT_BYTES = 1 << 20
+MAX_LENT = 16                # segments lent to results at once; past it results are copies
 
 
 _ORPHANED: list = []             # segments lent past their pool's close: kept mapped until exit
@@ -120,6 +122,8 @@ class SegmentPool:
         self._make = make               # bytes -> a new segment (or GPU buffer: device_memory.py)
         self._free: list[Segment] = []
         self._returned: queue.SimpleQueue[Segment] = queue.SimpleQueue()   # lent segments, their arrays gone
+        self._lends, self._returns = itertools.count(1), itertools.count(1)   # next() is atomic: finalizers count
+        self._lent_total = self._returned_total = 0
         self._lock = threading.Lock()
         self._closed = False
 
@@ -154,14 +158,21 @@ class SegmentPool:
         object exported from the segment, the base every view keeps."""
         owner = (ctypes.c_char * segment.size).from_buffer(segment.shm.buf)
         weakref.finalize(owner, self._come_back, segment)
+        self._lent_total = next(self._lends)
         arrays = []
         for offset, shape, dtype in regions:
             wire = WIRE_DTYPES[dtype]
             arrays.append(np.frombuffer(owner, dtype=wire, count=math.prod(shape), offset=offset).reshape(shape))
         return arrays
 
+    def lent(self) -> int:
+        """Segments lent to arrays still alive (each holds a file descriptor and a mapping: callers
+        copy instead of lending past a few, so a caller keeping every result cannot run out of them)."""
+        return self._lent_total - self._returned_total
+
     def _come_back(self, segment: Segment) -> None:
         """A lent segment whose array is gone (a finalizer: any thread, any moment, so no lock)."""
+        self._returned_total = next(self._returns)
         if self._closed:
             segment.orphan()                 # unlinked; the server drops unlinked segments
         else:

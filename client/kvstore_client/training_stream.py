@@ -19,7 +19,7 @@ from collections import deque
 from typing import Any
 
 import numpy as np
-from kvstore_proto.tensors import WireError, decode_tensor, encode_ids, encode_tensor
+from kvstore_proto.tensors import WIRE_DTYPES, WireError, decode_tensor, encode_ids, encode_tensor
 from kvstore_proto.v1 import kvstore_pb2 as pb
 
 from .arrays import as_ids, as_rows, chunks, cuda_device, is_torch
@@ -27,7 +27,7 @@ from .client import ON_MISS, KVStoreClient
 from .errors import InternalError, InvalidArgumentError, KVStoreError
 from .errors import rpc_errors as _rpc
 from .reassembly import Allocate, Place, Reassembly
-from .shared_memory import Segment
+from .shared_memory import MAX_LENT, Segment
 
 TRAIN_METHOD = f"/{pb.DESCRIPTOR.services_by_name['EmbeddingStore'].full_name}/Train"
 
@@ -45,7 +45,7 @@ class TrainStep:
         self.segment: Segment | None = None     # same-host: the step's shared memory, until answered
         self.buffer = None                       # ... and its GPU buffer (CUDA IPC), if any
         self.places: dict[str, Any] = {}         # ... and where each table's rows are written
-        self.lent: set[str] = set()              # tables whose rows are arrays over the segment (writable)
+        self.lent: set[str] = set()              # tables whose rows are this step's own writable arrays
 
     def result(self, allocate: Allocate = np.empty) -> tuple[dict[str, int], dict[str, np.ndarray]]:
         """(unique rows stepped per table, looked-up weights per table); raises the step's error.
@@ -175,14 +175,18 @@ class TrainingStream:
             for table, rows in head.places.items():
                 if is_torch(rows):
                     head.rows[table] = [rows.clone()]
-            if in_segment:                    # the rows, over the segment, own it now (no copy)
-                lent = self.client.same_host.pool.lend_regions(
+            pool = self.client.same_host.pool
+            if in_segment and pool.lent() < MAX_LENT:     # the rows, over the segment, own it now (no copy)
+                lent = pool.lend_regions(
                     head.segment, [(spec.offset, tuple(spec.shape), spec.dtype) for spec in in_segment.values()])
                 for table, rows in zip(in_segment, lent, strict=True):
                     head.rows[table] = [rows]
-                head.lent.update(in_segment)
             else:
-                self.client.same_host.pool.give(head.segment)
+                for table, spec in in_segment.items():    # copies: many results are held already
+                    head.rows[table] = [np.ndarray(tuple(spec.shape), WIRE_DTYPES[spec.dtype],
+                                                   buffer=head.segment.shm.buf, offset=spec.offset).copy()]
+                pool.give(head.segment)
+            head.lent.update(in_segment)
             head.places = {}
             head.segment = None
             if head.buffer is not None:

@@ -294,3 +294,17 @@ def test_a_lookup_result_owns_its_segment_until_it_and_its_views_are_gone(shm, n
     for _ in range(5):
         shm.lookup("lent", other_ids)
     assert np.array_equal(tensor.numpy(), net.lookup("lent", first_ids))
+
+
+def test_a_caller_keeping_every_result_gets_copies_past_a_few_lent_segments(shm, net):
+    """Each lent result holds a segment (a file descriptor and a mapping): past MAX_LENT results
+    alive, lookups return copies, so a caller keeping all of them never runs out of descriptors."""
+    from kvstore_client.shared_memory import MAX_LENT
+
+    small_table(net, "kept_all", DIM)
+    before = {n for n in os.listdir("/dev/shm") if n.startswith("kvstore-")}
+    kept = [(ids, shm.lookup("kept_all", ids)) for ids in (np.arange(i, i + 40) for i in range(0, 4000, 40))]
+    made = {n for n in os.listdir("/dev/shm") if n.startswith("kvstore-")} - before
+    assert len(made) <= MAX_LENT + 2, len(made)
+    for ids, rows in kept:
+        assert np.array_equal(rows, net.lookup("kept_all", ids))

@@ -57,3 +57,18 @@ def test_looked_up_rows_of_a_step_stay_as_read_while_later_steps_run(server):
         assert np.array_equal(first["shm_lent"], as_read)
         assert np.array_equal(later["shm_lent"], net.lookup("shm_lent", ids))
         assert np.allclose(as_read - later["shm_lent"], 0.5 * 10)       # ten SGD steps of 0.5 * 1 apart
+
+
+def test_steps_whose_rows_are_all_kept_are_lent_up_to_a_few_segments_then_copied(server):
+    from kvstore_client.shared_memory import MAX_LENT
+    from kvstore_client.training_stream import TrainingStream
+
+    with KVStoreClient(server.address, same_host=True) as shm, KVStoreClient(server.address) as net:
+        shm.create_table("shm_kept", 8)
+        stream = TrainingStream(shm)
+        kept = [(ids, stream.send(lookups={"shm_kept": ids}).result()[1]["shm_kept"])
+                for ids in (np.arange(i, i + 16) for i in range(0, 16 * (MAX_LENT + 8), 16))]
+        assert shm.same_host.pool.lent() == MAX_LENT          # the rest were copies
+        stream.close()
+        for ids, rows in kept:
+            assert rows.flags.writeable and np.array_equal(rows, net.lookup("shm_kept", ids))
