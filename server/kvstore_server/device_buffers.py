@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import math
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from kvstore.errors import InvalidArgument
 
@@ -43,8 +46,6 @@ def device_region(buffer: DeviceBuffer, spec, field: str, shape: tuple[int | Non
 def upload(out, rows) -> None:
     """Host `rows` into `out`, a region of a client's GPU buffer, finished before this returns
     (the call's answer may follow at once)."""
-    import numpy as np
-
     with out.device:
         out.set(np.ascontiguousarray(rows).view(out.dtype))
         _finish_stream()
@@ -76,7 +77,8 @@ class DeviceBuffer:
         """A CuPy array over `shape` of `dtype` from `offset` (checked by the caller)."""
         import cupy
 
-        memory = cupy.cuda.UnownedMemory(self.pointer + offset, max(1, _nbytes(shape, dtype)), self, self.device)
+        nbytes = max(1, math.prod(shape) * np.dtype(dtype).itemsize)
+        memory = cupy.cuda.UnownedMemory(self.pointer + offset, nbytes, self, self.device)
         return cupy.ndarray(shape, dtype, cupy.cuda.MemoryPointer(memory, 0))
 
     def close(self) -> None:
@@ -85,15 +87,6 @@ class DeviceBuffer:
         with cupy.cuda.Device(self.device):
             cupy.cuda.runtime.ipcCloseMemHandle(self.pointer)
         self.closed.set()
-
-
-def _nbytes(shape: tuple[int, ...], dtype) -> int:
-    import numpy as np
-
-    count = 1
-    for size in shape:
-        count *= size
-    return count * np.dtype(dtype).itemsize
 
 
 def cuda_unavailable() -> str:

@@ -156,6 +156,8 @@ class SameHostRPCs:
                 await to_the_end(self.on_table(table, self._lookup_and_upload, table, piece, on_miss, part))
 
     def _lookup_and_upload(self, table: str, ids: np.ndarray, on_miss: str, out) -> None:
+        """In a store thread: `ids`' rows into `out` (a client's GPU buffer), gathered there when all
+        are cached, else looked up on the host and copied up; finished before this returns."""
         if self.store.lookup_if_cached(table, ids, False, out) is not None:     # gathered into `out`
             return
         upload(out, self.data_budget.lookup(table, ids, on_miss, False).weights)

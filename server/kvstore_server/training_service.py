@@ -27,7 +27,6 @@ from kvstore import Store
 from kvstore.errors import InvalidArgument
 
 from .data_budget import DataBudget
-from .device_buffers import upload
 from .messages import concat, on_miss_name
 from .request_budget import BufferedRequest, RequestMemory
 from .rpc import StoreWork
@@ -161,8 +160,7 @@ class TrainingRPCs:
         """Each part's rows into its place in a client's GPU buffer: a GPU table's cached rows
         gathered there, others looked up on the host and copied up; finished before the answer."""
         for ids, place in zip(parts, places, strict=True):
-            if self.store.lookup_if_cached(table, ids, False, place) is None:     # else gathered into `place`
-                upload(place, self.store.lookup(table, ids, on_miss).weights)
+            self._lookup_and_upload(table, ids, on_miss, place)
 
     def _check_data_budget(self, step: _Step, gradients: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
         """Past the disk budget a step that would create rows is refused before any table changes."""
