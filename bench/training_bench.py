@@ -22,6 +22,7 @@ charges the server's CPU over the whole run to the remote models, which is exact
 
     python bench/training_bench.py [--steps 200] [--batches 1024,8192] [--staleness 1] [--turn 10]
                                    [--models pipelined,ahead] [--torch-threads 8] [--same-host on]
+                                   [--shards 4]
                                    [--device cuda --cache-device cuda [--cuda-ipc off]]
 
 `--device cuda` trains every model on the GPU (the local bags too); `--cache-device cuda` puts the
@@ -77,15 +78,19 @@ class CollectionModel(Model):
 
 
 def process_cpu_seconds(pid: int | None) -> float:
-    """User + system CPU seconds of process `pid` so far, all threads (0 where /proc has none)."""
+    """User + system CPU seconds of process `pid` and its child processes (a sharded server's
+    shards) so far, all threads (0 where /proc has none)."""
     if pid is None:
         return 0.0
     try:
         with open(f"/proc/{pid}/stat") as stat:
             fields = stat.read().rsplit(")", 1)[1].split()
+        with open(f"/proc/{pid}/task/{pid}/children") as children:
+            kids = [int(child) for child in children.read().split()]
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own + sum(process_cpu_seconds(kid) for kid in kids)
 
 
 class Trainer:
@@ -226,6 +231,9 @@ def main() -> None:
                              "choice, one per core; on a trainer host its embedding server needs cores too)")
     parser.add_argument("--same-host", choices=("off", "auto", "on"), default="off",
                         help="the remote models' rows and gradients through shared memory (docs/same-host.md)")
+    parser.add_argument("--shards", type=int, default=1,
+                        help="server processes (`kvstore-server --shards N`); the remote models use one ShardedClient "
+                             "over them, which has no same-host path")
     parser.add_argument("--device", default="cpu", help="where every model trains: cpu or cuda")
     parser.add_argument("--cache-device", default="cpu", help="the remote tables' cache.device: cpu or cuda")
     parser.add_argument("--cuda-ipc", choices=("on", "off"), default="on",
@@ -237,15 +245,19 @@ def main() -> None:
     keep_freed_memory()     # in this (client) process too, as kvstore-server does in its own
     print(f"training bench: dim {args.dim}, {args.steps} steps, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} torch threads, models on {args.device}, remote caches on {args.cache_device}, "
-          f"same-host {args.same_host}, CUDA IPC {args.cuda_ipc}, {time.strftime('%Y-%m-%d %H:%M')}")
+          f"same-host {args.same_host}, CUDA IPC {args.cuda_ipc}, {args.shards} server shard(s), "
+          f"{time.strftime('%Y-%m-%d %H:%M')}")
     data_dir = tempfile.mkdtemp(prefix="kvtrain-")
-    server = subprocess.Popen([sys.executable, "-m", "kvstore_server", "--data-dir", data_dir, "--port", "0"],
+    server = subprocess.Popen([sys.executable, "-m", "kvstore_server", "--data-dir", data_dir, "--port", "0",
+                               *(["--shards", str(args.shards)] if args.shards > 1 else [])],
                               stdout=subprocess.PIPE, text=True)
-    address = server.stdout.readline().strip().rsplit(" ", 1)[-1]
+    address = next(line for line in server.stdout if "listening on" in line).strip().rsplit(" ", 1)[-1]
+    address = address.split(",") if args.shards > 1 else address       # a list: one ShardedClient
     try:
         same_host = {"off": False, "auto": "auto", "on": True}[args.same_host]
         with KVStoreClient(address, timeout=300, same_host=same_host) as client:
-            client.same_host.cuda_ipc = args.cuda_ipc == "on"
+            if args.shards == 1:
+                client.same_host.cuda_ipc = args.cuda_ipc == "on"
             for batch in batches:
                 torch.manual_seed(0)
                 data = synthetic_clicks((args.steps + 7) * batch, args.users, args.items, 8, seed=0)

@@ -19,7 +19,8 @@ from collections import deque
 from typing import Any
 
 import numpy as np
-from kvstore_proto.tensors import WIRE_DTYPES, WireError, decode_tensor, encode_ids, encode_tensor
+from google.protobuf.message import DecodeError
+from kvstore_proto.tensors import WIRE_DTYPES, WireError, _varint, decode_train_response, table_rows_field, wire_name
 from kvstore_proto.v1 import kvstore_pb2 as pb
 
 from .arrays import as_ids, as_rows, chunks, cuda_device, is_torch
@@ -103,7 +104,7 @@ class TrainingStream:
         step = TrainStep(self, {table: len(as_ids(ids)) for table, ids in (lookups or {}).items()})
         if self.client.same_host.usable():
             messages = [self._shared_message(step, gradients or {}, lookups or {}, prefetches or {}, on_miss,
-                                             device)]
+                                             device).SerializeToString()]
         else:
             messages = _step_messages(gradients or {}, {"lookups": lookups or {}, "prefetches": prefetches or {}},
                                       ON_MISS[on_miss], self.client.chunk_bytes)
@@ -145,9 +146,9 @@ class TrainingStream:
             while (message := requests.get()) is not None:
                 yield message
 
-        method = self.client._channel.stream_stream(
-            TRAIN_METHOD, request_serializer=pb.TrainRequest.SerializeToString,
-            response_deserializer=pb.TrainResponse.FromString)
+        # requests go as bytes built with one copy of the gradients; answers are read in place
+        method = self.client._channel.stream_stream(TRAIN_METHOD, request_serializer=None,
+                                                    response_deserializer=None)
         self._requests, self._call = requests, method(iterate())
 
     def _wait(self, step: TrainStep) -> None:
@@ -164,8 +165,7 @@ class TrainingStream:
                     response = next(self._call, None)
                     if response is None:
                         raise InternalError(message="train: the server ended the stream before answering")
-                    _absorb(head, response)
-                    if not response.more:
+                    if not _absorb(head, response):
                         break
         except KVStoreError as exc:
             self._end(exc)
@@ -217,25 +217,33 @@ class TrainingStream:
             step.done = True
 
 
-def _absorb(step: TrainStep, response: pb.TrainResponse) -> None:
-    step.stepped.update(response.stepped)
-    for entry in response.rows:
-        if entry.table not in step.rows:
-            raise InternalError(message=f"train: the answer has rows of table {entry.table!r}, which was not asked")
-        try:
-            step.rows[entry.table].append(decode_tensor(entry.values, "rows.values"))
-        except WireError as exc:
-            raise InternalError(message=f"train: malformed answer: {exc}") from None
+def _absorb(step: TrainStep, response: bytes) -> bool:
+    """Take one answer message into `step` (its rows as views of the message); whether more follow."""
+    try:
+        rows, stepped, more = decode_train_response(response)
+    except (WireError, ValueError, DecodeError) as exc:
+        raise InternalError(message=f"train: malformed answer: {exc}") from None
+    step.stepped.update(stepped)
+    for table, values in rows:
+        if table not in step.rows:
+            raise InternalError(message=f"train: the answer has rows of table {table!r}, which was not asked")
+        step.rows[table].append(values)
+    return more
 
 
-def _step_messages(gradients: dict, id_fields: dict[str, dict], on_miss: int,
-                   chunk_bytes: int) -> list[pb.TrainRequest]:
-    """The messages of one step, each about `chunk_bytes`; all but the last have `more` set.
-    `id_fields`: {"lookups": {table: ids}, "prefetches": {table: ids}}."""
+_FIELDS = {"gradients": 1, "lookups": 2, "prefetches": 5}
+
+
+def _step_messages(gradients: dict, id_fields: dict[str, dict], on_miss: int, chunk_bytes: int) -> list[bytes]:
+    """The serialized messages of one step, each about `chunk_bytes`; all but the last have `more`
+    set. Each is joined from its fields' headers and views of the ids and gradients: one copy of
+    the rows, where building messages copies them three times. `id_fields`: {"lookups": {table:
+    ids}, "prefetches": {table: ids}}."""
     pieces = []                  # (field, table, ids, grads or None)
     for table, (ids, grads) in gradients.items():
         id_array = as_ids(ids)
         grad_array = as_rows(grads, len(id_array), f"gradients[{table!r}]")
+        wire_name(grad_array.dtype, f"gradients[{table!r}]")       # refused here, before anything is sent
         for start, stop in chunks(len(id_array), 8 + grad_array[:1].nbytes, chunk_bytes):
             pieces.append(("gradients", table, id_array[start:stop], grad_array[start:stop]))
     for kind, tables in id_fields.items():
@@ -243,17 +251,18 @@ def _step_messages(gradients: dict, id_fields: dict[str, dict], on_miss: int,
             id_array = as_ids(ids)
             for start, stop in chunks(len(id_array), 8, chunk_bytes):
                 pieces.append((kind, table, id_array[start:stop], None))
-    messages, size = [pb.TrainRequest(on_miss=on_miss)], 0
+    messages: list[list] = [[]]
+    size = 0
     for kind, table, ids, grads in pieces:
         nbytes = ids.nbytes + (0 if grads is None else grads.nbytes)
         if size and size + nbytes > chunk_bytes:
-            messages[-1].more = True
-            messages.append(pb.TrainRequest(on_miss=on_miss))
+            messages.append([])
             size = 0
-        values = {} if grads is None else {"values": encode_tensor(grads)}   # built in place, not merged
-        getattr(messages[-1], kind).add(table=table, ids=encode_ids(ids), **values)
+        messages[-1] += table_rows_field(_FIELDS[kind], table, ids, grads)
         size += nbytes
-    return messages
+    tail = [b"\x18" + _varint(on_miss)] if on_miss else []
+    return [b"".join(parts + tail + ([b"\x20\x01"] if index < len(messages) - 1 else []))
+            for index, parts in enumerate(messages)]
 
 
 def _finish_copies(device) -> None:

@@ -360,3 +360,126 @@ class InPlaceImportRequest:
         if name in IMPORT_TENSORS.values():
             return self._tensors.get(name) or WireTensor("", (), memoryview(b""), 0)
         return getattr(self.header, name)
+
+
+TRAIN_PIECES = {1: "gradients", 2: "lookups", 5: "prefetches"}
+IN_PLACE_MIN_BYTES = 64 << 10     # smaller messages parse faster in protobuf's C code than in place
+_IN_PLACE_ROWS = {1: "table", 2: "ids", 3: "values"}
+
+
+class InPlaceTableRows:
+    """A `TableRows` of a Train message read in place: `table`, `ids` (a memoryview) and `values`
+    (a `WireTensor` viewing the message)."""
+
+    __slots__ = ("table", "ids", "values", "_has_values")
+
+    def __init__(self, table: str, ids: memoryview, values: WireTensor | None):
+        self.table, self.ids, self._has_values = table, ids, values is not None
+        self.values = values if values is not None else WireTensor("", (), memoryview(b""), 0)
+
+    def HasField(self, name: str) -> bool:  # noqa: N802 - the protobuf message method it stands for
+        if name == "values":
+            return self._has_values
+        if name in ("shared_ids", "shared_values"):
+            return False                     # pieces with shared arrays are parsed as messages
+        raise ValueError(f"TableRows has no singular message field {name!r}")
+
+
+def _table_rows(buf: memoryview, start: int, end: int) -> InPlaceTableRows | None:
+    """A TableRows span read in place, or None where it has any other field, a field twice or one
+    of another wire type (same-host pieces, odd encoders): protobuf parses those, with its rules."""
+    found: dict[int, tuple[int, int]] = {}
+    for number, value in _fields(buf, start, end):
+        if number not in _IN_PLACE_ROWS or number in found or not isinstance(value, tuple):
+            return None
+        found[number] = value
+    table = bytes(buf[slice(*found[1])]).decode("utf-8") if 1 in found else ""   # proto3: strict UTF-8
+    ids = buf[slice(*found[2])] if 2 in found else buf[0:0]
+    return InPlaceTableRows(table, ids, _tensor_fields(buf, *found[3]) if 3 in found else None)
+
+
+class InPlaceTrainRequest:
+    """A serialized `TrainRequest` read in place: each piece's ids and values view the message (the
+    gradients of a step are its bulk); the other fields from a message of them alone. Reads like the
+    message. Parsing it into a message and reading the fields would copy the gradients twice."""
+
+    def __init__(self, blob: bytes):
+        buf = memoryview(blob)
+        header: list = []
+        pieces: dict[str, list] = {name: [] for name in TRAIN_PIECES.values()}
+        for number, value, start, end in _fields(buf, 0, len(buf), spans=True):
+            if number in TRAIN_PIECES and isinstance(value, tuple):
+                piece = _table_rows(buf, *value)
+                pieces[TRAIN_PIECES[number]].append(
+                    piece if piece is not None else pb.TableRows.FromString(bytes(buf[value[0]:value[1]])))
+            else:
+                header.append(buf[start:end])
+        self.gradients, self.lookups, self.prefetches = pieces["gradients"], pieces["lookups"], pieces["prefetches"]
+        self.header = pb.TrainRequest.FromString(b"".join(header))
+
+    def __getattr__(self, name: str):
+        return getattr(self.header, name)
+
+
+def read_train_request(blob: bytes) -> InPlaceTrainRequest | pb.TrainRequest:
+    """A serialized `TrainRequest` read in place, or parsed when it is small (the two read alike)."""
+    return InPlaceTrainRequest(blob) if len(blob) >= IN_PLACE_MIN_BYTES else pb.TrainRequest.FromString(blob)
+
+
+def train_response(rows: list[tuple[str, np.ndarray]], stepped: dict[str, int] | None = None,
+                   more: bool = False) -> bytes:
+    """A serialized `TrainResponse` built with one copy of the rows (see `encode_message`): `rows`
+    are (table, weights) entries in order, `stepped` the unique rows stepped per table."""
+    parts: list = []
+    for table, weights in rows:
+        name = table.encode()
+        parts += message_parts({3: weights}, prefix=b"\x0a" + _varint(len(name)) + name, within=1)
+    for table, count in (stepped or {}).items():
+        name = table.encode()
+        entry = b"\x0a" + _varint(len(name)) + name + b"\x10" + _varint(count & ((1 << 64) - 1))
+        parts.append(b"\x12" + _varint(len(entry)) + entry)
+    if more:
+        parts.append(b"\x18\x01")
+    return b"".join(parts)
+
+
+def table_rows_field(number: int, table: str, ids: np.ndarray, values: np.ndarray | None = None) -> list:
+    """Field `number` of a message holding one `TableRows` (table, ids, values), as the parts of
+    `message_parts`: headers and views of the arrays, copied once when the message is joined."""
+    name = table.encode()
+    return message_parts({} if values is None else {3: values}, {2: ids},
+                         prefix=b"\x0a" + _varint(len(name)) + name if name else b"", within=number)
+
+
+def decode_train_response(blob: bytes) -> tuple[list[tuple[str, np.ndarray]], dict[str, int], bool]:
+    """(rows: (table, weights) entries in order, stepped per table, more) of a serialized
+    `TrainResponse`, the weights as read-only views of `blob`: parsing it into a message and
+    reading the fields would copy the rows twice more (a small message is parsed: faster there).
+    Malformed: WireError (or protobuf's DecodeError, a small message)."""
+    if len(blob) < IN_PLACE_MIN_BYTES:
+        message = pb.TrainResponse.FromString(blob)
+        return ([(entry.table, decode_tensor(entry.values, "rows.values")) for entry in message.rows],
+                dict(message.stepped), message.more)
+    buf = memoryview(blob)
+    rows: list[tuple[str, np.ndarray]] = []
+    stepped: dict[str, int] = {}
+    more = False
+    for number, value in _fields(buf, 0, len(buf)):
+        if number == 1 and isinstance(value, tuple):
+            piece = _table_rows(buf, *value) or pb.TableRows.FromString(bytes(buf[value[0]:value[1]]))
+            data = piece.values.data
+            offset = piece.values.data_at if isinstance(piece, InPlaceTableRows) else 0
+            source = blob if isinstance(piece, InPlaceTableRows) else data
+            rows.append((piece.table, _tensor_array(source, offset, len(data), piece.values.dtype,
+                                                    tuple(piece.values.shape), "rows.values")))
+        elif number == 2 and isinstance(value, tuple):
+            key, count = "", 0
+            for entry_number, entry_value in _fields(buf, *value):
+                if entry_number == 1 and isinstance(entry_value, tuple):
+                    key = bytes(buf[entry_value[0]:entry_value[1]]).decode("utf-8")
+                elif entry_number == 2 and not isinstance(entry_value, tuple):
+                    count = _int64(entry_value)
+            stepped[key] = count
+        elif number == 3 and not isinstance(value, tuple):
+            more = bool(value)
+    return rows, stepped, more

@@ -20,7 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 from grpc_reflection.v1alpha import reflection_pb2_grpc as reflection_grpc
-from kvstore_proto.tensors import InPlaceImportRequest
+from kvstore_proto.tensors import InPlaceImportRequest, read_train_request
 from kvstore_proto.v1 import kvstore_pb2 as pb
 
 from kvstore import Store, host_kernels
@@ -47,8 +47,8 @@ log = logging.getLogger("kvstore_server")
 SERVICE = pb.DESCRIPTOR.services_by_name["EmbeddingStore"]
 SERVICE_NAME = SERVICE.full_name
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"   # the same messages as v1alpha, another name
-PRESERIALIZED = {"Lookup", "Export"}   # methods whose handlers yield wire bytes (tensors.encode_message)
-IN_PLACE = {"Import": InPlaceImportRequest}   # requests read in place: their rows are not copied out
+PRESERIALIZED = {"Lookup", "Export", "Train"}   # methods whose handlers yield wire bytes (tensors.encode_message)
+IN_PLACE = {"Import": InPlaceImportRequest, "Train": read_train_request}   # read in place: rows not copied out
 _KINDS = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
           (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
 

@@ -16,11 +16,12 @@ keeps the buffers it names open until it has run, even if the stream is cancelle
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import numpy as np
-from kvstore_proto.tensors import decode_ids, decode_tensor, encode_tensor
+from kvstore_proto.tensors import decode_ids, decode_tensor, train_response
 from kvstore_proto.v1 import kvstore_pb2 as pb
 
 from kvstore import Store
@@ -131,7 +132,7 @@ class TrainingRPCs:
                                   "must send its rows the same way (the answer, the segment or a GPU buffer)")
         parts.append(rows)
 
-    def _run_step(self, step: _Step) -> list[pb.TrainResponse]:
+    def _run_step(self, step: _Step) -> list[bytes]:
         """Validate, step, look up: the step's answer, in messages."""
         gradients = {table: (concat(ids), concat(grads)) for table, (ids, grads) in step.gradients.items()}
         for table, (_, grads) in list(gradients.items())[1:]:
@@ -192,18 +193,18 @@ def _kind(place) -> str:
     return "answer" if place is None else "segment" if isinstance(place, np.ndarray) else "device"
 
 
-def _responses(rows: list[tuple[str, np.ndarray]], stepped: dict[str, int]):
-    """The step's answer in messages of about RESPONSE_BYTES; each table's rows in order."""
-    response = pb.TrainResponse(stepped=stepped)
-    size = 0
+def _responses(rows: list[tuple[str, np.ndarray]], stepped: dict[str, int]) -> Iterator[bytes]:
+    """The step's answer in serialized messages of about RESPONSE_BYTES, each built with one copy of
+    its rows (`train_response`); each table's rows in order."""
+    parts: list[tuple[str, np.ndarray]] = []
+    size, first = 0, True
     for table, weights in rows:
         step = max(1, RESPONSE_BYTES // max(1, weights[:1].nbytes))
         for start in range(0, max(1, len(weights)), step):
             part = weights[start:start + step]
             if size and size + part.nbytes > RESPONSE_BYTES:
-                response.more = True
-                yield response
-                response, size = pb.TrainResponse(), 0
-            response.rows.add(table=table, values=encode_tensor(part))
+                yield train_response(parts, stepped if first else None, more=True)
+                parts, size, first = [], 0, False
+            parts.append((table, part))
             size += part.nbytes
-    yield response
+    yield train_response(parts, stepped if first else None)

@@ -87,7 +87,7 @@ def chain(rows: pb.ImportRequest | None = None, sequence: int = 5, **kwargs) -> 
 
 
 class Malformed(bytes):
-    """Bytes that are no protobuf message (a length running past the end), sent as they are."""
+    """Bytes sent as they are: no protobuf message (a length running past the end), or one built by hand."""
 
     def SerializeToString(self) -> bytes:
         return bytes(self)
@@ -365,12 +365,31 @@ def train_rows(table: str = CANARY, n: int = 2, dim: int = DIM) -> pb.TableRows:
     return pb.TableRows(table=table, ids=ids(*range(n)), values=tensor(rows(n, 0.5, dim=dim)))
 
 
+def large_step(table: str | bytes = CANARY, dim: int = DIM) -> bytes:
+    """A serialized Train message of one gradient piece over 64 KiB (read in place by the server)."""
+    n = (64 << 10) // (4 * dim) + 1
+    name = table.encode() if isinstance(table, str) else table
+    piece = pb.TableRows(table="T" * len(name), ids=ids(*range(n)), values=tensor(rows(n, 0.5, dim=dim)))
+    blob = pb.TrainRequest(gradients=[piece]).SerializeToString()
+    return blob.replace(b"T" * len(name), name, 1)           # protobuf would refuse to build a bad name
+
+
 TRAINING_AND_CLUSTER_CASES = [
     Case("train_on_miss_error", "Train", lambda: [pb.TrainRequest(lookups=[train_rows()], on_miss=pb.ON_MISS_ERROR)],
          C.INVALID_ARGUMENT, "on_miss"),
     Case("train_gradient_shape", "Train", lambda: [pb.TrainRequest(gradients=[train_rows(dim=DIM + 1)])],
          C.INVALID_ARGUMENT, "gradients[0].values"),
     Case("train_malformed", "Train", lambda: [TRUNCATED], C.INVALID_ARGUMENT, "Train"),
+    # steps of 64 KiB and more are read in place (kvstore_proto.tensors.InPlaceTrainRequest), not by protobuf
+    Case("train_large_malformed", "Train", lambda: [Malformed(large_step() + TRUNCATED)], C.INVALID_ARGUMENT,
+         "Train"),
+    Case("train_large_gradient_shape", "Train", lambda: [Malformed(large_step(dim=DIM + 1))], C.INVALID_ARGUMENT,
+         "gradients[0].values"),
+    Case("train_large_table_not_utf8", "Train",
+         lambda: [Malformed(large_step(b"\xff\xfe"))], C.INVALID_ARGUMENT, "Train"),
+    Case("train_large_ids_7_bytes", "Train",
+         lambda: [Malformed(large_step() + pb.TrainRequest(lookups=[pb.TableRows(table=CANARY, ids=b"1234567")])
+                            .SerializeToString())], C.INVALID_ARGUMENT, "lookups[0].ids"),
     Case("set_manifest_no_shards", "SetClusterManifest",
          lambda: pb.SetClusterManifestRequest(manifest=pb.ClusterManifest(cluster_id="c", function="hash")),
          C.INVALID_ARGUMENT, "manifest.shards"),

@@ -9,16 +9,21 @@ import ml_dtypes
 import numpy as np
 import pytest
 from kvstore_proto.tensors import (
+    IN_PLACE_MIN_BYTES,
     WIRE_DTYPES,
     InPlaceImportRequest,
+    InPlaceTrainRequest,
     WireError,
     decode_export_chunk,
     decode_ids,
     decode_lookup_response,
     decode_tensor,
+    decode_train_response,
     encode_lookup_response,
     encode_message,
     encode_tensor,
+    read_train_request,
+    train_response,
 )
 from kvstore_proto.v1 import kvstore_pb2 as pb
 
@@ -307,3 +312,86 @@ def test_a_row_buffer_keeps_one_chunk_as_it_is_and_copies_from_the_second_on():
     np.testing.assert_array_equal(rows[:3], first)
     assert (rows[3:1503] == 7.0).all() and (rows[1503:] == 8.0).all()
     np.testing.assert_array_equal(first, np.arange(12, dtype=np.float32).reshape(3, 4))   # the chunk is unchanged
+
+
+def _train_request(n: int) -> pb.TrainRequest:
+    """A Train message as protobuf builds it: two gradient pieces, a lookup, a prefetch and a piece
+    with a shared array (same-host), plus the header fields."""
+    rng = np.random.default_rng(n)
+    return pb.TrainRequest(
+        gradients=[pb.TableRows(table="users", ids=rng.integers(-9, 9, n).astype("<i8").tobytes(),
+                                values=encode_tensor(rng.standard_normal((n, 16)).astype(np.float32))),
+                   pb.TableRows(table="表", ids=np.arange(n, dtype="<i8").tobytes(),
+                                values=encode_tensor(np.ones((n, 3), ml_dtypes.bfloat16)))],
+        lookups=[pb.TableRows(table="items", ids=np.arange(n, dtype="<i8").tobytes()),
+                 pb.TableRows(table="users", shared_ids=pb.SharedArray(dtype="int64", shape=[n], offset=64))],
+        prefetches=[pb.TableRows(table="items", ids=np.arange(3, dtype="<i8").tobytes())],
+        on_miss=pb.ON_MISS_ZEROS, more=True, segment="seg")
+
+
+@pytest.mark.parametrize("n", [3, 5000])
+def test_a_train_request_read_in_place_reads_as_its_protobuf_message(n):
+    blob = _train_request(n).SerializeToString()
+    message, in_place = pb.TrainRequest.FromString(blob), InPlaceTrainRequest(blob)
+    assert isinstance(read_train_request(blob), InPlaceTrainRequest) == (len(blob) >= IN_PLACE_MIN_BYTES)
+    for field in ("on_miss", "more", "segment"):
+        assert getattr(in_place, field) == getattr(message, field), field
+    for kind in ("gradients", "lookups", "prefetches"):
+        assert len(getattr(in_place, kind)) == len(getattr(message, kind))
+        for got, expected in zip(getattr(in_place, kind), getattr(message, kind), strict=True):
+            assert got.table == expected.table
+            for field in ("values", "shared_ids", "shared_values"):
+                assert got.HasField(field) == expected.HasField(field), (kind, field)
+            assert decode_ids(got.ids).tolist() == decode_ids(expected.ids).tolist()
+            if expected.HasField("values"):
+                values = decode_tensor(got.values, "values")
+                assert not values.flags.writeable                   # a view of the request, not a copy
+                np.testing.assert_array_equal(values, decode_tensor(expected.values, "values"))
+            if expected.HasField("shared_ids"):
+                assert got.shared_ids == expected.shared_ids
+
+
+def test_a_train_request_piece_protobuf_would_merge_is_parsed_by_protobuf():
+    doubled = pb.TableRows(table="a").SerializeToString() + pb.TableRows(table="b").SerializeToString()
+    blob = b"\x12" + bytes([len(doubled)]) + doubled                # one piece whose table comes twice: last wins
+    assert InPlaceTrainRequest(blob).lookups[0].table == pb.TrainRequest.FromString(blob).lookups[0].table == "b"
+
+
+@pytest.mark.parametrize("tail", [b"\x0a\xff", b"\x0a\x05\x0a\x03\xff\xfe\xfd", b"\x0b"])
+def test_a_malformed_train_request_read_in_place_is_a_value_error(tail):
+    blob = _train_request(5000).SerializeToString()
+    with pytest.raises(ValueError):                          # the server answers INVALID_ARGUMENT
+        InPlaceTrainRequest(blob + tail)                     # cut short, a table name not UTF-8, a group
+
+
+@pytest.mark.parametrize("n", [2, 40000])
+def test_a_train_response_reads_as_protobuf_builds_it(n):
+    weights = [np.arange(n * 4, dtype=np.float32).reshape(n, 4), np.ones((0, 4), np.float32),
+               np.ones((n, 2), ml_dtypes.bfloat16)]
+    rows = list(zip(["a", "b", "表"], weights, strict=True))
+    blob = train_response(rows, {"a": n, "b": 0, "表": 2**40}, more=True)
+    message = pb.TrainResponse.FromString(blob)
+    assert message.more and dict(message.stepped) == {"a": n, "b": 0, "表": 2**40}
+    assert [entry.table for entry in message.rows] == ["a", "b", "表"]
+    for entry, expected in zip(message.rows, weights, strict=True):
+        np.testing.assert_array_equal(decode_tensor(entry.values, "v"), expected)
+    got_rows, stepped, more = decode_train_response(blob)
+    assert more and stepped == dict(message.stepped) and [t for t, _ in got_rows] == ["a", "b", "表"]
+    for (_, got), expected in zip(got_rows, weights, strict=True):
+        assert got.dtype == expected.dtype
+        np.testing.assert_array_equal(got, expected)
+    assert decode_train_response(train_response([])) == ([], {}, False)
+
+
+def test_train_steps_built_as_bytes_parse_as_the_messages_protobuf_would_build():
+    from kvstore_client.training_stream import _step_messages
+
+    grads = np.random.default_rng(1).standard_normal((3000, 32)).astype(np.float32)
+    messages = _step_messages({"u": (np.arange(3000), grads)}, {"lookups": {"i": np.arange(5)}, "prefetches": {}},
+                              pb.ON_MISS_INIT, 100_000)
+    parsed = [pb.TrainRequest.FromString(blob) for blob in messages]
+    assert len(parsed) > 1 and [m.more for m in parsed] == [True] * (len(parsed) - 1) + [False]
+    assert all(m.on_miss == pb.ON_MISS_INIT for m in parsed)
+    got = np.concatenate([decode_tensor(p.values, "v") for m in parsed for p in m.gradients])
+    np.testing.assert_array_equal(got, grads)
+    assert [p.table for m in parsed for p in m.lookups] == ["i"]
