@@ -16,7 +16,6 @@ temporary: per-row factors ([n, 1]) are computed first and broadcast once.
 from __future__ import annotations
 
 import numpy as np
-import scipy.sparse
 
 from .config import OptimizerConfig
 from .rows import RowLayout
@@ -150,6 +149,8 @@ def sum_duplicates(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.n
         out = np.empty_like(grads)
         out[inverse] = grads
         return uniq, out
+    import scipy.sparse          # here, not at import: it adds a quarter second to every server start
+
     index = np.int32 if n < np.iinfo(np.int32).max else np.int64
     one_hot = scipy.sparse.csc_matrix(
         (np.ones(n, np.float32), inverse.astype(index).reshape(-1), np.arange(n + 1, dtype=index)),

@@ -6,7 +6,7 @@ import pytest
 
 from .crash import MODES, run_cycles
 
-CYCLES = 10
+CYCLES = 6
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))

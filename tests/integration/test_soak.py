@@ -1,4 +1,4 @@
-"""The soak: 32 clients for 30 s of mixed load (80% lookups, 15% gradients, 5% updates and deletes,
+"""The soak: 32 clients for 20 s of mixed load (80% lookups, 15% gradients, 5% updates and deletes,
 Zipf ids, some holding prefetch locks, some cancelling mid-stream) through a real server. One run,
 several promises: no unexpected error, the final state is the replay of the acknowledged calls,
 cancelled writes left nothing, the server's memory stayed bounded. Latencies are printed, never
@@ -12,7 +12,7 @@ from kvstore_client import KVStoreClient
 from .soak_workload import cancelled_rows, create_tables, replay_mismatches, run_soak
 
 CLIENTS = 32
-SECONDS = 30.0
+SECONDS = 20.0
 RSS_BOUND = 1 << 30        # far above what the server needs, far below what a leak per call would reach
 # All clients of one process share one HTTP/2 connection: 32 calls plus sessions and cancelled streams
 # need more streams than the server's default of 32 per connection (beyond it: UNAVAILABLE, REFUSED_STREAM).
