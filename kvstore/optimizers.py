@@ -149,7 +149,8 @@ def sum_duplicates(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.n
         out = np.empty_like(grads)
         out[inverse] = grads
         return uniq, out
-    import scipy.sparse          # here, not at import: it adds a quarter second to every server start
+    # imported here: it adds a quarter second to every import of the store (tools that never sum duplicates)
+    import scipy.sparse
 
     index = np.int32 if n < np.iinfo(np.int32).max else np.int64
     one_hot = scipy.sparse.csc_matrix(

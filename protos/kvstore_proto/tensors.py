@@ -33,7 +33,18 @@ def encode_ids(ids: np.ndarray) -> bytes:
 def decode_ids(blob: bytes, field: str = "ids") -> np.ndarray:
     if len(blob) % 8:
         raise WireError(f"{field}: {len(blob)} bytes is not a multiple of 8 (packed int64)")
-    return np.frombuffer(blob, dtype="<i8")
+    return _aligned(np.frombuffer(blob, dtype="<i8"))
+
+
+def _aligned(view: np.ndarray) -> np.ndarray:
+    """`view`, or a read-only copy where it is not aligned to its dtype (a field read in place
+    lies wherever the message put it): NumPy runs slower on unaligned arrays, and each compiled
+    loop would be compiled again for them."""
+    if view.flags.aligned:
+        return view
+    copy = view.copy()
+    copy.flags.writeable = False
+    return copy
 
 
 def wire_name(dtype: np.dtype, field: str = "tensor") -> str:
@@ -207,7 +218,7 @@ def _tensor_array(buffer: bytes, offset: int, size: int, dtype_name: str, shape:
     if size != count * dtype.itemsize:
         raise WireError(f"{field}.data: {size} bytes do not match shape {_shape_text(shape)} of {dtype_name} "
                         f"({count * dtype.itemsize} bytes)")
-    return np.frombuffer(buffer, dtype=dtype, count=count, offset=offset).reshape(shape)
+    return _aligned(np.frombuffer(buffer, dtype=dtype, count=count, offset=offset).reshape(shape))
 
 
 def _shape_text(shape: tuple) -> str:

@@ -395,3 +395,14 @@ def test_train_steps_built_as_bytes_parse_as_the_messages_protobuf_would_build()
     got = np.concatenate([decode_tensor(p.values, "v") for m in parsed for p in m.gradients])
     np.testing.assert_array_equal(got, grads)
     assert [p.table for m in parsed for p in m.lookups] == ["i"]
+
+
+def test_fields_read_in_place_are_aligned_wherever_the_message_put_them():
+    from kvstore_client.training_stream import _step_messages
+
+    for n in range(1, 9):                         # table names of 1-8 bytes shift the rows' offsets
+        blob = _step_messages({"t" * n: (np.arange(3000), np.ones((3000, 8), np.float32))}, {}, 0, 1 << 20)[0]
+        piece = InPlaceTrainRequest(blob).gradients[0]
+        for array in (decode_ids(piece.ids), decode_tensor(piece.values, "values")):
+            assert array.flags.aligned and not array.flags.writeable
+        np.testing.assert_array_equal(decode_tensor(piece.values, "values"), np.ones((3000, 8), np.float32))
