@@ -20,7 +20,14 @@ from typing import Any
 
 import numpy as np
 from google.protobuf.message import DecodeError
-from kvstore_proto.tensors import WIRE_DTYPES, WireError, _varint, decode_train_response, table_rows_field, wire_name
+from kvstore_proto.tensors import (
+    TRAIN_PIECES,
+    WIRE_DTYPES,
+    WireError,
+    _varint,
+    decode_train_response,
+    table_rows_field,
+)
 from kvstore_proto.v1 import kvstore_pb2 as pb
 
 from .arrays import as_ids, as_rows, chunks, cuda_device, is_torch
@@ -231,7 +238,7 @@ def _absorb(step: TrainStep, response: bytes) -> bool:
     return more
 
 
-_FIELDS = {"gradients": 1, "lookups": 2, "prefetches": 5}
+_FIELDS = {name: number for number, name in TRAIN_PIECES.items()}     # TrainRequest's TableRows fields
 
 
 def _step_messages(gradients: dict, id_fields: dict[str, dict], on_miss: int, chunk_bytes: int) -> list[bytes]:
@@ -243,7 +250,6 @@ def _step_messages(gradients: dict, id_fields: dict[str, dict], on_miss: int, ch
     for table, (ids, grads) in gradients.items():
         id_array = as_ids(ids)
         grad_array = as_rows(grads, len(id_array), f"gradients[{table!r}]")
-        wire_name(grad_array.dtype, f"gradients[{table!r}]")       # refused here, before anything is sent
         for start, stop in chunks(len(id_array), 8 + grad_array[:1].nbytes, chunk_bytes):
             pieces.append(("gradients", table, id_array[start:stop], grad_array[start:stop]))
     for kind, tables in id_fields.items():

@@ -443,8 +443,7 @@ def train_response(rows: list[tuple[str, np.ndarray]], stepped: dict[str, int] |
     are (table, weights) entries in order, `stepped` the unique rows stepped per table."""
     parts: list = []
     for table, weights in rows:
-        name = table.encode()
-        parts += message_parts({3: weights}, prefix=b"\x0a" + _varint(len(name)) + name, within=1)
+        parts += table_rows_field(1, table, None, weights)
     for table, count in (stepped or {}).items():
         name = table.encode()
         entry = b"\x0a" + _varint(len(name)) + name + b"\x10" + _varint(count & ((1 << 64) - 1))
@@ -454,11 +453,11 @@ def train_response(rows: list[tuple[str, np.ndarray]], stepped: dict[str, int] |
     return b"".join(parts)
 
 
-def table_rows_field(number: int, table: str, ids: np.ndarray, values: np.ndarray | None = None) -> list:
-    """Field `number` of a message holding one `TableRows` (table, ids, values), as the parts of
-    `message_parts`: headers and views of the arrays, copied once when the message is joined."""
+def table_rows_field(number: int, table: str, ids: np.ndarray | None, values: np.ndarray | None = None) -> list:
+    """Field `number` of a message holding one `TableRows` (table, ids, values; None: left out), as
+    the parts of `message_parts`: headers and views of the arrays, copied once when joined."""
     name = table.encode()
-    return message_parts({} if values is None else {3: values}, {2: ids},
+    return message_parts({} if values is None else {3: values}, {} if ids is None else {2: ids},
                          prefix=b"\x0a" + _varint(len(name)) + name if name else b"", within=number)
 
 
@@ -478,11 +477,7 @@ def decode_train_response(blob: bytes) -> tuple[list[tuple[str, np.ndarray]], di
     for number, value in _fields(buf, 0, len(buf)):
         if number == 1 and isinstance(value, tuple):
             piece = _table_rows(buf, *value) or pb.TableRows.FromString(bytes(buf[value[0]:value[1]]))
-            data = piece.values.data
-            offset = piece.values.data_at if isinstance(piece, InPlaceTableRows) else 0
-            source = blob if isinstance(piece, InPlaceTableRows) else data
-            rows.append((piece.table, _tensor_array(source, offset, len(data), piece.values.dtype,
-                                                    tuple(piece.values.shape), "rows.values")))
+            rows.append((piece.table, decode_tensor(piece.values, "rows.values")))
         elif number == 2 and isinstance(value, tuple):
             key, count = "", 0
             for entry_number, entry_value in _fields(buf, *value):
