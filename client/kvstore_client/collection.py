@@ -15,9 +15,12 @@ Call `flush()` before reading the tables another way (evaluation from another
 client; `state_dict` flushes itself). A failed gradient push is raised by the next
 forward or `flush()`.
 
-`next_batch(batch)`, called after a step's forward, sends the next forward's lookup
-right behind the step's gradients, so the server answers it while the caller runs its
-dense step; still exact.
+`next_batch(batch)`, called after a step's forward, sends the next forward's lookup at
+once, so the server answers it while the caller runs its backward and dense step. The
+step's gradients then carry a lookup of the rows they change that the next batch also
+reads (`_Ahead`): those rows are read again behind the gradients and replace the early
+ones, so the result is still exactly the waiting loop's (other rows are not changed by
+this trainer's step).
 
 `staleness=k` (default 0: exact) lets a forward run up to k steps ahead of the
 gradient pushes: its lookups go on a second stream and wait only until the pushes
@@ -36,7 +39,7 @@ gradients from it (CUDA IPC, docs/same-host.md).
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -120,13 +123,14 @@ class RemoteEmbeddingBagCollection(nn.Module):
         return out
 
     def next_batch(self, batch: dict[str, FeatureIds]) -> None:
-        """Name the next forward's batch (call after this step's forward): its lookup is sent right
-        behind this step's gradients, so the server answers it while the caller runs its dense step
-        and the next forward finds the rows on their way. Exact: on the stream, the lookup still
-        comes after the gradients. A next forward with other ids looks them up as usual."""
+        """Name the next forward's batch (call after this step's forward): its lookup is sent now, so
+        the server answers it while the caller runs backward and its dense step, and the next forward
+        finds the rows on their way. Exact: the rows that this step's gradients change are read
+        again behind them. With staleness, the lookup goes behind the gradients instead. A next
+        forward with other ids looks them up as usual."""
         flat = {f.name: _flat_ids(batch[f.name]) for f in self.features}
         self._ahead = _Ahead(flat, *self._dedupe(flat))
-        if self._waiting <= 0:                # no gradients due from this step: nothing to wait for
+        if self._waiting <= 0 or not self.staleness:    # with staleness: after this step's gradients
             self._send_ahead()
 
     def prefetch(self, batch: dict[str, FeatureIds]) -> None:
@@ -163,16 +167,16 @@ class RemoteEmbeddingBagCollection(nn.Module):
         for table in self.tables:
             load_table(self.stream.client, table, state_dict, f"{prefix}{table}.", missing_keys)
 
-    def _lookup(self, flat: dict) -> tuple[dict, dict, TrainStep]:
+    def _lookup(self, flat: dict) -> tuple[dict, dict, TrainStep | _Ahead]:
         """Unique ids, inverse indices and the lookup step of a forward's batch: the one sent ahead
         by `next_batch` when its ids are these, else one sent now."""
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead.same_ids(flat):
             if ahead.step is None:
                 self._send_ahead(ahead)
-            return ahead.uniq, ahead.inverse, ahead.step
+            return ahead.uniq, ahead.inverse, ahead
         if ahead is not None and ahead.step is not None:
-            ahead.step.wait()                 # an answer nobody reads: consumed in order, errors raised
+            ahead.wait()                      # answers nobody reads: consumed in order, errors raised
         uniq, inverse = self._dedupe(flat)
         while len(self._pushes) > self.staleness:                 # at most `staleness` pushes unapplied
             self._pushes.popleft().wait()
@@ -247,7 +251,12 @@ class RemoteEmbeddingBagCollection(nn.Module):
         if not held:
             return None
         grads = {table: _joined(parts) for table, parts in held.items()}     # the server sums duplicates
-        step = self.stream.send(gradients=grads)
+        ahead = self._ahead if self._ahead is not None and self._ahead.step is not None else None
+        stale = ahead.rows_changed_by(grads) if ahead is not None and not self.staleness else {}
+        step = self.stream.send(gradients=grads, lookups={table: ahead.uniq[table][at] for table, at in stale.items()},
+                                on_miss=self.on_miss)
+        if stale:
+            ahead.refreshed.append((step, stale))
         if not self.pipeline:
             step.wait()
         elif self.staleness:
@@ -259,16 +268,52 @@ class RemoteEmbeddingBagCollection(nn.Module):
 
 @dataclass
 class _Ahead:
-    """The next forward's batch: its ids per feature, deduplicated, and its lookup once sent."""
+    """The next forward's batch: its ids per feature, deduplicated, and its lookup once sent.
+    A lookup sent before gradients of this trainer reads some rows as they were before those
+    gradients; each such push also looks up those rows (`rows_changed_by`), and the answers
+    replace them in order (`result`)."""
 
     flat: dict
     uniq: dict[str, np.ndarray]
     inverse: dict[str, np.ndarray]
     step: TrainStep | None = None
+    refreshed: list[tuple[TrainStep, dict[str, np.ndarray]]] = field(default_factory=list)
+
+    def rows_changed_by(self, grads: dict[str, tuple[np.ndarray, object]]) -> dict[str, np.ndarray]:
+        """Per table, the positions in `uniq` of ids that `grads` step (only tables with any)."""
+        changed = {}
+        for table, (ids, _) in grads.items():
+            if table in self.uniq:
+                at = np.flatnonzero(np.isin(self.uniq[table], ids))
+                if len(at):
+                    changed[table] = at
+        return changed
+
+    def result(self, allocate=np.empty) -> tuple[dict[str, int], dict]:
+        """The lookup's (stepped, rows), each refreshed row replaced by its later read."""
+        stepped, rows = self.step.result(allocate)
+        for step, changed in self.refreshed:
+            _, fresh = step.result()
+            for table, at in changed.items():
+                _replace(rows[table], at, fresh[table])
+        return stepped, rows
+
+    def wait(self) -> None:
+        self.step.wait()
+        for step, _ in self.refreshed:
+            step.wait()
 
     def same_ids(self, flat: dict) -> bool:
         return all(np.array_equal(self.flat[name][0], ids) and _same_offsets(self.flat[name][1], offsets)
                    and self.flat[name][2] == shape for name, (ids, offsets, shape, _) in flat.items())
+
+
+def _replace(rows, at: np.ndarray, fresh: np.ndarray) -> None:
+    """rows[at] = fresh, for rows in host memory (NumPy) or written into GPU memory (torch)."""
+    if isinstance(rows, torch.Tensor):
+        rows[torch.from_numpy(at).to(rows.device)] = torch.from_numpy(fresh).to(rows.device, rows.dtype)
+    else:
+        rows[at] = fresh
 
 
 def _same_offsets(mine: torch.Tensor | None, theirs: torch.Tensor | None) -> bool:

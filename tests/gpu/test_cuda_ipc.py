@@ -151,19 +151,24 @@ def test_a_trainer_killed_with_its_gpu_buffers_open_leaves_the_server_serving(se
     assert server.alive()
 
 
-def train_collection(client: KVStoreClient, table: str, device: str, pipeline: bool) -> tuple[list[float], object]:
-    """20 steps of a collection (two features, one table) with a dense head; its losses."""
+def train_collection(client: KVStoreClient, table: str, device: str, pipeline: bool | str
+                     ) -> tuple[list[float], object]:
+    """20 steps of a collection (two features, one table) with a dense head; its losses.
+    `pipeline="ahead"`: pipelined, each next batch named right after the forward."""
     from kvstore_client.collection import Feature, RemoteEmbeddingBagCollection
 
     collection = RemoteEmbeddingBagCollection(client, [Feature("a", table, "sum"), Feature("b", table, "mean")],
-                                              pipeline=pipeline)
+                                              pipeline=bool(pipeline))
     torch.manual_seed(0)
     head = torch.nn.Linear(2 * DIM, 1).to(device)
     dense = torch.optim.SGD(head.parameters(), lr=0.1)
     rng, losses = np.random.default_rng(1), []
-    for _ in range(20):
-        batch = {name: torch.from_numpy(rng.integers(-IDS, IDS, (64, 3))).to(device) for name in ("a", "b")}
+    batches = [{name: torch.from_numpy(rng.integers(-IDS, IDS, (64, 3))).to(device) for name in ("a", "b")}
+               for _ in range(20)]
+    for step, batch in enumerate(batches):
         out = collection(batch)
+        if pipeline == "ahead" and step + 1 < len(batches):
+            collection.next_batch(batches[step + 1])
         loss = (head(torch.cat([out["a"], out["b"]], dim=1)) ** 2).mean()
         dense.zero_grad()
         loss.backward()
@@ -173,7 +178,7 @@ def train_collection(client: KVStoreClient, table: str, device: str, pipeline: b
     return losses, collection
 
 
-@pytest.mark.parametrize("pipeline", [True, False])
+@pytest.mark.parametrize("pipeline", [True, False, "ahead"])
 def test_the_collection_trains_a_gpu_table_through_cuda_ipc_as_a_host_table_over_the_network(trainer, remote,
                                                                                               pipeline):
     gpu, host = create_pair(trainer, f"ipc_coll_{pipeline}", "adagrad", "write_back")

@@ -177,3 +177,36 @@ def test_a_next_forward_with_other_ids_looks_them_up_as_usual(client):
     np.testing.assert_array_equal(out["user"].detach().numpy(), client.lookup(tables[0], [4]))
     np.testing.assert_array_equal(out["item"].detach().numpy(), client.lookup(tables[1], [5]))
     collection.close()
+
+
+def _train_leaving_items_out(collection: RemoteEmbeddingBagCollection, ahead: bool) -> list[float]:
+    """Every other step's loss uses only the user feature, so the items' gradients of the step
+    before are held back and go with the next forward; with `ahead`, each next batch is named
+    right after its forward."""
+    batches, losses = list(_two_feature_batches(6)), []
+    for step, (users, items, offsets, target) in enumerate(batches):
+        out = collection({"user": users, "item": (items, offsets)})
+        if ahead and step + 1 < len(batches):
+            later = batches[step + 1]
+            collection.next_batch({"user": later[0], "item": (later[1], later[2])})
+        pooled = out["user"] if step % 2 else out["user"] + out["item"]
+        loss = ((pooled.sum(1, keepdim=True) - target) ** 2).mean()
+        loss.backward()
+        losses.append(loss.item())
+    collection.flush()
+    return losses
+
+
+@pytest.mark.parametrize("where", ["one", "cluster"])
+def test_a_batch_named_ahead_sees_gradients_held_back_to_the_next_forward(client, sharded, where):
+    """The next batch's lookup goes out before this step's gradients; rows those gradients (and
+    gradients held back from an earlier step) change are read again behind them: losses, rows and
+    optimizer state equal the loop that waits for every call."""
+    target = client if where == "one" else sharded
+    ahead, plain = _tables(target, f"held_ahead_{where}"), _tables(target, f"held_plain_{where}")
+    expected = _train_leaving_items_out(_collection(target, plain, pipeline=False), ahead=False)
+    assert _train_leaving_items_out(_collection(target, ahead), ahead=True) == expected
+    for mine, theirs, ids in zip(ahead, plain, (np.arange(10), np.arange(30)), strict=True):
+        for got, want in zip(target.lookup(mine, ids, with_state=True), target.lookup(theirs, ids, with_state=True),
+                             strict=True):
+            np.testing.assert_array_equal(got, want)
