@@ -6,8 +6,8 @@ per table against a server on loopback, (3) the same with its prefetch pipeline,
 (4) RemoteEmbeddingBagCollection waiting for each step's gradients, (5) the
 collection pipelined (gradients of step i travel while the dense step runs and
 batch i+1 is prepared), exact, (6) the same naming each next batch
-(`next_batch`: its lookup goes right behind the step's gradients and is answered
-while the dense step runs), still exact, (7) bounded staleness (`--staleness`,
+(`next_batch`: its lookup goes out at once and is answered while backward runs; the
+step's gradients re-read the rows they change), still exact, (7) bounded staleness (`--staleness`,
 default 1: a forward may read rows that miss the last k steps' gradients, so the
 server's optimizer step overlaps the next forward). Prints steps/s, ids/s and the
 ratio to local: rows (5)-(7) side by side show what each change buys. The models take

@@ -308,12 +308,13 @@ class _Ahead:
                    and self.flat[name][2] == shape for name, (ids, offsets, shape, _) in flat.items())
 
 
-def _replace(rows, at: np.ndarray, fresh: np.ndarray) -> None:
-    """rows[at] = fresh, for rows in host memory (NumPy) or written into GPU memory (torch)."""
+def _replace(rows, at: np.ndarray, fresh) -> None:
+    """rows[at] = fresh, each in host memory (NumPy) or in GPU memory the server wrote (torch)."""
     if isinstance(rows, torch.Tensor):
-        rows[torch.from_numpy(at).to(rows.device)] = torch.from_numpy(fresh).to(rows.device, rows.dtype)
+        fresh = fresh if isinstance(fresh, torch.Tensor) else torch.from_numpy(fresh)
+        rows[torch.from_numpy(at).to(rows.device)] = fresh.to(rows.device, rows.dtype)
     else:
-        rows[at] = fresh
+        rows[at] = to_host(fresh) if isinstance(fresh, torch.Tensor) else fresh
 
 
 def _same_offsets(mine: torch.Tensor | None, theirs: torch.Tensor | None) -> bool:
