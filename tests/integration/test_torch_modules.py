@@ -158,7 +158,9 @@ class TwoFeatures(nn.Module):
         return self.head(torch.cat(pooled, 1))
 
 
-def _train_two(model: TwoFeatures, prefetch: bool = False) -> list[float]:
+def _train_two(model: TwoFeatures, prefetch: bool = False, ahead: bool = False) -> list[float]:
+    """50 steps; `prefetch`: a collection warms step i+2's rows; `ahead`: it is told each next batch
+    right after the forward (`next_batch`)."""
     dense = torch.optim.Adam(model.head.parameters(), lr=LR)
     losses = []
     batches = list(_two_feature_batches(4))
@@ -167,6 +169,9 @@ def _train_two(model: TwoFeatures, prefetch: bool = False) -> list[float]:
             later = batches[step + 2]
             model.embed.prefetch({"user": later[0], "item": (later[1], later[2])})
         loss = ((model(users, items, offsets) - target) ** 2).mean()
+        if ahead and step + 1 < len(batches):
+            later = batches[step + 1]
+            model.embed.next_batch({"user": later[0], "item": (later[1], later[2])})
         dense.zero_grad()
         loss.backward()
         dense.step()
@@ -196,7 +201,7 @@ def assert_collection_equals_loop(loop_client, collection_client, run: str, pipe
         collection_client, [Feature("user", together[0][0], "sum"), Feature("item", together[1][0], "mean")],
         pipeline=bool(pipeline))
     expected = _train_two(loop)
-    got = _train_two(TwoFeatures(collection), prefetch=pipeline == "prefetch")
+    got = _train_two(TwoFeatures(collection), prefetch=pipeline == "prefetch", ahead=pipeline == "ahead")
     assert got == expected and expected[-1] != expected[0]
     for (mine, _), (theirs, _) in zip(together, plain, strict=True):
         np.testing.assert_array_equal(loop_client.lookup(mine, np.arange(30), with_state=True)[1],
@@ -206,7 +211,7 @@ def assert_collection_equals_loop(loop_client, collection_client, run: str, pipe
     collection.close()
 
 
-@pytest.mark.parametrize("pipeline", [False, True, "prefetch"])
+@pytest.mark.parametrize("pipeline", [False, True, "prefetch", "ahead"])
 def test_collection_gives_exactly_the_per_table_loop_result(client, pipeline):
     assert_collection_equals_loop(client, client, "coll", pipeline)
 
