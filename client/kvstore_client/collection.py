@@ -283,10 +283,13 @@ class _Ahead:
         """Per table, the positions in `uniq` of ids that `grads` step (only tables with any)."""
         changed = {}
         for table, (ids, _) in grads.items():
-            if table in self.uniq:
-                at = np.flatnonzero(np.isin(self.uniq[table], ids))
-                if len(at):
-                    changed[table] = at
+            uniq = self.uniq.get(table)
+            if uniq is None or not len(uniq) or not len(ids):
+                continue
+            at = np.minimum(np.searchsorted(uniq, ids), len(uniq) - 1)    # uniq is sorted (np.unique)
+            at = at[uniq[at] == ids]
+            if len(at):
+                changed[table] = np.unique(at)
         return changed
 
     def result(self, allocate=np.empty) -> tuple[dict[str, int], dict]:
