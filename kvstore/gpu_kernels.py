@@ -1,7 +1,11 @@
 """The CUDA kernels of the GPU cache tier (native/*.cu) and their launches.
 
-The source is compiled once per process and device through `cupy.RawModule`
-(NVRTC; CuPy also keeps compiled modules on disk). Launch helpers here take
+The source is compiled through `cupy.RawModule` (NVRTC; CuPy also keeps compiled
+modules on disk): once per process and device for the cache's kernels, and once
+more for each (weight type, optimizer) a table steps with, with only that pair's
+fused-step templates in it. Compiling every pair at once took 43 s on an H200 with
+an empty disk cache, longer than a client waits for its first CreateTable; one
+pair takes about 5 s. Launch helpers here take
 CuPy arrays and plain Python numbers and pass every scalar with its exact C
 type, so a kernel never reads a wrongly sized argument.
 """
@@ -32,18 +36,32 @@ def _names() -> list[str]:
     names = list(PROBE_TYPES.values())
     names += [f"copy_rows<{t}, {COPY_ROWS_IN_FLIGHT}>" for t in COPY_TYPES.values()]
     names += [f"copy_rows<{COPY_TYPES[16]}, 4>"]
-    names += [f"optimizer_step<{w}, {code}, {vec}, {STEP_ROWS_IN_FLIGHT}, {seg}>" for w in WEIGHT_TYPES.values()
-              for code in OPTIMIZER_CODES.values() for vec in (0, 1) for seg in (0, 1)]
     return names
+
+
+def _step_name(weight: str, code: int, vec: bool, seg: bool) -> str:
+    return f"optimizer_step<{weight}, {code}, {int(vec)}, {STEP_ROWS_IN_FLIGHT}, {int(seg)}>"
+
+
+def _compiled(device_id: int, names: list[str]) -> cupy.RawModule:
+    with cupy.cuda.Device(device_id):
+        code = "\n".join((NATIVE / name).read_text() for name in SOURCES)
+        module = cupy.RawModule(code=code, options=("-std=c++17",), name_expressions=names)
+        module.compile()
+        return module
 
 
 @functools.cache
 def _module(device_id: int) -> cupy.RawModule:
-    with cupy.cuda.Device(device_id):
-        code = "\n".join((NATIVE / name).read_text() for name in SOURCES)
-        module = cupy.RawModule(code=code, options=("-std=c++17",), name_expressions=_names())
-        module.compile()
-        return module
+    """The cache's kernels (probes, copies, duplicate sums, victims, metadata)."""
+    return _compiled(device_id, _names())
+
+
+@functools.cache
+def _step_module(device_id: int, weight: str, code: int) -> cupy.RawModule:
+    """The fused optimizer steps of one weight type and optimizer (with and without vector
+    moves and duplicate segments)."""
+    return _compiled(device_id, [_step_name(weight, code, vec, seg) for vec in (0, 1) for seg in (0, 1)])
 
 
 @functools.cache
@@ -151,9 +169,9 @@ class Kernels:
             rows.data.ptr, row_bytes, state_off, grads.data.ptr))
         seg = segments is not None
         order, starts = segments if seg else (None, None)
-        name = (f"optimizer_step<{WEIGHT_TYPES[dtype]}, {OPTIMIZER_CODES[c.name]}, {int(vec)}, "
-                f"{STEP_ROWS_IN_FLIGHT}, {int(seg)}>")
-        self._fn(name)(self._grid(-(-n // STEP_ROWS_IN_FLIGHT) * 32), (THREADS,), (
+        weight, code = WEIGHT_TYPES[dtype], OPTIMIZER_CODES[c.name]
+        step = _step_module(self.device_id, weight, code).get_function(_step_name(weight, code, vec, seg))
+        step(self._grid(-(-n // STEP_ROWS_IN_FLIGHT) * 32), (THREADS,), (
             rows, np.int64(row_bytes), _ptr(idx), grads, _ptr(order), _ptr(starts),
             np.int64(len(order) if seg else n), np.int64(n), np.int32(dim), np.int64(state_off),
             np.float32(c.lr), np.float32(c.eps), np.float32(c.beta1), np.float32(c.beta2),

@@ -174,3 +174,35 @@ def test_prefetch_locks_survive_evictions_and_release_like_host(store):
     for name in ("host", "gpu"):
         store.table(name).release_all("a")
         assert store.stats(name)["cache_locked_rows"] == 0
+
+
+def test_a_fresh_process_compiles_only_the_kernels_its_tables_step_with(tmp_path):
+    """With an empty CuPy disk cache, a GPU table stepped with one optimizer compiles that optimizer's
+    fused steps (4 variants of one weight type), not all 80: the first CreateTable on a fresh GPU
+    host then fits a client's deadline. A second optimizer compiles its own 4."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    script = """
+import sys, numpy as np
+from kvstore import CacheConfig, OptimizerConfig, Store, TableConfig
+with Store(sys.argv[1]) as store:
+    for name in sys.argv[2:]:
+        store.create_table(TableConfig(name=name, dim=16, optimizer=OptimizerConfig(name=name, lr=0.1),
+                                       cache=CacheConfig(rows=256, ways=32, device="cuda:0")))
+        store.apply_gradients(name, np.arange(8), np.ones((8, 16), np.float32))
+"""
+    counts = []
+    for optimizers in (["adagrad"], ["adagrad", "adam"]):
+        cache = tmp_path / f"cupy-{len(optimizers)}"
+        env = dict(os.environ, CUPY_CACHE_DIR=str(cache))
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / f"data-{len(optimizers)}"), *optimizers],
+                       env=env, check=True, timeout=600)
+        steps = set()
+        for path in cache.rglob("*"):
+            if path.is_file():
+                steps |= set(re.findall(rb"_Z14optimizer_stepI(\w+?)EEv", path.read_bytes()))   # template args
+        counts.append(len(steps))
+    assert counts == [4, 8]
