@@ -155,6 +155,11 @@ class Kernels:
             src, _ptr(src_idx), np.int64(src_stride), np.int64(src_off), dst, _ptr(dst_idx),
             np.int64(dst_stride), np.int64(dst_off), np.int32(units), np.int64(n), np.int32(lg)))
 
+    def prepare_step(self, optimizer_name: str, dtype: str) -> None:
+        """Compile (or load from CuPy's disk cache) the fused steps a table of this optimizer and
+        weight dtype uses, so its first step does not wait for NVRTC."""
+        _step_module(self.device_id, WEIGHT_TYPES[dtype], OPTIMIZER_CODES[optimizer_name])
+
     def optimizer_step(self, optimizer, dtype: str, rows, row_bytes: int, idx, grads, n: int, dim: int,
                        state_off: int, dirty, now: int, touch: bool, segments=None, skip=None) -> None:
         """One fused step of `optimizer` (an OptimizerConfig) on rows idx[r] of `rows`.

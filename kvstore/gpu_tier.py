@@ -18,7 +18,7 @@ from .arrays import BF16
 from .cache import Eviction
 from .config import CacheConfig, OptimizerConfig
 from .errors import FailedPrecondition, ResourceExhausted
-from .gpu_cache import GpuCache
+from .gpu_cache import GpuCache, dtype_name
 from .rows import HEADER, HEADER_BYTES, RowLayout
 
 
@@ -71,6 +71,7 @@ class GpuTier:
         self.cache = GpuCache(config, layout.row_bytes, device)
         self.device = self.cache.device
         self.kernels = self.cache.kernels
+        self.kernels.prepare_step(optimizer.name, dtype_name(layout.dtype))     # at create, not the first step
         self.layout = layout
         self.optimizer = optimizer
         self.capacity = self.cache.capacity

@@ -177,9 +177,10 @@ def test_prefetch_locks_survive_evictions_and_release_like_host(store):
 
 
 def test_a_fresh_process_compiles_only_the_kernels_its_tables_step_with(tmp_path):
-    """With an empty CuPy disk cache, a GPU table stepped with one optimizer compiles that optimizer's
-    fused steps (4 variants of one weight type), not all 80: the first CreateTable on a fresh GPU
-    host then fits a client's deadline. A second optimizer compiles its own 4."""
+    """With an empty CuPy disk cache, a GPU table of one optimizer compiles that optimizer's fused
+    steps (4 variants of one weight type, when the table is created), not all 80: the first
+    CreateTable on a fresh GPU host then fits a client's deadline. A second optimizer compiles its
+    own 4."""
     import os
     import re
     import subprocess
