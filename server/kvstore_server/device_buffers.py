@@ -107,9 +107,21 @@ def _device_of(uuid: bytes) -> int | None:
     import cupy
 
     for device in range(cupy.cuda.runtime.getDeviceCount()):
-        if bytes(cupy.cuda.runtime.getDeviceProperties(device)["uuid"]) == uuid:
+        if device_uuid(device) == uuid:
             return device
     return None
+
+
+def device_uuid(device: int) -> bytes:
+    """The 16-byte UUID of CUDA device `device` (as the process numbers them), from the driver.
+    Not CuPy's device properties: they end the UUID at its first zero byte, so a GPU whose UUID
+    has one never matched its clients' (found on an H200 host). b"" when the driver says no."""
+    driver = ctypes.CDLL("libcuda.so.1")
+    get_uuid = getattr(driver, "cuDeviceGetUuid_v2", None) or driver.cuDeviceGetUuid
+    handle, uuid = ctypes.c_int(), (ctypes.c_char * 16)()
+    if driver.cuInit(0) or driver.cuDeviceGet(ctypes.byref(handle), device) or get_uuid(uuid, handle):
+        return b""
+    return uuid.raw
 
 
 def _allocation_span(pointer: int) -> tuple[int, int]:

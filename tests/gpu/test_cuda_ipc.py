@@ -56,6 +56,16 @@ def gpu_buffers_in_use(client: KVStoreClient) -> int:
     return len(pool._free)
 
 
+def test_the_server_names_each_gpu_by_all_16_bytes_of_its_uuid_as_its_clients_do():
+    """The UUID an attach names is matched against the driver's, every byte: a UUID with a zero
+    byte in it (CuPy's device properties cut it there) still finds its GPU."""
+    from kvstore_server.device_buffers import _device_of, device_uuid
+
+    for device in range(torch.cuda.device_count()):
+        theirs = bytes.fromhex(str(torch.cuda.get_device_properties(device).uuid).replace("-", ""))
+        assert device_uuid(device) == theirs and _device_of(theirs) == device
+
+
 @pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "adam"])
 def test_cuda_tensors_train_a_gpu_table_as_numpy_trains_a_host_table(trainer, remote, optimizer):
     gpu, host = create_pair(trainer, f"ipc_{optimizer}", optimizer, "write_back")
