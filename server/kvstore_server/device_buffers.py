@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
 import math
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -112,11 +113,16 @@ def _device_of(uuid: bytes) -> int | None:
     return None
 
 
+@functools.cache
+def _driver() -> ctypes.CDLL:
+    return ctypes.CDLL("libcuda.so.1")
+
+
 def device_uuid(device: int) -> bytes:
     """The 16-byte UUID of CUDA device `device` (as the process numbers them), from the driver.
     Not CuPy's device properties: they end the UUID at its first zero byte, so a GPU whose UUID
     has one never matched its clients' (found on an H200 host). b"" when the driver says no."""
-    driver = ctypes.CDLL("libcuda.so.1")
+    driver = _driver()
     get_uuid = getattr(driver, "cuDeviceGetUuid_v2", None) or driver.cuDeviceGetUuid
     handle, uuid = ctypes.c_int(), (ctypes.c_char * 16)()
     if driver.cuInit(0) or driver.cuDeviceGet(ctypes.byref(handle), device) or get_uuid(uuid, handle):
@@ -126,7 +132,7 @@ def device_uuid(device: int) -> bytes:
 
 def _allocation_span(pointer: int) -> tuple[int, int]:
     """(base, size) of the allocation holding `pointer`, from the driver (the current device's context)."""
-    driver = ctypes.CDLL("libcuda.so.1")
+    driver = _driver()
     base, size = ctypes.c_uint64(), ctypes.c_size_t()
     status = driver.cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(pointer))
     if status != 0:
