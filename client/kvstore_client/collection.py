@@ -149,6 +149,7 @@ class RemoteEmbeddingBagCollection(nn.Module):
 
     def close(self) -> None:
         self.flush()
+        self._ahead = None            # a next batch no forward read: its rows hold shared memory
         self.stream.close()
         if self._reads is not self.stream:
             self._reads.close()

@@ -72,3 +72,19 @@ def test_steps_whose_rows_are_all_kept_are_lent_up_to_a_few_segments_then_copied
         stream.close()
         for ids, rows in kept:
             assert rows.flags.writeable and np.array_equal(rows, net.lookup("shm_kept", ids))
+
+
+def test_closing_the_collection_lets_go_of_a_next_batch_nobody_read(server):
+    """A batch named by next_batch whose forward never comes (the last step of a loop) holds its
+    answered rows over a shared-memory segment; close() gives the segment back."""
+    from kvstore_client.collection import Feature, RemoteEmbeddingBagCollection
+
+    with KVStoreClient(server.address, same_host=True) as shm:
+        shm.create_table("shm_unread", 8)
+        collection = RemoteEmbeddingBagCollection(shm, [Feature("a", "shm_unread", "sum")])
+        collection({"a": torch.tensor([[1, 2]])})["a"].sum().backward()
+        collection.next_batch({"a": torch.tensor([[3, 4]])})
+        collection.flush()
+        lent = shm.same_host.pool.lent()
+        collection.close()
+        assert (lent, shm.same_host.pool.lent()) == (1, 0)
