@@ -170,11 +170,3 @@ def test_summed_gradients_come_in_set_order():
     np.add.at(want, inverse, grads)
     np.testing.assert_allclose(summed, want, rtol=1e-6)
     assert (np.diff(gpu.set_of(uniq).get()) >= 0).all()
-
-
-def test_the_gpu_slab_puts_row_weights_on_64_byte_boundaries():
-    cache = GpuCache(CacheConfig(rows=64, ways=8), 544)
-    assert ((cache.slab.data.ptr + 16) % 64, cache.slab.shape, cache.slab.flags.c_contiguous) == (0, (64, 544), True)
-    rows = rows_for(np.arange(64, dtype=np.int64) * 7)
-    cache.slab[:] = cupy.asarray(rows)
-    np.testing.assert_array_equal(cache.slab.get(), rows)

@@ -293,12 +293,3 @@ def test_ids_sorted_by_their_mix_visit_sets_in_order_and_the_mix_inverts():
 def test_more_than_2_to_the_32_sets_is_refused():
     with pytest.raises(InvalidArgument, match=r"2\*\*32 sets"):
         CacheConfig(rows=1 << 34, ways=2)
-
-
-@pytest.mark.parametrize("row_bytes", [32, 48, 544])
-def test_the_slab_puts_row_weights_on_64_byte_boundaries(row_bytes):
-    cache = SetAssociativeCache(CacheConfig(rows=64, ways=8), row_bytes)
-    weights = cache.slab[:, 16:]
-    layout = (weights.ctypes.data % 64, weights.shape, cache.slab.flags["C_CONTIGUOUS"])
-    assert layout == (0, (64, row_bytes - 16), True)
-    assert not cache.slab.any()
