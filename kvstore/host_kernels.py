@@ -9,13 +9,23 @@ On a 2-core VM, 4,096 random 512-byte rows of a 285 MB slab took 0.50 ms against
 NumPy's 1.2-1.4 ms. `read_hits` is a cached lookup's whole pass over its rows (access
 record and gather) in one loop; `probe_slots` finds their slots. This module checks the
 arrays and calls the loops, which live in `host_loops`, imported on first use.
+
+A batch of at least 2 x `PARALLEL_ROWS` rows is split over up to `THREADS` threads (the
+loops hold no GIL): one thread's random reads keep only a few misses in flight, far fewer
+than a multi-core host's memory serves. On a 16-core host, 65,536 random 512-byte rows
+of a 2.3 GB slab took 6.3 ms in one thread, 2.1 ms in four and 1.5 ms in eight.
 """
 from __future__ import annotations
 
 import functools
 import importlib
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+
+PARALLEL_ROWS = 4096                      # rows a thread takes at least: below, a hand-off costs what it saves
+THREADS = max(1, min(8, os.cpu_count() or 1))
 
 
 @functools.cache
@@ -32,6 +42,33 @@ def warm() -> None:
     probe_slots(np.full((4, 2), -1, np.int64), np.uint64(3), np.zeros(4, np.int64), np.zeros(4, bool),
                 np.zeros(4, np.uint16), 4, np.arange(2), np.arange(2, dtype=np.uint64))
     read_hits(slab, 0, 1, 0, np.zeros(4, np.int64), 1, None, np.arange(2), (8, np.empty((2, 8), np.uint8)))
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max(1, THREADS - 1), thread_name_prefix="kvstore-rows")
+
+
+def _parts(n: int) -> int:
+    """Threads for a batch of n rows: a power of two, each taking at least PARALLEL_ROWS."""
+    parts = 1
+    while parts * 2 <= THREADS and n >= parts * 2 * PARALLEL_ROWS:
+        parts *= 2
+    return parts
+
+
+def _in_parts(n: int, call) -> list:
+    """call(part, parts) for each part of an n-row batch: all but the first in the pool, the
+    first in this thread; returns their results once every part is done."""
+    parts = _parts(n)
+    if parts == 1:
+        return [call(0, 1)]
+    futures = [_pool().submit(call, part, parts) for part in range(1, parts)]
+    try:
+        first = call(0, parts)
+    finally:
+        results = [future.result() for future in futures]
+    return [first, *results]
 
 
 def _flat_bytes(out: np.ndarray) -> np.ndarray:
@@ -57,7 +94,15 @@ def gather_rows(slab: np.ndarray, slots: np.ndarray, offset: int = 0, nbytes: in
     if flat.nbytes != len(slots) * nbytes:
         raise ValueError(f"gather_rows: out holds {flat.nbytes} bytes, the rows {len(slots) * nbytes}")
     if len(slots) and nbytes:
-        bad = _loops().gather(slab.reshape(-1), row_bytes, offset, nbytes, slots, flat)
+        source, rows = slab.reshape(-1), flat.reshape(len(slots), -1)
+
+        def gather(part: int, parts: int) -> int:     # a contiguous share of the rows
+            share = -(-len(slots) // parts)
+            at = slice(part * share, (part + 1) * share)
+            bad = _loops().gather(source, row_bytes, offset, nbytes, slots[at], rows[at].reshape(-1))
+            return bad if bad < 0 else bad + part * share
+
+        bad = max(_in_parts(len(slots), gather))
         if bad >= 0:
             raise IndexError(f"slots: slot {slots[bad]} is outside a cache of {capacity} slots")
     return out
@@ -71,9 +116,10 @@ def probe_slots(hints: np.ndarray, mask: np.uint64, keys: np.ndarray, occupied: 
     bits; `fill` writes a slot's key and fingerprint together), verified against `keys` and
     `occupied`; an id found that way is hinted again."""
     slots = np.empty(len(ids), np.int64)
-    _loops().probe(hints.reshape(-1), np.uint64(mask), keys, occupied, fingerprints, np.int64(ways),
-                   np.uint64(len(keys) // ways), np.ascontiguousarray(ids, np.int64),
-                   np.ascontiguousarray(mixed, np.uint64), slots)
+    arguments = (hints.reshape(-1), np.uint64(mask), keys, occupied, fingerprints, np.int64(ways),
+                 np.uint64(len(keys) // ways), np.ascontiguousarray(ids, np.int64),
+                 np.ascontiguousarray(mixed, np.uint64), slots)
+    _in_parts(len(ids), lambda part, parts: _loops().probe(*arguments, np.uint64(part), np.int64(parts)))
     return slots
 
 
@@ -102,8 +148,9 @@ def read_hits(slab: np.ndarray, header_word: int, max_count: int, now: int, last
     if not len(slots):
         return
     flat = slab.reshape(-1)
-    bad = _loops().read_hits(flat, flat.view(np.uint32), row_bytes, header_word, np.uint32(max_count),
-                             np.uint32(now), last_used, np.int64(tick),
-                             uses if uses is not None else np.empty(0, np.int64), uses is not None, slots, *columns)
+    arguments = (flat, flat.view(np.uint32), row_bytes, header_word, np.uint32(max_count), np.uint32(now), last_used,
+                 np.int64(tick), uses if uses is not None else np.empty(0, np.int64), uses is not None, slots, *columns)
+    bad = max(_in_parts(len(slots), lambda part, parts: _loops().read_hits(*arguments, np.int64(part),
+                                                                           np.int64(parts))))
     if bad >= 0:
         raise IndexError(f"slots: slot {slots[bad]} is outside a cache of {capacity} slots")

@@ -63,13 +63,17 @@ def gather(slab, row_bytes, offset, nbytes, slots, out):
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def probe(hints, mask, keys, occupied, fingerprints, ways, num_sets, ids, mixed, slots):
-    """The set and fingerprint are `SetAssociativeCache._set_from` and `_fingerprint_from`."""
-    n = len(ids)
+def probe(hints, mask, keys, occupied, fingerprints, ways, num_sets, ids, mixed, slots, part, parts):
+    """The set and fingerprint are `SetAssociativeCache._set_from` and `_fingerprint_from`.
+    Only ids whose hint entry is `part` modulo `parts` (a power of two): a part's threads
+    write disjoint hint entries."""
+    n, own = len(ids), np.uint64(parts - 1)
     for i in range(n):
-        ahead = i + PREFETCH_ROWS
-        if ahead < n:
+        ahead = i + PREFETCH_ROWS * parts
+        if ahead < n and (mixed[ahead] & own) == part:
             _prefetch(hints, np.int64(mixed[ahead] & mask) * 2)
+        if (mixed[i] & own) != part:
+            continue
         at = np.int64(mixed[i] & mask) * 2
         slot = hints[at + 1]
         if hints[at] == ids[i] and slot >= 0:
@@ -90,22 +94,24 @@ def probe(hints, mask, keys, occupied, fingerprints, ways, num_sets, ids, mixed,
 
 @njit(nogil=True, cache=True, boundscheck=False)
 def read_hits(slab, words, row_bytes, header_word, max_count, now, last_used, tick, uses, count_uses,
-              slots, weight_offset, weight_bytes, weights, state_offset, state_bytes, state):
-    n, capacity = len(slots), len(last_used)
+              slots, weight_offset, weight_bytes, weights, state_offset, state_bytes, state, part, parts):
+    """Only slots that are `part` modulo `parts` (a power of two): each slot, however often it
+    repeats, is one part's, so its access is recorded once without atomics."""
+    n, capacity, own = len(slots), len(last_used), parts - 1
     for i in range(n):
         if slots[i] >= capacity:
             return i
     row_words = row_bytes // 4
     for i in range(n):
-        ahead = i + PREFETCH_ROWS
-        if ahead < n and slots[ahead] >= 0:
+        ahead = i + PREFETCH_ROWS * parts
+        if ahead < n and slots[ahead] >= 0 and (slots[ahead] & own) == part:
             row = slots[ahead] * row_bytes
             _prefetch(last_used, slots[ahead])
             _prefetch(slab, row)
             for line in range(row + weight_offset, row + weight_offset + weight_bytes, CACHE_LINE):
                 _prefetch(slab, line)
         slot = slots[i]
-        if slot < 0:                                 # not cached: its rows are the caller's to fill
+        if slot < 0 or (slot & own) != part:         # not cached (its rows are the caller's to fill), or not ours
             continue
         if last_used[slot] != tick:                  # the batch's first use of the slot: counts once
             last_used[slot] = tick

@@ -6,12 +6,21 @@ import numpy as np
 import pytest
 from kvstore_proto.tensors import WIRE_DTYPES, encode_lookup_response, lookup_response_into
 
-from kvstore import OptimizerConfig
+from kvstore import CacheConfig, OptimizerConfig, host_kernels
+from kvstore.cache import SetAssociativeCache
 from kvstore.eviction.rules import COUNT_WORD, touch_headers
-from kvstore.host_kernels import gather_rows, read_hits
+from kvstore.host_kernels import gather_rows, probe_slots, read_hits
 from kvstore.rows import MAX_COUNT
 
 from .conftest import table_config
+
+
+@pytest.fixture(autouse=True, params=[1, 4], ids=["one thread", "four threads"])
+def threads(request, monkeypatch):
+    """Every test runs with the loops in one thread, and split over four from 8 rows a part."""
+    monkeypatch.setattr(host_kernels, "THREADS", request.param)
+    monkeypatch.setattr(host_kernels, "PARALLEL_ROWS", 8)
+    return request.param
 
 
 def _slab(rng, slots: int = 300, row_bytes: int = 48) -> np.ndarray:
@@ -23,7 +32,9 @@ def test_gather_rows_equals_numpy_indexing(offset, nbytes):
     rng = np.random.default_rng(1)
     slab = _slab(rng)
     slots = rng.integers(0, len(slab), 1000)         # repeats, any order, more than the prefetch distance
-    np.testing.assert_array_equal(gather_rows(slab, slots, offset, nbytes), slab[slots, offset:offset + nbytes])
+    out = np.full((len(slots), nbytes), 0xAB, np.uint8)
+    gather_rows(slab, slots, offset, nbytes, out)
+    np.testing.assert_array_equal(out, slab[slots, offset:offset + nbytes])
 
 
 def test_gather_rows_leaves_rows_of_negative_slots_and_refuses_slots_past_the_end():
@@ -115,3 +126,36 @@ def test_an_out_of_another_shape_dtype_or_layout_gives_none_and_changes_nothing(
     before = store.stats("t")
     assert store.lookup_if_cached("t", [1, 2, 3], out=out) is None
     assert not out.any() and store.stats("t") == before
+
+
+def test_a_batch_split_over_threads_refuses_a_bad_slot_before_recording_anything(threads):
+    rng = np.random.default_rng(7)
+    slab = _slab(rng, row_bytes=64)
+    before, last_used = slab.copy(), np.zeros(len(slab), np.int64)
+    slots = np.append(rng.integers(0, len(slab), 99), len(slab))
+    assert host_kernels._parts(len(slots)) == threads
+    with pytest.raises(IndexError, match=f"slot {len(slab)} is outside"):
+        read_hits(slab, COUNT_WORD, MAX_COUNT, 5, last_used, 1, None, slots, (16, np.empty((100, 4), np.float32)))
+    np.testing.assert_array_equal(slab, before)
+    assert not last_used.any()
+    with pytest.raises(IndexError, match=f"slot {len(slab)} is outside"):
+        gather_rows(slab, slots)
+
+
+def test_the_probe_split_over_threads_finds_what_one_thread_finds(threads):
+    """Parts write disjoint hint entries: the slots found, and those found again through the
+    hints the first probe wrote, equal the cache's own record of where each id is."""
+    cache = SetAssociativeCache(CacheConfig(rows=4096, ways=8), 16)
+    rng = np.random.default_rng(8)
+    ids = rng.choice(1 << 40, 3000, replace=False).astype(np.int64)
+    cache.begin_batch()
+    choice = cache.choose_slots(ids)
+    cache.fill(choice.slots, ids, np.zeros((len(ids), 16), np.uint8), np.zeros(len(ids), bool))
+    placed = dict(zip(cache.keys[cache.occupied].tolist(), np.flatnonzero(cache.occupied).tolist(), strict=True))
+    cache.hints[:] = -1                                # every id found through its set, then hinted
+    queries = np.concatenate([ids, rng.integers(0, 1 << 40, 500), ids[::-1]])
+    want = np.array([placed.get(int(i), -1) for i in queries])
+    for _ in range(2):                                 # the second probe reads the hints the first wrote
+        got = probe_slots(cache.hints, cache.hint_mask, cache.keys, cache.occupied, cache.fingerprints, cache.ways,
+                          queries, cache.mix(queries))
+        np.testing.assert_array_equal(got, want)
