@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -57,18 +58,26 @@ def _parts(n: int) -> int:
     return parts
 
 
+_splitting = threading.Lock()            # held by the one batch being split
+
+
 def _in_parts(n: int, call) -> list:
     """call(part, parts) for each part of an n-row batch: all but the first in the pool, the
-    first in this thread; returns their results once every part is done."""
+    first in this thread; returns their results once every part is done. One batch is split
+    at a time: while one is, others run whole (the cores are busy already, and a split batch
+    costs more CPU in all than a whole one)."""
     parts = _parts(n)
-    if parts == 1:
+    if parts == 1 or not _splitting.acquire(blocking=False):
         return [call(0, 1)]
-    futures = [_pool().submit(call, part, parts) for part in range(1, parts)]
     try:
-        first = call(0, parts)
+        futures = [_pool().submit(call, part, parts) for part in range(1, parts)]
+        try:
+            first = call(0, parts)
+        finally:
+            results = [future.result() for future in futures]
+        return [first, *results]
     finally:
-        results = [future.result() for future in futures]
-    return [first, *results]
+        _splitting.release()
 
 
 def _flat_bytes(out: np.ndarray) -> np.ndarray:

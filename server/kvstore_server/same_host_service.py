@@ -121,15 +121,8 @@ class SameHostRPCs:
         state = None
         if request.HasField("state"):
             state = region(segment, request.state, "state", (n, config.state_dim), "float32", exact=True)
-        row_bytes = config.dim * weight_dtype(config.dtype).itemsize + (config.state_dim * 4 if state is not None
-                                                                          else 0)
-        step = max(1, LOOKUP_PIECE_BYTES // max(1, row_bytes))
-        for start in range(0, n, step):
-            stop = min(n, start + step)
-            state_part = None if state is None else state[start:stop]
-            if not self._lookup_cached_into(request.table, ids[start:stop], weights[start:stop], state_part):
-                await self.on_table(request.table, self._lookup_into, request.table, ids[start:stop], on_miss,
-                                    weights[start:stop], state_part)
+        if not self._lookup_cached_into(request.table, ids, weights, state):
+            await self.on_table(request.table, self._lookup_into, request.table, ids, on_miss, weights, state)
         return pb.SharedLookupResponse(rows=n)
 
     def _lookup_cached_into(self, table: str, ids: np.ndarray, weights: np.ndarray, state: np.ndarray | None) -> bool:
@@ -144,7 +137,19 @@ class SameHostRPCs:
 
     def _lookup_into(self, table: str, ids: np.ndarray, on_miss: str, weights: np.ndarray,
                      state: np.ndarray | None) -> None:
-        _write(self.data_budget.lookup(table, ids, on_miss, state is not None), weights, state)
+        """In a store thread: rows of `ids` into the segment, gathered there at once when all are
+        cached (a large batch split over threads, see `host_kernels`), else looked up a piece
+        at a time (each piece's rows held in memory until written)."""
+        cached = self.store.lookup_if_cached(table, ids, state is not None, weights)
+        if cached is not None:
+            _write(cached, weights, state)
+            return
+        row_bytes = weights[:1].nbytes + (0 if state is None else state[:1].nbytes)
+        step = max(1, LOOKUP_PIECE_BYTES // max(1, row_bytes))
+        for start in range(0, len(ids), step):
+            stop = min(len(ids), start + step)
+            _write(self.data_budget.lookup(table, ids[start:stop], on_miss, state is not None), weights[start:stop],
+                   None if state is None else state[start:stop])
 
     async def _lookup_to_device(self, table: str, ids: np.ndarray, on_miss: str, weights) -> None:
         """Rows of `ids` into `weights`, a region of a client's GPU buffer: a GPU table's cached rows

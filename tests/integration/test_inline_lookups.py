@@ -139,3 +139,24 @@ def test_inline_lookup_bytes_0_sends_every_lookup_to_the_store_threads(start_loo
         jobs = server.work.jobs
         np.testing.assert_array_equal(client.lookup("t", [1, 2]), weights[[1, 2]])
         assert server.work.jobs == jobs + 1
+
+
+def test_a_same_host_lookup_past_the_bound_is_one_store_job_written_into_the_segment(start_loop_server, monkeypatch):
+    """Cached rows past the bound are gathered into the client's segment by one store job; a batch
+    with misses is looked up there a piece at a time (pieces of four rows here)."""
+    import kvstore_server.same_host_service as same_host_service
+
+    monkeypatch.setattr(same_host_service, "LOOKUP_PIECE_BYTES", 4 * DIM * 4)
+    server = start_loop_server(inline_lookup_bytes=10 * DIM * 4)
+    with KVStoreClient(server.address, timeout=60, same_host=True) as shm, KVStoreClient(server.address) as net:
+        weights = _table(net, "t", rows=32)
+        jobs = server.work.jobs
+        np.testing.assert_array_equal(shm.lookup("t", np.arange(10)), weights[:10])
+        assert server.work.jobs == jobs and shm.same_host.active       # on the loop, through the segment
+        np.testing.assert_array_equal(shm.lookup("t", np.arange(32)[::-1]), weights[::-1])
+        assert server.work.jobs == jobs + 1
+        ids = np.array([3, 100, 5, 101, 7, 102, 9, 3, 100, 31, 103])     # misses in three pieces, repeats
+        got = shm.lookup("t", ids)
+        assert server.work.jobs == jobs + 2
+        np.testing.assert_array_equal(got[[0, 2, 4, 6, 7, 9]], weights[[3, 5, 7, 9, 3, 31]])
+        np.testing.assert_array_equal(got, net.lookup("t", ids, on_miss="error"))   # the new rows were kept
