@@ -181,10 +181,12 @@ class Store:
         with self._gens.pin() as gen:
             return self._table(gen, table).lookup(ids, on_miss, with_state)
 
-    def lookup_if_cached(self, table: str, ids, with_state: bool = False, out=None) -> LookupResult | None:
-        """Rows of `ids` when all are cached and the table is free now, else None (see Table)."""
+    def lookup_if_cached(self, table: str, ids, with_state: bool = False, out=None,
+                         wait: bool = False) -> LookupResult | None:
+        """Rows of `ids` when all are cached and the table is free now (or, with `wait`, once it
+        is), else None (see Table)."""
         with self._gens.pin() as gen:
-            return self._table(gen, table).lookup_if_cached(ids, with_state, out)
+            return self._table(gen, table).lookup_if_cached(ids, with_state, out, wait)
 
     def update(self, table: str, ids, weights, state=None, scores=None) -> int:
         with self.gate.writing(), self._gens.pin() as gen:

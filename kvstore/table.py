@@ -165,19 +165,20 @@ class Table(TableUpkeep):
                 state[miss_at] = self.layout.state(miss_rows)[inverse]
             return LookupResult(weights, state)
 
-    def lookup_if_cached(self, ids, with_state: bool = False, out: np.ndarray | None = None
+    def lookup_if_cached(self, ids, with_state: bool = False, out: np.ndarray | None = None, wait: bool = False
                          ) -> LookupResult | None:
         """`lookup(ids)` when the table lock is free right now and every id is cached, else None
         with nothing changed. Never waits for a lock and never reads RocksDB: its cost is a probe
         and a gather of len(ids) cached rows (`cached_columns`; a GPU tier also answers None
-        while its device is busy), so a server may run it where it must not block. `out`: where
+        while its device is busy), so a server may run it where it must not block. `wait`: wait
+        for the lock instead (a store thread, which may block, writing rows to `out`). `out`: where
         the weights go, [len(ids), dim] of the table's dtype (else None: the table is not the
         one the caller sized it for, e.g. dropped and created again). A GPU table also takes a CuPy
         `out` (bfloat16 as uint16 bits): its rows are gathered there on the device."""
         ids = self._ids(ids)
         if out is not None and not self._fits(out, len(ids)):
             return None
-        if not self._lock.acquire(blocking=False):
+        if not self._lock.acquire(blocking=wait):
             return None
         try:
             columns = self.cache.cached_columns(ids, self.clock(), with_state, out)

@@ -117,7 +117,8 @@ class SameHostPath(CudaIpcCalls):
     def _lookup(self, table, ids, start, place, on_miss, lease, dim, dtype) -> np.ndarray | None:
         """One segment for the whole lookup; pieces of about PIECE_BYTES of rows are asked for up to
         PIECES_AHEAD at a time, so the server gathers piece i+1 while this client copies piece i.
-        With `place` None nothing is copied: the rows are returned over the segment, lent to them."""
+        With `place` None nothing is copied: the rows are returned over the segment, lent to them,
+        after one call."""
         n, itemsize = len(ids), WIRE_DTYPES[dtype].itemsize
         step = max(1, PIECE_BYTES // max(1, dim * itemsize))
         segment = self.pool.take(region_bytes(((n,), 8), ((n, dim), itemsize)))
@@ -133,7 +134,9 @@ class SameHostPath(CudaIpcCalls):
                     weights=pb.SharedArray(dtype=dtype, shape=[last - first, dim],
                                            offset=row_spec.offset + first * dim * itemsize))
 
-            pieces = [(first, min(n, first + step)) for first in range(0, n, step)] or [(0, 0)]
+            # rows lent over the segment are not copied here: one call, which the server splits over threads
+            pieces = [(first, min(n, first + step)) for first in range(0, n, step)] if place is not None else [(0, n)]
+            pieces = pieces or [(0, 0)]
             if len(pieces) == 1:                 # a blocking call: a future would start grpc's spin thread per call
                 with _rpc():
                     self._calls["SharedLookup"](request(0, n), timeout=self.timeout)

@@ -140,7 +140,7 @@ class SameHostRPCs:
         """In a store thread: rows of `ids` into the segment, gathered there at once when all are
         cached (a large batch split over threads, see `host_kernels`), else looked up a piece
         at a time (each piece's rows held in memory until written)."""
-        cached = self.store.lookup_if_cached(table, ids, state is not None, weights)
+        cached = self.store.lookup_if_cached(table, ids, state is not None, weights, wait=True)
         if cached is not None:
             _write(cached, weights, state)
             return
@@ -163,7 +163,7 @@ class SameHostRPCs:
     def _lookup_and_upload(self, table: str, ids: np.ndarray, on_miss: str, out) -> None:
         """In a store thread: `ids`' rows into `out` (a client's GPU buffer), gathered there when all
         are cached, else looked up on the host and copied up; finished before this returns."""
-        if self.store.lookup_if_cached(table, ids, False, out) is not None:     # gathered into `out`
+        if self.store.lookup_if_cached(table, ids, False, out, wait=True) is not None:     # gathered into `out`
             return
         upload(out, self.data_budget.lookup(table, ids, on_miss, False).weights)
 
