@@ -17,7 +17,9 @@ from .test_torch_modules import assert_collection_equals_loop  # noqa: E402
 def test_collection_over_shared_memory_equals_the_plain_network_loop(server, pipeline):
     with KVStoreClient(server.address, same_host=True) as shm, KVStoreClient(server.address) as net:
         assert_collection_equals_loop(net, shm, "shm_coll", pipeline)
-        assert shm.same_host.active and shm.same_host.pool._free and not net.same_host.active
+        pool = shm.same_host.pool
+        assert shm.same_host.active and not net.same_host.active
+        assert pool.lent() == 0 and (pool._free or not pool._returned.empty())      # every segment back
 
 
 def test_a_closed_stream_retires_the_segments_of_unanswered_steps(server):

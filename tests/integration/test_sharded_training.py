@@ -137,25 +137,6 @@ def test_a_buffer_that_does_not_fit_is_invalid_argument_naming_out(sharded, bad)
         sharded.lookup("into_bad", np.arange(500), out=bad)
 
 
-def _train_ahead(model: TwoFeatures, where_named: str) -> list[float]:
-    """_train_two's loop, naming each next batch after the forward (or after the backward)."""
-    dense = torch.optim.Adam(model.head.parameters(), lr=LR)
-    batches, losses = list(_two_feature_batches(4)), []
-    for step, (users, items, offsets, target) in enumerate(batches):
-        loss = ((model(users, items, offsets) - target) ** 2).mean()
-        later = batches[(step + 1) % len(batches)]
-        if where_named == "after forward":
-            model.embed.next_batch({"user": later[0], "item": (later[1], later[2])})
-        dense.zero_grad()
-        loss.backward()
-        if where_named == "after backward":
-            model.embed.next_batch({"user": later[0], "item": (later[1], later[2])})
-        dense.step()
-        losses.append(loss.item())
-    model.embed.flush()
-    return losses
-
-
 @pytest.mark.parametrize("where_named", ["after forward", "after backward"])
 @pytest.mark.parametrize("where", ["one", "cluster"])
 def test_looking_up_the_next_batch_ahead_gives_the_exact_result(client, sharded, where, where_named):
@@ -163,7 +144,7 @@ def test_looking_up_the_next_batch_ahead_gives_the_exact_result(client, sharded,
     run = f"{where}_{where_named[6:]}"
     ahead, plain = _tables(target, f"ahead_{run}"), _tables(target, f"plain_{run}")
     expected = _train_two(TwoFeatures(_collection(target, plain)))
-    assert _train_ahead(TwoFeatures(_collection(target, ahead)), where_named) == expected
+    assert _train_two(TwoFeatures(_collection(target, ahead)), ahead=where_named) == expected
     for mine, theirs, ids in zip(ahead, plain, (np.arange(10), np.arange(30)), strict=True):
         np.testing.assert_array_equal(target.lookup(mine, ids, with_state=True)[1],
                                       target.lookup(theirs, ids, with_state=True)[1])

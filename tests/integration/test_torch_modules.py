@@ -158,9 +158,10 @@ class TwoFeatures(nn.Module):
         return self.head(torch.cat(pooled, 1))
 
 
-def _train_two(model: TwoFeatures, prefetch: bool = False, ahead: bool = False) -> list[float]:
-    """50 steps; `prefetch`: a collection warms step i+2's rows; `ahead`: it is told each next batch
-    right after the forward (`next_batch`)."""
+def _train_two(model: TwoFeatures, prefetch: bool = False, ahead: str | None = None) -> list[float]:
+    """50 steps; `prefetch`: a collection warms step i+2's rows; `ahead` ("after forward" or "after
+    backward"): it is told each next batch there (`next_batch`; at the last step the first batch,
+    which no forward reads)."""
     dense = torch.optim.Adam(model.head.parameters(), lr=LR)
     losses = []
     batches = list(_two_feature_batches(4))
@@ -169,11 +170,13 @@ def _train_two(model: TwoFeatures, prefetch: bool = False, ahead: bool = False) 
             later = batches[step + 2]
             model.embed.prefetch({"user": later[0], "item": (later[1], later[2])})
         loss = ((model(users, items, offsets) - target) ** 2).mean()
-        if ahead and step + 1 < len(batches):
-            later = batches[step + 1]
+        later = batches[(step + 1) % len(batches)]
+        if ahead == "after forward":
             model.embed.next_batch({"user": later[0], "item": (later[1], later[2])})
         dense.zero_grad()
         loss.backward()
+        if ahead == "after backward":
+            model.embed.next_batch({"user": later[0], "item": (later[1], later[2])})
         dense.step()
         losses.append(loss.item())
     if not isinstance(model.embed, nn.ModuleDict):
@@ -201,7 +204,8 @@ def assert_collection_equals_loop(loop_client, collection_client, run: str, pipe
         collection_client, [Feature("user", together[0][0], "sum"), Feature("item", together[1][0], "mean")],
         pipeline=bool(pipeline))
     expected = _train_two(loop)
-    got = _train_two(TwoFeatures(collection), prefetch=pipeline == "prefetch", ahead=pipeline == "ahead")
+    got = _train_two(TwoFeatures(collection), prefetch=pipeline == "prefetch",
+                     ahead="after forward" if pipeline == "ahead" else None)
     assert got == expected and expected[-1] != expected[0]
     for (mine, _), (theirs, _) in zip(together, plain, strict=True):
         np.testing.assert_array_equal(loop_client.lookup(mine, np.arange(30), with_state=True)[1],
