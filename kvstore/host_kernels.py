@@ -26,7 +26,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 PARALLEL_ROWS = 4096                      # rows a thread takes at least: below, a hand-off costs what it saves
-THREADS = max(1, min(8, os.cpu_count() or 1))
+MAX_THREADS = 64
+
+
+def default_threads() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+THREADS = default_threads()
 
 
 @functools.cache
@@ -48,6 +55,18 @@ def warm() -> None:
 @functools.cache
 def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max(1, THREADS - 1), thread_name_prefix="kvstore-rows")
+
+
+def set_threads(threads: int = 0) -> None:
+    """Split a large batch over at most `threads` threads (0: min(8, cores); 1: never split).
+    A server next to a trainer may want fewer, leaving the trainer its cores."""
+    global THREADS
+    if not 0 <= threads <= MAX_THREADS:
+        raise ValueError(f"threads: must be in [0, {MAX_THREADS}], got {threads}")
+    THREADS = threads or default_threads()
+    if _pool.cache_info().currsize:
+        _pool().shutdown(wait=False)            # idle workers end; the next split starts a pool of the new size
+        _pool.cache_clear()
 
 
 def _parts(n: int) -> int:

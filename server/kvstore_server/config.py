@@ -19,6 +19,7 @@ from typing import Any
 from kvstore import RocksConfig, SweeperConfig
 from kvstore.config import DEVICE_PATTERN
 from kvstore.errors import InvalidArgument
+from kvstore.host_kernels import MAX_THREADS as MAX_HOST_THREADS
 
 from .replica import ReplicationConfig
 
@@ -43,6 +44,7 @@ class ServerConfig:
     metrics_tls: bool = False            # serve metrics over HTTPS with tls_cert / tls_key
     max_message_bytes: int = 16 << 20    # gRPC send/receive limit
     max_workers: int = 0                 # threads running store work; 0 = sized to the machine
+    host_threads: int = 0                # threads one large cached batch is split over; 0 = min(8, cores), 1 = never
     max_concurrent_rpcs: int = 256       # further calls get RESOURCE_EXHAUSTED with a retry hint
     retry_after_ms: int = 50             # the hint (trailing metadata retry-after-ms) of that refusal
     lease_seconds: float = 30.0          # a prefetch-lock lease lapses this long after its last use
@@ -96,6 +98,9 @@ class ServerConfig:
         if not _is_int(self.inline_lookup_bytes) or self.inline_lookup_bytes < 0:
             raise InvalidArgument(f"inline_lookup_bytes: must be 0 (every lookup in the store threads) or a positive "
                                   f"integer, got {self.inline_lookup_bytes!r}")
+        if not _is_int(self.host_threads) or not 0 <= self.host_threads <= MAX_HOST_THREADS:
+            raise InvalidArgument(f"host_threads: must be 0 (sized to the machine) or 1 to {MAX_HOST_THREADS}, "
+                                  f"got {self.host_threads!r}")
         if not _is_int(self.max_workers) or self.max_workers < 0:
             raise InvalidArgument(f"max_workers: must be 0 (sized to the machine) or a positive integer, "
                                   f"got {self.max_workers!r}")

@@ -105,6 +105,7 @@ class KVStoreServer:
         self.service: EmbeddingStoreService | None = None
         self.port = 0
         self.work = StoreWork(config.max_workers or default_workers())
+        host_kernels.set_threads(config.host_threads)
         self._grpc: grpc.aio.Server | None = None
         self._health = BoundedHealthServicer(config.max_health_watches_per_peer)
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -82,6 +82,8 @@ def test_unknown_config_key_is_an_error_naming_it(tmp_path, source, name):
     ([], {"KVSTORE_GRACE_SECONDS": "soon"}, "KVSTORE_GRACE_SECONDS"),
     (["--log-format", "xml"], None, "log_format"),
     (["--inline-lookup-bytes", "-1"], None, "inline_lookup_bytes"),
+    (["--host-threads", "65"], None, "host_threads"),
+    ([], {"KVSTORE_HOST_THREADS": "-1"}, "host_threads"),
 ])
 def test_badly_typed_values_name_their_source(args, env, name):
     result = run_cli("kvstore_server", *args, "--print-config", env=env)
@@ -130,3 +132,17 @@ def test_calls_without_a_request_id_get_a_fresh_one_per_call(json_server):
     assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids) and ids[0] != ids[1]
     assert wait_until(lambda: {r.get("request_id") for r in _records(json_server)} >= set(ids))
     assert all(isinstance(r["message"], str) and r["time"].endswith("Z") for r in _records(json_server))
+
+
+def test_host_threads_bounds_how_far_a_large_batch_is_split(tmp_path, monkeypatch):
+    from kvstore_server.server import KVStoreServer
+
+    from kvstore import host_kernels
+
+    monkeypatch.setattr(host_kernels, "THREADS", host_kernels.THREADS)      # put back after the test
+    KVStoreServer(ServerConfig(data_dir=str(tmp_path), host_threads=3))
+    assert (host_kernels.THREADS, host_kernels._parts(1 << 20)) == (3, 2)    # a power of two: 2 parts
+    KVStoreServer(ServerConfig(data_dir=str(tmp_path), host_threads=1))
+    assert host_kernels._parts(1 << 20) == 1
+    KVStoreServer(ServerConfig(data_dir=str(tmp_path)))
+    assert host_kernels.THREADS == host_kernels.default_threads()
