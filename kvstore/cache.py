@@ -18,8 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import CacheConfig
-from .host_kernels import gather_rows, probe_slots
-from .rows import row_records
+from .host_kernels import gather_rows, probe_slots, scatter_rows
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX = np.uint64(0xD6E8FEB86659FD93)
@@ -242,8 +241,8 @@ class SetAssociativeCache:
         return gather_rows(self.slab, slots)
 
     def put_rows(self, slots, rows) -> None:
-        """Rows ([n, row_bytes]) into `slots`, moved as whole records."""
-        row_records(self.slab).put(slots, row_records(rows))
+        """Rows ([n, row_bytes]) into `slots`, each moved whole (`host_kernels.scatter_rows`)."""
+        scatter_rows(self.slab, slots, rows)
 
     def fill(self, slots, ids, rows, dirty) -> None:
         """Place rows in the slots `choose_slots` gave (entries of -1 are skipped)."""

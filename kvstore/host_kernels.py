@@ -47,6 +47,7 @@ def warm() -> None:
     lookup does not wait for the compiler)."""
     slab = np.zeros((4, 64), np.uint8)
     gather_rows(slab, np.arange(2))
+    scatter_rows(slab, np.arange(2), np.zeros((2, 64), np.uint8))
     probe_slots(np.full((4, 2), -1, np.int64), np.uint64(3), np.zeros(4, np.int64), np.zeros(4, bool),
                 np.zeros(4, np.uint16), 4, np.arange(2), np.arange(2, dtype=np.uint64))
     read_hits(slab, 0, 1, 0, np.zeros(4, np.int64), 1, None, np.arange(2), (8, np.empty((2, 8), np.uint8)))
@@ -134,6 +135,26 @@ def gather_rows(slab: np.ndarray, slots: np.ndarray, offset: int = 0, nbytes: in
         if bad >= 0:
             raise IndexError(f"slots: slot {slots[bad]} is outside a cache of {capacity} slots")
     return out
+
+
+def scatter_rows(slab: np.ndarray, slots: np.ndarray, rows: np.ndarray) -> None:
+    """Rows ([n, row_bytes]) into `slots` of `slab` (C-contiguous [capacity, row_bytes] uint8), each
+    row's lines asked for ahead and moved whole; a later row of a repeated slot wins. Every slot
+    is checked first: one outside the slab is IndexError with nothing written."""
+    capacity, row_bytes = slab.shape
+    rows = np.ascontiguousarray(rows)
+    slots = np.ascontiguousarray(slots, dtype=np.int64)
+    if not (slab.flags.c_contiguous and slab.dtype == np.uint8 and rows.dtype == np.uint8
+            and rows.shape == (len(slots), row_bytes)):
+        raise ValueError(f"scatter_rows: rows of shape {rows.shape} and dtype {rows.dtype} for {len(slots)} slots "
+                         f"of {row_bytes} bytes")
+    if not len(slots):
+        return
+    source, flat = rows.reshape(-1), slab.reshape(-1)
+    bad = max(_in_parts(len(slots), lambda part, parts: _loops().scatter(flat, row_bytes, slots, source,
+                                                                         np.int64(part), np.int64(parts))))
+    if bad >= 0:
+        raise IndexError(f"slots: slot {slots[bad]} is outside a cache of {capacity} slots")
 
 
 def probe_slots(hints: np.ndarray, mask: np.uint64, keys: np.ndarray, occupied: np.ndarray, fingerprints: np.ndarray,

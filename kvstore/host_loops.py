@@ -16,9 +16,8 @@ OPAQUE_POINTERS = llvmlite.binding.llvm_version_info >= (16,)      # the intrins
 _PREFETCH = "llvm.prefetch.p0" if OPAQUE_POINTERS else "llvm.prefetch.p0i8"
 
 
-@intrinsic
-def _prefetch(typingctx, array, index):
-    """Ask for the cache line holding array[index] (a read, kept briefly: locality 0)."""
+def _prefetch_code(write: int):
+    """The code of a prefetch of the cache line holding array[index] (kept briefly: locality 0)."""
     def codegen(context, builder, signature, args):
         array_type = signature.args[0]
         view = context.make_array(array_type)(context, builder, args[0])
@@ -26,9 +25,21 @@ def _prefetch(typingctx, array, index):
         byte_pointer, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
         function = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer, i32, i32, i32]), _PREFETCH)
-        builder.call(function, [builder.bitcast(pointer, byte_pointer), i32(0), i32(0), i32(1)])
+        builder.call(function, [builder.bitcast(pointer, byte_pointer), i32(write), i32(0), i32(1)])
         return context.get_dummy_value()
-    return types.void(array, index), codegen
+    return codegen
+
+
+@intrinsic
+def _prefetch(typingctx, array, index):
+    """Ask for the cache line holding array[index], to read it."""
+    return types.void(array, index), _prefetch_code(0)
+
+
+@intrinsic
+def _prefetch_write(typingctx, array, index):
+    """Ask for the cache line holding array[index], to write it."""
+    return types.void(array, index), _prefetch_code(1)
 
 
 @intrinsic
@@ -59,6 +70,25 @@ def gather(slab, row_bytes, offset, nbytes, slots, out):
                 _prefetch(slab, line)
         if slots[i] >= 0:
             _copy(out, i * nbytes, slab, slots[i] * row_bytes + offset, nbytes)
+    return -1
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def scatter(slab, row_bytes, slots, rows, part, parts):
+    """Row i of `rows` (row_bytes each) into row slots[i] of `slab`, for the slots that are `part`
+    modulo `parts` (a power of two): a repeated slot is one part's, so its last row wins."""
+    n, capacity, own = len(slots), len(slab) // row_bytes, parts - 1
+    for i in range(n):
+        if slots[i] < 0 or slots[i] >= capacity:
+            return i                                     # the caller raises, naming the slot
+    for i in range(n):
+        ahead = i + PREFETCH_ROWS * parts
+        if ahead < n and (slots[ahead] & own) == part:
+            start = slots[ahead] * row_bytes
+            for line in range(start, start + row_bytes, CACHE_LINE):
+                _prefetch_write(slab, line)
+        if (slots[i] & own) == part:
+            _copy(slab, slots[i] * row_bytes, rows, i * row_bytes, row_bytes)
     return -1
 
 

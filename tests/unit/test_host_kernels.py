@@ -9,7 +9,7 @@ from kvstore_proto.tensors import WIRE_DTYPES, encode_lookup_response, lookup_re
 from kvstore import CacheConfig, OptimizerConfig, host_kernels
 from kvstore.cache import SetAssociativeCache
 from kvstore.eviction.rules import COUNT_WORD, touch_headers
-from kvstore.host_kernels import gather_rows, probe_slots, read_hits
+from kvstore.host_kernels import gather_rows, probe_slots, read_hits, scatter_rows
 from kvstore.rows import MAX_COUNT
 
 from .conftest import table_config
@@ -53,6 +53,31 @@ def test_gather_rows_refuses_an_out_it_cannot_write_in_place():
         gather_rows(slab, np.array([1, 2]), 0, 8, out=np.zeros((2, 16), np.uint8)[:, ::2])
     with pytest.raises(ValueError, match="holds"):
         gather_rows(slab, np.array([1, 2]), 0, 8, out=np.zeros((2, 4), np.uint8))
+
+
+def test_scatter_rows_equals_a_loop_of_row_writes_the_last_of_a_repeated_slot_winning():
+    rng = np.random.default_rng(9)
+    slab = _slab(rng)
+    slots = np.concatenate([rng.integers(0, len(slab), 400), [7, 7, 8, 7]])
+    rows = rng.integers(0, 256, (len(slots), 48), dtype=np.uint8)
+    want = slab.copy()
+    for slot, row in zip(slots, rows, strict=True):
+        want[slot] = row
+    scatter_rows(slab, slots, rows)
+    np.testing.assert_array_equal(slab, want)
+
+
+@pytest.mark.parametrize("bad", [300, -1])
+def test_scatter_rows_refuses_a_slot_outside_the_slab_before_writing_any_row(bad):
+    rng = np.random.default_rng(10)
+    slab = _slab(rng)
+    before = slab.copy()
+    slots = np.append(rng.integers(0, len(slab), 99), bad)
+    with pytest.raises(IndexError, match=f"slot {bad} is outside"):
+        scatter_rows(slab, slots, np.zeros((100, 48), np.uint8))
+    np.testing.assert_array_equal(slab, before)
+    with pytest.raises(ValueError, match="rows of shape"):
+        scatter_rows(slab, slots[:2], np.zeros((2, 40), np.uint8))
 
 
 @pytest.mark.parametrize("count_uses", [False, True])
