@@ -10,9 +10,9 @@ NumPy's 1.2-1.4 ms. `read_hits` is a cached lookup's whole pass over its rows (a
 record and gather) in one loop; `probe_slots` finds their slots. This module checks the
 arrays and calls the loops, which live in `host_loops`, imported on first use.
 
-A batch of at least 2 x `PARALLEL_ROWS` rows is split over up to `THREADS` threads (the
-loops hold no GIL): one thread's random reads keep only a few misses in flight, far fewer
-than a multi-core host's memory serves. On a 16-core host, 65,536 random 512-byte rows
+A batch of at least 2 x `PARALLEL_ROWS` rows is split over up to `THREADS` threads
+(`set_threads`, the server's `host_threads`; the loops hold no GIL): one thread's random
+reads keep only a few misses in flight, far fewer than a multi-core host's memory serves. On a 16-core host, 65,536 random 512-byte rows
 of a 2.3 GB slab took 6.3 ms in one thread, 2.1 ms in four and 1.5 ms in eight.
 """
 from __future__ import annotations
@@ -26,10 +26,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 PARALLEL_ROWS = 4096                      # rows a thread takes at least: below, a hand-off costs what it saves
-MAX_THREADS = 64
+MAX_THREADS = 64                          # the most `set_threads` takes
 
 
 def default_threads() -> int:
+    """Eight threads keep a 16-core host's memory busy (measured above); fewer cores, fewer."""
     return max(1, min(8, os.cpu_count() or 1))
 
 
