@@ -12,8 +12,9 @@ arrays and calls the loops, which live in `host_loops`, imported on first use.
 
 A batch of at least 2 x `PARALLEL_ROWS` rows is split over up to `THREADS` threads
 (`set_threads`, the server's `host_threads`; the loops hold no GIL): one thread's random
-reads keep only a few misses in flight, far fewer than a multi-core host's memory serves. On a 16-core host, 65,536 random 512-byte rows
-of a 2.3 GB slab took 6.3 ms in one thread, 2.1 ms in four and 1.5 ms in eight.
+reads keep only a few misses in flight, far fewer than a multi-core host's memory serves.
+On a 16-core host, 65,536 random 512-byte rows of a 2.3 GB slab took 6.3 ms in one
+thread, 2.1 ms in four and 1.5 ms in eight.
 """
 from __future__ import annotations
 
