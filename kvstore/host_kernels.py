@@ -83,6 +83,17 @@ def _parts(n: int) -> int:
 _splitting = threading.Lock()            # held by the one batch being split
 
 
+def _after_fork_in_child() -> None:
+    """A forked child (a data loader worker, say) has none of its parent's pool threads, and
+    perhaps a lock its parent held: it starts its own pool when it first splits a batch."""
+    global _splitting
+    _splitting = threading.Lock()
+    _pool.cache_clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _in_parts(n: int, call) -> list:
     """call(part, parts) for each part of an n-row batch: all but the first in the pool, the
     first in this thread; returns their results once every part is done. One batch is split

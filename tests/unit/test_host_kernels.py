@@ -2,6 +2,9 @@
 rows of a cached lookup written into a caller's array (the server's response message)."""
 from __future__ import annotations
 
+import os
+import signal
+
 import numpy as np
 import pytest
 from kvstore_proto.tensors import WIRE_DTYPES, encode_lookup_response, lookup_response_into
@@ -184,3 +187,18 @@ def test_the_probe_split_over_threads_finds_what_one_thread_finds(threads):
         got = probe_slots(cache.hints, cache.hint_mask, cache.keys, cache.occupied, cache.fingerprints, cache.ways,
                           queries, cache.mix(queries))
         np.testing.assert_array_equal(got, want)
+
+
+def test_a_forked_child_splits_a_batch_with_threads_of_its_own(threads):
+    """The parent's pool threads do not exist in a forked child: a child that reused the pool
+    would wait for them forever (the alarm ends such a child, failing the test)."""
+    rng = np.random.default_rng(11)
+    slab = _slab(rng)
+    slots = rng.integers(0, len(slab), 1000)
+    np.testing.assert_array_equal(gather_rows(slab, slots), slab[slots])       # the parent's pool, if split
+    child = os.fork()
+    if child == 0:                                                               # pragma: no cover - the child
+        signal.alarm(60)
+        os._exit(0 if np.array_equal(gather_rows(slab, slots), slab[slots]) else 1)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
