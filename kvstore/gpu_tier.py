@@ -144,10 +144,11 @@ class GpuTier:
         cupy.cuda.get_current_stream().synchronize()
         return out
 
-    def probe_touch_columns(self, ids: np.ndarray, now: float, with_state: bool
+    def probe_touch_columns(self, ids: np.ndarray, now: float, with_state: bool, out: np.ndarray | None = None
                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Probe and touch, then gather the slots found, on the device: ids go up once, slots and
-        rows come down together (one synchronization instead of two)."""
+        rows come down together (one synchronization instead of two). With `out`, the weights
+        are copied there from the page-locked buffer they come down into."""
         with self.device:
             slots_d = self.cache.probe_and_touch(self._d(ids), now=int(now))
             slots = cupyx.empty_pinned(len(slots_d), slots_d.dtype)
@@ -155,6 +156,9 @@ class GpuTier:
             copy.wait_event(cupy.cuda.get_current_stream().record())
             slots_d.get(stream=copy, out=slots, blocking=False)
             weights, state = self._columns(slots_d, with_state)     # ends with the copy stream's sync
+            if out is not None:
+                out[...] = weights
+                weights = out
             return slots, weights, state
 
     def columns(self, slots: np.ndarray, with_state: bool) -> tuple[np.ndarray, np.ndarray | None]:

@@ -177,9 +177,10 @@ class Store:
 
     # --- rows --------------------------------------------------------------------
 
-    def lookup(self, table: str, ids, on_miss: str = "init_insert", with_state: bool = False) -> LookupResult:
+    def lookup(self, table: str, ids, on_miss: str = "init_insert", with_state: bool = False,
+               out=None) -> LookupResult:
         with self._gens.pin() as gen:
-            return self._table(gen, table).lookup(ids, on_miss, with_state)
+            return self._table(gen, table).lookup(ids, on_miss, with_state, out)
 
     def lookup_if_cached(self, table: str, ids, with_state: bool = False, out=None,
                          wait: bool = False) -> LookupResult | None:

@@ -133,21 +133,28 @@ class Table(TableUpkeep):
 
     # --- reads -----------------------------------------------------------------
 
-    def lookup(self, ids, on_miss: str = "init_insert", with_state: bool = False) -> LookupResult:
+    def lookup(self, ids, on_miss: str = "init_insert", with_state: bool = False,
+               out: np.ndarray | None = None) -> LookupResult:
         """Rows in request order, duplicates included; misses follow `on_miss`. Results are the
-        kind of array `ids` is (NumPy, torch on the ids' device, or CuPy)."""
+        kind of array `ids` is (NumPy, torch on the ids' device, or CuPy). `out`: a NumPy array
+        the weights are written into, as `lookup_if_cached` takes it (one that does not fit the
+        table is not used: the weights then come in new memory)."""
         if on_miss not in ON_MISS:
             raise InvalidArgument(f"on_miss: unknown mode {on_miss!r}; expected one of {list(ON_MISS)}")
-        result = self._lookup(self._ids(ids), on_miss, with_state)
+        numpy_ids = self._ids(ids)
+        if out is not None and not (isinstance(out, np.ndarray) and self._fits(out, len(numpy_ids))):
+            out = None
+        result = self._lookup(numpy_ids, on_miss, with_state, out)
         if isinstance(ids, np.ndarray):
             return result
         return LookupResult(arrays.like(result.weights, ids), arrays.like(result.state, ids))
 
-    def _lookup(self, ids: np.ndarray, on_miss: str, with_state: bool) -> LookupResult:
+    def _lookup(self, ids: np.ndarray, on_miss: str, with_state: bool, out: np.ndarray | None = None
+                ) -> LookupResult:
         with self._lock:
             self.cache.begin_batch()
             # hits are stamped (safe from this batch's evictions) and their rows gathered; misses next
-            slots, weights, state = self.cache.probe_touch_columns(ids, self.clock(), with_state)
+            slots, weights, state = self.cache.probe_touch_columns(ids, self.clock(), with_state, out)
             hit = slots >= 0
             hits = int(np.count_nonzero(hit))
             self.counters["cache_hits"] += hits

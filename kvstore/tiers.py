@@ -48,13 +48,14 @@ class HostTier(SetAssociativeCache):
         self.access(slots if (slots >= 0).all() else slots[slots >= 0], now)
         return slots
 
-    def probe_touch_columns(self, ids: np.ndarray, now: float, with_state: bool
+    def probe_touch_columns(self, ids: np.ndarray, now: float, with_state: bool, out: np.ndarray | None = None
                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """`probe_and_touch`, then `columns` of the slots found: a lookup's cached part in one
         call, first thing in its batch (a GPU tier answers it with one trip across PCIe instead
-        of two; here the access and the gather are one pass, `host_kernels.read_hits`)."""
+        of two; here the access and the gather are one pass, `host_kernels.read_hits`). The
+        weights go into `out` when given ([n, dim] of the table's dtype)."""
         slots = self.probe(ids)
-        return (slots, *self._read_hits(slots, now, with_state))
+        return (slots, *self._read_hits(slots, now, with_state, out))
 
     def cached_columns(self, ids: np.ndarray, now: float, with_state: bool, out: np.ndarray | None = None
                        ) -> tuple[np.ndarray, np.ndarray | None] | None:

@@ -90,12 +90,12 @@ class DataBudget:
         if self.exhausted:
             raise self.refusal(what)
 
-    def lookup(self, table: str, ids: np.ndarray, on_miss: str, with_state: bool):
+    def lookup(self, table: str, ids: np.ndarray, on_miss: str, with_state: bool, out: np.ndarray | None = None):
         """`store.lookup`; past the budget an `init_insert` serves present rows and refuses to create any."""
         if on_miss != "init_insert" or not self.exhausted:
-            return self.store.lookup(table, ids, on_miss, with_state)
+            return self.store.lookup(table, ids, on_miss, with_state, out)
         try:
-            return self.store.lookup(table, ids, "error", with_state)
+            return self.store.lookup(table, ids, "error", with_state, out)
         except RowNotFound:
             raise self.refusal("a lookup with on_miss init_insert of ids the table lacks") from None
 

@@ -41,7 +41,8 @@ from .request_budget import BufferedRequest, RequestMemory
 from .security import is_loopback
 from .segments import Segment, Segments, region
 
-LOOKUP_PIECE_BYTES = 4 << 20      # rows looked up (and written to the segment) per store call
+LOOKUP_PIECE_BYTES = 4 << 20      # rows of a lookup into a GPU buffer per store call (each may go on the loop)
+STORE_PIECE_BYTES = 16 << 20      # rows a store thread looks up into a segment per call: bounds missing rows' memory
 
 
 def _is_local(peer: str) -> bool:
@@ -137,19 +138,15 @@ class SameHostRPCs:
 
     def _lookup_into(self, table: str, ids: np.ndarray, on_miss: str, weights: np.ndarray,
                      state: np.ndarray | None) -> None:
-        """In a store thread: rows of `ids` into the segment, gathered there at once when all are
-        cached (a large batch split over threads, see `host_kernels`), else looked up a piece
-        at a time (each piece's rows held in memory until written)."""
-        cached = self.store.lookup_if_cached(table, ids, state is not None, weights, wait=True)
-        if cached is not None:
-            _write(cached, weights, state)
-            return
+        """In a store thread: rows of `ids` into the segment, a piece at a time, the cached ones
+        gathered straight there (a large piece split over threads, see `host_kernels`); only the
+        missing rows of a piece (and its state) are held in memory before they are written."""
         row_bytes = weights[:1].nbytes + (0 if state is None else state[:1].nbytes)
-        step = max(1, LOOKUP_PIECE_BYTES // max(1, row_bytes))
+        step = max(1, STORE_PIECE_BYTES // max(1, row_bytes))
         for start in range(0, len(ids), step):
-            stop = min(len(ids), start + step)
-            _write(self.data_budget.lookup(table, ids[start:stop], on_miss, state is not None), weights[start:stop],
-                   None if state is None else state[start:stop])
+            at = slice(start, start + step)
+            _write(self.data_budget.lookup(table, ids[at], on_miss, state is not None, weights[at]), weights[at],
+                   None if state is None else state[at])
 
     async def _lookup_to_device(self, table: str, ids: np.ndarray, on_miss: str, weights) -> None:
         """Rows of `ids` into `weights`, a region of a client's GPU buffer: a GPU table's cached rows

@@ -146,7 +146,7 @@ def test_a_same_host_lookup_past_the_bound_is_one_store_job_written_into_the_seg
     with misses is looked up there a piece at a time (pieces of four rows here)."""
     import kvstore_server.same_host_service as same_host_service
 
-    monkeypatch.setattr(same_host_service, "LOOKUP_PIECE_BYTES", 4 * DIM * 4)
+    monkeypatch.setattr(same_host_service, "STORE_PIECE_BYTES", 4 * DIM * 4)
     server = start_loop_server(inline_lookup_bytes=10 * DIM * 4)
     with KVStoreClient(server.address, timeout=60, same_host=True) as shm, KVStoreClient(server.address) as net:
         weights = _table(net, "t", rows=32)

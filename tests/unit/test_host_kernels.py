@@ -156,6 +156,21 @@ def test_an_out_of_another_shape_dtype_or_layout_gives_none_and_changes_nothing(
     assert not out.any() and store.stats("t") == before
 
 
+def test_a_lookup_with_misses_writes_cached_and_new_rows_into_out(store):
+    store.create_table(table_config("t", dim=4, optimizer=OptimizerConfig(name="adagrad", lr=0.1)))
+    store.apply_gradients("t", [1, 2, 3], np.ones((3, 4), np.float32))
+    ids = [3, 40, 1, 40, 7]                                 # cached, new (twice), cached, new
+    out = np.zeros((5, 4), np.float32)
+    misses = store.stats("t").get("cache_misses", 0)
+    found = store.lookup("t", ids, with_state=True, out=out)
+    assert found.weights is out and store.stats("t")["cache_misses"] == misses + 3     # positions
+    expected = store.lookup("t", ids, with_state=True)      # the same rows, now all stored
+    np.testing.assert_array_equal(out, expected.weights)
+    np.testing.assert_array_equal(found.state, expected.state)
+    other = np.zeros((5, 4), np.float64)                    # not the table's dtype: not used
+    assert store.lookup("t", ids, out=other).weights is not other and not other.any()
+
+
 def test_a_batch_split_over_threads_refuses_a_bad_slot_before_recording_anything(threads):
     rng = np.random.default_rng(7)
     slab = _slab(rng, row_bytes=64)

@@ -127,11 +127,14 @@ def assert_rows_of_4_and_6_looked_up(tier, layout, slots, before_count, query, h
 
 
 @pytest.mark.parametrize("with_state", [False, True])
-def test_a_lookups_probe_touch_and_gather_in_one_call_equal_the_three_steps(device, with_state):
+@pytest.mark.parametrize("into", [False, True], ids=["new memory", "into out"])
+def test_a_lookups_probe_touch_and_gather_in_one_call_equal_the_three_steps(device, with_state, into):
     tier, layout, slots, before_count = cached_4_5_6(device)
     tier.begin_batch()
     query = np.array([6, 99, 4, 6], dtype=np.int64)
-    got, weights, state = tier.probe_touch_columns(query, NOW, with_state)
+    out = np.zeros((len(query), DIM), np.float32) if into else None
+    got, weights, state = tier.probe_touch_columns(query, NOW, with_state, out)
+    assert (weights is out) == into
     np.testing.assert_array_equal(got, [slots[2], -1, slots[0], slots[2]])
     assert (state is not None) == with_state
     assert_rows_of_4_and_6_looked_up(tier, layout, slots, before_count, query, got >= 0, weights, state)
