@@ -203,7 +203,12 @@ class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPC
         return answer if isinstance(answer, bytes) else await answer
 
     def _lookup_chunk(self, table: str, ids: np.ndarray, on_miss: str, with_state: bool) -> bytes:
-        result = self.data_budget.lookup(table, ids, on_miss, with_state)
+        """In a store thread; weights asked for alone are written straight into the response
+        (cached rows gathered there, missing ones written there once read or initialized)."""
+        into = None if with_state else lookup_response_into(len(ids), *self._row_shape(table))
+        result = self.data_budget.lookup(table, ids, on_miss, with_state, into and into[1])
+        if into is not None and result.weights is into[1]:
+            return into[0]
         return encode_lookup_response(result.weights, result.state)
 
     async def Update(self, requests: AsyncIterator, context):

@@ -5,8 +5,11 @@ import urllib.request
 
 import grpc
 import numpy as np
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from kvstore.dtypes import weight_dtype
 
 from .conftest import small_table
 
@@ -74,3 +77,17 @@ def test_metrics_expose_rpc_latency_and_table_counters(server, client):
     assert 'kvstore_rpc_duration_seconds_count{code="NOT_FOUND",method="DescribeTable"}' in text
     assert 'kvstore_rows_updated_total{table="metered"} 3.0' in text
     assert 'kvstore_cache_rows{table="metered"}' in text
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_a_lookup_with_misses_written_into_its_response_equals_the_encoded_one(client, dtype):
+    """Weights asked for alone are written into the response message in the store thread; with
+    state the response is encoded after the lookup: the same rows either way."""
+    table = f"into_{dtype}"
+    client.create_table(table, 8, dtype=dtype)
+    client.update(table, np.arange(10), np.full((10, 8), 0.5, weight_dtype(dtype)))
+    ids = np.array([3, 100, 5, 100, 11])                      # cached, missing (twice), cached, missing
+    weights = client.lookup(table, ids, on_miss="init")
+    encoded, _ = client.lookup(table, ids, on_miss="init", with_state=True)
+    np.testing.assert_array_equal(weights, encoded)
+    assert (weights[[0, 2]] == 0.5).all() and not (weights[[1, 4]] == 0.5).all()
