@@ -23,6 +23,7 @@ import importlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 
@@ -30,9 +31,37 @@ PARALLEL_ROWS = 4096                      # rows a thread takes at least: below,
 MAX_THREADS = 64                          # the most `set_threads` takes
 
 
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")                 # cgroup v2: "<quota> <period>" or "max ..."
+CGROUP_V1_QUOTA = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")    # cgroup v1: -1 when there is none
+CGROUP_V1_PERIOD = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, capped by a container's CPU quota where
+    one is set (`os.cpu_count()` counts the host's: a pod limited to 2 CPUs on a 64-core node
+    would split every batch 8 ways and be throttled)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = _cgroup_quota()
+    return max(1, min(cpus, quota) if quota else cpus)
+
+
+def _cgroup_quota() -> int:
+    """The container's CPU quota rounded up to whole CPUs; 0 when none is set or readable."""
+    try:
+        try:
+            quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
+        except OSError:
+            quota, period = CGROUP_V1_QUOTA.read_text().strip(), CGROUP_V1_PERIOD.read_text().strip()
+        if quota in ("max", "-1") or int(period) <= 0:
+            return 0
+        return max(1, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        return 0
+
+
 def default_threads() -> int:
-    """Eight threads keep a 16-core host's memory busy (measured above); fewer cores, fewer."""
-    return max(1, min(8, os.cpu_count() or 1))
+    """Eight threads keep a 16-core host's memory busy (measured above); fewer CPUs, fewer."""
+    return min(8, usable_cpus())
 
 
 THREADS = default_threads()

@@ -44,7 +44,7 @@ class ServerConfig:
     metrics_tls: bool = False            # serve metrics over HTTPS with tls_cert / tls_key
     max_message_bytes: int = 16 << 20    # gRPC send/receive limit
     max_workers: int = 0                 # threads running store work; 0 = sized to the machine
-    host_threads: int = 0                # threads one large cached batch is split over; 0 = min(8, cores), 1 = never
+    host_threads: int = 0                # threads one large cached batch is split over; 0 = min(8, CPUs), 1 = never
     max_concurrent_rpcs: int = 256       # further calls get RESOURCE_EXHAUSTED with a retry hint
     retry_after_ms: int = 50             # the hint (trailing metadata retry-after-ms) of that refusal
     lease_seconds: float = 30.0          # a prefetch-lock lease lapses this long after its last use

@@ -217,3 +217,26 @@ def test_a_forked_child_splits_a_batch_with_threads_of_its_own(threads):
         os._exit(0 if np.array_equal(gather_rows(slab, slots), slab[slots]) else 1)
     _, status = os.waitpid(child, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize(("cpu_max", "v1", "expected"), [
+    ("150000 100000\n", None, 2),            # a quota of 1.5 CPUs: two threads
+    ("max 100000\n", None, None),            # no quota: the affinity mask
+    (None, ("100000", "100000"), 1),         # cgroup v1
+    (None, ("-1", "100000"), None),
+    ("garbled\n", None, None),
+    (None, None, None),                      # no cgroup files
+])
+def test_a_containers_cpu_quota_caps_the_threads(tmp_path, monkeypatch, cpu_max, v1, expected):
+    paths = {name: tmp_path / name for name in ("cpu.max", "quota", "period")}
+    if cpu_max is not None:
+        paths["cpu.max"].write_text(cpu_max)
+    if v1 is not None:
+        paths["quota"].write_text(v1[0])
+        paths["period"].write_text(v1[1])
+    monkeypatch.setattr(host_kernels, "CGROUP_CPU_MAX", paths["cpu.max"])
+    monkeypatch.setattr(host_kernels, "CGROUP_V1_QUOTA", paths["quota"])
+    monkeypatch.setattr(host_kernels, "CGROUP_V1_PERIOD", paths["period"])
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert host_kernels.usable_cpus() == (expected or 16)
+    assert host_kernels.default_threads() == min(8, expected or 16)
