@@ -90,7 +90,7 @@ def _pool() -> ThreadPoolExecutor:
 
 
 def set_threads(threads: int = 0) -> None:
-    """Split a large batch over at most `threads` threads (0: min(8, cores); 1: never split).
+    """Split a large batch over at most `threads` threads (0: min(8, usable CPUs); 1: never split).
     A server next to a trainer may want fewer, leaving the trainer its cores."""
     global THREADS
     if not 0 <= threads <= MAX_THREADS:
