@@ -142,6 +142,13 @@ def _in_parts(n: int, call) -> list:
         _splitting.release()
 
 
+def _refuse_bad_slot(results: list[int], slots: np.ndarray, capacity: int) -> None:
+    """IndexError naming a slot outside the cache, when a loop's part reported one (>= 0)."""
+    bad = max(results)
+    if bad >= 0:
+        raise IndexError(f"slots: slot {slots[bad]} is outside a cache of {capacity} slots")
+
+
 def _flat_bytes(out: np.ndarray) -> np.ndarray:
     """The bytes of an output array as a flat view (a reshape of a strided array would copy)."""
     if not out.flags.c_contiguous or not out.flags.writeable:
@@ -173,9 +180,7 @@ def gather_rows(slab: np.ndarray, slots: np.ndarray, offset: int = 0, nbytes: in
             bad = _loops().gather(source, row_bytes, offset, nbytes, slots[at], rows[at].reshape(-1))
             return bad if bad < 0 else bad + part * share
 
-        bad = max(_in_parts(len(slots), gather))
-        if bad >= 0:
-            raise IndexError(f"slots: slot {slots[bad]} is outside a cache of {capacity} slots")
+        _refuse_bad_slot(_in_parts(len(slots), gather), slots, capacity)
     return out
 
 
@@ -193,10 +198,9 @@ def scatter_rows(slab: np.ndarray, slots: np.ndarray, rows: np.ndarray) -> None:
     if not len(slots):
         return
     source, flat = rows.reshape(-1), slab.reshape(-1)
-    bad = max(_in_parts(len(slots), lambda part, parts: _loops().scatter(flat, row_bytes, slots, source,
-                                                                         np.int64(part), np.int64(parts))))
-    if bad >= 0:
-        raise IndexError(f"slots: slot {slots[bad]} is outside a cache of {capacity} slots")
+    _refuse_bad_slot(_in_parts(len(slots), lambda part, parts: _loops().scatter(flat, row_bytes, slots, source,
+                                                                                np.int64(part), np.int64(parts))),
+                     slots, capacity)
 
 
 def probe_slots(hints: np.ndarray, mask: np.uint64, keys: np.ndarray, occupied: np.ndarray, fingerprints: np.ndarray,
@@ -241,7 +245,6 @@ def read_hits(slab: np.ndarray, header_word: int, max_count: int, now: int, last
     flat = slab.reshape(-1)
     arguments = (flat, flat.view(np.uint32), row_bytes, header_word, np.uint32(max_count), np.uint32(now), last_used,
                  np.int64(tick), uses if uses is not None else np.empty(0, np.int64), uses is not None, slots, *columns)
-    bad = max(_in_parts(len(slots), lambda part, parts: _loops().read_hits(*arguments, np.int64(part),
-                                                                           np.int64(parts))))
-    if bad >= 0:
-        raise IndexError(f"slots: slot {slots[bad]} is outside a cache of {capacity} slots")
+    _refuse_bad_slot(_in_parts(len(slots), lambda part, parts: _loops().read_hits(*arguments, np.int64(part),
+                                                                                  np.int64(parts))),
+                     slots, capacity)

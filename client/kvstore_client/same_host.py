@@ -135,8 +135,8 @@ class SameHostPath(CudaIpcCalls):
                                            offset=row_spec.offset + first * dim * itemsize))
 
             # rows lent over the segment are not copied here: one call, which the server splits over threads
-            pieces = [(first, min(n, first + step)) for first in range(0, n, step)] if place is not None else [(0, n)]
-            pieces = pieces or [(0, 0)]
+            copied = place is not None and n
+            pieces = [(first, min(n, first + step)) for first in range(0, n, step)] if copied else [(0, n)]
             if len(pieces) == 1:                 # a blocking call: a future would start grpc's spin thread per call
                 with _rpc():
                     self._calls["SharedLookup"](request(0, n), timeout=self.timeout)

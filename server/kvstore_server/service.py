@@ -174,15 +174,11 @@ class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPC
         return asyncio.ensure_future(self.on_table(table, self._lookup_chunk, table, ids, on_miss, with_state))
 
     def _inline_response(self, table: str, ids: np.ndarray, with_state: bool, nbytes: int) -> bytes | None:
-        """The serialized response when `_inline_lookup` serves the chunk, else None. Weights
-        alone are gathered straight into the message (`lookup_response_into`): no copy after."""
+        """The serialized response when `_inline_lookup` serves the chunk, else None."""
         if nbytes > self.config.inline_lookup_bytes:
             return None
-        into = None if with_state else lookup_response_into(len(ids), *self._row_shape(table))
-        result = self._inline_lookup(table, ids, with_state, nbytes, into and into[1])
-        if result is None:
-            return None
-        return into[0] if into else encode_lookup_response(result.weights, result.state)
+        return self._response(table, ids, with_state, lambda out: self._inline_lookup(table, ids, with_state,
+                                                                                      nbytes, out))
 
     def _inline_lookup(self, table: str, ids: np.ndarray, with_state: bool, nbytes: int,
                        out: np.ndarray | None = None):
@@ -203,10 +199,18 @@ class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPC
         return answer if isinstance(answer, bytes) else await answer
 
     def _lookup_chunk(self, table: str, ids: np.ndarray, on_miss: str, with_state: bool) -> bytes:
-        """In a store thread; weights asked for alone are written straight into the response
-        (cached rows gathered there, missing ones written there once read or initialized)."""
+        """In a store thread (cached rows gathered into the response, missing ones written there
+        once read or initialized)."""
+        return self._response(table, ids, with_state,
+                              lambda out: self.data_budget.lookup(table, ids, on_miss, with_state, out))
+
+    def _response(self, table: str, ids: np.ndarray, with_state: bool, lookup) -> bytes | None:
+        """The serialized response of `lookup(out)` (None when it gives None). Weights asked for
+        alone are written straight into the message (`lookup_response_into`): no copy after."""
         into = None if with_state else lookup_response_into(len(ids), *self._row_shape(table))
-        result = self.data_budget.lookup(table, ids, on_miss, with_state, into and into[1])
+        result = lookup(into and into[1])
+        if result is None:
+            return None
         if into is not None and result.weights is into[1]:
             return into[0]
         return encode_lookup_response(result.weights, result.state)
