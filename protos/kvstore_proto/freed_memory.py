@@ -5,7 +5,10 @@ so every large buffer (a received message, a chunk of rows) pays a page fault pe
 first written: on virtual machines that costs as much as the work on the buffer. Raising the
 threshold and the trim threshold lets malloc reuse freed heap memory instead. The server does
 this at start, and so do the `kvstore export` and `kvstore import` commands (about 0.1 s of
-CPU less per 500 MiB). Only glibc has `mallopt`; elsewhere this does nothing.
+CPU less per 500 MiB) and every `KVStoreClient` (unless made with `keep_freed_memory=False`):
+on a 2-core VM a client's network lookup of 4,096 rows of 512 bytes spent 8.5 ms of CPU with
+glibc's defaults and 2.0 ms tuned (docs/benchmarks.md, stop 23). Only glibc has `mallopt`;
+elsewhere this does nothing.
 
 Freed memory is kept per malloc arena, and glibc gives threads up to 8 arenas per core: the
 server's store and RocksDB read threads each held tens of MiB of freed buffers in their own
@@ -41,12 +44,16 @@ def libc_function(name: str):
     return None
 
 
-def keep_freed_memory() -> bool:
-    """Tune glibc malloc as above; returns whether it took effect."""
+def keep_freed_memory(arenas: int | None = ARENAS) -> bool:
+    """Tune glibc malloc as above; returns whether it took effect. `arenas`: cap the malloc
+    arenas at this many (None: leave them as they are; a client does, so a trainer's own threads
+    keep theirs)."""
     mallopt = libc_function("mallopt")
     if mallopt is None:
         return False
-    done = all(bool(mallopt(option, value)) for option, value in (
-        (M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_ARENA_MAX, ARENAS)))
+    options = [(M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD)]
+    if arenas is not None:
+        options.append((M_ARENA_MAX, arenas))
+    done = all(bool(mallopt(option, value)) for option, value in options)
     log.debug("malloc tuned for buffer reuse: %s", done)
     return done
