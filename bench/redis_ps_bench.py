@@ -49,7 +49,6 @@ import numpy as np
 import redis
 from kvstore_client import KVStoreClient
 from kvstore_client.training_stream import TrainingStream
-from kvstore_server.allocator import keep_freed_memory
 from store_bench import IdSampler
 
 from kvstore.optimizers import sum_duplicates
@@ -232,7 +231,6 @@ def main() -> None:
                         help="cache slots of each kvstore table (default: twice the rows, all cached)")
     parser.add_argument("--same-host", action="store_true", help="kvstore through shared memory (same host)")
     args = parser.parse_args()
-    keep_freed_memory()     # in this (client) process too, as kvstore-server does in its own
     print(f"redis ps bench: rows={args.rows:,} dim={args.dim} rowwise_adagrad zipf 1.05; {os.cpu_count()} CPUs, "
           f"kvstore {'through shared memory' if args.same_host else 'over loopback TCP'}, "
           f"{time.strftime('%Y-%m-%d %H:%M')}")

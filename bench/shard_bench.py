@@ -28,7 +28,6 @@ import time
 
 import numpy as np
 from grpc_bench import zipf_ids  # Zipf(1.05) ids, as the other lookup benchmarks draw them
-from kvstore_server.allocator import keep_freed_memory
 
 
 def start(shards: int, data_dir: str) -> tuple[subprocess.Popen, str]:
@@ -77,7 +76,6 @@ def client_process(address: str, batch: int, dim: int, batches: list[np.ndarray]
     """One of `--clients` processes: lookups, then steps, each phase begun at the shared barrier."""
     from kvstore_client import KVStoreClient
 
-    keep_freed_memory()
     with KVStoreClient(address.split(","), timeout=600) as client:
         grads = np.full((batch, dim), 1e-3, np.float32)
         for phase in (lambda b: client.lookup("bench", b),
@@ -181,5 +179,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    keep_freed_memory()     # in this (client) process too, as kvstore-server does in its own: see docs/scale-out.md
     main()

@@ -242,7 +242,7 @@ def main() -> None:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     batches = [int(b) for b in args.batches.split(",")]
-    keep_freed_memory()     # in this (client) process too, as kvstore-server does in its own
+    keep_freed_memory()     # before the local model runs: the remote ones' client tunes malloc the same way
     print(f"training bench: dim {args.dim}, {args.steps} steps, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{torch.get_num_threads()} torch threads, models on {args.device}, remote caches on {args.cache_device}, "
           f"same-host {args.same_host}, CUDA IPC {args.cuda_ipc}, {args.shards} server shard(s), "

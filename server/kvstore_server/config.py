@@ -19,7 +19,7 @@ from typing import Any
 from kvstore import RocksConfig, SweeperConfig
 from kvstore.config import DEVICE_PATTERN
 from kvstore.errors import InvalidArgument
-from kvstore.host_kernels import MAX_THREADS as MAX_HOST_THREADS
+from kvstore.row_threads import MAX_THREADS as MAX_HOST_THREADS
 
 from .replica import ReplicationConfig
 

@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection_pb2_grpc as reflection_grpc
 from kvstore_proto.tensors import InPlaceImportRequest, read_train_request
 from kvstore_proto.v1 import kvstore_pb2 as pb
 
-from kvstore import Store, host_kernels
+from kvstore import Store, host_kernels, row_threads
 from kvstore.devices import missing_device
 from kvstore.errors import FailedPrecondition
 
@@ -105,7 +105,7 @@ class KVStoreServer:
         self.service: EmbeddingStoreService | None = None
         self.port = 0
         self.work = StoreWork(config.max_workers or default_workers())
-        host_kernels.set_threads(config.host_threads)
+        row_threads.set_threads(config.host_threads)
         self._grpc: grpc.aio.Server | None = None
         self._health = BoundedHealthServicer(config.max_health_watches_per_peer)
         self._loop: asyncio.AbstractEventLoop | None = None

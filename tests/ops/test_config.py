@@ -137,12 +137,12 @@ def test_calls_without_a_request_id_get_a_fresh_one_per_call(json_server):
 def test_host_threads_bounds_how_far_a_large_batch_is_split(tmp_path, monkeypatch):
     from kvstore_server.server import KVStoreServer
 
-    from kvstore import host_kernels
+    from kvstore import row_threads
 
-    monkeypatch.setattr(host_kernels, "THREADS", host_kernels.THREADS)      # put back after the test
+    monkeypatch.setattr(row_threads, "THREADS", row_threads.THREADS)      # put back after the test
     KVStoreServer(ServerConfig(data_dir=str(tmp_path), host_threads=3))
-    assert (host_kernels.THREADS, host_kernels._parts(1 << 20)) == (3, 2)    # a power of two: 2 parts
+    assert (row_threads.THREADS, row_threads._parts(1 << 20)) == (3, 2)    # a power of two: 2 parts
     KVStoreServer(ServerConfig(data_dir=str(tmp_path), host_threads=1))
-    assert host_kernels._parts(1 << 20) == 1
+    assert row_threads._parts(1 << 20) == 1
     KVStoreServer(ServerConfig(data_dir=str(tmp_path)))
-    assert host_kernels.THREADS == host_kernels.default_threads()
+    assert row_threads.THREADS == row_threads.default_threads()

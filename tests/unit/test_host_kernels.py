@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from kvstore_proto.tensors import WIRE_DTYPES, encode_lookup_response, lookup_response_into
 
-from kvstore import CacheConfig, OptimizerConfig, host_kernels
+from kvstore import CacheConfig, OptimizerConfig, row_threads
 from kvstore.cache import SetAssociativeCache
 from kvstore.eviction.rules import COUNT_WORD, touch_headers
 from kvstore.host_kernels import gather_rows, probe_slots, read_hits, scatter_rows
@@ -21,8 +21,8 @@ from .conftest import table_config
 @pytest.fixture(autouse=True, params=[1, 4], ids=["one thread", "four threads"])
 def threads(request, monkeypatch):
     """Every test runs with the loops in one thread, and split over four from 8 rows a part."""
-    monkeypatch.setattr(host_kernels, "THREADS", request.param)
-    monkeypatch.setattr(host_kernels, "PARALLEL_ROWS", 8)
+    monkeypatch.setattr(row_threads, "THREADS", request.param)
+    monkeypatch.setattr(row_threads, "PARALLEL_ROWS", 8)
     return request.param
 
 
@@ -176,7 +176,7 @@ def test_a_batch_split_over_threads_refuses_a_bad_slot_before_recording_anything
     slab = _slab(rng, row_bytes=64)
     before, last_used = slab.copy(), np.zeros(len(slab), np.int64)
     slots = np.append(rng.integers(0, len(slab), 99), len(slab))
-    assert host_kernels._parts(len(slots)) == threads
+    assert row_threads._parts(len(slots)) == threads
     with pytest.raises(IndexError, match=f"slot {len(slab)} is outside"):
         read_hits(slab, COUNT_WORD, MAX_COUNT, 5, last_used, 1, None, slots, (16, np.empty((100, 4), np.float32)))
     np.testing.assert_array_equal(slab, before)
@@ -234,9 +234,9 @@ def test_a_containers_cpu_quota_caps_the_threads(tmp_path, monkeypatch, cpu_max,
     if v1 is not None:
         paths["quota"].write_text(v1[0])
         paths["period"].write_text(v1[1])
-    monkeypatch.setattr(host_kernels, "CGROUP_CPU_MAX", paths["cpu.max"])
-    monkeypatch.setattr(host_kernels, "CGROUP_V1_QUOTA", paths["quota"])
-    monkeypatch.setattr(host_kernels, "CGROUP_V1_PERIOD", paths["period"])
+    monkeypatch.setattr(row_threads, "CGROUP_CPU_MAX", paths["cpu.max"])
+    monkeypatch.setattr(row_threads, "CGROUP_V1_QUOTA", paths["quota"])
+    monkeypatch.setattr(row_threads, "CGROUP_V1_PERIOD", paths["period"])
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
-    assert host_kernels.usable_cpus() == (expected or 16)
-    assert host_kernels.default_threads() == min(8, expected or 16)
+    assert row_threads.usable_cpus() == (expected or 16)
+    assert row_threads.default_threads() == min(8, expected or 16)
