@@ -6,8 +6,8 @@ first written: on virtual machines that costs as much as the work on the buffer.
 threshold and the trim threshold lets malloc reuse freed heap memory instead. The server does
 this at start, and so do the `kvstore export` and `kvstore import` commands (about 0.1 s of
 CPU less per 500 MiB) and every `KVStoreClient` (unless made with `keep_freed_memory=False`):
-on a 2-core VM a client's network lookup of 4,096 rows of 512 bytes spent 8.5 ms of CPU with
-glibc's defaults and 2.0 ms tuned (docs/benchmarks.md, stop 23). Only glibc has `mallopt`;
+on a 2-core VM a client's network lookup of 4,096 rows of 512 bytes took 8.1-9.3 ms of the
+calling thread's CPU with glibc's defaults and 1.8-2.1 ms tuned (docs/benchmarks.md, stop 23). Only glibc has `mallopt`;
 elsewhere this does nothing.
 
 Freed memory is kept per malloc arena, and glibc gives threads up to 8 arenas per core: the
