@@ -107,7 +107,7 @@ class KVStoreClient(ReplicationMethods, SnapshotMethods):
                                     pb.DeleteResponse.FromString)
         self._row_shapes: dict[str, tuple[int, int]] = {}   # table -> (dim, weight itemsize)
         self._lease = LeaseKeeper(self._stub, timeout)     # holds this client's prefetch locks
-        self.same_host = SameHostPath(self._channel, address, same_host, timeout, self.describe_table)
+        self.same_host = SameHostPath(self._channel, address, same_host, timeout, self.describe_table, token)
 
     def close(self) -> None:
         self.same_host.close()              # segments detached and unlinked

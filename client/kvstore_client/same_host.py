@@ -4,6 +4,8 @@ When the client and its server share a machine, ids and rows go through this
 client's shared-memory segments (shared_memory.py) and gRPC carries only the
 request and reply headers (SharedLookup, SharedUpdate, SharedApplyGradients). The
 server runs the very store calls of the network path, so results are the same.
+A server that names a doorbell when it attaches a segment takes SharedLookup calls on
+that Unix socket too (doorbell.py): the same call without gRPC's cost per call.
 
 `same_host` of the client: "auto" uses it when the address is a
 loopback one or a unix socket and the server attaches this client's first segment
@@ -29,6 +31,7 @@ from kvstore_proto.v1 import kvstore_pb2 as pb
 from .arrays import as_rows, take_rows
 from .credentials import is_loopback_address
 from .cuda_ipc import CudaIpcCalls
+from .doorbell import DoorbellClient, NotRung
 from .errors import FailedPreconditionError, InvalidArgumentError, KVStoreError, UnavailableError
 from .errors import rpc_errors as _rpc
 from .reassembly import Place
@@ -46,7 +49,7 @@ class SameHostPath(CudaIpcCalls):
     """Whether this client uses shared memory with its server, and the calls that do."""
 
     def __init__(self, channel, address: str, mode: bool | str, timeout: float,
-                 describe: Callable[[str], dict]):
+                 describe: Callable[[str], dict], token: str | None = None):
         if mode not in MODES or isinstance(mode, int) and not isinstance(mode, bool):
             raise InvalidArgumentError(message=f"same_host: expected True, False or 'auto', got {mode!r}")
         self.mode = mode
@@ -63,6 +66,8 @@ class SameHostPath(CudaIpcCalls):
                            ("SharedLookup", pb.SharedLookupRequest, pb.SharedLookupResponse),
                            ("SharedUpdate", pb.SharedUpdateRequest, pb.UpdateResponse),
                            ("SharedApplyGradients", pb.SharedApplyGradientsRequest, pb.ApplyGradientsResponse))}
+        self._token = token
+        self.doorbell: DoorbellClient | None = None          # set by the server's answer to an attach
         self.pool = SegmentPool(self._attach, self._detach)
         self.init_cuda_ipc()
         self.active: bool | None = None if mode else False      # None: not asked yet
@@ -90,6 +95,8 @@ class SameHostPath(CudaIpcCalls):
             raise FailedPreconditionError(message=f"same_host: {reason}")
 
     def close(self) -> None:
+        if self.doorbell is not None:
+            self.doorbell.close()
         self.pool.close()
         for pool in self._device_pools.values():
             if pool is not None:
@@ -138,8 +145,7 @@ class SameHostPath(CudaIpcCalls):
             copied = place is not None and n
             pieces = [(first, min(n, first + step)) for first in range(0, n, step)] if copied else [(0, n)]
             if len(pieces) == 1:                 # a blocking call: a future would start grpc's spin thread per call
-                with _rpc():
-                    self._calls["SharedLookup"](request(0, n), timeout=self.timeout)
+                self._shared_lookup(request(0, n))
                 if place is not None:
                     place(start, start + n, rows, None)
             else:
@@ -152,6 +158,21 @@ class SameHostPath(CudaIpcCalls):
             self.pool.give(segment)
             return None
         return self.pool.lend(segment, row_spec.offset, (n, dim), dtype)
+
+    def _shared_lookup(self, request: pb.SharedLookupRequest) -> None:
+        """One SharedLookup: on the doorbell when the server named one, else (or when it cannot be
+        rung) over gRPC."""
+        doorbell = self.doorbell
+        if doorbell is not None:
+            try:
+                doorbell(request, self.timeout)
+                return
+            except NotRung:
+                if self.doorbell is doorbell:    # the server stopped or restarted: gRPC until an attach names one
+                    self.doorbell = None
+                doorbell.close()
+        with _rpc():
+            self._calls["SharedLookup"](request, timeout=self.timeout)
 
     def _lookup_pieces(self, pieces: list[tuple[int, int]], request: Callable, placed: Callable) -> None:
         """Every piece asked for, PIECES_AHEAD beyond the one being placed; an error ends the others."""
@@ -304,6 +325,8 @@ class SameHostPath(CudaIpcCalls):
         with _rpc():
             answer = self._calls["AttachSegment"](pb.AttachSegmentRequest(segment=segment.name, token=token),
                                                   timeout=self.timeout)
+        if answer.attached and answer.doorbell and (self.doorbell is None or self.doorbell.name != answer.doorbell):
+            self.doorbell = DoorbellClient(answer.doorbell, self._token)
         return "" if answer.attached else answer.reason or "the server did not attach the segment"
 
     def _detach(self, name: str) -> None:

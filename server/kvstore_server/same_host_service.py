@@ -60,6 +60,7 @@ class SameHostRPCs:
     def __init__(self, enabled: bool):
         self.segments = Segments() if enabled else None
         self.device_buffers = DeviceBuffers() if enabled else None
+        self.doorbell = ""                   # the Unix socket that also takes SharedLookup (doorbell.py), if any
 
     async def AttachSegment(self, request, context):
         """Whether the same-host path works for this client and segment (never an error for 'no')."""
@@ -68,7 +69,7 @@ class SameHostRPCs:
         if not _is_local(context.peer()):
             return pb.AttachSegmentResponse(reason="the client is not on the server's machine")
         reason = self.segments.attach(request.segment, request.token)
-        return pb.AttachSegmentResponse(attached=not reason, reason=reason)
+        return pb.AttachSegmentResponse(attached=not reason, reason=reason, doorbell="" if reason else self.doorbell)
 
     async def DetachSegment(self, request, context):
         if self.segments is not None:

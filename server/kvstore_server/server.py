@@ -29,6 +29,7 @@ from kvstore.errors import FailedPrecondition
 
 from .config import ServerConfig
 from .data_paths import check_data_dir
+from .doorbell import Doorbell
 from .health_watch import BoundedHealthServicer
 from .metrics import Metrics
 from .replica_mode import (
@@ -113,6 +114,7 @@ class KVStoreServer:
         self._lease_task: asyncio.Task | None = None
         self._budget_task: asyncio.Task | None = None
         self._metrics_http = None
+        self._doorbell: Doorbell | None = None
         self._follower = None          # replica mode: the thread following the primary
         self._has_copy = True          # False: a replica before its first copy of the primary
         self._fault: str | None = None  # a storage fault not yet recovered from
@@ -154,6 +156,8 @@ class KVStoreServer:
             tls = (config.tls_cert, config.tls_key) if config.metrics_tls else None
             self._metrics_http = self.metrics.serve(config.metrics_host, config.metrics_port, token, tls)
         await self._grpc.start()
+        if config.same_host:
+            await self._ring_doorbell(read_token(config.auth_token_file) if config.auth_token_file else None)
         interval = min(max(config.lease_seconds / 4, 0.01), 5.0)
         self._lease_task = asyncio.create_task(self.service.expire_forever(interval))
         self._budget_task = asyncio.create_task(self.service.data_budget.refresh_forever(self.work))
@@ -166,6 +170,15 @@ class KVStoreServer:
         self.store.on_fault(self._storage_fault)          # NOT_SERVING until a fault clears
         start_replication(self._follower)
         return self.port
+
+    async def _ring_doorbell(self, token: str | None) -> None:
+        """Also take same-host lookups on a Unix socket (doorbell.py); without one (not Linux), gRPC only."""
+        doorbell = Doorbell(self.service, self._gate, self.metrics, token)
+        try:
+            self.service.doorbell = await doorbell.start()
+            self._doorbell = doorbell
+        except OSError as exc:
+            log.warning("same-host lookups go over gRPC only: no doorbell socket (%s)", exc)
 
     def _bind(self, credentials) -> int:
         address = grpc_address(self.config.host, self.config.port)
@@ -196,6 +209,8 @@ class KVStoreServer:
     async def stop(self) -> None:
         """Drain and close; safe to call once after start."""
         await self._health.enter_graceful_shutdown()
+        if self._doorbell is not None:
+            await self._doorbell.close()                # no new same-host connections; calls drain below
         await asyncio.to_thread(stop_replication, self, self._follower)   # open Subscribe streams end first
         if self._gate is not None and not await self._gate.drain(self.config.grace_seconds):
             log.warning("calls still running after the %ss grace period are cancelled", self.config.grace_seconds)

@@ -694,12 +694,14 @@ class AttachSegmentRequest(_message.Message):
     def __init__(self, segment: _Optional[str] = ..., token: _Optional[bytes] = ...) -> None: ...
 
 class AttachSegmentResponse(_message.Message):
-    __slots__ = ("attached", "reason")
+    __slots__ = ("attached", "reason", "doorbell")
     ATTACHED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    DOORBELL_FIELD_NUMBER: _ClassVar[int]
     attached: bool
     reason: str
-    def __init__(self, attached: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+    doorbell: str
+    def __init__(self, attached: _Optional[bool] = ..., reason: _Optional[str] = ..., doorbell: _Optional[str] = ...) -> None: ...
 
 class DetachSegmentRequest(_message.Message):
     __slots__ = ("segment",)

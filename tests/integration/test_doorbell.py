@@ -1,0 +1,219 @@
+"""Same-host lookups over the server's doorbell (a Unix socket beside gRPC): the rows, codes and
+metrics of the gRPC call; hostile frames answered with a code and the server unharmed; a gone
+doorbell falls back to gRPC."""
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+
+import grpc
+import numpy as np
+import pytest
+from kvstore_client import DeadlineExceededError, InvalidArgumentError, KVStoreClient, NotFoundError
+from kvstore_client.doorbell import DoorbellClient
+from kvstore_proto.doorbell import HEADER, HELLO, MAX_PAYLOAD, SHARED_LOOKUP, frame, parse_error
+from kvstore_proto.v1 import kvstore_pb2 as pb
+
+from .conftest import random_rows, small_table
+from .test_same_host import metric
+
+DIM = 8
+IDS = np.array([5, 1, 5, 9, -3, 1, 2**40, 7], dtype=np.int64)
+TOKEN = "s3cret-token-of-32-characters-xx"
+
+
+def _grpc_lookups_counted(client: KVStoreClient) -> list:
+    """Calls of the client's gRPC SharedLookup from now on (the doorbell should take them)."""
+    calls: list = []
+    grpc_call = client.same_host._calls["SharedLookup"]
+
+    def counted(*args, **kwargs):
+        calls.append(args)
+        return grpc_call(*args, **kwargs)
+
+    client.same_host._calls["SharedLookup"] = counted
+    return calls
+
+
+def _lookups_recorded(server, code: str = "OK") -> float:
+    name = "kvstore_rpc_duration_seconds_count"
+    try:
+        return metric_with_labels(server, name, method="SharedLookup", code=code)
+    except AssertionError:
+        return 0.0
+
+
+def metric_with_labels(server, name: str, **labels) -> float:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
+        for family in text_string_to_metric_families(response.read().decode()):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return sample.value
+    raise AssertionError(f"{name} {labels} is not exposed")
+
+
+def test_lookups_ring_the_doorbell_and_equal_the_network_path(server):
+    with KVStoreClient(server.address, same_host=True) as shm, KVStoreClient(server.address) as net:
+        small_table(shm, "bell", DIM)
+        shm.update("bell", IDS[:4], random_rows(4, DIM, seed=3))
+        grpc_calls = _grpc_lookups_counted(shm)
+        before = _lookups_recorded(server)
+        for on_miss in ("zeros", "init", "init_insert"):
+            assert np.array_equal(shm.lookup("bell", IDS, on_miss=on_miss), net.lookup("bell", IDS, on_miss=on_miss))
+        assert shm.same_host.doorbell is not None and shm.same_host.doorbell.name.startswith("kvstore-doorbell-")
+        assert not grpc_calls                                       # every lookup went over the doorbell
+        assert _lookups_recorded(server) - before == 3             # counted as the gRPC calls are
+
+
+def test_errors_over_the_doorbell_carry_the_grpc_calls_code_and_reason(server):
+    with KVStoreClient(server.address, same_host=True) as shm:
+        small_table(shm, "bell_errors", DIM)
+        shm.lookup("bell_errors", IDS)
+        grpc_calls = _grpc_lookups_counted(shm)
+        with pytest.raises(NotFoundError) as missing_table:
+            shm.lookup("no_such_table", IDS)
+        assert missing_table.value.reason == "table_not_found"
+        with pytest.raises(NotFoundError) as missing_rows:
+            shm.lookup("bell_errors", [404, 405], on_miss="error")
+        assert missing_rows.value.reason == "row_not_found"
+        assert shm.lookup("bell_errors", IDS).shape == (len(IDS), DIM)
+        assert not grpc_calls
+
+
+def _ring(name: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(30)
+    sock.connect("\0" + name)
+    return sock
+
+
+def _answer(sock: socket.socket) -> tuple[int, bytes]:
+    data = b""
+    while len(data) < HEADER.size:
+        chunk = sock.recv(HEADER.size - len(data))
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+    size, kind = HEADER.unpack(data)
+    payload = b""
+    while len(payload) < size:
+        payload += sock.recv(size - len(payload))
+    return kind, payload
+
+
+def _closed(sock: socket.socket) -> bool:
+    return sock.recv(1) == b""
+
+
+def test_hostile_frames_get_a_code_and_the_server_keeps_serving(server):
+    with KVStoreClient(server.address, same_host=True) as shm:
+        small_table(shm, "bell_hostile", DIM)
+        expected = shm.lookup("bell_hostile", IDS)
+        name = shm.same_host.doorbell.name
+        with _ring(name) as sock:                                   # a call before the hello
+            sock.sendall(frame(SHARED_LOOKUP, b""))
+            kind, payload = _answer(sock)
+            assert kind == grpc.StatusCode.UNAUTHENTICATED.value[0] and "hello" in parse_error(payload)[1]
+            assert _closed(sock)
+        with _ring(name) as sock:
+            sock.sendall(frame(HELLO))
+            assert _answer(sock) == (0, b"")
+            sock.sendall(frame(SHARED_LOOKUP, b"\xff\xff\xff"))      # not a message
+            kind, payload = _answer(sock)
+            assert kind == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "SharedLookupRequest" in payload.decode()
+            request = pb.SharedLookupRequest(table="bell_hostile", segment="kvstore-" + "0" * 32)
+            sock.sendall(frame(SHARED_LOOKUP, request.SerializeToString()))   # a segment never attached
+            kind, payload = _answer(sock)
+            assert kind == grpc.StatusCode.INVALID_ARGUMENT.value[0] and parse_error(payload)[1].startswith("segment")
+            sock.sendall(frame(7, b"x"))                            # not a call: answered, then closed
+            kind, payload = _answer(sock)
+            assert kind == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "frame kind 7" in payload.decode()
+            assert _closed(sock)
+        with _ring(name) as sock:
+            sock.sendall(frame(HELLO))
+            _answer(sock)
+            sock.sendall(struct.pack("<IB", MAX_PAYLOAD + 1, SHARED_LOOKUP))     # a length past the bound
+            kind, payload = _answer(sock)
+            assert kind == grpc.StatusCode.INVALID_ARGUMENT.value[0] and str(MAX_PAYLOAD) in payload.decode()
+            assert _closed(sock)
+        assert np.array_equal(shm.lookup("bell_hostile", IDS), expected)       # served, rows unchanged
+
+
+def test_a_guarded_server_rings_only_for_its_token(start_server, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
+    guarded = start_server("--auth-token-file", str(token_file))
+    with KVStoreClient(guarded.address, token=TOKEN, same_host=True) as allowed:
+        small_table(allowed, "bell_guarded", DIM)
+        grpc_calls = _grpc_lookups_counted(allowed)
+        assert allowed.lookup("bell_guarded", IDS).shape == (len(IDS), DIM)
+        assert not grpc_calls
+        name = allowed.same_host.doorbell.name
+    for hello in (frame(HELLO), frame(HELLO, b"wrong-token")):
+        with _ring(name) as sock:
+            sock.sendall(hello)
+            kind, payload = _answer(sock)
+            assert kind == grpc.StatusCode.UNAUTHENTICATED.value[0] and "bearer token" in payload.decode()
+            assert _closed(sock)
+
+
+def test_a_doorbell_nobody_answers_falls_back_to_grpc(server):
+    with KVStoreClient(server.address, same_host=True) as shm, KVStoreClient(server.address) as net:
+        small_table(shm, "bell_gone", DIM)
+        shm.lookup("bell_gone", IDS)
+        shm.same_host.doorbell = DoorbellClient("kvstore-doorbell-" + "0" * 32, None)    # as after a restart
+        grpc_calls = _grpc_lookups_counted(shm)
+        assert np.array_equal(shm.lookup("bell_gone", IDS), net.lookup("bell_gone", IDS))
+        assert len(grpc_calls) == 1 and shm.same_host.doorbell is None
+
+
+def test_a_doorbell_that_never_answers_is_deadline_exceeded_and_the_region_is_retired(server):
+    """A server that took the call but did not answer in time may still write the rows: the
+    caller gets DEADLINE_EXCEEDED and never reuses that segment."""
+    name = f"kvstore-doorbell-test-{threading.get_ident()}"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind("\0" + name)
+    listener.listen(1)
+    taken = threading.Event()
+
+    def answer_the_hello_only():
+        connection, _ = listener.accept()
+        _answer(connection)
+        connection.sendall(frame(0))
+        _answer(connection)                     # the call: never answered
+        taken.set()
+        connection.recv(1)                      # until the client gives up
+
+    threading.Thread(target=answer_the_hello_only, daemon=True).start()
+    with KVStoreClient(server.address, same_host=True, timeout=0.5) as shm:
+        small_table(shm, "bell_silent", DIM)
+        shm.lookup("bell_silent", IDS)
+        shm.same_host.doorbell = DoorbellClient(name, None)
+        used, take = [], shm.same_host.pool.take
+        shm.same_host.pool.take = lambda nbytes: used.append(take(nbytes)) or used[-1]
+        with pytest.raises(DeadlineExceededError):
+            shm.lookup("bell_silent", IDS)
+        assert taken.is_set()
+        assert len(used) == 1 and not os.path.exists(f"/dev/shm/{used[0].name}")     # retired, never reused
+    listener.close()
+
+
+def test_a_region_outside_the_segment_is_invalid_argument_over_the_doorbell(server):
+    with KVStoreClient(server.address, same_host=True) as shm:
+        small_table(shm, "bell_region", DIM)
+        shm.lookup("bell_region", IDS)
+        segment = shm.same_host.pool.take(1 << 12)                # attached, as a call's would be
+        request = pb.SharedLookupRequest(
+            table="bell_region", segment=segment.name,
+            ids=pb.SharedArray(dtype="int64", shape=[4], offset=0),
+            weights=pb.SharedArray(dtype="float32", shape=[4, DIM], offset=segment.size))     # past the end
+        with pytest.raises(InvalidArgumentError, match="weights"):
+            shm.same_host.doorbell(request, 30)
+        shm.same_host.pool.give(segment)
