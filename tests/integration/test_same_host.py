@@ -171,13 +171,14 @@ def test_close_unlinks_the_clients_segments_and_a_result_still_held_keeps_its_ro
     assert not any(os.path.exists(f"/dev/shm/{name}") for name in names)
 
 
-def metric(server, name: str) -> float:
+def metric(server, name: str, **labels: str) -> float:
+    """The server's sample `name` (with these label values, where given) from its metrics endpoint."""
     with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
         for family in text_string_to_metric_families(response.read().decode()):
             for sample in family.samples:
-                if sample.name == name:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                     return sample.value
-    raise AssertionError(f"{name} is not exposed")
+    raise AssertionError(f"{name} {labels or ''} is not exposed")
 
 
 def test_a_server_with_the_path_off_gets_the_network_path(start_server):
