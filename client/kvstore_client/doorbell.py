@@ -8,6 +8,7 @@ waiting for its answer. The answers and errors are the gRPC call's: same message
 """
 from __future__ import annotations
 
+import os
 import socket
 import threading
 
@@ -34,6 +35,7 @@ class DoorbellClient:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
+        self._pid = os.getpid()
 
     def __call__(self, request: pb.SharedLookupRequest, timeout: float) -> pb.SharedLookupResponse:
         """The server's answer; KVStoreError with its code when it refused; NotRung when nothing
@@ -58,6 +60,8 @@ class DoorbellClient:
             sock.close()
 
     def _connection(self, timeout: float) -> socket.socket:
+        if self._pid != os.getpid():           # a forked child: its parent's connections are not its own
+            self._local, self._sockets, self._pid = threading.local(), set(), os.getpid()
         sock = getattr(self._local, "socket", None)
         if sock is not None:
             sock.settimeout(timeout)

@@ -254,3 +254,45 @@ def test_random_requests_get_a_mapped_code_and_never_unknown_or_internal(server)
         shm.same_host.pool.give(segment)
         assert len(codes) >= 3                                      # the requests reached past the parse
         assert np.array_equal(shm.lookup("bell_random", IDS), expected)
+
+
+def test_a_forked_child_rings_on_a_connection_of_its_own():
+    """A child forked after its parent rang must not write into the parent's connection: both
+    would read each other's answers."""
+    name = f"kvstore-doorbell-fork-{os.getpid()}"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind("\0" + name)
+    listener.listen(4)
+    connections: list[int] = []
+
+    def serve(connection: socket.socket) -> None:
+        with connection:
+            _answer(connection)                                        # hello
+            connection.sendall(frame(0))
+            while True:
+                try:
+                    _answer(connection)
+                except (ConnectionError, OSError):
+                    return
+                connection.sendall(frame(0, pb.SharedLookupResponse(rows=len(connections)).SerializeToString()))
+
+    def accept() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            connections.append(1)
+            threading.Thread(target=serve, args=(connection,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    bell = DoorbellClient(name, None)
+    assert bell(pb.SharedLookupRequest(), 30).rows == 1              # the parent's connection
+    child = os.fork()
+    if child == 0:                                                     # pragma: no cover - the child
+        os._exit(0 if bell(pb.SharedLookupRequest(), 30).rows == 2 else 1)
+    _, status = os.waitpid(child, 0)
+    assert os.WEXITSTATUS(status) == 0 and len(connections) == 2
+    assert bell(pb.SharedLookupRequest(), 30).rows == 2               # the parent's still answers it
+    bell.close()
+    listener.close()
