@@ -37,17 +37,19 @@ from .rpc import CallGate
 
 log = logging.getLogger("kvstore_server")
 
-PEER = "unix:doorbell"
 PATH = f"/{pb.DESCRIPTOR.services_by_name['EmbeddingStore'].full_name}/SharedLookup"
 _CREDENTIALS = struct.Struct("3i")       # struct ucred: pid, uid, gid
 
 
 class _Context:
-    """What SharedLookup asks of its call: the peer (local by construction here)."""
+    """What SharedLookup asks of its call: the peer (local by construction here; its process id
+    names it in the access log)."""
 
-    @staticmethod
-    def peer() -> str:
-        return PEER
+    def __init__(self, pid: int):
+        self._peer = f"unix:doorbell:pid={pid}"
+
+    def peer(self) -> str:
+        return self._peer
 
 
 class Doorbell:
@@ -81,7 +83,11 @@ class Doorbell:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            refusal = self._refusal(writer.get_extra_info("socket"), await _read(reader))
+            sock = writer.get_extra_info("socket")
+            pid, uid, _ = _CREDENTIALS.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                              _CREDENTIALS.size))
+            context = _Context(pid)
+            refusal = self._refusal(uid, await _read(reader))
             if refusal is not None:
                 writer.write(frame(refusal[0].value[0], error_payload("unauthenticated", refusal[1])))
                 await writer.drain()
@@ -94,7 +100,7 @@ class Doorbell:
                         "invalid_argument", f"doorbell: frame kind {kind} is not a call ({SHARED_LOOKUP}: "
                                             "SharedLookup)")))
                     return
-                writer.write(await self._call(payload))
+                writer.write(await self._call(payload, context))
                 await writer.drain()
         except _FrameTooLarge as exc:
             writer.write(frame(grpc.StatusCode.INVALID_ARGUMENT.value[0], error_payload(
@@ -104,9 +110,8 @@ class Doorbell:
         finally:
             writer.close()
 
-    def _refusal(self, sock, hello: tuple[int, bytes]) -> tuple[grpc.StatusCode, str] | None:
-        """Why this connection may not ring, or None."""
-        _, uid, _ = _CREDENTIALS.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDENTIALS.size))
+    def _refusal(self, uid: int, hello: tuple[int, bytes]) -> tuple[grpc.StatusCode, str] | None:
+        """Why a connection of user `uid` that opened with `hello` may not ring, or None."""
         if uid != os.getuid():
             return grpc.StatusCode.UNAUTHENTICATED, "doorbell: only processes of the server's own user may ring"
         kind, token = hello
@@ -117,13 +122,13 @@ class Doorbell:
             return grpc.StatusCode.UNAUTHENTICATED, f"doorbell: {'missing' if not token else 'invalid'} bearer token"
         return None
 
-    async def _call(self, payload: bytes) -> bytes:
+    async def _call(self, payload: bytes, context: _Context) -> bytes:
         """One SharedLookup, admitted, counted and logged as a gRPC call is; its answer frame."""
         start = time.perf_counter()
         refusal = self.gate.refusal()
         if refusal is not None:
             code, message, reason = refusal
-            self._record(code, start)
+            self._record(code, start, context)
             return frame(code.value[0], error_payload(reason, message))
         self.gate.enter()
         self.metrics.rpc_in_flight.labels("SharedLookup").inc()
@@ -133,7 +138,7 @@ class Doorbell:
                 request = pb.SharedLookupRequest.FromString(payload)
             except (DecodeError, RuntimeError, ValueError):
                 raise InvalidArgument("SharedLookup: the request is not a valid SharedLookupRequest message") from None
-            response = await self.service.SharedLookup(request, _Context())
+            response = await self.service.SharedLookup(request, context)
             return frame(code.value[0], response.SerializeToString())
         except Exception as exc:  # every error leaves as its status code, as from a gRPC handler
             code, message, reason = status_of(exc)
@@ -141,12 +146,12 @@ class Doorbell:
         finally:
             self.gate.leave()
             self.metrics.rpc_in_flight.labels("SharedLookup").dec()
-            self._record(code, start)
+            self._record(code, start, context)
 
-    def _record(self, code: grpc.StatusCode, start: float) -> None:
+    def _record(self, code: grpc.StatusCode, start: float, context: _Context) -> None:
         seconds = time.perf_counter() - start
         self.metrics.observe("SharedLookup", code, seconds)
-        end_call(PEER, PATH, code, seconds)
+        end_call(context.peer(), PATH, code, seconds)
 
 
 class _FrameTooLarge(Exception):
