@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import logging
 import os
 import socket
 import struct
@@ -34,8 +33,6 @@ from .errors import status_of
 from .logs import end_call
 from .metrics import Metrics
 from .rpc import CallGate
-
-log = logging.getLogger("kvstore_server")
 
 PATH = f"/{pb.DESCRIPTOR.services_by_name['EmbeddingStore'].full_name}/SharedLookup"
 _CREDENTIALS = struct.Struct("3i")       # struct ucred: pid, uid, gid
