@@ -23,18 +23,17 @@ import time
 import uuid
 
 import grpc
-from google.protobuf.message import DecodeError
 from kvstore_proto.doorbell import HEADER, HELLO, MAX_PAYLOAD, SHARED_LOOKUP, error_payload, frame
 from kvstore_proto.v1 import kvstore_pb2 as pb
-
-from kvstore.errors import InvalidArgument
 
 from .errors import status_of
 from .logs import end_call
 from .metrics import Metrics
-from .rpc import CallGate
+from .rpc import CallGate, request_parser
 
-PATH = f"/{pb.DESCRIPTOR.services_by_name['EmbeddingStore'].full_name}/SharedLookup"
+_METHOD = pb.DESCRIPTOR.services_by_name["EmbeddingStore"].methods_by_name["SharedLookup"]
+PATH = f"/{_METHOD.containing_service.full_name}/{_METHOD.name}"
+_parse = request_parser(_METHOD, index_label=False)      # as the gRPC method parses it: INVALID_ARGUMENT naming it
 _CREDENTIALS = struct.Struct("3i")       # struct ucred: pid, uid, gid
 
 
@@ -131,11 +130,7 @@ class Doorbell:
         self.metrics.rpc_in_flight.labels("SharedLookup").inc()
         code = grpc.StatusCode.OK
         try:
-            try:
-                request = pb.SharedLookupRequest.FromString(payload)
-            except (DecodeError, RuntimeError, ValueError):
-                raise InvalidArgument("SharedLookup: the request is not a valid SharedLookupRequest message") from None
-            response = await self.service.SharedLookup(request, context)
+            response = await self.service.SharedLookup(_parse(payload), context)
             return frame(code.value[0], response.SerializeToString())
         except Exception as exc:  # every error leaves as its status code, as from a gRPC handler
             code, message, reason = status_of(exc)

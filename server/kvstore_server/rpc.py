@@ -158,7 +158,10 @@ class _Call:
         end_call(self.peer, self.path, self.code, seconds)
 
 
-def _parser(method, index_label: bool, decode: Callable[[bytes], Any] | None = None) -> Callable[[bytes, int], Any]:
+def request_parser(method, index_label: bool,
+                   decode: Callable[[bytes], Any] | None = None) -> Callable[[bytes, int], Any]:
+    """How `method`'s request bytes are read: a message that does not parse is INVALID_ARGUMENT
+    naming the method (and the chunk, with `index_label`)."""
     kind = GetMessageClass(method.input_type)
     decode = decode or kind.FromString
 
@@ -218,7 +221,7 @@ def bind(method, handler: Callable, gate: CallGate, metrics: Metrics, decode: Ca
     """The grpc behavior of one service method: bytes in, the handler's result out, through a `_Call`.
     `decode`: how a request is read, where not into its message (server.IN_PLACE)."""
     streaming_request = method.client_streaming
-    parse = _parser(method, streaming_request, decode)
+    parse = request_parser(method, streaming_request, decode)
 
     def argument(request):
         return ParsedRequests(request, parse) if streaming_request else parse(request)

@@ -129,10 +129,10 @@ class KVStoreServer:
             raise FailedPrecondition(f"cache_device: {config.cache_device!r} is not available ({missing})")
         primary_credentials(config)                   # a replica: its TLS files, no token in clear to the primary
         interceptors = []
-        if config.auth_token_file:
+        token = read_token(config.auth_token_file) if config.auth_token_file else None   # read once, used thrice
+        if token:
             refused = self.metrics.auth_failures
-            interceptors.append(TokenAuthInterceptor(read_token(config.auth_token_file),
-                                                     on_refused=lambda method: refused.labels(method).inc()))
+            interceptors.append(TokenAuthInterceptor(token, on_refused=lambda method: refused.labels(method).inc()))
         interceptors += replica_interceptors(config)
         await asyncio.to_thread(check_data_dir, config.data_dir)    # no link planted in it leads outside
         threading.Thread(target=_warm_host_kernels, name="kvstore-warm", daemon=True).start()
@@ -152,12 +152,12 @@ class KVStoreServer:
         self.port = self._bind(credentials)
         if config.metrics_port:
             self.metrics.watch(self.store, config.data_dir)
-            token = read_token(config.auth_token_file) if config.metrics_auth else None
             tls = (config.tls_cert, config.tls_key) if config.metrics_tls else None
-            self._metrics_http = self.metrics.serve(config.metrics_host, config.metrics_port, token, tls)
+            self._metrics_http = self.metrics.serve(config.metrics_host, config.metrics_port,
+                                                    token if config.metrics_auth else None, tls)
         await self._grpc.start()
         if config.same_host:
-            await self._ring_doorbell(read_token(config.auth_token_file) if config.auth_token_file else None)
+            await self._ring_doorbell(token)
         interval = min(max(config.lease_seconds / 4, 0.01), 5.0)
         self._lease_task = asyncio.create_task(self.service.expire_forever(interval))
         self._budget_task = asyncio.create_task(self.service.data_budget.refresh_forever(self.work))
