@@ -179,14 +179,18 @@ def test_a_doorbell_that_never_answers_is_deadline_exceeded_and_the_region_is_re
         connection.recv(1)                      # until the client gives up
 
     threading.Thread(target=answer_the_hello_only, daemon=True).start()
-    with KVStoreClient(server.address, same_host=True, timeout=0.5) as shm:
+    with KVStoreClient(server.address, same_host=True) as shm:
         small_table(shm, "bell_silent", DIM)
-        shm.lookup("bell_silent", IDS)
-        shm.same_host.doorbell = DoorbellClient(name, None)
+        shm.lookup("bell_silent", IDS, out=np.empty((len(IDS), DIM), np.float32))    # a segment back in the pool
+        silent = DoorbellClient(name, None)
+        silent._connection(30)                       # the hello answered, however busy the machine
+        shm.same_host.doorbell = silent
+        shm.same_host.timeout = 0.5                  # only the silent call waits on it: no server call follows
         used, take = [], shm.same_host.pool.take
         shm.same_host.pool.take = lambda nbytes: used.append(take(nbytes)) or used[-1]
         with pytest.raises(DeadlineExceededError):
             shm.lookup("bell_silent", IDS)
+        shm.same_host.timeout = 30.0                 # close() detaches its segments with it
         assert taken.is_set()
         assert len(used) == 1 and not os.path.exists(f"/dev/shm/{used[0].name}")     # retired, never reused
     listener.close()
