@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import socket
 import threading
 import urllib.request
@@ -24,6 +25,8 @@ from kvstore_proto.v1 import kvstore_pb2_grpc as pb_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import random_rows, small_table
+
+SEGMENT = re.compile(r"/dev/shm/(kvstore-[0-9a-f]{32})")
 
 DIM = 8
 IDS = np.array([5, 1, 5, 9, -3, 1, 1, 2**40, 7, 5], dtype=np.int64)     # duplicates on purpose
@@ -155,13 +158,13 @@ def test_a_call_that_failed_retires_its_segment(shm):
 
 
 def test_close_unlinks_the_clients_segments_and_a_result_still_held_keeps_its_rows(server):
-    before = set(os.listdir("/dev/shm"))
+    before = mapped_segments()
     client = KVStoreClient(server.address, same_host=True)
     small_table(client, "closing", DIM)
     client.update("closing", IDS, random_rows(len(IDS), DIM, seed=4))
     held = client.lookup("closing", IDS)                     # over a segment lent to it
     expected = held.copy()
-    names = {name for name in set(os.listdir("/dev/shm")) - before if name.startswith("kvstore-")}
+    names = mapped_segments() - before
     assert names and metric(server, "kvstore_same_host_segments") >= len(names)     # mapped by the server
     assert metric(server, "kvstore_same_host_gpu_buffers") == 0                       # no CUDA tensors here
     client.close()
@@ -169,6 +172,13 @@ def test_close_unlinks_the_clients_segments_and_a_result_still_held_keeps_its_ro
     del held
     gc.collect()
     assert not any(os.path.exists(f"/dev/shm/{name}") for name in names)
+
+
+def mapped_segments() -> set[str]:
+    """The kvstore segments this process has mapped: its clients' (a test worker running beside
+    this one has segments in /dev/shm too)."""
+    with open("/proc/self/maps") as maps:
+        return set(SEGMENT.findall(maps.read()))
 
 
 def metric(server, name: str, **labels: str) -> float:
@@ -289,11 +299,11 @@ def test_a_lookup_result_owns_its_segment_until_it_and_its_views_are_gone(shm, n
     view = result[3:9]
     kept = view.copy()
     del result
-    before = {n for n in os.listdir("/dev/shm") if n.startswith("kvstore-")}
+    before = mapped_segments()
     for _ in range(50):                          # results dropped at once: their segments come back
         assert np.array_equal(shm.lookup("lent", other_ids), net.lookup("lent", other_ids))
     assert np.array_equal(view, kept)            # the view's segment was not reused meanwhile
-    made = {n for n in os.listdir("/dev/shm") if n.startswith("kvstore-")} - before
+    made = mapped_segments() - before
     assert len(made) <= 2, made
     torch = pytest.importorskip("torch")
     tensor = torch.from_numpy(shm.lookup("lent", first_ids))
@@ -308,9 +318,9 @@ def test_a_caller_keeping_every_result_gets_copies_past_a_few_lent_segments(shm,
     from kvstore_client.shared_memory import MAX_LENT
 
     small_table(net, "kept_all", DIM)
-    before = {n for n in os.listdir("/dev/shm") if n.startswith("kvstore-")}
+    before = mapped_segments()
     kept = [(ids, shm.lookup("kept_all", ids)) for ids in (np.arange(i, i + 40) for i in range(0, 4000, 40))]
-    made = {n for n in os.listdir("/dev/shm") if n.startswith("kvstore-")} - before
+    made = mapped_segments() - before
     assert len(made) <= MAX_LENT + 2, len(made)
     for ids, rows in kept:
         assert np.array_equal(rows, net.lookup("kept_all", ids))
