@@ -27,9 +27,8 @@ from kvstore_proto.doorbell import HEADER, HELLO, MAX_PAYLOAD, SHARED_LOOKUP, er
 from kvstore_proto.v1 import kvstore_pb2 as pb
 
 from .errors import status_of
-from .logs import end_call
 from .metrics import Metrics
-from .rpc import CallGate, request_parser
+from .rpc import CallGate, record_call, request_parser
 
 _METHOD = pb.DESCRIPTOR.services_by_name["EmbeddingStore"].methods_by_name["SharedLookup"]
 PATH = f"/{_METHOD.containing_service.full_name}/{_METHOD.name}"
@@ -141,9 +140,7 @@ class Doorbell:
             self._record(code, start, context)
 
     def _record(self, code: grpc.StatusCode, start: float, context: _Context) -> None:
-        seconds = time.perf_counter() - start
-        self.metrics.observe("SharedLookup", code, seconds)
-        end_call(context.peer(), PATH, code, seconds)
+        record_call(self.metrics, "SharedLookup", PATH, context.peer(), code, start)
 
 
 class _FrameTooLarge(Exception):

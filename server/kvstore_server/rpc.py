@@ -153,9 +153,15 @@ class _Call:
         await self.context.abort(code, message)
 
     def _record(self) -> None:
-        seconds = time.perf_counter() - self.start
-        self.metrics.observe(self.name, self.code, seconds)
-        end_call(self.peer, self.path, self.code, seconds)
+        record_call(self.metrics, self.name, self.path, self.peer, self.code, self.start)
+
+
+def record_call(metrics: Metrics, name: str, path: str, peer: str, code: grpc.StatusCode, start: float) -> None:
+    """A finished call (started at perf_counter() `start`) in the duration metric and the access log:
+    the gRPC methods' calls and the doorbell's alike."""
+    seconds = time.perf_counter() - start
+    metrics.observe(name, code, seconds)
+    end_call(peer, path, code, seconds)
 
 
 def request_parser(method, index_label: bool,
