@@ -112,7 +112,9 @@ def test_snapshots_and_restores_show_pause_duration_and_counts(server, client):
 
 
 def test_an_eviction_sweep_shows_by_reason_with_the_exact_row_count(server, client):
-    client.create_table("capped", 4, cache={"rows": 64, "ways": 8}, eviction={"max_rows": 100, "headroom": 0.1})
+    # no row trigger: the background sweeper would otherwise sweep past max_rows before this sweep does
+    client.create_table("capped", 4, cache={"rows": 64, "ways": 8},
+                        eviction={"max_rows": 100, "headroom": 0.1, "trigger_rows": 1 << 40})
     client.update("capped", np.arange(300), np.ones((300, 4), np.float32))
     before = samples(scrape(server))
     evicted = client.evict("capped")
