@@ -161,11 +161,10 @@ def run(args, addresses: dict[str, str], pids: dict[str, int] | None) -> None:
 
 
 def load(client, rows: int, dim: int, name: str) -> None:
-    """The bench table: `rows` rows of `dim` float32, cached (cache load 0.5). Not quite every row:
-    with 32 ways a few sets get more rows than ways (262,144 rows in 2^19 slots: about 18 left out,
-    which then take turns with their set's others), so some lookups find a row not cached and go to
-    the store threads (91 of 400 of 4,096 uniform ids in one run); the benches print the table's
-    hits and misses."""
+    """The bench table: `rows` rows of `dim` float32, every one cached (cache load 0.5). With 32
+    ways a few sets get more rows than ways (262,144 rows in 2^19 slots: about 18); those rows
+    spill into the next set (kvstore/cache.py), so no lookup goes to the store threads for a row
+    (the benches print the table's hits and misses)."""
     cache_rows = -(-rows * 2 // 32) * 32     # load 0.5
     client.create_table("bench", dim=dim, cache={"rows": cache_rows})
     ids = np.arange(rows, dtype=np.int64)

@@ -10,6 +10,13 @@ Victim choice is the only policy-specific part: `VictimOrder` ranks the ways
 of a set (LRU: oldest use first; LFU: fewest uses, then oldest). Slots that are
 locked, or that the current batch already uses, are never victims, so a batch
 with many misses to one set never gives one slot to two ids.
+
+A row whose set is full while the next set has a free way goes there instead of
+displacing a row (the host tier; `_spill`): with random sets a few always get more
+rows than ways long before the cache is full (262,144 rows in 2^19 slots of 32 ways:
+about 18), and without a second place those rows would take turns with their set's
+others forever. The home set remembers it spilled (`spilled`), so a probe that misses
+there looks in the next set too; a victim is chosen only when both are full.
 """
 from __future__ import annotations
 
@@ -18,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import CacheConfig
-from .host_kernels import gather_rows, probe_slots, scatter_rows
+from .host_kernels import gather_rows, probe_slots, scatter_rows, spill_slots
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX = np.uint64(0xD6E8FEB86659FD93)
@@ -97,6 +104,8 @@ class SetAssociativeCache:
         self.last_used = xp.zeros(n, dtype=xp.int64)   # batch tick of the last use
         self.uses = xp.zeros(n, dtype=xp.int64) if self.order.counts_uses else None
         self.slab = xp.zeros((n, row_bytes), dtype=xp.uint8)
+        self.spilled = xp.zeros(self.num_sets, dtype=bool)   # a row of this set is in the next set
+        self._held = 0                # occupied slots (the host tier's count; spills only while < capacity)
         self.tick = 0
 
     def _probe_index(self, n: int) -> None:
@@ -172,7 +181,7 @@ class SetAssociativeCache:
         the key. Ids found that way are hinted again.
         One loop that prefetches the hints ahead (`host_kernels.probe_slots`)."""
         return probe_slots(self.hints, self.hint_mask, self.keys, self.occupied, self.fingerprints, self.ways,
-                           ids, self.mix(ids))
+                           ids, self.mix(ids), self.spilled)
 
     def touch(self, slots) -> None:
         """Record a use of cached slots (duplicates allowed)."""
@@ -221,7 +230,17 @@ class SetAssociativeCache:
             way[many] = ranked[row[set_pos[many]], xp.minimum(rank[many], self.ways - 1)]
         usable &= key[set_pos, way] != _NEVER
         slots = xp.where(usable, uniq_sets[set_pos] * self.ways + way, -1)
+        if self._held < self.capacity and self.num_sets > 1:      # a full cache has no free way anywhere
+            displacing = (slots < 0) | (key[set_pos, way] != _EMPTY)
+            self._spill(sets, slots, xp.flatnonzero(displacing), xp.sort(slots[~displacing]))
         return self._eviction(slots, clean)
+
+    def _spill(self, sets, slots, wanting, given) -> None:
+        """The ids at `wanting` (they would displace a row, or found no way) take a free way of
+        the next set where it has one: unoccupied, unlocked, not given to another id of this
+        batch (`given`: the empty ways given, sorted); in batch order, after that set's own new
+        ids. Changes `slots` in place (`host_kernels.spill_slots`)."""
+        spill_slots(self.occupied, self.locks, self.ways, sets, slots, wanting, given)
 
     def _eviction(self, slots, clean: bool) -> Eviction:
         taken = slots[slots >= 0]
@@ -251,9 +270,13 @@ class SetAssociativeCache:
             slots, ids, rows = slots[keep], ids[keep], rows[keep]
             dirty = dirty[keep] if getattr(dirty, "ndim", 0) else dirty
         leaving = slots[self.occupied[slots]]
+        self._held += len(slots) - len(leaving)
         self._unhint(self.keys[leaving], leaving)
         self.keys[slots] = ids
         mixed = self.mix(ids)
+        away = slots // self.ways != self._set_from(mixed)
+        if away.any():
+            self.spilled[self._set_from(mixed[away])] = True
         self.fingerprints[slots] = self._fingerprint_from(mixed)
         self._hint(ids, mixed, slots)
         self.occupied[slots] = True
@@ -299,7 +322,8 @@ class SetAssociativeCache:
         cached = slots >= 0
         if self.hints is not None:
             self._unhint(ids[cached], slots[cached])
-        slots = slots[cached]
+        slots = self.xp.unique(slots[cached])
+        self._held -= len(slots)
         self.occupied[slots] = False
         self.dirty[slots] = False
         self.locks[slots] = 0
@@ -308,6 +332,8 @@ class SetAssociativeCache:
         if self.hints is not None:
             self.hints[:, 1] = -1
         self.occupied[:] = False
+        self.spilled[:] = False
+        self._held = 0
         self.dirty[:] = False
         self.locks[:] = 0
 

@@ -92,11 +92,21 @@ def scatter(slab, row_bytes, slots, rows, part, parts):
     return -1
 
 
+@njit(nogil=True, cache=True, boundscheck=False, inline="always")
+def _find_in_set(keys, occupied, fingerprints, ways, which, key, fingerprint):
+    """The way of set `which` holding `key`: its fingerprint matches, verified; -1 if none."""
+    first = which * ways
+    for way in range(first, first + ways):
+        if fingerprints[way] == fingerprint and keys[way] == key and occupied[way]:
+            return way
+    return -1
+
+
 @njit(nogil=True, cache=True, boundscheck=False)
-def probe(hints, mask, keys, occupied, fingerprints, ways, num_sets, ids, mixed, slots, part, parts):
-    """The set and fingerprint are `SetAssociativeCache._set_from` and `_fingerprint_from`.
-    Only ids whose hint entry is `part` modulo `parts` (a power of two): a part's threads
-    write disjoint hint entries."""
+def probe(hints, mask, keys, occupied, fingerprints, ways, num_sets, ids, mixed, spilled, slots, part, parts):
+    """The set and fingerprint are `SetAssociativeCache._set_from` and `_fingerprint_from`; a set
+    marked `spilled` has rows in the next set too. Only ids whose hint entry is `part` modulo
+    `parts` (a power of two): a part's threads write disjoint hint entries."""
     n, own = len(ids), np.uint64(parts - 1)
     for i in range(n):
         ahead = i + PREFETCH_ROWS * parts
@@ -109,17 +119,35 @@ def probe(hints, mask, keys, occupied, fingerprints, ways, num_sets, ids, mixed,
         if hints[at] == ids[i] and slot >= 0:
             slots[i] = slot
             continue
-        first = np.int64(((mixed[i] >> np.uint64(32)) * num_sets) >> np.uint64(32)) * ways
+        home = np.int64(((mixed[i] >> np.uint64(32)) * num_sets) >> np.uint64(32))
         fingerprint = np.uint16(mixed[i] & np.uint64(0xFFFF))
-        slot = -1
-        for way in range(first, first + ways):        # a way whose fingerprint matches, verified
-            if fingerprints[way] == fingerprint and keys[way] == ids[i] and occupied[way]:
-                slot = way
-                break
+        slot = _find_in_set(keys, occupied, fingerprints, ways, home, ids[i], fingerprint)
+        if slot < 0 and spilled[home]:
+            slot = _find_in_set(keys, occupied, fingerprints, ways, (home + 1) % np.int64(num_sets), ids[i],
+                                fingerprint)
         slots[i] = slot
         if slot >= 0:                                 # hinted again for the next probe
             hints[at] = ids[i]
             hints[at + 1] = slot
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def spill(occupied, locks, ways, num_sets, sets, slots, wanting, given):
+    """`SetAssociativeCache._spill`, in batch order: each id of `wanting` (ascending; it got no
+    way, or an occupied one) takes the first free way of set `sets[i] + 1`: empty, unlocked,
+    neither in `given` (sorted: the empty ways the batch's own sets gave) nor taken here."""
+    taken = set()
+    for i in wanting:
+        first = ((sets[i] + 1) % num_sets) * ways
+        for slot in range(first, first + ways):
+            if occupied[slot] or locks[slot] != 0:
+                continue
+            at = np.searchsorted(given, slot)
+            if (at < len(given) and given[at] == slot) or slot in taken:
+                continue
+            taken.add(slot)
+            slots[i] = slot
+            break
 
 
 @njit(nogil=True, cache=True, boundscheck=False)

@@ -14,7 +14,8 @@ from .conftest import ids_in_one_set, stored_weights, table_config
 ROW_BYTES = 16
 
 
-def make_cache(rows: int = 8, ways: int = 4, policy: str = "lru") -> SetAssociativeCache:
+def make_cache(rows: int = 4, ways: int = 4, policy: str = "lru") -> SetAssociativeCache:
+    """One set by default: victim order within a set, with no next set for rows to spill into."""
     return SetAssociativeCache(CacheConfig(rows=rows, ways=ways, policy=policy), ROW_BYTES)
 
 
@@ -113,7 +114,7 @@ def test_only_lfu_keeps_a_use_count_per_slot():
 
 
 def test_misses_to_one_set_in_one_batch_never_share_a_slot():
-    cache = make_cache(rows=8, ways=4)
+    cache = make_cache()
     ids = ids_in_one_set(cache, 10)
     cache.begin_batch()
     slots = cache.choose_slots(ids).slots
@@ -126,7 +127,7 @@ def test_misses_to_one_set_in_one_batch_never_share_a_slot():
 
 @pytest.mark.parametrize("new_ids", [1, 4])
 def test_ways_used_by_the_current_batch_are_not_victims(new_ids):
-    cache = make_cache(rows=8, ways=4)
+    cache = make_cache()
     old = ids_in_one_set(cache, 4)
     insert(cache, old[3:])                            # old[3] is the least recently used
     insert(cache, old[:3])
@@ -140,7 +141,9 @@ def test_ways_used_by_the_current_batch_are_not_victims(new_ids):
 
 def reference_slots(cache: SetAssociativeCache, ids: np.ndarray) -> np.ndarray:
     """choose_slots spelled out set by set: empty ways first, then the policy's order
-    (ties by way), never locked ways or ways the batch used; ids take ways in batch order."""
+    (ties by way), never locked ways or ways the batch used; ids take ways in batch order.
+    Then, in batch order, an id left with no way or an occupied one takes the first free way
+    (empty, unlocked, not given) of the next set, if it has one."""
     slots = np.full(len(ids), -1)
     sets = cache.set_of(ids)
     for s in np.unique(sets):
@@ -154,6 +157,16 @@ def reference_slots(cache: SetAssociativeCache, ids: np.ndarray) -> np.ndarray:
         free = [ways[w] for w in rank if not blocked[w]]
         for i, at in enumerate(np.flatnonzero(sets == s)):
             slots[at] = free[i] if i < len(free) else -1
+    given = set(slots[slots >= 0].tolist())
+    for i in range(len(ids)):
+        if slots[i] >= 0 and not cache.occupied[slots[i]]:
+            continue
+        near = (sets[i] + 1) % cache.num_sets
+        for slot in range(near * cache.ways, (near + 1) * cache.ways):
+            if not cache.occupied[slot] and not cache.locks[slot] and slot not in given:
+                given.add(slot)
+                slots[i] = slot
+                break
     return slots
 
 
@@ -161,6 +174,7 @@ def reference_slots(cache: SetAssociativeCache, ids: np.ndarray) -> np.ndarray:
 def test_victims_match_a_set_by_set_reference_in_mixed_batches(policy):
     cache = make_cache(rows=64, ways=4, policy=policy)          # 16 sets: crowded and single sets mix
     rng = np.random.default_rng(7)
+    spilled_batches = 0
     for _ in range(30):
         cache.begin_batch()
         batch = np.unique(rng.integers(0, 200, 24))
@@ -170,8 +184,10 @@ def test_victims_match_a_set_by_set_reference_in_mixed_batches(policy):
         expected = reference_slots(cache, new)
         choice = cache.choose_slots(new)
         np.testing.assert_array_equal(choice.slots, expected)
+        spilled_batches += bool((choice.slots[choice.slots >= 0] // cache.ways != cache.set_of(new)[choice.slots >= 0]).any())
         cache.locks[:] = 0
         cache.fill(choice.slots, new, rows_for(new), np.zeros(len(new), bool))
+    assert spilled_batches >= 3 and cache.occupancy() == cache.capacity   # both kinds of choice were checked
 
 
 def test_table_stays_correct_when_a_batch_overflows_one_set(data_dir):
@@ -186,16 +202,67 @@ def test_table_stays_correct_when_a_batch_overflows_one_set(data_dir):
         updated = np.arange(10 * 8, dtype=np.float32).reshape(10, 8)
         store.update("t", ids[::-1], updated[::-1])   # every update id in one set again
         np.testing.assert_array_equal(store.lookup("t", ids).weights, updated)
-        assert cache.occupancy() <= cache.ways
+        assert cache.occupancy() == cache.capacity    # four in their set, four spilled into the next
     with Store(data_dir) as store:                    # every row reached RocksDB
         np.testing.assert_array_equal(store.lookup("t", ids, on_miss="error").weights, updated)
+
+
+# --- a full set spills into the next ------------------------------------------------
+
+
+def test_a_full_set_spills_into_the_next_sets_free_ways_instead_of_evicting():
+    cache = make_cache(rows=8, ways=4)                 # two sets
+    ids = ids_in_one_set(cache, 6)
+    slots = insert(cache, ids[:4])
+    assert (slots // cache.ways == 0).all()
+    slots = insert(cache, ids[4:])                    # set 0 is full: set 1's free ways, nothing evicted
+    assert (slots // cache.ways == 1).all()
+    assert cached(cache, ids).all()
+    cache.hints[:] = -1                               # found through the sets alone
+    slots = cache.probe(ids)
+    np.testing.assert_array_equal(cache.slab[slots], rows_for(ids))
+    assert cache.spilled.tolist() == [True, False]
+    others = ids_in_one_set(cache, 3, which=1)        # set 1's own ids take its last free ways, then evict
+    insert(cache, others[:2])
+    assert cached(cache, ids).all() and cached(cache, others[:2]).all()
+    insert(cache, others[2:])                         # both full: the least recently used of set 1 leaves
+    np.testing.assert_array_equal(cached(cache, [*ids, *others]), [True] * 4 + [False, True] + [True] * 3)
+
+
+def test_a_victim_is_taken_from_the_home_set_only_when_the_next_is_full_too():
+    cache = make_cache(rows=8, ways=4)
+    ids = ids_in_one_set(cache, 9)
+    insert(cache, ids[:8])                            # four at home, four spilled
+    assert cache.occupancy() == 8
+    use(cache, ids[:1])                               # ids[1] is now the home set's oldest
+    insert(cache, ids[8:])
+    np.testing.assert_array_equal(cached(cache, ids), [True, False] + [True] * 7)
+    cache.invalidate(ids[4:5])                        # a spilled row leaves: its way is free again
+    slots = insert(cache, ids[1:2])
+    assert slots[0] // cache.ways == 1 and cached(cache, ids[1:2]).all()
+
+
+def test_a_cache_at_half_load_holds_every_row():
+    """Random sets: at load 0.5 a few sets of 32 ways get more rows than ways (262,144 rows in
+    2^19 slots: about 18). They spill into the next set, so every row is cached."""
+    cache = SetAssociativeCache(CacheConfig(rows=1 << 19, ways=32), 16)
+    ids = np.random.default_rng(3).choice(1 << 40, 1 << 18, replace=False).astype(np.int64)
+    load = np.bincount(cache.set_of(ids), minlength=cache.num_sets)
+    assert load.max() > cache.ways                    # the case the spill exists for
+    for lo in range(0, len(ids), 1 << 15):
+        slots = insert(cache, ids[lo:lo + (1 << 15)])
+        assert (slots >= 0).all()
+    assert cache.occupancy() == len(ids) and cached(cache, ids).all()
+    cache.hints[:] = -1
+    slots = cache.probe(ids)
+    np.testing.assert_array_equal(cache.keys[slots], ids)
 
 
 # --- locks ---------------------------------------------------------------------------
 
 
 def test_locked_slots_are_never_victims():
-    cache = make_cache(rows=8, ways=4)
+    cache = make_cache()
     a, b, c, d, *new = ids_in_one_set(cache, 8)
     for key in (a, b, c, d):
         insert(cache, [key])
@@ -214,7 +281,7 @@ def test_locked_slots_are_never_victims():
 
 
 def test_eviction_reports_dirty_victims_only():
-    cache = make_cache(rows=8, ways=4)
+    cache = make_cache()
     clean, dirty = ids_in_one_set(cache, 2)
     insert(cache, [clean])
     insert(cache, [dirty], dirty=True)
