@@ -11,9 +11,7 @@ record and gather) in one loop; `probe_slots` finds their slots. This module che
 arrays and calls the loops, which live in `host_loops`, imported on first use.
 
 A large batch is split over threads (`row_threads`), each part one call of a loop; the
-parts are chosen so that no two threads write the same place. Where Numba's TBB layer
-loads, the lookup loops (probe, read_hits) split batches of a few thousand rows and up
-themselves, inside compiled code (`row_threads.compiled_parts`).
+parts are chosen so that no two threads write the same place.
 """
 from __future__ import annotations
 
@@ -22,7 +20,7 @@ import importlib
 
 import numpy as np
 
-from .row_threads import compiled_parts, in_parts
+from .row_threads import in_parts
 
 
 @functools.cache
@@ -31,31 +29,15 @@ def _loops():
     return importlib.import_module(".host_loops", __package__)
 
 
-@functools.cache
-def compiled_split_ready() -> bool:
-    """Whether the loops can split a batch themselves: Numba's TBB layer loads (the `tbb`
-    package). Without it the lookup loops split large batches over `row_threads`' pool."""
-    try:
-        return bool(_loops().split_ready(2))
-    except Exception:          # noqa: BLE001 - Numba raises ValueError or ImportError, by version
-        return False
-
-
-def _split_parts(n: int, parts: int | None) -> int:
-    return compiled_parts(n, compiled_split_ready()) if parts is None else parts
-
-
 def warm() -> None:
     """Import and load every loop now (a server does this as it starts, so that its first
     lookup does not wait for the compiler)."""
     slab = np.zeros((4, 64), np.uint8)
     gather_rows(slab, np.arange(2))
     scatter_rows(slab, np.arange(2), np.zeros((2, 64), np.uint8))
-    for split in (1, 2) if compiled_split_ready() else (1,):      # the split loops too, where TBB loads
-        probe_slots(np.full((4, 2), -1, np.int64), np.uint64(3), np.zeros(4, np.int64), np.zeros(4, bool),
-                    np.zeros(4, np.uint16), 4, np.arange(2), np.arange(2, dtype=np.uint64), np.zeros(1, bool), split)
-        read_hits(slab, 0, 1, 0, np.zeros(4, np.int64), 1, None, np.arange(2), (8, np.empty((2, 8), np.uint8)),
-                  split=split)
+    probe_slots(np.full((4, 2), -1, np.int64), np.uint64(3), np.zeros(4, np.int64), np.zeros(4, bool),
+                np.zeros(4, np.uint16), 4, np.arange(2), np.arange(2, dtype=np.uint64), np.zeros(1, bool))
+    read_hits(slab, 0, 1, 0, np.zeros(4, np.int64), 1, None, np.arange(2), (8, np.empty((2, 8), np.uint8)))
     spill_slots(np.zeros(4, bool), np.zeros(4, np.int32), 2, np.zeros(2, np.int64), np.full(2, -1, np.int64),
                 np.arange(2), np.zeros(0, np.int64))
 
@@ -122,23 +104,18 @@ def scatter_rows(slab: np.ndarray, slots: np.ndarray, rows: np.ndarray) -> None:
 
 
 def probe_slots(hints: np.ndarray, mask: np.uint64, keys: np.ndarray, occupied: np.ndarray, fingerprints: np.ndarray,
-                ways: int, ids: np.ndarray, mixed: np.ndarray, spilled: np.ndarray,
-                split: int | None = None) -> np.ndarray:
+                ways: int, ids: np.ndarray, mixed: np.ndarray, spilled: np.ndarray) -> np.ndarray:
     """The slot of each id in the set-associative cache, -1 where it is not cached.
     First the id's (key, slot) pair in `hints` ([size, 2] int64, at `mixed & mask`); failing
     that, the ways of its set (from the top bits of `mixed`) by 16-bit fingerprint (its low
     bits; `fill` writes a slot's key and fingerprint together), verified against `keys` and
     `occupied`, and the next set's ways where `spilled` marks its own set; an id found that way
-    is hinted again. `split`: parts of a compiled split (None: `row_threads.compiled_parts`)."""
+    is hinted again."""
     slots = np.empty(len(ids), np.int64)
     arguments = (hints.reshape(-1), np.uint64(mask), keys, occupied, fingerprints, np.int64(ways),
                  np.uint64(len(keys) // ways), np.ascontiguousarray(ids, np.int64),
                  np.ascontiguousarray(mixed, np.uint64), spilled, slots)
-    parts = _split_parts(len(ids), split)
-    if parts > 1:
-        _loops().probe_split(*arguments, np.int64(parts))
-    else:
-        in_parts(len(ids), lambda part, parts: _loops().probe(*arguments, np.uint64(part), np.int64(parts)))
+    in_parts(len(ids), lambda part, parts: _loops().probe(*arguments, np.uint64(part), np.int64(parts)))
     return slots
 
 
@@ -157,7 +134,7 @@ def spill_slots(occupied: np.ndarray, locks: np.ndarray, ways: int, sets: np.nda
 
 def read_hits(slab: np.ndarray, header_word: int, max_count: int, now: int, last_used: np.ndarray, tick: int,
               uses: np.ndarray | None, slots: np.ndarray, weights: tuple[int, np.ndarray],
-              state: tuple[int, np.ndarray] | None = None, split: int | None = None) -> None:
+              state: tuple[int, np.ndarray] | None = None) -> None:
     """A batch's use of cached `slots` and the gather of their columns, in one pass: the slot
     stamped with `tick` in `last_used` (and `uses` + 1, if given) and its header's count + 1
     (saturating at `max_count`) and last_access = `now` (uint32 words `header_word`, + 1),
@@ -165,8 +142,7 @@ def read_hits(slab: np.ndarray, header_word: int, max_count: int, now: int, last
     [offset, offset + out's row size) of each row into `weights` = (offset, [n, k] out) and
     likewise `state`. A negative slot (not cached) is skipped: nothing recorded, its rows in the
     outs left as they were. Once per slot holds for a batch's first call (the slots stamped
-    `tick` before it are taken as counted), so call it right after `begin_batch`. `split`: parts
-    of a compiled split (None: `row_threads.compiled_parts`)."""
+    `tick` before it are taken as counted), so call it right after `begin_batch`."""
     capacity, row_bytes = slab.shape
     if not (slab.flags.c_contiguous and slab.dtype == np.uint8 and row_bytes % 4 == 0):
         raise ValueError("read_hits: slab must be C-contiguous uint8 rows of a multiple of 4 bytes")
@@ -183,10 +159,6 @@ def read_hits(slab: np.ndarray, header_word: int, max_count: int, now: int, last
     flat = slab.reshape(-1)
     arguments = (flat, flat.view(np.uint32), row_bytes, header_word, np.uint32(max_count), np.uint32(now), last_used,
                  np.int64(tick), uses if uses is not None else np.empty(0, np.int64), uses is not None, slots, *columns)
-    parts = _split_parts(len(slots), split)
-    if parts > 1:
-        results = _loops().read_hits_split(*arguments, np.int64(parts)).tolist()
-    else:
-        results = in_parts(len(slots), lambda part, parts: _loops().read_hits(*arguments, np.int64(part),
-                                                                               np.int64(parts)))
-    _refuse_bad_slot(results, slots, capacity)
+    _refuse_bad_slot(in_parts(len(slots), lambda part, parts: _loops().read_hits(*arguments, np.int64(part),
+                                                                                  np.int64(parts))),
+                     slots, capacity)

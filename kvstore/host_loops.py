@@ -4,15 +4,11 @@ touches a host cache, such as a command-line tool, should not pay)."""
 from __future__ import annotations
 
 import llvmlite.binding
-import numba
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
-
-if numba.config.THREADING_LAYER == "default":
-    numba.config.THREADING_LAYER = "safe"      # TBB: thread and fork safe (GNU OpenMP is not fork safe)
 
 PREFETCH_ROWS = 8          # rows asked for ahead of the one being copied (4-16 measured alike)
 CACHE_LINE = 64
@@ -186,35 +182,3 @@ def read_hits(slab, words, row_bytes, header_word, max_count, now, last_used, ti
         if state_bytes:
             _copy(state, i * state_bytes, slab, slot * row_bytes + state_offset, state_bytes)
     return -1
-
-
-# --- batches split inside compiled code (Numba's TBB threads; `row_threads.compiled_parts`) ------
-
-
-@njit(nogil=True, parallel=True, cache=True)
-def split_ready(parts):
-    """Runs a parallel loop: raises where no thread and fork safe layer (TBB) loads."""
-    done = np.zeros(parts, np.int64)
-    for part in prange(parts):
-        done[part] = 1
-    return done.sum()
-
-
-@njit(nogil=True, parallel=True, cache=True)
-def probe_split(hints, mask, keys, occupied, fingerprints, ways, num_sets, ids, mixed, spilled, slots, parts):
-    """`probe` of every part at once."""
-    for part in prange(parts):
-        probe(hints, mask, keys, occupied, fingerprints, ways, num_sets, ids, mixed, spilled, slots,
-              np.uint64(part), np.int64(parts))
-
-
-@njit(nogil=True, parallel=True, cache=True)
-def read_hits_split(slab, words, row_bytes, header_word, max_count, now, last_used, tick, uses, count_uses,
-                    slots, weight_offset, weight_bytes, weights, state_offset, state_bytes, state, parts):
-    """`read_hits` of every part at once; each part's result (-1, or a bad slot's index)."""
-    results = np.full(parts, -1, np.int64)
-    for part in prange(parts):
-        results[part] = read_hits(slab, words, row_bytes, header_word, max_count, now, last_used, tick, uses,
-                                  count_uses, slots, weight_offset, weight_bytes, weights, state_offset,
-                                  state_bytes, state, np.int64(part), np.int64(parts))
-    return results

@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 PARALLEL_ROWS = 4096                      # rows a thread takes at least: below, a hand-off costs what it saves
-COMPILED_ROWS = 1024                      # the same for a split inside compiled code (`compiled_parts`)
 MAX_THREADS = 64                          # the most `set_threads` takes
 
 
@@ -78,19 +77,6 @@ def _parts(n: int) -> int:
     """Threads for a batch of n rows: a power of two, each taking at least PARALLEL_ROWS."""
     parts = 1
     while parts * 2 <= THREADS and n >= parts * 2 * PARALLEL_ROWS:
-        parts *= 2
-    return parts
-
-
-def compiled_parts(n: int, ready: bool) -> int:
-    """Parts for an n-row batch that a compiled loop splits itself, over Numba's TBB threads
-    (`host_loops.*_split`; `ready`: whether that layer loads): a power of two up to THREADS, each
-    of at least COMPILED_ROWS. Handing a part to a TBB thread costs microseconds, not a Python
-    future's tens, so batches of a few thousand rows gain too: on a 16-core host a gather of
-    4,096 random 512-byte rows with other work between calls took 0.37 ms in one thread, 0.29 in
-    two and 0.21 in four. 1 without TBB: such batches take `in_parts`."""
-    parts = 1
-    while ready and parts * 2 <= THREADS and n >= parts * 2 * COMPILED_ROWS:
         parts *= 2
     return parts
 

@@ -2,7 +2,6 @@
 rows of a cached lookup written into a caller's array (the server's response message)."""
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import signal
 
@@ -21,11 +20,9 @@ from .conftest import table_config
 
 @pytest.fixture(autouse=True, params=[1, 4], ids=["one thread", "four threads"])
 def threads(request, monkeypatch):
-    """Every test runs with the loops in one thread, and split over four from 8 rows a part
-    (the lookup loops inside compiled code where Numba's TBB layer loads, the others in the pool)."""
+    """Every test runs with the loops in one thread, and split over four from 8 rows a part."""
     monkeypatch.setattr(row_threads, "THREADS", request.param)
     monkeypatch.setattr(row_threads, "PARALLEL_ROWS", 8)
-    monkeypatch.setattr(row_threads, "COMPILED_ROWS", 8)
     return request.param
 
 
@@ -220,44 +217,6 @@ def test_a_forked_child_splits_a_batch_with_threads_of_its_own(threads):
         os._exit(0 if np.array_equal(gather_rows(slab, slots), slab[slots]) else 1)
     _, status = os.waitpid(child, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-
-
-def test_a_forked_child_splits_a_lookup_in_compiled_code_after_its_parent_did(threads):
-    """Numba's TBB layer is fork safe (GNU OpenMP is not): a child forked after its parent split a
-    lookup splits its own (the alarm ends a child that hangs, failing the test)."""
-    cache = SetAssociativeCache(CacheConfig(rows=4096, ways=8), 64)
-    ids = np.random.default_rng(12).choice(1 << 40, 2000, replace=False).astype(np.int64)
-    cache.begin_batch()
-    choice = cache.choose_slots(ids)
-    rows = np.random.default_rng(13).integers(0, 256, (len(ids), 64), dtype=np.uint8)
-    cache.fill(choice.slots, ids, rows, np.zeros(len(ids), bool))
-
-    def lookup() -> bool:
-        cache.begin_batch()
-        slots = cache.probe(ids)
-        out = np.empty((len(ids), 48), np.uint8)
-        read_hits(cache.slab, 0, MAX_COUNT, 5, cache.last_used, cache.tick, None, slots, (16, out))
-        return bool(np.array_equal(out, rows[:, 16:]))
-
-    assert lookup()
-    child = os.fork()
-    if child == 0:                                                               # pragma: no cover - the child
-        signal.alarm(60)
-        os._exit(0 if lookup() else 1)
-    _, status = os.waitpid(child, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-
-
-def test_the_lookup_loops_split_inside_compiled_code_where_tbb_loads():
-    """The server's extra installs `tbb`: there the lookup loops split batches themselves."""
-    try:
-        importlib.metadata.version("tbb")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("the tbb package is not installed")
-    from kvstore.host_kernels import compiled_split_ready
-    assert compiled_split_ready()
-    assert row_threads.compiled_parts(4096, True) == min(4, row_threads.THREADS)
-    assert row_threads.compiled_parts(4096, False) == 1
 
 
 @pytest.mark.parametrize(("cpu_max", "v1", "expected"), [
