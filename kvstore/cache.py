@@ -88,6 +88,8 @@ class Eviction:
 
 
 class SetAssociativeCache:
+    spills = True      # full sets spill into the next (`_spill`); the GPU tier's kernels probe one set
+
     def __init__(self, config: CacheConfig, row_bytes: int, xp=np):
         self.xp = xp
         self.ways = config.ways
@@ -230,7 +232,7 @@ class SetAssociativeCache:
             way[many] = ranked[row[set_pos[many]], xp.minimum(rank[many], self.ways - 1)]
         usable &= key[set_pos, way] != _NEVER
         slots = xp.where(usable, uniq_sets[set_pos] * self.ways + way, -1)
-        if self._held < self.capacity and self.num_sets > 1:      # a full cache has no free way anywhere
+        if self.spills and self._held < self.capacity and self.num_sets > 1:   # a full cache: no free way
             displacing = (slots < 0) | (key[set_pos, way] != _EMPTY)
             self._spill(sets, slots, xp.flatnonzero(displacing), xp.sort(slots[~displacing]))
         return self._eviction(slots, clean)

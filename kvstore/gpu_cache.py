@@ -46,6 +46,8 @@ class _Victims:
 
 
 class GpuCache(SetAssociativeCache):
+    spills = False     # its probe and victim kernels read one set: no row lives in the next
+
     def __init__(self, config: CacheConfig, row_bytes: int, device: int = 0):
         if config.ways > 32:
             raise InvalidArgument(f"cache.ways: the GPU cache supports at most 32 ways, got {config.ways}")

@@ -18,8 +18,12 @@ ROW_BYTES = 48
 
 
 def pair(rows: int, ways: int, policy: str) -> tuple[SetAssociativeCache, GpuCache]:
+    """The host design as the GPU cache's reference: without the host tier's spill into the next
+    set, which the GPU kernels do not have."""
     config = CacheConfig(rows=rows, ways=ways, policy=policy)
-    return SetAssociativeCache(config, ROW_BYTES), GpuCache(config, ROW_BYTES)
+    host = SetAssociativeCache(config, ROW_BYTES)
+    host.spills = False
+    return host, GpuCache(config, ROW_BYTES)
 
 
 def rows_for(ids: np.ndarray) -> np.ndarray:
