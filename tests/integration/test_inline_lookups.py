@@ -19,7 +19,8 @@ from kvstore_server.config import ServerConfig
 from kvstore_server.rpc import StoreWork
 from kvstore_server.server import KVStoreServer
 
-from kvstore import SweeperConfig
+from kvstore import CacheConfig, SweeperConfig
+from kvstore.cache import SetAssociativeCache
 
 from .conftest import random_rows
 
@@ -130,6 +131,25 @@ def test_cached_rows_up_to_the_bound_are_served_without_a_store_thread(start_loo
         assert server.work.jobs == jobs + 1                # over the bound: a store thread
         client.lookup("t", [5, 100])
         assert server.work.jobs == jobs + 2                # a miss reads RocksDB: a store thread
+
+
+def test_rows_of_a_set_with_more_rows_than_ways_stay_cached_and_are_served_on_the_loop(start_loop_server):
+    """Twelve ids of one set of a two-set cache of 8 ways: four spill into the other set, so every
+    row stays cached and a lookup of all twelve needs no store thread and reads no RocksDB."""
+    server = start_loop_server()
+    cache = {"rows": 16, "ways": 8, "write": "write_through"}
+    sets = SetAssociativeCache(CacheConfig(rows=16, ways=8), 16).set_of(np.arange(200, dtype=np.int64))
+    ids = np.flatnonzero(sets == 0)[:12]
+    with KVStoreClient(server.address, timeout=60) as client:
+        client.create_table("t", DIM, cache=cache)
+        weights = random_rows(len(ids), DIM, seed=3)
+        client.update("t", ids, weights)
+        misses = client.stats("t").get("cache_misses", 0)
+        jobs = server.work.jobs
+        for _ in range(3):
+            np.testing.assert_array_equal(client.lookup("t", ids), weights)
+        assert server.work.jobs == jobs                    # served on the loop, every time
+        assert client.stats("t").get("cache_misses", 0) == misses
 
 
 def test_inline_lookup_bytes_0_sends_every_lookup_to_the_store_threads(start_loop_server):
