@@ -37,7 +37,8 @@ def load(client, name: str, rows: int, dim: int, cache: dict) -> None:
 
 
 def cached_lookups(client, addresses: dict[str, str], args) -> None:
-    slots = -(-args.rows * 2 // 32) * 32                 # load 0.5: all but a few rows cached (grpc_bench.load)
+    slots = -(-args.rows * 2 // 32) * 32                 # load 0.5: the host table caches every row, the GPU
+    # table all but a few (~18 of 262,144: its tier does not spill a full set into the next)
     load(client, "host", args.rows, args.dim, {"rows": slots})
     load(client, "gpu", args.rows, args.dim, {"rows": slots, "device": "cuda:0"})
     lookups = {"gpu table": lambda b: client.lookup("gpu", b), "host table": lambda b: client.lookup("host", b)}
