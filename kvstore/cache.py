@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import CacheConfig
-from .host_kernels import gather_rows, probe_slots, scatter_rows, spill_slots
+from .host_kernels import gather_rows, probe_slots, scatter_rows, spill_into
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX = np.uint64(0xD6E8FEB86659FD93)
@@ -241,8 +241,14 @@ class SetAssociativeCache:
         """The ids at `wanting` (they would displace a row, or found no way) take a free way of
         the next set where it has one: unoccupied, unlocked, not given to another id of this
         batch (`given`: the empty ways given, sorted); in batch order, after that set's own new
-        ids. Changes `slots` in place (`host_kernels.spill_slots`)."""
-        spill_slots(self.occupied, self.locks, self.ways, sets, slots, wanting, given)
+        ids. Changes `slots` in place (`host_kernels.spill_into`)."""
+        if not len(wanting):
+            return
+        near = (sets[wanting] + 1) % self.num_sets
+        shape = (self.num_sets, self.ways)
+        chosen = spill_into(self.occupied.reshape(shape), self.locks.reshape(shape), near, near, self.ways, given)
+        moved = chosen >= 0
+        slots[wanting[moved]] = chosen[moved]
 
     def _eviction(self, slots, clean: bool) -> Eviction:
         taken = slots[slots >= 0]

@@ -23,6 +23,7 @@ from .cache import Eviction, SetAssociativeCache
 from .config import CacheConfig, OptimizerConfig
 from .errors import InvalidArgument
 from .gpu_kernels import ALL_NEW, COUNT_USES, HEADERS, LINK, MARK, TOUCH, kernels_for
+from .host_kernels import spill_into
 from .rows import RowLayout
 
 
@@ -46,7 +47,9 @@ class _Victims:
 
 
 class GpuCache(SetAssociativeCache):
-    spills = False     # its probe and victim kernels read one set: no row lives in the next
+    """Rows spill into the next set as on the host, through `choose_slots` (the path a table
+    takes); `find_or_insert`, which claims its slots inside the victim kernel, does not spill.
+    The probe kernels look in the next set of a set marked `spilled`."""
 
     def __init__(self, config: CacheConfig, row_bytes: int, device: int = 0):
         if config.ways > 32:
@@ -87,7 +90,7 @@ class GpuCache(SetAssociativeCache):
         with self.device:
             ids = self._ids(ids)
             slots = cupy.empty(len(ids), dtype=cupy.int64)
-            self.kernels.probe(self.keys, self.occupied, ids, self.num_sets, self.ways, slots)
+            self.kernels.probe(self.keys, self.occupied, ids, self.num_sets, self.ways, slots, spilled=self.spilled)
             return slots
 
     def probe_and_touch(self, ids, now: int | None = None):
@@ -99,7 +102,7 @@ class GpuCache(SetAssociativeCache):
             flags = self._touch if now is None else self._touch | HEADERS
             self.kernels.probe(self.keys, self.occupied, ids, self.num_sets, self.ways, slots,
                                last_used=self.last_used, uses=self.uses, tick=self.tick, flags=flags,
-                               slab=self.slab, row_bytes=self.row_bytes, now=now or 0)
+                               slab=self.slab, row_bytes=self.row_bytes, now=now or 0, spilled=self.spilled)
             return slots
 
     # --- insert --------------------------------------------------------------
@@ -116,7 +119,7 @@ class GpuCache(SetAssociativeCache):
         self.kernels.probe(self.keys, self.occupied, ids, self.num_sets, self.ways, slots, hit_out=hit,
                            last_used=self.last_used, uses=self.uses, tick=self.tick, flags=flags | LINK,
                            heads=self._heads, next_=next_, epoch=self._epoch,
-                           cleared=None if claim is None else claim.victim_dirty)
+                           cleared=None if claim is None else claim.victim_dirty, spilled=self.spilled)
         self.kernels.choose_victims(ids, self.keys, self.occupied, self.locks, self.last_used, self.uses,
                                     self.num_sets, self.ways, self.lfu, self.tick, self._heads, next_, hit,
                                     self._epoch, slots, dirty=self.dirty, mark_dirty=claim is not None and claim.mark,
@@ -134,7 +137,27 @@ class GpuCache(SetAssociativeCache):
                 slots = cupy.zeros(0, cupy.int64)
             else:
                 slots = self._link(ids, ALL_NEW)[0]
+                if self.spills:
+                    self._spill_new(ids, slots)
             return self._eviction(slots, clean)
+
+    def _spill_new(self, ids, slots) -> None:
+        """The host cache's spill (`SetAssociativeCache._spill`), on the host: the ids that would
+        displace a row (or got no way) and the ways of their next sets come down, the same
+        compiled pass chooses, and the changed slots go up. Nothing moves when none would."""
+        wanting = cupy.flatnonzero((slots < 0) | self.occupied[cupy.maximum(slots, 0)])
+        if len(wanting) == 0 or self.num_sets == 1:
+            return
+        near = (self.set_of(ids[wanting]) + 1) % self.num_sets
+        occupied = self.occupied.reshape(self.num_sets, self.ways)[near]
+        locks = self.locks.reshape(self.num_sets, self.ways)[near]
+        if not bool((~occupied & (locks == 0)).any()):     # a full cache (the usual case): nothing comes down
+            return
+        given = cupy.sort(slots[(slots >= 0) & ~self.occupied[cupy.maximum(slots, 0)]]).get()
+        chosen = spill_into(occupied.get(), locks.get(), np.arange(len(near)), near.get(), self.ways, given)
+        moved = chosen >= 0
+        if moved.any():
+            slots[wanting[cupy.asarray(np.flatnonzero(moved))]] = cupy.asarray(chosen[moved])
 
     def find_or_insert(self, ids, dirty: bool = False) -> Claim:
         """Probe unique ids, touch the hits and give each new id a slot (its key and
@@ -165,6 +188,10 @@ class GpuCache(SetAssociativeCache):
             self.kernels.fill_meta(slots, ids, self.keys, self.occupied, self.dirty,
                                    None if flags is None else cupy.asarray(flags, dtype=cupy.bool_),
                                    bool(dirty) if flags is None else False, self.last_used, self.uses, self.tick)
+            placed = slots >= 0
+            home = self.set_of(ids[placed])
+            away = slots[placed] // self.ways != home
+            self.spilled[home[away]] = True
 
     def _eviction(self, slots, clean: bool) -> Eviction:
         taken = slots[slots >= 0]
@@ -252,7 +279,7 @@ class GpuCache(SetAssociativeCache):
             repeated = cupy.zeros(2, dtype=cupy.int32)   # a cached slot hit twice; an uncached id
             self.kernels.probe(self.keys, self.occupied, ids, self.num_sets, self.ways, slots,
                                last_used=self.last_used, uses=self.uses, tick=self.tick, flags=self._touch | MARK,
-                               epoch=self._epoch, marks=self._marks, repeated=repeated)
+                               epoch=self._epoch, marks=self._marks, repeated=repeated, spilled=self.spilled)
 
             def step(idx, segments=None, skip=None):     # the step records the access in the header
                 self.kernels.optimizer_step(optimizer, dtype_name(layout.dtype), self.slab, layout.row_bytes, idx,

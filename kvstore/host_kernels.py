@@ -38,8 +38,7 @@ def warm() -> None:
     probe_slots(np.full((4, 2), -1, np.int64), np.uint64(3), np.zeros(4, np.int64), np.zeros(4, bool),
                 np.zeros(4, np.uint16), 4, np.arange(2), np.arange(2, dtype=np.uint64), np.zeros(1, bool))
     read_hits(slab, 0, 1, 0, np.zeros(4, np.int64), 1, None, np.arange(2), (8, np.empty((2, 8), np.uint8)))
-    spill_slots(np.zeros(4, bool), np.zeros(4, np.int32), 2, np.zeros(2, np.int64), np.full(2, -1, np.int64),
-                np.arange(2), np.zeros(0, np.int64))
+    spill_into(np.zeros((2, 2), bool), np.zeros((2, 2), np.int32), np.arange(2), np.arange(2), 2, np.zeros(0, np.int64))
 
 
 def _refuse_bad_slot(results: list[int], slots: np.ndarray, capacity: int) -> None:
@@ -119,17 +118,20 @@ def probe_slots(hints: np.ndarray, mask: np.uint64, keys: np.ndarray, occupied: 
     return slots
 
 
-def spill_slots(occupied: np.ndarray, locks: np.ndarray, ways: int, sets: np.ndarray, slots: np.ndarray,
-                wanting: np.ndarray, given: np.ndarray) -> None:
-    """The ids at `wanting` (ascending indices into `slots`, which victim choice gave: -1, or
-    a way that holds a row) take a free way of the next set where it has one (empty, unlocked,
-    not in `given`, the sorted empty ways given to others, nor taken here), in batch order;
-    `slots` changes in place. One pass over the wanting ids: a vectorized version (unique,
-    gathers of whole sets, ranks) cost 1.7 ms per 4,096 ids at load 0.99."""
-    if len(wanting):
-        _loops().spill(occupied, locks, np.int64(ways), np.int64(len(occupied) // ways),
-                       np.ascontiguousarray(sets, np.int64), slots, np.ascontiguousarray(wanting, np.int64),
-                       np.ascontiguousarray(given, np.int64))
+def spill_into(occupied: np.ndarray, locks: np.ndarray, rows: np.ndarray, near: np.ndarray, ways: int,
+               given: np.ndarray) -> np.ndarray:
+    """The spill of a batch's ids that would displace a row (or got no way), in batch order:
+    the slot of the first free way of set `near[k]` for the k-th, whose ways' occupied bits and
+    lock counts are row `rows[k]` of `occupied` and `locks` ([r, ways]: the whole cache, rows =
+    near; or the sets gathered, rows = their order): empty, unlocked, not in `given` (the sorted
+    empty ways given to the batch's other ids) nor taken by an earlier one; -1 where none is
+    free. One compiled pass (NumPy's unique, gathers and ranks of a first version cost 1.7 ms
+    per 4,096 ids at load 0.99); the host and GPU caches both call it."""
+    chosen = np.empty(len(near), np.int64)
+    if len(near):
+        _loops().spill(occupied, locks, np.ascontiguousarray(rows, np.int64), np.ascontiguousarray(near, np.int64),
+                       np.int64(ways), np.ascontiguousarray(given, np.int64), chosen)
+    return chosen
 
 
 def read_hits(slab: np.ndarray, header_word: int, max_count: int, now: int, last_used: np.ndarray, tick: int,

@@ -132,21 +132,23 @@ def probe(hints, mask, keys, occupied, fingerprints, ways, num_sets, ids, mixed,
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def spill(occupied, locks, ways, num_sets, sets, slots, wanting, given):
-    """`SetAssociativeCache._spill`, in batch order: each id of `wanting` (ascending; it got no
-    way, or an occupied one) takes the first free way of set `sets[i] + 1`: empty, unlocked,
-    neither in `given` (sorted: the empty ways the batch's own sets gave) nor taken here."""
+def spill(occupied, locks, rows, near, ways, given, chosen):
+    """`SetAssociativeCache._spill`, in batch order: id k takes the first free way of set
+    `near[k]`, whose ways' occupied bits and lock counts are row `rows[k]` of `occupied` and
+    `locks`: empty, unlocked, neither in `given` (sorted) nor taken here; -1 in `chosen` if none."""
     taken = set()
-    for i in wanting:
-        first = ((sets[i] + 1) % num_sets) * ways
-        for slot in range(first, first + ways):
-            if occupied[slot] or locks[slot] != 0:
+    for k in range(len(near)):
+        chosen[k] = -1
+        first, row = near[k] * ways, rows[k]
+        for way in range(ways):
+            if occupied[row, way] or locks[row, way] != 0:
                 continue
+            slot = first + way
             at = np.searchsorted(given, slot)
             if (at < len(given) and given[at] == slot) or slot in taken:
                 continue
             taken.add(slot)
-            slots[i] = slot
+            chosen[k] = slot
             break
 
 

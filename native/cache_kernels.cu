@@ -58,8 +58,43 @@ __device__ __forceinline__ i64 warps_total() {
 //        was already marked with it (a batch whose cached ids are unique needs no grouping);
 //        set repeated[1] when an id is not cached.
 // cleared (may be null): set to false for every id.
+// spilled (may be null): a set marked there has rows in the next set (the host cache's
+// spill), so an id not found in its own set is looked for there too.
 // Per-set lists: head[set] = (epoch << 32) | (position + 1) of the last miss
 // linked; a head with another epoch is empty, so heads need no clearing.
+
+// This lane's first way (of its WPL ways of the set at `first`) holding `id`; WPL if none.
+template <int G, int WPL>
+__device__ __forceinline__ int first_match(const i64* __restrict__ keys, const bool* __restrict__ occupied,
+                                           i64 first, int sub, int ways, i64 id) {
+    int local = WPL;
+    if (WPL == 4) {
+        const longlong2* k2 = reinterpret_cast<const longlong2*>(keys + first + sub * 4);
+        const longlong2 a = k2[0], b = k2[1];
+        const unsigned occ = *reinterpret_cast<const unsigned*>(occupied + first + sub * 4);
+        const i64 k[4] = {a.x, a.y, b.x, b.y};
+#pragma unroll
+        for (int j = 3; j >= 0; --j)
+            if (k[j] == id && ((occ >> (8 * j)) & 0xff)) local = j;
+    } else {
+#pragma unroll
+        for (int j = WPL - 1; j >= 0; --j) {
+            const int way = sub * WPL + j;
+            if (way < ways && keys[first + way] == id && occupied[first + way]) local = j;
+        }
+    }
+    return local;
+}
+
+// The slot the lanes of each group found (the lowest matching way), or -1; every lane takes part.
+template <int G, int WPL>
+__device__ __forceinline__ i64 group_slot(int local, i64 first, int group) {
+    const unsigned ballot = __ballot_sync(FULL, local < WPL);
+    const unsigned mine = (ballot >> (group * G)) & (G == 32 ? FULL : ((1u << G) - 1));
+    const int src = mine ? __ffs(mine) - 1 : 0;
+    const int src_local = __shfl_sync(FULL, local, group * G + src);
+    return mine ? first + src * WPL + src_local : -1;
+}
 
 template <int G, int WPL>
 __global__ void probe(const i64* __restrict__ keys, const bool* __restrict__ occupied,
@@ -67,7 +102,8 @@ __global__ void probe(const i64* __restrict__ keys, const bool* __restrict__ occ
                       i64* __restrict__ slots_out, bool* __restrict__ hit_out,
                       i64* last_used, i64* uses, i64 tick, int flags,
                       u64* heads, int* next, u64 epoch, char* slab, i64 row_bytes, unsigned now,
-                      bool* __restrict__ cleared, unsigned* marks, int* repeated) {
+                      bool* __restrict__ cleared, unsigned* marks, int* repeated,
+                      const bool* __restrict__ spilled) {
     const int lane = threadIdx.x & 31;
     const int group = lane / G;
     const int sub = lane % G;
@@ -82,32 +118,19 @@ __global__ void probe(const i64* __restrict__ keys, const bool* __restrict__ occ
         coming = i + step < n ? ids[i + step] : 0;
         const i64 set = set_of(id, num_sets);
         const i64 first = set * ways;
-        int local = WPL;    // first matching way of this lane's ways
-        if (valid && !(flags & 4)) {
-            if (WPL == 4) {
-                const longlong2* k2 = reinterpret_cast<const longlong2*>(keys + first + sub * 4);
-                const longlong2 a = k2[0], b = k2[1];
-                const unsigned occ = *reinterpret_cast<const unsigned*>(occupied + first + sub * 4);
-                const i64 k[4] = {a.x, a.y, b.x, b.y};
-#pragma unroll
-                for (int j = 3; j >= 0; --j)
-                    if (k[j] == id && ((occ >> (8 * j)) & 0xff)) local = j;
-            } else {
-#pragma unroll
-                for (int j = WPL - 1; j >= 0; --j) {
-                    const int way = sub * WPL + j;
-                    if (way < ways && keys[first + way] == id && occupied[first + way]) local = j;
-                }
-            }
+        const bool probing = valid && !(flags & 4);
+        i64 found = group_slot<G, WPL>(probing ? first_match<G, WPL>(keys, occupied, first, sub, ways, id) : WPL,
+                                       first, group);
+        const bool again = probing && found < 0 && spilled != nullptr && spilled[set];   // the same for a group
+        if (__any_sync(FULL, again)) {
+            const i64 next_first = ((set + 1) % num_sets) * ways;
+            found = max(found, group_slot<G, WPL>(
+                again ? first_match<G, WPL>(keys, occupied, next_first, sub, ways, id) : WPL, next_first, group));
         }
-        const unsigned ballot = __ballot_sync(FULL, local < WPL);
-        const unsigned mine = (ballot >> (group * G)) & (G == 32 ? FULL : ((1u << G) - 1));
-        const int src = mine ? __ffs(mine) - 1 : 0;
-        const int src_local = __shfl_sync(FULL, local, group * G + src);
         if (!valid || sub != 0) continue;
         if (cleared) cleared[i] = false;   // a per-id flag a later kernel sets (no memset launch)
-        if (mine) {
-            const i64 slot = first + src * WPL + src_local;
+        if (found >= 0) {
+            const i64 slot = found;
             slots_out[i] = slot;
             if (hit_out) hit_out[i] = true;
             if (flags & (8 | 16)) {   // once per slot per tick: the first toucher sees another tick

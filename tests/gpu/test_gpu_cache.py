@@ -17,12 +17,12 @@ from kvstore.gpu_cache import GpuCache  # noqa: E402  (needs CuPy)
 ROW_BYTES = 48
 
 
-def pair(rows: int, ways: int, policy: str) -> tuple[SetAssociativeCache, GpuCache]:
-    """The host design as the GPU cache's reference: without the host tier's spill into the next
-    set, which the GPU kernels do not have."""
+def pair(rows: int, ways: int, policy: str, spills: bool = True) -> tuple[SetAssociativeCache, GpuCache]:
+    """The host design as the GPU cache's reference. `spills` False: the reference of
+    `find_or_insert`, which claims its slots in the victim kernel and does not spill."""
     config = CacheConfig(rows=rows, ways=ways, policy=policy)
     host = SetAssociativeCache(config, ROW_BYTES)
-    host.spills = False
+    host.spills = spills
     return host, GpuCache(config, ROW_BYTES)
 
 
@@ -38,6 +38,7 @@ def assert_same_state(host: SetAssociativeCache, gpu: GpuCache) -> None:
         np.testing.assert_array_equal(getattr(gpu, name).get()[occupied], getattr(host, name)[occupied], err_msg=name)
     np.testing.assert_array_equal(gpu.dirty.get()[occupied], host.dirty[occupied])
     np.testing.assert_array_equal(gpu.slab.get()[occupied], host.slab[occupied])
+    np.testing.assert_array_equal(gpu.spilled.get(), host.spilled)
 
 
 def draw(rng, kind: str, n: int, universe: int) -> np.ndarray:
@@ -99,12 +100,34 @@ def test_many_new_ids_in_one_set_never_share_a_slot():
     got = gpu.choose_slots(one_set).slots.get()
     np.testing.assert_array_equal(got, want.slots)
     taken = got[got >= 0]
-    assert len(taken) == 31 and len(np.unique(taken)) == 31 and 3 * 32 + 5 not in taken
+    assert len(np.unique(taken)) == len(taken) == 31 + 32 and 3 * 32 + 5 not in taken   # set 3, then set 4
+    assert (taken // 32 == 3).sum() == 31
+
+
+def test_a_gpu_cache_at_half_load_holds_every_row_and_every_probe_finds_the_spilled_ones():
+    cache = GpuCache(CacheConfig(rows=1 << 18, ways=32), ROW_BYTES)
+    ids = np.random.default_rng(3).choice(1 << 40, 1 << 17, replace=False).astype(np.int64)
+    assert np.bincount(cache.set_of(cupy.asarray(ids)).get()).max() > 32    # some set overflows
+    for lo in range(0, len(ids), 1 << 14):
+        batch = ids[lo:lo + (1 << 14)]
+        cache.begin_batch()
+        choice = cache.choose_slots(batch)
+        assert (choice.slots >= 0).all()
+        cache.fill(choice.slots, batch, cupy.asarray(rows_for(batch)), False)
+    assert bool(cache.spilled.any())
+    slots = cache.probe(ids).get()
+    np.testing.assert_array_equal(cache.keys.get()[slots], ids)
+    cache.begin_batch()
+    np.testing.assert_array_equal(cache.probe_and_touch(ids).get(), slots)
+    cache.begin_batch()
+    claim = cache.find_or_insert(ids)
+    assert bool(claim.hit.all())                                              # none inserted twice
+    np.testing.assert_array_equal(claim.slots.get(), slots)
 
 
 def test_find_or_insert_is_probe_touch_choose_and_fill():
     rng = np.random.default_rng(5)
-    host, gpu = pair(rows=256 * 32, ways=32, policy="lfu")
+    host, gpu = pair(rows=256 * 32, ways=32, policy="lfu", spills=False)
     for _ in range(12):
         ids = np.unique(draw(rng, "zipf", 6000, universe=40_000))
         rng.shuffle(ids)
