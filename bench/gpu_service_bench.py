@@ -37,8 +37,7 @@ def load(client, name: str, rows: int, dim: int, cache: dict) -> None:
 
 
 def cached_lookups(client, addresses: dict[str, str], args) -> None:
-    slots = -(-args.rows * 2 // 32) * 32                 # load 0.5: the host table caches every row, the GPU
-    # table all but a few (~18 of 262,144: its tier does not spill a full set into the next)
+    slots = -(-args.rows * 2 // 32) * 32                 # load 0.5: every row cached (full sets spill)
     load(client, "host", args.rows, args.dim, {"rows": slots})
     load(client, "gpu", args.rows, args.dim, {"rows": slots, "device": "cuda:0"})
     lookups = {"gpu table": lambda b: client.lookup("gpu", b), "host table": lambda b: client.lookup("host", b)}
