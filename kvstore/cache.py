@@ -282,9 +282,8 @@ class SetAssociativeCache:
         self._unhint(self.keys[leaving], leaving)
         self.keys[slots] = ids
         mixed = self.mix(ids)
-        away = slots // self.ways != self._set_from(mixed)
-        if away.any():
-            self.spilled[self._set_from(mixed[away])] = True
+        home = self._set_from(mixed)
+        self.spilled[home[slots // self.ways != home]] = True     # rows placed in the next set
         self.fingerprints[slots] = self._fingerprint_from(mixed)
         self._hint(ids, mixed, slots)
         self.occupied[slots] = True
