@@ -12,10 +12,10 @@ locked, or that the current batch already uses, are never victims, so a batch
 with many misses to one set never gives one slot to two ids.
 
 A row whose set is full while the next set has a free way goes there instead of
-displacing a row (the host tier; `_spill`): with random sets a few always get more
-rows than ways long before the cache is full (262,144 rows in 2^19 slots of 32 ways:
-about 18), and without a second place those rows would take turns with their set's
-others forever. The home set remembers it spilled (`spilled`), so a probe that misses
+displacing a row (`_spill`; the GPU tier runs the same pass): with random sets a few
+always get more rows than ways long before the cache is full (262,144 rows in 2^19
+slots of 32 ways: about 18), and without a second place those rows would take turns
+with their set's others forever. The home set remembers it spilled (`spilled`), so a probe that misses
 there looks in the next set too; a victim is chosen only when both are full.
 """
 from __future__ import annotations
@@ -88,7 +88,7 @@ class Eviction:
 
 
 class SetAssociativeCache:
-    spills = True      # full sets spill into the next (`_spill`); the GPU tier's kernels probe one set
+    spills = True      # full sets spill into the next (`_spill`); False: the design without (a test reference)
 
     def __init__(self, config: CacheConfig, row_bytes: int, xp=np):
         self.xp = xp
