@@ -15,8 +15,9 @@ A row whose set is full while the next set has a free way goes there instead of
 displacing a row (`_spill`; the GPU tier runs the same pass): with random sets a few
 always get more rows than ways long before the cache is full (262,144 rows in 2^19
 slots of 32 ways: about 18), and without a second place those rows would take turns
-with their set's others forever. The home set remembers it spilled (`spilled`), so a probe that misses
-there looks in the next set too; a victim is chosen only when both are full.
+with their set's others forever. The home set remembers it spilled (`spilled`), so a
+probe that misses there looks in the next set too; a victim is chosen only when both
+are full.
 """
 from __future__ import annotations
 

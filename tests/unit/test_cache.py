@@ -184,7 +184,8 @@ def test_victims_match_a_set_by_set_reference_in_mixed_batches(policy):
         expected = reference_slots(cache, new)
         choice = cache.choose_slots(new)
         np.testing.assert_array_equal(choice.slots, expected)
-        spilled_batches += bool((choice.slots[choice.slots >= 0] // cache.ways != cache.set_of(new)[choice.slots >= 0]).any())
+        placed = choice.slots >= 0
+        spilled_batches += bool((choice.slots[placed] // cache.ways != cache.set_of(new)[placed]).any())
         cache.locks[:] = 0
         cache.fill(choice.slots, new, rows_for(new), np.zeros(len(new), bool))
     assert spilled_batches >= 3 and cache.occupancy() == cache.capacity   # both kinds of choice were checked
