@@ -39,6 +39,10 @@ def warm() -> None:
                 np.zeros(4, np.uint16), 4, np.arange(2), np.arange(2, dtype=np.uint64), np.zeros(1, bool))
     read_hits(slab, 0, 1, 0, np.zeros(4, np.int64), 1, None, np.arange(2), (8, np.empty((2, 8), np.uint8)))
     spill_into(np.zeros((2, 2), bool), np.zeros((2, 2), np.int32), np.arange(2), np.arange(2), 2, np.zeros(0, np.int64))
+    for dtype in (np.float32, np.float64):
+        rows = np.zeros((2, 16), np.uint8)[:, 8:].view(dtype)       # a table's weights: a strided view
+        for kind in ("uniform", "normal"):
+            initial_values(kind, np.arange(2), (np.uint64(1),) * (1 if kind == "uniform" else 2), 1.0, rows)
 
 
 def _refuse_bad_slot(results: list[int], slots: np.ndarray, capacity: int) -> None:
@@ -164,3 +168,22 @@ def read_hits(slab: np.ndarray, header_word: int, max_count: int, now: int, last
     _refuse_bad_slot(in_parts(len(slots), lambda part, parts: _loops().read_hits(*arguments, np.int64(part),
                                                                                   np.int64(parts))),
                      slots, capacity)
+
+
+def initial_values(kind: str, ids: np.ndarray, keys: tuple[np.uint64, ...], scale: float, out: np.ndarray) -> None:
+    """A table initializer's rows (`initializer.write_initial` says what they are) written into
+    `out` ([n, dim] float32 or float64, any strides: a table's rows' weights in place), one
+    compiled pass over the n x dim values (NumPy's took a temporary per step). `keys`: the key of
+    each uniform stream the kind draws (uniform 1, normal 2)."""
+    n = out.shape[0]
+    if not n or not out.shape[1]:
+        return
+    ids = np.ascontiguousarray(ids, np.int64).view(np.uint64)
+    loop = _loops().initial_uniform if kind == "uniform" else _loops().initial_normal
+
+    def fill(part: int, parts: int) -> None:      # a contiguous share of the rows
+        share = -(-n // parts)
+        at = slice(part * share, (part + 1) * share)
+        loop(ids[at], *keys, np.float64(scale), out[at])
+
+    in_parts(n, fill)

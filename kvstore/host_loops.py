@@ -10,6 +10,8 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .initializer import GOLDEN, MIX1, MIX2
+
 PREFETCH_ROWS = 8          # rows asked for ahead of the one being copied (4-16 measured alike)
 CACHE_LINE = 64
 OPAQUE_POINTERS = llvmlite.binding.llvm_version_info >= (16,)      # the intrinsic's name follows the pointer model
@@ -184,3 +186,41 @@ def read_hits(slab, words, row_bytes, header_word, max_count, now, last_used, ti
         if state_bytes:
             _copy(state, i * state_bytes, slab, slot * row_bytes + state_offset, state_bytes)
     return -1
+
+
+_UNIT = 1.0 / (1 << 53)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _splitmix64(x):
+    """splitmix64 of one uint64 (`initializer.splitmix64`)."""
+    z = x + GOLDEN
+    z = (z ^ (z >> np.uint64(30))) * MIX1
+    z = (z ^ (z >> np.uint64(27))) * MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _unit_value(base, column):
+    """(0, 1) from splitmix64 of counter `base + column * golden`: its top 53 bits + 0.5, scaled."""
+    z = _splitmix64(base + np.uint64(column) * GOLDEN)
+    return (np.float64(np.int64(z >> np.uint64(11))) + 0.5) * _UNIT      # < 2^53: a signed convert is exact
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def initial_uniform(ids, key, scale, out):
+    """out[i, j] = (u * 2 - 1) * scale, u the (0, 1) value of column j of id i in the stream of `key`."""
+    for i in range(out.shape[0]):
+        base = _splitmix64(ids[i] ^ key)
+        for j in range(out.shape[1]):
+            out[i, j] = (_unit_value(base, j) * 2.0 - 1.0) * scale
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def initial_normal(ids, radius_key, angle_key, scale, out):
+    """Box-Muller: out[i, j] = sqrt(log(u1) * -2) * cos(u2 * 2 pi) * scale, u1 and u2 from two streams."""
+    for i in range(out.shape[0]):
+        radius_base, angle_base = _splitmix64(ids[i] ^ radius_key), _splitmix64(ids[i] ^ angle_key)
+        for j in range(out.shape[1]):
+            radius = np.sqrt(np.log(_unit_value(radius_base, j)) * -2.0)
+            out[i, j] = radius * np.cos(_unit_value(angle_base, j) * (2.0 * np.pi)) * scale

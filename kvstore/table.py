@@ -37,7 +37,7 @@ from .config import TableConfig
 from .errors import FailedPrecondition, InvalidArgument, ResourceExhausted, RowNotFound, StorageError
 from .eviction import archive
 from .eviction.tracker import EvictionTracker, check_scores
-from .initializer import initial_weights
+from .initializer import write_initial
 from .lower_tier import lower_tier_of
 from .optimizers import sum_duplicates
 from .rocks_tier import RocksTier
@@ -243,9 +243,8 @@ class Table(TableUpkeep):
         absent = ~present
         if initialize and absent.any():
             every = bool(absent.all())                   # all new (a fresh table's usual case): no copies
-            fresh = initial_weights(self.config.initializer, ids if every else ids[absent], self.config.dim)
             sub = rows if every else rows[absent]
-            self.layout.weights(sub)[:] = fresh            # cast to the table's dtype as it is copied
+            write_initial(self.config.initializer, ids if every else ids[absent], self.layout.weights(sub))
             self.layout.header(sub)["last_access"] = int(self.clock())
             if not every:
                 rows[absent] = sub

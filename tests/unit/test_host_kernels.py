@@ -240,3 +240,70 @@ def test_a_containers_cpu_quota_caps_the_threads(tmp_path, monkeypatch, cpu_max,
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     assert row_threads.usable_cpus() == (expected or 16)
     assert row_threads.default_threads() == min(8, expected or 16)
+
+
+# --- the initializer's compiled pass --------------------------------------------------------
+
+
+def _numpy_initial(kind: str, ids: np.ndarray, dim: int, seed: int, scale: float) -> np.ndarray:
+    """The initializer's formulas as NumPy wrote them before they were compiled, step by step."""
+    golden = np.uint64(0x9E3779B97F4A7C15)
+
+    def splitmix(x):
+        z = np.array(x, np.uint64, ndmin=1) + golden
+        z ^= z >> np.uint64(30)
+        z *= np.uint64(0xBF58476D1CE4E5B9)
+        z ^= z >> np.uint64(27)
+        z *= np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+        return z
+
+    def uniform01(stream):
+        base = splitmix(ids.view(np.uint64) ^ splitmix(np.uint64(seed) + np.uint64(stream))[0])
+        counters = splitmix(base[:, None] + np.arange(dim, dtype=np.uint64)[None, :] * golden)
+        return ((counters >> np.uint64(11)).astype(np.float64) + 0.5) * (1.0 / (1 << 53))
+
+    with np.errstate(over="ignore"):
+        if kind == "uniform":
+            return (uniform01(0) * 2.0 - 1.0) * scale
+        return np.sqrt(np.log(uniform01(1)) * -2.0) * np.cos(uniform01(2) * (2.0 * np.pi)) * scale
+
+
+@pytest.mark.parametrize("kind", ["uniform", "normal"])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+def test_initial_rows_equal_the_numpy_formulas_in_a_tables_rows(kind, dtype):
+    """Written in place into a table's rows (a strided view, header bytes around it), in any
+    dtype; uniform rows bit for bit, normal ones to the last bits of log and cos."""
+    from kvstore import InitializerConfig
+    from kvstore.dtypes import weight_dtype
+    from kvstore.initializer import initial_weights, write_initial
+    from kvstore.rows import RowLayout
+
+    ids = np.concatenate([np.random.default_rng(5).integers(-2**63, 2**63 - 1, 300), [0, -1, 2**63 - 1]])
+    config = InitializerConfig(kind=kind, seed=2**64 - 3, scale=0.25)
+    layout = RowLayout(dim=20, dtype=weight_dtype(dtype), state_dim=3)
+    rows = layout.empty(len(ids))
+    rows[:] = 0xA5                                               # every byte the pass must not touch
+    write_initial(config, ids, layout.weights(rows))
+    expected = _numpy_initial(kind, ids, 20, config.seed, config.scale)
+    assert expected.dtype == np.float64
+    if kind == "uniform":
+        np.testing.assert_array_equal(initial_weights(config, ids, 20).view(np.uint64), expected.view(np.uint64))
+    else:
+        np.testing.assert_allclose(initial_weights(config, ids, 20), expected, rtol=1e-12, atol=0)
+    np.testing.assert_array_equal(layout.weights(rows).astype(np.float64),
+                                  expected.astype(weight_dtype(dtype)).astype(np.float64))
+    untouched = np.ones(layout.row_bytes, bool)
+    untouched[layout.weight_offset:layout.weight_offset + 20 * layout.dtype.itemsize] = False
+    assert (rows[:, untouched] == 0xA5).all()
+
+
+def test_zeros_initializer_and_empty_batches_write_zeros_or_nothing():
+    from kvstore import InitializerConfig
+    from kvstore.initializer import initial_weights, write_initial
+
+    out = np.full((4, 3), 9.0, np.float32)
+    write_initial(InitializerConfig(kind="zeros"), np.arange(4), out)
+    assert (out == 0).all()
+    assert initial_weights(InitializerConfig(), np.zeros(0, np.int64), 5).shape == (0, 5)
+    assert initial_weights(InitializerConfig(), np.arange(3), 0).shape == (3, 0)
