@@ -3,11 +3,12 @@
 S sets x W ways. Each slot holds one row (header, weights, optimizer state:
 the exact bytes RocksDB stores), its key, an occupied bit, a dirty bit, a lock
 count and the stamps the victim choice reads. The code is written against an
-array module `xp` (NumPy here; the GPU tier runs the same design in HBM), and
-every batch path is vectorized: no Python loop per row.
+array module `xp` (NumPy here; the GPU tier runs the same design in HBM, with its
+own kernels); a batch's hot paths are compiled loops over its rows (`host_kernels`)
+or whole-array operations: no Python loop per row.
 
-Victim choice is the only policy-specific part: `VictimOrder` ranks the ways
-of a set (LRU: oldest use first; LFU: fewest uses, then oldest). Slots that are
+Victim choice is the only policy-specific part: `VictimOrder` says how the ways
+of a set are ranked (LRU: oldest use first; LFU: fewest uses, then oldest). Slots that are
 locked, or that the current batch already uses, are never victims, so a batch
 with many misses to one set never gives one slot to two ids.
 
@@ -26,52 +27,36 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import CacheConfig
-from .host_kernels import gather_rows, probe_slots, scatter_rows, spill_into
+from .host_kernels import choose_ways, fill_slots, gather_rows, probe_slots, scatter_rows, spill_into
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX = np.uint64(0xD6E8FEB86659FD93)
 _GOLDEN_INV = np.uint64(pow(int(_GOLDEN), -1, 1 << 64))   # the mix's inverse multiplies by these
 _MIX_INV = np.uint64(pow(int(_MIX), -1, 1 << 64))
 _SHIFT = np.uint64(32)
-_NEVER = np.iinfo(np.int64).max      # sort key of a slot that may not be a victim
-_EMPTY = np.int64(-1)                # sort key of an empty slot: taken first
 
 
 class VictimOrder:
-    """Ranks occupied slots for eviction: smaller key leaves first. `counts_uses`: the order
-    reads a use count per slot (`cache.uses`, 8 bytes a slot, allocated only for such orders)."""
+    """Which occupied way of a set leaves first. The keys are computed where the ways are
+    ranked (`host_loops.choose_ways`; the GPU tier's `choose_victims` kernel): LRU, the
+    oldest batch stamp; LFU, the fewest uses, then the oldest. `counts_uses`: the order reads a
+    use count per slot (`cache.uses`, 8 bytes a slot, allocated only for such orders)."""
 
     counts_uses = False
-
-    def on_insert(self, cache: SetAssociativeCache, slots) -> None:
-        pass
 
     def on_hit(self, cache: SetAssociativeCache, slots) -> None:
         pass
 
-    def key(self, cache: SetAssociativeCache, sets, last_used):
-        """[len(sets), ways] eviction keys of the ways of `sets`; `last_used` is theirs, gathered."""
-        raise NotImplementedError
-
 
 class LRU(VictimOrder):
-    def key(self, cache, sets, last_used):
-        return last_used           # the age stamp `touch` writes is all LRU reads
+    pass
 
 
 class LFU(VictimOrder):
     counts_uses = True
 
-    def on_insert(self, cache, slots) -> None:
-        cache.uses[slots] = 1
-
     def on_hit(self, cache, slots) -> None:
         cache.uses[slots] += 1
-
-    def key(self, cache, sets, last_used):
-        # fewest uses first, ties broken by age; counts saturate at 2**30
-        uses = cache.xp.minimum(cache.set_rows(cache.uses, sets), (1 << 30) - 1)
-        return (uses << 32) | (last_used & 0xFFFFFFFF)
 
 
 POLICIES = {"lru": LRU, "lfu": LFU}
@@ -196,46 +181,16 @@ class SetAssociativeCache:
     def choose_slots(self, ids, clean: bool = False) -> Eviction:
         """Pick a slot for each new (unique, uncached) id. Changes nothing yet:
         the caller writes the dirty victims back, then calls `fill`. With `clean`, the
-        displaced clean rows come too."""
-        xp = self.xp
+        displaced clean rows come too. Each set's new ids take its ways in the victim
+        order (`choose_ways`, one compiled pass), then the spill."""
         n = len(ids)
         if n == 0:
-            return Eviction(xp.zeros(0, xp.int64), xp.zeros(0, xp.int64),
-                            xp.zeros((0, self.row_bytes), xp.uint8))
+            return Eviction(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, self.row_bytes), np.uint8))
         sets = self.set_of(ids)
-        # Group the ids by set; rank = position of an id among its set's new ids.
-        order = xp.argsort(sets, kind="stable")
-        sorted_sets = sets[order]
-        starts = xp.flatnonzero(xp.concatenate((xp.ones(1, bool), sorted_sets[1:] != sorted_sets[:-1])))
-        counts = xp.diff(xp.append(starts, n))
-        uniq_sets = sorted_sets[starts]
-        set_pos = xp.empty(n, dtype=xp.int64)
-        set_pos[order] = xp.repeat(xp.arange(len(starts)), counts)
-        rank = xp.empty(n, dtype=xp.int64)
-        rank[order] = xp.arange(n) - xp.repeat(starts, counts)
-        # Rank the ways of each involved set: empty, then by policy; never locked
-        # slots or slots the current batch has used.
-        occupied = self.set_rows(self.occupied, uniq_sets)
-        last_used = self.set_rows(self.last_used, uniq_sets)
-        key = xp.where(occupied, self.order.key(self, uniq_sets, last_used), _EMPTY)
-        blocked = (self.set_rows(self.locks, uniq_sets) > 0) | (occupied & (last_used == self.tick))
-        key[blocked] = _NEVER
-        # A set with one new id gives it its argmin way; only sets with several new ids
-        # need their ways sorted (a full [U, W] argsort costs ~20x the argmin).
-        way = key.argmin(axis=1)[set_pos]
-        usable = rank < self.ways
-        crowded = xp.flatnonzero(counts > 1)
-        if len(crowded):
-            ranked = xp.argsort(key[crowded], axis=1, kind="stable")
-            row = xp.full(len(starts), -1, dtype=xp.int64)
-            row[crowded] = xp.arange(len(crowded))
-            many = xp.flatnonzero(row[set_pos] >= 0)
-            way[many] = ranked[row[set_pos[many]], xp.minimum(rank[many], self.ways - 1)]
-        usable &= key[set_pos, way] != _NEVER
-        slots = xp.where(usable, uniq_sets[set_pos] * self.ways + way, -1)
+        slots, displacing = choose_ways(self.occupied, self.last_used, self.locks, self.uses, self.tick,
+                                        self.ways, sets)
         if self.spills and self._held < self.capacity and self.num_sets > 1:   # a full cache: no free way
-            displacing = (slots < 0) | (key[set_pos, way] != _EMPTY)
-            self._spill(sets, slots, xp.flatnonzero(displacing), xp.sort(slots[~displacing]))
+            self._spill(sets, slots, np.flatnonzero(displacing), np.sort(slots[~displacing]))
         return self._eviction(slots, clean)
 
     def _spill(self, sets, slots, wanting, given) -> None:
@@ -278,20 +233,10 @@ class SetAssociativeCache:
         if not keep.all():             # skip the copies when every id got a slot
             slots, ids, rows = slots[keep], ids[keep], rows[keep]
             dirty = dirty[keep] if getattr(dirty, "ndim", 0) else dirty
-        leaving = slots[self.occupied[slots]]
-        self._held += len(slots) - len(leaving)
-        self._unhint(self.keys[leaving], leaving)
-        self.keys[slots] = ids
-        mixed = self.mix(ids)
-        home = self._set_from(mixed)
-        self.spilled[home[slots // self.ways != home]] = True     # rows placed in the next set
-        self.fingerprints[slots] = self._fingerprint_from(mixed)
-        self._hint(ids, mixed, slots)
-        self.occupied[slots] = True
         self.put_rows(slots, rows)
-        self.dirty[slots] = dirty if getattr(dirty, "ndim", 0) else bool(dirty)
-        self.last_used[slots] = self.tick
-        self.order.on_insert(self, slots)
+        self._held += fill_slots(slots, ids, self.mix(ids), self.mix(self.keys[slots]), self.hints, self.hint_mask,
+                                 self.keys, self.occupied, self.fingerprints, self.spilled, self.dirty, dirty,
+                                 self.last_used, self.tick, self.uses, self.ways)
 
     # --- maintenance ---------------------------------------------------------
 

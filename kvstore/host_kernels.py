@@ -39,6 +39,13 @@ def warm() -> None:
                 np.zeros(4, np.uint16), 4, np.arange(2), np.arange(2, dtype=np.uint64), np.zeros(1, bool))
     read_hits(slab, 0, 1, 0, np.zeros(4, np.int64), 1, None, np.arange(2), (8, np.empty((2, 8), np.uint8)))
     spill_into(np.zeros((2, 2), bool), np.zeros((2, 2), np.int32), np.arange(2), np.arange(2), 2, np.zeros(0, np.int64))
+    for uses in (None, np.zeros(4, np.int64)):
+        slots, _ = choose_ways(np.zeros(4, bool), np.zeros(4, np.int64), np.zeros(4, np.int32), uses, 1, 2,
+                               np.arange(2))
+        fill_slots(slots, np.arange(2), np.arange(2, dtype=np.uint64), np.arange(2, dtype=np.uint64),
+                   np.full((4, 2), -1, np.int64), np.uint64(3), np.zeros(4, np.int64), np.zeros(4, bool),
+                   np.zeros(4, np.uint16), np.zeros(2, bool), np.zeros(4, bool), np.zeros(2, bool),
+                   np.zeros(4, np.int64), 1, uses, 2)
     for dtype in (np.float32, np.float64):
         rows = np.zeros((2, 16), np.uint8)[:, 8:].view(dtype)       # a table's weights: a strided view
         for kind in ("uniform", "normal"):
@@ -187,3 +194,35 @@ def initial_values(kind: str, ids: np.ndarray, keys: tuple[np.uint64, ...], scal
         loop(ids[at], *keys, np.float64(scale), out[at])
 
     in_parts(n, fill)
+
+
+def choose_ways(occupied: np.ndarray, last_used: np.ndarray, locks: np.ndarray, uses: np.ndarray | None, tick: int,
+                ways: int, sets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(slots, displacing) of new ids whose sets are `sets`: each set's ids, in batch order, take
+    its ways in the victim order (an empty way first, then by LRU's stamp, or by LFU's use count
+    and stamp when `uses` is given; ties by way), never a locked way or one used since `tick`
+    began; -1 when none is left. `displacing`: the id got no way or an occupied one. One
+    compiled pass (NumPy's grouping, gathers and ranks cost about 0.7 ms per 1,024 ids)."""
+    n = len(sets)
+    slots, displacing = np.empty(n, np.int64), np.empty(n, bool)
+    _loops().choose_ways(occupied, last_used, locks, np.zeros(0, np.int64) if uses is None else uses,
+                         uses is not None, np.int64(tick), np.int64(ways), np.ascontiguousarray(sets, np.int64),
+                         slots, displacing)
+    return slots, displacing
+
+
+def fill_slots(slots: np.ndarray, ids: np.ndarray, mixed: np.ndarray, leaving_mixed: np.ndarray, hints: np.ndarray,
+               mask: np.uint64, keys: np.ndarray, occupied: np.ndarray, fingerprints: np.ndarray,
+               spilled: np.ndarray, dirty: np.ndarray, dirty_value, last_used: np.ndarray, tick: int,
+               uses: np.ndarray | None, ways: int) -> int:
+    """The cache's bookkeeping of ids placed in `slots` (-1: skipped), in one compiled pass: the
+    hint of each displaced row retired (`leaving_mixed`: the slots' present keys, mixed), then
+    each id's key, fingerprint and hint, occupied bit, dirty bit (`dirty_value`: one bool or one
+    per id), batch stamp and, with `uses`, a use count of 1; its home set (from `mixed`) is
+    marked in `spilled` when the slot lies in the next set. Returns how many slots were empty."""
+    flags = np.asarray(dirty_value, bool)
+    return int(_loops().fill_slots(
+        np.ascontiguousarray(slots, np.int64), np.ascontiguousarray(ids, np.int64), mixed, leaving_mixed,
+        hints.reshape(-1), np.uint64(mask), keys, occupied, fingerprints, spilled, dirty,
+        bool(flags) if flags.ndim == 0 else False, flags if flags.ndim else np.zeros(0, bool), last_used,
+        np.int64(tick), np.zeros(0, np.int64) if uses is None else uses, np.int64(ways), np.uint64(len(spilled))))

@@ -224,3 +224,110 @@ def initial_normal(ids, radius_key, angle_key, scale, out):
         for j in range(out.shape[1]):
             radius = np.sqrt(np.log(_unit_value(radius_base, j)) * -2.0)
             out[i, j] = radius * np.cos(_unit_value(angle_base, j) * (2.0 * np.pi)) * scale
+
+
+_NEVER = np.iinfo(np.int64).max      # a way's key when it may not be a victim
+_AGE_BITS = np.int64(0xFFFFFFFF)
+_MAX_USES = np.int64((1 << 30) - 1)
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def choose_ways(occupied, last_used, locks, uses, lfu, tick, ways, sets, slots, displacing):
+    """`SetAssociativeCache.choose_slots` before the spill: the new ids of each set, in batch
+    order, take its ways in the order of their keys (an empty way -1, then LRU's `last_used`,
+    or LFU's uses << 32 | age; ties by way), never a locked way or one this batch used
+    (`tick`). slots[k] = -1 where none is left; `displacing[k]`: id k got no way or an
+    occupied one (the spill looks for a free way of the next set for it)."""
+    n = len(sets)
+    order = np.argsort(sets, kind="mergesort")          # stable: each set's ids in batch order
+    key = np.empty(ways, np.int64)
+    ranked = np.empty(ways, np.int64)
+    start = 0
+    while start < n:
+        if start + PREFETCH_ROWS < n:                    # the ways of the set of the id that far ahead
+            ahead = sets[order[start + PREFETCH_ROWS]] * ways
+            _prefetch(occupied, ahead)
+            for at in range(ahead, ahead + ways, CACHE_LINE // 8):
+                _prefetch(last_used, at)
+                if lfu:
+                    _prefetch(uses, at)
+            for at in range(ahead, ahead + ways, CACHE_LINE // 4):
+                _prefetch(locks, at)
+        home = sets[order[start]]
+        stop = start + 1
+        while stop < n and sets[order[stop]] == home:
+            stop += 1
+        first = home * ways
+        for way in range(ways):
+            slot = first + way
+            if locks[slot] > 0 or (occupied[slot] and last_used[slot] == tick):
+                key[way] = _NEVER
+            elif not occupied[slot]:
+                key[way] = -1
+            elif lfu:
+                key[way] = (min(uses[slot], _MAX_USES) << np.int64(32)) | (last_used[slot] & _AGE_BITS)
+            else:
+                key[way] = last_used[slot]
+        wanted = min(stop - start, ways)
+        for r in range(wanted):                          # the `wanted` smallest keys, stable (selection)
+            best = -1
+            for way in range(ways):
+                taken = False
+                for earlier in range(r):
+                    if ranked[earlier] == way:
+                        taken = True
+                        break
+                if not taken and (best < 0 or key[way] < key[best]):
+                    best = way
+            ranked[r] = best
+        for r in range(stop - start):
+            k = order[start + r]
+            way = ranked[min(r, ways - 1)]
+            if r < ways and key[way] != _NEVER:
+                slots[k] = first + way
+                displacing[k] = key[way] != -1
+            else:
+                slots[k] = -1
+                displacing[k] = True
+        start = stop
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def fill_slots(slots, ids, mixed, leaving_mixed, hints, mask, keys, occupied, fingerprints, spilled, dirty,
+               dirty_value, dirty_flags, last_used, tick, uses, ways, num_sets):
+    """`SetAssociativeCache.fill`'s bookkeeping of each placed id (slots >= 0), in batch order:
+    the hint of the row it displaces retired (`leaving_mixed`: that row's key mixed), its key,
+    fingerprint, hint, occupied, dirty and stamps written, its home set marked `spilled` when the
+    slot is in the next set. Returns the slots that were empty before (the occupied count's gain)."""
+    gained, n = 0, len(slots)
+    for k in range(n):
+        ahead = k + PREFETCH_ROWS
+        if ahead < n and slots[ahead] >= 0:              # the places written for the id that far ahead
+            _prefetch_write(keys, slots[ahead])
+            _prefetch_write(last_used, slots[ahead])
+            _prefetch_write(fingerprints, slots[ahead])
+            _prefetch_write(hints, np.int64(mixed[ahead] & mask) * 2)
+            _prefetch(hints, np.int64(leaving_mixed[ahead] & mask) * 2)
+        slot = slots[k]
+        if slot < 0:
+            continue
+        if occupied[slot]:
+            at = np.int64(leaving_mixed[k] & mask) * 2
+            if hints[at + 1] == slot:
+                hints[at + 1] = -1
+        else:
+            gained += 1
+        keys[slot] = ids[k]
+        home = np.int64(((mixed[k] >> np.uint64(32)) * np.uint64(num_sets)) >> np.uint64(32))
+        if slot // ways != home:
+            spilled[home] = True
+        fingerprints[slot] = np.uint16(mixed[k] & np.uint64(0xFFFF))
+        at = np.int64(mixed[k] & mask) * 2
+        hints[at] = ids[k]
+        hints[at + 1] = slot
+        occupied[slot] = True
+        dirty[slot] = dirty_flags[k] if len(dirty_flags) else dirty_value
+        last_used[slot] = tick
+        if len(uses):
+            uses[slot] = 1
+    return gained
