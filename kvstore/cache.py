@@ -28,11 +28,11 @@ import numpy as np
 
 from .config import CacheConfig
 from .host_kernels import choose_ways, fill_slots, gather_rows, probe_slots, scatter_rows, spill_into
+from .initializer import GOLDEN
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX = np.uint64(0xD6E8FEB86659FD93)
-_GOLDEN_INV = np.uint64(pow(int(_GOLDEN), -1, 1 << 64))   # the mix's inverse multiplies by these
-_MIX_INV = np.uint64(pow(int(_MIX), -1, 1 << 64))
+MIX = np.uint64(0xD6E8FEB86659FD93)      # `mix`: id * GOLDEN, xorshift 32, * MIX, xorshift 32 (host_loops too)
+_GOLDEN_INV = np.uint64(pow(int(GOLDEN), -1, 1 << 64))   # the mix's inverse multiplies by these
+_MIX_INV = np.uint64(pow(int(MIX), -1, 1 << 64))
 _SHIFT = np.uint64(32)
 
 
@@ -128,9 +128,9 @@ class SetAssociativeCache:
         """Every bit of the id mixed in (two multiply-xorshift rounds): sequential or strided
         ids must spread over all sets, not crowd a few."""
         xp = self.xp
-        mixed = ids.astype(xp.int64, copy=False).view(xp.uint64) * _GOLDEN
+        mixed = ids.astype(xp.int64, copy=False).view(xp.uint64) * GOLDEN
         mixed ^= mixed >> _SHIFT
-        mixed *= _MIX
+        mixed *= MIX
         mixed ^= mixed >> _SHIFT
         return mixed
 
@@ -169,7 +169,7 @@ class SetAssociativeCache:
         the key. Ids found that way are hinted again.
         One loop that prefetches the hints ahead (`host_kernels.probe_slots`)."""
         return probe_slots(self.hints, self.hint_mask, self.keys, self.occupied, self.fingerprints, self.ways,
-                           ids, self.mix(ids), self.spilled)
+                           ids, self.spilled)
 
     def touch(self, slots) -> None:
         """Record a use of cached slots (duplicates allowed)."""
@@ -234,9 +234,8 @@ class SetAssociativeCache:
             slots, ids, rows = slots[keep], ids[keep], rows[keep]
             dirty = dirty[keep] if getattr(dirty, "ndim", 0) else dirty
         self.put_rows(slots, rows)
-        self._held += fill_slots(slots, ids, self.mix(ids), self.mix(self.keys[slots]), self.hints, self.hint_mask,
-                                 self.keys, self.occupied, self.fingerprints, self.spilled, self.dirty, dirty,
-                                 self.last_used, self.tick, self.uses, self.ways)
+        self._held += fill_slots(slots, ids, self.hints, self.hint_mask, self.keys, self.occupied, self.fingerprints,
+                                 self.spilled, self.dirty, dirty, self.last_used, self.tick, self.uses, self.ways)
 
     # --- maintenance ---------------------------------------------------------
 

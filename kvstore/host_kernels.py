@@ -36,15 +36,14 @@ def warm() -> None:
     gather_rows(slab, np.arange(2))
     scatter_rows(slab, np.arange(2), np.zeros((2, 64), np.uint8))
     probe_slots(np.full((4, 2), -1, np.int64), np.uint64(3), np.zeros(4, np.int64), np.zeros(4, bool),
-                np.zeros(4, np.uint16), 4, np.arange(2), np.arange(2, dtype=np.uint64), np.zeros(1, bool))
+                np.zeros(4, np.uint16), 4, np.arange(2), np.zeros(1, bool))
     read_hits(slab, 0, 1, 0, np.zeros(4, np.int64), 1, None, np.arange(2), (8, np.empty((2, 8), np.uint8)))
     spill_into(np.zeros((2, 2), bool), np.zeros((2, 2), np.int32), np.arange(2), np.arange(2), 2, np.zeros(0, np.int64))
     for uses in (None, np.zeros(4, np.int64)):
         slots, _ = choose_ways(np.zeros(4, bool), np.zeros(4, np.int64), np.zeros(4, np.int32), uses, 1, 2,
                                np.arange(2))
-        fill_slots(slots, np.arange(2), np.arange(2, dtype=np.uint64), np.arange(2, dtype=np.uint64),
-                   np.full((4, 2), -1, np.int64), np.uint64(3), np.zeros(4, np.int64), np.zeros(4, bool),
-                   np.zeros(4, np.uint16), np.zeros(2, bool), np.zeros(4, bool), np.zeros(2, bool),
+        fill_slots(slots, np.arange(2), np.full((4, 2), -1, np.int64), np.uint64(3), np.zeros(4, np.int64),
+                   np.zeros(4, bool), np.zeros(4, np.uint16), np.zeros(2, bool), np.zeros(4, bool), np.zeros(2, bool),
                    np.zeros(4, np.int64), 1, uses, 2)
     for dtype in (np.float32, np.float64):
         rows = np.zeros((2, 16), np.uint8)[:, 8:].view(dtype)       # a table's weights: a strided view
@@ -114,17 +113,16 @@ def scatter_rows(slab: np.ndarray, slots: np.ndarray, rows: np.ndarray) -> None:
 
 
 def probe_slots(hints: np.ndarray, mask: np.uint64, keys: np.ndarray, occupied: np.ndarray, fingerprints: np.ndarray,
-                ways: int, ids: np.ndarray, mixed: np.ndarray, spilled: np.ndarray) -> np.ndarray:
+                ways: int, ids: np.ndarray, spilled: np.ndarray) -> np.ndarray:
     """The slot of each id in the set-associative cache, -1 where it is not cached.
-    First the id's (key, slot) pair in `hints` ([size, 2] int64, at `mixed & mask`); failing
-    that, the ways of its set (from the top bits of `mixed`) by 16-bit fingerprint (its low
-    bits; `fill` writes a slot's key and fingerprint together), verified against `keys` and
+    First the id's (key, slot) pair in `hints` ([size, 2] int64, at `mix(id) & mask`, the mix of
+    `SetAssociativeCache.mix`); failing that, the ways of its set (from the mix's top bits) by
+    16-bit fingerprint (its low bits; `fill` writes a slot's key and fingerprint together), verified against `keys` and
     `occupied`, and the next set's ways where `spilled` marks its own set; an id found that way
     is hinted again."""
     slots = np.empty(len(ids), np.int64)
     arguments = (hints.reshape(-1), np.uint64(mask), keys, occupied, fingerprints, np.int64(ways),
-                 np.uint64(len(keys) // ways), np.ascontiguousarray(ids, np.int64),
-                 np.ascontiguousarray(mixed, np.uint64), spilled, slots)
+                 np.uint64(len(keys) // ways), np.ascontiguousarray(ids, np.int64), spilled, slots)
     in_parts(len(ids), lambda part, parts: _loops().probe(*arguments, np.uint64(part), np.int64(parts)))
     return slots
 
@@ -211,18 +209,17 @@ def choose_ways(occupied: np.ndarray, last_used: np.ndarray, locks: np.ndarray, 
     return slots, displacing
 
 
-def fill_slots(slots: np.ndarray, ids: np.ndarray, mixed: np.ndarray, leaving_mixed: np.ndarray, hints: np.ndarray,
-               mask: np.uint64, keys: np.ndarray, occupied: np.ndarray, fingerprints: np.ndarray,
-               spilled: np.ndarray, dirty: np.ndarray, dirty_value, last_used: np.ndarray, tick: int,
-               uses: np.ndarray | None, ways: int) -> int:
+def fill_slots(slots: np.ndarray, ids: np.ndarray, hints: np.ndarray, mask: np.uint64, keys: np.ndarray,
+               occupied: np.ndarray, fingerprints: np.ndarray, spilled: np.ndarray, dirty: np.ndarray, dirty_value,
+               last_used: np.ndarray, tick: int, uses: np.ndarray | None, ways: int) -> int:
     """The cache's bookkeeping of ids placed in `slots` (-1: skipped), in one compiled pass: the
-    hint of each displaced row retired (`leaving_mixed`: the slots' present keys, mixed), then
-    each id's key, fingerprint and hint, occupied bit, dirty bit (`dirty_value`: one bool or one
-    per id), batch stamp and, with `uses`, a use count of 1; its home set (from `mixed`) is
-    marked in `spilled` when the slot lies in the next set. Returns how many slots were empty."""
+    hint of each displaced row retired, then each id's key, fingerprint and hint, occupied bit,
+    dirty bit (`dirty_value`: one bool or one per id), batch stamp and, with `uses`, a use
+    count of 1; its home set is marked in `spilled` when the slot lies in the next set.
+    Returns how many slots were empty."""
     flags = np.asarray(dirty_value, bool)
     return int(_loops().fill_slots(
-        np.ascontiguousarray(slots, np.int64), np.ascontiguousarray(ids, np.int64), mixed, leaving_mixed,
-        hints.reshape(-1), np.uint64(mask), keys, occupied, fingerprints, spilled, dirty,
+        np.ascontiguousarray(slots, np.int64), np.ascontiguousarray(ids, np.int64), hints.reshape(-1),
+        np.uint64(mask), keys, occupied, fingerprints, spilled, dirty,
         bool(flags) if flags.ndim == 0 else False, flags if flags.ndim else np.zeros(0, bool), last_used,
         np.int64(tick), np.zeros(0, np.int64) if uses is None else uses, np.int64(ways), np.uint64(len(spilled))))

@@ -10,6 +10,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .cache import MIX
 from .initializer import GOLDEN, MIX1, MIX2
 
 PREFETCH_ROWS = 8          # rows asked for ahead of the one being copied (4-16 measured alike)
@@ -104,25 +105,43 @@ def _find_in_set(keys, occupied, fingerprints, ways, which, key, fingerprint):
     return -1
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _mix(key):
+    """`SetAssociativeCache.mix` of one id."""
+    mixed = np.uint64(key) * GOLDEN
+    mixed ^= mixed >> np.uint64(32)
+    mixed *= MIX
+    return mixed ^ (mixed >> np.uint64(32))
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _home(mixed, num_sets):
+    """`SetAssociativeCache._set_from`: the top 32 bits of the mix, scaled to the sets."""
+    return np.int64(((mixed >> np.uint64(32)) * num_sets) >> np.uint64(32))
+
+
 @njit(nogil=True, cache=True, boundscheck=False)
-def probe(hints, mask, keys, occupied, fingerprints, ways, num_sets, ids, mixed, spilled, slots, part, parts):
-    """The set and fingerprint are `SetAssociativeCache._set_from` and `_fingerprint_from`; a set
-    marked `spilled` has rows in the next set too. Only ids whose hint entry is `part` modulo
-    `parts` (a power of two): a part's threads write disjoint hint entries."""
+def probe(hints, mask, keys, occupied, fingerprints, ways, num_sets, ids, spilled, slots, part, parts):
+    """The set and fingerprint are `SetAssociativeCache._set_from` and `_fingerprint_from` of the
+    id's mix; a set marked `spilled` has rows in the next set too. Only ids whose hint entry is
+    `part` modulo `parts` (a power of two): a part's threads write disjoint hint entries."""
     n, own = len(ids), np.uint64(parts - 1)
     for i in range(n):
         ahead = i + PREFETCH_ROWS * parts
-        if ahead < n and (mixed[ahead] & own) == part:
-            _prefetch(hints, np.int64(mixed[ahead] & mask) * 2)
-        if (mixed[i] & own) != part:
+        if ahead < n:
+            next_mixed = _mix(ids[ahead])
+            if (next_mixed & own) == part:
+                _prefetch(hints, np.int64(next_mixed & mask) * 2)
+        mixed = _mix(ids[i])
+        if (mixed & own) != part:
             continue
-        at = np.int64(mixed[i] & mask) * 2
+        at = np.int64(mixed & mask) * 2
         slot = hints[at + 1]
         if hints[at] == ids[i] and slot >= 0:
             slots[i] = slot
             continue
-        home = np.int64(((mixed[i] >> np.uint64(32)) * num_sets) >> np.uint64(32))
-        fingerprint = np.uint16(mixed[i] & np.uint64(0xFFFF))
+        home = _home(mixed, num_sets)
+        fingerprint = np.uint16(mixed & np.uint64(0xFFFF))
         slot = _find_in_set(keys, occupied, fingerprints, ways, home, ids[i], fingerprint)
         if slot < 0 and spilled[home]:
             slot = _find_in_set(keys, occupied, fingerprints, ways, (home + 1) % np.int64(num_sets), ids[i],
@@ -293,12 +312,12 @@ def choose_ways(occupied, last_used, locks, uses, lfu, tick, ways, sets, slots, 
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def fill_slots(slots, ids, mixed, leaving_mixed, hints, mask, keys, occupied, fingerprints, spilled, dirty,
-               dirty_value, dirty_flags, last_used, tick, uses, ways, num_sets):
+def fill_slots(slots, ids, hints, mask, keys, occupied, fingerprints, spilled, dirty, dirty_value, dirty_flags,
+               last_used, tick, uses, ways, num_sets):
     """`SetAssociativeCache.fill`'s bookkeeping of each placed id (slots >= 0), in batch order:
-    the hint of the row it displaces retired (`leaving_mixed`: that row's key mixed), its key,
-    fingerprint, hint, occupied, dirty and stamps written, its home set marked `spilled` when the
-    slot is in the next set. Returns the slots that were empty before (the occupied count's gain)."""
+    the hint of the row it displaces retired, its key, fingerprint, hint, occupied, dirty and
+    stamps written, its home set marked `spilled` when the slot is in the next set. Returns the
+    slots that were empty before (the occupied count's gain)."""
     gained, n = 0, len(slots)
     for k in range(n):
         ahead = k + PREFETCH_ROWS
@@ -306,23 +325,23 @@ def fill_slots(slots, ids, mixed, leaving_mixed, hints, mask, keys, occupied, fi
             _prefetch_write(keys, slots[ahead])
             _prefetch_write(last_used, slots[ahead])
             _prefetch_write(fingerprints, slots[ahead])
-            _prefetch_write(hints, np.int64(mixed[ahead] & mask) * 2)
-            _prefetch(hints, np.int64(leaving_mixed[ahead] & mask) * 2)
+            _prefetch_write(hints, np.int64(_mix(ids[ahead]) & mask) * 2)
         slot = slots[k]
         if slot < 0:
             continue
-        if occupied[slot]:
-            at = np.int64(leaving_mixed[k] & mask) * 2
+        if occupied[slot]:                               # the displaced row's hint, if it is still its own
+            at = np.int64(_mix(keys[slot]) & mask) * 2
             if hints[at + 1] == slot:
                 hints[at + 1] = -1
         else:
             gained += 1
+        mixed = _mix(ids[k])
         keys[slot] = ids[k]
-        home = np.int64(((mixed[k] >> np.uint64(32)) * np.uint64(num_sets)) >> np.uint64(32))
+        home = _home(mixed, num_sets)
         if slot // ways != home:
             spilled[home] = True
-        fingerprints[slot] = np.uint16(mixed[k] & np.uint64(0xFFFF))
-        at = np.int64(mixed[k] & mask) * 2
+        fingerprints[slot] = np.uint16(mixed & np.uint64(0xFFFF))
+        at = np.int64(mixed & mask) * 2
         hints[at] = ids[k]
         hints[at + 1] = slot
         occupied[slot] = True
