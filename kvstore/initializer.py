@@ -41,8 +41,9 @@ def write_initial(config: InitializerConfig, ids: np.ndarray, out: np.ndarray) -
     (j + 1) * golden) + 0.5) / 2^53 in (0, 1), base = splitmix64(id ^ splitmix64(seed + stream)):
     - uniform: (u * 2 - 1) * scale, stream 0;
     - normal: Box-Muller over streams 1 and 2, sqrt(log(u1) * -2) * cos(u2 * 2 pi) * scale.
-    Each formula runs in this order of float64 steps in one compiled pass (`host_kernels`),
-    so the bits are those NumPy gave (pinned by a test)."""
+    Each formula runs in this order of float64 steps in one compiled pass (`host_kernels`):
+    uniform rows have the bits NumPy's passes gave (pinned by a test); normal rows may differ
+    from them in the last bit of log and cos, as NumPy's own vector code does between CPUs."""
     if config.kind == "zeros" or not len(ids):
         out[...] = 0
         return

@@ -291,8 +291,12 @@ def test_initial_rows_equal_the_numpy_formulas_in_a_tables_rows(kind, dtype):
         np.testing.assert_array_equal(initial_weights(config, ids, 20).view(np.uint64), expected.view(np.uint64))
     else:
         np.testing.assert_allclose(initial_weights(config, ids, 20), expected, rtol=1e-12, atol=0)
-    np.testing.assert_array_equal(layout.weights(rows).astype(np.float64),
-                                  expected.astype(weight_dtype(dtype)).astype(np.float64))
+    written, wanted = layout.weights(rows).astype(np.float64), expected.astype(weight_dtype(dtype)).astype(np.float64)
+    if kind == "uniform":
+        np.testing.assert_array_equal(written, wanted)
+    else:              # a last float64 bit apart may round the other way in a narrower dtype
+        np.testing.assert_allclose(written, wanted, rtol={"float64": 1e-12, "float32": 2**-23, "float16": 2**-10,
+                                                          "bfloat16": 2**-7}[dtype], atol=0)
     untouched = np.ones(layout.row_bytes, bool)
     untouched[layout.weight_offset:layout.weight_offset + 20 * layout.dtype.itemsize] = False
     assert (rows[:, untouched] == 0xA5).all()
