@@ -453,6 +453,41 @@ def train_response(rows: list[tuple[str, np.ndarray]], stepped: dict[str, int] |
     return b"".join(parts)
 
 
+def train_response_into(shapes: list[tuple[str, int, int, np.dtype]], stepped: dict[str, int]
+                        ) -> tuple[bytes, list[np.ndarray]] | None:
+    """A serialized `TrainResponse` (one message, `more` unset) of `shapes`' rows, (table, n, dim,
+    dtype) in order, and `stepped`, whose rows are still to be written, with a writable [n, dim]
+    view of each entry's rows: a lookup can gather straight into the answer, saving
+    `train_response`'s copy. The same bytes `train_response` gives once the views are written.
+    None when a dtype has no wire name in this byte order or an entry has no values. As with
+    `lookup_response_into`: write the views, drop them, then hand the bytes on."""
+    heads, sizes = [], []
+    for table, n, dim, dtype in shapes:
+        name = _NAMES.get(np.dtype(dtype))
+        if name is None or not n or not dim:
+            return None
+        data = n * dim * WIRE_DTYPES[name].itemsize
+        tensor = _tensor_head(name, (n, dim), data)
+        label = table.encode()
+        entry = b"\x0a" + _varint(len(label)) + label if label else b""
+        entry += b"\x1a" + _varint(len(tensor) + data) + tensor
+        heads.append(b"\x0a" + _varint(len(entry) + data) + entry)
+        sizes.append(data)
+    tail = train_response([], stepped)
+    message = _new_bytes(None, sum(map(len, heads)) + sum(sizes) + len(tail))
+    memory = (ctypes.c_char * len(message)).from_address(_bytes_data(message))
+    memory._message = message                  # the views keep the message alive
+    flat = np.frombuffer(memory, np.uint8)
+    views, at = [], 0
+    for head, data, (_, n, dim, dtype) in zip(heads, sizes, shapes, strict=True):
+        flat[at:at + len(head)] = np.frombuffer(head, np.uint8)
+        at += len(head)
+        views.append(flat[at:at + data].view(WIRE_DTYPES[_NAMES[np.dtype(dtype)]]).reshape(n, dim))
+        at += data
+    flat[at:] = np.frombuffer(tail, np.uint8)
+    return message, views
+
+
 def table_rows_field(number: int, table: str, ids: np.ndarray | None, values: np.ndarray | None = None) -> list:
     """Field `number` of a message holding one `TableRows` (table, ids, values; None: left out), as
     the parts of `message_parts`: headers and views of the arrays, copied once when joined."""

@@ -21,10 +21,11 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import numpy as np
-from kvstore_proto.tensors import decode_ids, decode_tensor, train_response
+from kvstore_proto.tensors import decode_ids, decode_tensor, train_response, train_response_into
 from kvstore_proto.v1 import kvstore_pb2 as pb
 
 from kvstore import Store
+from kvstore.dtypes import weight_dtype
 from kvstore.errors import InvalidArgument
 
 from .data_budget import DataBudget
@@ -142,20 +143,40 @@ class TrainingRPCs:
                 raise InvalidArgument(f"gradients: contain NaN or Inf for table {table!r} (it does not allow them)")
         self._check_data_budget(step, gradients)
         stepped = {table: self.store.apply_gradients(table, ids, grads) for table, (ids, grads) in gradients.items()}
-        rows = []
+        answered = []
         for table, parts in step.lookups.items():
             places = step.destinations.get(table)
             if places and _kind(places[0]) == "device":
                 self._rows_to_gpu_buffers(table, parts, places, step.on_miss)
-                continue
-            weights = self.store.lookup(table, concat(parts), step.on_miss).weights
-            if places and places[0] is not None:           # same-host: into the client's segment, not the answer
+            elif places and places[0] is not None:           # same-host: into the client's segment, not the answer
+                weights = self.store.lookup(table, concat(parts), step.on_miss).weights
                 bounds = np.cumsum([0] + [len(part) for part in parts])
                 for place, start, stop in zip(places, bounds[:-1], bounds[1:], strict=True):
                     place[...] = weights[start:stop]
             else:
-                rows.append((table, weights))
-        return list(_responses(rows, stepped))
+                answered.append((table, concat(parts)))
+        return self._answer(answered, stepped, step.on_miss)
+
+    def _answer(self, answered: list[tuple[str, np.ndarray]], stepped: dict[str, int], on_miss: str) -> list[bytes]:
+        """The step's answer with the rows of `answered` (table, ids): one message with the rows
+        gathered straight into it when they fit in one (`train_response_into`), else messages of
+        about RESPONSE_BYTES, each built with one copy of its rows."""
+        shapes = []
+        for table, ids in answered:
+            config = self.store.describe_table(table)
+            shapes.append((table, len(ids), config.dim, weight_dtype(config.dtype)))
+        into = None
+        if sum(n * dim * dtype.itemsize for _, n, dim, dtype in shapes) <= RESPONSE_BYTES:
+            into = train_response_into(shapes, stepped)
+        if into is None:
+            return list(_responses([(table, self.store.lookup(table, ids, on_miss).weights)
+                                    for table, ids in answered], stepped))
+        message, views = into
+        rows = [(table, self.store.lookup(table, ids, on_miss, out=view).weights)
+                for (table, ids), view in zip(answered, views, strict=True)]
+        if all(weights is view for (_, weights), view in zip(rows, views, strict=True)):
+            return [message]
+        return list(_responses(rows, stepped))     # a table re-created meanwhile with another shape
 
     def _rows_to_gpu_buffers(self, table: str, parts: list[np.ndarray], places: list, on_miss: str) -> None:
         """Each part's rows into its place in a client's GPU buffer: a GPU table's cached rows

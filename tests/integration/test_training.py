@@ -300,3 +300,23 @@ def test_prefetched_rows_are_cached_when_a_later_step_reads_them(client):
     assert client.stats("stream_warm").get("cache_misses", 0) == misses
     np.testing.assert_array_equal(rows["stream_warm"], client.lookup("stream_warm", np.arange(100, 150)))
     stream.close()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_a_steps_rows_are_the_tables_whether_the_answer_is_one_message_or_several(client, dtype):
+    """A step's looked-up rows are gathered straight into its answer when they fit in one message
+    (4 MiB), and sent in several messages when they do not: either way, the tables' rows."""
+    tables = [f"answer_{dtype}_{k}" for k in range(2)]
+    for table in tables:
+        small_table(client, table, 64, dtype=dtype, optimizer={"name": "sgd", "lr": 0.5}, cache={"rows": 1 << 16})
+    rng = np.random.default_rng(5)
+    stream = _stream(client)
+    for n in (700, 40_000):             # 2 x 700 rows: one message; 2 x 40,000 (more than 4 MiB): several
+        ids = {table: rng.integers(0, 50_000, n) for table in tables}
+        grads = {table: rng.standard_normal((n, 64)).astype(np.float32) for table in tables}
+        stream.send(gradients={table: (ids[table], grads[table]) for table in tables}).result()
+        _, rows = stream.send(lookups={tables[1]: ids[tables[1]], tables[0]: ids[tables[0]][::-1]}).result()
+        assert list(rows) == [tables[1], tables[0]]
+        np.testing.assert_array_equal(rows[tables[1]], client.lookup(tables[1], ids[tables[1]]))
+        np.testing.assert_array_equal(rows[tables[0]], client.lookup(tables[0], ids[tables[0]][::-1]))
+    stream.close()

@@ -24,6 +24,7 @@ from kvstore_proto.tensors import (
     encode_tensor,
     read_train_request,
     train_response,
+    train_response_into,
 )
 from kvstore_proto.v1 import kvstore_pb2 as pb
 
@@ -416,6 +417,26 @@ def test_a_train_response_reads_as_protobuf_builds_it(n):
         assert got.dtype == expected.dtype
         np.testing.assert_array_equal(got, expected)
     assert decode_train_response(train_response([])) == ([], {}, False)
+
+
+@pytest.mark.parametrize("n", [1, 3, 40000])
+def test_a_train_response_with_rows_written_in_place_is_the_one_built_by_copying(n):
+    """The server's lookups gather straight into the answer (`train_response_into`): once its views
+    are written, its bytes are `train_response`'s for the same rows, in every wire dtype."""
+    rng = np.random.default_rng(n)
+    weights = [rng.standard_normal((n, 4)).astype(np.float32), rng.standard_normal((3, 2)).astype(ml_dtypes.bfloat16),
+               rng.standard_normal((n, 1)).astype(np.float16), rng.standard_normal((2, 130)).astype(np.float64)]
+    rows = list(zip(["a", "", "表", "d"], weights, strict=True))
+    stepped = {"a": n, "表": 2**40}
+    message, views = train_response_into([(table, *w.shape, w.dtype) for table, w in rows], stepped)
+    for view, (_, w) in zip(views, rows, strict=True):
+        assert view.shape == w.shape and view.flags.writeable
+        view[...] = w
+    del views
+    assert message == train_response(rows, stepped)
+    assert train_response_into([], {"a": 1}) == (train_response([], {"a": 1}), [])
+    assert train_response_into([("a", 0, 4, np.dtype(np.float32))], {}) is None        # no rows: built as usual
+    assert train_response_into([("a", 2, 4, np.dtype(">f4"))], {}) is None             # no wire name
 
 
 def test_train_steps_built_as_bytes_parse_as_the_messages_protobuf_would_build():
