@@ -169,7 +169,7 @@ class SetAssociativeCache:
         the key. Ids found that way are hinted again.
         One loop that prefetches the hints ahead (`host_kernels.probe_slots`)."""
         return probe_slots(self.hints, self.hint_mask, self.keys, self.occupied, self.fingerprints, self.ways,
-                           ids, self.spilled)
+                           ids, self.mix(ids), self.spilled)
 
     def touch(self, slots) -> None:
         """Record a use of cached slots (duplicates allowed)."""

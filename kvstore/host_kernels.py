@@ -36,7 +36,7 @@ def warm() -> None:
     gather_rows(slab, np.arange(2))
     scatter_rows(slab, np.arange(2), np.zeros((2, 64), np.uint8))
     probe_slots(np.full((4, 2), -1, np.int64), np.uint64(3), np.zeros(4, np.int64), np.zeros(4, bool),
-                np.zeros(4, np.uint16), 4, np.arange(2), np.zeros(1, bool))
+                np.zeros(4, np.uint16), 4, np.arange(2), np.arange(2, dtype=np.uint64), np.zeros(1, bool))
     read_hits(slab, 0, 1, 0, np.zeros(4, np.int64), 1, None, np.arange(2), (8, np.empty((2, 8), np.uint8)))
     spill_into(np.zeros((2, 2), bool), np.zeros((2, 2), np.int32), np.arange(2), np.arange(2), 2, np.zeros(0, np.int64))
     for uses in (None, np.zeros(4, np.int64)):
@@ -113,16 +113,17 @@ def scatter_rows(slab: np.ndarray, slots: np.ndarray, rows: np.ndarray) -> None:
 
 
 def probe_slots(hints: np.ndarray, mask: np.uint64, keys: np.ndarray, occupied: np.ndarray, fingerprints: np.ndarray,
-                ways: int, ids: np.ndarray, spilled: np.ndarray) -> np.ndarray:
+                ways: int, ids: np.ndarray, mixed: np.ndarray, spilled: np.ndarray) -> np.ndarray:
     """The slot of each id in the set-associative cache, -1 where it is not cached.
-    First the id's (key, slot) pair in `hints` ([size, 2] int64, at `mix(id) & mask`, the mix of
-    `SetAssociativeCache.mix`); failing that, the ways of its set (from the mix's top bits) by
-    16-bit fingerprint (its low bits; `fill` writes a slot's key and fingerprint together), verified against `keys` and
+    First the id's (key, slot) pair in `hints` ([size, 2] int64, at `mixed & mask`); failing
+    that, the ways of its set (from the top bits of `mixed`) by 16-bit fingerprint (its low
+    bits; `fill` writes a slot's key and fingerprint together), verified against `keys` and
     `occupied`, and the next set's ways where `spilled` marks its own set; an id found that way
     is hinted again."""
     slots = np.empty(len(ids), np.int64)
     arguments = (hints.reshape(-1), np.uint64(mask), keys, occupied, fingerprints, np.int64(ways),
-                 np.uint64(len(keys) // ways), np.ascontiguousarray(ids, np.int64), spilled, slots)
+                 np.uint64(len(keys) // ways), np.ascontiguousarray(ids, np.int64),
+                 np.ascontiguousarray(mixed, np.uint64), spilled, slots)
     in_parts(len(ids), lambda part, parts: _loops().probe(*arguments, np.uint64(part), np.int64(parts)))
     return slots
 

@@ -121,27 +121,25 @@ def _home(mixed, num_sets):
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def probe(hints, mask, keys, occupied, fingerprints, ways, num_sets, ids, spilled, slots, part, parts):
+def probe(hints, mask, keys, occupied, fingerprints, ways, num_sets, ids, mixed, spilled, slots, part, parts):
     """The set and fingerprint are `SetAssociativeCache._set_from` and `_fingerprint_from` of the
-    id's mix; a set marked `spilled` has rows in the next set too. Only ids whose hint entry is
-    `part` modulo `parts` (a power of two): a part's threads write disjoint hint entries."""
+    ids' mix (`mixed`, computed by the caller over the whole batch); a set marked `spilled` has
+    rows in the next set too. Only ids whose hint entry is `part` modulo
+    `parts` (a power of two): a part's threads write disjoint hint entries."""
     n, own = len(ids), np.uint64(parts - 1)
     for i in range(n):
         ahead = i + PREFETCH_ROWS * parts
-        if ahead < n:
-            next_mixed = _mix(ids[ahead])
-            if (next_mixed & own) == part:
-                _prefetch(hints, np.int64(next_mixed & mask) * 2)
-        mixed = _mix(ids[i])
-        if (mixed & own) != part:
+        if ahead < n and (mixed[ahead] & own) == part:
+            _prefetch(hints, np.int64(mixed[ahead] & mask) * 2)
+        if (mixed[i] & own) != part:
             continue
-        at = np.int64(mixed & mask) * 2
+        at = np.int64(mixed[i] & mask) * 2
         slot = hints[at + 1]
         if hints[at] == ids[i] and slot >= 0:
             slots[i] = slot
             continue
-        home = _home(mixed, num_sets)
-        fingerprint = np.uint16(mixed & np.uint64(0xFFFF))
+        home = _home(mixed[i], num_sets)
+        fingerprint = np.uint16(mixed[i] & np.uint64(0xFFFF))
         slot = _find_in_set(keys, occupied, fingerprints, ways, home, ids[i], fingerprint)
         if slot < 0 and spilled[home]:
             slot = _find_in_set(keys, occupied, fingerprints, ways, (home + 1) % np.int64(num_sets), ids[i],
