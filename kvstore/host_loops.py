@@ -249,14 +249,14 @@ _MAX_USES = np.int64((1 << 30) - 1)
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def choose_ways(occupied, last_used, locks, uses, lfu, tick, ways, sets, slots, displacing):
+def choose_ways(occupied, last_used, locks, uses, lfu, tick, ways, sets, order, slots, displacing):
     """`SetAssociativeCache.choose_slots` before the spill: the new ids of each set, in batch
     order, take its ways in the order of their keys (an empty way -1, then LRU's `last_used`,
     or LFU's uses << 32 | age; ties by way), never a locked way or one this batch used
     (`tick`). slots[k] = -1 where none is left; `displacing[k]`: id k got no way or an
-    occupied one (the spill looks for a free way of the next set for it)."""
+    occupied one (the spill looks for a free way of the next set for it). `order`: the ids
+    by set, stable (each set's ids in batch order)."""
     n = len(sets)
-    order = np.argsort(sets, kind="mergesort")          # stable: each set's ids in batch order
     key = np.empty(ways, np.int64)
     ranked = np.empty(ways, np.int64)
     start = 0
