@@ -106,11 +106,6 @@ class SetAssociativeCache:
         self.hints = self.xp.full((int(self.hint_mask) + 1, 2), -1, dtype=self.xp.int64)
         self.fingerprints = self.xp.zeros(n, dtype=self.xp.uint16)
 
-    def _hint(self, ids, mixed, slots) -> None:
-        """Record where cached ids are (whole pairs: with colliding ids one pair wins)."""
-        if self.hints is not None and len(ids):
-            self.hints[mixed & self.hint_mask] = self.xp.stack([ids, slots], axis=1)
-
     def _unhint(self, ids, slots) -> None:
         """Retire the pairs of ids leaving `slots` (other ids' pairs at the same index stay)."""
         if self.hints is not None and len(ids):
@@ -148,18 +143,8 @@ class SetAssociativeCache:
         grow with the mix, so ids sorted by their mix visit the slab in slot order."""
         return (((mixed >> _SHIFT) * np.uint64(self.num_sets)) >> _SHIFT).astype(self.xp.int64)
 
-    @staticmethod
-    def _fingerprint_from(mixed):
-        return (mixed & np.uint64(0xFFFF)).astype(np.uint16)   # the low bits; sets use the high ones
-
     def set_of(self, ids):
         return self._set_from(self.mix(ids))
-
-    def set_rows(self, per_slot, sets):
-        """[len(sets), ways] values of a per-slot array for whole sets. `take` of rows of
-        an [S, W] view copies each set contiguously: several times cheaper than
-        indexing with a [B, W] array of slot numbers."""
-        return self.xp.take(per_slot.reshape(self.num_sets, self.ways), sets, axis=0)
 
     def probe(self, ids):
         """Slot of each id, -1 where it is not cached. Pure: changes no stamp.

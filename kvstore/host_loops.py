@@ -122,9 +122,9 @@ def _home(mixed, num_sets):
 
 @njit(nogil=True, cache=True, boundscheck=False)
 def probe(hints, mask, keys, occupied, fingerprints, ways, num_sets, ids, mixed, spilled, slots, part, parts):
-    """The set and fingerprint are `SetAssociativeCache._set_from` and `_fingerprint_from` of the
-    ids' mix (`mixed`, computed by the caller over the whole batch); a set marked `spilled` has
-    rows in the next set too. Only ids whose hint entry is `part` modulo
+    """The set (`SetAssociativeCache._set_from`) and the fingerprint (its low 16 bits) come from
+    the ids' mix (`mixed`, computed by the caller over the whole batch); a set marked `spilled`
+    has rows in the next set too. Only ids whose hint entry is `part` modulo
     `parts` (a power of two): a part's threads write disjoint hint entries."""
     n, own = len(ids), np.uint64(parts - 1)
     for i in range(n):
