@@ -45,8 +45,8 @@ def warm() -> None:
         fill_slots(slots, np.arange(2), np.full((4, 2), -1, np.int64), np.uint64(3), np.zeros(4, np.int64),
                    np.zeros(4, bool), np.zeros(4, np.uint16), np.zeros(2, bool), np.zeros(4, bool), np.zeros(2, bool),
                    np.zeros(4, np.int64), 1, uses, 2)
-    for dtype in (np.float32, np.float64):
-        rows = np.zeros((2, 16), np.uint8)[:, 8:].view(dtype)       # a table's weights: a strided view
+    for rows in (*(np.zeros((2, 16), np.uint8)[:, 8:].view(dtype) for dtype in (np.float32, np.float64)),
+                 np.zeros((2, 1))):         # a table's weights (a strided view), and float16/bfloat16's buffer
         for kind in ("uniform", "normal"):
             initial_values(kind, np.arange(2), (np.uint64(1),) * (1 if kind == "uniform" else 2), 1.0, rows)
 
