@@ -2,6 +2,9 @@
 
 (a) cache hits: Store.lookup on a warmed cache   vs  NumPy gather `arr[idx]` on a [rows, dim] array
 (b) cold rows:  Store.lookup with an empty cache  vs  raw rocksdict multi-get of the same keys
+(c) new ids:    Store.lookup (init_insert) of ids never stored  vs  raw multi-get of the same (absent)
+                keys: each row is initialized, cached and later written back; the peer only asks
+                RocksDB whether the keys exist, the floor under that path (no target: a measure)
 
 Both sides of a comparison see the same batches, interleaved batch by batch, and
 the ratio printed is store rows/s over peer rows/s. Ids are uniform or Zipf
@@ -11,8 +14,9 @@ For (b) the peer opens the store's own database read-only, so both read the same
 SST files; before every batch the table's cache is emptied (not timed), so every
 row of the batch comes from RocksDB. Each round of (b) draws fresh batches.
 
-    python bench/store_bench.py                      # full run: 1M rows, dim 128
+    python bench/store_bench.py                      # full run: 1M rows, dim 128 (parts a and b)
     python bench/store_bench.py --rows 100000        # quick run
+    python bench/store_bench.py --parts c --batches 1024,4096   # new ids
 """
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ class Row:
     store_rows_s: float
     peer: str
     peer_rows_s: float
-    target: float
+    target: float | None           # None: a measure, no target
     note: str = ""
 
     @property
@@ -179,14 +183,46 @@ def bench_cold(store: Store, raw_family, weights: np.ndarray, sampler: IdSampler
     return Row("b", dist, batch, rows / t_store, "raw rocksdict get", rows / t_peer, 0.7, note)
 
 
+def bench_new(store: Store, raw_family, sampler: IdSampler, dist: str, batch: int, sample_rows: int,
+              rounds: int, next_id: list[int]) -> Row:
+    """Lookups of ids no batch has used before (above the table's rows, from `next_id`), beside a
+    raw multi-get of the same keys, which RocksDB answers as absent; who goes first alternates.
+    `dist` only labels the row: new ids are new whatever their distribution."""
+    t_store = t_peer = 0.0
+    rows = 0
+    before = store.stats(TABLE)
+    for _ in range(rounds):
+        for i in range(max(1, sample_rows // batch)):
+            ids = np.arange(next_id[0], next_id[0] + batch, dtype=np.int64)[sampler.rng.permutation(batch)]
+            next_id[0] += batch
+            keys = encode_keys(ids)
+            for side in ("store", "peer") if i % 2 == 0 else ("peer", "store"):
+                start = time.perf_counter()
+                if side == "store":
+                    store.lookup(TABLE, ids)
+                    t_store += time.perf_counter() - start
+                else:
+                    values = raw_family.get(keys)
+                    t_peer += time.perf_counter() - start
+            if any(v is not None for v in values):
+                raise RuntimeError("new ids were found in RocksDB before their first lookup")
+            rows += len(ids)
+    created = store.stats(TABLE).get("rows_initialized", 0) - before.get("rows_initialized", 0)
+    if created != rows:
+        raise RuntimeError(f"{rows} new ids looked up, {created} rows initialized")
+    return Row("c", dist, batch, rows / t_store, "raw get (absent)", rows / t_peer, None,
+               f"{rows:,} rows initialized and cached")
+
+
 def print_table(results: list[Row]) -> None:
     header = f"{'part':4} {'ids':8} {'batch':>6} {'store rows/s':>13} {'peer':18} {'peer rows/s':>12} " \
              f"{'ratio':>6} {'target':>6}  note"
     print("\n" + header + "\n" + "-" * len(header))
     for r in results:
-        flag = "ok" if r.ratio >= r.target else "MISS"
+        flag = "" if r.target is None else "ok" if r.ratio >= r.target else "MISS"
+        target = "-" if r.target is None else f">={r.target}"
         print(f"{r.part:4} {r.dist:8} {r.batch:>6} {r.store_rows_s:>13,.0f} {r.peer:18} {r.peer_rows_s:>12,.0f} "
-              f"{r.ratio:>6.2f} {'>=' + str(r.target):>6} {flag:4} {r.note}")
+              f"{r.ratio:>6.2f} {target:>6} {flag:4} {r.note}")
 
 
 def main() -> None:
@@ -197,11 +233,12 @@ def main() -> None:
     parser.add_argument("--zipf", type=float, default=1.05, help="Zipf exponent s")
     parser.add_argument("--hit-rows", type=int, default=1 << 20, help="ids per case for (a), per round")
     parser.add_argument("--cold-rows", type=int, default=1 << 18, help="ids per case for (b), per round")
+    parser.add_argument("--new-rows", type=int, default=1 << 16, help="ids per case for (c), per round")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per case")
     parser.add_argument("--load-batch", type=int, default=65536, help="rows per Store.update while loading")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dir", default=None, help="data directory (default: a temporary one, removed after)")
-    parser.add_argument("--parts", default="ab", help="which parts to run: a, b or ab")
+    parser.add_argument("--parts", default="ab", help="which parts to run: any of a, b and c")
     args = parser.parse_args()
     sizes = [int(b) for b in args.batches.split(",")]
 
@@ -227,13 +264,17 @@ def main() -> None:
         print(f"compacted in {time.perf_counter() - start:.1f} s: {layout}")
 
         results: list[Row] = []
+        next_id = [args.rows]              # (c): ids above the table's rows, none of them stored
         store = Store(data_dir)            # freshly reopened: empty cache
         raw_db, raw_family = open_raw(db_path, family, read_only=True)
         try:
             for part in args.parts:
-                for dist in ("uniform", "zipf"):
+                for dist in ("uniform",) if part == "c" else ("uniform", "zipf"):
                     for batch in sizes:
-                        if part == "a":
+                        if part == "c":
+                            row = bench_new(store, raw_family, sampler, dist, batch, args.new_rows, args.rounds,
+                                            next_id)
+                        elif part == "a":
                             row = bench_hits(store, weights, sampler, dist, batch, args.hit_rows, args.rounds)
                         else:
                             row = bench_cold(store, raw_family, weights, sampler, dist, batch,
