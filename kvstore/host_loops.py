@@ -259,6 +259,7 @@ def choose_ways(occupied, last_used, locks, uses, lfu, tick, ways, sets, order, 
     n = len(sets)
     key = np.empty(ways, np.int64)
     ranked = np.empty(ways, np.int64)
+    picked = np.empty(ways, np.bool_)
     start = 0
     while start < n:
         if start + PREFETCH_ROWS < n:                    # the ways of the set of the id that far ahead
@@ -285,17 +286,13 @@ def choose_ways(occupied, last_used, locks, uses, lfu, tick, ways, sets, order, 
                 key[way] = (min(uses[slot], _MAX_USES) << np.int64(32)) | (last_used[slot] & _AGE_BITS)
             else:
                 key[way] = last_used[slot]
-        wanted = min(stop - start, ways)
-        for r in range(wanted):                          # the `wanted` smallest keys, stable (selection)
+        picked[:] = False
+        for r in range(min(stop - start, ways)):         # the smallest keys in order, ties by way (selection)
             best = -1
             for way in range(ways):
-                taken = False
-                for earlier in range(r):
-                    if ranked[earlier] == way:
-                        taken = True
-                        break
-                if not taken and (best < 0 or key[way] < key[best]):
+                if not picked[way] and (best < 0 or key[way] < key[best]):
                     best = way
+            picked[best] = True
             ranked[r] = best
         for r in range(stop - start):
             k = order[start + r]
