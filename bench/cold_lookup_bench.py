@@ -55,6 +55,9 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--row-cache-bytes", type=int, default=256 << 20, help="0: no row-cache side")
     parser.add_argument("--baseline", default=None, help="another checkout whose server runs as one more side")
+    parser.add_argument("--side", action="append", default=[], metavar="LABEL=ARGS",
+                        help="one more side: this checkout's server with these arguments "
+                             "(e.g. 'mmap reads=--rocksdb-mmap-reads true'); may be repeated")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args()
 
@@ -65,6 +68,9 @@ def main() -> None:
     if args.row_cache_bytes:
         variants[f"kvstore, row cache {args.row_cache_bytes >> 20} MiB"] = (
             ["--rocksdb-row-cache-bytes", str(args.row_cache_bytes)], None)
+    for side in args.side:
+        label, _, extra = side.partition("=")
+        variants[f"kvstore, {label}"] = (extra.split(), None)
     if args.baseline:
         variants[f"kvstore at {Path(args.baseline).name}"] = ([], args.baseline)
     weights = table_weights(args.rows, args.dim, seed=args.dim)

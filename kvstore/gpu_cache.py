@@ -85,24 +85,29 @@ class GpuCache(SetAssociativeCache):
 
     # --- lookup ------------------------------------------------------------
 
-    def probe(self, ids):
-        """Slot of each id, -1 where it is not cached. Pure: changes no stamp."""
+    def probe(self, ids, missed=None):
+        """Slot of each id, -1 where it is not cached. Pure: changes no stamp. `missed` (a device
+        int32[2], zeroed): [1] is set when an id is not cached."""
         with self.device:
             ids = self._ids(ids)
             slots = cupy.empty(len(ids), dtype=cupy.int64)
-            self.kernels.probe(self.keys, self.occupied, ids, self.num_sets, self.ways, slots, spilled=self.spilled)
+            self.kernels.probe(self.keys, self.occupied, ids, self.num_sets, self.ways, slots, repeated=missed,
+                               spilled=self.spilled)
             return slots
 
-    def probe_and_touch(self, ids, now: int | None = None):
+    def probe_and_touch(self, ids, now: int | None = None, skip=None):
         """`probe`, then `touch` of the hits, in one kernel (duplicates allowed). Given `now`,
-        also records the access in each hit row's header once (count + 1, last_access = now)."""
+        also records the access in each hit row's header once (count + 1, last_access = now).
+        `skip`: a device int32 that, when set by earlier work, makes the kernel do nothing
+        (its slots are then not written)."""
         with self.device:
             ids = self._ids(ids)
             slots = cupy.empty(len(ids), dtype=cupy.int64)
             flags = self._touch if now is None else self._touch | HEADERS
             self.kernels.probe(self.keys, self.occupied, ids, self.num_sets, self.ways, slots,
                                last_used=self.last_used, uses=self.uses, tick=self.tick, flags=flags,
-                               slab=self.slab, row_bytes=self.row_bytes, now=now or 0, spilled=self.spilled)
+                               slab=self.slab, row_bytes=self.row_bytes, now=now or 0, spilled=self.spilled,
+                               skip=skip)
             return slots
 
     # --- insert --------------------------------------------------------------

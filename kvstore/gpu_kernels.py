@@ -95,7 +95,7 @@ class Kernels:
     def probe(self, keys, occupied, ids, num_sets: int, ways: int, slots_out, hit_out=None,
               last_used=None, uses=None, tick: int = 0, flags: int = 0, heads=None, next_=None,
               epoch: int = 0, slab=None, row_bytes: int = 0, now: int = 0, cleared=None, marks=None,
-              repeated=None, spilled=None) -> None:
+              repeated=None, spilled=None, skip=None) -> None:
         n = len(ids)
         if n == 0:
             return
@@ -106,7 +106,7 @@ class Kernels:
             keys, occupied, ids, np.int64(n), np.int64(num_sets), np.int32(ways), slots_out, _ptr(hit_out),
             _ptr(last_used), _ptr(uses), np.int64(tick), np.int32(flags), _ptr(heads), _ptr(next_),
             np.uint64(epoch), _ptr(slab), np.int64(row_bytes), np.uint32(now), _ptr(cleared), _ptr(marks),
-            _ptr(repeated), _ptr(spilled)))
+            _ptr(repeated), _ptr(spilled), _ptr(skip)))
 
     def choose_victims(self, ids, keys, occupied, locks, last_used, uses, num_sets: int, ways: int,
                        lfu: bool, tick: int, heads, next_, hit, epoch: int, slots_out, dirty=None,

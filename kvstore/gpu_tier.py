@@ -111,26 +111,40 @@ class GpuTier:
 
     def cached_columns(self, ids: np.ndarray, now: float, with_state: bool, out: np.ndarray | None = None
                        ) -> tuple[np.ndarray, np.ndarray | None] | None:
-        """`HostTier.cached_columns` on the device: a pure probe and one wait to see that every id
-        is cached, then touch and gather. None, with nothing changed, when any id is not cached or
-        the device still has queued work (a caller that must not block, such as a server's event
-        loop, then waits only for this call's own few kernels and copies)."""
+        """`HostTier.cached_columns` on the device, with one wait: a pure probe that flags any id
+        not cached, the touch of a new batch that the device skips when that flag is set, and
+        the gather and copy out, all queued before the wait. None, with nothing changed, when
+        any id is not cached or the device still has queued work (a caller that must not block,
+        such as a server's event loop, then waits only for this call's own few kernels and
+        copies). A host `out` receives the weights from the page-locked buffer they come down in."""
         with self.device:
             if not cupy.cuda.get_current_stream().done:
                 return None
-            ids_d = self._d(ids)
-            if not bool((self.cache.probe(ids_d) >= 0).all()):
-                return None
+            ids_d = upload(ids)
+            flags = cupy.zeros(2, dtype=cupy.int32)          # [1]: an id is not cached
+            slots_d = self.cache.probe(ids_d, missed=flags)
             self.cache.begin_batch()
-            slots_d = self.cache.probe_and_touch(ids_d, now=int(now))
-            if isinstance(out, cupy.ndarray):
+            self.cache.probe_and_touch(ids_d, now=int(now), skip=flags[1:])
+            missed = cupyx.empty_pinned(2, dtype=np.int32)
+            flags.get(out=missed, blocking=False)
+            if isinstance(out, cupy.ndarray):                  # a client's buffer: written only on success
+                cupy.cuda.get_current_stream().synchronize()
+                if missed[1]:
+                    return self._not_begun()
                 return self._gather_to_device(slots_d, out), (self._columns(slots_d, True)[1] if with_state
                                                               else None)
-            weights, state = self._columns(slots_d, with_state)
+            weights, state = self._columns(slots_d, with_state)   # waits for the copy stream, after `flags`
+            if missed[1]:
+                return self._not_begun()
             if out is None:
                 return weights, state
             out[...] = weights
             return out, state
+
+    def _not_begun(self) -> None:
+        """The batch cached_columns began touched nothing (the device skipped it): take it back."""
+        self.cache.tick -= 1
+        return None
 
     def _gather_to_device(self, slots_d: cupy.ndarray, out: cupy.ndarray) -> cupy.ndarray:
         """Weights of `slots_d` gathered into `out` (a device array, such as a client's GPU buffer

@@ -55,8 +55,10 @@ __device__ __forceinline__ i64 warps_total() {
 //        2 = link misses into per-set lists (for victim choice),
 //        4 = treat every id as new (choose_slots on ids known to be uncached),
 //        32 = mark each hit's slot with `epoch` (marks[slot]) and set repeated[0] when a slot
-//        was already marked with it (a batch whose cached ids are unique needs no grouping);
-//        set repeated[1] when an id is not cached.
+//        was already marked with it (a batch whose cached ids are unique needs no grouping).
+// repeated (may be null): [1] set when an id is not cached (with or without flag 32).
+// skip (may be null): when *skip is set by earlier work, the launch does nothing (a touch
+// that is to happen only if an earlier pure probe found every id).
 // cleared (may be null): set to false for every id.
 // spilled (may be null): a set marked there has rows in the next set (the host cache's
 // spill), so an id not found in its own set is looked for there too.
@@ -103,7 +105,8 @@ __global__ void probe(const i64* __restrict__ keys, const bool* __restrict__ occ
                       i64* last_used, i64* uses, i64 tick, int flags,
                       u64* heads, int* next, u64 epoch, char* slab, i64 row_bytes, unsigned now,
                       bool* __restrict__ cleared, unsigned* marks, int* repeated,
-                      const bool* __restrict__ spilled) {
+                      const bool* __restrict__ spilled, const int* __restrict__ skip) {
+    if (skip && *skip) return;
     const int lane = threadIdx.x & 31;
     const int group = lane / G;
     const int sub = lane % G;
@@ -148,7 +151,7 @@ __global__ void probe(const i64* __restrict__ keys, const bool* __restrict__ occ
         } else {
             slots_out[i] = -1;
             if (hit_out) hit_out[i] = false;
-            if (flags & 32) repeated[1] = 1;
+            if (repeated) repeated[1] = 1;
             if (flags & 2) {
                 const u64 prev = atomicExch(heads + set, (epoch << 32) | (u64)(i + 1));
                 next[i] = (prev >> 32) == epoch ? (int)(prev & 0xffffffffu) - 1 : -1;

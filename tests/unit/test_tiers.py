@@ -140,17 +140,32 @@ def test_a_lookups_probe_touch_and_gather_in_one_call_equal_the_three_steps(devi
     assert_rows_of_4_and_6_looked_up(tier, layout, slots, before_count, query, got >= 0, weights, state)
 
 
+def stamps(tier) -> tuple[int, list[int]]:
+    """The tier's batch tick and every slot's last-use stamp, on the host."""
+    cache = getattr(tier, "cache", tier)       # the GPU tier holds a GpuCache; the host tier is its cache
+    last_used = cache.last_used
+    return cache.tick, np.asarray(last_used.get() if hasattr(last_used, "get") else last_used).tolist()
+
+
 @pytest.mark.parametrize("with_state", [False, True])
-def test_a_lookup_of_cached_ids_records_each_access_once_and_one_miss_changes_nothing(device, with_state):
+@pytest.mark.parametrize("into", [False, True], ids=["new memory", "into out"])
+def test_a_lookup_of_cached_ids_records_each_access_once_and_one_miss_changes_nothing(device, with_state, into):
     tier, layout, slots, before_count = cached_4_5_6(device)
     query = np.array([6, 4, 6], dtype=np.int64)
-    weights, state = tier.cached_columns(query, NOW, with_state)
-    assert (state is not None) == with_state
+    out = np.zeros((len(query), DIM), np.float32) if into else None
+    before = stamps(tier)
+    weights, state = tier.cached_columns(query, NOW, with_state, out)
+    assert (weights is out) == into and (state is not None) == with_state
     access, count = assert_rows_of_4_and_6_looked_up(tier, layout, slots, before_count, query,
                                                      np.ones(len(query), bool), weights, state)
-    assert tier.cached_columns(np.array([5, 99], dtype=np.int64), NOW + 9, with_state) is None
-    assert tier.headers(slots)[0].tolist() == access.tolist()                   # the miss touched nothing
-    np.testing.assert_array_equal(tier.headers(slots)[1], count)
+    tick, last_used = stamps(tier)
+    assert tick == before[0] + 1 and [last_used[s] for s in slots] == [tick, before[1][slots[1]], tick]
+    for missing in ([5, 99], [99], [4, 4, 6, 6, 5, 123]):         # a miss anywhere in the batch
+        out = np.zeros((len(missing), DIM), np.float32) if into else None
+        assert tier.cached_columns(np.array(missing, dtype=np.int64), NOW + 9, with_state, out) is None
+        assert stamps(tier) == (tick, last_used)                 # the miss touched nothing
+        assert tier.headers(slots)[0].tolist() == access.tolist()
+        np.testing.assert_array_equal(tier.headers(slots)[1], count)
 
 
 def test_dirty_bits_follow_set_dirty(device):
