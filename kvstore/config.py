@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from .dtypes import weight_dtype
 from .errors import InvalidArgument
+from .row_threads import usable_cpus
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")     # where a cache lives: host memory, or a GPU
@@ -279,6 +280,11 @@ def _build(kind: type, raw: dict[str, Any], prefix: str):
         raise InvalidArgument(f"{prefix or 'config'}: {exc}") from None
 
 
+def default_read_threads() -> int:
+    """RocksDB read threads: 4, capped by the CPUs this process may use."""
+    return min(4, usable_cpus())
+
+
 COMPRESSIONS = ("none", "snappy", "lz4", "zstd")     # RocksConfig.compression, as rocksdict names them
 
 
@@ -291,7 +297,9 @@ class RocksConfig:
     write_buffer_bytes: int = 64 << 20
     max_background_jobs: int = 4
     durability: Literal["none", "wal", "sync"] = "wal"
-    read_threads: int = 4                # parallel multi-get for large batches
+    # parallel multi-get for large batches: 4, or fewer on a host (or container) with fewer CPUs;
+    # four readers on 2 CPUs served cold lookups 7-18% slower than two (docs/benchmarks.md, stop 27)
+    read_threads: int = field(default_factory=lambda: default_read_threads())
     row_cache_bytes: int = 0             # RocksDB's row cache (0: none): rows, not blocks, for point reads
     # block compression of SST files (flushes, compactions, imports): rows of trained floats do not
     # compress, so by default no block is tried (a snappy attempt costs an import 0.15 µs a row)

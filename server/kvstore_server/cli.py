@@ -47,6 +47,8 @@ HELP = {
                           "loses every row written since RocksDB last flushed its memtables to SST files, "
                           "up to write_buffer_bytes per table, even rows the server had written back)",
     "replica_of": "primary host:port: serve as its read-only replica (docs/replication.md)",
+    "rocksdb.read_threads": "threads for large multi-gets from RocksDB (default: 4, or the CPUs this process may "
+                            "use where fewer; docs/operations.md)",
     "cache_device": "cache of tables created without cache.device: cpu (default), cuda or cuda:N; a device "
                     "this machine lacks stops the server at start",
 }
