@@ -3,14 +3,14 @@
 Building a `pb.ApplyGradientsRequest` copies a chunk's gradients three times
 (`tobytes`, the message field, `SerializeToString`), all while holding the GIL;
 a sharded client pushing 65,536 rows of dim 128 spent most of its step there.
-Here a chunk is its fields' headers plus views of the gathered ids and rows,
-joined once when gRPC serializes it. The bytes are exactly a valid
+Here a chunk is its fields' headers plus views of the gathered ids and rows
+(`tensors.message_parts`), joined once when gRPC serializes it. The bytes are exactly a valid
 `ApplyGradientsRequest` (tests/unit/test_gradient_messages.py parses them back).
 """
 from __future__ import annotations
 
 import numpy as np
-from kvstore_proto.tensors import WireError, _tensor_parts, _varint
+from kvstore_proto.tensors import WireError, _varint, message_parts, wire_name
 
 from .errors import InvalidArgumentError
 
@@ -25,14 +25,11 @@ class GradientChunk:
     def __init__(self, table: str, ids: np.ndarray, grads: np.ndarray, owner: str, key: str,
                  scores: np.ndarray | None = None):
         self.last = False
-        self.parts: list = _string(1, table)
-        self.parts += _length_delimited(2, [np.ascontiguousarray(ids, dtype="<i8").reshape(-1).view(np.uint8).data])
-        self.parts += _length_delimited(3, _tensor(grads, "grads"))
-        if owner:
-            self.parts += _string(4, owner)
+        _check_dtype(grads, "grads")
         if scores is not None:
-            self.parts += _length_delimited(5, _tensor(scores, "scores"))
-        self.parts += _string(20, key)
+            _check_dtype(scores, "scores")
+        self.parts: list = message_parts({3: grads, 5: scores}, {2: ids}, b"".join(_string(1, table)))
+        self.parts += _string(4, owner) + _string(20, key)
 
     def serialize(self) -> bytes:
         return b"".join(self.parts + [_LAST] if self.last else self.parts)
@@ -43,11 +40,11 @@ def serialize(chunk: GradientChunk) -> bytes:
     return chunk.serialize()
 
 
-def _tensor(array: np.ndarray, field: str) -> list:
+def _check_dtype(array: np.ndarray, field: str) -> None:
     try:
-        return _tensor_parts(array)
+        wire_name(np.asarray(array).dtype, field)
     except WireError as exc:
-        raise InvalidArgumentError(message=f"{field}: {exc}") from None
+        raise InvalidArgumentError(message=str(exc)) from None
 
 
 def _length_delimited(number: int, parts: list) -> list:

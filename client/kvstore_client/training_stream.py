@@ -258,14 +258,16 @@ def _step_messages(gradients: dict, id_fields: dict[str, dict], on_miss: int, ch
             for start, stop in chunks(len(id_array), 8, chunk_bytes):
                 pieces.append((kind, table, id_array[start:stop], None))
     messages: list[list] = [[]]
-    size = 0
+    size = written = 0           # the message's rows, and its bytes so far (where the next field goes)
     for kind, table, ids, grads in pieces:
         nbytes = ids.nbytes + (0 if grads is None else grads.nbytes)
         if size and size + nbytes > chunk_bytes:
             messages.append([])
-            size = 0
-        messages[-1] += table_rows_field(_FIELDS[kind], table, ids, grads)
+            size = written = 0
+        field = table_rows_field(_FIELDS[kind], table, ids, grads, written)
+        messages[-1] += field
         size += nbytes
+        written += sum(len(part) if isinstance(part, bytes) else part.nbytes for part in field)
     tail = [b"\x18" + _varint(on_miss)] if on_miss else []
     return [b"".join(parts + tail + ([b"\x20\x01"] if index < len(messages) - 1 else []))
             for index, parts in enumerate(messages)]

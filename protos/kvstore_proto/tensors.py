@@ -71,25 +71,53 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-def _tensor_parts(array: np.ndarray) -> list:
-    """A `Tensor` message in wire format as [header, data] parts (data: a view, not a copy),
-    the bytes `pb.Tensor.SerializeToString` writes: fields in order, an empty one left out."""
-    name, array = _wire_array(array)
-    head = _tensor_head(name, array.shape, array.nbytes)
-    return [head, array.reshape(-1).view(np.uint8).data] if array.nbytes else [head]
+ALIGN = 8             # our writers start each tensor's data at a multiple of this from the message's start
+ALIGN_FIELD = b"\x7a"   # the tag of `Tensor.align` (field 15, length-delimited)
 
 
-def _tensor_head(name: str, shape: tuple, nbytes: int) -> bytes:
-    """A `Tensor` message's fields up to its data: dtype, shape, and the data's tag and length."""
+def _varint_fixed(value: int, width: int) -> bytes:
+    """`value` as a varint of exactly `width` bytes: where fewer would do, the last groups are
+    zeros with continuation bits, an encoding every protobuf reader accepts."""
+    out = bytearray()
+    for _ in range(width - 1):
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    if value > 0x7F:
+        raise ValueError(f"varint: {value} does not fit in {width} bytes")
+    out.append(value)
+    return bytes(out)
+
+
+def _tensor_head(name: str, shape: tuple, nbytes: int, at: int | None = None) -> bytes:
+    """A `Tensor` message's fields up to its data: dtype, shape, and the data's tag and length.
+    Given `at`, the offset in the whole message where this head is written, an `align` field
+    (2 to 9 bytes) before the data's tag puts the data at a multiple of ALIGN."""
     dims = b"".join(_varint(d) for d in shape)
     head = b"\x0a" + _varint(len(name)) + name.encode()
     if dims:
         head += b"\x12" + _varint(len(dims)) + dims
-    return head + b"\x1a" + _varint(nbytes) if nbytes else head
+    if not nbytes:
+        return head
+    data_tag = b"\x1a" + _varint(nbytes)
+    if at is None:
+        return head + data_tag
+    pad = (-(at + len(head) + len(data_tag)) - 2) % ALIGN + 2       # tag, length, zeros
+    return head + ALIGN_FIELD + bytes([pad - 2]) + bytes(pad - 2) + data_tag
+
+
+def _tensor_field_head(number: int, name: str, shape: tuple, nbytes: int, at: int) -> bytes:
+    """Field `number` holding a `Tensor` of `nbytes` of data, up to the data, written at offset
+    `at` of the whole message: the data then starts at a multiple of ALIGN. The field's length
+    takes the bytes its longest padding would need, so the padding never moves the data."""
+    tag = _varint(number << 3 | 2)
+    longest = len(_tensor_head(name, shape, nbytes)) + nbytes + (ALIGN + 1 if nbytes else 0)
+    width = len(_varint(longest))
+    head = _tensor_head(name, shape, nbytes, at + len(tag) + width)
+    return tag + _varint_fixed(len(head) + nbytes, width) + head
 
 
 def _part_bytes(parts: list) -> int:
-    return sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
+    return sum(p if isinstance(p, int) else len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
 
 
 def encode_message(tensors: dict[int, np.ndarray | None], packed: dict[int, np.ndarray] | None = None,
@@ -99,26 +127,70 @@ def encode_message(tensors: dict[int, np.ndarray | None], packed: dict[int, np.n
     part (e.g. header fields); `within`: the message is field `within` of an outer one (returns
     the outer message). Building a message and serializing it copies each array three times
     (bytes, message, serialization); a strided view (columns of stored rows) is copied once more,
-    to make it contiguous."""
+    to make it contiguous. Each tensor's data starts at a multiple of ALIGN (`Tensor.align`), so
+    a reader can view it in place."""
     return b"".join(message_parts(tensors, packed, prefix, within))
 
 
 def message_parts(tensors: dict[int, np.ndarray | None], packed: dict[int, np.ndarray] | None = None,
-                  prefix: bytes = b"", within: int | None = None) -> list:
+                  prefix: bytes = b"", within: int | None = None, at: int = 0) -> list:
     """The serialized message of `encode_message` as a list of parts (bytes and views of the
-    arrays, made contiguous) to write one after the other, with no copy into one buffer."""
-    parts: list = [prefix] if prefix else []
-    for number, array in sorted((packed or {}).items()):
-        data = np.ascontiguousarray(array, dtype="<i8").reshape(-1).view(np.uint8).data
-        if data.nbytes:
-            parts += [_varint(number << 3 | 2) + _varint(data.nbytes), data]
-    for number, array in sorted(tensors.items()):
-        if array is not None:
-            tensor = _tensor_parts(array)
-            parts += [_varint(number << 3 | 2) + _varint(_part_bytes(tensor)), *tensor]
-    if within is not None:
-        parts.insert(0, _varint(within << 3 | 2) + _varint(_part_bytes(parts)))
-    return parts
+    arrays, made contiguous) to write one after the other, with no copy into one buffer. `at`:
+    where the parts go in the whole message (the offset each tensor's data is aligned from)."""
+    specs = [(number, *_wire_array(array)) for number, array in sorted(tensors.items()) if array is not None]
+    return _message_parts([(number, name, array.shape, array.nbytes, array.reshape(-1).view(np.uint8).data)
+                           for number, name, array in specs], packed, prefix, within, at)
+
+
+def _message_parts(tensors: list[tuple], packed: dict[int, np.ndarray] | None, prefix: bytes,
+                   within: int | None, at: int) -> list:
+    """`message_parts` of tensors given as (field, wire dtype name, shape, nbytes, data): data a
+    view of the bytes, or None to leave `nbytes` of room (an int in the parts, see `_reserved`)."""
+    def fields(start: int) -> tuple[list, int]:
+        parts: list = [prefix] if prefix else []
+        pos = start + len(prefix)
+        for number, array in sorted((packed or {}).items()):
+            data = np.ascontiguousarray(array, dtype="<i8").reshape(-1).view(np.uint8).data
+            if data.nbytes:
+                head = _varint(number << 3 | 2) + _varint(data.nbytes)
+                parts += [head, data]
+                pos += len(head) + data.nbytes
+        for number, name, shape, nbytes, data in tensors:
+            head = _tensor_field_head(number, name, shape, nbytes, pos)
+            parts += [head, nbytes if data is None else data] if nbytes else [head]
+            pos += len(head) + nbytes
+        return parts, pos - start
+
+    if within is None:
+        return fields(at)[0]
+    tag = _varint(within << 3 | 2)
+    longest = fields(0)[1] + (ALIGN - 1) * len(tensors)      # each padding is 2 to 9 bytes
+    width = len(_varint(longest))
+    parts, size = fields(at + len(tag) + width)
+    return [tag + _varint_fixed(size, width), *parts]
+
+
+def _reserved(parts: list, shapes: list[tuple[int, int, np.dtype]]) -> tuple[bytes, list[np.ndarray]]:
+    """One message of `parts` whose int parts are room still to be written, and a writable view
+    of each room in `shapes` ([n, dim] of a dtype, in order).
+
+    The message is a bytes object made by `PyBytes_FromStringAndSize(NULL, size)`; CPython's C
+    API lets its creator fill such an object until it is shared. So: write the views, drop them,
+    then hand the bytes on; the bytes must not be shared while the views are written."""
+    message = _new_bytes(None, _part_bytes(parts))
+    memory = (ctypes.c_char * len(message)).from_address(_bytes_data(message))
+    memory._message = message                  # the views keep the message alive
+    flat = np.frombuffer(memory, np.uint8)
+    views, at, rooms = [], 0, iter(shapes)
+    for part in parts:
+        if isinstance(part, int):
+            n, dim, dtype = next(rooms)
+            views.append(flat[at:at + part].view(dtype).reshape(n, dim))
+            at += part
+        else:
+            flat[at:at + len(part)] = np.frombuffer(part, np.uint8)
+            at += len(part)
+    return message, views
 
 
 def encode_lookup_response(weights: np.ndarray, state: np.ndarray | None = None) -> bytes:
@@ -130,23 +202,15 @@ def lookup_response_into(n: int, dim: int, dtype: np.dtype) -> tuple[bytes, np.n
     """A serialized `LookupResponse` of n rows of `dim` values of `dtype` (no state) whose rows
     are still to be written, and a writable [n, dim] view of them: a gather can write the rows
     straight into the message, saving `encode_lookup_response`'s copy. None when the dtype has
-    no wire name in this byte order or there are no rows (encode those the usual way).
-
-    The message is a bytes object made by `PyBytes_FromStringAndSize(NULL, size)`; CPython's C
-    API lets its creator fill such an object until it is shared. So: write the view, drop it,
-    then hand the bytes on; the bytes must not be shared while the view is written."""
+    no wire name in this byte order or there are no rows (encode those the usual way). Write
+    the view, drop it, then hand the bytes on (`_reserved`)."""
     name = _NAMES.get(np.dtype(dtype))
     if name is None or not n or not dim:
         return None
-    data = n * dim * WIRE_DTYPES[name].itemsize
-    tensor = _tensor_head(name, (n, dim), data)
-    head = b"\x0a" + _varint(len(tensor) + data) + tensor
-    message = _new_bytes(None, len(head) + data)
-    memory = (ctypes.c_char * len(message)).from_address(_bytes_data(message))
-    memory._message = message                  # the view keeps the message alive
-    view = np.frombuffer(memory, np.uint8)
-    view[:len(head)] = np.frombuffer(head, np.uint8)
-    return message, view[len(head):].view(WIRE_DTYPES[name]).reshape(n, dim)
+    wire = WIRE_DTYPES[name]
+    message, (view,) = _reserved(_message_parts([(1, name, (n, dim), n * dim * wire.itemsize, None)], None, b"",
+                                                None, 0), [(n, dim, wire)])
+    return message, view
 
 
 _new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
@@ -443,7 +507,7 @@ def train_response(rows: list[tuple[str, np.ndarray]], stepped: dict[str, int] |
     are (table, weights) entries in order, `stepped` the unique rows stepped per table."""
     parts: list = []
     for table, weights in rows:
-        parts += table_rows_field(1, table, None, weights)
+        parts += table_rows_field(1, table, None, weights, _part_bytes(parts))
     for table, count in (stepped or {}).items():
         name = table.encode()
         entry = b"\x0a" + _varint(len(name)) + name + b"\x10" + _varint(count & ((1 << 64) - 1))
@@ -461,39 +525,35 @@ def train_response_into(shapes: list[tuple[str, int, int, np.dtype]], stepped: d
     `train_response`'s copy. The same bytes `train_response` gives once the views are written.
     None when a dtype has no wire name in this byte order or an entry has no values. As with
     `lookup_response_into`: write the views, drop them, then hand the bytes on."""
-    heads, sizes = [], []
+    parts: list = []
+    rooms = []
     for table, n, dim, dtype in shapes:
         name = _NAMES.get(np.dtype(dtype))
         if name is None or not n or not dim:
             return None
-        data = n * dim * WIRE_DTYPES[name].itemsize
-        tensor = _tensor_head(name, (n, dim), data)
-        label = table.encode()
-        entry = b"\x0a" + _varint(len(label)) + label if label else b""
-        entry += b"\x1a" + _varint(len(tensor) + data) + tensor
-        heads.append(b"\x0a" + _varint(len(entry) + data) + entry)
-        sizes.append(data)
-    tail = train_response([], stepped)
-    message = _new_bytes(None, sum(map(len, heads)) + sum(sizes) + len(tail))
-    memory = (ctypes.c_char * len(message)).from_address(_bytes_data(message))
-    memory._message = message                  # the views keep the message alive
-    flat = np.frombuffer(memory, np.uint8)
-    views, at = [], 0
-    for head, data, (_, n, dim, dtype) in zip(heads, sizes, shapes, strict=True):
-        flat[at:at + len(head)] = np.frombuffer(head, np.uint8)
-        at += len(head)
-        views.append(flat[at:at + data].view(WIRE_DTYPES[_NAMES[np.dtype(dtype)]]).reshape(n, dim))
-        at += data
-    flat[at:] = np.frombuffer(tail, np.uint8)
-    return message, views
+        wire = WIRE_DTYPES[name]
+        parts += _table_rows_parts(1, table, None, [(3, name, (n, dim), n * dim * wire.itemsize, None)],
+                                   _part_bytes(parts))
+        rooms.append((n, dim, wire))
+    return _reserved(parts + [train_response([], stepped)], rooms)
 
 
-def table_rows_field(number: int, table: str, ids: np.ndarray | None, values: np.ndarray | None = None) -> list:
+def table_rows_field(number: int, table: str, ids: np.ndarray | None, values: np.ndarray | None = None,
+                     at: int = 0) -> list:
     """Field `number` of a message holding one `TableRows` (table, ids, values; None: left out), as
-    the parts of `message_parts`: headers and views of the arrays, copied once when joined."""
+    the parts of `message_parts`: headers and views of the arrays, copied once when joined. `at`:
+    where the field goes in the whole message (see `message_parts`)."""
+    tensors = []
+    if values is not None:
+        name, array = _wire_array(values)
+        tensors.append((3, name, array.shape, array.nbytes, array.reshape(-1).view(np.uint8).data))
+    return _table_rows_parts(number, table, ids, tensors, at)
+
+
+def _table_rows_parts(number: int, table: str, ids: np.ndarray | None, tensors: list[tuple], at: int) -> list:
     name = table.encode()
-    return message_parts({} if values is None else {3: values}, {} if ids is None else {2: ids},
-                         prefix=b"\x0a" + _varint(len(name)) + name if name else b"", within=number)
+    return _message_parts(tensors, {} if ids is None else {2: ids},
+                          b"\x0a" + _varint(len(name)) + name if name else b"", number, at)
 
 
 def decode_train_response(blob: bytes) -> tuple[list[tuple[str, np.ndarray]], dict[str, int], bool]:

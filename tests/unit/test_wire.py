@@ -43,9 +43,24 @@ def protobuf_bytes(weights, state) -> bytes:
                              state=None if state is None else encode_tensor(state)).SerializeToString()
 
 
+def in_place(array: np.ndarray, blob: bytes) -> bool:
+    """Whether `array` is a view of `blob`'s bytes (read in place, not copied out)."""
+    return np.shares_memory(array, np.frombuffer(blob, np.uint8))
+
+
 @pytest.mark.parametrize("weights,state", CASES)
-def test_encoded_response_is_byte_identical_to_protobuf(weights, state):
-    assert encode_lookup_response(weights, state) == protobuf_bytes(weights, state)
+def test_encoded_response_parses_as_protobuf_and_its_rows_are_read_in_place(weights, state):
+    """Our writer pads each tensor (`Tensor.align`) so that its data starts at a multiple of 8
+    bytes: protobuf reads the same message, and the client views the rows without a copy."""
+    blob = encode_lookup_response(weights, state)
+    ours, theirs = pb.LookupResponse.FromString(blob), pb.LookupResponse.FromString(protobuf_bytes(weights, state))
+    for field in ("weights", "state"):
+        assert ours.HasField(field) == theirs.HasField(field)
+        a, b = getattr(ours, field), getattr(theirs, field)
+        assert (a.dtype, list(a.shape), a.data) == (b.dtype, list(b.shape), b.data)
+    for got in decode_lookup_response(blob):
+        if got is not None and got.size:
+            assert got.flags.aligned and in_place(got, blob)
 
 
 @pytest.mark.parametrize("weights,state", CASES)
@@ -462,3 +477,73 @@ def test_fields_read_in_place_are_aligned_wherever_the_message_put_them():
         for array in (decode_ids(piece.ids), decode_tensor(piece.values, "values")):
             assert array.flags.aligned and not array.flags.writeable
         np.testing.assert_array_equal(decode_tensor(piece.values, "values"), np.ones((3000, 8), np.float32))
+        assert in_place(decode_tensor(piece.values, "values"), blob)            # the writer aligned them
+
+
+# Rows whose Tensor (and enclosing TableRows) lengths cross a varint size with some padding and not
+# with others: 20-40 rows of one float32 value, 40-80 of one float16, make tensors of about 100-180
+# bytes, around 128, in steps of 4 and 2 bytes.
+STRADDLING = [np.arange(rows, dtype=np.float32).reshape(rows, 1) for rows in range(20, 41)] + [
+    np.arange(rows, dtype=np.float16).reshape(rows, 1) for rows in range(40, 81)] + [
+    np.ones((4096, 128), np.float32), np.ones((3, 5), ml_dtypes.bfloat16), np.ones((7, 3), np.float64),
+    np.ones((16384 // 4 - 3, 1), np.float16)]
+
+
+@pytest.mark.parametrize("table", ["", "a", "abc", "表", "t" * 9, "u" * 130])
+def test_every_writer_puts_tensor_data_at_a_multiple_of_8_and_protobuf_reads_what_was_written(table, monkeypatch):
+    import kvstore_proto.tensors
+    from kvstore_client.gradient_messages import GradientChunk
+    from kvstore_client.snapshots import rows_request
+    from kvstore_client.training_stream import _step_messages
+    from kvstore_proto.tensors import lookup_response_into
+
+    monkeypatch.setattr(kvstore_proto.tensors, "IN_PLACE_MIN_BYTES", 0)     # small answers read in place too
+    for values in STRADDLING:
+        n, dim = values.shape
+        ids = np.arange(n, dtype=np.int64)
+        blob = encode_lookup_response(values)
+        got, _ = decode_lookup_response(blob)
+        assert in_place(got, blob) and got.flags.aligned
+        np.testing.assert_array_equal(decode_tensor(pb.LookupResponse.FromString(blob).weights, "w"), values)
+
+        into, view = lookup_response_into(n, dim, values.dtype)
+        view[...] = values
+        del view
+        assert into == blob
+
+        rows = [(table, values), (table + "x", values[:1])]
+        blob = train_response(rows, {table: n}, more=True)
+        for (_, got), expected in zip(decode_train_response(blob)[0], [values, values[:1]], strict=True):
+            assert got.flags.aligned and in_place(got, blob)
+            np.testing.assert_array_equal(got, expected)
+        message = pb.TrainResponse.FromString(blob)
+        assert [entry.table for entry in message.rows] == [table, table + "x"] and message.more
+        np.testing.assert_array_equal(decode_tensor(message.rows[0].values, "v"), values)
+
+        into, views = train_response_into([(t, *v.shape, v.dtype) for t, v in rows], {table: n})
+        for view, (_, v) in zip(views, rows, strict=True):
+            view[...] = v
+        del views
+        assert into == train_response(rows, {table: n})
+
+        blob = _step_messages({table: (ids, values)}, {"lookups": {table: ids}}, 0, 1 << 22)[0]
+        piece = InPlaceTrainRequest(blob).gradients[0]
+        assert in_place(decode_tensor(piece.values, "values"), blob)
+        np.testing.assert_array_equal(decode_tensor(pb.TrainRequest.FromString(blob).gradients[0].values, "v"),
+                                      values)
+
+        header = pb.ImportRequest(table=table or "t", idempotency_key="k").SerializeToString()
+        blob = rows_request(ids, values, None, None, header)
+        assert in_place(decode_tensor(InPlaceImportRequest(blob).weights, "weights"), blob)
+        np.testing.assert_array_equal(decode_tensor(pb.ImportRequest.FromString(blob).weights, "w"), values)
+
+        blob = encode_message({4: values, 6: ids.reshape(-1, 1)}, {3: ids},
+                              pb.ExportChunk(estimated_rows=n, sequence=41, feed_id=table).SerializeToString())
+        _, arrays = decode_export_chunk(blob)
+        assert in_place(arrays["weights"], blob) and in_place(arrays["meta"], blob)
+
+        chunk = GradientChunk(table or "t", ids, values, table, "key", np.ones(n, np.float32))
+        message = pb.ApplyGradientsRequest.FromString(chunk.serialize())
+        assert (message.table, message.owner, message.idempotency_key) == (table or "t", table, "key")
+        np.testing.assert_array_equal(decode_tensor(message.grads, "grads"), values)
+        np.testing.assert_array_equal(decode_tensor(message.scores, "scores"), np.ones(n, np.float32))
