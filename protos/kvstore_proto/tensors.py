@@ -137,9 +137,14 @@ def message_parts(tensors: dict[int, np.ndarray | None], packed: dict[int, np.nd
     """The serialized message of `encode_message` as a list of parts (bytes and views of the
     arrays, made contiguous) to write one after the other, with no copy into one buffer. `at`:
     where the parts go in the whole message (the offset each tensor's data is aligned from)."""
-    specs = [(number, *_wire_array(array)) for number, array in sorted(tensors.items()) if array is not None]
-    return _message_parts([(number, name, array.shape, array.nbytes, array.reshape(-1).view(np.uint8).data)
-                           for number, name, array in specs], packed, prefix, within, at)
+    return _message_parts([_tensor_spec(number, array) for number, array in sorted(tensors.items())
+                           if array is not None], packed, prefix, within, at)
+
+
+def _tensor_spec(number: int, array: np.ndarray) -> tuple:
+    """(field, wire dtype name, shape, nbytes, data view) of an array sent as `Tensor` field `number`."""
+    name, array = _wire_array(array)
+    return number, name, array.shape, array.nbytes, array.reshape(-1).view(np.uint8).data
 
 
 def _message_parts(tensors: list[tuple], packed: dict[int, np.ndarray] | None, prefix: bytes,
@@ -543,11 +548,7 @@ def table_rows_field(number: int, table: str, ids: np.ndarray | None, values: np
     """Field `number` of a message holding one `TableRows` (table, ids, values; None: left out), as
     the parts of `message_parts`: headers and views of the arrays, copied once when joined. `at`:
     where the field goes in the whole message (see `message_parts`)."""
-    tensors = []
-    if values is not None:
-        name, array = _wire_array(values)
-        tensors.append((3, name, array.shape, array.nbytes, array.reshape(-1).view(np.uint8).data))
-    return _table_rows_parts(number, table, ids, tensors, at)
+    return _table_rows_parts(number, table, ids, [] if values is None else [_tensor_spec(3, values)], at)
 
 
 def _table_rows_parts(number: int, table: str, ids: np.ndarray | None, tensors: list[tuple], at: int) -> list:
