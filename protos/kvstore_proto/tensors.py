@@ -62,7 +62,12 @@ def _wire_array(array: np.ndarray) -> tuple[str, np.ndarray]:
     return name, np.ascontiguousarray(array, dtype=WIRE_DTYPES[name])
 
 
+_ONE_BYTE = [bytes((value,)) for value in range(0x80)]     # most tags, lengths and dimensions
+
+
 def _varint(value: int) -> bytes:
+    if 0 <= value < 0x80:
+        return _ONE_BYTE[value]
     out = bytearray()
     while value > 0x7F:
         out.append(value & 0x7F | 0x80)
@@ -88,32 +93,39 @@ def _varint_fixed(value: int, width: int) -> bytes:
     return bytes(out)
 
 
-def _tensor_head(name: str, shape: tuple, nbytes: int, at: int | None = None) -> bytes:
-    """A `Tensor` message's fields up to its data: dtype, shape, and the data's tag and length.
-    Given `at`, the offset in the whole message where this head is written, an `align` field
-    (2 to 9 bytes) before the data's tag puts the data at a multiple of ALIGN."""
-    dims = b"".join(_varint(d) for d in shape)
-    head = b"\x0a" + _varint(len(name)) + name.encode()
-    if dims:
-        head += b"\x12" + _varint(len(dims)) + dims
-    if not nbytes:
-        return head
-    data_tag = b"\x1a" + _varint(nbytes)
-    if at is None:
-        return head + data_tag
-    pad = (-(at + len(head) + len(data_tag)) - 2) % ALIGN + 2       # tag, length, zeros
-    return head + ALIGN_FIELD + bytes([pad - 2]) + bytes(pad - 2) + data_tag
+class _TensorField:
+    """Field `number` holding a `Tensor` of `nbytes` of data (`data`: a view of it, or None for room
+    to be written later), its fields worked out once: only the padding depends on where it goes."""
 
+    __slots__ = ("tag", "width", "head", "data_tag", "nbytes", "data")
 
-def _tensor_field_head(number: int, name: str, shape: tuple, nbytes: int, at: int) -> bytes:
-    """Field `number` holding a `Tensor` of `nbytes` of data, up to the data, written at offset
-    `at` of the whole message: the data then starts at a multiple of ALIGN. The field's length
-    takes the bytes its longest padding would need, so the padding never moves the data."""
-    tag = _varint(number << 3 | 2)
-    longest = len(_tensor_head(name, shape, nbytes)) + nbytes + (ALIGN + 1 if nbytes else 0)
-    width = len(_varint(longest))
-    head = _tensor_head(name, shape, nbytes, at + len(tag) + width)
-    return tag + _varint_fixed(len(head) + nbytes, width) + head
+    def __init__(self, number: int, name: str, shape: tuple, nbytes: int, data=None):
+        dims = b"".join(_varint(d) for d in shape)
+        self.head = b"\x0a" + _varint(len(name)) + name.encode()
+        if dims:
+            self.head += b"\x12" + _varint(len(dims)) + dims
+        self.data_tag = b"\x1a" + _varint(nbytes) if nbytes else b""
+        self.tag = _varint(number << 3 | 2)
+        self.nbytes, self.data = nbytes, data
+        # the field's length takes the bytes its longest padding would need: the padding never moves the data
+        self.width = len(_varint(self._body(ALIGN + 1 if nbytes else 0)))
+
+    def _body(self, pad: int) -> int:
+        return len(self.head) + pad + len(self.data_tag) + self.nbytes
+
+    def longest(self) -> int:
+        """The most bytes the field takes, wherever it goes."""
+        return len(self.tag) + self.width + self._body(ALIGN + 1 if self.nbytes else 0)
+
+    def header(self, at: int) -> bytes:
+        """The field up to its data, written at offset `at` of the whole message: an `align` field
+        (2 to 9 bytes) before the data's tag puts the data at a multiple of ALIGN."""
+        if not self.nbytes:
+            return self.tag + _varint_fixed(self._body(0), self.width) + self.head
+        start = at + len(self.tag) + self.width + len(self.head)
+        pad = (-(start + len(self.data_tag)) - 2) % ALIGN + 2            # tag, length, zeros
+        return (self.tag + _varint_fixed(self._body(pad), self.width) + self.head + ALIGN_FIELD
+                + bytes([pad - 2]) + bytes(pad - 2) + self.data_tag)
 
 
 def _part_bytes(parts: list) -> int:
@@ -137,42 +149,46 @@ def message_parts(tensors: dict[int, np.ndarray | None], packed: dict[int, np.nd
     """The serialized message of `encode_message` as a list of parts (bytes and views of the
     arrays, made contiguous) to write one after the other, with no copy into one buffer. `at`:
     where the parts go in the whole message (the offset each tensor's data is aligned from)."""
-    return _message_parts([_tensor_spec(number, array) for number, array in sorted(tensors.items())
+    return _message_parts([_tensor_field(number, array) for number, array in sorted(tensors.items())
                            if array is not None], packed, prefix, within, at)
 
 
-def _tensor_spec(number: int, array: np.ndarray) -> tuple:
-    """(field, wire dtype name, shape, nbytes, data view) of an array sent as `Tensor` field `number`."""
+def _tensor_field(number: int, array: np.ndarray) -> _TensorField:
+    """An array sent as `Tensor` field `number`."""
     name, array = _wire_array(array)
-    return number, name, array.shape, array.nbytes, array.reshape(-1).view(np.uint8).data
+    return _TensorField(number, name, array.shape, array.nbytes, array.reshape(-1).view(np.uint8).data)
 
 
-def _message_parts(tensors: list[tuple], packed: dict[int, np.ndarray] | None, prefix: bytes,
+def _message_parts(tensors: list[_TensorField], packed: dict[int, np.ndarray] | None, prefix: bytes,
                    within: int | None, at: int) -> list:
-    """`message_parts` of tensors given as (field, wire dtype name, shape, nbytes, data): data a
-    view of the bytes, or None to leave `nbytes` of room (an int in the parts, see `_reserved`)."""
-    def fields(start: int) -> tuple[list, int]:
-        parts: list = [prefix] if prefix else []
-        pos = start + len(prefix)
-        for number, array in sorted((packed or {}).items()):
-            data = np.ascontiguousarray(array, dtype="<i8").reshape(-1).view(np.uint8).data
-            if data.nbytes:
-                head = _varint(number << 3 | 2) + _varint(data.nbytes)
-                parts += [head, data]
-                pos += len(head) + data.nbytes
-        for number, name, shape, nbytes, data in tensors:
-            head = _tensor_field_head(number, name, shape, nbytes, pos)
-            parts += [head, nbytes if data is None else data] if nbytes else [head]
-            pos += len(head) + nbytes
-        return parts, pos - start
-
+    """`message_parts` of `tensors` (a field without data leaves room for it: an int in the parts,
+    see `_reserved`)."""
+    parts: list = [prefix] if prefix else []
+    for number, array in sorted((packed or {}).items()):
+        data = np.ascontiguousarray(array, dtype="<i8").reshape(-1).view(np.uint8).data
+        if data.nbytes:
+            parts += [_varint(number << 3 | 2) + _varint(data.nbytes), data]
+    size = _part_bytes(parts)
+    head = b""
+    if within is not None:
+        head = _varint(within << 3 | 2)
+        width = len(_varint(size + sum(field.longest() for field in tensors)))
+        at += len(head) + width
+    for field in tensors:
+        header = field.header(at + size)
+        if parts and isinstance(parts[-1], bytes):       # adjacent headers as one part: fewer, larger writes
+            parts[-1] += header
+        else:
+            parts.append(header)
+        if field.nbytes:
+            parts.append(field.nbytes if field.data is None else field.data)
+        size += len(header) + field.nbytes
     if within is None:
-        return fields(at)[0]
-    tag = _varint(within << 3 | 2)
-    longest = fields(0)[1] + (ALIGN - 1) * len(tensors)      # each padding is 2 to 9 bytes
-    width = len(_varint(longest))
-    parts, size = fields(at + len(tag) + width)
-    return [tag + _varint_fixed(size, width), *parts]
+        return parts
+    head += _varint_fixed(size, width)
+    if parts and isinstance(parts[0], bytes):
+        return [head + parts[0], *parts[1:]]
+    return [head, *parts]
 
 
 def _reserved(parts: list, shapes: list[tuple[int, int, np.dtype]]) -> tuple[bytes, list[np.ndarray]]:
@@ -183,7 +199,8 @@ def _reserved(parts: list, shapes: list[tuple[int, int, np.dtype]]) -> tuple[byt
     API lets its creator fill such an object until it is shared. So: write the views, drop them,
     then hand the bytes on; the bytes must not be shared while the views are written."""
     message = _new_bytes(None, _part_bytes(parts))
-    memory = (ctypes.c_char * len(message)).from_address(_bytes_data(message))
+    address = _bytes_data(message)
+    memory = (ctypes.c_char * len(message)).from_address(address)
     memory._message = message                  # the views keep the message alive
     flat = np.frombuffer(memory, np.uint8)
     views, at, rooms = [], 0, iter(shapes)
@@ -193,7 +210,7 @@ def _reserved(parts: list, shapes: list[tuple[int, int, np.dtype]]) -> tuple[byt
             views.append(flat[at:at + part].view(dtype).reshape(n, dim))
             at += part
         else:
-            flat[at:at + len(part)] = np.frombuffer(part, np.uint8)
+            ctypes.memmove(address + at, part, len(part))
             at += len(part)
     return message, views
 
@@ -213,8 +230,8 @@ def lookup_response_into(n: int, dim: int, dtype: np.dtype) -> tuple[bytes, np.n
     if name is None or not n or not dim:
         return None
     wire = WIRE_DTYPES[name]
-    message, (view,) = _reserved(_message_parts([(1, name, (n, dim), n * dim * wire.itemsize, None)], None, b"",
-                                                None, 0), [(n, dim, wire)])
+    message, (view,) = _reserved(_message_parts([_TensorField(1, name, (n, dim), n * dim * wire.itemsize)], None,
+                                                b"", None, 0), [(n, dim, wire)])
     return message, view
 
 
@@ -511,8 +528,11 @@ def train_response(rows: list[tuple[str, np.ndarray]], stepped: dict[str, int] |
     """A serialized `TrainResponse` built with one copy of the rows (see `encode_message`): `rows`
     are (table, weights) entries in order, `stepped` the unique rows stepped per table."""
     parts: list = []
+    size = 0
     for table, weights in rows:
-        parts += table_rows_field(1, table, None, weights, _part_bytes(parts))
+        entry = table_rows_field(1, table, None, weights, size)
+        parts += entry
+        size += _part_bytes(entry)
     for table, count in (stepped or {}).items():
         name = table.encode()
         entry = b"\x0a" + _varint(len(name)) + name + b"\x10" + _varint(count & ((1 << 64) - 1))
@@ -531,14 +551,15 @@ def train_response_into(shapes: list[tuple[str, int, int, np.dtype]], stepped: d
     None when a dtype has no wire name in this byte order or an entry has no values. As with
     `lookup_response_into`: write the views, drop them, then hand the bytes on."""
     parts: list = []
-    rooms = []
+    rooms, size = [], 0
     for table, n, dim, dtype in shapes:
         name = _NAMES.get(np.dtype(dtype))
         if name is None or not n or not dim:
             return None
         wire = WIRE_DTYPES[name]
-        parts += _table_rows_parts(1, table, None, [(3, name, (n, dim), n * dim * wire.itemsize, None)],
-                                   _part_bytes(parts))
+        entry = _table_rows_parts(1, table, None, [_TensorField(3, name, (n, dim), n * dim * wire.itemsize)], size)
+        parts += entry
+        size += _part_bytes(entry)
         rooms.append((n, dim, wire))
     return _reserved(parts + [train_response([], stepped)], rooms)
 
@@ -548,10 +569,11 @@ def table_rows_field(number: int, table: str, ids: np.ndarray | None, values: np
     """Field `number` of a message holding one `TableRows` (table, ids, values; None: left out), as
     the parts of `message_parts`: headers and views of the arrays, copied once when joined. `at`:
     where the field goes in the whole message (see `message_parts`)."""
-    return _table_rows_parts(number, table, ids, [] if values is None else [_tensor_spec(3, values)], at)
+    return _table_rows_parts(number, table, ids, [] if values is None else [_tensor_field(3, values)], at)
 
 
-def _table_rows_parts(number: int, table: str, ids: np.ndarray | None, tensors: list[tuple], at: int) -> list:
+def _table_rows_parts(number: int, table: str, ids: np.ndarray | None, tensors: list[_TensorField],
+                      at: int) -> list:
     name = table.encode()
     return _message_parts(tensors, {} if ids is None else {2: ids},
                           b"\x0a" + _varint(len(name)) + name if name else b"", number, at)
