@@ -28,8 +28,8 @@ class GradientChunk:
         _check_dtype(grads, "grads")
         if scores is not None:
             _check_dtype(scores, "scores")
-        self.parts: list = message_parts({3: grads, 5: scores}, {2: ids}, b"".join(_string(1, table)))
-        self.parts += _string(4, owner) + _string(20, key)
+        self.parts: list = message_parts({3: grads, 5: scores}, {2: ids}, _string(1, table))
+        self.parts.append(_string(4, owner) + _string(20, key))
 
     def serialize(self) -> bytes:
         return b"".join(self.parts + [_LAST] if self.last else self.parts)
@@ -47,10 +47,7 @@ def _check_dtype(array: np.ndarray, field: str) -> None:
         raise InvalidArgumentError(message=str(exc)) from None
 
 
-def _length_delimited(number: int, parts: list) -> list:
-    size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
-    return [_varint(number << 3 | 2) + _varint(size), *parts]
-
-
-def _string(number: int, text: str) -> list:
-    return _length_delimited(number, [text.encode()]) if text else []
+def _string(number: int, text: str) -> bytes:
+    """String field `number` (nothing for an empty string, as a serializer writes it)."""
+    data = text.encode()
+    return _varint(number << 3 | 2) + _varint(len(data)) + data if data else b""

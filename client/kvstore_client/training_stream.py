@@ -26,6 +26,7 @@ from kvstore_proto.tensors import (
     WireError,
     _varint,
     decode_train_response,
+    part_bytes,
     table_rows_field,
 )
 from kvstore_proto.v1 import kvstore_pb2 as pb
@@ -267,7 +268,7 @@ def _step_messages(gradients: dict, id_fields: dict[str, dict], on_miss: int, ch
         field = table_rows_field(_FIELDS[kind], table, ids, grads, written)
         messages[-1] += field
         size += nbytes
-        written += sum(len(part) if isinstance(part, bytes) else part.nbytes for part in field)
+        written += part_bytes(field)
     tail = [b"\x18" + _varint(on_miss)] if on_miss else []
     return [b"".join(parts + tail + ([b"\x20\x01"] if index < len(messages) - 1 else []))
             for index, parts in enumerate(messages)]

@@ -128,7 +128,8 @@ class _TensorField:
                 + bytes([pad - 2]) + bytes(pad - 2) + self.data_tag)
 
 
-def _part_bytes(parts: list) -> int:
+def part_bytes(parts: list) -> int:
+    """Bytes of message parts: bytes, views of arrays, or ints (room still to be written)."""
     return sum(p if isinstance(p, int) else len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
 
 
@@ -168,7 +169,7 @@ def _message_parts(tensors: list[_TensorField], packed: dict[int, np.ndarray] | 
         data = np.ascontiguousarray(array, dtype="<i8").reshape(-1).view(np.uint8).data
         if data.nbytes:
             parts += [_varint(number << 3 | 2) + _varint(data.nbytes), data]
-    size = _part_bytes(parts)
+    size = part_bytes(parts)
     head = b""
     if within is not None:
         head = _varint(within << 3 | 2)
@@ -198,7 +199,7 @@ def _reserved(parts: list, shapes: list[tuple[int, int, np.dtype]]) -> tuple[byt
     The message is a bytes object made by `PyBytes_FromStringAndSize(NULL, size)`; CPython's C
     API lets its creator fill such an object until it is shared. So: write the views, drop them,
     then hand the bytes on; the bytes must not be shared while the views are written."""
-    message = _new_bytes(None, _part_bytes(parts))
+    message = _new_bytes(None, part_bytes(parts))
     address = _bytes_data(message)
     memory = (ctypes.c_char * len(message)).from_address(address)
     memory._message = message                  # the views keep the message alive
@@ -532,7 +533,7 @@ def train_response(rows: list[tuple[str, np.ndarray]], stepped: dict[str, int] |
     for table, weights in rows:
         entry = table_rows_field(1, table, None, weights, size)
         parts += entry
-        size += _part_bytes(entry)
+        size += part_bytes(entry)
     for table, count in (stepped or {}).items():
         name = table.encode()
         entry = b"\x0a" + _varint(len(name)) + name + b"\x10" + _varint(count & ((1 << 64) - 1))
@@ -559,7 +560,7 @@ def train_response_into(shapes: list[tuple[str, int, int, np.dtype]], stepped: d
         wire = WIRE_DTYPES[name]
         entry = _table_rows_parts(1, table, None, [_TensorField(3, name, (n, dim), n * dim * wire.itemsize)], size)
         parts += entry
-        size += _part_bytes(entry)
+        size += part_bytes(entry)
         rooms.append((n, dim, wire))
     return _reserved(parts + [train_response([], stepped)], rooms)
 
