@@ -117,8 +117,11 @@ class RocksTier:
         self.labels: dict[str, str] = {}      # column family -> the table name gauges are reported under
         self._held_above: dict[str, int] = {}  # column family -> rows of the cache above it (`hold_above`)
         self._skipping: dict[str, rd.Rdict] = {}  # column family -> a handle whose reads skip the block cache
+        self._point_reads = rd.ReadOptions()  # the read options of `get` and `read_rows`
+        self._point_reads.set_verify_checksums(self.config.verify_checksums)
         self._skip_block_cache = rd.ReadOptions()
         self._skip_block_cache.fill_cache(False)
+        self._skip_block_cache.set_verify_checksums(self.config.verify_checksums)
         self.closed = False
         self._open()
 
@@ -132,7 +135,7 @@ class RocksTier:
             families = {name: self._options() for name in existing if name != META_FAMILY}
             self._db = rd.Rdict(self.path, self._options(), column_families=families)
             self._db.set_write_options(self._write_opts)
-        self._families = {name: self._db.get_column_family(name) for name in families}
+        self._families = {name: self._point_reader(name) for name in families}
         self._handles = {name: self._db.get_column_family_handle(name) for name in families}
         self._skipping = {name: self._skipping_handle(name) for name in self._held_above if name in families}
 
@@ -231,7 +234,8 @@ class RocksTier:
     def create_family(self, name: str) -> None:
         with self._use(), self._lock, _guard(f"create column family {name!r}"):
             if name not in self._families:
-                self._families[name] = self._db.create_column_family(name, self._options())
+                self._db.create_column_family(name, self._options())
+                self._families[name] = self._point_reader(name)
                 self._handles[name] = self._db.get_column_family_handle(name)
 
     def drop_family(self, name: str) -> None:
@@ -254,6 +258,11 @@ class RocksTier:
             self._skipping.pop(family, None)
             if family in self._families:
                 self._skipping[family] = self._skipping_handle(family)
+
+    def _point_reader(self, family: str) -> rd.Rdict:
+        handle = self._db.get_column_family(family)
+        handle.set_read_options(self._point_reads)
+        return handle
 
     def _skipping_handle(self, family: str) -> rd.Rdict:
         # rocksdict's multi-get ignores a `read_opt` argument but honours a handle's preset

@@ -223,6 +223,47 @@ def test_mmap_reads_must_be_a_boolean(value):
         RocksConfig(mmap_reads=value)
 
 
+@pytest.mark.parametrize("value", [1, "no", None])
+def test_verify_checksums_must_be_a_boolean(value):
+    with pytest.raises(InvalidArgument, match="rocksdb.verify_checksums"):
+        RocksConfig(verify_checksums=value)
+
+
+@pytest.mark.parametrize("mmap_reads", [True, False])
+def test_a_corrupted_row_fails_its_read_unless_checksums_are_off(tmp_path, mmap_reads):
+    """What `rocksdb.verify_checksums` promises: on (the default), a point read of a block
+    whose bytes changed on disk fails with a StorageError; off, it returns the changed bytes."""
+    path = str(tmp_path / "db")
+    keys = encode_keys(np.arange(64, dtype=np.int64))
+    rows = [bytes([i]) * 100 for i in range(64)]
+    tier = RocksTier(path, RocksConfig(block_cache_bytes=1 << 20))
+    tier.create_family("rows")
+    tier.write("rows", keys, rows)
+    tier.flush()
+    tier.close()
+    (sst,) = [os.path.join(path, name) for name in os.listdir(path) if name.endswith(".sst")
+              and rows[7] in open(os.path.join(path, name), "rb").read()]
+    with open(sst, "r+b") as file:
+        data = file.read()
+        at = data.index(rows[7]) + 50
+        file.seek(at)
+        file.write(b"\xff")
+    changed = rows[7][:50] + b"\xff" + rows[7][51:]
+    for verify in (True, False):
+        tier = RocksTier(path, RocksConfig(mmap_reads=mmap_reads, verify_checksums=verify))
+        try:
+            if verify:
+                with pytest.raises(StorageError, match="(?i)corrupt|checksum"):
+                    tier.get("rows", [keys[7]])
+                out = np.zeros((1, 100), dtype=np.uint8)
+                with pytest.raises(StorageError):
+                    tier.read_rows("rows", [keys[7]], out)
+            else:
+                assert tier.get("rows", [keys[7], keys[8]]) == [changed, rows[8]]
+        finally:
+            tier.close()
+
+
 def test_rows_in_compressed_files_of_earlier_versions_still_read_and_take_writes(tmp_path):
     """Earlier versions wrote Snappy-compressed SST files; stored rows are now written
     uncompressed, and a database holding both kinds reads them all."""
