@@ -30,6 +30,12 @@ from RocksDB (the hit rate of the timed lookups is printed; Redis keeps every ro
 memory either way). Ratio = Redis time / kvstore time.
 
     python bench/redis_ps_bench.py [--rows 1000000] [--batches 4096,65536] [--cache-rows N] [--same-host]
+        [--flush-seconds S] [--redis-aof everysec]
+
+kvstore's tables write their dirty rows back to RocksDB every `cache.flush_seconds` (1 s by
+default), while Redis by default here keeps nothing on disk. `--flush-seconds 600` takes most
+of that write-back out of the timed steps; `--redis-aof everysec` gives Redis the persistence
+users would turn on (an append-only file fsynced each second).
 
 `--same-host`: the kvstore client moves ids, rows and gradients through shared memory
 (docs/same-host.md), as a trainer next to its server would; Redis stays on its TCP socket.
@@ -51,19 +57,23 @@ from kvstore_client import KVStoreClient
 from kvstore_client.training_stream import TrainingStream
 from store_bench import IdSampler
 
+from kvstore import CacheConfig
 from kvstore.optimizers import sum_duplicates
 
 LR, EPS, TABLE = 0.01, 1e-8, "ps"
 SIDES = ("plain", "summed", "stream", "pipelined")     # the kvstore tables, one per way of stepping
 
 
-def start_redis() -> tuple[subprocess.Popen, redis.Redis]:
-    """redis-server on a free loopback TCP port (as kvstore-server listens), no persistence."""
+def start_redis(work: str, aof: str = "no") -> tuple[subprocess.Popen, redis.Redis]:
+    """redis-server on a free loopback TCP port (as kvstore-server listens): no persistence, or
+    an append-only file in `work` fsynced as `aof` says."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    persistence = ["--appendonly", "no"] if aof == "no" else ["--appendonly", "yes", "--appendfsync", aof,
+                                                             "--dir", work]
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", *persistence],
+                            stdout=subprocess.DEVNULL)
     db = redis.Redis(port=port)
     for _ in range(200):
         try:
@@ -230,12 +240,17 @@ def main() -> None:
     parser.add_argument("--cache-rows", type=int, default=0,
                         help="cache slots of each kvstore table (default: twice the rows, all cached)")
     parser.add_argument("--same-host", action="store_true", help="kvstore through shared memory (same host)")
+    parser.add_argument("--flush-seconds", type=float, default=None,
+                        help="write-back interval of the kvstore tables (cache.flush_seconds; default: the default)")
+    parser.add_argument("--redis-aof", choices=("no", "everysec", "always"), default="no",
+                        help="Redis's append-only file: no (no persistence; the default), or fsynced everysec/always")
     args = parser.parse_args()
     print(f"redis ps bench: rows={args.rows:,} dim={args.dim} rowwise_adagrad zipf 1.05; {os.cpu_count()} CPUs, "
           f"kvstore {'through shared memory' if args.same_host else 'over loopback TCP'}, "
-          f"{time.strftime('%Y-%m-%d %H:%M')}")
+          f"kvstore write-back every {args.flush_seconds or CacheConfig().flush_seconds:g} s, "
+          f"Redis append-only file: {args.redis_aof}; {time.strftime('%Y-%m-%d %H:%M')}")
     work = tempfile.mkdtemp(prefix="ps-bench-")
-    redis_proc, db = start_redis()
+    redis_proc, db = start_redis(work, args.redis_aof)
     server = subprocess.Popen([sys.executable, "-m", "kvstore_server", "--data-dir", os.path.join(work, "kv"),
                                "--port", "0"], stdout=subprocess.PIPE, text=True)
     address = server.stdout.readline().strip().rsplit(" ", 1)[-1]
@@ -248,8 +263,11 @@ def main() -> None:
         ps_pipelined.load(weights)
         with KVStoreClient(address, timeout=300, same_host=args.same_host) as client:
             cache_rows = args.cache_rows or 32 * int(2 ** np.ceil(np.log2(max(1, 2 * args.rows // 32))))
+            cache = {"rows": cache_rows}
+            if args.flush_seconds:
+                cache["flush_seconds"] = args.flush_seconds
             for side in SIDES:
-                client.create_table(f"{TABLE}_{side}", args.dim, cache={"rows": cache_rows},
+                client.create_table(f"{TABLE}_{side}", args.dim, cache=cache,
                                     optimizer={"name": "rowwise_adagrad", "lr": LR, "eps": EPS})
                 for lo in range(0, args.rows, 50000):
                     client.update(f"{TABLE}_{side}", np.arange(lo, min(lo + 50000, args.rows)), weights[lo:lo + 50000])

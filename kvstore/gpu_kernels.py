@@ -65,6 +65,11 @@ def _step_module(device_id: int, weight: str, code: int) -> cupy.RawModule:
 
 
 @functools.cache
+def _step_function(device_id: int, weight: str, code: int, vec: bool, seg: bool):
+    return _step_module(device_id, weight, code).get_function(_step_name(weight, code, vec, seg))
+
+
+@functools.cache
 def _sm_count(device_id: int) -> int:
     return cupy.cuda.runtime.getDeviceProperties(device_id)["multiProcessorCount"]
 
@@ -79,11 +84,15 @@ class Kernels:
     def __init__(self, device_id: int):
         self.device_id = device_id
         self.module = _module(device_id)
+        self._functions: dict[str, object] = {}    # a CuPy lookup costs each launch a driver call
         self.max_blocks = _sm_count(device_id) * (2048 // THREADS) * 4
         self.copy_rows_in_flight = COPY_ROWS_IN_FLIGHT
 
     def _fn(self, name: str):
-        return self.module.get_function(name)
+        function = self._functions.get(name)
+        if function is None:
+            function = self._functions[name] = self.module.get_function(name)
+        return function
 
     def _grid(self, threads_needed: int) -> tuple[int]:
         """Blocks for a grid-stride loop: at most max_blocks, and as few as give every
@@ -175,7 +184,7 @@ class Kernels:
         seg = segments is not None
         order, starts = segments if seg else (None, None)
         weight, code = WEIGHT_TYPES[dtype], OPTIMIZER_CODES[c.name]
-        step = _step_module(self.device_id, weight, code).get_function(_step_name(weight, code, vec, seg))
+        step = _step_function(self.device_id, weight, code, vec, seg)
         step(self._grid(-(-n // STEP_ROWS_IN_FLIGHT) * 32), (THREADS,), (
             rows, np.int64(row_bytes), _ptr(idx), grads, _ptr(order), _ptr(starts),
             np.int64(len(order) if seg else n), np.int64(n), np.int32(dim), np.int64(state_off),
