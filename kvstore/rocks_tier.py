@@ -51,6 +51,8 @@ _FAMILY_PROPERTIES = {
     "live_sst_bytes": "rocksdb.live-sst-files-size",
     "pending_compaction_bytes": "rocksdb.estimate-pending-compaction-bytes",
     "memtable_bytes": "rocksdb.size-all-mem-tables",
+    "level0_files": "rocksdb.num-files-at-level0",          # many: RocksDB slows writes, then stops them
+    "running_compactions": "rocksdb.num-running-compactions",
 }
 
 
@@ -360,6 +362,13 @@ class RocksTier:
             return [], []
         keys, values = zip(*chunk, strict=True)
         return list(keys), list(values)
+
+    def is_empty(self, family: str) -> bool:
+        """Whether the family holds no key (memtables included): one iterator step."""
+        with self._use(), _guard(f"look into {family!r}"):
+            options = rd.ReadOptions()
+            options.fill_cache(False)
+            return next(iter(self._family(family).keys(read_opt=options)), None) is None
 
     def count_keys(self, family: str) -> int:
         with self._use(), _guard(f"count keys of {family!r}"):

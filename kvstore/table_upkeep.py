@@ -157,7 +157,9 @@ class TableUpkeep:
             before = rocks.count_keys_in(family, bounds) if merging else 0
 
             def perform() -> None:
-                if replace:
+                # a range tombstone under the new files makes RocksDB place them in level 0 and
+                # then rewrite every imported row into the last level: only an old row needs it
+                if replace and not rocks.is_empty(family):
                     rocks.delete_all(family)
                 if files:
                     rocks.ingest(family, files)

@@ -26,7 +26,7 @@ from .. import store_bench
 from ..context import Context, cache_slots, table_weights
 from ..harness import LIMIT, SUBJECT, Record, Side, compare
 from . import lookup_service, memory
-from .common import Batch, make_batches, observed_hit_rate
+from .common import Batch, make_batches, observed_hit_rate, settle_compactions
 
 REGIMES = {"all": 0.5, "95%": 1 / 0.95, "cold": None}      # cache load (rows / slots); cold: 32 slots
 
@@ -118,6 +118,7 @@ def run_size(ctx: Context, plan: Plan, rows: int, first: bool) -> list[Record]:
         for dim, regimes in tables.items():
             arrays[dim] = table_weights(rows, dim, seed=dim)
             load_store(store, arrays[dim], regimes)
+        settle_compactions(store)
         families = tuple(store.table(table_name("cold", dim)).family for dim, regimes in tables.items()
                          if "cold" in regimes)
         raw, _ = store_bench.open_raw(store.rocks.path, read_only=True, families=families)

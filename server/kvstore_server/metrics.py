@@ -76,6 +76,9 @@ FAMILIES = _families(
     Family("kvstore_rocksdb_pending_compaction_bytes", "gauge", "Bytes RocksDB estimates compaction must "
            "rewrite.", ("table",)),
     Family("kvstore_rocksdb_memtable_bytes", "gauge", "Bytes of a table's memtables.", ("table",)),
+    Family("kvstore_rocksdb_level0_files", "gauge", "SST files of a table in RocksDB's level 0 (writes slow "
+           "down, then stop, when they pile up).", ("table",)),
+    Family("kvstore_rocksdb_running_compactions", "gauge", "Compactions running on a table now.", ("table",)),
     Family("kvstore_snapshot_duration_seconds", "summary", "Time to create a snapshot, whole."),
     Family("kvstore_snapshot_pause_seconds", "summary", "Time writes were paused by snapshot creation."),
     Family("kvstore_snapshot_last_pause_seconds", "gauge", "Write pause of the latest snapshot."),
@@ -143,7 +146,7 @@ TIER_STATS = {"rows_read": ("kvstore_cache_hits", ("rocksdb",)),
               "rows_initialized": ("kvstore_cache_misses", ("rocksdb",))}
 ROCKS_PROPERTIES = {key: f"kvstore_rocksdb_{key}" for key in (
     "block_cache_usage_bytes", "block_cache_capacity_bytes", "estimated_keys", "live_sst_bytes",
-    "pending_compaction_bytes", "memtable_bytes",
+    "pending_compaction_bytes", "memtable_bytes", "level0_files", "running_compactions",
 )}
 # Store-wide stats -> families of one sample; summaries are built from (count, sum) pairs below.
 STORE_VALUES = {

@@ -79,6 +79,8 @@ def test_writes_show_in_rocksdb_properties_and_rows_per_table(server, client):
     assert value(text, "kvstore_rows_written_total", table="stored") == 1000
     assert value(text, "kvstore_rocksdb_memtable_bytes", table="stored") > 16 * 4 * 1000
     assert value(text, "kvstore_rocksdb_estimated_keys", table="stored") > 0
+    assert value(text, "kvstore_rocksdb_level0_files", table="stored") == 0          # all in the memtable
+    assert value(text, "kvstore_rocksdb_running_compactions", table="stored") == 0
     assert value(text, "kvstore_table_rows", table="stored") > 0
     assert value(text, "kvstore_rocksdb_block_cache_capacity_bytes") == BLOCK_CACHE
     assert 0 < value(text, "kvstore_disk_free_bytes") <= value(text, "kvstore_disk_capacity_bytes")
@@ -192,6 +194,8 @@ def test_families_follow_the_naming_conventions():
         assert not family.name.endswith("_total"), "counters get _total on exposition"
         # counts and 0/1 states have no unit; change-feed positions are counted in sequence numbers
         if family.kind != "counter" and family.name not in ("kvstore_subscribers", "kvstore_replica_connected",
-                                                            "kvstore_replica_bootstrapped"):
+                                                            "kvstore_replica_bootstrapped",
+                                                            "kvstore_rocksdb_level0_files",
+                                                            "kvstore_rocksdb_running_compactions"):
             assert family.name.endswith(("_bytes", "_seconds", "_rows", "_keys", "_sequence", "_sequences")), \
                 f"{family.name}: no unit"
