@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import gc
 import itertools
 import operator
 import os
@@ -82,6 +83,13 @@ class FamilyNotFound(NotFound):
     reason = "table_not_found"
 
 
+_failures = 0                    # RocksDB calls that failed in this process (approximate under threads)
+
+
+def _failed_calls() -> int:
+    return _failures
+
+
 @contextlib.contextmanager
 def _guard(what: str) -> Iterator[None]:
     try:
@@ -89,7 +97,17 @@ def _guard(what: str) -> Iterator[None]:
     except KVStoreError:
         raise
     except Exception as exc:  # rocksdict's only error type
+        global _failures
+        _failures += 1
         raise StorageError(f"rocksdb {what} failed: {exc}") from exc
+
+
+def _let_go() -> None:
+    """Free what failed calls left in reference cycles. With Python 3.12 a failed read's frames
+    (holding a column family handle, so the database and its LOCK file) stay in a cycle until
+    the garbage collector runs: closing and opening the database again in this process then
+    failed with "lock hold by current process". Only after a failure: a collection costs time."""
+    gc.collect()
 
 
 class RocksTier:
@@ -128,6 +146,7 @@ class RocksTier:
         self._open()
 
     def _open(self) -> None:
+        self._failures_at_open = _failed_calls()
         with _guard("open"):
             existing = rd.Rdict.list_cf(self.path, self._options()) if os.path.exists(
                 os.path.join(self.path, "CURRENT")
@@ -182,6 +201,8 @@ class RocksTier:
                 except Exception:  # noqa: BLE001 - the error that made us reopen; nothing to save
                     pass
                 del old
+                if _failed_calls() != self._failures_at_open:
+                    _let_go()
                 self._open()
                 self.reopens += 1
         finally:
@@ -511,4 +532,6 @@ class RocksTier:
             self._families.clear()
             self._handles.clear()
             self._skipping.clear()
+            if _failed_calls() != self._failures_at_open:
+                _let_go()
             self._db.close()
