@@ -233,17 +233,7 @@ def test_verify_checksums_must_be_a_boolean(value):
 def test_a_corrupted_row_fails_its_read_unless_checksums_are_off(tmp_path, mmap_reads):
     """What `rocksdb.verify_checksums` promises: on (the default), a point read of a block
     whose bytes changed on disk fails with a StorageError; off, it returns the changed bytes."""
-    path = str(tmp_path / "db")
-    keys = encode_keys(np.arange(64, dtype=np.int64))
-    rows = [bytes([i]) * 100 for i in range(64)]
-    _write_family(path, "rows", keys, rows)
-    (sst,) = [os.path.join(path, name) for name in os.listdir(path) if name.endswith(".sst")]
-    with open(sst, "r+b") as file:
-        data = file.read()
-        at = data.index(rows[7]) + 50
-        file.seek(at)
-        file.write(b"\xff")
-    changed = rows[7][:50] + b"\xff" + rows[7][51:]
+    path, keys, changed = _one_corrupted_row(tmp_path)
     assert _reads_of(path, RocksConfig(mmap_reads=mmap_reads), keys[7]) == ("corrupt", "corrupt")
     # the same database again, in this process: a failed read must not keep it open (its LOCK)
     assert _reads_of(path, RocksConfig(mmap_reads=mmap_reads, verify_checksums=False), keys[7]) == (changed, changed)
@@ -252,6 +242,19 @@ def test_a_corrupted_row_fails_its_read_unless_checksums_are_off(tmp_path, mmap_
 def test_a_tier_reopens_after_a_failed_read(tmp_path):
     """`reopen` (how the store recovers from RocksDB errors) works after a read failed: with
     Python 3.12 the failed call's frames held the database open until a garbage collection."""
+    path, keys, _ = _one_corrupted_row(tmp_path)
+    tier = RocksTier(path)
+    try:
+        assert _corrupt_or(lambda: tier.get("rows", [keys[7]])) == "corrupt"
+        tier.reopen()
+        assert tier.get("rows", [keys[63]]) == [bytes([63]) * 100]      # another block, after the reopen
+    finally:
+        tier.close()
+
+
+def _one_corrupted_row(tmp_path) -> tuple[str, list[bytes], bytes]:
+    """A database of 64 rows of 100 bytes (row i: byte i) in one SST file, one byte of row 7
+    changed on disk: (its path, the keys, row 7 as it now reads)."""
     path = str(tmp_path / "db")
     keys = encode_keys(np.arange(64, dtype=np.int64))
     rows = [bytes([i]) * 100 for i in range(64)]
@@ -261,13 +264,7 @@ def test_a_tier_reopens_after_a_failed_read(tmp_path):
         data = file.read()
         file.seek(data.index(rows[7]) + 50)
         file.write(b"\xff")
-    tier = RocksTier(path)
-    try:
-        assert _corrupt_or(lambda: tier.get("rows", [keys[7]])) == "corrupt"
-        tier.reopen()
-        assert tier.get("rows", [keys[63]]) == [rows[63]]      # another block: read after the reopen
-    finally:
-        tier.close()
+    return path, keys, rows[7][:50] + b"\xff" + rows[7][51:]
 
 
 def _write_family(path: str, name: str, keys: list[bytes], values: list[bytes]) -> None:
