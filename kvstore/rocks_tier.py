@@ -27,6 +27,7 @@ import rocksdict as rd
 
 from .config import RocksConfig
 from .errors import KVStoreError, NotFound, StorageError
+from .transfer_worker import check_ended
 
 META_FAMILY = "default"      # table configs live in the default column family
 _TABLE_PREFIX = b"table/"
@@ -100,6 +101,14 @@ def _guard(what: str) -> Iterator[None]:
         global _failures
         _failures += 1
         raise StorageError(f"rocksdb {what} failed: {exc}") from exc
+
+
+def _scan_options() -> rd.ReadOptions:
+    """Options of an iterator over a table: blocks checked (whatever `verify_checksums` says of
+    point reads), and not put in the block cache, whose hot blocks a scan would push out."""
+    options = rd.ReadOptions()
+    options.fill_cache(False)
+    return options
 
 
 def _let_go() -> None:
@@ -368,17 +377,22 @@ class RocksTier:
 
     def iter_items(self, family: str) -> Iterator[tuple[bytes, bytes]]:
         with self._use(), _guard(f"iterate {family!r}"):
-            yield from self._family(family).items()
+            cf, last = self._family(family), None
+            for key, value in cf.items(read_opt=_scan_options()):
+                yield key, value
+                last = key
+            check_ended(cf, _scan_options(), last)
 
     def scan(self, family: str, start: bytes | None, limit: int) -> tuple[list[bytes], list[bytes]]:
         """Up to `limit` items in key order from `start` (inclusive; None: the first key).
         Each call opens a fresh iterator, so a slow scan never pins old data."""
         with self._use(), _guard(f"scan {family!r}"):
             cf = self._family(family)
-            options = rd.ReadOptions()
-            options.fill_cache(False)          # a scan must not push hot blocks out of the block cache
+            options = _scan_options()
             items = cf.items(read_opt=options) if start is None else cf.items(from_key=start, read_opt=options)
             chunk = list(itertools.islice(items, limit))
+            if len(chunk) < limit:                 # the end of the table, or an error rocksdict kept quiet
+                check_ended(cf, options, chunk[-1][0] if chunk else None, start)
         if not chunk:
             return [], []
         keys, values = zip(*chunk, strict=True)
@@ -387,13 +401,19 @@ class RocksTier:
     def is_empty(self, family: str) -> bool:
         """Whether the family holds no key (memtables included): one iterator step."""
         with self._use(), _guard(f"look into {family!r}"):
-            options = rd.ReadOptions()
-            options.fill_cache(False)
-            return next(iter(self._family(family).keys(read_opt=options)), None) is None
+            cf = self._family(family)
+            if next(iter(cf.keys(read_opt=_scan_options())), None) is not None:
+                return False
+            check_ended(cf, _scan_options(), None)
+            return True
 
     def count_keys(self, family: str) -> int:
         with self._use(), _guard(f"count keys of {family!r}"):
-            return sum(1 for _ in self._family(family).keys())
+            cf, count, last = self._family(family), 0, None
+            for key in cf.keys(read_opt=_scan_options()):
+                count, last = count + 1, key
+            check_ended(cf, _scan_options(), last)
+            return count
 
     def count_keys_in(self, family: str, bounds: list[tuple[bytes, bytes]]) -> int:
         """Keys k with lo <= k <= hi for each (lo, hi) of `bounds` (disjoint): a scan of those key
@@ -401,10 +421,11 @@ class RocksTier:
         with self._use(), _guard(f"count keys of {family!r}"):
             cf, total = self._family(family), 0
             for lo, hi in bounds:
-                options = rd.ReadOptions()
-                options.fill_cache(False)
-                keys = cf.keys(from_key=lo, read_opt=options)
-                total += sum(1 for _ in itertools.takewhile(lambda key, hi=hi: key <= hi, keys))
+                last = None
+                for key in itertools.takewhile(lambda key, hi=hi: key <= hi,
+                                               cf.keys(from_key=lo, read_opt=_scan_options())):
+                    total, last = total + 1, key
+                check_ended(cf, _scan_options(), last, lo, hi)
             return total
 
     def live_bytes(self, family: str) -> int:

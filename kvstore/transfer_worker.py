@@ -42,6 +42,28 @@ KEY_BYTES = 8
 _SIGN = np.uint64(1 << 63)
 
 
+def check_ended(family, options, last: bytes | None, start: bytes | None = None, bound: bytes | None = None) -> None:
+    """Raise when an iteration of `family` that stopped after key `last` (None: it yielded
+    nothing, from `start`) stopped early. rocksdict's `items()` and `keys()` end quietly where
+    RocksDB's iterator fails (a block whose checksum does not match), which would read as the
+    end of the table; a second iterator placed just past `last` must find no key (or only keys
+    above `bound`) and no error: `status()` raises the error itself."""
+    iterator = family.iter(options)
+    if last is not None:
+        iterator.seek(last)
+        if iterator.valid() and iterator.key() == last:
+            iterator.next()
+    elif start is not None:
+        iterator.seek(start)
+    else:
+        iterator.seek_to_first()
+    if iterator.valid():
+        if bound is not None and iterator.key() > bound:
+            return
+        raise RuntimeError("the iteration ended before the last key (the iterator stopped early)")
+    iterator.status()
+
+
 def raw_rows(layout: dict, ids: np.ndarray, rows: np.ndarray) -> list:
     """The in-process encoding: ids (int64) then the rows as stored; the store decodes it in place."""
     return [np.ascontiguousarray(ids, "<i8").data, np.ascontiguousarray(rows).data]
@@ -82,6 +104,7 @@ class CheckpointReader:
         items = family.items(read_opt=opts)
         width = KEY_BYTES + self.row_bytes
         taken = 0                                   # unsaved rows merged so far
+        last_key = None
         while True:
             batch = list(itertools.islice(items, self.chunk_rows))
             flat = np.frombuffer(b"".join(itertools.chain.from_iterable(batch)), np.uint8)
@@ -90,6 +113,9 @@ class CheckpointReader:
             records = flat.reshape(len(batch), width)
             ids = _ids_of(records[:, :KEY_BYTES])
             last = len(batch) < self.chunk_rows
+            last_key = batch[-1][0] if batch else last_key
+            if last:                                # the end, or a block rocksdict's items() stopped at quietly
+                check_ended(family, opts, last_key)
             upto = len(self.unsaved_ids) if last else int(np.searchsorted(self.unsaved_ids, ids[-1], "right"))
             yield from self._merged(ids, records[:, KEY_BYTES:], taken, upto)
             taken = upto

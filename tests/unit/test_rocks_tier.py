@@ -234,9 +234,11 @@ def test_a_corrupted_row_fails_its_read_unless_checksums_are_off(tmp_path, mmap_
     """What `rocksdb.verify_checksums` promises: on (the default), a point read of a block
     whose bytes changed on disk fails with a StorageError; off, it returns the changed bytes."""
     path, keys, changed = _one_corrupted_row(tmp_path)
-    assert _reads_of(path, RocksConfig(mmap_reads=mmap_reads), keys[7]) == ("corrupt", "corrupt")
-    # the same database again, in this process: a failed read must not keep it open (its LOCK)
-    assert _reads_of(path, RocksConfig(mmap_reads=mmap_reads, verify_checksums=False), keys[7]) == (changed, changed)
+    assert _reads_of(path, RocksConfig(mmap_reads=mmap_reads), keys[7]) == ("corrupt", "corrupt", "corrupt")
+    # the same database again, in this process: a failed read must not keep it open (its LOCK).
+    # Scans (export, sweeps) check the blocks whatever the option says of point reads
+    assert _reads_of(path, RocksConfig(mmap_reads=mmap_reads, verify_checksums=False), keys[7]) == (
+        changed, changed, "corrupt")
 
 
 def test_a_tier_reopens_after_a_failed_read(tmp_path):
@@ -285,14 +287,16 @@ def _write_family(path: str, name: str, keys: list[bytes], values: list[bytes]) 
 
 
 def _reads_of(path: str, config: RocksConfig, key: bytes) -> tuple:
-    """What `get` and `read_rows` give for `key` in a fresh tier: the row, or "corrupt" for a
-    StorageError naming a corruption. The errors are not kept: a traceback holding a frame of
-    the tier's would hold its database open."""
+    """What `get`, `read_rows` and a scan give for `key` in a fresh tier: the row, or "corrupt"
+    for a StorageError naming a corruption. The errors are not kept: a traceback holding a frame
+    of the tier's would hold its database open."""
     tier = RocksTier(path, config)
     try:
         out = np.zeros((1, 100), dtype=np.uint8)
-        return _corrupt_or(lambda: tier.get("rows", [key])[0]), _corrupt_or(
-            lambda: bytes(out[0]) if tier.read_rows("rows", [key], out).all() else None)
+        # the scan first: it reads the block from the file (a point read may have cached it unchecked)
+        scanned = _corrupt_or(lambda: dict(zip(*tier.scan("rows", None, 1000), strict=True))[key])
+        return (_corrupt_or(lambda: tier.get("rows", [key])[0]),
+                _corrupt_or(lambda: bytes(out[0]) if tier.read_rows("rows", [key], out).all() else None), scanned)
     finally:
         tier.close()
 

@@ -1,6 +1,8 @@
 """Export and import of tables: key order, consistency, bit-exact round trips, modes, validation."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -284,3 +286,25 @@ def test_a_replace_import_into_an_empty_table_lands_in_the_last_level_with_nothi
     assert len(collect(store.export_table("t")).ids) == len(ids)
     store.import_table("t", [(np.array([7]), np.full((1, 8), 2.0, np.float32))], mode="replace")
     assert collect(store.export_table("t")).ids.tolist() == [7]      # a table with rows: they still go
+
+
+def test_an_export_over_a_corrupted_block_fails_instead_of_ending_early(store):
+    """rocksdict's iteration ends quietly at a block RocksDB cannot read; an export that took that
+    for the end of the table would look complete with rows missing."""
+    from kvstore import StorageError
+
+    store.create_table(adam_table(rows=32))
+    ids = np.arange(2000)
+    weights = np.full((2000, 8), 7.25, np.float32)
+    store.update("t", ids, weights)
+    store.flush()
+    store.rocks.flush()
+    marker = np.float32(7.25).tobytes() * 8
+    path = store.rocks.path
+    (sst,) = [file for file in Path(path).glob("*.sst") if marker in file.read_bytes()]
+    with open(sst, "r+b") as file:
+        data = file.read()
+        file.seek(data.index(marker, len(data) // 2) + 3)      # a row in the middle of the file
+        file.write(b"\xee")
+    with pytest.raises(StorageError, match="(?i)corrupt|checksum|ended before"):
+        collect(store.export_table("t", chunk_rows=256))
