@@ -425,7 +425,7 @@ class RocksTier:
                 for key in itertools.takewhile(lambda key, hi=hi: key <= hi,
                                                cf.keys(from_key=lo, read_opt=_scan_options())):
                     total, last = total + 1, key
-                check_ended(cf, _scan_options(), last, lo, hi)
+                check_ended(cf, _scan_options(), last, lo)
             return total
 
     def live_bytes(self, family: str) -> int:

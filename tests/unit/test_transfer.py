@@ -306,5 +306,5 @@ def test_an_export_over_a_corrupted_block_fails_instead_of_ending_early(store):
         data = file.read()
         file.seek(data.index(marker, len(data) // 2) + 3)      # a row in the middle of the file
         file.write(b"\xee")
-    with pytest.raises(StorageError, match="(?i)corrupt|checksum|ended before"):
+    with pytest.raises(StorageError, match="(?i)corrupt|checksum"):
         collect(store.export_table("t", chunk_rows=256))
