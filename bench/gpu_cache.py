@@ -26,8 +26,11 @@ ROTATE = 4
 DIM = 128
 
 
-def median_ms(fn, inputs, reps: int, warmup: int = 3, before=None) -> float:
-    """Median time of fn(inputs[i % len(inputs)]) with CUDA events; `before` runs untimed."""
+def median_ms(fn, inputs, reps: int, warmup: int = 3, before=None, queued: bool = False) -> float:
+    """Median time of fn(inputs[i % len(inputs)]) with CUDA events; `before` runs untimed.
+    `queued`: each timed call waits behind about 1 ms of other device work, so its launches run
+    back to back: its device time alone, without the wait for its first launch (what a caller
+    whose host runs ahead of the device sees)."""
     for i in range(warmup):
         if before:
             before(i)
@@ -37,6 +40,9 @@ def median_ms(fn, inputs, reps: int, warmup: int = 3, before=None) -> float:
     for i in range(reps):
         if before:
             before(i)
+        if queued:
+            cupy.cuda.get_current_stream().synchronize()
+            _spin(2_000_000)
         start.record()
         fn(inputs[i % len(inputs)])
         stop.record()
@@ -49,33 +55,12 @@ _SPIN = None
 
 
 def _spin(cycles: int) -> None:
-    """Keep the device busy for `cycles` clock cycles (one thread), so the host can queue work
-    behind it: what follows then runs back to back, as it does when a caller runs ahead."""
+    """Keep the device busy for `cycles` clock cycles (one thread), so the host can queue work behind it."""
     global _SPIN
     if _SPIN is None:
         _SPIN = cupy.RawKernel(r"""extern "C" __global__ void spin(long long cycles) {
             const long long start = clock64(); while (clock64() - start < cycles) {} }""", "spin")
     _SPIN((1,), (1,), (np.int64(cycles),))
-
-
-def device_ms(fn, inputs, reps: int, warmup: int = 3, before=None) -> float:
-    """As `median_ms`, but each timed call is queued behind about 1 ms of other device work:
-    the call's device time alone, without the wait for its first launch (what a caller whose
-    host runs ahead of the device sees)."""
-    times = []
-    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-    for i in range(warmup + reps):
-        if before:
-            before(i)
-        cupy.cuda.get_current_stream().synchronize()
-        _spin(2_000_000)
-        start.record()
-        fn(inputs[i % len(inputs)])
-        stop.record()
-        stop.synchronize()
-        if i >= warmup:
-            times.append(cupy.cuda.get_elapsed_time(start, stop))
-    return float(np.median(times))
 
 
 class Marked:
@@ -198,7 +183,7 @@ def bench_kernels(args, copy_gbs: float, rows: list) -> None:
     claims = []
     ms = median_ms(lambda ids: claims.append(cache.find_or_insert(ids)), batches, args.reps, before=prepare)
     print("find_or_insert breakdown:", breakdown(cache, cache.find_or_insert, batches, prepare))
-    queued_ms = device_ms(cache.find_or_insert, batches, args.reps, before=prepare)
+    queued_ms = median_ms(cache.find_or_insert, batches, args.reps, before=prepare, queued=True)
     hit_rate = float(claims[-1].hit.mean())
     probe_ms = median_ms(cache.probe, batches, args.reps)
     choose_ms = median_ms(lambda ids: cache._link(ids, 0), batches, args.reps)   # probe + victim choice

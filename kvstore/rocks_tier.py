@@ -87,10 +87,6 @@ class FamilyNotFound(NotFound):
 _failures = 0                    # RocksDB calls that failed in this process (approximate under threads)
 
 
-def _failed_calls() -> int:
-    return _failures
-
-
 @contextlib.contextmanager
 def _guard(what: str) -> Iterator[None]:
     try:
@@ -109,14 +105,6 @@ def _scan_options() -> rd.ReadOptions:
     options = rd.ReadOptions()
     options.fill_cache(False)
     return options
-
-
-def _let_go() -> None:
-    """Free what failed calls left in reference cycles. With Python 3.12 a failed read's frames
-    (holding a column family handle, so the database and its LOCK file) stay in a cycle until
-    the garbage collector runs: closing and opening the database again in this process then
-    failed with "lock hold by current process". Only after a failure: a collection costs time."""
-    gc.collect()
 
 
 class RocksTier:
@@ -155,7 +143,7 @@ class RocksTier:
         self._open()
 
     def _open(self) -> None:
-        self._failures_at_open = _failed_calls()
+        self._failures_at_open = _failures
         with _guard("open"):
             existing = rd.Rdict.list_cf(self.path, self._options()) if os.path.exists(
                 os.path.join(self.path, "CURRENT")
@@ -210,14 +198,22 @@ class RocksTier:
                 except Exception:  # noqa: BLE001 - the error that made us reopen; nothing to save
                     pass
                 del old
-                if _failed_calls() != self._failures_at_open:
-                    _let_go()
+                self._let_go()
                 self._open()
                 self.reopens += 1
         finally:
             with self._users:
                 self._reopening = False
                 self._users.notify_all()
+
+    def _let_go(self) -> None:
+        """Free what failed calls left in reference cycles before the database closes. With
+        Python 3.12 a failed call's frames (holding a column family handle, so the database and
+        its LOCK file) stay in a cycle until the garbage collector runs: opening the database
+        again in this process then failed with "lock hold by current process". Only after a
+        failure since this opening: a collection costs time."""
+        if _failures != self._failures_at_open:
+            gc.collect()
 
     def _options(self) -> rd.Options:
         opts = rd.Options(raw_mode=True)
@@ -553,6 +549,5 @@ class RocksTier:
             self._families.clear()
             self._handles.clear()
             self._skipping.clear()
-            if _failed_calls() != self._failures_at_open:
-                _let_go()
+            self._let_go()
             self._db.close()

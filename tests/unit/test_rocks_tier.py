@@ -269,14 +269,15 @@ def _one_corrupted_row(tmp_path) -> tuple[str, list[bytes], bytes]:
     return path, keys, rows[7][:50] + b"\xff" + rows[7][51:]
 
 
-def _write_family(path: str, name: str, keys: list[bytes], values: list[bytes]) -> None:
-    """A database whose family `name` holds these rows in one SST file, uncompressed."""
+def _write_family(path: str, name: str, keys: list[bytes], values: list[bytes], compression: str = "none") -> None:
+    """A database whose family `name` holds these rows in one SST file (compressed as rocksdict
+    names it), written by rocksdict alone."""
     import rocksdict as rd
 
     options = rd.Options(raw_mode=True)
     options.create_if_missing(True)
     options.create_missing_column_families(True)
-    options.set_compression_type(rd.DBCompressionType.none())
+    options.set_compression_type(getattr(rd.DBCompressionType, compression)())
     db = rd.Rdict(path, options, column_families={name: options})
     family = db.get_column_family(name)
     for key, value in zip(keys, values, strict=True):
@@ -312,22 +313,10 @@ def _corrupt_or(read):
 def test_rows_in_compressed_files_of_earlier_versions_still_read_and_take_writes(tmp_path):
     """Earlier versions wrote Snappy-compressed SST files; stored rows are now written
     uncompressed, and a database holding both kinds reads them all."""
-    import rocksdict as rd
-
     path = str(tmp_path / "db")
-    options = rd.Options(raw_mode=True)
-    options.create_if_missing(True)
-    options.create_missing_column_families(True)
-    options.set_compression_type(rd.DBCompressionType.snappy())
-    old = rd.Rdict(path, options, column_families={"rows": options})
-    family = old.get_column_family("rows")
     keys = encode_keys(np.arange(-500, 500, dtype=np.int64))
     values = [bytes([i % 251]) * 64 for i in range(len(keys))]      # compressible: the files really are compressed
-    for key, value in zip(keys, values, strict=True):
-        family[key] = value
-    family.flush()
-    del family
-    old.close()
+    _write_family(path, "rows", keys, values, compression="snappy")
     tier = RocksTier(path)
     try:
         assert tier.get("rows", keys) == values
