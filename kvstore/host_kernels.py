@@ -49,6 +49,7 @@ def warm() -> None:
                  np.zeros((2, 1))):         # a table's weights (a strided view), and float16/bfloat16's buffer
         for kind in ("uniform", "normal"):
             initial_values(kind, np.arange(2), (np.uint64(1),) * (1 if kind == "uniform" else 2), 1.0, rows)
+    sum_by_id(np.array([1, 1]), np.zeros((2, 2), np.float32))
 
 
 def _refuse_bad_slot(results: list[int], slots: np.ndarray, capacity: int) -> None:
@@ -224,3 +225,21 @@ def fill_slots(slots: np.ndarray, ids: np.ndarray, hints: np.ndarray, mask: np.u
         np.uint64(mask), keys, occupied, fingerprints, spilled, dirty,
         bool(flags) if flags.ndim == 0 else False, flags if flags.ndim else np.zeros(0, bool), last_used,
         np.int64(tick), np.zeros(0, np.int64) if uses is None else uses, np.int64(ways), np.uint64(len(spilled))))
+
+
+def sum_by_id(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct ids of `ids` (sorted) and, for each, the float32 sum of its rows of `grads`
+    ([n, dim] float32, C-contiguous), added in request order. One hashing pass groups the ids,
+    a sort orders only the distinct ones, and one pass adds each row into its group's: no sort
+    of all n ids and no per-group overhead."""
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    n = len(ids)
+    groups, firsts = np.empty(n, np.int64), np.empty(n, np.int64)
+    count = _loops().group_ids(ids, np.int64(max(4, (2 * n).bit_length())), groups, firsts)
+    distinct = ids[firsts[:count]]
+    order = np.argsort(distinct, kind="stable")
+    rank = np.empty(count, np.int64)
+    rank[order] = np.arange(count)
+    out = np.empty((count, grads.shape[1]), np.float32)
+    _loops().add_rows(grads, groups, rank, out)
+    return distinct[order], out

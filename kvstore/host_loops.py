@@ -345,3 +345,47 @@ def fill_slots(slots, ids, hints, mask, keys, occupied, fingerprints, spilled, d
         if len(uses):
             uses[slot] = 1
     return gained
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def group_ids(ids, table_bits, groups, firsts):
+    """Each id's group (its distinct value's number, in order of first appearance) into `groups`,
+    and each group's first position into `firsts`; returns the number of groups. One pass over
+    the ids through an open-addressed table of 2**table_bits entries (more than twice the ids)."""
+    mask = np.int64((1 << table_bits) - 1)
+    shift = np.uint64(64 - table_bits)
+    at = np.full(1 << table_bits, -1, np.int64)          # table entry -> group
+    count = 0
+    for j in range(len(ids)):
+        key = ids[j]
+        entry = np.int64(_mix(key) >> shift)
+        while True:
+            group = at[entry]
+            if group < 0:
+                at[entry] = count
+                firsts[count] = j
+                groups[j] = count
+                count += 1
+                break
+            if ids[firsts[group]] == key:
+                groups[j] = group
+                break
+            entry = (entry + 1) & mask
+    return count
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def add_rows(grads, groups, rank, out):
+    """out[rank[groups[j]]] = the float32 sum of grads[j] over j in request order, each row's
+    first term added to zero (so the bits are those of any sum that starts at 0 in that order)."""
+    n, dim = grads.shape
+    seen = np.zeros(len(out), np.bool_)
+    for j in range(n):
+        row = rank[groups[j]]
+        if seen[row]:
+            for c in range(dim):
+                out[row, c] += grads[j, c]
+        else:
+            seen[row] = True
+            for c in range(dim):
+                out[row, c] = np.float32(0.0) + grads[j, c]

@@ -132,28 +132,17 @@ def step_rows(optimizer: Optimizer, layout: RowLayout, rows: np.ndarray, grads: 
 def sum_duplicates(ids: np.ndarray, grads: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Unique ids (sorted) and the float32 sum of each id's gradient rows, added in request order.
 
-    The sum is one sparse product: a [unique, n] one-hot matrix (column j has a 1 in the
-    row of ids[j]) times the [n, dim] gradients. In CSC form scipy walks the gradients once,
-    in order, adding each into its unique row: no sort of the rows and no per-segment
-    overhead (`np.add.reduceat` over many short segments, or `np.add.at`, cost 8-10x more).
+    `host_kernels.sum_by_id` hashes the ids into groups in one pass, sorts only the distinct
+    ones and adds each gradient row into its group's in one more pass: no sort of every id
+    (`np.unique` with its inverse) and no per-segment overhead (`np.add.reduceat` over many
+    short segments, or `np.add.at`, cost 8-10x more than a sparse product, which this replaced).
 
     Ids already sorted and distinct (what a client that de-duplicated sends: the Train stream's
     collection does) are returned as they are, with `grads` itself when it is float32 and
-    contiguous: one comparison pass instead of a sort, an inverse and a scatter of every row."""
+    contiguous: one comparison pass instead of hashing and copying every row."""
     grads = np.ascontiguousarray(grads, dtype=np.float32)
     if sorted_distinct(ids):
         return ids.copy(), grads         # a fresh ids array, as np.unique's: a change feed may keep it
-    uniq, inverse = np.unique(ids, return_inverse=True)
-    n = len(ids)
-    if len(uniq) == n:
-        out = np.empty_like(grads)
-        out[inverse] = grads
-        return uniq, out
-    # imported here: it adds a quarter second to every import of the store (tools that never sum duplicates)
-    import scipy.sparse
+    from .host_kernels import sum_by_id  # imported here: the compiled loops load on first use
 
-    index = np.int32 if n < np.iinfo(np.int32).max else np.int64
-    one_hot = scipy.sparse.csc_matrix(
-        (np.ones(n, np.float32), inverse.astype(index).reshape(-1), np.arange(n + 1, dtype=index)),
-        shape=(len(uniq), n))
-    return uniq, np.ascontiguousarray(one_hot @ grads, dtype=np.float32)
+    return sum_by_id(ids, grads)

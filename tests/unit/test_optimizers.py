@@ -228,6 +228,26 @@ def test_sum_duplicates_is_the_same_for_the_same_batch():
     np.testing.assert_array_equal(sum_duplicates(ids, grads)[1], sum_duplicates(ids.copy(), grads.copy())[1])
 
 
+def test_sum_duplicates_gives_the_bits_of_a_float32_sum_from_zero_in_request_order():
+    """Server and client sum the same batch alike: each id's rows added in float32, starting at
+    zero, in the order they came (so a -0.0 gradient alone sums to +0.0), whatever the ids."""
+    from kvstore.optimizers import sum_duplicates
+
+    rng = np.random.default_rng(11)
+    ids = np.concatenate([rng.integers(0, 30, 600) << 40, np.array([-1, 2**63 - 1, -(2**63)]),
+                          rng.integers(-5, 5, 400)])
+    rng.shuffle(ids)
+    grads = rng.standard_normal((len(ids), 5)).astype(np.float32) * np.float32(1e3)
+    grads[ids == -1] = -0.0
+    uniq, summed = sum_duplicates(ids, grads)
+    expected = {}
+    for i, row in zip(ids.tolist(), grads, strict=True):
+        expected[i] = expected.get(i, np.zeros(5, np.float32)) + row      # float32 adds, from +0.0
+    assert uniq.tolist() == sorted(expected)
+    assert summed.tobytes() == np.array([expected[i] for i in uniq.tolist()], np.float32).tobytes()
+    assert np.signbit(summed[uniq.tolist().index(-1)]).sum() == 0
+
+
 def test_low_precision_tables_step_in_float32_and_round_once(tmp_path):
     import ml_dtypes
 
