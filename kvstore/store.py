@@ -201,6 +201,12 @@ class Store:
         with self.gate.writing(), self._gens.pin() as gen:
             return self._table(gen, table).apply_gradients(ids, grads, owner, scores)
 
+    def apply_gradients_if_cached(self, table: str, ids, grads) -> int | None:
+        """`apply_gradients` when no snapshot holds the write gate and the table can step the rows
+        without waiting (see Table), else None with nothing changed."""
+        with self.gate.writing(wait=False) as open_now, self._gens.pin() as gen:
+            return self._table(gen, table).apply_gradients_if_cached(ids, grads) if open_now else None
+
     def prefetch(self, table: str, ids, lock: bool = False, owner: str = "") -> int:
         with self._gens.pin() as gen:
             return self._table(gen, table).prefetch(ids, lock, owner)

@@ -467,17 +467,7 @@ class Table(TableUpkeep):
         highest wins for duplicates) become the rows' feature scores. Releases the prefetch
         locks `owner` holds on these ids. A step that would leave NaN or Inf in a table that
         does not allow them is refused. Returns the number of unique rows."""
-        ids = self._ids(ids)
-        grads = self._matrix(grads, len(ids), self.config.dim, np.dtype(np.float32), "grads", finite=False)
-        scores = check_scores(arrays.host(scores), len(ids))
-        if scores is not None:
-            unique, inverse = np.unique(ids, return_inverse=True)
-            best = np.full(len(unique), -np.inf, dtype=np.float32)
-            np.maximum.at(best, inverse, scores)
-        ids, grads = sum_duplicates(ids, grads)     # NaN/Inf checked on the sums: fewer rows, same verdict
-        self._matrix(grads, len(ids), self.config.dim, np.dtype(np.float32), "grads")
-        if scores is not None:
-            scores = best[np.searchsorted(unique, ids)]
+        ids, grads, scores = self._summed_gradients(ids, grads, scores)
         with self._lock:
             self._check_writable()
             self.cache.begin_batch()
@@ -501,6 +491,48 @@ class Table(TableUpkeep):
                 self._release(ids, owner)
             self.counters["rows_stepped"] += len(ids)
         return len(ids)
+
+    def apply_gradients_if_cached(self, ids, grads) -> int | None:
+        """`apply_gradients(ids, grads)` when it needs no waiting: a host-memory cache holds every
+        id, the table keeps its writes in memory until a flush (write_back) and its lock is free
+        right now; else None with nothing changed. Bad input raises as `apply_gradients` does.
+        So a server may run a small training step where it must not block (its event loop)."""
+        if self.write_through or self.config.cache.device != "cpu":
+            return None
+        ids, grads, _ = self._summed_gradients(ids, grads, None)
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            self._check_writable()
+            slots = self.cache.probe(ids)
+            if not bool((slots >= 0).all()):
+                return None
+            self.cache.begin_batch()
+            self.cache.touch(slots)
+            rows = self.cache.stage(slots)
+            self._step(ids, rows, grads)
+            self._store_rows(ids, rows, slots)
+            self.changes.record(self.name, ids)
+            self.counters["rows_stepped"] += len(ids)
+        finally:
+            self._lock.release()
+        return len(ids)
+
+    def _summed_gradients(self, ids, grads, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Checked ids and gradients with duplicates summed (unique ids, sorted), and each unique
+        id's score (the highest of its duplicates') when scores are given."""
+        ids = self._ids(ids)
+        grads = self._matrix(grads, len(ids), self.config.dim, np.dtype(np.float32), "grads", finite=False)
+        scores = check_scores(arrays.host(scores), len(ids))
+        if scores is not None:
+            unique, inverse = np.unique(ids, return_inverse=True)
+            best = np.full(len(unique), -np.inf, dtype=np.float32)
+            np.maximum.at(best, inverse, scores)
+        ids, grads = sum_duplicates(ids, grads)     # NaN/Inf checked on the sums: fewer rows, same verdict
+        self._matrix(grads, len(ids), self.config.dim, np.dtype(np.float32), "grads")
+        if scores is not None:
+            scores = best[np.searchsorted(unique, ids)]
+        return ids, grads, scores
 
     def _step(self, ids: np.ndarray, rows, grads: np.ndarray) -> None:
         """One optimizer step on staged rows (copies: the table is unchanged if it is refused)."""

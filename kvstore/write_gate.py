@@ -21,13 +21,19 @@ class WriteGate:
         self._pauses = 0           # pauses waiting or holding the gate
 
     @contextlib.contextmanager
-    def writing(self) -> Iterator[None]:
+    def writing(self, wait: bool = True) -> Iterator[bool]:
+        """Hold the gate open for one write; yields True. `wait=False`: while a pause waits or
+        holds the gate, yields False at once instead of waiting (the caller writes nothing)."""
         with self._cond:
-            while self._pauses:
+            refused = bool(self._pauses) and not wait
+            while self._pauses and not refused:
                 self._cond.wait()
-            self._writers += 1
+            self._writers += not refused
+        if refused:
+            yield False
+            return
         try:
-            yield
+            yield True
         finally:
             with self._cond:
                 self._writers -= 1

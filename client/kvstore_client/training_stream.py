@@ -147,6 +147,12 @@ class TrainingStream:
         with self._lock:
             self._end(None)
 
+    def __enter__(self) -> TrainingStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _open(self) -> None:
         requests: queue.SimpleQueue = queue.SimpleQueue()
 

@@ -63,7 +63,7 @@ class ServerConfig:
     grace_seconds: float = 10.0          # in-flight calls may finish this long on shutdown
     max_request_rows: int = 1 << 22      # rows in one Update/Delete call, all chunks together
     max_chunk_rows: int = 1 << 20        # rows in one message of a stream
-    inline_lookup_bytes: int = 4 << 20   # cached-row lookups up to this response size run on the event loop; 0 = never
+    inline_lookup_bytes: int = 4 << 20   # cached lookups and Train steps up to this size run on the loop; 0: never
     same_host: bool = True               # clients on this machine may move rows through shared memory
     auth_token_file: str = ""            # file holding the bearer token; empty = no auth
     tls_cert: str = ""                   # PEM certificate chain; with tls_key turns TLS on

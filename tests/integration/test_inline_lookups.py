@@ -1,4 +1,5 @@
-"""Lookups of cached rows served on the event loop (`inline_lookup_bytes`) never make the loop wait.
+"""Lookups and training steps of cached rows served on the event loop (`inline_lookup_bytes`) never
+make the loop wait.
 
 These tests run `KVStoreServer` (what `kvstore-server` runs: real gRPC on a loopback port, real
 Store and RocksDB) on an event loop thread of the test process rather than in a child process,
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 from held_clock import HeldClock
 from kvstore_client import KVStoreClient
+from kvstore_client.training_stream import TrainingStream
 from kvstore_server.config import ServerConfig
 from kvstore_server.rpc import StoreWork
 from kvstore_server.server import KVStoreServer
@@ -180,3 +182,83 @@ def test_a_same_host_lookup_past_the_bound_is_one_store_job_written_into_the_seg
         assert server.work.jobs == jobs + 2
         np.testing.assert_array_equal(got[[0, 2, 4, 6, 7, 9]], weights[[3, 5, 7, 9, 3, 31]])
         np.testing.assert_array_equal(got, net.lookup("t", ids, on_miss="error"))   # the new rows were kept
+
+
+SGD = {"name": "sgd", "lr": 0.5}
+WRITE_BACK = {"rows": 256, "ways": 8, "flush_seconds": 3600}   # the writer takes no lock during a test
+
+
+def _trained(client: KVStoreClient, name: str, rows: int = 16) -> np.ndarray:
+    client.create_table(name, DIM, cache=WRITE_BACK, optimizer=SGD)
+    weights = random_rows(rows, DIM, seed=len(name))
+    client.update(name, np.arange(rows), weights)
+    return weights
+
+
+def _sgd(weights: np.ndarray, ids: np.ndarray, grads: np.ndarray) -> np.ndarray:
+    """weights after one SGD step of `grads` (duplicates summed in order, float32, as the server does)."""
+    stepped = weights.copy()
+    for i in np.unique(ids):
+        total = np.zeros(DIM, np.float32)
+        for row in grads[ids == i]:
+            total = total + row
+        stepped[i] = stepped[i] - total * np.float32(SGD["lr"])
+    return stepped
+
+
+def test_a_training_step_of_cached_rows_runs_on_the_loop_and_others_in_store_threads(start_loop_server):
+    """A step (gradients, then lookups) of cached rows of write_back tables, within the bound, needs no
+    store thread; one past the bound, and one with a row not cached, each take one store job. Every
+    step's lookups see its own gradients."""
+    server = start_loop_server(inline_lookup_bytes=12 * DIM * 4)
+    rng = np.random.default_rng(7)
+    with KVStoreClient(server.address, timeout=60) as client, TrainingStream(client) as stream:
+        a, b = _trained(client, "a"), _trained(client, "bb")
+        jobs = server.work.jobs
+        ids = np.array([1, 3, 1])
+        grads = rng.standard_normal((3, DIM)).astype(np.float32)
+        stepped, rows = stream.send(gradients={"a": (ids, grads), "bb": (ids, grads)},
+                                    lookups={"a": [1, 2], "bb": [3]}).result()
+        a, b = _sgd(a, ids, grads), _sgd(b, ids, grads)
+        assert stepped == {"a": 2, "bb": 2} and server.work.jobs == jobs      # on the loop
+        np.testing.assert_array_equal(rows["a"], a[[1, 2]])
+        np.testing.assert_array_equal(rows["bb"], b[[3]])
+        big = np.arange(13)
+        stepped, rows = stream.send(lookups={"a": big}).result()
+        assert server.work.jobs == jobs + 1                                    # past the bound
+        np.testing.assert_array_equal(rows["a"], a[big])
+        stepped, rows = stream.send(gradients={"a": (ids, grads)}, lookups={"a": [1, 100]}).result()
+        a = _sgd(a, ids, grads)
+        assert server.work.jobs == jobs + 2                                    # 100 is not cached
+        np.testing.assert_array_equal(rows["a"][0], a[1])
+
+
+def test_a_step_whose_second_table_is_busy_goes_on_in_a_store_thread_from_where_it_stopped(start_loop_server):
+    """Table `a` is free and `busy` is held by a lookup stopped inside its lock: a step of both steps `a`
+    on the loop (a lookup of `a` sees it while the step waits), then goes to a store thread for `busy`;
+    once `busy` is free it finishes there, each table stepped once, its answer with the stepped rows."""
+    clock = HeldClock()
+    server = start_loop_server(clock)
+    rng = np.random.default_rng(8)
+    results = {}
+    with KVStoreClient(server.address, timeout=60) as client, TrainingStream(client) as stream:
+        a, busy = _trained(client, "a"), _trained(client, "busy")
+        ids = np.array([2, 5, 2])
+        grads = rng.standard_normal((3, DIM)).astype(np.float32)
+        jobs = server.work.jobs
+        clock.arm(lambda thread: thread.name.startswith("kvstore-store"))
+        holder = threading.Thread(target=lambda: results.update(holder=client.lookup("busy", [1000])))
+        holder.start()
+        try:
+            assert clock.holding.wait(60)                  # a miss went to a store thread and holds `busy`
+            step = stream.send(gradients={"a": (ids, grads), "busy": (ids, grads)}, lookups={"a": ids, "busy": ids})
+            assert server.work.wait_for(jobs + 2)          # the step went to a store thread, after `a` ...
+            np.testing.assert_array_equal(client.lookup("a", ids), _sgd(a, ids, grads)[ids])   # ... was stepped
+            assert not step.done
+        finally:
+            clock.release()
+            holder.join(60)
+        stepped, rows = step.result()
+    assert stepped == {"a": 2, "busy": 2}
+    np.testing.assert_array_equal(rows["a"], _sgd(a, ids, grads)[ids])            # stepped once, not twice
+    np.testing.assert_array_equal(rows["busy"], _sgd(busy, ids, grads)[ids])

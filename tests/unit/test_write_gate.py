@@ -48,3 +48,24 @@ def test_pause_waits_for_writes_in_flight_and_blocks_new_ones():
     for t in threads:
         t.join(5)
     assert events == ["first write done", "paused", "resumed", "late write"]
+
+
+def test_a_writer_that_will_not_wait_is_refused_during_a_pause_and_admitted_after():
+    gate = WriteGate()
+    with gate.writing(wait=False) as admitted:
+        assert admitted
+    with gate.paused():
+        with gate.writing(wait=False) as admitted:
+            assert not admitted                            # refused at once, not counted as a writer
+    paused = threading.Event()
+
+    def pause():
+        with gate.paused():
+            paused.set()
+
+    pauser = threading.Thread(target=pause)
+    with gate.writing(wait=False) as admitted:
+        assert admitted
+        pauser.start()                                     # waits for this write to end
+    pauser.join(60)
+    assert paused.is_set()
