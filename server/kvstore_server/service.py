@@ -1,11 +1,13 @@
 """The servicer: converts messages, calls the Store in the bounded executor, lets `rpc` map the errors.
 
 Every handler is a coroutine that gets parsed requests (see `rpc.bind`).
-Store work runs in the executor, with one exception: a Lookup chunk whose rows
+Store work runs in the executor, with two exceptions. A Lookup chunk whose rows
 are all cached, at most `inline_lookup_bytes` of them, and whose table lock is
 free right now is served on the event loop (`Store.lookup_if_cached`:
 a probe and a gather, no waiting, no RocksDB), which saves two thread hand-offs
-per chunk; anything else goes to the executor as before.
+per chunk; anything else goes to the executor as before. Likewise an ApplyGradients call of
+cached rows within that bound (no lock owner, no scores) steps them on the loop when nothing
+in it waits (`Store.apply_gradients_if_cached`).
 Streamed writes (Update, Delete, ApplyGradients) stage every chunk and commit
 once, after the chunk marked `last` and a clean half-close (`rpc.whole_stream`):
 a bad chunk, a cancellation or a broken connection at any point applies nothing. Their idempotency key makes a
@@ -297,8 +299,15 @@ class EmbeddingStoreService(ReplicationRPCs, SnapshotRPCs, LeaseRPCs, ClusterRPC
         scores = concat(score_parts) if score_parts else None
 
         async def commit():
-            stepped = await self.on_table(staged.table, self.data_budget.apply_gradients, staged.table, staged.ids(),
-                                          staged.values.take(), owner or None, scores)
+            ids, grads = staged.ids(), staged.values.take()
+            stepped = None
+            if not owner and scores is None and not self.data_budget.exhausted \
+                    and grads.nbytes <= self.config.inline_lookup_bytes:   # on the loop, if nothing waits
+                stepped = on_table(self.store, staged.table, self.store.apply_gradients_if_cached, staged.table,
+                                   ids, grads)
+            if stepped is None:
+                stepped = await self.on_table(staged.table, self.data_budget.apply_gradients, staged.table, ids,
+                                              grads, owner or None, scores)
             return pb.ApplyGradientsResponse(rows=stepped)
 
         return await self.recent.once("ApplyGradients", staged.key, commit)

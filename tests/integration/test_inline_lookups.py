@@ -262,3 +262,20 @@ def test_a_step_whose_second_table_is_busy_goes_on_in_a_store_thread_from_where_
     assert stepped == {"a": 2, "busy": 2}
     np.testing.assert_array_equal(rows["a"], _sgd(a, ids, grads)[ids])            # stepped once, not twice
     np.testing.assert_array_equal(rows["busy"], _sgd(busy, ids, grads)[ids])
+
+
+def test_an_apply_gradients_call_of_cached_rows_steps_them_on_the_loop(start_loop_server):
+    server = start_loop_server(inline_lookup_bytes=12 * DIM * 4)
+    rng = np.random.default_rng(9)
+    with KVStoreClient(server.address, timeout=60) as client:
+        weights = _trained(client, "t")
+        jobs = server.work.jobs
+        ids = np.array([4, 0, 4])
+        grads = rng.standard_normal((3, DIM)).astype(np.float32)
+        assert client.apply_gradients("t", ids, grads) == 2
+        weights = _sgd(weights, ids, grads)
+        assert server.work.jobs == jobs                                        # on the loop
+        assert client.apply_gradients("t", [4, 200], grads[:2]) == 2          # 200 is not cached
+        assert server.work.jobs == jobs + 1
+        weights = _sgd(weights, np.array([4]), grads[:1])
+        np.testing.assert_array_equal(client.lookup("t", np.arange(16), on_miss="error"), weights)
