@@ -389,3 +389,30 @@ def add_rows(grads, groups, rank, out):
             seen[row] = True
             for c in range(dim):
                 out[row, c] = np.float32(0.0) + grads[j, c]
+
+
+@njit(nogil=True, cache=True, boundscheck=False, fastmath={"reassoc", "nsz", "arcp", "contract"})
+def rowwise_adagrad(weights, state, grads, lr, eps, weight_decay):
+    """`optimizers.RowwiseAdagrad.step` in one pass per row: the mean square of the row's gradient
+    (summed in any order, so vectorized), its accumulator, then its weights. The gradient alone
+    is read in the sums when there is no weight decay (the weights are a strided view)."""
+    dim = np.float32(weights.shape[1])
+    for i in range(weights.shape[0]):
+        w, g = weights[i], grads[i]
+        total = np.float32(0.0)
+        if weight_decay == 0:
+            for c in range(len(g)):
+                total += g[c] * g[c]
+        else:
+            for c in range(len(g)):
+                decayed = g[c] + weight_decay * w[c]
+                total += decayed * decayed
+        accumulated = state[i, 0] + total / dim
+        state[i, 0] = accumulated
+        scale = lr / (np.sqrt(accumulated) + eps)
+        if weight_decay == 0:
+            for c in range(len(g)):
+                w[c] = w[c] - g[c] * scale
+        else:
+            for c in range(len(g)):
+                w[c] = w[c] - (g[c] + weight_decay * w[c]) * scale

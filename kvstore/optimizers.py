@@ -10,7 +10,7 @@ does by default).
 State layout per row (float32): sgd none; adagrad G[dim]; rowwise_adagrad
 G[1]; adam m[dim], v[dim]; partial_rowwise_adam m[dim], v[1].
 
-Every step is a few whole-batch NumPy passes with at most one [n, dim]
+Every step but rowwise Adagrad's is a few whole-batch NumPy passes with at most one [n, dim]
 temporary: per-row factors ([n, 1]) are computed first and broadcast once.
 """
 from __future__ import annotations
@@ -57,13 +57,14 @@ class Adagrad(Optimizer):
 
 
 class RowwiseAdagrad(Optimizer):
-    """One accumulator per row: the running sum of the row's mean squared gradient."""
+    """One accumulator per row: the running sum of the row's mean squared gradient. The usual step
+    of embedding tables (FBGEMM's default), so it runs compiled, one pass per row
+    (`host_kernels.rowwise_adagrad`) instead of NumPy's whole-batch passes."""
 
     def step(self, weights, state, grads, steps):
-        g = self._decayed(weights, grads)
-        state[:, 0] += self._row_mean_square(g)
-        scale = np.float32(self.config.lr) / (np.sqrt(state[:, :1]) + np.float32(self.config.eps))
-        weights -= g * scale
+        from .host_kernels import rowwise_adagrad  # imported here: the compiled loops load on first use
+
+        rowwise_adagrad(weights, state, grads, self.config.lr, self.config.eps, self.config.weight_decay)
 
 
 class Adam(Optimizer):
