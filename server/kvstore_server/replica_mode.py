@@ -22,7 +22,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["EmbeddingStore"].full_name
 SERVICE_PREFIX = f"/{SERVICE_NAME}/"
 WRITE_METHODS = frozenset({"CreateTable", "DropTable", "Update", "Delete", "ApplyGradients", "Prefetch", "Import",
                            "ImportChain", "RestoreSnapshot", "Evict", "RestoreRows", "SharedUpdate",
-                           "SharedApplyGradients"})
+                           "SharedApplyGradients", "Train"})     # Train: a trainer's steps write rows
 _INSERTING = (pb.ON_MISS_UNSPECIFIED, pb.ON_MISS_INIT_INSERT)
 
 
@@ -50,14 +50,20 @@ class ReadOnlyInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
     def _refusal(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        """A handler of the same shape as `handler` (every write is client-unary or client-streamed,
-        with a single response) that only aborts; the request is never read."""
+        """A handler of the same shape as `handler` (unary, client-streamed, or a stream both
+        ways as Train is) that only aborts; the request is never read."""
 
         async def refuse(request, context: grpc.aio.ServicerContext):
             context.set_trailing_metadata(((REASON_KEY, "read_only_replica"),))
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, self.message)
 
+        async def refuse_stream(requests, context: grpc.aio.ServicerContext):
+            await refuse(requests, context)
+            yield b""                                 # never reached: makes this a response stream
+
         options = {"request_deserializer": None, "response_serializer": None}
+        if handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(refuse_stream, **options)
         if handler.request_streaming:
             return grpc.stream_unary_rpc_method_handler(refuse, **options)
         return grpc.unary_unary_rpc_method_handler(refuse, **options)

@@ -352,3 +352,22 @@ def test_idle_subscribers_hold_no_store_thread(start_server):
             changed = next(batch for batch in stream if batch.table == "idle")
             assert changed.ids.tolist() == [7] and changed.sequence > start.sequence
             stream.close()
+
+
+def test_a_replica_refuses_training_steps_and_keeps_its_rows(start_server, primary, primary_client):
+    """A `Train` step steps rows and may store looked-up ones: a replica refuses it as every write,
+    FAILED_PRECONDITION naming the primary, and its rows stay the primary's."""
+    from kvstore_client.training_stream import TrainingStream
+
+    small_table(primary_client, "trained")
+    primary_client.update("trained", np.arange(4), np.ones((4, 8), np.float32))
+    replica = start_server("--replica-of", primary.address)
+    with KVStoreClient(replica.address, timeout=60.0) as replica_client:
+        assert wait_until(lambda: "trained" in replica_client.list_tables() and
+                          replica_client.lookup("trained", [3], on_miss="zeros").any(), timeout=60)
+        with TrainingStream(replica_client) as stream:
+            step = stream.send(gradients={"trained": ([1, 2], np.ones((2, 8), np.float32))}, lookups={"trained": [1, 100]})
+            with pytest.raises(FailedPreconditionError, match=primary.address):
+                step.result()
+        np.testing.assert_array_equal(replica_client.lookup("trained", np.arange(4), on_miss="error"), np.ones((4, 8)))
+        assert not replica_client.lookup("trained", [100], on_miss="zeros").any()     # nothing was stored
