@@ -184,6 +184,27 @@ def bench_kernels(args, copy_gbs: float, rows: list) -> None:
     ms = median_ms(lambda ids: claims.append(cache.find_or_insert(ids)), batches, args.reps, before=prepare)
     print("find_or_insert breakdown:", breakdown(cache, cache.find_or_insert, batches, prepare))
     queued_ms = median_ms(cache.find_or_insert, batches, args.reps, before=prepare, queued=True)
+
+    def back_to_back(calls: int = 8) -> tuple[float, float]:
+        """ms a call and hit rate of `calls` find_or_insert calls issued one after another, as a
+        training loop issues them (batches made first; later calls may miss ids earlier ones evicted)."""
+        queue = []
+        for i in range(calls):
+            prepare(i)
+            queue.append(batches[i % ROTATE])
+        cupy.cuda.get_current_stream().synchronize()
+        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        made = []
+        for ids in queue:
+            cache.begin_batch()
+            made.append(cache.find_or_insert(ids))
+        stop.record()
+        stop.synchronize()
+        return cupy.cuda.get_elapsed_time(start, stop) / calls, float(cupy.concatenate([c.hit for c in made]).mean())
+
+    loops = [back_to_back() for _ in range(5)]
+    loop_ms, loop_hits = float(np.median([t for t, _ in loops])), float(np.mean([h for _, h in loops]))
     hit_rate = float(claims[-1].hit.mean())
     probe_ms = median_ms(cache.probe, batches, args.reps)
     choose_ms = median_ms(lambda ids: cache._link(ids, 0), batches, args.reps)   # probe + victim choice
@@ -195,6 +216,8 @@ def bench_kernels(args, copy_gbs: float, rows: list) -> None:
     rows.append((f"find_or_insert, {hit_rate:.0%} hits (ids/s)", n / ms * 1e3, 1e9,
                  f"target 1e9; {ms:.3f} ms: pure probe {probe_ms:.3f}, probe + victim choice {choose_ms:.3f}; "
                  f"queued behind other work {queued_ms:.3f} ms ({n / queued_ms / 1e6:.2f}e9 ids/s); "
+                 f"8 calls back to back {loop_ms:.3f} ms a call ({n / loop_ms / 1e6:.2f}e9 ids/s, "
+                 f"{loop_hits:.0%} hits); "
                  f"dirty-victim extraction +{extract_ms:.2f} ms"))
 
     # fused rowwise Adagrad on 1M unique cached rows, in the cache's set order
