@@ -366,7 +366,8 @@ def test_a_replica_refuses_training_steps_and_keeps_its_rows(start_server, prima
         assert wait_until(lambda: "trained" in replica_client.list_tables() and
                           replica_client.lookup("trained", [3], on_miss="zeros").any(), timeout=60)
         with TrainingStream(replica_client) as stream:
-            step = stream.send(gradients={"trained": ([1, 2], np.ones((2, 8), np.float32))}, lookups={"trained": [1, 100]})
+            step = stream.send(gradients={"trained": ([1, 2], np.ones((2, 8), np.float32))},
+                               lookups={"trained": [1, 100]})
             with pytest.raises(FailedPreconditionError, match=primary.address):
                 step.result()
         np.testing.assert_array_equal(replica_client.lookup("trained", np.arange(4), on_miss="error"), np.ones((4, 8)))
