@@ -1,4 +1,4 @@
-"""Promises of the repository itself: the README's commands, generated code, import boundaries."""
+"""Promises of the repository itself: the README's commands, generated code, import boundaries, lint."""
 from __future__ import annotations
 
 import filecmp
@@ -41,4 +41,12 @@ def test_import_boundaries_hold():
     """The client never imports the store; the store never imports gRPC (import-linter contracts)."""
     pytest.importorskip("importlinter")
     result = subprocess.run(["lint-imports"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_tree_passes_its_linter():
+    """`ruff check` with the settings in pyproject.toml (style and likely bugs) finds nothing."""
+    pytest.importorskip("ruff")
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "."], cwd=ROOT,
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
