@@ -25,11 +25,12 @@ class WriteGate:
         """Hold the gate open for one write; yields True. `wait=False`: while a pause waits or
         holds the gate, yields False at once instead of waiting (the caller writes nothing)."""
         with self._cond:
-            refused = bool(self._pauses) and not wait
-            while self._pauses and not refused:
-                self._cond.wait()
-            self._writers += not refused
-        if refused:
+            admitted = wait or not self._pauses
+            if admitted:
+                while self._pauses:
+                    self._cond.wait()
+                self._writers += 1
+        if not admitted:
             yield False
             return
         try:
