@@ -1,6 +1,6 @@
 """GPU cache tier: each figure beside its ceiling, measured in the same run on the same GPU.
 
-    python bench/gpu_cache.py [--slots 10000000] [--batch 1048576] [--reps 30]
+    python bench/gpu_cache.py [--slots 10000000] [--batch 1048576] [--reps 30] [--align 16|32|64]
 
 Ceilings: a large device-to-device copy (bytes read + written) for the memory-
 bound kernels; torch.index_select on the same slab for the gather; RocksDB
@@ -115,6 +115,16 @@ def copy_ceiling(reps: int) -> float:
     return 2 * n / ms / 1e6
 
 
+def fill_slab(cache: GpuCache) -> GpuCache:
+    """Random float32 rows, the last four floats 1.0 (rowwise Adagrad's G > 0)."""
+    for start in range(0, cache.capacity, 1 << 20):
+        part = cache.slab[start:start + (1 << 20)]
+        values = cupy.random.standard_normal((len(part), cache.row_bytes // 4), dtype=cupy.float32)
+        values[:, -4:] = 1.0
+        part[:] = values.view(cupy.uint8)
+    return cache
+
+
 def fill_cache(cache: GpuCache, load: float, batch: int, rng) -> np.ndarray:
     """Insert ids until about `load` of the slots are used; returns the resident ids."""
     target = int(cache.capacity * load)
@@ -131,18 +141,22 @@ def fill_cache(cache: GpuCache, load: float, batch: int, rng) -> np.ndarray:
 def bench_kernels(args, copy_gbs: float, rows: list) -> None:
     rng = np.random.default_rng(0)
     layout = RowLayout.of(TableConfig(name="b", dim=DIM, optimizer=OptimizerConfig(name="rowwise_adagrad")))
-    cache = GpuCache(CacheConfig(rows=args.slots // 32 * 32, ways=32), layout.row_bytes)
-    slab = cache.slab.view(cupy.float32)
-    for start in range(0, len(slab), 1 << 20):
-        part = slab[start:start + (1 << 20)]
-        part[:] = cupy.random.standard_normal(part.shape, dtype=cupy.float32)
-    cache.slab.view(cupy.float32)[:, -4:] = 1.0          # rowwise G > 0
+    config = CacheConfig(rows=args.slots // 32 * 32, ways=32)
+    cache = fill_slab(GpuCache(config, layout.row_bytes, align=args.align))
     n = args.batch
 
     # gather of weights by slot
     slot_sets = [cupy.asarray(rng.integers(0, cache.capacity, n)) for _ in range(ROTATE)]
     out = cupy.empty((n, DIM), dtype=cupy.float32)
-    ms = median_ms(lambda s: cache.gather(s, 16, DIM * 4, out.view(cupy.uint8)), slot_sets, args.reps)
+    packed = fill_slab(GpuCache(config, layout.row_bytes, align=16))    # rows back to back: weights 16 B in
+    timed: dict = {cache: [], packed: []}
+    for _ in range(3):                       # in turns: the GPU's clocks and memory state change over a run
+        for each, times in timed.items():
+            times.append(median_ms(lambda s, c=each: c.gather(s, 16, DIM * 4, out.view(cupy.uint8)), slot_sets,
+                                   args.reps))
+    ms, ms_packed = (min(times) for times in timed.values())
+    packed = timed = None
+    cupy.get_default_memory_pool().free_all_blocks()
     print("gather breakdown:", breakdown(
         cache, lambda s: cache.gather(s, 16, DIM * 4, out.view(cupy.uint8)), slot_sets, lambda i: None))
     gbs = 2 * n * DIM * 4 / ms / 1e6
@@ -156,7 +170,10 @@ def bench_kernels(args, copy_gbs: float, rows: list) -> None:
     cache.kernels.copy_rows_in_flight = COPY_ROWS_IN_FLIGHT
     rows.append(("gather 1M x 128 f32 (GB/s)", gbs, copy_gbs, f"{gbs / copy_gbs:.2f} of copy; "
                  f"torch.index_select {2 * n * DIM * 4 / ms_t / 1e6:.0f} GB/s ({ms:.3f} vs {ms_t:.3f} ms); "
-                 f"4 rows in flight {ms_4:.3f} ms"))
+                 f"4 rows in flight {ms_4:.3f} ms; rows {cache.pitch} B apart, weights at a multiple of "
+                 f"{(cache.lead + 16) & -(cache.lead + 16)} B; rows packed {layout.row_bytes} B apart "
+                 f"(weights 16 B into a 32-byte sector) {2 * n * DIM * 4 / ms_packed / 1e6 / copy_gbs:.2f} of copy "
+                 f"({ms_packed:.3f} ms)"))
 
     # probe at ~90% load
     t0 = time.perf_counter()
@@ -264,8 +281,9 @@ def bench_kernels(args, copy_gbs: float, rows: list) -> None:
     moved = n * (DIM * 4 * 3 + 4 * 2 + 16 * 2 + 1 + 8)   # grads + weights r/w + G r/w + header r/w + dirty + slot
     gbs, random_gbs = moved / ms / 1e6, moved / random_ms / 1e6
     # the same rows read and written in place, nothing else: the access pattern's own ceiling
-    rb = layout.row_bytes
-    rmw_ms = median_ms(lambda p: cache.kernels.copy_rows(cache.slab, p[0], rb, 0, cache.slab, p[0], rb, 0, rb, n),
+    rb, pitch = layout.row_bytes, cache.pitch
+    rmw_ms = median_ms(lambda p: cache.kernels.copy_rows(cache.slab, p[0], pitch, 0, cache.slab, p[0], pitch, 0, rb,
+                                                         n),
                        random_slots, args.reps)
     rmw_gbs = 2 * n * rb / rmw_ms / 1e6
     rows.append(("rowwise adagrad 1M rows (GB/s)", gbs, copy_gbs, f"{gbs / copy_gbs:.2f} of copy; {ms:.3f} ms "
@@ -336,6 +354,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1 << 20)
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--align", type=int, default=None, help="where rows' weights start in the slab (bytes; "
+                        "16: rows packed back to back; default: the cache's own choice)")
     args = parser.parse_args()
     props = cupy.cuda.runtime.getDeviceProperties(0)
     print(f"device: {props['name'].decode()}, {props['multiProcessorCount']} SMs, CuPy {cupy.__version__}")

@@ -91,10 +91,14 @@ class SetAssociativeCache:
         self.locks = xp.zeros(n, dtype=xp.int32)
         self.last_used = xp.zeros(n, dtype=xp.int64)   # batch tick of the last use
         self.uses = xp.zeros(n, dtype=xp.int64) if self.order.counts_uses else None
-        self.slab = xp.zeros((n, row_bytes), dtype=xp.uint8)
+        self.slab = self._new_slab(n, row_bytes)
         self.spilled = xp.zeros(self.num_sets, dtype=bool)   # a row of this set is in the next set
         self._held = 0                # occupied slots (the host tier's count; spills only while < capacity)
         self.tick = 0
+
+    def _new_slab(self, n: int, row_bytes: int):
+        """The rows' memory: [n, row_bytes] bytes, zeroed."""
+        return self.xp.zeros((n, row_bytes), dtype=self.xp.uint8)
 
     def _probe_index(self, n: int) -> None:
         """What the host probe reads before whole sets: `hints`, (key, slot) pairs in a table

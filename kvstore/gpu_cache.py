@@ -10,6 +10,11 @@ ids. Kernels cover probe (+touch), victim choice, slot claims, row copies
 
 Arguments may be NumPy or CuPy arrays; results are CuPy arrays on the cache's
 device. Ways are limited to 32: one warp covers one set.
+
+Rows lie in the slab `pitch` bytes apart, placed so each row's weights start on a
+ROW_ALIGN-byte boundary where that pads a row by at most 1/16 (`slab_layout`): the stored
+layout puts a 16-byte header first, and a 512-byte weight vector 16 bytes into a 32-byte
+sector is read as 17 sectors instead of 16. `slab` is the [capacity, row_bytes] view.
 """
 from __future__ import annotations
 
@@ -24,7 +29,10 @@ from .config import CacheConfig, OptimizerConfig
 from .errors import InvalidArgument
 from .gpu_kernels import ALL_NEW, COUNT_USES, HEADERS, LINK, MARK, TOUCH, kernels_for
 from .host_kernels import spill_into
-from .rows import RowLayout
+from .rows import HEADER_BYTES, RowLayout
+
+ROW_ALIGN = 64            # bytes: where each row's weights start in HBM, where padding costs little
+MAX_PADDING = 1 / 16      # of a row: the most memory that alignment may add
 
 
 @dataclass
@@ -46,17 +54,27 @@ class _Victims:
     mark: bool                   # claimed slots start dirty
 
 
+def slab_layout(row_bytes: int, align: int | None = None) -> tuple[int, int]:
+    """(lead, pitch) of a slab of `row_bytes` rows: the bytes before row 0 and between row starts,
+    so that every row's weights (HEADER_BYTES into it) start on an `align`-byte boundary. By
+    default the largest of ROW_ALIGN, 32 and 16 bytes that pads a row by at most MAX_PADDING."""
+    if align is None:
+        align = next(a for a in (ROW_ALIGN, 32, 16) if -row_bytes % a <= row_bytes * MAX_PADDING)
+    return -HEADER_BYTES % align, row_bytes + -row_bytes % align
+
+
 class GpuCache(SetAssociativeCache):
     """Rows spill into the next set as on the host, through `choose_slots` (the path a table
     takes); `find_or_insert`, which claims its slots inside the victim kernel, does not spill.
     The probe kernels look in the next set of a set marked `spilled`."""
 
-    def __init__(self, config: CacheConfig, row_bytes: int, device: int = 0):
+    def __init__(self, config: CacheConfig, row_bytes: int, device: int = 0, align: int | None = None):
         if config.ways > 32:
             raise InvalidArgument(f"cache.ways: the GPU cache supports at most 32 ways, got {config.ways}")
         if row_bytes % 16:
             raise InvalidArgument(f"row_bytes: must be a multiple of 16, got {row_bytes}")
         self.device = cupy.cuda.Device(device)
+        self.lead, self.pitch = slab_layout(row_bytes, align)
         with self.device:
             super().__init__(config, row_bytes, xp=cupy)
             if self.uses is None:                 # the kernels take a use count per slot whatever the order
@@ -67,6 +85,11 @@ class GpuCache(SetAssociativeCache):
             self._epoch = 0
         self.lfu = config.policy == "lfu"
         self._touch = COUNT_USES if self.lfu else TOUCH   # LRU reads only the age stamp
+
+    def _new_slab(self, n: int, row_bytes: int) -> cupy.ndarray:
+        """Rows `pitch` apart after `lead` bytes (CuPy allocations start 256-byte aligned)."""
+        memory = cupy.zeros(self.lead + n * self.pitch, dtype=cupy.uint8)
+        return memory[self.lead:].reshape(n, self.pitch)[:, :row_bytes]
 
     def _probe_index(self, n: int) -> None:
         """The kernels probe whole sets in one pass: no hints or fingerprints."""
@@ -106,7 +129,7 @@ class GpuCache(SetAssociativeCache):
             flags = self._touch if now is None else self._touch | HEADERS
             self.kernels.probe(self.keys, self.occupied, ids, self.num_sets, self.ways, slots,
                                last_used=self.last_used, uses=self.uses, tick=self.tick, flags=flags,
-                               slab=self.slab, row_bytes=self.row_bytes, now=now or 0, spilled=self.spilled,
+                               slab=self.slab, row_bytes=self.pitch, now=now or 0, spilled=self.spilled,
                                skip=skip)
             return slots
 
@@ -216,7 +239,7 @@ class GpuCache(SetAssociativeCache):
         (C-contiguous, nbytes per row); rows whose slot is -1 are left as they are."""
         with self.device:
             slots = self._ids(slots)
-            self.kernels.copy_rows(self.slab, slots, self.row_bytes, offset, out, None, nbytes, 0, nbytes,
+            self.kernels.copy_rows(self.slab, slots, self.pitch, offset, out, None, nbytes, 0, nbytes,
                                    len(slots))
             return out
 
@@ -224,7 +247,7 @@ class GpuCache(SetAssociativeCache):
         """Record an access (count + 1, last_access = now) in the headers of unique cached `slots`."""
         with self.device:
             slots = self._ids(slots)
-            self.kernels.touch_headers(self.slab, self.row_bytes, slots, len(slots), now)
+            self.kernels.touch_headers(self.slab, self.pitch, slots, len(slots), now)
 
     def gather_rows(self, slots) -> cupy.ndarray:
         out = cupy.empty((len(slots), self.row_bytes), dtype=cupy.uint8)
@@ -235,7 +258,7 @@ class GpuCache(SetAssociativeCache):
         of each slot's row; slots of -1 are skipped."""
         with self.device:
             slots = self._ids(slots)
-            self.kernels.copy_rows(src, None, nbytes, 0, self.slab, slots, self.row_bytes, offset, nbytes,
+            self.kernels.copy_rows(src, None, nbytes, 0, self.slab, slots, self.pitch, offset, nbytes,
                                    len(slots))
 
     def scatter_rows(self, slots, rows: cupy.ndarray) -> None:
@@ -256,9 +279,9 @@ class GpuCache(SetAssociativeCache):
             slots = None if slots is None else self._ids(slots)
             if grads.shape != (n, layout.dim) or (slots is not None and len(slots) != n):
                 raise InvalidArgument(f"grads: expected shape ({n}, {layout.dim}), got {grads.shape}")
-            target = self.slab if rows is None else rows
+            target, stride = (self.slab, self.pitch) if rows is None else (rows, layout.row_bytes)
             dirty = self.dirty if (mark_dirty and rows is None) else None
-            self.kernels.optimizer_step(optimizer, dtype_name(layout.dtype), target, layout.row_bytes, slots,
+            self.kernels.optimizer_step(optimizer, dtype_name(layout.dtype), target, stride, slots,
                                         grads, n, layout.dim, layout.state_offset, dirty, now or 0,
                                         now is not None)
 
@@ -287,7 +310,7 @@ class GpuCache(SetAssociativeCache):
                                epoch=self._epoch, marks=self._marks, repeated=repeated, spilled=self.spilled)
 
             def step(idx, segments=None, skip=None):     # the step records the access in the header
-                self.kernels.optimizer_step(optimizer, dtype_name(layout.dtype), self.slab, layout.row_bytes, idx,
+                self.kernels.optimizer_step(optimizer, dtype_name(layout.dtype), self.slab, self.pitch, idx,
                                             grads, len(ids), layout.dim, layout.state_offset, self.dirty, now or 0,
                                             now is not None, segments=segments, skip=skip)
 

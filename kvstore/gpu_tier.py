@@ -18,7 +18,7 @@ from .arrays import BF16
 from .cache import Eviction
 from .config import CacheConfig, OptimizerConfig
 from .errors import FailedPrecondition, ResourceExhausted
-from .gpu_cache import GpuCache, dtype_name
+from .gpu_cache import GpuCache, dtype_name, slab_layout
 from .rows import HEADER, HEADER_BYTES, RowLayout
 
 
@@ -64,10 +64,12 @@ class GpuTier:
             raise FailedPrecondition(f"cache.device: 'cuda:{device}' is not available ({count} CUDA devices)")
         with cupy.cuda.Device(device):
             free, total = cupy.cuda.runtime.memGetInfo()
-        need = config.rows * (layout.row_bytes + GPU_SLOT_METADATA)
+        lead, pitch = slab_layout(layout.row_bytes)
+        need = lead + config.rows * (pitch + GPU_SLOT_METADATA)
         if need > free:
-            raise ResourceExhausted(f"cache.rows: {config.rows} slots of {layout.row_bytes}-byte rows need {need} "
-                                    f"bytes of GPU memory; cuda:{device} has {free} free of {total}")
+            raise ResourceExhausted(f"cache.rows: {config.rows} slots of {layout.row_bytes}-byte rows ({pitch} bytes "
+                                    f"apart in device memory) need {need} bytes of GPU memory; cuda:{device} has "
+                                    f"{free} free of {total}")
         self.cache = GpuCache(config, layout.row_bytes, device)
         self.device = self.cache.device
         self.kernels = self.cache.kernels

@@ -168,6 +168,20 @@ def test_gather_writes_every_requested_row_and_scatter_puts_it_back(offset, nbyt
     np.testing.assert_array_equal(gpu.slab[:, offset:offset + nbytes].get(), fresh.get())
 
 
+@pytest.mark.parametrize(("row_bytes", "pitch", "align"), [(544, 576, 64), (528, 544, 32), (48, 48, 16),
+                                                       (1056, 1088, 64)])
+def test_rows_weights_start_aligned_where_padding_costs_little(row_bytes, pitch, align):
+    """A dim-128 rowwise-Adagrad row (544 bytes) lies 576 bytes apart, its weights 64-byte aligned;
+    no row is padded by more than 1/16; the rows read back as written."""
+    gpu = GpuCache(CacheConfig(rows=256, ways=32), row_bytes)
+    assert gpu.slab.shape == (256, row_bytes) and gpu.slab.strides == (pitch, 1)
+    assert (gpu.slab.data.ptr + 16) % align == 0 and pitch - row_bytes <= row_bytes / 16
+    rows = cupy.random.randint(0, 255, (256, row_bytes), dtype=cupy.uint8)
+    order = cupy.asarray(np.random.default_rng(5).permutation(256))
+    gpu.scatter_rows(order, rows[order])
+    np.testing.assert_array_equal(gpu.gather_rows(cupy.arange(256)).get(), rows.get())
+
+
 def test_gather_of_float_weights_writes_every_element():
     dim, n = 128, 4096
     gpu = GpuCache(CacheConfig(rows=8192, ways=32), 16 + dim * 4)
