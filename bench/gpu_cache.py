@@ -115,13 +115,15 @@ def copy_ceiling(reps: int) -> float:
     return 2 * n / ms / 1e6
 
 
-def fill_slab(cache: GpuCache) -> GpuCache:
-    """Random float32 rows, the last four floats 1.0 (rowwise Adagrad's G > 0)."""
+def fill_slab(cache: GpuCache, layout: RowLayout) -> GpuCache:
+    """Random float32 weights, rowwise Adagrad's G 1.0 (> 0), zeroed headers."""
     for start in range(0, cache.capacity, 1 << 20):
-        part = cache.slab[start:start + (1 << 20)]
-        values = cupy.random.standard_normal((len(part), cache.row_bytes // 4), dtype=cupy.float32)
-        values[:, -4:] = 1.0
-        part[:] = values.view(cupy.uint8)
+        count = min(1 << 20, cache.capacity - start)
+        rows = cupy.zeros((count, layout.row_bytes), dtype=cupy.uint8)
+        weights = cupy.random.standard_normal((count, DIM), dtype=cupy.float32)
+        rows[:, layout.weight_offset:layout.weight_offset + DIM * 4] = weights.view(cupy.uint8)
+        rows[:, layout.state_offset:layout.state_offset + 4] = cupy.ones((count, 1), cupy.float32).view(cupy.uint8)
+        cache.scatter_rows(cupy.arange(start, start + count), rows)
     return cache
 
 
@@ -142,27 +144,27 @@ def bench_kernels(args, copy_gbs: float, rows: list) -> None:
     rng = np.random.default_rng(0)
     layout = RowLayout.of(TableConfig(name="b", dim=DIM, optimizer=OptimizerConfig(name="rowwise_adagrad")))
     config = CacheConfig(rows=args.slots // 32 * 32, ways=32)
-    cache = fill_slab(GpuCache(config, layout.row_bytes, align=args.align))
+    cache = fill_slab(GpuCache(config, layout.row_bytes, align=args.align), layout)
     n = args.batch
 
     # gather of weights by slot
     slot_sets = [cupy.asarray(rng.integers(0, cache.capacity, n)) for _ in range(ROTATE)]
     out = cupy.empty((n, DIM), dtype=cupy.float32)
-    packed = fill_slab(GpuCache(config, layout.row_bytes, align=16))    # rows back to back: weights 16 B in
+    packed = fill_slab(GpuCache(config, layout.row_bytes, align=16), layout)    # rows back to back
     timed: dict = {cache: [], packed: []}
     for _ in range(3):                       # in turns: the GPU's clocks and memory state change over a run
         for each, times in timed.items():
             times.append(median_ms(lambda s, c=each: c.gather(s, 16, DIM * 4, out.view(cupy.uint8)), slot_sets,
                                    args.reps))
     ms, ms_packed = (min(times) for times in timed.values())
-    packed = timed = None
-    cupy.get_default_memory_pool().free_all_blocks()
+    packed_pitch = packed.pitch
     print("gather breakdown:", breakdown(
         cache, lambda s: cache.gather(s, 16, DIM * 4, out.view(cupy.uint8)), slot_sets, lambda i: None))
     gbs = 2 * n * DIM * 4 / ms / 1e6
     import torch
 
-    slab_t = torch.from_dlpack(cache.slab).view(torch.float32)[:, 4:4 + DIM]
+    first = cache.slab_offset(layout.weight_offset) // 4
+    slab_t = torch.from_dlpack(cache.slab).view(torch.float32)[:, first:first + DIM]
     idx_t = [torch.from_dlpack(s) for s in slot_sets]
     ms_t = median_ms(lambda i: torch.index_select(slab_t, 0, i), idx_t, args.reps)
     cache.kernels.copy_rows_in_flight = 4                   # the same kernel with 4 rows a group in flight
@@ -170,10 +172,9 @@ def bench_kernels(args, copy_gbs: float, rows: list) -> None:
     cache.kernels.copy_rows_in_flight = COPY_ROWS_IN_FLIGHT
     rows.append(("gather 1M x 128 f32 (GB/s)", gbs, copy_gbs, f"{gbs / copy_gbs:.2f} of copy; "
                  f"torch.index_select {2 * n * DIM * 4 / ms_t / 1e6:.0f} GB/s ({ms:.3f} vs {ms_t:.3f} ms); "
-                 f"4 rows in flight {ms_4:.3f} ms; rows {cache.pitch} B apart, weights at a multiple of "
-                 f"{(cache.lead + 16) & -(cache.lead + 16)} B; rows packed {layout.row_bytes} B apart "
-                 f"(weights 16 B into a 32-byte sector) {2 * n * DIM * 4 / ms_packed / 1e6 / copy_gbs:.2f} of copy "
-                 f"({ms_packed:.3f} ms)"))
+                 f"4 rows in flight {ms_4:.3f} ms; rows {cache.pitch} B apart; in turns with rows packed "
+                 f"{packed_pitch} B apart: {2 * n * DIM * 4 / ms_packed / 1e6 / copy_gbs:.2f} of copy "
+                 f"({ms / ms_packed:.3f} of the time)"))
 
     # probe at ~90% load
     t0 = time.perf_counter()
@@ -253,6 +254,14 @@ def bench_kernels(args, copy_gbs: float, rows: list) -> None:
 
     ms = median_ms(step, table_slots, args.reps)
     random_ms = median_ms(step, random_slots, args.reps)
+    steps: dict = {cache: [], packed: []}         # the same slots of the packed slab, in turns
+    for _ in range(3):
+        for each, times in steps.items():
+            times.append(median_ms(lambda p, c=each: c.optimizer_step(p[0], p[1], opt, layout, now=1), table_slots,
+                                   args.reps))
+    step_ms, step_packed_ms = (min(times) for times in steps.values())
+    packed = steps = None
+    cupy.get_default_memory_pool().free_all_blocks()
     front_ms = median_ms(lambda p: cache.probe_and_touch(sum_duplicates(cache, *p)[0]),
                          list(zip(id_sets, grads, strict=True)), args.reps)
     print("rowwise adagrad breakdown:", breakdown(cache, step, table_slots, lambda i: None))
@@ -289,7 +298,9 @@ def bench_kernels(args, copy_gbs: float, rows: list) -> None:
     rows.append(("rowwise adagrad 1M rows (GB/s)", gbs, copy_gbs, f"{gbs / copy_gbs:.2f} of copy; {ms:.3f} ms "
                  f"on rows in table (set) order; in random order {random_gbs / copy_gbs:.2f} of copy "
                  f"({random_ms:.3f} ms), random-row in-place copy {rmw_gbs / copy_gbs:.2f} ({rmw_ms:.3f} ms); "
-                 f"before the step, summing duplicates + probe take {front_ms:.3f} ms"))
+                 f"before the step, summing duplicates + probe take {front_ms:.3f} ms; in turns with rows packed "
+                 f"{rb} B apart: {moved / step_ms / 1e6 / copy_gbs:.2f} / "
+                 f"{moved / step_packed_ms / 1e6 / copy_gbs:.2f} of copy ({step_ms:.3f} / {step_packed_ms:.3f} ms)"))
 
 
 def bench_end_to_end(args, rows: list) -> None:
@@ -354,8 +365,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1 << 20)
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--skip-e2e", action="store_true")
-    parser.add_argument("--align", type=int, default=None, help="where rows' weights start in the slab (bytes; "
-                        "16: rows packed back to back; default: the cache's own choice)")
+    parser.add_argument("--align", type=int, default=None, help="slab rows' start alignment in bytes (16: rows "
+                        "packed back to back; default: the cache's own choice)")
     args = parser.parse_args()
     props = cupy.cuda.runtime.getDeviceProperties(0)
     print(f"device: {props['name'].decode()}, {props['multiProcessorCount']} SMs, CuPy {cupy.__version__}")

@@ -11,10 +11,15 @@ ids. Kernels cover probe (+touch), victim choice, slot claims, row copies
 Arguments may be NumPy or CuPy arrays; results are CuPy arrays on the cache's
 device. Ways are limited to 32: one warp covers one set.
 
-Rows lie in the slab `pitch` bytes apart, placed so each row's weights start on a
-ROW_ALIGN-byte boundary where that pads a row by at most 1/16 (`slab_layout`): the stored
-layout puts a 16-byte header first, and a 512-byte weight vector 16 bytes into a 32-byte
-sector is read as 17 sectors instead of 16. `slab` is the [capacity, row_bytes] view.
+Rows are kept in the slab rotated: the stored row (rows.py: 16-byte header | weights | state)
+with its header moved to the end, so weights | state | header, each row's start `pitch` bytes
+after the one before. The weights then start where the row starts: a 512-byte weight vector
+is 16 whole 32-byte sectors instead of 17 (16 bytes into a sector after the header), while a
+whole row still spans as few sectors as the stored layout (what a fused step reads and
+writes). The pitch is the row rounded up to ROW_ALIGN bytes where that pads it by at most
+1/16 (else 32, else 16: `slab_pitch`). `gather` and `scatter` take offsets into the stored
+row and move bytes to and from the stored layout; `slab` is the [capacity, row_bytes] view of
+the rotated rows.
 """
 from __future__ import annotations
 
@@ -54,13 +59,12 @@ class _Victims:
     mark: bool                   # claimed slots start dirty
 
 
-def slab_layout(row_bytes: int, align: int | None = None) -> tuple[int, int]:
-    """(lead, pitch) of a slab of `row_bytes` rows: the bytes before row 0 and between row starts,
-    so that every row's weights (HEADER_BYTES into it) start on an `align`-byte boundary. By
-    default the largest of ROW_ALIGN, 32 and 16 bytes that pads a row by at most MAX_PADDING."""
+def slab_pitch(row_bytes: int, align: int | None = None) -> int:
+    """Bytes from one row's start to the next: `row_bytes` rounded up to `align`, by default to
+    the largest of ROW_ALIGN, 32 and 16 bytes that pads a row by at most MAX_PADDING."""
     if align is None:
         align = next(a for a in (ROW_ALIGN, 32, 16) if -row_bytes % a <= row_bytes * MAX_PADDING)
-    return -HEADER_BYTES % align, row_bytes + -row_bytes % align
+    return row_bytes + -row_bytes % align
 
 
 class GpuCache(SetAssociativeCache):
@@ -74,7 +78,8 @@ class GpuCache(SetAssociativeCache):
         if row_bytes % 16:
             raise InvalidArgument(f"row_bytes: must be a multiple of 16, got {row_bytes}")
         self.device = cupy.cuda.Device(device)
-        self.lead, self.pitch = slab_layout(row_bytes, align)
+        self.pitch = slab_pitch(row_bytes, align)
+        self.header_at = row_bytes - HEADER_BYTES      # where a row's header lies in the slab (rotated)
         with self.device:
             super().__init__(config, row_bytes, xp=cupy)
             if self.uses is None:                 # the kernels take a use count per slot whatever the order
@@ -87,9 +92,25 @@ class GpuCache(SetAssociativeCache):
         self._touch = COUNT_USES if self.lfu else TOUCH   # LRU reads only the age stamp
 
     def _new_slab(self, n: int, row_bytes: int) -> cupy.ndarray:
-        """Rows `pitch` apart after `lead` bytes (CuPy allocations start 256-byte aligned)."""
-        memory = cupy.zeros(self.lead + n * self.pitch, dtype=cupy.uint8)
-        return memory[self.lead:].reshape(n, self.pitch)[:, :row_bytes]
+        """Rows `pitch` apart (CuPy allocations start 256-byte aligned)."""
+        return cupy.zeros(n * self.pitch, dtype=cupy.uint8).reshape(n, self.pitch)[:, :row_bytes]
+
+    @property
+    def headers(self) -> int:
+        """Device address of slot 0's row header (slot s's lies `pitch` * s after it)."""
+        return self.slab.data.ptr + self.header_at
+
+    def slab_offset(self, offset: int) -> int:
+        """Where byte `offset` of a stored row lies in its slab row."""
+        return (offset - HEADER_BYTES) % self.row_bytes
+
+    def _pieces(self, offset: int, nbytes: int) -> list[tuple[int, int, int]]:
+        """(slab offset, offset from `offset`, bytes) of the slab's pieces of stored bytes
+        [offset, offset + nbytes): one piece, or two for a range from inside the header on."""
+        if offset >= HEADER_BYTES or offset + nbytes <= HEADER_BYTES:
+            return [(self.slab_offset(offset), 0, nbytes)]
+        head = HEADER_BYTES - offset
+        return [(self.header_at + offset, 0, head), (0, head, nbytes - head)]
 
     def _probe_index(self, n: int) -> None:
         """The kernels probe whole sets in one pass: no hints or fingerprints."""
@@ -129,7 +150,7 @@ class GpuCache(SetAssociativeCache):
             flags = self._touch if now is None else self._touch | HEADERS
             self.kernels.probe(self.keys, self.occupied, ids, self.num_sets, self.ways, slots,
                                last_used=self.last_used, uses=self.uses, tick=self.tick, flags=flags,
-                               slab=self.slab, row_bytes=self.pitch, now=now or 0, spilled=self.spilled,
+                               headers=self.headers, row_bytes=self.pitch, now=now or 0, spilled=self.spilled,
                                skip=skip)
             return slots
 
@@ -239,15 +260,15 @@ class GpuCache(SetAssociativeCache):
         (C-contiguous, nbytes per row); rows whose slot is -1 are left as they are."""
         with self.device:
             slots = self._ids(slots)
-            self.kernels.copy_rows(self.slab, slots, self.pitch, offset, out, None, nbytes, 0, nbytes,
-                                   len(slots))
+            for at, within, size in self._pieces(offset, nbytes):
+                self.kernels.copy_rows(self.slab, slots, self.pitch, at, out, None, nbytes, within, size, len(slots))
             return out
 
     def touch_headers(self, slots, now: int) -> None:
         """Record an access (count + 1, last_access = now) in the headers of unique cached `slots`."""
         with self.device:
             slots = self._ids(slots)
-            self.kernels.touch_headers(self.slab, self.pitch, slots, len(slots), now)
+            self.kernels.touch_headers(self.headers, self.pitch, slots, len(slots), now)
 
     def gather_rows(self, slots) -> cupy.ndarray:
         out = cupy.empty((len(slots), self.row_bytes), dtype=cupy.uint8)
@@ -258,8 +279,8 @@ class GpuCache(SetAssociativeCache):
         of each slot's row; slots of -1 are skipped."""
         with self.device:
             slots = self._ids(slots)
-            self.kernels.copy_rows(src, None, nbytes, 0, self.slab, slots, self.pitch, offset, nbytes,
-                                   len(slots))
+            for at, within, size in self._pieces(offset, nbytes):
+                self.kernels.copy_rows(src, None, nbytes, within, self.slab, slots, self.pitch, at, size, len(slots))
 
     def scatter_rows(self, slots, rows: cupy.ndarray) -> None:
         self.scatter(slots, rows, 0, self.row_bytes)
@@ -279,11 +300,16 @@ class GpuCache(SetAssociativeCache):
             slots = None if slots is None else self._ids(slots)
             if grads.shape != (n, layout.dim) or (slots is not None and len(slots) != n):
                 raise InvalidArgument(f"grads: expected shape ({n}, {layout.dim}), got {grads.shape}")
-            target, stride = (self.slab, self.pitch) if rows is None else (rows, layout.row_bytes)
             dirty = self.dirty if (mark_dirty and rows is None) else None
-            self.kernels.optimizer_step(optimizer, dtype_name(layout.dtype), target, stride, slots,
-                                        grads, n, layout.dim, layout.state_offset, dirty, now or 0,
-                                        now is not None)
+            where = self._step_rows(layout) if rows is None else (rows.data.ptr, layout.row_bytes,
+                                                                   layout.weight_offset, layout.state_offset)
+            self.kernels.optimizer_step(optimizer, dtype_name(layout.dtype), *where, slots, grads, n, layout.dim,
+                                        dirty, now or 0, now is not None)
+
+    def _step_rows(self, layout: RowLayout) -> tuple[int, int, int, int]:
+        """(headers, pitch, weights and state from a header) of the slab's rows, for the fused step."""
+        return (self.headers, self.pitch, self.slab_offset(layout.weight_offset) - self.header_at,
+                self.slab_offset(layout.state_offset) - self.header_at)
 
     def apply_gradients(self, ids, grads, optimizer: OptimizerConfig, layout: RowLayout,
                         now: int | None = None) -> tuple[cupy.ndarray, cupy.ndarray]:
@@ -310,9 +336,9 @@ class GpuCache(SetAssociativeCache):
                                epoch=self._epoch, marks=self._marks, repeated=repeated, spilled=self.spilled)
 
             def step(idx, segments=None, skip=None):     # the step records the access in the header
-                self.kernels.optimizer_step(optimizer, dtype_name(layout.dtype), self.slab, self.pitch, idx,
-                                            grads, len(ids), layout.dim, layout.state_offset, self.dirty, now or 0,
-                                            now is not None, segments=segments, skip=skip)
+                self.kernels.optimizer_step(optimizer, dtype_name(layout.dtype), *self._step_rows(layout), idx,
+                                            grads, len(ids), layout.dim, self.dirty, now or 0, now is not None,
+                                            segments=segments, skip=skip)
 
             step(slots, skip=repeated)
             twice, missed = _read(repeated)              # the one wait, with the step already queued

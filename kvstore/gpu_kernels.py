@@ -103,7 +103,7 @@ class Kernels:
 
     def probe(self, keys, occupied, ids, num_sets: int, ways: int, slots_out, hit_out=None,
               last_used=None, uses=None, tick: int = 0, flags: int = 0, heads=None, next_=None,
-              epoch: int = 0, slab=None, row_bytes: int = 0, now: int = 0, cleared=None, marks=None,
+              epoch: int = 0, headers: int = 0, row_bytes: int = 0, now: int = 0, cleared=None, marks=None,
               repeated=None, spilled=None, skip=None) -> None:
         n = len(ids)
         if n == 0:
@@ -114,7 +114,7 @@ class Kernels:
         self._fn(name)(self._grid(-(-n // per_warp) * 32), (THREADS,), (
             keys, occupied, ids, np.int64(n), np.int64(num_sets), np.int32(ways), slots_out, _ptr(hit_out),
             _ptr(last_used), _ptr(uses), np.int64(tick), np.int32(flags), _ptr(heads), _ptr(next_),
-            np.uint64(epoch), _ptr(slab), np.int64(row_bytes), np.uint32(now), _ptr(cleared), _ptr(marks),
+            np.uint64(epoch), np.uint64(headers), np.int64(row_bytes), np.uint32(now), _ptr(cleared), _ptr(marks),
             _ptr(repeated), _ptr(spilled), _ptr(skip)))
 
     def choose_victims(self, ids, keys, occupied, locks, last_used, uses, num_sets: int, ways: int,
@@ -140,11 +140,12 @@ class Kernels:
             slots, ids, np.int64(n), keys, occupied, dirty, _ptr(dirty_src), np.bool_(dirty_value),
             last_used, uses, np.int64(tick)))
 
-    def touch_headers(self, rows, row_bytes: int, idx, n: int, now: int) -> None:
+    def touch_headers(self, headers: int, row_bytes: int, idx, n: int, now: int) -> None:
+        """Record an access in the headers at address `headers` + row * `row_bytes` of rows idx[r]."""
         if n == 0:
             return
         self._fn("touch_headers")(self._grid(n), (THREADS,), (
-            rows, np.int64(row_bytes), _ptr(idx), np.int64(n), np.uint32(now)))
+            np.uint64(headers), np.int64(row_bytes), _ptr(idx), np.int64(n), np.uint32(now)))
 
     def copy_rows(self, src, src_idx, src_stride: int, src_off: int, dst, dst_idx, dst_stride: int,
                   dst_off: int, nbytes: int, n: int) -> None:
@@ -169,25 +170,28 @@ class Kernels:
         weight dtype uses, so its first step does not wait for NVRTC."""
         _step_module(self.device_id, WEIGHT_TYPES[dtype], OPTIMIZER_CODES[optimizer_name])
 
-    def optimizer_step(self, optimizer, dtype: str, rows, row_bytes: int, idx, grads, n: int, dim: int,
-                       state_off: int, dirty, now: int, touch: bool, segments=None, skip=None) -> None:
-        """One fused step of `optimizer` (an OptimizerConfig) on rows idx[r] of `rows`.
-        Coefficients are rounded as the host optimizers round them. With `segments`
-        (order, starts), row r's gradient is the sum of grads[order[j]] over segment r.
-        `skip`: a device int32 that, when set by earlier work, makes the launch do nothing."""
+    def optimizer_step(self, optimizer, dtype: str, headers: int, row_bytes: int, weight_off: int, state_off: int,
+                       idx, grads, n: int, dim: int, dirty, now: int, touch: bool, segments=None,
+                       skip=None) -> None:
+        """One fused step of `optimizer` (an OptimizerConfig) on rows idx[r]: the row whose header
+        lies at address `headers` + row * `row_bytes`, its weights `weight_off` and its state
+        `state_off` bytes from that header (either may be negative). Coefficients are rounded as
+        the host optimizers round them. With `segments` (order, starts), row r's gradient is the
+        sum of grads[order[j]] over segment r. `skip`: a device int32 that, when set by earlier
+        work, makes the launch do nothing."""
         if n == 0:
             return
         c = optimizer
-        # four elements a lane, moved as one vector: every row and gradient row 16-byte aligned
+        # four elements a lane, moved as one vector: all weights, state and gradient rows 16-byte aligned
         vec = dim % 4 == 0 and dim <= 128 and all(v % 16 == 0 for v in (
-            rows.data.ptr, row_bytes, state_off, grads.data.ptr))
+            headers + weight_off, headers + state_off, row_bytes, grads.data.ptr))
         seg = segments is not None
         order, starts = segments if seg else (None, None)
         weight, code = WEIGHT_TYPES[dtype], OPTIMIZER_CODES[c.name]
         step = _step_function(self.device_id, weight, code, vec, seg)
         step(self._grid(-(-n // STEP_ROWS_IN_FLIGHT) * 32), (THREADS,), (
-            rows, np.int64(row_bytes), _ptr(idx), grads, _ptr(order), _ptr(starts),
-            np.int64(len(order) if seg else n), np.int64(n), np.int32(dim), np.int64(state_off),
+            np.uint64(headers), np.int64(row_bytes), np.int64(weight_off), _ptr(idx), grads, _ptr(order),
+            _ptr(starts), np.int64(len(order) if seg else n), np.int64(n), np.int32(dim), np.int64(state_off),
             np.float32(c.lr), np.float32(c.eps), np.float32(c.beta1), np.float32(c.beta2),
             np.float32(1 - c.beta1), np.float32(1 - c.beta2), np.float64(c.lr), np.float64(c.beta1),
             np.float64(c.beta2), np.float32(c.weight_decay), _ptr(dirty), np.uint32(now), np.int32(touch),

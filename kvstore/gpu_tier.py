@@ -18,7 +18,7 @@ from .arrays import BF16
 from .cache import Eviction
 from .config import CacheConfig, OptimizerConfig
 from .errors import FailedPrecondition, ResourceExhausted
-from .gpu_cache import GpuCache, dtype_name, slab_layout
+from .gpu_cache import GpuCache, dtype_name, slab_pitch
 from .rows import HEADER, HEADER_BYTES, RowLayout
 
 
@@ -64,8 +64,8 @@ class GpuTier:
             raise FailedPrecondition(f"cache.device: 'cuda:{device}' is not available ({count} CUDA devices)")
         with cupy.cuda.Device(device):
             free, total = cupy.cuda.runtime.memGetInfo()
-        lead, pitch = slab_layout(layout.row_bytes)
-        need = lead + config.rows * (pitch + GPU_SLOT_METADATA)
+        pitch = slab_pitch(layout.row_bytes)
+        need = config.rows * (pitch + GPU_SLOT_METADATA)
         if need > free:
             raise ResourceExhausted(f"cache.rows: {config.rows} slots of {layout.row_bytes}-byte rows ({pitch} bytes "
                                     f"apart in device memory) need {need} bytes of GPU memory; cuda:{device} has "
@@ -326,7 +326,7 @@ class GpuTier:
 
     def touch_staged(self, staged: cupy.ndarray, now: float) -> None:
         with self.device:
-            self.kernels.touch_headers(staged, self.row_bytes, None, len(staged), int(now))
+            self.kernels.touch_headers(staged.data.ptr, self.row_bytes, None, len(staged), int(now))
 
     def step(self, staged: cupy.ndarray, grads: np.ndarray) -> np.ndarray:
         """The fused optimizer kernel on staged rows; returns which rows now hold NaN or Inf."""

@@ -4,7 +4,9 @@
 //
 // Layout shared with kvstore/cache.py and kvstore/rows.py: slot = set * ways + way;
 // keys int64, occupied/dirty bool (1 byte), locks int32, last_used/uses int64;
-// slab rows of row_bytes: 16-byte header | weights | float32 state.
+// slab rows: weights | float32 state | 16-byte header, each row's start `pitch` bytes after the
+// one before (kvstore/gpu_cache.py: the stored row, 16-byte header first, rotated so the weights
+// lead). Kernels that touch headers take the address of row 0's header and the pitch.
 // The set of an id: two multiply-xorshift rounds of uint64(id) (a bijection), whose top
 // 32 bits are scaled to [0, num_sets).
 
@@ -103,7 +105,7 @@ __global__ void probe(const i64* __restrict__ keys, const bool* __restrict__ occ
                       const i64* __restrict__ ids, i64 n, i64 num_sets, int ways,
                       i64* __restrict__ slots_out, bool* __restrict__ hit_out,
                       i64* last_used, i64* uses, i64 tick, int flags,
-                      u64* heads, int* next, u64 epoch, char* slab, i64 row_bytes, unsigned now,
+                      u64* heads, int* next, u64 epoch, char* headers, i64 row_bytes, unsigned now,
                       bool* __restrict__ cleared, unsigned* marks, int* repeated,
                       const bool* __restrict__ spilled, const int* __restrict__ skip) {
     if (skip && *skip) return;
@@ -140,7 +142,7 @@ __global__ void probe(const i64* __restrict__ keys, const bool* __restrict__ occ
                 const i64 old = (i64)atomicExch((u64*)(last_used + slot), (u64)tick);
                 if (old != tick && (flags & 8)) uses[slot] += 1;
                 if (old != tick && (flags & 16)) {
-                    unsigned* header = reinterpret_cast<unsigned*>(slab + slot * row_bytes);
+                    unsigned* header = reinterpret_cast<unsigned*>(headers + slot * row_bytes);
                     header[1] = min(header[1], MAX_COUNT) + 1u;   // count
                     header[2] = now;                              // last_access
                 }
@@ -499,11 +501,11 @@ extern "C" __global__ void fill_meta(const i64* __restrict__ slots, const i64* _
 }
 
 // Header of written or accessed rows: count += 1 (saturating), last_access = now (unix seconds).
-extern "C" __global__ void touch_headers(char* rows, i64 row_bytes, const i64* __restrict__ idx, i64 n, unsigned now) {
+extern "C" __global__ void touch_headers(char* headers, i64 row_bytes, const i64* __restrict__ idx, i64 n, unsigned now) {
     for (i64 r = (i64)blockIdx.x * blockDim.x + threadIdx.x; r < n; r += (i64)gridDim.x * blockDim.x) {
         const i64 row = idx ? idx[r] : r;
         if (row < 0) continue;
-        unsigned* header = reinterpret_cast<unsigned*>(rows + row * row_bytes);
+        unsigned* header = reinterpret_cast<unsigned*>(headers + row * row_bytes);
         header[1] = min(header[1], MAX_COUNT) + 1u;
         header[2] = now;
     }

@@ -116,8 +116,9 @@ __device__ __forceinline__ void store4(half_t* p, const float* v) { store4_16(p,
 __device__ __forceinline__ void store4(bf16_t* p, const float* v) { store4_16(p, v); }
 
 struct StepArgs {
-    char* rows;
-    i64 row_bytes;
+    char* rows;          // the header of row 0; weights and state lie weight_off and state_off from a header
+    i64 row_bytes;       // from one row's header to the next
+    i64 weight_off;
     const i64* idx;
     const float* grads;
     const i64* order;    // not null: row r's gradient is the sum of rows order[j], j in segment r
@@ -193,7 +194,7 @@ struct RowStep {
         active = row >= 0;
         if (!active) return;
         base = a.rows + row * a.row_bytes;
-        const W* w = reinterpret_cast<const W*>(base + 16);
+        const W* w = reinterpret_cast<const W*>(base + a.weight_off);
         const float* st = reinterpret_cast<const float*>(base + a.state_off);
         t = count = 0;
         old = 0.f;
@@ -236,7 +237,7 @@ struct RowStep {
 
     __device__ __forceinline__ void finish(const StepArgs& a, Coeffs c, int lane) {
         if (!active) return;   // warp-uniform
-        W* w = reinterpret_cast<W*>(base + 16);
+        W* w = reinterpret_cast<W*>(base + a.weight_off);
         float* st = reinterpret_cast<float*>(base + a.state_off);
         if (c.wd != 0.f) {   // without decay the row's mean g^2 waits on the gradient alone, not the weights
 #pragma unroll
@@ -284,7 +285,7 @@ __device__ void step_wide_row(const StepArgs& a, Coeffs c, i64 r, int lane) {
     const i64 row = a.idx ? a.idx[r] : r;
     if (row < 0) return;
     char* base = a.rows + row * a.row_bytes;
-    W* w = reinterpret_cast<W*>(base + 16);
+    W* w = reinterpret_cast<W*>(base + a.weight_off);
     float* st = reinterpret_cast<float*>(base + a.state_off);
     unsigned t = 0, count = 0;
     float old = 0.f;
@@ -323,7 +324,7 @@ __device__ void step_wide_row(const StepArgs& a, Coeffs c, i64 r, int lane) {
 // SEG: row r's gradient is the sum of a segment of gradient rows (see StepArgs).
 // skip (may be null): when *skip is set, the kernel does nothing.
 template <typename W, int OPT, int VEC, int ROWS, int SEG>
-__global__ void optimizer_step(char* rows, i64 row_bytes, const i64* __restrict__ idx,
+__global__ void optimizer_step(char* rows, i64 row_bytes, i64 weight_off, const i64* __restrict__ idx,
                                const float* __restrict__ grads, const i64* __restrict__ order,
                                const i64* __restrict__ starts, i64 total, i64 n, int dim, i64 state_off,
                                float lr, float eps, float beta1, float beta2, float one_minus_beta1,
@@ -332,7 +333,7 @@ __global__ void optimizer_step(char* rows, i64 row_bytes, const i64* __restrict_
     if (skip && *skip) return;   // a flag an earlier kernel set: this step is not to run
     const int lane = threadIdx.x & 31;
     const Coeffs c = {lr, eps, beta1, beta2, one_minus_beta1, one_minus_beta2, wd, 0.f, 1.f, 0.f};
-    const StepArgs a = {rows, row_bytes, idx, grads, order, starts, total, n, dim, state_off, lr64, beta1_64, beta2_64, dirty, now,
+    const StepArgs a = {rows, row_bytes, weight_off, idx, grads, order, starts, total, n, dim, state_off, lr64, beta1_64, beta2_64, dirty, now,
                         touch};
     const i64 stride = warps_total();
     if (VEC || dim <= 32 * REG_ELEMS) {

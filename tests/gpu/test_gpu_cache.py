@@ -31,13 +31,18 @@ def rows_for(ids: np.ndarray) -> np.ndarray:
     return ((ids[:, None] * 31 + np.arange(ROW_BYTES)[None, :]) % 251).astype(np.uint8)
 
 
+def stored_rows(gpu: GpuCache) -> np.ndarray:
+    """Every slot's row in the stored layout (the slab holds them rotated)."""
+    return gpu.gather_rows(cupy.arange(gpu.capacity)).get()
+
+
 def assert_same_state(host: SetAssociativeCache, gpu: GpuCache) -> None:
     occupied = gpu.occupied.get()
     np.testing.assert_array_equal(occupied, host.occupied)
     for name in ("keys", "last_used") + (("uses",) if host.uses is not None else ()):   # LRU counts no uses
         np.testing.assert_array_equal(getattr(gpu, name).get()[occupied], getattr(host, name)[occupied], err_msg=name)
     np.testing.assert_array_equal(gpu.dirty.get()[occupied], host.dirty[occupied])
-    np.testing.assert_array_equal(gpu.slab.get()[occupied], host.slab[occupied])
+    np.testing.assert_array_equal(stored_rows(gpu)[occupied], host.slab[occupied])
     np.testing.assert_array_equal(gpu.spilled.get(), host.spilled)
 
 
@@ -150,43 +155,51 @@ def test_find_or_insert_is_probe_touch_choose_and_fill():
         assert_same_state(host, gpu)
 
 
-@pytest.mark.parametrize(("offset", "nbytes"), [(16, 512), (16, 12), (16, 6), (0, 48), (20, 28)])
+@pytest.mark.parametrize(("offset", "nbytes"), [(16, 512), (16, 12), (16, 6), (0, 48), (20, 28), (0, 16), (4, 8),
+                                               (8, 32)])
 def test_gather_writes_every_requested_row_and_scatter_puts_it_back(offset, nbytes):
+    """Offsets are into the stored row, whatever its place in the slab: header bytes, weights,
+    and ranges that start in the header and go on."""
     rows = 1000
     row_bytes = 528 if nbytes == 512 else 48
     gpu = GpuCache(CacheConfig(rows=rows, ways=4), row_bytes)
-    gpu.slab[:] = cupy.random.randint(0, 255, gpu.slab.shape, dtype=cupy.uint8)
+    stored = cupy.random.randint(0, 255, (rows, row_bytes), dtype=cupy.uint8)
+    gpu.scatter_rows(cupy.arange(rows), stored)
+    np.testing.assert_array_equal(stored_rows(gpu), stored.get())
     slots = np.random.default_rng(1).integers(-1, rows, 5000)
     out = cupy.full((len(slots), nbytes), 0xAB, dtype=cupy.uint8)   # poison
     gpu.gather(slots, offset, nbytes, out)
-    got, slab = out.get(), gpu.slab.get()
-    np.testing.assert_array_equal(got[slots >= 0], slab[slots[slots >= 0], offset:offset + nbytes])
+    got, want = out.get(), stored.get()
+    np.testing.assert_array_equal(got[slots >= 0], want[slots[slots >= 0], offset:offset + nbytes])
     assert (got[slots < 0] == 0xAB).all()
     fresh = cupy.random.randint(0, 255, (rows, nbytes), dtype=cupy.uint8)
     order = cupy.asarray(np.random.default_rng(2).permutation(rows))
     gpu.scatter(order, fresh[order], offset, nbytes)
-    np.testing.assert_array_equal(gpu.slab[:, offset:offset + nbytes].get(), fresh.get())
+    want[:, offset:offset + nbytes] = fresh.get()
+    np.testing.assert_array_equal(stored_rows(gpu), want)          # only those bytes changed
 
 
-@pytest.mark.parametrize(("row_bytes", "pitch", "align"), [(544, 576, 64), (528, 544, 32), (48, 48, 16),
-                                                       (1056, 1088, 64)])
-def test_rows_weights_start_aligned_where_padding_costs_little(row_bytes, pitch, align):
-    """A dim-128 rowwise-Adagrad row (544 bytes) lies 576 bytes apart, its weights 64-byte aligned;
-    no row is padded by more than 1/16; the rows read back as written."""
+@pytest.mark.parametrize(("row_bytes", "pitch"), [(544, 576), (528, 544), (48, 48), (1056, 1088), (16, 16)])
+def test_slab_rows_lead_with_their_weights_padded_by_at_most_a_sixteenth(row_bytes, pitch):
+    """A dim-128 rowwise-Adagrad row (544 bytes) lies 576 bytes apart, its weights first and
+    64-byte aligned, its header last; no row is padded by more than 1/16."""
     gpu = GpuCache(CacheConfig(rows=256, ways=32), row_bytes)
     assert gpu.slab.shape == (256, row_bytes) and gpu.slab.strides == (pitch, 1)
-    assert (gpu.slab.data.ptr + 16) % align == 0 and pitch - row_bytes <= row_bytes / 16
-    rows = cupy.random.randint(0, 255, (256, row_bytes), dtype=cupy.uint8)
-    order = cupy.asarray(np.random.default_rng(5).permutation(256))
-    gpu.scatter_rows(order, rows[order])
-    np.testing.assert_array_equal(gpu.gather_rows(cupy.arange(256)).get(), rows.get())
+    assert gpu.slab.data.ptr % min(64, pitch & -pitch) == 0 and pitch - row_bytes <= row_bytes / 16
+    stored = cupy.random.randint(0, 255, (256, row_bytes), dtype=cupy.uint8)
+    gpu.scatter_rows(cupy.asarray(np.random.default_rng(5).permutation(256)), stored)
+    rows = gpu.slab.get()
+    order = np.random.default_rng(5).permutation(256)
+    want = stored.get()[np.argsort(order)]
+    np.testing.assert_array_equal(rows[:, :row_bytes - 16], want[:, 16:])       # weights and state first
+    np.testing.assert_array_equal(rows[:, row_bytes - 16:], want[:, :16])       # then the header
 
 
 def test_gather_of_float_weights_writes_every_element():
     dim, n = 128, 4096
     gpu = GpuCache(CacheConfig(rows=8192, ways=32), 16 + dim * 4)
     weights = cupy.random.standard_normal((8192, dim), dtype=cupy.float32)
-    gpu.slab[:, 16:] = weights.view(cupy.uint8)
+    gpu.scatter(cupy.arange(8192), weights.view(cupy.uint8), 16, dim * 4)
     slots = cupy.asarray(np.random.default_rng(3).permutation(8192)[:n])
     out = cupy.full((n, dim), cupy.nan, dtype=cupy.float32)
     gpu.gather(slots, 16, dim * 4, out.view(cupy.uint8))

@@ -54,7 +54,7 @@ def test_fused_step_equals_host_optimizer(name, dim, weight_decay):
     layout = RowLayout.of(config)
     gpu = GpuCache(config.cache, layout.row_bytes)
     rows = random_rows(layout, 4096, rng)
-    gpu.slab[:] = cupy.asarray(rows)
+    gpu.scatter_rows(cupy.arange(len(rows)), cupy.asarray(rows))
     for step in range(3):
         slots = rng.permutation(4096)[:3000]
         grads = rng.standard_normal((3000, dim)).astype(np.float32)
@@ -63,7 +63,7 @@ def test_fused_step_equals_host_optimizer(name, dim, weight_decay):
         rows[slots] = sub
         gpu.dirty[:] = False
         gpu.optimizer_step(slots, grads, optimizer, layout, now=1000 + step)
-        got = gpu.slab.get()
+        got = gpu.gather_rows(cupy.arange(gpu.capacity)).get()
         assert rel_err(layout.weights(got), layout.weights(rows)) <= 1e-6
         if layout.state_dim:
             assert rel_err(layout.state(got), layout.state(rows)) <= 1e-6
@@ -79,13 +79,13 @@ def test_fused_step_keeps_weights_in_the_table_dtype(dtype):
     layout = RowLayout.of(config)
     gpu = GpuCache(config.cache, layout.row_bytes)
     rows = random_rows(layout, 1024, rng)
-    gpu.slab[:] = cupy.asarray(rows)
+    gpu.scatter_rows(cupy.arange(len(rows)), cupy.asarray(rows))
     grads = rng.standard_normal((1024, 64)).astype(np.float32)
     weights = layout.weights(rows).astype(np.float32)
     state = layout.state(rows).copy()
     make_optimizer(optimizer, 64).step(weights, state, grads, layout.header(rows)["step"] + 1)
     gpu.optimizer_step(np.arange(1024), grads, optimizer, layout)
-    got = gpu.slab.get()
+    got = gpu.gather_rows(cupy.arange(gpu.capacity)).get()
     want = weights.astype(layout.dtype).astype(np.float64)
     tolerance = {"bfloat16": 1e-2, "float16": 1e-3, "float64": 1e-6}[dtype]
     assert rel_err(layout.weights(got), want) <= tolerance
@@ -103,13 +103,13 @@ def test_fused_step_on_unaligned_gradients_equals_aligned():
     results = []
     for offset in (0, 1):
         gpu = GpuCache(config.cache, layout.row_bytes)
-        gpu.slab[:] = cupy.asarray(rows)
+        gpu.scatter_rows(cupy.arange(len(rows)), cupy.asarray(rows))
         flat = cupy.empty(grads.size + offset, dtype=cupy.float32)
         moved = flat[offset:].reshape(grads.shape)
         moved[:] = cupy.asarray(grads)
         assert (moved.data.ptr % 16 == 0) == (offset == 0)
         gpu.optimizer_step(np.arange(1024), moved, optimizer, layout)
-        results.append(gpu.slab.get())
+        results.append(gpu.gather_rows(cupy.arange(gpu.capacity)).get())
     np.testing.assert_array_equal(results[0][:, :16], results[1][:, :16])
     assert rel_err(layout.weights(results[1]), layout.weights(results[0])) <= 1e-6
     assert rel_err(layout.state(results[1]), layout.state(results[0])) <= 1e-6
