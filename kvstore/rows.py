@@ -1,9 +1,11 @@
-"""Byte layout of a stored row, identical in the cache slab and in RocksDB.
+"""Byte layout of a stored row, identical in the host cache's slab and in RocksDB.
 
     header (16 B) | weights (dim x dtype, padded to 16 B) | state (state_dim x float32, padded)
 
-Because the cache slab holds rows in this exact layout, writing back a dirty
-row or loading a missed one is a plain copy of bytes, with no re-encoding.
+Because the host slab holds rows in this exact layout, writing back a dirty
+row or loading a missed one is a plain copy of bytes, with no re-encoding. The
+GPU slab holds the same bytes rotated, header last (kvstore/gpu_cache.py): its
+copies in and out move the two pieces.
 Keys are 8-byte big-endian with the sign bit flipped, so RocksDB's byte order
 is numeric order.
 """
