@@ -170,10 +170,10 @@ def bench_kernels(args, copy_gbs: float, rows: list) -> None:
     cache.kernels.copy_rows_in_flight = 4                   # the same kernel with 4 rows a group in flight
     ms_4 = median_ms(lambda s: cache.gather(s, 16, DIM * 4, out.view(cupy.uint8)), slot_sets, args.reps)
     cache.kernels.copy_rows_in_flight = COPY_ROWS_IN_FLIGHT
-    rows.append(("gather 1M x 128 f32 (GB/s)", gbs, copy_gbs, f"{gbs / copy_gbs:.2f} of copy; "
+    rows.append(("gather 1M x 128 f32 (GB/s)", gbs, copy_gbs, f"{gbs / copy_gbs:.3f} of copy; "
                  f"torch.index_select {2 * n * DIM * 4 / ms_t / 1e6:.0f} GB/s ({ms:.3f} vs {ms_t:.3f} ms); "
                  f"4 rows in flight {ms_4:.3f} ms; rows {cache.pitch} B apart; in turns with rows packed "
-                 f"{packed_pitch} B apart: {2 * n * DIM * 4 / ms_packed / 1e6 / copy_gbs:.2f} of copy "
+                 f"{packed_pitch} B apart: {2 * n * DIM * 4 / ms_packed / 1e6 / copy_gbs:.3f} of copy "
                  f"({ms / ms_packed:.3f} of the time)"))
 
     # probe at ~90% load
@@ -284,8 +284,8 @@ def bench_kernels(args, copy_gbs: float, rows: list) -> None:
     apply_gbs = n * (8 + DIM * 4 + row_io) / apply_ms / 1e6
     dups_gbs = (n * (8 + DIM * 4) + uniq_dups * row_io) / dups_ms / 1e6
     rows.append(("apply_gradients 1M unique ids (GB/s)", apply_gbs, copy_gbs,
-                 f"{apply_gbs / copy_gbs:.2f} of copy; {apply_ms:.3f} ms (group, probe, summing steps); "
-                 f"1M rows over {uniq_dups} ids: {dups_gbs / copy_gbs:.2f} of copy ({dups_ms:.3f} ms; "
+                 f"{apply_gbs / copy_gbs:.3f} of copy; {apply_ms:.3f} ms (group, probe, summing steps); "
+                 f"1M rows over {uniq_dups} ids: {dups_gbs / copy_gbs:.3f} of copy ({dups_ms:.3f} ms; "
                  f"sum_duplicates + probe + step {composed_ms:.3f} ms)"))
     moved = n * (DIM * 4 * 3 + 4 * 2 + 16 * 2 + 1 + 8)   # grads + weights r/w + G r/w + header r/w + dirty + slot
     gbs, random_gbs = moved / ms / 1e6, moved / random_ms / 1e6
@@ -295,12 +295,12 @@ def bench_kernels(args, copy_gbs: float, rows: list) -> None:
                                                          n),
                        random_slots, args.reps)
     rmw_gbs = 2 * n * rb / rmw_ms / 1e6
-    rows.append(("rowwise adagrad 1M rows (GB/s)", gbs, copy_gbs, f"{gbs / copy_gbs:.2f} of copy; {ms:.3f} ms "
-                 f"on rows in table (set) order; in random order {random_gbs / copy_gbs:.2f} of copy "
-                 f"({random_ms:.3f} ms), random-row in-place copy {rmw_gbs / copy_gbs:.2f} ({rmw_ms:.3f} ms); "
+    rows.append(("rowwise adagrad 1M rows (GB/s)", gbs, copy_gbs, f"{gbs / copy_gbs:.3f} of copy; {ms:.3f} ms "
+                 f"on rows in table (set) order; in random order {random_gbs / copy_gbs:.3f} of copy "
+                 f"({random_ms:.3f} ms), random-row in-place copy {rmw_gbs / copy_gbs:.3f} ({rmw_ms:.3f} ms); "
                  f"before the step, summing duplicates + probe take {front_ms:.3f} ms; in turns with rows packed "
-                 f"{rb} B apart: {moved / step_ms / 1e6 / copy_gbs:.2f} / "
-                 f"{moved / step_packed_ms / 1e6 / copy_gbs:.2f} of copy ({step_ms:.3f} / {step_packed_ms:.3f} ms)"))
+                 f"{rb} B apart: {moved / step_ms / 1e6 / copy_gbs:.3f} / "
+                 f"{moved / step_packed_ms / 1e6 / copy_gbs:.3f} of copy ({step_ms:.3f} / {step_packed_ms:.3f} ms)"))
 
 
 def bench_end_to_end(args, rows: list) -> None:
