@@ -34,10 +34,7 @@ from .config import CacheConfig, OptimizerConfig
 from .errors import InvalidArgument
 from .gpu_kernels import ALL_NEW, COUNT_USES, HEADERS, LINK, MARK, TOUCH, kernels_for
 from .host_kernels import spill_into
-from .rows import HEADER_BYTES, RowLayout
-
-ROW_ALIGN = 64            # bytes: where each row's weights start in HBM, where padding costs little
-MAX_PADDING = 1 / 16      # of a row: the most memory that alignment may add
+from .rows import HEADER_BYTES, RowLayout, slab_pitch
 
 
 @dataclass
@@ -57,14 +54,6 @@ class _Victims:
     victim_keys: cupy.ndarray
     victim_dirty: cupy.ndarray
     mark: bool                   # claimed slots start dirty
-
-
-def slab_pitch(row_bytes: int, align: int | None = None) -> int:
-    """Bytes from one row's start to the next: `row_bytes` rounded up to `align`, by default to
-    the largest of ROW_ALIGN, 32 and 16 bytes that pads a row by at most MAX_PADDING."""
-    if align is None:
-        align = next(a for a in (ROW_ALIGN, 32, 16) if -row_bytes % a <= row_bytes * MAX_PADDING)
-    return row_bytes + -row_bytes % align
 
 
 class GpuCache(SetAssociativeCache):

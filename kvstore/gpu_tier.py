@@ -18,8 +18,8 @@ from .arrays import BF16
 from .cache import Eviction
 from .config import CacheConfig, OptimizerConfig
 from .errors import FailedPrecondition, ResourceExhausted
-from .gpu_cache import GpuCache, dtype_name, slab_pitch
-from .rows import HEADER, HEADER_BYTES, RowLayout
+from .gpu_cache import GpuCache, dtype_name
+from .rows import HEADER, HEADER_BYTES, RowLayout, slab_pitch
 
 
 def device_dtype(dtype: np.dtype) -> np.dtype:

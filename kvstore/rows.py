@@ -35,6 +35,19 @@ MAX_COUNT = np.uint32(2**32 - 2)
 _SIGN = np.uint64(1 << 63)
 
 
+ROW_ALIGN = 64            # bytes: where a GPU slab's rows start, where padding costs little
+MAX_PADDING = 1 / 16      # of a row: the most memory that alignment may add
+
+
+def slab_pitch(row_bytes: int, align: int | None = None) -> int:
+    """Bytes from one row's start to the next in a GPU slab (kvstore/gpu_cache.py, where rows lead
+    with their weights): `row_bytes` rounded up to `align`, by default to the largest of
+    ROW_ALIGN, 32 and 16 bytes that pads a row by at most MAX_PADDING."""
+    if align is None:
+        align = next(a for a in (ROW_ALIGN, 32, 16) if -row_bytes % a <= row_bytes * MAX_PADDING)
+    return row_bytes + -row_bytes % align
+
+
 def _pad16(n: int) -> int:
     return (n + 15) // 16 * 16
 
