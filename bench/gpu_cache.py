@@ -54,6 +54,16 @@ def median_ms(fn, inputs, reps: int, warmup: int = 3, before=None, queued: bool 
 _SPIN = None
 
 
+def in_turns(call, caches: tuple, inputs, reps: int, rounds: int = 3) -> list[float]:
+    """Best of `rounds` median_ms of call(cache, input) for each cache, the caches taking turns:
+    the GPU's clocks and memory state change over a run, and turns spread that over all of them."""
+    times = [[] for _ in caches]
+    for _ in range(rounds):
+        for cache, each in zip(caches, times, strict=True):
+            each.append(median_ms(lambda x, c=cache: call(c, x), inputs, reps))
+    return [min(each) for each in times]
+
+
 def _spin(cycles: int) -> None:
     """Keep the device busy for `cycles` clock cycles (one thread), so the host can queue work behind it."""
     global _SPIN
@@ -151,12 +161,8 @@ def bench_kernels(args, copy_gbs: float, rows: list) -> None:
     slot_sets = [cupy.asarray(rng.integers(0, cache.capacity, n)) for _ in range(ROTATE)]
     out = cupy.empty((n, DIM), dtype=cupy.float32)
     packed = fill_slab(GpuCache(config, layout.row_bytes, align=16), layout)    # rows back to back
-    timed: dict = {cache: [], packed: []}
-    for _ in range(3):                       # in turns: the GPU's clocks and memory state change over a run
-        for each, times in timed.items():
-            times.append(median_ms(lambda s, c=each: c.gather(s, 16, DIM * 4, out.view(cupy.uint8)), slot_sets,
-                                   args.reps))
-    ms, ms_packed = (min(times) for times in timed.values())
+    ms, ms_packed = in_turns(lambda c, s: c.gather(s, 16, DIM * 4, out.view(cupy.uint8)), (cache, packed), slot_sets,
+                             args.reps)
     packed_pitch = packed.pitch
     print("gather breakdown:", breakdown(
         cache, lambda s: cache.gather(s, 16, DIM * 4, out.view(cupy.uint8)), slot_sets, lambda i: None))
@@ -254,13 +260,9 @@ def bench_kernels(args, copy_gbs: float, rows: list) -> None:
 
     ms = median_ms(step, table_slots, args.reps)
     random_ms = median_ms(step, random_slots, args.reps)
-    steps: dict = {cache: [], packed: []}         # the same slots of the packed slab, in turns
-    for _ in range(3):
-        for each, times in steps.items():
-            times.append(median_ms(lambda p, c=each: c.optimizer_step(p[0], p[1], opt, layout, now=1), table_slots,
-                                   args.reps))
-    step_ms, step_packed_ms = (min(times) for times in steps.values())
-    packed = steps = None
+    step_ms, step_packed_ms = in_turns(lambda c, p: c.optimizer_step(p[0], p[1], opt, layout, now=1),
+                                       (cache, packed), table_slots, args.reps)    # the same slots of both slabs
+    packed = None
     cupy.get_default_memory_pool().free_all_blocks()
     front_ms = median_ms(lambda p: cache.probe_and_touch(sum_duplicates(cache, *p)[0]),
                          list(zip(id_sets, grads, strict=True)), args.reps)
