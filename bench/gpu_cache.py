@@ -293,13 +293,21 @@ def bench_kernels(args, copy_gbs: float, rows: list) -> None:
     gbs, random_gbs = moved / ms / 1e6, moved / random_ms / 1e6
     # the same rows read and written in place, nothing else: the access pattern's own ceiling
     rb, pitch = layout.row_bytes, cache.pitch
-    rmw_ms = median_ms(lambda p: cache.kernels.copy_rows(cache.slab, p[0], pitch, 0, cache.slab, p[0], pitch, 0, rb,
-                                                         n),
-                       random_slots, args.reps)
+
+    def in_place(p):
+        cache.kernels.copy_rows(cache.slab, p[0], pitch, 0, cache.slab, p[0], pitch, 0, rb, n)
+
+    dense = [(cupy.arange(k * n, (k + 1) * n, dtype=cupy.int64) % cache.capacity, g)
+             for k, g in enumerate(grads)]     # consecutive slots: the step and the copy at their best pattern
+    rmw_ms, rmw_set_ms, rmw_dense_ms = (median_ms(in_place, s, args.reps) for s in (random_slots, table_slots, dense))
+    dense_ms = median_ms(step, dense, args.reps)
     rmw_gbs = 2 * n * rb / rmw_ms / 1e6
     rows.append(("rowwise adagrad 1M rows (GB/s)", gbs, copy_gbs, f"{gbs / copy_gbs:.3f} of copy; {ms:.3f} ms "
                  f"on rows in table (set) order; in random order {random_gbs / copy_gbs:.3f} of copy "
-                 f"({random_ms:.3f} ms), random-row in-place copy {rmw_gbs / copy_gbs:.3f} ({rmw_ms:.3f} ms); "
+                 f"({random_ms:.3f} ms), on consecutive slots {moved / dense_ms / 1e6 / copy_gbs:.3f} "
+                 f"({dense_ms:.3f} ms); the same rows copied in place, nothing computed: random "
+                 f"{rmw_gbs / copy_gbs:.3f} ({rmw_ms:.3f} ms), set order {2 * n * rb / rmw_set_ms / 1e6 / copy_gbs:.3f}, "
+                 f"consecutive {2 * n * rb / rmw_dense_ms / 1e6 / copy_gbs:.3f}; "
                  f"before the step, summing duplicates + probe take {front_ms:.3f} ms; in turns with rows packed "
                  f"{rb} B apart: {moved / step_ms / 1e6 / copy_gbs:.3f} / "
                  f"{moved / step_packed_ms / 1e6 / copy_gbs:.3f} of copy ({step_ms:.3f} / {step_packed_ms:.3f} ms)"))
