@@ -126,13 +126,14 @@ def copy_ceiling(reps: int) -> float:
 
 
 def fill_slab(cache: GpuCache, layout: RowLayout) -> GpuCache:
-    """Random float32 weights, rowwise Adagrad's G 1.0 (> 0), zeroed headers."""
+    """Random float32 weights, the state's first float 1.0 (rowwise Adagrad's G > 0), zeroed headers."""
     for start in range(0, cache.capacity, 1 << 20):
         count = min(1 << 20, cache.capacity - start)
         rows = cupy.zeros((count, layout.row_bytes), dtype=cupy.uint8)
         weights = cupy.random.standard_normal((count, DIM), dtype=cupy.float32)
         rows[:, layout.weight_offset:layout.weight_offset + DIM * 4] = weights.view(cupy.uint8)
-        rows[:, layout.state_offset:layout.state_offset + 4] = cupy.ones((count, 1), cupy.float32).view(cupy.uint8)
+        if layout.state_dim:
+            rows[:, layout.state_offset:layout.state_offset + 4] = cupy.ones((count, 1), cupy.float32).view(cupy.uint8)
         cache.scatter_rows(cupy.arange(start, start + count), rows)
     return cache
 

@@ -25,7 +25,8 @@ WEIGHT_TYPES = {"float32": "float", "float64": "double", "float16": "half_t", "b
 COPY_TYPES = {16: "uint4", 8: "unsigned long long", 4: "unsigned int", 2: "unsigned short", 1: "unsigned char"}
 PROBE_TYPES = {"generic": "probe<32, 1>", "ways32": "probe<8, 4>"}
 COPY_ROWS_IN_FLIGHT = 2              # rows a thread group copies at once (4 also compiled, for comparison)
-STEP_ROWS_IN_FLIGHT = 2              # rows a warp steps at once
+STEP_ROWS_IN_FLIGHT = 1              # rows a warp steps at once (2 needs more registers: fewer warps, slower)
+STEP_WAVES = 16                      # the step's grid: up to this many full waves of blocks (see __init__)
 NULL = np.uint64(0)                  # a null pointer argument
 
 # probe flags (see the kernel)
@@ -86,6 +87,9 @@ class Kernels:
         self.module = _module(device_id)
         self._functions: dict[str, object] = {}    # a CuPy lookup costs each launch a driver call
         self.max_blocks = _sm_count(device_id) * (2048 // THREADS) * 4
+        # The fused steps wait on memory more than the other kernels: a grid of 16 waves, one row a warp,
+        # ran every optimizer 5-23% faster on an H200 than 4 waves of two rows (docs/benchmarks.md, stop 31).
+        self.step_blocks = _sm_count(device_id) * (2048 // THREADS) * STEP_WAVES
         self.copy_rows_in_flight = COPY_ROWS_IN_FLIGHT
 
     def _fn(self, name: str):
@@ -94,11 +98,11 @@ class Kernels:
             function = self._functions[name] = self.module.get_function(name)
         return function
 
-    def _grid(self, threads_needed: int) -> tuple[int]:
-        """Blocks for a grid-stride loop: at most max_blocks, and as few as give every
-        block the same number of rounds (no last round with most of the grid idle)."""
+    def _grid(self, threads_needed: int, max_blocks: int | None = None) -> tuple[int]:
+        """Blocks for a grid-stride loop: at most `max_blocks` (default `self.max_blocks`), and as
+        few as give every block the same number of rounds (no last round with most of the grid idle)."""
         blocks = max(1, -(-threads_needed // THREADS))
-        rounds = -(-blocks // self.max_blocks)
+        rounds = -(-blocks // (max_blocks or self.max_blocks))
         return (-(-blocks // rounds),)
 
     def probe(self, keys, occupied, ids, num_sets: int, ways: int, slots_out, hit_out=None,
@@ -189,7 +193,7 @@ class Kernels:
         order, starts = segments if seg else (None, None)
         weight, code = WEIGHT_TYPES[dtype], OPTIMIZER_CODES[c.name]
         step = _step_function(self.device_id, weight, code, vec, seg)
-        step(self._grid(-(-n // STEP_ROWS_IN_FLIGHT) * 32), (THREADS,), (
+        step(self._grid(-(-n // STEP_ROWS_IN_FLIGHT) * 32, self.step_blocks), (THREADS,), (
             np.uint64(headers), np.int64(row_bytes), np.int64(weight_off), _ptr(idx), grads, _ptr(order),
             _ptr(starts), np.int64(len(order) if seg else n), np.int64(n), np.int32(dim), np.int64(state_off),
             np.float32(c.lr), np.float32(c.eps), np.float32(c.beta1), np.float32(c.beta2),

@@ -320,7 +320,8 @@ __device__ void step_wide_row(const StepArgs& a, Coeffs c, i64 r, int lane) {
     if (lane == 0) finish_header<OPT>(a, base, st, row, t, count, c.row_state);
 }
 
-// ROWS rows a warp in flight; the next round's slots load while this round's rows step.
+// ROWS rows a warp in flight; the next round's slots load while this round's rows step. The launcher
+// uses 1 (kvstore/gpu_kernels.py: two rows a warp take more registers, so fewer warps, and ran slower).
 // SEG: row r's gradient is the sum of a segment of gradient rows (see StepArgs).
 // skip (may be null): when *skip is set, the kernel does nothing.
 template <typename W, int OPT, int VEC, int ROWS, int SEG>
