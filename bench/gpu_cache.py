@@ -1,6 +1,7 @@
 """GPU cache tier: each figure beside its ceiling, measured in the same run on the same GPU.
 
     python bench/gpu_cache.py [--slots 10000000] [--batch 1048576] [--reps 30] [--align 16|32|64]
+                               [--skip-e2e] [--skip-optimizers]
 
 Ceilings: a large device-to-device copy (bytes read + written) for the memory-
 bound kernels; torch.index_select on the same slab for the gather; RocksDB
@@ -19,7 +20,7 @@ import numpy as np
 
 from kvstore import CacheConfig, OptimizerConfig, Store, TableConfig
 from kvstore.gpu_cache import GpuCache, sum_duplicates
-from kvstore.gpu_kernels import COPY_ROWS_IN_FLIGHT
+from kvstore.gpu_kernels import COPY_ROWS_IN_FLIGHT, OPTIMIZER_CODES
 from kvstore.rows import RowLayout, encode_keys
 
 ROTATE = 4
@@ -307,11 +308,40 @@ def bench_kernels(args, copy_gbs: float, rows: list) -> None:
                  f"on rows in table (set) order; in random order {random_gbs / copy_gbs:.3f} of copy "
                  f"({random_ms:.3f} ms), on consecutive slots {moved / dense_ms / 1e6 / copy_gbs:.3f} "
                  f"({dense_ms:.3f} ms); the same rows copied in place, nothing computed: random "
-                 f"{rmw_gbs / copy_gbs:.3f} ({rmw_ms:.3f} ms), set order {2 * n * rb / rmw_set_ms / 1e6 / copy_gbs:.3f}, "
+                 f"{rmw_gbs / copy_gbs:.3f} ({rmw_ms:.3f} ms), "
+                 f"set order {2 * n * rb / rmw_set_ms / 1e6 / copy_gbs:.3f}, "
                  f"consecutive {2 * n * rb / rmw_dense_ms / 1e6 / copy_gbs:.3f}; "
                  f"before the step, summing duplicates + probe take {front_ms:.3f} ms; in turns with rows packed "
                  f"{rb} B apart: {moved / step_ms / 1e6 / copy_gbs:.3f} / "
                  f"{moved / step_packed_ms / 1e6 / copy_gbs:.3f} of copy ({step_ms:.3f} / {step_packed_ms:.3f} ms)"))
+
+
+def bench_each_optimizer(args, copy_gbs: float, rows: list, slots: int = 4 << 20) -> None:
+    """Each optimizer's fused step (dim 128, float32 weights) on a slab of `slots` rows: rows in
+    consecutive slots, a sorted random quarter of the slots (set order), and random order.
+    Bytes counted: the gradient row read, the stored row read and written, slot and dirty flag."""
+    rng = np.random.default_rng(2)
+    n = args.batch
+    grads = [cupy.random.standard_normal((n, DIM), dtype=cupy.float32) for _ in range(ROTATE)]
+    picks = [rng.choice(slots, n, replace=False) for _ in range(ROTATE)]
+    orders = {"consecutive": [cupy.arange(k * n, (k + 1) * n, dtype=cupy.int64) % slots for k in range(ROTATE)],
+              "set order": [cupy.asarray(np.sort(p)) for p in picks],
+              "random": [cupy.asarray(p) for p in picks]}
+    for name in OPTIMIZER_CODES:
+        layout = RowLayout.of(TableConfig(name="b", dim=DIM, optimizer=OptimizerConfig(name=name)))
+        cache = fill_slab(GpuCache(CacheConfig(rows=slots, ways=32), layout.row_bytes), layout)
+        opt = OptimizerConfig(name=name, lr=0.01)
+        moved = n * (DIM * 4 + 2 * layout.row_bytes + 8 + 1)
+
+        def step(pair, cache=cache, opt=opt, layout=layout):
+            cache.optimizer_step(pair[0], pair[1], opt, layout, now=1)
+
+        ratios = {order: moved / median_ms(step, list(zip(idx, grads, strict=True)), args.reps) / 1e6 / copy_gbs
+                  for order, idx in orders.items()}
+        rows.append((f"{name} step, {layout.row_bytes} B rows (of copy)", ratios["set order"], 1.0,
+                     ", ".join(f"{order} {r:.3f}" for order, r in ratios.items())))
+        del cache
+        cupy.get_default_memory_pool().free_all_blocks()
 
 
 def bench_end_to_end(args, rows: list) -> None:
@@ -376,6 +406,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1 << 20)
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--skip-optimizers", action="store_true", help="leave out each optimizer's step")
     parser.add_argument("--align", type=int, default=None, help="slab rows' start alignment in bytes (16: rows "
                         "packed back to back; default: the cache's own choice)")
     args = parser.parse_args()
@@ -386,6 +417,8 @@ def main() -> None:
     rows.append(("device-to-device copy (GB/s)", copy_gbs, copy_gbs, "ceiling: bytes read + written"))
     bench_kernels(args, copy_gbs, rows)
     cupy.get_default_memory_pool().free_all_blocks()
+    if not args.skip_optimizers:
+        bench_each_optimizer(args, copy_gbs, rows)
     if not args.skip_e2e:
         bench_end_to_end(args, rows)
     print(f"{'figure':<40} {'measured':>12} {'ceiling':>12}  notes")
