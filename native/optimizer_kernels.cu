@@ -173,7 +173,8 @@ __device__ __forceinline__ void finish_header(const StepArgs& a, char* base, flo
     if (a.dirty) a.dirty[row] = true;
 }
 
-// One row of one optimizer step, split in two so a warp can have two rows' loads in flight.
+// One row of one optimizer step, split in two (loads, then the step and stores) so a warp can have
+// ROWS rows' loads in flight and the next round's slots load while a round steps.
 // VEC (dim % 4 == 0, dim <= 128, buffers 16-byte aligned): lane l holds elements 4l..4l+3,
 // moved as vectors. A template argument, not a flag: the vector kernels carry no code of the
 // other paths, so they need fewer registers and keep more warps (more loads) in flight.
