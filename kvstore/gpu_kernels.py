@@ -17,10 +17,14 @@ import cupy
 import numpy as np
 from kvstore_native import SOURCE_DIR
 
+from .config import OptimizerConfig
+from .optimizers import bias_correction_table
+
 NATIVE = SOURCE_DIR
 SOURCES = ("cache_kernels.cu", "optimizer_kernels.cu")   # one compilation unit, in this order
 THREADS = 256
 OPTIMIZER_CODES = {"sgd": 0, "adagrad": 1, "rowwise_adagrad": 2, "adam": 3, "partial_rowwise_adam": 4}
+ADAMS = ("adam", "partial_rowwise_adam")   # the steps with bias corrections
 WEIGHT_TYPES = {"float32": "float", "float64": "double", "float16": "half_t", "bfloat16": "bf16_t"}
 COPY_TYPES = {16: "uint4", 8: "unsigned long long", 4: "unsigned int", 2: "unsigned short", 1: "unsigned char"}
 PROBE_TYPES = {"generic": "probe<32, 1>", "ways32": "probe<8, 4>"}
@@ -68,6 +72,16 @@ def _step_module(device_id: int, weight: str, code: int) -> cupy.RawModule:
 @functools.cache
 def _step_function(device_id: int, weight: str, code: int, vec: bool, seg: bool):
     return _step_module(device_id, weight, code).get_function(_step_name(weight, code, vec, seg))
+
+
+@functools.lru_cache(maxsize=16)
+def _bias_table(device_id: int, lr: float, beta1: float, beta2: float) -> cupy.ndarray | None:
+    """Adam's bias corrections by step count on the device (`optimizers.bias_correction_table`)."""
+    table = bias_correction_table(OptimizerConfig(name="adam", lr=lr, beta1=beta1, beta2=beta2))
+    if table is None:
+        return None
+    with cupy.cuda.Device(device_id):
+        return cupy.asarray(table)
 
 
 @functools.cache
@@ -192,14 +206,15 @@ class Kernels:
         seg = segments is not None
         order, starts = segments if seg else (None, None)
         weight, code = WEIGHT_TYPES[dtype], OPTIMIZER_CODES[c.name]
+        bias = _bias_table(self.device_id, c.lr, c.beta1, c.beta2) if c.name in ADAMS else None
         step = _step_function(self.device_id, weight, code, vec, seg)
         step(self._grid(-(-n // STEP_ROWS_IN_FLIGHT) * 32, self.step_blocks), (THREADS,), (
             np.uint64(headers), np.int64(row_bytes), np.int64(weight_off), _ptr(idx), grads, _ptr(order),
             _ptr(starts), np.int64(len(order) if seg else n), np.int64(n), np.int32(dim), np.int64(state_off),
             np.float32(c.lr), np.float32(c.eps), np.float32(c.beta1), np.float32(c.beta2),
             np.float32(1 - c.beta1), np.float32(1 - c.beta2), np.float64(c.lr), np.float64(c.beta1),
-            np.float64(c.beta2), np.float32(c.weight_decay), _ptr(dirty), np.uint32(now), np.int32(touch),
-            _ptr(skip)))
+            np.float64(c.beta2), _ptr(bias), np.int64(0 if bias is None else len(bias)), np.float32(c.weight_decay),
+            _ptr(dirty), np.uint32(now), np.int32(touch), _ptr(skip)))
 
     def sum_segments(self, grads, order, starts, out) -> None:
         """out[u] = sum of grads[order[j]] for j in segment u (starts[u] up to the next start)."""

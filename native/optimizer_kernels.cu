@@ -128,6 +128,8 @@ struct StepArgs {
     int dim;
     i64 state_off;
     double lr64, beta1_64, beta2_64;
+    const float2* bias;  // not null: Adam's (step size, sqrt(1 - beta2^t)) at step count t, the last row for later t
+    i64 bias_steps;      // its rows
     bool* dirty;
     unsigned now;
     int touch;
@@ -157,6 +159,19 @@ __device__ __forceinline__ float grad_at(const StepArgs& a, i64 r, int d) {
     float g = grad_row<SEG>(a, begin)[d];
     for (i64 j = begin + 1; j < end; ++j) g += grad_row<SEG>(a, j)[d];
     return g;
+}
+
+// Adam's bias corrections at step count t: the host's own float32 values from its table
+// (kvstore/optimizers.py: bias_correction_table), else computed in float64 as the host does.
+__device__ __forceinline__ void bias_corrections(const StepArgs& a, unsigned t, Coeffs& c) {
+    if (a.bias) {
+        const float2 b = a.bias[min((i64)t, a.bias_steps - 1)];
+        c.step_size = b.x;
+        c.bias2_sqrt = b.y;
+        return;
+    }
+    c.step_size = (float)(a.lr64 / (1.0 - pow(a.beta1_64, (double)t)));
+    c.bias2_sqrt = (float)sqrt(1.0 - pow(a.beta2_64, (double)t));
 }
 
 template <int OPT>
@@ -248,10 +263,7 @@ struct RowStep {
 #pragma unroll
         for (int k = 0; k < REG_ELEMS; ++k) sq += gp[k] * gp[k];
         t = __shfl_sync(FULL, t, 0);
-        if (OPT >= 3) {   // in float64, as the host computes them
-            c.step_size = (float)(a.lr64 / (1.0 - pow(a.beta1_64, (double)t)));
-            c.bias2_sqrt = (float)sqrt(1.0 - pow(a.beta2_64, (double)t));
-        }
+        if (OPT >= 3) bias_corrections(a, t, c);
         if (OPT == 2 || OPT == 4) {
             const float mean = warp_sum(sq) / (float)a.dim;
             old = __shfl_sync(FULL, old, 0);
@@ -297,10 +309,7 @@ __device__ void step_wide_row(const StepArgs& a, Coeffs c, i64 r, int lane) {
         if (OPT == 4) old = st[a.dim];
     }
     t = __shfl_sync(FULL, t, 0);
-    if (OPT >= 3) {
-        c.step_size = (float)(a.lr64 / (1.0 - pow(a.beta1_64, (double)t)));
-        c.bias2_sqrt = (float)sqrt(1.0 - pow(a.beta2_64, (double)t));
-    }
+    if (OPT >= 3) bias_corrections(a, t, c);
     if (OPT == 2 || OPT == 4) {
         float sq = 0.f;
         for (int d = lane; d < a.dim; d += 32) {
@@ -331,12 +340,13 @@ __global__ void optimizer_step(char* rows, i64 row_bytes, i64 weight_off, const 
                                const i64* __restrict__ starts, i64 total, i64 n, int dim, i64 state_off,
                                float lr, float eps, float beta1, float beta2, float one_minus_beta1,
                                float one_minus_beta2, double lr64, double beta1_64, double beta2_64,
+                               const float2* __restrict__ bias, i64 bias_steps,
                                float wd, bool* dirty, unsigned now, int touch, const int* __restrict__ skip) {
     if (skip && *skip) return;   // a flag an earlier kernel set: this step is not to run
     const int lane = threadIdx.x & 31;
     const Coeffs c = {lr, eps, beta1, beta2, one_minus_beta1, one_minus_beta2, wd, 0.f, 1.f, 0.f};
-    const StepArgs a = {rows, row_bytes, weight_off, idx, grads, order, starts, total, n, dim, state_off, lr64, beta1_64, beta2_64, dirty, now,
-                        touch};
+    const StepArgs a = {rows, row_bytes, weight_off, idx, grads, order, starts, total, n, dim, state_off, lr64, beta1_64, beta2_64, bias,
+                        bias_steps, dirty, now, touch};
     const i64 stride = warps_total();
     if (VEC || dim <= 32 * REG_ELEMS) {
         i64 r = warp_id_global();

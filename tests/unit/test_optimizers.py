@@ -259,3 +259,30 @@ def test_low_precision_tables_step_in_float32_and_round_once(tmp_path):
     assert after.dtype == ml_dtypes.bfloat16
     np.testing.assert_array_equal(after, (before - 0.25).astype(ml_dtypes.bfloat16))
     store.close()
+
+
+@pytest.mark.parametrize("lr, beta1, beta2", [(0.01, 0.9, 0.999), (0.5, 0.0, 0.99), (1e-3, 0.99, 0.99999),
+                                             (0.1, 0.0, 0.0)])
+def test_the_bias_correction_table_holds_the_hosts_values_for_every_step_count(lr, beta1, beta2):
+    """The GPU's Adam steps read this table by step count (the last row for every later count):
+    each entry must be what the host's Adam step computes for that count, and the last one what
+    it computes for any count after."""
+    from kvstore.optimizers import bias_correction_table, bias_corrections
+
+    config = OptimizerConfig(name="adam", lr=lr, beta1=beta1, beta2=beta2)
+    table = bias_correction_table(config)
+    steps = np.concatenate([np.arange(1, min(len(table), 50_000) + 5_000),
+                            np.random.default_rng(0).integers(1, 2 ** 32 - 1, 10_000)])
+    step_size, bias2_sqrt = bias_corrections(config, steps)
+    at = np.minimum(steps, len(table) - 1)
+    np.testing.assert_array_equal(table[at, 0], step_size)
+    np.testing.assert_array_equal(table[at, 1], bias2_sqrt)
+    assert len(table) == 2 or (table[-2] != table[-1]).any()     # no longer than it must be
+
+
+def test_no_bias_correction_table_for_a_beta_too_near_one():
+    from kvstore.optimizers import MAX_BIAS_STEPS, bias_correction_table
+
+    config = OptimizerConfig(name="adam", beta2=1 - 1e-7)
+    assert bias_correction_table(config) is None
+    assert len(bias_correction_table(OptimizerConfig(name="adam", beta2=0.99999))) <= MAX_BIAS_STEPS
