@@ -15,6 +15,8 @@ temporary: per-row factors ([n, 1]) are computed first and broadcast once.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .config import OptimizerConfig
@@ -27,30 +29,43 @@ MAX_BIAS_STEPS = 1 << 22     # the longest table of bias corrections kept (32 Mi
 def bias_corrections(config: OptimizerConfig, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Adam's step size lr / (1 - beta1^t) and sqrt(1 - beta2^t) for each step count t (>= 1),
     in float64 and then rounded to float32 (1 - float32(0.999) is off by 1e-5 relative)."""
+    return _bias_corrections(config.lr, config.beta1, config.beta2, steps)
+
+
+def _bias_corrections(lr: float, beta1: float, beta2: float, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     t = steps.astype(np.float64)
-    return ((config.lr / (1 - config.beta1 ** t)).astype(np.float32),
-            np.sqrt(1 - config.beta2 ** t).astype(np.float32))
+    return (lr / (1 - beta1 ** t)).astype(np.float32), np.sqrt(1 - beta2 ** t).astype(np.float32)
 
 
 def bias_correction_table(config: OptimizerConfig) -> np.ndarray | None:
-    """[T, 2] float32: row t holds `bias_corrections` at step count t, and row T - 1 the value of
-    every later t (there 1 - beta^t is 1.0 in float64 for both betas: beta^t < 2^-54). The GPU's
-    fused Adam steps read it instead of two float64 powers a row, which cost Adam 9% and partial
-    rowwise Adam 30% of their speed, and get the host's own values. None where T would pass
-    MAX_BIAS_STEPS (a beta within about 1e-5 of 1): the kernels compute the powers then."""
+    """[T, 2] float32, read-only and shared: row t holds `bias_corrections` at step count t, and
+    row T - 1 the value of every later t (1 - beta^t is 1.0 in float64 for both betas from
+    beta^t < 2^-54, and the float32 values stop changing earlier). Adam steps read it instead of
+    computing two float64 powers a row: on the GPU those cost Adam 9% and partial rowwise Adam 30%
+    of their speed, on the host 17% of a 4,096-row Adam step; and both tiers get the same bits.
+    None where T would pass MAX_BIAS_STEPS (a beta within about 9e-6 of 1): steps compute the
+    powers then."""
+    return _bias_table(config.lr, config.beta1, config.beta2)
+
+
+@functools.lru_cache(maxsize=16)
+def _bias_table(lr: float, beta1: float, beta2: float) -> np.ndarray | None:
     need = 2
-    for beta in (config.beta1, config.beta2):
+    for beta in (beta1, beta2):
         if beta > 0:
             need = max(need, int(np.ceil(-54 / np.log2(beta))) + 2)
     if need > MAX_BIAS_STEPS:
         return None
     steps = np.arange(need, dtype=np.int64)
     steps[0] = 1                                  # no step has count 0
-    table = np.stack(bias_corrections(config, steps), axis=1)
-    if not (table[-1, 0] == np.float32(config.lr) and table[-1, 1] == 1):
+    table = np.stack(_bias_corrections(lr, beta1, beta2, steps), axis=1)
+    if not (table[-1, 0] == np.float32(lr) and table[-1, 1] == 1):
         return None                               # not converged (cannot happen for beta < 1): compute them
     differs = np.flatnonzero((table != table[-1]).any(axis=1))
-    return table[:differs[-1] + 2] if len(differs) else table[:2]   # float32 converges first: the rest repeats
+    table = table[:differs[-1] + 2] if len(differs) else table[:2]   # float32 converges first: the rest repeats
+    table = table.copy()                          # not a view holding the untrimmed rows
+    table.flags.writeable = False
+    return table
 
 
 class Optimizer:
@@ -101,6 +116,13 @@ class RowwiseAdagrad(Optimizer):
 class Adam(Optimizer):
     rowwise_v = False
 
+    def _corrections(self, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        table = bias_correction_table(self.config)
+        if table is None:
+            return bias_corrections(self.config, steps)
+        row = table[np.minimum(steps, len(table) - 1)]
+        return row[:, 0], row[:, 1]
+
     def step(self, weights, state, grads, steps):
         c = self.config
         b1, b2 = np.float32(c.beta1), np.float32(c.beta2)
@@ -114,7 +136,7 @@ class Adam(Optimizer):
             v[:, 0] += np.float32(1 - c.beta2) * self._row_mean_square(g)
         else:
             v += np.float32(1 - c.beta2) * np.square(g)
-        step_size, bias2_sqrt = (x[:, None] for x in bias_corrections(c, steps))
+        step_size, bias2_sqrt = (x[:, None] for x in self._corrections(steps))
         denominator = np.sqrt(v) / bias2_sqrt + np.float32(c.eps)      # [n, dim], or [n, 1] rowwise
         update = m * (step_size / denominator) if self.rowwise_v else np.divide(m, denominator, out=denominator)
         if not self.rowwise_v:
