@@ -42,7 +42,8 @@ def bias_correction_table(config: OptimizerConfig) -> np.ndarray | None:
     row T - 1 the value of every later t (1 - beta^t is 1.0 in float64 for both betas from
     beta^t < 2^-54, and the float32 values stop changing earlier). Adam steps read it instead of
     computing two float64 powers a row: on the GPU those cost Adam 9% and partial rowwise Adam 30%
-    of their speed, on the host 17% of a 4,096-row Adam step; and both tiers get the same bits.
+    of their speed, on the host 17% of an Adam step of 4,096 rows (`Optimizer.step` alone); and
+    both tiers get the same bits.
     None where T would pass MAX_BIAS_STEPS (a beta within about 9e-6 of 1): steps compute the
     powers then."""
     return _bias_table(config.lr, config.beta1, config.beta2)
