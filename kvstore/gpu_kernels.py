@@ -102,7 +102,8 @@ class Kernels:
         self._functions: dict[str, object] = {}    # a CuPy lookup costs each launch a driver call
         self.max_blocks = _sm_count(device_id) * (2048 // THREADS) * 4
         # The fused steps wait on memory more than the other kernels: a grid of 16 waves, one row a warp,
-        # ran every optimizer 5-23% faster on an H200 than 4 waves of two rows (docs/benchmarks.md, stop 31).
+        # ran SGD, rowwise Adagrad and both Adams 3-25% faster on an H200 than 4 waves of two rows, Adagrad
+        # the same (docs/benchmarks.md, stop 31).
         self.step_blocks = _sm_count(device_id) * (2048 // THREADS) * STEP_WAVES
         self.copy_rows_in_flight = COPY_ROWS_IN_FLIGHT
 
