@@ -126,6 +126,11 @@ def copy_ceiling(reps: int) -> float:
     return 2 * n / ms / 1e6
 
 
+def consecutive_slots(n: int, capacity: int) -> list[cupy.ndarray]:
+    """ROTATE runs of n consecutive slots (wrapping at `capacity`): the step's best access pattern."""
+    return [cupy.arange(k * n, (k + 1) * n, dtype=cupy.int64) % capacity for k in range(ROTATE)]
+
+
 def fill_slab(cache: GpuCache, layout: RowLayout) -> GpuCache:
     """Random float32 weights, the state's first float 1.0 (rowwise Adagrad's G > 0), zeroed headers."""
     for start in range(0, cache.capacity, 1 << 20):
@@ -299,8 +304,7 @@ def bench_kernels(args, copy_gbs: float, rows: list) -> None:
     def in_place(p):
         cache.kernels.copy_rows(cache.slab, p[0], pitch, 0, cache.slab, p[0], pitch, 0, rb, n)
 
-    dense = [(cupy.arange(k * n, (k + 1) * n, dtype=cupy.int64) % cache.capacity, g)
-             for k, g in enumerate(grads)]     # consecutive slots: the step and the copy at their best pattern
+    dense = list(zip(consecutive_slots(n, cache.capacity), grads, strict=True))
     rmw_ms, rmw_set_ms, rmw_dense_ms = (median_ms(in_place, s, args.reps) for s in (random_slots, table_slots, dense))
     dense_ms = median_ms(step, dense, args.reps)
     rmw_gbs = 2 * n * rb / rmw_ms / 1e6
@@ -324,7 +328,7 @@ def bench_each_optimizer(args, copy_gbs: float, rows: list, slots: int = 4 << 20
     n = args.batch
     grads = [cupy.random.standard_normal((n, DIM), dtype=cupy.float32) for _ in range(ROTATE)]
     picks = [rng.choice(slots, n, replace=False) for _ in range(ROTATE)]
-    orders = {"consecutive": [cupy.arange(k * n, (k + 1) * n, dtype=cupy.int64) % slots for k in range(ROTATE)],
+    orders = {"consecutive": consecutive_slots(n, slots),
               "set order": [cupy.asarray(np.sort(p)) for p in picks],
               "random": [cupy.asarray(p) for p in picks]}
     for name in OPTIMIZER_CODES:
