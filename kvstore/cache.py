@@ -27,13 +27,24 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import CacheConfig
-from .host_kernels import choose_ways, fill_slots, gather_rows, probe_slots, scatter_rows, spill_into
+from .host_kernels import (
+    CACHE_LINE,
+    aligned_full,
+    choose_ways,
+    fill_slots,
+    gather_rows,
+    probe_slots,
+    scatter_rows,
+    spill_into,
+)
 from .initializer import GOLDEN
+from .row_threads import MAX_THREADS
 
 MIX = np.uint64(0xD6E8FEB86659FD93)      # `mix`: id * GOLDEN, xorshift 32, * MIX, xorshift 32 (host_loops too)
 _GOLDEN_INV = np.uint64(pow(int(GOLDEN), -1, 1 << 64))   # the mix's inverse multiplies by these
 _MIX_INV = np.uint64(pow(int(MIX), -1, 1 << 64))
 _SHIFT = np.uint64(32)
+HINT_WAYS = 4                             # (key, slot) pairs in a hint bucket: 4 x 16 bytes, one cache line
 
 
 class VictimOrder:
@@ -101,21 +112,24 @@ class SetAssociativeCache:
         return self.xp.zeros((n, row_bytes), dtype=self.xp.uint8)
 
     def _probe_index(self, n: int) -> None:
-        """What the host probe reads before whole sets: `hints`, (key, slot) pairs in a table
-        indexed by low bits of the key's mix. A pair is exact (slot holds key) or its slot is
-        -1: `fill`, `invalidate` and `clear` retire the pairs of the slots they change. One
-        16-byte record per id instead of the key and occupied bit of a guessed slot. Then
-        `fingerprints`: 16 hash bits of each slot's key, for the set probe."""
-        self.hint_mask = np.uint64((1 << (n - 1).bit_length()) - 1)
-        self.hints = self.xp.full((int(self.hint_mask) + 1, 2), -1, dtype=self.xp.int64)
+        """What the host probe reads before whole sets: `hints`, (key, slot) pairs in buckets of
+        HINT_WAYS (one 64-byte cache line) indexed by low bits of the key's mix. A pair is exact
+        (slot holds key) or its slot is -1: `fill`, `invalidate` and `clear` retire the pairs of
+        the slots they change. 16 bytes per slot, as one pair per bucket would take; but where one
+        pair a bucket found 79% of the rows of a cache at load 0.5 (the rest probed by set, a
+        cache miss or three each), four found 96%, and the probe of 4,096 ids took half the time
+        (docs/benchmarks.md). Then `fingerprints`: 16 hash bits of each slot's key, for the set probe."""
+        pairs = max(1 << (n - 1).bit_length(), HINT_WAYS * MAX_THREADS)   # buckets >= threads: parts own theirs
+        self.hint_mask = np.uint64(pairs // HINT_WAYS - 1)
+        self.hints = aligned_full((pairs // HINT_WAYS, HINT_WAYS, 2), -1, np.int64, CACHE_LINE)
         self.fingerprints = self.xp.zeros(n, dtype=self.xp.uint16)
 
     def _unhint(self, ids, slots) -> None:
         """Retire the pairs of ids leaving `slots` (other ids' pairs at the same index stay)."""
         if self.hints is not None and len(ids):
-            at = self.mix(ids) & self.hint_mask
-            at = at[self.hints[at, 1] == slots]
-            self.hints[at, 1] = -1
+            at = (self.mix(ids) & self.hint_mask).astype(np.int64)
+            which, way = np.nonzero(self.hints[at, :, 1] == np.asarray(slots)[:, None])
+            self.hints[at[which], way, 1] = -1
 
     # --- lookup ------------------------------------------------------------
 
@@ -158,7 +172,7 @@ class SetAssociativeCache:
         the key. Ids found that way are hinted again.
         One loop that prefetches the hints ahead (`host_kernels.probe_slots`)."""
         return probe_slots(self.hints, self.hint_mask, self.keys, self.occupied, self.fingerprints, self.ways,
-                           ids, self.mix(ids), self.spilled)
+                           ids, self.spilled)
 
     def touch(self, slots) -> None:
         """Record a use of cached slots (duplicates allowed)."""
@@ -271,7 +285,7 @@ class SetAssociativeCache:
 
     def clear(self) -> None:
         if self.hints is not None:
-            self.hints[:, 1] = -1
+            self.hints[..., 1] = -1
         self.occupied[:] = False
         self.spilled[:] = False
         self._held = 0

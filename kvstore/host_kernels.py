@@ -22,6 +22,20 @@ import numpy as np
 
 from .row_threads import in_parts
 
+CACHE_LINE = 64
+
+
+def aligned_full(shape: tuple[int, ...], value, dtype, align: int = CACHE_LINE) -> np.ndarray:
+    """np.full whose data starts `align`-byte aligned (NumPy's own start is 16-byte aligned):
+    records of one cache line then each lie in one line."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    start = -raw.ctypes.data % align
+    out = raw[start:start + nbytes].view(dtype).reshape(shape)
+    out[...] = value
+    return out
+
 
 @functools.cache
 def _loops():
@@ -116,17 +130,16 @@ def scatter_rows(slab: np.ndarray, slots: np.ndarray, rows: np.ndarray) -> None:
 
 
 def probe_slots(hints: np.ndarray, mask: np.uint64, keys: np.ndarray, occupied: np.ndarray, fingerprints: np.ndarray,
-                ways: int, ids: np.ndarray, mixed: np.ndarray, spilled: np.ndarray) -> np.ndarray:
+                ways: int, ids: np.ndarray, spilled: np.ndarray) -> np.ndarray:
     """The slot of each id in the set-associative cache, -1 where it is not cached.
-    First the id's (key, slot) pair in `hints` ([size, 2] int64, at `mixed & mask`); failing
-    that, the ways of its set (from the top bits of `mixed`) by 16-bit fingerprint (its low
-    bits; `fill` writes a slot's key and fingerprint together), verified against `keys` and
-    `occupied`, and the next set's ways where `spilled` marks its own set; an id found that way
-    is hinted again."""
+    First the id's live (key, slot) pair in its bucket of `hints` ([buckets, HINT_WAYS, 2] int64,
+    at `mix & mask`); failing that, the ways of its set (from the top bits of the mix) by 16-bit
+    fingerprint (its low bits; `fill` writes a slot's key and fingerprint together), verified
+    against `keys` and `occupied`, and the next set's ways where `spilled` marks its own set;
+    an id found that way is hinted again."""
     slots = np.empty(len(ids), np.int64)
     arguments = (hints.reshape(-1), np.uint64(mask), keys, occupied, fingerprints, np.int64(ways),
-                 np.uint64(len(keys) // ways), np.ascontiguousarray(ids, np.int64),
-                 np.ascontiguousarray(mixed, np.uint64), spilled, slots)
+                 np.uint64(len(keys) // ways), np.ascontiguousarray(ids, np.int64), spilled, slots)
     in_parts(len(ids), lambda part, parts: _loops().probe(*arguments, np.uint64(part), np.int64(parts)))
     return slots
 

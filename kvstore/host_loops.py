@@ -10,11 +10,11 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .cache import MIX
+from .cache import HINT_WAYS, MIX
+from .host_kernels import CACHE_LINE
 from .initializer import GOLDEN, MIX1, MIX2
 
 PREFETCH_ROWS = 8          # rows asked for ahead of the one being copied (4-16 measured alike)
-CACHE_LINE = 64
 OPAQUE_POINTERS = llvmlite.binding.llvm_version_info >= (16,)      # the intrinsic's name follows the pointer model
 _PREFETCH = "llvm.prefetch.p0" if OPAQUE_POINTERS else "llvm.prefetch.p0i8"
 
@@ -120,34 +120,65 @@ def _home(mixed, num_sets):
     return np.int64(((mixed >> np.uint64(32)) * num_sets) >> np.uint64(32))
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _hinted_slot(hints, at, key):
+    """The slot of `key`'s live pair in the bucket at `at`, or -1."""
+    for pair in range(at, at + 2 * HINT_WAYS, 2):
+        if hints[pair] == key and hints[pair + 1] >= 0:
+            return hints[pair + 1]
+    return -1
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _hint(hints, at, key, slot, mixed):
+    """(key, slot) into the bucket at `at`: a retired pair's place, else one chosen by the mix."""
+    pair = at + 2 * np.int64((mixed >> np.uint64(32)) & np.uint64(HINT_WAYS - 1))
+    for free in range(at, at + 2 * HINT_WAYS, 2):
+        if hints[free + 1] < 0:
+            pair = free
+            break
+    hints[pair] = key
+    hints[pair + 1] = slot
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _unhint(hints, at, slot):
+    """Retire the pair of `slot` in the bucket at `at`, if it has one there."""
+    for pair in range(at, at + 2 * HINT_WAYS, 2):
+        if hints[pair + 1] == slot:
+            hints[pair + 1] = -1
+
+
 @njit(nogil=True, cache=True, boundscheck=False)
-def probe(hints, mask, keys, occupied, fingerprints, ways, num_sets, ids, mixed, spilled, slots, part, parts):
+def probe(hints, mask, keys, occupied, fingerprints, ways, num_sets, ids, spilled, slots, part, parts):
     """The set (`SetAssociativeCache._set_from`) and the fingerprint (its low 16 bits) come from
-    the ids' mix (`mixed`, computed by the caller over the whole batch); a set marked `spilled`
-    has rows in the next set too. Only ids whose hint entry is `part` modulo
-    `parts` (a power of two): a part's threads write disjoint hint entries."""
+    the id's mix; a set marked `spilled` has rows in the next set too. Only ids whose hint
+    bucket is `part` modulo `parts` (a power of two, at most the buckets): a part's threads
+    write disjoint buckets."""
     n, own = len(ids), np.uint64(parts - 1)
     for i in range(n):
         ahead = i + PREFETCH_ROWS * parts
-        if ahead < n and (mixed[ahead] & own) == part:
-            _prefetch(hints, np.int64(mixed[ahead] & mask) * 2)
-        if (mixed[i] & own) != part:
+        if ahead < n:
+            later = _mix(ids[ahead]) & mask
+            if (later & own) == part:
+                _prefetch(hints, np.int64(later) * (2 * HINT_WAYS))
+        mixed = _mix(ids[i])
+        if (mixed & own) != part:
             continue
-        at = np.int64(mixed[i] & mask) * 2
-        slot = hints[at + 1]
-        if hints[at] == ids[i] and slot >= 0:
+        at = np.int64(mixed & mask) * (2 * HINT_WAYS)
+        slot = _hinted_slot(hints, at, ids[i])
+        if slot >= 0:
             slots[i] = slot
             continue
-        home = _home(mixed[i], num_sets)
-        fingerprint = np.uint16(mixed[i] & np.uint64(0xFFFF))
+        home = _home(mixed, num_sets)
+        fingerprint = np.uint16(mixed & np.uint64(0xFFFF))
         slot = _find_in_set(keys, occupied, fingerprints, ways, home, ids[i], fingerprint)
         if slot < 0 and spilled[home]:
             slot = _find_in_set(keys, occupied, fingerprints, ways, (home + 1) % np.int64(num_sets), ids[i],
                                 fingerprint)
         slots[i] = slot
         if slot >= 0:                                 # hinted again for the next probe
-            hints[at] = ids[i]
-            hints[at + 1] = slot
+            _hint(hints, at, ids[i], slot, mixed)
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
@@ -320,14 +351,12 @@ def fill_slots(slots, ids, hints, mask, keys, occupied, fingerprints, spilled, d
             _prefetch_write(keys, slots[ahead])
             _prefetch_write(last_used, slots[ahead])
             _prefetch_write(fingerprints, slots[ahead])
-            _prefetch_write(hints, np.int64(_mix(ids[ahead]) & mask) * 2)
+            _prefetch_write(hints, np.int64(_mix(ids[ahead]) & mask) * (2 * HINT_WAYS))
         slot = slots[k]
         if slot < 0:
             continue
-        if occupied[slot]:                               # the displaced row's hint, if it is still its own
-            at = np.int64(_mix(keys[slot]) & mask) * 2
-            if hints[at + 1] == slot:
-                hints[at + 1] = -1
+        if occupied[slot]:                               # the displaced row's hint, if it still has one
+            _unhint(hints, np.int64(_mix(keys[slot]) & mask) * (2 * HINT_WAYS), slot)
         else:
             gained += 1
         mixed = _mix(ids[k])
@@ -336,9 +365,7 @@ def fill_slots(slots, ids, hints, mask, keys, occupied, fingerprints, spilled, d
         if slot // ways != home:
             spilled[home] = True
         fingerprints[slot] = np.uint16(mixed & np.uint64(0xFFFF))
-        at = np.int64(mixed & mask) * 2
-        hints[at] = ids[k]
-        hints[at + 1] = slot
+        _hint(hints, np.int64(mixed & mask) * (2 * HINT_WAYS), ids[k], slot, mixed)
         occupied[slot] = True
         dirty[slot] = dirty_flags[k] if len(dirty_flags) else dirty_value
         last_used[slot] = tick

@@ -344,9 +344,11 @@ def test_probe_agrees_with_a_reference_through_evictions_and_invalidations():
         queries = np.concatenate([ids, rng.integers(-5000, 5000, 200)])
         want = [truth.get(int(q), -1) for q in queries]
         np.testing.assert_array_equal(cache.probe(queries), want)
-        live = cache.hints[cache.hints[:, 1] >= 0]      # every live hint is exact
+        pairs = cache.hints.reshape(-1, 2)
+        live = pairs[pairs[:, 1] >= 0]                  # every live hint is exact, and one a key at most
         assert (cache.keys[live[:, 1]] == live[:, 0]).all() and cache.occupied[live[:, 1]].all()
-    assert len(truth) > len(cache.hints) // 4       # enough ids that hint entries were shared
+        assert len(np.unique(live[:, 0])) == len(live)
+    assert len(truth) > len(cache.hints)            # more ids than buckets: buckets were shared
 
 
 def test_ids_sorted_by_their_mix_visit_sets_in_order_and_the_mix_inverts():

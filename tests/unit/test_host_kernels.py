@@ -200,7 +200,7 @@ def test_the_probe_split_over_threads_finds_what_one_thread_finds(threads):
     want = np.array([placed.get(int(i), -1) for i in queries])
     for _ in range(2):                                 # the second probe reads the hints the first wrote
         got = probe_slots(cache.hints, cache.hint_mask, cache.keys, cache.occupied, cache.fingerprints, cache.ways,
-                          queries, cache.mix(queries), cache.spilled)
+                          queries, cache.spilled)
         np.testing.assert_array_equal(got, want)
 
 
