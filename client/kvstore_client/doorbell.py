@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import threading
 
 import grpc
@@ -19,6 +20,16 @@ from kvstore_proto.v1 import kvstore_pb2 as pb
 from .errors import BY_CODE, DeadlineExceededError, KVStoreError, UnavailableError
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
+_TIMEVAL = struct.Struct("@ll")           # struct timeval: SO_RCVTIMEO, SO_SNDTIMEO
+_forks = 0                                # processes forked from this one: a child's connections are its own
+
+
+def _forked() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 class NotRung(Exception):
@@ -35,7 +46,7 @@ class DoorbellClient:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
-        self._pid = os.getpid()
+        self._forks = _forks
 
     def __call__(self, request: pb.SharedLookupRequest, timeout: float) -> pb.SharedLookupResponse:
         """The server's answer; KVStoreError with its code when it refused; NotRung when nothing
@@ -60,14 +71,20 @@ class DoorbellClient:
             sock.close()
 
     def _connection(self, timeout: float) -> socket.socket:
-        if self._pid != os.getpid():           # a forked child: its parent's connections are not its own
-            self._local, self._sockets, self._pid = threading.local(), set(), os.getpid()
-        sock = getattr(self._local, "socket", None)
+        """This thread's connection, its deadline `timeout`. A blocking socket whose deadline the
+        kernel keeps (SO_RCVTIMEO, SO_SNDTIMEO): a call is one send and one receive, with no poll
+        before each as a Python socket timeout would add."""
+        if self._forks != _forks:              # a forked child: its parent's connections are not its own
+            self._local, self._sockets, self._forks = threading.local(), set(), _forks
+        local = self._local
+        sock = getattr(local, "socket", None)
         if sock is not None:
-            sock.settimeout(timeout)
+            if local.timeout != timeout:
+                _set_deadline(sock, timeout)
+                local.timeout = timeout
             return sock
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
+        _set_deadline(sock, timeout)
         try:
             sock.connect("\0" + self.name)
             sock.sendall(self._hello)
@@ -81,18 +98,22 @@ class DoorbellClient:
         if kind != 0:                   # refused (another user, another token): gRPC gives the verdict
             sock.close()
             raise NotRung(str(_error(kind, payload)))
-        self._local.socket = sock
+        local.socket, local.timeout = sock, timeout
         with self._lock:
             self._sockets.add(sock)
         return sock
 
     def _answer(self, sock: socket.socket, timeout: float) -> tuple[int, bytes]:
         try:
-            size, kind = HEADER.unpack(_receive(sock, HEADER.size))
+            data = sock.recv(HEADER.size + _SHORT_ANSWER)       # the whole answer, mostly
+            if len(data) < HEADER.size:
+                data += _receive(sock, HEADER.size - len(data))
+            size, kind = HEADER.unpack_from(data)
             if size > MAX_PAYLOAD:
                 raise ConnectionError(f"an answer of {size} bytes")
-            return kind, _receive(sock, size)
-        except TimeoutError:
+            payload = data[HEADER.size:]
+            return kind, payload + _receive(sock, size - len(payload)) if len(payload) < size else payload
+        except (TimeoutError, BlockingIOError):       # SO_RCVTIMEO ran out: recv fails with EAGAIN
             self._drop(sock)
             raise DeadlineExceededError(message=f"doorbell: no answer within {timeout} s") from None
         except OSError as exc:         # the server closed the connection (stopped, or refused it)
@@ -106,6 +127,17 @@ class DoorbellClient:
         with self._lock:
             self._sockets.discard(sock)
         sock.close()
+
+
+_SHORT_ANSWER = 4096                      # bytes of payload read with the header (an answer is a few)
+
+
+def _set_deadline(sock: socket.socket, timeout: float | None) -> None:
+    """Receives and sends on `sock` fail after `timeout` seconds (None: never; at least 1 µs)."""
+    micros = 0 if timeout is None else max(1, round(timeout * 1e6))
+    value = _TIMEVAL.pack(micros // 1_000_000, micros % 1_000_000)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
 
 
 def _receive(sock: socket.socket, size: int) -> bytes:

@@ -15,6 +15,7 @@ import asyncio
 import contextvars
 import functools
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -55,18 +56,25 @@ class StoreWork:
 
 
 class CallGate:
-    """Admission control: how many calls run now, whether new ones are taken, and when all are done."""
+    """Admission control: how many calls run now, whether new ones are taken, and when all are done.
+    Calls are admitted on the event loop and in the doorbell's connection threads alike (a lock)."""
 
     def __init__(self, limit: int, retry_after_ms: int):
         self.limit = limit
         self.retry_after_ms = retry_after_ms
         self.active = 0
         self.draining = False
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._idle = threading.Condition()
 
-    def refusal(self) -> tuple[grpc.StatusCode, str, str] | None:
-        """Why a new call is not taken now, or None to take it."""
+    def admit(self) -> tuple[grpc.StatusCode, str, str] | None:
+        """Take a new call (counted until `leave`), or say why not: (code, message, reason)."""
+        with self._idle:
+            refusal = self._refusal()
+            if refusal is None:
+                self.active += 1
+            return refusal
+
+    def _refusal(self) -> tuple[grpc.StatusCode, str, str] | None:
         if self.draining:
             return grpc.StatusCode.UNAVAILABLE, "server: shutting down; retry on another replica", "shutting_down"
         if self.active >= self.limit:
@@ -74,23 +82,21 @@ class CallGate:
                     f"(max_concurrent_rpcs); retry after {self.retry_after_ms} ms", "overloaded")
         return None
 
-    def enter(self) -> None:
-        self.active += 1
-        self._idle.clear()
-
     def leave(self) -> None:
-        self.active -= 1
-        if self.active == 0:
-            self._idle.set()
+        with self._idle:
+            self.active -= 1
+            if self.active == 0:
+                self._idle.notify_all()
 
     async def drain(self, seconds: float) -> bool:
         """Refuse new calls; wait up to `seconds` for the running ones. True when all finished."""
-        self.draining = True
-        try:
-            await asyncio.wait_for(self._idle.wait(), seconds)
-        except TimeoutError:
-            return False
-        return True
+        with self._idle:
+            self.draining = True
+        return await asyncio.to_thread(self._wait_idle, seconds)
+
+    def _wait_idle(self, seconds: float) -> bool:
+        with self._idle:
+            return self._idle.wait_for(lambda: self.active == 0, seconds)
 
 
 class _Call:
@@ -106,14 +112,13 @@ class _Call:
         self.start = time.perf_counter()
         self.peer = self.context.peer()            # now: a cancelled call's context must not be asked later
         self._metadata = begin_call(self.context)     # sent while the call works: one round trip less
-        refusal = self.gate.refusal()
+        refusal = self.gate.admit()
         if refusal is not None:
             code, message, reason = refusal
             metadata = ((REASON_KEY, reason),) + (((RETRY_AFTER_KEY, str(self.gate.retry_after_ms)),)
                                                   if code is grpc.StatusCode.RESOURCE_EXHAUSTED else ())
             await self._abort(code, message, metadata)
         self.admitted = True
-        self.gate.enter()
         self.metrics.rpc_in_flight.labels(self.name).inc()
         return self
 

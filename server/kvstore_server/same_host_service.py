@@ -37,6 +37,7 @@ from .device_buffers import DeviceBuffers, device_region, upload
 from .health_watch import peer_address
 from .idempotency import RecentWrites
 from .messages import on_miss_name
+from .races import on_table
 from .request_budget import BufferedRequest, RequestMemory
 from .security import is_loopback
 from .segments import Segment, Segments, region
@@ -100,6 +101,29 @@ class SameHostRPCs:
         return self.segments.get(name)
 
     # --- lookup ------------------------------------------------------------------------
+
+    def shared_lookup_now(self, request, context) -> pb.SharedLookupResponse | None:
+        """SharedLookup done in the calling thread, which may block (a doorbell connection's own),
+        when it needs nothing else: no lease to renew, rows into the segment, and every one cached
+        (a piece of STORE_PIECE_BYTES at a time, each gathered straight into the segment once the
+        table lock is free). None when it does: SharedLookup then takes the call whole (pieces
+        written here are written again). A bad request raises as SharedLookup's checks do."""
+        if request.lease or request.weights.device_buffer or request.HasField("state"):
+            return None
+        segment = self._segment(request.segment, context)
+        ids = self._shared_ids(segment, request, "ids")
+        table = request.table
+        config = self.store.describe_table(table)
+        on_miss_name(request.on_miss)                 # checked as SharedLookup checks it
+        n = len(ids)
+        weights = region(segment, request.weights, "weights", (n, config.dim), config.dtype, exact=True)
+        step = max(1, STORE_PIECE_BYTES // max(1, weights[:1].nbytes))
+        for start in range(0, n, step):
+            at = slice(start, start + step)
+            if on_table(self.store, table, self.store.lookup_if_cached, table, ids[at], False, weights[at],
+                        True) is None:
+                return None
+        return pb.SharedLookupResponse(rows=n)
 
     async def SharedLookup(self, request, context):
         segment = self._segment(request.segment, context)

@@ -21,6 +21,7 @@ import mmap
 import os
 import re
 import stat
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -51,10 +52,8 @@ class Segment:
     mapping: mmap.mmap
 
     def close(self) -> None:
-        try:
-            self.mapping.close()
-        except BufferError:          # a view still exported (a call in flight): unmapped when it lets go
-            pass
+        """Close the file. The mapping is not closed here: it goes with the last reference to it,
+        so a call still holding this segment (a doorbell thread, a store thread) keeps valid memory."""
         os.close(self.fd)
 
     def unlinked(self) -> bool:
@@ -97,11 +96,13 @@ def _open(name: str) -> Segment:
 
 
 class Segments:
-    """The segments this server has mapped, by name; only the event loop uses it (no lock)."""
+    """The segments this server has mapped, by name: used on the event loop and in the doorbell's
+    connection threads (hence the lock; an unmapping waits for no call, see Segment.close)."""
 
     def __init__(self, max_mapped: int = MAX_MAPPED):
         self.max_mapped = max_mapped
         self._mapped: OrderedDict[str, Segment] = OrderedDict()
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._mapped)
@@ -111,11 +112,12 @@ class Segments:
         check_name(name)
         if len(token) != TOKEN_BYTES:
             raise InvalidArgument(f"token: expected {TOKEN_BYTES} bytes, got {len(token)}")
-        self._drop_unlinked()
-        try:
-            segment = self._mapped.get(name) or self._map(name)
-        except Unmappable as exc:
-            return str(exc)
+        with self._lock:
+            self._drop_unlinked()
+            try:
+                segment = self._mapped.get(name) or self._map(name)
+            except Unmappable as exc:
+                return str(exc)
         if segment.size < TOKEN_BYTES or segment.mapping[:TOKEN_BYTES] != token:
             self.detach(name)
             return f"segment {name!r} on the server's machine does not hold the client's token (another host?)"
@@ -124,24 +126,28 @@ class Segments:
     def get(self, name: str) -> Segment:
         """The mapped segment `name` (mapped now if need be), or InvalidArgument naming `segment`."""
         check_name(name)
-        segment = self._mapped.get(name)
-        if segment is None:
-            try:
-                segment = self._map(name)
-            except Unmappable as exc:
-                raise InvalidArgument(f"segment: {exc}") from None
-        self._mapped.move_to_end(name)
-        segment.check_size()
+        with self._lock:
+            segment = self._mapped.get(name)
+            if segment is None:
+                try:
+                    segment = self._map(name)
+                except Unmappable as exc:
+                    raise InvalidArgument(f"segment: {exc}") from None
+            self._mapped.move_to_end(name)
+            segment.check_size()                      # under the lock: its file is not closed meanwhile
         return segment
 
     def detach(self, name: str) -> None:
-        segment = self._mapped.pop(check_name(name), None)
-        if segment is not None:
-            segment.close()
+        check_name(name)
+        with self._lock:
+            segment = self._mapped.pop(name, None)
+            if segment is not None:
+                segment.close()
 
     def close(self) -> None:
-        while self._mapped:
-            self._mapped.popitem()[1].close()
+        with self._lock:
+            while self._mapped:
+                self._mapped.popitem()[1].close()
 
     def _map(self, name: str) -> Segment:
         segment = _open(name)

@@ -300,3 +300,75 @@ def test_a_forked_child_rings_on_a_connection_of_its_own():
     assert bell(pb.SharedLookupRequest(), 30).rows == 2               # the parent's still answers it
     bell.close()
     listener.close()
+
+
+def test_many_connections_at_once_get_their_rows_while_a_writer_updates_them(server):
+    """Each calling thread rings on a connection of its own, served by a thread of its own in the
+    server: eight threads started together by a barrier, each looking up random cached rows while
+    a writer rewrites every row with its own value, each get exactly the rows' values."""
+    rows = 256
+    values = np.repeat(np.arange(rows, dtype=np.float32)[:, None], DIM, axis=1)      # row i holds i
+    threads, rounds = 8, 40
+    start = threading.Barrier(threads + 1)
+    wrong: list = []
+    with KVStoreClient(server.address, same_host=True) as shm, KVStoreClient(server.address) as writer:
+        small_table(shm, "bell_many", DIM, cache={"rows": 1024, "ways": 8})
+        writer.update("bell_many", np.arange(rows), values)
+        grpc_calls = _grpc_lookups_counted(shm)
+
+        def look(seed: int) -> None:
+            rng = np.random.default_rng(seed)
+            start.wait()
+            for _ in range(rounds):
+                ids = rng.integers(0, rows, 64)
+                got = shm.lookup("bell_many", ids)
+                if not np.array_equal(got, values[ids]):
+                    wrong.append(seed)
+
+        lookers = [threading.Thread(target=look, args=(seed,)) for seed in range(threads)]
+        for thread in lookers:
+            thread.start()
+        start.wait()
+        for _ in range(rounds):
+            writer.update("bell_many", np.arange(rows), values)
+        for thread in lookers:
+            thread.join()
+        assert not wrong and not grpc_calls
+        assert len(shm.same_host.doorbell._sockets) == threads              # a connection each
+
+
+def test_connections_past_the_limit_are_refused_and_their_client_takes_grpc(start_server):
+    """A server holds at most `max_concurrent_rpcs` doorbell connections (a thread each); one more
+    is answered RESOURCE_EXHAUSTED and closed, and a client refused so looks up over gRPC."""
+    limited = start_server("--max-concurrent-rpcs", "2")
+    with KVStoreClient(limited.address, same_host=True) as shm, KVStoreClient(limited.address) as net:
+        small_table(net, "bell_full", DIM)
+        expected = net.lookup("bell_full", IDS)
+        assert shm.same_host.usable()                                  # attached: the doorbell named, not rung
+        name = shm.same_host.doorbell.name
+        held = [_ring(name), _ring(name)]
+        for sock in held:
+            sock.sendall(frame(HELLO))
+            assert _answer(sock) == (0, b"")
+        with _ring(name) as sock:
+            kind, payload = _answer(sock)
+            assert kind == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] and "max_concurrent_rpcs" in payload.decode()
+            assert _closed(sock)
+        grpc_calls = _grpc_lookups_counted(shm)
+        assert np.array_equal(shm.lookup("bell_full", IDS), expected)
+        assert len(grpc_calls) == 1 and shm.same_host.doorbell is None
+        for sock in held:
+            sock.close()
+
+
+def test_a_stopping_server_ends_its_doorbell_connections(start_server):
+    """SIGTERM: an idle connection is closed by the server (its thread ends), and the server exits 0."""
+    stopping = start_server()
+    with KVStoreClient(stopping.address, same_host=True) as shm:
+        small_table(shm, "bell_stop", DIM)
+        shm.lookup("bell_stop", IDS)
+        with _ring(shm.same_host.doorbell.name) as sock:
+            sock.sendall(frame(HELLO))
+            assert _answer(sock) == (0, b"")
+            assert stopping.stop() == 0
+            assert _closed(sock)

@@ -164,8 +164,8 @@ def test_inline_lookup_bytes_0_sends_every_lookup_to_the_store_threads(start_loo
 
 
 def test_a_same_host_lookup_past_the_bound_is_one_store_job_written_into_the_segment(start_loop_server, monkeypatch):
-    """Cached rows past the bound are gathered into the client's segment by one store job; a batch
-    with misses is looked up there a piece at a time (pieces of four rows here)."""
+    """Over gRPC, cached rows past the bound are gathered into the client's segment by one store
+    job; a batch with misses is looked up there a piece at a time (pieces of four rows here)."""
     import kvstore_server.same_host_service as same_host_service
 
     monkeypatch.setattr(same_host_service, "STORE_PIECE_BYTES", 4 * DIM * 4)
@@ -175,11 +175,33 @@ def test_a_same_host_lookup_past_the_bound_is_one_store_job_written_into_the_seg
         jobs = server.work.jobs
         np.testing.assert_array_equal(shm.lookup("t", np.arange(10)), weights[:10])
         assert server.work.jobs == jobs and shm.same_host.active       # on the loop, through the segment
+        shm.same_host.doorbell.close()
+        shm.same_host.doorbell = None                                  # SharedLookup over gRPC from here
         np.testing.assert_array_equal(shm.lookup("t", np.arange(32)[::-1]), weights[::-1])
         assert server.work.jobs == jobs + 1
         ids = np.array([3, 100, 5, 101, 7, 102, 9, 3, 100, 31, 103])     # misses in three pieces, repeats
         got = shm.lookup("t", ids)
         assert server.work.jobs == jobs + 2
+        np.testing.assert_array_equal(got[[0, 2, 4, 6, 7, 9]], weights[[3, 5, 7, 9, 3, 31]])
+        np.testing.assert_array_equal(got, net.lookup("t", ids, on_miss="error"))   # the new rows were kept
+
+
+def test_the_doorbell_gathers_cached_rows_of_any_size_in_its_own_thread(start_loop_server, monkeypatch):
+    """Over the doorbell, cached rows past the bound are gathered into the segment by the
+    connection's thread, a piece at a time: no store job; a batch with misses goes to the loop's
+    SharedLookup, whose store job reads them, and the rows equal the network path's."""
+    import kvstore_server.same_host_service as same_host_service
+
+    monkeypatch.setattr(same_host_service, "STORE_PIECE_BYTES", 4 * DIM * 4)
+    server = start_loop_server(inline_lookup_bytes=10 * DIM * 4)
+    with KVStoreClient(server.address, timeout=60, same_host=True) as shm, KVStoreClient(server.address) as net:
+        weights = _table(net, "t", rows=32)
+        jobs = server.work.jobs
+        np.testing.assert_array_equal(shm.lookup("t", np.arange(32)[::-1]), weights[::-1])    # eight pieces
+        assert shm.same_host.doorbell is not None and server.work.jobs == jobs
+        ids = np.array([3, 100, 5, 101, 7, 102, 9, 3, 100, 31, 103])
+        got = shm.lookup("t", ids)
+        assert server.work.jobs > jobs
         np.testing.assert_array_equal(got[[0, 2, 4, 6, 7, 9]], weights[[3, 5, 7, 9, 3, 31]])
         np.testing.assert_array_equal(got, net.lookup("t", ids, on_miss="error"))   # the new rows were kept
 
