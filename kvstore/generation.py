@@ -8,10 +8,8 @@ pin waits for RocksDB to close (which waits for its background jobs).
 """
 from __future__ import annotations
 
-import contextlib
 import shutil
 import threading
-from collections.abc import Iterator
 
 from .errors import StoreClosed, TableNotFound
 from .rocks_tier import RocksTier
@@ -46,7 +44,7 @@ class Generations:
     """Holds the live generation; `pin` lends it to one call, `swap` replaces it."""
 
     def __init__(self, live: Generation):
-        self._cond = threading.Condition()
+        self._cond = threading.Lock()                  # nobody waits on it: the last release retires
         self._live: Generation | None = live
         self._closers: list[threading.Thread] = []
 
@@ -57,15 +55,10 @@ class Generations:
             raise StoreClosed("store: closed")
         return live
 
-    @contextlib.contextmanager
-    def pin(self) -> Iterator[Generation]:
-        with self._cond:
-            gen = self.live
-            gen.users += 1
-        try:
-            yield gen
-        finally:
-            self.release(gen)
+    def pin(self) -> _Pinned:
+        """`with gens.pin() as gen:` the live generation, lent until the block ends (a small
+        class, not a generator: every row call passes through here)."""
+        return _Pinned(self)
 
     def acquire(self) -> Generation:
         """Pin without a context manager (for iterators); pair with `release`."""
@@ -78,7 +71,6 @@ class Generations:
         with self._cond:
             gen.users -= 1
             last = gen.retired and gen.users == 0
-            self._cond.notify_all()
         if last:
             self._retire(gen)
 
@@ -111,3 +103,17 @@ class Generations:
         with self._cond:
             live, self._live = self._live, None
             return live
+
+
+class _Pinned:
+    __slots__ = ("_gens", "_gen")
+
+    def __init__(self, gens: Generations):
+        self._gens = gens
+
+    def __enter__(self) -> Generation:
+        self._gen = self._gens.acquire()
+        return self._gen
+
+    def __exit__(self, *exc_info) -> None:
+        self._gens.release(self._gen)

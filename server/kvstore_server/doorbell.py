@@ -36,6 +36,7 @@ from kvstore_proto.doorbell import HEADER, HELLO, MAX_PAYLOAD, SHARED_LOOKUP, er
 from kvstore_proto.v1 import kvstore_pb2 as pb
 
 from .errors import status_of
+from .logs import end_call
 from .metrics import Metrics
 from .rpc import CallGate, record_call, request_parser
 
@@ -65,6 +66,7 @@ class Doorbell:
         self.service, self.gate, self.metrics = service, gate, metrics
         self._token = token.encode() if token else None
         self._in_flight = metrics.rpc_in_flight.labels("SharedLookup")
+        self._answered = metrics.rpc_duration.labels("SharedLookup", "OK")     # most calls' series, found once
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listener: socket.socket | None = None
         self._lock = threading.Lock()
@@ -216,7 +218,12 @@ class Doorbell:
             raise _Stopped() from None
 
     def _record(self, code: grpc.StatusCode, start: float, context: _Context) -> None:
-        record_call(self.metrics, "SharedLookup", PATH, context.peer(), code, start)
+        if code is not grpc.StatusCode.OK:
+            record_call(self.metrics, "SharedLookup", PATH, context.peer(), code, start)
+            return
+        seconds = time.perf_counter() - start                 # as record_call records it
+        self._answered.observe(seconds)
+        end_call(context.peer(), PATH, code, seconds)
 
 
 class _FrameTooLarge(Exception):

@@ -80,6 +80,8 @@ def begin_call(context: grpc.aio.ServicerContext) -> asyncio.Future:
 def end_call(peer: str, method: str, code: grpc.StatusCode, seconds: float) -> None:
     """The call's one access record: DEBUG when it succeeded, INFO otherwise. `peer` is read when the call
     begins: the context of a cancelled call must not be asked (grpcio's aio server crashes on `peer()`)."""
+    level = logging.DEBUG if code is grpc.StatusCode.OK else logging.INFO
+    if not log.isEnabledFor(level):                     # most calls, at the default level: nothing to build
+        return
     fields = {"method": method, "code": code.name, "duration_ms": round(seconds * 1000, 3), "peer": peer}
-    log.log(logging.DEBUG if code is grpc.StatusCode.OK else logging.INFO,
-            "%s %s %.3fms", method, code.name, fields["duration_ms"], extra=fields)
+    log.log(level, "%s %s %.3fms", method, code.name, fields["duration_ms"], extra=fields)

@@ -85,7 +85,7 @@ class CallGate:
     def leave(self) -> None:
         with self._idle:
             self.active -= 1
-            if self.active == 0:
+            if self.active == 0 and self.draining:      # only `drain` waits
                 self._idle.notify_all()
 
     async def drain(self, seconds: float) -> bool:
