@@ -171,8 +171,11 @@ class SetAssociativeCache:
         or a real miss) are probed by set: on 2-byte fingerprints, each match verified against
         the key. Ids found that way are hinted again.
         One loop that prefetches the hints ahead (`host_kernels.probe_slots`)."""
-        return probe_slots(self.hints, self.hint_mask, self.keys, self.occupied, self.fingerprints, self.ways,
-                           ids, self.spilled)
+        return probe_slots(*self.probing()[:-1], ids, self.spilled)
+
+    def probing(self) -> tuple:
+        """What a host probe reads: `host_kernels.probe_slots`' arguments but the ids (last: `spilled`)."""
+        return self.hints, self.hint_mask, self.keys, self.occupied, self.fingerprints, self.ways, self.spilled
 
     def touch(self, slots) -> None:
         """Record a use of cached slots (duplicates allowed)."""

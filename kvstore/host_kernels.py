@@ -20,7 +20,7 @@ import importlib
 
 import numpy as np
 
-from .row_threads import in_parts
+from .row_threads import in_parts, in_parts_split
 
 CACHE_LINE = 64
 
@@ -171,25 +171,58 @@ def read_hits(slab: np.ndarray, header_word: int, max_count: int, now: int, last
     likewise `state`. A negative slot (not cached) is skipped: nothing recorded, its rows in the
     outs left as they were. Once per slot holds for a batch's first call (the slots stamped
     `tick` before it are taken as counted), so call it right after `begin_batch`."""
-    capacity, row_bytes = slab.shape
-    if not (slab.flags.c_contiguous and slab.dtype == np.uint8 and row_bytes % 4 == 0):
-        raise ValueError("read_hits: slab must be C-contiguous uint8 rows of a multiple of 4 bytes")
     slots = np.ascontiguousarray(slots, dtype=np.int64)
-    columns = []
-    for offset, out in (weights, state or (0, np.empty((len(slots), 0), np.uint8))):
-        flat = _flat_bytes(out)
-        nbytes = flat.nbytes // max(1, len(slots))
-        if flat.nbytes != len(slots) * nbytes or offset + nbytes > row_bytes:
-            raise ValueError(f"read_hits: out of {flat.nbytes} bytes for {len(slots)} rows at offset {offset}")
-        columns += [offset, nbytes, flat]
+    arguments = _read_hits_arguments(slab, header_word, max_count, now, last_used, tick, uses, len(slots), weights,
+                                     state)
     if not len(slots):
         return
+    _refuse_bad_slot(in_parts(len(slots), lambda part, parts: _loops().read_hits(
+        *arguments[:10], slots, *arguments[10:], np.int64(part), np.int64(parts))), slots, len(slab))
+
+
+def _read_hits_arguments(slab: np.ndarray, header_word: int, max_count: int, now: int, last_used: np.ndarray,
+                         tick: int, uses: np.ndarray | None, n: int, weights: tuple[int, np.ndarray],
+                         state: tuple[int, np.ndarray] | None) -> tuple:
+    """The compiled `read_hits`' arguments but the slots (which go between the 10th and 11th), checked."""
+    row_bytes = slab.shape[1]
+    if not (slab.flags.c_contiguous and slab.dtype == np.uint8 and row_bytes % 4 == 0):
+        raise ValueError("read_hits: slab must be C-contiguous uint8 rows of a multiple of 4 bytes")
+    columns = []
+    for offset, out in (weights, state or (0, np.empty((n, 0), np.uint8))):
+        flat = _flat_bytes(out)
+        nbytes = flat.nbytes // max(1, n)
+        if flat.nbytes != n * nbytes or offset + nbytes > row_bytes:
+            raise ValueError(f"read_hits: out of {flat.nbytes} bytes for {n} rows at offset {offset}")
+        columns += [offset, nbytes, flat]
     flat = slab.reshape(-1)
-    arguments = (flat, flat.view(np.uint32), row_bytes, header_word, np.uint32(max_count), np.uint32(now), last_used,
-                 np.int64(tick), uses if uses is not None else np.empty(0, np.int64), uses is not None, slots, *columns)
-    _refuse_bad_slot(in_parts(len(slots), lambda part, parts: _loops().read_hits(*arguments, np.int64(part),
-                                                                                  np.int64(parts))),
-                     slots, capacity)
+    return (flat, flat.view(np.uint32), row_bytes, header_word, np.uint32(max_count), np.uint32(now), last_used,
+            np.int64(tick), uses if uses is not None else np.empty(0, np.int64), uses is not None, *columns)
+
+
+def probe_read_hits(probing: tuple, ids: np.ndarray, slab: np.ndarray, header_word: int, max_count: int, now: int,
+                    last_used: np.ndarray, tick: int, uses: np.ndarray | None, weights: tuple[int, np.ndarray],
+                    state: tuple[int, np.ndarray] | None = None) -> np.ndarray | None:
+    """`probe_slots(*probing, ids, spilled)` (`probing`: its arguments before the ids, then the
+    spilled flags), then, only if every id is cached, `read_hits` of their slots as batch `tick`:
+    the slots, or None with no access recorded and nothing gathered. A batch one thread takes is
+    one compiled call (the Python between two calls cost a cold cache as much as the probe)."""
+    ids = np.ascontiguousarray(ids, np.int64)
+    if in_parts_split(len(ids)):
+        slots = probe_slots(*probing[:-1], ids, probing[-1])
+        if not bool((slots >= 0).all()):
+            return None
+        read_hits(slab, header_word, max_count, now, last_used, tick, uses, slots, weights, state)
+        return slots
+    hints, mask, keys, occupied, fingerprints, ways, spilled = probing
+    slots = np.empty(len(ids), np.int64)
+    arguments = _read_hits_arguments(slab, header_word, max_count, now, last_used, tick, uses, len(ids), weights,
+                                     state)
+    found = _loops().probe_read_hits(hints.reshape(-1), np.uint64(mask), keys, occupied, fingerprints,
+                                     np.int64(ways), np.uint64(len(keys) // ways), ids, spilled, slots, *arguments)
+    if found == -2:
+        return None
+    _refuse_bad_slot([found], slots, len(slab))
+    return slots
 
 
 def initial_values(kind: str, ids: np.ndarray, keys: tuple[np.uint64, ...], scale: float, out: np.ndarray) -> None:

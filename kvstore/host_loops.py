@@ -182,6 +182,20 @@ def probe(hints, mask, keys, occupied, fingerprints, ways, num_sets, ids, spille
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
+def probe_read_hits(hints, mask, keys, occupied, fingerprints, ways, num_sets, ids, spilled, slots, slab, words,
+                    row_bytes, header_word, max_count, now, last_used, tick, uses, count_uses, weight_offset,
+                    weight_bytes, weights, state_offset, state_bytes, state):
+    """One thread's `probe` of every id, then, only if all are cached, its `read_hits` of their
+    slots: -2 (nothing recorded or gathered) if some id is not, else read_hits' answer."""
+    probe(hints, mask, keys, occupied, fingerprints, ways, num_sets, ids, spilled, slots, np.uint64(0), np.int64(1))
+    for i in range(len(slots)):
+        if slots[i] < 0:
+            return -2
+    return read_hits(slab, words, row_bytes, header_word, max_count, now, last_used, tick, uses, count_uses, slots,
+                     weight_offset, weight_bytes, weights, state_offset, state_bytes, state, 0, 1)
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
 def spill(occupied, locks, rows, near, ways, given, chosen):
     """`SetAssociativeCache._spill`, in batch order: id k takes the first free way of set
     `near[k]`, whose ways' occupied bits and lock counts are row `rows[k]` of `occupied` and

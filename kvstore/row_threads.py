@@ -95,6 +95,11 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def in_parts_split(n: int) -> bool:
+    """Whether `in_parts` may split a batch of n rows over threads."""
+    return _parts(n) > 1
+
+
 def in_parts(n: int, call) -> list:
     """call(part, parts) for each part of an n-row batch: all but the first in the pool, the
     first in this thread; returns their results once every part is done. One batch is split

@@ -23,7 +23,7 @@ from .config import CacheConfig, TableConfig
 from .devices import device_index
 from .errors import FailedPrecondition
 from .eviction.rules import COUNT_WORD, touch_headers
-from .host_kernels import gather_rows, read_hits
+from .host_kernels import gather_rows, probe_read_hits, read_hits
 from .optimizers import make_optimizer, step_rows
 from .rows import MAX_COUNT, RowLayout
 
@@ -63,11 +63,16 @@ class HostTier(SetAssociativeCache):
         gathered (the weights into `out`, [n, dim] of the table's dtype, when given). None, with
         nothing changed, when any id is not cached (the probe is pure). The access and the
         gather are one pass over the rows (`host_kernels.read_hits`)."""
-        slots = self.probe(ids)
-        if not bool((slots >= 0).all()):
+        layout = self.layout
+        weights = np.empty((len(ids), layout.dim), layout.dtype) if out is None else out
+        state = np.empty((len(ids), layout.state_dim), np.float32) if with_state else None
+        slots = probe_read_hits(self.probing(), ids, self.slab, COUNT_WORD, MAX_COUNT, int(now), self.last_used,
+                                self.tick + 1, self.uses, (layout.weight_offset, weights),
+                                (layout.state_offset, state) if with_state else None)
+        if slots is None:
             return None
-        self.begin_batch()
-        return self._read_hits(slots, now, with_state, out)
+        self.begin_batch()                                  # the batch read_hits stamped
+        return weights, state
 
     def _read_hits(self, slots: np.ndarray, now: float, with_state: bool, out: np.ndarray | None = None
                    ) -> tuple[np.ndarray, np.ndarray | None]:

@@ -12,7 +12,7 @@ from kvstore_proto.tensors import WIRE_DTYPES, encode_lookup_response, lookup_re
 from kvstore import CacheConfig, OptimizerConfig, row_threads
 from kvstore.cache import SetAssociativeCache
 from kvstore.eviction.rules import COUNT_WORD, touch_headers
-from kvstore.host_kernels import gather_rows, probe_slots, read_hits, scatter_rows
+from kvstore.host_kernels import gather_rows, probe_read_hits, probe_slots, read_hits, scatter_rows
 from kvstore.rows import MAX_COUNT
 
 from .conftest import table_config
@@ -202,6 +202,42 @@ def test_the_probe_split_over_threads_finds_what_one_thread_finds(threads):
         got = probe_slots(cache.hints, cache.hint_mask, cache.keys, cache.occupied, cache.fingerprints, cache.ways,
                           queries, cache.spilled)
         np.testing.assert_array_equal(got, want)
+
+
+def test_the_probe_and_read_in_one_call_equal_the_two_and_a_miss_changes_nothing(threads):
+    """`probe_read_hits` (one compiled call unless split): the slots and rows of `probe_slots` then
+    `read_hits`, the same accesses recorded; with one id not cached, None, and no stamp, header or
+    output byte written."""
+    rng = np.random.default_rng(12)
+    caches = []
+    for _ in range(2):
+        cache = SetAssociativeCache(CacheConfig(rows=512, ways=8), 32)
+        ids = np.arange(200, dtype=np.int64) * 7919
+        cache.begin_batch()
+        choice = cache.choose_slots(ids)
+        cache.fill(choice.slots, ids, rng.integers(0, 256, (len(ids), 32), dtype=np.uint8), np.zeros(len(ids), bool))
+        cache.slab[:] = np.arange(cache.slab.size, dtype=np.uint64).astype(np.uint8).reshape(cache.slab.shape)
+        caches.append(cache)
+    one, two = caches
+    queries = ids[rng.integers(0, len(ids), 64)]
+    slots = probe_slots(*two.probing()[:-1], queries, two.spilled)
+    weights_two = np.zeros((len(queries), 4), np.float32)
+    read_hits(two.slab, COUNT_WORD, MAX_COUNT, 9, two.last_used, 5, None, slots, (16, weights_two))
+    weights_one = np.zeros((len(queries), 4), np.float32)
+    got = probe_read_hits(one.probing(), queries, one.slab, COUNT_WORD, MAX_COUNT, 9, one.last_used, 5, None,
+                          (16, weights_one))
+    np.testing.assert_array_equal(got, slots)
+    np.testing.assert_array_equal(weights_one, weights_two)
+    np.testing.assert_array_equal(one.last_used, two.last_used)
+    np.testing.assert_array_equal(one.slab, two.slab)                   # the headers' counts and access times
+    before = (one.slab.copy(), one.last_used.copy())
+    missing = np.concatenate([queries[:20], [5], queries[20:]]).astype(np.int64)      # 5 was never cached
+    out = np.full((len(missing), 4), 7, np.float32)
+    assert probe_read_hits(one.probing(), missing, one.slab, COUNT_WORD, MAX_COUNT, 10, one.last_used, 6, None,
+                           (16, out)) is None
+    np.testing.assert_array_equal(one.slab, before[0])
+    np.testing.assert_array_equal(one.last_used, before[1])
+    assert (out == 7).all()
 
 
 def test_a_forked_child_splits_a_batch_with_threads_of_its_own(threads):
