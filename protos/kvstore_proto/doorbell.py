@@ -3,8 +3,8 @@
 A gRPC call costs a server about 0.7 ms of CPU on a 16-core host whatever it carries (most of
 it inside grpcio), half of a same-host lookup of 4,096 rows. A client on the server's machine
 may instead send its SharedLookup calls over a Unix socket (the name AttachSegment answers
-with, in Linux's abstract namespace), read on the server's event loop. The call's meaning,
-checks and answer are SharedLookup's exactly; only the headers travel differently.
+with, in Linux's abstract namespace), read by a thread the server gives each connection. The
+call's meaning, checks and answer are SharedLookup's exactly; only the headers travel differently.
 
 Every frame is a 5-byte header (payload length, little-endian uint32; a kind byte) and a payload:
 - client: HELLO once per connection (payload: the bearer token, empty without one), then one
