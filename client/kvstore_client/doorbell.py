@@ -53,16 +53,20 @@ class DoorbellClient:
         reached the server; UnavailableError when the connection broke after the request went out,
         DeadlineExceededError when no answer came in `timeout` (in both the server may still be
         writing the rows: the caller must not reuse their region)."""
+        return pb.SharedLookupResponse.FromString(self.call(request.SerializeToString(), timeout))
+
+    def call(self, request: bytes, timeout: float) -> bytes:
+        """As `self(request)` for a serialized SharedLookupRequest; the serialized answer."""
         sock = self._connection(timeout)
         try:
-            sock.sendall(frame(SHARED_LOOKUP, request.SerializeToString()))
+            sock.sendall(HEADER.pack(len(request), SHARED_LOOKUP) + request)
         except OSError as exc:
             self._drop(sock)
             raise NotRung(str(exc)) from None
         kind, payload = self._answer(sock, timeout)
         if kind != 0:
             raise _error(kind, payload)
-        return pb.SharedLookupResponse.FromString(payload)
+        return payload
 
     def close(self) -> None:
         with self._lock:

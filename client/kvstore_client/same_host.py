@@ -35,7 +35,7 @@ from .doorbell import DoorbellClient, NotRung
 from .errors import FailedPreconditionError, InvalidArgumentError, KVStoreError, UnavailableError
 from .errors import rpc_errors as _rpc
 from .reassembly import Place
-from .shared_memory import MAX_LENT, NotAttached, Segment, SegmentPool, region_bytes
+from .shared_memory import ALIGN, MAX_LENT, NotAttached, Segment, SegmentPool, region_bytes
 from .writes import BACKOFF_SECONDS, RETRIES
 
 MODES = (True, False, "auto")
@@ -68,6 +68,7 @@ class SameHostPath(CudaIpcCalls):
                            ("SharedApplyGradients", pb.SharedApplyGradientsRequest, pb.ApplyGradientsResponse))}
         self._token = token
         self.doorbell: DoorbellClient | None = None          # set by the server's answer to an attach
+        self._last_lookup: tuple[tuple | None, bytes] = (None, b"")   # the last doorbell lookup's parts, its bytes
         self.pool = SegmentPool(self._attach, self._detach)
         self.init_cuda_ipc()
         self.active: bool | None = None if mode else False      # None: not asked yet
@@ -128,24 +129,26 @@ class SameHostPath(CudaIpcCalls):
         after one call."""
         n, itemsize = len(ids), WIRE_DTYPES[dtype].itemsize
         step = max(1, PIECE_BYTES // max(1, dim * itemsize))
-        segment = self.pool.take(region_bytes(((n,), 8), ((n, dim), itemsize)))
+        segment = self.pool.take(n * 8 + n * dim * itemsize + 2 * ALIGN)         # region_bytes of the two
         try:
-            id_spec = segment.put(ids, "ids")
-            rows, row_spec = segment.array((n, dim), dtype)
+            id_view, id_offset = segment.place((n,), "int64")
+            id_view[...] = ids
+            rows, row_offset = segment.place((n, dim), dtype)
             rows.flags.writeable = False
 
             def request(first: int, last: int) -> pb.SharedLookupRequest:
                 return pb.SharedLookupRequest(
                     table=table, segment=segment.name, on_miss=on_miss, lease=lease,
-                    ids=pb.SharedArray(dtype="int64", shape=[last - first], offset=id_spec.offset + 8 * first),
+                    ids=pb.SharedArray(dtype="int64", shape=[last - first], offset=id_offset + 8 * first),
                     weights=pb.SharedArray(dtype=dtype, shape=[last - first, dim],
-                                           offset=row_spec.offset + first * dim * itemsize))
+                                           offset=row_offset + first * dim * itemsize))
 
             # rows lent over the segment are not copied here: one call, which the server splits over threads
             copied = place is not None and n
             pieces = [(first, min(n, first + step)) for first in range(0, n, step)] if copied else [(0, n)]
             if len(pieces) == 1:                 # a blocking call: a future would start grpc's spin thread per call
-                self._shared_lookup(request(0, n))
+                self._shared_lookup(lambda: request(0, n), (table, segment.name, on_miss, lease, id_offset, n,
+                                                            row_offset, dim, dtype))
                 if place is not None:
                     place(start, start + n, rows, None)
             else:
@@ -157,22 +160,31 @@ class SameHostPath(CudaIpcCalls):
         if place is not None:
             self.pool.give(segment)
             return None
-        return self.pool.lend(segment, row_spec.offset, (n, dim), dtype)
+        return self.pool.lend(segment, row_offset, (n, dim), dtype)
 
-    def _shared_lookup(self, request: pb.SharedLookupRequest) -> None:
-        """One SharedLookup: on the doorbell when the server named one, else (or when it cannot be
-        rung) over gRPC."""
+    def _shared_lookup(self, request: pb.SharedLookupRequest | Callable[[], pb.SharedLookupRequest],
+                       key: tuple | None = None) -> None:
+        """One SharedLookup (`request`, or the function that makes it): on the doorbell when the
+        server named one, else (or when it cannot be rung) over gRPC. `key`: what the request is
+        made of; a lookup like the last one (a loop's, same segment and shape) sends the same bytes
+        again without making the message."""
+        make = request if callable(request) else lambda: request
         doorbell = self.doorbell
         if doorbell is not None:
+            last_key, payload = self._last_lookup
+            if key is None or key != last_key:
+                payload = make().SerializeToString()
+                if key is not None:
+                    self._last_lookup = (key, payload)
             try:
-                doorbell(request, self.timeout)
+                doorbell.call(payload, self.timeout)
                 return
             except NotRung:
                 if self.doorbell is doorbell:    # the server stopped or restarted: gRPC until an attach names one
                     self.doorbell = None
                 doorbell.close()
         with _rpc():
-            self._calls["SharedLookup"](request, timeout=self.timeout)
+            self._calls["SharedLookup"](make(), timeout=self.timeout)
 
     def _lookup_pieces(self, pieces: list[tuple[int, int]], request: Callable, placed: Callable) -> None:
         """Every piece asked for, PIECES_AHEAD beyond the one being placed; an error ends the others."""

@@ -65,14 +65,19 @@ class Segment:
 
     def array(self, shape: tuple[int, ...], dtype: str) -> tuple[np.ndarray, pb.SharedArray]:
         """A fresh region of the segment: a writable view and its description for the server."""
+        view, offset = self.place(shape, dtype)
+        return view, pb.SharedArray(dtype=dtype, shape=shape, offset=offset)
+
+    def place(self, shape: tuple[int, ...], dtype: str) -> tuple[np.ndarray, int]:
+        """A fresh region of the segment: a writable view and its offset (`array` without the
+        message, for a caller that sends the same one again)."""
         wire = WIRE_DTYPES[dtype]
         offset = -(-self.used // ALIGN) * ALIGN
         nbytes = math.prod(shape) * wire.itemsize      # Python ints: no overflow, no array per call
         if offset + nbytes > self.size:
             raise ValueError(f"segment {self.name}: {nbytes} bytes at {offset} exceed its {self.size}")
         self.used = offset + nbytes
-        view = np.ndarray(shape, wire, buffer=self.shm.buf, offset=offset)
-        return view, pb.SharedArray(dtype=dtype, shape=shape, offset=offset)
+        return np.ndarray(shape, wire, buffer=self.shm.buf, offset=offset), offset
 
     def put(self, array: np.ndarray, field: str) -> pb.SharedArray:
         """`array` copied into a fresh region."""
@@ -159,11 +164,7 @@ class SegmentPool:
         owner = (ctypes.c_char * segment.size).from_buffer(segment.shm.buf)
         weakref.finalize(owner, self._come_back, segment)
         self._lent_total = next(self._lends)
-        arrays = []
-        for offset, shape, dtype in regions:
-            wire = WIRE_DTYPES[dtype]
-            arrays.append(np.frombuffer(owner, dtype=wire, count=math.prod(shape), offset=offset).reshape(shape))
-        return arrays
+        return [np.ndarray(shape, WIRE_DTYPES[dtype], buffer=owner, offset=offset) for offset, shape, dtype in regions]
 
     def lent(self) -> int:
         """Segments lent to arrays still alive (each holds a file descriptor and a mapping: callers
@@ -201,11 +202,8 @@ class SegmentPool:
 
     def _collect_returned(self) -> None:
         """Lent segments that came back join the free ones (call with the lock held)."""
-        while True:
-            try:
-                self._free.append(self._returned.get_nowait())
-            except queue.Empty:
-                return
+        while not self._returned.empty():         # only this pool's lock holder takes from it
+            self._free.append(self._returned.get_nowait())
 
     def take(self, nbytes: int) -> Segment:
         """A free segment of at least `nbytes` (a new one, attached, if none fits); `give` or `retire` it."""
