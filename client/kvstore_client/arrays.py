@@ -14,7 +14,8 @@ from .errors import InvalidArgumentError
 
 
 def is_torch(value: Any) -> bool:
-    return type(value).__module__.split(".", 1)[0] == "torch"
+    module = type(value).__module__
+    return module.startswith("torch") and (len(module) == 5 or module[5] == ".")
 
 
 def to_numpy(value: Any, field: str) -> np.ndarray:
@@ -52,6 +53,9 @@ def like(array: np.ndarray, template: Any) -> Any:
     return tensor.to(template.device)
 
 
+_IDS = np.dtype("<i8")
+
+
 def as_ids(ids: Any) -> np.ndarray:
     array = to_numpy(ids, "ids")
     if array.ndim != 1:
@@ -60,7 +64,7 @@ def as_ids(ids: Any) -> np.ndarray:
         raise InvalidArgumentError(message=f"ids: must be integers, got {array.dtype}")
     if array.dtype == np.uint64 and array.size and array.max() > np.iinfo(np.int64).max:
         raise InvalidArgumentError(message="ids: values must fit in int64")
-    return array.astype("<i8", copy=False)
+    return array.astype(_IDS, copy=False)
 
 
 def as_rows(values: Any, n: int, field: str) -> np.ndarray:
