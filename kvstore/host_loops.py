@@ -15,6 +15,7 @@ from .host_kernels import CACHE_LINE
 from .initializer import GOLDEN, MIX1, MIX2
 
 PREFETCH_ROWS = 8          # rows asked for ahead of the one being copied (4-16 measured alike)
+PROBE_AHEAD = 32           # ids whose hint bucket (one line) is asked for ahead: 1.15x of 8 with cold caches
 OPAQUE_POINTERS = llvmlite.binding.llvm_version_info >= (16,)      # the intrinsic's name follows the pointer model
 _PREFETCH = "llvm.prefetch.p0" if OPAQUE_POINTERS else "llvm.prefetch.p0i8"
 
@@ -157,7 +158,7 @@ def probe(hints, mask, keys, occupied, fingerprints, ways, num_sets, ids, spille
     write disjoint buckets."""
     n, own = len(ids), np.uint64(parts - 1)
     for i in range(n):
-        ahead = i + PREFETCH_ROWS * parts
+        ahead = i + PROBE_AHEAD * parts
         if ahead < n:
             later = _mix(ids[ahead]) & mask
             if (later & own) == part:
