@@ -36,10 +36,11 @@ def _incarnations(store: Store) -> set[tuple[str, str | None]]:
     return {(name, _incarnation(store, name)) for name in store.list_tables()}
 
 
-def on_table(store: Store, table: str, fn: Callable[..., T], *args: Any) -> T:
+def on_table(store: Store, table: str, fn: Callable[..., T], *args: Any, before: str | None = None) -> T:
     """`fn(*args)`, work on `table`; an unexpected failure of a table dropped meanwhile (even if created
-    again since) is TableNotFound."""
-    before = _incarnation(store, table)
+    again since) is TableNotFound. `before`: the table's incarnation (`Table.family`), when the
+    caller has just looked the table up."""
+    before = before or _incarnation(store, table)
     try:
         return fn(*args)
     except Exception as exc:

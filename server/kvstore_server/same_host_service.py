@@ -113,7 +113,8 @@ class SameHostRPCs:
         segment = self._segment(request.segment, context)
         ids = self._shared_ids(segment, request, "ids")
         table = request.table
-        config = self.store.describe_table(table)
+        found = self.store.table(table)                # NOT_FOUND as describe_table's
+        config = found.config
         on_miss_name(request.on_miss)                 # checked as SharedLookup checks it
         n = len(ids)
         weights = region(segment, request.weights, "weights", (n, config.dim), config.dtype, exact=True)
@@ -121,7 +122,7 @@ class SameHostRPCs:
         for start in range(0, n, step):
             at = slice(start, start + step)
             if on_table(self.store, table, self.store.lookup_if_cached, table, ids[at], False, weights[at],
-                        True) is None:
+                        True, before=found.family) is None:
                 return None
         return pb.SharedLookupResponse(rows=n)
 

@@ -125,10 +125,10 @@ class Segments:
 
     def get(self, name: str) -> Segment:
         """The mapped segment `name` (mapped now if need be), or InvalidArgument naming `segment`."""
-        check_name(name)
         with self._lock:
-            segment = self._mapped.get(name)
+            segment = self._mapped.get(name)            # a mapped name was checked when it was mapped
             if segment is None:
+                check_name(name)
                 try:
                     segment = self._map(name)
                 except Unmappable as exc:
