@@ -111,7 +111,10 @@ class Doorbell:
             listener, self._listener = self._listener, None
             connections = list(self._connections)
         if listener is not None:
-            listener.shutdown(socket.SHUT_RDWR)       # wakes the accepting thread
+            try:
+                listener.shutdown(socket.SHUT_RDWR)   # wakes the accepting thread (Linux)
+            except OSError:
+                pass                                  # elsewhere it stays asleep: a daemon thread, no harm
             listener.close()
         for sock in connections:
             try:
