@@ -49,14 +49,19 @@ def warm() -> None:
     slab = np.zeros((4, 64), np.uint8)
     gather_rows(slab, np.arange(2))
     scatter_rows(slab, np.arange(2), np.zeros((2, 64), np.uint8))
-    probe_slots(np.full((4, 2), -1, np.int64), np.uint64(3), np.zeros(4, np.int64), np.zeros(4, bool),
-                np.zeros(4, np.uint16), 4, np.arange(2), np.arange(2, dtype=np.uint64), np.zeros(1, bool))
+    hints = np.full((4, 4, 2), -1, np.int64)            # four buckets of four pairs: mask 3
+    probing = (hints, np.uint64(3), np.zeros(4, np.int64), np.zeros(4, bool), np.zeros(4, np.uint16), 4,
+               np.zeros(1, bool))
+    probe_slots(*probing[:-1], np.arange(2), probing[-1])
     read_hits(slab, 0, 1, 0, np.zeros(4, np.int64), 1, None, np.arange(2), (8, np.empty((2, 8), np.uint8)))
+    for state in (None, (16, np.empty((2, 8), np.uint8))):
+        probe_read_hits(probing, np.arange(2), slab, 0, 1, 0, np.zeros(4, np.int64), 1, None,
+                        (8, np.empty((2, 8), np.uint8)), state)
     spill_into(np.zeros((2, 2), bool), np.zeros((2, 2), np.int32), np.arange(2), np.arange(2), 2, np.zeros(0, np.int64))
     for uses in (None, np.zeros(4, np.int64)):
         slots, _ = choose_ways(np.zeros(4, bool), np.zeros(4, np.int64), np.zeros(4, np.int32), uses, 1, 2,
                                np.arange(2))
-        fill_slots(slots, np.arange(2), np.full((4, 2), -1, np.int64), np.uint64(3), np.zeros(4, np.int64),
+        fill_slots(slots, np.arange(2), hints, np.uint64(3), np.zeros(4, np.int64),
                    np.zeros(4, bool), np.zeros(4, np.uint16), np.zeros(2, bool), np.zeros(4, bool), np.zeros(2, bool),
                    np.zeros(4, np.int64), 1, uses, 2)
     for rows in (*(np.zeros((2, 16), np.uint8)[:, 8:].view(dtype) for dtype in (np.float32, np.float64)),

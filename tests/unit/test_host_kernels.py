@@ -347,3 +347,11 @@ def test_zeros_initializer_and_empty_batches_write_zeros_or_nothing():
     assert (out == 0).all()
     assert initial_weights(InitializerConfig(), np.zeros(0, np.int64), 5).shape == (0, 5)
     assert initial_weights(InitializerConfig(), np.arange(3), 0).shape == (3, 0)
+
+
+def test_warm_runs_every_loop_with_the_arguments_they_take_now(threads):
+    """A server warms the loops as it starts and only logs a failure (its first lookup would meet
+    it); so a loop whose arguments changed must fail here, not in a log."""
+    from kvstore import host_kernels
+
+    host_kernels.warm()
