@@ -117,3 +117,20 @@ def test_three_tiers_and_a_snapshot_through_the_service(client):
     client.restore_snapshot("three_tiers")
     close(client.lookup("tiers3", touched, on_miss="zeros"), kept)
     same_rows(client, "tiers3", "tiers3_host", touched, on_miss="zeros")
+
+
+def test_a_gpu_tables_rows_through_the_doorbell_equal_the_network_path(server, client):
+    """NumPy ids from a client on the server's machine: a GPU table's lookups go over the doorbell,
+    whose connection thread gathers cached rows on the device into the client's segment (or hands
+    a batch with misses to the event loop); the rows equal the network path's through updates and
+    gradient steps."""
+    gpu, host = create_pair(client, "doorbell", "rowwise_adagrad", "write_back")
+    rng = np.random.default_rng(21)
+    with KVStoreClient(server.address, timeout=60, same_host=True) as shm:
+        for _ in range(12):
+            ids = rng.integers(0, 200, 150)                         # within the 256 slots: most batches all cached
+            np.testing.assert_array_equal(shm.lookup(gpu, ids), client.lookup(gpu, ids))
+            close(shm.lookup(gpu, ids), shm.lookup(host, ids))
+            grads = rng.standard_normal((len(ids), DIM)).astype(np.float32)
+            assert client.apply_gradients(gpu, ids, grads) == client.apply_gradients(host, ids, grads)
+        assert shm.same_host.doorbell is not None
