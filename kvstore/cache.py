@@ -28,7 +28,6 @@ import numpy as np
 
 from .config import CacheConfig
 from .host_kernels import (
-    CACHE_LINE,
     aligned_full,
     choose_ways,
     fill_slots,
@@ -121,7 +120,7 @@ class SetAssociativeCache:
         (docs/benchmarks.md). Then `fingerprints`: 16 hash bits of each slot's key, for the set probe."""
         pairs = max(1 << (n - 1).bit_length(), HINT_WAYS * MAX_THREADS)   # buckets >= threads: parts own theirs
         self.hint_mask = np.uint64(pairs // HINT_WAYS - 1)
-        self.hints = aligned_full((pairs // HINT_WAYS, HINT_WAYS, 2), -1, np.int64, CACHE_LINE)
+        self.hints = aligned_full((pairs // HINT_WAYS, HINT_WAYS, 2), -1, np.int64)      # a bucket a cache line
         self.fingerprints = self.xp.zeros(n, dtype=self.xp.uint16)
 
     def _unhint(self, ids, slots) -> None:
@@ -171,10 +170,10 @@ class SetAssociativeCache:
         or a real miss) are probed by set: on 2-byte fingerprints, each match verified against
         the key. Ids found that way are hinted again.
         One loop that prefetches the hints ahead (`host_kernels.probe_slots`)."""
-        return probe_slots(*self.probing()[:-1], ids, self.spilled)
+        return probe_slots(*self.probing(), ids)
 
     def probing(self) -> tuple:
-        """What a host probe reads: `host_kernels.probe_slots`' arguments but the ids (last: `spilled`)."""
+        """What a host probe reads: `host_kernels.probe_slots`' arguments before the ids."""
         return self.hints, self.hint_mask, self.keys, self.occupied, self.fingerprints, self.ways, self.spilled
 
     def touch(self, slots) -> None:

@@ -52,7 +52,7 @@ def warm() -> None:
     hints = np.full((4, 4, 2), -1, np.int64)            # four buckets of four pairs: mask 3
     probing = (hints, np.uint64(3), np.zeros(4, np.int64), np.zeros(4, bool), np.zeros(4, np.uint16), 4,
                np.zeros(1, bool))
-    probe_slots(*probing[:-1], np.arange(2), probing[-1])
+    probe_slots(*probing, np.arange(2))
     read_hits(slab, 0, 1, 0, np.zeros(4, np.int64), 1, None, np.arange(2), (8, np.empty((2, 8), np.uint8)))
     for state in (None, (16, np.empty((2, 8), np.uint8))):
         probe_read_hits(probing, np.arange(2), slab, 0, 1, 0, np.zeros(4, np.int64), 1, None,
@@ -135,7 +135,7 @@ def scatter_rows(slab: np.ndarray, slots: np.ndarray, rows: np.ndarray) -> None:
 
 
 def probe_slots(hints: np.ndarray, mask: np.uint64, keys: np.ndarray, occupied: np.ndarray, fingerprints: np.ndarray,
-                ways: int, ids: np.ndarray, spilled: np.ndarray) -> np.ndarray:
+                ways: int, spilled: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """The slot of each id in the set-associative cache, -1 where it is not cached.
     First the id's live (key, slot) pair in its bucket of `hints` ([buckets, HINT_WAYS, 2] int64,
     at `mix & mask`); failing that, the ways of its set (from the top bits of the mix) by 16-bit
@@ -143,10 +143,16 @@ def probe_slots(hints: np.ndarray, mask: np.uint64, keys: np.ndarray, occupied: 
     against `keys` and `occupied`, and the next set's ways where `spilled` marks its own set;
     an id found that way is hinted again."""
     slots = np.empty(len(ids), np.int64)
-    arguments = (hints.reshape(-1), np.uint64(mask), keys, occupied, fingerprints, np.int64(ways),
-                 np.uint64(len(keys) // ways), np.ascontiguousarray(ids, np.int64), spilled, slots)
+    arguments = _probe_arguments((hints, mask, keys, occupied, fingerprints, ways, spilled), ids, slots)
     in_parts(len(ids), lambda part, parts: _loops().probe(*arguments, np.uint64(part), np.int64(parts)))
     return slots
+
+
+def _probe_arguments(probing: tuple, ids: np.ndarray, slots: np.ndarray) -> tuple:
+    """The compiled `probe`'s arguments but the part: `probing` is `probe_slots`' before the ids."""
+    hints, mask, keys, occupied, fingerprints, ways, spilled = probing
+    return (hints.reshape(-1), np.uint64(mask), keys, occupied, fingerprints, np.int64(ways),
+            np.uint64(len(keys) // ways), np.ascontiguousarray(ids, np.int64), spilled, slots)
 
 
 def spill_into(occupied: np.ndarray, locks: np.ndarray, rows: np.ndarray, near: np.ndarray, ways: int,
@@ -207,23 +213,21 @@ def _read_hits_arguments(slab: np.ndarray, header_word: int, max_count: int, now
 def probe_read_hits(probing: tuple, ids: np.ndarray, slab: np.ndarray, header_word: int, max_count: int, now: int,
                     last_used: np.ndarray, tick: int, uses: np.ndarray | None, weights: tuple[int, np.ndarray],
                     state: tuple[int, np.ndarray] | None = None) -> np.ndarray | None:
-    """`probe_slots(*probing, ids, spilled)` (`probing`: its arguments before the ids, then the
-    spilled flags), then, only if every id is cached, `read_hits` of their slots as batch `tick`:
+    """`probe_slots(*probing, ids)` (`probing`: its arguments before the ids), then, only if
+    every id is cached, `read_hits` of their slots as batch `tick`:
     the slots, or None with no access recorded and nothing gathered. A batch one thread takes is
     one compiled call (the Python between two calls cost a cold cache as much as the probe)."""
     ids = np.ascontiguousarray(ids, np.int64)
     if in_parts_split(len(ids)):
-        slots = probe_slots(*probing[:-1], ids, probing[-1])
+        slots = probe_slots(*probing, ids)
         if not bool((slots >= 0).all()):
             return None
         read_hits(slab, header_word, max_count, now, last_used, tick, uses, slots, weights, state)
         return slots
-    hints, mask, keys, occupied, fingerprints, ways, spilled = probing
     slots = np.empty(len(ids), np.int64)
     arguments = _read_hits_arguments(slab, header_word, max_count, now, last_used, tick, uses, len(ids), weights,
                                      state)
-    found = _loops().probe_read_hits(hints.reshape(-1), np.uint64(mask), keys, occupied, fingerprints,
-                                     np.int64(ways), np.uint64(len(keys) // ways), ids, spilled, slots, *arguments)
+    found = _loops().probe_read_hits(*_probe_arguments(probing, ids, slots), *arguments)
     if found == -2:
         return None
     _refuse_bad_slot([found], slots, len(slab))

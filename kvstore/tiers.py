@@ -64,8 +64,7 @@ class HostTier(SetAssociativeCache):
         nothing changed, when any id is not cached (the probe is pure). The access and the
         gather are one pass over the rows (`host_kernels.read_hits`)."""
         layout = self.layout
-        weights = np.empty((len(ids), layout.dim), layout.dtype) if out is None else out
-        state = np.empty((len(ids), layout.state_dim), np.float32) if with_state else None
+        weights, state = self._outputs(len(ids), with_state, out)
         slots = probe_read_hits(self.probing(), ids, self.slab, COUNT_WORD, MAX_COUNT, int(now), self.last_used,
                                 self.tick + 1, self.uses, (layout.weight_offset, weights),
                                 (layout.state_offset, state) if with_state else None)
@@ -79,11 +78,16 @@ class HostTier(SetAssociativeCache):
         """The access of a batch's cached slots recorded and their columns gathered (rows of
         slot -1 left unwritten), in one pass."""
         layout = self.layout
-        weights = np.empty((len(slots), layout.dim), layout.dtype) if out is None else out
-        state = np.empty((len(slots), layout.state_dim), np.float32) if with_state else None
+        weights, state = self._outputs(len(slots), with_state, out)
         read_hits(self.slab, COUNT_WORD, MAX_COUNT, int(now), self.last_used, self.tick, self.uses, slots,
                   (layout.weight_offset, weights), (layout.state_offset, state) if with_state else None)
         return weights, state
+
+    def _outputs(self, n: int, with_state: bool, out: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Where a lookup of n rows puts its weights (`out`, or a new array) and, if asked, its state."""
+        layout = self.layout
+        weights = np.empty((n, layout.dim), layout.dtype) if out is None else out
+        return weights, np.empty((n, layout.state_dim), np.float32) if with_state else None
 
     def access(self, slots: np.ndarray, now: float) -> None:
         """A use of cached slots: stamps, and count + 1 / last_access in headers (duplicates once)."""

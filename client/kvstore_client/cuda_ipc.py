@@ -115,7 +115,7 @@ class CudaIpcCalls:
             rows, spec = buffer.array((n, dim), dtype)
             request = pb.SharedLookupRequest(table=table, segment=segment.name, on_miss=on_miss, lease=lease,
                                              ids=segment.put(ids, "ids"), weights=spec)
-            self._shared_lookup(request)                    # on the doorbell when the server has one
+            self._shared_lookup(lambda: request)            # on the doorbell when the server has one
         with torch.cuda.device(out.device):
             out.copy_(rows)
             torch.cuda.current_stream().synchronize()      # the buffer is lent again once this returns

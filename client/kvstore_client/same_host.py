@@ -35,7 +35,7 @@ from .doorbell import DoorbellClient, NotRung
 from .errors import FailedPreconditionError, InvalidArgumentError, KVStoreError, UnavailableError
 from .errors import rpc_errors as _rpc
 from .reassembly import Place
-from .shared_memory import ALIGN, MAX_LENT, NotAttached, Segment, SegmentPool, region_bytes
+from .shared_memory import MAX_LENT, NotAttached, Segment, SegmentPool, region_bytes
 from .writes import BACKOFF_SECONDS, RETRIES
 
 MODES = (True, False, "auto")
@@ -129,7 +129,7 @@ class SameHostPath(CudaIpcCalls):
         after one call."""
         n, itemsize = len(ids), WIRE_DTYPES[dtype].itemsize
         step = max(1, PIECE_BYTES // max(1, dim * itemsize))
-        segment = self.pool.take(n * 8 + n * dim * itemsize + 2 * ALIGN)         # region_bytes of the two
+        segment = self.pool.take(region_bytes(((n,), 8), ((n, dim), itemsize)))
         try:
             id_view, id_offset = segment.place((n,), "int64")
             id_view[...] = ids
@@ -162,13 +162,11 @@ class SameHostPath(CudaIpcCalls):
             return None
         return self.pool.lend(segment, row_offset, (n, dim), dtype)
 
-    def _shared_lookup(self, request: pb.SharedLookupRequest | Callable[[], pb.SharedLookupRequest],
-                       key: tuple | None = None) -> None:
-        """One SharedLookup (`request`, or the function that makes it): on the doorbell when the
-        server named one, else (or when it cannot be rung) over gRPC. `key`: what the request is
-        made of; a lookup like the last one (a loop's, same segment and shape) sends the same bytes
-        again without making the message."""
-        make = request if callable(request) else lambda: request
+    def _shared_lookup(self, make: Callable[[], pb.SharedLookupRequest], key: tuple | None = None) -> None:
+        """One SharedLookup, the request `make()`: on the doorbell when the server named one, else
+        (or when it cannot be rung) over gRPC. `key`: what the request is made of; a lookup like
+        the last one (a loop's, same segment and shape) sends the same bytes again without making
+        the message."""
         doorbell = self.doorbell
         if doorbell is not None:
             last_key, payload = self._last_lookup

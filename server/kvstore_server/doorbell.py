@@ -36,7 +36,6 @@ from kvstore_proto.doorbell import HEADER, HELLO, MAX_PAYLOAD, SHARED_LOOKUP, er
 from kvstore_proto.v1 import kvstore_pb2 as pb
 
 from .errors import status_of
-from .logs import end_call
 from .metrics import Metrics
 from .rpc import CallGate, record_call, request_parser
 
@@ -79,11 +78,10 @@ class Doorbell:
         self.service, self.gate, self.metrics = service, gate, metrics
         self._token = token.encode() if token else None
         self._in_flight = metrics.rpc_in_flight.labels("SharedLookup")
-        self._answered = metrics.rpc_duration.labels("SharedLookup", "OK")     # most calls' series, found once
         self._loop: asyncio.AbstractEventLoop | None = None
         self._listener: socket.socket | None = None
         self._lock = threading.Lock()
-        self._connections: dict[socket.socket, threading.Thread] = {}
+        self._connections: set[socket.socket] = set()
         self._closed = False
         self.name = ""
 
@@ -136,7 +134,7 @@ class Doorbell:
                                           daemon=True)
                 full = len(self._connections) >= self.gate.limit
                 if not full:
-                    self._connections[sock] = thread
+                    self._connections.add(sock)
             if full:
                 self._refuse_full(sock)
             else:
@@ -182,7 +180,7 @@ class Doorbell:
             pass                         # the client went away, or the server is closing
         finally:
             with self._lock:
-                self._connections.pop(sock, None)
+                self._connections.discard(sock)
             sock.close()
 
     def _refusal(self, uid: int, hello: tuple[int, bytes]) -> tuple[grpc.StatusCode, str] | None:
@@ -233,12 +231,7 @@ class Doorbell:
             raise _Stopped() from None
 
     def _record(self, code: grpc.StatusCode, start: float, context: _Context) -> None:
-        if code is not grpc.StatusCode.OK:
-            record_call(self.metrics, "SharedLookup", PATH, context.peer(), code, start)
-            return
-        seconds = time.perf_counter() - start                 # as record_call records it
-        self._answered.observe(seconds)
-        end_call(context.peer(), PATH, code, seconds)
+        record_call(self.metrics, "SharedLookup", PATH, context.peer(), code, start)
 
 
 class _FrameTooLarge(Exception):

@@ -182,13 +182,17 @@ class Metrics:
             "kvstore_rpc_in_flight", "kvstore RPCs being handled now, by method.", ["method"],
             registry=self.registry,
         )
+        self._durations: dict[tuple[str, grpc.StatusCode], object] = {}     # rpc_duration's series by call
         self.auth_failures = Counter(
             "kvstore_auth_failures", "Calls refused for a missing or wrong bearer token.", ["method"],
             registry=self.registry,
         )
 
     def observe(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
-        self.rpc_duration.labels(method, code.name).observe(seconds)
+        series = self._durations.get((method, code))
+        if series is None:                     # `labels` looks the series up under a lock: once each
+            series = self._durations[(method, code)] = self.rpc_duration.labels(method, code.name)
+        series.observe(seconds)
 
     def watch(self, store: Store, data_dir: str | None = None) -> None:
         self.registry.register(StoreCollector(store, data_dir))

@@ -118,9 +118,7 @@ class SameHostRPCs:
         on_miss_name(request.on_miss)                 # checked as SharedLookup checks it
         n = len(ids)
         weights = region(segment, request.weights, "weights", (n, config.dim), config.dtype, exact=True)
-        step = max(1, STORE_PIECE_BYTES // max(1, weights[:1].nbytes))
-        for start in range(0, n, step):
-            at = slice(start, start + step)
+        for at in _pieces(n, weights[:1].nbytes):
             if on_table(self.store, table, self.store.lookup_if_cached, table, ids[at], False, weights[at],
                         True, before=found.family) is None:
                 return None
@@ -168,9 +166,7 @@ class SameHostRPCs:
         gathered straight there (a large piece split over threads, see `host_kernels`); only the
         missing rows of a piece (and its state) are held in memory before they are written."""
         row_bytes = weights[:1].nbytes + (0 if state is None else state[:1].nbytes)
-        step = max(1, STORE_PIECE_BYTES // max(1, row_bytes))
-        for start in range(0, len(ids), step):
-            at = slice(start, start + step)
+        for at in _pieces(len(ids), row_bytes):
             _write(self.data_budget.lookup(table, ids[at], on_miss, state is not None, weights[at]), weights[at],
                    None if state is None else state[at])
 
@@ -271,6 +267,12 @@ class SameHostRPCs:
             raise ResourceExhausted(f"{field}: {len(view)} rows in one call exceed the server limit of "
                                     f"{self.config.max_request_rows} (max_request_rows); split the batch")
         return view.copy()
+
+
+def _pieces(n: int, row_bytes: int) -> list[slice]:
+    """The rows of a lookup into a segment, STORE_PIECE_BYTES at a time."""
+    step = max(1, STORE_PIECE_BYTES // max(1, row_bytes))
+    return [slice(start, start + step) for start in range(0, n, step)]
 
 
 def shared_piece_ids(segment: Segment, piece: pb.TableRows, where: str) -> np.ndarray:

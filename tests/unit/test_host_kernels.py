@@ -199,8 +199,7 @@ def test_the_probe_split_over_threads_finds_what_one_thread_finds(threads):
     queries = np.concatenate([ids, rng.integers(0, 1 << 40, 500), ids[::-1]])
     want = np.array([placed.get(int(i), -1) for i in queries])
     for _ in range(2):                                 # the second probe reads the hints the first wrote
-        got = probe_slots(cache.hints, cache.hint_mask, cache.keys, cache.occupied, cache.fingerprints, cache.ways,
-                          queries, cache.spilled)
+        got = probe_slots(*cache.probing(), queries)
         np.testing.assert_array_equal(got, want)
 
 
@@ -220,7 +219,7 @@ def test_the_probe_and_read_in_one_call_equal_the_two_and_a_miss_changes_nothing
         caches.append(cache)
     one, two = caches
     queries = ids[rng.integers(0, len(ids), 64)]
-    slots = probe_slots(*two.probing()[:-1], queries, two.spilled)
+    slots = probe_slots(*two.probing(), queries)
     weights_two = np.zeros((len(queries), 4), np.float32)
     read_hits(two.slab, COUNT_WORD, MAX_COUNT, 9, two.last_used, 5, None, slots, (16, weights_two))
     weights_one = np.zeros((len(queries), 4), np.float32)
