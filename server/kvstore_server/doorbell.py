@@ -50,12 +50,14 @@ _STOPPED = (grpc.StatusCode.UNAVAILABLE, "server: shutting down; retry on anothe
 class _Context:
     """One connection's: what SharedLookup asks of its call, the peer (local by construction here;
     its process id names it in the access log); and its last call's request and answer, which a
-    client's loop sends and gets again (same segment, same shape): not parsed or encoded again."""
+    client's loop sends and gets again (same segment, same shape): not parsed or encoded again,
+    and what the service checked the request into (`plan`: SameHostRPCs.shared_lookup_now's)."""
 
     def __init__(self, pid: int):
         self._peer = f"unix:doorbell:pid={pid}"
         self._payload, self._request = b"", None
         self._rows, self._answer = -1, b""
+        self.plan = None
 
     def peer(self) -> str:
         return self._peer
@@ -65,9 +67,9 @@ class _Context:
             self._request, self._payload = _parse(payload), payload      # a payload that does not parse: not kept
         return self._request
 
-    def answer(self, response: pb.SharedLookupResponse) -> bytes:
-        if response.rows != self._rows:
-            self._answer, self._rows = frame(_OK, response.SerializeToString()), response.rows
+    def answer(self, rows: int) -> bytes:
+        if rows != self._rows:
+            self._answer, self._rows = frame(_OK, pb.SharedLookupResponse(rows=rows).SerializeToString()), rows
         return self._answer
 
 
@@ -207,7 +209,8 @@ class Doorbell:
         code = grpc.StatusCode.OK
         try:
             request = context.request(payload)
-            return context.answer(self.service.shared_lookup_now(request, context) or self._on_loop(request, context))
+            rows = self.service.shared_lookup_now(request, context)
+            return context.answer(self._on_loop(request, context) if rows is None else rows)
         except _Stopped:
             code, message, reason = _STOPPED
             return frame(code.value[0], error_payload(reason, message))
@@ -219,14 +222,15 @@ class Doorbell:
             self._in_flight.dec()
             self._record(code, start, context)
 
-    def _on_loop(self, request: pb.SharedLookupRequest, context: _Context) -> pb.SharedLookupResponse:
-        """The event loop's SharedLookup of `request` (store threads, leases, GPU buffers), awaited here."""
+    def _on_loop(self, request: pb.SharedLookupRequest, context: _Context) -> int:
+        """The event loop's SharedLookup of `request` (store threads, leases, GPU buffers), awaited
+        here; the rows it wrote."""
         try:
             future = asyncio.run_coroutine_threadsafe(self.service.SharedLookup(request, context), self._loop)
         except RuntimeError:                     # the loop is closed: the server has stopped
             raise _Stopped() from None
         try:
-            return future.result()
+            return future.result().rows
         except concurrent.futures.CancelledError:
             raise _Stopped() from None
 

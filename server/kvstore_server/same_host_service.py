@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import ExitStack
+from typing import NamedTuple
 
 import numpy as np
 from kvstore_proto.v1 import kvstore_pb2 as pb
@@ -31,6 +32,7 @@ from kvstore_proto.v1 import kvstore_pb2 as pb
 from kvstore import Store
 from kvstore.dtypes import weight_dtype
 from kvstore.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from kvstore.table import Table
 
 from .data_budget import DataBudget
 from .device_buffers import DeviceBuffers, device_region, upload
@@ -102,27 +104,40 @@ class SameHostRPCs:
 
     # --- lookup ------------------------------------------------------------------------
 
-    def shared_lookup_now(self, request, context) -> pb.SharedLookupResponse | None:
+    def shared_lookup_now(self, request, context) -> int | None:
         """SharedLookup done in the calling thread, which may block (a doorbell connection's own),
         when it needs nothing else: no lease to renew, rows into the segment, and every one cached
         (a piece of STORE_PIECE_BYTES at a time, each gathered straight into the segment once the
-        table lock is free). None when it does: SharedLookup then takes the call whole (pieces
-        written here are written again). A bad request raises as SharedLookup's checks do."""
+        table lock is free); the rows written. None when it does: SharedLookup then takes the call
+        whole (pieces written here are written again). A bad request raises as SharedLookup's
+        checks do. `context.plan` keeps what a request was checked into (`_RepeatedLookup`), so a
+        loop's same request again is not checked again while its segment and table are the same."""
+        plan = context.plan
+        if (plan is None or plan.request is not request or self.segments.get(request.segment) is not plan.segment
+                or self.store.table(plan.name) is not plan.table):
+            plan = context.plan = self._plan_lookup(request, context)
+            if plan is None:
+                return None
+        ids = plan.ids.copy()                         # the server's own (the client may write its segment)
+        for at in plan.pieces:
+            if on_table(self.store, plan.name, self.store.lookup_if_cached, plan.name, ids[at], False,
+                        plan.weights[at], True, before=plan.table.family) is None:
+                return None
+        return len(ids)
+
+    def _plan_lookup(self, request, context) -> _RepeatedLookup | None:
+        """`request`'s checks as SharedLookup makes them, and the regions it names; None when the
+        lookup needs the event loop (a lease, a GPU buffer, state)."""
         if request.lease or request.weights.device_buffer or request.HasField("state"):
             return None
         segment = self._segment(request.segment, context)
-        ids = self._shared_ids(segment, request, "ids")
-        table = request.table
-        found = self.store.table(table)                # NOT_FOUND as describe_table's
+        ids = self._shared_ids_region(segment, request, "ids")
+        found = self.store.table(request.table)        # NOT_FOUND as describe_table's
         config = found.config
         on_miss_name(request.on_miss)                 # checked as SharedLookup checks it
-        n = len(ids)
-        weights = region(segment, request.weights, "weights", (n, config.dim), config.dtype, exact=True)
-        for at in _pieces(n, weights[:1].nbytes):
-            if on_table(self.store, table, self.store.lookup_if_cached, table, ids[at], False, weights[at],
-                        True, before=found.family) is None:
-                return None
-        return pb.SharedLookupResponse(rows=n)
+        weights = region(segment, request.weights, "weights", (len(ids), config.dim), config.dtype, exact=True)
+        return _RepeatedLookup(request, segment, ids, request.table, found, weights,
+                               _pieces(len(ids), weights[:1].nbytes))
 
     async def SharedLookup(self, request, context):
         segment = self._segment(request.segment, context)
@@ -260,13 +275,30 @@ class SameHostRPCs:
 
     def _shared_ids(self, segment: Segment, request, field: str) -> np.ndarray:
         """A private copy of the request's ids (the client may write its segment meanwhile)."""
+        return self._shared_ids_region(segment, request, field).copy()
+
+    def _shared_ids_region(self, segment: Segment, request, field: str) -> np.ndarray:
+        """The region of the request's ids, checked (copy it before use)."""
         if not request.HasField(field):
             raise InvalidArgument(f"{field}: missing (a shared array of int64 ids)")
         view = region(segment, getattr(request, field), field, (None,), "int64", exact=True)
         if len(view) > self.config.max_request_rows:
             raise ResourceExhausted(f"{field}: {len(view)} rows in one call exceed the server limit of "
                                     f"{self.config.max_request_rows} (max_request_rows); split the batch")
-        return view.copy()
+        return view
+
+
+class _RepeatedLookup(NamedTuple):
+    """What a doorbell connection's SharedLookup request was checked into: valid while its
+    segment is still attached as this one and its table is still this one (not dropped or
+    created again, perhaps with another shape)."""
+    request: pb.SharedLookupRequest
+    segment: Segment
+    ids: np.ndarray                   # the ids' region in the segment
+    name: str
+    table: Table
+    weights: np.ndarray               # where the rows go in the segment
+    pieces: list[slice]
 
 
 def _pieces(n: int, row_bytes: int) -> list[slice]:

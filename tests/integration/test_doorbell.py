@@ -210,6 +210,40 @@ def test_a_region_outside_the_segment_is_invalid_argument_over_the_doorbell(serv
         shm.same_host.pool.give(segment)
 
 
+def test_a_repeated_request_is_checked_again_once_its_table_or_segment_changed(server):
+    """The connection keeps what a request was checked into while its segment and table stay the
+    same: the same request bytes after the table was created again with another dim are
+    INVALID_ARGUMENT naming the weights, and after the segment was detached and unlinked
+    INVALID_ARGUMENT naming it (no rows written into a segment the client gave up); the rows are
+    right throughout."""
+    with KVStoreClient(server.address, same_host=True) as shm, KVStoreClient(server.address) as net:
+        small_table(shm, "bell_plan", DIM)
+        shm.update("bell_plan", IDS[:4], random_rows(4, DIM, seed=4))
+        shm.lookup("bell_plan", IDS)                               # attaches a segment, opens the connection
+        segment = shm.same_host.pool.take(1 << 12)
+        ids, _ = segment.array((4,), "int64")
+        ids[:] = IDS[:4]
+        rows, spec = segment.array((4, DIM), "float32")
+        request = pb.SharedLookupRequest(table="bell_plan", segment=segment.name, on_miss=pb.ON_MISS_ZEROS,
+                                         ids=pb.SharedArray(dtype="int64", shape=[4], offset=0), weights=spec)
+        for _ in range(2):                                          # checked once, then kept
+            assert shm.same_host.doorbell(request, 30).rows == 4
+            assert np.array_equal(rows, net.lookup("bell_plan", IDS[:4]))
+        net.drop_table("bell_plan")
+        small_table(net, "bell_plan", 2 * DIM)
+        with pytest.raises(InvalidArgumentError, match="weights.shape"):
+            shm.same_host.doorbell(request, 30)
+        net.drop_table("bell_plan")
+        small_table(net, "bell_plan", DIM)
+        net.update("bell_plan", IDS[:4], random_rows(4, DIM, seed=5))
+        assert shm.same_host.doorbell(request, 30).rows == 4
+        assert np.array_equal(rows, net.lookup("bell_plan", IDS[:4]))
+        shm.same_host.pool.retire(segment)                          # detached and unlinked
+        with pytest.raises(InvalidArgumentError, match="segment: no segment"):
+            shm.same_host.doorbell(request, 30)
+        assert np.array_equal(shm.lookup("bell_plan", IDS[:4]), net.lookup("bell_plan", IDS[:4]))
+
+
 def test_random_requests_get_a_mapped_code_and_never_unknown_or_internal(server):
     """Random bytes and random well-formed requests (tables, segments, regions, dtypes) on one
     connection: every answer is OK or a mapped code, and the server keeps serving."""
