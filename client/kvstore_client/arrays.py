@@ -53,7 +53,7 @@ def like(array: np.ndarray, template: Any) -> Any:
     return tensor.to(template.device)
 
 
-_IDS = np.dtype("<i8")
+IDS_DTYPE = np.dtype("<i8")               # ids on the wire: int64, little-endian
 
 
 def as_ids(ids: Any) -> np.ndarray:
@@ -64,7 +64,7 @@ def as_ids(ids: Any) -> np.ndarray:
         raise InvalidArgumentError(message=f"ids: must be integers, got {array.dtype}")
     if array.dtype == np.uint64 and array.size and array.max() > np.iinfo(np.int64).max:
         raise InvalidArgumentError(message="ids: values must fit in int64")
-    return array.astype(_IDS, copy=False)
+    return array.astype(IDS_DTYPE, copy=False)
 
 
 def as_rows(values: Any, n: int, field: str) -> np.ndarray:

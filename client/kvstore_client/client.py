@@ -20,7 +20,7 @@ from kvstore_proto.tensors import (
 from kvstore_proto.v1 import kvstore_pb2 as pb
 from kvstore_proto.v1 import kvstore_pb2_grpc as pb_grpc
 
-from .arrays import as_ids, as_rows, chunks, cuda_device, like, take_rows, to_numpy
+from .arrays import IDS_DTYPE, as_ids, as_rows, chunks, cuda_device, like, take_rows, to_numpy
 from .credentials import open_channel
 from .errors import InternalError, InvalidArgumentError, KVStoreError
 from .errors import rpc_errors as _rpc
@@ -178,6 +178,11 @@ class KVStoreClient(ReplicationMethods, SnapshotMethods):
         training loop reuses, or pinned memory): no result is allocated, no page is faulted in.
         With CUDA tensors (`ids` or `out`) the rows come back on their GPU; on the same-host path
         a GPU table's server writes them there itself (CUDA IPC, docs/same-host.md)."""
+        if (type(ids) is np.ndarray and ids.dtype == IDS_DTYPE and ids.ndim == 1 and out is None and not with_state
+                and self.same_host.active and on_miss in ON_MISS):      # a loop's lookup: few steps (same_host.py)
+            rows = self.same_host.lookup_owned(table, ids, ON_MISS[on_miss], self._lease.current)
+            if rows is not None:
+                return rows
         id_array = as_ids(ids)
         device = cuda_device(ids, out)
         if device is not None:

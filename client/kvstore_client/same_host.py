@@ -22,7 +22,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from kvstore_proto.tensors import WIRE_DTYPES
@@ -35,14 +35,23 @@ from .doorbell import DoorbellClient, NotRung
 from .errors import FailedPreconditionError, InvalidArgumentError, KVStoreError, UnavailableError
 from .errors import rpc_errors as _rpc
 from .reassembly import Place
-from .shared_memory import MAX_LENT, NotAttached, Segment, SegmentPool, region_bytes
+from .shared_memory import MAX_LENT, NotAttached, Segment, SegmentPool, region_bytes, region_offsets
 from .writes import BACKOFF_SECONDS, RETRIES
 
 MODES = (True, False, "auto")
 LOOKUP_CALL_ROWS = 1 << 20            # ids per segment lease (a lookup is not atomic: split freely)
 PIECE_BYTES = 16 << 20                # rows per SharedLookup call of a large lookup (a call: ~1 ms of CPU) ...
 PIECES_AHEAD = 1                      # ... and calls in flight beyond the one being copied
+MAX_LOOKUP_SHAPES = 64                # lent lookups' layouts (and their requests per segment) kept; then afresh
 _SERVICE = f"/{pb.DESCRIPTOR.services_by_name['EmbeddingStore'].full_name}/"
+
+
+class _LentLookup(NamedTuple):
+    """A lent lookup's layout in a segment (one size of ids of one table, in one mode): the bytes
+    it takes, where its ids and rows lie, and its request as sent over each segment so far."""
+    nbytes: int
+    offsets: list[int]                # ids, rows
+    requests: dict[str, bytes]        # segment name -> serialized SharedLookupRequest
 
 
 class SameHostPath(CudaIpcCalls):
@@ -68,7 +77,7 @@ class SameHostPath(CudaIpcCalls):
                            ("SharedApplyGradients", pb.SharedApplyGradientsRequest, pb.ApplyGradientsResponse))}
         self._token = token
         self.doorbell: DoorbellClient | None = None          # set by the server's answer to an attach
-        self._last_lookup: tuple[tuple | None, bytes] = (None, b"")   # the last doorbell lookup's parts, its bytes
+        self._lent_lookups: dict[tuple, _LentLookup] = {}   # (table, n, on_miss, lease, dim, dtype) -> its layout
         self.pool = SegmentPool(self._attach, self._detach)
         self.init_cuda_ipc()
         self.active: bool | None = None if mode else False      # None: not asked yet
@@ -109,8 +118,7 @@ class SameHostPath(CudaIpcCalls):
         """Rows of `id_array` handed to `place(start, stop, weights, None)` as read-only views of the segment."""
         for start in range(0, max(1, len(id_array)), LOOKUP_CALL_ROWS):
             ids = id_array[start:start + LOOKUP_CALL_ROWS]
-            self._with_table(table, lambda dim, dtype, ids=ids, start=start: self._lookup(
-                table, ids, start, place, on_miss, lease, dim, dtype))
+            self._with_table(table, self._lookup, table, ids, start, place, on_miss, lease)
 
     def lookup_owned(self, table: str, id_array: np.ndarray, on_miss: int, lease: str) -> np.ndarray | None:
         """The rows of `id_array` as an array over the segment the server wrote them into: no copy.
@@ -119,18 +127,48 @@ class SameHostPath(CudaIpcCalls):
         segments already lent to results still alive (the caller copies then)."""
         if not 0 < len(id_array) <= LOOKUP_CALL_ROWS or self.pool.lent() >= MAX_LENT:
             return None
-        return self._with_table(table, lambda dim, dtype: self._lookup(table, id_array, 0, None, on_miss, lease,
-                                                                      dim, dtype))
+        return self._with_table(table, self._lookup_lent, table, id_array, on_miss, lease)
 
-    def _lookup(self, table, ids, start, place, on_miss, lease, dim, dtype) -> np.ndarray | None:
+    def _lookup_lent(self, table: str, ids: np.ndarray, on_miss: int, lease: str, dim: int, dtype: str
+                     ) -> np.ndarray:
+        """One SharedLookup whose rows are returned over the segment, lent to them. What a lookup
+        of this table, size and mode needs besides its ids is worked out once (`_LentLookup`): a
+        loop's lookup, most of whose client-side time was Python run with cold caches, then does
+        little more than copy its ids in and ring (the server splits a large one over threads)."""
+        n = len(ids)
+        key = (table, n, on_miss, lease, dim, dtype)
+        shape = self._lent_lookups.get(key)
+        if shape is None:
+            if len(self._lent_lookups) >= MAX_LOOKUP_SHAPES:
+                self._lent_lookups.clear()
+            itemsize = WIRE_DTYPES[dtype].itemsize
+            shape = self._lent_lookups[key] = _LentLookup(region_bytes(((n,), 8), ((n, dim), itemsize)),
+                                                          region_offsets(((n,), 8), ((n, dim), itemsize)), {})
+        segment = self.pool.take(shape.nbytes)
+        try:
+            id_offset, row_offset = shape.offsets
+            np.ndarray((n,), np.int64, buffer=segment.shm.buf, offset=id_offset)[...] = ids
+            payload = shape.requests.get(segment.name)
+            if payload is None:
+                if len(shape.requests) >= MAX_LOOKUP_SHAPES:      # segments replaced meanwhile
+                    shape.requests.clear()
+                payload = shape.requests[segment.name] = pb.SharedLookupRequest(
+                    table=table, segment=segment.name, on_miss=on_miss, lease=lease,
+                    ids=pb.SharedArray(dtype="int64", shape=[n], offset=id_offset),
+                    weights=pb.SharedArray(dtype=dtype, shape=[n, dim], offset=row_offset)).SerializeToString()
+            self._shared_lookup(lambda: pb.SharedLookupRequest.FromString(payload), payload)
+        except BaseException:
+            self.pool.retire(segment)            # the server may still be writing into it
+            raise
+        return self.pool.lend(segment, row_offset, (n, dim), dtype)
+
+    def _lookup(self, table, ids, start, place, on_miss, lease, dim, dtype) -> None:
         """One segment for the whole lookup; pieces of about PIECE_BYTES of rows are asked for up to
-        PIECES_AHEAD at a time, so the server gathers piece i+1 while this client copies piece i.
-        With `place` None nothing is copied: the rows are returned over the segment, lent to them,
-        after one call."""
+        PIECES_AHEAD at a time, so the server gathers piece i+1 while this client copies piece i
+        to its place (`place(start, stop, weights, None)`)."""
         n, itemsize = len(ids), WIRE_DTYPES[dtype].itemsize
         step = max(1, PIECE_BYTES // max(1, dim * itemsize))
-        segment = self.pool.take(region_bytes(((n,), 8), ((n, dim), itemsize)))
-        try:
+        with self.pool.lease(region_bytes(((n,), 8), ((n, dim), itemsize))) as segment:
             id_view, id_offset = segment.place((n,), "int64")
             id_view[...] = ids
             rows, row_offset = segment.place((n, dim), dtype)
@@ -143,39 +181,21 @@ class SameHostPath(CudaIpcCalls):
                     weights=pb.SharedArray(dtype=dtype, shape=[last - first, dim],
                                            offset=row_offset + first * dim * itemsize))
 
-            # rows lent over the segment are not copied here: one call, which the server splits over threads
-            copied = place is not None and n
-            pieces = [(first, min(n, first + step)) for first in range(0, n, step)] if copied else [(0, n)]
+            pieces = [(first, min(n, first + step)) for first in range(0, n, step)] or [(0, 0)]
             if len(pieces) == 1:                 # a blocking call: a future would start grpc's spin thread per call
-                self._shared_lookup(lambda: request(0, n), (table, segment.name, on_miss, lease, id_offset, n,
-                                                            row_offset, dim, dtype))
-                if place is not None:
-                    place(start, start + n, rows, None)
+                self._shared_lookup(lambda: request(0, n))
+                place(start, start + n, rows, None)
             else:
-                self._lookup_pieces(pieces, request, lambda first, last: place is None or place(
+                self._lookup_pieces(pieces, request, lambda first, last: place(
                     start + first, start + last, rows[first:last], None))
-        except BaseException:
-            self.pool.retire(segment)            # the server may still be writing into it
-            raise
-        if place is not None:
-            self.pool.give(segment)
-            return None
-        return self.pool.lend(segment, row_offset, (n, dim), dtype)
 
-    def _shared_lookup(self, make: Callable[[], pb.SharedLookupRequest], key: tuple | None = None) -> None:
-        """One SharedLookup, the request `make()`: on the doorbell when the server named one, else
-        (or when it cannot be rung) over gRPC. `key`: what the request is made of; a lookup like
-        the last one (a loop's, same segment and shape) sends the same bytes again without making
-        the message."""
+    def _shared_lookup(self, make: Callable[[], pb.SharedLookupRequest], payload: bytes | None = None) -> None:
+        """One SharedLookup, the request `make()` (serialized: `payload`, if already made): on the
+        doorbell when the server named one, else (or when it cannot be rung) over gRPC."""
         doorbell = self.doorbell
         if doorbell is not None:
-            last_key, payload = self._last_lookup
-            if key is None or key != last_key:
-                payload = make().SerializeToString()
-                if key is not None:
-                    self._last_lookup = (key, payload)
             try:
-                doorbell.call(payload, self.timeout)
+                doorbell.call(make().SerializeToString() if payload is None else payload, self.timeout)
                 return
             except NotRung:
                 if self.doorbell is doorbell:    # the server stopped or restarted: gRPC until an attach names one
@@ -318,12 +338,12 @@ class SameHostPath(CudaIpcCalls):
             time.sleep(BACKOFF_SECONDS * (attempt + 1))
         raise AssertionError("unreachable")
 
-    def _with_table(self, table: str, call: Callable[[int, str], Any]) -> Any:
-        """`call(dim, dtype)` with the table's shape; once more with a fresh one if the table was
-        re-created with another shape since it was read."""
+    def _with_table(self, table: str, call: Callable[..., Any], *args: Any) -> Any:
+        """`call(*args, dim, dtype)` with the table's shape; once more with a fresh one if the table
+        was re-created with another shape since it was read."""
         for attempt in range(2):
             try:
-                return call(*self._table(table))
+                return call(*args, *self._table(table))
             except KVStoreError as exc:
                 self._tables.pop(table, None)
                 if attempt or not (isinstance(exc, InvalidArgumentError) and exc.message.startswith("weights.")):

@@ -72,7 +72,7 @@ class Segment:
         """A fresh region of the segment: a writable view and its offset (`array` without the
         message, for a caller that sends the same one again)."""
         wire = WIRE_DTYPES[dtype]
-        offset = -(-self.used // ALIGN) * ALIGN
+        offset = _aligned(self.used)
         nbytes = math.prod(shape) * wire.itemsize      # Python ints: no overflow, no array per call
         if offset + nbytes > self.size:
             raise ValueError(f"segment {self.name}: {nbytes} bytes at {offset} exceed its {self.size}")
@@ -117,6 +117,19 @@ def region_bytes(*arrays: tuple[tuple[int, ...], int]) -> int:
     return sum(math.prod(shape) * itemsize + ALIGN for shape, itemsize in arrays)
 
 
+def region_offsets(*arrays: tuple[tuple[int, ...], int]) -> list[int]:
+    """Where `place` puts arrays of these (shape, itemsize), one after the other, in a fresh segment."""
+    offsets, used = [], 0
+    for shape, itemsize in arrays:
+        offsets.append(_aligned(used))
+        used = offsets[-1] + math.prod(shape) * itemsize
+    return offsets
+
+
+def _aligned(offset: int) -> int:
+    return -(-offset // ALIGN) * ALIGN
+
+
 class SegmentPool:
     """Free segments of one client; each call takes one (`lease`) and gives it back when answered."""
 
@@ -155,16 +168,22 @@ class SegmentPool:
     def lend(self, segment: Segment, offset: int, shape: tuple[int, ...], dtype: str) -> np.ndarray:
         """A writable array of `shape` over `segment` from `offset`, which owns the segment: it comes
         back to the pool once that array and every view of it (a torch tensor over it too) are gone."""
-        return self.lend_regions(segment, [(offset, shape, dtype)])[0]
+        return np.ndarray(shape, WIRE_DTYPES[dtype], buffer=self._owner(segment), offset=offset)
 
     def lend_regions(self, segment: Segment, regions: list[tuple[int, tuple[int, ...], str]]) -> list[np.ndarray]:
         """Writable arrays over `segment`, one per (offset, shape, dtype), which together own it: it
-        comes back to the pool once all of them and their views are gone. Their memory is one ctypes
-        object exported from the segment, the base every view keeps."""
+        comes back to the pool once all of them and their views are gone."""
+        owner = self._owner(segment)
+        return [np.ndarray(shape, WIRE_DTYPES[dtype], buffer=owner, offset=offset) for offset, shape, dtype in regions]
+
+    def _owner(self, segment: Segment):
+        """The memory of arrays lent over `segment`: one ctypes object exported from it, the base
+        every view keeps (NumPy collapses a chain of array bases, not this one). When it is gone
+        the segment comes back."""
         owner = (ctypes.c_char * segment.size).from_buffer(segment.shm.buf)
         weakref.finalize(owner, self._come_back, segment)
         self._lent_total = next(self._lends)
-        return [np.ndarray(shape, WIRE_DTYPES[dtype], buffer=owner, offset=offset) for offset, shape, dtype in regions]
+        return owner
 
     def lent(self) -> int:
         """Segments lent to arrays still alive (each holds a file descriptor and a mapping: callers
@@ -209,7 +228,12 @@ class SegmentPool:
         """A free segment of at least `nbytes` (a new one, attached, if none fits); `give` or `retire` it."""
         with self._lock:
             self._collect_returned()
-            fits = [s for s in self._free if s.size >= nbytes]
+            free = self._free
+            if free and nbytes <= free[-1].size < 2 * nbytes:     # the last one back fits: a loop's, mostly
+                segment = free.pop()
+                segment.used = 0
+                return segment
+            fits = [s for s in free if s.size >= nbytes]
             if fits:
                 segment = min(fits, key=lambda s: s.size)
                 self._free.remove(segment)
