@@ -17,12 +17,10 @@ server still writing, so its segment is retired: detached and unlinked, never re
 from __future__ import annotations
 
 import ctypes
-import itertools
 import math
-import queue
 import secrets
+import sys
 import threading
-import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from multiprocessing import shared_memory
@@ -62,6 +60,8 @@ class Segment:
         self.name = self.shm.name.lstrip("/")
         self.size = self.shm.size
         self.used = 0
+        self.owner = None             # the base of arrays lent over it (SegmentPool.lend), made once
+        self.idle_refs = 0            # sys.getrefcount(owner) while no such array is alive
 
     def array(self, shape: tuple[int, ...], dtype: str) -> tuple[np.ndarray, pb.SharedArray]:
         """A fresh region of the segment: a writable view and its description for the server."""
@@ -86,8 +86,8 @@ class Segment:
         return spec
 
     def orphan(self) -> None:
-        """Unlinked now, unmapped when this process ends: a lent array's segment that came back
-        after its pool closed, while the array's memory is still being let go."""
+        """Unlinked now, unmapped when this process ends: a segment still lent to arrays when its
+        pool closed."""
         try:
             self.shm.unlink()
         except FileNotFoundError:
@@ -102,6 +102,7 @@ class Segment:
         self.close()
 
     def close(self) -> None:
+        self.owner = None        # its export of the mapping (gone now unless a lent array keeps it)
         try:
             self.shm.close()
         except BufferError:      # a caller still holds a view: the mapping goes when it lets go
@@ -139,9 +140,7 @@ class SegmentPool:
         self._detach = detach
         self._make = make               # bytes -> a new segment (or GPU buffer: device_memory.py)
         self._free: list[Segment] = []
-        self._returned: queue.SimpleQueue[Segment] = queue.SimpleQueue()   # lent segments, their arrays gone
-        self._lends, self._returns = itertools.count(1), itertools.count(1)   # next() is atomic: finalizers count
-        self._lent_total = self._returned_total = 0
+        self._lent: list[Segment] = []  # lent to arrays, some perhaps gone by now (`_collect_returned`)
         self._lock = threading.Lock()
         self._closed = False
 
@@ -168,35 +167,31 @@ class SegmentPool:
     def lend(self, segment: Segment, offset: int, shape: tuple[int, ...], dtype: str) -> np.ndarray:
         """A writable array of `shape` over `segment` from `offset`, which owns the segment: it comes
         back to the pool once that array and every view of it (a torch tensor over it too) are gone."""
-        return np.ndarray(shape, WIRE_DTYPES[dtype], buffer=self._owner(segment), offset=offset)
+        return self.lend_regions(segment, [(offset, shape, dtype)])[0]
 
     def lend_regions(self, segment: Segment, regions: list[tuple[int, tuple[int, ...], str]]) -> list[np.ndarray]:
         """Writable arrays over `segment`, one per (offset, shape, dtype), which together own it: it
-        comes back to the pool once all of them and their views are gone."""
-        owner = self._owner(segment)
-        return [np.ndarray(shape, WIRE_DTYPES[dtype], buffer=owner, offset=offset) for offset, shape, dtype in regions]
-
-    def _owner(self, segment: Segment):
-        """The memory of arrays lent over `segment`: one ctypes object exported from it, the base
-        every view keeps (NumPy collapses a chain of array bases, not this one). When it is gone
-        the segment comes back."""
-        owner = (ctypes.c_char * segment.size).from_buffer(segment.shm.buf)
-        weakref.finalize(owner, self._come_back, segment)
-        self._lent_total = next(self._lends)
-        return owner
+        comes back to the pool once all of them and their views are gone. Their memory is one ctypes
+        object exported from the segment, made once, the base every view keeps (NumPy collapses a
+        chain of array bases, not this one). The segment is lent while anything but the segment
+        refers to that object: counted when a segment is taken, instead of a finalizer per lent
+        array (whose set-up and call cost a lookup as much as the rest of its Python,
+        docs/same-host.md)."""
+        if segment.owner is None:
+            segment.owner = (ctypes.c_char * segment.size).from_buffer(segment.shm.buf)
+            segment.idle_refs = sys.getrefcount(segment.owner)
+        arrays = [np.ndarray(shape, WIRE_DTYPES[dtype], buffer=segment.owner, offset=offset)
+                  for offset, shape, dtype in regions]
+        with self._lock:                     # listed once its arrays exist: never counted back before
+            self._lent.append(segment)
+        return arrays
 
     def lent(self) -> int:
         """Segments lent to arrays still alive (each holds a file descriptor and a mapping: callers
         copy instead of lending past a few, so a caller keeping every result cannot run out of them)."""
-        return self._lent_total - self._returned_total
-
-    def _come_back(self, segment: Segment) -> None:
-        """A lent segment whose array is gone (a finalizer: any thread, any moment, so no lock)."""
-        self._returned_total = next(self._returns)
-        if self._closed:
-            segment.orphan()                 # unlinked; the server drops unlinked segments
-        else:
-            self._returned.put(segment)
+        with self._lock:
+            self._collect_returned()
+            return len(self._lent)
 
     def retire(self, segment: Segment) -> None:
         """Detached and unlinked, never reused (its call may still be running on the server)."""
@@ -215,14 +210,19 @@ class SegmentPool:
     def close(self) -> None:
         with self._lock:
             self._collect_returned()
-            self._closed, free, self._free = True, self._free, []
+            self._closed, free, self._free, lent, self._lent = True, self._free, [], self._lent, []
         for segment in free:
             self.retire(segment)
+        for segment in lent:
+            segment.orphan()                 # unlinked; the server drops unlinked segments
 
     def _collect_returned(self) -> None:
-        """Lent segments that came back join the free ones (call with the lock held)."""
-        while not self._returned.empty():         # only this pool's lock holder takes from it
-            self._free.append(self._returned.get_nowait())
+        """Lent segments whose arrays are all gone join the free ones (call with the lock held)."""
+        if self._lent:
+            back = [segment for segment in self._lent if sys.getrefcount(segment.owner) == segment.idle_refs]
+            if back:
+                self._lent = [segment for segment in self._lent if segment not in back]
+                self._free += back
 
     def take(self, nbytes: int) -> Segment:
         """A free segment of at least `nbytes` (a new one, attached, if none fits); `give` or `retire` it."""
