@@ -35,7 +35,7 @@ from .doorbell import DoorbellClient, NotRung
 from .errors import FailedPreconditionError, InvalidArgumentError, KVStoreError, UnavailableError
 from .errors import rpc_errors as _rpc
 from .reassembly import Place
-from .shared_memory import MAX_LENT, NotAttached, Segment, SegmentPool, region_bytes, region_offsets
+from .shared_memory import NotAttached, Segment, SegmentPool, region_bytes, region_offsets
 from .writes import BACKOFF_SECONDS, RETRIES
 
 MODES = (True, False, "auto")
@@ -125,7 +125,7 @@ class SameHostPath(CudaIpcCalls):
         The segment is that array's until it and every view of it are gone, then back to the pool
         (SegmentPool.lend). None for no ids, more than one segment's LOOKUP_CALL_ROWS, or MAX_LENT
         segments already lent to results still alive (the caller copies then)."""
-        if not 0 < len(id_array) <= LOOKUP_CALL_ROWS or self.pool.lent() >= MAX_LENT:
+        if not 0 < len(id_array) <= LOOKUP_CALL_ROWS or not self.pool.can_lend():
             return None
         return self._with_table(table, self._lookup_lent, table, id_array, on_miss, lease)
 

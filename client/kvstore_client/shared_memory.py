@@ -186,6 +186,11 @@ class SegmentPool:
             self._lent.append(segment)
         return arrays
 
+    def can_lend(self) -> bool:
+        """Whether fewer than MAX_LENT segments are lent now (those listed are counted back only
+        when that many are listed: `take` counts them anyway)."""
+        return len(self._lent) < MAX_LENT or self.lent() < MAX_LENT
+
     def lent(self) -> int:
         """Segments lent to arrays still alive (each holds a file descriptor and a mapping: callers
         copy instead of lending past a few, so a caller keeping every result cannot run out of them)."""

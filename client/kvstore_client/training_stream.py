@@ -36,7 +36,7 @@ from .client import ON_MISS, KVStoreClient
 from .errors import InternalError, InvalidArgumentError, KVStoreError
 from .errors import rpc_errors as _rpc
 from .reassembly import Allocate, Place, Reassembly
-from .shared_memory import MAX_LENT, Segment
+from .shared_memory import Segment
 
 TRAIN_METHOD = f"/{pb.DESCRIPTOR.services_by_name['EmbeddingStore'].full_name}/Train"
 
@@ -190,7 +190,7 @@ class TrainingStream:
                 if is_torch(rows):
                     head.rows[table] = [rows.clone()]
             pool = self.client.same_host.pool
-            if in_segment and pool.lent() < MAX_LENT:     # the rows, over the segment, own it now (no copy)
+            if in_segment and pool.can_lend():           # the rows, over the segment, own it now (no copy)
                 lent = pool.lend_regions(
                     head.segment, [(spec.offset, tuple(spec.shape), spec.dtype) for spec in in_segment.values()])
                 for table, rows in zip(in_segment, lent, strict=True):
