@@ -28,9 +28,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))       # run as a script: `bench` importable
 from bench.echo import EchoClient, start_echo  # noqa: E402
 from bench.report import python_env  # noqa: E402
+from bench.services import compiled_loops_on_disk  # noqa: E402
 
 
 def start(cmd: list[str], env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    compiled_loops_on_disk()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     for line in proc.stdout:
         if "listening on" in line:
