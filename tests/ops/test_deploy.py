@@ -136,6 +136,24 @@ def test_dockerfiles_run_the_server_unprivileged_on_all_interfaces(dockerfile):
     assert ("KVSTORE_CACHE_DEVICE=cuda" in text) == (dockerfile == "Dockerfile.gpu")   # GPU image: GPU tables
     ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
     assert not ignored & {"kvstore", "server", "client", "protos", "native", "pyproject.toml", "README.md"}
+    # the host cache's loops are compiled into the image, in the folder Numba is told to use
+    assert "NUMBA_CACHE_DIR=/opt/kvstore-numba" in text and "host_kernels.warm()" in text
+    assert text.index("NUMBA_CACHE_DIR=/opt/kvstore-numba") < text.index("host_kernels.warm()")
+
+
+def test_statefulset_copies_the_images_compiled_loops_to_a_writable_cache(k8s):
+    """Numba uses only a writable cache folder and the pod's root file system is read-only: an
+    init container copies the image's compiled loops into the /tmp volume the server's
+    NUMBA_CACHE_DIR names."""
+    pod = k8s["StatefulSet"]["spec"]["template"]["spec"]
+    (init,), (server,) = pod["initContainers"], pod["containers"]
+    assert init["image"] == server["image"]
+    assert init["command"] == ["cp", "-r", "/opt/kvstore-numba/.", "/tmp/kvstore-numba/"]
+    env = {item["name"]: item.get("value") for item in server["env"]}
+    assert env["NUMBA_CACHE_DIR"] == "/tmp/kvstore-numba"
+    tmp = {mount["name"]: mount["mountPath"] for mount in init["volumeMounts"]}
+    assert tmp == {"tmp": "/tmp"} and {"name": "tmp", "mountPath": "/tmp"} in server["volumeMounts"]
+    assert init["securityContext"]["readOnlyRootFilesystem"] is True
 
 
 # --- Prometheus and Grafana ----------------------------------------------------------------
