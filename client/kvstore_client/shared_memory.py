@@ -233,12 +233,7 @@ class SegmentPool:
         """A free segment of at least `nbytes` (a new one, attached, if none fits); `give` or `retire` it."""
         with self._lock:
             self._collect_returned()
-            free = self._free
-            if free and nbytes <= free[-1].size < 2 * nbytes:     # the last one back fits: a loop's, mostly
-                segment = free.pop()
-                segment.used = 0
-                return segment
-            fits = [s for s in free if s.size >= nbytes]
+            fits = [s for s in self._free if s.size >= nbytes]
             if fits:
                 segment = min(fits, key=lambda s: s.size)
                 self._free.remove(segment)

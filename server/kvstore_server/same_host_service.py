@@ -114,13 +114,13 @@ class SameHostRPCs:
         loop's same request again is not checked again while its segment and table are the same."""
         plan = context.plan
         if (plan is None or plan.request is not request or self.segments.get(request.segment) is not plan.segment
-                or self.store.table(plan.name) is not plan.table):
+                or self.store.table(request.table) is not plan.table):
             plan = context.plan = self._plan_lookup(request, context)
             if plan is None:
                 return None
         ids = plan.ids.copy()                         # the server's own (the client may write its segment)
         for at in plan.pieces:
-            if on_table(self.store, plan.name, self.store.lookup_if_cached, plan.name, ids[at], False,
+            if on_table(self.store, request.table, self.store.lookup_if_cached, request.table, ids[at], False,
                         plan.weights[at], True, before=plan.table.family) is None:
                 return None
         return len(ids)
@@ -136,8 +136,7 @@ class SameHostRPCs:
         config = found.config
         on_miss_name(request.on_miss)                 # checked as SharedLookup checks it
         weights = region(segment, request.weights, "weights", (len(ids), config.dim), config.dtype, exact=True)
-        return _RepeatedLookup(request, segment, ids, request.table, found, weights,
-                               _pieces(len(ids), weights[:1].nbytes))
+        return _RepeatedLookup(request, segment, ids, found, weights, _pieces(len(ids), weights[:1].nbytes))
 
     async def SharedLookup(self, request, context):
         segment = self._segment(request.segment, context)
@@ -295,7 +294,6 @@ class _RepeatedLookup(NamedTuple):
     request: pb.SharedLookupRequest
     segment: Segment
     ids: np.ndarray                   # the ids' region in the segment
-    name: str
     table: Table
     weights: np.ndarray               # where the rows go in the segment
     pieces: list[slice]
