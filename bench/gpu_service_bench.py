@@ -94,7 +94,8 @@ def main() -> None:
                         help="calls each contender makes in a row in the second measurement (default 10): "
                              "steady traffic, where strict alternation leaves the GPU idle between its calls")
     args = parser.parse_args()
-    servers = {"kvstore": start(["kvstore-server", "--data-dir", tempfile.mkdtemp(prefix="kvbench-"), "--port", "0"]),
+    data_dir = tempfile.mkdtemp(prefix="kvbench-")
+    servers = {"kvstore": start([sys.executable, "-m", "kvstore_server", "--data-dir", data_dir, "--port", "0"]),
                "echo threaded": start_echo(), "echo asyncio": start_echo(asyncio_server=True)}
     from kvstore_client import KVStoreClient
 

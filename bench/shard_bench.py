@@ -23,6 +23,7 @@ import argparse
 import multiprocessing
 import os
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -31,8 +32,8 @@ from grpc_bench import zipf_ids  # Zipf(1.05) ids, as the other lookup benchmark
 
 
 def start(shards: int, data_dir: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(["kvstore-server", "--shards", str(shards), "--data-dir", data_dir, "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "kvstore_server", "--shards", str(shards), "--data-dir", data_dir,
+                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     for line in proc.stdout:
         if "listening on" in line:
             return proc, line.strip().rsplit(" ", 1)[-1]
