@@ -24,14 +24,15 @@ from pathlib import Path
 import numpy as np
 from kvstore_client import KVStoreClient
 
-from bench import store_bench
-from bench.context import Context, table_weights
-from bench.echo import start_process
-from bench.harness import LIMIT, PEER, SUBJECT, Side, compare
-from bench.report import ResultLog, environment, python_env
-from bench.services import stop_process
-from bench.suites.common import make_batches
-from bench.suites.lookup_service import load_server
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))       # run as a script: `bench` importable
+from bench import store_bench  # noqa: E402
+from bench.context import Context, table_weights  # noqa: E402
+from bench.echo import start_process  # noqa: E402
+from bench.harness import LIMIT, PEER, SUBJECT, Side, compare  # noqa: E402
+from bench.report import ResultLog, environment, python_env  # noqa: E402
+from bench.services import stop_process  # noqa: E402
+from bench.suites.common import make_batches  # noqa: E402
+from bench.suites.lookup_service import load_server  # noqa: E402
 
 TABLE = "cold"
 

@@ -13,12 +13,14 @@ so the 10M-row figure can be taken in minutes. It needs memory for each size's r
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import replace
 from pathlib import Path
 
-from bench.context import Context
-from bench.report import ResultLog, environment
-from bench.suites import lookup
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))       # run as a script: `bench` importable
+from bench.context import Context  # noqa: E402
+from bench.report import ResultLog, environment  # noqa: E402
+from bench.suites import lookup  # noqa: E402
 
 
 def main() -> None:

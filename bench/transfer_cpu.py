@@ -24,12 +24,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 from kvstore_client import KVStoreClient
 
-from bench.report import python_env
-from bench.services import stop_process
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))       # run as a script: `bench` importable
+from bench.report import python_env  # noqa: E402
+from bench.services import stop_process  # noqa: E402
 
 
 def process_cpu(pid: int) -> float:

@@ -109,3 +109,42 @@ def test_sides_alternate_order_between_repetitions():
     sides = [Side(name, SUBJECT, lambda batch, name=name: calls.append(name)) for name in ("a", "b")]
     interleave(sides, [[1]], reps=4)
     assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]
+
+
+
+def _documented_scripts() -> list[str]:
+    """Bench scripts whose docstring tells users to run them as `python bench/NAME.py`."""
+    return sorted(path.stem for path in (ROOT / "bench").glob("*.py")
+                  if f"python bench/{path.name}" in path.read_text())
+
+
+# Each script's top level run as `python bench/NAME.py` runs it (sys.path[0] is bench/, the repository
+# root is not on the path), in one process: `bench` is forgotten between scripts, so a script that
+# imports it without putting the root on the path first fails here as it fails for a user.
+_IMPORT_AS_SCRIPTS = """
+import runpy, sys
+folder, optional, failures = sys.argv[1], set(sys.argv[2].split(",")), []
+sys.path[0] = folder
+path = list(sys.path)
+for script in sys.argv[3:]:
+    for name in [name for name in sys.modules if name.split(".")[0] in ("bench", "grpc_bench")]:
+        del sys.modules[name]
+    sys.path[:] = path
+    try:
+        runpy.run_path(f"{folder}/{script}.py", run_name="imported_as_a_script")
+    except ModuleNotFoundError as exc:
+        if exc.name.split(".")[0] not in optional:
+            failures.append(f"{script}: {exc!r}")
+    except Exception as exc:
+        failures.append(f"{script}: {exc!r}")
+print("\\n".join(failures))
+sys.exit(1 if failures else 0)
+"""
+
+
+def test_every_bench_script_starts_as_its_docstring_says_from_any_folder(tmp_path):
+    scripts = _documented_scripts()
+    assert len(scripts) > 10 and "same_host_bench" in scripts
+    done = subprocess.run([sys.executable, "-c", _IMPORT_AS_SCRIPTS, str(ROOT / "bench"), "cupy,redis,torch,matplotlib",
+                           *scripts], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
