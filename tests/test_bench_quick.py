@@ -111,7 +111,6 @@ def test_sides_alternate_order_between_repetitions():
     assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]
 
 
-
 def _documented_scripts() -> list[str]:
     """Bench scripts whose docstring tells users to run them as `python bench/NAME.py`."""
     return sorted(path.stem for path in (ROOT / "bench").glob("*.py")
