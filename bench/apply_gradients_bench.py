@@ -1,11 +1,11 @@
 """In-process Store.apply_gradients against the NumPy limit, side by side in one run. Not a test.
 
 Store side: `Store.apply_gradients(ids, grads)` on a warm, fully cached rowwise-Adagrad
-table, duplicates included (the store sums them, steps each unique row once, and
+(or, with `--optimizer adagrad`, Adagrad) table, duplicates included (the store sums them, steps each unique row once, and
 writes the rows back to its cache).
 Reference: the same step on plain in-memory arrays with the duplicates already summed
 (not timed): gather the unique rows and accumulators, rowwise Adagrad, scatter them
-back. It is the limit the store would reach if summing, validation and the cache
+back (Adagrad: an accumulator per value). It is the limit the store would reach if summing, validation and the cache
 were free.
 
 Ids are Zipf over the table's rows (store_bench.IdSampler). Each round runs every
@@ -14,6 +14,7 @@ reference time over store time (1.0: as fast as the limit).
 
     python bench/apply_gradients_bench.py                    # 1M rows, dim 128
     python bench/apply_gradients_bench.py --rows 200000      # quick run
+    python bench/apply_gradients_bench.py --optimizer adagrad --dim 64
 """
 from __future__ import annotations
 
@@ -34,16 +35,22 @@ LR, EPS = 0.01, 1e-8
 
 
 class Reference:
-    """Rowwise Adagrad on a plain [rows, dim] array and a [rows] accumulator."""
+    """Rowwise Adagrad on a plain [rows, dim] array and a [rows] accumulator; Adagrad (`rowwise`
+    False) with a [rows, dim] one."""
 
-    def __init__(self, weights: np.ndarray):
+    def __init__(self, weights: np.ndarray, rowwise: bool = True):
         self.weights = weights.copy()
-        self.accumulator = np.zeros(len(weights), np.float32)
+        self.rowwise = rowwise
+        self.accumulator = np.zeros(len(weights) if rowwise else weights.shape, np.float32)
 
     def step(self, ids: np.ndarray, grads: np.ndarray) -> None:
         rows, acc = self.weights[ids], self.accumulator[ids]
-        acc += (grads * grads).mean(axis=1)
-        rows -= np.float32(LR) * grads / (np.sqrt(acc)[:, None] + np.float32(EPS))
+        if self.rowwise:
+            acc += (grads * grads).mean(axis=1)
+            rows -= np.float32(LR) * grads / (np.sqrt(acc)[:, None] + np.float32(EPS))
+        else:
+            acc += grads * grads
+            rows -= np.float32(LR) * grads / (np.sqrt(acc) + np.float32(EPS))
         self.weights[ids], self.accumulator[ids] = rows, acc
 
 
@@ -76,17 +83,19 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=10, help="distinct batches per size")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--zipf", type=float, default=1.05)
+    parser.add_argument("--optimizer", choices=("rowwise_adagrad", "adagrad"), default="rowwise_adagrad")
     args = parser.parse_args()
     keep_freed_memory()     # as kvstore-server does at start: large buffers reused, not page-faulted in each call
     cache_rows = 32 * int(2 ** np.ceil(np.log2(max(1, 2 * args.rows // 32))))
-    print(f"apply_gradients bench: rows={args.rows:,} dim={args.dim} rowwise_adagrad zipf s={args.zipf} "
+    print(f"apply_gradients bench: rows={args.rows:,} dim={args.dim} {args.optimizer} zipf s={args.zipf} "
           f"cache rows={cache_rows:,}; {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M')}")
     data_dir = tempfile.mkdtemp(prefix="step-bench-")
     try:
         store = Store(data_dir)
         store.create_table(TableConfig("t", args.dim, cache=CacheConfig(rows=cache_rows),
-                                       optimizer=OptimizerConfig("rowwise_adagrad", lr=LR, eps=EPS)))
-        ref = Reference(np.random.default_rng(0).standard_normal((args.rows, args.dim), dtype=np.float32))
+                                       optimizer=OptimizerConfig(args.optimizer, lr=LR, eps=EPS)))
+        ref = Reference(np.random.default_rng(0).standard_normal((args.rows, args.dim), dtype=np.float32),
+                        rowwise=args.optimizer == "rowwise_adagrad")
         sampler = IdSampler(args.rows, args.zipf, seed=1)
         print(f"{'batch':>8} {'unique':>9} {'store ms':>10} {'ref ms':>10} {'ratio':>7}")
         for batch in (int(b) for b in args.batches.split(",")):

@@ -433,6 +433,20 @@ def add_rows(grads, groups, rank, out):
                 out[row, c] = np.float32(0.0) + grads[j, c]
 
 
+@njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
+def adagrad(weights, state, grads, lr, eps, weight_decay):
+    """`optimizers.Adagrad.step` in one pass per row: each value's accumulator, then its weight,
+    with NumPy's float32 operations in NumPy's order (no fast-math: the bits of the whole-batch
+    passes it replaces). `error_model="numpy"`: a division gives Inf or NaN, as NumPy's does."""
+    for i in range(weights.shape[0]):
+        w, s, g = weights[i], state[i], grads[i]
+        for c in range(len(g)):
+            gc = g[c] + weight_decay * w[c] if weight_decay != 0 else g[c]
+            accumulated = s[c] + gc * gc
+            s[c] = accumulated
+            w[c] = w[c] - gc / (np.sqrt(accumulated) + eps) * lr
+
+
 @njit(nogil=True, cache=True, boundscheck=False, fastmath={"reassoc", "nsz", "arcp", "contract"})
 def rowwise_adagrad(weights, state, grads, lr, eps, weight_decay):
     """`optimizers.RowwiseAdagrad.step` in one pass per row: the mean square of the row's gradient

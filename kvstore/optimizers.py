@@ -93,14 +93,13 @@ class SGD(Optimizer):
 
 
 class Adagrad(Optimizer):
+    """Per value: state += g'^2; w -= lr * g' / (sqrt(state) + eps), g' = g + weight_decay * w.
+    Compiled, one pass per row (`host_kernels.adagrad`), with the bits of NumPy's passes."""
+
     def step(self, weights, state, grads, steps):
-        g = self._decayed(weights, grads)
-        state += np.square(g)
-        update = np.sqrt(state)
-        update += np.float32(self.config.eps)
-        np.divide(g, update, out=update)
-        update *= np.float32(self.config.lr)
-        weights -= update
+        from .host_kernels import adagrad  # imported here: the compiled loops load on first use
+
+        adagrad(weights, state, grads, self.config.lr, self.config.eps, self.config.weight_decay)
 
 
 class RowwiseAdagrad(Optimizer):

@@ -184,6 +184,39 @@ def test_each_optimizer_step_equals_its_formula_row_by_row(name, weight_decay):
     np.testing.assert_array_equal(grads, grads_before)              # the gradients are only read
 
 
+def _adagrad_in_numpy_passes(weights, state, grads, c):
+    """The host Adagrad step as NumPy's whole-batch float32 passes (what it was before it was compiled)."""
+    g = grads + np.float32(c.weight_decay) * weights if c.weight_decay else grads
+    state += np.square(g)
+    update = np.sqrt(state)
+    update += np.float32(c.eps)
+    np.divide(g, update, out=update)
+    update *= np.float32(c.lr)
+    weights -= update
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_adagrad_gives_the_bits_of_numpys_passes_on_views_of_stored_rows(weight_decay):
+    """The compiled step changes no stored bit: rows of dim 64 as the store stages them (weights
+    and state strided views of one [n, row_bytes] array), with overflow, NaN and Inf among them."""
+    from kvstore.optimizers import make_optimizer
+
+    c = OptimizerConfig("adagrad", lr=0.05, weight_decay=weight_decay, eps=1e-8)
+    n, dim = 300, 64
+    rng = np.random.default_rng(7)
+    rows = np.empty((n, 4 + 2 * dim), np.float32)              # a 16-byte header, weights, state
+    rows[:, 4:4 + dim] = rng.standard_normal((n, dim))
+    rows[:, 4 + dim:] = rng.random((n, dim))
+    grads = rng.standard_normal((n, dim)).astype(np.float32)
+    grads[3, 5], grads[4, 6], grads[5, 7], grads[6] = np.nan, np.inf, -np.inf, 3e38    # g^2 overflows in row 6
+    want, got = rows.copy(), rows.copy()
+    with np.errstate(over="ignore", invalid="ignore"):
+        _adagrad_in_numpy_passes(want[:, 4:4 + dim], want[:, 4 + dim:], grads, c)
+    make_optimizer(c, dim).step(got[:, 4:4 + dim], got[:, 4 + dim:], grads, None)
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    assert np.isnan(got[3, 4 + 5]) and not np.isfinite(got[6, 4:]).all()
+
+
 @pytest.mark.parametrize("n, distinct", [(0, 1), (1, 1), (300, 300), (5000, 40), (5000, 4000)])
 def test_sum_duplicates_adds_every_gradient_of_each_id(n, distinct):
     from kvstore.optimizers import sum_duplicates
