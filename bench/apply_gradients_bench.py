@@ -1,12 +1,12 @@
 """In-process Store.apply_gradients against the NumPy limit, side by side in one run. Not a test.
 
 Store side: `Store.apply_gradients(ids, grads)` on a warm, fully cached rowwise-Adagrad
-(or, with `--optimizer adagrad`, Adagrad) table, duplicates included (the store sums them, steps each unique row once, and
-writes the rows back to its cache).
+(or, with `--optimizer adagrad`, Adagrad) table, duplicates included (the store sums
+them, steps each unique row once, and writes the rows back to its cache).
 Reference: the same step on plain in-memory arrays with the duplicates already summed
 (not timed): gather the unique rows and accumulators, rowwise Adagrad, scatter them
-back (Adagrad: an accumulator per value). It is the limit the store would reach if summing, validation and the cache
-were free.
+back (Adagrad: an accumulator per value). It is the limit the store would reach if
+summing, validation and the cache were free.
 
 Ids are Zipf over the table's rows (store_bench.IdSampler). Each round runs every
 batch through both sides, interleaved batch by batch; the ratio printed is
