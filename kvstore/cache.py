@@ -37,6 +37,7 @@ from .host_kernels import (
     spill_into,
 )
 from .initializer import GOLDEN
+from .prefault import populate_in_background
 from .row_threads import MAX_THREADS
 
 MIX = np.uint64(0xD6E8FEB86659FD93)      # `mix`: id * GOLDEN, xorshift 32, * MIX, xorshift 32 (host_loops too)
@@ -85,6 +86,7 @@ class Eviction:
 
 class SetAssociativeCache:
     spills = True      # full sets spill into the next (`_spill`); False: the design without (a test reference)
+    paging_in = None   # the thread paging in a large host slab (`_new_slab`), while it runs
 
     def __init__(self, config: CacheConfig, row_bytes: int, xp=np):
         self.xp = xp
@@ -107,8 +109,11 @@ class SetAssociativeCache:
         self.tick = 0
 
     def _new_slab(self, n: int, row_bytes: int):
-        """The rows' memory: [n, row_bytes] bytes, zeroed."""
-        return self.xp.zeros((n, row_bytes), dtype=self.xp.uint8)
+        """The rows' memory: [n, row_bytes] bytes, zeroed; a large one paged in by a thread of
+        its own from now on, so that no request pays its first-write faults (`prefault`)."""
+        slab = self.xp.zeros((n, row_bytes), dtype=self.xp.uint8)
+        self.paging_in = populate_in_background(slab, "cache slab") if self.xp is np else None
+        return slab
 
     def _probe_index(self, n: int) -> None:
         """What the host probe reads before whole sets: `hints`, (key, slot) pairs in buckets of
