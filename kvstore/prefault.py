@@ -17,7 +17,6 @@ as before. Populated memory is resident from then on: a cache costs its full siz
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import sys
 import threading
@@ -32,10 +31,12 @@ BACKGROUND_BYTES = 256 << 20    # smaller arrays fault in quickly enough on use 
 
 
 def _madvise():
+    """libc's madvise from the process's own symbols (no library search: this loads with the
+    store, in every process); None off Linux."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        madvise = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).madvise
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
     except (OSError, AttributeError):
         return None
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
