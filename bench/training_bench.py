@@ -57,11 +57,12 @@ class Model(nn.Module):
         self.users, self.items = users, items
         self.mlp = nn.Sequential(nn.Linear(2 * dim, 64), nn.ReLU(), nn.Linear(64, 1))
 
-    def embed(self, u, i):
+    def embed(self, u, i, upcoming=None):
         return self.users(u[:, None]), self.items(i)
 
-    def forward(self, u, i):
-        a, b = self.embed(u, i)
+    def forward(self, u, i, upcoming=None):
+        """`upcoming`: the next step's (users, items), which a collection may look up early."""
+        a, b = self.embed(u, i, upcoming)
         return self.mlp(torch.cat([a, b], 1)).squeeze(1) + (a * b).sum(1)
 
 
@@ -72,8 +73,9 @@ class CollectionModel(Model):
         super().__init__(nn.Identity(), nn.Identity(), dim)
         self.collection = collection
 
-    def embed(self, u, i):
-        out = self.collection({"user": u[:, None], "item": i})
+    def embed(self, u, i, upcoming=None):
+        after = None if upcoming is None else {"user": upcoming[0][:, None], "item": upcoming[1]}
+        out = self.collection({"user": u[:, None], "item": i}, next_batch=after)
         return out["user"], out["item"]
 
 
@@ -98,11 +100,12 @@ class Trainer:
     and drifts in the machine's load weigh on all of them alike."""
 
     def __init__(self, model: Model, data, batch: int, prefetch: bool, sparse_opt=None, warm: bool = False,
-                 device: str = "cpu"):
+                 device: str = "cpu", early: bool = False):
         self.model, self.data, self.batch, self.prefetch, self.sparse_opt = model, data, batch, prefetch, sparse_opt
         self.device = torch.device(device)
         model.to(self.device)
         self.warm = warm                      # a collection warms the server's cache with step i+2's rows
+        self.early = early                    # a collection names the next batch in the forward
         self.dense = torch.optim.Adam(model.mlp.parameters(), lr=3e-3)
         self.loss_fn = nn.BCEWithLogitsLoss()
         self.step = 0
@@ -133,7 +136,8 @@ class Trainer:
         def tensor(array):
             return torch.from_numpy(array).to(self.device)
 
-        logits = model(tensor(users[b]), tensor(items[b]))
+        upcoming = (tensor(users[nxt]), tensor(items[nxt])) if self.early else None
+        logits = model(tensor(users[b]), tensor(items[b]), upcoming)
         if self.warm:
             model.collection.prefetch({"user": tensor(users[after])[:, None], "item": tensor(items[after])})
         if self.prefetch and isinstance(model, CollectionModel):   # the next batch's lookup goes behind the gradients
@@ -151,7 +155,7 @@ class Trainer:
             self.sparse_opt.step()
 
 
-REMOTE_KINDS = ("plain", "prefetch", "collection", "pipelined", "ahead", "warm", "stale")
+REMOTE_KINDS = ("plain", "prefetch", "collection", "pipelined", "ahead", "early", "warm", "stale")
 
 
 def remote_trainers(client: KVStoreClient, args, data, batch: int) -> dict[str, Trainer]:
@@ -173,10 +177,11 @@ def remote_trainers(client: KVStoreClient, args, data, batch: int) -> dict[str, 
             model = CollectionModel(collection, args.dim)
             label = {"collection": "Collection (waits)", "pipelined": "Collection (pipelined, exact)",
                      "ahead": "Collection (+ next_batch, exact)",
+                     "early": "Collection (+ next_batch in forward)",
                      "warm": "Collection (+ prefetch of i+2, exact)",
                      "stale": f"Collection (staleness {args.staleness})"}[kind]
         trainers[label] = Trainer(model, data, batch, kind in ("prefetch", "ahead"), warm=kind == "warm",
-                                  device=args.device)
+                                  device=args.device, early=kind == "early")
         trainers[label].tables = list(tables.values())
     return trainers
 

@@ -20,7 +20,9 @@ once, so the server answers it while the caller runs its backward and dense step
 step's gradients then carry a lookup of the rows they change that the next batch also
 reads (`_Ahead`): those rows are read again behind the gradients and replace the early
 ones, so the result is still exactly the waiting loop's (other rows are not changed by
-this trainer's step).
+this trainer's step). `forward(batch, next_batch=...)` names it earlier still: its lookup
+goes out before this forward waits for its own rows, so the server reads it during the
+whole step and the step's gradients seldom queue behind it (same results).
 
 `staleness=k` (default 0: exact) lets a forward run up to k steps ahead of the
 gradient pushes: its lookups go on a second stream and wait only until the pushes
@@ -100,15 +102,20 @@ class RemoteEmbeddingBagCollection(nn.Module):
         self._waiting = 0                     # leaves of the last forward whose gradients are due
         self._ahead: _Ahead | None = None     # the next forward's batch, named by next_batch
 
-    def forward(self, batch: dict[str, FeatureIds]) -> dict[str, torch.Tensor]:
-        """Pooled embeddings [B, dim] per feature, on the device of the feature's ids."""
-        missing = [f.name for f in self.features if f.name not in batch]
-        if missing:
-            raise KeyError(f"batch: missing features {missing}")
+    def forward(self, batch: dict[str, FeatureIds], next_batch: dict[str, FeatureIds] | None = None
+                ) -> dict[str, torch.Tensor]:
+        """Pooled embeddings [B, dim] per feature, on the device of the feature's ids. `next_batch`:
+        the following forward's batch, named as `next_batch()` names it but before this forward
+        waits for its rows, so the server reads them during this whole step (exact as well)."""
+        _check_features(self.features, batch, "batch")
+        if next_batch is not None:
+            _check_features(self.features, next_batch, "next_batch")
         self._push()                          # gradients held back (a backward that left some leaf out)
         self._waiting = 0
         flat = {f.name: _flat_ids(batch[f.name]) for f in self.features}
         uniq, inverse, step = self._lookup(flat)
+        if next_batch is not None:            # exact: sent now; with staleness: behind this step's gradients
+            self._name_next(next_batch, send=not self.staleness)
         devices = {f.table: flat[f.name][3] for f in reversed(self.features)}    # a table's first feature's
         staging = self._host_staging(devices.values())
         _, rows = step.result(staging.allocate) if staging else step.result()
@@ -128,9 +135,12 @@ class RemoteEmbeddingBagCollection(nn.Module):
         finds the rows on their way. Exact: the rows that this step's gradients change are read
         again behind them. With staleness, the lookup goes behind the gradients instead. A next
         forward with other ids looks them up as usual."""
+        self._name_next(batch, send=self._waiting <= 0 or not self.staleness)   # staleness: after the gradients
+
+    def _name_next(self, batch: dict[str, FeatureIds], send: bool) -> None:
         flat = {f.name: _flat_ids(batch[f.name]) for f in self.features}
         self._ahead = _Ahead(flat, *self._dedupe(flat))
-        if self._waiting <= 0 or not self.staleness:    # with staleness: after this step's gradients
+        if send:
             self._send_ahead()
 
     def prefetch(self, batch: dict[str, FeatureIds]) -> None:
@@ -310,6 +320,12 @@ class _Ahead:
     def same_ids(self, flat: dict) -> bool:
         return all(np.array_equal(self.flat[name][0], ids) and _same_offsets(self.flat[name][1], offsets)
                    and self.flat[name][2] == shape for name, (ids, offsets, shape, _) in flat.items())
+
+
+def _check_features(features: list[Feature], batch: dict, where: str) -> None:
+    missing = [f.name for f in features if f.name not in batch]
+    if missing:
+        raise KeyError(f"{where}: missing features {missing}")
 
 
 def _replace(rows, at: np.ndarray, fresh) -> None:

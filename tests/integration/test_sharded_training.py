@@ -84,18 +84,20 @@ def test_a_refused_step_names_its_shard_and_the_stream_goes_on(sharded):
     stream.close()
 
 
+@pytest.mark.parametrize("named", [None, "in forward"])
 @pytest.mark.parametrize("staleness", [1, 3])
 @pytest.mark.parametrize("where", ["one", "cluster"])
-def test_staleness_reads_at_most_k_steps_behind_and_keeps_every_gradient(client, sharded, where, staleness):
+def test_staleness_reads_at_most_k_steps_behind_and_keeps_every_gradient(client, sharded, where, staleness, named):
     """SGD with lr 1 on zero rows, every id once per step: a row read by step i holds -j for some j in
-    [i - k, i]; after flush every row holds -steps, as in the exact loop."""
+    [i - k, i]; after flush every row holds -steps, as in the exact loop. With the next batch named
+    in the forward, its lookup still goes behind the step's gradients."""
     target = client if where == "one" else sharded
-    table = f"stale_{where}_{staleness}"
+    table = f"stale_{where}_{staleness}_{bool(named)}"
     small_table(target, table, DIM, optimizer={"name": "sgd", "lr": 1.0}, initializer={"kind": "zeros"})
     collection = RemoteEmbeddingBagCollection(target, [Feature("f", table, "sum")], staleness=staleness)
     ids = torch.arange(12).reshape(12, 1)
     for step in range(20):
-        pooled = collection({"f": ids})["f"]
+        pooled = collection({"f": ids}, next_batch={"f": ids} if named else None)["f"]
         read = -pooled[:, 0].detach().numpy()
         assert ((read >= max(0, step - staleness)) & (read <= step)).all(), (step, read)
         pooled.sum().backward()
@@ -137,11 +139,11 @@ def test_a_buffer_that_does_not_fit_is_invalid_argument_naming_out(sharded, bad)
         sharded.lookup("into_bad", np.arange(500), out=bad)
 
 
-@pytest.mark.parametrize("where_named", ["after forward", "after backward"])
+@pytest.mark.parametrize("where_named", ["after forward", "after backward", "in forward"])
 @pytest.mark.parametrize("where", ["one", "cluster"])
 def test_looking_up_the_next_batch_ahead_gives_the_exact_result(client, sharded, where, where_named):
     target = client if where == "one" else sharded
-    run = f"{where}_{where_named[6:]}"
+    run = f"{where}_{where_named.replace(' ', '_')}"
     ahead, plain = _tables(target, f"ahead_{run}"), _tables(target, f"plain_{run}")
     expected = _train_two(TwoFeatures(_collection(target, plain)))
     assert _train_two(TwoFeatures(_collection(target, ahead)), ahead=where_named) == expected
@@ -160,14 +162,17 @@ def test_a_next_forward_with_other_ids_looks_them_up_as_usual(client):
     collection.close()
 
 
-def _train_leaving_items_out(collection: RemoteEmbeddingBagCollection, ahead: bool) -> list[float]:
+def _train_leaving_items_out(collection: RemoteEmbeddingBagCollection, ahead: str | None) -> list[float]:
     """Every other step's loss uses only the user feature, so the items' gradients of the step
     before are held back and go with the next forward; with `ahead`, each next batch is named
-    right after its forward."""
+    right after its forward ("after forward") or by it ("in forward")."""
     batches, losses = list(_two_feature_batches(6)), []
     for step, (users, items, offsets, target) in enumerate(batches):
-        out = collection({"user": users, "item": (items, offsets)})
-        if ahead and step + 1 < len(batches):
+        named = ahead == "in forward" and step + 1 < len(batches)
+        after = batches[step + 1] if named else None
+        out = collection({"user": users, "item": (items, offsets)},
+                         next_batch=None if after is None else {"user": after[0], "item": (after[1], after[2])})
+        if ahead == "after forward" and step + 1 < len(batches):
             later = batches[step + 1]
             collection.next_batch({"user": later[0], "item": (later[1], later[2])})
         pooled = out["user"] if step % 2 else out["user"] + out["item"]
@@ -178,15 +183,17 @@ def _train_leaving_items_out(collection: RemoteEmbeddingBagCollection, ahead: bo
     return losses
 
 
+@pytest.mark.parametrize("named", ["after forward", "in forward"])
 @pytest.mark.parametrize("where", ["one", "cluster"])
-def test_a_batch_named_ahead_sees_gradients_held_back_to_the_next_forward(client, sharded, where):
+def test_a_batch_named_ahead_sees_gradients_held_back_to_the_next_forward(client, sharded, where, named):
     """The next batch's lookup goes out before this step's gradients; rows those gradients (and
     gradients held back from an earlier step) change are read again behind them: losses, rows and
     optimizer state equal the loop that waits for every call."""
     target = client if where == "one" else sharded
-    ahead, plain = _tables(target, f"held_ahead_{where}"), _tables(target, f"held_plain_{where}")
-    expected = _train_leaving_items_out(_collection(target, plain, pipeline=False), ahead=False)
-    assert _train_leaving_items_out(_collection(target, ahead), ahead=True) == expected
+    run = f"{where}_{named.replace(' ', '_')}"
+    ahead, plain = _tables(target, f"held_ahead_{run}"), _tables(target, f"held_plain_{run}")
+    expected = _train_leaving_items_out(_collection(target, plain, pipeline=False), ahead=None)
+    assert _train_leaving_items_out(_collection(target, ahead), ahead=named) == expected
     for mine, theirs, ids in zip(ahead, plain, (np.arange(10), np.arange(30)), strict=True):
         for got, want in zip(target.lookup(mine, ids, with_state=True), target.lookup(theirs, ids, with_state=True),
                              strict=True):

@@ -149,19 +149,21 @@ class TwoFeatures(nn.Module):
         self.embed = embed
         self.head = nn.Linear(2 * DIM, 1)
 
-    def forward(self, users, items, offsets):
+    def forward(self, users, items, offsets, upcoming=None):
+        """`upcoming`: the next step's (users, items, offsets), for a collection's forward to name."""
         if isinstance(self.embed, nn.ModuleDict):
             pooled = [self.embed["user"](users), self.embed["item"](items, offsets)]
         else:
-            out = self.embed({"user": users, "item": (items, offsets)})
+            after = None if upcoming is None else {"user": upcoming[0], "item": (upcoming[1], upcoming[2])}
+            out = self.embed({"user": users, "item": (items, offsets)}, next_batch=after)
             pooled = [out["user"], out["item"]]
         return self.head(torch.cat(pooled, 1))
 
 
 def _train_two(model: TwoFeatures, prefetch: bool = False, ahead: str | None = None) -> list[float]:
-    """50 steps; `prefetch`: a collection warms step i+2's rows; `ahead` ("after forward" or "after
-    backward"): it is told each next batch there (`next_batch`; at the last step the first batch,
-    which no forward reads)."""
+    """50 steps; `prefetch`: a collection warms step i+2's rows; `ahead` ("after forward", "after
+    backward" or "in forward"): it is told each next batch there (`next_batch`, or the forward's
+    `next_batch`; at the last step the first batch, which no forward reads)."""
     dense = torch.optim.Adam(model.head.parameters(), lr=LR)
     losses = []
     batches = list(_two_feature_batches(4))
@@ -169,8 +171,8 @@ def _train_two(model: TwoFeatures, prefetch: bool = False, ahead: str | None = N
         if prefetch and step + 2 < len(batches):         # rows of step i+2, warmed on the server
             later = batches[step + 2]
             model.embed.prefetch({"user": later[0], "item": (later[1], later[2])})
-        loss = ((model(users, items, offsets) - target) ** 2).mean()
         later = batches[(step + 1) % len(batches)]
+        loss = ((model(users, items, offsets, later[:3] if ahead == "in forward" else None) - target) ** 2).mean()
         if ahead == "after forward":
             model.embed.next_batch({"user": later[0], "item": (later[1], later[2])})
         dense.zero_grad()
