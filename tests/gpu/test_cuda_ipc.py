@@ -164,7 +164,7 @@ def test_a_trainer_killed_with_its_gpu_buffers_open_leaves_the_server_serving(se
 def train_collection(client: KVStoreClient, table: str, device: str, pipeline: bool | str
                      ) -> tuple[list[float], object]:
     """20 steps of a collection (two features, one table) with a dense head; its losses.
-    `pipeline="ahead"`: pipelined, each next batch named right after the forward."""
+    `pipeline="ahead"`: pipelined, each next batch named right after the forward; "in forward": by it."""
     from kvstore_client.collection import Feature, RemoteEmbeddingBagCollection
 
     collection = RemoteEmbeddingBagCollection(client, [Feature("a", table, "sum"), Feature("b", table, "mean")],
@@ -176,8 +176,9 @@ def train_collection(client: KVStoreClient, table: str, device: str, pipeline: b
     batches = [{name: torch.from_numpy(rng.integers(-IDS, IDS, (64, 3))).to(device) for name in ("a", "b")}
                for _ in range(20)]
     for step, batch in enumerate(batches):
-        out = collection(batch)
-        if pipeline == "ahead" and step + 1 < len(batches):
+        following = batches[step + 1] if step + 1 < len(batches) else None
+        out = collection(batch, next_batch=following if pipeline == "in forward" else None)
+        if pipeline == "ahead" and following is not None:
             collection.next_batch(batches[step + 1])
         loss = (head(torch.cat([out["a"], out["b"]], dim=1)) ** 2).mean()
         dense.zero_grad()
@@ -188,7 +189,7 @@ def train_collection(client: KVStoreClient, table: str, device: str, pipeline: b
     return losses, collection
 
 
-@pytest.mark.parametrize("pipeline", [True, False, "ahead"])
+@pytest.mark.parametrize("pipeline", [True, False, "ahead", "in forward"])
 def test_the_collection_trains_a_gpu_table_through_cuda_ipc_as_a_host_table_over_the_network(trainer, remote,
                                                                                               pipeline):
     gpu, host = create_pair(trainer, f"ipc_coll_{pipeline}", "adagrad", "write_back")
