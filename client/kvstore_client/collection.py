@@ -20,9 +20,9 @@ once, so the server answers it while the caller runs its backward and dense step
 step's gradients then carry a lookup of the rows they change that the next batch also
 reads (`_Ahead`): those rows are read again behind the gradients and replace the early
 ones, so the result is still exactly the waiting loop's (other rows are not changed by
-this trainer's step). `forward(batch, next_batch=...)` names it earlier still: its lookup
-goes out before this forward waits for its own rows, so the server reads it during the
-whole step and the step's gradients seldom queue behind it (same results).
+this trainer's step). `forward(batch, next_batch=...)` names it earlier still: with ids on
+the CPU its lookup goes out before this forward waits for its own rows, so the server reads
+it during the whole step and the step's gradients seldom queue behind it (same results).
 
 `staleness=k` (default 0: exact) lets a forward run up to k steps ahead of the
 gradient pushes: its lookups go on a second stream and wait only until the pushes
@@ -106,7 +106,8 @@ class RemoteEmbeddingBagCollection(nn.Module):
                 ) -> dict[str, torch.Tensor]:
         """Pooled embeddings [B, dim] per feature, on the device of the feature's ids. `next_batch`:
         the following forward's batch, named as `next_batch()` names it but before this forward
-        waits for its rows, so the server reads them during this whole step (exact as well)."""
+        waits for its rows, so the server reads them during this whole step (exact as well).
+        With ids on a GPU its lookup goes once this forward's rows are read, as after the forward."""
         _check_features(self.features, batch, "batch")
         if next_batch is not None:
             _check_features(self.features, next_batch, "next_batch")
@@ -115,10 +116,14 @@ class RemoteEmbeddingBagCollection(nn.Module):
         flat = {f.name: _flat_ids(batch[f.name]) for f in self.features}
         uniq, inverse, step = self._lookup(flat)
         if next_batch is not None:            # exact: sent now; with staleness: behind this step's gradients
-            self._name_next(next_batch, send=not self.staleness)
+            self._name_next(next_batch, send=False)
+            if not self.staleness and _gpu(self._ahead.flat) is None:
+                self._send_ahead()
         devices = {f.table: flat[f.name][3] for f in reversed(self.features)}    # a table's first feature's
         staging = self._host_staging(devices.values())
         _, rows = step.result(staging.allocate) if staging else step.result()
+        if next_batch is not None and not self.staleness:
+            self._send_ahead()                # ids on a GPU: once this forward's rows are read
         weights = {table: self._leaf(table, uniq[table], rows[table], devices[table]) for table in self.tables}
         out = {}
         for feature in self.features:
