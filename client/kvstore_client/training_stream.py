@@ -144,8 +144,10 @@ class TrainingStream:
             last.result()
 
     def close(self) -> None:
+        """End the stream. With every step answered it ends as a finished call (the server's
+        metrics and log say OK); steps still unanswered fail, and the call is cancelled."""
         with self._lock:
-            self._end(None)
+            self._end(None, finished=not self._pending)
 
     def __enter__(self) -> TrainingStream:
         return self
@@ -210,13 +212,16 @@ class TrainingStream:
         head.done = True
         self._pending.popleft()
 
-    def _end(self, error: KVStoreError | None) -> None:
-        """End the stream; every unanswered step fails with `error` (or as cancelled)."""
+    def _end(self, error: KVStoreError | None, finished: bool = False) -> None:
+        """End the stream; every unanswered step fails with `error` (or as cancelled). `finished`:
+        nothing is unanswered, so the requests end and the server is given the client's timeout
+        to end the call before it is cancelled."""
         if error is not None:
             self.client.same_host.forget_tables()
         if self._call is not None:
             self._requests.put(None)
-            self._call.cancel()
+            if not (finished and _ends_within(self._call, self.client.timeout)):
+                self._call.cancel()
         self._call = self._requests = None
         while self._pending:
             step = self._pending.popleft()
@@ -229,6 +234,13 @@ class TrainingStream:
                 step.buffer = None
             step.error = error or InternalError(message="train: the stream was closed before this step's answer")
             step.done = True
+
+
+def _ends_within(call, seconds: float) -> bool:
+    """Whether a call whose requests have ended terminates within `seconds`."""
+    ended = threading.Event()
+    call.add_done_callback(lambda *_: ended.set())
+    return ended.wait(seconds)
 
 
 def _absorb(step: TrainStep, response: bytes) -> bool:

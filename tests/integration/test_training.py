@@ -8,7 +8,7 @@ import sys
 import grpc
 import numpy as np
 import pytest
-from kvstore_client import FailedPreconditionError, InvalidArgumentError, KVStoreClient
+from kvstore_client import FailedPreconditionError, InternalError, InvalidArgumentError, KVStoreClient
 from kvstore_proto.tensors import encode_ids
 from kvstore_proto.v1 import kvstore_pb2 as pb
 from kvstore_proto.v1 import kvstore_pb2_grpc as pb_grpc
@@ -320,3 +320,29 @@ def test_a_steps_rows_are_the_tables_whether_the_answer_is_one_message_or_severa
         np.testing.assert_array_equal(rows[tables[1]], client.lookup(tables[1], ids[tables[1]]))
         np.testing.assert_array_equal(rows[tables[0]], client.lookup(tables[0], ids[tables[0]][::-1]))
     stream.close()
+
+
+def _train_calls(server, code: str) -> float:
+    from .test_service import scrape
+
+    line = f'kvstore_rpc_duration_seconds_count{{code="{code}",method="Train"}} '
+    return sum(float(row[len(line):]) for row in scrape(server).splitlines() if row.startswith(line))
+
+
+def test_a_stream_closed_with_every_step_answered_ends_as_a_finished_call(server, client):
+    """Closing a stream whose steps are all answered ends the call (OK in the server's metrics and
+    log), so a trainer's normal end is not counted as a cancelled call, even while the server
+    still warms the rows of a prefetch it has answered; a stream closed with a step unanswered
+    is cancelled."""
+    small_table(client, "stream_end", DIM)
+    ok, cancelled = _train_calls(server, "OK"), _train_calls(server, "CANCELLED")
+    stream = _stream(client)
+    stream.send(lookups={"stream_end": [1, 2]}).result()
+    stream.send(prefetches={"stream_end": np.arange(100, 200_100)}).result()   # answered; warmed after
+    stream.close()
+    assert (_train_calls(server, "OK"), _train_calls(server, "CANCELLED")) == (ok + 1, cancelled)
+    stream = _stream(client)
+    step = stream.send(lookups={"stream_end": [3]})
+    stream.close()
+    with pytest.raises(InternalError, match="closed before"):
+        step.result()
