@@ -57,6 +57,7 @@ class _Step:
     stepped: dict[str, int] = field(default_factory=dict)     # tables stepped so far: unique rows of each
     answer: tuple[bytes, list[np.ndarray]] | None = None      # the one-message answer and its row views
     looked_up: list[tuple[str, np.ndarray]] = field(default_factory=list)   # rows in the answer so far
+    placed: set[str] = field(default_factory=set)            # tables whose rows are in the segment so far
 
 
 class TrainingRPCs:
@@ -148,10 +149,10 @@ class TrainingRPCs:
         """The step's answer, run here on the event loop, when none of it waits: gradients and
         rows of at most `inline_lookup_bytes`, every id cached in the host memory of a write_back
         table whose lock is free now (`Store.apply_gradients_if_cached`, `lookup_if_cached`),
-        one answer message, no rows to place in a segment or a GPU buffer, the data budget not
+        one answer message, no rows to place in a GPU buffer, the data budget not
         exhausted. Else None, with what could run done and recorded in `step`: a store thread
         goes on from there, so each part of the step still runs once and in order."""
-        if self.data_budget.exhausted or any(place is not None for places in step.destinations.values()
+        if self.data_budget.exhausted or any(_kind(place) == "device" for places in step.destinations.values()
                                              for place in places):
             return None
         size = sum(grads.nbytes for _, parts in step.gradients.values() for grads in parts)
@@ -187,10 +188,9 @@ class TrainingRPCs:
             if places and _kind(places[0]) == "device":
                 self._rows_to_gpu_buffers(table, parts, places, step.on_miss)
             elif places and places[0] is not None:           # same-host: into the client's segment, not the answer
-                weights = self.store.lookup(table, concat(parts), step.on_miss).weights
-                bounds = np.cumsum([0] + [len(part) for part in parts])
-                for place, start, stop in zip(places, bounds[:-1], bounds[1:], strict=True):
-                    place[...] = weights[start:stop]
+                if table not in step.placed and not self._rows_to_segment(table, parts, places, step.on_miss, inline):
+                    return None
+                step.placed.add(table)
             else:
                 answered.append((table, concat(parts)))
         return self._answer(step, answered, inline)
@@ -224,6 +224,20 @@ class TrainingRPCs:
         if all(weights is view for (_, weights), view in zip(step.looked_up, views, strict=True)):
             return [message]
         return list(_responses(step.looked_up, step.stepped))    # a table re-created meanwhile with another shape
+
+    def _rows_to_segment(self, table: str, parts: list[np.ndarray], places: list[np.ndarray], on_miss: str,
+                         inline: bool) -> bool:
+        """Each part's rows into its place in the client's segment. `inline`: only when every part's
+        rows are cached and the table's lock is free (False, some parts maybe written: the store
+        thread writes them all again)."""
+        if inline:
+            return all(self.store.lookup_if_cached(table, ids, False, place) is not None
+                       for ids, place in zip(parts, places, strict=True))
+        weights = self.store.lookup(table, concat(parts), on_miss).weights
+        bounds = np.cumsum([0] + [len(part) for part in parts])
+        for place, start, stop in zip(places, bounds[:-1], bounds[1:], strict=True):
+            place[...] = weights[start:stop]
+        return True
 
     def _rows_to_gpu_buffers(self, table: str, parts: list[np.ndarray], places: list, on_miss: str) -> None:
         """Each part's rows into its place in a client's GPU buffer: a GPU table's cached rows

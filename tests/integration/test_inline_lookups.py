@@ -255,6 +255,31 @@ def test_a_training_step_of_cached_rows_runs_on_the_loop_and_others_in_store_thr
         np.testing.assert_array_equal(rows["a"][0], a[1])
 
 
+def test_a_same_host_training_step_of_cached_rows_writes_them_into_the_segment_on_the_loop(start_loop_server):
+    """Through shared memory, a step of cached rows within the bound is stepped and its rows written
+    into the client's segment on the loop, as over the network; a row not cached takes one store
+    job. Every step's rows see its own gradients."""
+    server = start_loop_server(inline_lookup_bytes=12 * DIM * 4)
+    rng = np.random.default_rng(9)
+    with KVStoreClient(server.address, timeout=60, same_host=True) as client, TrainingStream(client) as stream:
+        a, b = _trained(client, "a"), _trained(client, "bb")
+        assert client.same_host.usable()
+        jobs = server.work.jobs
+        ids = np.array([4, 6, 4])
+        grads = rng.standard_normal((3, DIM)).astype(np.float32)
+        stepped, rows = stream.send(gradients={"a": (ids, grads), "bb": (ids, grads)},
+                                    lookups={"a": [4, 5], "bb": [6]}).result()
+        a, b = _sgd(a, ids, grads), _sgd(b, ids, grads)
+        assert stepped == {"a": 2, "bb": 2} and server.work.jobs == jobs      # on the loop
+        np.testing.assert_array_equal(rows["a"], a[[4, 5]])
+        np.testing.assert_array_equal(rows["bb"], b[[6]])
+        stepped, rows = stream.send(gradients={"a": (ids, grads)}, lookups={"a": [4, 100], "bb": [6]}).result()
+        a = _sgd(a, ids, grads)
+        assert server.work.jobs == jobs + 1                                    # 100 is not cached
+        np.testing.assert_array_equal(rows["a"][0], a[4])
+        np.testing.assert_array_equal(rows["bb"], b[[6]])
+
+
 def test_a_step_whose_second_table_is_busy_goes_on_in_a_store_thread_from_where_it_stopped(start_loop_server):
     """Table `a` is free and `busy` is held by a lookup stopped inside its lock: a step of both steps `a`
     on the loop (a lookup of `a` sees it while the step waits), then goes to a store thread for `busy`;
