@@ -7,7 +7,10 @@ per table against a server on loopback, (3) the same with its prefetch pipeline,
 collection pipelined (gradients of step i travel while the dense step runs and
 batch i+1 is prepared), exact, (6) the same naming each next batch
 (`next_batch`: its lookup goes out at once and is answered while backward runs; the
-step's gradients re-read the rows they change), still exact, (7) bounded staleness (`--staleness`,
+step's gradients re-read the rows they change), still exact, (6b) the same with the next batch named
+in the forward (`collection(batch, next_batch=...)`: its lookup goes out before the forward waits
+for its own rows; model `early`), (6c) `next_batch` and a prefetch of step i+2's rows (`warm`),
+(7) bounded staleness (`--staleness`,
 default 1: a forward may read rows that miss the last k steps' gradients, so the
 server's optimizer step overlaps the next forward). Prints steps/s, ids/s and the
 ratio to local: rows (5)-(7) side by side show what each change buys. The models take
