@@ -13,7 +13,7 @@ from kvstore_client import KVStoreClient  # noqa: E402
 from .test_torch_modules import assert_collection_equals_loop  # noqa: E402
 
 
-@pytest.mark.parametrize("pipeline", [False, True, "prefetch", "ahead"])
+@pytest.mark.parametrize("pipeline", [False, True, "prefetch", "ahead", "early"])
 def test_collection_over_shared_memory_equals_the_plain_network_loop(server, pipeline):
     with KVStoreClient(server.address, same_host=True) as shm, KVStoreClient(server.address) as net:
         assert_collection_equals_loop(net, shm, "shm_coll", pipeline)

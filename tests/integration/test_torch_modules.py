@@ -207,7 +207,7 @@ def assert_collection_equals_loop(loop_client, collection_client, run: str, pipe
         pipeline=bool(pipeline))
     expected = _train_two(loop)
     got = _train_two(TwoFeatures(collection), prefetch=pipeline == "prefetch",
-                     ahead="after forward" if pipeline == "ahead" else None)
+                     ahead={"ahead": "after forward", "early": "in forward"}.get(pipeline))
     assert got == expected and expected[-1] != expected[0]
     for (mine, _), (theirs, _) in zip(together, plain, strict=True):
         np.testing.assert_array_equal(loop_client.lookup(mine, np.arange(30), with_state=True)[1],
@@ -217,7 +217,7 @@ def assert_collection_equals_loop(loop_client, collection_client, run: str, pipe
     collection.close()
 
 
-@pytest.mark.parametrize("pipeline", [False, True, "prefetch", "ahead"])
+@pytest.mark.parametrize("pipeline", [False, True, "prefetch", "ahead", "early"])
 def test_collection_gives_exactly_the_per_table_loop_result(client, pipeline):
     assert_collection_equals_loop(client, client, "coll", pipeline)
 
