@@ -10,7 +10,8 @@ lookups are read. An open stream holds no thread: each step runs in the store's
 executor and the stream waits for the next step as a coroutine.
 A client on the server's machine may put a step's ids and gradients in its shared-memory
 segment and name where each lookup's rows go (same_host_service.py): those rows are
-written there, in the executor, before the step's answer, and are not in the answer.
+written there before the step's answer (on the event loop when cached, as below; else in
+the executor), and are not in the answer.
 Gradients and lookup rows may also lie in the client's GPU buffers (CUDA IPC): a step
 keeps the buffers it names open until it has run, even if the stream is cancelled.
 A small step whose rows are all cached runs on the event loop itself when nothing in it
