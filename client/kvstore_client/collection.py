@@ -106,8 +106,7 @@ class RemoteEmbeddingBagCollection(nn.Module):
                 ) -> dict[str, torch.Tensor]:
         """Pooled embeddings [B, dim] per feature, on the device of the feature's ids. `next_batch`:
         the following forward's batch, named as `next_batch()` names it but before this forward
-        waits for its rows, so the server reads them during this whole step (exact as well).
-        With ids on a GPU its lookup goes once this forward's rows are read, as after the forward."""
+        waits for its rows, so the server reads them during this whole step (exact as well)."""
         _check_features(self.features, batch, "batch")
         if next_batch is not None:
             _check_features(self.features, next_batch, "next_batch")
@@ -117,13 +116,11 @@ class RemoteEmbeddingBagCollection(nn.Module):
         uniq, inverse, step = self._lookup(flat)
         if next_batch is not None:            # exact: sent now; with staleness: behind this step's gradients
             self._name_next(next_batch, send=False)
-            if not self.staleness and _gpu(self._ahead.flat) is None:
+            if not self.staleness:
                 self._send_ahead()
         devices = {f.table: flat[f.name][3] for f in reversed(self.features)}    # a table's first feature's
         staging = self._host_staging(devices.values())
         _, rows = step.result(staging.allocate) if staging else step.result()
-        if next_batch is not None and not self.staleness:
-            self._send_ahead()                # ids on a GPU: once this forward's rows are read
         weights = {table: self._leaf(table, uniq[table], rows[table], devices[table]) for table in self.tables}
         out = {}
         for feature in self.features:

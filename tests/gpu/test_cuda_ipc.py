@@ -192,7 +192,7 @@ def train_collection(client: KVStoreClient, table: str, device: str, pipeline: b
 @pytest.mark.parametrize("pipeline", [True, False, "ahead", "in forward"])
 def test_the_collection_trains_a_gpu_table_through_cuda_ipc_as_a_host_table_over_the_network(trainer, remote,
                                                                                               pipeline):
-    gpu, host = create_pair(trainer, f"ipc_coll_{pipeline}", "adagrad", "write_back")
+    gpu, host = create_pair(trainer, f"ipc_coll_{pipeline}".replace(" ", "_"), "adagrad", "write_back")
     through_ipc, collection = train_collection(trainer, gpu, "cuda", pipeline)
     over_network, _ = train_collection(remote, host, "cuda", pipeline)
     assert collection._on_device == {(gpu, CUDA): True}          # gradients went up through a GPU buffer
