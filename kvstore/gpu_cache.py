@@ -189,7 +189,10 @@ class GpuCache(SetAssociativeCache):
         near = (self.set_of(ids[wanting]) + 1) % self.num_sets
         occupied = self.occupied.reshape(self.num_sets, self.ways)[near]
         locks = self.locks.reshape(self.num_sets, self.ways)[near]
-        if not bool((~occupied & (locks == 0)).any()):     # a full cache (the usual case): nothing comes down
+        # A full cache (the usual case): nothing comes down. Counted with `flatnonzero`, not `.any()`:
+        # CuPy compiles a reduction per block size, which follows the array's length, so `.any()`
+        # compiled a new kernel (2-3 s with NVRTC) for each new size class in a server's first minutes
+        if len(cupy.flatnonzero(~occupied & (locks == 0))) == 0:
             return
         given = cupy.sort(slots[(slots >= 0) & ~self.occupied[cupy.maximum(slots, 0)]]).get()
         chosen = spill_into(occupied.get(), locks.get(), np.arange(len(near)), near.get(), self.ways, given)

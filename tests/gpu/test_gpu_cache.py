@@ -224,3 +224,35 @@ def test_summed_gradients_come_in_set_order():
     np.add.at(want, inverse, grads)
     np.testing.assert_allclose(summed, want, rtol=1e-6)
     assert (np.diff(gpu.set_of(uniq).get()) >= 0).all()
+
+
+def test_choosing_slots_for_batches_of_any_size_compiles_no_new_kernel(monkeypatch):
+    """Kernels compiled per batch size would stall a fresh server for seconds each (NVRTC)."""
+    compiles = []
+    compile_module = cupy.cuda.compiler._compile_module_with_cache
+    numbers = cupy.arange(4)
+
+    def counted(*args, **kwargs):
+        compiles.append(args[0][-200:])
+        return compile_module(*args, **kwargs)
+
+    monkeypatch.setattr(cupy.cuda.compiler, "_compile_module_with_cache", counted)
+    token = np.random.default_rng().integers(1 << 40)
+    probe = cupy.ElementwiseKernel("T x", "T y", f"y = x + {token}", f"compile_probe_{token}")
+    probe(numbers)
+    assert len(compiles) == 1, compiles      # the count sees CuPy's compiles (a new kernel here)
+    cache = GpuCache(CacheConfig(rows=64 * 32, ways=32), ROW_BYTES)
+    rng = np.random.default_rng(9)
+    cache.keys[:] = cupy.arange(cache.capacity)
+    cache.occupied[:] = True                  # every way taken (set here: filling would run the path)
+    cache.locks[:32] = 1                      # set 0 locked: its new ids want the next set
+    cache.occupied[40] = False               # a free way there: the spill check runs to the end
+    for n in (5, 9000):                       # each kernel of the path compiled once (a scan of
+        cache.begin_batch()                   # more than 256 elements uses one more kernel)
+        cache.choose_slots(np.unique(rng.integers(1 << 41, 1 << 42, n, dtype=np.int64)))
+    compiles.clear()
+    for n in (1, 3, 40, 300, 2000, 40_000):
+        new = rng.integers(1 << 41, 1 << 42, n, dtype=np.int64)
+        cache.begin_batch()
+        assert len(cache.choose_slots(np.unique(new)).slots) == len(np.unique(new))
+    assert compiles == [], "\n\n".join(compiles)
