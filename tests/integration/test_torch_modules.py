@@ -271,3 +271,35 @@ def test_collection_keeps_every_gradient_of_two_forwards_before_one_backward(cli
     np.testing.assert_array_equal(client.lookup("coll_accumulate", [1, 2, 3]),
                                   [[-1.0] * DIM, [-2.0] * DIM, [-1.0] * DIM])
     collection.close()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_tables_train_under_autocast_as_the_per_table_loop(client, dtype):
+    """A model under `torch.autocast` (bfloat16 on the CPU) trains bfloat16 and float16 tables
+    through the collection, the next batch named in the forward, to the losses and rows of one
+    RemoteEmbeddingBag per table: rows reach the model as float32, the dense layer runs in
+    bfloat16, gradients go back as float32 and the server steps each table in its own dtype."""
+    from kvstore_client.collection import Feature, RemoteEmbeddingBagCollection
+
+    names = {run: [f"autocast_{dtype}_{run}_users", f"autocast_{dtype}_{run}_items"] for run in ("loop", "coll")}
+    for table in names["loop"] + names["coll"]:
+        small_table(client, table, DIM, dtype=dtype, optimizer={"name": "adagrad", "lr": LR})
+    before = client.lookup(names["coll"][1], np.arange(30), on_miss="init")
+    client.lookup(names["loop"][1], np.arange(30), on_miss="init")
+    loop = TwoFeatures(nn.ModuleDict({"user": RemoteEmbeddingBag(client, names["loop"][0], mode="sum"),
+                                      "item": RemoteEmbeddingBag(client, names["loop"][1], mode="mean")}))
+    collection = RemoteEmbeddingBagCollection(client, [Feature("user", names["coll"][0], "sum"),
+                                                       Feature("item", names["coll"][1], "mean")])
+    model = TwoFeatures(collection)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = _train_two(loop)
+        got = _train_two(model, ahead="in forward")
+        with torch.no_grad():
+            assert model.head(torch.zeros(1, 2 * DIM)).dtype == torch.bfloat16     # autocast is on
+    assert got == expected and expected[-1] != expected[0]
+    for mine, theirs in zip(names["coll"], names["loop"], strict=True):
+        rows = client.lookup(mine, np.arange(30))
+        assert str(rows.dtype) == dtype
+        np.testing.assert_array_equal(rows, client.lookup(theirs, np.arange(30)))
+    assert not np.array_equal(client.lookup(names["coll"][1], np.arange(30)), before)
+    collection.close()
