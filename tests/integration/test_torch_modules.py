@@ -278,7 +278,7 @@ def test_half_precision_tables_train_under_autocast_as_the_per_table_loop(client
     """A model under `torch.autocast` (bfloat16 on the CPU) trains bfloat16 and float16 tables
     through the collection, the next batch named in the forward, to the losses and rows of one
     RemoteEmbeddingBag per table: rows reach the model as float32, the dense layer runs in
-    bfloat16, gradients go back as float32 and the server steps each table in its own dtype."""
+    bfloat16, gradients go back as float32 and each table keeps its rows in its own dtype."""
     from kvstore_client.collection import Feature, RemoteEmbeddingBagCollection
 
     names = {run: [f"autocast_{dtype}_{run}_users", f"autocast_{dtype}_{run}_items"] for run in ("loop", "coll")}
