@@ -20,9 +20,9 @@ once, so the server answers it while the caller runs its backward and dense step
 step's gradients then carry a lookup of the rows they change that the next batch also
 reads (`_Ahead`): those rows are read again behind the gradients and replace the early
 ones, so the result is still exactly the waiting loop's (other rows are not changed by
-this trainer's step). `forward(batch, next_batch=...)` names it earlier still: with ids on
-the CPU its lookup goes out before this forward waits for its own rows, so the server reads
-it during the whole step and the step's gradients seldom queue behind it (same results).
+this trainer's step). `forward(batch, next_batch=...)` names it earlier still: its lookup
+goes out before this forward waits for its own rows, so the server reads it during the
+whole step and the step's gradients seldom queue behind it (same results).
 
 `staleness=k` (default 0: exact) lets a forward run up to k steps ahead of the
 gradient pushes: its lookups go on a second stream and wait only until the pushes
