@@ -143,6 +143,19 @@ class GpuCache(SetAssociativeCache):
                                skip=skip)
             return slots
 
+    def touch(self, slots) -> None:
+        """Record a use of cached slots (duplicates allowed): the stamp by one kernel; LFU's use
+        counts as on the host."""
+        with self.device:
+            slots = self._ids(slots)
+            self.kernels.stamp_slots(slots, self.last_used, self.tick)
+            if self.lfu:
+                self.order.on_hit(self, slots)
+
+    def set_dirty(self, slots, value: bool) -> None:
+        with self.device:
+            self.kernels.flag_slots(self._ids(slots), self.dirty, value)
+
     # --- insert --------------------------------------------------------------
 
     def _link(self, ids, flags: int, claim: _Victims | None = None):
@@ -182,18 +195,19 @@ class GpuCache(SetAssociativeCache):
     def _spill_new(self, ids, slots) -> None:
         """The host cache's spill (`SetAssociativeCache._spill`), on the host: the ids that would
         displace a row (or got no way) and the ways of their next sets come down, the same
-        compiled pass chooses, and the changed slots go up. Nothing moves when none would."""
-        wanting = cupy.flatnonzero((slots < 0) | self.occupied[cupy.maximum(slots, 0)])
-        if len(wanting) == 0 or self.num_sets == 1:
+        compiled pass chooses, and the changed slots go up. Nothing moves when none would: one
+        kernel counts the ids that want a way where the next set has a free one (a full cache,
+        the usual case, then costs that kernel and one read of the count)."""
+        if self.num_sets == 1:
             return
+        count = cupy.zeros(1, dtype=cupy.uint64)
+        self.kernels.spill_candidates(ids, slots, self.occupied, self.locks, self.num_sets, self.ways, count)
+        if not int(_read(count)[0]):
+            return
+        wanting = cupy.flatnonzero((slots < 0) | self.occupied[cupy.maximum(slots, 0)])
         near = (self.set_of(ids[wanting]) + 1) % self.num_sets
         occupied = self.occupied.reshape(self.num_sets, self.ways)[near]
         locks = self.locks.reshape(self.num_sets, self.ways)[near]
-        # A full cache (the usual case): nothing comes down. Counted with `flatnonzero`, not `.any()`:
-        # CuPy compiles a reduction per block size, which follows the array's length, so `.any()`
-        # compiled a new kernel (2-3 s with NVRTC) for each new size class in a server's first minutes
-        if len(cupy.flatnonzero(~occupied & (locks == 0))) == 0:
-            return
         given = cupy.sort(slots[(slots >= 0) & ~self.occupied[cupy.maximum(slots, 0)]]).get()
         chosen = spill_into(occupied.get(), locks.get(), np.arange(len(near)), near.get(), self.ways, given)
         moved = chosen >= 0
@@ -228,20 +242,24 @@ class GpuCache(SetAssociativeCache):
             flags = dirty if getattr(dirty, "ndim", 0) else None
             self.kernels.fill_meta(slots, ids, self.keys, self.occupied, self.dirty,
                                    None if flags is None else cupy.asarray(flags, dtype=cupy.bool_),
-                                   bool(dirty) if flags is None else False, self.last_used, self.uses, self.tick)
-            placed = slots >= 0
-            home = self.set_of(ids[placed])
-            away = slots[placed] // self.ways != home
-            self.spilled[home[away]] = True
+                                   bool(dirty) if flags is None else False, self.last_used, self.uses, self.tick,
+                                   self.num_sets, self.ways, self.spilled)
 
     def _eviction(self, slots, clean: bool) -> Eviction:
-        taken = slots[slots >= 0]
-        occupied = taken[self.occupied[taken]]
-        dirty = self.dirty[occupied]
-        displaced = occupied[dirty]
+        """The dirty rows (and, with `clean`, the clean ones) that `slots` displace, in batch
+        order: one kernel flags them, a scan numbers them, one more packs their slots, and one
+        read of the two counts is the only wait."""
+        n = len(slots)
+        flags = cupy.empty(2 * n, dtype=cupy.int64)
+        self.kernels.victim_flags(slots, self.occupied, self.dirty, flags)
+        ends = cupy.cumsum(flags) if n else flags
+        packed = cupy.empty(2 * n, dtype=cupy.int64)
+        self.kernels.victim_slots(slots, flags, ends, packed)
+        soiled, held = (int(v) for v in _read(cupy.ascontiguousarray(ends[n - 1::n]))) if n else (0, 0)
+        displaced = packed[:soiled]
         choice = Eviction(slots, self.keys[displaced], self.gather_rows(displaced))
         if clean:
-            quiet = occupied[~dirty]
+            quiet = packed[soiled:held]
             choice.clean_ids, choice.clean_rows = self.keys[quiet], self.gather_rows(quiet)
         return choice
 

@@ -26,6 +26,8 @@ THREADS = 256
 OPTIMIZER_CODES = {"sgd": 0, "adagrad": 1, "rowwise_adagrad": 2, "adam": 3, "partial_rowwise_adam": 4}
 ADAMS = ("adam", "partial_rowwise_adam")   # the steps with bias corrections
 WEIGHT_TYPES = {"float32": "float", "float64": "double", "float16": "half_t", "bfloat16": "bf16_t"}
+EXPONENTS = {"float32": (4, 0x7F800000), "float64": (8, 0x7FF0000000000000),   # size, exponent mask
+             "float16": (2, 0x7C00), "bfloat16": (2, 0x7F80)}
 COPY_TYPES = {16: "uint4", 8: "unsigned long long", 4: "unsigned int", 2: "unsigned short", 1: "unsigned char"}
 PROBE_TYPES = {"generic": "probe<32, 1>", "ways32": "probe<8, 4>"}
 COPY_ROWS_IN_FLIGHT = 2              # rows a thread group copies at once (4 also compiled, for comparison)
@@ -151,13 +153,29 @@ class Kernels:
             _ptr(dirty), np.bool_(mark_dirty), _ptr(victim_keys), _ptr(victim_dirty)))
 
     def fill_meta(self, slots, ids, keys, occupied, dirty, dirty_src, dirty_value: bool, last_used, uses,
-                  tick: int) -> None:
+                  tick: int, num_sets: int, ways: int, spilled) -> None:
         n = len(slots)
         if n == 0:
             return
         self._fn("fill_meta")(self._grid(n), (THREADS,), (
             slots, ids, np.int64(n), keys, occupied, dirty, _ptr(dirty_src), np.bool_(dirty_value),
-            last_used, uses, np.int64(tick)))
+            last_used, uses, np.int64(tick), np.int64(num_sets), np.int32(ways), spilled))
+
+    def stamp_slots(self, slots, stamps, value: int) -> None:
+        self._each("stamp_slots", len(slots), slots, np.int64(len(slots)), stamps, np.int64(value))
+
+    def flag_slots(self, slots, flags, value: bool) -> None:
+        self._each("flag_slots", len(slots), slots, np.int64(len(slots)), flags, np.bool_(value))
+
+    def victim_flags(self, slots, occupied, dirty, flags) -> None:
+        self._each("victim_flags", len(slots), slots, np.int64(len(slots)), occupied, dirty, flags)
+
+    def victim_slots(self, slots, flags, ends, out) -> None:
+        self._each("victim_slots", 2 * len(slots), slots, np.int64(len(slots)), flags, ends, out)
+
+    def spill_candidates(self, ids, slots, occupied, locks, num_sets: int, ways: int, count) -> None:
+        self._each("spill_candidates", len(ids), ids, slots, np.int64(len(ids)), occupied, locks, np.int64(num_sets),
+                   np.int32(ways), count)
 
     def touch_headers(self, headers: int, row_bytes: int, idx, n: int, now: int) -> None:
         """Record an access in the headers at address `headers` + row * `row_bytes` of rows idx[r]."""
@@ -165,6 +183,17 @@ class Kernels:
             return
         self._fn("touch_headers")(self._grid(n), (THREADS,), (
             np.uint64(headers), np.int64(row_bytes), _ptr(idx), np.int64(n), np.uint32(now)))
+
+    def nonfinite_rows(self, rows, n: int, weight_off: int, dim: int, weight_dtype: str, state_off: int,
+                       state_dim: int, out) -> None:
+        """out[r] = row r of `rows` ([n, row_bytes] bytes) holds NaN or Inf in its weights
+        (`weight_dtype`, at `weight_off`) or its float32 state (at `state_off`)."""
+        if n == 0:
+            return
+        size, exponent = EXPONENTS[weight_dtype]
+        self._fn("nonfinite_rows")(self._grid(n * 32), (THREADS,), (
+            rows, np.int64(rows.strides[0]), np.int64(n), np.int64(weight_off), np.int32(dim), np.int32(size),
+            np.uint64(exponent), np.int64(state_off), np.int32(state_dim), out))
 
     def copy_rows(self, src, src_idx, src_stride: int, src_off: int, dst, dst_idx, dst_stride: int,
                   dst_off: int, nbytes: int, n: int) -> None:

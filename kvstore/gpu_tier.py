@@ -35,6 +35,16 @@ def download(array: cupy.ndarray) -> np.ndarray:
     return out
 
 
+def download_all(arrays: list[cupy.ndarray]) -> list[np.ndarray]:
+    """Host copies of device arrays, each in a page-locked buffer of its own, with one wait."""
+    out = [cupyx.empty_pinned(a.shape, dtype=a.dtype) for a in arrays]
+    for array, host in zip(arrays, out, strict=True):
+        if array.size:
+            cupy.ascontiguousarray(array).get(out=host, blocking=False)
+    cupy.cuda.get_current_stream().synchronize()
+    return out
+
+
 def upload(host: np.ndarray) -> cupy.ndarray:
     """A device copy of a host array, staged through a page-locked buffer of its own."""
     host = np.ascontiguousarray(host)
@@ -50,6 +60,7 @@ def upload(host: np.ndarray) -> cupy.ndarray:
 
 GPU_SLOT_METADATA = 31       # bytes per slot beside its row: key, stamps, lock count, flags, set lists
 COPY_PIECE_ROWS = 16384     # rows per piece of a lookup's gather + copy-out pipeline
+RECENT_SLOT_ARRAYS = 4      # slot arrays returned to the table whose device copies are kept for reuse
 
 
 class GpuTier:
@@ -82,9 +93,23 @@ class GpuTier:
         self._state_bytes = layout.state_dim * 4
         with self.device:
             self._copy_stream = cupy.cuda.Stream(non_blocking=True)   # copies out, beside the gathers
+        self._recent: list[tuple[np.ndarray, cupy.ndarray]] = []
 
     def _d(self, index: np.ndarray) -> cupy.ndarray:
+        """`index` on the device: the copy it came down from when it is a slot array this tier
+        just returned (a table passes a probe's slots back three or four times in one call),
+        else uploaded."""
+        for host, device in self._recent:
+            if host is index:
+                return device
         return cupy.asarray(np.ascontiguousarray(index, dtype=np.int64))
+
+    def _returned(self, host: np.ndarray, device: cupy.ndarray) -> np.ndarray:
+        """`host`, a download of `device`, made read-only and remembered so that `_d` need not
+        upload it again (read-only: a caller that changed it would otherwise get stale slots)."""
+        host.flags.writeable = False
+        self._recent = [(host, device), *self._recent[:RECENT_SLOT_ARRAYS - 1]]
+        return host
 
     # --- reads ----------------------------------------------------------------------
 
@@ -93,7 +118,8 @@ class GpuTier:
 
     def probe(self, ids: np.ndarray) -> np.ndarray:
         with self.device:
-            return cupy.asnumpy(self.cache.probe(self._d(ids)))
+            slots = self.cache.probe(self._d(ids))
+            return self._returned(cupy.asnumpy(slots), slots)
 
     def probe_and_touch(self, ids: np.ndarray, now: float) -> np.ndarray:
         """Probe and, for hits, stamps and header access in one kernel (duplicates count once)."""
@@ -105,9 +131,10 @@ class GpuTier:
             self.cache.touch(self._d(slots))
 
     def access(self, slots: np.ndarray, now: float) -> None:
-        """Stamps and header access of cached slots (duplicates count once)."""
+        """Stamps and header access of cached slots (duplicates count once: made unique here, on
+        the host, where a few thousand slots take microseconds and no wait for the device)."""
         with self.device:
-            slots_d = cupy.unique(self._d(slots))
+            slots_d = self._d(np.unique(slots))
             self.cache.touch(slots_d)
             self.cache.touch_headers(slots_d, int(now))
 
@@ -252,13 +279,19 @@ class GpuTier:
     def choose_slots(self, ids: np.ndarray, clean: bool = False) -> Eviction:
         with self.device:
             choice = self.cache.choose_slots(self._d(ids), clean)
-            out = Eviction(cupy.asnumpy(choice.slots), cupy.asnumpy(choice.dirty_ids), download(choice.dirty_rows))
+            parts = [choice.slots, choice.dirty_ids, choice.dirty_rows]
             if clean:
-                out.clean_ids, out.clean_rows = cupy.asnumpy(choice.clean_ids), download(choice.clean_rows)
+                parts += [choice.clean_ids, choice.clean_rows]
+            host = download_all(parts)
+            out = Eviction(self._returned(host[0], choice.slots), *host[1:3])
+            if clean:
+                out.clean_ids, out.clean_rows = host[3:]
             return out
 
     def fill(self, slots: np.ndarray, ids: np.ndarray, rows: np.ndarray, dirty) -> None:
         with self.device:
+            if getattr(dirty, "ndim", 0) and (dirty.all() or not dirty.any()):
+                dirty = bool(dirty[0]) if len(dirty) else False     # one value: no flags to upload
             flags = cupy.asarray(np.asarray(dirty, dtype=bool)) if getattr(dirty, "ndim", 0) else bool(dirty)
             self.cache.fill(self._d(slots), self._d(ids), upload(rows), flags)
 
@@ -335,16 +368,11 @@ class GpuTier:
             return cupy.asnumpy(self._nonfinite(staged))
 
     def _nonfinite(self, staged: cupy.ndarray) -> cupy.ndarray:
+        """Which staged rows hold NaN or Inf, by one kernel compiled with the cache's."""
         layout = self.layout
-        weights = cupy.ascontiguousarray(staged[:, layout.weight_offset:layout.weight_offset + self._weight_bytes])
-        if layout.dtype == BF16:
-            bits = weights.view(cupy.uint16)
-            bad = ((bits & 0x7F80) == 0x7F80).any(axis=1)
-        else:
-            bad = ~cupy.isfinite(weights.view(device_dtype(layout.dtype))).all(axis=1)
-        if self._state_bytes:
-            state = cupy.ascontiguousarray(staged[:, layout.state_offset:layout.state_offset + self._state_bytes])
-            bad |= ~cupy.isfinite(state.view(cupy.float32)).all(axis=1)
+        bad = cupy.empty(len(staged), dtype=cupy.bool_)
+        self.kernels.nonfinite_rows(staged, len(staged), layout.weight_offset, layout.dim, dtype_name(layout.dtype),
+                                    layout.state_offset, layout.state_dim, bad)
         return bad
 
     def publish(self, slots: np.ndarray, staged: cupy.ndarray) -> None:

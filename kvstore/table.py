@@ -425,12 +425,12 @@ class Table(TableUpkeep):
         if len(miss) or direct is not None:
             missed = self.cache.to_host(rows if len(miss) == len(ids) else self.cache.select(rows, miss))
             self._place(ids[miss], missed, np.ones(len(miss), dtype=bool), ids[at], direct)
-        cached_rows = rows if all_hit else self.cache.select(rows, at)
-        self.cache.publish(slots[at], cached_rows)
+        cached_rows, cached_slots = (rows, slots) if all_hit else (self.cache.select(rows, at), slots[at])
+        self.cache.publish(cached_slots, cached_rows)
         if self.write_through:
-            self.eviction.synced(self.cache, slots[at])
+            self.eviction.synced(self.cache, cached_slots)
         else:
-            self.cache.set_dirty(slots[at], True)
+            self.cache.set_dirty(cached_slots, True)
 
     def update(self, ids, weights, state=None, scores=None) -> int:
         """Overwrite weights (and optimizer state, and feature scores, when given); last write

@@ -486,9 +486,11 @@ extern "C" __global__ void choose_victims(const i64* __restrict__ ids, i64* keys
 // --- slot fills and header touches ---------------------------------------------
 
 // Metadata of filled slots (entries of -1 skipped); dirty_src may be null (then dirty_value).
+// A row placed outside its home set (a spill) marks that set `spilled`, so probes look next door.
 extern "C" __global__ void fill_meta(const i64* __restrict__ slots, const i64* __restrict__ ids, i64 n,
                           i64* keys, bool* occupied, bool* dirty, const bool* __restrict__ dirty_src,
-                          bool dirty_value, i64* last_used, i64* uses, i64 tick) {
+                          bool dirty_value, i64* last_used, i64* uses, i64 tick, i64 num_sets, int ways,
+                          bool* spilled) {
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
         const i64 slot = slots[i];
         if (slot < 0) continue;
@@ -497,6 +499,60 @@ extern "C" __global__ void fill_meta(const i64* __restrict__ slots, const i64* _
         dirty[slot] = dirty_src ? dirty_src[i] : dirty_value;
         last_used[slot] = tick;
         uses[slot] = 1;
+        const i64 home = set_of(ids[i], num_sets);
+        if (slot / ways != home) spilled[home] = true;
+    }
+}
+
+// Per-slot writes of one value (duplicates and slots of -1 allowed): the batch stamp of used
+// slots, or the dirty flag. A kernel each, where CuPy's put and scatter cost 75-110 us of CPU a call.
+extern "C" __global__ void stamp_slots(const i64* __restrict__ slots, i64 n, i64* __restrict__ stamps, i64 value) {
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
+        if (slots[i] >= 0) stamps[slots[i]] = value;
+}
+
+extern "C" __global__ void flag_slots(const i64* __restrict__ slots, i64 n, bool* __restrict__ flags, bool value) {
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
+        if (slots[i] >= 0) flags[slots[i]] = value;
+}
+
+// What the slots chosen for new ids displace: flags[i] = 1 where slots[i] holds a dirty row,
+// flags[n + i] = 1 where it holds a clean one (slots of -1 and empty slots displace nothing).
+extern "C" __global__ void victim_flags(const i64* __restrict__ slots, i64 n, const bool* __restrict__ occupied,
+                                        const bool* __restrict__ dirty, i64* __restrict__ flags) {
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        const i64 slot = slots[i];
+        const bool held = slot >= 0 && occupied[slot];
+        const bool soiled = held && dirty[slot];
+        flags[i] = soiled;
+        flags[n + i] = held && !soiled;
+    }
+}
+
+// The flagged slots in batch order, dirty ones first: out[ends[j] - 1] = slots[j mod n] where
+// flags[j] (`ends`: the inclusive scan of `flags`).
+extern "C" __global__ void victim_slots(const i64* __restrict__ slots, i64 n, const i64* __restrict__ flags,
+                                        const i64* __restrict__ ends, i64* __restrict__ out) {
+    for (i64 j = (i64)blockIdx.x * blockDim.x + threadIdx.x; j < 2 * n; j += (i64)gridDim.x * blockDim.x)
+        if (flags[j]) out[ends[j] - 1] = slots[j < n ? j : j - n];
+}
+
+// How many ids want a way of the next set (their slot is -1 or would displace a row) while
+// that set has a way neither occupied nor locked: when none, the spill has nothing to do.
+extern "C" __global__ void spill_candidates(const i64* __restrict__ ids, const i64* __restrict__ slots, i64 n,
+                                            const bool* __restrict__ occupied, const int* __restrict__ locks,
+                                            i64 num_sets, int ways, unsigned long long* __restrict__ count) {
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        const i64 slot = slots[i];
+        if (slot >= 0 && !occupied[slot]) continue;
+        const i64 near = (set_of(ids[i], num_sets) + 1) % num_sets;
+        for (int w = 0; w < ways; ++w) {
+            const i64 at = near * ways + w;
+            if (!occupied[at] && locks[at] == 0) {
+                atomicAdd(count, 1ull);
+                break;
+            }
+        }
     }
 }
 
@@ -508,6 +564,36 @@ extern "C" __global__ void touch_headers(char* headers, i64 row_bytes, const i64
         unsigned* header = reinterpret_cast<unsigned*>(headers + row * row_bytes);
         header[1] = min(header[1], MAX_COUNT) + 1u;
         header[2] = now;
+    }
+}
+
+// --- non-finite rows -------------------------------------------------------------
+
+// Whether element e of p (`size`-byte floats) has an all-ones exponent (NaN or Inf): `exponent`
+// is the format's exponent mask (float64, float32, float16 and bfloat16 differ).
+__device__ __forceinline__ bool nonfinite_at(const char* p, int e, int size, u64 exponent) {
+    u64 bits;
+    if (size == 8) bits = reinterpret_cast<const u64*>(p)[e];
+    else if (size == 4) bits = reinterpret_cast<const unsigned*>(p)[e];
+    else bits = reinterpret_cast<const unsigned short*>(p)[e];
+    return (bits & exponent) == exponent;
+}
+
+// out[r]: row r (rows `row_bytes` apart) holds NaN or Inf in its `dim` weights or its
+// `state_dim` float32 state. One warp a row. A kernel of its own, compiled with the others,
+// where CuPy's `isfinite().all(axis=1)` compiled a reduction per table shape on first use.
+extern "C" __global__ void nonfinite_rows(const char* __restrict__ rows, i64 row_bytes, i64 n, i64 weight_off,
+                                          int dim, int weight_size, u64 weight_exponent, i64 state_off,
+                                          int state_dim, bool* __restrict__ out) {
+    const int lane = threadIdx.x & 31;
+    const i64 warps = ((i64)gridDim.x * blockDim.x) >> 5;
+    for (i64 r = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5; r < n; r += warps) {
+        const char* row = rows + r * row_bytes;
+        bool bad = false;
+        for (int e = lane; e < dim; e += 32) bad |= nonfinite_at(row + weight_off, e, weight_size, weight_exponent);
+        for (int e = lane; e < state_dim; e += 32) bad |= nonfinite_at(row + state_off, e, 4, 0x7F800000ull);
+        bad = __any_sync(FULL, bad);
+        if (lane == 0) out[r] = bad;
     }
 }
 

@@ -158,6 +158,69 @@ def test_nonfinite_gradients_from_the_device_are_refused(store):
         store.table("gpu").apply_gradients(cupy.asarray([1, 2]), grads)
 
 
+CASES = [   # (dtype, where the step overflows, optimizer, gradient value); lr 10
+    *((dtype, "weights", "sgd", value) for dtype, value in (("float32", 3e38), ("float16", 1e4),
+                                                           ("bfloat16", 3e38))),
+    *((dtype, "state", "adagrad", 1e30) for dtype in ("float32", "float16", "bfloat16", "float64")),
+]   # the state case: the squared sum overflows float32 while the weights stay finite
+
+
+@pytest.mark.parametrize("dtype, where, optimizer, value", CASES)
+def test_steps_that_would_write_nan_or_inf_are_refused_like_on_the_host_table(store, dtype, where, optimizer, value):
+    """The GPU tier finds the same non-finite rows as the host tier, in weights and in state, for
+    every weight type, names the same ids, and changes nothing."""
+    from kvstore import InvalidArgument
+
+    messages = []
+    for name, device in (("host", "cpu"), ("gpu", "cuda:0")):
+        cache = CacheConfig(rows=256, ways=32, device=device)
+        store.create_table(TableConfig(name=name, dim=16, dtype=dtype, cache=cache,
+                                       optimizer=OptimizerConfig(name=optimizer, lr=10.0)))
+        ids = np.arange(40)
+        store.update(name, ids, np.ones((40, 16), dtype=np.float32))
+        grads = np.zeros((40, 16), dtype=np.float32)
+        grads[[3, 17, 29], 5] = value
+        with pytest.raises(InvalidArgument, match="grads") as refused:
+            store.table(name).apply_gradients(ids, grads)
+        messages.append(str(refused.value).replace(repr(name), "T"))
+        np.testing.assert_array_equal(np.asarray(store.lookup(name, ids).weights, dtype=np.float32), 1.0)
+        grads[[3, 17, 29], 5] = 1.0       # the same step without the overflow goes through
+        assert store.table(name).apply_gradients(ids, grads) == 40
+    assert messages[0] == messages[1] and "[3, 17, 29]" in messages[0], messages
+
+
+def test_steps_of_tables_of_new_shapes_compile_no_kernel(monkeypatch, store):
+    """A table's kernels are compiled when it is created: its first steps, of any batch size,
+    compile nothing (NVRTC would stall a fresh server for seconds each)."""
+    import re
+    import traceback
+
+    shapes = [("float32", 16, "adagrad"), ("float16", 24, "adagrad"), ("bfloat16", 40, "adam"),
+              ("float32", 72, "rowwise_adagrad"), ("float64", 8, "sgd")]
+    for n, (dtype, dim, optimizer) in enumerate(shapes):
+        store.create_table(TableConfig(name=f"t{n}", dim=dim, dtype=dtype, optimizer=OptimizerConfig(name=optimizer),
+                                       cache=CacheConfig(rows=4096, ways=32, device="cuda:0")))
+    rng = np.random.default_rng(5)
+    for batch in (5, 3000):               # the shared path, once (a scan of over 256 items compiles one more kernel)
+        store.apply_gradients("t0", np.arange(batch) * 7, np.ones((batch, 16), np.float32))
+    compiles = []
+    compile_module = cupy.cuda.compiler._compile_module_with_cache
+
+    def counted(*args, **kwargs):
+        kernel = re.findall(r"void (\\w+)\\(", args[0])
+        where = [f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}" for f in traceback.extract_stack()
+                 if "/kvstore/" in f.filename]
+        compiles.append(f"{kernel[:1]} from {where[-3:]}")
+        return compile_module(*args, **kwargs)
+
+    monkeypatch.setattr(cupy.cuda.compiler, "_compile_module_with_cache", counted)
+    for n, (_, dim, _) in enumerate(shapes):
+        for batch in (3, 700, 3000):
+            ids = rng.integers(0, 10_000, batch)
+            assert store.apply_gradients(f"t{n}", ids, rng.standard_normal((batch, dim)).astype(np.float32)) > 0
+    assert compiles == [], "\n\n".join(compiles)
+
+
 def test_prefetch_locks_survive_evictions_and_release_like_host(store):
     for name, device in (("host", "cpu"), ("gpu", "cuda:0")):
         store.create_table(config(name, device, rows=64))
