@@ -247,20 +247,16 @@ class GpuCache(SetAssociativeCache):
 
     def _eviction(self, slots, clean: bool) -> Eviction:
         """The dirty rows (and, with `clean`, the clean ones) that `slots` displace, in batch
-        order: one kernel flags them, a scan numbers them, one more packs their slots, and one
-        read of the two counts is the only wait."""
-        n = len(slots)
-        flags = cupy.empty(2 * n, dtype=cupy.int64)
-        self.kernels.victim_flags(slots, self.occupied, self.dirty, flags)
-        ends = cupy.cumsum(flags) if n else flags
-        packed = cupy.empty(2 * n, dtype=cupy.int64)
-        self.kernels.victim_slots(slots, flags, ends, packed)
-        soiled, held = (int(v) for v in _read(cupy.ascontiguousarray(ends[n - 1::n]))) if n else (0, 0)
+        order: one kernel packs their slots and counts them; reading the counts is the one wait."""
+        packed = cupy.empty(len(slots), dtype=cupy.int64)
+        counts = cupy.empty(2, dtype=cupy.int64)
+        self.kernels.pack_victims(slots, self.occupied, self.dirty, packed, counts)
+        soiled, quiet = (int(v) for v in _read(counts))
         displaced = packed[:soiled]
         choice = Eviction(slots, self.keys[displaced], self.gather_rows(displaced))
         if clean:
-            quiet = packed[soiled:held]
-            choice.clean_ids, choice.clean_rows = self.keys[quiet], self.gather_rows(quiet)
+            quiet_slots = packed[soiled:soiled + quiet]
+            choice.clean_ids, choice.clean_rows = self.keys[quiet_slots], self.gather_rows(quiet_slots)
         return choice
 
     # --- rows ------------------------------------------------------------------
@@ -270,6 +266,10 @@ class GpuCache(SetAssociativeCache):
         (C-contiguous, nbytes per row); rows whose slot is -1 are left as they are."""
         with self.device:
             slots = self._ids(slots)
+            if (offset, nbytes) == (0, self.row_bytes):       # whole rows: unrotated in one launch
+                self.kernels.copy_rows(self.slab, slots, self.pitch, 0, out, None, nbytes, 0, nbytes, len(slots),
+                                       rotate=self.header_at)
+                return out
             for at, within, size in self._pieces(offset, nbytes):
                 self.kernels.copy_rows(self.slab, slots, self.pitch, at, out, None, nbytes, within, size, len(slots))
             return out
@@ -289,6 +289,10 @@ class GpuCache(SetAssociativeCache):
         of each slot's row; slots of -1 are skipped."""
         with self.device:
             slots = self._ids(slots)
+            if (offset, nbytes) == (0, self.row_bytes):       # whole rows: rotated in one launch
+                self.kernels.copy_rows(src, None, nbytes, 0, self.slab, slots, self.pitch, 0, nbytes, len(slots),
+                                       rotate=HEADER_BYTES)
+                return
             for at, within, size in self._pieces(offset, nbytes):
                 self.kernels.copy_rows(src, None, nbytes, within, self.slab, slots, self.pitch, at, size, len(slots))
 

@@ -167,11 +167,9 @@ class Kernels:
     def flag_slots(self, slots, flags, value: bool) -> None:
         self._each("flag_slots", len(slots), slots, np.int64(len(slots)), flags, np.bool_(value))
 
-    def victim_flags(self, slots, occupied, dirty, flags) -> None:
-        self._each("victim_flags", len(slots), slots, np.int64(len(slots)), occupied, dirty, flags)
-
-    def victim_slots(self, slots, flags, ends, out) -> None:
-        self._each("victim_slots", 2 * len(slots), slots, np.int64(len(slots)), flags, ends, out)
+    def pack_victims(self, slots, occupied, dirty, out, counts) -> None:
+        """The dirty, then the clean, rows' slots that `slots` displace into `out`; their counts into `counts`."""
+        self._fn("pack_victims")((1,), (1024,), (slots, np.int64(len(slots)), occupied, dirty, out, counts))
 
     def spill_candidates(self, ids, slots, occupied, locks, num_sets: int, ways: int, count) -> None:
         self._each("spill_candidates", len(ids), ids, slots, np.int64(len(ids)), occupied, locks, np.int64(num_sets),
@@ -196,14 +194,15 @@ class Kernels:
             np.uint64(exponent), np.int64(state_off), np.int32(state_dim), out))
 
     def copy_rows(self, src, src_idx, src_stride: int, src_off: int, dst, dst_idx, dst_stride: int,
-                  dst_off: int, nbytes: int, n: int) -> None:
+                  dst_off: int, nbytes: int, n: int, rotate: int = 0) -> None:
         """Bytes [off, off + nbytes) of row src_idx[r] of src into row dst_idx[r] of dst, r < n.
-        A missing index means r; a negative index skips the row. The widest unit (up
-        to 16 bytes) that divides every stride, offset, size and base address is used."""
+        A missing index means r; a negative index skips the row. With `rotate`, destination
+        byte b takes source byte (b + rotate) mod nbytes. The widest unit (up to 16 bytes)
+        that divides every stride, offset, size, rotation and base address is used."""
         if n == 0 or nbytes == 0:
             return
         unit = 16
-        for value in (src_stride, src_off, dst_stride, dst_off, nbytes, src.data.ptr, dst.data.ptr):
+        for value in (src_stride, src_off, dst_stride, dst_off, nbytes, rotate, src.data.ptr, dst.data.ptr):
             while value % unit:
                 unit //= 2
         units = nbytes // unit
@@ -211,7 +210,8 @@ class Kernels:
         rows = self.copy_rows_in_flight if unit == 16 else COPY_ROWS_IN_FLIGHT
         self._fn(f"copy_rows<{COPY_TYPES[unit]}, {rows}>")(self._grid(-(-n // rows) << lg), (THREADS,), (
             src, _ptr(src_idx), np.int64(src_stride), np.int64(src_off), dst, _ptr(dst_idx),
-            np.int64(dst_stride), np.int64(dst_off), np.int32(units), np.int64(n), np.int32(lg)))
+            np.int64(dst_stride), np.int64(dst_off), np.int32(units), np.int64(n), np.int32(lg),
+            np.int32(rotate // unit)))
 
     def prepare_step(self, optimizer_name: str, dtype: str) -> None:
         """Compile (or load from CuPy's disk cache) the fused steps a table of this optimizer and

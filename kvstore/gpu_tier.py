@@ -60,7 +60,7 @@ def upload(host: np.ndarray) -> cupy.ndarray:
 
 GPU_SLOT_METADATA = 31       # bytes per slot beside its row: key, stamps, lock count, flags, set lists
 COPY_PIECE_ROWS = 16384     # rows per piece of a lookup's gather + copy-out pipeline
-RECENT_SLOT_ARRAYS = 4      # slot arrays returned to the table whose device copies are kept for reuse
+RECENT_ARRAYS = 4           # index arrays passed to or from the table whose device copies are kept
 
 
 class GpuTier:
@@ -93,22 +93,21 @@ class GpuTier:
         self._state_bytes = layout.state_dim * 4
         with self.device:
             self._copy_stream = cupy.cuda.Stream(non_blocking=True)   # copies out, beside the gathers
-        self._recent: list[tuple[np.ndarray, cupy.ndarray]] = []
+        self._recent: list[tuple[np.ndarray, np.ndarray, cupy.ndarray]] = []
 
     def _d(self, index: np.ndarray) -> cupy.ndarray:
-        """`index` on the device: the copy it came down from when it is a slot array this tier
-        just returned (a table passes a probe's slots back three or four times in one call),
-        else uploaded."""
-        for host, device in self._recent:
-            if host is index:
+        """`index` on the device: the device copy of an array this tier just returned or was just
+        given (a table passes a probe's slots, or a batch's new ids, back two to four times in
+        one call) when it still holds what it held then, else uploaded."""
+        for host, held, device in self._recent:
+            if host is index and np.array_equal(host, held):
                 return device
         return cupy.asarray(np.ascontiguousarray(index, dtype=np.int64))
 
-    def _returned(self, host: np.ndarray, device: cupy.ndarray) -> np.ndarray:
-        """`host`, a download of `device`, made read-only and remembered so that `_d` need not
-        upload it again (read-only: a caller that changed it would otherwise get stale slots)."""
-        host.flags.writeable = False
-        self._recent = [(host, device), *self._recent[:RECENT_SLOT_ARRAYS - 1]]
+    def _remember(self, host: np.ndarray, device: cupy.ndarray) -> np.ndarray:
+        """Keep `device`, a copy of `host`, for `_d` (with a host copy to check that `host` is
+        unchanged when it comes back: checking is far cheaper than an upload)."""
+        self._recent = [(host, host.copy(), device), *self._recent[:RECENT_ARRAYS - 1]]
         return host
 
     # --- reads ----------------------------------------------------------------------
@@ -119,7 +118,7 @@ class GpuTier:
     def probe(self, ids: np.ndarray) -> np.ndarray:
         with self.device:
             slots = self.cache.probe(self._d(ids))
-            return self._returned(cupy.asnumpy(slots), slots)
+            return self._remember(cupy.asnumpy(slots), slots)
 
     def probe_and_touch(self, ids: np.ndarray, now: float) -> np.ndarray:
         """Probe and, for hits, stamps and header access in one kernel (duplicates count once)."""
@@ -278,12 +277,15 @@ class GpuTier:
 
     def choose_slots(self, ids: np.ndarray, clean: bool = False) -> Eviction:
         with self.device:
-            choice = self.cache.choose_slots(self._d(ids), clean)
+            ids_d = self._d(ids)
+            if isinstance(ids, np.ndarray):
+                self._remember(ids, ids_d)                  # `fill` gets them next
+            choice = self.cache.choose_slots(ids_d, clean)
             parts = [choice.slots, choice.dirty_ids, choice.dirty_rows]
             if clean:
                 parts += [choice.clean_ids, choice.clean_rows]
             host = download_all(parts)
-            out = Eviction(self._returned(host[0], choice.slots), *host[1:3])
+            out = Eviction(self._remember(host[0], choice.slots), *host[1:3])
             if clean:
                 out.clean_ids, out.clean_rows = host[3:]
             return out

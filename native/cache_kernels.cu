@@ -516,25 +516,48 @@ extern "C" __global__ void flag_slots(const i64* __restrict__ slots, i64 n, bool
         if (slots[i] >= 0) flags[slots[i]] = value;
 }
 
-// What the slots chosen for new ids displace: flags[i] = 1 where slots[i] holds a dirty row,
-// flags[n + i] = 1 where it holds a clean one (slots of -1 and empty slots displace nothing).
-extern "C" __global__ void victim_flags(const i64* __restrict__ slots, i64 n, const bool* __restrict__ occupied,
-                                        const bool* __restrict__ dirty, i64* __restrict__ flags) {
-    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
-        const i64 slot = slots[i];
-        const bool held = slot >= 0 && occupied[slot];
-        const bool soiled = held && dirty[slot];
-        flags[i] = soiled;
-        flags[n + i] = held && !soiled;
+// The slots of the dirty rows, then of the clean rows, that `slots` (chosen for new ids)
+// displace, each kind in batch order, packed into out[0..); counts[0] = how many dirty,
+// counts[1] = how many clean. One block of 1,024 threads scans 1,024 entries a round (ballots
+// and a warp scan): no scan kernels and no wait between the passes.
+extern "C" __global__ void __launch_bounds__(1024) pack_victims(const i64* __restrict__ slots, i64 n,
+                                                                const bool* __restrict__ occupied,
+                                                                const bool* __restrict__ dirty,
+                                                                i64* __restrict__ out, i64* __restrict__ counts) {
+    __shared__ int before[32];
+    __shared__ int round_total;
+    __shared__ i64 base;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    if (threadIdx.x == 0) base = 0;
+    __syncthreads();
+    for (int kind = 0; kind < 2; ++kind) {
+        const i64 first = base;
+        for (i64 start = 0; start < n; start += blockDim.x) {
+            const i64 i = start + threadIdx.x;
+            const i64 slot = i < n ? slots[i] : -1;
+            const bool take = slot >= 0 && occupied[slot] && dirty[slot] == (kind == 0);
+            const unsigned ballot = __ballot_sync(FULL, take);
+            if (lane == 0) before[warp] = __popc(ballot);
+            __syncthreads();
+            if (warp == 0) {
+                const int mine = lane < warps ? before[lane] : 0;
+                int sum = mine;
+                for (int d = 1; d < 32; d <<= 1) {
+                    const int other = __shfl_up_sync(FULL, sum, d);
+                    if (lane >= d) sum += other;
+                }
+                if (lane < warps) before[lane] = sum - mine;
+                if (lane == 31) round_total = sum;
+            }
+            __syncthreads();
+            if (take) out[base + before[warp] + __popc(ballot & ((1u << lane) - 1u))] = slot;
+            __syncthreads();
+            if (threadIdx.x == 0) base += round_total;
+            __syncthreads();
+        }
+        if (threadIdx.x == 0) counts[kind] = base - first;
+        __syncthreads();
     }
-}
-
-// The flagged slots in batch order, dirty ones first: out[ends[j] - 1] = slots[j mod n] where
-// flags[j] (`ends`: the inclusive scan of `flags`).
-extern "C" __global__ void victim_slots(const i64* __restrict__ slots, i64 n, const i64* __restrict__ flags,
-                                        const i64* __restrict__ ends, i64* __restrict__ out) {
-    for (i64 j = (i64)blockIdx.x * blockDim.x + threadIdx.x; j < 2 * n; j += (i64)gridDim.x * blockDim.x)
-        if (flags[j]) out[ends[j] - 1] = slots[j < n ? j : j - n];
 }
 
 // How many ids want a way of the next set (their slot is -1 or would displace a row) while
@@ -600,7 +623,9 @@ extern "C" __global__ void nonfinite_rows(const char* __restrict__ rows, i64 row
 // --- row copies ---------------------------------------------------------------
 //
 // Copies `units` T-sized units from row src_idx[r] of src to row dst_idx[r] of dst (a
-// null index means r; a negative index skips the row). Gather, scatter, write-back
+// null index means r; a negative index skips the row); unit u of the destination row takes
+// unit (u + rot) mod units of the source row (0 <= rot < units: whole rows moved to or from
+// the slab's rotated layout in one launch). Gather, scatter, write-back
 // extraction and fills are all this one kernel. 2^lg threads per row, R rows in flight
 // per group, and the next round's row indices loaded while this round's bytes move. Plain
 // loads and stores: with evict-first hints (__ldcs/__stcs) a gather of 1M random 512-byte rows
@@ -618,7 +643,7 @@ __device__ __forceinline__ void row_indices(const i64* __restrict__ idx, i64 r, 
 template <typename T, int R>
 __global__ void __launch_bounds__(256, 4) copy_rows(const char* __restrict__ src, const i64* __restrict__ src_idx, i64 src_stride,
                           i64 src_off, char* __restrict__ dst, const i64* __restrict__ dst_idx,
-                          i64 dst_stride, i64 dst_off, int units, i64 n, int lg) {
+                          i64 dst_stride, i64 dst_off, int units, i64 n, int lg, int rot) {
     const int sub = threadIdx.x & ((1 << lg) - 1);
     const i64 groups = ((i64)gridDim.x * blockDim.x) >> lg;
     i64 r = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> lg;
@@ -638,10 +663,11 @@ __global__ void __launch_bounds__(256, 4) copy_rows(const char* __restrict__ src
         row_indices<R>(src_idx, r + R * groups, groups, n, s);
         row_indices<R>(dst_idx, r + R * groups, groups, n, d);
         for (int u = sub; u < units; u += 1 << lg) {
+            const int at = u + rot < units ? u + rot : u + rot - units;
             T v[R];
 #pragma unroll
             for (int k = 0; k < R; ++k)
-                if (go[k]) v[k] = from[k][u];
+                if (go[k]) v[k] = from[k][at];
 #pragma unroll
             for (int k = 0; k < R; ++k)
                 if (go[k]) to[k][u] = v[k];
