@@ -156,6 +156,14 @@ class GpuCache(SetAssociativeCache):
         with self.device:
             self.kernels.flag_slots(self._ids(slots), self.dirty, value)
 
+    def occupancy(self) -> int:
+        with self.device:
+            return self.kernels.count("count_set", self.occupied)
+
+    def locked_rows(self) -> int:
+        with self.device:
+            return self.kernels.count("count_locked", self.locks)
+
     # --- insert --------------------------------------------------------------
 
     def _link(self, ids, flags: int, claim: _Victims | None = None):

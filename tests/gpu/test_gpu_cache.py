@@ -82,11 +82,15 @@ def test_batches_give_the_host_hits_victims_and_rows(policy, ways, kind):
         np.testing.assert_array_equal(gpu_slots, slots)
         new = np.unique(ids[slots < 0])
         rng.shuffle(new)
-        want = host.choose_slots(new)
-        got = gpu.choose_slots(new)
+        clean = batch % 2 == 1               # the displaced clean rows too (a table with a tier below)
+        want = host.choose_slots(new, clean)
+        got = gpu.choose_slots(new, clean)
         np.testing.assert_array_equal(got.slots.get(), want.slots)
         np.testing.assert_array_equal(got.dirty_ids.get(), want.dirty_ids)
         np.testing.assert_array_equal(got.dirty_rows.get(), want.dirty_rows)
+        if clean:
+            np.testing.assert_array_equal(got.clean_ids.get(), want.clean_ids)
+            np.testing.assert_array_equal(got.clean_rows.get(), want.clean_rows)
         dirty = rng.random(len(new)) < 0.5
         host.fill(want.slots, new, rows_for(new), dirty)
         gpu.fill(got.slots, new, rows_for(new), dirty)
