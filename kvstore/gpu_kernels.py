@@ -15,23 +15,27 @@ import functools
 
 import cupy
 import numpy as np
-from kvstore_native import SOURCE_DIR
 
 from .config import OptimizerConfig
+from .gpu_sources import (
+    COPY_ROWS_IN_FLIGHT,
+    COPY_TYPES,
+    OPTIMIZER_CODES,
+    OPTIONS,
+    PROBE_TYPES,
+    STEP_ROWS_IN_FLIGHT,
+    WEIGHT_TYPES,
+    cache_names,
+    source,
+    step_name,
+    step_names,
+)
 from .optimizers import bias_correction_table
 
-NATIVE = SOURCE_DIR
-SOURCES = ("cache_kernels.cu", "optimizer_kernels.cu")   # one compilation unit, in this order
 THREADS = 256
-OPTIMIZER_CODES = {"sgd": 0, "adagrad": 1, "rowwise_adagrad": 2, "adam": 3, "partial_rowwise_adam": 4}
 ADAMS = ("adam", "partial_rowwise_adam")   # the steps with bias corrections
-WEIGHT_TYPES = {"float32": "float", "float64": "double", "float16": "half_t", "bfloat16": "bf16_t"}
 EXPONENTS = {"float32": (4, 0x7F800000), "float64": (8, 0x7FF0000000000000),   # size, exponent mask
              "float16": (2, 0x7C00), "bfloat16": (2, 0x7F80)}
-COPY_TYPES = {16: "uint4", 8: "unsigned long long", 4: "unsigned int", 2: "unsigned short", 1: "unsigned char"}
-PROBE_TYPES = {"generic": "probe<32, 1>", "ways32": "probe<8, 4>"}
-COPY_ROWS_IN_FLIGHT = 2              # rows a thread group copies at once (4 also compiled, for comparison)
-STEP_ROWS_IN_FLIGHT = 1              # rows a warp steps at once (2 needs more registers: fewer warps, slower)
 STEP_WAVES = 16                      # the step's grid: up to this many full waves of blocks (see __init__)
 NULL = np.uint64(0)                  # a null pointer argument
 
@@ -39,21 +43,9 @@ NULL = np.uint64(0)                  # a null pointer argument
 TOUCH, LINK, ALL_NEW, COUNT_USES, HEADERS, MARK = 1, 2, 4, 8, 16, 32
 
 
-def _names() -> list[str]:
-    names = list(PROBE_TYPES.values())
-    names += [f"copy_rows<{t}, {COPY_ROWS_IN_FLIGHT}>" for t in COPY_TYPES.values()]
-    names += [f"copy_rows<{COPY_TYPES[16]}, 4>"]
-    return names
-
-
-def _step_name(weight: str, code: int, vec: bool, seg: bool) -> str:
-    return f"optimizer_step<{weight}, {code}, {int(vec)}, {STEP_ROWS_IN_FLIGHT}, {int(seg)}>"
-
-
 def _compiled(device_id: int, names: list[str]) -> cupy.RawModule:
     with cupy.cuda.Device(device_id):
-        code = "\n".join((NATIVE / name).read_text() for name in SOURCES)
-        module = cupy.RawModule(code=code, options=("-std=c++17",), name_expressions=names)
+        module = cupy.RawModule(code=source(), options=OPTIONS, name_expressions=names)
         module.compile()
         return module
 
@@ -61,19 +53,19 @@ def _compiled(device_id: int, names: list[str]) -> cupy.RawModule:
 @functools.cache
 def _module(device_id: int) -> cupy.RawModule:
     """The cache's kernels (probes, copies, duplicate sums, victims, metadata)."""
-    return _compiled(device_id, _names())
+    return _compiled(device_id, cache_names())
 
 
 @functools.cache
 def _step_module(device_id: int, weight: str, code: int) -> cupy.RawModule:
     """The fused optimizer steps of one weight type and optimizer (with and without vector
     moves and duplicate segments)."""
-    return _compiled(device_id, [_step_name(weight, code, vec, seg) for vec in (0, 1) for seg in (0, 1)])
+    return _compiled(device_id, step_names(weight, code))
 
 
 @functools.cache
 def _step_function(device_id: int, weight: str, code: int, vec: bool, seg: bool):
-    return _step_module(device_id, weight, code).get_function(_step_name(weight, code, vec, seg))
+    return _step_module(device_id, weight, code).get_function(step_name(weight, code, vec, seg))
 
 
 @functools.lru_cache(maxsize=16)
