@@ -30,7 +30,9 @@ charges the server's CPU over the whole run to the remote models, which is exact
 
 `--device cuda` trains every model on the GPU (the local bags too); `--cache-device cuda` puts the
 remote tables' caches in the server's GPU memory, and with `--same-host on` their rows and
-gradients then go through CUDA IPC unless `--cuda-ipc off` (docs/same-host.md).
+gradients then go through CUDA IPC unless `--cuda-ipc off` (docs/same-host.md). `--cache-device
+cpu,cuda` runs each remote model twice in the same turns, over host-cached and GPU-cached tables,
+and prints the GPU tables' steps/s over the host tables'.
 """
 from __future__ import annotations
 
@@ -162,31 +164,44 @@ REMOTE_KINDS = ("plain", "prefetch", "collection", "pipelined", "ahead", "early"
 
 
 def remote_trainers(client: KVStoreClient, args, data, batch: int) -> dict[str, Trainer]:
+    """One trainer per model kind and cache device (labelled with the device when there are several)."""
     trainers = {}
+    devices = cache_devices(args)
     for kind in args.models.split(","):
-        tables = {name: f"{kind}_{batch}_{name}" for name in ("users", "items")}
-        for table in tables.values():
-            client.create_table(table, dim=args.dim, optimizer={"name": "adagrad", "lr": 0.1},
-                                cache={"rows": args.cache_rows, "flush_seconds": args.flush_seconds,
-                                       "device": args.cache_device})
-        if kind in ("plain", "prefetch"):
-            model = Model(RemoteEmbeddingBag(client, tables["users"], mode="sum"),
-                          RemoteEmbeddingBag(client, tables["items"], mode="mean"), args.dim)
-            label = f"RemoteEmbeddingBag ({kind})"
-        else:
-            collection = RemoteEmbeddingBagCollection(
-                client, [Feature("user", tables["users"], "sum"), Feature("item", tables["items"], "mean")],
-                pipeline=kind != "collection", staleness=args.staleness if kind == "stale" else 0)
-            model = CollectionModel(collection, args.dim)
-            label = {"collection": "Collection (waits)", "pipelined": "Collection (pipelined, exact)",
-                     "ahead": "Collection (+ next_batch, exact)",
-                     "early": "Collection (+ next_batch in forward)",
-                     "warm": "Collection (+ prefetch of i+2, exact)",
-                     "stale": f"Collection (staleness {args.staleness})"}[kind]
-        trainers[label] = Trainer(model, data, batch, kind in ("prefetch", "ahead"), warm=kind == "warm",
-                                  device=args.device, early=kind == "early")
-        trainers[label].tables = list(tables.values())
+        for device in devices:
+            label, trainer = remote_trainer(client, args, data, batch, kind, device)
+            trainers[label + (f" [{device}]" if len(devices) > 1 else "")] = trainer
     return trainers
+
+
+def cache_devices(args) -> list[str]:
+    return list(dict.fromkeys(args.cache_device.split(",")))
+
+
+def remote_trainer(client: KVStoreClient, args, data, batch: int, kind: str, device: str) -> tuple[str, Trainer]:
+    """A model of `kind` over two new tables whose caches are on `device`."""
+    tables = {name: f"{kind}_{batch}_{device.replace(':', '')}_{name}" for name in ("users", "items")}
+    for table in tables.values():
+        client.create_table(table, dim=args.dim, optimizer={"name": "adagrad", "lr": 0.1},
+                            cache={"rows": args.cache_rows, "flush_seconds": args.flush_seconds, "device": device})
+    if kind in ("plain", "prefetch"):
+        model = Model(RemoteEmbeddingBag(client, tables["users"], mode="sum"),
+                      RemoteEmbeddingBag(client, tables["items"], mode="mean"), args.dim)
+        label = f"RemoteEmbeddingBag ({kind})"
+    else:
+        collection = RemoteEmbeddingBagCollection(
+            client, [Feature("user", tables["users"], "sum"), Feature("item", tables["items"], "mean")],
+            pipeline=kind != "collection", staleness=args.staleness if kind == "stale" else 0)
+        model = CollectionModel(collection, args.dim)
+        label = {"collection": "Collection (waits)", "pipelined": "Collection (pipelined, exact)",
+                 "ahead": "Collection (+ next_batch, exact)",
+                 "early": "Collection (+ next_batch in forward)",
+                 "warm": "Collection (+ prefetch of i+2, exact)",
+                 "stale": f"Collection (staleness {args.staleness})"}[kind]
+    trainer = Trainer(model, data, batch, kind in ("prefetch", "ahead"), warm=kind == "warm",
+                      device=args.device, early=kind == "early")
+    trainer.tables = list(tables.values())
+    return label, trainer
 
 
 def storage_per_step(client: KVStoreClient, trainer: Trainer) -> str:
@@ -243,7 +258,9 @@ def main() -> None:
                         help="server processes (`kvstore-server --shards N`); the remote models use one ShardedClient "
                              "over them, which has no same-host path")
     parser.add_argument("--device", default="cpu", help="where every model trains: cpu or cuda")
-    parser.add_argument("--cache-device", default="cpu", help="the remote tables' cache.device: cpu or cuda")
+    parser.add_argument("--cache-device", default="cpu",
+                        help="the remote tables' cache.device: cpu, cuda, or several (cpu,cuda: each model once per "
+                             "device, taking turns in the same run, with each device's ratio to the first)")
     parser.add_argument("--cuda-ipc", choices=("on", "off"), default="on",
                         help="with --same-host: a GPU table's rows and gradients through CUDA IPC")
     args = parser.parse_args()
@@ -287,6 +304,13 @@ def main() -> None:
                     storage = storage_per_step(client, trainers[name]) if trainers[name].tables else ""
                     print(f"{name:34} {rate:>8.1f} {rate * batch * 3:>10,.0f} {rate / local:>8.2f} "
                           f"{server_ms:>14.1f} {storage}")
+                devices = cache_devices(args)
+                for name, (rate, _) in results.items():      # e.g. GPU tables against host tables, same run
+                    if len(devices) > 1 and name.endswith(f" [{devices[0]}]"):
+                        base = name[:-len(f" [{devices[0]}]")]
+                        for device in devices[1:]:
+                            other = results[f"{base} [{device}]"][0]
+                            print(f"{base}: tables on {device} train at {other / rate:.2f} of tables on {devices[0]}")
                 remote = len(trainers) - 1
                 print(f"server CPU over the whole run, every turn included: {run_cpu:.1f} s, "
                       f"{1000 * run_cpu / (args.steps * remote):.1f} ms per step of each of {remote} remote models")
