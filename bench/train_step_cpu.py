@@ -10,9 +10,12 @@ server reads RocksDB for them, initializes and stores them), "cached" draws them
 dispatch, the optimizer step, the cache's gather and scatter, and encode). Prints each
 server's CPU ms per step (user + system, all its threads, from /proc) and the ratio.
 With `--baseline DIR` (a checkout of an earlier kvstore) that version's servers run the
-same steps in the same turns, for a before/after.
+same steps in the same turns, for a before/after. With `--cache-device cpu,cuda` every server
+runs once with host-cached tables and once with GPU-cached ones, in the same turns, and the
+GPU tables' CPU per step over the host tables' is printed.
 
     python bench/train_step_cpu.py [--batches 1024,8192] [--steps 40] [--rounds 2] [--baseline DIR]
+                                   [--cache-device cpu,cuda]
 """
 from __future__ import annotations
 
@@ -45,13 +48,14 @@ def server_env(tree: str | None) -> dict | None:
 class Driver:
     """One server and one collection over it, stepping through its own data a slice at a time."""
 
-    def __init__(self, env: dict | None, data, batch: int):
+    def __init__(self, env: dict | None, data, batch: int, device: str = "cpu"):
         self.data_dir = tempfile.mkdtemp(prefix="kvstep-")
         cmd = [sys.executable, "-m", "kvstore_server", "--data-dir", self.data_dir, "--port", "0"]
         self.proc, address = start(cmd, env)
         self.client = KVStoreClient(address, timeout=300)
         for table in ("users", "items"):
-            self.client.create_table(table, dim=64, cache={"rows": 1 << 18}, optimizer={"name": "adagrad", "lr": 0.1})
+            self.client.create_table(table, dim=64, cache={"rows": 1 << 18, "device": device},
+                                     optimizer={"name": "adagrad", "lr": 0.1})
         self.collection = RemoteEmbeddingBagCollection(
             self.client, [Feature("user", "users", "sum"), Feature("item", "items", "mean")])
         self.data, self.batch, self.done = data, batch, 0
@@ -84,15 +88,17 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=1_000_000)
     parser.add_argument("--cached-users", type=int, default=20_000)
     parser.add_argument("--baseline", help="an earlier kvstore checkout whose servers run beside this one's")
+    parser.add_argument("--cache-device", default="cpu", help="the tables' cache.device; several: cpu,cuda")
     args = parser.parse_args()
     trees = {"this": None, **({"baseline": args.baseline} if args.baseline else {})}
+    devices = list(dict.fromkeys(args.cache_device.split(",")))
     print(f"train step CPU bench: {os.cpu_count()} CPUs, load average {os.getloadavg()}")
     for batch in (int(b) for b in args.batches.split(",")):
         total = (args.steps * args.rounds + 10) * batch
         data = {"new rows": synthetic_clicks(total, args.users, 100_000, 8, seed=0),
                 "cached": synthetic_clicks(total, args.cached_users, 100_000, 8, seed=0)}
-        drivers = {(tree, kind): Driver(server_env(path), data[kind], batch)
-                   for tree, path in trees.items() for kind in data}
+        drivers = {(tree, device, kind): Driver(server_env(path), data[kind], batch, device)
+                   for tree, path in trees.items() for device in devices for kind in data}
         try:
             for driver in drivers.values():
                 driver.cpu_ms_per_step(5)                          # warm-up
@@ -106,9 +112,13 @@ def main() -> None:
         print(f"\nbatch {batch} ({3 * batch} ids per step), {args.rounds} turns of {args.steps} steps, "
               f"load average {os.getloadavg()}")
         for tree in trees:
-            new, cached = (cpu[tree, kind] for kind in data)
-            print(f"{tree:9} server CPU ms/step: new rows {' '.join(f'{c:6.1f}' for c in new)}   "
-                  f"cached {' '.join(f'{c:6.1f}' for c in cached)}   new/cached {sum(new) / sum(cached):.2f}")
+            for device in devices:
+                new, cached = (cpu[tree, device, kind] for kind in data)
+                print(f"{tree:9} {device:7} server CPU ms/step: new rows {' '.join(f'{c:6.1f}' for c in new)}   "
+                      f"cached {' '.join(f'{c:6.1f}' for c in cached)}   new/cached {sum(new) / sum(cached):.2f}")
+            for device in devices[1:]:                             # e.g. GPU tables over host tables
+                print(f"{tree:9} {device} over {devices[0]}: " + ", ".join(
+                    f"{kind} {sum(cpu[tree, device, kind]) / sum(cpu[tree, devices[0], kind]):.2f}" for kind in data))
 
 
 if __name__ == "__main__":
