@@ -14,7 +14,7 @@ from kvstore import gpu_sources
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCHERS = (ROOT / "kvstore" / "gpu_kernels.py", ROOT / "kvstore" / "gpu_cache.py")
-ARCH = "compute_90"       # Hopper: the H100 and H200 the tier is tuned for
+ARCHS = ["compute_80", "compute_90"]      # Ampere (A100) and Hopper (H100, H200: what the tier is tuned for)
 
 
 def nvrtc() -> ctypes.CDLL:
@@ -30,7 +30,7 @@ def nvrtc() -> ctypes.CDLL:
     pytest.skip("NVRTC not installed (pip install nvidia-cuda-nvrtc-cu12)")
 
 
-def compile_with_nvrtc(source: str, names: list[str]) -> tuple[int, str, dict[str, str]]:
+def compile_with_nvrtc(source: str, names: list[str], arch: str = ARCHS[-1]) -> tuple[int, str, dict[str, str]]:
     """(result code, log, lowered name of each name expression) of one NVRTC compilation."""
     lib = nvrtc()
     program = ctypes.c_void_p()
@@ -38,7 +38,7 @@ def compile_with_nvrtc(source: str, names: list[str]) -> tuple[int, str, dict[st
     try:
         for name in names:
             assert lib.nvrtcAddNameExpression(program, name.encode()) == 0
-        options = [o.encode() for o in gpu_sources.OPTIONS] + [f"--gpu-architecture={ARCH}".encode()]
+        options = [o.encode() for o in gpu_sources.OPTIONS] + [f"--gpu-architecture={arch}".encode()]
         result = lib.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options))
         size = ctypes.c_size_t()
         lib.nvrtcGetProgramLogSize(program, ctypes.byref(size))
@@ -63,10 +63,11 @@ def every_template() -> list[str]:
     return names
 
 
-def test_the_sources_compile_with_every_template_the_launchers_name():
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_sources_compile_with_every_template_the_launchers_name(arch):
     names = every_template()
     assert len(names) == 8 + 4 * 5 * 4
-    result, log, lowered = compile_with_nvrtc(gpu_sources.source(), names)
+    result, log, lowered = compile_with_nvrtc(gpu_sources.source(), names, arch)
     errors = [line for line in log.splitlines() if "error" in line]
     assert result == 0, "\n".join(errors[:20]) or log[-3000:]
     assert sorted(lowered) == sorted(names)          # each template exists with the arguments given
