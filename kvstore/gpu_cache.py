@@ -157,12 +157,16 @@ class GpuCache(SetAssociativeCache):
             self.kernels.flag_slots(self._ids(slots), self.dirty, value)
 
     def occupancy(self) -> int:
-        with self.device:
-            return self.kernels.count("count_set", self.occupied)
+        return self._count(self.kernels.count_set, self.occupied)
 
     def locked_rows(self) -> int:
+        return self._count(self.kernels.count_locked, self.locks)
+
+    def _count(self, kernel, values) -> int:
         with self.device:
-            return self.kernels.count("count_locked", self.locks)
+            total = cupy.zeros(1, dtype=cupy.uint64)
+            kernel(values, total)
+            return int(download(total)[0])
 
     # --- insert --------------------------------------------------------------
 
@@ -210,7 +214,7 @@ class GpuCache(SetAssociativeCache):
             return
         count = cupy.zeros(1, dtype=cupy.uint64)
         self.kernels.spill_candidates(ids, slots, self.occupied, self.locks, self.num_sets, self.ways, count)
-        if not int(_read(count)[0]):
+        if not int(download(count)[0]):
             return
         wanting = cupy.flatnonzero((slots < 0) | self.occupied[cupy.maximum(slots, 0)])
         near = (self.set_of(ids[wanting]) + 1) % self.num_sets
@@ -247,6 +251,8 @@ class GpuCache(SetAssociativeCache):
             if not rows.flags.c_contiguous:
                 rows = cupy.ascontiguousarray(rows)
             self.scatter_rows(slots, rows)
+            if isinstance(dirty, np.ndarray) and (not dirty.any() or dirty.all()):
+                dirty = bool(len(dirty) and dirty[0])      # one value for every row: no flags to upload
             flags = dirty if getattr(dirty, "ndim", 0) else None
             self.kernels.fill_meta(slots, ids, self.keys, self.occupied, self.dirty,
                                    None if flags is None else cupy.asarray(flags, dtype=cupy.bool_),
@@ -259,7 +265,7 @@ class GpuCache(SetAssociativeCache):
         packed = cupy.empty(len(slots), dtype=cupy.int64)
         counts = cupy.empty(2, dtype=cupy.int64)
         self.kernels.pack_victims(slots, self.occupied, self.dirty, packed, counts)
-        soiled, quiet = (int(v) for v in _read(counts))
+        soiled, quiet = (int(v) for v in download(counts))
         displaced = packed[:soiled]
         choice = Eviction(slots, self.keys[displaced], self.gather_rows(displaced))
         if clean:
@@ -363,7 +369,7 @@ class GpuCache(SetAssociativeCache):
                                             segments=segments, skip=skip)
 
             step(slots, skip=repeated)
-            twice, missed = _read(repeated)              # the one wait, with the step already queued
+            twice, missed = download(repeated)           # the one wait, with the step already queued
             if not twice:
                 return _unique_misses(ids, slots) if missed else (ids, slots)
             groups = slot_groups(self, ids, slots)
@@ -386,7 +392,7 @@ class SlotGroups:
     def unique(self, ids: cupy.ndarray, slots_at: cupy.ndarray) -> tuple[cupy.ndarray, cupy.ndarray]:
         """(unique ids, their slots): the cached groups, then the uncached ids made unique.
         The one wait of the call: the group count and the first group's slot."""
-        count, first = (int(v) for v in _read(cupy.stack((self.ends[-1], self.slots[0]))))
+        count, first = (int(v) for v in download(cupy.stack((self.ends[-1], self.slots[0]))))
         if first >= 0:
             return self.uniq[:count], self.slots[:count]
         return _unique_misses(ids, slots_at, self.uniq[1:count], self.slots[1:count])   # misses: group 0
@@ -420,12 +426,20 @@ def slot_groups(cache: GpuCache, ids: cupy.ndarray, slots_at: cupy.ndarray) -> S
         return SlotGroups(order, starts, slots, uniq, ends)
 
 
-def _read(values: cupy.ndarray) -> np.ndarray:
-    """A small device array on the host, through a page-locked buffer (a plain `.get()`
-    stages through pageable memory, which is slower for a few bytes)."""
-    pinned = cupyx.empty_pinned(values.shape, dtype=values.dtype)
-    values.get(out=pinned)
-    return pinned
+def download_all(arrays: list[cupy.ndarray]) -> list[np.ndarray]:
+    """Host copies of device arrays, each in a page-locked buffer of its own, with one wait (a
+    plain `.get()` stages through pageable memory: slower, for a few bytes as for many)."""
+    out = [cupyx.empty_pinned(a.shape, dtype=a.dtype) for a in arrays]
+    for array, host in zip(arrays, out, strict=True):
+        if array.size:
+            cupy.ascontiguousarray(array).get(out=host, blocking=False)
+    cupy.cuda.get_current_stream().synchronize()
+    return out
+
+
+def download(array: cupy.ndarray) -> np.ndarray:
+    """A host copy of a device array, in a page-locked buffer of its own."""
+    return download_all([array])[0]
 
 
 @dataclass
@@ -451,7 +465,7 @@ def segments_of(cache: GpuCache, ids: cupy.ndarray) -> Segments:
         ends = cupy.cumsum(heads)
         starts, uniq, inverse = (cupy.empty(n, dtype=cupy.int64) for _ in range(3))
         k.segment_index(ids, order, heads, ends, starts, uniq, inverse)
-        count = int(_read(ends[-1:])[0]) if n else 0
+        count = int(download(ends[-1:])[0]) if n else 0
         return Segments(uniq[:count], order, starts[:count], inverse)
 
 

@@ -163,12 +163,13 @@ class Kernels:
         """The dirty, then the clean, rows' slots that `slots` displace into `out`; their counts into `counts`."""
         self._fn("pack_victims")((1,), (1024,), (slots, np.int64(len(slots)), occupied, dirty, out, counts))
 
-    def count(self, name: str, values) -> int:
-        """`count_set` (flags set) or `count_locked` (counts above 0) over a whole array, read back."""
-        total = cupy.zeros(1, dtype=cupy.uint64)
-        if len(values):        # every thread of a warp takes part in its sum: the grid covers whole warps
-            self._fn(name)(self._grid(len(values)), (THREADS,), (values, np.int64(len(values)), total))
-        return int(total.get()[0])
+    def count_set(self, flags, total) -> None:
+        """total[0] += how many of `flags` are set."""
+        self._each("count_set", len(flags), flags, np.int64(len(flags)), total)
+
+    def count_locked(self, locks, total) -> None:
+        """total[0] += how many of `locks` are above 0."""
+        self._each("count_locked", len(locks), locks, np.int64(len(locks)), total)
 
     def spill_candidates(self, ids, slots, occupied, locks, num_sets: int, ways: int, count) -> None:
         self._each("spill_candidates", len(ids), ids, slots, np.int64(len(ids)), occupied, locks, np.int64(num_sets),

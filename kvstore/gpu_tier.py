@@ -18,31 +18,13 @@ from .arrays import BF16
 from .cache import Eviction
 from .config import CacheConfig, OptimizerConfig
 from .errors import FailedPrecondition, ResourceExhausted
-from .gpu_cache import GpuCache, dtype_name
+from .gpu_cache import GpuCache, download, download_all, dtype_name
 from .rows import HEADER, HEADER_BYTES, RowLayout, slab_pitch
 
 
 def device_dtype(dtype: np.dtype) -> np.dtype:
     """The dtype an array of `dtype` has on the device (bfloat16, which CuPy lacks -> uint16 bits)."""
     return np.dtype(np.uint16) if dtype == BF16 else np.dtype(dtype)
-
-
-def download(array: cupy.ndarray) -> np.ndarray:
-    """A host copy of a device array, in a page-locked buffer of its own (full PCIe speed)."""
-    out = cupyx.empty_pinned(array.shape, dtype=array.dtype)
-    if array.size:
-        cupy.ascontiguousarray(array).get(out=out)
-    return out
-
-
-def download_all(arrays: list[cupy.ndarray]) -> list[np.ndarray]:
-    """Host copies of device arrays, each in a page-locked buffer of its own, with one wait."""
-    out = [cupyx.empty_pinned(a.shape, dtype=a.dtype) for a in arrays]
-    for array, host in zip(arrays, out, strict=True):
-        if array.size:
-            cupy.ascontiguousarray(array).get(out=host, blocking=False)
-    cupy.cuda.get_current_stream().synchronize()
-    return out
 
 
 def upload(host: np.ndarray) -> cupy.ndarray:
@@ -292,10 +274,8 @@ class GpuTier:
 
     def fill(self, slots: np.ndarray, ids: np.ndarray, rows: np.ndarray, dirty) -> None:
         with self.device:
-            if getattr(dirty, "ndim", 0) and (dirty.all() or not dirty.any()):
-                dirty = bool(dirty[0]) if len(dirty) else False     # one value: no flags to upload
-            flags = cupy.asarray(np.asarray(dirty, dtype=bool)) if getattr(dirty, "ndim", 0) else bool(dirty)
-            self.cache.fill(self._d(slots), self._d(ids), upload(rows), flags)
+            dirty = np.asarray(dirty, dtype=bool) if getattr(dirty, "ndim", 0) else bool(dirty)
+            self.cache.fill(self._d(slots), self._d(ids), upload(rows), dirty)
 
     def write_rows(self, slots: np.ndarray, rows: np.ndarray) -> None:
         with self.device:

@@ -25,3 +25,26 @@ def require_gpu():
     import cupy
 
     return cupy
+
+
+@pytest.fixture
+def compiles(monkeypatch) -> list[str]:
+    """Every kernel CuPy compiles from here on, as 'name from [the last kvstore frames]': a kernel
+    compiled on a request's path stalls a fresh server for as long as NVRTC takes (seconds)."""
+    import re
+    import traceback
+
+    import cupy
+
+    seen: list[str] = []
+    compile_module = cupy.cuda.compiler._compile_module_with_cache
+
+    def counted(*args, **kwargs):
+        kernel = re.findall(r"void (\w+)\(", args[0])
+        where = [f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}" for f in traceback.extract_stack()
+                 if "/kvstore/" in f.filename]
+        seen.append(f"{kernel[:1]} from {where[-3:]}")
+        return compile_module(*args, **kwargs)
+
+    monkeypatch.setattr(cupy.cuda.compiler, "_compile_module_with_cache", counted)
+    return seen

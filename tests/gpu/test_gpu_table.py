@@ -189,12 +189,9 @@ def test_steps_that_would_write_nan_or_inf_are_refused_like_on_the_host_table(st
     assert messages[0] == messages[1] and "[3, 17, 29]" in messages[0], messages
 
 
-def test_steps_of_tables_of_new_shapes_compile_no_kernel(monkeypatch, store):
+def test_steps_of_tables_of_new_shapes_compile_no_kernel(request, store):
     """A table's kernels are compiled when it is created: its first steps, of any batch size,
     and its first stats compile nothing (NVRTC would stall a fresh server for seconds each)."""
-    import re
-    import traceback
-
     shapes = [("float32", 16, "adagrad"), ("float16", 24, "adagrad"), ("bfloat16", 40, "adam"),
               ("float32", 72, "rowwise_adagrad"), ("float64", 8, "sgd")]
     for n, (dtype, dim, optimizer) in enumerate(shapes):      # caches of 2,048 to 524,288 slots
@@ -204,17 +201,7 @@ def test_steps_of_tables_of_new_shapes_compile_no_kernel(monkeypatch, store):
     for batch in (5, 3000):               # the shared path, once (a scan of over 256 items compiles one more kernel)
         store.apply_gradients("t0", np.arange(batch) * 7, np.ones((batch, 16), np.float32))
     store.stats("t0")
-    compiles = []
-    compile_module = cupy.cuda.compiler._compile_module_with_cache
-
-    def counted(*args, **kwargs):
-        kernel = re.findall(r"void (\\w+)\\(", args[0])
-        where = [f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno}" for f in traceback.extract_stack()
-                 if "/kvstore/" in f.filename]
-        compiles.append(f"{kernel[:1]} from {where[-3:]}")
-        return compile_module(*args, **kwargs)
-
-    monkeypatch.setattr(cupy.cuda.compiler, "_compile_module_with_cache", counted)
+    compiles = request.getfixturevalue("compiles")     # counted from here on, after the warm-up
     stats = []
     for n, (_, dim, _) in enumerate(shapes):
         for batch in (3, 700, 3000):
