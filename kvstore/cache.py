@@ -278,6 +278,9 @@ class SetAssociativeCache:
     def dirty_slots(self):
         return self.xp.nonzero(self.dirty)[0]
 
+    def dirty_rows(self) -> int:
+        return int(self.xp.count_nonzero(self.dirty))
+
     def invalidate(self, ids) -> None:
         """Drop ids from the cache without writing them back."""
         slots = self.probe(ids)

@@ -162,6 +162,9 @@ class GpuCache(SetAssociativeCache):
     def locked_rows(self) -> int:
         return self._count(self.kernels.count_locked, self.locks)
 
+    def dirty_rows(self) -> int:
+        return self._count(self.kernels.count_set, self.dirty)
+
     def _count(self, kernel, values) -> int:
         with self.device:
             total = cupy.zeros(1, dtype=cupy.uint64)

@@ -255,6 +255,10 @@ class GpuTier:
         with self.device:
             return self.cache.locked_rows()
 
+    def dirty_rows(self) -> int:
+        with self.device:
+            return self.cache.dirty_rows()
+
     # --- placement and changes of cached rows -------------------------------------------------
 
     def choose_slots(self, ids: np.ndarray, clean: bool = False) -> Eviction:

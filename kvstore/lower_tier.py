@@ -77,7 +77,7 @@ class LowerTier:
 
     def stats(self) -> dict[str, float]:
         return {"host_tier_rows": float(self.tier.occupancy()), "host_tier_capacity": float(self.tier.capacity),
-                "host_tier_dirty_rows": float(len(self.tier.dirty_slots()))}
+                "host_tier_dirty_rows": float(self.tier.dirty_rows())}
 
 
 class NoLowerTier:

@@ -287,7 +287,7 @@ class TableUpkeep:
             counters = {k: float(v) for k, v in self.counters.items()}
             counters["cache_rows"] = float(self.cache.occupancy())
             counters["cache_capacity"] = float(self.cache.capacity)
-            counters["cache_dirty_rows"] = float(len(self.cache.dirty_slots()))
+            counters["cache_dirty_rows"] = float(self.cache.dirty_rows())
             counters["cache_locked_rows"] = float(self.cache.locked_rows())
             counters["pending_rows"] = float(len(self.pending))
             counters.update(self.lower.stats())

@@ -172,7 +172,9 @@ def test_dirty_bits_follow_set_dirty(device):
     tier, layout = tier_of(config(device))
     slots = insert(tier, layout, np.arange(6, dtype=np.int64), dirty=True)
     assert sorted(tier.dirty_slots().tolist()) == sorted(slots.tolist())
+    assert tier.dirty_rows() == 6
     tier.set_dirty(slots[:4], False)
+    assert tier.dirty_rows() == 2
     occupied, dirty = tier.flags(slots)
     assert occupied.all() and dirty.tolist() == [False] * 4 + [True] * 2
     assert sorted(tier.clean_slots().tolist()) == sorted(slots[:4].tolist())
