@@ -42,7 +42,8 @@ def server_env(tree: str | None) -> dict | None:
     if tree is None:
         return None
     tree = str(Path(tree).resolve())
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([tree, f"{tree}/protos", f"{tree}/server", f"{tree}/client"]))
+    paths = [tree, f"{tree}/protos", f"{tree}/server", f"{tree}/client", os.environ.get("PYTHONPATH", "")]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, paths)))   # the tree first, then what else is set
 
 
 class Driver:

@@ -496,7 +496,9 @@ class Table(TableUpkeep):
         """`apply_gradients(ids, grads)` when it needs no waiting: a host-memory cache holds every
         id, the table keeps its writes in memory until a flush (write_back) and its lock is free
         right now; else None with nothing changed. Bad input raises as `apply_gradients` does.
-        So a server may run a small training step where it must not block (its event loop)."""
+        So a server may run a small training step where it must not block (its event loop).
+        A GPU table's steps go to the store threads: run here they cost the server no less CPU
+        (measured: docs/benchmarks.md, stop 39) and would hold the loop through the device's waits."""
         if self.write_through or self.config.cache.device != "cpu":
             return None
         ids, grads, _ = self._summed_gradients(ids, grads, None)

@@ -108,6 +108,42 @@ def test_a_cached_lookup_without_waiting_equals_the_host_tables(store):
     assert counts("gpu") == counts("host")   # neither counted the refused lookup
 
 
+def _busy_device():
+    """Keep the current stream busy until the returned event is set (a host function queued on
+    it blocks the stream, not this thread): the state a server's event loop must not wait on.
+    A call that waits anyway goes on after 60 s, to fail its test instead of hanging it."""
+    import threading
+    free = threading.Event()
+    cupy.cuda.get_current_stream().launch_host_func(lambda _: free.wait(60), None)
+    return free
+
+
+def test_nothing_waits_on_the_loop_for_a_busy_device_or_a_gpu_step(store):
+    """While the device has queued work a cached lookup gives None at once (a server's event loop
+    must not wait for other calls' kernels) and changes nothing; once idle it answers. A GPU
+    table's step is never run there (`apply_gradients_if_cached` gives None, nothing stepped)."""
+    ids = np.arange(100)
+    weights = np.random.default_rng(5).standard_normal((100, 16)).astype(np.float32)
+    store.create_table(config("gpu", "cuda:0", optimizer="rowwise_adagrad"))
+    store.update("gpu", ids, weights)
+
+    def seen():
+        found = store.lookup("gpu", ids, on_miss="error", with_state=True)
+        return found.weights, found.state, store.stats("gpu").get("rows_stepped", 0)
+    before, hits = seen(), store.stats("gpu")["cache_hits"]
+    free = _busy_device()
+    try:
+        assert store.lookup_if_cached("gpu", [1, 2]) is None
+    finally:
+        free.set()
+        cupy.cuda.get_current_stream().synchronize()
+    assert store.apply_gradients_if_cached("gpu", [1, 2], np.ones((2, 16), np.float32)) is None
+    assert store.stats("gpu")["cache_hits"] == hits
+    for got, want in zip(seen(), before, strict=True):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(store.lookup_if_cached("gpu", [1, 2]).weights, weights[[1, 2]])
+
+
 def test_torch_cuda_tensors_in_and_out(store):
     torch = pytest.importorskip("torch")
     store.create_table(config("gpu", "cuda:0"))
