@@ -235,17 +235,22 @@ class GpuTier:
             header = download(out).view(HEADER)[:, 0]
             return header["last_access"].copy(), header["count"].copy()
 
+    # The scans of every slot below run on the host over the flags brought down (a byte a slot):
+    # CuPy's compaction compiles reductions per array length, so on a device they compiled for each
+    # new cache size under the table lock, in the first flush (seconds of NVRTC on a fresh server).
+
     def dirty_slots(self) -> np.ndarray:
         with self.device:
-            return cupy.asnumpy(self.cache.dirty_slots())
+            return np.flatnonzero(download(self.cache.dirty))
 
     def clean_slots(self) -> np.ndarray:
         with self.device:
-            return cupy.asnumpy(self.cache.clean_slots())
+            occupied, dirty = download_all([self.cache.occupied, self.cache.dirty])
+            return np.flatnonzero(occupied & ~dirty)
 
     def cached_ids(self) -> np.ndarray:
         with self.device:
-            return cupy.asnumpy(self.cache.cached_ids())
+            return self.keys_of(np.flatnonzero(download(self.cache.occupied)))
 
     def occupancy(self) -> int:
         with self.device:

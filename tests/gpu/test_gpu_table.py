@@ -227,27 +227,33 @@ def test_steps_that_would_write_nan_or_inf_are_refused_like_on_the_host_table(st
 
 def test_steps_of_tables_of_new_shapes_compile_no_kernel(request, store):
     """A table's kernels are compiled when it is created: its first steps, of any batch size,
-    and its first stats compile nothing (NVRTC would stall a fresh server for seconds each)."""
+    its first stats and its first flush compile nothing (NVRTC would stall a fresh server for
+    seconds each, the flush under the table lock)."""
     shapes = [("float32", 16, "adagrad"), ("float16", 24, "adagrad"), ("bfloat16", 40, "adam"),
               ("float32", 72, "rowwise_adagrad"), ("float64", 8, "sgd")]
     for n, (dtype, dim, optimizer) in enumerate(shapes):      # caches of 2,048 to 524,288 slots
         store.create_table(TableConfig(name=f"t{n}", dim=dim, dtype=dtype, optimizer=OptimizerConfig(name=optimizer),
-                                       cache=CacheConfig(rows=2048 * 4**n, ways=32, device="cuda:0")))
+                                       cache=CacheConfig(rows=2048 * 4**n, ways=32, device="cuda:0",
+                                                         flush_seconds=3600)))     # flushed by the test alone
     rng = np.random.default_rng(5)
     for batch in (5, 3000):               # the shared path, once (a scan of over 256 items compiles one more kernel)
         store.apply_gradients("t0", np.arange(batch) * 7, np.ones((batch, 16), np.float32))
     store.stats("t0")
+    store.table("t0").flush()
     compiles = request.getfixturevalue("compiles")     # counted from here on, after the warm-up
-    stats = []
+    stats, flushed = [], []
     for n, (_, dim, _) in enumerate(shapes):
         for batch in (3, 700, 3000):
             ids = rng.integers(0, 10_000, batch)
             assert store.apply_gradients(f"t{n}", ids, rng.standard_normal((batch, dim)).astype(np.float32)) > 0
         stats.append(store.stats(f"t{n}"))         # what a metrics scrape or a Stats call reads
+        store.table(f"t{n}").flush()               # what the flusher does each second (dirty rows to RocksDB)
+        flushed.append(store.stats(f"t{n}"))
     assert compiles == [], "\n\n".join(compiles)
-    for n, counters in enumerate(stats):
+    for n, (counters, after) in enumerate(zip(stats, flushed, strict=True)):
         assert counters["cache_rows"] == len(store.table(f"t{n}").cache.cached_ids()) > 0
         assert counters["cache_locked_rows"] == 0
+        assert after["cache_dirty_rows"] == 0 and after["cache_rows"] == counters["cache_rows"]
 
 
 def test_prefetch_locks_survive_evictions_and_release_like_host(store):
