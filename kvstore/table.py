@@ -498,7 +498,8 @@ class Table(TableUpkeep):
         right now; else None with nothing changed. Bad input raises as `apply_gradients` does.
         So a server may run a small training step where it must not block (its event loop).
         A GPU table's steps go to the store threads: run here they cost the server no less CPU
-        (measured: docs/benchmarks.md, stop 39) and would hold the loop through the device's waits."""
+        (docs/benchmarks.md: "GPU training steps on the event loop") and would hold the loop through the
+        device's waits."""
         if self.write_through or self.config.cache.device != "cpu":
             return None
         ids, grads, _ = self._summed_gradients(ids, grads, None)
