@@ -17,6 +17,7 @@ row of the batch comes from RocksDB. Each round of (b) draws fresh batches.
     python bench/store_bench.py                      # full run: 1M rows, dim 128 (parts a and b)
     python bench/store_bench.py --rows 100000        # quick run
     python bench/store_bench.py --parts c --batches 1024,4096   # new ids
+    python bench/store_bench.py --parts a --reuse-out  # (a) with both sides writing one preallocated array
 """
 from __future__ import annotations
 
@@ -123,8 +124,11 @@ def compact(db_path: str, family_name: str) -> str:
 
 
 def bench_hits(store: Store, weights: np.ndarray, sampler: IdSampler, dist: str, batch: int,
-               sample_rows: int, rounds: int) -> Row:
+               sample_rows: int, rounds: int, reuse_out: bool = False) -> Row:
+    """`reuse_out`: both sides write every batch into one preallocated array (`Store.lookup(out=)`,
+    `np.take(out=)`), so neither pays for fresh result pages (the kernel zeroes each on first touch)."""
     batches = sampler.batches(dist, batch, max(1, sample_rows // batch))
+    out = np.empty((batch, weights.shape[1]), weights.dtype) if reuse_out else None
     for ids in batches:                                    # warm the cache with the whole working set
         store.lookup(TABLE, ids, on_miss="error")
     np.testing.assert_array_equal(store.lookup(TABLE, batches[0]).weights, weights[batches[0]])
@@ -133,9 +137,12 @@ def bench_hits(store: Store, weights: np.ndarray, sampler: IdSampler, dist: str,
     for _ in range(rounds):
         for ids in batches:
             start = time.perf_counter()
-            store.lookup(TABLE, ids, on_miss="error")
+            store.lookup(TABLE, ids, on_miss="error", out=out)
             mid = time.perf_counter()
-            weights[ids]
+            if out is None:
+                weights[ids]
+            else:
+                np.take(weights, ids, axis=0, out=out)
             t_peer += time.perf_counter() - mid
             t_store += mid - start
     after = store.stats(TABLE)
@@ -143,7 +150,8 @@ def bench_hits(store: Store, weights: np.ndarray, sampler: IdSampler, dist: str,
     hits = after.get("cache_hits", 0) - before.get("cache_hits", 0)
     rows = rounds * sum(len(ids) for ids in batches)
     note = f"hit rate {hits / max(hits + misses, 1):.4f}, {len(np.unique(np.concatenate(batches)))} distinct ids"
-    return Row("a", dist, batch, rows / t_store, "numpy arr[idx]", rows / t_peer, 0.5, note)
+    return Row("a", dist, batch, rows / t_store, "numpy take(out=)" if reuse_out else "numpy arr[idx]",
+               rows / t_peer, 0.5, note)
 
 
 def bench_cold(store: Store, raw_family, weights: np.ndarray, sampler: IdSampler, dist: str,
@@ -239,6 +247,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dir", default=None, help="data directory (default: a temporary one, removed after)")
     parser.add_argument("--parts", default="ab", help="which parts to run: any of a, b and c")
+    parser.add_argument("--reuse-out", action="store_true",
+                        help="(a): both sides gather into one preallocated array (no fresh result pages)")
     args = parser.parse_args()
     sizes = [int(b) for b in args.batches.split(",")]
 
@@ -275,7 +285,8 @@ def main() -> None:
                             row = bench_new(store, raw_family, sampler, dist, batch, args.new_rows, args.rounds,
                                             next_id)
                         elif part == "a":
-                            row = bench_hits(store, weights, sampler, dist, batch, args.hit_rows, args.rounds)
+                            row = bench_hits(store, weights, sampler, dist, batch, args.hit_rows, args.rounds,
+                                             args.reuse_out)
                         else:
                             row = bench_cold(store, raw_family, weights, sampler, dist, batch,
                                              args.cold_rows, args.rounds)
