@@ -1,6 +1,8 @@
 """A table with its cache on the GPU keeps every promise the host table keeps, and speaks torch."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -112,7 +114,6 @@ def _busy_device():
     """Keep the current stream busy until the returned event is set (a host function queued on
     it blocks the stream, not this thread): the state a server's event loop must not wait on.
     A call that waits anyway goes on after 60 s, to fail its test instead of hanging it."""
-    import threading
     free = threading.Event()
     cupy.cuda.get_current_stream().launch_host_func(lambda _: free.wait(60), None)
     return free
