@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -52,6 +53,24 @@ def process_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_seconds(pid: int) -> dict[str, float]:
+    """CPU seconds per kind of thread of a process so far, from /proc (Linux): by the name the
+    OS shows (kvstore's threads name themselves), numbered pool threads summed under their
+    pool's name, the main thread (the server's event loop) as "main"."""
+    per_kind: dict[str, float] = {}
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/task/{task}/comm") as comm:
+                name = comm.read().strip()
+        except OSError:                        # the thread ended between the listing and the read
+            continue
+        kind = "main" if int(task) == pid else re.sub(r"_\d+$", "", name)
+        per_kind[kind] = per_kind.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return per_kind
 
 
 def id_batches(rng, dist: str, batch: int, rows: int, perm: np.ndarray, seconds: float) -> list[np.ndarray]:

@@ -14,10 +14,12 @@ server, CuPy compiling what the flush uses) is not in a timed turn.
 With `--baseline DIR` (a checkout of an earlier kvstore) that version's servers run the
 same steps in the same turns, for a before/after. With `--cache-device cpu,cuda` every server
 runs once with host-cached tables and once with GPU-cached ones, in the same turns, and the
-GPU tables' CPU per step over the host tables' is printed.
+GPU tables' CPU per step over the host tables' is printed. With `--by-thread`, each server's CPU
+per step is also split by thread (the event loop, the store threads, the RocksDB writer, ...:
+kvstore's threads carry their names at the OS level), summed over the timed turns.
 
     python bench/train_step_cpu.py [--batches 1024,8192] [--steps 40] [--rounds 2] [--baseline DIR]
-                                   [--cache-device cpu,cuda]
+                                   [--cache-device cpu,cuda] [--by-thread]
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ from kvstore_client import KVStoreClient  # noqa: E402
 from kvstore_client.collection import Feature, RemoteEmbeddingBagCollection  # noqa: E402
 from train_recsys import synthetic_clicks  # noqa: E402
 
-from bench.grpc_bench import process_seconds, start  # noqa: E402
+from bench.grpc_bench import process_seconds, start, thread_seconds  # noqa: E402
 
 FLUSH_SECONDS = 1.0       # the tables' cache.flush_seconds (the default): the flusher's period
 
@@ -96,6 +98,7 @@ def main() -> None:
     parser.add_argument("--cached-users", type=int, default=20_000)
     parser.add_argument("--baseline", help="an earlier kvstore checkout whose servers run beside this one's")
     parser.add_argument("--cache-device", default="cpu", help="the tables' cache.device; several: cpu,cuda")
+    parser.add_argument("--by-thread", action="store_true", help="also split each server's CPU by thread")
     args = parser.parse_args()
     trees = {"this": None, **({"baseline": args.baseline} if args.baseline else {})}
     devices = list(dict.fromkeys(args.cache_device.split(",")))
@@ -111,9 +114,13 @@ def main() -> None:
                 driver.cpu_ms_per_step(5)                          # warm-up
             time.sleep(2 * FLUSH_SECONDS)          # every server flushes once (a fresh GPU server compiles) untimed
             cpu = {key: [] for key in drivers}
+            threads = {key: {} for key in drivers}                 # CPU seconds by kind of thread, timed turns
             for _ in range(args.rounds):                           # in turns: load drifts weigh on all alike
                 for key, driver in drivers.items():
+                    before = thread_seconds(driver.proc.pid) if args.by_thread else {}
                     cpu[key].append(driver.cpu_ms_per_step(args.steps))
+                    for kind, seconds in (thread_seconds(driver.proc.pid) if args.by_thread else {}).items():
+                        threads[key][kind] = threads[key].get(kind, 0.0) + seconds - before.get(kind, 0.0)
         finally:
             for driver in drivers.values():
                 driver.close()
@@ -124,6 +131,11 @@ def main() -> None:
                 new, cached = (cpu[tree, device, kind] for kind in data)
                 print(f"{tree:9} {device:7} server CPU ms/step: new rows {' '.join(f'{c:6.1f}' for c in new)}   "
                       f"cached {' '.join(f'{c:6.1f}' for c in cached)}   new/cached {sum(new) / sum(cached):.2f}")
+                for kind in data if args.by_thread else ():
+                    split = sorted(threads[tree, device, kind].items(), key=lambda item: -item[1])
+                    print(f"{'':17} by thread, {kind}: " + ", ".join(
+                        f"{name} {1e3 * seconds / (args.steps * args.rounds):.2f}" for name, seconds in split
+                        if seconds > 0))
             for device in devices[1:]:                             # e.g. GPU tables over host tables
                 print(f"{tree:9} {device} over {devices[0]}: " + ", ".join(
                     f"{kind} {sum(cpu[tree, device, kind]) / sum(cpu[tree, devices[0], kind]):.2f}" for kind in data))

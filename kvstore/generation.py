@@ -14,6 +14,7 @@ import threading
 from .errors import StoreClosed, TableNotFound
 from .rocks_tier import RocksTier
 from .table import Table
+from .thread_names import os_named
 from .writer import Writer
 
 
@@ -86,7 +87,7 @@ class Generations:
             self._retire(old)
 
     def _retire(self, gen: Generation) -> None:
-        closer = threading.Thread(target=gen.close, name="kvstore-retire", daemon=True)
+        closer = threading.Thread(target=os_named(gen.close), name="kvstore-retire", daemon=True)
         with self._cond:
             self._closers = [t for t in self._closers if t.is_alive()] + [closer]
         closer.start()

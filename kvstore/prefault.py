@@ -23,6 +23,8 @@ import threading
 
 import numpy as np
 
+from .thread_names import os_named
+
 log = logging.getLogger("kvstore")
 
 MADV_POPULATE_WRITE = 23        # <linux/mman.h>, Linux 5.14
@@ -66,6 +68,6 @@ def populate_in_background(array: np.ndarray, what: str) -> threading.Thread | N
     thread keeps it alive until done); None for a smaller array, or where `populate` cannot."""
     if _MADVISE is None or array.nbytes < BACKGROUND_BYTES:
         return None
-    thread = threading.Thread(target=populate, args=(array,), name=f"kvstore-page-in {what}", daemon=True)
+    thread = threading.Thread(target=os_named(populate), args=(array,), name=f"kvstore-page-in {what}", daemon=True)
     thread.start()
     return thread

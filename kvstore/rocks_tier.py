@@ -27,6 +27,7 @@ import rocksdict as rd
 
 from .config import RocksConfig
 from .errors import KVStoreError, NotFound, StorageError
+from .thread_names import name_this_thread
 from .transfer_worker import check_ended
 
 META_FAMILY = "default"      # table configs live in the default column family
@@ -120,7 +121,8 @@ class RocksTier:
         # (so `hold_above` cannot keep cached tables' reads out of it); iterators never use it
         self._row_cache = rd.Cache(self.config.row_cache_bytes) if self.config.row_cache_bytes else None
         self._lock = threading.Lock()          # guards column-family creation and drop
-        self._readers = ThreadPoolExecutor(self.config.read_threads, thread_name_prefix="rocks-read")
+        self._readers = ThreadPoolExecutor(self.config.read_threads, thread_name_prefix="rocks-read",
+                                           initializer=name_this_thread)
         self._write_opts = rd.WriteOptions()
         self._write_opts.disable_wal = self.config.durability == "none"
         self._write_opts.sync = self.config.durability == "sync"

@@ -16,6 +16,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from .thread_names import name_this_thread
+
 PARALLEL_ROWS = 4096                      # rows a thread takes at least: below, a hand-off costs what it saves
 MAX_THREADS = 64                          # the most `set_threads` takes
 
@@ -58,7 +60,8 @@ THREADS = default_threads()
 
 @functools.cache
 def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max(1, THREADS - 1), thread_name_prefix="kvstore-rows")
+    return ThreadPoolExecutor(max(1, THREADS - 1), thread_name_prefix="kvstore-rows",
+                              initializer=name_this_thread)
 
 
 def set_threads(threads: int = 0) -> None:

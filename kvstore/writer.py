@@ -31,6 +31,7 @@ import numpy as np
 
 from .errors import StorageError, StorageFault, StoreClosed
 from .rocks_tier import FamilyNotFound, RocksTier
+from .thread_names import os_named
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ class Writer:
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._faulty_rocks: RocksTier | None = None
-        self._thread = threading.Thread(target=self._run, name="kvstore-writer", daemon=True)
+        self._thread = threading.Thread(target=os_named(self._run), name="kvstore-writer", daemon=True)
         self._thread.start()
 
     # --- callers ---------------------------------------------------------------
@@ -289,7 +290,7 @@ class Flusher:
         self._writer = writer
         self._clock = clock
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="kvstore-flusher", daemon=True)
+        self._thread = threading.Thread(target=os_named(self._run), name="kvstore-flusher", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:

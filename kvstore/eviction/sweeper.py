@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from ..config import SweeperConfig
+from ..thread_names import os_named
 from .sweep import SweepResult, sweep_table
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class Sweeper:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if self.config.enabled:
-            self._thread = threading.Thread(target=self._run, name="kvstore-sweeper", daemon=True)
+            self._thread = threading.Thread(target=os_named(self._run), name="kvstore-sweeper", daemon=True)
             self._thread.start()
 
     def sweep(self, table) -> SweepResult:

@@ -35,6 +35,8 @@ import grpc
 from kvstore_proto.doorbell import HEADER, HELLO, MAX_PAYLOAD, SHARED_LOOKUP, error_payload, frame
 from kvstore_proto.v1 import kvstore_pb2 as pb
 
+from kvstore.thread_names import os_named
+
 from .errors import status_of
 from .metrics import Metrics
 from .rpc import CallGate, record_call, request_parser
@@ -99,7 +101,7 @@ class Doorbell:
             raise
         self._loop = asyncio.get_running_loop()
         self._listener = sock
-        threading.Thread(target=self._accept, args=(sock,), name="kvstore-doorbell", daemon=True).start()
+        threading.Thread(target=os_named(self._accept), args=(sock,), name="kvstore-doorbell", daemon=True).start()
         self.name = name
         return name
 
@@ -132,8 +134,8 @@ class Doorbell:
                 if self._closed:
                     sock.close()
                     return
-                thread = threading.Thread(target=self._serve, args=(sock,), name="kvstore-doorbell-connection",
-                                          daemon=True)
+                thread = threading.Thread(target=os_named(self._serve), args=(sock,),
+                                          name="kvstore-doorbell-connection", daemon=True)
                 full = len(self._connections) >= self.gate.limit
                 if not full:
                     self._connections.add(sock)

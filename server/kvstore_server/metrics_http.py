@@ -15,6 +15,8 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
+from kvstore.thread_names import os_named
+
 BEARER = "Bearer "
 
 
@@ -53,6 +55,6 @@ def serve_metrics(registry: CollectorRegistry, host: str, port: int, token: str 
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.load_cert_chain(certfile=tls[0], keyfile=tls[1])
         httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
-    thread = threading.Thread(target=httpd.serve_forever, name="kvstore-metrics", daemon=True)
+    thread = threading.Thread(target=os_named(httpd.serve_forever), name="kvstore-metrics", daemon=True)
     thread.start()
     return httpd, thread

@@ -37,6 +37,7 @@ from kvstore import EvictionConfig, Store, TableConfig
 from kvstore.changefeed import ChangeFeedConfig
 from kvstore.devices import placed_here
 from kvstore.errors import InvalidArgument, KVStoreError, TableNotFound
+from kvstore.thread_names import os_named
 from kvstore.transfer import RowChunk
 
 from .messages import table_config_from_proto
@@ -156,7 +157,7 @@ class Follower:
         self._call = None
         self._next_reason = "initial"                   # why the next bootstrap happens (a metrics label)
         self._lock = threading.Lock()                  # guards _call against stop()
-        self._thread = threading.Thread(target=self._run, name="kvstore-replica", daemon=True)
+        self._thread = threading.Thread(target=os_named(self._run), name="kvstore-replica", daemon=True)
 
     def start(self) -> None:
         self._thread.start()

@@ -26,6 +26,7 @@ from google.protobuf.message import DecodeError
 from google.protobuf.message_factory import GetMessageClass
 
 from kvstore.errors import InvalidArgument
+from kvstore.thread_names import name_this_thread
 
 from .errors import REASON_KEY, status_of
 from .logs import begin_call, end_call
@@ -45,7 +46,8 @@ class StoreWork:
 
     def __init__(self, workers: int):
         self.workers = workers
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="kvstore-store")
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="kvstore-store",
+                                        initializer=name_this_thread)
 
     async def __call__(self, fn: Callable[..., T], *args: Any) -> T:
         job = functools.partial(contextvars.copy_context().run, fn, *args)     # logs keep the request id

@@ -26,6 +26,7 @@ from kvstore_proto.v1 import kvstore_pb2 as pb
 from kvstore import Store, host_kernels, row_threads
 from kvstore.devices import missing_device
 from kvstore.errors import FailedPrecondition
+from kvstore.thread_names import os_named
 
 from .config import ServerConfig
 from .data_paths import check_data_dir
@@ -135,7 +136,7 @@ class KVStoreServer:
             interceptors.append(TokenAuthInterceptor(token, on_refused=lambda method: refused.labels(method).inc()))
         interceptors += replica_interceptors(config)
         await asyncio.to_thread(check_data_dir, config.data_dir)    # no link planted in it leads outside
-        threading.Thread(target=_warm_host_kernels, name="kvstore-warm", daemon=True).start()
+        threading.Thread(target=os_named(_warm_host_kernels), name="kvstore-warm", daemon=True).start()
         self.store = await asyncio.to_thread(Store, config.data_dir, rocks=config.rocksdb, sweeper=config.sweeper,
                                              changefeed=changefeed_config(config), clock=self.store_clock)
         self._gate = CallGate(config.max_concurrent_rpcs, config.retry_after_ms)
