@@ -48,8 +48,12 @@ def os_thread_name(name: str) -> bytes:
 def name_this_thread() -> None:
     """Give the calling OS thread the name of its Python thread (a no-op where that is not needed
     or not possible)."""
-    if _PRCTL is not None:
+    if _PRCTL is None:
+        return
+    try:
         _PRCTL(_PR_SET_NAME, ctypes.c_char_p(os_thread_name(threading.current_thread().name)), 0, 0, 0)
+    except Exception:       # a name is for people reading `top`: it must never break a pool's start
+        return
 
 
 def os_named(target: Callable[..., T]) -> Callable[..., T]:
