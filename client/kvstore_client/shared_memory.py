@@ -38,9 +38,6 @@ MIN_SEGMENT_BYTES = 1 << 20
 MAX_LENT = 16                # segments lent to results at once; past it results are copies
 
 
-_ORPHANED: list = []             # segments lent past their pool's close: kept mapped until exit
-
-
 class NotAttached(Exception):
     """The server cannot use this client's segments; the message says why."""
 
@@ -85,15 +82,6 @@ class Segment:
         view[...] = array
         return spec
 
-    def orphan(self) -> None:
-        """Unlinked now, unmapped when this process ends: a segment still lent to arrays when its
-        pool closed."""
-        try:
-            self.shm.unlink()
-        except FileNotFoundError:
-            pass
-        _ORPHANED.append(self)
-
     def write_token(self, token: bytes) -> None:
         self.shm.buf[:len(token)] = token
 
@@ -102,15 +90,25 @@ class Segment:
         self.close()
 
     def close(self) -> None:
+        """Unlinked and unmapped; the mapping outlives this while an array over it does."""
         self.owner = None        # its export of the mapping (gone now unless a lent array keeps it)
-        try:
-            self.shm.close()
-        except BufferError:      # a caller still holds a view: the mapping goes when it lets go
-            pass
+        _close_or_hand_over(self.shm)
         try:
             self.shm.unlink()
         except FileNotFoundError:
             pass
+
+
+def _close_or_hand_over(shm: shared_memory.SharedMemory) -> None:
+    """Close `shm`'s mapping now or, while arrays over it are alive, leave it to them. Their base
+    holds an export of the memoryview `shm` keeps (`_buf`), which holds the mmap (`_mmap`): with
+    `shm`'s own references dropped, the last array to go unmaps it, and `shm` has nothing left
+    whose close could fail (SharedMemory's __del__ would print a BufferError, at exit at the latest)."""
+    try:
+        shm.close()
+    except BufferError:
+        shm._buf = shm._mmap = None          # the arrays' references keep both alive
+        shm.close()                          # its file descriptor only
 
 
 def region_bytes(*arrays: tuple[tuple[int, ...], int]) -> int:
@@ -219,7 +217,8 @@ class SegmentPool:
         for segment in free:
             self.retire(segment)
         for segment in lent:
-            segment.orphan()                 # unlinked; the server drops unlinked segments
+            segment.close()                  # unlinked (the server drops unlinked segments); unmapped
+                                             # when the last array lent over it goes
 
     def _collect_returned(self) -> None:
         """Lent segments whose arrays are all gone join the free ones (call with the lock held)."""

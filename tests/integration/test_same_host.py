@@ -6,6 +6,8 @@ import gc
 import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import urllib.request
 
@@ -175,6 +177,29 @@ def test_close_unlinks_the_clients_segments_and_a_result_still_held_keeps_its_ro
     del held
     gc.collect()
     assert not any(os.path.exists(f"/dev/shm/{name}") for name in names)
+
+
+@pytest.mark.parametrize("keep", [True, False], ids=["result held at exit", "result dropped before exit"])
+def test_a_process_that_closes_its_client_exits_quietly(server, shm, keep):
+    """A result lent over a segment outlives its client's close; neither it nor the segment may
+    print anything when the process ends (Python's SharedMemory complains of live exports)."""
+    table = f"exit_quiet_{int(keep)}"
+    small_table(shm, table, DIM)
+    shm.update(table, IDS, random_rows(len(IDS), DIM, seed=7))
+    script = "\n".join([
+        "import gc, numpy as np",
+        "from kvstore_client import KVStoreClient",
+        f"client = KVStoreClient({server.address!r}, same_host=True)",
+        f"held = client.lookup({table!r}, {IDS.tolist()!r})",
+        "copy = held.copy()",
+        "client.close()",
+        "assert np.array_equal(held, copy)",
+        *([] if keep else ["del held", "gc.collect()"]),
+        "print('done')",
+    ])
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr
+    assert done.stderr == "", done.stderr
 
 
 def mapped_segments() -> set[str]:
