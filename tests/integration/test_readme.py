@@ -44,3 +44,5 @@ def test_readme_code_runs_twice_against_a_fresh_server(start_server, tmp_path):
             command = [sys.executable, "-c", code] if lang == "python" else ["bash", "-euo", "pipefail", "-c", code]
             result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=120)
             assert result.returncode == 0, f"run {attempt}, {lang} block:\n{code}\n{result.stdout}\n{result.stderr}"
+            for noise in ("Traceback", "Exception ignored", "Warning"):    # what a user would see beside the output
+                assert noise not in result.stderr, f"run {attempt}, {lang} block:\n{code}\n{result.stderr}"
