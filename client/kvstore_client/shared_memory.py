@@ -2,8 +2,8 @@
 
 A segment is a POSIX shared-memory block (`multiprocessing.shared_memory`) named
 `kvstore-` and 32 random hex digits. The client owns it: it creates it, writes its
-inputs there, reads the rows the server wrote, and unlinks it on close (or, if the
-process dies, Python's resource tracker does). Before a segment's first use the
+inputs there, reads the rows the server wrote, and unlinks it on close, when it is
+dropped or when the process exits (or, if the process is killed, Python's resource tracker does). Before a segment's first use the
 server proves it can map it (AttachSegment: it must find the token the client wrote
 at its start), so a server on another host, container or IPC namespace answers no
 and the client takes the network path.
@@ -21,6 +21,7 @@ import math
 import secrets
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from multiprocessing import shared_memory
@@ -59,6 +60,9 @@ class Segment:
         self.used = 0
         self.owner = None             # the base of arrays lent over it (SegmentPool.lend), made once
         self.idle_refs = 0            # sys.getrefcount(owner) while no such array is alive
+        # Unlinked and unmapped when closed, when dropped unclosed, or when the process exits with it
+        # open (a client never closed): no segment left in /dev/shm, no warning at exit.
+        self._release = weakref.finalize(self, _release, self.shm)
 
     def array(self, shape: tuple[int, ...], dtype: str) -> tuple[np.ndarray, pb.SharedArray]:
         """A fresh region of the segment: a writable view and its description for the server."""
@@ -92,23 +96,23 @@ class Segment:
     def close(self) -> None:
         """Unlinked and unmapped; the mapping outlives this while an array over it does."""
         self.owner = None        # its export of the mapping (gone now unless a lent array keeps it)
-        _close_or_hand_over(self.shm)
-        try:
-            self.shm.unlink()
-        except FileNotFoundError:
-            pass
+        self._release()
 
 
-def _close_or_hand_over(shm: shared_memory.SharedMemory) -> None:
-    """Close `shm`'s mapping now or, while arrays over it are alive, leave it to them. Their base
-    holds an export of the memoryview `shm` keeps (`_buf`), which holds the mmap (`_mmap`): with
-    `shm`'s own references dropped, the last array to go unmaps it, and `shm` has nothing left
-    whose close could fail (SharedMemory's __del__ would print a BufferError, at exit at the latest)."""
+def _release(shm: shared_memory.SharedMemory) -> None:
+    """Unlink `shm` and close its mapping now or, while arrays over it are alive, leave it to them.
+    Their base holds an export of the memoryview `shm` keeps (`_buf`), which holds the mmap
+    (`_mmap`): with `shm`'s own references dropped, the last array to go unmaps it, and `shm` has
+    nothing left whose close could fail (SharedMemory's __del__ would print a BufferError)."""
     try:
         shm.close()
     except BufferError:
         shm._buf = shm._mmap = None          # the arrays' references keep both alive
         shm.close()                          # its file descriptor only
+    try:
+        shm.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def region_bytes(*arrays: tuple[tuple[int, ...], int]) -> int:
