@@ -3,10 +3,10 @@
 A segment is a POSIX shared-memory block (`multiprocessing.shared_memory`) named
 `kvstore-` and 32 random hex digits. The client owns it: it creates it, writes its
 inputs there, reads the rows the server wrote, and unlinks it on close, when it is
-dropped or when the process exits (or, if the process is killed, Python's resource tracker does). Before a segment's first use the
-server proves it can map it (AttachSegment: it must find the token the client wrote
-at its start), so a server on another host, container or IPC namespace answers no
-and the client takes the network path.
+dropped or when the process exits (or, if the process is killed, Python's resource
+tracker does). Before a segment's first use the server proves it can map it
+(AttachSegment: it must find the token the client wrote at its start), so a server on
+another host, container or IPC namespace answers no and the client takes the network path.
 
 One call holds one segment at a time (`SegmentPool.lease`), so concurrent calls of
 one client never share a region. A segment goes back to the pool only after its
