@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
 import secrets
 import sys
 import threading
@@ -61,8 +62,9 @@ class Segment:
         self.owner = None             # the base of arrays lent over it (SegmentPool.lend), made once
         self.idle_refs = 0            # sys.getrefcount(owner) while no such array is alive
         # Unlinked and unmapped when closed, when dropped unclosed, or when the process exits with it
-        # open (a client never closed): no segment left in /dev/shm, no warning at exit.
-        self._release = weakref.finalize(self, _release, self.shm)
+        # open (a client never closed): no segment left in /dev/shm, no warning at exit. Only by
+        # this process: a forked child (a data loader's worker) ending must not unlink its parent's.
+        self._release = weakref.finalize(self, _release, self.shm, os.getpid())
 
     def array(self, shape: tuple[int, ...], dtype: str) -> tuple[np.ndarray, pb.SharedArray]:
         """A fresh region of the segment: a writable view and its description for the server."""
@@ -99,16 +101,19 @@ class Segment:
         self._release()
 
 
-def _release(shm: shared_memory.SharedMemory) -> None:
-    """Unlink `shm` and close its mapping now or, while arrays over it are alive, leave it to them.
-    Their base holds an export of the memoryview `shm` keeps (`_buf`), which holds the mmap
-    (`_mmap`): with `shm`'s own references dropped, the last array to go unmaps it, and `shm` has
-    nothing left whose close could fail (SharedMemory's __del__ would print a BufferError)."""
+def _release(shm: shared_memory.SharedMemory, creator: int) -> None:
+    """Unlink `shm` (in the process that created it) and close its mapping now or, while arrays
+    over it are alive, leave it to them: their base holds an export of the memoryview `shm` keeps
+    (`_buf`), which holds the mmap (`_mmap`); with `shm`'s own references dropped, the last array
+    to go unmaps it, and `shm` has nothing left whose close could fail (SharedMemory's __del__
+    would print a BufferError)."""
     try:
         shm.close()
     except BufferError:
         shm._buf = shm._mmap = None          # the arrays' references keep both alive
         shm.close()                          # its file descriptor only
+    if os.getpid() != creator:
+        return
     try:
         shm.unlink()
     except FileNotFoundError:

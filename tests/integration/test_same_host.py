@@ -204,6 +204,31 @@ def test_a_process_ends_quietly_and_leaves_no_segment(server, shm, ending):
     assert names and not any(os.path.exists(f"/dev/shm/{name}") for name in names)
 
 
+def test_a_forked_child_ending_leaves_its_parents_segments_linked(server, shm):
+    """A process forked from a client's (a data loader's worker) that ends normally must not
+    unlink the segments its parent still uses."""
+    small_table(shm, "forked", DIM)
+    shm.update("forked", IDS, random_rows(len(IDS), DIM, seed=8))
+    script = "\n".join([
+        "import os, re, sys, numpy as np",
+        "from kvstore_client import KVStoreClient",
+        f"client = KVStoreClient({server.address!r}, same_host=True)",
+        f"first = client.lookup('forked', {IDS.tolist()!r}).copy()",
+        f"names = set(re.findall({SEGMENT.pattern!r}, open('/proc/self/maps').read()))",
+        "child = os.fork()",
+        "if child == 0:",
+        "    sys.exit(0)",                                     # the child's exit runs its atexit hooks
+        "os.waitpid(child, 0)",
+        "print(len(names), all(os.path.exists(f'/dev/shm/{name}') for name in names))",
+        f"print(np.array_equal(client.lookup('forked', {IDS.tolist()!r}), first), client.same_host.active)",
+        "client.close()",
+    ])
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    (count, linked), (same, active) = (line.split() for line in done.stdout.splitlines()[-2:])
+    assert int(count) >= 1 and linked == "True" and same == "True" and active == "True", done.stdout
+
+
 def mapped_segments() -> set[str]:
     """The kvstore segments this process has mapped: its clients' (a test worker running beside
     this one has segments in /dev/shm too)."""
