@@ -64,7 +64,7 @@ class Segment:
         # Unlinked and unmapped when closed, when dropped unclosed, or when the process exits with it
         # open (a client never closed): no segment left in /dev/shm, no warning at exit. Only by
         # this process: a forked child (a data loader's worker) ending must not unlink its parent's.
-        self._release = weakref.finalize(self, _release, self.shm, os.getpid())
+        self._unlink_and_unmap = weakref.finalize(self, _release, self.shm, os.getpid())
 
     def array(self, shape: tuple[int, ...], dtype: str) -> tuple[np.ndarray, pb.SharedArray]:
         """A fresh region of the segment: a writable view and its description for the server."""
@@ -98,7 +98,7 @@ class Segment:
     def close(self) -> None:
         """Unlinked and unmapped; the mapping outlives this while an array over it does."""
         self.owner = None        # its export of the mapping (gone now unless a lent array keeps it)
-        self._release()
+        self._unlink_and_unmap()
 
 
 def _release(shm: shared_memory.SharedMemory, creator: int) -> None:
