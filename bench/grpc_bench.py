@@ -48,11 +48,16 @@ def zipf_ids(rng, n: int, rows: int, perm: np.ndarray) -> np.ndarray:
     return perm[rng.choice(rows, size=n, p=p)]
 
 
-def process_seconds(pid: int) -> float:
-    """CPU seconds (user + system) a process has used so far, from /proc (Linux)."""
-    with open(f"/proc/{pid}/stat") as stat:
+def _stat_seconds(path: str) -> float:
+    """CPU seconds (user + system) in a /proc `stat` file (a process's or one thread's)."""
+    with open(path) as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_seconds(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far, from /proc (Linux)."""
+    return _stat_seconds(f"/proc/{pid}/stat")
 
 
 def thread_seconds(pid: int) -> dict[str, float]:
@@ -62,14 +67,13 @@ def thread_seconds(pid: int) -> dict[str, float]:
     per_kind: dict[str, float] = {}
     for task in os.listdir(f"/proc/{pid}/task"):
         try:
-            with open(f"/proc/{pid}/task/{task}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
+            seconds = _stat_seconds(f"/proc/{pid}/task/{task}/stat")
             with open(f"/proc/{pid}/task/{task}/comm") as comm:
                 name = comm.read().strip()
         except OSError:                        # the thread ended between the listing and the read
             continue
         kind = "main" if int(task) == pid else re.sub(r"_\d+$", "", name)
-        per_kind[kind] = per_kind.get(kind, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        per_kind[kind] = per_kind.get(kind, 0.0) + seconds
     return per_kind
 
 
