@@ -358,6 +358,32 @@ class GpuTier:
             self.cache.optimizer_step(None, upload(grads), self.optimizer, self.layout, rows=staged)
             return cupy.asnumpy(self._nonfinite(staged))
 
+    def step_cached(self, ids: np.ndarray, grads: np.ndarray, now: float, refuse_nonfinite: bool
+                    ) -> np.ndarray | None:
+        """`HostTier.step_cached` with one wait for the device: ids and gradients go up, then a
+        pure probe that flags any id not cached, the rows staged, stepped (the header's access
+        folded into the step) and checked, and the flag and the check come down together. Only
+        then, when every id was cached and the step is kept, are the batch begun, the slots
+        stamped, the rows published and marked dirty (queued, no wait). A batch with an id not
+        cached costs its caller the staged step it discards."""
+        with self.device:
+            ids_d = upload(ids)
+            grads_d = upload(grads)
+            flags = cupy.zeros(2, dtype=cupy.int32)           # [1]: an id is not cached
+            slots_d = self.cache.probe(ids_d, missed=flags)
+            staged = self.cache.gather_rows(slots_d)
+            self.cache.optimizer_step(None, grads_d, self.optimizer, self.layout, now=int(now), rows=staged)
+            missed, bad = download_all([flags, self._nonfinite(staged)])
+            if missed[1]:
+                return None
+            if refuse_nonfinite and bad.any():
+                return bad
+            self.cache.begin_batch()
+            self.cache.touch(slots_d)
+            self.cache.scatter_rows(slots_d, staged)
+            self.cache.set_dirty(slots_d, True)
+            return bad
+
     def _nonfinite(self, staged: cupy.ndarray) -> cupy.ndarray:
         """Which staged rows hold NaN or Inf, by one kernel compiled with the cache's."""
         layout = self.layout

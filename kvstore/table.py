@@ -470,6 +470,8 @@ class Table(TableUpkeep):
         ids, grads, scores = self._summed_gradients(ids, grads, scores)
         with self._lock:
             self._check_writable()
+            if scores is None and not self.write_through and self._step_cached(ids, grads, owner):
+                return len(ids)
             self.cache.begin_batch()
             rows, slots, new = self._current_rows(ids, initialize=True)
             if new.any() and self.eviction.admission.sketch is not None:
@@ -484,12 +486,9 @@ class Table(TableUpkeep):
                 self.cache.set_scores(rows, encode_scores(scores))
             self._step(ids, rows, grads)
             self._store_rows(ids, rows, slots)
-            self.changes.record(self.name, ids)
             self.counters["rows_initialized"] += int(new.sum())
             self.eviction.created(int(new.sum()))
-            if owner is not None:
-                self._release(ids, owner)
-            self.counters["rows_stepped"] += len(ids)
+            self._stepped(ids, owner)
         return len(ids)
 
     def apply_gradients_if_cached(self, ids, grads) -> int | None:
@@ -507,16 +506,8 @@ class Table(TableUpkeep):
             return None
         try:
             self._check_writable()
-            slots = self.cache.probe(ids)
-            if not bool((slots >= 0).all()):
+            if not self._step_cached(ids, grads, None):
                 return None
-            self.cache.begin_batch()
-            self.cache.touch(slots)
-            rows = self.cache.stage(slots)
-            self._step(ids, rows, grads)
-            self._store_rows(ids, rows, slots)
-            self.changes.record(self.name, ids)
-            self.counters["rows_stepped"] += len(ids)
         finally:
             self._lock.release()
         return len(ids)
@@ -537,13 +528,32 @@ class Table(TableUpkeep):
             scores = best[np.searchsorted(unique, ids)]
         return ids, grads, scores
 
+    def _step_cached(self, ids: np.ndarray, grads: np.ndarray, owner: str | None) -> bool:
+        """The step of a write-back table whose cache holds every id, in the tier's one call
+        (`step_cached`: on a GPU, one wait for the device instead of two). False, with nothing
+        changed, when an id is not cached. Called with the lock held."""
+        bad = self.cache.step_cached(ids, grads, self.clock(), not self.config.allow_nonfinite)
+        if bad is None:
+            return False
+        self._refuse_nonfinite(ids, bad)
+        self._stepped(ids, owner)
+        return True
+
+    def _stepped(self, ids: np.ndarray, owner: str | None) -> None:
+        """What follows every kept step: the change recorded, `owner`'s locks released, counted."""
+        self.changes.record(self.name, ids)
+        if owner is not None:
+            self._release(ids, owner)
+        self.counters["rows_stepped"] += len(ids)
+
     def _step(self, ids: np.ndarray, rows, grads: np.ndarray) -> None:
         """One optimizer step on staged rows (copies: the table is unchanged if it is refused)."""
-        bad = self.cache.step(rows, grads)
-        if not self.config.allow_nonfinite:
-            if bad.any():
-                raise InvalidArgument(f"grads: the step would write NaN or Inf into {int(bad.sum())} rows of "
-                                      f"table {self.name!r} (ids {ids[bad][:8].tolist()}); nothing was changed")
+        self._refuse_nonfinite(ids, self.cache.step(rows, grads))
+
+    def _refuse_nonfinite(self, ids: np.ndarray, bad: np.ndarray) -> None:
+        if not self.config.allow_nonfinite and bad.any():
+            raise InvalidArgument(f"grads: the step would write NaN or Inf into {int(bad.sum())} rows of "
+                                  f"table {self.name!r} (ids {ids[bad][:8].tolist()}); nothing was changed")
 
     # --- prefetch and locks ------------------------------------------------------
 

@@ -183,6 +183,26 @@ class HostTier(SetAssociativeCache):
         """Staged rows into their cached slots (every slot >= 0)."""
         self.write_rows(slots, staged)
 
+    def step_cached(self, ids: np.ndarray, grads: np.ndarray, now: float, refuse_nonfinite: bool
+                    ) -> np.ndarray | None:
+        """One optimizer step of unique ids that are all cached, kept in the cache until a flush
+        (write_back): a new batch, the access recorded, the slots marked dirty. Returns which rows
+        the step left holding NaN or Inf; with `refuse_nonfinite` and any such row the cache is
+        left as it was, stamps included. None, with nothing changed, when an id is not cached (the probe is pure)."""
+        slots = self.probe(ids)
+        if not bool((slots >= 0).all()):
+            return None
+        staged = self.stage(slots)
+        bad = self.step(staged, grads)
+        if refuse_nonfinite and bad.any():
+            return bad
+        self.begin_batch()
+        self.touch(slots)
+        self.touch_staged(staged, now)
+        self.publish(slots, staged)
+        self.set_dirty(slots, True)
+        return bad
+
 
 def make_tier(config: TableConfig, layout: RowLayout):
     """The cache tier `config.cache.device` names: host memory, or a GPU's memory."""

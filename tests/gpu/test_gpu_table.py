@@ -226,6 +226,45 @@ def test_steps_that_would_write_nan_or_inf_are_refused_like_on_the_host_table(st
     assert messages[0] == messages[1] and "[3, 17, 29]" in messages[0], messages
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad", "adam"])
+def test_steps_of_cached_rows_keep_what_the_host_table_keeps_nan_and_inf_included(store, optimizer):
+    """Batches whose rows are all cached take the tier's one-call step (`step_cached`), batches
+    with a new id the staged path: answers, refusals and rows equal the host table's, in a
+    table that refuses NaN and Inf and in one that allows them."""
+    from kvstore import InvalidArgument
+
+    rng = np.random.default_rng(5)
+    for allow in (False, True):
+        for name, device in ((f"host{allow}", "cpu"), (f"gpu{allow}", "cuda:0")):
+            store.create_table(TableConfig(name=name, dim=16, allow_nonfinite=allow,
+                                           optimizer=OptimizerConfig(name=optimizer, lr=0.05),
+                                           cache=CacheConfig(rows=4096, ways=32, device=device)))
+            store.lookup(name, np.arange(600))                   # rows 0..599 cached
+        steps = []
+        for batch in range(12):
+            ids = rng.choice(600 if batch < 9 else 800, 200, replace=False)    # the last three: new rows too
+            grads = rng.standard_normal((200, 16)).astype(np.float32)
+            if batch in (4, 10):
+                grads[7, 3] = np.inf
+            steps.append((ids, grads))
+        for ids, grads in steps:
+            answers = []
+            for name in (f"host{allow}", f"gpu{allow}"):
+                try:
+                    answers.append(store.table(name).apply_gradients(ids, grads))
+                except InvalidArgument as refused:
+                    answers.append(str(refused).replace(name, "T"))
+            assert answers[0] == answers[1]
+        everything = np.arange(800)
+        a = store.lookup(f"host{allow}", everything, with_state=True)
+        b = store.lookup(f"gpu{allow}", everything, with_state=True)
+        np.testing.assert_allclose(np.asarray(b.weights), a.weights, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(b.state), a.state, rtol=1e-5, atol=1e-6)
+        assert np.isfinite(a.weights).all() != allow
+        assert store.table(f"host{allow}").counters["rows_stepped"] == store.table(f"gpu{allow}").counters[
+            "rows_stepped"]
+
+
 def test_steps_of_tables_of_new_shapes_compile_no_kernel(request, store):
     """A table's kernels are compiled when it is created: its first steps, of any batch size,
     its first stats and its first flush compile nothing (NVRTC would stall a fresh server for

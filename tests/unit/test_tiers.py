@@ -204,6 +204,40 @@ def test_staged_rows_step_like_the_reference_and_publish_only_when_asked(device,
     np.testing.assert_array_equal(tier.rows(slots[[0, 2]]), got[[0, 2]])
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "rowwise_adagrad", "adam"])
+def test_a_step_of_cached_rows_is_kept_dirty_and_a_miss_or_a_refused_step_changes_nothing(device, optimizer):
+    cfg = config(device, optimizer=optimizer)
+    tier, layout = tier_of(cfg)
+    ids = np.array([4, 5, 6], dtype=np.int64)
+    slots = insert(tier, layout, ids)
+    grads = np.random.default_rng(4).standard_normal((2, DIM)).astype(np.float32)
+    before = stamps(tier), tier.rows(slots).copy(), tier.flags(slots)[1].tolist()
+    for missing in ([4, 99], [99, 6]):                       # a miss anywhere: nothing changes
+        assert tier.step_cached(np.array(missing, dtype=np.int64), grads, NOW, True) is None
+        assert (stamps(tier), tier.rows(slots).tolist(), tier.flags(slots)[1].tolist()) == (
+            before[0], before[1].tolist(), before[2])
+    huge = np.full((2, DIM), np.inf, np.float32)              # refused: nothing published
+    assert tier.step_cached(ids[[0, 2]], huge, NOW, True).all()
+    np.testing.assert_array_equal(tier.rows(slots), before[1])
+    assert tier.flags(slots)[1].tolist() == before[2]
+
+    assert tier.step_cached(ids[[0, 2]], grads, NOW, True).tolist() == [False, False]
+    expect = rows_for(layout, ids[[0, 2]])
+    step_rows(make_optimizer(cfg.optimizer, DIM), layout, expect, grads)
+    got = tier.rows(slots)
+    np.testing.assert_allclose(layout.weights(got[[0, 2]]), layout.weights(expect), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layout.state(got[[0, 2]]), layout.state(expect), rtol=1e-5, atol=1e-6)
+    header = layout.header(got)
+    assert header["step"].tolist() == [1, 0, 1]
+    assert header["last_access"][[0, 2]].tolist() == [NOW, NOW]
+    assert (header["count"] - layout.header(before[1])["count"]).tolist() == [1, 0, 1]
+    assert tier.flags(slots)[1].tolist() == [True, False, True]
+    tick, last_used = stamps(tier)
+    assert tick == before[0][0] + 1 and [last_used[s] for s in slots] == [tick, before[0][1][slots[1]], tick]
+    allowed = tier.step_cached(ids[[0, 2]], huge, NOW, False)       # a table that allows Inf keeps it
+    assert allowed.all() and not np.isfinite(layout.weights(tier.rows(slots[[0, 2]]))).any()
+
+
 def test_a_step_to_infinity_is_reported_per_row(device):
     tier, layout = tier_of(config(device, optimizer="sgd"))
     staged = tier.stage(insert(tier, layout, np.array([1, 2], dtype=np.int64)))
