@@ -80,6 +80,7 @@ class Table(TableUpkeep):
         self.pending = PendingRows()
         self.counters: Counter[str] = Counter()
         self._leases: dict[str, np.ndarray] = {}   # owner -> ids it holds prefetch locks on
+        self._last_step_cached = True             # the last step found every row cached (see _step_cached)
         self._lock = threading.RLock()
         self._flush_lock = threading.Lock()       # one flush at a time
         self._dropped = False
@@ -470,10 +471,12 @@ class Table(TableUpkeep):
         ids, grads, scores = self._summed_gradients(ids, grads, scores)
         with self._lock:
             self._check_writable()
-            if scores is None and not self.write_through and self._step_cached(ids, grads, owner):
+            if scores is None and not self.write_through and self._last_step_cached \
+                    and self._step_cached(ids, grads, owner):
                 return len(ids)
             self.cache.begin_batch()
             rows, slots, new = self._current_rows(ids, initialize=True)
+            self._last_step_cached = bool((slots >= 0).all())
             if new.any() and self.eviction.admission.sketch is not None:
                 keep = ~new
                 keep[new] = self.eviction.admission.admitted(ids[new])
@@ -531,8 +534,11 @@ class Table(TableUpkeep):
     def _step_cached(self, ids: np.ndarray, grads: np.ndarray, owner: str | None) -> bool:
         """The step of a write-back table whose cache holds every id, in the tier's one call
         (`step_cached`: on a GPU, one wait for the device instead of two). False, with nothing
-        changed, when an id is not cached. Called with the lock held."""
+        changed, when an id is not cached. Called with the lock held. `apply_gradients` tries it
+        only when its last step found every row cached: a failed try costs a GPU table nearly a
+        step's CPU (0.4 ms at 1,024 ids), so a stream of batches with new rows skips it."""
         bad = self.cache.step_cached(ids, grads, self.clock(), not self.config.allow_nonfinite)
+        self._last_step_cached = bad is not None
         if bad is None:
             return False
         self._refuse_nonfinite(ids, bad)
