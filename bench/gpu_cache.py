@@ -4,7 +4,9 @@
                                [--skip-e2e] [--skip-optimizers]
 
 Ceilings: a large device-to-device copy (bytes read + written) for the memory-
-bound kernels; torch.index_select on the same slab for the gather; RocksDB
+bound kernels; for the fused steps also their own traffic with nothing computed
+(native/bench_kernels.cu), the access pattern's ceiling on the same slots;
+torch.index_select on the same slab for the gather; RocksDB
 multi-get and the all-hit device path for the end-to-end lookup. Kernels are
 timed with CUDA events after a warm-up, median of many reps, rotating among
 several input sets so L2 does not flatter.
@@ -12,15 +14,18 @@ several input sets so L2 does not flatter.
 from __future__ import annotations
 
 import argparse
+import functools
 import tempfile
 import time
 
 import cupy
 import numpy as np
+from kvstore_native import SOURCE_DIR
 
 from kvstore import CacheConfig, OptimizerConfig, Store, TableConfig
 from kvstore.gpu_cache import GpuCache, sum_duplicates
 from kvstore.gpu_kernels import COPY_ROWS_IN_FLIGHT, OPTIMIZER_CODES
+from kvstore.gpu_sources import OPTIONS
 from kvstore.rows import RowLayout, encode_keys
 
 ROTATE = 4
@@ -124,6 +129,28 @@ def copy_ceiling(reps: int) -> float:
     dst = cupy.empty(n, dtype=cupy.uint8)
     ms = median_ms(lambda s: dst.__setitem__(Ellipsis, s), src, reps)
     return 2 * n / ms / 1e6
+
+
+@functools.cache
+def _bench_kernels() -> cupy.RawModule:
+    """native/bench_kernels.cu: the bench's own ceilings, compiled here only."""
+    return cupy.RawModule(code=(SOURCE_DIR / "bench_kernels.cu").read_text(), options=OPTIONS)
+
+
+def step_traffic_ms(cache: GpuCache, layout: RowLayout, pairs: list, reps: int) -> float:
+    """Median ms of the fused step's memory traffic with nothing computed (`step_traffic`: each
+    (slots, grads) pair's gradient rows read, its rows read and written in place, dirty bytes set;
+    one warp a row): the ceiling of the step on the same slots."""
+    kernel = _bench_kernels().get_function("step_traffic")
+
+    def run(pair):
+        slots, grads = pair
+        n = len(slots)
+        kernel((-(-n * 32 // 256),), (256,), (cupy.uint64(cache.slab.data.ptr), np.int64(cache.pitch),
+                                             np.int32(layout.row_bytes), slots, np.int64(n), grads,
+                                             np.int32(grads.shape[1] * grads.itemsize), cache.dirty))
+
+    return median_ms(run, pairs, reps)
 
 
 def consecutive_slots(n: int, capacity: int) -> list[cupy.ndarray]:
@@ -298,25 +325,18 @@ def bench_kernels(args, copy_gbs: float, rows: list) -> None:
                  f"sum_duplicates + probe + step {composed_ms:.3f} ms)"))
     moved = n * (DIM * 4 * 3 + 4 * 2 + 16 * 2 + 1 + 8)   # grads + weights r/w + G r/w + header r/w + dirty + slot
     gbs, random_gbs = moved / ms / 1e6, moved / random_ms / 1e6
-    # the same rows read and written in place, nothing else: the access pattern's own ceiling
-    rb, pitch = layout.row_bytes, cache.pitch
-
-    def in_place(p):
-        cache.kernels.copy_rows(cache.slab, p[0], pitch, 0, cache.slab, p[0], pitch, 0, rb, n)
-
     dense = list(zip(consecutive_slots(n, cache.capacity), grads, strict=True))
-    rmw_ms, rmw_set_ms, rmw_dense_ms = (median_ms(in_place, s, args.reps) for s in (random_slots, table_slots, dense))
     dense_ms = median_ms(step, dense, args.reps)
-    rmw_gbs = 2 * n * rb / rmw_ms / 1e6
+    # the step's own traffic with nothing computed: the access pattern's ceiling, bytes counted alike
+    bare = {order: moved / step_traffic_ms(cache, layout, pairs, args.reps) / 1e6 / copy_gbs
+            for order, pairs in (("random", random_slots), ("set order", table_slots), ("consecutive", dense))}
     rows.append(("rowwise adagrad 1M rows (GB/s)", gbs, copy_gbs, f"{gbs / copy_gbs:.3f} of copy; {ms:.3f} ms "
                  f"on rows in table (set) order; in random order {random_gbs / copy_gbs:.3f} of copy "
                  f"({random_ms:.3f} ms), on consecutive slots {moved / dense_ms / 1e6 / copy_gbs:.3f} "
-                 f"({dense_ms:.3f} ms); the same rows copied in place, nothing computed: random "
-                 f"{rmw_gbs / copy_gbs:.3f} ({rmw_ms:.3f} ms), "
-                 f"set order {2 * n * rb / rmw_set_ms / 1e6 / copy_gbs:.3f}, "
-                 f"consecutive {2 * n * rb / rmw_dense_ms / 1e6 / copy_gbs:.3f}; "
+                 f"({dense_ms:.3f} ms); the step's traffic with nothing computed (its ceiling): "
+                 + ", ".join(f"{order} {r:.3f}" for order, r in bare.items()) + "; "
                  f"before the step, summing duplicates + probe take {front_ms:.3f} ms; in turns with rows packed "
-                 f"{rb} B apart: {moved / step_ms / 1e6 / copy_gbs:.3f} / "
+                 f"{layout.row_bytes} B apart: {moved / step_ms / 1e6 / copy_gbs:.3f} / "
                  f"{moved / step_packed_ms / 1e6 / copy_gbs:.3f} of copy ({step_ms:.3f} / {step_packed_ms:.3f} ms)"))
 
 
@@ -340,10 +360,13 @@ def bench_each_optimizer(args, copy_gbs: float, rows: list, slots: int = 4 << 20
         def step(pair, cache=cache, opt=opt, layout=layout):
             cache.optimizer_step(pair[0], pair[1], opt, layout, now=1)
 
-        ratios = {order: moved / median_ms(step, list(zip(idx, grads, strict=True)), args.reps) / 1e6 / copy_gbs
-                  for order, idx in orders.items()}
+        ratios, bare = {}, {}
+        for order, idx in orders.items():
+            pairs = list(zip(idx, grads, strict=True))
+            ratios[order] = moved / median_ms(step, pairs, args.reps) / 1e6 / copy_gbs
+            bare[order] = moved / step_traffic_ms(cache, layout, pairs, args.reps) / 1e6 / copy_gbs
         rows.append((f"{name} step, {layout.row_bytes} B rows (of copy)", ratios["set order"], 1.0,
-                     ", ".join(f"{order} {r:.3f}" for order, r in ratios.items())))
+                     ", ".join(f"{order} {r:.3f} (ceiling {bare[order]:.3f})" for order, r in ratios.items())))
         del cache
         cupy.get_default_memory_pool().free_all_blocks()
 

@@ -92,3 +92,12 @@ def test_every_kernel_a_launcher_calls_by_name_is_in_the_sources():
                              gpu_sources.source()))
     assert len(called) >= 15, called
     assert called <= defined, sorted(called - defined)
+
+
+def test_the_benchmarks_ceiling_kernels_compile():
+    """native/bench_kernels.cu (compiled by bench/gpu_cache.py alone) compiles, with the kernel it calls."""
+    source = (ROOT / "native" / "bench_kernels.cu").read_text()
+    result, log, _ = compile_with_nvrtc(source, [])
+    assert result == 0, log[-3000:]
+    assert 'extern "C" __global__ void step_traffic(' in source
+    assert 'get_function("step_traffic")' in (ROOT / "bench" / "gpu_cache.py").read_text()
