@@ -188,7 +188,8 @@ class HostTier(SetAssociativeCache):
         """One optimizer step of unique ids that are all cached, kept in the cache until a flush
         (write_back): a new batch, the access recorded, the slots marked dirty. Returns which rows
         the step left holding NaN or Inf; with `refuse_nonfinite` and any such row the cache is
-        left as it was, stamps included. None, with nothing changed, when an id is not cached (the probe is pure)."""
+        left as it was, stamps included. None, with nothing changed, when an id is not cached
+        (the probe is pure)."""
         slots = self.probe(ids)
         if not bool((slots >= 0).all()):
             return None
