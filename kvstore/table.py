@@ -487,7 +487,7 @@ class Table(TableUpkeep):
                 scores = scores[keep] if scores is not None else None
             if scores is not None:
                 self.cache.set_scores(rows, encode_scores(scores))
-            self._step(ids, rows, grads)
+            self._refuse_nonfinite(ids, self.cache.step(rows, grads))     # staged copies: refused, nothing changed
             self._store_rows(ids, rows, slots)
             self.counters["rows_initialized"] += int(new.sum())
             self.eviction.created(int(new.sum()))
@@ -551,10 +551,6 @@ class Table(TableUpkeep):
         if owner is not None:
             self._release(ids, owner)
         self.counters["rows_stepped"] += len(ids)
-
-    def _step(self, ids: np.ndarray, rows, grads: np.ndarray) -> None:
-        """One optimizer step on staged rows (copies: the table is unchanged if it is refused)."""
-        self._refuse_nonfinite(ids, self.cache.step(rows, grads))
 
     def _refuse_nonfinite(self, ids: np.ndarray, bad: np.ndarray) -> None:
         if not self.config.allow_nonfinite and bad.any():
