@@ -354,3 +354,23 @@ def test_warm_runs_every_loop_with_the_arguments_they_take_now(threads):
     from kvstore import host_kernels
 
     host_kernels.warm()
+
+
+def test_the_loops_prefetch_into_every_cache_level_not_non_temporally():
+    """The non-temporal hint (locality 0) made a 4,096-row gather twice as slow on a 2-core VM
+    (docs/benchmarks.md, stop 42): every prefetch of the loops asks for locality 3."""
+    from numba import njit
+
+    from kvstore.host_loops import _prefetch, _prefetch_write
+
+    @njit
+    def both(array):
+        _prefetch(array, 1)
+        _prefetch_write(array, 2)
+
+    both(np.zeros(4, np.int64))
+    calls = [line for text in both.inspect_llvm().values() for line in text.splitlines()
+             if "call" in line and "llvm.prefetch" in line]
+    assert len(calls) == 2
+    assert all(line.rstrip().endswith("i32 3, i32 1)") for line in calls), calls
+    assert sum("i32 1, i32 3, i32 1)" in line for line in calls) == 1          # one of them for writing
