@@ -90,10 +90,14 @@ class CallGate:
             if self.active == 0 and self.draining:      # only `drain` waits
                 self._idle.notify_all()
 
-    async def drain(self, seconds: float) -> bool:
-        """Refuse new calls; wait up to `seconds` for the running ones. True when all finished."""
+    def refuse_new(self) -> None:
+        """From now on new calls are refused UNAVAILABLE (shutdown began); running ones go on."""
         with self._idle:
             self.draining = True
+
+    async def drain(self, seconds: float) -> bool:
+        """Refuse new calls; wait up to `seconds` for the running ones. True when all finished."""
+        self.refuse_new()
         return await asyncio.to_thread(self._wait_idle, seconds)
 
     def _wait_idle(self, seconds: float) -> bool:

@@ -208,7 +208,11 @@ class KVStoreServer:
             asyncio.run_coroutine_threadsafe(self._health.set(service, status), self._loop)
 
     async def stop(self) -> None:
-        """Drain and close; safe to call once after start."""
+        """Drain and close; safe to call once after start. New calls are refused before health
+        says NOT_SERVING, so a client that saw NOT_SERVING is never served a new call (the steps
+        between, closing the doorbell and ending replication streams, take time)."""
+        if self._gate is not None:
+            self._gate.refuse_new()
         await self._health.enter_graceful_shutdown()
         if self._doorbell is not None:
             await self._doorbell.close()                # no new same-host connections; calls drain below
