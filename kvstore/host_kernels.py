@@ -6,9 +6,9 @@ fancy indexing visits one element after the other and waits for each one's cache
 lines. These loops ask for the lines of the element `PREFETCH_ROWS` ahead before
 handling the current one, copy each row with one `memcpy`, and run without the GIL.
 On a 2-core VM, 4,096 random 512-byte rows of a 138 MB slab take 0.22 ms against
-NumPy's 0.33-0.41 ms (fancy index). `read_hits` is a cached lookup's whole pass over its rows (access
-record and gather) in one loop; `probe_slots` finds their slots. This module checks the
-arrays and calls the loops, which live in `host_loops`, imported on first use.
+NumPy's 0.33-0.41 ms (fancy index). `read_hits` is a cached lookup's whole pass over its
+rows (access record and gather) in one loop; `probe_slots` finds their slots. This module
+checks the arrays and calls the loops, which live in `host_loops`, imported on first use.
 
 A large batch is split over threads (`row_threads`), each part one call of a loop; the
 parts are chosen so that no two threads write the same place.
